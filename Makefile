@@ -1,0 +1,52 @@
+# dlis_market: one-command setup. Every target installs what it needs, idempotently.
+#   make demo   set up, start a local chain, deploy, stake and register a demo node
+#   make test   set up, run the whole default test suite (Python + contracts)
+
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+BIN := $(VENV)/bin
+export PATH := $(CURDIR)/node_modules/.bin:$(CURDIR)/$(BIN):$(PATH)
+
+.PHONY: setup demo test test-python test-contracts test-heavy lint bench-gas clean-chain
+
+setup: $(VENV)/.installed node_modules/.installed build/.compiled
+
+# All Python dependencies in ONE resolver pass: eth-brownie pins ~80 exact versions and a second
+# `pip install` can silently break one. `pip check` must stay clean.
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade "pip>=24"
+	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip check
+	touch $@
+
+node_modules/.installed: package.json package-lock.json
+	npm ci --no-audit --no-fund
+	touch $@
+
+# solcjs behind a native-looking `solc` for brownie/py-solc-x, then compile (cached by brownie).
+build/.compiled: $(VENV)/.installed node_modules/.installed contracts/*.sol contracts/interfaces/*.sol brownie-config.yaml scripts/toolchain/solc-shim.js
+	$(PY) scripts/toolchain/install_solc_shim.py
+	$(BIN)/brownie compile
+	mkdir -p build && touch $@
+
+demo: setup
+	bash scripts/demo.sh
+
+test: setup
+	bash scripts/run_tests.sh
+
+test-heavy: setup
+	$(PY) -m pytest -m heavy
+
+lint: setup
+	$(BIN)/ruff check dlis_market tests bench scripts
+	$(BIN)/ruff format --check dlis_market tests bench scripts
+	$(BIN)/mypy
+
+bench-gas: setup
+	$(PY) bench/gas_report.py
+
+clean-chain:
+	-$(BIN)/dlis chain down

@@ -1,0 +1,439 @@
+// SPDX-License-Identifier: Apache-2.0
+pragma solidity ^0.8.24;
+
+import {IERC20} from "@openzeppelin/contracts/token/ERC20/IERC20.sol";
+import {IERC20Permit} from "@openzeppelin/contracts/token/ERC20/extensions/IERC20Permit.sol";
+import {SafeERC20} from "@openzeppelin/contracts/token/ERC20/utils/SafeERC20.sol";
+import {AccessControl} from "@openzeppelin/contracts/access/AccessControl.sol";
+import {ReentrancyGuard} from "@openzeppelin/contracts/utils/ReentrancyGuard.sol";
+import {EIP712} from "@openzeppelin/contracts/utils/cryptography/EIP712.sol";
+import {ECDSA} from "@openzeppelin/contracts/utils/cryptography/ECDSA.sol";
+import {INodeRegistry} from "./interfaces/INodeRegistry.sol";
+
+/// @title JobMarket
+/// @notice Client escrow and batched per-job settlement of inference work.
+/// @dev Flow: a client deposits DLIS into escrow and signs an EIP-712 `JobAuthorization`
+///      (client, broker, model, max cost, nonce, deadline). Every pipeline stage that served the
+///      job signs an EIP-712 `Receipt` with its node key (job id, model, layer range [start, end),
+///      tokens, output hash, amount). The broker submits jobs in batches; for each job the
+///      contract checks the client signature, the nonce (each (client, nonce) settles once:
+///      nonce bitmap), the deadline, every receipt signature against a routable node in the
+///      NodeRegistry, that the receipts cover the model's layers [0, numLayers) contiguously
+///      and in order, and that receipts + protocol fee stay within the authorized maximum.
+///      The client pays receipts + fee; node operators and the treasury are credited and pull
+///      their money with `claim` (pull payments). Withdrawals from escrow wait `withdrawDelay`
+///      so a client cannot pull funds from under a job that is being settled.
+///      Gas: signatures use EIP-2098 compact form (r, vs); node lookups and payee credits are
+///      aggregated per batch in memory so each distinct payee costs one storage write per batch.
+contract JobMarket is AccessControl, ReentrancyGuard, EIP712 {
+    using SafeERC20 for IERC20;
+
+    /// @notice Role allowed to submit settlement batches.
+    bytes32 public constant BROKER_ROLE = keccak256("BROKER_ROLE");
+    /// @notice EIP-712 type of a client's authorization of one job.
+    bytes32 public constant JOB_AUTHORIZATION_TYPEHASH = keccak256(
+        "JobAuthorization(address client,address broker,bytes32 modelId,uint256 maxCost,uint256 nonce,uint256 deadline)"
+    );
+    /// @notice EIP-712 type of a stage's receipt for its part of one job.
+    bytes32 public constant RECEIPT_TYPEHASH = keccak256(
+        "Receipt(bytes32 jobId,bytes32 modelId,uint32 start,uint32 end,uint32 tokens,bytes32 outputHash,uint256 amount)"
+    );
+    uint16 private constant _BPS = 10_000;
+    uint16 private constant _MAX_FEE_BPS = 2_000;
+
+    /// @notice One stage's signed receipt, as submitted for settlement. The signer (node key) is
+    ///         recovered from (r, vs).
+    struct StageReceipt {
+        uint32 start;
+        uint32 end;
+        uint32 tokens;
+        uint256 amount;
+        bytes32 outputHash;
+        bytes32 r;
+        bytes32 vs;
+    }
+
+    /// @notice One job to settle: the client's authorization, its signature and the receipts.
+    struct JobSettlement {
+        address client;
+        bytes32 modelId;
+        uint256 maxCost;
+        uint256 nonce;
+        uint256 deadline;
+        bytes32 r;
+        bytes32 vs;
+        StageReceipt[] receipts;
+    }
+
+    struct PendingWithdrawal {
+        uint128 amount;
+        uint64 readyAt;
+    }
+
+    /// @dev Per-batch memory cache of nodes already checked and what they are owed.
+    struct Payees {
+        address[] nodes;
+        address[] operators;
+        uint256[] owed;
+        uint256 count;
+        bytes32 lastModel;
+        uint32 lastModelLayers;
+    }
+
+    IERC20 private immutable _token;
+    INodeRegistry private immutable _registry;
+    uint64 private immutable _withdrawDelay;
+    address private _treasury;
+    uint16 private _feeBps;
+
+    mapping(address client => uint256) private _escrow;
+    mapping(address client => PendingWithdrawal) private _withdrawals;
+    mapping(address client => mapping(uint256 word => uint256 bits)) private _nonceBitmap;
+    mapping(address account => uint256) private _claimable;
+    mapping(bytes32 batchId => bool) private _batchSettled;
+    uint256 private _totalEscrow;
+    uint256 private _totalClaimable;
+
+    /// @notice Tokens were added to a client's escrow.
+    event Deposited(address indexed client, address indexed from, uint256 amount, uint256 escrow);
+    /// @notice A client asked to withdraw escrow; possible from `readyAt`.
+    event WithdrawalRequested(address indexed client, uint256 amount, uint64 readyAt);
+    /// @notice Escrow was paid back to the client.
+    event Withdrawn(address indexed client, uint256 amount);
+    /// @notice A client invalidated an authorization nonce before it was settled.
+    event NonceCancelled(address indexed client, uint256 nonce);
+    /// @notice A job was settled: the client paid `cost` to nodes plus `fee` to the protocol. The
+    ///         batch it belongs to is the `BatchSettled` event of the same transaction.
+    event JobSettled(bytes32 indexed jobId, address indexed client, uint256 cost, uint256 fee);
+    /// @notice A node's operator was credited for receipts in a batch.
+    event PaymentCredited(address indexed payee, address indexed node, bytes32 indexed batchId, uint256 amount);
+    /// @notice A settlement batch completed; the treasury was credited `fees`.
+    event BatchSettled(bytes32 indexed batchId, address indexed broker, uint256 jobs, uint256 paid, uint256 fees);
+    /// @notice Credited earnings were paid out.
+    event Claimed(address indexed account, uint256 amount);
+    /// @notice The protocol fee or treasury changed.
+    event FeeChanged(uint16 feeBps, address treasury);
+
+    error JobMarketZeroAmount();
+    error JobMarketZeroAddress();
+    error JobMarketInvalidFee(uint16 feeBps, uint16 maxFeeBps);
+    error JobMarketNoPendingWithdrawal(address client);
+    error JobMarketWithdrawalNotReady(uint64 readyAt, uint64 now_);
+    error JobMarketNothingToClaim(address account);
+    error JobMarketEmptyBatch();
+    error JobMarketBatchAlreadySettled(bytes32 batchId);
+    error JobMarketInvalidClientSignature(uint256 jobIndex, address client, address recovered);
+    error JobMarketAuthorizationExpired(uint256 jobIndex, uint256 deadline, uint256 now_);
+    error JobMarketJobAlreadySettled(uint256 jobIndex, address client, uint256 nonce);
+    error JobMarketNonceAlreadyUsed(address client, uint256 nonce);
+    error JobMarketUnknownModel(uint256 jobIndex, bytes32 modelId);
+    error JobMarketNoReceipts(uint256 jobIndex);
+    error JobMarketInvalidRange(uint256 jobIndex, uint256 receiptIndex, uint32 start, uint32 end, uint32 expectedStart);
+    error JobMarketIncompleteCoverage(uint256 jobIndex, uint32 coveredTo, uint32 numLayers);
+    error JobMarketNodeNotRoutable(uint256 jobIndex, uint256 receiptIndex, address node);
+    error JobMarketCostExceedsAuthorization(uint256 jobIndex, uint256 total, uint256 maxCost);
+    error JobMarketInsufficientEscrow(uint256 jobIndex, address client, uint256 needed, uint256 available);
+
+    /// @param token_ the payment token
+    /// @param registry_ the node registry consulted for node keys, stake and model layers
+    /// @param admin receives DEFAULT_ADMIN_ROLE (grants BROKER_ROLE)
+    /// @param treasury_ receives the protocol fee
+    /// @param feeBps_ protocol fee on top of receipts, in basis points (at most 2000)
+    /// @param withdrawDelay_ seconds between a withdrawal request and the withdrawal
+    constructor(
+        IERC20 token_,
+        INodeRegistry registry_,
+        address admin,
+        address treasury_,
+        uint16 feeBps_,
+        uint64 withdrawDelay_
+    ) EIP712("DLIS JobMarket", "1") {
+        if (
+            address(token_) == address(0) || address(registry_) == address(0) || admin == address(0)
+                || treasury_ == address(0)
+        ) revert JobMarketZeroAddress();
+        if (feeBps_ > _MAX_FEE_BPS) revert JobMarketInvalidFee(feeBps_, _MAX_FEE_BPS);
+        _token = token_;
+        _registry = registry_;
+        _treasury = treasury_;
+        _feeBps = feeBps_;
+        _withdrawDelay = withdrawDelay_;
+        _grantRole(DEFAULT_ADMIN_ROLE, admin);
+    }
+
+    // ----------------------------------------------------------------------------- escrow
+
+    /// @notice Add `amount` to the caller's escrow (the caller must have approved this contract).
+    function deposit(uint256 amount) external nonReentrant {
+        _deposit(msg.sender, amount);
+    }
+
+    /// @notice Add `amount` to the caller's escrow with an EIP-2612 permit instead of an approval.
+    /// @dev A permit that was already used (front-run) is ignored when the allowance suffices.
+    function depositWithPermit(uint256 amount, uint256 deadline, uint8 v, bytes32 r, bytes32 s) external nonReentrant {
+        try IERC20Permit(address(_token)).permit(msg.sender, address(this), amount, deadline, v, r, s) {} catch {}
+        _deposit(msg.sender, amount);
+    }
+
+    /// @notice Ask to withdraw `amount` of escrow after the withdrawal delay. Replaces any earlier
+    ///         request and restarts the delay. Escrow stays usable for settlement until withdrawn.
+    function requestWithdrawal(uint256 amount) external {
+        if (amount == 0) revert JobMarketZeroAmount();
+        uint64 readyAt = uint64(block.timestamp) + _withdrawDelay;
+        _withdrawals[msg.sender] = PendingWithdrawal(uint128(amount), readyAt);
+        emit WithdrawalRequested(msg.sender, amount, readyAt);
+    }
+
+    /// @notice Withdraw the requested amount (or the whole escrow if less is left) once ready.
+    function withdraw() external nonReentrant {
+        PendingWithdrawal memory w = _withdrawals[msg.sender];
+        if (w.amount == 0) revert JobMarketNoPendingWithdrawal(msg.sender);
+        if (block.timestamp < w.readyAt) revert JobMarketWithdrawalNotReady(w.readyAt, uint64(block.timestamp));
+        uint256 available = _escrow[msg.sender];
+        uint256 amount = w.amount < available ? w.amount : available;
+        delete _withdrawals[msg.sender];
+        _escrow[msg.sender] = available - amount;
+        _totalEscrow -= amount;
+        emit Withdrawn(msg.sender, amount);
+        if (amount > 0) _token.safeTransfer(msg.sender, amount);
+    }
+
+    /// @notice Invalidate one of the caller's authorization nonces so it can never be settled.
+    function cancelNonce(uint256 nonce) external {
+        uint256 bit = 1 << (nonce & 0xff);
+        uint256 word = _nonceBitmap[msg.sender][nonce >> 8];
+        if (word & bit != 0) revert JobMarketNonceAlreadyUsed(msg.sender, nonce);
+        _nonceBitmap[msg.sender][nonce >> 8] = word | bit;
+        emit NonceCancelled(msg.sender, nonce);
+    }
+
+    // ----------------------------------------------------------------------------- settlement
+
+    /// @notice Settle a batch of jobs. Broker only; every authorization must name the caller as
+    ///         broker. The whole batch reverts on the first invalid job (the error names its index),
+    ///         so a broker simulates first and drops what fails.
+    /// @param batchId caller-chosen unique id of this batch (a batch id settles once)
+    /// @param jobs the jobs with their client authorization and stage receipts
+    function settleBatch(bytes32 batchId, JobSettlement[] calldata jobs) external onlyRole(BROKER_ROLE) nonReentrant {
+        if (jobs.length == 0) revert JobMarketEmptyBatch();
+        if (_batchSettled[batchId]) revert JobMarketBatchAlreadySettled(batchId);
+        _batchSettled[batchId] = true;
+
+        uint256 receiptCount = 0;
+        for (uint256 i = 0; i < jobs.length; ++i) {
+            receiptCount += jobs[i].receipts.length;
+        }
+        Payees memory payees =
+            Payees(new address[](receiptCount), new address[](receiptCount), new uint256[](receiptCount), 0, 0, 0);
+
+        uint16 feeBps = _feeBps;
+        uint256 paid = 0;
+        uint256 fees = 0;
+        for (uint256 i = 0; i < jobs.length; ++i) {
+            (uint256 cost, uint256 fee) = _settleJob(i, jobs[i], feeBps, payees);
+            paid += cost;
+            fees += fee;
+        }
+        for (uint256 k = 0; k < payees.count; ++k) {
+            _claimable[payees.operators[k]] += payees.owed[k];
+            emit PaymentCredited(payees.operators[k], payees.nodes[k], batchId, payees.owed[k]);
+        }
+        if (fees > 0) _claimable[_treasury] += fees;
+        _totalEscrow -= paid + fees;
+        _totalClaimable += paid + fees;
+        emit BatchSettled(batchId, msg.sender, jobs.length, paid, fees);
+    }
+
+    /// @notice Pay out everything credited to the caller (node earnings, protocol fees).
+    function claim() external nonReentrant {
+        uint256 amount = _claimable[msg.sender];
+        if (amount == 0) revert JobMarketNothingToClaim(msg.sender);
+        _claimable[msg.sender] = 0;
+        _totalClaimable -= amount;
+        emit Claimed(msg.sender, amount);
+        _token.safeTransfer(msg.sender, amount);
+    }
+
+    /// @notice Change the protocol fee and treasury.
+    function setFee(uint16 feeBps_, address treasury_) external onlyRole(DEFAULT_ADMIN_ROLE) {
+        if (feeBps_ > _MAX_FEE_BPS) revert JobMarketInvalidFee(feeBps_, _MAX_FEE_BPS);
+        if (treasury_ == address(0)) revert JobMarketZeroAddress();
+        _feeBps = feeBps_;
+        _treasury = treasury_;
+        emit FeeChanged(feeBps_, treasury_);
+    }
+
+    // ----------------------------------------------------------------------------- views
+
+    /// @notice Job id of a client's authorization nonce: keccak256(abi.encode(client, nonce)).
+    function jobIdOf(address client, uint256 nonce) public pure returns (bytes32) {
+        return keccak256(abi.encode(client, nonce));
+    }
+
+    /// @notice Whether a (client, nonce) authorization has been settled or cancelled.
+    function nonceUsed(address client, uint256 nonce) external view returns (bool) {
+        return _nonceBitmap[client][nonce >> 8] & (1 << (nonce & 0xff)) != 0;
+    }
+
+    /// @notice Whether a batch id has been settled.
+    function batchSettled(bytes32 batchId) external view returns (bool) {
+        return _batchSettled[batchId];
+    }
+
+    /// @notice A client's escrow balance.
+    function escrowOf(address client) external view returns (uint256) {
+        return _escrow[client];
+    }
+
+    /// @notice A client's pending withdrawal request.
+    function pendingWithdrawal(address client) external view returns (uint256 amount, uint64 readyAt) {
+        PendingWithdrawal memory w = _withdrawals[client];
+        return (w.amount, w.readyAt);
+    }
+
+    /// @notice Earnings credited to `account` and not yet claimed.
+    function claimableOf(address account) external view returns (uint256) {
+        return _claimable[account];
+    }
+
+    /// @notice Sum of all escrow balances.
+    function totalEscrow() external view returns (uint256) {
+        return _totalEscrow;
+    }
+
+    /// @notice Sum of all credited, unclaimed earnings.
+    function totalClaimable() external view returns (uint256) {
+        return _totalClaimable;
+    }
+
+    /// @notice Protocol fee in basis points, charged to the client on top of the receipts.
+    function feeBps() external view returns (uint16) {
+        return _feeBps;
+    }
+
+    /// @notice Receiver of protocol fees.
+    function treasury() external view returns (address) {
+        return _treasury;
+    }
+
+    /// @notice Seconds between a withdrawal request and the withdrawal.
+    function withdrawDelay() external view returns (uint64) {
+        return _withdrawDelay;
+    }
+
+    /// @notice The payment token.
+    function token() external view returns (IERC20) {
+        return _token;
+    }
+
+    /// @notice The node registry used to check receipt signers.
+    function registry() external view returns (INodeRegistry) {
+        return _registry;
+    }
+
+    /// @notice The EIP-712 domain separator for authorizations and receipts.
+    function domainSeparator() external view returns (bytes32) {
+        return _domainSeparatorV4();
+    }
+
+    // ----------------------------------------------------------------------------- internals
+
+    function _deposit(address client, uint256 amount) private {
+        if (amount == 0) revert JobMarketZeroAmount();
+        uint256 escrow = _escrow[client] + amount;
+        _escrow[client] = escrow;
+        _totalEscrow += amount;
+        emit Deposited(client, msg.sender, amount, escrow);
+        _token.safeTransferFrom(client, address(this), amount);
+    }
+
+    function _settleJob(uint256 index, JobSettlement calldata job, uint16 feeBps, Payees memory payees)
+        private
+        returns (uint256 cost, uint256 fee)
+    {
+        bytes32 jobId = _consumeAuthorization(index, job);
+        cost = _checkReceipts(index, job, jobId, payees);
+        fee = (cost * feeBps) / _BPS;
+        _charge(index, job, cost + fee);
+        emit JobSettled(jobId, job.client, cost, fee);
+    }
+
+    /// @dev Checks deadline and client signature, marks the nonce used, returns the job id.
+    function _consumeAuthorization(uint256 index, JobSettlement calldata job) private returns (bytes32) {
+        if (block.timestamp > job.deadline) revert JobMarketAuthorizationExpired(index, job.deadline, block.timestamp);
+        bytes32 authHash = _hashTypedDataV4(
+            keccak256(
+                abi.encode(
+                    JOB_AUTHORIZATION_TYPEHASH, job.client, msg.sender, job.modelId, job.maxCost, job.nonce, job.deadline
+                )
+            )
+        );
+        address signer = ECDSA.recover(authHash, job.r, job.vs);
+        if (signer != job.client) revert JobMarketInvalidClientSignature(index, job.client, signer);
+        mapping(uint256 => uint256) storage bitmap = _nonceBitmap[job.client];
+        uint256 bit = 1 << (job.nonce & 0xff);
+        uint256 word = bitmap[job.nonce >> 8];
+        if (word & bit != 0) revert JobMarketJobAlreadySettled(index, job.client, job.nonce);
+        bitmap[job.nonce >> 8] = word | bit;
+        return jobIdOf(job.client, job.nonce);
+    }
+
+    /// @dev Debits `total` from the client's escrow within the authorized maximum.
+    function _charge(uint256 index, JobSettlement calldata job, uint256 total) private {
+        if (total > job.maxCost) revert JobMarketCostExceedsAuthorization(index, total, job.maxCost);
+        uint256 escrow = _escrow[job.client];
+        if (escrow < total) revert JobMarketInsufficientEscrow(index, job.client, total, escrow);
+        _escrow[job.client] = escrow - total;
+    }
+
+    function _checkReceipts(uint256 index, JobSettlement calldata job, bytes32 jobId, Payees memory payees)
+        private
+        view
+        returns (uint256 cost)
+    {
+        uint256 n = job.receipts.length;
+        if (n == 0) revert JobMarketNoReceipts(index);
+        uint32 numLayers;
+        if (job.modelId == payees.lastModel && payees.lastModelLayers != 0) {
+            numLayers = payees.lastModelLayers;
+        } else {
+            numLayers = _registry.modelLayers(job.modelId);
+            if (numLayers == 0) revert JobMarketUnknownModel(index, job.modelId);
+            payees.lastModel = job.modelId;
+            payees.lastModelLayers = numLayers;
+        }
+        uint32 coveredTo = 0;
+        for (uint256 j = 0; j < n; ++j) {
+            StageReceipt calldata rc = job.receipts[j];
+            if (rc.start != coveredTo || rc.end <= rc.start || rc.end > numLayers) {
+                revert JobMarketInvalidRange(index, j, rc.start, rc.end, coveredTo);
+            }
+            coveredTo = rc.end;
+            bytes32 digest = _hashTypedDataV4(
+                keccak256(
+                    abi.encode(RECEIPT_TYPEHASH, jobId, job.modelId, rc.start, rc.end, rc.tokens, rc.outputHash, rc.amount)
+                )
+            );
+            address node = ECDSA.recover(digest, rc.r, rc.vs);
+            _credit(payees, node, rc.amount, index, j);
+            cost += rc.amount;
+        }
+        if (coveredTo != numLayers) revert JobMarketIncompleteCoverage(index, coveredTo, numLayers);
+    }
+
+    function _credit(Payees memory payees, address node, uint256 amount, uint256 index, uint256 j) private view {
+        for (uint256 k = 0; k < payees.count; ++k) {
+            if (payees.nodes[k] == node) {
+                payees.owed[k] += amount;
+                return;
+            }
+        }
+        (address operator, bool routable) = _registry.settlementInfo(node);
+        if (!routable) revert JobMarketNodeNotRoutable(index, j, node);
+        uint256 c = payees.count;
+        payees.nodes[c] = node;
+        payees.operators[c] = operator;
+        payees.owed[c] = amount;
+        payees.count = c + 1;
+    }
+}

@@ -1,0 +1,81 @@
+"""Typed chain errors. Contract reverts become :class:`ContractRevertError` subclasses named after
+the Solidity custom error, with its arguments and a hint on what to do."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from dlis_market.errors import ChainError
+
+
+class ChainUnavailableError(ChainError):
+    """The JSON-RPC endpoint does not answer."""
+
+
+class WrongChainError(ChainError):
+    """Connected to a chain other than the one expected."""
+
+
+class DeploymentNotFoundError(ChainError):
+    """No deployment manifest for this chain."""
+
+
+class AccountError(ChainError):
+    """A keystore is missing, unreadable or the password is wrong."""
+
+
+class DevKeyRefusedError(AccountError):
+    """A well-known development key was offered on a non-development chain."""
+
+
+class PreflightError(ChainError):
+    """A check before sending a transaction failed; nothing was sent."""
+
+
+class TransactionFailedError(ChainError):
+    """A transaction was mined but reverted, or was not mined in time."""
+
+
+class ContractRevertError(ChainError):
+    """A contract call reverted with a custom error (decoded from the ABI)."""
+
+    def __init__(self, contract: str, error: str, args: dict[str, Any], hint: str | None = None) -> None:
+        self.contract = contract
+        self.error = error
+        self.error_args = args
+        shown = ", ".join(f"{k}={_fmt(v)}" for k, v in args.items())
+        message = f"{contract} reverted with {error}({shown})"
+        if hint:
+            message += f": {hint}"
+        super().__init__(message)
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, bytes):
+        return "0x" + value.hex()
+    return str(value)
+
+
+# What to do about each revert, keyed by custom error name. Unlisted errors still decode.
+REVERT_HINTS: dict[str, str] = {
+    "StakingManagerInsufficientStake": "request at most your active stake (`dlis node status`)",
+    "StakingManagerNothingUnbonding": "request an unstake first (`dlis node unstake AMOUNT`)",
+    "StakingManagerStillUnbonding": "wait until the release time, then `dlis node withdraw` again",
+    "StakingManagerEvidenceAlreadyUsed": "this evidence was already used for a slash",
+    "StakingManagerNothingToClaim": "nothing credited to this account yet",
+    "NodeRegistryOperatorNotStaked": "stake at least the minimum first (`dlis node stake AMOUNT`)",
+    "NodeRegistryInvalidBinding": "the binding must be signed by the node key for this operator",
+    "NodeRegistryBindingExpired": "sign a fresh binding (the deadline passed)",
+    "NodeRegistryAlreadyRegistered": "deregister it first or use `dlis node register --update`",
+    "NodeRegistryNotOperator": "only the node's operator account can change it",
+    "NodeRegistryNotPublisher": "only the model's publisher can publish new versions",
+    "JobMarketInsufficientEscrow": "the client must deposit more into escrow (`dlis job deposit`)",
+    "JobMarketInvalidClientSignature": "the authorization was not signed by the client",
+    "JobMarketJobAlreadySettled": "this job was settled before; it is never paid twice",
+    "JobMarketNodeNotRoutable": "the receipt signer is not a registered node with enough stake",
+    "JobMarketWithdrawalNotReady": "wait for the withdrawal delay to pass",
+    "JobMarketNothingToClaim": "nothing credited to this account yet",
+    "ERC20InsufficientBalance": "the account holds fewer tokens than needed",
+    "ERC20InsufficientAllowance": "approve the contract to spend enough tokens first",
+    "AccessControlUnauthorizedAccount": "this account lacks the role needed for the call",
+}

@@ -1,0 +1,183 @@
+"""Binding of contracts/JobMarket.sol: escrow, signed authorizations and receipts, batched settlement."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from eth_account.signers.local import LocalAccount
+from web3 import Web3
+from web3.types import TxReceipt
+
+from dlis_market.chain.client import ChainClient
+from dlis_market.chain.dlis_token import DLISToken, fmt_units
+from dlis_market.chain.errors import PreflightError
+from dlis_market.chain.typed_data import MARKET_DOMAIN, CompactSignature, Domain, job_id, recover_typed, sign_typed
+
+
+@dataclass(frozen=True)
+class JobAuthorization:
+    """A client's EIP-712 authorization of one job (``JobAuthorization`` in JobMarket.sol)."""
+
+    client: str
+    broker: str
+    model_id: bytes
+    max_cost: int
+    nonce: int
+    deadline: int
+
+    @property
+    def job_id(self) -> bytes:
+        return job_id(self.client, self.nonce)
+
+    def message(self) -> dict[str, Any]:
+        return {
+            "client": self.client,
+            "broker": self.broker,
+            "modelId": self.model_id,
+            "maxCost": self.max_cost,
+            "nonce": self.nonce,
+            "deadline": self.deadline,
+        }
+
+
+@dataclass(frozen=True)
+class Receipt:
+    """One stage's EIP-712 receipt for its layers ``[start, end)`` of a job."""
+
+    job_id: bytes
+    model_id: bytes
+    start: int
+    end: int
+    tokens: int
+    output_hash: bytes
+    amount: int
+
+    def message(self) -> dict[str, Any]:
+        return {
+            "jobId": self.job_id,
+            "modelId": self.model_id,
+            "start": self.start,
+            "end": self.end,
+            "tokens": self.tokens,
+            "outputHash": self.output_hash,
+            "amount": self.amount,
+        }
+
+
+@dataclass(frozen=True)
+class SignedReceipt:
+    receipt: Receipt
+    signature: CompactSignature
+
+
+@dataclass(frozen=True)
+class SignedJob:
+    authorization: JobAuthorization
+    signature: CompactSignature
+    receipts: Sequence[SignedReceipt] = field(default_factory=tuple)
+
+    def cost(self) -> int:
+        return sum(r.receipt.amount for r in self.receipts)
+
+    def as_tuple(self) -> tuple[Any, ...]:
+        a = self.authorization
+        receipts = [
+            (r.receipt.start, r.receipt.end, r.receipt.tokens, r.receipt.amount, r.receipt.output_hash, r.signature.r, r.signature.vs)
+            for r in self.receipts
+        ]
+        return (a.client, a.model_id, a.max_cost, a.nonce, a.deadline, self.signature.r, self.signature.vs, receipts)
+
+
+def market_domain(chain_id: int, address: str) -> Domain:
+    return Domain(MARKET_DOMAIN[0], MARKET_DOMAIN[1], chain_id, address)
+
+
+def sign_authorization(key: bytes | str, domain: Domain, auth: JobAuthorization) -> CompactSignature:
+    return sign_typed(key, domain, "JobAuthorization", auth.message())
+
+
+def sign_receipt(key: bytes | str, domain: Domain, receipt: Receipt) -> CompactSignature:
+    return sign_typed(key, domain, "Receipt", receipt.message())
+
+
+def receipt_signer(domain: Domain, receipt: Receipt, signature: bytes) -> str:
+    return recover_typed(domain, "Receipt", receipt.message(), signature)
+
+
+def authorization_signer(domain: Domain, auth: JobAuthorization, signature: bytes) -> str:
+    return recover_typed(domain, "JobAuthorization", auth.message(), signature)
+
+
+class JobMarket:
+    def __init__(self, client: ChainClient):
+        self.client = client
+        self.contract = client.contract("JobMarket")
+        self.address = self.contract.address
+        self.token = DLISToken(client)
+
+    def domain(self) -> Domain:
+        return market_domain(self.client.chain_id, self.address)
+
+    # ------------------------------------------------------------------ escrow
+
+    def deposit(self, client: LocalAccount, amount: int) -> TxReceipt:
+        if amount <= 0:
+            raise PreflightError(f"deposit amount must be positive, got {amount}")
+        self.token.require_balance(client.address, amount)
+        self.token.ensure_allowance(client, self.address, amount)
+        return self.client.transact(client, self.contract.functions.deposit(amount))
+
+    def request_withdrawal(self, client: LocalAccount, amount: int) -> TxReceipt:
+        return self.client.transact(client, self.contract.functions.requestWithdrawal(amount))
+
+    def withdraw(self, client: LocalAccount) -> TxReceipt:
+        return self.client.transact(client, self.contract.functions.withdraw())
+
+    def cancel_nonce(self, client: LocalAccount, nonce: int) -> TxReceipt:
+        return self.client.transact(client, self.contract.functions.cancelNonce(nonce))
+
+    def escrow_of(self, client: str) -> int:
+        return int(self.contract.functions.escrowOf(Web3.to_checksum_address(client)).call())
+
+    def claimable_of(self, account: str) -> int:
+        return int(self.contract.functions.claimableOf(Web3.to_checksum_address(account)).call())
+
+    def nonce_used(self, client: str, nonce: int) -> bool:
+        return bool(self.contract.functions.nonceUsed(client, nonce).call())
+
+    def batch_settled(self, batch_id: bytes) -> bool:
+        return bool(self.contract.functions.batchSettled(batch_id).call())
+
+    def fee_bps(self) -> int:
+        return int(self.contract.functions.feeBps().call())
+
+    def fee_for(self, cost: int) -> int:
+        return cost * self.fee_bps() // 10_000
+
+    def claim(self, account: LocalAccount) -> TxReceipt:
+        have = self.claimable_of(account.address)
+        if have == 0:
+            raise PreflightError(f"nothing to claim for {account.address}: 0 DLIS credited by JobMarket")
+        return self.client.transact(account, self.contract.functions.claim())
+
+    # ------------------------------------------------------------------ settlement
+
+    def settle_batch(self, broker: LocalAccount, batch_id: bytes, jobs: Sequence[SignedJob]) -> TxReceipt:
+        if not jobs:
+            raise PreflightError("a settlement batch needs at least one job")
+        fee_bps = self.fee_bps()
+        need: dict[str, int] = {}
+        for job in jobs:
+            cost = job.cost()
+            need[job.authorization.client] = need.get(job.authorization.client, 0) + cost + cost * fee_bps // 10_000
+        for client, amount in need.items():
+            have = self.escrow_of(client)
+            if have < amount:
+                raise PreflightError(
+                    f"client {client} has {fmt_units(have)} DLIS in escrow but the batch charges "
+                    f"{fmt_units(amount)}; the client must deposit more before these jobs settle"
+                )
+        fn = self.contract.functions.settleBatch(batch_id, [j.as_tuple() for j in jobs])
+        return self.client.transact(broker, fn)

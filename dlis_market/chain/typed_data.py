@@ -1,0 +1,132 @@
+"""EIP-712 typed data of the market, defined once for Python and checked against Solidity.
+
+The Solidity contracts hold the same type strings as ``*_TYPEHASH`` constants; the contract tests
+assert ``keccak256(type_string(...))`` here equals the on-chain constant and that signatures made
+here verify on chain. Every domain carries the chain id and the verifying contract.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from eth_account import Account
+from eth_account.messages import encode_typed_data
+from eth_utils import keccak
+
+# Field lists, in Solidity order. Names and types must match the contracts exactly.
+NODE_BINDING = [
+    ("operator", "address"),
+    ("node", "address"),
+    ("peerId", "string"),
+    ("deadline", "uint256"),
+]
+JOB_AUTHORIZATION = [
+    ("client", "address"),
+    ("broker", "address"),
+    ("modelId", "bytes32"),
+    ("maxCost", "uint256"),
+    ("nonce", "uint256"),
+    ("deadline", "uint256"),
+]
+RECEIPT = [
+    ("jobId", "bytes32"),
+    ("modelId", "bytes32"),
+    ("start", "uint32"),
+    ("end", "uint32"),
+    ("tokens", "uint32"),
+    ("outputHash", "bytes32"),
+    ("amount", "uint256"),
+]
+TYPES: dict[str, list[tuple[str, str]]] = {
+    "NodeBinding": NODE_BINDING,
+    "JobAuthorization": JOB_AUTHORIZATION,
+    "Receipt": RECEIPT,
+}
+
+# EIP-712 domain names/versions of the verifying contracts.
+REGISTRY_DOMAIN = ("DLIS NodeRegistry", "1")
+MARKET_DOMAIN = ("DLIS JobMarket", "1")
+
+
+def type_string(primary: str) -> str:
+    fields = ",".join(f"{t} {n}" for n, t in TYPES[primary])
+    return f"{primary}({fields})"
+
+
+def type_hash(primary: str) -> bytes:
+    return keccak(text=type_string(primary))
+
+
+@dataclass(frozen=True)
+class Domain:
+    name: str
+    version: str
+    chain_id: int
+    verifying_contract: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "version": self.version,
+            "chainId": self.chain_id,
+            "verifyingContract": self.verifying_contract,
+        }
+
+
+@dataclass(frozen=True)
+class CompactSignature:
+    """EIP-2098 compact signature (r, vs) as the contracts take it, plus the 65-byte form."""
+
+    r: bytes
+    vs: bytes
+    signature: bytes
+
+    def hex(self) -> str:
+        return "0x" + self.signature.hex()
+
+    @classmethod
+    def from_bytes(cls, signature: bytes) -> CompactSignature:
+        if len(signature) != 65:
+            raise ValueError(f"signature must be 65 bytes, got {len(signature)}")
+        r, s, v = signature[:32], signature[32:64], signature[64]
+        if v < 27:
+            v += 27
+        vs_int = int.from_bytes(s, "big") | ((v - 27) << 255)
+        return cls(r=r, vs=vs_int.to_bytes(32, "big"), signature=signature)
+
+
+def _full_message(domain: Domain, primary: str, message: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "types": {
+            "EIP712Domain": [
+                {"name": "name", "type": "string"},
+                {"name": "version", "type": "string"},
+                {"name": "chainId", "type": "uint256"},
+                {"name": "verifyingContract", "type": "address"},
+            ],
+            primary: [{"name": n, "type": t} for n, t in TYPES[primary]],
+        },
+        "primaryType": primary,
+        "domain": domain.as_dict(),
+        "message": message,
+    }
+
+
+def sign_typed(private_key: bytes | str, domain: Domain, primary: str, message: dict[str, Any]) -> CompactSignature:
+    signable = encode_typed_data(full_message=_full_message(domain, primary, message))
+    signed = Account.sign_message(signable, private_key)
+    return CompactSignature.from_bytes(bytes(signed.signature))
+
+
+def recover_typed(domain: Domain, primary: str, message: dict[str, Any], signature: bytes) -> str:
+    """The address that signed ``message`` (checksummed). A forged signature recovers another address."""
+    signable = encode_typed_data(full_message=_full_message(domain, primary, message))
+    return str(Account.recover_message(signable, signature=signature))
+
+
+def job_id(client: str, nonce: int) -> bytes:
+    """keccak256(abi.encode(client, nonce)), as ``JobMarket.jobIdOf``."""
+    from eth_abi import encode
+
+    return keccak(encode(["address", "uint256"], [client, nonce]))

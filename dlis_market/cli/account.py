@@ -1,0 +1,128 @@
+"""`dlis account ...`: encrypted keystore accounts (operators, clients, node keys)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from web3 import Web3
+
+from dlis_market.cli.context import console, emit, handle_errors, password_for, state
+
+app = typer.Typer(help="Create, import, list and inspect encrypted accounts.", no_args_is_help=True)
+
+PasswordFileOpt = Annotated[
+    Path | None, typer.Option(help="Read the password from this file instead of prompting.", exists=True, dir_okay=False)
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")]
+
+
+def read_password_file(path: Path | None) -> str | None:
+    return path.read_text().strip() if path else None
+
+
+@app.command()
+def new(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Argument(help="Account name, e.g. operator1.")],
+    password_file: PasswordFileOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Create a new secp256k1 key, encrypted (scrypt) in $DLIS_HOME/keystore/NAME.json."""
+    from dlis_market.chain.accounts import Keystore
+
+    st = state(ctx)
+    with handle_errors():
+        pw = password_for(name, read_password_file(password_file) or st.settings.chain.keystore_password, confirm=True)
+        entry = Keystore(st.settings.keystore_dir).create(name, pw, st.settings.chain.keystore_scrypt_n)
+        emit(
+            {"name": entry.name, "address": entry.address, "path": str(entry.path)},
+            as_json,
+            lambda d: console.print(f"created {d['name']}: {d['address']} ({d['path']})"),
+        )
+
+
+@app.command("import")
+def import_(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Argument(help="Account name.")],
+    private_key_file: Annotated[Path, typer.Option(help="File holding the hex private key.", exists=True, dir_okay=False)],
+    password_file: PasswordFileOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Import an existing private key into an encrypted keystore."""
+    from dlis_market.chain.accounts import Keystore
+
+    st = state(ctx)
+    with handle_errors():
+        pw = password_for(name, read_password_file(password_file) or st.settings.chain.keystore_password, confirm=True)
+        key = private_key_file.read_text().strip()
+        entry = Keystore(st.settings.keystore_dir).import_key(name, key, pw, st.settings.chain.keystore_scrypt_n)
+        emit(
+            {"name": entry.name, "address": entry.address, "path": str(entry.path)},
+            as_json,
+            lambda d: console.print(f"imported {d['name']}: {d['address']}"),
+        )
+
+
+@app.command("list")
+def list_(ctx: typer.Context, as_json: JsonOpt = False) -> None:
+    """List keystore accounts."""
+    from dlis_market.chain.accounts import Keystore
+
+    st = state(ctx)
+    entries = [{"name": e.name, "address": e.address} for e in Keystore(st.settings.keystore_dir).list()]
+
+    def human(rows: list[dict[str, str]]) -> None:
+        if not rows:
+            console.print(f"no accounts in {st.settings.keystore_dir}; create one with `dlis account new NAME`")
+        for r in rows:
+            console.print(f"{r['name']:20s} {r['address']}")
+
+    emit(entries, as_json, human)
+
+
+@app.command()
+def balance(
+    ctx: typer.Context,
+    who: Annotated[str, typer.Argument(help="Account name or address.")],
+    as_json: JsonOpt = False,
+) -> None:
+    """ETH, DLIS, stake, escrow and claimable earnings of an account."""
+    from dlis_market.chain.accounts import Keystore
+    from dlis_market.chain.client import ChainClient
+    from dlis_market.chain.dlis_token import DLISToken, fmt_units
+    from dlis_market.chain.errors import AccountError
+    from dlis_market.chain.job_market import JobMarket
+    from dlis_market.chain.staking_manager import StakingManager
+
+    st = state(ctx)
+    with handle_errors():
+        if Web3.is_address(who):
+            address = Web3.to_checksum_address(who)
+        else:
+            match = [e for e in Keystore(st.settings.keystore_dir).list() if e.name == who]
+            if not match:
+                raise AccountError(f"{who!r} is neither an address nor an account in {st.settings.keystore_dir}")
+            address = match[0].address
+        client = ChainClient(st.settings)
+        stake = StakingManager(client).info(address)
+        market = JobMarket(client)
+        data: dict[str, Any] = {
+            "address": address,
+            "eth_wei": int(client.w3.eth.get_balance(address)),
+            "dlis": DLISToken(client).balance_of(address),
+            "stake_active": stake.active,
+            "stake_unbonding": stake.unbonding,
+            "escrow": market.escrow_of(address),
+            "claimable": market.claimable_of(address),
+        }
+
+        def human(d: dict[str, Any]) -> None:
+            console.print(f"{d['address']}")
+            console.print(f"  ETH        {Web3.from_wei(d['eth_wei'], 'ether')}")
+            for key in ("dlis", "stake_active", "stake_unbonding", "escrow", "claimable"):
+                console.print(f"  {key:10s} {fmt_units(d[key])} DLIS")
+
+        emit(data, as_json, human)

@@ -1,0 +1,101 @@
+"""Shared CLI plumbing: the settings object, output (rich or --json), unlocking accounts, and
+turning typed errors into a clear message and a non-zero exit without a traceback."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import typer
+from eth_account.signers.local import LocalAccount
+from rich.console import Console
+
+from dlis_market.errors import DlisError
+from dlis_market.settings import Settings
+
+T = TypeVar("T")
+
+console = Console(stderr=False, highlight=False, soft_wrap=True)
+err_console = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+@dataclass
+class CliState:
+    settings: Settings
+
+    @classmethod
+    def from_overrides(cls, overrides: dict[str, Any]) -> CliState:
+        try:
+            return cls(Settings.load(overrides=overrides))
+        except DlisError as exc:
+            err_console.print(f"[red]error:[/red] {exc}")
+            raise typer.Exit(2) from exc
+
+
+def state(ctx: typer.Context) -> CliState:
+    obj = ctx.find_root().obj
+    if not isinstance(obj, CliState):  # commands invoked without the root callback (tests)
+        obj = CliState.from_overrides({})
+        ctx.find_root().obj = obj
+    return obj
+
+
+@contextmanager
+def handle_errors() -> Iterator[None]:
+    """Typed errors become ``error: <message>`` on stderr and exit code 1."""
+    try:
+        yield
+    except DlisError as exc:
+        err_console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(1) from exc
+
+
+def emit(data: Any, as_json: bool, human: Callable[[Any], None]) -> None:
+    if as_json:
+        sys.stdout.write(json.dumps(data, indent=2, default=_json_default) + "\n")
+    else:
+        human(data)
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, bytes):
+        return "0x" + value.hex()
+    return str(value)
+
+
+def password_for(name: str, password: str | None, confirm: bool = False) -> str:
+    """Password from --password / DLIS_CHAIN__KEYSTORE_PASSWORD, else an interactive prompt."""
+    if password:
+        return password
+    if not sys.stdin.isatty():
+        err_console.print(
+            f"[red]error:[/red] account {name!r} needs a password: pass --password-file or set "
+            "DLIS_CHAIN__KEYSTORE_PASSWORD when not running interactively"
+        )
+        raise typer.Exit(2)
+    return str(typer.prompt(f"password for {name}", hide_input=True, confirmation_prompt=confirm))
+
+
+def unlock(st: CliState, name: str, password: str | None) -> LocalAccount:
+    """Load a keystore account, or a dev account (``dev:N``) on a dev chain."""
+    from dlis_market.chain.accounts import Keystore, dev_accounts
+    from dlis_market.chain.errors import DevKeyRefusedError
+    from dlis_market.settings import DEV_CHAIN_IDS
+
+    if name.startswith("dev:"):
+        from dlis_market.chain.client import connect_web3
+
+        chain_id = int(connect_web3(st.settings.chain.rpc_url).eth.chain_id)
+        if chain_id not in DEV_CHAIN_IDS:
+            raise DevKeyRefusedError(
+                f"dev accounts are publicly known keys and chain {chain_id} is not a dev chain; "
+                "use a keystore account (`dlis account new NAME`)"
+            )
+        index = int(name.split(":", 1)[1])
+        return dev_accounts(st.settings.chain.dev_mnemonic)[index]
+    pw = password_for(name, password or st.settings.chain.keystore_password)
+    return Keystore(st.settings.keystore_dir).load(name, pw)

