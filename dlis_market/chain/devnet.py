@@ -50,6 +50,9 @@ class LocalMarket:
     def oracle(self) -> LocalAccount:
         return self.accounts[2]
 
+    def deployment_treasury(self) -> str:
+        return self.client.deployment.treasury
+
     def token(self) -> DLISToken:
         return DLISToken(self.client)
 

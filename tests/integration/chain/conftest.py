@@ -1,0 +1,34 @@
+"""Fixtures: one real Anvil per test session with the market deployed (same sequence as
+`brownie run deploy`), and a fresh chain state for every test (evm_snapshot / evm_revert)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from dlis_market.chain.devnet import LocalMarket, local_market
+
+
+@pytest.fixture(scope="session")
+def market_session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalMarket]:
+    home: Path = tmp_path_factory.mktemp("dlis-home")
+    # Small, readable parameters: 100 DLIS minimum stake, 1 h unbonding, 1 h withdraw delay, 2.5 % fee.
+    with local_market(
+        home,
+        min_stake=100 * 10**18,
+        unbonding_period_s=3600,
+        withdraw_delay_s=3600,
+        keystore_scrypt_n=2**10,
+    ) as m:
+        yield m
+
+
+@pytest.fixture()
+def market(market_session: LocalMarket) -> Iterator[LocalMarket]:
+    snap = market_session.snapshot()
+    try:
+        yield market_session
+    finally:
+        market_session.revert(snap)
