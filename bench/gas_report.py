@@ -56,9 +56,9 @@ def measure(m: LocalMarket) -> dict[str, Any]:
     staking.stake(extra, staking.min_stake())
     before = m.client.w3.eth.block_number
     m.enroll_node(extra)
-    register_gas = m.client.w3.eth.get_transaction_receipt(
-        m.client.w3.eth.get_block(before + 1)["transactions"][0]
-    )["gasUsed"]
+    register_gas = m.client.w3.eth.get_transaction_receipt(m.client.w3.eth.get_block(before + 1)["transactions"][0])[
+        "gasUsed"
+    ]
 
     model = bytes.fromhex(model_id("smollm2-135m")[2:])
     registry.publish_model(m.deployer, model, "QmManifest", b"\x11" * 32, 30)
@@ -70,7 +70,9 @@ def measure(m: LocalMarket) -> dict[str, Any]:
     singles = []
     for _ in range(3):
         nonce += 1
-        singles.append(market.settle_batch(m.broker, secrets.token_bytes(32), [_job(m, client, nodes, model, nonce)])["gasUsed"])
+        singles.append(
+            market.settle_batch(m.broker, secrets.token_bytes(32), [_job(m, client, nodes, model, nonce)])["gasUsed"]
+        )
     results["settle_1_job"] = min(singles)
     for size in (10, 50):
         jobs = []

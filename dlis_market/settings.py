@@ -153,9 +153,7 @@ class Settings(_Section):
         return {**os.environ, **self.to_env()}
 
     @classmethod
-    def load(
-        cls, overrides: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None
-    ) -> Settings:
+    def load(cls, overrides: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None) -> Settings:
         """Build settings from the environment (``DLIS_*``) and explicit overrides.
 
         ``overrides`` uses the nested shape (``{"chain": {"rpc_url": ...}}``); ``None`` values in

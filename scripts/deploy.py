@@ -61,7 +61,9 @@ def _roles(settings: Settings) -> tuple[Any, Roles]:
             "(the public dev accounts are refused off dev chains)"
         )
     deployer = accounts.load(cfg.deployer_account)
-    return deployer, Roles(deployer.address, str(cfg.treasury_address), str(cfg.broker_address), str(cfg.oracle_address))
+    return deployer, Roles(
+        deployer.address, str(cfg.treasury_address), str(cfg.broker_address), str(cfg.oracle_address)
+    )
 
 
 def main() -> Deployment:

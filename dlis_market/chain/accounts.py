@@ -60,7 +60,9 @@ class Keystore:
     def create(self, name: str, password: str, scrypt_n: int = DEFAULT_SCRYPT_N) -> KeystoreEntry:
         return self.import_key(name, Account.create().key, password, scrypt_n)
 
-    def import_key(self, name: str, private_key: bytes | str, password: str, scrypt_n: int = DEFAULT_SCRYPT_N) -> KeystoreEntry:
+    def import_key(
+        self, name: str, private_key: bytes | str, password: str, scrypt_n: int = DEFAULT_SCRYPT_N
+    ) -> KeystoreEntry:
         if not password:
             raise AccountError("an empty password would leave the key unprotected; give a password")
         path = self._path(name)
@@ -95,7 +97,9 @@ class Keystore:
         path = self._path(name)
         if not path.exists():
             known = ", ".join(e.name for e in self.list()) or "none"
-            raise AccountError(f"no account named {name!r} in {self.folder} (known: {known}); create it with `dlis account new {name}`")
+            raise AccountError(
+                f"no account named {name!r} in {self.folder} (known: {known}); create it with `dlis account new {name}`"
+            )
         try:
             key = Account.decrypt(json.loads(path.read_text()), password)
         except ValueError as exc:

@@ -112,7 +112,9 @@ def pid_file(chain_dir: Path, port: int) -> Path:
 
 def start_detached(chain_dir: Path, port: int) -> AnvilProcess:
     chain_dir.mkdir(parents=True, exist_ok=True)
-    anvil = AnvilProcess(port, state_file=chain_dir / f"anvil-{port}.state.json", log_file=chain_dir / f"anvil-{port}.log")
+    anvil = AnvilProcess(
+        port, state_file=chain_dir / f"anvil-{port}.state.json", log_file=chain_dir / f"anvil-{port}.log"
+    )
     anvil.start(detached=True)
     assert anvil.proc is not None
     pid_file(chain_dir, port).write_text(str(anvil.proc.pid))

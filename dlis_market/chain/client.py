@@ -145,7 +145,7 @@ class ChainClient:
         )
         return self.send_raw(account, tx, fn.fn_name)
 
-    def send_raw(self, account: LocalAccount, tx: dict[str, Any], what: str) -> TxReceipt:
+    def send_raw(self, account: LocalAccount, tx: Any, what: str) -> TxReceipt:
         signed = account.sign_transaction(tx)
         tx_hash = self.w3.eth.send_raw_transaction(signed.raw_transaction)
         try:
@@ -158,7 +158,9 @@ class ChainClient:
                 "is the chain producing blocks?"
             ) from exc
         if receipt["status"] != 1:
-            raise TransactionFailedError(f"{what}: transaction 0x{tx_hash.hex()} reverted in block {receipt['blockNumber']}")
+            raise TransactionFailedError(
+                f"{what}: transaction 0x{tx_hash.hex()} reverted in block {receipt['blockNumber']}"
+            )
         return receipt
 
     def transfer_eth(self, account: LocalAccount, to: str, wei: int) -> TxReceipt:

@@ -10,10 +10,11 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 from eth_account.signers.local import LocalAccount
 from web3 import Web3
+from web3.types import TxParams
 
 from dlis_market.chain.anvil import REPO_ROOT
 from dlis_market.chain.deployment import DeployedContract, Deployment
@@ -53,7 +54,13 @@ def deploy_market(deployer: Deployer, params: ChainSettings, roles: Roles) -> De
     registry = deployer.deploy("NodeRegistry", staking.address)
     reputation = deployer.deploy("ReputationOracle", roles.deployer)
     market = deployer.deploy(
-        "JobMarket", token.address, registry.address, roles.deployer, roles.treasury, params.fee_bps, params.withdraw_delay_s
+        "JobMarket",
+        token.address,
+        registry.address,
+        roles.deployer,
+        roles.treasury,
+        params.fee_bps,
+        params.withdraw_delay_s,
     )
     deployer.transact(staking, "grantRole", deployer.call(staking, "SLASHER_ROLE"), roles.oracle)
     deployer.transact(reputation, "grantRole", deployer.call(reputation, "ORACLE_ROLE"), roles.oracle)
@@ -96,7 +103,7 @@ class Web3Deployer:
         tx["nonce"] = self.w3.eth.get_transaction_count(self.account.address, "pending")
         tx["chainId"] = self.chain_id
         tx.pop("gas", None)
-        tx["gas"] = int(self.w3.eth.estimate_gas(tx) * 1.2)
+        tx["gas"] = int(self.w3.eth.estimate_gas(cast(TxParams, tx)) * 1.2)
         signed = self.account.sign_transaction(tx)
         receipt = self.w3.eth.wait_for_transaction_receipt(self.w3.eth.send_raw_transaction(signed.raw_transaction))
         if receipt["status"] != 1:
@@ -106,7 +113,9 @@ class Web3Deployer:
     def deploy(self, name: str, *args: Any) -> DeployedContract:
         art = load_artifact(name, self.build_dir)
         factory = self.w3.eth.contract(abi=art["abi"], bytecode=art["bytecode"])
-        receipt = self._send(factory.constructor(*args).build_transaction({"from": self.account.address, "gas": 10_000_000}))
+        receipt = self._send(
+            factory.constructor(*args).build_transaction({"from": self.account.address, "gas": 10_000_000})
+        )
         return DeployedContract(address=receipt["contractAddress"], block=receipt["blockNumber"], abi=art["abi"])
 
     def transact(self, contract: DeployedContract, fn: str, *args: Any) -> None:

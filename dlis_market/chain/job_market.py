@@ -84,7 +84,15 @@ class SignedJob:
     def as_tuple(self) -> tuple[Any, ...]:
         a = self.authorization
         receipts = [
-            (r.receipt.start, r.receipt.end, r.receipt.tokens, r.receipt.amount, r.receipt.output_hash, r.signature.r, r.signature.vs)
+            (
+                r.receipt.start,
+                r.receipt.end,
+                r.receipt.tokens,
+                r.receipt.amount,
+                r.receipt.output_hash,
+                r.signature.r,
+                r.signature.vs,
+            )
             for r in self.receipts
         ]
         return (a.client, a.model_id, a.max_cost, a.nonce, a.deadline, self.signature.r, self.signature.vs, receipts)

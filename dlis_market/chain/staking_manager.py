@@ -72,7 +72,9 @@ class StakingManager:
             )
         return self.client.transact(operator, self.contract.functions.withdraw())
 
-    def slash(self, slasher: LocalAccount, operator: str, amount: int, evidence_hash: bytes, reporter: str) -> TxReceipt:
+    def slash(
+        self, slasher: LocalAccount, operator: str, amount: int, evidence_hash: bytes, reporter: str
+    ) -> TxReceipt:
         return self.client.transact(slasher, self.contract.functions.slash(operator, amount, evidence_hash, reporter))
 
     def claimable(self, account: str) -> int:

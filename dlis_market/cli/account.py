@@ -8,12 +8,13 @@ from typing import Annotated, Any
 import typer
 from web3 import Web3
 
-from dlis_market.cli.context import console, emit, handle_errors, password_for, state
+from dlis_market.cli.context import console, emit, handle_errors, password_for, resolve_address, state
 
 app = typer.Typer(help="Create, import, list and inspect encrypted accounts.", no_args_is_help=True)
 
 PasswordFileOpt = Annotated[
-    Path | None, typer.Option(help="Read the password from this file instead of prompting.", exists=True, dir_okay=False)
+    Path | None,
+    typer.Option(help="Read the password from this file instead of prompting.", exists=True, dir_okay=False),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")]
 
@@ -47,7 +48,9 @@ def new(
 def import_(
     ctx: typer.Context,
     name: Annotated[str, typer.Argument(help="Account name.")],
-    private_key_file: Annotated[Path, typer.Option(help="File holding the hex private key.", exists=True, dir_okay=False)],
+    private_key_file: Annotated[
+        Path, typer.Option(help="File holding the hex private key.", exists=True, dir_okay=False)
+    ],
     password_file: PasswordFileOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -90,28 +93,20 @@ def balance(
     as_json: JsonOpt = False,
 ) -> None:
     """ETH, DLIS, stake, escrow and claimable earnings of an account."""
-    from dlis_market.chain.accounts import Keystore
     from dlis_market.chain.client import ChainClient
     from dlis_market.chain.dlis_token import DLISToken, fmt_units
-    from dlis_market.chain.errors import AccountError
     from dlis_market.chain.job_market import JobMarket
     from dlis_market.chain.staking_manager import StakingManager
 
     st = state(ctx)
     with handle_errors():
-        if Web3.is_address(who):
-            address = Web3.to_checksum_address(who)
-        else:
-            match = [e for e in Keystore(st.settings.keystore_dir).list() if e.name == who]
-            if not match:
-                raise AccountError(f"{who!r} is neither an address nor an account in {st.settings.keystore_dir}")
-            address = match[0].address
+        address = resolve_address(st, who)
         client = ChainClient(st.settings)
         stake = StakingManager(client).info(address)
         market = JobMarket(client)
         data: dict[str, Any] = {
             "address": address,
-            "eth_wei": int(client.w3.eth.get_balance(address)),
+            "eth_wei": int(client.w3.eth.get_balance(Web3.to_checksum_address(address))),
             "dlis": DLISToken(client).balance_of(address),
             "stake_active": stake.active,
             "stake_unbonding": stake.unbonding,

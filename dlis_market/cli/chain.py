@@ -131,7 +131,9 @@ def faucet(
             raise PreflightError(str(exc)) from exc
         client = ChainClient(st.settings)
         if client.chain_id not in DEV_CHAIN_IDS:
-            raise DevKeyRefusedError(f"the faucet spends the public dev deployer key; chain {client.chain_id} is not a dev chain")
+            raise DevKeyRefusedError(
+                f"the faucet spends the public dev deployer key; chain {client.chain_id} is not a dev chain"
+            )
         deployer = dev_accounts(st.settings.chain.dev_mnemonic)[0]
         if wei:
             client.transfer_eth(deployer, address, int(wei))

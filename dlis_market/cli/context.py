@@ -99,3 +99,18 @@ def unlock(st: CliState, name: str, password: str | None) -> LocalAccount:
         return dev_accounts(st.settings.chain.dev_mnemonic)[index]
     pw = password_for(name, password or st.settings.chain.keystore_password)
     return Keystore(st.settings.keystore_dir).load(name, pw)
+
+
+def resolve_address(st: CliState, who: str) -> str:
+    """An address given directly, or the address of a keystore account by name."""
+    from web3 import Web3
+
+    from dlis_market.chain.accounts import Keystore
+    from dlis_market.chain.errors import AccountError
+
+    if Web3.is_address(who):
+        return str(Web3.to_checksum_address(who))
+    match = [e for e in Keystore(st.settings.keystore_dir).list() if e.name == who]
+    if not match:
+        raise AccountError(f"{who!r} is neither an address nor an account in {st.settings.keystore_dir}")
+    return match[0].address

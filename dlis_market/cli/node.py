@@ -7,10 +7,9 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from web3 import Web3
 
 from dlis_market.cli.account import read_password_file
-from dlis_market.cli.context import console, emit, handle_errors, state, unlock
+from dlis_market.cli.context import console, emit, handle_errors, resolve_address, state, unlock
 
 app = typer.Typer(help="Stake, register and manage worker nodes as an operator.", no_args_is_help=True)
 
@@ -25,6 +24,10 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JS
 
 def _tx(receipt: Any) -> str:
     return "0x" + bytes(receipt["transactionHash"]).hex()
+
+
+def _utc(timestamp: int) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(timestamp))
 
 
 def _units(amount: str) -> int:
@@ -58,7 +61,13 @@ def stake(
         receipt = staking.stake(op, units)
         info = staking.info(op.address)
         emit(
-            {"operator": op.address, "staked": units, "active": info.active, "routable": info.is_active, "tx": _tx(receipt)},
+            {
+                "operator": op.address,
+                "staked": units,
+                "active": info.active,
+                "routable": info.is_active,
+                "tx": _tx(receipt),
+            },
             as_json,
             lambda d: console.print(
                 f"staked {amount} DLIS; active stake {fmt_units(d['active'])} DLIS "
@@ -87,11 +96,14 @@ def unstake(
         receipt = staking.request_unstake(op, units)
         info = staking.info(op.address)
         emit(
-            {"operator": op.address, "unbonding": info.unbonding, "release_time": info.release_time, "tx": _tx(receipt)},
+            {
+                "operator": op.address,
+                "unbonding": info.unbonding,
+                "release_time": info.release_time,
+                "tx": _tx(receipt),
+            },
             as_json,
-            lambda d: console.print(
-                f"unbonding {amount} DLIS; withdrawable after {time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime(d['release_time']))} UTC"
-            ),
+            lambda d: console.print(f"unbonding {amount} DLIS; withdrawable after {_utc(d['release_time'])} UTC"),
         )
 
 
@@ -109,7 +121,11 @@ def withdraw(
         staking = StakingManager(ChainClient(st.settings))
         amount = staking.info(op.address).unbonding
         receipt = staking.withdraw(op)
-        emit({"operator": op.address, "withdrawn": amount, "tx": _tx(receipt)}, as_json, lambda d: console.print(f"withdrew stake, tx {d['tx']}"))
+        emit(
+            {"operator": op.address, "withdrawn": amount, "tx": _tx(receipt)},
+            as_json,
+            lambda d: console.print(f"withdrew stake, tx {d['tx']}"),
+        )
 
 
 @app.command()
@@ -140,7 +156,9 @@ def register(
         try:
             dclass = DeviceClass[device_class.upper()]
         except KeyError as exc:
-            raise PreflightError(f"device class {device_class!r} unknown; use one of {', '.join(d.name.lower() for d in DeviceClass)}") from exc
+            raise PreflightError(
+                f"device class {device_class!r} unknown; use one of {', '.join(d.name.lower() for d in DeviceClass)}"
+            ) from exc
         att = bytes.fromhex(attestation_hash.removeprefix("0x"))
         if len(att) != 32:
             raise PreflightError(f"attestation hash must be 32 bytes, got {len(att)}")
@@ -158,9 +176,17 @@ def register(
         rec = registry.get(node.address)
         assert rec is not None
         emit(
-            {"node": node.address, "operator": op.address, "peer_id": rec.peer_id, "routable": rec.routable, "tx": _tx(receipt)},
+            {
+                "node": node.address,
+                "operator": op.address,
+                "peer_id": rec.peer_id,
+                "routable": rec.routable,
+                "tx": _tx(receipt),
+            },
             as_json,
-            lambda d: console.print(f"node {d['node']} registered to {d['operator']} (routable: {d['routable']}), tx {d['tx']}"),
+            lambda d: console.print(
+                f"node {d['node']} registered to {d['operator']} (routable: {d['routable']}), tx {d['tx']}"
+            ),
         )
 
 
@@ -171,22 +197,14 @@ def status(
     as_json: JsonOpt = False,
 ) -> None:
     """Stake, unbonding, nodes and their routability for an operator (or one node)."""
-    from dlis_market.chain.accounts import Keystore
     from dlis_market.chain.client import ChainClient
     from dlis_market.chain.dlis_token import fmt_units
-    from dlis_market.chain.errors import AccountError
     from dlis_market.chain.job_market import JobMarket
     from dlis_market.chain.node_registry import NodeRegistry
 
     st = state(ctx)
     with handle_errors():
-        if Web3.is_address(who):
-            address = Web3.to_checksum_address(who)
-        else:
-            match = [e for e in Keystore(st.settings.keystore_dir).list() if e.name == who]
-            if not match:
-                raise AccountError(f"{who!r} is neither an address nor an account in {st.settings.keystore_dir}")
-            address = match[0].address
+        address = resolve_address(st, who)
         client = ChainClient(st.settings)
         registry = NodeRegistry(client)
         node = registry.get(address)
@@ -202,7 +220,13 @@ def status(
             "meets_minimum": info.is_active,
             "claimable": JobMarket(client).claimable_of(operator),
             "nodes": [
-                {"node": n.node, "peer_id": n.peer_id, "endpoint": n.endpoint, "active": n.active, "routable": n.routable}
+                {
+                    "node": n.node,
+                    "peer_id": n.peer_id,
+                    "endpoint": n.endpoint,
+                    "active": n.active,
+                    "routable": n.routable,
+                }
                 for n in nodes
                 if n is not None
             ],
@@ -222,7 +246,9 @@ def status(
 
 
 @app.command()
-def claim(ctx: typer.Context, account: AccountOpt, password_file: PasswordFileOpt = None, as_json: JsonOpt = False) -> None:
+def claim(
+    ctx: typer.Context, account: AccountOpt, password_file: PasswordFileOpt = None, as_json: JsonOpt = False
+) -> None:
     """Pay out the earnings JobMarket credited to your operator account."""
     from dlis_market.chain.client import ChainClient
     from dlis_market.chain.job_market import JobMarket
@@ -233,4 +259,8 @@ def claim(ctx: typer.Context, account: AccountOpt, password_file: PasswordFileOp
         market = JobMarket(ChainClient(st.settings))
         amount = market.claimable_of(op.address)
         receipt = market.claim(op)
-        emit({"operator": op.address, "claimed": amount, "tx": _tx(receipt)}, as_json, lambda d: console.print(f"claimed, tx {d['tx']}"))
+        emit(
+            {"operator": op.address, "claimed": amount, "tx": _tx(receipt)},
+            as_json,
+            lambda d: console.print(f"claimed, tx {d['tx']}"),
+        )

@@ -114,7 +114,9 @@ def test_slash_below_minimum_makes_node_unroutable(market):
 def _three_stage_job(market, client, nodes, nonce, amount=UNIT // 100, max_cost=UNIT):
     jm = market.market()
     dom = jm.domain()
-    auth = JobAuthorization(client.address, market.broker.address, MODEL, max_cost, nonce, market.client.timestamp() + 600)
+    auth = JobAuthorization(
+        client.address, market.broker.address, MODEL, max_cost, nonce, market.client.timestamp() + 600
+    )
     receipts = []
     for (start, end), node in zip([(0, 10), (10, 20), (20, 30)], nodes, strict=True):
         r = Receipt(auth.job_id, MODEL, start, end, 16, secrets.token_bytes(32), amount)
@@ -172,7 +174,9 @@ def test_forged_signatures_are_refused(priced_market):
     assert err.value.error_args["receiptIndex"] == 1
 
     good = _three_stage_job(market, client, nodes, nonce=8)
-    not_client = SignedJob(good.authorization, sign_authorization(outsider.key, jm.domain(), good.authorization), good.receipts)
+    not_client = SignedJob(
+        good.authorization, sign_authorization(outsider.key, jm.domain(), good.authorization), good.receipts
+    )
     with pytest.raises(ContractRevertError) as err:
         jm.settle_batch(market.broker, b"\x04" * 32, [not_client])
     assert err.value.error == "JobMarketInvalidClientSignature"

@@ -123,7 +123,9 @@ def test_chain_up_runs_brownie_deploy_and_persists_state(tmp_path):
         assert second.exit_code == 0, second.output
         again = json.loads(second.stdout[second.stdout.index("{") :])
         assert again["started_anvil"] and not again["deployed"]  # contracts came back from --state
-        bal = runner.invoke(app, ["account", "balance", "0x000000000000000000000000000000000000dEaD", "--json"], env=env)
+        bal = runner.invoke(
+            app, ["account", "balance", "0x000000000000000000000000000000000000dEaD", "--json"], env=env
+        )
         assert json.loads(bal.stdout)["dlis"] == 7 * UNIT
     finally:
         runner.invoke(app, ["chain", "down", "--port", str(port)], env=env)

@@ -8,7 +8,7 @@ from eth_account import Account
 from dlis_market.chain.accounts import Keystore, dev_accounts, refuse_dev_key
 from dlis_market.chain.dlis_token import fmt_units, to_units
 from dlis_market.chain.errors import AccountError, DevKeyRefusedError
-from dlis_market.chain.job_market import JobAuthorization, market_domain, sign_authorization, authorization_signer
+from dlis_market.chain.job_market import JobAuthorization, authorization_signer, market_domain, sign_authorization
 from dlis_market.chain.typed_data import CompactSignature, type_string
 from dlis_market.errors import ConfigError
 from dlis_market.settings import Settings
