@@ -1,0 +1,350 @@
+"""The broker's ledger: jobs, authorizations, receipts and settlement batches in a real database.
+
+SQLite by default (a file under ``$DLIS_HOME``); any SQLAlchemy URL works. Token amounts and
+nonces are uint256 on chain, wider than SQL integers, so they are stored as decimal strings
+(:class:`Uint256`) and read back as Python ints. A job's completion and its receipts are written
+in one transaction, and a batch row is committed before its transaction is sent, so a crash at any
+point loses no receipt and can never pay a job twice (JobMarket refuses a used nonce or batch id).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from eth_utils import keccak
+from sqlalchemy import ForeignKey, String, Text, TypeDecorator, UniqueConstraint, create_engine, event, select
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship, sessionmaker
+
+from dlis_market.errors import BrokerError
+
+
+class LedgerError(BrokerError):
+    """The ledger refused an operation (duplicate job, unknown job, bad state)."""
+
+
+class Uint256(TypeDecorator[int]):
+    """uint256 stored exactly as a decimal string."""
+
+    impl = String(80)
+    cache_ok = True
+
+    def process_bind_param(self, value: int | None, dialect: Any) -> str | None:
+        if value is None:
+            return None
+        if value < 0 or value >= 2**256:
+            raise LedgerError(f"{value} does not fit uint256")
+        return str(int(value))
+
+    def process_result_value(self, value: str | None, dialect: Any) -> int | None:
+        return None if value is None else int(value)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class JobRow(Base):
+    __tablename__ = "jobs"
+
+    id: Mapped[str] = mapped_column(String(66), primary_key=True)  # 0x + keccak(client, nonce)
+    client: Mapped[str] = mapped_column(String(42), index=True)
+    nonce: Mapped[int] = mapped_column(Uint256)
+    model: Mapped[str] = mapped_column(String(128))
+    model_id: Mapped[str] = mapped_column(String(66))
+    status: Mapped[str] = mapped_column(String(16), index=True)  # queued running completed failed settled
+    request_json: Mapped[str] = mapped_column(Text)
+    max_cost: Mapped[int] = mapped_column(Uint256)
+    deadline: Mapped[int]
+    auth_signature: Mapped[str] = mapped_column(String(132))
+    route_json: Mapped[str | None] = mapped_column(Text, default=None)
+    answer: Mapped[str | None] = mapped_column(Text, default=None)
+    token_ids_json: Mapped[str | None] = mapped_column(Text, default=None)
+    prompt_tokens: Mapped[int] = mapped_column(default=0)
+    completion_tokens: Mapped[int] = mapped_column(default=0)
+    cost: Mapped[int | None] = mapped_column(Uint256, default=None)
+    fee: Mapped[int | None] = mapped_column(Uint256, default=None)
+    fallback: Mapped[bool] = mapped_column(default=False)
+    ttft_ms: Mapped[float | None] = mapped_column(default=None)
+    latency_ms: Mapped[float | None] = mapped_column(default=None)
+    error: Mapped[str | None] = mapped_column(Text, default=None)
+    batch_id: Mapped[str | None] = mapped_column(ForeignKey("batches.id"), default=None, index=True)
+    created_at: Mapped[float] = mapped_column(default=time.time)
+    updated_at: Mapped[float] = mapped_column(default=time.time, onupdate=time.time)
+
+    receipts: Mapped[list[ReceiptRow]] = relationship(order_by="ReceiptRow.stage", cascade="all, delete-orphan")
+
+
+class ReceiptRow(Base):
+    __tablename__ = "receipts"
+    __table_args__ = (UniqueConstraint("job_id", "stage"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id"), index=True)
+    stage: Mapped[int]
+    node: Mapped[str] = mapped_column(String(42), index=True)
+    start: Mapped[int]
+    end: Mapped[int]
+    tokens: Mapped[int]
+    output_hash: Mapped[str] = mapped_column(String(66))
+    amount: Mapped[int] = mapped_column(Uint256)
+    signature: Mapped[str] = mapped_column(String(132))
+
+
+class BatchRow(Base):
+    __tablename__ = "batches"
+
+    id: Mapped[str] = mapped_column(String(66), primary_key=True)
+    status: Mapped[str] = mapped_column(String(16), index=True)  # pending settled failed
+    tx_hash: Mapped[str | None] = mapped_column(String(66), default=None)
+    block: Mapped[int | None] = mapped_column(default=None)
+    error: Mapped[str | None] = mapped_column(Text, default=None)
+    attempts: Mapped[int] = mapped_column(default=0)
+    created_at: Mapped[float] = mapped_column(default=time.time)
+    updated_at: Mapped[float] = mapped_column(default=time.time, onupdate=time.time)
+
+
+class ApiKeyRow(Base):
+    __tablename__ = "api_keys"
+
+    key_hash: Mapped[str] = mapped_column(String(66), primary_key=True)
+    client: Mapped[str] = mapped_column(String(42))
+    cap: Mapped[int] = mapped_column(Uint256)
+    spent: Mapped[int] = mapped_column(Uint256, default=0)
+    expires_at: Mapped[int]
+    signer_key: Mapped[str] = mapped_column(Text)  # encrypted keyfile JSON of the client's signing key
+    created_at: Mapped[float] = mapped_column(default=time.time)
+
+
+@dataclass(frozen=True)
+class NewJob:
+    id: str
+    client: str
+    nonce: int
+    model: str
+    model_id: str
+    request: dict[str, Any]
+    max_cost: int
+    deadline: int
+    auth_signature: str
+
+
+@dataclass(frozen=True)
+class NewReceipt:
+    stage: int
+    node: str
+    start: int
+    end: int
+    tokens: int
+    output_hash: str
+    amount: int
+    signature: str
+
+
+def batch_id_for(job_ids: Sequence[str]) -> str:
+    """Deterministic batch id: the same jobs always form the same batch id."""
+    return "0x" + keccak(b"".join(bytes.fromhex(j[2:]) for j in sorted(job_ids))).hex()
+
+
+def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA synchronous=FULL")
+    cur.execute("PRAGMA foreign_keys=ON")
+    cur.close()
+
+
+class Ledger:
+    def __init__(self, url: str):
+        self.url = url
+        self.engine: Engine = create_engine(url, future=True)
+        if url.startswith("sqlite"):
+            event.listen(self.engine, "connect", _sqlite_pragmas)
+        Base.metadata.create_all(self.engine)
+        self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+
+    @contextmanager
+    def session(self) -> Iterator[Session]:
+        with self._sessions.begin() as s:
+            yield s
+
+    # ------------------------------------------------------------------ jobs
+
+    def create_job(self, job: NewJob) -> JobRow:
+        row = JobRow(
+            id=job.id,
+            client=job.client,
+            nonce=job.nonce,
+            model=job.model,
+            model_id=job.model_id,
+            status="queued",
+            request_json=json.dumps(job.request, sort_keys=True),
+            max_cost=job.max_cost,
+            deadline=job.deadline,
+            auth_signature=job.auth_signature,
+        )
+        try:
+            with self.session() as s:
+                s.add(row)
+        except IntegrityError as exc:
+            raise LedgerError(
+                f"job {job.id} (client {job.client}, nonce {job.nonce}) already exists; use a new nonce"
+            ) from exc
+        return row
+
+    def get_job(self, job_id: str) -> JobRow | None:
+        with self.session() as s:
+            row = s.get(JobRow, job_id)
+            if row is not None:
+                _ = row.receipts  # load before the session closes
+            return row
+
+    def recent_jobs(self, limit: int = 50) -> list[JobRow]:
+        with self.session() as s:
+            rows = list(s.scalars(select(JobRow).order_by(JobRow.created_at.desc()).limit(limit)))
+            for r in rows:
+                _ = r.receipts
+            return rows
+
+    def mark_running(self, job_id: str, route: Any, fallback: bool) -> None:
+        with self.session() as s:
+            row = self._job(s, job_id)
+            row.status = "running"
+            row.route_json = json.dumps(route)
+            row.fallback = fallback
+
+    def complete_job(
+        self,
+        job_id: str,
+        *,
+        answer: str,
+        token_ids: Sequence[int],
+        prompt_tokens: int,
+        receipts: Sequence[NewReceipt],
+        cost: int,
+        fee: int,
+        ttft_ms: float,
+        latency_ms: float,
+        route: Any | None = None,
+    ) -> None:
+        """Record the answer and every receipt atomically."""
+        with self.session() as s:
+            row = self._job(s, job_id)
+            row.status = "completed"
+            row.answer = answer
+            row.token_ids_json = json.dumps(list(token_ids))
+            row.prompt_tokens = prompt_tokens
+            row.completion_tokens = len(token_ids)
+            row.cost, row.fee = cost, fee
+            row.ttft_ms, row.latency_ms = ttft_ms, latency_ms
+            if route is not None:
+                row.route_json = json.dumps(route)
+            for r in receipts:
+                s.add(ReceiptRow(job_id=job_id, **r.__dict__))
+
+    def fail_job(self, job_id: str, error: str) -> None:
+        with self.session() as s:
+            row = self._job(s, job_id)
+            row.status = "failed"
+            row.error = error
+            row.batch_id = None
+
+    @staticmethod
+    def _job(s: Session, job_id: str) -> JobRow:
+        row = s.get(JobRow, job_id)
+        if row is None:
+            raise LedgerError(f"unknown job {job_id}")
+        return row
+
+    # ------------------------------------------------------------------ settlement
+
+    def unsettled_jobs(self, limit: int) -> list[JobRow]:
+        with self.session() as s:
+            q = (
+                select(JobRow)
+                .where(JobRow.status == "completed", JobRow.batch_id.is_(None))
+                .order_by(JobRow.created_at)
+                .limit(limit)
+            )
+            rows = list(s.scalars(q))
+            for r in rows:
+                _ = r.receipts
+            return rows
+
+    def create_batch(self, job_ids: Sequence[str]) -> str:
+        """Assign jobs to a new pending batch (committed before anything is sent)."""
+        batch = batch_id_for(job_ids)
+        with self.session() as s:
+            existing = s.get(BatchRow, batch)
+            if existing is None:
+                s.add(BatchRow(id=batch, status="pending"))
+            elif existing.status == "failed":  # never settled on chain, so the id is still free there
+                existing.status, existing.error = "pending", None
+            for jid in job_ids:
+                self._job(s, jid).batch_id = batch
+        return batch
+
+    def open_batches(self) -> list[BatchRow]:
+        with self.session() as s:
+            return list(s.scalars(select(BatchRow).where(BatchRow.status == "pending").order_by(BatchRow.created_at)))
+
+    def batch_jobs(self, batch_id: str) -> list[JobRow]:
+        with self.session() as s:
+            rows = list(s.scalars(select(JobRow).where(JobRow.batch_id == batch_id).order_by(JobRow.created_at)))
+            for r in rows:
+                _ = r.receipts
+            return rows
+
+    def note_attempt(self, batch_id: str) -> None:
+        with self.session() as s:
+            b = s.get(BatchRow, batch_id)
+            if b is not None:
+                b.attempts += 1
+
+    def mark_batch_settled(self, batch_id: str, tx_hash: str | None, block: int | None) -> None:
+        with self.session() as s:
+            b = s.get(BatchRow, batch_id)
+            if b is None:
+                raise LedgerError(f"unknown batch {batch_id}")
+            b.status, b.tx_hash, b.block = "settled", tx_hash, block
+            for row in s.scalars(select(JobRow).where(JobRow.batch_id == batch_id)):
+                row.status = "settled"
+
+    def release_batch(self, batch_id: str, error: str) -> None:
+        """A batch that cannot settle as a whole: mark it failed and free its jobs for a new batch."""
+        with self.session() as s:
+            b = s.get(BatchRow, batch_id)
+            if b is None:
+                raise LedgerError(f"unknown batch {batch_id}")
+            b.status, b.error = "failed", error
+            for row in s.scalars(select(JobRow).where(JobRow.batch_id == batch_id)):
+                row.batch_id = None
+
+    def get_batch(self, batch_id: str) -> BatchRow | None:
+        with self.session() as s:
+            return s.get(BatchRow, batch_id)
+
+    # ------------------------------------------------------------------ api keys
+
+    def add_api_key(self, row: ApiKeyRow) -> None:
+        with self.session() as s:
+            s.add(row)
+
+    def get_api_key(self, key_hash: str) -> ApiKeyRow | None:
+        with self.session() as s:
+            return s.get(ApiKeyRow, key_hash)
+
+    def charge_api_key(self, key_hash: str, amount: int) -> None:
+        with self.session() as s:
+            row = s.get(ApiKeyRow, key_hash)
+            if row is None:
+                raise LedgerError("unknown API key")
+            if row.spent + amount > row.cap:
+                raise LedgerError(f"API key spending cap {row.cap} would be exceeded ({row.spent} + {amount})")
+            row.spent += amount
