@@ -51,6 +51,8 @@ class ChainSettings(_Section):
     initial_supply: int = 1_000_000_000 * 10**18
     # Role holders. On a dev chain they default to Anvil dev accounts 0 (deployer, treasury),
     # 1 (broker) and 2 (oracle); on any other chain they must be set explicitly.
+    # Account that publishes models in NodeRegistry (`dlis model publish`): keystore name or dev:N.
+    publisher_account: str = "dev:0"
     deployer_account: str | None = None  # brownie account id (`brownie accounts list`) off dev chains
     broker_address: str | None = None
     oracle_address: str | None = None
@@ -85,9 +87,26 @@ class InferenceSettings(_Section):
 
 
 class NodeSettings(_Section):
-    """Worker node defaults."""
+    """Worker node and pipeline driver defaults."""
 
     host: str = "127.0.0.1"
+    port: int = 0  # libp2p TCP port; 0 picks a free one
+    initial_peers: list[str] = Field(default_factory=list)  # DHT multiaddrs (/ip4/127.0.0.1/tcp/.../p2p/...)
+    price_per_token: int = 10**12  # token units (18 decimals) per token processed by this stage
+    announce_ttl_s: float = 30.0
+    announce_every_s: float = 10.0
+    session_idle_s: float = 300.0  # sessions unused this long are closed
+    max_message_bytes: int = 64 << 20
+    max_batch_sessions: int = 16  # sessions merged into one forward pass at most
+    request_timeout_s: float = 30.0
+    step_timeout_s: float = 60.0  # no token for a step within this: the route is probed
+    ban_base_s: float = 5.0  # first ban of a failing peer; doubles per failure
+    ban_max_s: float = 300.0
+    max_failovers: int = 3  # per session
+    attestation_max_age_s: float = 7 * 24 * 3600
+    registry_address: str = "0x0000000000000000000000000000000000000000"  # NodeRegistry (attestations)
+    market_address: str = "0x0000000000000000000000000000000000000000"  # JobMarket (receipts)
+    chain_id: int = 31337
 
 
 class BrokerSettings(_Section):

@@ -19,7 +19,7 @@ from dlis_market.storage.session import kubo_session
 
 app = typer.Typer(help="Run and inspect the embedded IPFS node.", no_args_is_help=True)
 
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)
 
 
 def cli_settings(ctx: typer.Context) -> Settings:
@@ -32,7 +32,7 @@ def cli_settings(ctx: typer.Context) -> Settings:
 @app.command()
 def daemon(
     ctx: typer.Context,
-    repo: Annotated[Path | None, typer.Option(help="IPFS repo folder [default: HOME/ipfs].")] = None,
+    repo: Annotated[Path | None, typer.Option(help="IPFS repo folder (default: HOME/ipfs).")] = None,
     api_port: Annotated[int | None, typer.Option(help="RPC API port on 127.0.0.1 (0: any).")] = None,
     swarm_port: Annotated[int | None, typer.Option(help="Swarm port on 127.0.0.1 (0: any).")] = None,
 ) -> None:
@@ -75,8 +75,6 @@ def node_id(
         err.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(1) from None
     if as_json:
-        typer.echo(
-            json.dumps({"id": out.peer_id, "addresses": list(out.addresses), "agent": out.agent_version})
-        )
+        typer.echo(json.dumps({"id": out.peer_id, "addresses": list(out.addresses), "agent": out.agent_version}))
     else:
         typer.echo("\n".join([out.peer_id, *out.addresses]))

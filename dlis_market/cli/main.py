@@ -11,7 +11,7 @@ from typing import Annotated
 
 import typer
 
-from dlis_market.cli import account, chain, ipfs, model, node
+from dlis_market.cli import account, chain, ipfs, model, model_chain, model_store, node
 from dlis_market.cli.context import CliState
 
 app = typer.Typer(
@@ -37,9 +37,7 @@ def _main(
     home: Annotated[
         Path | None, typer.Option(help="Data folder for keystores, models, deployments (env DLIS_HOME).")
     ] = None,
-    rpc_url: Annotated[
-        str | None, typer.Option(help="Chain JSON-RPC URL (env DLIS_CHAIN__RPC_URL).")
-    ] = None,
+    rpc_url: Annotated[str | None, typer.Option(help="Chain JSON-RPC URL (env DLIS_CHAIN__RPC_URL).")] = None,
 ) -> None:
     ctx.obj = CliState.from_overrides({"home": home, "chain": {"rpc_url": rpc_url}})
 
@@ -47,6 +45,9 @@ def _main(
 app.add_typer(chain.app, name="chain")
 app.add_typer(account.app, name="account")
 app.add_typer(node.app, name="node")
+model_store.register(
+    model.app, on_published=model_chain.register_published, expected_manifest=model_chain.expected_from_chain
+)
 app.add_typer(model.app, name="model")
 app.add_typer(ipfs.app, name="ipfs")
 

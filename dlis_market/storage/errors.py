@@ -1,0 +1,34 @@
+"""Errors of the shard store. Every one is a :class:`~dlis_market.errors.StorageError`."""
+
+from __future__ import annotations
+
+from dlis_market.errors import StorageError
+
+
+class KuboUnreachableError(StorageError):
+    """No Kubo RPC API answered at the configured URL."""
+
+
+class KuboApiError(StorageError):
+    """The Kubo RPC API answered with an error (Kubo's ``{"Message", "Code", "Type"}`` body)."""
+
+    def __init__(self, message: str, *, status: int = 500, code: int = 0) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+
+
+class ContentTimeoutError(StorageError):
+    """Content was not delivered within its timeout: nobody reachable has it, or a peer stalled."""
+
+
+class ShardIntegrityError(StorageError):
+    """Content arrived but its size or sha256 differs from the manifest's."""
+
+
+class ManifestError(StorageError):
+    """A manifest or publication index is malformed or does not match what was expected."""
+
+
+class DaemonError(StorageError):
+    """The embedded IPFS daemon could not start, or its Kubo child process died."""

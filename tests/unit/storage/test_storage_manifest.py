@@ -1,0 +1,118 @@
+"""Lenient manifest reading and the publication index."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import pytest
+
+from dlis_market.storage.errors import ManifestError
+from dlis_market.storage.manifest_files import parse_manifest, safe_relative_path
+from dlis_market.storage.publication import PartRef, Publication, PublishedFile
+from dlis_market.storage.publish import part_ranges
+
+H = hashlib.sha256(b"x").hexdigest()
+
+
+def test_top_level_files_list() -> None:
+    data = json.dumps({"num_layers": 30, "files": [{"path": "a.safetensors", "size": 3, "sha256": H}]}).encode()
+    m = parse_manifest(data)
+    assert [f.path for f in m.files] == ["a.safetensors"]
+    assert m.num_layers == 30
+    assert m.sha256 == hashlib.sha256(data).hexdigest()
+
+
+def test_nested_per_stage_and_extra_fields() -> None:
+    doc = {
+        "model": {"name": "smollm2", "num_hidden_layers": 30},
+        "stages": [
+            {
+                "layers": {"start": 0, "end": 15},
+                "files": [{"path": "s0/w.st", "size": 1, "sha256": H, "dtype": "bf16"}],
+            },
+            {
+                "layers": {"start": 15, "end": 30},
+                "files": [{"path": "s1/w.st", "size": 2, "sha256": H.upper()}],
+            },
+        ],
+    }
+    m = parse_manifest(json.dumps(doc).encode())
+    assert [(f.path, f.size) for f in m.files] == [("s0/w.st", 1), ("s1/w.st", 2)]
+    assert m.files[1].sha256 == H
+    assert m.num_layers == 30
+    assert m.total_size == 3
+
+
+@pytest.mark.parametrize(
+    "entry",
+    [
+        {"path": "../etc/passwd", "size": 1, "sha256": H},
+        {"path": "/abs", "size": 1, "sha256": H},
+        {"path": "a/./b", "size": 1, "sha256": H},
+        {"path": "a", "size": -1, "sha256": H},
+        {"path": "a", "size": 1, "sha256": "nothex"},
+        {"path": "manifest.json", "size": 1, "sha256": H},
+    ],
+)
+def test_bad_entries_are_refused(entry: dict[str, object]) -> None:
+    with pytest.raises(ManifestError):
+        parse_manifest(json.dumps({"files": [entry]}).encode())
+
+
+def test_no_files_or_not_json_refused() -> None:
+    with pytest.raises(ManifestError, match="lists no files"):
+        parse_manifest(b'{"files": []}')
+    with pytest.raises(ManifestError, match="not valid JSON"):
+        parse_manifest(b"{")
+    with pytest.raises(ManifestError, match="twice"):
+        parse_manifest(
+            json.dumps(
+                {"files": [{"path": "a", "size": 1, "sha256": H}, {"path": "a", "size": 2, "sha256": H}]}
+            ).encode()
+        )
+
+
+def test_safe_relative_path() -> None:
+    assert safe_relative_path("a/b.bin") == "a/b.bin"
+    for bad in ["", "a\\b", "a//b", "..", "a/../../b"]:
+        with pytest.raises(ManifestError):
+            safe_relative_path(bad)
+
+
+def _pub() -> Publication:
+    return Publication(
+        manifest=PublishedFile(path="manifest.json", size=5, sha256=H, parts=(PartRef(cid="Qm1", size=5),)),
+        files=(
+            PublishedFile(path="a", size=7, sha256=H, parts=(PartRef(cid="Qm2", size=4), PartRef(cid="Qm3", size=3))),
+        ),
+    )
+
+
+def test_publication_round_trip_is_canonical() -> None:
+    pub = _pub()
+    data = pub.to_bytes()
+    assert Publication.from_bytes(data) == pub
+    assert Publication.from_bytes(data).to_bytes() == data
+    assert b" " not in data and json.loads(data)["format"] == "dlis-publication/1"
+
+
+def test_publication_refuses_bad_documents() -> None:
+    doc = json.loads(_pub().to_bytes())
+    doc["files"][0]["size"] = 8  # parts add up to 7
+    with pytest.raises(ManifestError, match="add up"):
+        Publication.from_bytes(json.dumps(doc).encode())
+    doc = json.loads(_pub().to_bytes())
+    doc["files"][0]["path"] = "../x"
+    with pytest.raises(ManifestError):
+        Publication.from_bytes(json.dumps(doc).encode())
+    with pytest.raises(ManifestError, match="not a dlis publication"):
+        Publication.from_bytes(b'{"Hash": "Qm"}')
+
+
+def test_part_ranges() -> None:
+    assert part_ranges(0, 4) == [(0, 0)]
+    assert part_ranges(4, 4) == [(0, 4)]
+    assert part_ranges(9, 4) == [(0, 4), (4, 4), (8, 1)]
+    with pytest.raises(ValueError):
+        part_ranges(1, 0)
