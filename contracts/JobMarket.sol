@@ -65,6 +65,13 @@ contract JobMarket is AccessControl, ReentrancyGuard, EIP712 {
         StageReceipt[] receipts;
     }
 
+    /// @notice A standing spending authorization: `spender` may sign job authorizations for the
+    ///         client up to `remaining` token units (receipts + fees) until `expiry`.
+    struct Spender {
+        uint128 remaining;
+        uint64 expiry;
+    }
+
     struct PendingWithdrawal {
         uint128 amount;
         uint64 readyAt;
@@ -90,6 +97,7 @@ contract JobMarket is AccessControl, ReentrancyGuard, EIP712 {
     mapping(address client => PendingWithdrawal) private _withdrawals;
     mapping(address client => mapping(uint256 word => uint256 bits)) private _nonceBitmap;
     mapping(address account => uint256) private _claimable;
+    mapping(address client => mapping(address spender => Spender)) private _spenders;
     mapping(bytes32 batchId => bool) private _batchSettled;
     uint256 private _totalEscrow;
     uint256 private _totalClaimable;
@@ -100,6 +108,8 @@ contract JobMarket is AccessControl, ReentrancyGuard, EIP712 {
     event WithdrawalRequested(address indexed client, uint256 amount, uint64 readyAt);
     /// @notice Escrow was paid back to the client.
     event Withdrawn(address indexed client, uint256 amount);
+    /// @notice A client set (or revoked, with cap 0) a standing spending authorization.
+    event SpenderSet(address indexed client, address indexed spender, uint256 cap, uint64 expiry);
     /// @notice A client invalidated an authorization nonce before it was settled.
     event NonceCancelled(address indexed client, uint256 nonce);
     /// @notice A job was settled: the client paid `cost` to nodes plus `fee` to the protocol. The
@@ -124,6 +134,8 @@ contract JobMarket is AccessControl, ReentrancyGuard, EIP712 {
     error JobMarketBatchAlreadySettled(bytes32 batchId);
     error JobMarketInvalidClientSignature(uint256 jobIndex, address client, address recovered);
     error JobMarketAuthorizationExpired(uint256 jobIndex, uint256 deadline, uint256 now_);
+    error JobMarketSpenderCapExceeded(uint256 jobIndex, address spender, uint256 total, uint256 remaining);
+    error JobMarketSpenderExpired(uint256 jobIndex, address spender, uint64 expiry);
     error JobMarketJobAlreadySettled(uint256 jobIndex, address client, uint256 nonce);
     error JobMarketNonceAlreadyUsed(address client, uint256 nonce);
     error JobMarketUnknownModel(uint256 jobIndex, bytes32 modelId);
@@ -207,6 +219,15 @@ contract JobMarket is AccessControl, ReentrancyGuard, EIP712 {
         emit NonceCancelled(msg.sender, nonce);
     }
 
+    /// @notice Let `spender` (e.g. a key held by a broker for an API key) sign job authorizations
+    ///         on the caller's behalf, up to `cap` token units in total, until `expiry`. Setting
+    ///         it again replaces the remaining cap; cap 0 revokes it.
+    function setSpender(address spender, uint128 cap, uint64 expiry) external {
+        if (spender == address(0)) revert JobMarketZeroAddress();
+        _spenders[msg.sender][spender] = Spender(cap, expiry);
+        emit SpenderSet(msg.sender, spender, cap, expiry);
+    }
+
     // ----------------------------------------------------------------------------- settlement
 
     /// @notice Settle a batch of jobs. Broker only; every authorization must name the caller as
@@ -273,6 +294,12 @@ contract JobMarket is AccessControl, ReentrancyGuard, EIP712 {
     /// @notice Whether a (client, nonce) authorization has been settled or cancelled.
     function nonceUsed(address client, uint256 nonce) external view returns (bool) {
         return _nonceBitmap[client][nonce >> 8] & (1 << (nonce & 0xff)) != 0;
+    }
+
+    /// @notice Remaining cap and expiry of a client's standing spending authorization.
+    function spenderOf(address client, address spender) external view returns (uint256 remaining, uint64 expiry) {
+        Spender memory sp = _spenders[client][spender];
+        return (sp.remaining, sp.expiry);
     }
 
     /// @notice Whether a batch id has been settled.
@@ -351,15 +378,17 @@ contract JobMarket is AccessControl, ReentrancyGuard, EIP712 {
         private
         returns (uint256 cost, uint256 fee)
     {
-        bytes32 jobId = _consumeAuthorization(index, job);
+        (bytes32 jobId, address signer) = _consumeAuthorization(index, job);
         cost = _checkReceipts(index, job, jobId, payees);
         fee = (cost * feeBps) / _BPS;
+        if (signer != job.client) _spend(index, job.client, signer, cost + fee);
         _charge(index, job, cost + fee);
         emit JobSettled(jobId, job.client, cost, fee);
     }
 
-    /// @dev Checks deadline and client signature, marks the nonce used, returns the job id.
-    function _consumeAuthorization(uint256 index, JobSettlement calldata job) private returns (bytes32) {
+    /// @dev Checks deadline and signature (the client's, or a spender's with a standing
+    ///      authorization), marks the nonce used, returns the job id and the signer.
+    function _consumeAuthorization(uint256 index, JobSettlement calldata job) private returns (bytes32, address) {
         if (block.timestamp > job.deadline) revert JobMarketAuthorizationExpired(index, job.deadline, block.timestamp);
         bytes32 authHash = _hashTypedDataV4(
             keccak256(
@@ -369,13 +398,23 @@ contract JobMarket is AccessControl, ReentrancyGuard, EIP712 {
             )
         );
         address signer = ECDSA.recover(authHash, job.r, job.vs);
-        if (signer != job.client) revert JobMarketInvalidClientSignature(index, job.client, signer);
+        if (signer != job.client && _spenders[job.client][signer].expiry == 0) {
+            revert JobMarketInvalidClientSignature(index, job.client, signer);
+        }
         mapping(uint256 => uint256) storage bitmap = _nonceBitmap[job.client];
         uint256 bit = 1 << (job.nonce & 0xff);
         uint256 word = bitmap[job.nonce >> 8];
         if (word & bit != 0) revert JobMarketJobAlreadySettled(index, job.client, job.nonce);
         bitmap[job.nonce >> 8] = word | bit;
-        return jobIdOf(job.client, job.nonce);
+        return (jobIdOf(job.client, job.nonce), signer);
+    }
+
+    /// @dev Draws `total` from a spender's standing authorization.
+    function _spend(uint256 index, address client, address spender, uint256 total) private {
+        Spender storage sp = _spenders[client][spender];
+        if (block.timestamp > sp.expiry) revert JobMarketSpenderExpired(index, spender, sp.expiry);
+        if (total > sp.remaining) revert JobMarketSpenderCapExceeded(index, spender, total, sp.remaining);
+        sp.remaining -= uint128(total);
     }
 
     /// @dev Debits `total` from the client's escrow within the authorized maximum.

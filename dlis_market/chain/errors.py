@@ -73,6 +73,8 @@ REVERT_HINTS: dict[str, str] = {
     "JobMarketInvalidClientSignature": "the authorization was not signed by the client",
     "JobMarketJobAlreadySettled": "this job was settled before; it is never paid twice",
     "JobMarketNodeNotRoutable": "the receipt signer is not a registered node with enough stake",
+    "JobMarketSpenderCapExceeded": "the standing authorization's cap is spent; the client must raise it (setSpender)",
+    "JobMarketSpenderExpired": "the standing authorization expired; the client must renew it (setSpender)",
     "JobMarketWithdrawalNotReady": "wait for the withdrawal delay to pass",
     "JobMarketNothingToClaim": "nothing credited to this account yet",
     "ERC20InsufficientBalance": "the account holds fewer tokens than needed",

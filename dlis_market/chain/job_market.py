@@ -146,6 +146,19 @@ class JobMarket:
     def cancel_nonce(self, client: LocalAccount, nonce: int) -> TxReceipt:
         return self.client.transact(client, self.contract.functions.cancelNonce(nonce))
 
+    def set_spender(self, client: LocalAccount, spender: str, cap: int, expiry: int) -> TxReceipt:
+        """Let ``spender`` sign job authorizations for ``client`` up to ``cap`` units until ``expiry``."""
+        if cap >= 2**128:
+            raise PreflightError(f"spending cap {cap} does not fit uint128")
+        fn = self.contract.functions.setSpender(Web3.to_checksum_address(spender), cap, expiry)
+        return self.client.transact(client, fn)
+
+    def spender_of(self, client: str, spender: str) -> tuple[int, int]:
+        remaining, expiry = self.contract.functions.spenderOf(
+            Web3.to_checksum_address(client), Web3.to_checksum_address(spender)
+        ).call()
+        return int(remaining), int(expiry)
+
     def escrow_of(self, client: str) -> int:
         return int(self.contract.functions.escrowOf(Web3.to_checksum_address(client)).call())
 

@@ -189,3 +189,32 @@ def test_insufficient_escrow_is_a_preflight_error(priced_market):
     big = _three_stage_job(market, client, nodes, nonce=9, amount=5 * UNIT, max_cost=100 * UNIT)
     with pytest.raises(PreflightError, match="escrow"):
         jm.settle_batch(market.broker, b"\x05" * 32, [big])
+
+
+def test_standing_spender_authorization_is_capped_and_expires(priced_market):
+    market, _ops, nodes, client = priced_market
+    jm = market.market()
+    spender = Account.create()
+    cap = 4 * (UNIT // 100) * 103 // 100  # room for a bit more than one 3-stage job (3 x 0.01 + fee)
+    jm.set_spender(client, spender.address, cap, market.client.timestamp() + 3600)
+    assert jm.spender_of(client.address, spender.address)[0] == cap
+
+    def by_spender(nonce):
+        job = _three_stage_job(market, client, nodes, nonce)
+        return SignedJob(
+            job.authorization, sign_authorization(spender.key, jm.domain(), job.authorization), job.receipts
+        )
+
+    jm.settle_batch(market.broker, b"\x10" * 32, [by_spender(40)])
+    spent = 3 * (UNIT // 100) + jm.fee_for(3 * (UNIT // 100))
+    assert jm.spender_of(client.address, spender.address)[0] == cap - spent
+    with pytest.raises(ContractRevertError) as err:
+        jm.settle_batch(market.broker, b"\x11" * 32, [by_spender(41)])
+    assert err.value.error == "JobMarketSpenderCapExceeded"
+
+    jm.set_spender(client, spender.address, 10 * UNIT, market.client.timestamp() + 60)
+    market.increase_time(120)
+    with pytest.raises(ContractRevertError) as err:
+        jm.settle_batch(market.broker, b"\x12" * 32, [by_spender(42)])
+    assert err.value.error == "JobMarketSpenderExpired"
+    assert not jm.nonce_used(client.address, 42)
