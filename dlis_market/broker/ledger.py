@@ -262,6 +262,18 @@ class Ledger:
             raise LedgerError(f"unknown job {job_id}")
         return row
 
+    def committed_escrow(self, client: str) -> int:
+        """Escrow already promised to this client's unsettled jobs (max cost while running)."""
+        with self.session() as s:
+            q = select(JobRow).where(JobRow.client == client, JobRow.status.in_(("queued", "running", "completed")))
+            total = 0
+            for row in s.scalars(q):
+                if row.status == "completed":
+                    total += (row.cost or 0) + (row.fee or 0)
+                else:
+                    total += row.max_cost
+            return total
+
     # ------------------------------------------------------------------ settlement
 
     def unsettled_jobs(self, limit: int) -> list[JobRow]:

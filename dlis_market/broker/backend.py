@@ -1,0 +1,77 @@
+"""What the broker needs from the inference network, and its implementation over the P2P driver.
+
+The service only sees :class:`InferenceBackend`; :class:`P2PBackend` drives worker pipelines
+through ``dlis_market.node.driver`` (DHT discovery, push-mode streams, failover with replay) and
+hands back the stages' signed receipts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+
+@dataclass(frozen=True)
+class Offer:
+    """One worker's announced span, as the scheduler sees it."""
+
+    peer_id: str
+    node: str
+    start: int
+    end: int
+    throughput: float  # tokens/s through the span
+    free_slots: int
+    price_per_token: int
+    attestation_hash: str
+
+
+@dataclass(frozen=True)
+class RouteHop:
+    peer_id: str
+    node: str
+    start: int
+    end: int
+    price_per_token: int
+
+
+@dataclass(frozen=True)
+class BackendJob:
+    job_id: bytes
+    model: str
+    prompt_ids: list[int]
+    max_new_tokens: int
+    max_cost: int
+    greedy: bool = True
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 0
+    stop_token_ids: tuple[int, ...] = ()
+    num_layers: int | None = None
+    route: Sequence[RouteHop] | None = None
+
+
+@dataclass(frozen=True)
+class SignedStageReceipt:
+    node: str
+    start: int
+    end: int
+    tokens: int
+    output_hash: bytes
+    amount: int
+    signature: bytes
+
+
+class JobStream(Protocol):
+    def tokens(self) -> AsyncIterator[int]: ...
+
+    async def finish(self) -> tuple[list[RouteHop], list[SignedStageReceipt]]: ...
+
+
+class InferenceBackend(Protocol):
+    async def offers(self, model: str) -> list[Offer]: ...
+
+    async def start(self, job: BackendJob) -> JobStream: ...
+
+    async def close(self) -> None: ...

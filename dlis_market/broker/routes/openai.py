@@ -1,0 +1,221 @@
+"""OpenAI-compatible routes: /v1/models, /v1/chat/completions, /v1/completions (streaming and not).
+
+Clients authenticate with an API key (``Authorization: Bearer sk-dlis-...``) that maps to a client
+account with a standing on-chain spending authorization; the broker signs each job's
+authorization with the key's spender and the job is paid and settled like any other.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import time
+from collections.abc import AsyncIterator
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Header
+from fastapi.responses import StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from dlis_market.broker.apikeys import resolve_api_key
+from dlis_market.broker.deps import ServiceDep
+from dlis_market.broker.problems import ProblemError
+from dlis_market.broker.schemas import Authorization, ChatMessage, JobCreate, Policy, Sampling
+from dlis_market.broker.service import BrokerService
+from dlis_market.chain.job_market import JobAuthorization, sign_authorization
+
+router = APIRouter(prefix="/v1", tags=["openai"])
+
+AUTH_TTL_S = 24 * 3600
+
+
+class _OpenAIIn(BaseModel):
+    model_config = ConfigDict(extra="ignore")  # unknown OpenAI parameters are accepted and ignored
+
+    model: str
+    max_tokens: int | None = Field(None, ge=1, le=4096)
+    max_completion_tokens: int | None = Field(None, ge=1, le=4096)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    seed: int | None = Field(None, ge=0, lt=2**63)
+    n: int = Field(1, ge=1, le=1, description="only n=1 is supported")
+    stream: bool = False
+    user: str | None = None
+
+    def sampling(self) -> Sampling:
+        if self.temperature is None or self.temperature == 0:
+            return Sampling(greedy=True)
+        return Sampling(greedy=False, temperature=self.temperature, top_p=self.top_p, seed=self.seed)
+
+    def limit(self) -> int:
+        return self.max_completion_tokens or self.max_tokens or 64
+
+
+class ChatCompletionRequest(_OpenAIIn):
+    messages: list[ChatMessage] = Field(min_length=1, max_length=256)
+
+
+class CompletionRequest(_OpenAIIn):
+    prompt: str = Field(max_length=200_000)
+
+
+async def _admit(
+    service: BrokerService,
+    authorization: str | None,
+    model: str,
+    prompt: str | None,
+    messages: list[ChatMessage] | None,
+    body: _OpenAIIn,
+) -> tuple[str, float]:
+    now = await asyncio.to_thread(service.market.client.timestamp)
+    account = resolve_api_key(service.ledger, authorization, now)
+    msgs = [m.model_dump() for m in messages] if messages is not None else None
+    quote = await service.quote(model, prompt, msgs, body.limit(), Policy())
+    max_cost = quote.max_total * 11 // 10 + 1  # headroom if the route changes between quote and admission
+    auth = JobAuthorization(
+        client=account.client,
+        broker=service.broker.address,
+        model_id=bytes.fromhex(quote.model_id[2:]),
+        max_cost=max_cost,
+        nonce=secrets.randbits(255),
+        deadline=now + AUTH_TTL_S,
+    )
+    sig = sign_authorization(account.spender.key, service.market.domain(), auth)
+    req = JobCreate(
+        model=model,
+        prompt=prompt,
+        messages=messages,
+        max_tokens=body.limit(),
+        sampling=body.sampling(),
+        authorization=Authorization(
+            client=account.client, nonce=auth.nonce, max_cost=max_cost, deadline=auth.deadline, signature=sig.hex()
+        ),
+    )
+    row = await service.submit(req, spender=account.spender.address)
+    return row.id, time.time()
+
+
+def _finish_reason(service: BrokerService, job_id: str, model: str, limit: int) -> str:
+    row = service.ledger.get_job(job_id)
+    if row is None or row.status == "failed":
+        return "error"
+    ids = json.loads(row.token_ids_json or "[]")
+    eos = service.catalog.get(model).eos_token_ids
+    return "stop" if (ids and ids[-1] in eos) or len(ids) < limit else "length"
+
+
+async def _result(service: BrokerService, job_id: str) -> Any:
+    await service.wait(job_id)
+    row = service.ledger.get_job(job_id)
+    if row is None or row.status == "failed":
+        raise ProblemError(502, "job-failed", "Job failed", (row.error if row else None) or "the job failed")
+    return row
+
+
+def _usage(row: Any) -> dict[str, int]:
+    return {
+        "prompt_tokens": row.prompt_tokens,
+        "completion_tokens": row.completion_tokens,
+        "total_tokens": row.prompt_tokens + row.completion_tokens,
+    }
+
+
+def _stream(
+    service: BrokerService, job_id: str, created: int, model: str, kind: Literal["chat", "text"], limit: int
+) -> StreamingResponse:
+    obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
+    cid = ("chatcmpl-" if kind == "chat" else "cmpl-") + job_id[2:26]
+
+    def chunk(text: str | None, finish: str | None, first: bool = False) -> bytes:
+        if kind == "chat":
+            delta: dict[str, Any] = {"role": "assistant", "content": text or ""} if first else {}
+            if text and not first:
+                delta = {"content": text}
+            choice: dict[str, Any] = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
+        else:
+            choice = {"index": 0, "text": text or "", "finish_reason": finish, "logprobs": None}
+        payload = {"id": cid, "object": obj, "created": created, "model": model, "choices": [choice]}
+        return f"data: {json.dumps(payload)}\n\n".encode()
+
+    async def body() -> AsyncIterator[bytes]:
+        first = True
+        async for ev in service.events(job_id):
+            if ev["type"] == "token" and ev["text"]:
+                yield chunk(ev["text"], None, first=first)
+                first = False
+            elif ev["type"] == "error":
+                err = {"error": {"message": ev.get("detail") or "job failed", "type": "server_error"}}
+                yield f"data: {json.dumps(err)}\n\n".encode()
+                return
+        yield chunk(None, _finish_reason(service, job_id, model, limit))
+        yield b"data: [DONE]\n\n"
+
+    return StreamingResponse(body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+AuthHeader = Annotated[str | None, Header()]
+
+
+@router.get("/models")
+async def list_models(service: ServiceDep) -> dict[str, Any]:
+    """Models this broker serves (OpenAI list shape)."""
+    return {
+        "object": "list",
+        "data": [
+            {"id": name, "object": "model", "created": 0, "owned_by": "dlis-market"}
+            for name in sorted(service.catalog.models)
+        ],
+    }
+
+
+@router.post("/chat/completions")
+async def chat_completions(body: ChatCompletionRequest, service: ServiceDep, authorization: AuthHeader = None) -> Any:
+    """OpenAI chat completion; the prompt is built with the model's own chat template."""
+    job_id, _ = await _admit(service, authorization, body.model, None, body.messages, body)
+    created = int(time.time())
+    if body.stream:
+        return _stream(service, job_id, created, body.model, "chat", body.limit())
+    row = await _result(service, job_id)
+    return {
+        "id": "chatcmpl-" + job_id[2:26],
+        "object": "chat.completion",
+        "created": created,
+        "model": body.model,
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": row.answer},
+                "finish_reason": _finish_reason(service, job_id, body.model, body.limit()),
+                "logprobs": None,
+            }
+        ],
+        "usage": _usage(row),
+        "dlis": {"job_id": job_id, "cost": str(row.cost), "fee": str(row.fee)},
+    }
+
+
+@router.post("/completions")
+async def completions(body: CompletionRequest, service: ServiceDep, authorization: AuthHeader = None) -> Any:
+    """OpenAI text completion of a raw prompt."""
+    job_id, _ = await _admit(service, authorization, body.model, body.prompt, None, body)
+    created = int(time.time())
+    if body.stream:
+        return _stream(service, job_id, created, body.model, "text", body.limit())
+    row = await _result(service, job_id)
+    return {
+        "id": "cmpl-" + job_id[2:26],
+        "object": "text_completion",
+        "created": created,
+        "model": body.model,
+        "choices": [
+            {
+                "index": 0,
+                "text": row.answer,
+                "finish_reason": _finish_reason(service, job_id, body.model, body.limit()),
+                "logprobs": None,
+            }
+        ],
+        "usage": _usage(row),
+        "dlis": {"job_id": job_id, "cost": str(row.cost), "fee": str(row.fee)},
+    }

@@ -1,0 +1,125 @@
+"""Broker fixtures: real SmolLM2 shards (for the manifest and tokenizer), a real chain, and a
+backend double that plays three registered workers (the P2P path has its own tests)."""
+
+from __future__ import annotations
+
+import secrets
+import tempfile
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from dlis_market.broker.backend import BackendJob, Offer, RouteHop, SignedStageReceipt
+from dlis_market.broker.catalog import ModelCatalog
+from dlis_market.broker.ledger import Ledger
+from dlis_market.broker.schemas import Policy
+from dlis_market.broker.service import BrokerService, PlannedRoute
+from dlis_market.chain.job_market import Receipt, sign_receipt
+from dlis_market.inference.importer import import_model
+from dlis_market.inference.shard_export import export_shards
+
+CACHE = Path(tempfile.gettempdir()) / "dlis-test-cache" / "v1"
+PRICE = 10**12  # token units per token per stage
+SPANS = [(0, 10), (10, 20), (20, 30)]
+
+
+@pytest.fixture(scope="session")
+def smollm2_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    model_dir = import_model("smollm2-135m", CACHE / "models", CACHE / "cache")
+    out = tmp_path_factory.mktemp("smollm2-shards") / "shards"
+    export_shards(model_dir, out, stages=3, dtype="bf16", name="smollm2-135m")
+    return out
+
+
+class ScriptedBackend:
+    """Plays three workers: emits the given tokens and signs real EIP-712 receipts with the
+    registered node keys, exactly as workers do."""
+
+    def __init__(self, nodes, domain, tokens: list[int], offers: bool = True):
+        self.nodes = nodes
+        self.domain = domain
+        self.script = tokens
+        self.has_offers = offers
+        self.jobs: list[BackendJob] = []
+
+    async def offers(self, model: str) -> list[Offer]:
+        if not self.has_offers:
+            return []
+        return [
+            Offer(f"peer{i}", n.address, s, e, 50.0, 4, PRICE, "0x" + "00" * 32)
+            for i, ((s, e), n) in enumerate(zip(SPANS, self.nodes, strict=True))
+        ]
+
+    async def start(self, job: BackendJob):
+        self.jobs.append(job)
+        backend = self
+
+        class Stream:
+            async def _gen(self) -> AsyncIterator[int]:
+                for t in backend.script[: job.max_new_tokens]:
+                    yield t
+
+            def tokens(self) -> AsyncIterator[int]:
+                return self._gen()
+
+            async def finish(self):
+                n = len(job.prompt_ids) + min(len(backend.script), job.max_new_tokens)
+                receipts = []
+                for (s, e), node in zip(SPANS, backend.nodes, strict=True):
+                    r = Receipt(
+                        job.job_id,
+                        bytes.fromhex(model_id_of(job.model)[2:]),
+                        s,
+                        e,
+                        n,
+                        secrets.token_bytes(32),
+                        PRICE * n,
+                    )
+                    sig = sign_receipt(node.key, backend.domain, r)
+                    receipts.append(SignedStageReceipt(node.address, s, e, n, r.output_hash, r.amount, sig.signature))
+                route = [
+                    RouteHop(f"peer{i}", nd.address, s, e, PRICE)
+                    for i, ((s, e), nd) in enumerate(zip(SPANS, backend.nodes, strict=True))
+                ]
+                return route, receipts
+
+        return Stream()
+
+    async def close(self) -> None:
+        pass
+
+
+def model_id_of(name: str) -> str:
+    from dlis_market.types import model_id
+
+    return model_id(name)
+
+
+def in_order_planner(
+    offers: list[Offer], num_layers: int, policy: Policy, prompt_tokens: int, max_tokens: int
+) -> PlannedRoute:
+    hops = [
+        RouteHop(o.peer_id, o.node, o.start, o.end, o.price_per_token) for o in sorted(offers, key=lambda o: o.start)
+    ]
+    return PlannedRoute(hops, estimated_latency_ms=10.0)
+
+
+@pytest.fixture()
+def broker_env(market, smollm2_shards, tmp_path):
+    """A BrokerService on the real chain with three enrolled nodes and the SmolLM2 model published."""
+    from dlis_market.types import model_id
+
+    ops = [market.new_funded_account(1000 * 10**18) for _ in range(3)]
+    nodes = [market.enroll_node(o) for o in ops]
+    market.registry().publish_model(
+        market.deployer, bytes.fromhex(model_id("smollm2-135m")[2:]), "QmShards", b"\x01" * 32, 30
+    )
+    client = market.new_funded_account(100 * 10**18)
+    catalog = ModelCatalog.from_shard_dirs([smollm2_shards])
+    tok = catalog.get("smollm2-135m").tokenizer
+    script = tok(" Paris is the capital of France.")["input_ids"]
+    backend = ScriptedBackend(nodes, market.market().domain(), script)
+    ledger = Ledger(f"sqlite:///{tmp_path / 'broker.db'}")
+    service = BrokerService(market.settings, ledger, market.market(), market.broker, catalog, backend, in_order_planner)
+    return market, service, backend, ops, nodes, client

@@ -1,0 +1,152 @@
+"""The broker's HTTP API on a real chain: admission checks, paid jobs, streaming, settlement."""
+
+from __future__ import annotations
+
+import json
+import secrets
+
+import pytest
+from eth_account import Account
+from fastapi.testclient import TestClient
+
+from dlis_market.broker.app import create_app
+from dlis_market.chain.job_market import JobAuthorization, sign_authorization
+from dlis_market.types import model_id
+
+UNIT = 10**18
+MODEL = "smollm2-135m"
+
+
+def authorization(market, client, max_cost=UNIT, nonce=None, deadline_in=3600, signer=None, model=MODEL):
+    jm = market.market()
+    nonce = secrets.randbits(64) if nonce is None else nonce
+    auth = JobAuthorization(
+        client.address, market.broker.address, bytes.fromhex(model_id(model)[2:]), max_cost, nonce,
+        market.client.timestamp() + deadline_in,
+    )  # fmt: skip
+    sig = sign_authorization((signer or client).key, jm.domain(), auth)
+    return {
+        "client": client.address,
+        "nonce": str(nonce),
+        "max_cost": str(max_cost),
+        "deadline": auth.deadline,
+        "signature": sig.hex(),
+    }
+
+
+@pytest.fixture()
+def api(broker_env):
+    market, service, backend, ops, nodes, client = broker_env
+    with TestClient(create_app(service, settle_in_background=False)) as http:
+        yield market, service, backend, ops, client, http
+
+
+def test_paid_job_runs_and_settles_exact_amounts(api):
+    market, service, backend, ops, client, http = api
+    jm = market.market()
+    jm.deposit(client, 10 * UNIT)
+    quote = http.post("/v1/quotes", json={"model": MODEL, "prompt": "The capital of France is", "max_tokens": 8})
+    assert quote.status_code == 200, quote.text
+    q = quote.json()
+    assert [h["start"] for h in q["route"]] == [0, 10, 20]
+    assert int(q["cost"]) == 3 * 10**12 * (q["prompt_tokens"] + 8)
+
+    body = {
+        "model": MODEL,
+        "prompt": "The capital of France is",
+        "max_tokens": 8,
+        "authorization": authorization(market, client),
+    }
+    res = http.post("/v1/jobs", json=body)
+    assert res.status_code == 201, res.text
+    job = res.json()
+    assert job["status"] == "completed" and job["answer"].startswith(" Paris is the capital")
+    assert [r["start"] for r in job["receipts"]] == [0, 10, 20]
+    cost, fee = int(job["cost"]), int(job["fee"])
+    assert cost == sum(int(r["amount"]) for r in job["receipts"]) and fee == cost * jm.fee_bps() // 10_000
+    assert backend.jobs[0].job_id.hex() == job["id"][2:]
+
+    escrow = jm.escrow_of(client.address)
+    assert escrow == 10 * UNIT  # nothing moves before settlement
+    result = service.settler.settle_once()
+    assert len(result.settled_batches) == 1
+    assert jm.escrow_of(client.address) == escrow - cost - fee
+    for op, r in zip(ops, job["receipts"], strict=True):
+        assert jm.claimable_of(op.address) == int(r["amount"])
+    settled = http.get(f"/v1/jobs/{job['id']}").json()
+    assert settled["status"] == "settled" and settled["settlement"]["tx_hash"].startswith("0x")
+
+
+def test_streaming_job_sends_tokens_then_done(api):
+    market, service, backend, ops, client, http = api
+    market.market().deposit(client, 10 * UNIT)
+    body = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": "What is the capital of France?"}],
+        "max_tokens": 5,
+        "stream": True,
+        "authorization": authorization(market, client),
+    }
+    with http.stream("POST", "/v1/jobs", json=body) as res:
+        assert res.status_code == 201
+        events = [json.loads(line[6:]) for line in res.iter_lines() if line.startswith("data: ")]
+    tokens = [e for e in events if e["type"] == "token"]
+    assert len(tokens) == 5 and events[-1]["type"] == "done"
+    job = http.get(f"/v1/jobs/{events[-1]['job_id']}").json()
+    assert job["answer"] == "".join(t["text"] for t in tokens)
+    # the chat template of the model's tokenizer framed the prompt
+    assert (
+        backend.jobs[0].prompt_ids[:3]
+        == service.catalog.get(MODEL).encode_prompt(
+            None, [{"role": "user", "content": "What is the capital of France?"}]
+        )[:3]
+    )
+
+
+def test_refusals_are_problem_json_and_change_nothing(api):
+    market, service, backend, ops, client, http = api
+    jm = market.market()
+
+    def post(body):
+        res = http.post("/v1/jobs", json=body)
+        assert res.headers["content-type"].startswith("application/problem+json"), res.text
+        return res.status_code, res.json()
+
+    base = {"model": MODEL, "prompt": "hello", "max_tokens": 4}
+    # no escrow yet: 402 and nothing runs
+    status, prob = post({**base, "authorization": authorization(market, client)})
+    assert status == 402 and "deposit more" in prob["detail"] and not backend.jobs
+    jm.deposit(client, 1 * UNIT)
+
+    status, prob = post({**base, "model": "nope", "authorization": authorization(market, client, model="nope")})
+    assert status == 404 and "smollm2-135m" in prob["detail"]
+    status, prob = post(
+        {**base, "max_tokens": 4096, "prompt": "x " * 5000, "authorization": authorization(market, client)}
+    )
+    assert status == 413 and prob["limit"] == 8192
+    status, prob = post({**base, "authorization": authorization(market, client, signer=Account.create())})
+    assert status == 401 and "not " + client.address in prob["detail"]
+    status, prob = post({**base, "authorization": authorization(market, client, deadline_in=-5)})
+    assert status == 401 and "deadline" in prob["detail"]
+    status, prob = post({**base, "authorization": authorization(market, client, max_cost=10)})
+    assert status == 402 and "authorization allows 10" in prob["detail"]
+    status, prob = post({**base, "authorization": {"client": "0x12"}})
+    assert status == 422 and prob["errors"]
+    status, prob = post({"model": MODEL, "prompt": "a", "messages": [], "authorization": authorization(market, client)})
+    assert status == 422 and "exactly one" in prob["detail"]
+    assert not backend.jobs and service.ledger.recent_jobs() == []
+
+    auth = authorization(market, client, nonce=77)
+    assert http.post("/v1/jobs", json={**base, "authorization": auth}).status_code == 201
+    status, prob = post({**base, "authorization": auth})
+    assert status == 409 and "nonce 77" in prob["detail"]
+
+    backend.has_offers = False
+    status, prob = post({**base, "authorization": authorization(market, client)})
+    assert status == 503 and "no worker announces" in prob["detail"]
+
+
+def test_unknown_job_is_404(api):
+    *_, http = api
+    res = http.get("/v1/jobs/0x" + "00" * 32)
+    assert res.status_code == 404 and res.json()["type"].endswith("unknown-job")
