@@ -114,7 +114,20 @@ class BrokerSettings(_Section):
 
     host: str = "127.0.0.1"
     port: int = 8080
-    database_url: str | None = None
+    database_url: str | None = None  # default: sqlite file $DLIS_HOME/broker.db
+    model_dirs: list[str] = Field(default_factory=list)  # shard folders (manifest + tokenizer) served
+    account: str = "dev:1"  # broker role account: keystore name, or dev:N on a dev chain
+    settle_interval_s: float = 5.0
+    settle_max_batch: int = 50
+    max_concurrent_jobs: int = 16
+    # Routing (see broker/planning.py and broker/scheduler.py).
+    schedule_time_limit_s: float = 2.0
+    min_reputation_bps: int = 0
+    default_failure_risk: float = 0.01
+    hop_latency_ms: float = 1.0
+    hop_bandwidth_bytes_per_s: float = 1e8
+    fallback_peer_id: str | None = None  # a worker serving the whole model, used as the fallback pool
+    fallback_min_capacity_slots: int = 0
 
 
 class OracleSettings(_Section):
@@ -122,6 +135,24 @@ class OracleSettings(_Section):
 
     host: str = "127.0.0.1"
     port: int = 8090
+    # Account holding ORACLE_ROLE and SLASHER_ROLE: keystore name, or dev:N on a dev chain.
+    account: str = "dev:2"
+    state_dir: Path | None = None  # stored epoch leaves and proofs; defaults to HOME/oracle
+    epoch_s: float = 3600.0  # one reputation epoch
+    heartbeat_interval_s: float = 60.0  # workers report this often; a missed one counts as downtime
+    # Telemetry intake.
+    telemetry_max_bytes: int = 64 << 10  # compressed body limit
+    telemetry_max_decompressed_bytes: int = 256 << 10
+    telemetry_max_age_s: float = 300.0  # older reports are stale
+    telemetry_max_skew_s: float = 30.0  # reports from further in the future are refused
+    # Differential privacy of published aggregates (Laplace mechanism, basic composition).
+    dp_epsilon: float = 1.0  # spent per node per epoch over all published figures
+    dp_budget: float = 24.0  # per node per budget window; exhausted nodes are left out of figures
+    dp_budget_window_epochs: int = 24
+    dp_capacity_clip_tps: float = 1000.0  # a node's throughput is clipped to this before summing
+    # Verification and slashing.
+    spot_check_fraction: float = 0.02
+    slash_amount: int = 100 * 10**18  # token units taken per proven mismatch
 
 
 class Settings(_Section):

@@ -40,7 +40,7 @@ class PlannedRoute:
     fallback: bool = False
 
 
-Planner = Callable[[list[Offer], int, Policy, int, int], PlannedRoute]
+Planner = Callable[[list[Offer], ServedModel, Policy, int, int], PlannedRoute]
 
 
 def price_bound(route: PlannedRoute, prompt_tokens: int, max_tokens: int) -> int:
@@ -111,7 +111,7 @@ class BrokerService:
         offers = await self.backend.offers(served.name)
         if not offers:
             raise no_route(f"no worker announces any layer of {served.name} ({served.num_layers} layers)")
-        return self.planner(offers, served.num_layers, policy, prompt_tokens, max_tokens)
+        return await asyncio.to_thread(self.planner, offers, served, policy, prompt_tokens, max_tokens)
 
     async def _bound(self, route: PlannedRoute, policy: Policy, prompt_tokens: int, max_tokens: int) -> tuple[int, int]:
         """Upper bound of the stages' charges and the protocol fee on them, within the policy."""

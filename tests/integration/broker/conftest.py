@@ -13,8 +13,8 @@ import pytest
 from dlis_market.broker.backend import BackendJob, Offer, RouteHop, SignedStageReceipt
 from dlis_market.broker.catalog import ModelCatalog
 from dlis_market.broker.ledger import Ledger
-from dlis_market.broker.schemas import Policy
-from dlis_market.broker.service import BrokerService, PlannedRoute
+from dlis_market.broker.planning import CachedStanding, chain_standing, make_planner
+from dlis_market.broker.service import BrokerService
 from dlis_market.chain.job_market import Receipt, sign_receipt
 from dlis_market.inference.importer import import_model
 from dlis_market.inference.shard_export import export_shards
@@ -96,15 +96,6 @@ def model_id_of(name: str) -> str:
     return model_id(name)
 
 
-def in_order_planner(
-    offers: list[Offer], num_layers: int, policy: Policy, prompt_tokens: int, max_tokens: int
-) -> PlannedRoute:
-    hops = [
-        RouteHop(o.peer_id, o.node, o.start, o.end, o.price_per_token) for o in sorted(offers, key=lambda o: o.start)
-    ]
-    return PlannedRoute(hops, estimated_latency_ms=10.0)
-
-
 @pytest.fixture()
 def broker_env(market, smollm2_shards, tmp_path):
     """A BrokerService on the real chain with three enrolled nodes and the SmolLM2 model published."""
@@ -121,5 +112,8 @@ def broker_env(market, smollm2_shards, tmp_path):
     script = tok(" Paris is the capital of France.")["input_ids"]
     backend = ScriptedBackend(nodes, market.market().domain(), script)
     ledger = Ledger(f"sqlite:///{tmp_path / 'broker.db'}")
-    service = BrokerService(market.settings, ledger, market.market(), market.broker, catalog, backend, in_order_planner)
+    planner = make_planner(
+        market.settings.broker, CachedStanding(chain_standing(market.registry(), market.reputation()))
+    )
+    service = BrokerService(market.settings, ledger, market.market(), market.broker, catalog, backend, planner)
     return market, service, backend, ops, nodes, client

@@ -10,6 +10,7 @@ from eth_account import Account
 from fastapi.testclient import TestClient
 
 from dlis_market.broker.app import create_app
+from dlis_market.broker.planning import chain_standing, make_planner
 from dlis_market.chain.job_market import JobAuthorization, sign_authorization
 from dlis_market.types import model_id
 
@@ -150,3 +151,18 @@ def test_unknown_job_is_404(api):
     *_, http = api
     res = http.get("/v1/jobs/0x" + "00" * 32)
     assert res.status_code == 404 and res.json()["type"].endswith("unknown-job")
+
+
+def test_policy_and_stake_filter_routes(api):
+    market, service, backend, ops, client, http = api
+    q = {"model": MODEL, "prompt": "hello", "max_tokens": 4}
+    res = http.post("/v1/quotes", json={**q, "policy": {"privacy": "high"}})
+    assert res.status_code == 503 and "attest" in res.json()["detail"]
+    res = http.post("/v1/quotes", json={**q, "policy": {"max_cost": "1"}})
+    assert res.status_code == 503 and "max_cost" in res.json()["detail"]
+    # the operator of layers [10, 20) unstakes below the minimum: its node is no longer routable
+    staking = market.staking()
+    staking.request_unstake(ops[1], staking.info(ops[1].address).active)
+    service.planner = make_planner(market.settings.broker, chain_standing(market.registry(), market.reputation()))
+    res = http.post("/v1/quotes", json=q)
+    assert res.status_code == 503 and "[10, 20)" in res.json()["detail"]

@@ -1,0 +1,162 @@
+"""From what workers announce to a route: the I/O around the pure scheduler.
+
+Each announced span becomes a :class:`NodeOffer` enriched with what the chain says (routable =
+registered with enough stake, reputation from ReputationOracle, attestation hash registered in
+NodeRegistry equal to the announced one) and the oracle's failure risk; then
+:func:`scheduler.plan_route` picks the route. A worker runs its shard as one stage, so spans are
+offered whole (``splittable=False``). When a fallback worker (one peer serving the whole model) is
+configured, it is taken out of the peer offers and used only as the scheduler's fallback pool.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from dlis_market.broker import scheduler
+from dlis_market.broker.backend import Offer, RouteHop
+from dlis_market.broker.catalog import ServedModel
+from dlis_market.broker.network_state import FallbackPool, NetworkState, NodeOffer, RouteRequest
+from dlis_market.broker.network_state import Policy as SchedulerPolicy
+from dlis_market.broker.problems import no_route
+from dlis_market.broker.schemas import Policy
+from dlis_market.broker.service import PlannedRoute
+from dlis_market.chain.node_registry import NodeRegistry
+from dlis_market.chain.reputation_oracle import ReputationOracle
+from dlis_market.settings import BrokerSettings
+from dlis_market.types import LayerRange, ModelId, NodeId, PeerId
+
+DTYPE_BYTES = {"fp32": 4, "bf16": 2, "int8": 2, "nf4": 2}  # activations travel as fp32/bf16
+
+
+@dataclass(frozen=True)
+class NodeStanding:
+    routable: bool
+    reputation_bps: int
+    attestation_hash: str  # 0x-hex as registered on chain
+
+
+StandingLookup = Callable[[str], NodeStanding]
+RiskLookup = Callable[[str], float]
+
+
+class CachedStanding:
+    """Chain lookups of a node's standing, cached for ``ttl_s`` (routing runs per job)."""
+
+    def __init__(self, lookup: StandingLookup, ttl_s: float = 10.0):
+        self.lookup = lookup
+        self.ttl_s = ttl_s
+        self._cache: dict[str, tuple[float, NodeStanding]] = {}
+
+    def __call__(self, node: str) -> NodeStanding:
+        hit = self._cache.get(node)
+        now = time.monotonic()
+        if hit is not None and now - hit[0] < self.ttl_s:
+            return hit[1]
+        value = self.lookup(node)
+        self._cache[node] = (now, value)
+        return value
+
+
+def chain_standing(registry: NodeRegistry, reputation: ReputationOracle) -> StandingLookup:
+    """Standing from NodeRegistry + ReputationOracle bindings (unscored nodes count as 10000 bps)."""
+
+    def lookup(node: str) -> NodeStanding:
+        rec = registry.get(node)
+        if rec is None:
+            return NodeStanding(False, 0, "0x" + "00" * 32)
+        score, epoch = reputation.latest(node)
+        return NodeStanding(rec.routable, score if epoch else 10_000, "0x" + rec.attestation_hash.hex())
+
+    return lookup
+
+
+def kv_bytes_per_token_layer(served: ServedModel) -> int:
+    cfg = served.manifest.config
+    heads = int(cfg.get("num_key_value_heads") or cfg.get("num_attention_heads") or cfg.get("n_head") or 1)
+    hidden = int(cfg.get("hidden_size") or cfg.get("n_embd") or 0)
+    head_dim = int(
+        cfg.get("head_dim") or hidden // max(int(cfg.get("num_attention_heads") or cfg.get("n_head") or 1), 1)
+    )
+    return 2 * heads * head_dim * DTYPE_BYTES[served.manifest.dtype]
+
+
+def make_planner(
+    settings: BrokerSettings, standing: StandingLookup, risk: RiskLookup | None = None
+) -> Callable[..., PlannedRoute]:
+    def plan(
+        offers: list[Offer], served: ServedModel, policy: Policy, prompt_tokens: int, max_tokens: int
+    ) -> PlannedRoute:
+        fallback_offer = next(
+            (o for o in offers if settings.fallback_peer_id and o.peer_id == settings.fallback_peer_id), None
+        )
+        peers = [o for o in offers if o is not fallback_offer]
+        node_offers = []
+        by_node: dict[str, Offer] = {}
+        for o in peers:
+            st = standing(o.node)
+            size = o.end - o.start
+            by_node[o.node] = o
+            node_offers.append(
+                NodeOffer(
+                    node_id=NodeId(o.node),
+                    peer_id=PeerId(o.peer_id),
+                    model_id=ModelId(served.model_id),
+                    served=LayerRange(start=o.start, end=o.end),
+                    compute_ms_per_layer=1000.0 / max(o.throughput, 1e-6) / size,
+                    network_latency_ms=settings.hop_latency_ms,
+                    bandwidth_bytes_per_s=settings.hop_bandwidth_bytes_per_s,
+                    free_kv_slots=o.free_slots,
+                    kv_bytes_per_token_layer=kv_bytes_per_token_layer(served),
+                    free_memory_bytes=2**62,  # workers bound sessions by slots; memory is not announced yet
+                    price_per_token_layer=math.ceil(o.price_per_token / size),  # conservative for max_cost
+                    stake_ok=st.routable,
+                    reputation_bps=st.reputation_bps,
+                    failure_risk=min(max(risk(o.node) if risk else settings.default_failure_risk, 0.0), 1.0),
+                    attestation_verified=st.attestation_hash == o.attestation_hash
+                    and int(st.attestation_hash, 16) != 0,
+                    splittable=False,
+                )
+            )
+        hidden = int(served.manifest.config.get("hidden_size") or served.manifest.config.get("n_embd") or 0)
+        state = NetworkState(
+            model_id=ModelId(served.model_id),
+            num_layers=served.num_layers,
+            activation_bytes_per_token=hidden * DTYPE_BYTES[served.manifest.dtype],
+            offers=tuple(node_offers),
+        )
+        sched_policy = SchedulerPolicy(
+            privacy=policy.privacy,
+            max_latency_ms_per_token=policy.max_latency_ms,
+            max_cost=policy.max_cost,
+            min_reputation_bps=settings.min_reputation_bps,
+        )
+        pool = None
+        if fallback_offer is not None:
+            pool = FallbackPool(
+                node_id=NodeId(fallback_offer.node),
+                peer_id=PeerId(fallback_offer.peer_id),
+                price_per_token=fallback_offer.price_per_token,
+                compute_ms_per_token=1000.0 / max(fallback_offer.throughput, 1e-6),
+                network_latency_ms=settings.hop_latency_ms,
+                min_network_capacity_slots=settings.fallback_min_capacity_slots,
+            )
+            by_node[fallback_offer.node] = fallback_offer
+        request = RouteRequest(
+            model_id=ModelId(served.model_id), prompt_tokens=prompt_tokens, max_new_tokens=max_tokens
+        )
+        try:
+            route = scheduler.plan_route(
+                state, request, sched_policy, pool, time_limit_s=settings.schedule_time_limit_s
+            )
+        except scheduler.NoRouteError as exc:
+            raise no_route(exc.reason) from exc
+        hops = []
+        for h in route.hops:
+            o = by_node[h.node_id]
+            hops.append(RouteHop(o.peer_id, o.node, h.layers.start, h.layers.end, o.price_per_token))
+        return PlannedRoute(hops, estimated_latency_ms=route.latency_ms_per_token, fallback=route.fallback)
+
+    return plan
