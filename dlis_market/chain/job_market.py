@@ -162,6 +162,10 @@ class JobMarket:
     def escrow_of(self, client: str) -> int:
         return int(self.contract.functions.escrowOf(Web3.to_checksum_address(client)).call())
 
+    def pending_withdrawal(self, client: str) -> tuple[int, int]:
+        amount, ready = self.contract.functions.pendingWithdrawal(Web3.to_checksum_address(client)).call()
+        return int(amount), int(ready)
+
     def claimable_of(self, account: str) -> int:
         return int(self.contract.functions.claimableOf(Web3.to_checksum_address(account)).call())
 

@@ -114,3 +114,14 @@ def resolve_address(st: CliState, who: str) -> str:
     if not match:
         raise AccountError(f"{who!r} is neither an address nor an account in {st.settings.keystore_dir}")
     return match[0].address
+
+
+def parse_amount(amount: str) -> int:
+    """A DLIS amount typed by a user ("12.5") as exact token units, or a preflight error."""
+    from dlis_market.chain.dlis_token import to_units
+    from dlis_market.chain.errors import PreflightError
+
+    try:
+        return to_units(amount)
+    except ValueError as exc:
+        raise PreflightError(f"{exc}; give a DLIS amount such as 1000 or 12.5") from exc

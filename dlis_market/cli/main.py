@@ -11,7 +11,7 @@ from typing import Annotated
 
 import typer
 
-from dlis_market.cli import account, chain, ipfs, model, model_chain, model_store, node
+from dlis_market.cli import account, broker, chain, ipfs, job, model, model_chain, model_store, node
 from dlis_market.cli.context import CliState
 
 app = typer.Typer(
@@ -50,6 +50,8 @@ model_store.register(
 )
 app.add_typer(model.app, name="model")
 app.add_typer(ipfs.app, name="ipfs")
+app.add_typer(job.app, name="job")
+app.add_typer(broker.app, name="broker")
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ from typing import Annotated, Any
 import typer
 
 from dlis_market.cli.account import read_password_file
-from dlis_market.cli.context import console, emit, handle_errors, resolve_address, state, unlock
+from dlis_market.cli.context import console, emit, handle_errors, parse_amount, resolve_address, state, unlock
 
 app = typer.Typer(help="Stake, register and manage worker nodes as an operator.", no_args_is_help=True)
 
@@ -30,16 +30,6 @@ def _utc(timestamp: int) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(timestamp))
 
 
-def _units(amount: str) -> int:
-    from dlis_market.chain.dlis_token import to_units
-    from dlis_market.chain.errors import PreflightError
-
-    try:
-        return to_units(amount)
-    except ValueError as exc:
-        raise PreflightError(f"{exc}; give a DLIS amount such as 1000 or 12.5") from exc
-
-
 @app.command()
 def stake(
     ctx: typer.Context,
@@ -55,7 +45,7 @@ def stake(
 
     st = state(ctx)
     with handle_errors():
-        units = _units(amount)
+        units = parse_amount(amount)
         op = unlock(st, account, read_password_file(password_file))
         staking = StakingManager(ChainClient(st.settings))
         receipt = staking.stake(op, units)
@@ -90,7 +80,7 @@ def unstake(
 
     st = state(ctx)
     with handle_errors():
-        units = _units(amount)
+        units = parse_amount(amount)
         op = unlock(st, account, read_password_file(password_file))
         staking = StakingManager(ChainClient(st.settings))
         receipt = staking.request_unstake(op, units)

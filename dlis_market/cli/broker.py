@@ -1,0 +1,146 @@
+"""`dlis broker ...`: run the broker API; issue API keys for OpenAI-style clients."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+
+from dlis_market.cli.account import read_password_file
+from dlis_market.cli.context import console, emit, handle_errors, parse_amount, state, unlock
+from dlis_market.settings import NodeSettings, Settings
+
+if TYPE_CHECKING:
+    from dlis_market.chain.client import ChainClient
+
+app = typer.Typer(help="Run the broker (FastAPI on 127.0.0.1) and manage its API keys.", no_args_is_help=True)
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")]
+
+
+def database_url(settings: Settings) -> str:
+    return settings.broker.database_url or f"sqlite:///{settings.home / 'broker.db'}"
+
+
+def node_settings_for_chain(settings: Settings, client: ChainClient) -> NodeSettings:
+    """Node/driver settings with the deployed contracts filled in (receipts and attestations)."""
+    dep = client.deployment
+    return settings.node.model_copy(
+        update={
+            "chain_id": client.chain_id,
+            "market_address": dep.address_of("JobMarket"),
+            "registry_address": dep.address_of("NodeRegistry"),
+        }
+    )
+
+
+@app.command()
+def start(
+    ctx: typer.Context,
+    model_dir: Annotated[
+        list[Path], typer.Option("--model-dir", help="Shard folder (manifest + tokenizer) of a model to serve; repeat.")
+    ],
+    peer: Annotated[list[str], typer.Option("--peer", help="DHT multiaddr of a worker to join through; repeat.")] = [],  # noqa: B006
+    port: Annotated[int | None, typer.Option(help="Port on 127.0.0.1 (default broker.port, 8080).")] = None,
+    account: Annotated[
+        str | None, typer.Option(help="Broker account with BROKER_ROLE (default broker.account).")
+    ] = None,
+    password_file: Annotated[
+        Path | None, typer.Option(exists=True, dir_okay=False, help="Account password file.")
+    ] = None,
+) -> None:
+    """Serve the job API and the OpenAI-compatible API, route jobs over workers, settle on chain.
+
+    Stop it with Ctrl-C; jobs finished but not yet settled are settled on the next start.
+    """
+    import uvicorn
+
+    from dlis_market.broker.app import create_app
+    from dlis_market.broker.catalog import ModelCatalog
+    from dlis_market.broker.ledger import Ledger
+    from dlis_market.broker.p2p_backend import P2PBackend
+    from dlis_market.broker.planning import CachedStanding, chain_standing, make_planner
+    from dlis_market.broker.service import BrokerService
+    from dlis_market.chain.client import ChainClient
+    from dlis_market.chain.errors import PreflightError
+    from dlis_market.chain.job_market import JobMarket
+    from dlis_market.chain.node_registry import NodeRegistry
+    from dlis_market.chain.reputation_oracle import ReputationOracle
+
+    st = state(ctx)
+    with handle_errors():
+        settings = st.settings
+        client = ChainClient(settings)
+        market = JobMarket(client)
+        broker = unlock(st, account or settings.broker.account, read_password_file(password_file))
+        role = market.contract.functions.BROKER_ROLE().call()
+        if not market.contract.functions.hasRole(role, broker.address).call():
+            raise PreflightError(
+                f"{broker.address} lacks BROKER_ROLE on JobMarket {market.address}; use the deployment's broker "
+                f"account ({client.deployment.broker}) or have the admin grant the role"
+            )
+        catalog = ModelCatalog.from_shard_dirs(model_dir)
+        ledger = Ledger(database_url(settings))
+        planner = make_planner(
+            settings.broker, CachedStanding(chain_standing(NodeRegistry(client), ReputationOracle(client)))
+        )
+        node_settings = node_settings_for_chain(settings, client)
+        peers = peer or list(settings.node.initial_peers)
+
+        async def serve() -> None:
+            backend = await P2PBackend.connect(peers, node_settings)
+            service = BrokerService(settings, ledger, market, broker, catalog, backend, planner)
+            server = uvicorn.Server(
+                uvicorn.Config(
+                    create_app(service), host=settings.broker.host, port=port or settings.broker.port, log_level="info"
+                )
+            )
+            await server.serve()
+
+        console.print(f"broker {broker.address} serving {', '.join(catalog.models)} on {settings.broker.host}")
+        asyncio.run(serve())
+
+
+@app.command("api-key")
+def api_key(
+    ctx: typer.Context,
+    account: Annotated[str, typer.Option("--account", "-a", help="Client account that pays for the key's jobs.")],
+    cap: Annotated[str, typer.Option(help="Most DLIS the key may spend in total (enforced on chain).")],
+    days: Annotated[float, typer.Option(help="Days until the key expires (enforced on chain).")] = 30,
+    password_file: Annotated[
+        Path | None, typer.Option(exists=True, dir_okay=False, help="Account password file.")
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Create an API key for OpenAI-style clients: a spender key the client authorizes on chain
+    (JobMarket.setSpender) with a cap and an expiry. The key is shown once."""
+    from dlis_market.broker.apikeys import create_api_key
+    from dlis_market.broker.ledger import Ledger
+    from dlis_market.chain.client import ChainClient
+    from dlis_market.chain.job_market import JobMarket
+
+    st = state(ctx)
+    with handle_errors():
+        units = parse_amount(cap)
+        client_acct = unlock(st, account, read_password_file(password_file))
+        chain = ChainClient(st.settings)
+        grant = create_api_key(
+            Ledger(database_url(st.settings)),
+            JobMarket(chain),
+            client_acct,
+            units,
+            chain.timestamp() + int(days * 86400),
+        )
+        emit(
+            {
+                "api_key": grant.api_key,
+                "client": grant.client,
+                "spender": grant.spender,
+                "cap": units,
+                "expires_at": grant.expires_at,
+            },
+            as_json,
+            lambda d: console.print(f"API key (shown once): {d['api_key']}\nspends for {d['client']} up to {cap} DLIS"),
+        )

@@ -1,0 +1,188 @@
+"""`dlis job ...`: a client's side of the market: escrow, signed paid jobs, status."""
+
+from __future__ import annotations
+
+import json
+import secrets
+from pathlib import Path
+from typing import Annotated, Any
+
+import httpx
+import typer
+
+from dlis_market.cli.account import read_password_file
+from dlis_market.cli.context import console, emit, handle_errors, parse_amount, state, unlock
+
+app = typer.Typer(help="Deposit escrow, submit paid jobs to a broker, check their status.", no_args_is_help=True)
+
+AccountOpt = Annotated[
+    str, typer.Option("--account", "-a", help="Client account: keystore name, or dev:N on a dev chain.")
+]
+PasswordFileOpt = Annotated[
+    Path | None, typer.Option(help="Read the account password from this file.", exists=True, dir_okay=False)
+]
+BrokerOpt = Annotated[str | None, typer.Option(help="Broker URL (default http://127.0.0.1:<broker.port>).")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")]
+
+
+def _broker_url(ctx: typer.Context, url: str | None) -> str:
+    s = state(ctx).settings.broker
+    return (url or f"http://{s.host}:{s.port}").rstrip("/")
+
+
+def _call(method: str, url: str, **kw: Any) -> Any:
+    from dlis_market.errors import BrokerError
+
+    try:
+        res = httpx.request(method, url, timeout=600, **kw)
+    except httpx.HTTPError as exc:
+        raise BrokerError(f"broker at {url} did not answer ({exc}); start it with `dlis broker start`") from exc
+    if res.status_code >= 400:
+        try:
+            detail = res.json().get("detail", res.text)
+        except ValueError:
+            detail = res.text
+        raise BrokerError(f"broker refused ({res.status_code}): {detail}")
+    return res.json()
+
+
+@app.command()
+def deposit(
+    ctx: typer.Context,
+    amount: Annotated[str, typer.Argument(help="DLIS to add to your escrow.")],
+    account: AccountOpt,
+    password_file: PasswordFileOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Move DLIS into JobMarket escrow so brokers can run your jobs."""
+    from dlis_market.chain.client import ChainClient
+    from dlis_market.chain.dlis_token import fmt_units
+    from dlis_market.chain.job_market import JobMarket
+
+    st = state(ctx)
+    with handle_errors():
+        units = parse_amount(amount)
+        client = unlock(st, account, read_password_file(password_file))
+        market = JobMarket(ChainClient(st.settings))
+        market.deposit(client, units)
+        escrow = market.escrow_of(client.address)
+        emit(
+            {"client": client.address, "escrow": escrow},
+            as_json,
+            lambda d: console.print(f"escrow now {fmt_units(d['escrow'])} DLIS"),
+        )
+
+
+@app.command()
+def withdraw(
+    ctx: typer.Context,
+    account: AccountOpt,
+    amount: Annotated[str | None, typer.Option(help="Request a withdrawal of this much (starts the delay).")] = None,
+    password_file: PasswordFileOpt = None,
+) -> None:
+    """Request a withdrawal (--amount), or withdraw a request whose delay has passed."""
+    from dlis_market.chain.client import ChainClient
+    from dlis_market.chain.job_market import JobMarket
+
+    st = state(ctx)
+    with handle_errors():
+        client = unlock(st, account, read_password_file(password_file))
+        market = JobMarket(ChainClient(st.settings))
+        if amount is not None:
+            market.request_withdrawal(client, parse_amount(amount))
+            _, ready = market.pending_withdrawal(client.address)
+            console.print(f"withdrawal of {amount} DLIS requested; ready at chain time {ready}")
+        else:
+            market.withdraw(client)
+            console.print("withdrawn")
+
+
+@app.command()
+def submit(
+    ctx: typer.Context,
+    account: AccountOpt,
+    prompt: Annotated[str, typer.Option(help="The prompt (chat-formatted with --chat).")],
+    model: Annotated[str, typer.Option(help="Model name as the broker lists it.")] = "smollm2-135m",
+    max_tokens: Annotated[int, typer.Option(help="Tokens to generate at most.")] = 32,
+    chat: Annotated[bool, typer.Option(help="Send the prompt as a user message (model's chat template).")] = False,
+    max_cost: Annotated[str | None, typer.Option(help="Most DLIS you authorize (default: the broker's quote).")] = None,
+    privacy: Annotated[str, typer.Option(help="low|high (high: attested nodes only).")] = "low",
+    broker_url: BrokerOpt = None,
+    password_file: PasswordFileOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Quote, sign an EIP-712 authorization for at most the quoted cost, run the job, print the answer."""
+    from dlis_market.chain.dlis_token import fmt_units
+    from dlis_market.chain.job_market import JobAuthorization, market_domain, sign_authorization
+
+    st = state(ctx)
+    with handle_errors():
+        url = _broker_url(ctx, broker_url)
+        client = unlock(st, account, read_password_file(password_file))
+        body: dict[str, Any] = {"model": model, "max_tokens": max_tokens, "policy": {"privacy": privacy}}
+        if chat:
+            body["messages"] = [{"role": "user", "content": prompt}]
+        else:
+            body["prompt"] = prompt
+        quote = _call("POST", f"{url}/v1/quotes", json=body)
+        limit = parse_amount(max_cost) if max_cost is not None else int(quote["max_total"])
+        from dlis_market.chain.client import connect_web3
+
+        now = int(connect_web3(st.settings.chain.rpc_url).eth.get_block("latest")["timestamp"])
+        auth = JobAuthorization(
+            client=client.address,
+            broker=quote["broker"],
+            model_id=bytes.fromhex(quote["model_id"][2:]),
+            max_cost=limit,
+            nonce=secrets.randbits(255),
+            deadline=now + 24 * 3600,
+        )
+        sig = sign_authorization(client.key, market_domain(quote["chain_id"], quote["job_market"]), auth)
+        body["authorization"] = {
+            "client": client.address,
+            "nonce": str(auth.nonce),
+            "max_cost": str(limit),
+            "deadline": auth.deadline,
+            "signature": sig.hex(),
+        }
+        job = _call("POST", f"{url}/v1/jobs", json=body)
+
+        def human(j: dict[str, Any]) -> None:
+            console.print(j["answer"])
+            console.print(f"\njob {j['id']}  status {j['status']}")
+            console.print(
+                "route: " + " -> ".join(f"{h['peer_id'][:12]}[{h['start']},{h['end']})" for h in j["route"] or [])
+            )
+            console.print(
+                f"latency {j['latency_ms']:.0f} ms (first token {j['ttft_ms']:.0f} ms), "
+                f"cost {fmt_units(int(j['cost']))} DLIS + fee {fmt_units(int(j['fee']))} DLIS"
+            )
+
+        emit(job, as_json, human)
+
+
+@app.command()
+def status(
+    ctx: typer.Context,
+    job_id: Annotated[str, typer.Argument(help="0x job id.")],
+    broker_url: BrokerOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """A job's status, route, cost, receipts and settlement transaction (and whether the chain settled it)."""
+    from dlis_market.chain.client import ChainClient
+    from dlis_market.chain.job_market import JobMarket
+
+    st = state(ctx)
+    with handle_errors():
+        job = _call("GET", f"{_broker_url(ctx, broker_url)}/v1/jobs/{job_id}")
+        market = JobMarket(ChainClient(st.settings))
+        job["settled_on_chain"] = market.nonce_used(job["client"], int(job["nonce"]))
+
+        def human(j: dict[str, Any]) -> None:
+            console.print(
+                json.dumps(
+                    {k: j[k] for k in ("id", "status", "cost", "fee", "settlement", "settled_on_chain")}, indent=2
+                )
+            )
+
+        emit(job, as_json, human)
