@@ -10,7 +10,7 @@ export PATH := $(CURDIR)/node_modules/.bin:$(CURDIR)/$(BIN):$(PATH)
 
 .PHONY: setup demo test test-python test-contracts test-heavy lint bench-gas clean-chain
 
-setup: $(VENV)/.installed node_modules/.installed build/.compiled
+setup: $(VENV)/.installed node_modules/.installed build/.compiled /usr/bin/chromium
 
 # All Python dependencies in ONE resolver pass: eth-brownie pins ~80 exact versions and a second
 # `pip install` can silently break one. `pip check` must stay clean.
@@ -30,6 +30,11 @@ build/.compiled: $(VENV)/.installed node_modules/.installed contracts/*.sol cont
 	$(PY) scripts/toolchain/install_solc_shim.py
 	$(BIN)/brownie compile
 	mkdir -p build && touch $@
+
+# Browser tests drive Debian's chromium with Playwright (Playwright's own browser download
+# cannot work offline).
+/usr/bin/chromium:
+	apt-get update -q && apt-get install -y -q chromium
 
 demo: setup
 	bash scripts/demo.sh
