@@ -23,6 +23,9 @@ import {INodeRegistry} from "./interfaces/INodeRegistry.sol";
 ///      The client pays receipts + fee; node operators and the treasury are credited and pull
 ///      their money with `claim` (pull payments). Withdrawals from escrow wait `withdrawDelay`
 ///      so a client cannot pull funds from under a job that is being settled.
+///      There is no way to cancel an authorization once given (a cancellation could race a
+///      served job's settlement and leave its nodes unpaid): clients bound their exposure with the
+///      authorization's deadline and max cost.
 ///      Gas: signatures use EIP-2098 compact form (r, vs); node lookups and payee credits are
 ///      aggregated per batch in memory so each distinct payee costs one storage write per batch.
 contract JobMarket is AccessControl, ReentrancyGuard, EIP712 {
@@ -73,7 +76,7 @@ contract JobMarket is AccessControl, ReentrancyGuard, EIP712 {
     }
 
     struct PendingWithdrawal {
-        uint128 amount;
+        uint256 amount;
         uint64 readyAt;
     }
 
@@ -110,8 +113,6 @@ contract JobMarket is AccessControl, ReentrancyGuard, EIP712 {
     event Withdrawn(address indexed client, uint256 amount);
     /// @notice A client set (or revoked, with cap 0) a standing spending authorization.
     event SpenderSet(address indexed client, address indexed spender, uint256 cap, uint64 expiry);
-    /// @notice A client invalidated an authorization nonce before it was settled.
-    event NonceCancelled(address indexed client, uint256 nonce);
     /// @notice A job was settled: the client paid `cost` to nodes plus `fee` to the protocol. The
     ///         batch it belongs to is the `BatchSettled` event of the same transaction.
     event JobSettled(bytes32 indexed jobId, address indexed client, uint256 cost, uint256 fee);
@@ -137,7 +138,6 @@ contract JobMarket is AccessControl, ReentrancyGuard, EIP712 {
     error JobMarketSpenderCapExceeded(uint256 jobIndex, address spender, uint256 total, uint256 remaining);
     error JobMarketSpenderExpired(uint256 jobIndex, address spender, uint64 expiry);
     error JobMarketJobAlreadySettled(uint256 jobIndex, address client, uint256 nonce);
-    error JobMarketNonceAlreadyUsed(address client, uint256 nonce);
     error JobMarketUnknownModel(uint256 jobIndex, bytes32 modelId);
     error JobMarketNoReceipts(uint256 jobIndex);
     error JobMarketInvalidRange(uint256 jobIndex, uint256 receiptIndex, uint32 start, uint32 end, uint32 expectedStart);
@@ -192,7 +192,7 @@ contract JobMarket is AccessControl, ReentrancyGuard, EIP712 {
     function requestWithdrawal(uint256 amount) external {
         if (amount == 0) revert JobMarketZeroAmount();
         uint64 readyAt = uint64(block.timestamp) + _withdrawDelay;
-        _withdrawals[msg.sender] = PendingWithdrawal(uint128(amount), readyAt);
+        _withdrawals[msg.sender] = PendingWithdrawal(amount, readyAt);
         emit WithdrawalRequested(msg.sender, amount, readyAt);
     }
 
@@ -208,15 +208,6 @@ contract JobMarket is AccessControl, ReentrancyGuard, EIP712 {
         _totalEscrow -= amount;
         emit Withdrawn(msg.sender, amount);
         if (amount > 0) _token.safeTransfer(msg.sender, amount);
-    }
-
-    /// @notice Invalidate one of the caller's authorization nonces so it can never be settled.
-    function cancelNonce(uint256 nonce) external {
-        uint256 bit = 1 << (nonce & 0xff);
-        uint256 word = _nonceBitmap[msg.sender][nonce >> 8];
-        if (word & bit != 0) revert JobMarketNonceAlreadyUsed(msg.sender, nonce);
-        _nonceBitmap[msg.sender][nonce >> 8] = word | bit;
-        emit NonceCancelled(msg.sender, nonce);
     }
 
     /// @notice Let `spender` (e.g. a key held by a broker for an API key) sign job authorizations
@@ -291,7 +282,7 @@ contract JobMarket is AccessControl, ReentrancyGuard, EIP712 {
         return keccak256(abi.encode(client, nonce));
     }
 
-    /// @notice Whether a (client, nonce) authorization has been settled or cancelled.
+    /// @notice Whether a (client, nonce) authorization has been settled.
     function nonceUsed(address client, uint256 nonce) external view returns (bool) {
         return _nonceBitmap[client][nonce >> 8] & (1 << (nonce & 0xff)) != 0;
     }

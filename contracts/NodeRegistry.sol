@@ -125,6 +125,11 @@ contract NodeRegistry is INodeRegistry, EIP712 {
         if (holder != address(0) && holder != reg.node && _nodes[holder].active) {
             revert NodeRegistryPeerIdTaken(reg.peerId, holder);
         }
+        // A re-registration under a new peer id frees the old one.
+        if (bytes(n.peerId).length != 0) {
+            bytes32 oldHash = keccak256(bytes(n.peerId));
+            if (oldHash != peerHash && _nodeByPeerId[oldHash] == reg.node) delete _nodeByPeerId[oldHash];
+        }
         address previousOperator = n.operator;
         if (previousOperator != address(0) && previousOperator != msg.sender) {
             _operatorNodes[previousOperator].remove(reg.node);

@@ -6,6 +6,7 @@ import {IERC20Permit} from "@openzeppelin/contracts/token/ERC20/extensions/IERC2
 import {SafeERC20} from "@openzeppelin/contracts/token/ERC20/utils/SafeERC20.sol";
 import {AccessControl} from "@openzeppelin/contracts/access/AccessControl.sol";
 import {ReentrancyGuard} from "@openzeppelin/contracts/utils/ReentrancyGuard.sol";
+import {SafeCast} from "@openzeppelin/contracts/utils/math/SafeCast.sol";
 import {IStakingManager} from "./interfaces/IStakingManager.sol";
 
 /// @title StakingManager
@@ -119,7 +120,7 @@ contract StakingManager is IStakingManager, AccessControl, ReentrancyGuard {
         if (amount > active) revert StakingManagerInsufficientStake(amount, active);
         _active[msg.sender] = active - amount;
         Unbonding storage u = _unbonding[msg.sender];
-        u.amount += uint128(amount);
+        u.amount += SafeCast.toUint128(amount);
         u.releaseTime = uint64(block.timestamp) + _unbondingPeriod;
         emit UnstakeRequested(msg.sender, amount, u.amount, u.releaseTime);
     }

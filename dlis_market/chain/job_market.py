@@ -143,9 +143,6 @@ class JobMarket:
     def withdraw(self, client: LocalAccount) -> TxReceipt:
         return self.client.transact(client, self.contract.functions.withdraw())
 
-    def cancel_nonce(self, client: LocalAccount, nonce: int) -> TxReceipt:
-        return self.client.transact(client, self.contract.functions.cancelNonce(nonce))
-
     def set_spender(self, client: LocalAccount, spender: str, cap: int, expiry: int) -> TxReceipt:
         """Let ``spender`` sign job authorizations for ``client`` up to ``cap`` units until ``expiry``."""
         if cap >= 2**128:
