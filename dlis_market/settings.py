@@ -152,6 +152,9 @@ class OracleSettings(_Section):
     dp_capacity_clip_tps: float = 1000.0  # a node's throughput is clipped to this before summing
     # Verification and slashing.
     spot_check_fraction: float = 0.02
+    # Addresses allowed to assign spot checks and sign their evidence (the oracle account always is).
+    spot_check_runners: list[str] = Field(default_factory=list)
+    spot_check_require_referee: bool = False  # slash only when a second checker confirms the mismatch
     slash_amount: int = 100 * 10**18  # token units taken per proven mismatch
 
 

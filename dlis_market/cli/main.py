@@ -11,7 +11,7 @@ from typing import Annotated
 
 import typer
 
-from dlis_market.cli import account, broker, chain, ipfs, job, model, model_chain, model_store, node
+from dlis_market.cli import account, broker, chain, ipfs, job, model, model_chain, model_store, node, oracle
 from dlis_market.cli.context import CliState
 
 app = typer.Typer(
@@ -52,6 +52,7 @@ app.add_typer(model.app, name="model")
 app.add_typer(ipfs.app, name="ipfs")
 app.add_typer(job.app, name="job")
 app.add_typer(broker.app, name="broker")
+app.add_typer(oracle.app, name="oracle")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,33 @@
+"""Errors of the oracle (all derive from :class:`~dlis_market.errors.OracleError`)."""
+
+from __future__ import annotations
+
+from dlis_market.errors import OracleError
+
+
+class TelemetryRefusedError(OracleError):
+    """A telemetry report was refused; ``reason`` is one of :data:`telemetry.REFUSAL_REASONS`."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+class PrivacyBudgetExhaustedError(OracleError):
+    """Releasing a figure would spend more privacy budget than a node has left."""
+
+
+class EvidenceRefusedError(OracleError):
+    """Spot-check evidence does not prove a fault; nothing is slashed. ``reason`` says why."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+class ProofNotFoundError(OracleError):
+    """No stored telemetry leaf for that node and epoch."""
+
+
+class OracleRoleMissingError(OracleError):
+    """The oracle account lacks ORACLE_ROLE or SLASHER_ROLE."""

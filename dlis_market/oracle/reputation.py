@@ -1,0 +1,148 @@
+"""Reputation: a pure function from one epoch's per-node statistics to scores in basis points.
+
+``score = penalty ** checks_failed * sum(weight_i * component_i)`` with every component in
+``[0, 1]`` and the weights summing to 1 (defaults in :class:`ReputationWeights`):
+
+============  ======  ==========================================================================
+component     weight  definition
+============  ======  ==========================================================================
+uptime        0.30    heartbeat slots of the epoch in which the node reported / slots in epoch
+throughput    0.20    ``min(1, measured_tps / advertised_tps)``: over-advertising is punished
+latency       0.15    ``ref / (ref + p50)`` with ``ref = 100 ms``: 0.5 at 100 ms (0.5 if no data)
+sessions      0.15    ``(ok + 1) / (ok + failed + 2)``: success rate with a Beta(1, 1) prior
+verification  0.15    ``(passed + 1) / (passed + failed + 2)`` over this epoch's spot checks
+stake         0.05    ``min(1, stake / (2 * min_stake))``; 0 below the minimum stake
+============  ======  ==========================================================================
+
+Uptime carries most weight because a dropped stage costs a whole session a failover; a proven
+spot-check mismatch also halves the score (``penalty = 0.5`` per failed check) on top of the
+slash, because the verification component alone could be outweighed by good uptime.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from dlis_market.oracle.telemetry import SignedTelemetry
+
+MAX_BPS = 10_000
+
+
+@dataclass(frozen=True)
+class ReputationWeights:
+    uptime: float = 0.30
+    throughput: float = 0.20
+    latency: float = 0.15
+    sessions: float = 0.15
+    verification: float = 0.15
+    stake: float = 0.05
+    latency_ref_ms: float = 100.0
+    stake_saturation: float = 2.0  # stake at this multiple of the minimum scores full marks
+    failed_check_penalty: float = 0.5
+
+    def __post_init__(self) -> None:
+        total = self.uptime + self.throughput + self.latency + self.sessions + self.verification + self.stake
+        if abs(total - 1.0) > 1e-9:
+            raise ValueError(f"reputation weights must sum to 1, got {total}")
+
+
+@dataclass(frozen=True)
+class NodeEpochStats:
+    """What the oracle knows about one node for one epoch (input of :func:`score_reputation`)."""
+
+    node: str
+    uptime_fraction: float = 0.0
+    advertised_tps: float = 0.0
+    measured_tps: float = 0.0
+    latency_p50_ms: float | None = None
+    sessions_ok: int = 0
+    sessions_failed: int = 0
+    checks_passed: int = 0
+    checks_failed: int = 0
+    stake: int = 0
+    min_stake: int = 0
+
+
+def components(s: NodeEpochStats, w: ReputationWeights) -> dict[str, float]:
+    """Each component of a node's score in ``[0, 1]`` (shown by the CLI and in tests)."""
+    thr = min(1.0, s.measured_tps / s.advertised_tps) if s.advertised_tps > 0 else 0.0
+    lat = 0.5 if s.latency_p50_ms is None else w.latency_ref_ms / (w.latency_ref_ms + max(s.latency_p50_ms, 0.0))
+    if s.min_stake > 0:
+        stake = 0.0 if s.stake < s.min_stake else min(1.0, s.stake / (w.stake_saturation * s.min_stake))
+    else:
+        stake = 1.0 if s.stake > 0 else 0.0
+    return {
+        "uptime": min(max(s.uptime_fraction, 0.0), 1.0),
+        "throughput": max(thr, 0.0),
+        "latency": lat,
+        "sessions": (s.sessions_ok + 1) / (s.sessions_ok + s.sessions_failed + 2),
+        "verification": (s.checks_passed + 1) / (s.checks_passed + s.checks_failed + 2),
+        "stake": stake,
+    }
+
+
+def score_node(s: NodeEpochStats, w: ReputationWeights) -> int:
+    c = components(s, w)
+    raw = sum(getattr(w, name) * value for name, value in c.items())
+    raw *= w.failed_check_penalty**s.checks_failed
+    return max(0, min(MAX_BPS, round(raw * MAX_BPS)))
+
+
+def score_reputation(history: Mapping[str, NodeEpochStats], weights: ReputationWeights | None = None) -> dict[str, int]:
+    """Scores in basis points (0..10000) for every node in ``history``. Pure."""
+    w = weights or ReputationWeights()
+    return {node: score_node(stats, w) for node, stats in sorted(history.items())}
+
+
+def summarize_epoch(
+    reports: Sequence[SignedTelemetry],
+    epoch_start: float,
+    epoch_s: float,
+    heartbeat_interval_s: float,
+    checks: Mapping[str, tuple[int, int]] | None = None,
+    stakes: Mapping[str, tuple[int, int]] | None = None,
+) -> dict[str, NodeEpochStats]:
+    """Per-node statistics of the epoch ``[epoch_start, epoch_start + epoch_s)`` from accepted reports.
+
+    ``checks[node] = (passed, failed)`` spot checks; ``stakes[node] = (active stake, min stake)``.
+    Reports outside the epoch are ignored. Pure.
+    """
+    checks = checks or {}
+    stakes = stakes or {}
+    slots_total = max(1, int(epoch_s // heartbeat_interval_s))
+    by_node: dict[str, list[SignedTelemetry]] = defaultdict(list)
+    for r in reports:
+        if epoch_start <= r.report.timestamp < epoch_start + epoch_s:
+            by_node[r.report.node].append(r)
+    out: dict[str, NodeEpochStats] = {}
+    for node, rs in by_node.items():
+        slots = {int((r.report.timestamp - epoch_start) // heartbeat_interval_s) for r in rs}
+        m = [r.report.metrics for r in rs]
+        latencies = [x for mm in m for x in mm.latencies_ms] + [j.latency_ms for mm in m for j in mm.jobs]
+        ok = sum(mm.sessions_ok + sum(1 for j in mm.jobs if j.ok) for mm in m)
+        failed = sum(mm.sessions_failed + sum(1 for j in mm.jobs if not j.ok) for mm in m)
+        passed, flunked = checks.get(node, (0, 0))
+        stake, min_stake = stakes.get(node, (0, 0))
+        out[node] = NodeEpochStats(
+            node=node,
+            uptime_fraction=min(1.0, len(slots) / slots_total),
+            advertised_tps=statistics.fmean(mm.advertised_tps for mm in m),
+            measured_tps=statistics.fmean(mm.measured_tps for mm in m),
+            latency_p50_ms=statistics.median(latencies) if latencies else None,
+            sessions_ok=ok,
+            sessions_failed=failed,
+            checks_passed=passed,
+            checks_failed=flunked,
+            stake=stake,
+            min_stake=min_stake,
+        )
+    for node, (passed, flunked) in checks.items():  # checked but silent nodes still get scored
+        if node not in out:
+            stake, min_stake = stakes.get(node, (0, 0))
+            out[node] = NodeEpochStats(
+                node=node, checks_passed=passed, checks_failed=flunked, stake=stake, min_stake=min_stake
+            )
+    return out

@@ -1,0 +1,196 @@
+"""The oracle's HTTP API (FastAPI, 127.0.0.1 by default).
+
+=========================================  ======================================================
+route                                      does
+=========================================  ======================================================
+``POST /v1/telemetry``                     body ``zstd(json(SignedTelemetry))``; 202 or a problem
+``POST /v1/spot-checks``                   JSON :class:`SpotCheckEvidence`: ``pass`` or ``slashed``
+``GET /v1/aggregates[/{epoch}]``           the DP network figures (latest or of one epoch)
+``GET /v1/nodes``                          per node: reputation_bps, reputation_epoch, failure_risk
+``GET /v1/nodes/{node}``                   reputation (chain), failure risk, privacy account
+``GET /v1/risk``                           failure risk of every node heard from
+``GET /v1/proof/{node}/{epoch}``           Merkle proof of the node's leaf in that epoch
+``GET /metrics``                           Prometheus text format
+=========================================  ======================================================
+
+Refusals are RFC 9457 problem JSON whose ``reason`` member is the machine-readable cause.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from starlette.concurrency import run_in_threadpool
+from web3 import Web3
+
+from dlis_market.errors import ChainError
+from dlis_market.oracle.errors import EvidenceRefusedError, ProofNotFoundError, TelemetryRefusedError
+from dlis_market.oracle.service import OracleService
+from dlis_market.oracle.verification import SpotCheckEvidence
+
+PROBLEM_TYPE_BASE = "https://dlis.market/problems/"
+TELEMETRY_STATUS = {
+    "oversized": 413,
+    "malformed": 400,
+    "forged": 401,
+    "unregistered": 403,
+    "replayed": 409,
+    "stale": 422,
+    "future": 422,
+}
+
+
+def problem(status: int, slug: str, title: str, detail: str, instance: str, **extra: Any) -> JSONResponse:
+    body = {"type": PROBLEM_TYPE_BASE + slug, "title": title, "status": status, "detail": detail, "instance": instance}
+    return JSONResponse({**body, **extra}, status_code=status, media_type="application/problem+json")
+
+
+class _OracleCollector:
+    """Reads the service's counters at scrape time (no global registry)."""
+
+    def __init__(self, service: OracleService) -> None:
+        self.service = service
+
+    def collect(self) -> Iterator[Metric]:
+        counts = CounterMetricFamily(
+            "dlis_oracle_telemetry_reports",
+            "Telemetry reports by outcome (accepted or refusal reason)",
+            labels=["outcome"],
+        )
+        for outcome, n in self.service.intake.counts.items():
+            counts.add_metric([outcome], n)
+        yield counts
+        yield CounterMetricFamily(
+            "dlis_oracle_epochs_posted", "Epochs posted on chain", value=self.service.posted_epochs
+        )
+        yield CounterMetricFamily("dlis_oracle_slashes", "Slashes submitted", value=self.service.slashes)
+        agg = self.service.latest_aggregates()
+        if agg is not None and agg.availability is not None:
+            yield GaugeMetricFamily(
+                "dlis_oracle_availability", "DP mean node availability, latest epoch", value=agg.availability
+            )
+
+
+def create_app(service: OracleService) -> FastAPI:
+    app = FastAPI(title="dlis oracle", version="1")
+
+    @app.exception_handler(ChainError)
+    async def chain_failed(request: Request, exc: ChainError) -> JSONResponse:
+        # the chain is down or a transaction reverted: the request itself may be fine, retry later
+        return problem(503, "chain-unavailable", "Chain call failed", str(exc), str(request.url.path))
+
+    registry = CollectorRegistry()
+    registry.register(_OracleCollector(service))
+
+    # Sync handlers run in FastAPI's thread pool, so chain calls do not block the event loop; the
+    # telemetry route reads the raw body itself (bounded) and hands the checks to the pool too.
+    @app.post("/v1/telemetry", status_code=202)
+    async def telemetry_raw(request: Request) -> Any:
+        limit = service.config.telemetry_max_bytes
+        blob = b""
+        async for chunk in request.stream():
+            blob += chunk
+            if len(blob) > limit:
+                service.intake.counts["oversized"] += 1
+                return problem(
+                    413,
+                    "telemetry-oversized",
+                    "Telemetry refused",
+                    f"body over {limit} bytes",
+                    str(request.url.path),
+                    reason="oversized",
+                )
+        try:
+            signed = await run_in_threadpool(service.submit_telemetry, blob)
+        except TelemetryRefusedError as exc:
+            return problem(
+                TELEMETRY_STATUS[exc.reason],
+                f"telemetry-{exc.reason}",
+                "Telemetry refused",
+                str(exc),
+                str(request.url.path),
+                reason=exc.reason,
+            )
+        return {"accepted": True, "node": signed.report.node, "seq": signed.report.seq}
+
+    @app.post("/v1/spot-checks")
+    def spot_check(evidence: SpotCheckEvidence, request: Request) -> Any:
+        try:
+            outcome = service.report_spot_check(evidence)
+        except EvidenceRefusedError as exc:
+            return problem(
+                422,
+                f"evidence-{exc.reason.replace('_', '-')}",
+                "Evidence refused",
+                str(exc),
+                str(request.url.path),
+                reason=exc.reason,
+            )
+        return {
+            "outcome": outcome.outcome,
+            "detail": outcome.detail,
+            "slash": outcome.slash.as_dict() if outcome.slash else None,
+        }
+
+    @app.get("/v1/aggregates")
+    def aggregates_latest(request: Request) -> Any:
+        agg = service.latest_aggregates()
+        if agg is None:
+            return problem(404, "no-aggregates", "No aggregates yet", "no epoch was closed yet", str(request.url.path))
+        return agg.model_dump()
+
+    @app.get("/v1/aggregates/{epoch}")
+    def aggregates_at(epoch: int, request: Request) -> Any:
+        agg = service.aggregates.get(epoch)
+        if agg is None:
+            return problem(
+                404,
+                "no-aggregates",
+                "No aggregates",
+                f"epoch {epoch} was not closed by this oracle",
+                str(request.url.path),
+            )
+        return agg.model_dump()
+
+    @app.get("/v1/risk")
+    def risks() -> dict[str, float]:
+        return service.failure_risks()
+
+    @app.get("/v1/nodes")
+    def nodes() -> dict[str, dict[str, float | int]]:
+        return service.scheduler_view()
+
+    @app.get("/v1/nodes/{node}")
+    def node_info(node: str, request: Request) -> Any:
+        if not Web3.is_address(node):
+            return problem(400, "bad-address", "Bad address", f"{node!r} is not an address", str(request.url.path))
+        node = Web3.to_checksum_address(node)
+        score, epoch = service.reputation.latest(node)
+        epoch_now = service.epoch_of(service.clock())
+        return {
+            "node": node,
+            "reputation_bps": score,
+            "reputation_epoch": epoch,
+            "failure_risk": service.failure_risk(node),
+            "privacy": service.accountant.account(node, epoch_now),
+        }
+
+    @app.get("/v1/proof/{node}/{epoch}")
+    def proof(node: str, epoch: int, request: Request) -> Any:
+        if not Web3.is_address(node):
+            return problem(400, "bad-address", "Bad address", f"{node!r} is not an address", str(request.url.path))
+        try:
+            return service.epochs.proof(node, epoch).model_dump()
+        except ProofNotFoundError as exc:
+            return problem(404, "no-proof", "No proof", str(exc), str(request.url.path))
+
+    @app.get("/metrics")
+    def metrics() -> Response:
+        return Response(generate_latest(registry), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    return app

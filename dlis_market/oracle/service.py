@@ -1,0 +1,401 @@
+"""The oracle process: telemetry intake, epoch closing, reputation posting, spot-check evidence.
+
+I/O lives here around the pure parts (:func:`summarize_epoch`, :func:`score_reputation`,
+:func:`release_aggregates`, :func:`check_evidence`, the dropout model). One epoch is
+``[k * epoch_s, (k + 1) * epoch_s)`` of unix time and is posted on chain as epoch ``k``:
+
+1. accepted reports whose timestamp falls in the epoch, and the spot checks recorded in it;
+2. per-node statistics (stake read from StakingManager through the node's operator);
+3. reputation scores, then ``ReputationOracle.postEpoch(k, nodes, scores, root)`` where ``root``
+   is the Merkle root of the epoch's leaves (:mod:`epochs`), stored under ``state_dir/epochs``;
+4. noisy network aggregates (:mod:`privacy`), stored under ``state_dir/aggregates``.
+
+State that must survive a restart is on disk under ``state_dir``: the highest accepted seq of
+each node (``seqs.log``, so replays stay refused), every accepted report (``reports/<epoch>.jsonl``,
+reloaded for epochs not yet posted), the privacy accounts, the posted epochs (leaves for proofs),
+the aggregates, the spot-check sampler's secret and the evidence of every slash.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import secrets
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+from eth_account.signers.local import LocalAccount
+from web3 import Web3
+
+from dlis_market.chain.client import ChainClient
+from dlis_market.chain.node_registry import NodeRegistry
+from dlis_market.chain.reputation_oracle import ReputationOracle
+from dlis_market.chain.staking_manager import StakingManager
+from dlis_market.oracle.dropout import DEFAULT_MODEL, HISTORY_SLOTS, DropoutModel
+from dlis_market.oracle.epochs import EpochRecord, EpochStore, build_record
+from dlis_market.oracle.errors import EvidenceRefusedError, OracleRoleMissingError
+from dlis_market.oracle.privacy import Aggregates, BudgetAccountant, NodeContribution, release_aggregates
+from dlis_market.oracle.reputation import ReputationWeights, score_reputation, summarize_epoch
+from dlis_market.oracle.slashing import Slasher, SlashResult
+from dlis_market.oracle.telemetry import SignedTelemetry, TelemetryIntake, oracle_domain
+from dlis_market.oracle.verification import SpotCheckEvidence, SpotCheckSampler
+from dlis_market.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SpotCheckOutcome:
+    outcome: Literal["pass", "slashed"]
+    detail: str
+    slash: SlashResult | None = None
+
+
+class OracleService:
+    def __init__(
+        self,
+        settings: Settings,
+        client: ChainClient,
+        account: LocalAccount,
+        *,
+        clock: Callable[[], float] = time.time,
+        seed: int | None = None,
+        weights: ReputationWeights | None = None,
+        dropout_model: DropoutModel = DEFAULT_MODEL,
+    ) -> None:
+        o = settings.oracle
+        self.settings = settings
+        self.config = o
+        self.client = client
+        self.account = account
+        self.clock = clock
+        self.weights = weights or ReputationWeights()
+        self.dropout_model = dropout_model
+        self.state_dir = o.state_dir or settings.home / "oracle"
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.reputation = ReputationOracle(client)
+        self.registry = NodeRegistry(client)
+        self.staking = StakingManager(client)
+        self.domain = oracle_domain(client.chain_id, self.reputation.address)
+        self.epochs = EpochStore(self.state_dir / "epochs")
+        self._seq_log = self.state_dir / "seqs.log"
+        self.intake = TelemetryIntake(
+            self.domain,
+            max_age_s=o.telemetry_max_age_s,
+            max_skew_s=o.telemetry_max_skew_s,
+            max_bytes=o.telemetry_max_bytes,
+            max_decompressed_bytes=o.telemetry_max_decompressed_bytes,
+            is_registered=self._registered,
+            clock=clock,
+            last_seq=self._load_seqs(),
+        )
+        budget_file = self.state_dir / "privacy.json"
+        self.accountant = (
+            BudgetAccountant.from_json(budget_file.read_text())
+            if budget_file.exists()
+            else BudgetAccountant(o.dp_budget, o.dp_budget_window_epochs)
+        )
+        # DP noise must be unpredictable in production (seed None: OS entropy); tests fix it.
+        self.rng = np.random.default_rng(seed)
+        market = client.deployment.contracts["JobMarket"].address
+        evidence_dir = self.state_dir / "evidence"
+        self.slasher = Slasher(
+            self.staking,
+            self.registry,
+            market,
+            account,
+            o.slash_amount,
+            evidence_dir,
+            self.domain,
+            o.spot_check_runners,
+            o.spot_check_require_referee,
+        )
+        self.sampler = SpotCheckSampler(o.spot_check_fraction, self._spot_check_secret())
+        self._lock = threading.Lock()
+        self._pending: list[SignedTelemetry] = []
+        self._checks: dict[int, dict[str, list[int]]] = defaultdict(lambda: defaultdict(lambda: [0, 0]))
+        self._heartbeats: dict[str, set[int]] = defaultdict(set)
+        self._first_slot: dict[str, int] = {}
+        self._registered_cache: dict[str, tuple[float, bool]] = {}
+        self.aggregates: dict[int, Aggregates] = {}
+        self.slashes = 0
+        self.posted_epochs = 0
+        self._reports_dir = self.state_dir / "reports"
+        self._reload_reports()
+
+    def check_roles(self) -> None:
+        """Refuse to start without the roles the loop needs (a clear message instead of a revert later)."""
+        rep, stk = self.reputation.contract.functions, self.staking.contract.functions
+        missing = []
+        if not rep.hasRole(rep.ORACLE_ROLE().call(), self.account.address).call():
+            missing.append("ORACLE_ROLE on ReputationOracle")
+        if not stk.hasRole(stk.SLASHER_ROLE().call(), self.account.address).call():
+            missing.append("SLASHER_ROLE on StakingManager")
+        if missing:
+            raise OracleRoleMissingError(
+                f"account {self.account.address} lacks {' and '.join(missing)}; start the oracle with the "
+                "account the deployment granted them to (--account), or have the admin grant them"
+            )
+
+    def _spot_check_secret(self) -> bytes:
+        """The sampler's key: random, created once, readable only by the oracle's user."""
+        path = self.state_dir / "spot_check_secret"
+        if not path.exists():
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                f.write(secrets.token_bytes(32))
+        return path.read_bytes()
+
+    # ------------------------------------------------------------------ telemetry
+
+    def _registered(self, node: str) -> bool:
+        """NodeRegistry lookup, cached for one heartbeat interval (a report per interval per node)."""
+        now = self.clock()
+        hit = self._registered_cache.get(node)
+        if hit is not None and now - hit[0] < self.config.heartbeat_interval_s:
+            return hit[1]
+        rec = self.registry.get(node)
+        ok = rec is not None and rec.active
+        self._registered_cache[node] = (now, ok)
+        return ok
+
+    def _load_seqs(self) -> dict[str, int]:
+        seqs: dict[str, int] = {}
+        if self._seq_log.exists():
+            for line in self._seq_log.read_text().splitlines():
+                node, _, seq = line.partition(" ")
+                if seq.isdigit():
+                    seqs[node] = max(seqs.get(node, -1), int(seq))
+        return seqs
+
+    def slot_of(self, timestamp: float) -> int:
+        return int(timestamp // self.config.heartbeat_interval_s)
+
+    def epoch_of(self, timestamp: float) -> int:
+        return int(timestamp // self.config.epoch_s)
+
+    def submit_telemetry(self, blob: bytes) -> SignedTelemetry:
+        """Check and keep one report (raises :class:`TelemetryRefusedError`, counted by reason)."""
+        with self._lock:
+            signed = self.intake.submit(blob)
+            report = signed.report
+            with self._seq_log.open("a") as f:
+                f.write(f"{report.node} {report.seq}\n")
+            self._reports_dir.mkdir(exist_ok=True)
+            with (self._reports_dir / f"{self.epoch_of(report.timestamp)}.jsonl").open("a") as f:
+                f.write(signed.model_dump_json() + "\n")
+            self.intake.drain()
+            self._keep(signed)
+        return signed
+
+    def _keep(self, signed: SignedTelemetry) -> None:
+        report = signed.report
+        self._pending.append(signed)
+        slot = self.slot_of(report.timestamp)
+        self._heartbeats[report.node].add(slot)
+        self._first_slot[report.node] = min(self._first_slot.get(report.node, slot), slot)
+
+    def _reload_reports(self) -> None:
+        """Accepted reports of epochs not yet posted survive a restart (``reports/<epoch>.jsonl``)."""
+        if not self._reports_dir.exists():
+            return
+        posted = self.reputation.latest_epoch()
+        for path in sorted(self._reports_dir.glob("*.jsonl")):
+            if not path.stem.isdigit() or int(path.stem) <= posted:
+                continue
+            for line in path.read_text().splitlines():
+                if line.strip():
+                    self._keep(SignedTelemetry.model_validate_json(line))
+
+    # ------------------------------------------------------------------ spot checks
+
+    def record_check(self, node: str, passed: bool, at: float | None = None) -> None:
+        epoch = self.epoch_of(self.clock() if at is None else at)
+        with self._lock:
+            self._checks[epoch][Web3.to_checksum_address(node)][0 if passed else 1] += 1
+
+    def report_spot_check(self, evidence: SpotCheckEvidence) -> SpotCheckOutcome:
+        """A re-executed stage call: slash on a proven mismatch, credit both nodes on a match.
+
+        Raises :class:`EvidenceRefusedError` (nothing slashed, nothing credited) when the evidence
+        proves nothing: bad signatures, unregistered nodes, different calls, unsigned outputs.
+        """
+        try:
+            result = self.slasher.submit(evidence)
+        except EvidenceRefusedError as exc:
+            if exc.reason != "within_tolerance":
+                raise
+            # signatures, registration and output hashes were all checked before the comparison
+            self.record_check(evidence.accused_node, True)
+            self.record_check(evidence.checker_node, True)
+            return SpotCheckOutcome("pass", str(exc))
+        self.record_check(result.accused_node, False)
+        self.record_check(evidence.checker_node, True)
+        self.slashes += 1
+        detail = (
+            f"node {result.accused_node} differs by {result.rel_diff:.3g} (tolerance {result.tolerance:.3g}); "
+            f"slashed {result.slashed} token units of operator {result.operator}"
+        )
+        return SpotCheckOutcome("slashed", detail, result)
+
+    # ------------------------------------------------------------------ epochs
+
+    def close_epoch(self, epoch: int) -> EpochRecord | None:
+        """Score, post and store ``epoch``; ``None`` when nothing was seen in it (nothing posted)."""
+        o = self.config
+        start = epoch * o.epoch_s
+        end = start + o.epoch_s
+        with self._lock:  # read only: if posting fails, everything stays for the retry
+            reports = [r for r in self._pending if start <= r.report.timestamp < end]
+            checks = {n: (c[0], c[1]) for n, c in self._checks.get(epoch, {}).items()}
+        nodes = {r.report.node for r in reports} | set(checks)
+        if not nodes:
+            self._forget_before(epoch + 1)
+            return None
+        stakes: dict[str, tuple[int, int]] = {}
+        for node in nodes:
+            rec = self.registry.get(node)
+            if rec is not None:
+                info = self.staking.info(rec.operator)
+                stakes[node] = (info.active, info.min_stake)
+        stats = summarize_epoch(reports, start, o.epoch_s, o.heartbeat_interval_s, checks, stakes)
+        scores = score_reputation(stats, self.weights)
+        by_node: dict[str, list[SignedTelemetry]] = defaultdict(list)
+        for r in reports:
+            by_node[r.report.node].append(r)
+        digests = {
+            n: [r.digest(self.domain) for r in sorted(rs, key=lambda r: r.report.seq)] for n, rs in by_node.items()
+        }
+        record = build_record(epoch, scores, digests)
+        receipt = self.reputation.post_epoch(
+            self.account, epoch, list(scores), list(scores.values()), bytes.fromhex(record.root[2:])
+        )
+        record = record.model_copy(update={"tx": "0x" + bytes(receipt["transactionHash"]).hex()})
+        self.epochs.save(record)
+        self.posted_epochs += 1
+        self._forget_before(epoch + 1)
+        contributions = {
+            n: NodeContribution(
+                uptime_fraction=stats[n].uptime_fraction,
+                measured_tps=stats[n].measured_tps,
+                latencies_ms=tuple(x for r in rs for x in r.report.metrics.latencies_ms),
+            )
+            for n, rs in by_node.items()
+        }
+        agg = release_aggregates(epoch, contributions, o.dp_epsilon, o.dp_capacity_clip_tps, self.accountant, self.rng)
+        self.aggregates[epoch] = agg
+        (self.state_dir / "privacy.json").write_text(self.accountant.to_json())
+        agg_dir = self.state_dir / "aggregates"
+        agg_dir.mkdir(exist_ok=True)
+        (agg_dir / f"{epoch}.json").write_text(agg.model_dump_json(indent=1))
+        log.info("posted epoch %d: %d nodes, root %s", epoch, len(scores), record.root)
+        return record
+
+    def _forget_before(self, epoch: int) -> None:
+        """Drop what closed epochs no longer need; keep one history window of heartbeats."""
+        end = epoch * self.config.epoch_s
+        with self._lock:
+            self._pending = [r for r in self._pending if r.report.timestamp >= end]
+            for old in [e for e in self._checks if e < epoch]:
+                del self._checks[old]
+            horizon = self.slot_of(end) - HISTORY_SLOTS
+            for slots in self._heartbeats.values():
+                slots.difference_update([s for s in slots if s < horizon])
+            # compact the seq log to one line per node
+            tmp = self._seq_log.with_suffix(".tmp")
+            tmp.write_text("".join(f"{n} {q}\n" for n, q in sorted(self.intake.last_seq.items())))
+            tmp.replace(self._seq_log)
+
+    def latest_aggregates(self) -> Aggregates | None:
+        if self.aggregates:
+            return self.aggregates[max(self.aggregates)]
+        agg_dir = self.state_dir / "aggregates"
+        stored = max((int(p.stem) for p in agg_dir.glob("*.json")), default=None) if agg_dir.exists() else None
+        if stored is None:
+            return None
+        return Aggregates.model_validate_json((agg_dir / f"{stored}.json").read_text())
+
+    # ------------------------------------------------------------------ failure risk
+
+    def heartbeat_record(self, node: str, now: float | None = None) -> list[int]:
+        """1/0 per slot from the node's first report to the last complete slot before ``now`` (or
+        the current slot once the node reported in it)."""
+        node = Web3.to_checksum_address(node)
+        with self._lock:
+            seen = set(self._heartbeats.get(node, ()))
+            first = self._first_slot.get(node)
+        if first is None:
+            return []
+        current = self.slot_of(self.clock() if now is None else now)
+        last = current if current in seen else current - 1  # the current slot counts once reported
+        lo = max(first, last - HISTORY_SLOTS + 1)
+        return [1 if s in seen else 0 for s in range(lo, last + 1)]
+
+    def failure_risk(self, node: str, now: float | None = None) -> float:
+        """Probability that ``node`` drops out within the next window (the scheduler's failure_risk).
+
+        A node that missed the last two slots is already gone: 1.0. A node never heard from gets
+        the model's prediction for an empty record.
+        """
+        record = self.heartbeat_record(node, now)
+        if len(record) >= 2 and not any(record[-2:]):
+            return 1.0
+        return self.dropout_model.predict(record)
+
+    def failure_risks(self, now: float | None = None) -> dict[str, float]:
+        with self._lock:
+            nodes = sorted(self._heartbeats)
+        return {n: self.failure_risk(n, now) for n in nodes}
+
+    def scheduler_view(self, now: float | None = None) -> dict[str, dict[str, float | int]]:
+        """What the broker's scheduler reads per node: ``reputation_bps`` (latest posted epoch, as on
+        chain), ``reputation_epoch`` and ``failure_risk`` (``NodeOffer`` fields of the same names)."""
+        latest: dict[str, tuple[int, int]] = {}
+        stored = self.epochs.epochs()
+        if stored:
+            record = self.epochs.load(stored[-1])
+            latest = {leaf.node: (leaf.score_bps, record.epoch) for leaf in record.leaves}
+        risks = self.failure_risks(now)
+        out: dict[str, dict[str, float | int]] = {}
+        for node in sorted(set(latest) | set(risks)):
+            score, epoch = latest.get(node, (0, 0))
+            risk = risks[node] if node in risks else self.failure_risk(node, now)
+            out[node] = {"reputation_bps": score, "reputation_epoch": epoch, "failure_risk": risk}
+        return out
+
+    # ------------------------------------------------------------------ loop
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Close each epoch once its reports can no longer arrive, until ``stop``.
+
+        A report of epoch k is stale ``telemetry_max_age_s`` after the epoch ends, so closing then
+        loses nothing that the intake would still accept.
+        """
+        closed = self.reputation.latest_epoch()
+        while not stop.is_set():
+            now = self.clock()
+            due = self.epoch_of(now - self.config.telemetry_max_age_s) - 1
+            if due > closed:
+                try:
+                    await asyncio.to_thread(self.close_epoch, due)
+                except Exception:  # keep serving telemetry; the next pass retries (logged with traceback)
+                    log.exception("closing epoch %d failed; retrying next pass", due)
+                    with contextlib.suppress(Exception):  # posted but not stored: do not retry forever
+                        closed = max(closed, self.reputation.latest_epoch())
+                else:
+                    closed = due
+            next_close = (self.epoch_of(now) + 1) * self.config.epoch_s + self.config.telemetry_max_age_s
+            with contextlib.suppress(TimeoutError):  # the timeout is the normal wake-up
+                await asyncio.wait_for(stop.wait(), timeout=max(1.0, min(60.0, next_close - now)))
+
+
+def default_state_dir(settings: Settings) -> Path:
+    return settings.oracle.state_dir or settings.home / "oracle"

@@ -1,0 +1,498 @@
+"""Spot-check verification: which stage calls to re-execute, how to compare outputs, and evidence.
+
+Pure functions and wire types; :mod:`dlis_market.oracle.slashing` puts accepted evidence on chain.
+
+**Sampling.** :class:`SpotCheckSampler` selects a stage call ``(job id, start)`` when
+``keccak256(secret ++ job_id ++ start) < fraction * 2**256``: a fixed fraction, reproducible by
+the oracle from its secret seed, unpredictable to workers.
+
+**Outputs.** A stage's receipt commits ``outputHash = sha256(concatenated raw output rows)``
+(see ``node/receipts.py``). Evidence carries both raw outputs; the oracle checks each against its
+signed receipt, decodes them (float32 / bfloat16 / float16 / int64, little endian) and compares
+``max|a - b| / max(max|a|, max|b|, 1e-6)`` (relative to the activations' own scale, so one table
+fits models with different hidden-state magnitudes) with the tolerance of the shard dtype.
+
+**Tolerances** (:data:`TOLERANCES`). Two honest workers running the *same* shard on the same
+input differ only by floating-point re-association: thread count, batch composition, kernel
+choice. ``tests/unit/oracle/tolerance_measure.py`` measures this on CPU with a random Llama
+(hidden 256, stage 0 = 2 layers, prefill of 8 tokens + 6 decode steps, 4 prompts): one thread
+with the session alone vs two threads with the session batched among 4. It also measures what
+cheating looks like: serving another quantization than the shard claims, and running on wrong
+input tokens. Relative differences measured (2026-11-27, CPU):
+
+=====  ==========  =======  ========  ========  ========  ===========  =========
+dtype  honest max  as fp32  as bf16   as int8   as nf4    wrong input  tolerance
+=====  ==========  =======  ========  ========  ========  ===========  =========
+fp32   3.1e-7      --       6.0e-3    1.3e-2    1.4e-1    0.38         1e-3
+bf16   0           6.0e-3   --        1.1e-2    1.3e-1    0.38         6e-2
+int8   0           1.3e-2   1.1e-2    --        1.3e-1    0.38         1e-1
+nf4    0           1.4e-1   1.3e-1    1.3e-1    --        0.38         1e-1
+ids    --          --       --        --        --        --           0 (exact)
+=====  ==========  =======  ========  ========  ========  ===========  =========
+
+CPU runs were bit-identical for bf16/int8/nf4; GPUs are not (split-K GEMMs, atomics, other
+kernels), and real stages are deeper (errors grow with layers), so the table is set far above the
+CPU figures rather than fitted to them (a bf16 rounding is 2**-8 = 3.9e-3 each): fp32 still catches any
+cheaper quantization, bf16 and int8 still catch nf4 served in their place, and every dtype
+catches wrong inputs by >3x. The tolerances are **provisional until measured on GPUs** (no GPU
+was available): rerun the measurement there with real checkpoints and tighten/loosen.
+``ids`` (sampled token ids at the last stage) must match exactly.
+
+A faulty or lazy worker (random output, skipped layers, wrong weights or inputs) differs by
+0.1-1 on this relative scale (0.38 measured for wrong inputs).
+
+**Evidence.** Both signed receipts (same job, model, range and token count, signed by two
+different registered nodes), the input hash the spot-check runner fed both, both outputs, and
+the *runner's* EIP-712 signature (oracle domain) over ``SpotCheck(accused, checker, jobId, start,
+end, inputHash, accusedOutputHash, checkerOutputHash)``. Receipts settle on chain, so they are
+public: without the runner's signature any registered node could sign a "re-execution" of its
+own with a different output and frame an honest node for the reporter reward. Only runners the
+oracle is configured to trust (``spot_check_runners``, plus the oracle's own account) may assign
+a checker; evidence without such a signature is refused (``unauthorized_runner``). Two outputs
+alone cannot say which node is wrong (the accused is the node the runner spot-checked): evidence
+may carry a *referee*, a second checker's receipt and output, and then counts only if the
+referee matches the checker and not the accused (2 of 3); ``spot_check_require_referee`` makes
+that mandatory, which protects honest nodes from a single faulty checker.
+``evidence_hash`` identifies the *fault* (accused node, job, range), so the contract's
+one-use-per-evidence rule also means one slash per faulty stage call, whoever reports it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Collection
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+from eth_abi import encode
+from eth_account import Account
+from eth_account.messages import encode_typed_data
+from eth_keys.exceptions import BadSignature
+from eth_keys.exceptions import ValidationError as KeyValidationError
+from eth_utils import keccak
+from pydantic import Field
+
+from dlis_market.chain.job_market import Receipt, SignedReceipt, receipt_signer
+from dlis_market.chain.typed_data import CompactSignature, Domain
+from dlis_market.oracle.errors import EvidenceRefusedError
+from dlis_market.types import WireModel
+
+ShardDtype = Literal["fp32", "bf16", "int8", "nf4", "ids"]
+ElementDtype = Literal["float32", "bfloat16", "float16", "int64"]
+EVIDENCE_TAG = keccak(text="DLIS SpotCheck v1")
+Hex32 = Field(pattern=r"^0x[0-9a-fA-F]{64}$")
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    max_rel_diff: float
+
+
+TOLERANCES: dict[str, Tolerance] = {
+    "fp32": Tolerance(1e-3),
+    "bf16": Tolerance(6e-2),
+    "int8": Tolerance(1e-1),
+    "nf4": Tolerance(1e-1),
+    "ids": Tolerance(0.0),
+}
+
+
+class SpotCheckSampler:
+    """Selects a configurable fraction of stage calls, keyed by a secret seed."""
+
+    def __init__(self, fraction: float, secret: bytes) -> None:
+        if not 0.0 <= fraction <= 1.0:
+            raise ValueError(f"spot-check fraction must be in [0, 1], got {fraction}")
+        self.fraction = fraction
+        self.secret = secret
+        self._threshold = int(fraction * 2**256)
+
+    def selected(self, job_id: bytes, start: int) -> bool:
+        if self.fraction >= 1.0:
+            return True
+        draw = int.from_bytes(keccak(self.secret + job_id + start.to_bytes(4, "big")), "big")
+        return draw < self._threshold
+
+
+# ------------------------------------------------------------------------------ outputs
+
+
+def decode_output(data: bytes, element_dtype: str) -> np.ndarray:
+    """Raw little-endian output bytes as a float64 (or int64) vector."""
+    if element_dtype == "float32":
+        return np.frombuffer(data, dtype="<f4").astype(np.float64)
+    if element_dtype == "float16":
+        return np.frombuffer(data, dtype="<f2").astype(np.float64)
+    if element_dtype == "bfloat16":
+        bits = np.frombuffer(data, dtype="<u2").astype(np.uint32) << 16
+        return bits.view(np.float32).astype(np.float64)
+    if element_dtype == "int64":
+        return np.frombuffer(data, dtype="<i8")
+    raise ValueError(f"unknown element dtype {element_dtype!r}")
+
+
+@dataclass(frozen=True)
+class Comparison:
+    max_abs_diff: float
+    scale: float
+    rel_diff: float  # max_abs_diff / scale; inf when shapes or dtypes differ or values are not finite
+    tolerance: float
+
+    @property
+    def within(self) -> bool:
+        return self.rel_diff <= self.tolerance
+
+
+def compare_outputs(a: np.ndarray, b: np.ndarray, shard_dtype: str) -> Comparison:
+    """Compare two outputs of the same stage call under the tolerance of ``shard_dtype``."""
+    tol = TOLERANCES.get(shard_dtype)
+    if tol is None:
+        raise ValueError(f"no tolerance for shard dtype {shard_dtype!r}; known: {', '.join(TOLERANCES)}")
+    if a.shape != b.shape:
+        return Comparison(float("inf"), 0.0, float("inf"), tol.max_rel_diff)
+    if a.size == 0:
+        return Comparison(0.0, 0.0, 0.0, tol.max_rel_diff)
+    af, bf = a.astype(np.float64), b.astype(np.float64)
+    if not (np.all(np.isfinite(af)) and np.all(np.isfinite(bf))):
+        same = bool(np.array_equal(af, bf, equal_nan=True))
+        return Comparison(0.0 if same else float("inf"), 0.0, 0.0 if same else float("inf"), tol.max_rel_diff)
+    diff = float(np.max(np.abs(af - bf)))
+    scale = max(float(np.max(np.abs(af))), float(np.max(np.abs(bf))), 1e-6)
+    return Comparison(diff, scale, diff / scale, tol.max_rel_diff)
+
+
+# ------------------------------------------------------------------------------ evidence
+
+
+class ReceiptWire(WireModel):
+    """A signed JobMarket ``Receipt`` as JSON (hex for bytes, decimal string for the amount)."""
+
+    job_id: str = Hex32
+    model_id: str = Hex32
+    start: int = Field(ge=0, lt=2**32)
+    end: int = Field(ge=1, lt=2**32)
+    tokens: int = Field(ge=0, lt=2**32)
+    output_hash: str = Hex32
+    amount: str = Field(pattern=r"^[0-9]{1,78}$")
+    signature: str = Field(pattern=r"^0x[0-9a-fA-F]{130}$")
+
+    @classmethod
+    def from_signed(cls, signed: SignedReceipt) -> ReceiptWire:
+        r = signed.receipt
+        return cls(
+            job_id="0x" + r.job_id.hex(),
+            model_id="0x" + r.model_id.hex(),
+            start=r.start,
+            end=r.end,
+            tokens=r.tokens,
+            output_hash="0x" + r.output_hash.hex(),
+            amount=str(r.amount),
+            signature=signed.signature.hex(),
+        )
+
+    def receipt(self) -> Receipt:
+        return Receipt(
+            job_id=bytes.fromhex(self.job_id[2:]),
+            model_id=bytes.fromhex(self.model_id[2:]),
+            start=self.start,
+            end=self.end,
+            tokens=self.tokens,
+            output_hash=bytes.fromhex(self.output_hash[2:]),
+            amount=int(self.amount),
+        )
+
+    def signed(self) -> SignedReceipt:
+        return SignedReceipt(self.receipt(), CompactSignature.from_bytes(bytes.fromhex(self.signature[2:])))
+
+
+class StageOutputBlob(WireModel):
+    """The raw output rows of one stage call (what the receipt's ``outputHash`` is sha256 of)."""
+
+    element_dtype: ElementDtype
+    data_hex: str = Field(pattern=r"^(0x)?([0-9a-fA-F]{2})*$")
+
+    @classmethod
+    def of(cls, data: bytes, element_dtype: ElementDtype) -> StageOutputBlob:
+        return cls(element_dtype=element_dtype, data_hex="0x" + data.hex())
+
+    @property
+    def data(self) -> bytes:
+        return bytes.fromhex(self.data_hex.removeprefix("0x"))
+
+    def sha256(self) -> bytes:
+        return hashlib.sha256(self.data).digest()
+
+
+SPOT_CHECK_TYPE = [
+    ("accused", "address"),
+    ("checker", "address"),
+    ("jobId", "bytes32"),
+    ("start", "uint32"),
+    ("end", "uint32"),
+    ("inputHash", "bytes32"),
+    ("accusedOutputHash", "bytes32"),
+    ("checkerOutputHash", "bytes32"),
+    ("referee", "address"),  # zero when the evidence has no referee
+    ("refereeOutputHash", "bytes32"),
+]
+ZERO_ADDRESS = "0x" + "00" * 20
+
+
+class SpotCheckEvidence(WireModel):
+    """What the spot-check runner submits (``POST /v1/spot-checks``)."""
+
+    accused_node: str
+    checker_node: str
+    accused_receipt: ReceiptWire
+    checker_receipt: ReceiptWire
+    input_hash: str = Hex32  # sha256 of the stage input both were given (attested by the runner)
+    shard_dtype: ShardDtype
+    accused_output: StageOutputBlob
+    checker_output: StageOutputBlob
+    # Optional second checker: a mismatch counts only if it agrees with the checker (2 of 3).
+    referee_node: str | None = None
+    referee_receipt: ReceiptWire | None = None
+    referee_output: StageOutputBlob | None = None
+    runner_signature: str = Field(default="", pattern=r"^(0x[0-9a-fA-F]{130})?$")
+
+    def runner_message(self) -> dict[str, Any]:
+        return {
+            "accused": self.accused_node,
+            "checker": self.checker_node,
+            "jobId": bytes.fromhex(self.accused_receipt.job_id[2:]),
+            "start": self.accused_receipt.start,
+            "end": self.accused_receipt.end,
+            "inputHash": bytes.fromhex(self.input_hash[2:]),
+            "accusedOutputHash": bytes.fromhex(self.accused_receipt.output_hash[2:]),
+            "checkerOutputHash": bytes.fromhex(self.checker_receipt.output_hash[2:]),
+            "referee": self.referee_node or ZERO_ADDRESS,
+            "refereeOutputHash": bytes.fromhex(self.referee_receipt.output_hash[2:])
+            if self.referee_receipt
+            else bytes(32),
+        }
+
+    def signed_by_runner(self, runner_key: bytes | str, oracle_domain: Domain) -> SpotCheckEvidence:
+        signable = encode_typed_data(full_message=_spot_check_message(oracle_domain, self.runner_message()))
+        signature = Account.sign_message(signable, runner_key).signature
+        return self.model_copy(update={"runner_signature": "0x" + bytes(signature).hex()})
+
+    def runner(self, oracle_domain: Domain) -> str | None:
+        """The address that assigned this check (None when unsigned or unrecoverable)."""
+        if not self.runner_signature:
+            return None
+        signable = encode_typed_data(full_message=_spot_check_message(oracle_domain, self.runner_message()))
+        try:
+            return str(Account.recover_message(signable, signature=bytes.fromhex(self.runner_signature[2:])))
+        except (ValueError, TypeError, BadSignature, KeyValidationError):  # unrecoverable signature bytes
+            return None
+
+
+def _spot_check_message(domain: Domain, message: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "types": {
+            "EIP712Domain": [
+                {"name": "name", "type": "string"},
+                {"name": "version", "type": "string"},
+                {"name": "chainId", "type": "uint256"},
+                {"name": "verifyingContract", "type": "address"},
+            ],
+            "SpotCheck": [{"name": n, "type": t} for n, t in SPOT_CHECK_TYPE],
+        },
+        "primaryType": "SpotCheck",
+        "domain": domain.as_dict(),
+        "message": message,
+    }
+
+
+def build_evidence(
+    accused: SignedReceipt,
+    checker: SignedReceipt,
+    accused_output: bytes,
+    checker_output: bytes,
+    element_dtype: ElementDtype,
+    shard_dtype: ShardDtype,
+    input_hash: bytes,
+    domain: Domain,
+    runner_key: bytes | str,
+    oracle_domain: Domain,
+    referee: SignedReceipt | None = None,
+    referee_output: bytes | None = None,
+) -> SpotCheckEvidence:
+    """Evidence from the signed receipts and raw outputs, signed by the runner that assigned the
+    check (what the spot-check runner calls). ``domain`` is JobMarket's, ``oracle_domain``
+    :func:`telemetry.oracle_domain`. Node addresses are recovered from the receipts. Pass a
+    ``referee`` (a second checker's receipt and output) when the oracle requires one.
+    """
+    unsigned = SpotCheckEvidence(
+        accused_node=receipt_signer(domain, accused.receipt, accused.signature.signature),
+        checker_node=receipt_signer(domain, checker.receipt, checker.signature.signature),
+        accused_receipt=ReceiptWire.from_signed(accused),
+        checker_receipt=ReceiptWire.from_signed(checker),
+        input_hash="0x" + input_hash.hex(),
+        shard_dtype=shard_dtype,
+        accused_output=StageOutputBlob.of(accused_output, element_dtype),
+        checker_output=StageOutputBlob.of(checker_output, element_dtype),
+        referee_node=receipt_signer(domain, referee.receipt, referee.signature.signature) if referee else None,
+        referee_receipt=ReceiptWire.from_signed(referee) if referee else None,
+        referee_output=StageOutputBlob.of(referee_output, element_dtype) if referee_output is not None else None,
+    )
+    return unsigned.signed_by_runner(runner_key, oracle_domain)
+
+
+@dataclass(frozen=True)
+class NodeInfo:
+    """What verification needs from NodeRegistry about a receipt signer."""
+
+    operator: str
+    active: bool
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """Evidence that proved a fault: who is slashed, who reported, by how much they differ."""
+
+    evidence_hash: bytes
+    accused_node: str
+    accused_operator: str
+    checker_node: str
+    reporter: str  # the checker's operator receives the reporter share
+    comparison: Comparison
+    referee_node: str | None = None
+
+
+def evidence_hash(chain_id: int, accused_node: str, receipt: Receipt) -> bytes:
+    """keccak256(abi.encode(tag, chainId, accused, jobId, modelId, start, end)): one per fault."""
+    return bytes(
+        keccak(
+            encode(
+                ["bytes32", "uint256", "address", "bytes32", "bytes32", "uint32", "uint32"],
+                [EVIDENCE_TAG, chain_id, accused_node, receipt.job_id, receipt.model_id, receipt.start, receipt.end],
+            )
+        )
+    )
+
+
+def _signer(domain: Domain, wire: ReceiptWire, role: str) -> str:
+    try:
+        signed = wire.signed()
+        return receipt_signer(domain, signed.receipt, signed.signature.signature)
+    except (ValueError, TypeError, BadSignature, KeyValidationError) as exc:  # unrecoverable signature bytes
+        raise EvidenceRefusedError("bad_signature", f"the {role} receipt's signature does not recover: {exc}") from exc
+
+
+def _party(
+    domain: Domain,
+    lookup: Callable[[str], NodeInfo | None],
+    role: str,
+    claimed: str,
+    wire: ReceiptWire,
+    blob: StageOutputBlob,
+) -> tuple[str, NodeInfo]:
+    """The registered node that signed ``wire`` over exactly ``blob``; refusal otherwise."""
+    signer = _signer(domain, wire, role)
+    if signer.lower() != claimed.lower():
+        raise EvidenceRefusedError("bad_signature", f"{role} receipt is signed by {signer}, not by {claimed}")
+    info = lookup(signer)
+    if info is None:
+        raise EvidenceRefusedError("unregistered", f"{role} node {signer} is not registered in NodeRegistry")
+    receipt = wire.receipt()
+    if blob.sha256() != receipt.output_hash:
+        raise EvidenceRefusedError(
+            "output_not_signed",
+            f"sha256 of the {role} output is 0x{blob.sha256().hex()} but its receipt signs "
+            f"0x{receipt.output_hash.hex()}; send the exact bytes the node output",
+        )
+    return signer, info
+
+
+def _compare(a: StageOutputBlob, b: StageOutputBlob, shard_dtype: str) -> Comparison:
+    if a.element_dtype != b.element_dtype:
+        return Comparison(float("inf"), 0.0, float("inf"), TOLERANCES[shard_dtype].max_rel_diff)
+    return compare_outputs(decode_output(a.data, a.element_dtype), decode_output(b.data, b.element_dtype), shard_dtype)
+
+
+def _same_call(a: Receipt, b: Receipt, what: str) -> None:
+    if (a.job_id, a.model_id, a.start, a.end, a.tokens) != (b.job_id, b.model_id, b.start, b.end, b.tokens):
+        raise EvidenceRefusedError(
+            "different_call",
+            f"receipts are for different calls: accused job 0x{a.job_id.hex()} [{a.start}, {a.end}) {a.tokens} "
+            f"tokens vs {what} job 0x{b.job_id.hex()} [{b.start}, {b.end}) {b.tokens} tokens; re-execute the "
+            "same job, range and tokens",
+        )
+
+
+def check_evidence(
+    evidence: SpotCheckEvidence,
+    domain: Domain,
+    lookup: Callable[[str], NodeInfo | None],
+    oracle_domain: Domain,
+    runners: Collection[str],
+    require_referee: bool = False,
+) -> Verdict:
+    """Accept evidence only if it proves a mismatch beyond tolerance; else raise a clear refusal.
+
+    ``domain`` is JobMarket's EIP-712 domain (receipts are JobMarket receipts); ``lookup(node)``
+    returns the registry entry of a node or ``None``; ``runners`` are the addresses allowed to
+    assign spot checks (signing in ``oracle_domain``). With a referee (required when
+    ``require_referee``), the referee must agree with the checker and disagree with the accused.
+    Pure apart from ``lookup``.
+    """
+    runner = evidence.runner(oracle_domain)
+    allowed = {r.lower() for r in runners}
+    if runner is None or runner.lower() not in allowed:
+        raise EvidenceRefusedError(
+            "unauthorized_runner",
+            f"evidence is signed by runner {runner or '(no valid signature)'}, which is not one of the "
+            f"{len(allowed)} spot-check runners this oracle trusts (oracle spot_check_runners setting)",
+        )
+    accused, accused_info = _party(
+        domain, lookup, "accused", evidence.accused_node, evidence.accused_receipt, evidence.accused_output
+    )
+    checker, checker_info = _party(
+        domain, lookup, "checker", evidence.checker_node, evidence.checker_receipt, evidence.checker_output
+    )
+    if accused == checker:
+        raise EvidenceRefusedError("same_node", f"both receipts are signed by {accused}; need two nodes")
+    a = evidence.accused_receipt.receipt()
+    _same_call(a, evidence.checker_receipt.receipt(), "checker")
+    cmp = _compare(evidence.accused_output, evidence.checker_output, evidence.shard_dtype)
+    if cmp.within:
+        raise EvidenceRefusedError(
+            "within_tolerance",
+            f"outputs differ by {cmp.rel_diff:.3g} (relative; max abs {cmp.max_abs_diff:.3g}), within the "
+            f"{evidence.shard_dtype} tolerance {cmp.tolerance:.3g}: no fault, nothing slashed",
+        )
+    referee = None
+    parts = (evidence.referee_node, evidence.referee_receipt, evidence.referee_output)
+    if any(p is not None for p in parts):
+        if evidence.referee_node is None or evidence.referee_receipt is None or evidence.referee_output is None:
+            raise EvidenceRefusedError("incomplete_referee", "a referee needs its node, receipt and output")
+        referee, _ = _party(
+            domain, lookup, "referee", evidence.referee_node, evidence.referee_receipt, evidence.referee_output
+        )
+        if referee in (accused, checker):
+            raise EvidenceRefusedError("same_node", f"referee {referee} is also the accused or the checker")
+        _same_call(a, evidence.referee_receipt.receipt(), "referee")
+        with_checker = _compare(evidence.referee_output, evidence.checker_output, evidence.shard_dtype)
+        with_accused = _compare(evidence.referee_output, evidence.accused_output, evidence.shard_dtype)
+        if not with_checker.within or with_accused.within:
+            raise EvidenceRefusedError(
+                "checkers_disagree",
+                f"the referee differs from the checker by {with_checker.rel_diff:.3g} and from the accused by "
+                f"{with_accused.rel_diff:.3g} (tolerance {cmp.tolerance:.3g}); it must match the checker and "
+                "not the accused: nothing is proven, re-check with another node",
+            )
+    elif require_referee:
+        raise EvidenceRefusedError(
+            "referee_required", "this oracle slashes only when a second checker (referee) confirms the mismatch"
+        )
+    return Verdict(
+        evidence_hash=evidence_hash(domain.chain_id, accused, a),
+        accused_node=accused,
+        accused_operator=accused_info.operator,
+        checker_node=checker,
+        reporter=checker_info.operator,
+        comparison=cmp,
+        referee_node=referee,
+    )

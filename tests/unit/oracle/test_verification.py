@@ -1,0 +1,157 @@
+"""Spot-check sampling, output comparison and evidence checks with synthetic signed receipts."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from eth_account import Account
+
+from dlis_market.chain.job_market import market_domain
+from dlis_market.chain.typed_data import Domain
+from dlis_market.oracle.errors import EvidenceRefusedError
+from dlis_market.oracle.verification import (
+    NodeInfo,
+    ReceiptWire,
+    SpotCheckSampler,
+    StageOutputBlob,
+    check_evidence,
+    compare_outputs,
+    decode_output,
+    evidence_hash,
+)
+
+from .evidence_helpers import RUNNER, make_evidence, reference_output, signed_receipt
+
+DOMAIN = market_domain(31337, "0x" + "cd" * 20)
+ORACLE_DOMAIN = Domain("DLIS Oracle", "1", 31337, DOMAIN.verifying_contract)
+ACCUSED = Account.from_key(b"\x01" * 32)
+CHECKER = Account.from_key(b"\x02" * 32)
+REFEREE = Account.from_key(b"\x06" * 32)
+REGISTRY = {
+    ACCUSED.address: NodeInfo("0x" + "aa" * 20, True),
+    CHECKER.address: NodeInfo("0x" + "bb" * 20, True),
+    REFEREE.address: NodeInfo("0x" + "cc" * 20, True),
+}
+
+
+def lookup(node: str) -> NodeInfo | None:
+    return REGISTRY.get(node)
+
+
+def _refusal(evidence, require_referee: bool = False) -> str:  # type: ignore[no-untyped-def]
+    with pytest.raises(EvidenceRefusedError) as err:
+        check_evidence(evidence, DOMAIN, lookup, ORACLE_DOMAIN, [RUNNER.address], require_referee)
+    return err.value.reason
+
+
+def test_sampler_selects_the_configured_fraction_reproducibly() -> None:
+    sampler = SpotCheckSampler(0.1, b"seed")
+    calls = [(i.to_bytes(32, "big"), s) for i in range(5000) for s in (0, 8)]
+    picked = [sampler.selected(j, s) for j, s in calls]
+    assert abs(sum(picked) / len(picked) - 0.1) < 0.01  # 3 sigma = 0.0064
+    assert picked == [SpotCheckSampler(0.1, b"seed").selected(j, s) for j, s in calls]
+    assert picked != [SpotCheckSampler(0.1, b"other").selected(j, s) for j, s in calls]
+    assert not any(SpotCheckSampler(0.0, b"s").selected(j, s) for j, s in calls[:100])
+    assert all(SpotCheckSampler(1.0, b"s").selected(j, s) for j, s in calls[:100])
+    with pytest.raises(ValueError):
+        SpotCheckSampler(1.5, b"s")
+
+
+def test_decode_bfloat16() -> None:
+    x = np.array([1.0, -2.5, 3.140625], dtype=np.float32)
+    bf16 = (x.view(np.uint32) >> 16).astype("<u2").tobytes()
+    assert decode_output(bf16, "bfloat16").tolist() == [1.0, -2.5, 3.140625]
+
+
+def test_compare_outputs_by_dtype() -> None:
+    a = reference_output()
+    assert compare_outputs(a, a + 1e-5, "fp32").within
+    assert not compare_outputs(a, a + 0.1, "fp32").within
+    assert compare_outputs(a, a * (1 + 1e-2), "bf16").within
+    assert not compare_outputs(a, reference_output(seed=1), "bf16").within
+    assert not compare_outputs(a, a[:-1], "fp32").within
+    ids = np.array([1, 2, 3])
+    assert compare_outputs(ids, ids, "ids").within and not compare_outputs(ids, ids + 1, "ids").within
+    assert not compare_outputs(a, np.full_like(a, np.nan), "fp32").within
+    with pytest.raises(ValueError):
+        compare_outputs(a, a, "fp8")
+
+
+def test_mismatch_beyond_tolerance_is_a_verdict() -> None:
+    out = reference_output()
+    ev = make_evidence(ACCUSED, CHECKER, DOMAIN, out + 0.5, out)
+    verdict = check_evidence(ev, DOMAIN, lookup, ORACLE_DOMAIN, [RUNNER.address])
+    assert verdict.accused_operator == REGISTRY[ACCUSED.address].operator
+    assert verdict.reporter == REGISTRY[CHECKER.address].operator
+    assert verdict.comparison.rel_diff > 0.05
+    assert verdict.evidence_hash == evidence_hash(31337, ACCUSED.address, ev.accused_receipt.receipt())
+    # evidence survives JSON
+    assert type(ev).model_validate_json(ev.model_dump_json()) == ev
+
+
+def test_within_tolerance_refused() -> None:
+    out = reference_output()
+    assert _refusal(make_evidence(ACCUSED, CHECKER, DOMAIN, out + 1e-5, out)) == "within_tolerance"
+    assert _refusal(make_evidence(ACCUSED, CHECKER, DOMAIN, out * 1.01, out, shard_dtype="bf16")) == "within_tolerance"
+
+
+def test_bad_signatures_refused() -> None:
+    out = reference_output()
+    ev = make_evidence(ACCUSED, CHECKER, DOMAIN, out + 0.5, out)
+    # accused receipt re-signed by an outsider
+    outsider = Account.from_key(b"\x03" * 32)
+    forged = ReceiptWire.from_signed(signed_receipt(outsider, DOMAIN, ev.accused_output.data))
+    assert _refusal(ev.model_copy(update={"accused_receipt": forged})) == "bad_signature"
+    # garbage signature bytes
+    zero = ev.accused_receipt.model_copy(update={"signature": "0x" + "00" * 65})
+    assert _refusal(ev.model_copy(update={"accused_receipt": zero})) == "bad_signature"
+    # signed in another domain (other chain)
+    other = market_domain(1, DOMAIN.verifying_contract)
+    wrong_chain = make_evidence(ACCUSED, CHECKER, other, out + 0.5, out, oracle_domain=ORACLE_DOMAIN)
+    assert _refusal(wrong_chain) == "bad_signature"
+
+
+def test_other_refusals() -> None:
+    out = reference_output()
+    ev = make_evidence(ACCUSED, CHECKER, DOMAIN, out + 0.5, out)
+    assert _refusal(make_evidence(ACCUSED, ACCUSED, DOMAIN, out + 0.5, out)) == "same_node"
+    stranger = Account.from_key(b"\x04" * 32)
+    assert _refusal(make_evidence(stranger, CHECKER, DOMAIN, out + 0.5, out)) == "unregistered"
+    other_job = make_evidence(ACCUSED, CHECKER, DOMAIN, out, out, job=b"\x08" * 32)
+    assert _refusal(ev.model_copy(update={"checker_receipt": other_job.checker_receipt})) == "different_call"
+    swapped = StageOutputBlob.of((out + 0.25).astype("<f4").tobytes(), "float32")
+    assert _refusal(ev.model_copy(update={"accused_output": swapped})) == "output_not_signed"
+
+
+def test_only_trusted_runners_may_assign_checks() -> None:
+    """Receipts are public once settled: a node must not be able to frame another on its own."""
+    out = reference_output()
+    ev = make_evidence(ACCUSED, CHECKER, DOMAIN, out + 0.5, out)
+    assert _refusal(ev.model_copy(update={"runner_signature": ""})) == "unauthorized_runner"
+    # the checker signing as its own runner
+    self_assigned = make_evidence(ACCUSED, CHECKER, DOMAIN, out + 0.5, out, runner=CHECKER)
+    assert _refusal(self_assigned) == "unauthorized_runner"
+    # a runner signature does not carry over to other outputs
+    swapped = make_evidence(ACCUSED, CHECKER, DOMAIN, out + 0.7, out)
+    assert _refusal(ev.model_copy(update={"accused_receipt": swapped.accused_receipt})) == "unauthorized_runner"
+    assert _refusal(ev.model_copy(update={"runner_signature": "0x" + "00" * 65})) == "unauthorized_runner"
+
+
+def test_referee_must_side_with_the_checker() -> None:
+    out = reference_output()
+    confirmed = make_evidence(ACCUSED, CHECKER, DOMAIN, out + 0.5, out, referee=(REFEREE, out + 1e-6))
+    verdict = check_evidence(confirmed, DOMAIN, lookup, ORACLE_DOMAIN, [RUNNER.address], require_referee=True)
+    assert verdict.referee_node == REFEREE.address and verdict.accused_node == ACCUSED.address
+    # the referee matches the accused: the checker is the odd one out, nothing is proven
+    sides_with_accused = make_evidence(ACCUSED, CHECKER, DOMAIN, out + 0.5, out, referee=(REFEREE, out + 0.5))
+    assert _refusal(sides_with_accused) == "checkers_disagree"
+    # the referee matches neither
+    neither = make_evidence(ACCUSED, CHECKER, DOMAIN, out + 0.5, out, referee=(REFEREE, out - 0.5))
+    assert _refusal(neither) == "checkers_disagree"
+    assert _refusal(make_evidence(ACCUSED, CHECKER, DOMAIN, out + 0.5, out), require_referee=True) == "referee_required"
+    as_checker = make_evidence(ACCUSED, CHECKER, DOMAIN, out + 0.5, out, referee=(CHECKER, out))
+    assert _refusal(as_checker) == "same_node"
+    assert _refusal(confirmed.model_copy(update={"referee_output": None})) == "incomplete_referee"
+    # the runner signed over the referee: stripping it to dodge the 2-of-3 rule breaks the signature
+    stripped = confirmed.model_copy(update={"referee_node": None, "referee_receipt": None, "referee_output": None})
+    assert _refusal(stripped) == "unauthorized_runner"
