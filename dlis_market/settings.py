@@ -128,6 +128,7 @@ class BrokerSettings(_Section):
     hop_bandwidth_bytes_per_s: float = 1e8
     fallback_peer_id: str | None = None  # a worker serving the whole model, used as the fallback pool
     fallback_min_capacity_slots: int = 0
+    oracle_url: str | None = None  # e.g. http://127.0.0.1:8090: failure risk per node for routing
 
 
 class OracleSettings(_Section):

@@ -10,6 +10,7 @@ configured, it is taken out of the peer offers and used only as the scheduler's 
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Callable
@@ -27,6 +28,8 @@ from dlis_market.chain.node_registry import NodeRegistry
 from dlis_market.chain.reputation_oracle import ReputationOracle
 from dlis_market.settings import BrokerSettings
 from dlis_market.types import LayerRange, ModelId, NodeId, PeerId
+
+log = logging.getLogger(__name__)
 
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "int8": 2, "nf4": 2}  # activations travel as fp32/bf16
 
@@ -71,6 +74,33 @@ def chain_standing(registry: NodeRegistry, reputation: ReputationOracle) -> Stan
         return NodeStanding(rec.routable, score if epoch else 10_000, "0x" + rec.attestation_hash.hex())
 
     return lookup
+
+
+class OracleRisk:
+    """Failure risk per node from the oracle's ``GET /v1/nodes`` (dropout model), cached for
+    ``ttl_s``; nodes the oracle has not heard from, or an unreachable oracle, get ``default``."""
+
+    def __init__(self, url: str, default: float, ttl_s: float = 10.0, timeout_s: float = 2.0):
+        self.url = url.rstrip("/")
+        self.default = default
+        self.ttl_s = ttl_s
+        self.timeout_s = timeout_s
+        self._at = -1e18
+        self._risk: dict[str, float] = {}
+
+    def __call__(self, node: str) -> float:
+        now = time.monotonic()
+        if now - self._at >= self.ttl_s:
+            import httpx
+
+            try:
+                data = httpx.get(f"{self.url}/v1/nodes", timeout=self.timeout_s).json()
+                self._risk = {k.lower(): float(v["failure_risk"]) for k, v in data.items()}
+            except (httpx.HTTPError, ValueError, KeyError, TypeError):
+                log.warning("oracle at %s unavailable; using the default failure risk %.3f", self.url, self.default)
+                self._risk = {}
+            self._at = now
+        return self._risk.get(node.lower(), self.default)
 
 
 def kv_bytes_per_token_layer(served: ServedModel) -> int:

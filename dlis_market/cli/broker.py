@@ -61,7 +61,7 @@ def start(
     from dlis_market.broker.catalog import ModelCatalog
     from dlis_market.broker.ledger import Ledger
     from dlis_market.broker.p2p_backend import P2PBackend
-    from dlis_market.broker.planning import CachedStanding, chain_standing, make_planner
+    from dlis_market.broker.planning import CachedStanding, OracleRisk, chain_standing, make_planner
     from dlis_market.broker.service import BrokerService
     from dlis_market.chain.client import ChainClient
     from dlis_market.chain.errors import PreflightError
@@ -83,8 +83,13 @@ def start(
             )
         catalog = ModelCatalog.from_shard_dirs(model_dir)
         ledger = Ledger(database_url(settings))
+        risk = (
+            OracleRisk(settings.broker.oracle_url, settings.broker.default_failure_risk)
+            if settings.broker.oracle_url
+            else None
+        )
         planner = make_planner(
-            settings.broker, CachedStanding(chain_standing(NodeRegistry(client), ReputationOracle(client)))
+            settings.broker, CachedStanding(chain_standing(NodeRegistry(client), ReputationOracle(client))), risk
         )
         node_settings = node_settings_for_chain(settings, client)
         peers = peer or list(settings.node.initial_peers)
