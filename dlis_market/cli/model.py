@@ -32,9 +32,7 @@ def _fail(exc: DlisError) -> typer.Exit:
 @app.command("import")
 def import_cmd(
     ctx: typer.Context,
-    source: Annotated[
-        str, typer.Argument(help="Known model name (see `dlis model list`), HF folder or .gguf file.")
-    ],
+    source: Annotated[str, typer.Argument(help="Known model name (see `dlis model list`), HF folder or .gguf file.")],
     name: Annotated[str | None, typer.Option(help="Local name (default: the source's name).")] = None,
 ) -> None:
     """Make a local Hugging Face model folder under <home>/models."""
@@ -67,9 +65,7 @@ def plan_cmd(
     devices: Annotated[Path, typer.Option(help="JSON list of {name, memory_bytes, flops, bandwidth}.")],
     dtype: Annotated[str, typer.Option(help="fp32, bf16, int8 or nf4.")] = "fp32",
     kv_tokens: Annotated[int, typer.Option(help="KV cache tokens each stage must hold.")] = 2048,
-    out: Annotated[
-        Path | None, typer.Option(help="Write the plan as JSON (usable with `shard --plan`).")
-    ] = None,
+    out: Annotated[Path | None, typer.Option(help="Write the plan as JSON (usable with `shard --plan`).")] = None,
 ) -> None:
     """Split the model's layers over devices: fit memory, balance stage times."""
     from transformers import AutoConfig
@@ -78,9 +74,7 @@ def plan_cmd(
 
     try:
         profiles = [DeviceProfile.model_validate(d) for d in json.loads(devices.read_text())]
-        plan = plan_partition(
-            model_profile(AutoConfig.from_pretrained(model_dir), dtype), profiles, kv_tokens
-        )
+        plan = plan_partition(model_profile(AutoConfig.from_pretrained(model_dir), dtype), profiles, kv_tokens)
     except DlisError as exc:
         raise _fail(exc) from exc
     table = Table("device", "layers", "ms/token", "memory MiB")
@@ -106,14 +100,10 @@ def shard_cmd(
     model_dir: Annotated[Path, typer.Argument(help="HF model folder (e.g. <home>/models/smollm2-135m).")],
     out: Annotated[Path, typer.Option(help="Empty folder for the shards and manifest.")],
     stages: Annotated[int | None, typer.Option(help="Split into N near-equal layer ranges.")] = None,
-    plan: Annotated[
-        Path | None, typer.Option(help="JSON plan with 'ranges' (from `dlis model plan`).")
-    ] = None,
+    plan: Annotated[Path | None, typer.Option(help="JSON plan with 'ranges' (from `dlis model plan`).")] = None,
     dtype: Annotated[str, typer.Option(help="fp32, bf16, int8 or nf4.")] = "fp32",
     compress: Annotated[bool, typer.Option(help="zstd-compress each shard.")] = False,
-    name: Annotated[
-        str | None, typer.Option(help="Model name in the manifest (default: folder name).")
-    ] = None,
+    name: Annotated[str | None, typer.Option(help="Model name in the manifest (default: folder name).")] = None,
 ) -> None:
     """Write one safetensors shard per layer range, plus manifest.json."""
     from dlis_market.inference.manifest import ShardDtype

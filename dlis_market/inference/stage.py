@@ -1,0 +1,250 @@
+"""A pipeline stage: the layers ``[start, end)`` of one model, loaded from its own shard only.
+
+Loading verifies the manifest and the shard's size + sha256 first, then builds the model on the
+meta device (buffers such as rotary frequencies are real) and assigns only this shard's tensors;
+layers outside the range are dropped, so resident memory scales with the range. Nothing is kept
+if any check fails.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+from accelerate import init_empty_weights
+from torch import nn
+from transformers import CONFIG_MAPPING, PretrainedConfig
+from transformers.cache_utils import DynamicCache
+
+from dlis_market.inference.errors import (
+    ContextLengthError,
+    ManifestError,
+    SessionError,
+    StageMismatchError,
+)
+from dlis_market.inference.families import Family, family_for
+from dlis_market.inference.kv_cache import Session, SessionStore, split_cache, stack_caches
+from dlis_market.inference.manifest import Manifest, StageEntry, load_manifest
+from dlis_market.inference.messages import StageInput, StageOutput
+from dlis_market.inference.quantization import compute_dtype, install_quantized
+from dlis_market.inference.sampling import SamplingParams, sample_next
+from dlis_market.inference.shard_reader import read_shard
+from dlis_market.settings import InferenceSettings
+from dlis_market.types import LayerRange
+
+
+def config_from_manifest(manifest: Manifest) -> PretrainedConfig:
+    try:
+        config = CONFIG_MAPPING[manifest.model_type].from_dict(dict(manifest.config))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ManifestError(
+            f"config for model_type {manifest.model_type!r} in the manifest cannot be built ({exc}); "
+            "re-export the shards"
+        ) from exc
+    return config
+
+
+class Stage:
+    """Runs one layer range with per-session KV caches; the last stage samples tokens."""
+
+    def __init__(
+        self,
+        manifest: Manifest,
+        entry: StageEntry,
+        family: Family,
+        config: PretrainedConfig,
+        model: nn.Module,
+        settings: InferenceSettings,
+    ) -> None:
+        self.manifest = manifest
+        self.entry = entry
+        self.layers: LayerRange = entry.layers
+        self.family = family
+        self.config = config
+        self.stage_config = family.stage_config(config, entry.layers)
+        self.model = model
+        self.dtype = compute_dtype(manifest.dtype)
+        self.is_first = entry.has_embeddings
+        self.is_last = entry.has_head
+        self.sessions = SessionStore(self.stage_config, settings.max_sessions, settings.max_session_tokens)
+
+    # ------------------------------------------------------------------ loading
+
+    @classmethod
+    def load(
+        cls,
+        shard_dir: Path,
+        layers: LayerRange | None = None,
+        index: int | None = None,
+        settings: InferenceSettings | None = None,
+    ) -> Stage:
+        """Load the stage for ``layers`` (or stage ``index``) from a folder made by ``dlis model shard``."""
+        manifest = load_manifest(shard_dir)
+        if layers is not None:
+            entry = manifest.stage_for(layers)
+        elif index is not None and 0 <= index < len(manifest.stages):
+            entry = manifest.stages[index]
+        else:
+            raise StageMismatchError(
+                f"stage index {index} is out of range: {shard_dir} has {len(manifest.stages)} stages"
+            )
+        config = config_from_manifest(manifest)
+        family = family_for(config)
+        if family.name != manifest.architecture or family.num_layers(config) != manifest.num_layers:
+            raise ManifestError(
+                f"{shard_dir}/manifest.json says {manifest.architecture} with {manifest.num_layers} layers "
+                f"but its "
+                f"config is {family.name} with {family.num_layers(config)}; re-export the shards"
+            )
+        tensors = read_shard(shard_dir, entry.file, entry.compression)
+        if sorted(tensors) != entry.tensor_names:
+            raise StageMismatchError(
+                f"{shard_dir / entry.file.path} does not hold the tensors the manifest lists for stage "
+                f"{entry.index} {entry.layers}; re-export the shards"
+            )
+        for name in tensors:
+            layer = family.layer_of(name)
+            if layer is not None and not entry.layers.start <= layer < entry.layers.end:
+                raise StageMismatchError(
+                    f"{shard_dir / entry.file.path} holds {name} (layer {layer}) outside {entry.layers}; "
+                    "it is another stage's shard, re-export the shards"
+                )
+        model = cls._build(manifest, entry, family, config, tensors)
+        return cls(manifest, entry, family, config, model, settings or InferenceSettings())
+
+    @staticmethod
+    def _build(
+        manifest: Manifest,
+        entry: StageEntry,
+        family: Family,
+        config: PretrainedConfig,
+        tensors: dict[str, torch.Tensor],
+    ) -> nn.Module:
+        with init_empty_weights(include_buffers=False):
+            model = family.model_class()(config)
+        model.eval()
+        if manifest.quantization:
+            install_quantized(model, family.layers_path, tensors, manifest.quantization)
+        model.load_state_dict(tensors, assign=True, strict=False)
+        if entry.has_head and manifest.tie_word_embeddings and family.head_weight not in tensors:
+            head = model.get_submodule(family.head_weight.rsplit(".", 1)[0])
+            head.weight = model.get_submodule(family.embed_weight.rsplit(".", 1)[0]).weight
+        family.keep_layers(model, entry.layers)
+        prefixes = [family.layers_path + "."]
+        if entry.has_embeddings:
+            prefixes += family.first_stage_prefixes
+        if entry.has_head:
+            prefixes += family.last_stage_prefixes
+        missing = [
+            n for n, p in model.named_parameters(remove_duplicate=False) if n.startswith(tuple(prefixes)) and p.is_meta
+        ]
+        if missing:
+            raise StageMismatchError(
+                f"shard {entry.file.path} lacks {len(missing)} tensors its stage needs (e.g. {missing[0]}); "
+                "re-export the shards"
+            )
+        return model
+
+    def resident_bytes(self) -> int:
+        """Bytes of real (non-meta) parameters and buffers this stage holds."""
+        seen: set[int] = set()
+        total = 0
+        for t in [*self.model.parameters(), *self.model.buffers()]:
+            if t.is_meta or id(t) in seen:
+                continue
+            seen.add(id(t))
+            total += t.numel() * t.element_size()
+        return total
+
+    # ------------------------------------------------------------------ sessions
+
+    def open_session(self, session_id: str, max_length: int, sampling: SamplingParams | None = None) -> None:
+        self.sessions.open(session_id, max_length, sampling)
+
+    def close_session(self, session_id: str) -> bool:
+        return self.sessions.close(session_id)
+
+    # ------------------------------------------------------------------ forward
+
+    def _check_input(self, inp: StageInput) -> list[Session]:
+        data = inp.token_ids if self.is_first else inp.hidden
+        if data is None:
+            want = "token_ids" if self.is_first else "hidden states"
+            raise StageMismatchError(f"stage {self.layers} needs {want} in its input; check the pipeline order")
+        if data.shape[0] != len(inp.session_ids) or len(inp.positions) != len(inp.session_ids):
+            raise SessionError(f"input has batch {data.shape[0]} for {len(inp.session_ids)} sessions")
+        if not self.is_first and (data.ndim != 3 or data.shape[2] != self.config.hidden_size):
+            raise StageMismatchError(
+                f"hidden states of shape {tuple(data.shape)} do not fit stage {self.layers} "
+                f"(hidden size {self.config.hidden_size}); the previous stage serves another model"
+            )
+        if self.is_first and data.numel() and (int(data.min()) < 0 or int(data.max()) >= self.config.vocab_size):
+            raise StageMismatchError(
+                f"token ids must be in [0, {self.config.vocab_size}), got {int(data.min())}..{int(data.max())}; "
+                "use this model's tokenizer"
+            )
+        sessions = [self.sessions.get(sid) for sid in inp.session_ids]
+        for session, pos in zip(sessions, inp.positions, strict=True):
+            if session.length != pos:
+                raise SessionError(
+                    f"session {session.session_id!r} is at position {session.length} on stage {self.layers} "
+                    f"but the input starts at {pos}; replay the session from position {session.length}"
+                )
+            if pos + inp.num_tokens > session.max_length:
+                raise ContextLengthError(
+                    f"session {session.session_id!r} would reach {pos + inp.num_tokens} tokens, over its "
+                    f"limit of {session.max_length}; open it with a larger max_length or stop generating"
+                )
+        return sessions
+
+    @torch.inference_mode()
+    def forward(self, inp: StageInput) -> StageOutput:
+        """Run one step for a batch of sessions; sessions at the same position share one forward pass."""
+        sessions = self._check_input(inp)
+        data = inp.token_ids if self.is_first else inp.hidden
+        if data is None:  # _check_input raised already; this narrows the type
+            raise StageMismatchError(f"stage {self.layers} got an input without data")
+        groups: dict[int, list[int]] = {}
+        for row, pos in enumerate(inp.positions):
+            groups.setdefault(pos, []).append(row)
+        out_rows: dict[int, torch.Tensor] = {}
+        try:
+            for pos, rows in groups.items():
+                result = self._run_group(data[rows], pos, [sessions[r].cache for r in rows])
+                for i, r in enumerate(rows):
+                    out_rows[r] = result[i : i + 1]
+        except Exception:
+            # A failure mid-forward may leave caches half-updated: drop those sessions so that
+            # nothing continues from a corrupt state (the caller replays them).
+            for session in sessions:
+                self.sessions.close(session.session_id)
+            raise
+        now = time.monotonic()
+        for session in sessions:
+            session.length += inp.num_tokens
+            session.last_used = now
+        hidden = torch.cat([out_rows[r] for r in range(len(sessions))], dim=0)
+        if not self.is_last:
+            return StageOutput(inp.session_ids, inp.positions, inp.step, hidden=hidden)
+        logits = hidden.float()
+        tokens = [sample_next(logits[i], s.sampling, s.generator) for i, s in enumerate(sessions)]
+        return StageOutput(
+            inp.session_ids,
+            inp.positions,
+            inp.step,
+            token_ids=torch.tensor(tokens, dtype=torch.int64),
+            logits=logits if inp.want_logits else None,
+        )
+
+    def _run_group(self, data: torch.Tensor, pos: int, caches: list[DynamicCache]) -> torch.Tensor:
+        batch, length = data.shape[0], data.shape[1]
+        position_ids = torch.arange(pos, pos + length, dtype=torch.long).unsqueeze(0).expand(batch, -1)
+        cache = caches[0] if batch == 1 else stack_caches(caches, self.stage_config)
+        hidden = self.family.embed(self.model, data, position_ids) if self.is_first else data.to(self.dtype)
+        hidden = self.family.run_layers(self.model, hidden, position_ids, cache, self.stage_config)
+        if batch > 1:
+            split_cache(cache, caches)
+        if self.is_last:
+            return self.family.head(self.model, hidden)[:, -1, :]
+        return hidden

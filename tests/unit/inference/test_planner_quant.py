@@ -1,0 +1,88 @@
+"""Partition planner (pure) and int8/nf4 shards through bitsandbytes."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from transformers import LlamaConfig
+
+from dlis_market.inference.errors import PlanError
+from dlis_market.inference.manifest import load_manifest
+from dlis_market.inference.pipeline import LocalPipeline
+from dlis_market.inference.planner import DeviceProfile, model_profile, plan_partition
+from dlis_market.inference.shard_export import export_shards
+
+GIB = 2**30
+SMOLLM2_LIKE = LlamaConfig(
+    vocab_size=49152,
+    hidden_size=576,
+    intermediate_size=1536,
+    num_hidden_layers=30,
+    num_attention_heads=9,
+    num_key_value_heads=3,
+    tie_word_embeddings=True,
+)
+
+
+def device(name: str, mem_gib: float, tflops: float = 1.0, gbps: float = 50.0) -> DeviceProfile:
+    return DeviceProfile(name=name, memory_bytes=int(mem_gib * GIB), flops=tflops * 1e12, bandwidth=gbps * 1e9)
+
+
+def test_equal_devices_get_balanced_ranges() -> None:
+    profile = model_profile(SMOLLM2_LIKE, "fp32")
+    plan = plan_partition(profile, [device("a", 8), device("b", 8), device("c", 8)])
+    sizes = [r.size for r in plan.ranges]
+    assert sum(sizes) == 30 and plan.ranges[0].start == 0 and plan.ranges[-1].end == 30
+    # The last stage also runs the 28M-weight LM head, so it gets fewer layers.
+    assert sizes[2] < sizes[0]
+    assert max(plan.stage_seconds_per_token) < 1.2 * min(plan.stage_seconds_per_token) + 1e-3
+
+
+def test_faster_device_gets_more_layers_and_memory_is_respected() -> None:
+    profile = model_profile(SMOLLM2_LIKE, "fp32")
+    plan = plan_partition(profile, [device("slow", 8, gbps=10), device("fast", 8, gbps=100)], kv_tokens=512)
+    assert plan.ranges[1].size > plan.ranges[0].size
+    small = device("small", 0.15)
+    plan = plan_partition(profile, [small, device("big", 8)], kv_tokens=512)
+    assert plan.stage_memory_bytes[0] <= small.memory_bytes
+
+
+def test_model_that_does_not_fit_says_the_numbers() -> None:
+    profile = model_profile(SMOLLM2_LIKE, "fp32")
+    with pytest.raises(PlanError, match=r"needs about .* MiB .* offer 204\.8 MiB") as info:
+        plan_partition(profile, [device("a", 0.1), device("b", 0.1)])
+    assert "smaller dtype" in str(info.value)
+    with pytest.raises(PlanError, match="at most 30"):
+        plan_partition(profile, [device(str(i), 1) for i in range(31)])
+
+
+def test_smaller_dtype_shrinks_the_plan_memory() -> None:
+    devs = [device("a", 4), device("b", 4)]
+    fp32 = plan_partition(model_profile(SMOLLM2_LIKE, "fp32"), devs)
+    nf4 = plan_partition(model_profile(SMOLLM2_LIKE, "nf4"), devs)
+    assert sum(nf4.stage_memory_bytes) < sum(fp32.stage_memory_bytes) / 2
+
+
+@pytest.mark.parametrize("dtype", ["int8", "nf4"])
+def test_quantized_shards_are_smaller_and_generate(
+    dtype: str, tiny_model_dir: Callable[[str], Path], tmp_path: Path
+) -> None:
+    model_dir = tiny_model_dir("llama")
+    export_shards(model_dir, tmp_path / "fp32", stages=2, dtype="fp32")
+    export_shards(model_dir, tmp_path / dtype, stages=2, dtype=dtype)  # type: ignore[arg-type]
+    manifest = load_manifest(tmp_path / dtype)
+    assert manifest.quantization == dtype
+    fp32_size = sum(s.file.size for s in load_manifest(tmp_path / "fp32").stages)
+    assert sum(s.file.size for s in manifest.stages) < fp32_size / 2
+    pipe = LocalPipeline.load(tmp_path / dtype)
+    linear = pipe.stages[0].model.model.layers[0].self_attn.q_proj
+    assert type(linear).__name__ == ("Linear8bitLt" if dtype == "int8" else "Linear4bit")
+    reference = LocalPipeline.load(tmp_path / "fp32").generate_ids([[4, 8, 15, 16, 23]], 1, want_logits=True)[0]
+    gen = pipe.generate_ids([[4, 8, 15, 16, 23]], 4, want_logits=True)[0]
+    assert len(gen.token_ids) == 4
+    # Quantized logits stay close to fp32 ones (correlation), not bit-exact.
+    a, b = gen.logits[0].float(), reference.logits[0]
+    corr = ((a - a.mean()) * (b - b.mean())).sum() / ((a - a.mean()).norm() * (b - b.mean()).norm())
+    assert corr > 0.9
