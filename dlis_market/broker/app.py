@@ -8,8 +8,9 @@ from collections.abc import AsyncIterator
 
 from fastapi import FastAPI
 
+from dlis_market.broker.metrics import broker_metrics_router
 from dlis_market.broker.problems import install_handlers
-from dlis_market.broker.routes import jobs, openai
+from dlis_market.broker.routes import dashboard, jobs, openai
 from dlis_market.broker.service import BrokerService
 
 
@@ -34,6 +35,8 @@ def create_app(service: BrokerService, settle_in_background: bool = True) -> Fas
     install_handlers(app)
     app.include_router(jobs.router)
     app.include_router(openai.router)
+    app.include_router(dashboard.router)
+    app.include_router(broker_metrics_router(service.metrics, service.ledger))
 
     @app.get("/healthz", tags=["ops"])
     async def healthz() -> dict[str, str]:

@@ -24,6 +24,7 @@ from dlis_market.broker.auth import VerifiedAuthorization, verify_authorization
 from dlis_market.broker.backend import BackendJob, InferenceBackend, Offer, RouteHop, SignedStageReceipt
 from dlis_market.broker.catalog import ModelCatalog, ServedModel
 from dlis_market.broker.ledger import JobRow, Ledger, LedgerError, NewJob, NewReceipt
+from dlis_market.broker.metrics import BrokerMetrics
 from dlis_market.broker.problems import ProblemError, bad_authorization, insufficient_escrow, no_route
 from dlis_market.broker.schemas import JobCreate, Policy, Quote
 from dlis_market.broker.settlement import Settler
@@ -99,6 +100,7 @@ class BrokerService:
         self._tasks: set[asyncio.Task[None]] = set()
         self._slots = asyncio.Semaphore(settings.broker.max_concurrent_jobs)
         self._fee_bps: int | None = None
+        self.metrics = BrokerMetrics()
 
     # ------------------------------------------------------------------ pricing
 
@@ -297,11 +299,18 @@ class BrokerService:
                 latency_ms=(time.perf_counter() - started) * 1000,
                 route=[{"node": h.node, "peer_id": h.peer_id, "start": h.start, "end": h.end} for h in final_route],
             )
+            self._observe(job_id)
             await self._publish(live, {"type": "done", "job_id": job_id}, done=True)
         except Exception as exc:  # any failure of the run is recorded on the job and streamed
             log.exception("job %s failed", job_id)
             self.ledger.fail_job(job_id, f"{type(exc).__name__}: {exc}")
+            self._observe(job_id)
             await self._publish(live, {"type": "error", "job_id": job_id, "detail": str(exc)}, done=True)
+
+    def _observe(self, job_id: str) -> None:
+        row = self.ledger.get_job(job_id)
+        if row is not None:
+            self.metrics.observe_job(row)
 
     async def _publish(self, live: _Live, event: dict[str, Any], done: bool = False) -> None:
         async with live.changed:

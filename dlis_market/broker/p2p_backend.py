@@ -1,0 +1,84 @@
+"""The broker's inference backend over worker pipelines (hivemind DHT + libp2p streams).
+
+Discovery, push-mode streaming, failover with replay and receipt verification are the pipeline
+driver's; this adapter maps its spans to scheduler offers, hands it the scheduler's route, and
+turns its verified receipts into the broker's records.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+
+from dlis_market.broker.backend import BackendJob, Offer, RouteHop, SignedStageReceipt
+from dlis_market.chain.job_market import receipt_signer
+from dlis_market.inference.sampling import SamplingParams
+from dlis_market.node.driver import JobSession, JobSpec, PipelineDriver
+from dlis_market.node.routing import Hop
+from dlis_market.settings import NodeSettings
+
+
+class P2PJobStream:
+    def __init__(self, driver: PipelineDriver, session: JobSession):
+        self.driver = driver
+        self.session = session
+
+    def tokens(self) -> AsyncIterator[int]:
+        return self.session.tokens()
+
+    async def finish(self) -> tuple[list[RouteHop], list[SignedStageReceipt]]:
+        route = [RouteHop(h.peer_id, h.node_address, h.start, h.end, h.price_per_token) for h in self.session.route]
+        got = await self.session.close()
+        out = []
+        for r in got:
+            rc, sig = r.signed.receipt, r.signed.signature
+            node = receipt_signer(self.driver.market, rc, sig.signature)
+            out.append(SignedStageReceipt(node, rc.start, rc.end, rc.tokens, rc.output_hash, rc.amount, sig.signature))
+        return route, out
+
+
+class P2PBackend:
+    def __init__(self, driver: PipelineDriver):
+        self.driver = driver
+
+    @classmethod
+    async def connect(cls, initial_peers: Sequence[str], settings: NodeSettings) -> P2PBackend:
+        return cls(await PipelineDriver.create(initial_peers, settings))
+
+    async def offers(self, model: str) -> list[Offer]:
+        spans = await self.driver.discover(model)
+        return [
+            Offer(
+                s.peer_id,
+                s.node_address,
+                s.start,
+                s.end,
+                s.throughput,
+                s.free_slots,
+                s.price_per_token,
+                s.attestation_hash,
+            )
+            for s in spans
+            if s.online and s.peer_id not in self.driver.banned()
+        ]
+
+    async def start(self, job: BackendJob) -> P2PJobStream:
+        spec = JobSpec(
+            model=job.model,
+            prompt_ids=list(job.prompt_ids),
+            max_new_tokens=job.max_new_tokens,
+            job_id=job.job_id,
+            max_cost=job.max_cost,
+            sampling=SamplingParams(
+                greedy=job.greedy, temperature=job.temperature, top_k=job.top_k, top_p=job.top_p, seed=job.seed
+            ),
+            stop_token_ids=job.stop_token_ids,
+            num_layers=job.num_layers,
+        )
+        session = JobSession(self.driver, spec)
+        if job.route:
+            session.route = [Hop(h.peer_id, h.start, h.end, h.price_per_token, h.node) for h in job.route]
+        await session.establish()
+        return P2PJobStream(self.driver, session)
+
+    async def close(self) -> None:
+        await self.driver.close()
