@@ -11,7 +11,7 @@ from typing import Annotated
 
 import typer
 
-from dlis_market.cli import account, broker, chain, ipfs, job, model, model_chain, model_store, node, oracle
+from dlis_market.cli import account, broker, chain, ipfs, job, model, model_chain, model_store, node, oracle, worker
 from dlis_market.cli.context import CliState
 
 app = typer.Typer(
@@ -44,6 +44,7 @@ def _main(
 
 app.add_typer(chain.app, name="chain")
 app.add_typer(account.app, name="account")
+worker.register(node.app)
 app.add_typer(node.app, name="node")
 model_store.register(
     model.app, on_published=model_chain.register_published, expected_manifest=model_chain.expected_from_chain

@@ -1,0 +1,116 @@
+"""`dlis node start`: run a worker that serves a layer range of a model on the P2P swarm.
+
+Mounted by the main CLI with :func:`register`; also runnable alone as
+``python -m dlis_market.cli.worker start ...`` (what the tests and the benchmark do). Once the
+worker is up it prints one ``DLIS_NODE_READY {json}`` line (peer id, multiaddrs, range) on
+stdout; SIGTERM/SIGINT withdraw its DHT announcement and stop it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from dlis_market.cli.context import handle_errors, password_for, state
+from dlis_market.errors import ConfigError
+from dlis_market.settings import Settings
+from dlis_market.types import LayerRange
+
+
+def _merge(settings: Settings, section: str, updates: dict[str, Any]) -> Settings:
+    clean = {k: v for k, v in updates.items() if v is not None}
+    part = getattr(settings, section).model_copy(update=clean)
+    return settings.model_copy(update={section: type(part).model_validate(part.model_dump())})
+
+
+def start(
+    ctx: typer.Context,
+    shards: Annotated[Path | None, typer.Option(help="Local shard folder (made by `dlis model shard`).")] = None,
+    manifest_cid: Annotated[str | None, typer.Option(help="Fetch the shards by this manifest CID.")] = None,
+    manifest_sha256: Annotated[str | None, typer.Option(help="Refuse a manifest without this sha256.")] = None,
+    provider: Annotated[list[str] | None, typer.Option(help="IPFS provider multiaddr (repeatable).")] = None,
+    layers: Annotated[str | None, typer.Option(help="Layer range START:END (end excluded).")] = None,
+    auto: Annotated[bool, typer.Option("--auto", help="Serve the range the swarm serves least.")] = False,
+    initial_peer: Annotated[list[str] | None, typer.Option(help="DHT peer multiaddr (repeatable).")] = None,
+    host: Annotated[str | None, typer.Option(help="Listen address (default 127.0.0.1).")] = None,
+    port: Annotated[int | None, typer.Option(help="libp2p TCP port (0: any free one).")] = None,
+    price: Annotated[int | None, typer.Option(help="Price per token in token units.")] = None,
+    chain_id: Annotated[int | None, typer.Option(help="Chain id of the EIP-712 domains.")] = None,
+    market: Annotated[str | None, typer.Option(help="JobMarket address (receipt domain).")] = None,
+    registry: Annotated[str | None, typer.Option(help="NodeRegistry address (attestation domain).")] = None,
+    identity_dir: Annotated[Path | None, typer.Option(help="libp2p key + profile folder (default HOME/node).")] = None,
+    node_key: Annotated[str, typer.Option(help="Signing key name in HOME/keystore (made on first start).")] = "node",
+    password_file: Annotated[Path | None, typer.Option(help="File holding the node key password.")] = None,
+    threads: Annotated[int | None, typer.Option(help="torch threads for this stage.")] = None,
+    max_sessions: Annotated[int | None, typer.Option(help="Open sessions at most.")] = None,
+    session_idle_s: Annotated[float | None, typer.Option(help="Close sessions idle this long.")] = None,
+    announce_ttl_s: Annotated[float | None, typer.Option(help="TTL of the DHT announcement.")] = None,
+    reprofile: Annotated[bool, typer.Option("--reprofile", help="Measure the hardware profile again.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log at INFO level.")] = False,
+) -> None:
+    """Serve a layer range of a model: fetch/verify shards, profile, attest, announce, serve."""
+    from dlis_market.node.server import WorkerConfig, serve_forever
+    from dlis_market.storage.fetch import ExpectedManifest
+    from dlis_market.storage.shard_store import fetch_shards
+    from dlis_market.types import Cid
+
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING)
+    with handle_errors():
+        settings = state(ctx).settings
+        settings = _merge(
+            settings,
+            "node",
+            {
+                "initial_peers": list(initial_peer) if initial_peer else None,
+                "host": host,
+                "port": port,
+                "price_per_token": price,
+                "chain_id": chain_id,
+                "market_address": market,
+                "registry_address": registry,
+                "session_idle_s": session_idle_s,
+                "announce_ttl_s": announce_ttl_s,
+            },
+        )
+        settings = _merge(settings, "inference", {"threads": threads, "max_sessions": max_sessions})
+        if (layers is None) == (not auto):
+            raise ConfigError("give exactly one of --layers START:END or --auto")
+        if (shards is None) == (manifest_cid is None):
+            raise ConfigError("give exactly one of --shards DIR or --manifest-cid CID")
+        try:
+            layer_range = LayerRange.parse(layers) if layers else None
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from exc
+        folder = identity_dir or settings.home / "node"
+        password = password_file.read_text().strip() if password_file else None
+        password = password_for("node", password or settings.chain.keystore_password)
+        if manifest_cid is not None:  # fetched and verified (index, manifest, every file's sha256)
+            expected = ExpectedManifest(manifest_sha256.lower(), Cid(manifest_cid)) if manifest_sha256 else None
+            out_dir = settings.models_dir / manifest_cid
+            asyncio.run(fetch_shards(settings, manifest_cid, out_dir, providers=provider or (), expected=expected))
+            shards = out_dir
+        assert shards is not None  # one of the two was given, checked above
+        config = WorkerConfig(shards, folder, password, settings, layer_range, reprofile, node_key)
+        asyncio.run(serve_forever(config))
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``start`` to ``app`` (the main CLI mounts it as ``dlis node start``)."""
+    app.command("start")(start)
+
+
+app = typer.Typer(help="Run a worker node.", no_args_is_help=True, pretty_exceptions_enable=False)
+register(app)
+
+
+@app.callback()
+def _main() -> None:
+    """Worker node commands."""
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,349 @@
+"""Client-side pipeline driver: discover spans, route, open job sessions, stream tokens, fail over.
+
+The broker uses it like this::
+
+    driver = await PipelineDriver.create(initial_peers, settings.node)
+    session = await driver.open_job(JobSpec(model="smollm2-135m", prompt_ids=ids, max_new_tokens=64,
+                                            job_id=job_id, max_cost=max_cost))
+    async for token in session.tokens():
+        ...
+    receipts = await session.close()   # signed, verified StageReceipts
+    await driver.close()
+
+A step is pushed to the first stage; each stage forwards to the next and the last one sends the
+token back here: stages + 1 hops per token. When a stage fails (its stream closes, a neighbour
+reports it, or no token arrives in time and a probe finds it), the driver bans it with capped
+exponential backoff, replaces only its span, reopens the session on the new route and replays
+the session's tokens as one prefill, so the caller sees the same greedy tokens as without the
+failure. Every peer's attestation is verified before its first session, and every receipt
+against the node key that attestation names.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import time
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import hivemind
+import torch
+
+from dlis_market.chain.job_market import SignedReceipt, market_domain
+from dlis_market.inference.messages import StageInput, encode
+from dlis_market.inference.sampling import SamplingParams
+from dlis_market.node import attestation, dht_records, receipts
+from dlis_market.node.errors import (
+    BudgetError,
+    NodeError,
+    PeerUnreachableError,
+    ReceiptError,
+    RemoteError,
+    StageFailedError,
+)
+from dlis_market.node.protocol import Channel, FailBody, OpenBody, TokensBody, parse_body
+from dlis_market.node.routing import Hop, plan_route, route_price
+from dlis_market.node.transport import ChannelPool, start_dht
+from dlis_market.settings import NodeSettings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    model: str
+    prompt_ids: list[int]
+    max_new_tokens: int
+    job_id: bytes = field(default_factory=lambda: secrets.token_bytes(32))
+    max_cost: int | None = None  # token units; None: no limit
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    stop_token_ids: tuple[int, ...] = ()
+    num_layers: int | None = None  # from the manifest; None: the highest announced layer
+
+
+@dataclass(frozen=True)
+class StageReceipt:
+    peer_id: str
+    session_id: str
+    signed: SignedReceipt
+
+
+class PipelineDriver:
+    def __init__(self, dht: hivemind.DHT, pool: ChannelPool, settings: NodeSettings) -> None:
+        self.dht = dht
+        self.pool = pool
+        self.settings = settings
+        self.peer_id = pool.peer_id
+        self.market = market_domain(settings.chain_id, settings.market_address)
+        self.registry = attestation.registry_domain(settings.chain_id, settings.registry_address)
+        self._waiters: dict[str, tuple[asyncio.Future[int], frozenset[str]]] = {}
+        self._bans: dict[str, tuple[float, int]] = {}
+        self._verified: dict[str, str] = {}  # peer id -> node address from its verified attestation
+        pool.dead_peer_callbacks.append(self._peer_closed)
+
+    @classmethod
+    async def create(cls, initial_peers: Sequence[str], settings: NodeSettings | None = None) -> PipelineDriver:
+        settings = settings or NodeSettings()
+        dht = await asyncio.to_thread(
+            start_dht, initial_peers, client_mode=True, host_maddrs=[f"/ip4/{settings.host}/tcp/0"]
+        )
+        p2p = await dht.replicate_p2p()
+        driver: PipelineDriver
+        pool = ChannelPool(
+            p2p, lambda ch, op, rid, body: driver._on_message(ch, op, rid, body), settings.max_message_bytes
+        )
+        driver = cls(dht, pool, settings)
+        await pool.serve()
+        return driver
+
+    async def close(self) -> None:
+        await self.pool.close()
+        await asyncio.to_thread(self.dht.shutdown)
+
+    # ------------------------------------------------------------------ discovery, bans, trust
+
+    async def discover(self, model: str) -> list[dht_records.SpanRecord]:
+        return await asyncio.to_thread(dht_records.fetch_spans, self.dht, model)
+
+    def ban(self, peer: str) -> float:
+        _, count = self._bans.get(peer, (0.0, 0))
+        seconds = min(self.settings.ban_base_s * 2**count, self.settings.ban_max_s)
+        self._bans[peer] = (time.monotonic() + seconds, count + 1)
+        self._verified.pop(peer, None)
+        log.warning("banned peer %s for %.0fs", peer, seconds)
+        return seconds
+
+    def banned(self) -> set[str]:
+        now = time.monotonic()
+        return {p for p, (until, _) in self._bans.items() if until > now}
+
+    def verified_node(self, peer_id: str) -> str | None:
+        """The node signing address of a peer whose attestation verified, if any."""
+        return self._verified.get(peer_id)
+
+    async def verify_peer(self, hop: Hop) -> str:
+        """Fetch and verify the peer's attestation (once); returns its node signing address."""
+        if hop.peer_id in self._verified:
+            return self._verified[hop.peer_id]
+        info = await self.pool.request(hop.peer_id, "info", {}, self.settings.request_timeout_s)
+        signed = attestation.parse_signed(info.get("attestation"))
+        attestation.verify_report(
+            signed, self.registry, peer_id=hop.peer_id, max_age_s=self.settings.attestation_max_age_s
+        )
+        report = signed.report
+        if report.node_address.lower() != hop.node_address.lower():
+            raise attestation.AttestationError(
+                f"invalid attestation: node_address ({report.node_address} differs from the "
+                f"announced {hop.node_address})"
+            )
+        self._verified[hop.peer_id] = report.node_address
+        return report.node_address
+
+    # ------------------------------------------------------------------ messages from stages
+
+    async def _on_message(self, channel: Channel, op: str, rid: int, body: dict[str, Any]) -> None:
+        if op == "tokens":
+            msg = parse_body(TokensBody, body)
+            for sid, token in zip(msg.sessions, msg.token_ids, strict=False):
+                self._resolve(sid, token=token)
+        elif op == "fail":
+            fail = parse_body(FailBody, body)
+            for sid in fail.sessions:
+                self._resolve(sid, error=StageFailedError(f"stage {fail.peer} failed: {fail.message}", fail.peer))
+        elif op == "error":
+            log.info("peer %s reported: %s", channel.peer, body.get("message"))
+        elif rid:
+            await channel.send("error", {"message": f"op {op!r} is not served by a driver", "code": "protocol"}, rid)
+
+    def _resolve(self, sid: str, token: int | None = None, error: Exception | None = None) -> None:
+        waiter = self._waiters.get(sid)
+        if waiter is None or waiter[0].done():
+            return
+        if error is not None:
+            waiter[0].set_exception(error)
+        elif token is not None:
+            waiter[0].set_result(token)
+
+    def _peer_closed(self, peer: str) -> None:
+        for sid, (fut, peers) in list(self._waiters.items()):
+            if peer in peers and not fut.done():
+                self._resolve(sid, error=StageFailedError(f"stream to stage {peer} closed", peer))
+
+    # ------------------------------------------------------------------ jobs
+
+    async def open_job(self, spec: JobSpec) -> JobSession:
+        if not spec.prompt_ids or spec.max_new_tokens < 1:
+            raise NodeError("a job needs a non-empty prompt and max_new_tokens >= 1")
+        session = JobSession(self, spec)
+        await session.establish()
+        return session
+
+    async def generate(self, spec: JobSpec) -> tuple[list[int], list[StageReceipt]]:
+        """Run a whole job: its generated token ids and the verified receipts of every stage."""
+        session = await self.open_job(spec)
+        try:
+            tokens = [t async for t in session.tokens()]
+        finally:
+            got = await session.close()
+        return tokens, got
+
+
+class JobSession:
+    """One generation stream over a route of stages; survives stage failures by replaying."""
+
+    def __init__(self, driver: PipelineDriver, spec: JobSpec) -> None:
+        self.driver = driver
+        self.spec = spec
+        self.route: list[Hop] = []
+        self.session_id = ""
+        self.generated: list[int] = []
+        self.receipts: list[StageReceipt] = []
+        self.failovers = 0
+        self.ttft_s: float | None = None
+
+    @property
+    def max_length(self) -> int:
+        return len(self.spec.prompt_ids) + self.spec.max_new_tokens
+
+    async def _plan(self) -> list[Hop]:
+        spans = await self.driver.discover(self.spec.model)
+        banned = self.driver.banned()
+        num_layers = self.spec.num_layers or max((s.end for s in spans), default=0)
+        if not num_layers:
+            raise StageFailedError(f"no peer announces model {self.spec.model!r} on the DHT", None)
+        if not self.route:
+            return plan_route(spans, 0, num_layers, banned)
+        route: list[Hop] = []
+        for hop in self.route:  # keep healthy hops; replace only the failed span
+            route += plan_route(spans, hop.start, hop.end, banned) if hop.peer_id in banned else [hop]
+        return route
+
+    async def establish(self) -> None:
+        """Plan and open the session on every stage; a stage that refuses is banned and replaced."""
+        attempts = self.driver.settings.max_failovers + 3
+        for _ in range(attempts):
+            self.route = await self._plan()
+            cost = route_price(self.route, self.max_length)
+            if self.spec.max_cost is not None and cost > self.spec.max_cost:
+                raise BudgetError(
+                    f"the cheapest route costs up to {cost} units for {self.max_length} tokens, over the job's "
+                    f"max cost {self.spec.max_cost}; raise max_cost or wait for cheaper peers"
+                )
+            self.session_id = f"{self.spec.job_id.hex()[:16]}-{uuid.uuid4().hex[:12]}"
+            opened: list[Hop] = []
+            try:
+                for i, hop in enumerate(self.route):
+                    await self._open_on(hop, self.route[i + 1].peer_id if i + 1 < len(self.route) else None)
+                    opened.append(hop)
+                return
+            except (RemoteError, PeerUnreachableError, attestation.AttestationError) as exc:
+                bad = getattr(exc, "peer", None) or self.route[len(opened)].peer_id
+                log.warning("stage %s refused or failed the session: %s", bad, exc)
+                self.driver.ban(bad)
+                await self._close_hops(opened)
+        raise StageFailedError(f"could not open a session after {attempts} routes; see the log for each refusal", None)
+
+    async def _open_on(self, hop: Hop, next_peer: str | None) -> None:
+        await self.driver.verify_peer(hop)
+        s = self.spec.sampling
+        body = OpenBody(
+            session_id=self.session_id, model=self.spec.model, start=hop.start, end=hop.end,
+            max_length=self.max_length, job_id=self.spec.job_id, reply_to=self.driver.peer_id,
+            next_peer=next_peer, greedy=s.greedy, temperature=s.temperature, top_k=s.top_k,
+            top_p=s.top_p, seed=s.seed,
+        )  # fmt: skip
+        await self.driver.pool.request(hop.peer_id, "open", body.model_dump(), self.driver.settings.request_timeout_s)
+
+    async def _close_hops(self, hops: Sequence[Hop]) -> None:
+        for hop in hops:
+            try:
+                answer = await self.driver.pool.request(
+                    hop.peer_id, "close", {"session_id": self.session_id}, self.driver.settings.request_timeout_s
+                )
+                signed = receipts.from_wire(answer.get("receipt"))
+                node = self.driver._verified.get(hop.peer_id, hop.node_address)
+                receipts.verify_receipt(self.driver.market, signed, node)
+                r = signed.receipt
+                if r.job_id != self.spec.job_id or (r.start, r.end) != (hop.start, hop.end):
+                    raise ReceiptError(f"receipt of {hop.peer_id} names another job or range")
+                if r.amount > hop.price_per_token * r.tokens:
+                    raise ReceiptError(f"receipt of {hop.peer_id} charges {r.amount}, over its announced price")
+                self.receipts.append(StageReceipt(hop.peer_id, self.session_id, signed))
+            except (NodeError, ValueError) as exc:  # a dead or lying stage: no receipt, no payment
+                log.warning("no valid receipt from %s for %s: %s", hop.peer_id, self.session_id, exc)
+
+    async def _step(self, inp: StageInput) -> int:
+        fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self.driver._waiters[self.session_id] = (fut, frozenset(h.peer_id for h in self.route))
+        try:
+            first = self.route[0].peer_id
+            await self.driver.pool.send(first, "step", {"input": encode(inp), "reply_to": self.driver.peer_id})
+            return await asyncio.wait_for(fut, self.driver.settings.step_timeout_s)
+        except PeerUnreachableError as exc:
+            raise StageFailedError(str(exc), exc.peer) from exc
+        except TimeoutError:
+            raise StageFailedError(
+                f"no token within {self.driver.settings.step_timeout_s:.0f}s", await self._probe()
+            ) from None
+        finally:
+            self.driver._waiters.pop(self.session_id, None)
+
+    async def _probe(self) -> str | None:
+        """The first stage of the route that does not answer, if any."""
+        for hop in self.route:
+            try:
+                await self.driver.pool.request(
+                    hop.peer_id, "info", {}, min(5.0, self.driver.settings.request_timeout_s)
+                )
+            except NodeError:
+                return hop.peer_id
+        return None
+
+    async def _recover(self, exc: StageFailedError) -> None:
+        self.failovers += 1
+        if self.failovers > self.driver.settings.max_failovers:
+            raise StageFailedError(f"giving up after {self.failovers - 1} failovers: {exc}", exc.peer) from exc
+        log.warning("session %s: %s; rerouting and replaying %d tokens", self.session_id, exc,
+                    len(self.spec.prompt_ids) + len(self.generated))  # fmt: skip
+        if exc.peer is not None:
+            self.driver.ban(exc.peer)
+        await self._close_hops([h for h in self.route if h.peer_id != exc.peer])
+        await self.establish()
+
+    async def tokens(self) -> AsyncIterator[int]:
+        """Generated token ids, one per step, until max_new_tokens or a stop token."""
+        started = time.perf_counter()
+        replay = True  # the first step is the prompt's prefill, a failover's is a replay
+        step = 0
+        while len(self.generated) < self.spec.max_new_tokens:
+            ids = [*self.spec.prompt_ids, *self.generated]
+            if replay:
+                inp = StageInput((self.session_id,), (0,), step, token_ids=torch.tensor([ids], dtype=torch.long))
+            else:
+                inp = StageInput((self.session_id,), (len(ids) - 1,), step, token_ids=torch.tensor([ids[-1:]]))
+            try:
+                token = await self._step(inp)
+            except StageFailedError as exc:
+                await self._recover(exc)
+                replay = True
+                continue
+            replay = False
+            step += 1
+            if self.ttft_s is None:
+                self.ttft_s = time.perf_counter() - started
+            self.generated.append(token)
+            yield token
+            if token in self.spec.stop_token_ids:
+                break
+
+    async def close(self) -> list[StageReceipt]:
+        """Close the session on its route; returns every verified receipt of the job (all routes)."""
+        with contextlib.suppress(NodeError):
+            await self._close_hops(self.route)
+        self.route = []
+        return list(self.receipts)

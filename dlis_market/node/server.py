@@ -1,0 +1,329 @@
+"""The worker: serves one layer range of a model over libp2p streams and announces it on the DHT.
+
+Start-up: unlock the identity, start the DHT daemon with the node's libp2p key, pick the range
+(given, or ``auto`` from the swarm's announcements), load and verify the shards, profile, sign an
+attestation report, accept streams, announce; then print one ``DLIS_NODE_READY {json}`` line.
+Steps are pushed: a stage forwards its output straight to the next peer of the session's route
+and the last stage sends the sampled tokens to the session's caller (``reply_to``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import signal
+import time
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dlis_market.chain.job_market import market_domain
+from dlis_market.errors import DlisError
+from dlis_market.inference.manifest import load_manifest
+from dlis_market.inference.messages import StageInput, StageOutput, decode, encode
+from dlis_market.inference.sampling import SamplingParams
+from dlis_market.inference.stage import Stage
+from dlis_market.node import attestation, dht_records, identity, profiler, receipts
+from dlis_market.node.errors import NodeError, ProtocolError
+from dlis_market.node.protocol import Channel, CloseBody, FailBody, OpenBody, StepBody, parse_body
+from dlis_market.node.routing import choose_range
+from dlis_market.node.sessions import Batch, QueuedStep, WorkerSession, plan_batches, row_bytes
+from dlis_market.node.transport import ChannelPool, start_dht
+from dlis_market.settings import Settings
+from dlis_market.types import LayerRange, model_id
+
+log = logging.getLogger(__name__)
+READY_PREFIX = "DLIS_NODE_READY "
+
+
+@dataclass
+class WorkerConfig:
+    shard_dir: Path
+    identity_dir: Path
+    password: str
+    settings: Settings
+    layers: LayerRange | None = None  # None: choose automatically
+    reprofile: bool = False
+    key_name: str = identity.SIGNING_KEY_NAME  # signing key in settings.keystore_dir
+
+
+class Worker:
+    def __init__(self, config: WorkerConfig) -> None:
+        self.config = config
+        self.settings = config.settings
+        self.node = config.settings.node
+        self.sessions: dict[str, WorkerSession] = {}
+        self.queue: asyncio.Queue[QueuedStep] = asyncio.Queue()
+        self.stop = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self.domain = market_domain(self.node.chain_id, self.node.market_address)
+
+    # ------------------------------------------------------------------ start / stop
+
+    async def start(self) -> dict[str, Any]:
+        if self.settings.inference.threads:
+            torch.set_num_threads(self.settings.inference.threads)
+        scrypt_n = self.settings.chain.keystore_scrypt_n
+        self.identity = identity.load_or_create(
+            self.config.identity_dir,
+            self.config.password,
+            scrypt_n,
+            keystore_dir=self.settings.keystore_dir,
+            key_name=self.config.key_name,
+        )
+        manifest = load_manifest(self.config.shard_dir)
+        with self.identity.key_file() as key_path:
+            self.dht = await asyncio.to_thread(
+                start_dht,
+                self.node.initial_peers,
+                client_mode=False,
+                identity_path=key_path,
+                host_maddrs=[f"/ip4/{self.node.host}/tcp/{self.node.port}"],
+            )
+        self.p2p = await self.dht.replicate_p2p()
+        self.peer_id = self.p2p.peer_id.to_base58()
+        layers = self.config.layers
+        if layers is None:
+            spans = await asyncio.to_thread(dht_records.fetch_spans, self.dht, manifest.model_name)
+            layers = choose_range(spans, [s.layers for s in manifest.stages])
+        self.stage = await asyncio.to_thread(Stage.load, self.config.shard_dir, layers, None, self.settings.inference)
+        self.profile = await asyncio.to_thread(
+            profiler.cached_profile, self.config.identity_dir, self.stage, self.config.reprofile
+        )
+        entry = self.stage.entry
+        report = attestation.AttestationReport(
+            peer_id=self.peer_id,
+            node_address=self.identity.address,
+            code_hash=attestation.code_hash(),
+            model=manifest.model_name,
+            start=layers.start,
+            end=layers.end,
+            shards={entry.file.path: entry.file.sha256, manifest.config_file.path: manifest.config_file.sha256},
+            hardware=self.profile,
+            timestamp=int(time.time()),
+        )
+        reg = attestation.registry_domain(self.node.chain_id, self.node.registry_address)
+        self.attestation = attestation.sign_report(bytes(self.identity.account.key), reg, report)
+        self.pool = ChannelPool(self.p2p, self._on_message, self.node.max_message_bytes)
+        await self.pool.serve()
+        self._tasks = [asyncio.create_task(self._compute_loop()), asyncio.create_task(self._announce_loop())]
+        return {
+            "peer_id": self.peer_id,
+            "maddrs": [str(m) for m in self.dht.get_visible_maddrs()],
+            "model": manifest.model_name,
+            "start": layers.start,
+            "end": layers.end,
+            "node_address": self.identity.address,
+            "attestation_hash": "0x" + report.report_hash().hex(),
+            "throughput": self.profile.throughput(layers.size),
+        }
+
+    def record(self) -> dht_records.SpanRecord:
+        return dht_records.SpanRecord(
+            model=self.stage.manifest.model_name,
+            start=self.stage.layers.start,
+            end=self.stage.layers.end,
+            peer_id=self.peer_id,
+            node_address=self.identity.address,
+            throughput=self.profile.throughput(self.stage.layers.size),
+            free_slots=max(0, self.stage.sessions.max_sessions - len(self.stage.sessions)),
+            queue_length=self.queue.qsize(),
+            price_per_token=self.node.price_per_token,
+            attestation_hash="0x" + self.attestation.report.report_hash().hex(),
+        )
+
+    async def _announce_loop(self) -> None:
+        while not self.stop.is_set():
+            ok = await asyncio.to_thread(dht_records.announce, self.dht, self.record(), self.node.announce_ttl_s)
+            if not ok:
+                log.warning(
+                    "announcing %s on the DHT failed; retrying in %.0fs", self.stage.layers, self.node.announce_every_s
+                )
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stop.wait(), self.node.announce_every_s)
+
+    async def shutdown(self) -> None:
+        self.stop.set()
+        for task in self._tasks:
+            task.cancel()
+        with contextlib.suppress(DlisError, OSError, RuntimeError):  # best effort: the TTL expires it anyway
+            await asyncio.to_thread(dht_records.withdraw, self.dht, self.record(), self.node.announce_ttl_s)
+        await self.pool.close()
+        await asyncio.to_thread(self.dht.shutdown)
+
+    # ------------------------------------------------------------------ requests
+
+    async def _on_message(self, channel: Channel, op: str, rid: int, body: dict[str, Any]) -> None:
+        try:
+            if op == "step":
+                self._enqueue(channel, parse_body(StepBody, body))
+                return
+            if op == "open":
+                answer = self._open(channel.peer, parse_body(OpenBody, body))
+            elif op == "close":
+                answer = self._close(channel.peer, parse_body(CloseBody, body))
+            elif op == "info":
+                answer = {"attestation": self.attestation.model_dump(), "record": self.record().model_dump()}
+            elif op == "error":
+                log.info("peer %s reported: %s", channel.peer, body.get("message"))
+                return
+            else:
+                raise ProtocolError(f"op {op!r} is not served by a stage")
+        except DlisError as exc:
+            code = "protocol" if isinstance(exc, ProtocolError) else type(exc).__name__
+            await channel.send("error", {"message": str(exc), "code": code}, rid)
+            return
+        if rid:
+            await channel.send("reply", answer, rid)
+
+    def _open(self, sender: str, req: OpenBody) -> dict[str, Any]:
+        served = self.stage.layers
+        if req.model != self.stage.manifest.model_name or (req.start, req.end) != (served.start, served.end):
+            raise NodeError(
+                f"this node serves {self.stage.manifest.model_name!r} layers {served}, not {req.model!r} "
+                f"[{req.start}, {req.end}); its DHT record is stale or forged, route around it"
+            )
+        if len(req.job_id) != 32:
+            raise ProtocolError(f"job id must be 32 bytes, got {len(req.job_id)}")
+        if (req.next_peer is None) != self.stage.is_last:
+            raise NodeError(f"stage {served} {'is' if self.stage.is_last else 'is not'} the last stage of the model")
+        sampling = SamplingParams(
+            greedy=req.greedy, temperature=req.temperature, top_k=req.top_k, top_p=req.top_p, seed=req.seed
+        )
+        self.stage.open_session(req.session_id, req.max_length, sampling)
+        ledger = receipts.ReceiptLedger(
+            req.job_id, bytes.fromhex(model_id(req.model)[2:]), served.start, served.end, self.node.price_per_token
+        )
+        self.sessions[req.session_id] = WorkerSession(req.session_id, req.reply_to, req.next_peer, sender, ledger)
+        return {"session_id": req.session_id}
+
+    def _close(self, sender: str, req: CloseBody) -> dict[str, Any]:
+        session = self.sessions.get(req.session_id)
+        if session is None:
+            raise NodeError(f"session {req.session_id!r} is not open on this node (closed, expired or never opened)")
+        if session.opened_by != sender:
+            raise NodeError(f"session {req.session_id!r} was opened by another peer; only it may close it")
+        del self.sessions[req.session_id]
+        self.stage.close_session(req.session_id)
+        signed = receipts.sign(session.ledger, bytes(self.identity.account.key), self.domain)
+        return {"receipt": receipts.to_wire(signed), "node_address": self.identity.address}
+
+    def _enqueue(self, channel: Channel, req: StepBody) -> None:
+        msg = decode(req.input, self.node.max_message_bytes)
+        if not isinstance(msg, StageInput):
+            raise ProtocolError("a step must carry a stage input, not an output")
+
+        def on_error(text: str) -> None:
+            self._spawn(channel.send("error", {"message": text, "code": "step"}))
+
+        self.queue.put_nowait(QueuedStep(msg, req.reply_to, channel.peer, on_error))
+
+    # ------------------------------------------------------------------ compute
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.create_task(self._quiet(coro))
+        self._tasks.append(task)
+        task.add_done_callback(lambda t: self._tasks.remove(t) if t in self._tasks else None)
+
+    @staticmethod
+    async def _quiet(coro: Any) -> None:
+        try:
+            await coro
+        except NodeError as exc:  # a peer went away while we answered it: its caller reroutes
+            log.info("could not deliver a message: %s", exc)
+
+    def _check(self, inp: StageInput) -> None:
+        for sid in inp.session_ids:
+            if sid not in self.sessions:
+                raise NodeError(f"session {sid!r} is not open on this node; open it and replay its tokens")
+        self.stage._check_input(inp)  # the stage's own validation, without side effects
+
+    async def _compute_loop(self) -> None:
+        pending: deque[QueuedStep] = deque()
+        expiry_every = max(1.0, min(self.node.session_idle_s / 4, 10.0))
+        last_expiry = time.monotonic()
+        while True:
+            if not pending:
+                with contextlib.suppress(TimeoutError):
+                    pending.append(await asyncio.wait_for(self.queue.get(), expiry_every))
+            while not self.queue.empty():
+                pending.append(self.queue.get_nowait())
+            if time.monotonic() - last_expiry >= expiry_every:
+                last_expiry = time.monotonic()
+                for sid in self.stage.sessions.evict_idle(self.node.session_idle_s):
+                    self.sessions.pop(sid, None)
+            if not pending:
+                continue
+            batches, refused, deferred = plan_batches(list(pending), self._check, self.node.max_batch_sessions)
+            pending = deque(deferred)
+            for step, reason in refused:
+                self._report(step, list(step.inp.session_ids), reason, self.peer_id)
+            for batch in batches:
+                await self._run(batch)
+
+    async def _run(self, batch: Batch) -> None:
+        inp = batch.merged()
+        try:
+            out = await asyncio.to_thread(self.stage.forward, inp)
+        except DlisError as exc:  # the stage closed those sessions; their callers reopen and replay
+            for step in batch.steps:
+                self._report(step, list(step.inp.session_ids), str(exc), self.peer_id)
+            return
+        rows = {sid: i for i, sid in enumerate(out.session_ids)}
+        for step in batch.steps:
+            idx = [rows[sid] for sid in step.inp.session_ids]
+            for sid, i in zip(step.inp.session_ids, idx, strict=True):
+                data = out.hidden if out.hidden is not None else out.token_ids
+                session = self.sessions.get(sid)
+                if session is not None and data is not None:  # None: closed while it ran
+                    session.ledger.record(step.inp.num_tokens, row_bytes(data[i]))
+            self._spawn(self._deliver(step, out, idx))
+
+    async def _deliver(self, step: QueuedStep, out: StageOutput, idx: list[int]) -> None:
+        sids = list(step.inp.session_ids)
+        if out.token_ids is not None:
+            body = {"sessions": sids, "step": out.step, "token_ids": [int(out.token_ids[i]) for i in idx]}
+            await self.pool.send(step.reply_to, "tokens", body)
+            return
+        assert out.hidden is not None  # non-last stages always return hidden states
+        by_next: dict[str, list[int]] = {}
+        for sid, i in zip(sids, idx, strict=True):
+            session = self.sessions.get(sid)
+            if session is None:
+                continue  # closed while it ran: nobody waits for it
+            next_peer = session.next_peer or step.reply_to
+            by_next.setdefault(next_peer, []).append(i)
+        for next_peer, rows in by_next.items():
+            nxt = StageInput(
+                tuple(out.session_ids[i] for i in rows),
+                tuple(out.positions[i] for i in rows),
+                out.step,
+                hidden=out.hidden[rows],
+                want_logits=step.inp.want_logits,
+            )
+            try:
+                await self.pool.send(next_peer, "step", {"input": encode(nxt), "reply_to": step.reply_to})
+            except NodeError as exc:
+                self._report(step, list(nxt.session_ids), f"next stage unreachable: {exc}", next_peer)
+
+    def _report(self, step: QueuedStep, sids: list[str], reason: str, failed_peer: str) -> None:
+        if step.on_error is not None:
+            step.on_error(reason)
+        body = FailBody(sessions=sids, step=step.inp.step, peer=failed_peer, message=reason).model_dump()
+        self._spawn(self.pool.send(step.reply_to, "fail", body))
+
+
+async def serve_forever(config: WorkerConfig) -> None:
+    worker = Worker(config)
+    info = await worker.start()
+    print(READY_PREFIX + json.dumps(info), flush=True)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, worker.stop.set)
+    await worker.stop.wait()
+    await worker.shutdown()

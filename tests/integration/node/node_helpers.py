@@ -1,0 +1,214 @@
+"""Helpers for node tests: tiny random models, shard sets, and worker processes on loopback.
+
+Workers run as separate OS processes (``python -m dlis_market.cli.worker start``) in their own
+process group, so killing the group also kills their p2pd daemon; every started worker is killed
+in ``finally`` by :class:`Swarm`. Readiness is the worker's ``DLIS_NODE_READY`` line, not a sleep.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import selectors
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import hivemind
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig
+
+from dlis_market.inference.shard_export import export_shards
+from dlis_market.node import dht_records
+from dlis_market.node.server import READY_PREFIX
+from dlis_market.node.transport import start_dht
+from dlis_market.settings import NodeSettings
+from dlis_market.types import LayerRange
+
+PASSWORD = "node-test-password"
+MODEL = "tiny-llama"
+
+
+def make_tiny_llama(path: Path, layers: int = 6, seed: int = 1234) -> Path:
+    config = LlamaConfig(
+        vocab_size=96,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():  # larger weights than the default init, so tokens vary
+        for param in model.parameters():
+            if param.ndim >= 2:
+                param.normal_(0.0, 0.3)
+    model.save_pretrained(path)
+    return path
+
+
+def tiny_shards(root: Path, ranges: list[tuple[int, int]], name: str = "tiny-llama") -> Path:
+    model_dir = make_tiny_llama(root / "model", layers=ranges[-1][1])
+    out = root / "shards"
+    export_shards(model_dir, out, ranges=[LayerRange(start=a, end=b) for a, b in ranges], dtype="fp32", name=name)
+    return out
+
+
+def driver_settings(**overrides: Any) -> NodeSettings:
+    base: dict[str, Any] = {"step_timeout_s": 30.0, "request_timeout_s": 15.0, "ban_base_s": 60.0}
+    base.update(overrides)
+    return NodeSettings(**base)
+
+
+@dataclass
+class WorkerProc:
+    proc: subprocess.Popen[bytes]
+    info: dict[str, Any]
+    log_path: Path
+
+    @property
+    def peer_id(self) -> str:
+        return str(self.info["peer_id"])
+
+    @property
+    def home(self) -> Path:
+        return self.log_path.parent
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):  # already gone
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=30)
+
+    def stop(self, timeout_s: float = 60.0) -> int:
+        """SIGTERM (clean shutdown: the worker withdraws its DHT record); returns the exit code."""
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout=timeout_s)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")[-4000:]
+
+
+@dataclass
+class Swarm:
+    root: Path
+    threads: int = 1
+    env: dict[str, str] = field(default_factory=dict)  # extra environment of the workers
+    workers: list[WorkerProc] = field(default_factory=list)
+    bootstrap: hivemind.DHT | None = None
+
+    def __enter__(self) -> Swarm:
+        self.bootstrap = start_dht([], client_mode=False)
+        return self
+
+    @property
+    def initial_peers(self) -> list[str]:
+        assert self.bootstrap is not None
+        return [str(m) for m in self.bootstrap.get_visible_maddrs()]
+
+    def wait_spans(self, model: str, count: int, timeout_s: float = 60.0) -> list[dht_records.SpanRecord]:
+        """Block until the bootstrap DHT sees ``count`` announcements of ``model``."""
+        assert self.bootstrap is not None
+        deadline = time.monotonic() + timeout_s
+        spans: list[dht_records.SpanRecord] = []
+        while time.monotonic() < deadline:
+            spans = dht_records.fetch_spans(self.bootstrap, model)
+            if len(spans) >= count:
+                return spans
+            time.sleep(0.5)
+        raise RuntimeError(f"only {len(spans)} of {count} spans of {model} announced within {timeout_s}s")
+
+    def start_workers(self, specs: list[tuple[Path, str, str]], timeout_s: float = 240.0) -> list[WorkerProc]:
+        """Start ``(shards, layers, name)`` workers in parallel; wait until all are ready."""
+        started = [self.launch(shards, layers, name) for shards, layers, name in specs]
+        for w in started:
+            w.info = _wait_ready(w.proc, timeout_s, w.log_path)
+        return started
+
+    def start_worker(self, shards: Path, layers: str, name: str, *extra: str, timeout_s: float = 240.0) -> WorkerProc:
+        worker = self.launch(shards, layers, name, *extra)
+        worker.info = _wait_ready(worker.proc, timeout_s, worker.log_path)
+        return worker
+
+    def launch(self, shards: Path, layers: str, name: str, *extra: str) -> WorkerProc:
+        home = self.root / name
+        home.mkdir(parents=True, exist_ok=True)
+        pw = home / "password"
+        pw.write_text(PASSWORD)
+        env = {
+            **os.environ,
+            "DLIS_HOME": str(home),
+            "DLIS_CHAIN__KEYSTORE_SCRYPT_N": "1024",
+            "DLIS_NODE__ANNOUNCE_EVERY_S": "2",
+            "PYTHONUNBUFFERED": "1",
+            **self.env,
+        }
+        cmd = [sys.executable, "-m", "dlis_market.cli.worker", "start", "--shards", str(shards)]
+        cmd += ["--layers", layers] if layers else []  # empty: the caller passes --auto
+        cmd += ["--password-file", str(pw), "--threads", str(self.threads)]
+        for peer in self.initial_peers:
+            cmd += ["--initial-peer", peer]
+        cmd += list(extra)
+        log_path = home / "worker.log"
+        with log_path.open("wb") as log:
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, env=env, start_new_session=True)
+        worker = WorkerProc(proc, {}, log_path)
+        self.workers.append(worker)
+        return worker
+
+    def __exit__(self, *exc: object) -> None:
+        for w in self.workers:
+            w.kill()
+        if self.bootstrap is not None:
+            self.bootstrap.shutdown()
+
+
+def _wait_ready(proc: subprocess.Popen[bytes], timeout_s: float, log_path: Path) -> dict[str, Any]:
+    assert proc.stdout is not None
+    sel = selectors.DefaultSelector()
+    sel.register(proc.stdout, selectors.EVENT_READ)
+    deadline = time.monotonic() + timeout_s
+    buf = b""
+    while time.monotonic() < deadline:
+        if not sel.select(timeout=max(0.0, deadline - time.monotonic())):
+            break
+        chunk = os.read(proc.stdout.fileno(), 65536)
+        if not chunk:
+            break
+        buf += chunk
+        for line in buf.decode(errors="replace").splitlines():
+            if line.startswith(READY_PREFIX):
+                return dict(json.loads(line[len(READY_PREFIX) :]))
+    tail = log_path.read_text(errors="replace")[-3000:]
+    raise RuntimeError(f"worker did not become ready (exit {proc.poll()}):\n{tail}")
+
+
+async def wait_for_spans(driver: Any, model: str, count: int, timeout_s: float = 60.0) -> list[Any]:
+    """Poll the DHT until ``count`` spans of ``model`` are announced (announcements are async)."""
+    import asyncio
+
+    deadline = time.monotonic() + timeout_s
+    spans: list[Any] = []
+    while time.monotonic() < deadline:
+        spans = await driver.discover(model)
+        if len(spans) >= count:
+            return spans
+        await asyncio.sleep(0.5)
+    raise RuntimeError(f"only {len(spans)} of {count} spans of {model} announced within {timeout_s}s")
+
+
+@dataclass
+class TinySwarm:
+    """The tiny-Llama swarm of ``conftest.tiny_swarm``: workers by name (a, b, b2, c)."""
+
+    swarm: Swarm
+    shards: Path
+    workers: dict[str, WorkerProc]
