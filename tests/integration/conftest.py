@@ -3,12 +3,18 @@
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from dlis_market.chain.devnet import LocalMarket, local_market
+from dlis_market.inference.importer import import_model
+from dlis_market.inference.shard_export import export_shards
+
+# Shared with the inference tests' cache: the real SmolLM2 is imported once per machine.
+CACHE = Path(tempfile.gettempdir()) / "dlis-test-cache" / "v1"
 
 
 @pytest.fixture(scope="session")
@@ -32,3 +38,12 @@ def market(market_session: LocalMarket) -> Iterator[LocalMarket]:
         yield market_session
     finally:
         market_session.revert(snap)
+
+
+@pytest.fixture(scope="session")
+def smollm2_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Real SmolLM2-135M in three bf16 shards (manifest + tokenizer), made once per session."""
+    model_dir = import_model("smollm2-135m", CACHE / "models", CACHE / "cache")
+    out = tmp_path_factory.mktemp("smollm2-shards") / "shards"
+    export_shards(model_dir, out, stages=3, dtype="bf16", name="smollm2-135m")
+    return out

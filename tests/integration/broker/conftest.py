@@ -4,8 +4,10 @@ backend double that plays three registered workers (the P2P path has its own tes
 from __future__ import annotations
 
 import secrets
-import tempfile
-from collections.abc import AsyncIterator
+import socket
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
@@ -16,20 +18,9 @@ from dlis_market.broker.ledger import Ledger
 from dlis_market.broker.planning import CachedStanding, chain_standing, make_planner
 from dlis_market.broker.service import BrokerService
 from dlis_market.chain.job_market import Receipt, sign_receipt
-from dlis_market.inference.importer import import_model
-from dlis_market.inference.shard_export import export_shards
 
-CACHE = Path(tempfile.gettempdir()) / "dlis-test-cache" / "v1"
 PRICE = 10**12  # token units per token per stage
 SPANS = [(0, 10), (10, 20), (20, 30)]
-
-
-@pytest.fixture(scope="session")
-def smollm2_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    model_dir = import_model("smollm2-135m", CACHE / "models", CACHE / "cache")
-    out = tmp_path_factory.mktemp("smollm2-shards") / "shards"
-    export_shards(model_dir, out, stages=3, dtype="bf16", name="smollm2-135m")
-    return out
 
 
 class ScriptedBackend:
@@ -117,3 +108,81 @@ def broker_env(market, smollm2_shards, tmp_path):
     )
     service = BrokerService(market.settings, ledger, market.market(), market.broker, catalog, backend, planner)
     return market, service, backend, ops, nodes, client
+
+
+# ----------------------------------------------------------------------------- browser
+# A live uvicorn server for the broker app and headless Debian Chromium driven by Playwright.
+
+ARTIFACTS = Path(__file__).resolve().parents[2] / "artifacts" / "browser"
+CHROMIUM = "/usr/bin/chromium"
+# Without the background-networking flags Chromium tries public hosts (see ENVIRONMENT.md).
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]  # fmt: skip
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class LiveServer:
+    """uvicorn serving an ASGI app on 127.0.0.1 in a thread of this process."""
+
+    def __init__(self, app) -> None:
+        import uvicorn
+
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, name="uvicorn", daemon=True)
+
+    def __enter__(self) -> LiveServer:
+        self.thread.start()
+        deadline = time.monotonic() + 20
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError(f"uvicorn did not start on {self.url}")
+            time.sleep(0.05)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=20)
+
+
+@pytest.fixture()
+def live_server():
+    servers: list[LiveServer] = []
+
+    def start(app) -> LiveServer:
+        srv = LiveServer(app).__enter__()
+        servers.append(srv)
+        return srv
+
+    try:
+        yield start
+    finally:
+        for srv in servers:
+            srv.__exit__()
+
+
+@pytest.fixture(scope="session")
+def chromium() -> Iterator[object]:
+    if not Path(CHROMIUM).exists():
+        pytest.fail(f"{CHROMIUM} is missing: run `make setup` (it installs Debian's chromium)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            yield browser
+        finally:
+            browser.close()
+
+
+@pytest.fixture(scope="session")
+def artifacts() -> Path:
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    (ARTIFACTS / ".gitignore").write_text("*\n")  # screenshots are test output, never committed
+    return ARTIFACTS
