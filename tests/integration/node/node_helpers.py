@@ -133,12 +133,14 @@ class Swarm:
             w.info = _wait_ready(w.proc, timeout_s, w.log_path)
         return started
 
-    def start_worker(self, shards: Path, layers: str, name: str, *extra: str, timeout_s: float = 240.0) -> WorkerProc:
+    def start_worker(
+        self, shards: Path | None, layers: str, name: str, *extra: str, timeout_s: float = 240.0
+    ) -> WorkerProc:
         worker = self.launch(shards, layers, name, *extra)
         worker.info = _wait_ready(worker.proc, timeout_s, worker.log_path)
         return worker
 
-    def launch(self, shards: Path, layers: str, name: str, *extra: str) -> WorkerProc:
+    def launch(self, shards: Path | None, layers: str, name: str, *extra: str) -> WorkerProc:
         home = self.root / name
         home.mkdir(parents=True, exist_ok=True)
         pw = home / "password"
@@ -151,7 +153,8 @@ class Swarm:
             "PYTHONUNBUFFERED": "1",
             **self.env,
         }
-        cmd = [sys.executable, "-m", "dlis_market.cli.worker", "start", "--shards", str(shards)]
+        cmd = [sys.executable, "-m", "dlis_market.cli.worker", "start"]
+        cmd += ["--shards", str(shards)] if shards is not None else []  # None: extra args say --manifest-cid
         cmd += ["--layers", layers] if layers else []  # empty: the caller passes --auto
         cmd += ["--password-file", str(pw), "--threads", str(self.threads)]
         for peer in self.initial_peers:

@@ -13,7 +13,7 @@ def test_oracle_risk_reads_caches_and_falls_back():
     calls = []
 
     class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802 - http.server API
+        def do_GET(self) -> None:
             calls.append(self.path)
             body = json.dumps({"0xAbC": {"reputation_bps": 9000, "reputation_epoch": 3, "failure_risk": 0.25}}).encode()
             self.send_response(200)

@@ -1,0 +1,171 @@
+"""The whole market on one machine, every part real and in its own process where it would be in
+production: Anvil with the contracts, an embedded IPFS node holding the published SmolLM2 shards,
+three workers that fetch their shards by CID and are staked and registered through the CLI, and
+`dlis broker start`. A client pays for a job over HTTP; the broker is restarted between the job
+and its settlement; the chain then shows exactly the receipts paid once, the protocol fee, and
+the client's escrow down by exactly the cost; the answer equals local generation."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+from node_helpers import PASSWORD, Swarm, _wait_ready  # type: ignore[import-not-found]
+from transformers import AutoTokenizer
+from typer.testing import CliRunner
+
+from dlis_market.chain.anvil import free_port
+from dlis_market.chain.job_market import JobAuthorization, sign_authorization
+from dlis_market.cli.main import app
+from dlis_market.inference.pipeline import LocalPipeline
+from dlis_market.storage.daemon import DaemonConfig, EmbeddedDaemon
+from dlis_market.types import model_id
+
+UNIT = 10**18
+MODEL = "smollm2-135m"
+PRICE = 10**12
+PROMPT = "The capital of France is"
+
+
+def cli(env: dict[str, str], *args: str) -> str:
+    res = CliRunner().invoke(app, list(args), env=env)
+    assert res.exit_code == 0, res.output
+    return res.stdout
+
+
+def start_broker(
+    market, shards: Path, peers: list[str], port: int, settle_s: float, log: Path
+) -> subprocess.Popen[bytes]:
+    env = {
+        **os.environ,
+        **market.settings.to_env(),
+        "DLIS_BROKER__PORT": str(port),
+        "DLIS_BROKER__SETTLE_INTERVAL_S": str(settle_s),
+        "DLIS_BROKER__DATABASE_URL": f"sqlite:///{log.parent / 'broker.db'}",
+    }
+    cmd = [sys.executable, "-m", "dlis_market.cli.main", "broker", "start", "--model-dir", str(shards)]
+    for p in peers:
+        cmd += ["--peer", p]
+    proc = subprocess.Popen(cmd, env=env, stdout=log.open("ab"), stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, log.read_text()[-3000:]
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            time.sleep(0.3)
+    raise AssertionError("broker did not start:\n" + log.read_text()[-3000:])
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def test_paid_job_end_to_end_with_broker_restart(market, smollm2_shards: Path, tmp_path: Path) -> None:
+    home = market.settings.home
+    base_env = {"DLIS_HOME": str(home), "DLIS_CHAIN__RPC_URL": market.settings.chain.rpc_url}
+    dep = market.client.deployment
+    jm, token = market.market(), market.token()
+    ipfs = EmbeddedDaemon(DaemonConfig(repo=tmp_path / "ipfs", request_timeout_s=60))
+    brokers: list[subprocess.Popen[bytes]] = []
+    try:
+        ipfs.start()
+        out = cli(
+            {**base_env, "DLIS_STORAGE__KUBO_API_URL": ipfs.info.api_url},
+            "model",
+            "publish",
+            str(smollm2_shards),
+            "--json",
+        )
+        cid = json.loads(out.strip().splitlines()[-1])["manifest_cid"]
+        assert market.registry().get_model(bytes.fromhex(model_id(MODEL)[2:])).manifest_cid == cid
+
+        operators = [market.accounts[i] for i in (4, 5, 6)]
+        with Swarm(tmp_path / "swarm", env={"DLIS_STORAGE__KUBO_API_URL": ipfs.info.api_url}) as swarm:
+            chain_args = ["--manifest-cid", cid, "--chain-id", "31337", "--market", dep.address_of("JobMarket"),
+                          "--registry", dep.address_of("NodeRegistry"), "--price", str(PRICE)]  # fmt: skip
+            workers = [swarm.launch(None, f"{a}:{b}", f"w{a}", *chain_args) for a, b in ((0, 10), (10, 20), (20, 30))]
+            for w in workers:
+                w.info = _wait_ready(w.proc, 300, w.log_path)
+            for w, op, idx in zip(workers, operators, (4, 5, 6), strict=True):
+                # each operator stakes and registers its worker's node key through the CLI
+                (w.home / "deployments").mkdir(exist_ok=True)
+                shutil.copy(home / "deployments" / "31337.json", w.home / "deployments" / "31337.json")
+                wenv = {"DLIS_HOME": str(w.home), "DLIS_CHAIN__RPC_URL": market.settings.chain.rpc_url}
+                cli(wenv, "chain", "faucet", op.address, "500")
+                cli(wenv, "node", "stake", "200", "--account", f"dev:{idx}")
+                pw = w.home / "password"
+                register = ["node", "register", "--account", f"dev:{idx}", "--node-key", "node"]
+                register += ["--node-password-file", str(pw), "--peer-id", w.info["peer_id"]]
+                cli(wenv, *register, "--attestation-hash", w.info["attestation_hash"])
+                assert market.registry().get(w.info["node_address"]).routable
+            assert PASSWORD  # workers unlock their node keys with the helper's password file
+
+            client = market.new_funded_account(50 * UNIT)
+            jm.deposit(client, 10 * UNIT)
+            escrow0, treasury0 = jm.escrow_of(client.address), jm.claimable_of(dep.treasury)
+            port = free_port()
+            brokers.append(
+                start_broker(market, smollm2_shards, swarm.initial_peers, port, 3600, tmp_path / "broker.log")
+            )
+            auth = JobAuthorization(client.address, market.broker.address, bytes.fromhex(model_id(MODEL)[2:]), UNIT,
+                                    secrets.randbits(128), market.client.timestamp() + 3600)  # fmt: skip
+            body = {"model": MODEL, "prompt": PROMPT, "max_tokens": 8, "authorization": {
+                "client": client.address, "nonce": str(auth.nonce), "max_cost": str(UNIT), "deadline": auth.deadline,
+                "signature": sign_authorization(client.key, jm.domain(), auth).hex()}}  # fmt: skip
+            res = httpx.post(f"http://127.0.0.1:{port}/v1/jobs", json=body, timeout=300)
+            assert res.status_code == 201, res.text
+            job = res.json()
+            assert job["status"] == "completed", job
+            assert [(h["start"], h["end"]) for h in job["route"]] == [(0, 10), (10, 20), (20, 30)]
+            assert {r["node"] for r in job["receipts"]} == {w.info["node_address"] for w in workers}
+
+            # the answer is exactly what the model gives in one process
+            local = LocalPipeline.load(smollm2_shards)
+            tok = AutoTokenizer.from_pretrained(str(smollm2_shards))
+            ref = local.generate_ids([tok(PROMPT)["input_ids"]], max_new_tokens=8)[0]
+            assert job["answer"] == tok.decode(ref.token_ids, skip_special_tokens=True)
+
+            # broker stops before settling; nothing moved on chain yet
+            stop(brokers.pop())
+            assert jm.escrow_of(client.address) == escrow0
+            brokers.append(start_broker(market, smollm2_shards, swarm.initial_peers, port, 1, tmp_path / "broker.log"))
+            deadline = time.monotonic() + 120
+            while True:
+                job = httpx.get(f"http://127.0.0.1:{port}/v1/jobs/{job['id']}", timeout=30).json()
+                if job["status"] == "settled":
+                    break
+                assert time.monotonic() < deadline, job
+                time.sleep(1)
+            time.sleep(3)  # a few more settlement passes: nothing may be paid twice
+
+            cost, fee = int(job["cost"]), int(job["fee"])
+            assert cost == sum(int(r["amount"]) for r in job["receipts"]) > 0
+            assert fee == cost * jm.fee_bps() // 10_000
+            assert jm.escrow_of(client.address) == escrow0 - cost - fee
+            assert jm.claimable_of(dep.treasury) == treasury0 + fee
+            for op, r in zip(operators, job["receipts"], strict=True):
+                assert jm.claimable_of(op.address) == int(r["amount"])
+            assert job["settlement"]["tx_hash"].startswith("0x")
+            before = token.balance_of(operators[0].address)
+            jm.claim(operators[0])
+            assert token.balance_of(operators[0].address) == before + int(job["receipts"][0]["amount"])
+    finally:
+        for b in brokers:
+            stop(b)
+        ipfs.stop()
