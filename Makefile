@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 BIN := $(VENV)/bin
 export PATH := $(CURDIR)/node_modules/.bin:$(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: setup demo test test-python test-contracts test-heavy lint bench-gas clean-chain
+.PHONY: setup demo demo-stop test test-python test-contracts test-heavy lint bench-gas clean-chain
 
 setup: $(VENV)/.installed node_modules/.installed build/.compiled /usr/bin/chromium
 
@@ -38,6 +38,9 @@ build/.compiled: $(VENV)/.installed node_modules/.installed contracts/*.sol cont
 
 demo: setup
 	bash scripts/demo.sh
+
+demo-stop:
+	bash scripts/demo.sh stop
 
 test: setup
 	bash scripts/run_tests.sh

@@ -1,31 +1,130 @@
 #!/usr/bin/env bash
-# The local marketplace, as an operator would bring it up by hand:
-# chain up (Anvil + `brownie run deploy`), fund an operator, stake, register a node, show it all.
-# Keep it running: the chain stays up in the background (state in $DLIS_HOME/chain).
-# Stop it:         .venv/bin/dlis chain down
+# The local marketplace serving a paid job end to end, as its users would run it by hand:
+#   chain up (Anvil + `brownie run deploy`) -> embedded IPFS node -> import SmolLM2, shard it in
+#   three bf16 ranges, publish the shards (pinned, registered on chain) -> three workers with
+#   different profiles fetch their shards by CID, each staked and registered by its operator
+#   -> broker -> a client deposits escrow and runs a paid job -> settled on chain.
+#
+# Everything binds to 127.0.0.1. Processes keep running afterwards (pids in $DLIS_HOME/run):
+#   stop them all:   bash scripts/demo.sh stop      (or: make demo-stop)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$PWD/node_modules/.bin:$PWD/.venv/bin:$PATH"
 export DLIS_HOME="${DLIS_HOME:-$PWD/.dlis-demo}"
 PORT="${DEMO_PORT:-8545}"
+BROKER_PORT="${DEMO_BROKER_PORT:-8080}"
 export DLIS_CHAIN__RPC_URL="http://127.0.0.1:${PORT}"
+export DLIS_BROKER__PORT="$BROKER_PORT"
+export DLIS_BROKER__SETTLE_INTERVAL_S=2
+RUN="$DLIS_HOME/run"
+LOGS="$DLIS_HOME/logs"
+mkdir -p "$RUN" "$LOGS"
 
+stop_all() {
+  for pidfile in "$RUN"/*.pid; do
+    [ -e "$pidfile" ] || continue
+    pid=$(cat "$pidfile")
+    kill -TERM "$pid" 2>/dev/null || true  # each process shuts its own children down on SIGTERM
+    rm -f "$pidfile"
+  done
+  dlis chain down --port "$PORT" || true
+}
+if [ "${1:-}" = "stop" ]; then stop_all; exit 0; fi
+
+running() { [ -e "$RUN/$1.pid" ] && kill -0 "$(cat "$RUN/$1.pid")" 2>/dev/null; }
+spawn() {  # spawn NAME LOGFILE CMD...: a background process that outlives this script, pid in $RUN/NAME.pid
+  local name=$1 log=$2; shift 2
+  nohup "$@" >"$log" 2>&1 < /dev/null &
+  echo $! > "$RUN/$name.pid"
+}
+wait_for() {  # wait_for SECONDS DESCRIPTION CMD...
+  local deadline=$((SECONDS + $1)) what=$2; shift 2
+  until "$@" >/dev/null 2>&1; do
+    if [ $SECONDS -ge $deadline ]; then echo "timed out waiting for $what; see $LOGS" >&2; exit 1; fi
+    sleep 1
+  done
+}
+# json EXPR: evaluate EXPR on the JSON document on stdin (d); a command's progress lines before it are skipped
+json() { python -c "
+import json, sys
+t = sys.stdin.read().strip()
+d = json.loads(t[t.index('{'):] if t[:1] != '[' and '{' in t else t)
+print($1)"; }
+dev_addr() { python -c "from dlis_market.chain.accounts import dev_accounts as d; from dlis_market.settings import Settings as S; print(d(S.load().chain.dev_mnemonic)[$1].address)"; }
+
+echo "== chain"
 dlis chain up --port "$PORT"
+DEPLOY="$DLIS_HOME/deployments/31337.json"
+MARKET=$(python -c "import json; print(json.load(open('$DEPLOY'))['contracts']['JobMarket']['address'])")
+REGISTRY=$(python -c "import json; print(json.load(open('$DEPLOY'))['contracts']['NodeRegistry']['address'])")
 
-# Dev chain accounts: dev:4 is the demo operator, dev:5 its node's signing key.
-OPERATOR=$(python -c "from dlis_market.chain.accounts import dev_accounts as d; from dlis_market.settings import Settings as S; print(d(S.load().chain.dev_mnemonic)[4].address)")
-NODE=$(python -c "from dlis_market.chain.accounts import dev_accounts as d; from dlis_market.settings import Settings as S; print(d(S.load().chain.dev_mnemonic)[5].address)")
+echo "== IPFS (embedded Kubo, private swarm on loopback)"
+if ! running ipfs; then spawn ipfs "$LOGS/ipfs.log" dlis ipfs daemon; fi
+wait_for 60 "the IPFS daemon" dlis ipfs id
+IPFS_ADDR=$(dlis ipfs id --json | json 'd["addresses"][0]')
 
-if ! dlis node status "$OPERATOR" --json | python -c "import json,sys; sys.exit(0 if json.load(sys.stdin)['nodes'] else 1)"; then
-  dlis chain faucet "$OPERATOR" 5000
-  dlis node stake 2000 --account dev:4
-  dlis node register --account dev:4 --node-key dev:5 \
-    --peer-id "12D3KooWDemoNode${NODE:2:8}" --endpoint /ip4/127.0.0.1/tcp/31337 \
-    --memory-mib 8192 --gflops 120 --bandwidth-mbps 1000 --device-class laptop
+echo "== model: import, shard, publish"
+SHARDS="$DLIS_HOME/shards/smollm2-135m"
+dlis model import smollm2-135m
+if [ ! -e "$SHARDS/manifest.json" ]; then
+  dlis model shard "$DLIS_HOME/models/smollm2-135m" --stages 3 --dtype bf16 --out "$SHARDS"
 fi
+PUB=$(dlis model publish "$SHARDS" --json)
+CID=$(echo "$PUB" | json 'd["manifest_cid"]')
+SHA=$(echo "$PUB" | json 'd["manifest_sha256"]')
+echo "manifest CID $CID (sha256 $SHA), registered on chain"
+
+echo "== workers: three profiles, each staked and registered by its operator"
+BOOT=""
+i=0
+for spec in "0:10 phone 2048 1 1000000000000" "10:20 laptop 8192 1 2000000000000" "20:30 server 65536 2 3000000000000"; do
+  read -r LAYERS CLASS MEM THREADS PRICE <<< "$spec"
+  i=$((i + 1)); OP=$((3 + i)); W="$DLIS_HOME/workers/w$i"
+  mkdir -p "$W/deployments" && cp "$DEPLOY" "$W/deployments/"
+  [ -e "$W/password" ] || python -c "import secrets; print(secrets.token_hex(16))" > "$W/password"
+  if ! running "worker$i"; then
+    PEERS=(); [ -n "$BOOT" ] && PEERS=(--initial-peer "$BOOT")
+    DLIS_HOME="$W" spawn "worker$i" "$LOGS/worker$i.log" dlis node start --manifest-cid "$CID" \
+      --manifest-sha256 "$SHA" --provider "$IPFS_ADDR" --layers "$LAYERS" --threads "$THREADS" --price "$PRICE" \
+      --chain-id 31337 --market "$MARKET" --registry "$REGISTRY" --password-file "$W/password" "${PEERS[@]}"
+  fi
+  wait_for 300 "worker $i" grep -q '^DLIS_NODE_READY ' "$LOGS/worker$i.log"
+  READY=$(grep '^DLIS_NODE_READY ' "$LOGS/worker$i.log" | tail -1 | sed 's/^DLIS_NODE_READY //')
+  [ -n "$BOOT" ] || BOOT=$(echo "$READY" | json 'd["maddrs"][0] + "/p2p/" + d["peer_id"] if "/p2p/" not in d["maddrs"][0] else d["maddrs"][0]')
+  NODE=$(echo "$READY" | json 'd["node_address"]')
+  if ! DLIS_HOME="$W" dlis node status "$NODE" --json | json 'd["nodes"]' | grep -q "$NODE"; then
+    OPADDR=$(dev_addr $OP)
+    DLIS_HOME="$W" dlis chain faucet "$OPADDR" 1500
+    DLIS_HOME="$W" dlis node stake 1000 --account "dev:$OP"
+    DLIS_HOME="$W" dlis node register --account "dev:$OP" --node-key node --node-password-file "$W/password" \
+      --peer-id "$(echo "$READY" | json 'd["peer_id"]')" --attestation-hash "$(echo "$READY" | json 'd["attestation_hash"]')" \
+      --endpoint "$(echo "$READY" | json 'd["maddrs"][0]')" --device-class "$CLASS" --memory-mib "$MEM"
+  fi
+  echo "worker $i serves [${LAYERS/:/, }) as a $CLASS, node $NODE"
+done
+
+echo "== broker"
+if ! running broker; then
+  spawn broker "$LOGS/broker.log" dlis broker start --model-dir "$SHARDS" --peer "$BOOT"
+fi
+wait_for 120 "the broker" python -c "import httpx; httpx.get('http://127.0.0.1:$BROKER_PORT/healthz').raise_for_status()"
+
+echo "== a client pays for a job"
+CLIENT=$(dev_addr 9)
+dlis chain faucet "$CLIENT" 100
+dlis job deposit 50 --account dev:9
+JOB=$(dlis job submit --account dev:9 --prompt "What is the capital of France?" --chat --max-tokens 24 --json)
+echo "$JOB" | python -c "
+import json, sys
+j = json.load(sys.stdin)
+print('answer :', j['answer'].strip())
+print('route  :', ' -> '.join(f\"{h['node'][:10]} [{h['start']}, {h['end']})\" for h in j['route']))
+print(f\"latency: {j['latency_ms']:.0f} ms, first token {j['ttft_ms']:.0f} ms\")
+print(f\"cost   : {int(j['cost'])/1e18:.6f} DLIS + protocol fee {int(j['fee'])/1e18:.6f} DLIS\")
+"
+JOB_ID=$(echo "$JOB" | json 'd["id"]')
+wait_for 60 "settlement" sh -c "dlis job status $JOB_ID --json | grep -q '\"settled_on_chain\": true'"
+dlis job status "$JOB_ID" --json | json '"settled in transaction " + d["settlement"]["tx_hash"] + " (block " + str(d["settlement"]["block"]) + ")"'
 echo
-dlis chain status
-echo
-dlis node status "$OPERATOR"
-echo
-echo "The chain keeps running on 127.0.0.1:${PORT} (state in $DLIS_HOME/chain). Stop it with: DLIS_HOME=$DLIS_HOME .venv/bin/dlis chain down --port ${PORT}"
+echo "Dashboard and explorer: http://127.0.0.1:$BROKER_PORT/  (API: /docs)"
+echo "Everything keeps running (pids in $RUN). Stop it all with: bash scripts/demo.sh stop"
