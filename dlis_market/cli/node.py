@@ -254,3 +254,50 @@ def claim(
             as_json,
             lambda d: console.print(f"claimed, tx {d['tx']}"),
         )
+
+
+@app.command()
+def earnings(
+    ctx: typer.Context,
+    who: Annotated[str, typer.Argument(help="Operator address or keystore account name.")],
+    as_json: JsonOpt = False,
+) -> None:
+    """What JobMarket paid an operator: credited per settlement batch, claimed, still claimable."""
+    from dlis_market.chain.client import ChainClient
+    from dlis_market.chain.dlis_token import fmt_units
+    from dlis_market.chain.job_market import JobMarket
+
+    st = state(ctx)
+    with handle_errors():
+        operator = resolve_address(st, who)
+        market = JobMarket(ChainClient(st.settings))
+        start = market.client.deployment.contracts["JobMarket"].block
+        ev = market.contract.events
+        credited = ev.PaymentCredited.get_logs(from_block=start, argument_filters={"payee": operator})
+        claimed = ev.Claimed.get_logs(from_block=start, argument_filters={"account": operator})
+        data = {
+            "operator": operator,
+            "credited": sum(int(e["args"]["amount"]) for e in credited),
+            "claimed": sum(int(e["args"]["amount"]) for e in claimed),
+            "claimable": market.claimable_of(operator),
+            "credits": [
+                {
+                    "node": e["args"]["node"],
+                    "batch_id": "0x" + bytes(e["args"]["batchId"]).hex(),
+                    "amount": int(e["args"]["amount"]),
+                    "block": int(e["blockNumber"]),
+                    "tx": "0x" + bytes(e["transactionHash"]).hex(),
+                }
+                for e in credited
+            ],
+        }
+
+        def human(d: dict[str, Any]) -> None:
+            console.print(
+                f"operator {d['operator']}: earned {fmt_units(d['credited'])} DLIS, claimed {fmt_units(d['claimed'])}, "
+                f"claimable {fmt_units(d['claimable'])} (`dlis node claim`)"
+            )
+            for c in d["credits"]:
+                console.print(f"  block {c['block']}  node {c['node']}  +{fmt_units(c['amount'])} DLIS  tx {c['tx']}")
+
+        emit(data, as_json, human)

@@ -117,3 +117,23 @@ def test_invalid_job_is_dropped_and_the_rest_settle(setup):
     assert "JobMarketInvalidClientSignature" in ledger.get_job(forged).error
     assert ledger.get_job(good).status == "settled"
     assert jm.claimable_of(ops[2].address) == UNIT // 50
+
+
+def test_node_earnings_cli_reads_the_chain(setup):
+    from typer.testing import CliRunner
+
+    from dlis_market.cli.main import app
+
+    market, ops, nodes, client, ledger = setup
+    jm = market.market()
+    add_completed_job(market, ledger, client, nodes, 50)
+    Settler(ledger, jm, market.broker).settle_once()
+    jm.claim(ops[0])
+    env = {"DLIS_HOME": str(market.settings.home), "DLIS_CHAIN__RPC_URL": market.settings.chain.rpc_url}
+    res = CliRunner().invoke(app, ["node", "earnings", ops[0].address, "--json"], env=env)
+    assert res.exit_code == 0, res.output
+    import json
+
+    data = json.loads(res.stdout)
+    assert data["credited"] == data["claimed"] == UNIT // 50 and data["claimable"] == 0
+    assert data["credits"][0]["node"] == nodes[0].address
