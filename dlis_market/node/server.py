@@ -30,6 +30,7 @@ from dlis_market.inference.sampling import SamplingParams
 from dlis_market.inference.stage import Stage
 from dlis_market.node import attestation, dht_records, identity, profiler, receipts
 from dlis_market.node.errors import NodeError, ProtocolError
+from dlis_market.node.metrics import WorkerMetrics, kv_capacity_bytes
 from dlis_market.node.protocol import Channel, CloseBody, FailBody, OpenBody, StepBody, parse_body
 from dlis_market.node.routing import choose_range
 from dlis_market.node.sessions import Batch, QueuedStep, WorkerSession, plan_batches, row_bytes
@@ -112,6 +113,7 @@ class Worker:
         self.pool = ChannelPool(self.p2p, self._on_message, self.node.max_message_bytes)
         await self.pool.serve()
         self._tasks = [asyncio.create_task(self._compute_loop()), asyncio.create_task(self._announce_loop())]
+        metrics_url = self._start_metrics()
         return {
             "peer_id": self.peer_id,
             "maddrs": [str(m) for m in self.dht.get_visible_maddrs()],
@@ -121,7 +123,23 @@ class Worker:
             "node_address": self.identity.address,
             "attestation_hash": "0x" + report.report_hash().hex(),
             "throughput": self.profile.throughput(layers.size),
+            "metrics_url": metrics_url,
         }
+
+    def _start_metrics(self) -> str | None:
+        inf = self.settings.inference
+        dtype_bytes = 4 if self.stage.dtype == "fp32" else 2
+        self.metrics = WorkerMetrics(
+            kv_used=lambda: float(self.stage.sessions.cache_bytes()),
+            kv_capacity=kv_capacity_bytes(
+                self.stage.stage_config, self.stage.layers.size, inf.max_sessions, inf.max_session_tokens, dtype_bytes
+            ),
+            sessions=lambda: float(len(self.stage.sessions)),
+        )
+        if self.node.metrics_port is None:
+            return None
+        port = self.metrics.serve(self.node.host, self.node.metrics_port)
+        return f"http://{self.node.host}:{port}/metrics"
 
     def record(self) -> dht_records.SpanRecord:
         return dht_records.SpanRecord(
@@ -139,6 +157,8 @@ class Worker:
 
     async def _announce_loop(self) -> None:
         while not self.stop.is_set():
+            with contextlib.suppress(Exception):  # a metric only; the daemon may be busy or restarting
+                self.metrics.dht_peers.set(len(await self.p2p.list_peers()))
             ok = await asyncio.to_thread(dht_records.announce, self.dht, self.record(), self.node.announce_ttl_s)
             if not ok:
                 log.warning(
@@ -268,8 +288,10 @@ class Worker:
 
     async def _run(self, batch: Batch) -> None:
         inp = batch.merged()
+        phase = "prefill" if inp.num_tokens > len(inp.session_ids) else "decode"
         try:
-            out = await asyncio.to_thread(self.stage.forward, inp)
+            with self.metrics.step_seconds.labels(phase).time():
+                out = await asyncio.to_thread(self.stage.forward, inp)
         except DlisError as exc:  # the stage closed those sessions; their callers reopen and replay
             for step in batch.steps:
                 self._report(step, list(step.inp.session_ids), str(exc), self.peer_id)

@@ -96,7 +96,9 @@ def test_paid_job_end_to_end_with_broker_restart(market, smollm2_shards: Path, t
         assert market.registry().get_model(bytes.fromhex(model_id(MODEL)[2:])).manifest_cid == cid
 
         operators = [market.accounts[i] for i in (4, 5, 6)]
-        with Swarm(tmp_path / "swarm", env={"DLIS_STORAGE__KUBO_API_URL": ipfs.info.api_url}) as swarm:
+        with Swarm(
+            tmp_path / "swarm", env={"DLIS_STORAGE__KUBO_API_URL": ipfs.info.api_url, "DLIS_NODE__METRICS_PORT": "0"}
+        ) as swarm:
             chain_args = ["--manifest-cid", cid, "--chain-id", "31337", "--market", dep.address_of("JobMarket"),
                           "--registry", dep.address_of("NodeRegistry"), "--price", str(PRICE)]  # fmt: skip
             workers = [swarm.launch(None, f"{a}:{b}", f"w{a}", *chain_args) for a, b in ((0, 10), (10, 20), (20, 30))]
@@ -140,6 +142,13 @@ def test_paid_job_end_to_end_with_broker_restart(market, smollm2_shards: Path, t
             tok = AutoTokenizer.from_pretrained(str(smollm2_shards))
             ref = local.generate_ids([tok(PROMPT)["input_ids"]], max_new_tokens=8)[0]
             assert job["answer"] == tok.decode(ref.token_ids, skip_special_tokens=True)
+
+            # every worker exports Prometheus metrics of the work it just did
+            for w in workers:
+                text = httpx.get(w.info["metrics_url"], timeout=10).text
+                assert 'dlis_worker_stage_step_seconds_count{phase="prefill"} 1.0' in text
+                assert 'dlis_worker_stage_step_seconds_count{phase="decode"}' in text
+                assert "dlis_worker_dht_peers" in text and "dlis_worker_kv_cache_capacity_bytes" in text
 
             # broker stops before settling; nothing moved on chain yet
             stop(brokers.pop())
