@@ -9,23 +9,18 @@ from transformers import Gemma3ForCausalLM, PretrainedConfig, PreTrainedModel
 from transformers.cache_utils import Cache
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
-from dlis_market.inference.families.base import Family, first_output
+from dlis_market.inference.families.base import first_output
+from dlis_market.inference.families.llama import LlamaFamily
 
 
-class Gemma3Family(Family):
+class Gemma3Family(LlamaFamily):
+    """Llama's tensor layout; its own layer loop (per-layer-type masks and rotary embeddings)."""
+
     name = "gemma3"
     model_types = ("gemma3_text",)
-    layers_path = "model.layers"
-    first_stage_prefixes = ("model.embed_tokens.",)
-    last_stage_prefixes = ("model.norm.", "lm_head.")
-    embed_weight = "model.embed_tokens.weight"
 
     def model_class(self) -> type[PreTrainedModel]:
         return Gemma3ForCausalLM
-
-    def embed(self, model: Any, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
-        out: torch.Tensor = model.model.embed_tokens(input_ids)
-        return out
 
     def run_layers(
         self,
