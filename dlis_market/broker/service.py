@@ -41,6 +41,21 @@ class PlannedRoute:
     fallback: bool = False
 
 
+@dataclass(frozen=True)
+class PricedJob:
+    """A job's prompt, route and cost bound, before it is admitted."""
+
+    served: ServedModel
+    prompt_ids: list[int]
+    route: PlannedRoute
+    cost: int
+    fee: int
+
+    @property
+    def total(self) -> int:
+        return self.cost + self.fee
+
+
 Planner = Callable[[list[Offer], ServedModel, Policy, int, int], PlannedRoute]
 
 
@@ -125,25 +140,35 @@ class BrokerService:
             )
         return cost, fee
 
-    async def quote(
+    async def price(
         self, model: str, prompt: str | None, messages: list[dict[str, str]] | None, max_tokens: int, policy: Policy
-    ) -> Quote:
+    ) -> PricedJob:
+        """Tokenize, check the context, route and bound the cost of a job (nothing is committed)."""
         served = self.catalog.get(model)
         ids = served.encode_prompt(prompt, messages)
         served.check_length(len(ids), max_tokens)
+        return await self._priced(served, ids, policy, max_tokens)
+
+    async def _priced(self, served: ServedModel, ids: list[int], policy: Policy, max_tokens: int) -> PricedJob:
         route = await self.plan(served, policy, len(ids), max_tokens)
         cost, fee = await self._bound(route, policy, len(ids), max_tokens)
+        return PricedJob(served, ids, route, cost, fee)
+
+    async def quote(
+        self, model: str, prompt: str | None, messages: list[dict[str, str]] | None, max_tokens: int, policy: Policy
+    ) -> Quote:
+        p = await self.price(model, prompt, messages, max_tokens, policy)
         return Quote(
             model=model,
-            model_id=served.model_id,
-            prompt_tokens=len(ids),
+            model_id=p.served.model_id,
+            prompt_tokens=len(p.prompt_ids),
             max_tokens=max_tokens,
-            route=[{"node": h.node, "peer_id": h.peer_id, "start": h.start, "end": h.end} for h in route.hops],
-            fallback=route.fallback,
-            cost=cost,
-            fee=fee,
-            max_total=cost + fee,
-            estimated_latency_ms=route.estimated_latency_ms,
+            route=[{"node": h.node, "peer_id": h.peer_id, "start": h.start, "end": h.end} for h in p.route.hops],
+            fallback=p.route.fallback,
+            cost=p.cost,
+            fee=p.fee,
+            max_total=p.total,
+            estimated_latency_ms=p.route.estimated_latency_ms,
             broker=self.broker.address,
             chain_id=self.market.client.chain_id,
             job_market=self.market.address,
@@ -151,13 +176,17 @@ class BrokerService:
 
     # ------------------------------------------------------------------ admission
 
-    async def submit(self, req: JobCreate, spender: str | None = None) -> JobRow:
+    async def submit(self, req: JobCreate, spender: str | None = None, priced: PricedJob | None = None) -> JobRow:
         """Admit and start a job. ``spender``: the authorization is signed by this key under the
-        client's standing on-chain spending authorization (API-key clients) instead of the client."""
-        served = self.catalog.get(req.model)
-        messages = [m.model_dump() for m in req.messages] if req.messages is not None else None
-        ids = served.encode_prompt(req.prompt, messages)
-        served.check_length(len(ids), req.max_tokens)
+        client's standing on-chain spending authorization (API-key clients) instead of the client.
+        ``priced``: the :meth:`price` of this very request, when the caller already has it."""
+        if priced is None:
+            served = self.catalog.get(req.model)
+            messages = [m.model_dump() for m in req.messages] if req.messages is not None else None
+            ids = served.encode_prompt(req.prompt, messages)
+            served.check_length(len(ids), req.max_tokens)
+        else:
+            served, ids = priced.served, priced.prompt_ids
         now = await asyncio.to_thread(self.market.client.timestamp)
         vauth = verify_authorization(
             req.authorization,
@@ -178,9 +207,8 @@ class BrokerService:
                 "Nonce already used",
                 f"nonce {vauth.auth.nonce} of {vauth.auth.client} was used; sign a new one",
             )
-        route = await self.plan(served, req.policy, len(ids), req.max_tokens)
-        cost, fee = await self._bound(route, req.policy, len(ids), req.max_tokens)
-        total = cost + fee
+        priced = priced or await self._priced(served, ids, req.policy, req.max_tokens)
+        total = priced.total
         if total > vauth.auth.max_cost:
             raise ProblemError(
                 402,
@@ -207,7 +235,7 @@ class BrokerService:
         except LedgerError as exc:
             raise ProblemError(409, "nonce-used", "Nonce already used", str(exc)) from exc
         self._live[row.id] = _Live()
-        task = asyncio.create_task(self._run(row.id, served, vauth, req, ids, route))
+        task = asyncio.create_task(self._run(row.id, served, vauth, req, ids, priced.route))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return row

@@ -63,37 +63,68 @@ class CompletionRequest(_OpenAIIn):
 async def _admit(
     service: BrokerService,
     authorization: str | None,
-    model: str,
     prompt: str | None,
     messages: list[ChatMessage] | None,
     body: _OpenAIIn,
-) -> tuple[str, float]:
+) -> str:
+    """Price the job once, sign its authorization with the API key's spender for exactly that
+    bound, and admit it on the same route."""
     now = await asyncio.to_thread(service.market.client.timestamp)
     account = resolve_api_key(service.ledger, authorization, now)
     msgs = [m.model_dump() for m in messages] if messages is not None else None
-    quote = await service.quote(model, prompt, msgs, body.limit(), Policy())
-    max_cost = quote.max_total * 11 // 10 + 1  # headroom if the route changes between quote and admission
+    priced = await service.price(body.model, prompt, msgs, body.limit(), Policy())
     auth = JobAuthorization(
         client=account.client,
         broker=service.broker.address,
-        model_id=bytes.fromhex(quote.model_id[2:]),
-        max_cost=max_cost,
+        model_id=bytes.fromhex(priced.served.model_id[2:]),
+        max_cost=priced.total,
         nonce=secrets.randbits(255),
         deadline=now + AUTH_TTL_S,
     )
     sig = sign_authorization(account.spender.key, service.market.domain(), auth)
     req = JobCreate(
-        model=model,
+        model=body.model,
         prompt=prompt,
         messages=messages,
         max_tokens=body.limit(),
         sampling=body.sampling(),
         authorization=Authorization(
-            client=account.client, nonce=auth.nonce, max_cost=max_cost, deadline=auth.deadline, signature=sig.hex()
+            client=account.client, nonce=auth.nonce, max_cost=auth.max_cost, deadline=auth.deadline, signature=sig.hex()
         ),
     )
-    row = await service.submit(req, spender=account.spender.address)
-    return row.id, time.time()
+    row = await service.submit(req, spender=account.spender.address, priced=priced)
+    return row.id
+
+
+async def _complete(
+    service: BrokerService,
+    body: _OpenAIIn,
+    authorization: str | None,
+    kind: Literal["chat", "text"],
+    prompt: str | None = None,
+    messages: list[ChatMessage] | None = None,
+) -> Any:
+    """Both completion routes: admit, then stream chunks or answer once the job ends."""
+    job_id = await _admit(service, authorization, prompt, messages, body)
+    created = int(time.time())
+    if body.stream:
+        return _stream(service, job_id, created, body.model, kind, body.limit())
+    row = await _result(service, job_id)
+    finish = _finish_reason(service, job_id, body.model, body.limit())
+    choice: dict[str, Any] = {"index": 0, "finish_reason": finish, "logprobs": None}
+    if kind == "chat":
+        choice["message"] = {"role": "assistant", "content": row.answer}
+    else:
+        choice["text"] = row.answer
+    return {
+        "id": ("chatcmpl-" if kind == "chat" else "cmpl-") + job_id[2:26],
+        "object": "chat.completion" if kind == "chat" else "text_completion",
+        "created": created,
+        "model": body.model,
+        "choices": [choice],
+        "usage": _usage(row),
+        "dlis": {"job_id": job_id, "cost": str(row.cost), "fee": str(row.fee)},
+    }
 
 
 def _finish_reason(service: BrokerService, job_id: str, model: str, limit: int) -> str:
@@ -172,50 +203,10 @@ async def list_models(service: ServiceDep) -> dict[str, Any]:
 @router.post("/chat/completions")
 async def chat_completions(body: ChatCompletionRequest, service: ServiceDep, authorization: AuthHeader = None) -> Any:
     """OpenAI chat completion; the prompt is built with the model's own chat template."""
-    job_id, _ = await _admit(service, authorization, body.model, None, body.messages, body)
-    created = int(time.time())
-    if body.stream:
-        return _stream(service, job_id, created, body.model, "chat", body.limit())
-    row = await _result(service, job_id)
-    return {
-        "id": "chatcmpl-" + job_id[2:26],
-        "object": "chat.completion",
-        "created": created,
-        "model": body.model,
-        "choices": [
-            {
-                "index": 0,
-                "message": {"role": "assistant", "content": row.answer},
-                "finish_reason": _finish_reason(service, job_id, body.model, body.limit()),
-                "logprobs": None,
-            }
-        ],
-        "usage": _usage(row),
-        "dlis": {"job_id": job_id, "cost": str(row.cost), "fee": str(row.fee)},
-    }
+    return await _complete(service, body, authorization, "chat", messages=body.messages)
 
 
 @router.post("/completions")
 async def completions(body: CompletionRequest, service: ServiceDep, authorization: AuthHeader = None) -> Any:
     """OpenAI text completion of a raw prompt."""
-    job_id, _ = await _admit(service, authorization, body.model, body.prompt, None, body)
-    created = int(time.time())
-    if body.stream:
-        return _stream(service, job_id, created, body.model, "text", body.limit())
-    row = await _result(service, job_id)
-    return {
-        "id": "cmpl-" + job_id[2:26],
-        "object": "text_completion",
-        "created": created,
-        "model": body.model,
-        "choices": [
-            {
-                "index": 0,
-                "text": row.answer,
-                "finish_reason": _finish_reason(service, job_id, body.model, body.limit()),
-                "logprobs": None,
-            }
-        ],
-        "usage": _usage(row),
-        "dlis": {"job_id": job_id, "cost": str(row.cost), "fee": str(row.fee)},
-    }
+    return await _complete(service, body, authorization, "text", prompt=body.prompt)
