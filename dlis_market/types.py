@@ -12,6 +12,10 @@ from typing import NewType
 from eth_utils import keccak
 from pydantic import BaseModel, ConfigDict, model_validator
 
+# RFC 9457 problem "type" of every refusal the broker and oracle return: an identifier, never
+# dereferenced, so it names no host.
+PROBLEM_TYPE_BASE = "urn:dlis-market:problem:"
+
 NodeId = NewType("NodeId", str)  # checksummed node signing address
 PeerId = NewType("PeerId", str)  # libp2p peer id, base58
 JobId = NewType("JobId", str)  # 0x-prefixed 32-byte hex

@@ -9,8 +9,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from dlis_market.errors import BrokerError
-
-PROBLEM_TYPE_BASE = "https://dlis.market/problems/"
+from dlis_market.types import PROBLEM_TYPE_BASE
 
 
 class ProblemError(BrokerError):

@@ -32,8 +32,8 @@ from dlis_market.errors import ChainError
 from dlis_market.oracle.errors import EvidenceRefusedError, ProofNotFoundError, TelemetryRefusedError
 from dlis_market.oracle.service import OracleService
 from dlis_market.oracle.verification import SpotCheckEvidence
+from dlis_market.types import PROBLEM_TYPE_BASE
 
-PROBLEM_TYPE_BASE = "https://dlis.market/problems/"
 TELEMETRY_STATUS = {
     "oversized": 413,
     "malformed": 400,

@@ -26,9 +26,10 @@ DEFAULT_SWARM_SECRET = "dlis-market private swarm v1"
 
 def non_loopback_filters() -> list[str]:
     """Multiaddr CIDR filters covering every IPv4 address outside 127.0.0.0/8, and all of IPv6."""
-    everything = ipaddress.IPv4Network("0.0.0.0/0")
+    # The whole IPv4 space minus 127.0.0.0/8, as CIDR blocks to filter (nothing binds to these).
+    all_ipv4 = ipaddress.IPv4Network((0, 0))
     loopback = ipaddress.IPv4Network("127.0.0.0/8")
-    nets: list[ipaddress.IPv4Network] = sorted(everything.address_exclude(loopback))
+    nets: list[ipaddress.IPv4Network] = sorted(all_ipv4.address_exclude(loopback))
     return [f"/ip4/{n.network_address}/ipcidr/{n.prefixlen}" for n in nets] + ["/ip6/::/ipcidr/0"]
 
 

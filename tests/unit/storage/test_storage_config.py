@@ -29,9 +29,11 @@ def test_filters_cover_everything_but_loopback() -> None:
 
 
 def test_private_config_sets_every_required_key() -> None:
+    # The shape of Kubo's default config (public bootstrap peers, swarm on a routable address), with
+    # documentation-only TEST-NET addresses standing in for them.
     default = {
-        "Bootstrap": ["/dnsaddr/bootstrap.libp2p.io/p2p/QmNnooDu7bfjPFoTZYxMNLWUQJyrVwtbZg5gBMjTezGAJN"],
-        "Addresses": {"Swarm": ["/ip4/0.0.0.0/tcp/4001"], "API": "/ip4/127.0.0.1/tcp/5001"},
+        "Bootstrap": ["/ip4/203.0.113.7/tcp/4001/p2p/QmNnooDu7bfjPFoTZYxMNLWUQJyrVwtbZg5gBMjTezGAJN"],
+        "Addresses": {"Swarm": ["/ip4/198.51.100.4/tcp/4001"], "API": "/ip4/127.0.0.1/tcp/5001"},
         "Discovery": {"MDNS": {"Enabled": True}},
         "Swarm": {"Transports": {"Network": {}}},
         "Routing": {},
