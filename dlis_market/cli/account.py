@@ -8,19 +8,19 @@ from typing import Annotated, Any
 import typer
 from web3 import Web3
 
-from dlis_market.cli.context import console, emit, handle_errors, password_for, resolve_address, state
+from dlis_market.cli.context import (
+    JsonOpt,
+    PasswordFileOpt,
+    console,
+    emit,
+    handle_errors,
+    password_for,
+    read_password_file,
+    resolve_address,
+    state,
+)
 
 app = typer.Typer(help="Create, import, list and inspect encrypted accounts.", no_args_is_help=True)
-
-PasswordFileOpt = Annotated[
-    Path | None,
-    typer.Option(help="Read the password from this file instead of prompting.", exists=True, dir_okay=False),
-]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")]
-
-
-def read_password_file(path: Path | None) -> str | None:
-    return path.read_text().strip() if path else None
 
 
 @app.command()

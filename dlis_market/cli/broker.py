@@ -8,16 +8,22 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from dlis_market.cli.account import read_password_file
-from dlis_market.cli.context import console, emit, handle_errors, parse_amount, state, unlock
+from dlis_market.cli.context import (
+    JsonOpt,
+    console,
+    emit,
+    handle_errors,
+    parse_amount,
+    read_password_file,
+    state,
+    unlock,
+)
 from dlis_market.settings import NodeSettings, Settings
 
 if TYPE_CHECKING:
     from dlis_market.chain.client import ChainClient
 
 app = typer.Typer(help="Run the broker (FastAPI on 127.0.0.1) and manage its API keys.", no_args_is_help=True)
-
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")]
 
 
 def database_url(settings: Settings) -> str:

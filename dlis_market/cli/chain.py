@@ -7,12 +7,11 @@ from typing import Annotated, Any
 import typer
 from web3 import Web3
 
-from dlis_market.cli.context import console, emit, handle_errors, state
+from dlis_market.cli.context import JsonOpt, console, emit, handle_errors, state
 
 app = typer.Typer(help="Start, inspect and stop the local chain (Anvil on 127.0.0.1).", no_args_is_help=True)
 
 PortOpt = Annotated[int, typer.Option(help="Anvil port on 127.0.0.1.")]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")]
 
 
 def _deployed(settings: Any, w3: Web3) -> bool:

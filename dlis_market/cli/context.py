@@ -8,7 +8,8 @@ import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
 
 import typer
 from eth_account.signers.local import LocalAccount
@@ -18,6 +19,12 @@ from dlis_market.errors import DlisError
 from dlis_market.settings import Settings
 
 T = TypeVar("T")
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")]
+PasswordFileOpt = Annotated[
+    Path | None,
+    typer.Option(help="Read the account password from this file instead of prompting.", exists=True, dir_okay=False),
+]
 
 console = Console(stderr=False, highlight=False, soft_wrap=True)
 err_console = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -65,6 +72,10 @@ def _json_default(value: Any) -> Any:
     if isinstance(value, bytes):
         return "0x" + value.hex()
     return str(value)
+
+
+def read_password_file(path: Path | None) -> str | None:
+    return path.read_text().strip() if path else None
 
 
 def password_for(name: str, password: str | None, confirm: bool = False) -> str:

@@ -4,25 +4,29 @@ from __future__ import annotations
 
 import json
 import secrets
-from pathlib import Path
 from typing import Annotated, Any
 
 import httpx
 import typer
 
-from dlis_market.cli.account import read_password_file
-from dlis_market.cli.context import console, emit, handle_errors, parse_amount, state, unlock
+from dlis_market.cli.context import (
+    JsonOpt,
+    PasswordFileOpt,
+    console,
+    emit,
+    handle_errors,
+    parse_amount,
+    read_password_file,
+    state,
+    unlock,
+)
 
 app = typer.Typer(help="Deposit escrow, submit paid jobs to a broker, check their status.", no_args_is_help=True)
 
 AccountOpt = Annotated[
     str, typer.Option("--account", "-a", help="Client account: keystore name, or dev:N on a dev chain.")
 ]
-PasswordFileOpt = Annotated[
-    Path | None, typer.Option(help="Read the account password from this file.", exists=True, dir_okay=False)
-]
 BrokerOpt = Annotated[str | None, typer.Option(help="Broker URL (default http://127.0.0.1:<broker.port>).")]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")]
 
 
 def _broker_url(ctx: typer.Context, url: str | None) -> str:

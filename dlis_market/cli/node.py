@@ -3,23 +3,28 @@
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
-from dlis_market.cli.account import read_password_file
-from dlis_market.cli.context import console, emit, handle_errors, parse_amount, resolve_address, state, unlock
+from dlis_market.cli.context import (
+    JsonOpt,
+    PasswordFileOpt,
+    console,
+    emit,
+    handle_errors,
+    parse_amount,
+    read_password_file,
+    resolve_address,
+    state,
+    unlock,
+)
 
 app = typer.Typer(help="Stake, register and manage worker nodes as an operator.", no_args_is_help=True)
 
 AccountOpt = Annotated[
     str, typer.Option("--account", "-a", help="Operator account: keystore name, or dev:N on a dev chain.")
 ]
-PasswordFileOpt = Annotated[
-    Path | None, typer.Option(help="Read the account password from this file.", exists=True, dir_okay=False)
-]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")]
 
 
 def _tx(receipt: Any) -> str:

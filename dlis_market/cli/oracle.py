@@ -7,8 +7,7 @@ from typing import Annotated, Any
 
 import typer
 
-from dlis_market.cli.account import read_password_file
-from dlis_market.cli.context import CliState, console, emit, handle_errors, state, unlock
+from dlis_market.cli.context import CliState, console, emit, handle_errors, read_password_file, state, unlock
 
 app = typer.Typer(help="Run the reputation oracle and check its proofs.", no_args_is_help=True)
 
