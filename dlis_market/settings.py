@@ -108,6 +108,15 @@ class NodeSettings(_Section):
     registry_address: str = "0x0000000000000000000000000000000000000000"  # NodeRegistry (attestations)
     market_address: str = "0x0000000000000000000000000000000000000000"  # JobMarket (receipts)
     chain_id: int = 31337
+    # Telemetry (see node/telemetry.py): signed reports to the oracle and onto the DHT.
+    reputation_address: str = "0x0000000000000000000000000000000000000000"  # ReputationOracle (telemetry domain)
+    oracle_url: str | None = None  # e.g. http://127.0.0.1:8090; None: reports travel on the DHT only
+    telemetry_interval_s: float = 60.0  # match the oracle's heartbeat_interval_s
+    # Spot checks: a stage keeps what it received per session so the session's opener can have the
+    # call re-executed elsewhere (only the opener may read it).
+    transcript_retain_s: float = 900.0
+    transcript_retain_bytes: int = 256 << 20
+    byzantine: float = 0.0  # TEST ONLY: fraction of sessions whose outputs this worker corrupts
 
 
 class BrokerSettings(_Section):
@@ -130,6 +139,10 @@ class BrokerSettings(_Section):
     fallback_peer_id: str | None = None  # a worker serving the whole model, used as the fallback pool
     fallback_min_capacity_slots: int = 0
     oracle_url: str | None = None  # e.g. http://127.0.0.1:8090: failure risk per node for routing
+    # Spot checks (broker/spot_checks.py): this fraction of stage calls is re-executed on another
+    # worker and the evidence sent to the oracle (needs oracle_url; the broker account must be one
+    # of the oracle's spot_check_runners). The sampling secret never leaves the broker.
+    spot_check_fraction: float = Field(default=0.02, ge=0.0, le=1.0)
 
 
 class OracleSettings(_Section):
@@ -152,8 +165,9 @@ class OracleSettings(_Section):
     dp_budget: float = 24.0  # per node per budget window; exhausted nodes are left out of figures
     dp_budget_window_epochs: int = 24
     dp_capacity_clip_tps: float = 1000.0  # a node's throughput is clipped to this before summing
+    # Telemetry relayed on the DHT: peers to join (empty: HTTP intake only).
+    dht_initial_peers: list[str] = Field(default_factory=list)
     # Verification and slashing.
-    spot_check_fraction: float = 0.02
     # Addresses allowed to assign spot checks and sign their evidence (the oracle account always is).
     spot_check_runners: list[str] = Field(default_factory=list)
     spot_check_require_referee: bool = False  # slash only when a second checker confirms the mismatch

@@ -45,6 +45,10 @@ class BrokerMetrics:
             "dlis_broker_settlement_lag_seconds", "Age of the oldest completed job not yet settled", registry=r
         )
         self.unsettled = Gauge("dlis_broker_unsettled_jobs", "Completed jobs waiting for settlement", registry=r)
+        self.spot_checks = Counter(
+            "dlis_broker_spot_checks", "Spot checks of stage calls by outcome (pass, slashed, refused, skipped, error)",
+            ["outcome"], registry=r,
+        )  # fmt: skip
         self.scrape_time = Gauge("dlis_broker_last_scrape_timestamp_seconds", "Time of the last scrape", registry=r)
         self._counted: set[tuple[str, str]] = set()
         self._measured: set[str] = set()

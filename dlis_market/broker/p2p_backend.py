@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Sequence
 
 from dlis_market.broker.backend import BackendJob, Offer, RouteHop, SignedStageReceipt
+from dlis_market.broker.spot_checks import FinishedSession, SpotChecker
 from dlis_market.chain.job_market import receipt_signer
 from dlis_market.inference.sampling import SamplingParams
 from dlis_market.node.driver import JobSession, JobSpec, PipelineDriver
@@ -18,16 +19,20 @@ from dlis_market.settings import NodeSettings
 
 
 class P2PJobStream:
-    def __init__(self, driver: PipelineDriver, session: JobSession):
+    def __init__(self, driver: PipelineDriver, session: JobSession, checker: SpotChecker | None = None):
         self.driver = driver
         self.session = session
+        self.checker = checker
 
     def tokens(self) -> AsyncIterator[int]:
         return self.session.tokens()
 
     async def finish(self) -> tuple[list[RouteHop], list[SignedStageReceipt]]:
-        route = [RouteHop(h.peer_id, h.node_address, h.start, h.end, h.price_per_token) for h in self.session.route]
+        hops = list(self.session.route)
+        route = [RouteHop(h.peer_id, h.node_address, h.start, h.end, h.price_per_token) for h in hops]
         got = await self.session.close()
+        if self.checker is not None:  # receipts are signed: draw stage calls to re-execute elsewhere
+            self.checker.schedule(FinishedSession.of(self.session, hops))
         out = []
         for r in got:
             rc, sig = r.signed.receipt, r.signed.signature
@@ -37,8 +42,9 @@ class P2PJobStream:
 
 
 class P2PBackend:
-    def __init__(self, driver: PipelineDriver):
+    def __init__(self, driver: PipelineDriver, checker: SpotChecker | None = None):
         self.driver = driver
+        self.checker = checker
 
     @classmethod
     async def connect(cls, initial_peers: Sequence[str], settings: NodeSettings) -> P2PBackend:
@@ -78,7 +84,9 @@ class P2PBackend:
         if job.route:
             session.route = [Hop(h.peer_id, h.start, h.end, h.price_per_token, h.node) for h in job.route]
         await session.establish()
-        return P2PJobStream(self.driver, session)
+        return P2PJobStream(self.driver, session, self.checker)
 
     async def close(self) -> None:
+        if self.checker is not None:
+            await self.checker.close()
         await self.driver.close()

@@ -21,7 +21,13 @@ from dlis_market.cli.context import (
 from dlis_market.settings import NodeSettings, Settings
 
 if TYPE_CHECKING:
+    from eth_account.signers.local import LocalAccount
+
+    from dlis_market.broker.catalog import ModelCatalog
+    from dlis_market.broker.metrics import BrokerMetrics
+    from dlis_market.broker.spot_checks import SpotChecker
     from dlis_market.chain.client import ChainClient
+    from dlis_market.node.driver import PipelineDriver
 
 app = typer.Typer(help="Run the broker (FastAPI on 127.0.0.1) and manage its API keys.", no_args_is_help=True)
 
@@ -40,6 +46,37 @@ def node_settings_for_chain(settings: Settings, client: ChainClient) -> NodeSett
             "registry_address": dep.address_of("NodeRegistry"),
         }
     )
+
+
+def spot_checker(
+    settings: Settings,
+    client: ChainClient,
+    driver: PipelineDriver,
+    broker: LocalAccount,
+    catalog: ModelCatalog,
+    metrics: BrokerMetrics,
+) -> SpotChecker | None:
+    """The spot-check runner, when an oracle takes its evidence and the fraction is above 0."""
+    from dlis_market.broker.spot_checks import OracleSink, SpotChecker
+    from dlis_market.oracle.telemetry import oracle_domain
+    from dlis_market.oracle.verification import SpotCheckSampler
+
+    b = settings.broker
+    if not b.oracle_url or b.spot_check_fraction <= 0:
+        if b.spot_check_fraction > 0:
+            console.print("spot checks off: no broker.oracle_url to send their evidence to", style="yellow")
+        return None
+    checker = SpotChecker(
+        driver,
+        SpotCheckSampler(b.spot_check_fraction, SpotChecker.secret(settings.home)),
+        bytes(broker.key),
+        oracle_domain(client.chain_id, client.deployment.address_of("ReputationOracle")),
+        OracleSink(b.oracle_url),
+        lambda model: catalog.get(model).manifest.dtype,
+    )
+    checker.on_result = lambda r: metrics.spot_checks.labels(r.outcome.split(":")[0]).inc()
+    console.print(f"spot-checking {b.spot_check_fraction:.1%} of stage calls; evidence to {b.oracle_url}")
+    return checker
 
 
 @app.command()
@@ -103,6 +140,7 @@ def start(
         async def serve() -> None:
             backend = await P2PBackend.connect(peers, node_settings)
             service = BrokerService(settings, ledger, market, broker, catalog, backend, planner)
+            backend.checker = spot_checker(settings, client, backend.driver, broker, catalog, service.metrics)
             server = uvicorn.Server(
                 uvicorn.Config(
                     create_app(service), host=settings.broker.host, port=port or settings.broker.port, log_level="info"

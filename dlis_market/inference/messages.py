@@ -28,6 +28,20 @@ _DTYPES = {
 _NAMES = {v: k for k, v in _DTYPES.items()}
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    """The wire name of a tensor dtype (``float32``, ``bfloat16``, ``float16``, ``int64``)."""
+    if dtype not in _NAMES:
+        raise MessageError(f"tensor dtype {dtype} cannot be sent; allowed: {', '.join(_DTYPES)}")
+    return _NAMES[dtype]
+
+
+def dtype_of(name: str) -> torch.dtype:
+    """The tensor dtype of a wire name; raises MessageError for names outside the allow-list."""
+    if name not in _DTYPES:
+        raise MessageError(f"dtype {name!r} is not allowed; allowed: {', '.join(_DTYPES)}")
+    return _DTYPES[name]
+
+
 @dataclass(frozen=True)
 class StageInput:
     """A batch of sessions at the same step: token ids (first stage) or hidden states ``[B, T, H]``.

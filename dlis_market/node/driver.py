@@ -35,7 +35,8 @@ import hivemind
 import torch
 
 from dlis_market.chain.job_market import SignedReceipt, market_domain
-from dlis_market.inference.messages import StageInput, encode
+from dlis_market.inference.errors import MessageError
+from dlis_market.inference.messages import StageInput, decode, encode
 from dlis_market.inference.sampling import SamplingParams
 from dlis_market.node import attestation, dht_records, receipts
 from dlis_market.node.errors import (
@@ -46,7 +47,7 @@ from dlis_market.node.errors import (
     RemoteError,
     StageFailedError,
 )
-from dlis_market.node.protocol import Channel, FailBody, OpenBody, TokensBody, parse_body
+from dlis_market.node.protocol import Channel, FailBody, OpenBody, StepBody, TokensBody, parse_body
 from dlis_market.node.routing import Hop, plan_route, route_price
 from dlis_market.node.transport import ChannelPool, start_dht
 from dlis_market.settings import NodeSettings
@@ -81,7 +82,8 @@ class PipelineDriver:
         self.peer_id = pool.peer_id
         self.market = market_domain(settings.chain_id, settings.market_address)
         self.registry = attestation.registry_domain(settings.chain_id, settings.registry_address)
-        self._waiters: dict[str, tuple[asyncio.Future[int], frozenset[str]]] = {}
+        # per session: the next token (or, for a spot-check replay of a middle stage, hidden row)
+        self._waiters: dict[str, tuple[asyncio.Future[Any], frozenset[str]]] = {}
         self._bans: dict[str, tuple[float, int]] = {}
         self._verified: dict[str, str] = {}  # peer id -> node address from its verified attestation
         pool.dead_peer_callbacks.append(self._peer_closed)
@@ -150,7 +152,16 @@ class PipelineDriver:
         if op == "tokens":
             msg = parse_body(TokensBody, body)
             for sid, token in zip(msg.sessions, msg.token_ids, strict=False):
-                self._resolve(sid, token=token)
+                self._resolve(sid, value=token)
+        elif op == "step":  # a stage whose next peer is this driver: a replayed middle stage's output
+            try:
+                inp = decode(parse_body(StepBody, body).input, self.settings.max_message_bytes)
+            except MessageError as exc:
+                log.info("peer %s sent a malformed step: %s", channel.peer, exc)
+                return
+            if isinstance(inp, StageInput) and inp.hidden is not None:
+                for i, sid in enumerate(inp.session_ids):
+                    self._resolve(sid, value=inp.hidden[i])
         elif op == "fail":
             fail = parse_body(FailBody, body)
             for sid in fail.sessions:
@@ -160,14 +171,14 @@ class PipelineDriver:
         elif rid:
             await channel.send("error", {"message": f"op {op!r} is not served by a driver", "code": "protocol"}, rid)
 
-    def _resolve(self, sid: str, token: int | None = None, error: Exception | None = None) -> None:
+    def _resolve(self, sid: str, value: Any = None, error: Exception | None = None) -> None:
         waiter = self._waiters.get(sid)
         if waiter is None or waiter[0].done():
             return
         if error is not None:
             waiter[0].set_exception(error)
-        elif token is not None:
-            waiter[0].set_result(token)
+        elif value is not None:
+            waiter[0].set_result(value)
 
     def _peer_closed(self, peer: str) -> None:
         for sid, (fut, peers) in list(self._waiters.items()):
@@ -278,12 +289,12 @@ class JobSession:
                 log.warning("no valid receipt from %s for %s: %s", hop.peer_id, self.session_id, exc)
 
     async def _step(self, inp: StageInput) -> int:
-        fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self.driver._waiters[self.session_id] = (fut, frozenset(h.peer_id for h in self.route))
         try:
             first = self.route[0].peer_id
             await self.driver.pool.send(first, "step", {"input": encode(inp), "reply_to": self.driver.peer_id})
-            return await asyncio.wait_for(fut, self.driver.settings.step_timeout_s)
+            return int(await asyncio.wait_for(fut, self.driver.settings.step_timeout_s))
         except PeerUnreachableError as exc:
             raise StageFailedError(str(exc), exc.peer) from exc
         except TimeoutError:

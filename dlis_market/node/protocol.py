@@ -7,8 +7,9 @@ that carried it is answered with an error and closed (it cannot be resynchronise
 go on. ``rid`` > 0 asks for an answer (``reply`` or ``error`` with the same rid).
 
 Ops (bodies are the ``*Body`` models below; ``step`` carries an ``inference.messages`` blob):
-``open``, ``step``, ``close``, ``info`` (client -> stage), ``tokens`` and ``fail`` (stage -> the
-session's caller), ``reply``/``error`` (answers).
+``open``, ``step``, ``close``, ``info``, ``transcript`` (client -> stage; a closed session's
+inputs, for spot checks: ``node/transcripts.py``), ``tokens`` and ``fail`` (stage -> the session's
+caller; a stage whose next peer is the caller itself sends ``step``), ``reply``/``error`` (answers).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ M = TypeVar("M", bound=WireModel)
 PROTOCOL_NAME = "/dlis/stage/1"
 PROTOCOL_VERSION = 1
 MAX_CONTROL_BYTES = 1 << 20  # frames other than step/tokens
-OPS = frozenset({"open", "step", "close", "info", "tokens", "fail", "reply", "error"})
+OPS = frozenset({"open", "step", "close", "info", "transcript", "tokens", "fail", "reply", "error"})
 
 
 class OpenBody(WireModel):

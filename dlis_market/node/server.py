@@ -28,12 +28,14 @@ from dlis_market.inference.manifest import load_manifest
 from dlis_market.inference.messages import StageInput, StageOutput, decode, encode
 from dlis_market.inference.sampling import SamplingParams
 from dlis_market.inference.stage import Stage
-from dlis_market.node import attestation, dht_records, identity, profiler, receipts
+from dlis_market.node import attestation, byzantine, dht_records, identity, profiler, receipts
 from dlis_market.node.errors import NodeError, ProtocolError
 from dlis_market.node.metrics import WorkerMetrics, kv_capacity_bytes
 from dlis_market.node.protocol import Channel, CloseBody, FailBody, OpenBody, StepBody, parse_body
 from dlis_market.node.routing import choose_range
 from dlis_market.node.sessions import Batch, QueuedStep, WorkerSession, plan_batches, row_bytes
+from dlis_market.node.telemetry import WorkerTelemetry
+from dlis_market.node.transcripts import Transcript, TranscriptRequest, TranscriptStore
 from dlis_market.node.transport import ChannelPool, start_dht
 from dlis_market.settings import Settings
 from dlis_market.types import LayerRange, model_id
@@ -63,6 +65,8 @@ class Worker:
         self.stop = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self.domain = market_domain(self.node.chain_id, self.node.market_address)
+        self.live_transcripts: dict[str, Transcript] = {}  # open sessions
+        self.transcripts = TranscriptStore(self.node.transcript_retain_bytes, self.node.transcript_retain_s)
 
     # ------------------------------------------------------------------ start / stop
 
@@ -114,6 +118,8 @@ class Worker:
         await self.pool.serve()
         self._tasks = [asyncio.create_task(self._compute_loop()), asyncio.create_task(self._announce_loop())]
         metrics_url = self._start_metrics()
+        self.telemetry = WorkerTelemetry.for_worker(self)  # signed reports: DHT + oracle (node/telemetry.py)
+        self._tasks.append(asyncio.create_task(self.telemetry.run(self.stop)))
         return {
             "peer_id": self.peer_id,
             "maddrs": [str(m) for m in self.dht.get_visible_maddrs()],
@@ -187,6 +193,9 @@ class Worker:
                 answer = self._open(channel.peer, parse_body(OpenBody, body))
             elif op == "close":
                 answer = self._close(channel.peer, parse_body(CloseBody, body))
+            elif op == "transcript":
+                req = parse_body(TranscriptRequest, body)
+                answer = self.transcripts.get(req.session_id, channel.peer).to_wire()
             elif op == "info":
                 answer = {"attestation": self.attestation.model_dump(), "record": self.record().model_dump()}
             elif op == "error":
@@ -220,6 +229,7 @@ class Worker:
             req.job_id, bytes.fromhex(model_id(req.model)[2:]), served.start, served.end, self.node.price_per_token
         )
         self.sessions[req.session_id] = WorkerSession(req.session_id, req.reply_to, req.next_peer, sender, ledger)
+        self.live_transcripts[req.session_id] = Transcript(req.session_id, req.job_id, sender)
         return {"session_id": req.session_id}
 
     def _close(self, sender: str, req: CloseBody) -> dict[str, Any]:
@@ -230,6 +240,10 @@ class Worker:
             raise NodeError(f"session {req.session_id!r} was opened by another peer; only it may close it")
         del self.sessions[req.session_id]
         self.stage.close_session(req.session_id)
+        transcript = self.live_transcripts.pop(req.session_id, None)
+        if transcript is not None:
+            self.transcripts.put(transcript)
+        self.telemetry.recorder.on_session_closed(session.ledger.job_id, True, session.ledger.tokens)
         signed = receipts.sign(session.ledger, bytes(self.identity.account.key), self.domain)
         return {"receipt": receipts.to_wire(signed), "node_address": self.identity.address}
 
@@ -277,6 +291,7 @@ class Worker:
                 last_expiry = time.monotonic()
                 for sid in self.stage.sessions.evict_idle(self.node.session_idle_s):
                     self.sessions.pop(sid, None)
+                    self.live_transcripts.pop(sid, None)
             if not pending:
                 continue
             batches, refused, deferred = plan_batches(list(pending), self._check, self.node.max_batch_sessions)
@@ -289,6 +304,7 @@ class Worker:
     async def _run(self, batch: Batch) -> None:
         inp = batch.merged()
         phase = "prefill" if inp.num_tokens > len(inp.session_ids) else "decode"
+        began = time.perf_counter()
         try:
             with self.metrics.step_seconds.labels(phase).time():
                 out = await asyncio.to_thread(self.stage.forward, inp)
@@ -296,6 +312,13 @@ class Worker:
             for step in batch.steps:
                 self._report(step, list(step.inp.session_ids), str(exc), self.peer_id)
             return
+        self.telemetry.recorder.on_step(phase, inp.num_tokens * len(inp.session_ids), time.perf_counter() - began)
+        if self.node.byzantine > 0:  # TEST ONLY (node/byzantine.py)
+            out = byzantine.corrupt(out, self.node.byzantine, int(self.stage.config.vocab_size))
+        for i, sid in enumerate(inp.session_ids):
+            transcript = self.live_transcripts.get(sid)
+            if transcript is not None:
+                transcript.record(inp, i)
         rows = {sid: i for i, sid in enumerate(out.session_ids)}
         for step in batch.steps:
             idx = [rows[sid] for sid in step.inp.session_ids]

@@ -13,7 +13,8 @@ I/O lives here around the pure parts (:func:`summarize_epoch`, :func:`score_repu
 State that must survive a restart is on disk under ``state_dir``: the highest accepted seq of
 each node (``seqs.log``, so replays stay refused), every accepted report (``reports/<epoch>.jsonl``,
 reloaded for epochs not yet posted), the privacy accounts, the posted epochs (leaves for proofs),
-the aggregates, the spot-check sampler's secret and the evidence of every slash.
+the aggregates and the evidence of every slash. Which stage calls get checked is the runner's
+choice (the broker's :mod:`dlis_market.broker.spot_checks`, with a secret only it holds).
 """
 
 from __future__ import annotations
@@ -21,8 +22,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
-import secrets
 import threading
 import time
 from collections import defaultdict
@@ -46,7 +45,7 @@ from dlis_market.oracle.privacy import Aggregates, BudgetAccountant, NodeContrib
 from dlis_market.oracle.reputation import ReputationWeights, score_reputation, summarize_epoch
 from dlis_market.oracle.slashing import Slasher, SlashResult
 from dlis_market.oracle.telemetry import SignedTelemetry, TelemetryIntake, oracle_domain
-from dlis_market.oracle.verification import SpotCheckEvidence, SpotCheckSampler
+from dlis_market.oracle.verification import SpotCheckEvidence
 from dlis_market.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -118,7 +117,6 @@ class OracleService:
             o.spot_check_runners,
             o.spot_check_require_referee,
         )
-        self.sampler = SpotCheckSampler(o.spot_check_fraction, self._spot_check_secret())
         self._lock = threading.Lock()
         self._pending: list[SignedTelemetry] = []
         self._checks: dict[int, dict[str, list[int]]] = defaultdict(lambda: defaultdict(lambda: [0, 0]))
@@ -144,15 +142,6 @@ class OracleService:
                 f"account {self.account.address} lacks {' and '.join(missing)}; start the oracle with the "
                 "account the deployment granted them to (--account), or have the admin grant them"
             )
-
-    def _spot_check_secret(self) -> bytes:
-        """The sampler's key: random, created once, readable only by the oracle's user."""
-        path = self.state_dir / "spot_check_secret"
-        if not path.exists():
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "wb") as f:
-                f.write(secrets.token_bytes(32))
-        return path.read_bytes()
 
     # ------------------------------------------------------------------ telemetry
 

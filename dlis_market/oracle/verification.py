@@ -59,9 +59,13 @@ one-use-per-evidence rule also means one slash per faulty stage call, whoever re
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import os
+import secrets
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -113,6 +117,17 @@ class SpotCheckSampler:
             return True
         draw = int.from_bytes(keccak(self.secret + job_id + start.to_bytes(4, "big")), "big")
         return draw < self._threshold
+
+
+def load_or_create_secret(path: Path) -> bytes:
+    """A sampler key: 32 random bytes created once at ``path``, readable only by its owner, so
+    the same calls stay selected across restarts and nobody else can predict them."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with contextlib.suppress(FileExistsError):  # created by an earlier start
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(secrets.token_bytes(32))
+    return path.read_bytes()
 
 
 # ------------------------------------------------------------------------------ outputs

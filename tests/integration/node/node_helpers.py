@@ -140,7 +140,9 @@ class Swarm:
         worker.info = _wait_ready(worker.proc, timeout_s, worker.log_path)
         return worker
 
-    def launch(self, shards: Path | None, layers: str, name: str, *extra: str) -> WorkerProc:
+    def launch(
+        self, shards: Path | None, layers: str, name: str, *extra: str, env: dict[str, str] | None = None
+    ) -> WorkerProc:
         home = self.root / name
         home.mkdir(parents=True, exist_ok=True)
         pw = home / "password"
@@ -152,6 +154,7 @@ class Swarm:
             "DLIS_NODE__ANNOUNCE_EVERY_S": "2",
             "PYTHONUNBUFFERED": "1",
             **self.env,
+            **(env or {}),
         }
         cmd = [sys.executable, "-m", "dlis_market.cli.worker", "start"]
         cmd += ["--shards", str(shards)] if shards is not None else []  # None: extra args say --manifest-cid

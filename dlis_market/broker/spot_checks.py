@@ -1,0 +1,249 @@
+"""The spot-check runner: re-execute a fraction of finished stage calls elsewhere; report to the oracle.
+
+After every job that ran on one route (no failover), the broker draws each stage call
+``(job id, start)`` with :class:`SpotCheckSampler` (``broker.spot_check_fraction``, a secret kept
+in ``$DLIS_HOME/broker/spot_check_secret``: workers cannot tell which calls will be checked, and
+they have signed their receipts before any check starts). For a drawn call of the accused stage:
+
+1. its inputs: the session's tokens (first stage) or the stage's own transcript, which must hash
+   to the previous stage's signed ``outputHash``;
+2. its outputs: the tokens this driver received (last stage) or the next stage's transcript,
+   which must hash to the accused's own signed ``outputHash``;
+3. a replica serving the same range (another node) re-runs the inputs in a fresh session of the
+   same job (:func:`dlis_market.node.replay.replay`); on a mismatch a second replica, when there
+   is one, referees;
+4. :func:`build_evidence` signs it all with the broker's key and the oracle gets it
+   (``POST /v1/spot-checks``): within tolerance it credits both nodes' verification record, beyond
+   it the oracle slashes the accused's operator on StakingManager; a node below the minimum stake
+   is no longer routable, so the next jobs avoid it.
+
+Checks run in the background, at most ``concurrency`` at a time, and never delay the job.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import random
+from collections import Counter, deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import httpx
+
+from dlis_market.chain.typed_data import Domain
+from dlis_market.errors import DlisError
+from dlis_market.node.driver import JobSession, JobSpec, PipelineDriver, StageReceipt
+from dlis_market.node.replay import StageRows, checked, fetch_transcript, replay, token_rows, token_steps
+from dlis_market.node.routing import Hop
+from dlis_market.oracle.verification import (
+    SpotCheckEvidence,
+    SpotCheckSampler,
+    build_evidence,
+    compare_outputs,
+    decode_output,
+    load_or_create_secret,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class FinishedSession:
+    """What a check needs from a job that ran on one route (captured before the session closes)."""
+
+    spec: JobSpec
+    session_id: str
+    route: tuple[Hop, ...]
+    receipts: dict[int, StageReceipt]  # by start layer
+    generated: tuple[int, ...]
+
+    @classmethod
+    def of(cls, session: JobSession, route: Sequence[Hop]) -> FinishedSession | None:
+        """``None`` when the session failed over (its calls span several routes: not checked)."""
+        mine = {r.signed.receipt.start: r for r in session.receipts if r.session_id == session.session_id}
+        if session.failovers or len(mine) != len(route) or not session.generated:
+            return None
+        return cls(session.spec, session.session_id, tuple(route), mine, tuple(session.generated))
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    job_id: str
+    start: int
+    end: int
+    accused: str
+    outcome: str  # pass | slashed | refused:<reason> | skipped:<why> | error
+    detail: str
+    rel_diff: float | None = None
+    checker: str | None = None
+
+
+class EvidenceSink(Protocol):
+    async def submit(self, evidence: SpotCheckEvidence) -> dict[str, Any]: ...
+
+
+class OracleSink:
+    """Sends evidence to the oracle's ``POST /v1/spot-checks``; a refusal comes back as
+    ``{"outcome": "refused:<reason>", "detail": ...}``."""
+
+    def __init__(self, oracle_url: str, timeout_s: float = 60.0) -> None:
+        self.url = oracle_url.rstrip("/") + "/v1/spot-checks"
+        self.timeout_s = timeout_s
+
+    async def submit(self, evidence: SpotCheckEvidence) -> dict[str, Any]:
+        async with httpx.AsyncClient(timeout=self.timeout_s) as http:
+            res = await http.post(
+                self.url, content=evidence.model_dump_json(), headers={"content-type": "application/json"}
+            )
+        body: dict[str, Any] = res.json()
+        if res.status_code == 200:
+            return body
+        return {"outcome": f"refused:{body.get('reason', res.status_code)}", "detail": body.get("detail", "")}
+
+
+class SpotChecker:
+    def __init__(
+        self,
+        driver: PipelineDriver,
+        sampler: SpotCheckSampler,
+        runner_key: bytes,
+        oracle_domain: Domain,
+        sink: EvidenceSink,
+        shard_dtype: Callable[[str], str],
+        concurrency: int = 2,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.driver = driver
+        self.sampler = sampler
+        self.runner_key = runner_key
+        self.oracle_domain = oracle_domain
+        self.sink = sink
+        self.shard_dtype = shard_dtype  # model name -> manifest dtype (fp32, bf16, int8, nf4)
+        self.rng = rng or random.Random()
+        self.counts: Counter[str] = Counter()
+        self.results: deque[CheckResult] = deque(maxlen=1000)
+        self._slots = asyncio.Semaphore(concurrency)
+        self._tasks: set[asyncio.Task[list[CheckResult]]] = set()
+        self.on_result: Callable[[CheckResult], object] | None = None  # e.g. a metrics counter
+
+    @staticmethod
+    def secret(home: Path) -> bytes:
+        return load_or_create_secret(home / "broker" / "spot_check_secret")
+
+    def schedule(self, finished: FinishedSession | None) -> list[int]:
+        """Start checking the drawn stages of ``finished`` in the background; their start layers."""
+        if finished is None:
+            self.counts["skipped:failover"] += 1
+            return []
+        picked = [k for k, hop in enumerate(finished.route) if self.sampler.selected(finished.spec.job_id, hop.start)]
+        if picked:
+            task = asyncio.create_task(self.check(finished, picked))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        return [finished.route[k].start for k in picked]
+
+    async def drain(self) -> None:
+        """Wait for every scheduled check (tests and benchmarks)."""
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def check(self, finished: FinishedSession, stages: Sequence[int]) -> list[CheckResult]:
+        out = []
+        for k in stages:
+            async with self._slots:
+                try:
+                    result = await self.check_stage(finished, k)
+                except (DlisError, httpx.HTTPError, ValueError) as exc:
+                    hop = finished.route[k]
+                    result = CheckResult(
+                        "0x" + finished.spec.job_id.hex(), hop.start, hop.end, hop.node_address, "error", str(exc)
+                    )
+            self.counts[result.outcome] += 1
+            self.results.append(result)
+            if self.on_result is not None:
+                self.on_result(result)
+            level = logging.WARNING if result.outcome not in ("pass",) else logging.INFO
+            log.log(level, "spot check of %s [%d, %d) in job %s: %s (%s)", result.accused, result.start, result.end,
+                    result.job_id, result.outcome, result.detail)  # fmt: skip
+            out.append(result)
+        return out
+
+    async def _inputs(self, f: FinishedSession, k: int) -> StageRows:
+        if k == 0:
+            return token_steps(f.session_id, f.spec.prompt_ids, f.generated)
+        prev = f.receipts[f.route[k - 1].start].signed.receipt
+        transcript = await fetch_transcript(self.driver, f.route[k].peer_id, f.session_id)
+        return checked(transcript, prev.output_hash, f"input of [{f.route[k].start}, {f.route[k].end})")
+
+    async def _outputs(self, f: FinishedSession, k: int) -> StageRows:
+        signed = f.receipts[f.route[k].start].signed.receipt.output_hash
+        if k == len(f.route) - 1:
+            rows = StageRows("int64", token_rows(f.generated), [])
+            if rows.sha256() != signed:
+                raise DlisError(
+                    f"the last stage signed output 0x{signed.hex()} but sent tokens hashing to 0x{rows.sha256().hex()}"
+                )
+            return rows
+        transcript = await fetch_transcript(self.driver, f.route[k + 1].peer_id, f.session_id)
+        return checked(transcript, signed, f"output of [{f.route[k].start}, {f.route[k].end})")
+
+    async def check_stage(self, f: FinishedSession, k: int) -> CheckResult:
+        hop = f.route[k]
+        job = "0x" + f.spec.job_id.hex()
+        accused = f.receipts[hop.start]
+        last = k == len(f.route) - 1
+        inputs = await self._inputs(f, k)
+        outputs = await self._outputs(f, k)
+        spans = await self.driver.discover(f.spec.model)
+        banned = self.driver.banned()
+        replicas = [
+            Hop.of(s)
+            for s in spans
+            if (s.start, s.end) == (hop.start, hop.end)
+            and s.peer_id != hop.peer_id
+            and s.node_address.lower() != hop.node_address.lower()
+            and s.peer_id not in banned
+        ]
+        if not replicas:
+            return CheckResult(job, hop.start, hop.end, hop.node_address, "skipped:no-replica",
+                               "no other node serves this range")  # fmt: skip
+        self.rng.shuffle(replicas)
+        max_length = len(f.spec.prompt_ids) + f.spec.max_new_tokens
+        run = [f.spec.model, f.spec.job_id, inputs.inputs, max_length, f.spec.sampling, last]
+        checker_rows, checker_receipt = await replay(self.driver, replicas[0], *run)  # type: ignore[arg-type]
+        shard_dtype = "ids" if last else self.shard_dtype(f.spec.model)
+        accused_out = decode_output(outputs.data, outputs.dtype)
+        cmp = compare_outputs(accused_out, decode_output(checker_rows.data, checker_rows.dtype), shard_dtype)
+        referee: tuple[StageRows, Any] | None = None
+        if not cmp.within and len(replicas) > 1:
+            referee = await replay(self.driver, replicas[1], *run)  # type: ignore[arg-type]
+        evidence = build_evidence(
+            accused.signed,
+            checker_receipt,
+            outputs.data,
+            checker_rows.data,
+            outputs.dtype,  # type: ignore[arg-type]
+            shard_dtype,  # type: ignore[arg-type]
+            hashlib.sha256(inputs.data).digest(),
+            self.driver.market,
+            self.runner_key,
+            self.oracle_domain,
+            referee=referee[1] if referee else None,
+            referee_output=referee[0].data if referee else None,
+        )
+        answer = await self.sink.submit(evidence)
+        return CheckResult(
+            job, hop.start, hop.end, hop.node_address, str(answer.get("outcome")), str(answer.get("detail", "")),
+            cmp.rel_diff, replicas[0].node_address,
+        )  # fmt: skip

@@ -1,0 +1,159 @@
+"""Spot checks over real worker processes: a stage's call is re-executed on a replica from the
+transcripts the stages kept, and the evidence is checked by the oracle's own rules.
+
+Layout (tiny Llama, fp32): ``a`` [0, 2); ``m`` [2, 4) started with ``--byzantine`` and its honest
+replica ``m2``; ``c`` and ``c2`` [4, 6), both honest. The evidence sink applies
+:func:`check_evidence` (signatures, receipts, output hashes, runner authorisation, tolerance)
+with every node counted as registered; the on-chain slash is tested in tests/integration/oracle.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from eth_account import Account
+
+sys.path.insert(0, str(Path(__file__).parent))
+from node_helpers import MODEL, Swarm, _wait_ready, driver_settings, tiny_shards, wait_for_spans
+
+from dlis_market.broker.spot_checks import FinishedSession, SpotChecker
+from dlis_market.chain.typed_data import Domain
+from dlis_market.node.driver import JobSession, JobSpec, PipelineDriver
+from dlis_market.node.errors import RemoteError
+from dlis_market.node.routing import Hop
+from dlis_market.oracle.errors import EvidenceRefusedError
+from dlis_market.oracle.verification import NodeInfo, SpotCheckEvidence, SpotCheckSampler, check_evidence
+
+PROMPT = [3, 1, 4, 1, 5, 9]
+RUNNER = Account.create()
+ORACLE_DOMAIN = Domain("DLIS Oracle", "1", 31337, "0x" + "77" * 20)
+
+
+class EvidenceChecker:
+    """The oracle's acceptance rules without a chain: every node is registered."""
+
+    def __init__(self, domain: Domain, require_referee: bool = False) -> None:
+        self.domain = domain
+        self.require_referee = require_referee
+        self.verdicts: list[Any] = []
+
+    async def submit(self, evidence: SpotCheckEvidence) -> dict[str, Any]:
+        lookup = lambda node: NodeInfo(operator=node, active=True)  # noqa: E731
+        try:
+            verdict = check_evidence(evidence, self.domain, lookup, ORACLE_DOMAIN, [RUNNER.address], self.require_referee)
+        except EvidenceRefusedError as exc:
+            outcome = "pass" if exc.reason == "within_tolerance" else f"refused:{exc.reason}"
+            return {"outcome": outcome, "detail": str(exc)}
+        self.verdicts.append(verdict)
+        return {"outcome": "slashed", "detail": f"accused {verdict.accused_node}"}
+
+
+@pytest.fixture(scope="module")
+def swarm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    root = tmp_path_factory.mktemp("spot-swarm")
+    shards = tiny_shards(root, [(0, 2), (2, 4), (4, 6)], name=MODEL)
+    with Swarm(root) as sw:
+        launched = {
+            "a": sw.launch(shards, "0:2", "a"),
+            "m": sw.launch(shards, "2:4", "m", env={"DLIS_NODE__BYZANTINE": "1"}),
+            "m2": sw.launch(shards, "2:4", "m2"),
+            "c": sw.launch(shards, "4:6", "c"),
+            "c2": sw.launch(shards, "4:6", "c2"),
+        }
+        for w in launched.values():
+            w.info = _wait_ready(w.proc, 240, w.log_path)
+        yield {"swarm": sw, "workers": launched}
+
+
+def hop(w: Any) -> Hop:
+    return Hop(w.peer_id, w.info["start"], w.info["end"], 10**12, w.info["node_address"])
+
+
+async def run_job(driver: PipelineDriver, route: list[Hop], new: int = 6) -> tuple[FinishedSession, list[int]]:
+    session = JobSession(driver, JobSpec(model=MODEL, prompt_ids=PROMPT, max_new_tokens=new))
+    session.route = list(route)
+    await session.establish()
+    tokens = [t async for t in session.tokens()]
+    hops = list(session.route)
+    await session.close()
+    finished = FinishedSession.of(session, hops)
+    assert finished is not None
+    return finished, tokens
+
+
+def test_byzantine_stage_is_caught_and_its_honest_neighbours_are_not(swarm: dict[str, Any]) -> None:
+    w = swarm["workers"]
+
+    async def run() -> None:
+        driver = await PipelineDriver.create(swarm["swarm"].initial_peers, driver_settings())
+        try:
+            await wait_for_spans(driver, MODEL, 5)
+            sink = EvidenceChecker(driver.market)
+            checker = SpotChecker(driver, SpotCheckSampler(1.0, b"k"), bytes(RUNNER.key), ORACLE_DOMAIN, sink,
+                                  lambda _model: "fp32")  # fmt: skip
+
+            # route through the cheater: its middle-stage output is compared with m2's
+            finished, _ = await run_job(driver, [hop(w["a"]), hop(w["m"]), hop(w["c"])])
+            results = await checker.check(finished, [0, 1, 2])
+            by_start = {r.start: r for r in results}
+            assert by_start[0].outcome == "skipped:no-replica"  # nobody else serves [0, 2)
+            assert by_start[2].outcome == "slashed", by_start[2]
+            assert by_start[2].accused == w["m"].info["node_address"]
+            assert by_start[2].rel_diff is not None and by_start[2].rel_diff > 0.1
+            # c ran on the cheater's (corrupted) hidden states; re-run on c2 with the same inputs it matches
+            assert by_start[4].outcome == "pass", by_start[4]
+            assert [v.accused_node for v in sink.verdicts] == [w["m"].info["node_address"]]
+
+            # an honest route: every check passes, nobody is accused
+            finished, _ = await run_job(driver, [hop(w["a"]), hop(w["m2"]), hop(w["c2"])])
+            results = await checker.check(finished, [2])
+            assert [r.outcome for r in results] == ["pass"]
+            assert results[0].rel_diff == 0.0  # same fp32 shard, same inputs, same CPU kernels
+            assert len(sink.verdicts) == 1
+
+            # transcripts are the client's data: only the peer that opened the session may read them
+            other = await PipelineDriver.create(swarm["swarm"].initial_peers, driver_settings())
+            try:
+                with pytest.raises(RemoteError, match="opened by another peer"):
+                    await other.pool.request(w["c2"].peer_id, "transcript", {"session_id": finished.session_id}, 10)
+            finally:
+                await other.close()
+        finally:
+            await driver.close()
+
+    asyncio.run(run())
+
+
+def test_sampled_fraction_and_failover_sessions(swarm: dict[str, Any]) -> None:
+    """schedule() draws stage calls by the secret sampler; a session that failed over is not checked."""
+    w = swarm["workers"]
+
+    async def run() -> None:
+        driver = await PipelineDriver.create(swarm["swarm"].initial_peers, driver_settings())
+        try:
+            await wait_for_spans(driver, MODEL, 5)
+            sink = EvidenceChecker(driver.market, require_referee=True)
+            checker = SpotChecker(driver, SpotCheckSampler(0.0, secrets.token_bytes(32)), bytes(RUNNER.key),
+                                  ORACLE_DOMAIN, sink, lambda _model: "fp32")  # fmt: skip
+            finished, _ = await run_job(driver, [hop(w["a"]), hop(w["m2"]), hop(w["c2"])], new=2)
+            assert checker.schedule(finished) == []
+            assert checker.schedule(None) == [] and checker.counts["skipped:failover"] == 1
+            checker.sampler = SpotCheckSampler(1.0, b"k")
+            assert checker.schedule(finished) == [0, 2, 4]
+            await checker.drain()
+            # m2's only replica is the cheater m: its mismatch alone proves nothing, and an oracle that
+            # requires a referee (a third node agreeing with the checker) refuses to slash m2
+            assert sorted(checker.counts.elements()) == sorted(
+                ["skipped:failover", "skipped:no-replica", "refused:referee_required", "pass"]
+            )
+            assert sink.verdicts == []
+        finally:
+            await driver.close()
+
+    asyncio.run(run())
