@@ -39,25 +39,41 @@ def start(
     port: Annotated[int | None, typer.Option(help="HTTP port (default 8090).")] = None,
     epoch_s: Annotated[float | None, typer.Option(help="Epoch length in seconds.")] = None,
     state_dir: StateDirOpt = None,
+    initial_peer: Annotated[
+        list[str] | None,
+        typer.Option(help="DHT peer multiaddr (repeatable): also take the telemetry workers relay on the DHT."),
+    ] = None,
 ) -> None:
     """Serve telemetry intake and spot-check evidence over HTTP; post reputation every epoch."""
     import asyncio
+    import signal
 
     import uvicorn
 
     from dlis_market.chain.client import ChainClient
+    from dlis_market.oracle.dht_relay import DhtTelemetryRelay
     from dlis_market.oracle.server import create_app
     from dlis_market.oracle.service import OracleService
 
     st = state(ctx)
     with handle_errors():
-        settings = _with_oracle(st, account=account, host=host, port=port, epoch_s=epoch_s, state_dir=state_dir)
+        settings = _with_oracle(
+            st,
+            account=account,
+            host=host,
+            port=port,
+            epoch_s=epoch_s,
+            state_dir=state_dir,
+            dht_initial_peers=list(initial_peer) if initial_peer else None,
+        )
         oracle_account = unlock(st, settings.oracle.account, read_password_file(password_file))
         service = OracleService(settings, ChainClient(settings), oracle_account)
         service.check_roles()
+        peers = settings.oracle.dht_initial_peers
         console.print(
             f"oracle {oracle_account.address} on http://{settings.oracle.host}:{settings.oracle.port} "
-            f"(epoch {settings.oracle.epoch_s:.0f} s, state {service.state_dir})"
+            f"(epoch {settings.oracle.epoch_s:.0f} s, state {service.state_dir}"
+            + (f", telemetry also from the DHT via {len(peers)} peers)" if peers else ")")
         )
 
         async def serve() -> None:
@@ -65,12 +81,22 @@ def start(
                 uvicorn.Config(create_app(service), host=settings.oracle.host, port=settings.oracle.port)
             )
             stop = asyncio.Event()
-            loop = asyncio.create_task(service.run(stop))
+            tasks = [asyncio.create_task(service.run(stop))]
+            relay = DhtTelemetryRelay(service, peers) if peers else None
             try:
+                if relay is not None:
+                    await relay.start()  # fails early (before serving) when the peers are unreachable
+                    tasks.append(asyncio.create_task(relay.run(stop)))
+                for sig in (signal.SIGINT, signal.SIGTERM):
+                    # uvicorn handles these while serving, then re-raises them with the handlers it
+                    # found: a no-op here lets the cleanup below run (the relay's DHT stops), exit 0
+                    signal.signal(sig, lambda *_: None)
                 await server.serve()
             finally:
                 stop.set()
-                await loop
+                await asyncio.gather(*tasks)
+                if relay is not None:
+                    await relay.close()
 
         asyncio.run(serve())
 

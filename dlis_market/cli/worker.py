@@ -27,6 +27,24 @@ def _merge(settings: Settings, section: str, updates: dict[str, Any]) -> Setting
     return settings.model_copy(update={section: type(part).model_validate(part.model_dump())})
 
 
+BYZANTINE_WARNING = (
+    "WARNING: --byzantine: TEST ONLY: this worker corrupts its outputs and will be slashed. "
+    "Never run it with real stake."
+)
+
+
+def _check_telemetry(settings: Settings) -> None:
+    from web3 import Web3
+
+    node = settings.node
+    if not Web3.is_address(node.reputation_address):
+        raise ConfigError(f"--reputation {node.reputation_address!r} is not an address (the ReputationOracle's)")
+    if node.oracle_url is not None and not node.oracle_url.startswith(("http://", "https://")):
+        raise ConfigError(f"--oracle-url {node.oracle_url!r} must be an http(s) URL, e.g. http://127.0.0.1:8090")
+    if not node.telemetry_interval_s > 0:
+        raise ConfigError(f"--telemetry-interval-s must be positive, not {node.telemetry_interval_s}")
+
+
 def start(
     ctx: typer.Context,
     shards: Annotated[Path | None, typer.Option(help="Local shard folder (made by `dlis model shard`).")] = None,
@@ -50,6 +68,18 @@ def start(
     session_idle_s: Annotated[float | None, typer.Option(help="Close sessions idle this long.")] = None,
     announce_ttl_s: Annotated[float | None, typer.Option(help="TTL of the DHT announcement.")] = None,
     reprofile: Annotated[bool, typer.Option("--reprofile", help="Measure the hardware profile again.")] = False,
+    oracle_url: Annotated[
+        str | None, typer.Option(help="POST signed telemetry to this oracle (e.g. http://127.0.0.1:8090).")
+    ] = None,
+    reputation: Annotated[
+        str | None, typer.Option(help="ReputationOracle address (telemetry domain); unset: no telemetry.")
+    ] = None,
+    telemetry_interval_s: Annotated[
+        float | None, typer.Option(help="Seconds between telemetry reports (match the oracle's heartbeat).")
+    ] = None,
+    byzantine: Annotated[
+        bool, typer.Option("--byzantine", hidden=True, help="TEST ONLY: corrupt every output (gets slashed).")
+    ] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log at INFO level.")] = False,
 ) -> None:
     """Serve a layer range of a model: fetch/verify shards, profile, attest, announce, serve."""
@@ -74,8 +104,15 @@ def start(
                 "registry_address": registry,
                 "session_idle_s": session_idle_s,
                 "announce_ttl_s": announce_ttl_s,
+                "oracle_url": oracle_url,
+                "reputation_address": reputation,
+                "telemetry_interval_s": telemetry_interval_s,
+                "byzantine": 1.0 if byzantine else None,
             },
         )
+        _check_telemetry(settings)
+        if byzantine:
+            typer.echo(BYZANTINE_WARNING, err=True)
         settings = _merge(settings, "inference", {"threads": threads, "max_sessions": max_sessions})
         if (layers is None) == (not auto):
             raise ConfigError("give exactly one of --layers START:END or --auto")

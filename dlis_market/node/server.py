@@ -147,6 +147,10 @@ class Worker:
         port = self.metrics.serve(self.node.host, self.node.metrics_port)
         return f"http://{self.node.host}:{port}/metrics"
 
+    def advertised_throughput(self) -> float:
+        measured = self.profile.throughput(self.stage.layers.size)
+        return measured * byzantine.OVERSTATE if self.node.byzantine > 0 else measured
+
     def record(self) -> dht_records.SpanRecord:
         return dht_records.SpanRecord(
             model=self.stage.manifest.model_name,
@@ -154,7 +158,7 @@ class Worker:
             end=self.stage.layers.end,
             peer_id=self.peer_id,
             node_address=self.identity.address,
-            throughput=self.profile.throughput(self.stage.layers.size),
+            throughput=self.advertised_throughput(),
             free_slots=max(0, self.stage.sessions.max_sessions - len(self.stage.sessions)),
             queue_length=self.queue.qsize(),
             price_per_token=self.node.price_per_token,
@@ -303,7 +307,7 @@ class Worker:
 
     async def _run(self, batch: Batch) -> None:
         inp = batch.merged()
-        phase = "prefill" if inp.num_tokens > len(inp.session_ids) else "decode"
+        phase = "prefill" if inp.num_tokens > 1 else "decode"  # tokens per session in this pass
         began = time.perf_counter()
         try:
             with self.metrics.step_seconds.labels(phase).time():
