@@ -9,7 +9,7 @@ they have signed their receipts before any check starts). For a drawn call of th
    to the previous stage's signed ``outputHash``;
 2. its outputs: the tokens this driver received (last stage) or the next stage's transcript,
    which must hash to the accused's own signed ``outputHash``;
-3. a replica serving the same range (another node) re-runs the inputs in a fresh session of the
+3. a replica serving the same range (another node, routable: staked) re-runs the inputs in a fresh session of the
    same job (:func:`dlis_market.node.replay.replay`); on a mismatch a second replica, when there
    is one, referees;
 4. :func:`build_evidence` signs it all with the broker's key and the oracle gets it
@@ -117,6 +117,7 @@ class SpotChecker:
         shard_dtype: Callable[[str], str],
         concurrency: int = 2,
         rng: random.Random | None = None,
+        eligible: Callable[[str], bool] | None = None,
     ) -> None:
         self.driver = driver
         self.sampler = sampler
@@ -125,6 +126,8 @@ class SpotChecker:
         self.sink = sink
         self.shard_dtype = shard_dtype  # model name -> manifest dtype (fp32, bf16, int8, nf4)
         self.rng = rng or random.Random()
+        # which nodes may re-execute (the broker: routable on chain, i.e. staked; a slashed cheater is not)
+        self.eligible = eligible or (lambda _node: True)
         self.counts: Counter[str] = Counter()
         self.results: deque[CheckResult] = deque(maxlen=1000)
         self._slots = asyncio.Semaphore(concurrency)
@@ -214,6 +217,7 @@ class SpotChecker:
             and s.peer_id != hop.peer_id
             and s.node_address.lower() != hop.node_address.lower()
             and s.peer_id not in banned
+            and self.eligible(s.node_address)
         ]
         if not replicas:
             return CheckResult(job, hop.start, hop.end, hop.node_address, "skipped:no-replica",
@@ -224,7 +228,8 @@ class SpotChecker:
         checker_rows, checker_receipt = await replay(self.driver, replicas[0], *run)  # type: ignore[arg-type]
         shard_dtype = "ids" if last else self.shard_dtype(f.spec.model)
         accused_out = decode_output(outputs.data, outputs.dtype)
-        cmp = compare_outputs(accused_out, decode_output(checker_rows.data, checker_rows.dtype), shard_dtype)
+        checker_out = decode_output(checker_rows.data, checker_rows.dtype)
+        cmp = compare_outputs(accused_out, checker_out, shard_dtype, outputs.width)
         referee: tuple[StageRows, Any] | None = None
         if not cmp.within and len(replicas) > 1:
             referee = await replay(self.driver, replicas[1], *run)  # type: ignore[arg-type]
@@ -241,6 +246,7 @@ class SpotChecker:
             self.oracle_domain,
             referee=referee[1] if referee else None,
             referee_output=referee[0].data if referee else None,
+            row_width=outputs.width,
         )
         answer = await self.sink.submit(evidence)
         return CheckResult(

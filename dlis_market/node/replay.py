@@ -44,6 +44,7 @@ class StageRows:
     dtype: str
     rows: list[bytes]
     inputs: list[StageInput]  # the same rows as stage inputs (for inputs only; empty for outputs)
+    width: int = 1  # values per token: the hidden size (1 for token ids); spot checks compare per token
 
     @property
     def data(self) -> bytes:
@@ -84,7 +85,10 @@ def checked(transcript: Transcript, signed_hash: bytes, what: str) -> StageRows:
             f"receipt says 0x{signed_hash.hex()}; one of the two stages sent something else than it signed"
         )
     inputs = transcript.inputs(transcript.session_id)
-    return StageRows(transcript.dtype, [s.data for s in transcript.steps], inputs)
+    width = 1
+    if inputs and inputs[0].hidden is not None:
+        width = int(inputs[0].hidden.shape[-1])
+    return StageRows(transcript.dtype, [s.data for s in transcript.steps], inputs, width)
 
 
 async def replay(
@@ -109,7 +113,7 @@ async def replay(
     timeout = driver.settings.request_timeout_s
     await driver.pool.request(replica.peer_id, "open", body.model_dump(), timeout)
     rows: list[bytes] = []
-    dtype = "int64"
+    dtype, width = "int64", 1
     try:
         for step in steps:
             inp = StageInput(
@@ -124,7 +128,7 @@ async def replay(
             finally:
                 driver._waiters.pop(sid, None)
             if isinstance(out, torch.Tensor):
-                dtype = dtype_name(out.dtype)
+                dtype, width = dtype_name(out.dtype), int(out.shape[-1])
                 rows.append(row_bytes(out))
             else:
                 rows.append(row_bytes(torch.tensor(int(out), dtype=torch.long)))
@@ -135,7 +139,7 @@ async def replay(
     answer = await driver.pool.request(replica.peer_id, "close", {"session_id": sid}, timeout)
     signed = receipts.from_wire(answer.get("receipt"))
     receipts.verify_receipt(driver.market, signed, node)
-    result = StageRows(dtype, rows, [])
+    result = StageRows(dtype, rows, [], width)
     if signed.receipt.output_hash != result.sha256():
         raise ReceiptError(
             f"replica {replica.peer_id} signed output 0x{signed.receipt.output_hash.hex()} but sent rows hashing to "

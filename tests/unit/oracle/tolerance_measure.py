@@ -28,13 +28,14 @@ from dlis_market.oracle.verification import compare_outputs
 
 DTYPES = ("fp32", "bf16", "int8", "nf4")
 PROMPT_LEN = 8
+HIDDEN = 256
 STEPS = 6
 
 
 def tiny_model(path: Path) -> Path:
     torch.manual_seed(0)
     config = LlamaConfig(
-        hidden_size=256,
+        hidden_size=HIDDEN,
         intermediate_size=512,
         num_hidden_layers=4,
         num_attention_heads=8,
@@ -87,15 +88,15 @@ def measure(workdir: Path, prompts: int = 4) -> dict[str, dict[str, float]]:
             for d in DTYPES:
                 honest = run_stage(shards[d], batch=4, threads=2, seed=p, target_tokens=target)
                 row = result.setdefault(d, {"honest_max": 0.0})
-                row["honest_max"] = max(row["honest_max"], compare_outputs(ref[d], honest, d).rel_diff)
+                row["honest_max"] = max(row["honest_max"], compare_outputs(ref[d], honest, d, HIDDEN).rel_diff)
                 for other in DTYPES:
                     if other != d:
                         key = f"served_{other}"
-                        diff = compare_outputs(ref[d], ref[other], d).rel_diff
+                        diff = compare_outputs(ref[d], ref[other], d, HIDDEN).rel_diff
                         row[key] = min(row.get(key, float("inf")), diff)
                 cheat = run_stage(shards[d], batch=1, threads=1, seed=p, target_tokens=wrong_tokens)
                 row["wrong_input_min"] = min(
-                    row.get("wrong_input_min", float("inf")), compare_outputs(ref[d], cheat, d).rel_diff
+                    row.get("wrong_input_min", float("inf")), compare_outputs(ref[d], cheat, d, HIDDEN).rel_diff
                 )
     finally:
         torch.set_num_threads(threads_before)
