@@ -139,6 +139,7 @@ class BrokerSettings(_Section):
     fallback_peer_id: str | None = None  # a worker serving the whole model, used as the fallback pool
     fallback_min_capacity_slots: int = 0
     oracle_url: str | None = None  # e.g. http://127.0.0.1:8090: failure risk per node for routing
+    standing_cache_s: float = 10.0  # chain standing (stake, reputation) per node is re-read this often
     # Spot checks (broker/spot_checks.py): this fraction of stage calls is re-executed on another
     # worker and the evidence sent to the oracle (needs oracle_url; the broker account must be one
     # of the oracle's spot_check_runners). The sampling secret never leaves the broker.

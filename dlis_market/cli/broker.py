@@ -25,6 +25,7 @@ if TYPE_CHECKING:
 
     from dlis_market.broker.catalog import ModelCatalog
     from dlis_market.broker.metrics import BrokerMetrics
+    from dlis_market.broker.planning import StandingLookup
     from dlis_market.broker.spot_checks import SpotChecker
     from dlis_market.chain.client import ChainClient
     from dlis_market.node.driver import PipelineDriver
@@ -55,6 +56,7 @@ def spot_checker(
     broker: LocalAccount,
     catalog: ModelCatalog,
     metrics: BrokerMetrics,
+    standing: StandingLookup,
 ) -> SpotChecker | None:
     """The spot-check runner, when an oracle takes its evidence and the fraction is above 0."""
     from dlis_market.broker.spot_checks import OracleSink, SpotChecker
@@ -73,6 +75,7 @@ def spot_checker(
         oracle_domain(client.chain_id, client.deployment.address_of("ReputationOracle")),
         OracleSink(b.oracle_url),
         lambda model: catalog.get(model).manifest.dtype,
+        eligible=lambda node: standing(node).routable,
     )
     checker.on_result = lambda r: metrics.spot_checks.labels(r.outcome.split(":")[0]).inc()
     console.print(f"spot-checking {b.spot_check_fraction:.1%} of stage calls; evidence to {b.oracle_url}")
@@ -131,16 +134,17 @@ def start(
             if settings.broker.oracle_url
             else None
         )
-        planner = make_planner(
-            settings.broker, CachedStanding(chain_standing(NodeRegistry(client), ReputationOracle(client))), risk
+        standing = CachedStanding(
+            chain_standing(NodeRegistry(client), ReputationOracle(client)), settings.broker.standing_cache_s
         )
+        planner = make_planner(settings.broker, standing, risk)
         node_settings = node_settings_for_chain(settings, client)
         peers = peer or list(settings.node.initial_peers)
 
         async def serve() -> None:
             backend = await P2PBackend.connect(peers, node_settings)
             service = BrokerService(settings, ledger, market, broker, catalog, backend, planner)
-            backend.checker = spot_checker(settings, client, backend.driver, broker, catalog, service.metrics)
+            backend.checker = spot_checker(settings, client, backend.driver, broker, catalog, service.metrics, standing)
             server = uvicorn.Server(
                 uvicorn.Config(
                     create_app(service), host=settings.broker.host, port=port or settings.broker.port, log_level="info"

@@ -5,7 +5,8 @@ sessions (chosen by hashing the session id, so a session is corrupted at every s
 hidden states get Gaussian noise of half their RMS (what serving garbage, skipping layers or
 running a far cheaper model looks like, relative differences of ~0.1-1), sampled token ids at
 the last stage are shifted by one. It signs receipts over what it actually sent, as a cheater
-that wants to be paid must. Nothing in a real deployment sets ``node.byzantine``.
+that wants to be paid must, and announces ``OVERSTATE`` times its measured throughput to win
+routes. Nothing in a real deployment sets ``node.byzantine``.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import hashlib
 import torch
 
 from dlis_market.inference.messages import StageOutput
+
+OVERSTATE = 10.0
 
 
 def corrupted(session_id: str, rate: float) -> bool:

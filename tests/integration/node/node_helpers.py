@@ -20,9 +20,12 @@ from pathlib import Path
 from typing import Any
 
 import hivemind
+import httpx
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
+from typer.testing import CliRunner
 
+from dlis_market.cli.main import app
 from dlis_market.inference.shard_export import export_shards
 from dlis_market.node import dht_records
 from dlis_market.node.server import READY_PREFIX
@@ -34,9 +37,9 @@ PASSWORD = "node-test-password"
 MODEL = "tiny-llama"
 
 
-def make_tiny_llama(path: Path, layers: int = 6, seed: int = 1234) -> Path:
+def make_tiny_llama(path: Path, layers: int = 6, seed: int = 1234, vocab_size: int = 96) -> Path:
     config = LlamaConfig(
-        vocab_size=96,
+        vocab_size=vocab_size,
         hidden_size=32,
         intermediate_size=64,
         num_hidden_layers=layers,
@@ -55,8 +58,8 @@ def make_tiny_llama(path: Path, layers: int = 6, seed: int = 1234) -> Path:
     return path
 
 
-def tiny_shards(root: Path, ranges: list[tuple[int, int]], name: str = "tiny-llama") -> Path:
-    model_dir = make_tiny_llama(root / "model", layers=ranges[-1][1])
+def tiny_shards(root: Path, ranges: list[tuple[int, int]], name: str = "tiny-llama", vocab_size: int = 96) -> Path:
+    model_dir = make_tiny_llama(root / "model", layers=ranges[-1][1], vocab_size=vocab_size)
     out = root / "shards"
     export_shards(model_dir, out, ranges=[LayerRange(start=a, end=b) for a, b in ranges], dtype="fp32", name=name)
     return out
@@ -209,6 +212,54 @@ async def wait_for_spans(driver: Any, model: str, count: int, timeout_s: float =
             return spans
         await asyncio.sleep(0.5)
     raise RuntimeError(f"only {len(spans)} of {count} spans of {model} announced within {timeout_s}s")
+
+
+# ----------------------------------------------------------------------------- whole-market processes
+
+
+def cli(env: dict[str, str], *args: str) -> str:
+    """Run the dlis CLI in-process; assert it succeeded; its stdout."""
+    res = CliRunner().invoke(app, list(args), env=env)
+    assert res.exit_code == 0, res.output
+    return res.stdout
+
+
+def start_broker(
+    market: Any, shards: Path, peers: list[str], port: int, settle_s: float, log: Path, **extra_env: str
+) -> subprocess.Popen[bytes]:
+    """`dlis broker start` as a process on the market's chain; returns once /healthz answers."""
+    env = {
+        **os.environ,
+        **market.settings.to_env(),
+        **extra_env,
+        "DLIS_BROKER__PORT": str(port),
+        "DLIS_BROKER__SETTLE_INTERVAL_S": str(settle_s),
+        "DLIS_BROKER__DATABASE_URL": f"sqlite:///{log.parent / 'broker.db'}",
+    }
+    cmd = [sys.executable, "-m", "dlis_market.cli.main", "broker", "start", "--model-dir", str(shards)]
+    for p in peers:
+        cmd += ["--peer", p]
+    proc = subprocess.Popen(cmd, env=env, stdout=log.open("ab"), stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, log.read_text()[-3000:]
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            time.sleep(0.3)
+    raise AssertionError("broker did not start:\n" + log.read_text()[-3000:])
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM the process group, SIGKILL after 30 s."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
 
 
 @dataclass

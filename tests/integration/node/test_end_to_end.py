@@ -8,23 +8,18 @@ the client's escrow down by exactly the cost; the answer equals local generation
 from __future__ import annotations
 
 import json
-import os
 import secrets
 import shutil
-import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import httpx
-from node_helpers import PASSWORD, Swarm, _wait_ready  # type: ignore[import-not-found]
+from node_helpers import PASSWORD, Swarm, _wait_ready, cli, start_broker, stop  # type: ignore[import-not-found]
 from transformers import AutoTokenizer
-from typer.testing import CliRunner
 
 from dlis_market.chain.anvil import free_port
 from dlis_market.chain.job_market import JobAuthorization, sign_authorization
-from dlis_market.cli.main import app
 from dlis_market.inference.pipeline import LocalPipeline
 from dlis_market.storage.daemon import DaemonConfig, EmbeddedDaemon
 from dlis_market.types import model_id
@@ -33,47 +28,6 @@ UNIT = 10**18
 MODEL = "smollm2-135m"
 PRICE = 10**12
 PROMPT = "The capital of France is"
-
-
-def cli(env: dict[str, str], *args: str) -> str:
-    res = CliRunner().invoke(app, list(args), env=env)
-    assert res.exit_code == 0, res.output
-    return res.stdout
-
-
-def start_broker(
-    market, shards: Path, peers: list[str], port: int, settle_s: float, log: Path
-) -> subprocess.Popen[bytes]:
-    env = {
-        **os.environ,
-        **market.settings.to_env(),
-        "DLIS_BROKER__PORT": str(port),
-        "DLIS_BROKER__SETTLE_INTERVAL_S": str(settle_s),
-        "DLIS_BROKER__DATABASE_URL": f"sqlite:///{log.parent / 'broker.db'}",
-    }
-    cmd = [sys.executable, "-m", "dlis_market.cli.main", "broker", "start", "--model-dir", str(shards)]
-    for p in peers:
-        cmd += ["--peer", p]
-    proc = subprocess.Popen(cmd, env=env, stdout=log.open("ab"), stderr=subprocess.STDOUT, start_new_session=True)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, log.read_text()[-3000:]
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            time.sleep(0.3)
-    raise AssertionError("broker did not start:\n" + log.read_text()[-3000:])
-
-
-def stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
 
 
 def test_paid_job_end_to_end_with_broker_restart(market, smollm2_shards: Path, tmp_path: Path) -> None:

@@ -46,7 +46,8 @@ class EvidenceChecker:
     async def submit(self, evidence: SpotCheckEvidence) -> dict[str, Any]:
         lookup = lambda node: NodeInfo(operator=node, active=True)  # noqa: E731
         try:
-            verdict = check_evidence(evidence, self.domain, lookup, ORACLE_DOMAIN, [RUNNER.address], self.require_referee)
+            runners = [RUNNER.address]
+            verdict = check_evidence(evidence, self.domain, lookup, ORACLE_DOMAIN, runners, self.require_referee)
         except EvidenceRefusedError as exc:
             outcome = "pass" if exc.reason == "within_tolerance" else f"refused:{exc.reason}"
             return {"outcome": outcome, "detail": str(exc)}
@@ -61,7 +62,7 @@ def swarm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     with Swarm(root) as sw:
         launched = {
             "a": sw.launch(shards, "0:2", "a"),
-            "m": sw.launch(shards, "2:4", "m", env={"DLIS_NODE__BYZANTINE": "1"}),
+            "m": sw.launch(shards, "2:4", "m", "--byzantine"),
             "m2": sw.launch(shards, "2:4", "m2"),
             "c": sw.launch(shards, "4:6", "c"),
             "c2": sw.launch(shards, "4:6", "c2"),

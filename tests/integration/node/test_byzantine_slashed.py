@@ -1,0 +1,162 @@
+"""A cheating worker is caught by a spot check and slashed on chain; honest nodes never are.
+
+Every part is real and in its own process: Anvil with the contracts, five worker processes (a
+tiny Llama with SmolLM2's tokenizer so that the broker can serve it), staked and registered
+through the CLI, `dlis oracle start` requiring a referee (2 of 3) and trusting the broker as its
+spot-check runner, and `dlis broker start` checking every stage call. Worker ``m`` runs with
+``--byzantine``: it corrupts its activations and overstates its throughput, so the scheduler
+routes the first job through it. The broker re-runs m's call on ``m2``, referees with ``m3``,
+the oracle slashes m's operator below the minimum stake, and the next job avoids m.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+from node_helpers import Swarm, _wait_ready, cli, start_broker, stop, tiny_shards  # type: ignore[import-not-found]
+from transformers import AutoTokenizer
+
+from dlis_market.chain.anvil import free_port
+from dlis_market.chain.job_market import JobAuthorization, sign_authorization
+from dlis_market.types import model_id
+
+UNIT = 10**18
+MODEL = "tiny-smol"
+PRICE = 10**12
+LAYOUT = {"a": "0:2", "m": "2:4", "m2": "2:4", "m3": "2:4", "c": "4:6"}
+OPERATORS = {"a": 4, "m": 5, "m2": 6, "m3": 7, "c": 8}  # Anvil dev accounts
+
+
+def start_oracle(market: Any, port: int, log: Path, runners: list[str]) -> subprocess.Popen[bytes]:
+    env = {
+        **os.environ,
+        **market.settings.to_env(),
+        "DLIS_ORACLE__PORT": str(port),
+        "DLIS_ORACLE__STATE_DIR": str(log.parent / "oracle"),
+        "DLIS_ORACLE__SPOT_CHECK_RUNNERS": str(runners).replace("'", '"'),
+        "DLIS_ORACLE__SPOT_CHECK_REQUIRE_REFEREE": "true",
+    }
+    cmd = [sys.executable, "-m", "dlis_market.cli.main", "oracle", "start"]
+    proc = subprocess.Popen(cmd, env=env, stdout=log.open("ab"), stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, log.read_text()[-3000:]
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=1).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            time.sleep(0.3)
+    raise AssertionError("oracle did not start:\n" + log.read_text()[-3000:])
+
+
+def submit(market: Any, port: int, client: Any, prompt: str) -> dict[str, Any]:
+    jm = market.market()
+    auth = JobAuthorization(client.address, market.broker.address, bytes.fromhex(model_id(MODEL)[2:]), UNIT,
+                            secrets.randbits(128), market.client.timestamp() + 3600)  # fmt: skip
+    body = {"model": MODEL, "prompt": prompt, "max_tokens": 4, "authorization": {
+        "client": client.address, "nonce": str(auth.nonce), "max_cost": str(UNIT), "deadline": auth.deadline,
+        "signature": sign_authorization(client.key, jm.domain(), auth).hex()}}  # fmt: skip
+    res = httpx.post(f"http://127.0.0.1:{port}/v1/jobs", json=body, timeout=120)
+    assert res.status_code == 201, res.text
+    job: dict[str, Any] = res.json()
+    assert job["status"] == "completed", job
+    return job
+
+
+def metric(url: str, name: str) -> float:
+    total = 0.0
+    for line in httpx.get(url, timeout=10).text.splitlines():
+        if line.startswith(name) and not line.startswith("#"):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def test_byzantine_worker_is_slashed_end_to_end(market, smollm2_shards: Path, tmp_path: Path) -> None:
+    home = market.settings.home
+    dep = market.client.deployment
+    staking, registry = market.staking(), market.registry()
+    min_stake, slash = staking.min_stake(), market.settings.oracle.slash_amount
+    tok = AutoTokenizer.from_pretrained(str(smollm2_shards))
+    shards = tiny_shards(tmp_path / "model", [(0, 2), (2, 4), (4, 6)], name=MODEL, vocab_size=len(tok))
+    tok.save_pretrained(str(shards))  # the broker tokenizes prompts with the model's tokenizer
+    registry.publish_model(market.deployer, bytes.fromhex(model_id(MODEL)[2:]), "QmTinySmol", b"\x01" * 32, 6)
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        with Swarm(tmp_path / "swarm") as swarm:
+            chain_args = ["--chain-id", "31337", "--market", dep.address_of("JobMarket"),
+                          "--registry", dep.address_of("NodeRegistry"), "--price", str(PRICE)]  # fmt: skip
+            workers = {
+                name: swarm.launch(shards, layers, name, *chain_args, *(["--byzantine"] if name == "m" else []))
+                for name, layers in LAYOUT.items()
+            }
+            for name, w in workers.items():
+                w.info = _wait_ready(w.proc, 240, w.log_path)
+                idx = OPERATORS[name]
+                (w.home / "deployments").mkdir(exist_ok=True)
+                shutil.copy(home / "deployments" / "31337.json", w.home / "deployments" / "31337.json")
+                wenv = {"DLIS_HOME": str(w.home), "DLIS_CHAIN__RPC_URL": market.settings.chain.rpc_url}
+                cli(wenv, "chain", "faucet", market.accounts[idx].address, str(min_stake // UNIT))
+                cli(wenv, "node", "stake", str(min_stake // UNIT), "--account", f"dev:{idx}")
+                register = ["node", "register", "--account", f"dev:{idx}", "--node-key", "node"]
+                register += ["--node-password-file", str(w.home / "password"), "--peer-id", w.info["peer_id"]]
+                cli(wenv, *register, "--attestation-hash", w.info["attestation_hash"])
+            assert "TEST ONLY" in workers["m"].log_path.read_text()
+            swarm.wait_spans(MODEL, len(LAYOUT))
+            operator = {n: market.accounts[i].address for n, i in OPERATORS.items()}
+            stake0 = {n: staking.info(a).active for n, a in operator.items()}
+
+            oracle_port, broker_port = free_port(), free_port()
+            procs.append(start_oracle(market, oracle_port, tmp_path / "oracle.log", [market.broker.address]))
+            broker_env = {
+                "DLIS_BROKER__ORACLE_URL": f"http://127.0.0.1:{oracle_port}",
+                "DLIS_BROKER__SPOT_CHECK_FRACTION": "1.0",
+                "DLIS_BROKER__STANDING_CACHE_S": "1",
+            }
+            log = tmp_path / "broker.log"
+            procs.append(start_broker(market, shards, swarm.initial_peers, broker_port, 3600, log, **broker_env))
+            client = market.new_funded_account(50 * UNIT)
+            market.market().deposit(client, 10 * UNIT)
+
+            # 1. the cheater's overstated throughput wins it the route; its call is re-run and it is slashed
+            job = submit(market, broker_port, client, "The capital of France is")
+            nodes = {h["start"]: h["node"] for h in job["route"]}
+            m_node = workers["m"].info["node_address"]
+            assert nodes[2] == m_node, job["route"]
+            deadline = time.monotonic() + 90
+            while staking.info(operator["m"]).active == stake0["m"]:
+                assert time.monotonic() < deadline, (tmp_path / "broker.log").read_text()[-4000:]
+                time.sleep(0.5)
+            assert staking.info(operator["m"]).active == stake0["m"] - slash < min_stake
+            assert not registry.get(m_node).routable
+            evidence = list((tmp_path / "oracle" / "evidence").glob("*.json"))
+            assert len(evidence) == 1 and m_node.lower() in evidence[0].read_text().lower()
+
+            # 2. the next job avoids the slashed node (once the broker's 1 s standing cache expires)
+            time.sleep(1.5)
+            job = submit(market, broker_port, client, "Paris is a city in")
+            assert {h["start"]: h["node"] for h in job["route"]}[2] in {
+                workers["m2"].info["node_address"],
+                workers["m3"].info["node_address"],
+            }
+            broker_metrics = f"http://127.0.0.1:{broker_port}/metrics"
+            deadline = time.monotonic() + 60
+            while metric(broker_metrics, 'dlis_broker_spot_checks_total{outcome="pass"}') < 1:
+                assert time.monotonic() < deadline, (tmp_path / "broker.log").read_text()[-4000:]
+                time.sleep(0.5)
+
+            # honest nodes kept every token of their stake; exactly one slash happened
+            for name in ("a", "m2", "m3", "c"):
+                assert staking.info(operator[name]).active == stake0[name], name
+            assert metric(f"http://127.0.0.1:{oracle_port}/metrics", "dlis_oracle_slashes_total") == 1
+            assert metric(broker_metrics, 'dlis_broker_spot_checks_total{outcome="slashed"}') == 1
+    finally:
+        for p in procs:
+            stop(p)
