@@ -13,6 +13,7 @@ export PATH="$PWD/node_modules/.bin:$PWD/.venv/bin:$PATH"
 export DLIS_HOME="${DLIS_HOME:-$PWD/.dlis-demo}"
 PORT="${DEMO_PORT:-8545}"
 BROKER_PORT="${DEMO_BROKER_PORT:-8080}"
+ORACLE_PORT="${DEMO_ORACLE_PORT:-8090}"
 export DLIS_CHAIN__RPC_URL="http://127.0.0.1:${PORT}"
 export DLIS_BROKER__PORT="$BROKER_PORT"
 export DLIS_BROKER__SETTLE_INTERVAL_S=2
@@ -57,6 +58,15 @@ dlis chain up --port "$PORT"
 DEPLOY="$DLIS_HOME/deployments/31337.json"
 MARKET=$(python -c "import json; print(json.load(open('$DEPLOY'))['contracts']['JobMarket']['address'])")
 REGISTRY=$(python -c "import json; print(json.load(open('$DEPLOY'))['contracts']['NodeRegistry']['address'])")
+REPUTATION=$(python -c "import json; print(json.load(open('$DEPLOY'))['contracts']['ReputationOracle']['address'])")
+ORACLE_URL="http://127.0.0.1:${ORACLE_PORT}"
+
+echo "== oracle (telemetry, reputation epochs, spot-check evidence -> slashing)"
+if ! running oracle; then
+  # the broker (dev:1) re-executes stage calls and signs the evidence: the oracle trusts it as a runner
+  DLIS_ORACLE__SPOT_CHECK_RUNNERS="[\"$(dev_addr 1)\"]" spawn oracle "$LOGS/oracle.log" dlis oracle start --port "$ORACLE_PORT"
+fi
+wait_for 60 "the oracle" python -c "import httpx; httpx.get('$ORACLE_URL/metrics').raise_for_status()"
 
 echo "== IPFS (embedded Kubo, private swarm on loopback)"
 if ! running ipfs; then spawn ipfs "$LOGS/ipfs.log" dlis ipfs daemon; fi
@@ -74,10 +84,11 @@ CID=$(echo "$PUB" | json 'd["manifest_cid"]')
 SHA=$(echo "$PUB" | json 'd["manifest_sha256"]')
 echo "manifest CID $CID (sha256 $SHA), registered on chain"
 
-echo "== workers: three profiles, each staked and registered by its operator"
+echo "== workers: three profiles (and a second laptop on [10, 20) to re-check the first), each staked and registered"
 BOOT=""
 i=0
-for spec in "0:10 phone 2048 1 1000000000000" "10:20 laptop 8192 1 2000000000000" "20:30 server 65536 2 3000000000000"; do
+for spec in "0:10 phone 2048 1 1000000000000" "10:20 laptop 8192 1 2000000000000" "20:30 server 65536 2 3000000000000" \
+            "10:20 laptop 8192 1 2000000000000"; do
   read -r LAYERS CLASS MEM THREADS PRICE <<< "$spec"
   i=$((i + 1)); OP=$((3 + i)); W="$DLIS_HOME/workers/w$i"
   mkdir -p "$W/deployments" && cp "$DEPLOY" "$W/deployments/"
@@ -86,7 +97,8 @@ for spec in "0:10 phone 2048 1 1000000000000" "10:20 laptop 8192 1 2000000000000
     PEERS=(); [ -n "$BOOT" ] && PEERS=(--initial-peer "$BOOT")
     DLIS_HOME="$W" spawn "worker$i" "$LOGS/worker$i.log" dlis node start --manifest-cid "$CID" \
       --manifest-sha256 "$SHA" --provider "$IPFS_ADDR" --layers "$LAYERS" --threads "$THREADS" --price "$PRICE" \
-      --chain-id 31337 --market "$MARKET" --registry "$REGISTRY" --password-file "$W/password" "${PEERS[@]}"
+      --chain-id 31337 --market "$MARKET" --registry "$REGISTRY" --password-file "$W/password" "${PEERS[@]}" \
+      --oracle-url "$ORACLE_URL" --reputation "$REPUTATION"
   fi
   wait_for 300 "worker $i" grep -q '^DLIS_NODE_READY ' "$LOGS/worker$i.log"
   READY=$(grep '^DLIS_NODE_READY ' "$LOGS/worker$i.log" | tail -1 | sed 's/^DLIS_NODE_READY //')
@@ -105,7 +117,9 @@ done
 
 echo "== broker"
 if ! running broker; then
-  spawn broker "$LOGS/broker.log" dlis broker start --model-dir "$SHARDS" --peer "$BOOT"
+  # every stage call is spot-checked here (default 2 %) so that the demo shows one
+  DLIS_BROKER__ORACLE_URL="$ORACLE_URL" DLIS_BROKER__SPOT_CHECK_FRACTION=1 \
+    spawn broker "$LOGS/broker.log" dlis broker start --model-dir "$SHARDS" --peer "$BOOT"
 fi
 wait_for 120 "the broker" python -c "import httpx; httpx.get('http://127.0.0.1:$BROKER_PORT/healthz').raise_for_status()"
 
@@ -125,6 +139,13 @@ print(f\"cost   : {int(j['cost'])/1e18:.6f} DLIS + protocol fee {int(j['fee'])/1
 JOB_ID=$(echo "$JOB" | json 'd["id"]')
 wait_for 60 "settlement" sh -c "dlis job status $JOB_ID --json | grep -q '\"settled_on_chain\": true'"
 dlis job status "$JOB_ID" --json | json '"settled in transaction " + d["settlement"]["tx_hash"] + " (block " + str(d["settlement"]["block"]) + ")"'
+METRICS="http://127.0.0.1:$BROKER_PORT/metrics"
+wait_for 60 "the spot check" python -c "import httpx; assert 'spot_checks_total{outcome=\"pass\"}' in httpx.get('$METRICS').text"
+CHECKS=$(python -c "
+import httpx
+rows = [l for l in httpx.get('$METRICS').text.splitlines() if l.startswith('dlis_broker_spot_checks_total')]
+print(', '.join(l.split('\"')[1] + ' ' + str(int(float(l.rsplit(' ', 1)[1]))) for l in rows))")
+echo "spot checks (stage calls re-run on another node, judged by the oracle): $CHECKS"
 echo
 echo "Dashboard and explorer: http://127.0.0.1:$BROKER_PORT/  (API: /docs)"
 echo "Everything keeps running (pids in $RUN). Stop it all with: bash scripts/demo.sh stop"
