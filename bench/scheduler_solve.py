@@ -30,7 +30,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from dlis_market.broker import scheduler
+from dlis_market.broker import route_graph, scheduler
 from dlis_market.broker.network_state import NetworkState, NodeOffer, Policy, Route, RouteRequest
 from dlis_market.broker.scheduler import NoRouteError, plan_route
 from dlis_market.types import LayerRange, NodeId, PeerId, model_id
@@ -104,7 +104,7 @@ def policies(state: NetworkState) -> dict[str, Policy]:
 
 def cbc_full(state: NetworkState, policy: Policy) -> tuple[str, float, float, int]:
     # Private helpers on purpose: the whole program, as plan_route would send it without reductions.
-    pb = scheduler._build(state, REQUEST, policy)
+    pb = route_graph.build_problem(state, REQUEST, policy)
     weights = [e.objective for e in pb.edges]
     (status, _), wall, cpu = timed(partial(scheduler._ilp, pb, weights, budgets=True, time_limit_s=TIME_LIMIT_S))
     return status, wall, cpu, len(pb.edges)

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import time
 from collections import Counter, defaultdict
-from dataclasses import dataclass
 from typing import Literal
 
 import pulp
@@ -45,18 +44,32 @@ from dlis_market.broker.network_state import (
     FallbackPool,
     Hop,
     NetworkState,
-    NodeOffer,
     Policy,
     Route,
     RouteRequest,
     SolverName,
+)
+from dlis_market.broker.route_graph import (
+    REL_TOL,
+    Edge,
+    RouteProblem,
+    bounds,
+    build_problem,
+    chain,
+    merge_reuse,
+    reused_nodes,
+    shortest_path,
+    uncovered,
+    violations,
+)
+from dlis_market.broker.route_graph import (
+    capacity as network_slots,
 )
 from dlis_market.errors import BrokerError
 from dlis_market.types import LayerRange
 
 Constraint = Literal["model", "coverage", "node_capacity", "max_latency", "max_cost", "max_latency+max_cost", "solver"]
 
-_REL_TOL = 1e-9  # slack allowed on the float latency budget when a route is checked exactly
 _PENALTIES = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 64.0, 256.0)  # greedy's Lagrange multipliers
 
 
@@ -73,148 +86,16 @@ class NoRouteError(BrokerError):
         self.uncovered = uncovered
 
 
-@dataclass(frozen=True, slots=True)
-class _Edge:
-    node: int  # index into _Problem.offers
-    start: int
-    end: int
-    compute_ms: float
-    transfer_ms: float
-    risk: float
-    cost: int
-    objective: float
-
-    @property
-    def latency_ms(self) -> float:
-        return self.compute_ms + self.transfer_ms
-
-
-@dataclass(slots=True)
-class _Problem:
-    state: NetworkState
-    request: RouteRequest
-    policy: Policy
-    offers: list[NodeOffer]  # eligible
-    excluded: list[tuple[NodeOffer, str, str]]  # offers of this model filtered out: (offer, kind, detail)
-    layer_caps: list[int]  # most layers each eligible offer can hold for this job
-    edges: list[_Edge]
-    by_end: list[list[int]]  # indices of the edges ending at each boundary
-    by_start: list[list[int]]  # indices of the edges starting at each boundary
-
-    @property
-    def num_layers(self) -> int:
-        return self.state.num_layers
-
-
-def _exclusion(offer: NodeOffer, state: NetworkState, request: RouteRequest, policy: Policy) -> tuple[str, str] | None:
-    """``(kind, detail)`` when ``offer`` may not serve this job, else None."""
-    if offer.served.end > state.num_layers:
-        return "range", f"serves {offer.served} beyond the model's {state.num_layers} layers"
-    if not offer.stake_ok:
-        return "unstaked", "not staked (or slashed below the minimum)"
-    if offer.reputation_bps < policy.min_reputation_bps:
-        return "reputation", f"reputation {offer.reputation_bps} bps < min {policy.min_reputation_bps} bps"
-    if policy.privacy == "high" and not offer.attestation_verified:
-        return "unattested", "no verified attestation (privacy=high)"
-    if offer.free_kv_slots < 1:
-        return "kv_slots", "no free KV-cache slot"
-    need = request.total_tokens * offer.kv_bytes_per_token_layer
-    if need > offer.free_memory_bytes:
-        return "memory", (
-            f"{offer.free_memory_bytes} B free < {need} B of KV cache for one layer of {request.total_tokens} tokens"
-        )
-    return None
-
-
-def _spans(offer: NodeOffer, cap: int) -> list[tuple[int, int]]:
-    """Sub-ranges [i, j) the offer can serve: any within its span whose KV fits (``cap`` layers),
-    or only the whole span for a worker that runs its shard as one stage."""
-    start, end = offer.served.start, offer.served.end
-    if not offer.splittable:
-        return [(start, end)] if cap >= end - start else []
-    return [(i, j) for i in range(start, end) for j in range(i + 1, min(end, i + cap) + 1)]
-
-
-def _build(state: NetworkState, request: RouteRequest, policy: Policy) -> _Problem:
-    tokens = request.total_tokens
-    offers: list[NodeOffer] = []
-    excluded: list[tuple[NodeOffer, str, str]] = []
-    caps: list[int] = []
-    edges: list[_Edge] = []
-    for offer in state.offers:
-        if offer.model_id != state.model_id:
-            continue
-        why = _exclusion(offer, state, request, policy)
-        if why is not None:
-            excluded.append((offer, *why))
-            continue
-        per_layer = tokens * offer.kv_bytes_per_token_layer
-        cap = offer.served.size if per_layer == 0 else min(offer.served.size, offer.free_memory_bytes // per_layer)
-        node = len(offers)
-        offers.append(offer)
-        caps.append(cap)
-        transfer = offer.network_latency_ms + 1000.0 * state.activation_bytes_per_token / offer.bandwidth_bytes_per_s
-        risk_term = policy.weight_transfer * transfer + policy.weight_risk * offer.failure_risk
-        for i, j in _spans(offer, cap):
-            compute = offer.compute_ms_per_layer * (j - i)
-            edges.append(
-                _Edge(
-                    node=node,
-                    start=i,
-                    end=j,
-                    compute_ms=compute,
-                    transfer_ms=transfer,
-                    risk=offer.failure_risk,
-                    cost=offer.price_per_token_layer * (j - i) * tokens,
-                    objective=policy.weight_compute * compute + risk_term,
-                )
-            )
-    by_end: list[list[int]] = [[] for _ in range(state.num_layers + 1)]
-    by_start: list[list[int]] = [[] for _ in range(state.num_layers + 1)]
-    for k, e in enumerate(edges):
-        by_end[e.end].append(k)
-        by_start[e.start].append(k)
-    return _Problem(state, request, policy, offers, excluded, caps, edges, by_end, by_start)
-
-
 def network_capacity(state: NetworkState, request: RouteRequest, policy: Policy) -> int:
     """Sessions like this one the network could hold at once: min over layers of free KV slots.
 
     Counts only offers eligible under ``policy``; an upper bound (a session takes one slot on
     some node at every layer), and 0 when a layer is uncovered.
     """
-    return _capacity(_build(state, request, policy))
+    return network_slots(build_problem(state, request, policy))
 
 
-def _capacity(pb: _Problem) -> int:
-    slots = [0] * pb.num_layers
-    for offer, cap in zip(pb.offers, pb.layer_caps, strict=True):
-        if cap >= 1:
-            for layer in range(offer.served.start, offer.served.end):
-                slots[layer] += offer.free_kv_slots
-    return min(slots)
-
-
-def _uncovered(pb: _Problem) -> tuple[LayerRange, ...]:
-    covered = [False] * pb.num_layers
-    for offer in pb.offers:
-        for layer in range(offer.served.start, offer.served.end):
-            covered[layer] = True
-    gaps: list[LayerRange] = []
-    layer = 0
-    while layer < pb.num_layers:
-        if covered[layer]:
-            layer += 1
-            continue
-        end = layer
-        while end < pb.num_layers and not covered[end]:
-            end += 1
-        gaps.append(LayerRange(start=layer, end=end))
-        layer = end
-    return tuple(gaps)
-
-
-def _coverage_error(pb: _Problem, gaps: tuple[LayerRange, ...]) -> NoRouteError:
+def _coverage_error(pb: RouteProblem, gaps: tuple[LayerRange, ...]) -> NoRouteError:
     parts = []
     for gap in gaps:
         near = [(o, kind, why) for o, kind, why in pb.excluded if o.served.start < gap.end and gap.start < o.served.end]
@@ -229,52 +110,7 @@ def _coverage_error(pb: _Problem, gaps: tuple[LayerRange, ...]) -> NoRouteError:
     return NoRouteError("; ".join(parts), constraint="coverage", uncovered=gaps)
 
 
-def _reused(pb: _Problem, path: list[_Edge]) -> list[str]:
-    """Node ids ``path`` uses more than once."""
-    return [n for n, k in Counter(pb.offers[e.node].node_id for e in path).items() if k > 1]
-
-
-def _violations(pb: _Problem, path: list[_Edge]) -> list[str]:
-    """Every constraint ``path`` breaks, checked exactly (integers for cost)."""
-    out = []
-    reused = _reused(pb, path)
-    if reused:
-        out.append(f"nodes used twice: {', '.join(reused)}")
-    limit = pb.policy.max_latency_ms_per_token
-    latency = sum(e.latency_ms for e in path)
-    if limit is not None and latency > limit * (1 + _REL_TOL):
-        out.append(f"latency {latency:.6g} ms/token > max {limit:g}")
-    cost = sum(e.cost for e in path)
-    if pb.policy.max_cost is not None and cost > pb.policy.max_cost:
-        out.append(f"cost {cost} > max {pb.policy.max_cost}")
-    return out
-
-
-def _chain(chosen: list[_Edge], num_layers: int) -> list[_Edge] | None:
-    """The chosen edges as a path 0 -> L, or None if they are not exactly one."""
-    by_start = {e.start: e for e in chosen}
-    path, at = [], 0
-    while at < num_layers and at in by_start:
-        path.append(by_start[at])
-        at = by_start[at].end
-    return path if at == num_layers and len(path) == len(chosen) else None
-
-
 _Status = Literal["optimal", "feasible", "infeasible", "unsolved"]
-
-
-def _bounds(pb: _Problem, weights: list[float]) -> list[float]:
-    """For each edge, the least total weight of any path 0 -> L through it (coupling ignored)."""
-    num_layers, inf = pb.num_layers, float("inf")
-    to = [inf] * (num_layers + 1)  # least weight 0 -> boundary
-    to[0] = 0.0
-    for j in range(1, num_layers + 1):
-        to[j] = min((to[pb.edges[k].start] + weights[k] for k in pb.by_end[j]), default=inf)
-    rest = [inf] * (num_layers + 1)  # least weight boundary -> L
-    rest[num_layers] = 0.0
-    for i in range(num_layers - 1, -1, -1):
-        rest[i] = min((weights[k] + rest[pb.edges[k].end] for k in pb.by_start[i]), default=inf)
-    return [to[e.start] + w + rest[e.end] for e, w in zip(pb.edges, weights, strict=True)]
 
 
 def _cbc(time_limit_s: float, *, warm_start: bool) -> pulp.LpSolver:
@@ -294,13 +130,13 @@ def _cbc(time_limit_s: float, *, warm_start: bool) -> pulp.LpSolver:
 
 
 def _ilp(
-    pb: _Problem,
+    pb: RouteProblem,
     weights: list[float],
     *,
     budgets: bool,
     time_limit_s: float,
-    incumbent: list[_Edge] | None = None,
-) -> tuple[_Status, list[_Edge] | None]:
+    incumbent: list[Edge] | None = None,
+) -> tuple[_Status, list[Edge] | None]:
     """Solve the integer program with CBC, minimising ``weights`` (one per edge).
 
     Edges that cannot lie on a route within the budgets, or on a route better than ``incumbent``
@@ -312,17 +148,17 @@ def _ilp(
     keep = list(range(len(pb.edges)))
     lat, cost = policy.max_latency_ms_per_token, policy.max_cost
     if budgets and lat is not None:
-        lat_bound = _bounds(pb, [e.latency_ms for e in pb.edges])
-        keep = [k for k in keep if lat_bound[k] <= lat * (1 + _REL_TOL)]
+        lat_bound = bounds(pb, [e.latency_ms for e in pb.edges])
+        keep = [k for k in keep if lat_bound[k] <= lat * (1 + REL_TOL)]
     if budgets and cost is not None:
         costs = [e.cost for e in pb.edges]
-        cost_bound = _bounds(pb, costs)  # type: ignore[arg-type]  # ints: exact sums
+        cost_bound = bounds(pb, costs)  # type: ignore[arg-type]  # ints: exact sums
         keep = [k for k in keep if cost_bound[k] <= cost]
     start = set(incumbent or ())
     if incumbent is not None:
         upper = sum(weights[k] for k, e in enumerate(pb.edges) if e in start)
-        obj_bound = _bounds(pb, weights)
-        keep = [k for k in keep if obj_bound[k] <= upper + _REL_TOL * max(1.0, abs(upper))]
+        obj_bound = bounds(pb, weights)
+        keep = [k for k in keep if obj_bound[k] <= upper + REL_TOL * max(1.0, abs(upper))]
     prob = pulp.LpProblem("route", pulp.LpMinimize)
     xs = {k: prob.add_variable(f"x{k}", cat=pulp.LpBinary) for k in keep}
     if incumbent is not None:
@@ -362,61 +198,20 @@ def _ilp(
         return "infeasible", None
     if prob.status != pulp.LpStatusOptimal:
         return "unsolved", None
-    path = _chain([pb.edges[k] for k in keep if (xs[k].varValue or 0.0) > 0.5], num_layers)
+    path = chain([pb.edges[k] for k in keep if (xs[k].varValue or 0.0) > 0.5], num_layers)
     if path is None:
         return "unsolved", None
     return ("optimal" if prob.sol_status == pulp.LpSolutionOptimal else "feasible"), path
 
 
-def _shortest_path(pb: _Problem, weights: list[float]) -> list[_Edge] | None:
-    """Cheapest path 0 -> L under ``weights`` by dynamic programming; ignores coupling constraints."""
-    num_layers = pb.num_layers
-    best = [float("inf")] * (num_layers + 1)
-    pred = [-1] * (num_layers + 1)
-    best[0] = 0.0
-    for j in range(1, num_layers + 1):
-        for k in pb.by_end[j]:
-            c = best[pb.edges[k].start] + weights[k]
-            if c < best[j]:
-                best[j], pred[j] = c, k
-    if pred[num_layers] < 0:
-        return None
-    path, at = [], num_layers
-    while at > 0:  # every boundary reached has a predecessor edge
-        path.append(pb.edges[pred[at]])
-        at = path[-1].start
-    return path[::-1]
-
-
-def _merge_reuse(pb: _Problem, path: list[_Edge]) -> list[_Edge]:
-    """``path`` with each reused node's first..last use merged into one hop, where its memory allows.
-
-    The hops in between are dropped, so no other node gains a second use.
-    """
-    while reused := _reused(pb, path):
-        node = next(e.node for e in path if pb.offers[e.node].node_id == reused[0])
-        first = next(i for i, e in enumerate(path) if e.node == node)
-        last = max(i for i, e in enumerate(path) if e.node == node)
-        if first == last:  # two offers of one node id: nothing to merge, the path stays infeasible
-            return path
-        start, end = path[first].start, path[last].end
-        merged = next(
-            (pb.edges[k] for k in pb.by_start[start] if pb.edges[k].node == node and pb.edges[k].end == end), None
-        )
-        if merged is None:  # the node cannot hold [start, end): leave the path as it is
-            return path
-        path = [*path[:first], merged, *path[last + 1 :]]
-    return path
-
-
-def _greedy(pb: _Problem) -> list[_Edge] | None:
+def _greedy(pb: RouteProblem) -> list[Edge] | None:
     """Best feasible route among shortest paths with growing penalties on the budgets.
 
     Each candidate path that reuses a node is repaired by merging the node's uses; what still breaks
     a constraint is dropped.
     """
     base = [e.objective for e in pb.edges]
-    first = _shortest_path(pb, base)
+    first = shortest_path(pb, base)
     if first is None:
         return None
     candidates = [first]
@@ -428,22 +223,22 @@ def _greedy(pb: _Problem) -> list[_Edge] | None:
         ]
         scale = max(sum(e.objective for e in first), 1e-9)
         for lam in _PENALTIES[1:]:
-            path = _shortest_path(pb, [b + lam * scale * p for b, p in zip(base, penalty, strict=True)])
+            path = shortest_path(pb, [b + lam * scale * p for b, p in zip(base, penalty, strict=True)])
             if path is not None:
                 candidates.append(path)
         tie = 1e-9 / scale
-        pure = _shortest_path(pb, [p + tie * b for b, p in zip(base, penalty, strict=True)])
+        pure = shortest_path(pb, [p + tie * b for b, p in zip(base, penalty, strict=True)])
         if pure is not None:
             candidates.append(pure)
-    repaired = [_merge_reuse(pb, p) for p in candidates]
-    feasible = [p for p in repaired if not _violations(pb, p)]
+    repaired = [merge_reuse(pb, p) for p in candidates]
+    feasible = [p for p in repaired if not violations(pb, p)]
     return min(feasible, key=lambda p: sum(e.objective for e in p)) if feasible else None
 
 
-def _min_route(pb: _Problem, weights: list[float], deadline: float) -> tuple[list[_Edge] | None, bool]:
+def _min_route(pb: RouteProblem, weights: list[float], deadline: float) -> tuple[list[Edge] | None, bool]:
     """Route minimising ``weights`` with each node once but no budgets; (route, proven exact)."""
-    path = _shortest_path(pb, weights)
-    if path is None or not _reused(pb, path):
+    path = shortest_path(pb, weights)
+    if path is None or not reused_nodes(pb, path):
         return path, True
     status, exact = _ilp(pb, weights, budgets=False, time_limit_s=deadline - time.perf_counter())
     if status in ("optimal", "feasible"):
@@ -451,7 +246,7 @@ def _min_route(pb: _Problem, weights: list[float], deadline: float) -> tuple[lis
     return (None, True) if status == "infeasible" else (path, False)  # DP path: a lower bound
 
 
-def _diagnose(pb: _Problem, time_limit_s: float, *, proven: bool, solver: str) -> NoRouteError:
+def _diagnose(pb: RouteProblem, time_limit_s: float, *, proven: bool, solver: str) -> NoRouteError:
     """Why no route exists: node capacity, or which budget binds and by how much.
 
     ``proven``: the ILP showed that no route meets the policy (else a heuristic just found none).
@@ -481,7 +276,7 @@ def _diagnose(pb: _Problem, time_limit_s: float, *, proven: bool, solver: str) -
     binds: list[tuple[Constraint, str]] = []
     if lat_max is not None and fastest is not None:
         f_lat = sum(e.latency_ms for e in fastest)
-        if f_lat > lat_max * (1 + _REL_TOL):
+        if f_lat > lat_max * (1 + REL_TOL):
             at_least = "" if f_exact else "at least "
             msg = f"max_latency_ms_per_token {lat_max:g} binds: the fastest route takes {at_least}{f_lat:.6g} ms/token"
             binds.append(("max_latency", msg))
@@ -515,20 +310,20 @@ def _diagnose(pb: _Problem, time_limit_s: float, *, proven: bool, solver: str) -
 
 
 def _solve(
-    pb: _Problem, solver: Literal["ilp", "greedy"], time_limit_s: float
-) -> tuple[list[_Edge] | None, SolverName, bool]:
+    pb: RouteProblem, solver: Literal["ilp", "greedy"], time_limit_s: float
+) -> tuple[list[Edge] | None, SolverName, bool]:
     """``(route, solver used, proven)``: proven optimal, or with no route, proven infeasible."""
     if solver == "greedy":
         return _greedy(pb), "greedy", False
     objective = [e.objective for e in pb.edges]
-    relaxed = _shortest_path(pb, objective)
-    if relaxed is not None and not _violations(pb, relaxed):
+    relaxed = shortest_path(pb, objective)
+    if relaxed is not None and not violations(pb, relaxed):
         return relaxed, "ilp", True  # the relaxation's optimum meets every constraint: it is the ILP's
     greedy = _greedy(pb)  # an incumbent: its objective bounds which edges the ILP needs
     status, path = _ilp(pb, objective, budgets=True, time_limit_s=time_limit_s, incumbent=greedy)
     if status == "infeasible":
         return None, "ilp", True
-    if path is not None and not _violations(pb, path):
+    if path is not None and not violations(pb, path):
         if status == "optimal":
             return path, "ilp", True
         if greedy is not None and sum(e.objective for e in greedy) < sum(e.objective for e in path):
@@ -537,7 +332,7 @@ def _solve(
     return greedy, "greedy", False  # CBC failed or stopped without a solution
 
 
-def _route(pb: _Problem, path: list[_Edge], solver: SolverName, optimal: bool, t0: float) -> Route:
+def _route(pb: RouteProblem, path: list[Edge], solver: SolverName, optimal: bool, t0: float) -> Route:
     hops = tuple(
         Hop(
             node_id=pb.offers[e.node].node_id,
@@ -568,7 +363,7 @@ def _route(pb: _Problem, path: list[_Edge], solver: SolverName, optimal: bool, t
     )
 
 
-def _fallback_route(pool: FallbackPool, pb: _Problem, reason: str, t0: float) -> Route | str:
+def _fallback_route(pool: FallbackPool, pb: RouteProblem, reason: str, t0: float) -> Route | str:
     """The job on the fallback pool, or why the pool does not meet the policy either."""
     policy, tokens = pb.policy, pb.request.total_tokens
     latency = pool.compute_ms_per_token + pool.network_latency_ms
@@ -628,16 +423,16 @@ def plan_route(
             f"the network state is for model {state.model_id}, the request for {request.model_id}",
             constraint="model",
         )
-    pb = _build(state, request, policy)
+    pb = build_problem(state, request, policy)
     if fallback is not None and fallback.min_network_capacity_slots > 0:
-        capacity = _capacity(pb)
+        capacity = network_slots(pb)
         if capacity < fallback.min_network_capacity_slots:
             reason = f"network capacity {capacity} sessions < threshold {fallback.min_network_capacity_slots}"
             routed = _fallback_route(fallback, pb, reason, t0)
             if isinstance(routed, Route):
                 return routed  # else the pool does not meet the policy: try the network anyway
     try:
-        gaps = _uncovered(pb)
+        gaps = uncovered(pb)
         if gaps:
             raise _coverage_error(pb, gaps)
         path, used, optimal = _solve(pb, solver, time_limit_s)
