@@ -6,7 +6,6 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from web3 import Web3
 
 from dlis_market.cli.context import (
     JsonOpt,
@@ -93,6 +92,8 @@ def balance(
     as_json: JsonOpt = False,
 ) -> None:
     """ETH, DLIS, stake, escrow and claimable earnings of an account."""
+    from web3 import Web3
+
     from dlis_market.chain.client import ChainClient
     from dlis_market.chain.dlis_token import DLISToken, fmt_units
     from dlis_market.chain.job_market import JobMarket

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from web3 import Web3
 
 from dlis_market.cli.context import JsonOpt, console, emit, handle_errors, state
+
+if TYPE_CHECKING:
+    from web3 import Web3
 
 app = typer.Typer(help="Start, inspect and stop the local chain (Anvil on 127.0.0.1).", no_args_is_help=True)
 
@@ -15,6 +17,8 @@ PortOpt = Annotated[int, typer.Option(help="Anvil port on 127.0.0.1.")]
 
 
 def _deployed(settings: Any, w3: Web3) -> bool:
+    from web3 import Web3
+
     from dlis_market.chain.deployment import read_deployment
     from dlis_market.chain.errors import DeploymentNotFoundError
 
@@ -114,6 +118,8 @@ def faucet(
     eth: Annotated[str, typer.Option(help="Also send this much ETH for gas.")] = "1",
 ) -> None:
     """Dev chains only: send DLIS (and ETH for gas) from the deployer account."""
+    from web3 import Web3
+
     from dlis_market.chain.accounts import dev_accounts
     from dlis_market.chain.client import ChainClient
     from dlis_market.chain.dlis_token import DLISToken, to_units

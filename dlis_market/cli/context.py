@@ -9,14 +9,16 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
-from eth_account.signers.local import LocalAccount
 from rich.console import Console
 
 from dlis_market.errors import DlisError
 from dlis_market.settings import Settings
+
+if TYPE_CHECKING:
+    from eth_account.signers.local import LocalAccount
 
 T = TypeVar("T")
 
