@@ -76,8 +76,10 @@ def hop(w: Any) -> Hop:
     return Hop(w.peer_id, w.info["start"], w.info["end"], 10**12, w.info["node_address"])
 
 
-async def run_job(driver: PipelineDriver, route: list[Hop], new: int = 6) -> tuple[FinishedSession, list[int]]:
-    session = JobSession(driver, JobSpec(model=MODEL, prompt_ids=PROMPT, max_new_tokens=new))
+async def run_job(
+    driver: PipelineDriver, route: list[Hop], new: int = 6, prompt: list[int] = PROMPT
+) -> tuple[FinishedSession, list[int]]:
+    session = JobSession(driver, JobSpec(model=MODEL, prompt_ids=prompt, max_new_tokens=new))
     session.route = list(route)
     await session.establish()
     tokens = [t async for t in session.tokens()]
@@ -111,11 +113,14 @@ def test_byzantine_stage_is_caught_and_its_honest_neighbours_are_not(swarm: dict
             assert by_start[4].outcome == "pass", by_start[4]
             assert [v.accused_node for v in sink.verdicts] == [w["m"].info["node_address"]]
 
-            # an honest route: every check passes, nobody is accused
-            finished, _ = await run_job(driver, [hop(w["a"]), hop(w["m2"]), hop(w["c2"])])
-            results = await checker.check(finished, [2])
-            assert [r.outcome for r in results] == ["pass"]
-            assert results[0].rel_diff == 0.0  # same fp32 shard, same inputs, same CPU kernels
+            # honest routes, many prompts and lengths, every checkable call checked: nobody is accused
+            for i in range(12):
+                prompt = [(7 * i + j) % 90 + 1 for j in range(2 + i % 5)]
+                route = [hop(w["a"]), hop(w["m2"]), hop(w["c2" if i % 2 else "c"])]
+                finished, _ = await run_job(driver, route, new=3 + i % 4, prompt=prompt)
+                results = await checker.check(finished, [2])  # [4, 6): c and c2 check each other
+                assert [r.outcome for r in results] == ["pass"], results
+                assert results[0].rel_diff == 0.0  # same fp32 shard, same inputs, same CPU kernels
             assert len(sink.verdicts) == 1
 
             # transcripts are the client's data: only the peer that opened the session may read them
