@@ -294,8 +294,11 @@ class Worker:
             if time.monotonic() - last_expiry >= expiry_every:
                 last_expiry = time.monotonic()
                 for sid in self.stage.sessions.evict_idle(self.node.session_idle_s):
-                    self.sessions.pop(sid, None)
+                    dropped = self.sessions.pop(sid, None)
                     self.live_transcripts.pop(sid, None)
+                    if dropped is not None:  # never closed by its opener: an abandoned or failed session
+                        ledger = dropped.ledger
+                        self.telemetry.recorder.on_session_closed(ledger.job_id, False, ledger.tokens)
             if not pending:
                 continue
             batches, refused, deferred = plan_batches(list(pending), self._check, self.node.max_batch_sessions)

@@ -33,7 +33,7 @@ from typer.testing import CliRunner
 from dlis_market.chain.anvil import free_port
 from dlis_market.chain.devnet import LocalMarket
 from dlis_market.cli.main import app as dlis_cli
-from dlis_market.node.driver import JobSpec, PipelineDriver
+from dlis_market.node.driver import JobSession, JobSpec, PipelineDriver
 from dlis_market.oracle.server import create_app
 from dlis_market.oracle.service import OracleService
 from dlis_market.oracle.telemetry import SignedTelemetry
@@ -90,7 +90,17 @@ def fleet(market_session: LocalMarket, tmp_path_factory: pytest.TempPathFactory)
     try:
         with Swarm(root) as swarm:
             launched = {
-                "http": swarm.launch(shards, "0:2", "http", *common, "--oracle-url", f"http://127.0.0.1:{port}", "-v"),
+                "http": swarm.launch(
+                    shards,
+                    "0:2",
+                    "http",
+                    *common,
+                    "--oracle-url",
+                    f"http://127.0.0.1:{port}",
+                    "--session-idle-s",
+                    "2",
+                    "-v",
+                ),
                 "dht": swarm.launch(shards, "2:4", "dht", *common, "-v"),
             }
             for w in launched.values():
@@ -150,6 +160,18 @@ async def _run_job(fleet: Fleet, job_id: bytes) -> None:
         await driver.close()
 
 
+async def _abandon_job(fleet: Fleet, job_id: bytes) -> None:
+    """Open a session, take one token, go away without closing it (a client or driver that died)."""
+    driver = await PipelineDriver.create(fleet.swarm.initial_peers, driver_settings())
+    try:
+        await wait_for_spans(driver, MODEL, 2)
+        session = JobSession(driver, JobSpec(model=MODEL, prompt_ids=PROMPT, max_new_tokens=NEW, job_id=job_id))
+        await session.establish()
+        await anext(session.tokens())
+    finally:
+        await driver.close()
+
+
 def test_worker_is_refused_until_registered_then_its_signed_reports_are_accepted(fleet: Fleet, tmp_path: Path) -> None:
     settings = _oracle_settings(fleet.market, tmp_path / "oracle")
     service = OracleService(settings, fleet.market.client, fleet.market.oracle)
@@ -167,6 +189,16 @@ def test_worker_is_refused_until_registered_then_its_signed_reports_are_accepted
         job_id = secrets.token_bytes(32)
         asyncio.run(_run_job(fleet, job_id))
         _wait("the job in a report", lambda: any(r.report.metrics.jobs for r in _reports(service, http)))
+        # a session its opener never closes is evicted after --session-idle-s and reported as failed
+        abandoned = secrets.token_bytes(32)
+        asyncio.run(_abandon_job(fleet, abandoned))
+        failed = [j for r in _reports(service, http) for j in r.report.metrics.jobs if not j.ok]
+        _wait(
+            "the abandoned session reported as failed",
+            lambda: any(j.job_id == "0x" + abandoned.hex() and not j.ok
+                        for r in _reports(service, http) for j in r.report.metrics.jobs),
+        )  # fmt: skip
+        assert failed == []  # nothing failed before it
 
     reports = _reports(service, http)
     seqs = [r.report.seq for r in reports]
