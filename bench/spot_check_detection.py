@@ -43,13 +43,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests" / "integration" / "node"))
 
 from eth_account import Account  # noqa: E402
-from node_helpers import Swarm, _wait_ready, driver_settings, wait_for_spans  # noqa: E402
+from node_helpers import Swarm, _wait_ready, driver_settings, run_pinned_job, wait_for_spans  # noqa: E402
 
-from dlis_market.broker.spot_checks import FinishedSession, SpotChecker  # noqa: E402
+from dlis_market.broker.spot_checks import SpotChecker  # noqa: E402
 from dlis_market.chain.typed_data import Domain  # noqa: E402
 from dlis_market.inference.importer import import_model  # noqa: E402
 from dlis_market.inference.shard_export import export_shards  # noqa: E402
-from dlis_market.node.driver import JobSession, JobSpec, PipelineDriver  # noqa: E402
+from dlis_market.node.driver import PipelineDriver  # noqa: E402
 from dlis_market.node.routing import Hop  # noqa: E402
 from dlis_market.oracle.errors import EvidenceRefusedError  # noqa: E402
 from dlis_market.oracle.verification import (  # noqa: E402
@@ -91,14 +91,7 @@ def hop(w: Any) -> Hop:
 
 async def job(driver: PipelineDriver, model: str, route: list[Hop], prompt: list[int], new: int) -> tuple[Any, float]:
     t = time.perf_counter()
-    session = JobSession(driver, JobSpec(model=model, prompt_ids=prompt, max_new_tokens=new))
-    session.route = list(route)
-    await session.establish()
-    _ = [tok async for tok in session.tokens()]
-    hops = list(session.route)
-    await session.close()
-    finished = FinishedSession.of(session, hops)
-    assert finished is not None, "the job failed over or a receipt was refused; see the worker logs"
+    finished, _ = await run_pinned_job(driver, model, route, prompt, new)
     return finished, time.perf_counter() - t
 
 

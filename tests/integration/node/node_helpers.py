@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
 import selectors
 import signal
 import subprocess
@@ -25,13 +26,14 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 from typer.testing import CliRunner
 
+from dlis_market.chain.job_market import JobAuthorization, sign_authorization
 from dlis_market.cli.main import app
 from dlis_market.inference.shard_export import export_shards
 from dlis_market.node import dht_records
 from dlis_market.node.server import READY_PREFIX
 from dlis_market.node.transport import start_dht
 from dlis_market.settings import NodeSettings
-from dlis_market.types import LayerRange
+from dlis_market.types import LayerRange, model_id
 
 PASSWORD = "node-test-password"
 MODEL = "tiny-llama"
@@ -224,31 +226,85 @@ def cli(env: dict[str, str], *args: str) -> str:
     return res.stdout
 
 
+def spawn_service(cmd: list[str], env: dict[str, str], log: Path, ready_url: str, timeout_s: float = 120) -> Any:
+    """Start ``dlis ...`` as a process in its own group (logging to ``log``); return it once
+    ``ready_url`` answers 200. A process that exits first fails with the end of its log."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dlis_market.cli.main", *cmd], env={**os.environ, **env},
+        stdout=log.open("ab"), stderr=subprocess.STDOUT, start_new_session=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, log.read_text()[-3000:]
+        try:
+            if httpx.get(ready_url, timeout=1).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            time.sleep(0.3)
+    stop(proc)
+    raise AssertionError(f"`dlis {' '.join(cmd[:2])}` did not start:\n" + log.read_text()[-3000:])
+
+
 def start_broker(
     market: Any, shards: Path, peers: list[str], port: int, settle_s: float, log: Path, **extra_env: str
 ) -> subprocess.Popen[bytes]:
     """`dlis broker start` as a process on the market's chain; returns once /healthz answers."""
     env = {
-        **os.environ,
         **market.settings.to_env(),
         **extra_env,
         "DLIS_BROKER__PORT": str(port),
         "DLIS_BROKER__SETTLE_INTERVAL_S": str(settle_s),
         "DLIS_BROKER__DATABASE_URL": f"sqlite:///{log.parent / 'broker.db'}",
     }
-    cmd = [sys.executable, "-m", "dlis_market.cli.main", "broker", "start", "--model-dir", str(shards)]
+    cmd = ["broker", "start", "--model-dir", str(shards)]
     for p in peers:
         cmd += ["--peer", p]
-    proc = subprocess.Popen(cmd, env=env, stdout=log.open("ab"), stderr=subprocess.STDOUT, start_new_session=True)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, log.read_text()[-3000:]
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            time.sleep(0.3)
-    raise AssertionError("broker did not start:\n" + log.read_text()[-3000:])
+    return spawn_service(cmd, env, log, f"http://127.0.0.1:{port}/healthz")  # type: ignore[no-any-return]
+
+
+def start_oracle(market: Any, port: int, log: Path, **extra_env: str) -> subprocess.Popen[bytes]:
+    """`dlis oracle start` as a process on the market's chain (state next to ``log``)."""
+    env = {
+        **market.settings.to_env(),
+        "DLIS_ORACLE__PORT": str(port),
+        "DLIS_ORACLE__STATE_DIR": str(log.parent / "oracle"),
+        **extra_env,
+    }
+    return spawn_service(["oracle", "start"], env, log, f"http://127.0.0.1:{port}/metrics", 60)  # type: ignore[no-any-return]
+
+
+def paid_job(market: Any, port: int, client: Any, model: str, prompt: str, max_tokens: int) -> dict[str, Any]:
+    """POST /v1/jobs to the broker on ``port`` under a fresh authorization signed by ``client``
+    (max cost 1 DLIS, an hour to run); asserts the job completed and returns it."""
+    auth = JobAuthorization(client.address, market.broker.address, bytes.fromhex(model_id(model)[2:]), 10**18,
+                            secrets.randbits(128), market.client.timestamp() + 3600)  # fmt: skip
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "authorization": {
+        "client": client.address, "nonce": str(auth.nonce), "max_cost": str(auth.max_cost), "deadline": auth.deadline,
+        "signature": sign_authorization(client.key, market.market().domain(), auth).hex()}}  # fmt: skip
+    res = httpx.post(f"http://127.0.0.1:{port}/v1/jobs", json=body, timeout=300)
+    assert res.status_code == 201, res.text
+    job: dict[str, Any] = res.json()
+    assert job["status"] == "completed", job
+    return job
+
+
+async def run_pinned_job(
+    driver: Any, model: str, route: list[Any], prompt: list[int], new: int
+) -> tuple[Any, list[int]]:
+    """One job on exactly ``route`` (driver-side, no broker): its FinishedSession (what a spot check
+    needs) and its tokens. Fails if the job failed over or a receipt was refused."""
+    from dlis_market.broker.spot_checks import FinishedSession
+    from dlis_market.node.driver import JobSession, JobSpec
+
+    session = JobSession(driver, JobSpec(model=model, prompt_ids=prompt, max_new_tokens=new))
+    session.route = list(route)
+    await session.establish()
+    tokens = [t async for t in session.tokens()]
+    hops = list(session.route)
+    await session.close()
+    finished = FinishedSession.of(session, hops)
+    assert finished is not None, "the job failed over or a receipt was refused; see the worker logs"
+    return finished, tokens
 
 
 def stop(proc: subprocess.Popen[bytes]) -> None:

@@ -11,21 +11,25 @@ the oracle slashes m's operator below the minimum stake, and the next job avoids
 
 from __future__ import annotations
 
-import os
-import secrets
 import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import httpx
-from node_helpers import Swarm, _wait_ready, cli, start_broker, stop, tiny_shards  # type: ignore[import-not-found]
+from node_helpers import (  # type: ignore[import-not-found]
+    Swarm,
+    _wait_ready,
+    cli,
+    paid_job,
+    start_broker,
+    start_oracle,
+    stop,
+    tiny_shards,
+)
 from transformers import AutoTokenizer
 
 from dlis_market.chain.anvil import free_port
-from dlis_market.chain.job_market import JobAuthorization, sign_authorization
 from dlis_market.types import model_id
 
 UNIT = 10**18
@@ -33,42 +37,6 @@ MODEL = "tiny-smol"
 PRICE = 10**12
 LAYOUT = {"a": "0:2", "m": "2:4", "m2": "2:4", "m3": "2:4", "c": "4:6"}
 OPERATORS = {"a": 4, "m": 5, "m2": 6, "m3": 7, "c": 8}  # Anvil dev accounts
-
-
-def start_oracle(market: Any, port: int, log: Path, runners: list[str]) -> subprocess.Popen[bytes]:
-    env = {
-        **os.environ,
-        **market.settings.to_env(),
-        "DLIS_ORACLE__PORT": str(port),
-        "DLIS_ORACLE__STATE_DIR": str(log.parent / "oracle"),
-        "DLIS_ORACLE__SPOT_CHECK_RUNNERS": str(runners).replace("'", '"'),
-        "DLIS_ORACLE__SPOT_CHECK_REQUIRE_REFEREE": "true",
-    }
-    cmd = [sys.executable, "-m", "dlis_market.cli.main", "oracle", "start"]
-    proc = subprocess.Popen(cmd, env=env, stdout=log.open("ab"), stderr=subprocess.STDOUT, start_new_session=True)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, log.read_text()[-3000:]
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=1).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            time.sleep(0.3)
-    raise AssertionError("oracle did not start:\n" + log.read_text()[-3000:])
-
-
-def submit(market: Any, port: int, client: Any, prompt: str) -> dict[str, Any]:
-    jm = market.market()
-    auth = JobAuthorization(client.address, market.broker.address, bytes.fromhex(model_id(MODEL)[2:]), UNIT,
-                            secrets.randbits(128), market.client.timestamp() + 3600)  # fmt: skip
-    body = {"model": MODEL, "prompt": prompt, "max_tokens": 4, "authorization": {
-        "client": client.address, "nonce": str(auth.nonce), "max_cost": str(UNIT), "deadline": auth.deadline,
-        "signature": sign_authorization(client.key, jm.domain(), auth).hex()}}  # fmt: skip
-    res = httpx.post(f"http://127.0.0.1:{port}/v1/jobs", json=body, timeout=120)
-    assert res.status_code == 201, res.text
-    job: dict[str, Any] = res.json()
-    assert job["status"] == "completed", job
-    return job
 
 
 def metric(url: str, name: str) -> float:
@@ -114,7 +82,11 @@ def test_byzantine_worker_is_slashed_end_to_end(market, smollm2_shards: Path, tm
             stake0 = {n: staking.info(a).active for n, a in operator.items()}
 
             oracle_port, broker_port = free_port(), free_port()
-            procs.append(start_oracle(market, oracle_port, tmp_path / "oracle.log", [market.broker.address]))
+            oracle_env = {  # trusts the broker as its spot-check runner; slashes only with a referee
+                "DLIS_ORACLE__SPOT_CHECK_RUNNERS": f'["{market.broker.address}"]',
+                "DLIS_ORACLE__SPOT_CHECK_REQUIRE_REFEREE": "true",
+            }
+            procs.append(start_oracle(market, oracle_port, tmp_path / "oracle.log", **oracle_env))
             broker_env = {
                 "DLIS_BROKER__ORACLE_URL": f"http://127.0.0.1:{oracle_port}",
                 "DLIS_BROKER__SPOT_CHECK_FRACTION": "1.0",
@@ -126,7 +98,7 @@ def test_byzantine_worker_is_slashed_end_to_end(market, smollm2_shards: Path, tm
             market.market().deposit(client, 10 * UNIT)
 
             # 1. the cheater's overstated throughput wins it the route; its call is re-run and it is slashed
-            job = submit(market, broker_port, client, "The capital of France is")
+            job = paid_job(market, broker_port, client, MODEL, "The capital of France is", 4)
             nodes = {h["start"]: h["node"] for h in job["route"]}
             m_node = workers["m"].info["node_address"]
             assert nodes[2] == m_node, job["route"]
@@ -141,7 +113,7 @@ def test_byzantine_worker_is_slashed_end_to_end(market, smollm2_shards: Path, tm
 
             # 2. the next job avoids the slashed node (once the broker's 1 s standing cache expires)
             time.sleep(1.5)
-            job = submit(market, broker_port, client, "Paris is a city in")
+            job = paid_job(market, broker_port, client, MODEL, "Paris is a city in", 4)
             assert {h["start"]: h["node"] for h in job["route"]}[2] in {
                 workers["m2"].info["node_address"],
                 workers["m3"].info["node_address"],

@@ -8,18 +8,16 @@ the client's escrow down by exactly the cost; the answer equals local generation
 from __future__ import annotations
 
 import json
-import secrets
 import shutil
 import subprocess
 import time
 from pathlib import Path
 
 import httpx
-from node_helpers import PASSWORD, Swarm, _wait_ready, cli, start_broker, stop  # type: ignore[import-not-found]
+from node_helpers import PASSWORD, Swarm, _wait_ready, cli, paid_job, start_broker, stop  # type: ignore[import-not-found]
 from transformers import AutoTokenizer
 
 from dlis_market.chain.anvil import free_port
-from dlis_market.chain.job_market import JobAuthorization, sign_authorization
 from dlis_market.inference.pipeline import LocalPipeline
 from dlis_market.storage.daemon import DaemonConfig, EmbeddedDaemon
 from dlis_market.types import model_id
@@ -79,15 +77,7 @@ def test_paid_job_end_to_end_with_broker_restart(market, smollm2_shards: Path, t
             brokers.append(
                 start_broker(market, smollm2_shards, swarm.initial_peers, port, 3600, tmp_path / "broker.log")
             )
-            auth = JobAuthorization(client.address, market.broker.address, bytes.fromhex(model_id(MODEL)[2:]), UNIT,
-                                    secrets.randbits(128), market.client.timestamp() + 3600)  # fmt: skip
-            body = {"model": MODEL, "prompt": PROMPT, "max_tokens": 8, "authorization": {
-                "client": client.address, "nonce": str(auth.nonce), "max_cost": str(UNIT), "deadline": auth.deadline,
-                "signature": sign_authorization(client.key, jm.domain(), auth).hex()}}  # fmt: skip
-            res = httpx.post(f"http://127.0.0.1:{port}/v1/jobs", json=body, timeout=300)
-            assert res.status_code == 201, res.text
-            job = res.json()
-            assert job["status"] == "completed", job
+            job = paid_job(market, port, client, MODEL, PROMPT, 8)
             assert [(h["start"], h["end"]) for h in job["route"]] == [(0, 10), (10, 20), (20, 30)]
             assert {r["node"] for r in job["receipts"]} == {w.info["node_address"] for w in workers}
 

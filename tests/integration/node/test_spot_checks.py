@@ -20,11 +20,11 @@ import pytest
 from eth_account import Account
 
 sys.path.insert(0, str(Path(__file__).parent))
-from node_helpers import MODEL, Swarm, _wait_ready, driver_settings, tiny_shards, wait_for_spans
+from node_helpers import MODEL, Swarm, _wait_ready, driver_settings, run_pinned_job, tiny_shards, wait_for_spans
 
 from dlis_market.broker.spot_checks import FinishedSession, SpotChecker
 from dlis_market.chain.typed_data import Domain
-from dlis_market.node.driver import JobSession, JobSpec, PipelineDriver
+from dlis_market.node.driver import PipelineDriver
 from dlis_market.node.errors import RemoteError
 from dlis_market.node.routing import Hop
 from dlis_market.oracle.errors import EvidenceRefusedError
@@ -79,15 +79,7 @@ def hop(w: Any) -> Hop:
 async def run_job(
     driver: PipelineDriver, route: list[Hop], new: int = 6, prompt: list[int] = PROMPT
 ) -> tuple[FinishedSession, list[int]]:
-    session = JobSession(driver, JobSpec(model=MODEL, prompt_ids=prompt, max_new_tokens=new))
-    session.route = list(route)
-    await session.establish()
-    tokens = [t async for t in session.tokens()]
-    hops = list(session.route)
-    await session.close()
-    finished = FinishedSession.of(session, hops)
-    assert finished is not None
-    return finished, tokens
+    return await run_pinned_job(driver, MODEL, route, prompt, new)  # type: ignore[no-any-return]
 
 
 def test_byzantine_stage_is_caught_and_its_honest_neighbours_are_not(swarm: dict[str, Any]) -> None:
