@@ -56,6 +56,7 @@ from dlis_market.oracle.verification import (  # noqa: E402
     TOLERANCES,
     NodeInfo,
     SpotCheckEvidence,
+    SpotCheckFailure,
     SpotCheckSampler,
     check_evidence,
 )
@@ -83,6 +84,9 @@ class OracleRules:
             return {"outcome": "pass" if exc.reason == "within_tolerance" else f"refused:{exc.reason}"}
         self.accused.append(verdict.accused_node)
         return {"outcome": "slashed"}
+
+    async def report_failure(self, failure: SpotCheckFailure) -> dict[str, Any]:
+        return {"recorded": True}  # every worker here keeps its transcripts
 
 
 def hop(w: Any) -> Hop:

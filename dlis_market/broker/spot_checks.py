@@ -17,6 +17,10 @@ they have signed their receipts before any check starts). For a drawn call of th
    it the oracle slashes the accused's operator on StakingManager; a node below the minimum stake
    is no longer routable, so the next jobs avoid it.
 
+A stage that does not hand over a transcript the check needs (it refuses, dropped it, or is gone)
+cannot be slashed (there is no evidence), but the broker signs a :class:`SpotCheckFailure` and the
+oracle counts a failed verification against that node's reputation.
+
 Checks run in the background, at most ``concurrency`` at a time, and never delay the job.
 """
 
@@ -38,10 +42,13 @@ import httpx
 from dlis_market.chain.typed_data import Domain
 from dlis_market.errors import DlisError
 from dlis_market.node.driver import JobSession, JobSpec, PipelineDriver, StageReceipt
+from dlis_market.node.errors import PeerUnreachableError, ProtocolError, RemoteError
 from dlis_market.node.replay import StageRows, checked, fetch_transcript, replay, token_rows, token_steps
 from dlis_market.node.routing import Hop
+from dlis_market.node.transcripts import Transcript
 from dlis_market.oracle.verification import (
     SpotCheckEvidence,
+    SpotCheckFailure,
     SpotCheckSampler,
     build_evidence,
     compare_outputs,
@@ -86,6 +93,16 @@ class CheckResult:
 class EvidenceSink(Protocol):
     async def submit(self, evidence: SpotCheckEvidence) -> dict[str, Any]: ...
 
+    async def report_failure(self, failure: SpotCheckFailure) -> dict[str, Any]: ...
+
+
+class Withheld(DlisError):
+    """A stage did not hand over a transcript the check needs (refused, dropped it, or is gone)."""
+
+    def __init__(self, hop: Hop, reason: str) -> None:
+        super().__init__(f"{hop.node_address} [{hop.start}, {hop.end}) gave no transcript: {reason}")
+        self.hop = hop
+
 
 class OracleSink:
     """Sends evidence to the oracle's ``POST /v1/spot-checks``; a refusal comes back as
@@ -96,10 +113,14 @@ class OracleSink:
         self.timeout_s = timeout_s
 
     async def submit(self, evidence: SpotCheckEvidence) -> dict[str, Any]:
+        return await self._post(self.url, evidence.model_dump_json())
+
+    async def report_failure(self, failure: SpotCheckFailure) -> dict[str, Any]:
+        return await self._post(self.url + "/failures", failure.model_dump_json())
+
+    async def _post(self, url: str, body_json: str) -> dict[str, Any]:
         async with httpx.AsyncClient(timeout=self.timeout_s) as http:
-            res = await http.post(
-                self.url, content=evidence.model_dump_json(), headers={"content-type": "application/json"}
-            )
+            res = await http.post(url, content=body_json, headers={"content-type": "application/json"})
         body: dict[str, Any] = res.json()
         if res.status_code == 200:
             return body
@@ -186,7 +207,7 @@ class SpotChecker:
         if k == 0:
             return token_steps(f.session_id, f.spec.prompt_ids, f.generated)
         prev = f.receipts[f.route[k - 1].start].signed.receipt
-        transcript = await fetch_transcript(self.driver, f.route[k].peer_id, f.session_id)
+        transcript = await self._transcript(f, f.route[k])
         return checked(transcript, prev.output_hash, f"input of [{f.route[k].start}, {f.route[k].end})")
 
     async def _outputs(self, f: FinishedSession, k: int) -> StageRows:
@@ -198,16 +219,29 @@ class SpotChecker:
                     f"the last stage signed output 0x{signed.hex()} but sent tokens hashing to 0x{rows.sha256().hex()}"
                 )
             return rows
-        transcript = await fetch_transcript(self.driver, f.route[k + 1].peer_id, f.session_id)
+        transcript = await self._transcript(f, f.route[k + 1])
         return checked(transcript, signed, f"output of [{f.route[k].start}, {f.route[k].end})")
+
+    async def _transcript(self, f: FinishedSession, hop: Hop) -> Transcript:
+        try:
+            return await fetch_transcript(self.driver, hop.peer_id, f.session_id)
+        except (RemoteError, PeerUnreachableError, ProtocolError) as exc:
+            raise Withheld(hop, str(exc)) from exc
 
     async def check_stage(self, f: FinishedSession, k: int) -> CheckResult:
         hop = f.route[k]
         job = "0x" + f.spec.job_id.hex()
         accused = f.receipts[hop.start]
         last = k == len(f.route) - 1
-        inputs = await self._inputs(f, k)
-        outputs = await self._outputs(f, k)
+        try:
+            inputs = await self._inputs(f, k)
+            outputs = await self._outputs(f, k)
+        except Withheld as exc:  # no evidence to slash on; a failed verification for whoever withheld
+            failure = SpotCheckFailure(
+                node=exc.hop.node_address, job_id=job, start=exc.hop.start, end=exc.hop.end, detail=str(exc)[:500]
+            ).signed_by_runner(self.runner_key, self.oracle_domain)
+            answer = await self.sink.report_failure(failure)
+            return CheckResult(job, hop.start, hop.end, hop.node_address, "withheld", f"{exc}; oracle: {answer}")
         spans = await self.driver.discover(f.spec.model)
         banned = self.driver.banned()
         replicas = [

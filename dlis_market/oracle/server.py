@@ -5,6 +5,7 @@ route                                      does
 =========================================  ======================================================
 ``POST /v1/telemetry``                     body ``zstd(json(SignedTelemetry))``; 202 or a problem
 ``POST /v1/spot-checks``                   JSON :class:`SpotCheckEvidence`: ``pass`` or ``slashed``
+``POST /v1/spot-checks/failures``          JSON :class:`SpotCheckFailure`: a failed verification
 ``GET /v1/aggregates[/{epoch}]``           the DP network figures (latest or of one epoch)
 ``GET /v1/nodes``                          per node: reputation_bps, reputation_epoch, failure_risk
 ``GET /v1/nodes/{node}``                   reputation (chain), failure risk, privacy account
@@ -31,7 +32,7 @@ from web3 import Web3
 from dlis_market.errors import ChainError
 from dlis_market.oracle.errors import EvidenceRefusedError, ProofNotFoundError, TelemetryRefusedError
 from dlis_market.oracle.service import OracleService
-from dlis_market.oracle.verification import SpotCheckEvidence
+from dlis_market.oracle.verification import SpotCheckEvidence, SpotCheckFailure
 from dlis_market.types import PROBLEM_TYPE_BASE
 
 TELEMETRY_STATUS = {
@@ -136,6 +137,21 @@ def create_app(service: OracleService) -> FastAPI:
             "detail": outcome.detail,
             "slash": outcome.slash.as_dict() if outcome.slash else None,
         }
+
+    @app.post("/v1/spot-checks/failures")
+    def spot_check_failure(failure: SpotCheckFailure, request: Request) -> Any:
+        try:
+            counted = service.report_failure(failure)
+        except EvidenceRefusedError as exc:
+            return problem(
+                422,
+                f"evidence-{exc.reason.replace('_', '-')}",
+                "Failure report refused",
+                str(exc),
+                str(request.url.path),
+                reason=exc.reason,
+            )
+        return {"recorded": counted, "node": failure.node}
 
     @app.get("/v1/aggregates")
     def aggregates_latest(request: Request) -> Any:

@@ -45,7 +45,7 @@ from dlis_market.oracle.privacy import Aggregates, BudgetAccountant, NodeContrib
 from dlis_market.oracle.reputation import ReputationWeights, score_reputation, summarize_epoch
 from dlis_market.oracle.slashing import Slasher, SlashResult
 from dlis_market.oracle.telemetry import SignedTelemetry, TelemetryIntake, oracle_domain
-from dlis_market.oracle.verification import SpotCheckEvidence
+from dlis_market.oracle.verification import SpotCheckEvidence, SpotCheckFailure
 from dlis_market.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -123,6 +123,7 @@ class OracleService:
         self._heartbeats: dict[str, set[int]] = defaultdict(set)
         self._first_slot: dict[str, int] = {}
         self._registered_cache: dict[str, tuple[float, bool]] = {}
+        self._failures: set[tuple[str, str, int]] = set()  # (node, job, start) already counted
         self.aggregates: dict[int, Aggregates] = {}
         self.slashes = 0
         self.posted_epochs = 0
@@ -234,6 +235,29 @@ class OracleService:
             f"slashed {result.slashed} token units of operator {result.operator}"
         )
         return SpotCheckOutcome("slashed", detail, result)
+
+    def report_failure(self, failure: SpotCheckFailure) -> bool:
+        """A trusted runner says ``failure.node`` withheld what a drawn check needed: one failed
+        verification for its reputation (once per node, job and range). False when already counted.
+
+        Raises :class:`EvidenceRefusedError` (``unauthorized_runner``, nothing recorded) unless the
+        statement is signed by one of the runners this oracle trusts.
+        """
+        runner = failure.runner(self.domain)
+        if runner is None or runner.lower() not in {r.lower() for r in self.slasher.runners}:
+            raise EvidenceRefusedError(
+                "unauthorized_runner",
+                f"failure report is signed by {runner or '(no valid signature)'}, not by one of the "
+                f"{len(self.slasher.runners)} spot-check runners this oracle trusts (oracle spot_check_runners)",
+            )
+        with self._lock:
+            if failure.key() in self._failures:
+                return False
+            self._failures.add(failure.key())
+        self.record_check(failure.node, False)
+        log.warning("node %s failed a spot check of job %s [%d, %d): %s %s", failure.node, failure.job_id,
+                    failure.start, failure.end, failure.reason, failure.detail)  # fmt: skip
+        return True
 
     # ------------------------------------------------------------------ epochs
 

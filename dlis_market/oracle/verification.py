@@ -316,7 +316,9 @@ class SpotCheckEvidence(WireModel):
             return None
 
 
-def _spot_check_message(domain: Domain, message: dict[str, Any]) -> dict[str, Any]:
+def _spot_check_message(
+    domain: Domain, message: dict[str, Any], primary: str = "SpotCheck", fields: list[tuple[str, str]] | None = None
+) -> dict[str, Any]:
     return {
         "types": {
             "EIP712Domain": [
@@ -325,12 +327,63 @@ def _spot_check_message(domain: Domain, message: dict[str, Any]) -> dict[str, An
                 {"name": "chainId", "type": "uint256"},
                 {"name": "verifyingContract", "type": "address"},
             ],
-            "SpotCheck": [{"name": n, "type": t} for n, t in SPOT_CHECK_TYPE],
+            primary: [{"name": n, "type": t} for n, t in (fields or SPOT_CHECK_TYPE)],
         },
-        "primaryType": "SpotCheck",
+        "primaryType": primary,
         "domain": domain.as_dict(),
         "message": message,
     }
+
+
+SPOT_CHECK_FAILURE_TYPE = [
+    ("node", "address"),
+    ("jobId", "bytes32"),
+    ("start", "uint32"),
+    ("end", "uint32"),
+    ("reason", "string"),
+]
+
+
+class SpotCheckFailure(WireModel):
+    """A runner's signed statement that ``node`` did not hand over what a drawn check needed (its
+    transcript of a session it served): no evidence to slash on, a failed verification for its
+    reputation (``POST /v1/spot-checks/failures``)."""
+
+    node: str = Field(pattern=r"^0x[0-9a-fA-F]{40}$")
+    job_id: str = Hex32
+    start: int = Field(ge=0, lt=2**32)
+    end: int = Field(ge=1, lt=2**32)
+    reason: Literal["transcript_withheld"] = "transcript_withheld"
+    detail: str = Field(default="", max_length=500)  # not signed: for the log only
+    runner_signature: str = Field(default="", pattern=r"^(0x[0-9a-fA-F]{130})?$")
+
+    def _signable(self, domain: Domain) -> Any:
+        message = {
+            "node": self.node,
+            "jobId": bytes.fromhex(self.job_id[2:]),
+            "start": self.start,
+            "end": self.end,
+            "reason": self.reason,
+        }
+        full = _spot_check_message(domain, message, "SpotCheckFailure", SPOT_CHECK_FAILURE_TYPE)
+        return encode_typed_data(full_message=full)
+
+    def signed_by_runner(self, runner_key: bytes | str, oracle_domain: Domain) -> SpotCheckFailure:
+        signature = Account.sign_message(self._signable(oracle_domain), runner_key).signature
+        return self.model_copy(update={"runner_signature": "0x" + bytes(signature).hex()})
+
+    def runner(self, oracle_domain: Domain) -> str | None:
+        """The address that signed it (None when unsigned or unrecoverable)."""
+        if not self.runner_signature:
+            return None
+        try:
+            signature = bytes.fromhex(self.runner_signature[2:])
+            return str(Account.recover_message(self._signable(oracle_domain), signature=signature))
+        except (ValueError, TypeError, BadSignature, KeyValidationError):  # unrecoverable signature bytes
+            return None
+
+    def key(self) -> tuple[str, str, int]:
+        return self.node.lower(), self.job_id.lower(), self.start
 
 
 def build_evidence(

@@ -2,7 +2,7 @@
 transcripts the stages kept, and the evidence is checked by the oracle's own rules.
 
 Layout (tiny Llama, fp32): ``a`` [0, 2); ``m`` [2, 4) started with ``--byzantine`` and its honest
-replica ``m2``; ``c`` and ``c2`` [4, 6), both honest. The evidence sink applies
+replica ``m2``; ``c``, ``c2`` and ``w`` [4, 6), all honest, but ``w`` keeps no transcripts. The evidence sink applies
 :func:`check_evidence` (signatures, receipts, output hashes, runner authorisation, tolerance)
 with every node counted as registered; the on-chain slash is tested in tests/integration/oracle.
 """
@@ -28,7 +28,13 @@ from dlis_market.node.driver import PipelineDriver
 from dlis_market.node.errors import RemoteError
 from dlis_market.node.routing import Hop
 from dlis_market.oracle.errors import EvidenceRefusedError
-from dlis_market.oracle.verification import NodeInfo, SpotCheckEvidence, SpotCheckSampler, check_evidence
+from dlis_market.oracle.verification import (
+    NodeInfo,
+    SpotCheckEvidence,
+    SpotCheckFailure,
+    SpotCheckSampler,
+    check_evidence,
+)
 
 PROMPT = [3, 1, 4, 1, 5, 9]
 RUNNER = Account.create()
@@ -42,6 +48,7 @@ class EvidenceChecker:
         self.domain = domain
         self.require_referee = require_referee
         self.verdicts: list[Any] = []
+        self.failures: list[SpotCheckFailure] = []
 
     async def submit(self, evidence: SpotCheckEvidence) -> dict[str, Any]:
         lookup = lambda node: NodeInfo(operator=node, active=True)  # noqa: E731
@@ -53,6 +60,11 @@ class EvidenceChecker:
             return {"outcome": outcome, "detail": str(exc)}
         self.verdicts.append(verdict)
         return {"outcome": "slashed", "detail": f"accused {verdict.accused_node}"}
+
+    async def report_failure(self, failure: SpotCheckFailure) -> dict[str, Any]:
+        assert failure.runner(ORACLE_DOMAIN) == RUNNER.address  # signed by the runner, as the oracle requires
+        self.failures.append(failure)
+        return {"recorded": True}
 
 
 @pytest.fixture(scope="module")
@@ -66,6 +78,8 @@ def swarm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
             "m2": sw.launch(shards, "2:4", "m2"),
             "c": sw.launch(shards, "4:6", "c"),
             "c2": sw.launch(shards, "4:6", "c2"),
+            # honest compute, but keeps no transcripts: its calls cannot be checked
+            "w": sw.launch(shards, "4:6", "w", env={"DLIS_NODE__TRANSCRIPT_RETAIN_BYTES": "0"}),
         }
         for w in launched.values():
             w.info = _wait_ready(w.proc, 240, w.log_path)
@@ -150,6 +164,32 @@ def test_sampled_fraction_and_failover_sessions(swarm: dict[str, Any]) -> None:
             assert sorted(checker.counts.elements()) == sorted(
                 ["skipped:failover", "skipped:no-replica", "refused:referee_required", "pass"]
             )
+            assert sink.verdicts == []
+        finally:
+            await driver.close()
+
+    asyncio.run(run())
+
+
+def test_a_stage_that_keeps_no_transcript_gets_a_signed_failed_verification(swarm: dict[str, Any]) -> None:
+    """No evidence, no slash; but whoever withholds what a drawn check needs is reported."""
+    w = swarm["workers"]
+
+    async def run() -> None:
+        driver = await PipelineDriver.create(swarm["swarm"].initial_peers, driver_settings())
+        try:
+            await wait_for_spans(driver, MODEL, 6)
+            sink = EvidenceChecker(driver.market)
+            checker = SpotChecker(driver, SpotCheckSampler(1.0, b"k"), bytes(RUNNER.key), ORACLE_DOMAIN, sink,
+                                  lambda _model: "fp32")  # fmt: skip
+            finished, _ = await run_job(driver, [hop(w["a"]), hop(w["m2"]), hop(w["w"])])
+            # m2's outputs are w's inputs, which w did not keep; w's own inputs likewise
+            results = await checker.check(finished, [1, 2])
+            assert [r.outcome for r in results] == ["withheld", "withheld"], results
+            assert "gave no transcript" in results[0].detail
+            assert {(f.node, f.start, f.job_id) for f in sink.failures} == {
+                (w["w"].info["node_address"], 4, "0x" + finished.spec.job_id.hex())
+            }
             assert sink.verdicts == []
         finally:
             await driver.close()

@@ -31,6 +31,7 @@ from dlis_market.oracle.telemetry import (
     oracle_domain,
     sign_telemetry,
 )
+from dlis_market.oracle.verification import SpotCheckFailure
 from dlis_market.settings import Settings
 
 # one copy of the evidence builder, shared with the unit tests (pytest runs as `python -m pytest` from the root)
@@ -203,6 +204,35 @@ def test_spot_checks_over_http_slash_or_credit(market, setup) -> None:
     scores = {leaf.node: leaf.score_bps for leaf in record.leaves}
     assert scores[flaky.address] < scores[steady.address]
     assert "dlis_oracle_slashes_total 1.0" in http.get("/metrics").text
+
+
+def test_withheld_transcript_is_a_failed_verification_only_from_a_trusted_runner(market, setup) -> None:
+    service, http, clock, steady, flaky, ops = setup
+    failure = SpotCheckFailure(node=flaky.address, job_id="0x" + "07" * 32, start=0, end=10, detail="no transcript")
+
+    def post(f: SpotCheckFailure):  # type: ignore[no-untyped-def]
+        return http.post("/v1/spot-checks/failures", content=f.model_dump_json(),
+                         headers={"content-type": "application/json"})  # fmt: skip
+
+    for untrusted in (failure, failure.signed_by_runner(flaky.key, service.domain)):  # unsigned; a node itself
+        refused = post(untrusted)
+        assert refused.status_code == 422 and refused.json()["reason"] == "unauthorized_runner"
+    tampered = failure.signed_by_runner(market.oracle.key, service.domain).model_copy(update={"node": steady.address})
+    assert post(tampered).json().get("reason") == "unauthorized_runner"  # the signature covers the node
+    signed = failure.signed_by_runner(market.oracle.key, service.domain)
+    assert post(signed).json() == {"recorded": True, "node": flaky.address}
+    assert post(signed).json()["recorded"] is False  # the same call is counted once
+    # a passed check for both, then the failure: flaky's verification component drops below steady's
+    out = reference_output()
+    ev = make_evidence(flaky, steady, market.market().domain(), out, out, runner=market.oracle,
+                       oracle_domain=service.domain)  # fmt: skip
+    assert _check(http, ev).json()["outcome"] == "pass"
+    record = service.close_epoch(service.epoch_of(clock.now))
+    assert record is not None
+    scores = {leaf.node: leaf.score_bps for leaf in record.leaves}
+    assert scores[flaky.address] < scores[steady.address]
+    assert market.staking().info(ops[0].address).active == 300 * UNIT  # nothing slashed
+    assert market.staking().info(ops[1].address).active == 300 * UNIT
 
 
 def test_run_loop_closes_due_epochs(market, setup) -> None:
