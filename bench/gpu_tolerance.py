@@ -41,7 +41,7 @@ PROMPTS = [
     "The three primary colors are red,",
     "In machine learning, a transformer is a",
 ]
-TOLERANCE = {"fp32": 2e-3, "bf16": 3e-2, "int8": 0.12, "nf4": 0.1}  # oracle/verification.py TOLERANCES
+TOLERANCE = {"fp32": 2e-3, "bf16": 4e-2, "int8": 0.12, "nf4": 0.1}  # oracle/verification.py TOLERANCES
 
 
 def max_abs_rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -107,7 +107,7 @@ def run(model: LlamaModel, inputs: list[torch.Tensor], target: int, batched: boo
         return out[target if batched else 0].float().cpu()
 
 
-def prepare(out: Path) -> None:
+def prepare(out: Path, first: int = FIRST, last: int = LAST) -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -125,12 +125,13 @@ def prepare(out: Path) -> None:
         for e in encoded:
             ids = torch.tensor([e[:length]])
             hs = full(input_ids=ids, output_hidden_states=True).hidden_states
-            inputs.append(hs[FIRST][0].clone())  # entering layer FIRST
+            inputs.append(hs[first][0].clone())  # entering layer `first`
     torch.save(inputs, out / "inputs.pt")
-    layers = {k: v.to(torch.bfloat16).clone() for k, v in full.model.layers[FIRST:LAST].state_dict().items()}
+    layers = {k: v.to(torch.bfloat16).clone() for k, v in full.model.layers[first:last].state_dict().items()}
     torch.save(layers, out / "layers.pt")
+    (out / "layers.json").write_text(json.dumps([first, last]))
     cfg = full.config.to_dict()
-    cfg.update(num_hidden_layers=LAST - FIRST, vocab_size=8, tie_word_embeddings=False)
+    cfg.update(num_hidden_layers=last - first, vocab_size=8, tie_word_embeddings=False)
     LlamaConfig(**{k: v for k, v in cfg.items() if k not in ("architectures",)}).save_pretrained(out)
     cpu: dict[str, list[torch.Tensor]] = {}
     for name, dtype, threads, batched, quant in (
@@ -196,7 +197,7 @@ def measure(data: Path, out: Path | None, device: str = "cuda") -> dict[str, Any
             "far_share": max(far_share(x, y) for x, y in both),
         }
     name = torch.cuda.get_device_name(0) if device == "cuda" else "cpu (dry run)"
-    result = {"device": name, "torch": torch.__version__, "layers": [FIRST, LAST],
+    result = {"device": name, "torch": torch.__version__, "layers": json.loads((data / "layers.json").read_text()),
               "prompts": len(inputs), "pairs": table}  # fmt: skip
     text = json.dumps(result, indent=2)
     print(text)
@@ -212,9 +213,11 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--data", type=Path, default=Path(".gpu"))
     ap.add_argument("--device", default="cuda", help="cpu: a dry run of measure")
+    ap.add_argument("--layers", default=f"{FIRST}:{LAST}", help="prepare: SmolLM2 layers START:END (8 fit the 64 MiB)")
     args = ap.parse_args()
     if args.mode == "prepare":
-        prepare(args.out or Path(".gpu"))
+        first, last = (int(x) for x in args.layers.split(":"))
+        prepare(args.out or Path(".gpu"), first, last)
     else:
         measure(args.data, args.out, args.device)
 

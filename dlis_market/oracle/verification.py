@@ -21,25 +21,27 @@ hardware, by different kernels altogether. Measured (2026-11-27), worst token's 
 
 * CPU, random Llama (hidden 256, 2 layers, prefill 8 + 6 decode steps, 4 prompts), one thread
   alone vs two threads batched among 4 (``tests/unit/oracle/tolerance_measure.py``);
-* CPU vs an NVIDIA H100 (torch 2.11, bitsandbytes 0.50.2), SmolLM2-135M's real layers [10, 16),
-  6 prompts, alone and batched, fp32 with and without TF32 (``bench/gpu_tolerance.py``).
+* CPU vs an NVIDIA H100 (torch 2.11, bitsandbytes 0.50.2), SmolLM2-135M's real layers [10, 18)
+  (and [10, 16): how errors grow with depth), 6 prompts, alone and batched, fp32 with and
+  without TF32 (``bench/gpu_tolerance.py``).
 
-=====  ==============  =====================  =======================================  =========
-dtype  honest, CPU      honest, CPU vs H100    cheats (CPU random / H100 real)          tolerance
-=====  ==============  =====================  =======================================  =========
-fp32   4.6e-7           5.3e-7; TF32 3.5e-4    bf16 6.7e-3 / 9.5e-3, int8 1.6e-2         2e-3
-bf16   0                6.6e-3                 int8 1.8e-2 / 5.9e-2, nf4 0.19 / 0.17     3e-2
-int8   0                6.8e-2                 nf4 0.19 / 0.17                           0.12
-nf4    0                1.2e-2                 wrong input 0.59                          0.1
-ids    --               --                     --                                        0 (exact)
-=====  ==============  =====================  =======================================  =========
+=====  ===========  ============================  =========================================  =========
+dtype  honest, CPU  honest, CPU vs H100, 8 (6)    cheats (CPU random / H100 real, 8 layers)  tolerance
+=====  ===========  ============================  =========================================  =========
+fp32   4.6e-7       6.2e-7; TF32 3.6e-4 (3.5e-4)  bf16 6.7e-3 / 1.2e-2, int8 1.6e-2          2e-3
+bf16   0            9.2e-3 (6.6e-3)               int8 1.8e-2 / 6.6e-2, nf4 0.19 / 0.17      4e-2
+int8   0            6.9e-2 (6.8e-2)               nf4 0.19 / 0.19                            0.12
+nf4    0            1.3e-2 (1.2e-2)               wrong input 0.59                           0.1
+ids    --           --                            --                                         0 (exact)
+=====  ===========  ============================  =========================================  =========
 
-Every honest pair sits under its tolerance with room to spare (the tightest: int8 across CPU
-and GPU, whose bitsandbytes kernels differ, 0.068 against 0.12); every dtype catches a cheaper
-quantization on real weights (int8 served as bf16 only on real weights: 5.9e-2 vs 1.8e-2 on the
-random model) and wrong inputs (0.58-0.59, measured on CPU for every dtype). int8 has the
-least margin on both sides: where checkers run other hardware than the accused, require a
-referee. ``ids`` (sampled token ids at the last stage) must match exactly.
+Honest bf16 across hardware grows with depth (6.6e-3 over 6 layers, 9.2e-3 over 8), so its
+tolerance keeps 4x room over the 8-layer figure, at the price of catching int8 served as bf16
+only on real weights (6.6e-2; 1.8e-2 on the random model). int8 across CPU and GPU, whose
+bitsandbytes kernels differ, has the least margin on both sides (0.069 honest, 0.19 for nf4
+passed off as int8, tolerance 0.12): where checkers run other hardware than the accused, require
+a referee. Every dtype catches nf4 served in its place and wrong inputs (0.58-0.59, measured on
+CPU for every dtype). ``ids`` (sampled token ids at the last stage) must match exactly.
 
 A faulty or lazy worker (random output, skipped layers, wrong weights or inputs) differs by
 0.2-1.4 on this scale (a ``--byzantine`` worker's noise of half the RMS: about 0.5).
@@ -98,7 +100,7 @@ class Tolerance:
 
 TOLERANCES: dict[str, Tolerance] = {
     "fp32": Tolerance(2e-3),
-    "bf16": Tolerance(3e-2),
+    "bf16": Tolerance(4e-2),
     "int8": Tolerance(0.12),
     "nf4": Tolerance(0.1),
     "ids": Tolerance(0.0),
