@@ -4,7 +4,7 @@ Pure functions and wire types; :mod:`dlis_market.oracle.slashing` puts accepted 
 
 **Sampling.** :class:`SpotCheckSampler` selects a stage call ``(job id, start)`` when
 ``keccak256(secret ++ job_id ++ start) < fraction * 2**256``: a fixed fraction, reproducible by
-the oracle from its secret seed, unpredictable to workers.
+the runner (the broker) from its secret, unpredictable to workers.
 
 **Outputs.** A stage's receipt commits ``outputHash = sha256(concatenated raw output rows)``
 (see ``node/receipts.py``). Evidence carries both raw outputs; the oracle checks each against its
