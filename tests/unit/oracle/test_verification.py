@@ -172,3 +172,46 @@ def test_referee_must_side_with_the_checker() -> None:
     # the runner signed over the referee: stripping it to dodge the 2-of-3 rule breaks the signature
     stripped = confirmed.model_copy(update={"referee_node": None, "referee_receipt": None, "referee_output": None})
     assert _refusal(stripped) == "unauthorized_runner"
+
+
+def test_the_runner_signature_covers_how_outputs_are_split_and_compared() -> None:
+    """Evidence that passed cannot be re-posted cut per value or under a stricter dtype."""
+    out = reference_output()
+    ev = make_evidence(ACCUSED, CHECKER, DOMAIN, out * 1.01, out, shard_dtype="bf16")
+    assert _refusal(ev) == "within_tolerance"
+    per_value = ev.model_copy(
+        update={
+            "accused_output": ev.accused_output.model_copy(update={"row_width": 1}),
+            "checker_output": ev.checker_output.model_copy(update={"row_width": 1}),
+        }
+    )
+    assert _refusal(per_value) == "unauthorized_runner"
+    assert _refusal(ev.model_copy(update={"shard_dtype": "fp32"})) == "unauthorized_runner"
+
+
+def test_one_operator_cannot_be_both_accused_and_checker_or_confirm_itself() -> None:
+    out = reference_output()
+    same_op = {**REGISTRY, CHECKER.address: REGISTRY[ACCUSED.address]}
+    ev = make_evidence(ACCUSED, CHECKER, DOMAIN, out + 0.5, out)
+    with pytest.raises(EvidenceRefusedError) as err:
+        check_evidence(ev, DOMAIN, same_op.get, ORACLE_DOMAIN, [RUNNER.address])
+    assert err.value.reason == "same_operator"
+    # a referee run by the checker's operator does not make two of three
+    sybil = {**REGISTRY, REFEREE.address: REGISTRY[CHECKER.address]}
+    ev = make_evidence(ACCUSED, CHECKER, DOMAIN, out + 0.5, out, referee=(REFEREE, out))
+    with pytest.raises(EvidenceRefusedError) as err:
+        check_evidence(ev, DOMAIN, sybil.get, ORACLE_DOMAIN, [RUNNER.address], True)
+    assert err.value.reason == "same_operator"
+
+
+def test_last_stage_tokens_may_differ_by_one_near_tie_per_sixteen() -> None:
+    ids = np.arange(32)
+    one_flip = ids.copy()
+    one_flip[7] += 1  # a near-tie resolved the other way on other hardware
+    assert compare_outputs(ids, one_flip, "ids").within
+    three = one_flip.copy()
+    three[[3, 20]] += 1
+    assert not compare_outputs(ids, three, "ids").within
+    short = np.arange(4)
+    assert not compare_outputs(short, short + np.array([0, 0, 1, 0]), "ids").within  # under 16 tokens: exact
+    assert not compare_outputs(ids, ids + 1, "ids").within  # a --byzantine last stage shifts every token
