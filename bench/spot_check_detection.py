@@ -140,7 +140,7 @@ def main() -> None:
 
                     def checker(fraction: float, eligible: Any) -> SpotChecker:
                         return SpotChecker(driver, SpotCheckSampler(fraction, secrets.token_bytes(32)),
-                                           bytes(RUNNER.key), ORACLE, rules, lambda _m: "bf16",
+                                           bytes(RUNNER.key), ORACLE, rules, lambda _m: ("bf16", 576),
                                            eligible=eligible)  # fmt: skip
 
                     # honest: h1 checked on h2 (the cheater is not eligible as a checker)

@@ -43,7 +43,16 @@ from dlis_market.chain.typed_data import Domain
 from dlis_market.errors import DlisError
 from dlis_market.node.driver import JobSession, JobSpec, PipelineDriver, StageReceipt
 from dlis_market.node.errors import PeerUnreachableError, ProtocolError, RemoteError
-from dlis_market.node.replay import StageRows, checked, fetch_transcript, replay, token_rows, token_steps
+from dlis_market.node.replay import (
+    Layout,
+    StageRows,
+    TranscriptMalformedError,
+    checked,
+    fetch_transcript,
+    replay,
+    token_rows,
+    token_steps,
+)
 from dlis_market.node.routing import Hop
 from dlis_market.node.transcripts import Transcript
 from dlis_market.oracle.verification import (
@@ -96,6 +105,10 @@ class EvidenceSink(Protocol):
     async def report_failure(self, failure: SpotCheckFailure) -> dict[str, Any]: ...
 
 
+class TooLarge(DlisError):
+    """A transcript is over the stream's frame limit (node.max_message_bytes): not checkable."""
+
+
 class Withheld(DlisError):
     """A stage did not hand over a transcript the check needs (refused, dropped it, or is gone)."""
 
@@ -135,7 +148,7 @@ class SpotChecker:
         runner_key: bytes,
         oracle_domain: Domain,
         sink: EvidenceSink,
-        shard_dtype: Callable[[str], str],
+        model_shape: Callable[[str], tuple[str, int]],
         concurrency: int = 2,
         rng: random.Random | None = None,
         eligible: Callable[[str], bool] | None = None,
@@ -145,7 +158,7 @@ class SpotChecker:
         self.runner_key = runner_key
         self.oracle_domain = oracle_domain
         self.sink = sink
-        self.shard_dtype = shard_dtype  # model name -> manifest dtype (fp32, bf16, int8, nf4)
+        self.model_shape = model_shape  # model name -> (manifest dtype: fp32/bf16/int8/nf4, hidden size)
         self.rng = rng or random.Random()
         # which nodes may re-execute (the broker: routable on chain, i.e. staked; a slashed cheater is not)
         self.eligible = eligible or (lambda _node: True)
@@ -188,7 +201,9 @@ class SpotChecker:
             async with self._slots:
                 try:
                     result = await self.check_stage(finished, k)
-                except (DlisError, httpx.HTTPError, ValueError) as exc:
+                except Exception as exc:  # one check's failure must not end the others (logged below)
+                    if not isinstance(exc, DlisError | httpx.HTTPError | ValueError | TimeoutError):
+                        log.exception("spot check of stage %d of job 0x%s crashed", k, finished.spec.job_id.hex())
                     hop = finished.route[k]
                     result = CheckResult(
                         "0x" + finished.spec.job_id.hex(), hop.start, hop.end, hop.node_address, "error", str(exc)
@@ -203,12 +218,25 @@ class SpotChecker:
             out.append(result)
         return out
 
+    def _layout(self, f: FinishedSession) -> Layout:
+        """How hidden states between stages of this session look: the runner's own knowledge."""
+        shard_dtype, hidden = self.model_shape(f.spec.model)
+        element = "float32" if shard_dtype == "fp32" else "bfloat16"  # activations (inference/quantization.py)
+        return Layout.of_session(len(f.spec.prompt_ids), len(f.generated), element, hidden)
+
+    def _checked(self, f: FinishedSession, hop: Hop, transcript: Transcript, signed: bytes, what: str) -> StageRows:
+        try:
+            return checked(transcript, signed, self._layout(f), what)
+        except TranscriptMalformedError as exc:  # bytes that are not this session's: as good as withheld
+            raise Withheld(hop, str(exc)) from exc
+
     async def _inputs(self, f: FinishedSession, k: int) -> StageRows:
         if k == 0:
             return token_steps(f.session_id, f.spec.prompt_ids, f.generated)
         prev = f.receipts[f.route[k - 1].start].signed.receipt
         transcript = await self._transcript(f, f.route[k])
-        return checked(transcript, prev.output_hash, f"input of [{f.route[k].start}, {f.route[k].end})")
+        what = f"input of [{f.route[k].start}, {f.route[k].end})"
+        return self._checked(f, f.route[k], transcript, prev.output_hash, what)
 
     async def _outputs(self, f: FinishedSession, k: int) -> StageRows:
         signed = f.receipts[f.route[k].start].signed.receipt.output_hash
@@ -220,12 +248,17 @@ class SpotChecker:
                 )
             return rows
         transcript = await self._transcript(f, f.route[k + 1])
-        return checked(transcript, signed, f"output of [{f.route[k].start}, {f.route[k].end})")
+        what = f"output of [{f.route[k].start}, {f.route[k].end})"
+        return self._checked(f, f.route[k + 1], transcript, signed, what)
 
     async def _transcript(self, f: FinishedSession, hop: Hop) -> Transcript:
         try:
             return await fetch_transcript(self.driver, hop.peer_id, f.session_id)
-        except (RemoteError, PeerUnreachableError, ProtocolError) as exc:
+        except RemoteError as exc:
+            if exc.code == "too_large":  # over one frame: the session is too long to check, nobody's fault
+                raise TooLarge(str(exc)) from exc
+            raise Withheld(hop, str(exc)) from exc
+        except (PeerUnreachableError, ProtocolError) as exc:
             raise Withheld(hop, str(exc)) from exc
 
     async def check_stage(self, f: FinishedSession, k: int) -> CheckResult:
@@ -242,6 +275,8 @@ class SpotChecker:
             ).signed_by_runner(self.runner_key, self.oracle_domain)
             answer = await self.sink.report_failure(failure)
             return CheckResult(job, hop.start, hop.end, hop.node_address, "withheld", f"{exc}; oracle: {answer}")
+        except TooLarge as exc:
+            return CheckResult(job, hop.start, hop.end, hop.node_address, "skipped:too-large", str(exc))
         spans = await self.driver.discover(f.spec.model)
         banned = self.driver.banned()
         replicas = [
@@ -260,13 +295,19 @@ class SpotChecker:
         max_length = len(f.spec.prompt_ids) + f.spec.max_new_tokens
         run = [f.spec.model, f.spec.job_id, inputs.inputs, max_length, f.spec.sampling, last]
         checker_rows, checker_receipt = await replay(self.driver, replicas[0], *run)  # type: ignore[arg-type]
-        shard_dtype = "ids" if last else self.shard_dtype(f.spec.model)
+        if (checker_rows.dtype, len(checker_rows.data)) != (outputs.dtype, len(outputs.data)):
+            why = (f"checker {replicas[0].node_address} output {len(checker_rows.data)} bytes of {checker_rows.dtype},"
+                   f" not {len(outputs.data)} of {outputs.dtype}: not used")  # fmt: skip
+            return CheckResult(job, hop.start, hop.end, hop.node_address, "error", why)
+        shard_dtype = "ids" if last else self.model_shape(f.spec.model)[0]
         accused_out = decode_output(outputs.data, outputs.dtype)
         checker_out = decode_output(checker_rows.data, checker_rows.dtype)
         cmp = compare_outputs(accused_out, checker_out, shard_dtype, outputs.width)
         referee: tuple[StageRows, Any] | None = None
         if not cmp.within and len(replicas) > 1:
             referee = await replay(self.driver, replicas[1], *run)  # type: ignore[arg-type]
+            if (referee[0].dtype, len(referee[0].data)) != (outputs.dtype, len(outputs.data)):
+                referee = None  # does not fit the call: evidence without a referee
         evidence = build_evidence(
             accused.signed,
             checker_receipt,

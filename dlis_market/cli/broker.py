@@ -23,7 +23,7 @@ from dlis_market.settings import NodeSettings, Settings
 if TYPE_CHECKING:
     from eth_account.signers.local import LocalAccount
 
-    from dlis_market.broker.catalog import ModelCatalog
+    from dlis_market.broker.catalog import ModelCatalog, ServedModel
     from dlis_market.broker.metrics import BrokerMetrics
     from dlis_market.broker.planning import StandingLookup
     from dlis_market.broker.spot_checks import SpotChecker
@@ -47,6 +47,12 @@ def node_settings_for_chain(settings: Settings, client: ChainClient) -> NodeSett
             "registry_address": dep.address_of("NodeRegistry"),
         }
     )
+
+
+def model_shape(served: ServedModel) -> tuple[str, int]:
+    """(shard dtype, hidden size): what a spot check needs to cut hidden states into tokens."""
+    cfg = served.manifest.config
+    return served.manifest.dtype, int(cfg.get("hidden_size") or cfg.get("n_embd") or 0)
 
 
 def spot_checker(
@@ -74,7 +80,7 @@ def spot_checker(
         bytes(broker.key),
         oracle_domain(client.chain_id, client.deployment.address_of("ReputationOracle")),
         OracleSink(b.oracle_url),
-        lambda model: catalog.get(model).manifest.dtype,
+        lambda model: model_shape(catalog.get(model)),
         eligible=lambda node: standing(node).routable,
     )
     checker.on_result = lambda r: metrics.spot_checks.labels(r.outcome.split(":")[0]).inc()

@@ -1,12 +1,16 @@
 """Re-executing one stage call of a finished session on another worker (the spot check's legwork).
 
-:func:`stage_inputs` rebuilds what the accused stage ran: the token steps of the session for the
-first stage, or the transcript the stage itself kept (``node/transcripts.py``), checked against
-the previous stage's signed receipt. :func:`stage_outputs` gets what the accused sent: the tokens
-for the last stage, or the next stage's transcript, checked against the accused's own receipt.
+:func:`token_steps` rebuilds what the first stage ran from the session's tokens; for later
+stages :func:`checked` takes the transcript the stage itself kept (``node/transcripts.py``), checks
+its bytes against the previous stage's signed receipt and cuts them into the runner's own
+:class:`Layout` (steps, hidden size, dtype: nothing about their shape is taken from a stage).
+What the accused sent is, likewise, the tokens for the last stage or the next stage's transcript
+checked against the accused's own receipt.
 :func:`replay` opens a fresh session with the same job id on a replica serving the same range,
 feeds it the same steps one by one with this driver as its next peer, collects its outputs and
-its signed receipt. The replica cannot tell a replay from a job.
+its signed receipt. A replica could tell a replay from a job (the job has finished; a middle
+stage's next peer is the broker), so checkers are staked nodes whose own calls are checked too,
+and the oracle can require a referee of a third operator.
 """
 
 from __future__ import annotations
@@ -22,11 +26,11 @@ from typing import Any
 import torch
 
 from dlis_market.chain.job_market import SignedReceipt
-from dlis_market.inference.messages import StageInput, dtype_name, encode
+from dlis_market.inference.messages import StageInput, dtype_name, dtype_of, encode
 from dlis_market.inference.sampling import SamplingParams
 from dlis_market.node import receipts
 from dlis_market.node.driver import PipelineDriver
-from dlis_market.node.errors import NodeError, ReceiptError
+from dlis_market.node.errors import NodeError, ReceiptError, StageFailedError
 from dlis_market.node.protocol import OpenBody, parse_body
 from dlis_market.node.routing import Hop
 from dlis_market.node.sessions import row_bytes
@@ -76,19 +80,62 @@ async def fetch_transcript(driver: PipelineDriver, peer_id: str, session_id: str
     return parse_body(TranscriptBody, answer).transcript(driver.peer_id)
 
 
-def checked(transcript: Transcript, signed_hash: bytes, what: str) -> StageRows:
-    """The transcript's rows, if they hash to ``signed_hash`` (a receipt's outputHash)."""
+class TranscriptMalformedError(NodeError):
+    """A transcript's bytes do not fit the session (token count, hidden size, dtype)."""
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How a session's rows split into steps, known to the runner without asking any stage: the
+    prompt as one prefill at position 0, then one token per step; ``width`` values of ``dtype``
+    per token (the hidden size; 1 for token ids)."""
+
+    steps: tuple[tuple[int, int], ...]  # (position, tokens) per step
+    dtype: str
+    width: int
+
+    @classmethod
+    def of_session(cls, prompt_tokens: int, generated: int, dtype: str, width: int) -> Layout:
+        steps = ((0, prompt_tokens), *((prompt_tokens + j, 1) for j in range(max(generated - 1, 0))))
+        return cls(steps, dtype, width)
+
+    @property
+    def tokens(self) -> int:
+        return sum(n for _, n in self.steps)
+
+
+def checked(transcript: Transcript, signed_hash: bytes, layout: Layout, what: str) -> StageRows:
+    """The transcript's bytes cut into the runner's ``layout``, if they hash to ``signed_hash``
+    (a receipt's outputHash) and fit it. Only the bytes come from the stage: how they split into
+    steps and tokens, and their dtype, are the runner's, so a stage cannot reshape what is compared.
+    """
     got = transcript.sha256()
     if got != signed_hash:
         raise TranscriptMismatchError(
             f"{what}: the transcript of session {transcript.session_id} hashes to 0x{got.hex()} but the signed "
             f"receipt says 0x{signed_hash.hex()}; one of the two stages sent something else than it signed"
         )
-    inputs = transcript.inputs(transcript.session_id)
-    width = 1
-    if inputs and inputs[0].hidden is not None:
-        width = int(inputs[0].hidden.shape[-1])
-    return StageRows(transcript.dtype, [s.data for s in transcript.steps], inputs, width)
+    data = b"".join(s.data for s in transcript.steps)
+    dtype = dtype_of(layout.dtype)
+    size = torch.empty((), dtype=dtype).element_size()
+    per_token = layout.width * size
+    if len(data) != layout.tokens * per_token:
+        raise TranscriptMalformedError(
+            f"{what}: the transcript of session {transcript.session_id} has {len(data)} bytes, not "
+            f"{layout.tokens} tokens x {layout.width} values x {size} bytes of {layout.dtype}"
+        )
+    rows, inputs, at = [], [], 0
+    for i, (position, tokens) in enumerate(layout.steps):
+        row = data[at : at + tokens * per_token]
+        at += len(row)
+        rows.append(row)
+        flat = torch.frombuffer(bytearray(row), dtype=torch.uint8).view(dtype)
+        sid = (transcript.session_id,)
+        if layout.width == 1 and dtype == torch.int64:
+            inputs.append(StageInput(sid, (position,), i, token_ids=flat.reshape(1, tokens)))
+        else:
+            inputs.append(StageInput(sid, (position,), i, hidden=flat.reshape(1, tokens, layout.width)))
+    return StageRows(layout.dtype, rows, inputs, layout.width)
 
 
 async def replay(
@@ -124,7 +171,13 @@ async def replay(
             driver._waiters[sid] = (fut, frozenset({replica.peer_id}))
             try:
                 await driver.pool.send(replica.peer_id, "step", {"input": encode(inp), "reply_to": driver.peer_id})
-                out = await asyncio.wait_for(fut, driver.settings.step_timeout_s)
+                try:
+                    out = await asyncio.wait_for(fut, driver.settings.step_timeout_s)
+                except TimeoutError:
+                    raise StageFailedError(
+                        f"replica {replica.peer_id} gave no output within {driver.settings.step_timeout_s:.0f}s",
+                        replica.peer_id,
+                    ) from None
             finally:
                 driver._waiters.pop(sid, None)
             if isinstance(out, torch.Tensor):

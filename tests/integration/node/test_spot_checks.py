@@ -26,6 +26,7 @@ from dlis_market.broker.spot_checks import FinishedSession, SpotChecker
 from dlis_market.chain.typed_data import Domain
 from dlis_market.node.driver import PipelineDriver
 from dlis_market.node.errors import RemoteError
+from dlis_market.node.protocol import OpenBody
 from dlis_market.node.routing import Hop
 from dlis_market.oracle.errors import EvidenceRefusedError
 from dlis_market.oracle.verification import (
@@ -105,7 +106,7 @@ def test_byzantine_stage_is_caught_and_its_honest_neighbours_are_not(swarm: dict
             await wait_for_spans(driver, MODEL, 5)
             sink = EvidenceChecker(driver.market)
             checker = SpotChecker(driver, SpotCheckSampler(1.0, b"k"), bytes(RUNNER.key), ORACLE_DOMAIN, sink,
-                                  lambda _model: "fp32")  # fmt: skip
+                                  lambda _model: ("fp32", 32))  # fmt: skip
 
             # route through the cheater: its middle-stage output is compared with m2's
             finished, _ = await run_job(driver, [hop(w["a"]), hop(w["m"]), hop(w["c"])])
@@ -128,6 +129,15 @@ def test_byzantine_stage_is_caught_and_its_honest_neighbours_are_not(swarm: dict
                 assert [r.outcome for r in results] == ["pass"], results
                 assert results[0].rel_diff == 0.0  # same fp32 shard, same inputs, same CPU kernels
             assert len(sink.verdicts) == 1
+
+            # a session id cannot be reused to replace the transcript kept for the first session
+            last = finished.route[2]
+            body = OpenBody(
+                session_id=finished.session_id, model=MODEL, start=last.start, end=last.end, max_length=32,
+                job_id=finished.spec.job_id, reply_to=driver.peer_id, next_peer=None,
+            )  # fmt: skip
+            with pytest.raises(RemoteError, match="in use or was used recently"):
+                await driver.pool.request(last.peer_id, "open", body.model_dump(), 10)
 
             # transcripts are the client's data: only the peer that opened the session may read them
             other = await PipelineDriver.create(swarm["swarm"].initial_peers, driver_settings())
@@ -152,7 +162,7 @@ def test_sampled_fraction_and_failover_sessions(swarm: dict[str, Any]) -> None:
             await wait_for_spans(driver, MODEL, 5)
             sink = EvidenceChecker(driver.market, require_referee=True)
             checker = SpotChecker(driver, SpotCheckSampler(0.0, secrets.token_bytes(32)), bytes(RUNNER.key),
-                                  ORACLE_DOMAIN, sink, lambda _model: "fp32")  # fmt: skip
+                                  ORACLE_DOMAIN, sink, lambda _model: ("fp32", 32))  # fmt: skip
             finished, _ = await run_job(driver, [hop(w["a"]), hop(w["m2"]), hop(w["c2"])], new=2)
             assert checker.schedule(finished) == []
             assert checker.schedule(None) == [] and checker.counts["skipped:failover"] == 1
@@ -181,7 +191,7 @@ def test_a_stage_that_keeps_no_transcript_gets_a_signed_failed_verification(swar
             await wait_for_spans(driver, MODEL, 6)
             sink = EvidenceChecker(driver.market)
             checker = SpotChecker(driver, SpotCheckSampler(1.0, b"k"), bytes(RUNNER.key), ORACLE_DOMAIN, sink,
-                                  lambda _model: "fp32")  # fmt: skip
+                                  lambda _model: ("fp32", 32))  # fmt: skip
             finished, _ = await run_job(driver, [hop(w["a"]), hop(w["m2"]), hop(w["w"])])
             # m2's outputs are w's inputs, which w did not keep; w's own inputs likewise
             results = await checker.check(finished, [1, 2])

@@ -12,7 +12,7 @@ from dlis_market.node.byzantine import corrupt, corrupted
 from dlis_market.node.errors import NodeError, ProtocolError
 from dlis_market.node.replay import token_steps
 from dlis_market.node.sessions import row_bytes
-from dlis_market.node.transcripts import Transcript, TranscriptBody, TranscriptStore
+from dlis_market.node.transcripts import Transcript, TranscriptBody, TranscriptStep, TranscriptStore
 
 
 def hidden_steps(sid: str, h: int = 8) -> list[StageInput]:
@@ -94,3 +94,35 @@ def test_byzantine_corruption_is_per_session_and_large() -> None:
     assert corrupt(out, 0.0, 100) is out
     ids = StageOutput(("x",), (0,), 0, token_ids=torch.tensor([99]))
     assert corrupt(ids, 1.0, vocab_size=100).token_ids.tolist() == [0]
+
+
+def test_the_runner_cuts_transcripts_into_its_own_layout_whatever_steps_a_stage_claims() -> None:
+    from dlis_market.node.replay import Layout, TranscriptMalformedError, checked
+
+    honest = Transcript("s", b"j" * 32, "driver")
+    steps = hidden_steps("s")
+    honest.record(steps[0], 0)
+    honest.record(steps[1], 0)
+    layout = Layout.of_session(prompt_tokens=4, generated=2, dtype="bfloat16", width=8)
+    assert layout.steps == ((0, 4), (4, 1)) and layout.tokens == 5
+    want = checked(honest, honest.sha256(), layout, "input")
+    # a stage that regroups the same bytes (one step, "tokens" = every value) changes nothing
+    regrouped = Transcript("s", b"j" * 32, "driver", "bfloat16")
+    regrouped.steps.append(TranscriptStep(0, 40, b"".join(s.data for s in honest.steps)))
+    got = checked(regrouped, honest.sha256(), layout, "input")
+    assert got.rows == want.rows and got.width == 8
+    assert [i.positions for i in got.inputs] == [(0,), (4,)]
+    assert got.inputs[0].hidden is not None and tuple(got.inputs[0].hidden.shape) == (1, 4, 8)
+    # bytes that do not fit the session are refused (the runner counts them as withheld)
+    short = Transcript("s", b"j" * 32, "driver", "bfloat16", [TranscriptStep(0, 4, honest.steps[0].data)])
+    with pytest.raises(TranscriptMalformedError, match="not 5 tokens x 8 values"):
+        checked(short, short.sha256(), layout, "input")
+
+
+def test_a_transcript_that_does_not_hash_to_the_signed_output_is_refused() -> None:
+    from dlis_market.node.replay import Layout, TranscriptMismatchError, checked
+
+    t = Transcript("s", b"j" * 32, "driver")
+    t.record(hidden_steps("s")[1], 0)
+    with pytest.raises(TranscriptMismatchError, match="hashes to"):
+        checked(t, b"\x00" * 32, Layout.of_session(1, 1, "bfloat16", 8), "input")
