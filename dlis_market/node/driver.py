@@ -152,7 +152,7 @@ class PipelineDriver:
         if op == "tokens":
             msg = parse_body(TokensBody, body)
             for sid, token in zip(msg.sessions, msg.token_ids, strict=False):
-                self._resolve(sid, value=token)
+                self._resolve(sid, value=token, sender=channel.peer)
         elif op == "step":  # a stage whose next peer is this driver: a replayed middle stage's output
             try:
                 inp = decode(parse_body(StepBody, body).input, self.settings.max_message_bytes)
@@ -161,19 +161,23 @@ class PipelineDriver:
                 return
             if isinstance(inp, StageInput) and inp.hidden is not None:
                 for i, sid in enumerate(inp.session_ids):
-                    self._resolve(sid, value=inp.hidden[i])
+                    self._resolve(sid, value=inp.hidden[i], sender=channel.peer)
         elif op == "fail":
             fail = parse_body(FailBody, body)
             for sid in fail.sessions:
-                self._resolve(sid, error=StageFailedError(f"stage {fail.peer} failed: {fail.message}", fail.peer))
+                error = StageFailedError(f"stage {fail.peer} failed: {fail.message}", fail.peer)
+                self._resolve(sid, error=error, sender=channel.peer)
         elif op == "error":
             log.info("peer %s reported: %s", channel.peer, body.get("message"))
         elif rid:
             await channel.send("error", {"message": f"op {op!r} is not served by a driver", "code": "protocol"}, rid)
 
-    def _resolve(self, sid: str, value: Any = None, error: Exception | None = None) -> None:
+    def _resolve(self, sid: str, value: Any = None, error: Exception | None = None, sender: str | None = None) -> None:
         waiter = self._waiters.get(sid)
         if waiter is None or waiter[0].done():
+            return
+        if sender is not None and sender not in waiter[1]:  # only the session's own stages may answer it
+            log.info("ignoring an answer for session %s from %s, which is not on its route", sid, sender)
             return
         if error is not None:
             waiter[0].set_exception(error)
@@ -294,7 +298,10 @@ class JobSession:
         try:
             first = self.route[0].peer_id
             await self.driver.pool.send(first, "step", {"input": encode(inp), "reply_to": self.driver.peer_id})
-            return int(await asyncio.wait_for(fut, self.driver.settings.step_timeout_s))
+            value = await asyncio.wait_for(fut, self.driver.settings.step_timeout_s)
+            if not isinstance(value, int):  # hidden states from a stage that is not the last one
+                raise StageFailedError("a stage sent hidden states where the sampled token was due", None)
+            return value
         except PeerUnreachableError as exc:
             raise StageFailedError(str(exc), exc.peer) from exc
         except TimeoutError:

@@ -212,7 +212,10 @@ class Worker:
             await channel.send("error", {"message": str(exc), "code": code}, rid)
             return
         if rid:
-            await channel.send("reply", answer, rid)
+            try:
+                await channel.send("reply", answer, rid)
+            except ProtocolError as exc:  # e.g. a transcript over the frame limit: say so, keep the stream
+                await channel.send("error", {"message": str(exc), "code": "too_large"}, rid)
 
     def _open(self, sender: str, req: OpenBody) -> dict[str, Any]:
         served = self.stage.layers
@@ -225,6 +228,9 @@ class Worker:
             raise ProtocolError(f"job id must be 32 bytes, got {len(req.job_id)}")
         if (req.next_peer is None) != self.stage.is_last:
             raise NodeError(f"stage {served} {'is' if self.stage.is_last else 'is not'} the last stage of the model")
+        if req.session_id in self.sessions or req.session_id in self.transcripts:
+            # a reused id would replace the kept transcript of the first session (its opener's data)
+            raise NodeError(f"session id {req.session_id!r} is in use or was used recently; open with a fresh id")
         sampling = SamplingParams(
             greedy=req.greedy, temperature=req.temperature, top_k=req.top_k, top_p=req.top_p, seed=req.seed
         )
@@ -318,6 +324,11 @@ class Worker:
         except DlisError as exc:  # the stage closed those sessions; their callers reopen and replay
             for step in batch.steps:
                 self._report(step, list(step.inp.session_ids), str(exc), self.peer_id)
+            for sid in inp.session_ids:  # nobody will close them here: forget them now
+                dropped = self.sessions.pop(sid, None)
+                self.live_transcripts.pop(sid, None)
+                if dropped is not None:
+                    self.telemetry.recorder.on_session_closed(dropped.ledger.job_id, False, dropped.ledger.tokens)
             return
         self.telemetry.recorder.on_step(phase, inp.num_tokens * len(inp.session_ids), time.perf_counter() - began)
         if self.node.byzantine > 0:  # TEST ONLY (node/byzantine.py)

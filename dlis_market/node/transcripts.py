@@ -136,6 +136,10 @@ class TranscriptStore:
     def __len__(self) -> int:
         return len(self._kept)
 
+    def __contains__(self, session_id: object) -> bool:
+        self._expire()
+        return session_id in self._kept
+
     def put(self, transcript: Transcript) -> None:
         if transcript.nbytes > self.max_bytes:
             return  # larger than the whole budget: cannot be kept

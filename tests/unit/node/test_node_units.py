@@ -271,3 +271,23 @@ def test_identity_is_created_once_encrypted_and_reloaded(tmp_path: Path) -> None
         identity.load_or_create(tmp_path, "wrong", scrypt_n=2**10)
     with pytest.raises(IdentityError, match="empty password"):
         identity.load_or_create(tmp_path / "new", "", scrypt_n=2**10)
+
+
+def test_driver_takes_a_sessions_answers_only_from_its_own_stages() -> None:
+    from types import SimpleNamespace
+
+    from dlis_market.node.driver import PipelineDriver
+    from dlis_market.settings import NodeSettings
+
+    async def run() -> None:
+        pool = SimpleNamespace(peer_id="driver", dead_peer_callbacks=[])
+        driver = PipelineDriver(dht=None, pool=pool, settings=NodeSettings())  # type: ignore[arg-type]
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        driver._waiters["s1"] = (fut, frozenset({"stage-a", "stage-b"}))
+        driver._resolve("s1", value=7, sender="intruder")  # another job's stage, or anyone
+        driver._resolve("s1", error=NodeError("made up"), sender="intruder")
+        assert not fut.done()
+        driver._resolve("s1", value=42, sender="stage-b")
+        assert fut.result() == 42
+
+    asyncio.run(run())
