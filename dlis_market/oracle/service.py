@@ -124,6 +124,7 @@ class OracleService:
         self._first_slot: dict[str, int] = {}
         self._registered_cache: dict[str, tuple[float, bool]] = {}
         self._failures: set[tuple[str, str, int]] = set()  # (node, job, start) already counted
+        self._credited: set[tuple[str, str, str, int]] = set()  # passed checks already credited
         self.aggregates: dict[int, Aggregates] = {}
         self.slashes = 0
         self.posted_epochs = 0
@@ -223,9 +224,16 @@ class OracleService:
         except EvidenceRefusedError as exc:
             if exc.reason != "within_tolerance":
                 raise
-            # signatures, registration and output hashes were all checked before the comparison
-            self.record_check(evidence.accused_node, True)
-            self.record_check(evidence.checker_node, True)
+            # signatures, registration and output hashes were all checked before the comparison;
+            # the same passed call posted again is not credited again
+            call = evidence.accused_receipt
+            key = ("pass", evidence.accused_node.lower(), call.job_id.lower(), call.start)
+            with self._lock:
+                fresh = key not in self._credited
+                self._credited.add(key)
+            if fresh:
+                self.record_check(evidence.accused_node, True)
+                self.record_check(evidence.checker_node, True)
             return SpotCheckOutcome("pass", str(exc))
         self.record_check(result.accused_node, False)
         self.record_check(evidence.checker_node, True)

@@ -227,6 +227,9 @@ def test_withheld_transcript_is_a_failed_verification_only_from_a_trusted_runner
     ev = make_evidence(flaky, steady, market.market().domain(), out, out, runner=market.oracle,
                        oracle_domain=service.domain)  # fmt: skip
     assert _check(http, ev).json()["outcome"] == "pass"
+    assert _check(http, ev).json()["outcome"] == "pass"  # posted twice, credited once
+    checks = service._checks[service.epoch_of(clock.now)]
+    assert checks[steady.address] == [1, 0] and checks[flaky.address] == [1, 1]  # [passed, failed]
     record = service.close_epoch(service.epoch_of(clock.now))
     assert record is not None
     scores = {leaf.node: leaf.score_bps for leaf in record.leaves}
