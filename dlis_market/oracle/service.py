@@ -13,14 +13,17 @@ I/O lives here around the pure parts (:func:`summarize_epoch`, :func:`score_repu
 State that must survive a restart is on disk under ``state_dir``: the highest accepted seq of
 each node (``seqs.log``, so replays stay refused), every accepted report (``reports/<epoch>.jsonl``,
 reloaded for epochs not yet posted), the privacy accounts, the posted epochs (leaves for proofs),
-the aggregates and the evidence of every slash. Which stage calls get checked is the runner's
-choice (the broker's :mod:`dlis_market.broker.spot_checks`, with a secret only it holds).
+the aggregates, the evidence of every slash, the spot-check results of epochs not yet posted
+(``checks/<epoch>.log``) and which checks were already counted (``counted_checks.log``). Which
+stage calls get checked is the runner's choice (the broker's :mod:`dlis_market.broker.spot_checks`,
+with a secret only it holds).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import threading
 import time
@@ -123,13 +126,17 @@ class OracleService:
         self._heartbeats: dict[str, set[int]] = defaultdict(set)
         self._first_slot: dict[str, int] = {}
         self._registered_cache: dict[str, tuple[float, bool]] = {}
-        self._failures: set[tuple[str, str, int]] = set()  # (node, job, start) already counted
-        self._credited: set[tuple[str, str, str, int]] = set()  # passed checks already credited
+        # checks already counted (a pass or a failure per node, job and range): posted again, they
+        # are not counted again, across restarts too (digests, one per line)
+        self._counted_log = self.state_dir / "counted_checks.log"
+        self._counted = set(self._counted_log.read_text().split()) if self._counted_log.exists() else set()
         self.aggregates: dict[int, Aggregates] = {}
         self.slashes = 0
         self.posted_epochs = 0
         self._reports_dir = self.state_dir / "reports"
         self._reload_reports()
+        self._checks_dir = self.state_dir / "checks"
+        self._reload_checks()
 
     def check_roles(self) -> None:
         """Refuse to start without the roles the loop needs (a clear message instead of a revert later)."""
@@ -206,12 +213,30 @@ class OracleService:
                 if line.strip():
                     self._keep(SignedTelemetry.model_validate_json(line))
 
+    def _reload_checks(self) -> None:
+        """Spot-check results of epochs not yet posted survive a restart (``checks/<epoch>.log``)."""
+        if not self._checks_dir.exists():
+            return
+        posted = self.reputation.latest_epoch()
+        for path in sorted(self._checks_dir.glob("*.log")):
+            if not path.stem.isdigit() or int(path.stem) <= posted:
+                continue
+            for line in path.read_text().splitlines():
+                node, _, outcome = line.partition(" ")
+                if Web3.is_address(node) and outcome in ("pass", "fail"):
+                    self._checks[int(path.stem)][Web3.to_checksum_address(node)][0 if outcome == "pass" else 1] += 1
+
     # ------------------------------------------------------------------ spot checks
 
     def record_check(self, node: str, passed: bool, at: float | None = None) -> None:
+        """Count a verification result in the current epoch (kept in ``checks/<epoch>.log`` until posted)."""
         epoch = self.epoch_of(self.clock() if at is None else at)
+        node = Web3.to_checksum_address(node)
         with self._lock:
-            self._checks[epoch][Web3.to_checksum_address(node)][0 if passed else 1] += 1
+            self._checks[epoch][node][0 if passed else 1] += 1
+            self._checks_dir.mkdir(exist_ok=True)
+            with (self._checks_dir / f"{epoch}.log").open("a") as f:
+                f.write(f"{node} {'pass' if passed else 'fail'}\n")
 
     def report_spot_check(self, evidence: SpotCheckEvidence) -> SpotCheckOutcome:
         """A re-executed stage call: slash on a proven mismatch, credit both nodes on a match.
@@ -227,11 +252,7 @@ class OracleService:
             # signatures, registration and output hashes were all checked before the comparison;
             # the same passed call posted again is not credited again
             call = evidence.accused_receipt
-            key = ("pass", evidence.accused_node.lower(), call.job_id.lower(), call.start)
-            with self._lock:
-                fresh = key not in self._credited
-                self._credited.add(key)
-            if fresh:
+            if self._count_once(f"pass {evidence.accused_node.lower()} {call.job_id.lower()} {call.start}"):
                 self.record_check(evidence.accused_node, True)
                 self.record_check(evidence.checker_node, True)
             return SpotCheckOutcome("pass", str(exc))
@@ -243,6 +264,17 @@ class OracleService:
             f"slashed {result.slashed} token units of operator {result.operator}"
         )
         return SpotCheckOutcome("slashed", detail, result)
+
+    def _count_once(self, key: str) -> bool:
+        """True the first time ``key`` is seen (kept on disk); False after."""
+        digest = hashlib.sha256(key.encode()).hexdigest()[:32]
+        with self._lock:
+            if digest in self._counted:
+                return False
+            self._counted.add(digest)
+            with self._counted_log.open("a") as f:
+                f.write(digest + "\n")
+        return True
 
     def report_failure(self, failure: SpotCheckFailure) -> bool:
         """A trusted runner says ``failure.node`` withheld what a drawn check needed: one failed
@@ -258,10 +290,9 @@ class OracleService:
                 f"failure report is signed by {runner or '(no valid signature)'}, not by one of the "
                 f"{len(self.slasher.runners)} spot-check runners this oracle trusts (oracle spot_check_runners)",
             )
-        with self._lock:
-            if failure.key() in self._failures:
-                return False
-            self._failures.add(failure.key())
+        node, job, start = failure.key()
+        if not self._count_once(f"fail {node} {job} {start}"):
+            return False
         self.record_check(failure.node, False)
         log.warning("node %s failed a spot check of job %s [%d, %d): %s %s", failure.node, failure.job_id,
                     failure.start, failure.end, failure.reason, failure.detail)  # fmt: skip

@@ -230,6 +230,12 @@ def test_withheld_transcript_is_a_failed_verification_only_from_a_trusted_runner
     assert _check(http, ev).json()["outcome"] == "pass"  # posted twice, credited once
     checks = service._checks[service.epoch_of(clock.now)]
     assert checks[steady.address] == [1, 0] and checks[flaky.address] == [1, 1]  # [passed, failed]
+    # a restarted oracle keeps the epoch's results and remembers what it counted
+    again = OracleService(service.settings, market.client, market.oracle, clock=clock, seed=0)
+    assert dict(again._checks[service.epoch_of(clock.now)]) == dict(checks)
+    assert again.report_failure(signed) is False
+    assert again.report_spot_check(ev).outcome == "pass"
+    assert dict(again._checks[service.epoch_of(clock.now)]) == dict(checks)
     record = service.close_epoch(service.epoch_of(clock.now))
     assert record is not None
     scores = {leaf.node: leaf.score_bps for leaf in record.leaves}
