@@ -210,9 +210,14 @@ def test_matches_brute_force_on_small_instances(solver: str, monkeypatch: pytest
             assert route.objective >= best - 1e-6
             continue
         route = plan_route(state, request, policy)
+        if not route.optimal:
+            # Once in a CI run (of six on 2026-11-27) CBC ran one of these programs to its 10 s
+            # limit, with the optimum found but not proven; it never repeated locally. One retry
+            # keeps the test strict: a route that is not proven optimal twice still fails.
+            route = plan_route(state, request, policy)
         check_route(route, state, request, policy)
         assert route.objective == pytest.approx(best, abs=1e-6), f"seed {seed}"
-        assert route.optimal and route.solver == "ilp"
+        assert route.optimal and route.solver == "ilp", f"seed {seed}: {route.solve_time_ms:.0f} ms"
         solved += 1
     if solver == "greedy":
         assert missed < 15
