@@ -119,19 +119,15 @@ def create_app(service: OracleService) -> FastAPI:
             )
         return {"accepted": True, "node": signed.report.node, "seq": signed.report.seq}
 
+    @app.exception_handler(EvidenceRefusedError)
+    async def evidence_refused(request: Request, exc: EvidenceRefusedError) -> JSONResponse:
+        # a spot check's evidence or failure report proves nothing: nothing slashed, nothing counted
+        slug = f"evidence-{exc.reason.replace('_', '-')}"
+        return problem(422, slug, "Evidence refused", str(exc), str(request.url.path), reason=exc.reason)
+
     @app.post("/v1/spot-checks")
-    def spot_check(evidence: SpotCheckEvidence, request: Request) -> Any:
-        try:
-            outcome = service.report_spot_check(evidence)
-        except EvidenceRefusedError as exc:
-            return problem(
-                422,
-                f"evidence-{exc.reason.replace('_', '-')}",
-                "Evidence refused",
-                str(exc),
-                str(request.url.path),
-                reason=exc.reason,
-            )
+    def spot_check(evidence: SpotCheckEvidence) -> Any:
+        outcome = service.report_spot_check(evidence)
         return {
             "outcome": outcome.outcome,
             "detail": outcome.detail,
@@ -139,19 +135,8 @@ def create_app(service: OracleService) -> FastAPI:
         }
 
     @app.post("/v1/spot-checks/failures")
-    def spot_check_failure(failure: SpotCheckFailure, request: Request) -> Any:
-        try:
-            counted = service.report_failure(failure)
-        except EvidenceRefusedError as exc:
-            return problem(
-                422,
-                f"evidence-{exc.reason.replace('_', '-')}",
-                "Failure report refused",
-                str(exc),
-                str(request.url.path),
-                reason=exc.reason,
-            )
-        return {"recorded": counted, "node": failure.node}
+    def spot_check_failure(failure: SpotCheckFailure) -> Any:
+        return {"recorded": service.report_failure(failure), "node": failure.node}
 
     @app.get("/v1/aggregates")
     def aggregates_latest(request: Request) -> Any:

@@ -28,7 +28,7 @@ import logging
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -134,9 +134,8 @@ class OracleService:
         self.slashes = 0
         self.posted_epochs = 0
         self._reports_dir = self.state_dir / "reports"
-        self._reload_reports()
         self._checks_dir = self.state_dir / "checks"
-        self._reload_checks()
+        self._reload()
 
     def check_roles(self) -> None:
         """Refuse to start without the roles the loop needs (a clear message instead of a revert later)."""
@@ -201,30 +200,27 @@ class OracleService:
         self._heartbeats[report.node].add(slot)
         self._first_slot[report.node] = min(self._first_slot.get(report.node, slot), slot)
 
-    def _reload_reports(self) -> None:
-        """Accepted reports of epochs not yet posted survive a restart (``reports/<epoch>.jsonl``)."""
-        if not self._reports_dir.exists():
-            return
+    def _reload(self) -> None:
+        """What epochs not yet posted had survives a restart: accepted reports
+        (``reports/<epoch>.jsonl``) and spot-check results (``checks/<epoch>.log``)."""
         posted = self.reputation.latest_epoch()
-        for path in sorted(self._reports_dir.glob("*.jsonl")):
-            if not path.stem.isdigit() or int(path.stem) <= posted:
-                continue
-            for line in path.read_text().splitlines():
-                if line.strip():
-                    self._keep(SignedTelemetry.model_validate_json(line))
+        for _epoch, line in self._unposted_lines(self._reports_dir, "jsonl", posted):
+            if line.strip():
+                self._keep(SignedTelemetry.model_validate_json(line))
+        for epoch, line in self._unposted_lines(self._checks_dir, "log", posted):
+            node, _, outcome = line.partition(" ")
+            if Web3.is_address(node) and outcome in ("pass", "fail"):
+                self._checks[epoch][Web3.to_checksum_address(node)][0 if outcome == "pass" else 1] += 1
 
-    def _reload_checks(self) -> None:
-        """Spot-check results of epochs not yet posted survive a restart (``checks/<epoch>.log``)."""
-        if not self._checks_dir.exists():
+    @staticmethod
+    def _unposted_lines(folder: Path, suffix: str, posted: int) -> Iterator[tuple[int, str]]:
+        """``(epoch, line)`` of every ``<epoch>.<suffix>`` file in ``folder`` for epochs after ``posted``."""
+        if not folder.exists():
             return
-        posted = self.reputation.latest_epoch()
-        for path in sorted(self._checks_dir.glob("*.log")):
-            if not path.stem.isdigit() or int(path.stem) <= posted:
-                continue
-            for line in path.read_text().splitlines():
-                node, _, outcome = line.partition(" ")
-                if Web3.is_address(node) and outcome in ("pass", "fail"):
-                    self._checks[int(path.stem)][Web3.to_checksum_address(node)][0 if outcome == "pass" else 1] += 1
+        for path in sorted(folder.glob(f"*.{suffix}")):
+            if path.stem.isdigit() and int(path.stem) > posted:
+                for line in path.read_text().splitlines():
+                    yield int(path.stem), line
 
     # ------------------------------------------------------------------ spot checks
 
