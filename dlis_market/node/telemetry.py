@@ -29,7 +29,8 @@ import hivemind
 from hivemind.utils import get_dht_time
 from web3 import Web3
 
-from dlis_market.oracle.client import TelemetrySender
+from dlis_market.oracle.client import TelemetrySender, post_blob
+from dlis_market.oracle.errors import TelemetryRefusedError
 from dlis_market.oracle.telemetry import MAX_JOBS, MAX_LATENCIES, JobOutcome, TelemetryMetrics, oracle_domain
 from dlis_market.types import LayerRange
 
@@ -266,21 +267,15 @@ class WorkerTelemetry:
 
     async def _post(self, session: aiohttp.ClientSession, blob: bytes) -> str:
         """POST the blob (the same bytes as on the DHT, so the oracle sees one seq); '' or why not."""
-        url = f"{self.oracle_url}/v1/telemetry"
+        assert self.oracle_url is not None
         try:
-            async with session.post(url, data=blob, headers={"content-type": "application/zstd"}) as resp:
-                if resp.status == 202:
-                    self.sent += 1
-                    return ""
-                try:
-                    body = await resp.json(content_type=None)
-                except (ValueError, aiohttp.ClientError):
-                    body = None
-                if not isinstance(body, dict):
-                    body = {"detail": body}
-                return f"oracle refused it ({resp.status} {body.get('reason', '?')}): {body.get('detail', body)}"
+            await post_blob(session, self.oracle_url, blob)
+        except TelemetryRefusedError as exc:
+            return str(exc)
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-            return f"cannot reach {url}: {exc!r} (the report still goes on the DHT)"
+            return f"cannot reach {self.oracle_url}/v1/telemetry: {exc!r} (the report still goes on the DHT)"
+        self.sent += 1
+        return ""
 
     def _note(self, path: str, problem: str) -> None:
         """Log a failure when it first appears or changes, and the recovery; not every interval."""

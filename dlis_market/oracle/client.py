@@ -53,15 +53,24 @@ class TelemetrySender:
 
     async def send(self, session: aiohttp.ClientSession, oracle_url: str, metrics: TelemetryMetrics) -> dict[str, Any]:
         """POST one report to ``{oracle_url}/v1/telemetry``; a refusal raises with its reason."""
-        async with session.post(
-            oracle_url.rstrip("/") + "/v1/telemetry",
-            data=self.blob(metrics),
-            headers={"content-type": "application/zstd"},
-        ) as resp:
-            body: dict[str, Any] = await resp.json(content_type=None)
-            if resp.status != 202:
-                raise TelemetryRefusedError(
-                    str(body.get("reason", "malformed")),
-                    f"oracle refused telemetry ({resp.status}): {body.get('detail', body)}",
-                )
-            return body
+        return await post_blob(session, oracle_url, self.blob(metrics))
+
+
+async def post_blob(session: aiohttp.ClientSession, oracle_url: str, blob: bytes) -> dict[str, Any]:
+    """POST a signed blob to ``{oracle_url}/v1/telemetry``: the oracle's answer, or
+    :class:`TelemetryRefusedError` with its reason (``malformed`` when the answer is not JSON)."""
+    async with session.post(
+        oracle_url.rstrip("/") + "/v1/telemetry", data=blob, headers={"content-type": "application/zstd"}
+    ) as resp:
+        try:
+            body = await resp.json(content_type=None)
+        except (ValueError, aiohttp.ClientError):
+            body = None
+        if not isinstance(body, dict):
+            body = {"detail": body}
+        if resp.status != 202:
+            reason = str(body.get("reason", "malformed"))
+            raise TelemetryRefusedError(
+                reason, f"oracle refused it ({resp.status} {reason}): {body.get('detail', body)}"
+            )
+        return body
