@@ -1,5 +1,6 @@
-"""Fixtures: one real Anvil per test session with the market deployed (same sequence as
-`brownie run deploy`), and a fresh chain state for every test (evm_snapshot / evm_revert)."""
+"""Fixtures shared by every suite under tests/ (integration, adversarial, chaos): one real Anvil
+per test session with the market deployed (same sequence as `brownie run deploy`), and a fresh
+chain state for every test (evm_snapshot / evm_revert)."""
 
 from __future__ import annotations
 
