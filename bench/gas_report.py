@@ -37,7 +37,7 @@ SPANS = [(0, 10), (10, 20), (20, 30)]
 
 def _job(m: LocalMarket, client: Any, nodes: list[Any], model: bytes, nonce: int) -> SignedJob:
     dom = m.market().domain()
-    auth = JobAuthorization(client.address, m.broker.address, model, UNIT, nonce, m.client.timestamp() + 3600)
+    auth = JobAuthorization(client.address, m.broker.address, model, UNIT, nonce, m.client.timestamp() + 600)
     receipts = []
     for (start, end), node in zip(SPANS, nodes, strict=True):
         r = Receipt(auth.job_id, model, start, end, 64, secrets.token_bytes(32), 10**15 + nonce)

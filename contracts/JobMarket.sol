@@ -21,8 +21,21 @@ import {INodeRegistry} from "./interfaces/INodeRegistry.sol";
 ///      NodeRegistry, that the receipts cover the model's layers [0, numLayers) contiguously
 ///      and in order, and that receipts + protocol fee stay within the authorized maximum.
 ///      The client pays receipts + fee; node operators and the treasury are credited and pull
-///      their money with `claim` (pull payments). Withdrawals from escrow wait `withdrawDelay`
-///      so a client cannot pull funds from under a job that is being settled.
+///      their money with `claim` (pull payments).
+///      A receipt whose signer is a registered node that is no longer routable at settlement
+///      (deregistered, or its operator under the minimum stake) is forfeited instead of failing
+///      the job: its layers still count toward coverage, the client is not charged for it (nor
+///      the fee on it), the other stages are paid, and `ReceiptForfeited` records it as evidence
+///      against that node. So one stage leaving after serving cannot void the others' pay.
+///      Escrow cannot be pulled from under admitted jobs: a withdrawal waits `withdrawDelay`
+///      after its request and is usable only for `withdrawWindow` after that (then it expires
+///      and must be requested again); settlement refuses an authorization whose deadline is more
+///      than `maxAuthorizationLifetime` (< `withdrawDelay`) ahead of the settling block. A broker
+///      that admits a job only while its deadline is within `maxAuthorizationLifetime` of the
+///      admission time and only against escrow not covered by a live (unexpired) withdrawal
+///      request therefore has the job settled, or its authorization expired, before any
+///      withdrawal requested after the admission becomes ready: request time + withdrawDelay >
+///      admission time + maxAuthorizationLifetime >= deadline >= settlement time.
 ///      There is no way to cancel an authorization once given (a cancellation could race a
 ///      served job's settlement and leave its nodes unpaid): clients bound their exposure with the
 ///      authorization's deadline and max cost.
@@ -80,7 +93,9 @@ contract JobMarket is AccessControl, ReentrancyGuard, EIP712 {
         uint64 readyAt;
     }
 
-    /// @dev Per-batch memory cache of nodes already checked and what they are owed.
+    /// @dev Per-batch memory cache of nodes already checked and what they are owed. A node that
+    ///      was registered but is not routable is cached with operator address(0): its receipts
+    ///      are forfeited.
     struct Payees {
         address[] nodes;
         address[] operators;
@@ -93,6 +108,8 @@ contract JobMarket is AccessControl, ReentrancyGuard, EIP712 {
     IERC20 private immutable _token;
     INodeRegistry private immutable _registry;
     uint64 private immutable _withdrawDelay;
+    uint64 private immutable _withdrawWindow;
+    uint64 private immutable _maxAuthorizationLifetime;
     address private _treasury;
     uint16 private _feeBps;
 
@@ -101,7 +118,7 @@ contract JobMarket is AccessControl, ReentrancyGuard, EIP712 {
     mapping(address client => mapping(uint256 word => uint256 bits)) private _nonceBitmap;
     mapping(address account => uint256) private _claimable;
     mapping(address client => mapping(address spender => Spender)) private _spenders;
-    mapping(bytes32 batchId => bool) private _batchSettled;
+    mapping(address broker => mapping(bytes32 batchId => bool)) private _batchSettled;
     uint256 private _totalEscrow;
     uint256 private _totalClaimable;
 
@@ -111,8 +128,12 @@ contract JobMarket is AccessControl, ReentrancyGuard, EIP712 {
     event WithdrawalRequested(address indexed client, uint256 amount, uint64 readyAt);
     /// @notice Escrow was paid back to the client.
     event Withdrawn(address indexed client, uint256 amount);
-    /// @notice A client set (or revoked, with cap 0) a standing spending authorization.
+    /// @notice A client set (or revoked: cap 0 and expiry 0) a standing spending authorization.
     event SpenderSet(address indexed client, address indexed spender, uint256 cap, uint64 expiry);
+    /// @notice A receipt was not paid because its signer, a registered node, was not routable at
+    ///         settlement (deregistered or under the minimum stake): evidence against that node.
+    ///         The client was not charged for it.
+    event ReceiptForfeited(bytes32 indexed jobId, address indexed node, uint256 amount);
     /// @notice A job was settled: the client paid `cost` to nodes plus `fee` to the protocol. The
     ///         batch it belongs to is the `BatchSettled` event of the same transaction.
     event JobSettled(bytes32 indexed jobId, address indexed client, uint256 cost, uint256 fee);
@@ -130,6 +151,11 @@ contract JobMarket is AccessControl, ReentrancyGuard, EIP712 {
     error JobMarketInvalidFee(uint16 feeBps, uint16 maxFeeBps);
     error JobMarketNoPendingWithdrawal(address client);
     error JobMarketWithdrawalNotReady(uint64 readyAt, uint64 now_);
+    error JobMarketWithdrawalExpired(uint64 readyAt, uint64 expiresAt, uint64 now_);
+    error JobMarketInvalidWithdrawWindow(uint64 withdrawWindow);
+    error JobMarketInvalidAuthorizationLifetime(uint64 maxAuthorizationLifetime, uint64 withdrawDelay);
+    error JobMarketAuthorizationTooLong(uint256 jobIndex, uint256 deadline, uint256 maxDeadline);
+    error JobMarketSpenderChanged(address spender, uint256 expectedRemaining, uint256 remaining);
     error JobMarketNothingToClaim(address account);
     error JobMarketEmptyBatch();
     error JobMarketBatchAlreadySettled(bytes32 batchId);
@@ -152,13 +178,19 @@ contract JobMarket is AccessControl, ReentrancyGuard, EIP712 {
     /// @param treasury_ receives the protocol fee
     /// @param feeBps_ protocol fee on top of receipts, in basis points (at most 2000)
     /// @param withdrawDelay_ seconds between a withdrawal request and the withdrawal
+    /// @param withdrawWindow_ seconds a ready withdrawal request stays usable (at least 1)
+    /// @param maxAuthorizationLifetime_ how far ahead of the settling block an authorization's
+    ///        deadline may be, in seconds; at least 1 and less than `withdrawDelay_`, so no
+    ///        authorization a broker admitted can outlive the withdrawal delay
     constructor(
         IERC20 token_,
         INodeRegistry registry_,
         address admin,
         address treasury_,
         uint16 feeBps_,
-        uint64 withdrawDelay_
+        uint64 withdrawDelay_,
+        uint64 withdrawWindow_,
+        uint64 maxAuthorizationLifetime_
     ) EIP712("DLIS JobMarket", "1") {
         if (
             address(token_) == address(0) || address(registry_) == address(0) || admin == address(0)
@@ -169,7 +201,13 @@ contract JobMarket is AccessControl, ReentrancyGuard, EIP712 {
         _registry = registry_;
         _treasury = treasury_;
         _feeBps = feeBps_;
+        if (withdrawWindow_ == 0) revert JobMarketInvalidWithdrawWindow(withdrawWindow_);
+        if (maxAuthorizationLifetime_ == 0 || maxAuthorizationLifetime_ >= withdrawDelay_) {
+            revert JobMarketInvalidAuthorizationLifetime(maxAuthorizationLifetime_, withdrawDelay_);
+        }
         _withdrawDelay = withdrawDelay_;
+        _withdrawWindow = withdrawWindow_;
+        _maxAuthorizationLifetime = maxAuthorizationLifetime_;
         _grantRole(DEFAULT_ADMIN_ROLE, admin);
     }
 
@@ -189,6 +227,7 @@ contract JobMarket is AccessControl, ReentrancyGuard, EIP712 {
 
     /// @notice Ask to withdraw `amount` of escrow after the withdrawal delay. Replaces any earlier
     ///         request and restarts the delay. Escrow stays usable for settlement until withdrawn.
+    ///         The request can be used from `readyAt` to `readyAt + withdrawWindow`, then expires.
     function requestWithdrawal(uint256 amount) external {
         if (amount == 0) revert JobMarketZeroAmount();
         uint64 readyAt = uint64(block.timestamp) + _withdrawDelay;
@@ -196,11 +235,18 @@ contract JobMarket is AccessControl, ReentrancyGuard, EIP712 {
         emit WithdrawalRequested(msg.sender, amount, readyAt);
     }
 
-    /// @notice Withdraw the requested amount (or the whole escrow if less is left) once ready.
+    /// @notice Withdraw the requested amount (or the whole escrow if less is left) once ready and
+    ///         before the request expires (`readyAt + withdrawWindow`). An expired request must be
+    ///         made again (and waits the delay again): a ready request cannot be held open to pull
+    ///         escrow at any moment from under jobs admitted later.
     function withdraw() external nonReentrant {
         PendingWithdrawal memory w = _withdrawals[msg.sender];
         if (w.amount == 0) revert JobMarketNoPendingWithdrawal(msg.sender);
         if (block.timestamp < w.readyAt) revert JobMarketWithdrawalNotReady(w.readyAt, uint64(block.timestamp));
+        uint64 expiresAt = w.readyAt + _withdrawWindow;
+        if (block.timestamp > expiresAt) {
+            revert JobMarketWithdrawalExpired(w.readyAt, expiresAt, uint64(block.timestamp));
+        }
         uint256 available = _escrow[msg.sender];
         uint256 amount = w.amount < available ? w.amount : available;
         delete _withdrawals[msg.sender];
@@ -212,24 +258,45 @@ contract JobMarket is AccessControl, ReentrancyGuard, EIP712 {
 
     /// @notice Let `spender` (e.g. a key held by a broker for an API key) sign job authorizations
     ///         on the caller's behalf, up to `cap` token units in total, until `expiry`. Setting
-    ///         it again replaces the remaining cap; cap 0 revokes it.
-    function setSpender(address spender, uint128 cap, uint64 expiry) external {
+    ///         it again replaces the remaining cap, only if the remaining cap is still
+    ///         `expectedRemaining` (compare-and-set): a spender that draws from the old cap just
+    ///         before a lowering lands makes the lowering revert instead of being granted both.
+    ///         Cap 0 revokes the spender fully (its signatures are refused from then on).
+    /// @param expectedRemaining the remaining cap the caller read (`spenderOf`); 0 for a new spender
+    function setSpender(address spender, uint256 expectedRemaining, uint128 cap, uint64 expiry) external {
         if (spender == address(0)) revert JobMarketZeroAddress();
+        uint256 remaining = _spenders[msg.sender][spender].remaining;
+        if (remaining != expectedRemaining) revert JobMarketSpenderChanged(spender, expectedRemaining, remaining);
+        if (cap == 0) {
+            _revokeSpender(spender);
+            return;
+        }
         _spenders[msg.sender][spender] = Spender(cap, expiry);
         emit SpenderSet(msg.sender, spender, cap, expiry);
+    }
+
+    /// @notice Revoke `spender` fully, whatever its remaining cap: its signatures are refused
+    ///         from this block on, also for jobs that would cost nothing.
+    function revokeSpender(address spender) external {
+        if (spender == address(0)) revert JobMarketZeroAddress();
+        _revokeSpender(spender);
     }
 
     // ----------------------------------------------------------------------------- settlement
 
     /// @notice Settle a batch of jobs. Broker only; every authorization must name the caller as
-    ///         broker. The whole batch reverts on the first invalid job (the error names its index),
-    ///         so a broker simulates first and drops what fails.
-    /// @param batchId caller-chosen unique id of this batch (a batch id settles once)
+    ///         broker and have a deadline at most `maxAuthorizationLifetime` ahead. The whole
+    ///         batch reverts on the first invalid job (the error names its index), so a broker
+    ///         simulates first and drops what fails. Receipts of registered nodes that are no
+    ///         longer routable are forfeited (`ReceiptForfeited`), not paid and not charged.
+    /// @param batchId caller-chosen id of this batch, unique per broker (a broker's batch id
+    ///        settles once; other brokers' ids never collide with it)
     /// @param jobs the jobs with their client authorization and stage receipts
     function settleBatch(bytes32 batchId, JobSettlement[] calldata jobs) external onlyRole(BROKER_ROLE) nonReentrant {
         if (jobs.length == 0) revert JobMarketEmptyBatch();
-        if (_batchSettled[batchId]) revert JobMarketBatchAlreadySettled(batchId);
-        _batchSettled[batchId] = true;
+        mapping(bytes32 => bool) storage settled = _batchSettled[msg.sender];
+        if (settled[batchId]) revert JobMarketBatchAlreadySettled(batchId);
+        settled[batchId] = true;
 
         uint256 receiptCount = 0;
         for (uint256 i = 0; i < jobs.length; ++i) {
@@ -247,8 +314,10 @@ contract JobMarket is AccessControl, ReentrancyGuard, EIP712 {
             fees += fee;
         }
         for (uint256 k = 0; k < payees.count; ++k) {
-            _claimable[payees.operators[k]] += payees.owed[k];
-            emit PaymentCredited(payees.operators[k], payees.nodes[k], batchId, payees.owed[k]);
+            address operator = payees.operators[k];
+            if (operator == address(0)) continue; // forfeited: nothing owed
+            _claimable[operator] += payees.owed[k];
+            emit PaymentCredited(operator, payees.nodes[k], batchId, payees.owed[k]);
         }
         if (fees > 0) _claimable[_treasury] += fees;
         _totalEscrow -= paid + fees;
@@ -293,9 +362,9 @@ contract JobMarket is AccessControl, ReentrancyGuard, EIP712 {
         return (sp.remaining, sp.expiry);
     }
 
-    /// @notice Whether a batch id has been settled.
-    function batchSettled(bytes32 batchId) external view returns (bool) {
-        return _batchSettled[batchId];
+    /// @notice Whether `broker` has settled a batch with this id (batch ids are per broker).
+    function batchSettled(address broker, bytes32 batchId) external view returns (bool) {
+        return _batchSettled[broker][batchId];
     }
 
     /// @notice A client's escrow balance.
@@ -303,10 +372,12 @@ contract JobMarket is AccessControl, ReentrancyGuard, EIP712 {
         return _escrow[client];
     }
 
-    /// @notice A client's pending withdrawal request.
-    function pendingWithdrawal(address client) external view returns (uint256 amount, uint64 readyAt) {
+    /// @notice A client's pending withdrawal request: usable from `readyAt` to `expiresAt`
+    ///         inclusive (all zero when there is none).
+    function pendingWithdrawal(address client) external view returns (uint256 amount, uint64 readyAt, uint64 expiresAt) {
         PendingWithdrawal memory w = _withdrawals[client];
-        return (w.amount, w.readyAt);
+        if (w.amount == 0) return (0, 0, 0);
+        return (w.amount, w.readyAt, w.readyAt + _withdrawWindow);
     }
 
     /// @notice Earnings credited to `account` and not yet claimed.
@@ -339,6 +410,17 @@ contract JobMarket is AccessControl, ReentrancyGuard, EIP712 {
         return _withdrawDelay;
     }
 
+    /// @notice Seconds a ready withdrawal request stays usable before it expires.
+    function withdrawWindow() external view returns (uint64) {
+        return _withdrawWindow;
+    }
+
+    /// @notice The most seconds an authorization's deadline may lie ahead of the settling block
+    ///         (less than `withdrawDelay`).
+    function maxAuthorizationLifetime() external view returns (uint64) {
+        return _maxAuthorizationLifetime;
+    }
+
     /// @notice The payment token.
     function token() external view returns (IERC20) {
         return _token;
@@ -355,6 +437,11 @@ contract JobMarket is AccessControl, ReentrancyGuard, EIP712 {
     }
 
     // ----------------------------------------------------------------------------- internals
+
+    function _revokeSpender(address spender) private {
+        delete _spenders[msg.sender][spender];
+        emit SpenderSet(msg.sender, spender, 0, 0);
+    }
 
     function _deposit(address client, uint256 amount) private {
         if (amount == 0) revert JobMarketZeroAmount();
@@ -378,9 +465,14 @@ contract JobMarket is AccessControl, ReentrancyGuard, EIP712 {
     }
 
     /// @dev Checks deadline and signature (the client's, or a spender's with a standing
-    ///      authorization), marks the nonce used, returns the job id and the signer.
+    ///      authorization), marks the nonce used, returns the job id and the signer. A deadline
+    ///      more than `maxAuthorizationLifetime` ahead is refused, so an authorization settles
+    ///      within that lifetime of its deadline, before a withdrawal requested after the broker
+    ///      admitted it can be ready (see the contract notes).
     function _consumeAuthorization(uint256 index, JobSettlement calldata job) private returns (bytes32, address) {
         if (block.timestamp > job.deadline) revert JobMarketAuthorizationExpired(index, job.deadline, block.timestamp);
+        uint256 maxDeadline = block.timestamp + _maxAuthorizationLifetime;
+        if (job.deadline > maxDeadline) revert JobMarketAuthorizationTooLong(index, job.deadline, maxDeadline);
         bytes32 authHash = _hashTypedDataV4(
             keccak256(
                 abi.encode(
@@ -416,9 +508,10 @@ contract JobMarket is AccessControl, ReentrancyGuard, EIP712 {
         _escrow[job.client] = escrow - total;
     }
 
+    /// @dev Checks ranges, coverage and signatures; returns what the client pays for receipts
+    ///      (forfeited receipts excluded).
     function _checkReceipts(uint256 index, JobSettlement calldata job, bytes32 jobId, Payees memory payees)
         private
-        view
         returns (uint256 cost)
     {
         uint256 n = job.receipts.length;
@@ -445,25 +538,38 @@ contract JobMarket is AccessControl, ReentrancyGuard, EIP712 {
                 )
             );
             address node = ECDSA.recover(digest, rc.r, rc.vs);
-            _credit(payees, node, rc.amount, index, j);
-            cost += rc.amount;
+            if (_credit(payees, node, rc.amount, index, j)) {
+                cost += rc.amount;
+            } else {
+                emit ReceiptForfeited(jobId, node, rc.amount);
+            }
         }
         if (coveredTo != numLayers) revert JobMarketIncompleteCoverage(index, coveredTo, numLayers);
     }
 
-    function _credit(Payees memory payees, address node, uint256 amount, uint256 index, uint256 j) private view {
+    /// @dev Adds `amount` to what `node` is owed in this batch and returns true, or returns false
+    ///      when the receipt is forfeited (the node is registered but not routable now). A signer
+    ///      that was never registered (a forged or foreign receipt) reverts the job.
+    function _credit(Payees memory payees, address node, uint256 amount, uint256 index, uint256 j)
+        private
+        view
+        returns (bool)
+    {
         for (uint256 k = 0; k < payees.count; ++k) {
             if (payees.nodes[k] == node) {
+                if (payees.operators[k] == address(0)) return false;
                 payees.owed[k] += amount;
-                return;
+                return true;
             }
         }
         (address operator, bool routable) = _registry.settlementInfo(node);
-        if (!routable) revert JobMarketNodeNotRoutable(index, j, node);
+        if (operator == address(0)) revert JobMarketNodeNotRoutable(index, j, node);
         uint256 c = payees.count;
         payees.nodes[c] = node;
+        payees.count = c + 1;
+        if (!routable) return false;
         payees.operators[c] = operator;
         payees.owed[c] = amount;
-        payees.count = c + 1;
+        return true;
     }
 }

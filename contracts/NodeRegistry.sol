@@ -98,6 +98,7 @@ contract NodeRegistry is INodeRegistry, EIP712 {
     error NodeRegistryNotPublisher(bytes32 modelId, address publisher, address caller);
     error NodeRegistryUnknownModel(bytes32 modelId);
     error NodeRegistryInvalidModel(string reason);
+    error NodeRegistryLayerCountFixed(bytes32 modelId, uint32 numLayers, uint32 given);
 
     /// @param staking_ the staking manager consulted for operator stake
     constructor(IStakingManager staking_) EIP712("DLIS NodeRegistry", "1") {
@@ -172,7 +173,10 @@ contract NodeRegistry is INodeRegistry, EIP712 {
     // ----------------------------------------------------------------------------- models
 
     /// @notice Register a new model id with its manifest, or publish a new version of a model the
-    ///         caller published before.
+    ///         caller published before. The layer count is fixed by the first version: a later
+    ///         version with another count reverts, since receipts of jobs already served cover
+    ///         [0, numLayers) of the first count and would all become unsettleable.
+    /// @dev Model ids are keccak256(name) and first-come: whoever publishes a name first owns it.
     /// @param modelId keccak256 of the model's name (see the Python `model_id`)
     /// @param manifestCid IPFS CID of the shard manifest
     /// @param manifestSha256 sha256 of the manifest bytes
@@ -190,6 +194,8 @@ contract NodeRegistry is INodeRegistry, EIP712 {
             _modelIds.push(modelId);
         } else if (m.publisher != msg.sender) {
             revert NodeRegistryNotPublisher(modelId, m.publisher, msg.sender);
+        } else if (m.numLayers != numLayers) {
+            revert NodeRegistryLayerCountFixed(modelId, m.numLayers, numLayers);
         }
         m.version += 1;
         m.numLayers = numLayers;

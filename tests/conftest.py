@@ -21,12 +21,15 @@ CACHE = Path(tempfile.gettempdir()) / "dlis-test-cache" / "v1"
 @pytest.fixture(scope="session")
 def market_session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalMarket]:
     home: Path = tmp_path_factory.mktemp("dlis-home")
-    # Small, readable parameters: 100 DLIS minimum stake, 1 h unbonding, 1 h withdraw delay, 2.5 % fee.
+    # Small, readable parameters: 100 DLIS minimum stake, 1 h unbonding, 1 h withdraw delay (usable
+    # for 1 h once ready), authorizations at most 30 min ahead at settlement, 2.5 % fee.
     with local_market(
         home,
         min_stake=100 * 10**18,
         unbonding_period_s=3600,
         withdraw_delay_s=3600,
+        withdraw_window_s=3600,
+        max_authorization_lifetime_s=1800,
         keystore_scrypt_n=2**10,
     ) as m:
         yield m

@@ -1,13 +1,46 @@
-"""Models the broker serves: manifest + tokenizer (and chat template) from local shard folders."""
+"""Models the broker serves: manifest + tokenizer (and chat template) from local shard folders.
+
+With a chain registry, a model is served only when its local manifest is the one the chain
+records for its model id (same manifest sha256 and layer count): jobs of a squatted or re-pointed
+model id would be routed over shards the chain does not vouch for, or fail to settle.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dlis_market.broker.problems import prompt_too_long, unknown_model
-from dlis_market.inference.manifest import Manifest, load_manifest
+from dlis_market.errors import BrokerError
+from dlis_market.inference.manifest import MANIFEST_NAME, Manifest, load_manifest, sha256_file
+
+if TYPE_CHECKING:
+    from dlis_market.chain.node_registry import NodeRegistry
+
+
+class ManifestMismatchError(BrokerError):
+    """A local model's manifest is not the one the chain records for its model id."""
+
+
+def check_against_chain(manifest: Manifest, shard_dir: Path, registry: NodeRegistry) -> None:
+    """Raise :class:`ManifestMismatchError` unless the chain's latest version of the manifest's
+    model id has this manifest's sha256 and layer count."""
+    local_sha = sha256_file(shard_dir / MANIFEST_NAME)
+    record = registry.get_model(bytes.fromhex(manifest.model_id[2:]))
+    if record is None:
+        raise ManifestMismatchError(
+            f"model {manifest.model_name} ({manifest.model_id}) is not published in NodeRegistry "
+            f"{registry.address}, so its jobs cannot settle; publish it (`dlis model publish`) or drop {shard_dir}"
+        )
+    chain_sha = record.manifest_sha256.hex()
+    if chain_sha != local_sha or record.num_layers != manifest.num_layers:
+        raise ManifestMismatchError(
+            f"model {manifest.model_name} ({manifest.model_id}): local manifest {shard_dir / MANIFEST_NAME} has "
+            f"sha256 {local_sha} and {manifest.num_layers} layers, but the chain's version {record.version} "
+            f"(publisher {record.publisher}) has sha256 {chain_sha} and {record.num_layers} layers; fetch the "
+            "published shards (`dlis model fetch`) or serve the model under a name you published"
+        )
 
 
 @dataclass
@@ -57,12 +90,16 @@ class ModelCatalog:
         self.models = models
 
     @classmethod
-    def from_shard_dirs(cls, dirs: list[Path]) -> ModelCatalog:
+    def from_shard_dirs(cls, dirs: list[Path], registry: NodeRegistry | None = None) -> ModelCatalog:
+        """Load each shard folder; with ``registry``, refuse (:class:`ManifestMismatchError`) a model
+        whose manifest is not the chain's latest for its model id."""
         from transformers import AutoTokenizer
 
         models: dict[str, ServedModel] = {}
         for d in dirs:
             manifest = load_manifest(d)
+            if registry is not None:
+                check_against_chain(manifest, d, registry)
             tok = AutoTokenizer.from_pretrained(str(d))
             models[manifest.model_name] = ServedModel(manifest.model_name, manifest.model_id, manifest, d, tok)
         return cls(models)

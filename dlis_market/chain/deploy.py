@@ -18,7 +18,7 @@ from web3.types import TxParams
 
 from dlis_market.chain.anvil import REPO_ROOT
 from dlis_market.chain.deployment import DeployedContract, Deployment
-from dlis_market.chain.errors import DeploymentNotFoundError
+from dlis_market.chain.errors import DeploymentNotFoundError, PreflightError
 from dlis_market.settings import ChainSettings
 
 
@@ -41,6 +41,14 @@ class Deployer(Protocol):
 
 
 def deploy_market(deployer: Deployer, params: ChainSettings, roles: Roles) -> Deployment:
+    if not 0 < params.max_authorization_lifetime_s < params.withdraw_delay_s:
+        raise PreflightError(
+            f"max_authorization_lifetime_s is {params.max_authorization_lifetime_s} s but must be above 0 and "
+            f"below withdraw_delay_s ({params.withdraw_delay_s} s), so no authorization outlives the withdrawal "
+            "delay; lower it or raise the delay"
+        )
+    if params.withdraw_window_s <= 0:
+        raise PreflightError(f"withdraw_window_s is {params.withdraw_window_s} s; it must be at least 1")
     token = deployer.deploy("DLISToken", roles.deployer, params.initial_supply)
     staking = deployer.deploy(
         "StakingManager",
@@ -61,6 +69,8 @@ def deploy_market(deployer: Deployer, params: ChainSettings, roles: Roles) -> De
         roles.treasury,
         params.fee_bps,
         params.withdraw_delay_s,
+        params.withdraw_window_s,
+        params.max_authorization_lifetime_s,
     )
     deployer.transact(staking, "grantRole", deployer.call(staking, "SLASHER_ROLE"), roles.oracle)
     deployer.transact(reputation, "grantRole", deployer.call(reputation, "ORACLE_ROLE"), roles.oracle)

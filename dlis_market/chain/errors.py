@@ -72,10 +72,20 @@ REVERT_HINTS: dict[str, str] = {
     "JobMarketInsufficientEscrow": "the client must deposit more into escrow (`dlis job deposit`)",
     "JobMarketInvalidClientSignature": "the authorization was not signed by the client",
     "JobMarketJobAlreadySettled": "this job was settled before; it is never paid twice",
-    "JobMarketNodeNotRoutable": "the receipt signer is not a registered node with enough stake",
+    "JobMarketNodeNotRoutable": "the receipt signer was never registered as a node (forged or foreign receipt)",
     "JobMarketSpenderCapExceeded": "the standing authorization's cap is spent; the client must raise it (setSpender)",
     "JobMarketSpenderExpired": "the standing authorization expired; the client must renew it (setSpender)",
     "JobMarketWithdrawalNotReady": "wait for the withdrawal delay to pass",
+    "JobMarketWithdrawalExpired": "the request was not used within the withdraw window; request the withdrawal again",
+    "JobMarketAuthorizationTooLong": (
+        "the authorization's deadline lies further ahead than the market's maxAuthorizationLifetime; "
+        "sign it with a nearer deadline"
+    ),
+    "JobMarketInvalidAuthorizationLifetime": "deploy with 0 < max_authorization_lifetime_s < withdraw_delay_s",
+    "JobMarketInvalidWithdrawWindow": "deploy with withdraw_window_s of at least 1",
+    "JobMarketSpenderChanged": "the spender drew from its cap meanwhile; read spenderOf again and set the cap anew",
+    "JobMarketBatchAlreadySettled": "this broker already settled a batch with this id",
+    "NodeRegistryLayerCountFixed": "a model's layer count is fixed by its first version; publish under a new name",
     "JobMarketNothingToClaim": "nothing credited to this account yet",
     "ERC20InsufficientBalance": "the account holds fewer tokens than needed",
     "ERC20InsufficientAllowance": "approve the contract to spend enough tokens first",

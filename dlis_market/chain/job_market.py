@@ -8,6 +8,7 @@ from typing import Any
 
 from eth_account.signers.local import LocalAccount
 from web3 import Web3
+from web3.logs import DISCARD
 from web3.types import TxReceipt
 
 from dlis_market.chain.client import ChainClient
@@ -70,6 +71,16 @@ class Receipt:
 class SignedReceipt:
     receipt: Receipt
     signature: CompactSignature
+
+
+@dataclass(frozen=True)
+class ForfeitedReceipt:
+    """A receipt settlement did not pay because its signer was no longer routable (a
+    ``ReceiptForfeited`` event): evidence against that node."""
+
+    job_id: bytes
+    node: str
+    amount: int
 
 
 @dataclass(frozen=True)
@@ -143,12 +154,28 @@ class JobMarket:
     def withdraw(self, client: LocalAccount) -> TxReceipt:
         return self.client.transact(client, self.contract.functions.withdraw())
 
-    def set_spender(self, client: LocalAccount, spender: str, cap: int, expiry: int) -> TxReceipt:
-        """Let ``spender`` sign job authorizations for ``client`` up to ``cap`` units until ``expiry``."""
+    def set_spender(
+        self, client: LocalAccount, spender: str, cap: int, expiry: int, expected_remaining: int | None = None
+    ) -> TxReceipt:
+        """Let ``spender`` sign job authorizations for ``client`` up to ``cap`` units until ``expiry``
+        (cap 0 revokes it fully).
+
+        The contract replaces the remaining cap only if it still equals ``expected_remaining``
+        (default: the remaining cap read just before sending); if the spender drew from it in
+        between, this raises ``ContractRevertError`` ``JobMarketSpenderChanged``: read
+        :meth:`spender_of` again and decide on the new cap.
+        """
         if cap >= 2**128:
             raise PreflightError(f"spending cap {cap} does not fit uint128")
-        fn = self.contract.functions.setSpender(Web3.to_checksum_address(spender), cap, expiry)
+        spender = Web3.to_checksum_address(spender)
+        if expected_remaining is None:
+            expected_remaining, _ = self.spender_of(client.address, spender)
+        fn = self.contract.functions.setSpender(spender, expected_remaining, cap, expiry)
         return self.client.transact(client, fn)
+
+    def revoke_spender(self, client: LocalAccount, spender: str) -> TxReceipt:
+        """Revoke ``spender`` fully, whatever is left of its cap: its signatures are refused from now on."""
+        return self.client.transact(client, self.contract.functions.revokeSpender(Web3.to_checksum_address(spender)))
 
     def spender_of(self, client: str, spender: str) -> tuple[int, int]:
         remaining, expiry = self.contract.functions.spenderOf(
@@ -159,9 +186,19 @@ class JobMarket:
     def escrow_of(self, client: str) -> int:
         return int(self.contract.functions.escrowOf(Web3.to_checksum_address(client)).call())
 
-    def pending_withdrawal(self, client: str) -> tuple[int, int]:
-        amount, ready = self.contract.functions.pendingWithdrawal(Web3.to_checksum_address(client)).call()
-        return int(amount), int(ready)
+    def pending_withdrawal(self, client: str) -> tuple[int, int, int]:
+        """(amount, ready_at, expires_at) of the client's withdrawal request; usable from ready_at to
+        expires_at inclusive; (0, 0, 0) when there is none."""
+        amount, ready, expires = self.contract.functions.pendingWithdrawal(Web3.to_checksum_address(client)).call()
+        return int(amount), int(ready), int(expires)
+
+    def withdraw_window(self) -> int:
+        """Seconds a ready withdrawal request stays usable before it expires."""
+        return int(self.contract.functions.withdrawWindow().call())
+
+    def max_authorization_lifetime(self) -> int:
+        """Most seconds an authorization's deadline may lie ahead of the settling block."""
+        return int(self.contract.functions.maxAuthorizationLifetime().call())
 
     def claimable_of(self, account: str) -> int:
         return int(self.contract.functions.claimableOf(Web3.to_checksum_address(account)).call())
@@ -169,8 +206,9 @@ class JobMarket:
     def nonce_used(self, client: str, nonce: int) -> bool:
         return bool(self.contract.functions.nonceUsed(client, nonce).call())
 
-    def batch_settled(self, batch_id: bytes) -> bool:
-        return bool(self.contract.functions.batchSettled(batch_id).call())
+    def batch_settled(self, broker: str, batch_id: bytes) -> bool:
+        """Whether ``broker`` settled a batch with this id (batch ids are per broker)."""
+        return bool(self.contract.functions.batchSettled(Web3.to_checksum_address(broker), batch_id).call())
 
     def fee_bps(self) -> int:
         return int(self.contract.functions.feeBps().call())
@@ -203,3 +241,12 @@ class JobMarket:
                 )
         fn = self.contract.functions.settleBatch(batch_id, [j.as_tuple() for j in jobs])
         return self.client.transact(broker, fn)
+
+    def forfeited_receipts(self, receipt: TxReceipt) -> list[ForfeitedReceipt]:
+        """The receipts a settlement transaction forfeited (signer deregistered or under the
+        minimum stake at settlement): the client was not charged for them, nor the fee on them."""
+        events = self.contract.events.ReceiptForfeited().process_receipt(receipt, errors=DISCARD)
+        return [
+            ForfeitedReceipt(bytes(e["args"]["jobId"]), str(e["args"]["node"]), int(e["args"]["amount"]))
+            for e in events
+        ]

@@ -340,7 +340,7 @@ def address_view(ex: Explorer, address: str, history: int = 25) -> AddressView:
         raise NotFoundError(f"{address!r} is not an address (0x + 40 hex digits)")
     addr = to_checksum_address(address)
     stake = ex.staking.info(addr)
-    pending, _ = ex.market.pending_withdrawal(addr)
+    pending, _, _ = ex.market.pending_withdrawal(addr)
     nodes = [_node_view(ex, r) for r in (ex.registry.get(n) for n in ex.registry.nodes_of(addr)) if r is not None]
     own = ex.registry.get(addr)
     if own is not None:

@@ -58,6 +58,8 @@ UNBONDING = 3_600
 REPORTER_SHARE_BPS = 5_000
 FEE_BPS = 250
 WITHDRAW_DELAY = 600
+WITHDRAW_WINDOW = 900
+MAX_AUTH_LIFETIME = 300  # < WITHDRAW_DELAY
 MAX_FEE_BPS = 2_000
 
 MODEL_ID = keccak(text="smollm2-135m")
@@ -330,7 +332,17 @@ def deployed(module_isolation, roles) -> Market:
     )
     registry = NodeRegistry.deploy(staking, d)
     oracle = ReputationOracle.deploy(roles["deployer"], d)
-    market = JobMarket.deploy(token, registry, roles["deployer"], roles["treasury"], FEE_BPS, WITHDRAW_DELAY, d)
+    market = JobMarket.deploy(
+        token,
+        registry,
+        roles["deployer"],
+        roles["treasury"],
+        FEE_BPS,
+        WITHDRAW_DELAY,
+        WITHDRAW_WINDOW,
+        MAX_AUTH_LIFETIME,
+        d,
+    )
     staking.grantRole(staking.SLASHER_ROLE(), roles["oracle"], d)
     oracle.grantRole(oracle.ORACLE_ROLE(), roles["oracle"], d)
     market.grantRole(market.BROKER_ROLE(), roles["broker"], d)
@@ -491,7 +503,7 @@ def make_job(
         model_id=model_id,
         max_cost=max_cost if max_cost is not None else cost + cost * MAX_FEE_BPS // 10_000,
         nonce=nonce,
-        deadline=deadline if deadline is not None else future(),
+        deadline=deadline if deadline is not None else future(MAX_AUTH_LIFETIME // 2),
     )
     jid = job_id(auth.client, nonce)
     receipts = []

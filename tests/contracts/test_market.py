@@ -4,6 +4,7 @@ import pytest
 from brownie import JobMarket, chain
 from conftest import (
     FEE_BPS,
+    MAX_AUTH_LIFETIME,
     MAX_FEE_BPS,
     MIN_STAKE,
     MODEL_LAYERS,
@@ -12,6 +13,7 @@ from conftest import (
     OTHER_MODEL_LAYERS,
     UNIT,
     WITHDRAW_DELAY,
+    WITHDRAW_WINDOW,
     ZERO,
     batch_id,
     deposit,
@@ -74,12 +76,14 @@ def test_constructor_and_views(live, market, token, registry, roles):
     assert market.treasury() == roles["treasury"]
     assert market.feeBps() == FEE_BPS
     assert market.withdrawDelay() == WITHDRAW_DELAY
+    assert market.withdrawWindow() == WITHDRAW_WINDOW
+    assert market.maxAuthorizationLifetime() == MAX_AUTH_LIFETIME
     assert market.hasRole(market.DEFAULT_ADMIN_ROLE(), roles["deployer"])
     assert market.hasRole(market.BROKER_ROLE(), roles["broker"])
     assert market.BROKER_ROLE() == "0x" + keccak(text="BROKER_ROLE").hex()
     assert market.jobIdOf(roles["client1"], 77) == "0x" + job_id(str(roles["client1"]), 77).hex()
     assert not market.nonceUsed(roles["client1"], 77)
-    assert not market.batchSettled(batch_id("x"))
+    assert not market.batchSettled(roles["broker"], batch_id("x"))
 
 
 @pytest.mark.parametrize("which", ["token", "registry", "admin", "treasury"])
@@ -87,18 +91,36 @@ def test_constructor_zero_address(token, registry, roles, which):
     args = {"token": token, "registry": registry, "admin": roles["deployer"], "treasury": roles["treasury"]}
     args[which] = ZERO
     with reverts("JobMarketZeroAddress"):
-        JobMarket.deploy(*args.values(), 0, 0, {"from": roles["deployer"]})
+        JobMarket.deploy(
+            *args.values(), 0, WITHDRAW_DELAY, WITHDRAW_WINDOW, MAX_AUTH_LIFETIME, {"from": roles["deployer"]}
+        )
 
 
 def test_constructor_invalid_fee(token, registry, roles):
     with reverts("JobMarketInvalidFee", MAX_FEE_BPS + 1, MAX_FEE_BPS):
-        JobMarket.deploy(
-            token, registry, roles["deployer"], roles["treasury"], MAX_FEE_BPS + 1, 0, {"from": roles["deployer"]}
-        )
-    m = JobMarket.deploy(
-        token, registry, roles["deployer"], roles["treasury"], MAX_FEE_BPS, 0, {"from": roles["deployer"]}
-    )
-    assert m.feeBps() == MAX_FEE_BPS
+        _deploy(token, registry, roles, fee=MAX_FEE_BPS + 1)
+    assert _deploy(token, registry, roles, fee=MAX_FEE_BPS).feeBps() == MAX_FEE_BPS
+
+
+def _deploy(
+    token, registry, roles, fee=FEE_BPS, delay=WITHDRAW_DELAY, window=WITHDRAW_WINDOW, lifetime=MAX_AUTH_LIFETIME
+):
+    args = (token, registry, roles["deployer"], roles["treasury"], fee, delay, window, lifetime)
+    return JobMarket.deploy(*args, {"from": roles["deployer"]})
+
+
+def test_constructor_refuses_authorizations_that_outlive_the_withdrawal_delay(token, registry, roles):
+    """maxAuthorizationLifetime must be below withdrawDelay (and above 0), the window at least 1 s."""
+    with reverts("JobMarketInvalidAuthorizationLifetime", WITHDRAW_DELAY, WITHDRAW_DELAY):
+        _deploy(token, registry, roles, lifetime=WITHDRAW_DELAY)
+    with reverts("JobMarketInvalidAuthorizationLifetime", WITHDRAW_DELAY + 1, WITHDRAW_DELAY):
+        _deploy(token, registry, roles, lifetime=WITHDRAW_DELAY + 1)
+    with reverts("JobMarketInvalidAuthorizationLifetime", 0, WITHDRAW_DELAY):
+        _deploy(token, registry, roles, lifetime=0)
+    with reverts("JobMarketInvalidWithdrawWindow", 0):
+        _deploy(token, registry, roles, window=0)
+    m = _deploy(token, registry, roles, lifetime=WITHDRAW_DELAY - 1, window=1)
+    assert (m.maxAuthorizationLifetime(), m.withdrawWindow()) == (WITHDRAW_DELAY - 1, 1)
 
 
 # ----------------------------------------------------------------------------- escrow
@@ -142,7 +164,7 @@ def test_request_withdrawal_and_withdraw(market, token, fresh):
     tx = market.requestWithdrawal(4 * UNIT, {"from": fresh})
     ready = tx.timestamp + WITHDRAW_DELAY
     assert dict(tx.events["WithdrawalRequested"][0]) == {"client": fresh, "amount": 4 * UNIT, "readyAt": ready}
-    assert tuple(market.pendingWithdrawal(fresh)) == (4 * UNIT, ready)
+    assert tuple(market.pendingWithdrawal(fresh)) == (4 * UNIT, ready, ready + WITHDRAW_WINDOW)
     with reverts("JobMarketWithdrawalNotReady", ready):
         market.withdraw({"from": fresh})
     chain.sleep(WITHDRAW_DELAY + 1)
@@ -152,7 +174,7 @@ def test_request_withdrawal_and_withdraw(market, token, fresh):
     assert token.balanceOf(fresh) == before + 4 * UNIT
     assert market.escrowOf(fresh) == 6 * UNIT
     assert market.totalEscrow() == BASE_ESCROW + 6 * UNIT
-    assert tuple(market.pendingWithdrawal(fresh)) == (0, 0)
+    assert tuple(market.pendingWithdrawal(fresh)) == (0, 0, 0)
     with reverts("JobMarketNoPendingWithdrawal", fresh):
         market.withdraw({"from": fresh})
 
@@ -233,7 +255,7 @@ def test_settle_one_job(live, market, token, roles, c1, broker):
     assert market.totalEscrow() == 2_000 * UNIT - COST - FEE
     assert token.balanceOf(market) == market.totalEscrow() + market.totalClaimable()
     assert market.nonceUsed(c1, 1)
-    assert market.batchSettled(bid)
+    assert market.batchSettled(broker, bid)
 
 
 def test_settle_batch_aggregates_payees(live, market, roles, c1, c2, broker):
@@ -304,7 +326,7 @@ def test_batch_reverts_atomically(live, market, c1, c2, broker):
     with reverts("JobMarketAuthorizationExpired", 1):
         settle(market, broker, "atomic", [good, bad])
     assert not market.nonceUsed(c1, 1)
-    assert not market.batchSettled(batch_id("atomic"))
+    assert not market.batchSettled(broker, batch_id("atomic"))
     assert market.totalClaimable() == 0
     settle(market, broker, "atomic", [good])
 
@@ -388,21 +410,51 @@ def test_incomplete_coverage(live, market, c1, broker):
         settle(market, broker, "x", [job])
 
 
-def test_node_not_routable(live, market, registry, staking, token, roles, c1, broker):
-    # never registered key
+def test_unregistered_signer_is_refused(live, market, c1, broker):
+    # a key that was never registered (forged or foreign receipt) still fails the job
     job = make_job(market, c1, broker, 1, [(NODES[3], 0, MODEL_LAYERS, UNIT)])
     with reverts("JobMarketNodeNotRoutable", 0, 0, NODES[3].address):
         settle(market, broker, "x", [job])
-    # deregistered node
+
+
+def _forfeits(tx) -> list[tuple[str, str, int]]:
+    if "ReceiptForfeited" not in tx.events:
+        return []
+    return [(e["jobId"], e["node"], e["amount"]) for e in tx.events["ReceiptForfeited"]]
+
+
+def test_receipt_of_deregistered_node_is_forfeited(live, market, registry, roles, c1, broker):
+    """A node deregistered after serving is not paid; the client is not charged for its receipt
+    (nor the fee on it); the other stage is paid."""
     registry.deregisterNode(NODES[1].address, {"from": roles["op2"]})
-    with reverts("JobMarketNodeNotRoutable", 0, 1, NODES[1].address):
-        settle(market, broker, "x", [two_stage(market, c1, broker, 1)])
-    # operator slashed below the minimum stake: all its nodes leave routing at once
-    staking.slash(roles["op1"], MIN_STAKE + 1, keccak(text="ev"), roles["reporter"], {"from": roles["oracle"]})
-    with reverts("JobMarketNodeNotRoutable", 0, 0, NODES[0].address):
-        settle(market, broker, "x", [two_stage(market, c1, broker, 1)])
-    stake(token, staking, roles["op1"], 1)
-    settle(market, broker, "x", [make_job(market, c1, broker, 1, [(NODES[0], 0, MODEL_LAYERS, UNIT)])])
+    tx = settle(market, broker, "x", [two_stage(market, c1, broker, 1)])
+    jid = "0x" + job_id(str(c1), 1).hex()
+    assert _forfeits(tx) == [(jid, NODES[1].address, B)]
+    fee = A * FEE_BPS // 10_000
+    assert dict(tx.events["JobSettled"][0]) == {"jobId": jid, "client": c1, "cost": A, "fee": fee}
+    assert [dict(e)["payee"] for e in tx.events["PaymentCredited"]] == [roles["op1"]]
+    assert market.escrowOf(c1) == 1_000 * UNIT - A - fee
+    assert (market.claimableOf(roles["op1"]), market.claimableOf(roles["op2"])) == (A, 0)
+    assert market.claimableOf(roles["treasury"]) == fee
+    assert market.nonceUsed(c1, 1)
+
+
+def test_receipts_of_slashed_operator_are_forfeited(live, market, registry, staking, token, roles, c1, c2, broker):
+    """Operator under the minimum stake: every receipt of its nodes in the batch is forfeited (the
+    per-batch cache included); the stake restored, its nodes are paid again."""
+    staking.slash(roles["op2"], MIN_STAKE + 1, keccak(text="ev"), roles["reporter"], {"from": roles["oracle"]})
+    three = make_job(
+        market, c2, broker, 1, [(NODES[1], 0, 10, UNIT), (NODES[0], 10, 20, UNIT), (NODES[2], 20, 30, UNIT)]
+    )
+    tx = settle(market, broker, "x", [two_stage(market, c1, broker, 1), three])
+    assert [f[1:] for f in _forfeits(tx)] == [(NODES[1].address, B), (NODES[1].address, UNIT), (NODES[2].address, UNIT)]
+    assert market.claimableOf(roles["op1"]) == A + UNIT
+    assert market.claimableOf(roles["op2"]) == 0
+    assert market.escrowOf(c2) == 1_000 * UNIT - UNIT - UNIT * FEE_BPS // 10_000
+    stake(token, staking, roles["op2"], MIN_STAKE)
+    tx = settle(market, broker, "y", [two_stage(market, c1, broker, 2)])
+    assert _forfeits(tx) == []
+    assert market.claimableOf(roles["op2"]) == B
 
 
 def test_forged_receipt_is_refused(live, market, c1, broker):

@@ -198,9 +198,13 @@ def test_publish_model(registry, roles):
     m = registry.getModel(MODEL_ID)
     assert (m["publisher"], m["numLayers"], m["version"], m["manifestCid"]) == (pub, 30, 1, "bafy1")
     assert registry.modelLayers(MODEL_ID) == 30
-    tx = registry.publishModel(MODEL_ID, "bafy2", MANIFEST_SHA, 32, {"from": pub})
+    tx = registry.publishModel(MODEL_ID, "bafy2", keccak(text="v2"), 30, {"from": pub})
     assert tx.events["ModelPublished"][0]["version"] == 2
-    assert registry.modelLayers(MODEL_ID) == 32
+    assert registry.getModel(MODEL_ID)["manifestCid"] == "bafy2"
+    # the layer count is fixed by the first version: another count would void every served job
+    with reverts("NodeRegistryLayerCountFixed", MODEL_ID, 30, 32):
+        registry.publishModel(MODEL_ID, "bafy3", MANIFEST_SHA, 32, {"from": pub})
+    assert registry.modelLayers(MODEL_ID) == 30
     assert registry.modelIds() == ["0x" + MODEL_ID.hex()]
     with reverts("NodeRegistryNotPublisher", MODEL_ID, pub, roles["stranger"]):
         registry.publishModel(MODEL_ID, "bafy3", MANIFEST_SHA, 30, {"from": roles["stranger"]})

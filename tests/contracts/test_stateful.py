@@ -1,16 +1,17 @@
 """Stateful property tests (hypothesis via brownie's state machine) over the whole market.
 
-Random sequences of staking, unstaking, withdrawals, slashes, deposits, escrow withdrawals, nonce
-settlement batches (valid, forged, replayed, over budget, under-escrowed, with
-unroutable nodes), claims and time jumps. A Python model predicts every outcome (success, or the
-exact custom error); after every step the invariants check:
+Random sequences of staking, unstaking, withdrawals, slashes, deposits, escrow withdrawals (not
+ready, ready, expired), settlement batches (valid, forged, replayed, over budget, under-escrowed,
+with unroutable nodes whose receipts are forfeited), claims and time jumps. A Python model
+predicts every outcome (success, or the exact custom error); after every step the invariants check:
 
 * token conservation: balanceOf(staking) == totalStaked + claimables, balanceOf(market) ==
   totalEscrow + totalClaimable, and the supply held by all holders stays the initial supply;
 * the chain state equals the model (escrow, claimables, stakes, unbonding, used nonces);
 * no settlement without valid client and node signatures, no double settlement (the model only
   credits a job when its signatures are genuine and its nonce unused, and the chain must agree);
-* a slash never takes more than the operator's stake; unbonded stake never leaves early.
+* a slash never takes more than the operator's stake; unbonded stake never leaves early;
+* a forfeited receipt is neither paid to its operator nor charged to the client.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from conftest import (
     UNBONDING,
     UNIT,
     WITHDRAW_DELAY,
+    WITHDRAW_WINDOW,
     chain_id,
     error_args,
     error_name,
@@ -75,6 +77,7 @@ class MarketMachine:
     st_slash = st.one_of(st.integers(1, 100 * UNIT), st.integers(1, 1_500 * UNIT))
     st_deposit = strategy("uint256", min_value=1, max_value=200 * UNIT)
     st_withdrawal = strategy("uint256", min_value=1, max_value=2_500 * UNIT)
+    st_late = st.booleans()
     st_sleep = st.sampled_from([1, WITHDRAW_DELAY // 2, WITHDRAW_DELAY + 1, UNBONDING // 2, UNBONDING + 1])
     st_nonce = st.integers(min_value=0, max_value=NONCES - 2)
     st_amount = st.one_of(st.integers(0, 50 * UNIT), st.integers(0, 600 * UNIT))
@@ -230,6 +233,8 @@ class MarketMachine:
             self._expect(exc, "JobMarketNoPendingWithdrawal")
         elif tx.timestamp < ready:
             self._expect(exc, "JobMarketWithdrawalNotReady", ready)
+        elif tx.timestamp > ready + WITHDRAW_WINDOW:
+            self._expect(exc, "JobMarketWithdrawalExpired", ready, ready + WITHDRAW_WINDOW)
         else:
             self._ok(exc)
             paid = min(amount, self.model.escrow[client])
@@ -240,6 +245,22 @@ class MarketMachine:
     def rule_withdraw_escrow_after_delay(self, client="st_client"):
         chain.sleep(WITHDRAW_DELAY + 1)
         self.rule_withdraw_escrow(client)
+
+    def rule_request_then_withdraw(self, client="st_client", amount="st_withdrawal", late="st_late"):
+        """Request, wait the delay (and, when ``late``, the window too), withdraw: paid or expired."""
+        self.rule_request_withdrawal(client, amount)
+        chain.sleep(WITHDRAW_DELAY + (WITHDRAW_WINDOW + 1 if late else 1))
+        self.rule_withdraw_escrow(client)
+
+    def rule_settle_after_operator_leaves(
+        self, op="st_op", client="st_client", nonce="st_nonce", a="st_amount", b="st_amount", shape="st_shape"
+    ):
+        """An operator unstakes to just below the minimum after its nodes served, then the job is
+        settled: its nodes' receipts are forfeited, the others paid."""
+        active = self.model.active[op]
+        if active >= MIN_STAKE:
+            self.rule_request_unstake(op, active - MIN_STAKE + 1)
+        self.rule_settle(1, client, nonce, a, b, shape, "none", "ample")
 
     # ------------------------------------------------------------------ settlement
 
@@ -289,25 +310,29 @@ class MarketMachine:
             t[7] = [tuple(x) for x in receipts]
         return tuple(t), [(n, amt) for n, _, _, amt in stages], cost, total, max_cost
 
-    def _predict(self, model, index, client, nonce, stages, cost, total, max_cost, forgery):
-        """Apply one job to ``model``; return (error name, args) if it must revert."""
+    def _predict(self, model, index, client, nonce, stages, max_cost, forgery):
+        """Apply one job to ``model``; return (error name, args) if it must revert. Receipts of
+        registered nodes that are not routable are forfeited: not paid, not charged."""
         if forgery in ("client_key", "broker"):
             return "JobMarketInvalidClientSignature", (index, self.roles[client].address)
         if (client, nonce) in model.used:
             return "JobMarketJobAlreadySettled", (index, self.roles[client].address, nonce)
-        for j, (n, _) in enumerate(stages):
+        for j in range(len(stages)):
             forged_here = forgery in ("receipt_amount", "receipt_domain") and j == len(stages) - 1
             if forged_here:
                 return "JobMarketNodeNotRoutable", (index, j)
-            if not model.routable(n):
-                return "JobMarketNodeNotRoutable", (index, j, NODES[n].address)
+        paid = [(n, amt) for n, amt in stages if model.routable(n)]
+        if len(paid) < len(stages):
+            OUTCOMES["receipts forfeited (predicted)"] = OUTCOMES.get("receipts forfeited (predicted)", 0) + 1
+        cost = sum(amt for _, amt in paid)
+        total = cost + cost * FEE_BPS // 10_000
         if total > max_cost:
             return "JobMarketCostExceedsAuthorization", (index, total, max_cost)
         if model.escrow[client] < total:
             return "JobMarketInsufficientEscrow", (index, self.roles[client].address, total, model.escrow[client])
         model.used.add((client, nonce))
         model.escrow[client] -= total
-        for n, amt in stages:
+        for n, amt in paid:
             model.market_claimable[NODE_OPERATOR[n]] += amt
         model.market_claimable["treasury"] += total - cost
         return None
@@ -330,10 +355,10 @@ class MarketMachine:
         built = [self._build(*s) for s in specs]
         model = copy.deepcopy(self.model)
         expected = None
-        for i, ((client_i, nonce_i, *_rest), (_, stages, cost, total, max_cost)) in enumerate(
+        for i, ((client_i, nonce_i, *_rest), (_, stages, _cost, _total, max_cost)) in enumerate(
             zip(specs, built, strict=True)
         ):
-            expected = self._predict(model, i, client_i, nonce_i, stages, cost, total, max_cost, specs[i][5])
+            expected = self._predict(model, i, client_i, nonce_i, stages, max_cost, specs[i][5])
             if expected:
                 break
         self.batches += 1
@@ -341,10 +366,11 @@ class MarketMachine:
         tx, exc = self._attempt(self.d.market.settleBatch, bid, [b_[0] for b_ in built], {"from": self.roles["broker"]})
         if expected:
             self._expect(exc, expected[0], *expected[1])
-            assert not self.d.market.batchSettled(bid)
+            assert not self.d.market.batchSettled(self.roles["broker"], bid)
         else:
             self._ok(exc)
             assert tx.events["BatchSettled"][0]["jobs"] == n_jobs
+            assert self.d.market.batchSettled(self.roles["broker"], bid)
             self.model = model
 
     def rule_settle_honest(self, client="st_client", nonce="st_nonce", a="st_amount", b="st_amount", shape="st_shape"):

@@ -148,7 +148,7 @@ def test_settlement_moves_exact_amounts_and_never_twice(priced_market):
     for op in ops:
         assert jm.claimable_of(op.address) == 2 * (UNIT // 100)
     assert jm.claimable_of(market.deployment_treasury()) == treasury0 + fee
-    assert jm.nonce_used(client.address, 1) and jm.batch_settled(b"\x01" * 32)
+    assert jm.nonce_used(client.address, 1) and jm.batch_settled(market.broker.address, b"\x01" * 32)
 
     with pytest.raises(ContractRevertError) as err:
         jm.settle_batch(market.broker, b"\x02" * 32, jobs[:1])
@@ -218,3 +218,37 @@ def test_standing_spender_authorization_is_capped_and_expires(priced_market):
         jm.settle_batch(market.broker, b"\x12" * 32, [by_spender(42)])
     assert err.value.error == "JobMarketSpenderExpired"
     assert not jm.nonce_used(client.address, 42)
+
+
+def test_withdrawal_window_and_authorization_lifetime(priced_market):
+    market, _ops, nodes, client = priced_market
+    jm = market.market()
+    assert (jm.withdraw_window(), jm.max_authorization_lifetime()) == (3600, 1800)  # tests/conftest.py
+    assert jm.pending_withdrawal(client.address) == (0, 0, 0)
+    receipt = jm.request_withdrawal(client, UNIT)
+    ready = market.client.w3.eth.get_block(receipt["blockNumber"])["timestamp"] + 3600
+    assert jm.pending_withdrawal(client.address) == (UNIT, ready, ready + 3600)
+    market.increase_time(3600 + 3600 + 10)
+    with pytest.raises(ContractRevertError) as err:
+        jm.withdraw(client)
+    assert err.value.error == "JobMarketWithdrawalExpired" and "request the withdrawal again" in str(err.value)
+    job = _three_stage_job(market, client, nodes, nonce=50)
+    far = JobAuthorization(**{**job.authorization.__dict__, "deadline": market.client.timestamp() + 1800 + 120})
+    long_job = SignedJob(far, sign_authorization(client.key, jm.domain(), far), job.receipts)
+    with pytest.raises(ContractRevertError) as err:
+        jm.settle_batch(market.broker, b"\x20" * 32, [long_job])
+    assert err.value.error == "JobMarketAuthorizationTooLong" and err.value.error_args["deadline"] == far.deadline
+
+
+def test_set_spender_is_compare_and_set_and_revoke_clears(priced_market):
+    market, _ops, _nodes, client = priced_market
+    jm = market.market()
+    spender = Account.create().address
+    jm.set_spender(client, spender, 5 * UNIT, market.client.timestamp() + 3600)
+    with pytest.raises(ContractRevertError) as err:  # the caller's view of the remaining cap is stale
+        jm.set_spender(client, spender, UNIT, market.client.timestamp() + 3600, expected_remaining=4 * UNIT)
+    assert err.value.error == "JobMarketSpenderChanged" and err.value.error_args["remaining"] == 5 * UNIT
+    jm.set_spender(client, spender, UNIT, market.client.timestamp() + 3600)
+    assert jm.spender_of(client.address, spender)[0] == UNIT
+    jm.revoke_spender(client, spender)
+    assert jm.spender_of(client.address, spender) == (0, 0)

@@ -234,6 +234,10 @@ def test_every_market_event_decodes(market):
     assert ev.args == {"feeBps": 300, "treasury": market.deployer.address}
     ev = _one(record(registry.deregister(op, nodes[1].address)), "NodeRegistry", "NodeDeregistered")
     assert ev.args == {"node": nodes[1].address, "operator": op.address}
+    # a receipt of the deregistered node is forfeited at settlement
+    auth, _, receipt = _settle(market, client, nodes, model, [(0, 2), (2, 4)], 8)
+    ev = _one(record(receipt), "JobMarket", "ReceiptForfeited")
+    assert ev.args == {"jobId": "0x" + auth.job_id.hex(), "node": nodes[1].address, "amount": 2 * 10**15}
 
     declared = {
         (name, item["name"])
