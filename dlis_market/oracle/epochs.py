@@ -23,6 +23,7 @@ from web3 import Web3
 
 from dlis_market.oracle.errors import ProofNotFoundError
 from dlis_market.oracle.merkle import MerkleTree, leaf_hash, verify
+from dlis_market.oracle.state_files import write_atomic
 from dlis_market.types import WireModel
 
 LEAF_TYPES = ("address", "uint64", "uint16", "uint32", "bytes32")
@@ -110,11 +111,8 @@ class EpochStore:
         return self.directory / f"{epoch}.json"
 
     def save(self, record: EpochRecord) -> Path:
-        self.directory.mkdir(parents=True, exist_ok=True)
         path = self.path(record.epoch)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(record.model_dump_json(indent=1))
-        tmp.replace(path)
+        write_atomic(path, record.model_dump_json(indent=1))
         return path
 
     def load(self, epoch: int) -> EpochRecord:

@@ -6,6 +6,7 @@ route                                      does
 ``POST /v1/telemetry``                     body ``zstd(json(SignedTelemetry))``; 202 or a problem
 ``POST /v1/spot-checks``                   JSON :class:`SpotCheckEvidence`: ``pass`` or ``slashed``
 ``POST /v1/spot-checks/failures``          JSON :class:`SpotCheckFailure`: a failed verification
+``POST /v1/observations``                  JSON :class:`ObservationBatch`: the broker's job figures
 ``GET /v1/aggregates[/{epoch}]``           the DP network figures (latest or of one epoch)
 ``GET /v1/nodes``                          per node: reputation_bps, reputation_epoch, failure_risk
 ``GET /v1/nodes/{node}``                   reputation (chain), failure risk, privacy account
@@ -20,20 +21,24 @@ Refusals are RFC 9457 problem JSON whose ``reason`` member is the machine-readab
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from pydantic import BaseModel, ValidationError
 from starlette.concurrency import run_in_threadpool
 from web3 import Web3
 
 from dlis_market.errors import ChainError
 from dlis_market.oracle.errors import EvidenceRefusedError, ProofNotFoundError, TelemetryRefusedError
+from dlis_market.oracle.observations import ObservationBatch
 from dlis_market.oracle.service import OracleService
 from dlis_market.oracle.verification import SpotCheckEvidence, SpotCheckFailure
 from dlis_market.types import PROBLEM_TYPE_BASE
+
+M = TypeVar("M", bound=BaseModel)
 
 TELEMETRY_STATUS = {
     "oversized": 413,
@@ -44,6 +49,36 @@ TELEMETRY_STATUS = {
     "stale": 422,
     "future": 422,
 }
+
+
+FAILURE_MAX_BYTES = 16 << 10  # a SpotCheckFailure is a few hundred bytes
+OBSERVATIONS_MAX_BYTES = 128 << 10  # MAX_OBSERVATIONS signed observations of ~600 bytes
+
+
+async def read_bounded(request: Request, limit: int) -> bytes | None:
+    """The request body, or ``None`` (read no further) once it is known to exceed ``limit``
+    bytes: from a declared Content-Length before reading anything, else while streaming."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        return None
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            return None
+    return bytes(body)
+
+
+def parse_body(model: type[M], body: bytes) -> M:
+    """``model`` from a JSON body; a body that does not match is refused as ``malformed``."""
+    try:
+        return model.model_validate_json(body)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        raise EvidenceRefusedError(
+            "malformed",
+            f"body is not a {model.__name__}: {exc.error_count()} errors, first at {first['loc']}: {first['msg']}",
+        ) from exc
 
 
 def problem(status: int, slug: str, title: str, detail: str, instance: str, **extra: Any) -> JSONResponse:
@@ -89,23 +124,18 @@ def create_app(service: OracleService) -> FastAPI:
     registry.register(_OracleCollector(service))
 
     # Sync handlers run in FastAPI's thread pool, so chain calls do not block the event loop; the
-    # telemetry route reads the raw body itself (bounded) and hands the checks to the pool too.
+    # routes that take a body from strangers read it themselves (bounded: read_bounded) and hand
+    # parsing and checks to the pool too.
     @app.post("/v1/telemetry", status_code=202)
     async def telemetry_raw(request: Request) -> Any:
         limit = service.config.telemetry_max_bytes
-        blob = b""
-        async for chunk in request.stream():
-            blob += chunk
-            if len(blob) > limit:
-                service.intake.counts["oversized"] += 1
-                return problem(
-                    413,
-                    "telemetry-oversized",
-                    "Telemetry refused",
-                    f"body over {limit} bytes",
-                    str(request.url.path),
-                    reason="oversized",
-                )
+        blob = await read_bounded(request, limit)
+        if blob is None:
+            service.intake.counts["oversized"] += 1
+            return problem(
+                413, "telemetry-oversized", "Telemetry refused", f"body over {limit} bytes", str(request.url.path),
+                reason="oversized",
+            )  # fmt: skip
         try:
             signed = await run_in_threadpool(service.submit_telemetry, blob)
         except TelemetryRefusedError as exc:
@@ -125,18 +155,55 @@ def create_app(service: OracleService) -> FastAPI:
         slug = f"evidence-{exc.reason.replace('_', '-')}"
         return problem(422, slug, "Evidence refused", str(exc), str(request.url.path), reason=exc.reason)
 
+    def evidence_oversized(request: Request, limit: int) -> JSONResponse:
+        return problem(
+            413, "evidence-oversized", "Evidence refused",
+            f"body over {limit} bytes (oracle evidence_max_bytes); check a shorter call", str(request.url.path),
+            reason="oversized",
+        )  # fmt: skip
+
     @app.post("/v1/spot-checks")
-    def spot_check(evidence: SpotCheckEvidence) -> Any:
-        outcome = service.report_spot_check(evidence)
-        return {
-            "outcome": outcome.outcome,
-            "detail": outcome.detail,
-            "slash": outcome.slash.as_dict() if outcome.slash else None,
-        }
+    async def spot_check(request: Request) -> Any:
+        limit = service.config.evidence_max_bytes
+        body = await read_bounded(request, limit)
+        if body is None:
+            return evidence_oversized(request, limit)
+
+        def verdict() -> dict[str, Any]:  # parsing megabytes of hex and chain calls: off the event loop
+            outcome = service.report_spot_check(parse_body(SpotCheckEvidence, body))
+            return {
+                "outcome": outcome.outcome,
+                "detail": outcome.detail,
+                "slash": outcome.slash.as_dict() if outcome.slash else None,
+            }
+
+        return await run_in_threadpool(verdict)
 
     @app.post("/v1/spot-checks/failures")
-    def spot_check_failure(failure: SpotCheckFailure) -> Any:
-        return {"recorded": service.report_failure(failure), "node": failure.node}
+    async def spot_check_failure(request: Request) -> Any:
+        limit = min(service.config.evidence_max_bytes, FAILURE_MAX_BYTES)
+        body = await read_bounded(request, limit)
+        if body is None:
+            return evidence_oversized(request, limit)
+
+        def record() -> dict[str, Any]:
+            failure = parse_body(SpotCheckFailure, body)
+            return {"recorded": service.report_failure(failure), "node": failure.node}
+
+        return await run_in_threadpool(record)
+
+    @app.post("/v1/observations")
+    async def observations(request: Request) -> Any:
+        limit = min(service.config.evidence_max_bytes, OBSERVATIONS_MAX_BYTES)
+        body = await read_bounded(request, limit)
+        if body is None:
+            return evidence_oversized(request, limit)
+
+        def record() -> dict[str, Any]:
+            batch = parse_body(ObservationBatch, body)
+            return {"recorded": service.report_observations(batch), "of": len(batch.observations)}
+
+        return await run_in_threadpool(record)
 
     @app.get("/v1/aggregates")
     def aggregates_latest(request: Request) -> Any:

@@ -4,7 +4,8 @@ I/O lives here around the pure parts (:func:`summarize_epoch`, :func:`score_repu
 :func:`release_aggregates`, :func:`check_evidence`, the dropout model). One epoch is
 ``[k * epoch_s, (k + 1) * epoch_s)`` of unix time and is posted on chain as epoch ``k``:
 
-1. accepted reports whose timestamp falls in the epoch, and the spot checks recorded in it;
+1. accepted reports that *arrived* in the epoch (the oracle's clock, not the time they claim), the
+   spot checks and the broker's signed job observations (:mod:`observations`) recorded in it;
 2. per-node statistics (stake read from StakingManager through the node's operator);
 3. reputation scores, then ``ReputationOracle.postEpoch(k, nodes, scores, root)`` where ``root``
    is the Merkle root of the epoch's leaves (:mod:`epochs`), stored under ``state_dir/epochs``;
@@ -14,7 +15,9 @@ State that must survive a restart is on disk under ``state_dir``: the highest ac
 each node (``seqs.log``, so replays stay refused), every accepted report (``reports/<epoch>.jsonl``,
 reloaded for epochs not yet posted), the privacy accounts, the posted epochs (leaves for proofs),
 the aggregates, the evidence of every slash, the spot-check results of epochs not yet posted
-(``checks/<epoch>.log``) and which checks were already counted (``counted_checks.log``). Which
+(``checks/<epoch>.log``), the observations of epochs not yet posted (``observations/<epoch>.jsonl``)
+and which checks and observations were already counted (``counted_checks.log``), all written
+crash-safe (:mod:`state_files`). Which
 stage calls get checked is the runner's choice (the broker's :mod:`dlis_market.broker.spot_checks`,
 with a secret only it holds).
 """
@@ -44,11 +47,13 @@ from dlis_market.chain.staking_manager import StakingManager
 from dlis_market.oracle.dropout import DEFAULT_MODEL, HISTORY_SLOTS, DropoutModel
 from dlis_market.oracle.epochs import EpochRecord, EpochStore, build_record
 from dlis_market.oracle.errors import EvidenceRefusedError, OracleRoleMissingError
+from dlis_market.oracle.observations import ObservationBatch, StageObservation
 from dlis_market.oracle.privacy import Aggregates, BudgetAccountant, NodeContribution, release_aggregates
 from dlis_market.oracle.reputation import ReputationWeights, score_reputation, summarize_epoch
 from dlis_market.oracle.slashing import Slasher, SlashResult
-from dlis_market.oracle.telemetry import SignedTelemetry, TelemetryIntake, oracle_domain
-from dlis_market.oracle.verification import SpotCheckEvidence, SpotCheckFailure
+from dlis_market.oracle.state_files import append_line, complete_lines, remove_leftovers, write_atomic
+from dlis_market.oracle.telemetry import ReceivedTelemetry, SignedTelemetry, TelemetryIntake, oracle_domain
+from dlis_market.oracle.verification import SpotCheckEvidence, SpotCheckFailure, check_runner
 from dlis_market.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -83,6 +88,8 @@ class OracleService:
         self.dropout_model = dropout_model
         self.state_dir = o.state_dir or settings.home / "oracle"
         self.state_dir.mkdir(parents=True, exist_ok=True)
+        for folder in (self.state_dir, self.state_dir / "epochs", self.state_dir / "aggregates"):
+            remove_leftovers(folder)  # temporary files of writes a crash interrupted
         self.reputation = ReputationOracle(client)
         self.registry = NodeRegistry(client)
         self.staking = StakingManager(client)
@@ -121,7 +128,8 @@ class OracleService:
             o.spot_check_require_referee,
         )
         self._lock = threading.Lock()
-        self._pending: list[SignedTelemetry] = []
+        self._pending: list[ReceivedTelemetry] = []
+        self._observed: dict[int, list[StageObservation]] = defaultdict(list)  # by epoch of arrival
         self._checks: dict[int, dict[str, list[int]]] = defaultdict(lambda: defaultdict(lambda: [0, 0]))
         self._heartbeats: dict[str, set[int]] = defaultdict(set)
         self._first_slot: dict[str, int] = {}
@@ -129,12 +137,13 @@ class OracleService:
         # checks already counted (a pass or a failure per node, job and range): posted again, they
         # are not counted again, across restarts too (digests, one per line)
         self._counted_log = self.state_dir / "counted_checks.log"
-        self._counted = set(self._counted_log.read_text().split()) if self._counted_log.exists() else set()
+        self._counted = set(complete_lines(self._counted_log))
         self.aggregates: dict[int, Aggregates] = {}
         self.slashes = 0
         self.posted_epochs = 0
         self._reports_dir = self.state_dir / "reports"
         self._checks_dir = self.state_dir / "checks"
+        self._observations_dir = self.state_dir / "observations"
         self._reload()
 
     def check_roles(self) -> None:
@@ -166,11 +175,10 @@ class OracleService:
 
     def _load_seqs(self) -> dict[str, int]:
         seqs: dict[str, int] = {}
-        if self._seq_log.exists():
-            for line in self._seq_log.read_text().splitlines():
-                node, _, seq = line.partition(" ")
-                if seq.isdigit():
-                    seqs[node] = max(seqs.get(node, -1), int(seq))
+        for line in complete_lines(self._seq_log):
+            node, _, seq = line.partition(" ")
+            if seq.isdigit():
+                seqs[node] = max(seqs.get(node, -1), int(seq))
         return seqs
 
     def slot_of(self, timestamp: float) -> int:
@@ -180,25 +188,26 @@ class OracleService:
         return int(timestamp // self.config.epoch_s)
 
     def submit_telemetry(self, blob: bytes) -> SignedTelemetry:
-        """Check and keep one report (raises :class:`TelemetryRefusedError`, counted by reason)."""
+        """Check and keep one report (raises :class:`TelemetryRefusedError`, counted by reason).
+
+        It counts in the slot and epoch in which it *arrived* (this oracle's clock); the time it
+        claims only has to be within ``telemetry_max_age_s`` of now to be accepted at all."""
         with self._lock:
             signed = self.intake.submit(blob)
             report = signed.report
-            with self._seq_log.open("a") as f:
-                f.write(f"{report.node} {report.seq}\n")
-            self._reports_dir.mkdir(exist_ok=True)
-            with (self._reports_dir / f"{self.epoch_of(report.timestamp)}.jsonl").open("a") as f:
-                f.write(signed.model_dump_json() + "\n")
+            received = ReceivedTelemetry(received_at=float(self.clock()), telemetry=signed)
+            append_line(self._seq_log, f"{report.node} {report.seq}")
+            append_line(self._reports_dir / f"{self.epoch_of(received.received_at)}.jsonl", received.model_dump_json())
             self.intake.drain()
-            self._keep(signed)
+            self._keep(received)
         return signed
 
-    def _keep(self, signed: SignedTelemetry) -> None:
-        report = signed.report
-        self._pending.append(signed)
-        slot = self.slot_of(report.timestamp)
-        self._heartbeats[report.node].add(slot)
-        self._first_slot[report.node] = min(self._first_slot.get(report.node, slot), slot)
+    def _keep(self, received: ReceivedTelemetry) -> None:
+        node = received.telemetry.report.node
+        self._pending.append(received)
+        slot = self.slot_of(received.received_at)
+        self._heartbeats[node].add(slot)
+        self._first_slot[node] = min(self._first_slot.get(node, slot), slot)
 
     def _reload(self) -> None:
         """What epochs not yet posted had survives a restart: accepted reports
@@ -206,11 +215,23 @@ class OracleService:
         posted = self.reputation.latest_epoch()
         for _epoch, line in self._unposted_lines(self._reports_dir, "jsonl", posted):
             if line.strip():
-                self._keep(SignedTelemetry.model_validate_json(line))
+                self._keep(self._received(line))
+        for epoch, line in self._unposted_lines(self._observations_dir, "jsonl", posted):
+            if line.strip():
+                self._observed[epoch].append(StageObservation.model_validate_json(line))
         for epoch, line in self._unposted_lines(self._checks_dir, "log", posted):
             node, _, outcome = line.partition(" ")
             if Web3.is_address(node) and outcome in ("pass", "fail"):
                 self._checks[epoch][Web3.to_checksum_address(node)][0 if outcome == "pass" else 1] += 1
+
+    @staticmethod
+    def _received(line: str) -> ReceivedTelemetry:
+        """A stored report line; lines written before arrival times were kept hold the bare report
+        (their claimed time stands in for the arrival, as it did then)."""
+        if line.startswith('{"received_at"'):
+            return ReceivedTelemetry.model_validate_json(line)
+        signed = SignedTelemetry.model_validate_json(line)
+        return ReceivedTelemetry(received_at=float(signed.report.timestamp), telemetry=signed)
 
     @staticmethod
     def _unposted_lines(folder: Path, suffix: str, posted: int) -> Iterator[tuple[int, str]]:
@@ -219,7 +240,7 @@ class OracleService:
             return
         for path in sorted(folder.glob(f"*.{suffix}")):
             if path.stem.isdigit() and int(path.stem) > posted:
-                for line in path.read_text().splitlines():
+                for line in complete_lines(path):
                     yield int(path.stem), line
 
     # ------------------------------------------------------------------ spot checks
@@ -230,9 +251,7 @@ class OracleService:
         node = Web3.to_checksum_address(node)
         with self._lock:
             self._checks[epoch][node][0 if passed else 1] += 1
-            self._checks_dir.mkdir(exist_ok=True)
-            with (self._checks_dir / f"{epoch}.log").open("a") as f:
-                f.write(f"{node} {'pass' if passed else 'fail'}\n")
+            append_line(self._checks_dir / f"{epoch}.log", f"{node} {'pass' if passed else 'fail'}")
 
     def report_spot_check(self, evidence: SpotCheckEvidence) -> SpotCheckOutcome:
         """A re-executed stage call: slash on a proven mismatch, credit both nodes on a match.
@@ -268,8 +287,7 @@ class OracleService:
             if digest in self._counted:
                 return False
             self._counted.add(digest)
-            with self._counted_log.open("a") as f:
-                f.write(digest + "\n")
+            append_line(self._counted_log, digest)
         return True
 
     def report_failure(self, failure: SpotCheckFailure) -> bool:
@@ -294,6 +312,29 @@ class OracleService:
                     failure.start, failure.end, failure.reason, failure.detail)  # fmt: skip
         return True
 
+    # ------------------------------------------------------------------ observations
+
+    def report_observations(self, batch: ObservationBatch) -> int:
+        """The broker's signed observations of jobs' stages: what reputation scores throughput,
+        latency and sessions on. Returns how many were new (each node, job and stage counts once).
+
+        Raises :class:`EvidenceRefusedError` (nothing recorded from the batch) when any one is not
+        signed by a trusted runner (``unauthorized_runner``) or was changed after signing (``tampered``).
+        """
+        for obs in batch.observations:
+            check_runner(obs.signer(self.domain), obs.runner, self.slasher.runners, "observation")
+        epoch = self.epoch_of(self.clock())
+        new = 0
+        for obs in batch.observations:
+            node, job, start = obs.key()
+            if not self._count_once(f"observed {node} {job} {start}"):
+                continue
+            with self._lock:
+                self._observed[epoch].append(obs)
+                append_line(self._observations_dir / f"{epoch}.jsonl", obs.model_dump_json())
+            new += 1
+        return new
+
     # ------------------------------------------------------------------ epochs
 
     def close_epoch(self, epoch: int) -> EpochRecord | None:
@@ -302,9 +343,11 @@ class OracleService:
         start = epoch * o.epoch_s
         end = start + o.epoch_s
         with self._lock:  # read only: if posting fails, everything stays for the retry
-            reports = [r for r in self._pending if start <= r.report.timestamp < end]
+            reports = [r for r in self._pending if start <= r.received_at < end]
             checks = {n: (c[0], c[1]) for n, c in self._checks.get(epoch, {}).items()}
-        nodes = {r.report.node for r in reports} | set(checks)
+            observed = list(self._observed.get(epoch, ()))
+        nodes = {r.telemetry.report.node for r in reports} | set(checks)
+        nodes |= {Web3.to_checksum_address(o.node) for o in observed}
         if not nodes:
             self._forget_before(epoch + 1)
             return None
@@ -314,11 +357,11 @@ class OracleService:
             if rec is not None:
                 info = self.staking.info(rec.operator)
                 stakes[node] = (info.active, info.min_stake)
-        stats = summarize_epoch(reports, start, o.epoch_s, o.heartbeat_interval_s, checks, stakes)
+        stats = summarize_epoch(reports, start, o.epoch_s, o.heartbeat_interval_s, checks, stakes, observed)
         scores = score_reputation(stats, self.weights)
         by_node: dict[str, list[SignedTelemetry]] = defaultdict(list)
         for r in reports:
-            by_node[r.report.node].append(r)
+            by_node[r.telemetry.report.node].append(r.telemetry)
         digests = {
             n: [r.digest(self.domain) for r in sorted(rs, key=lambda r: r.report.seq)] for n, rs in by_node.items()
         }
@@ -333,17 +376,15 @@ class OracleService:
         contributions = {
             n: NodeContribution(
                 uptime_fraction=stats[n].uptime_fraction,
-                measured_tps=stats[n].measured_tps,
+                measured_tps=stats[n].reported_tps,
                 latencies_ms=tuple(x for r in rs for x in r.report.metrics.latencies_ms),
             )
             for n, rs in by_node.items()
         }
         agg = release_aggregates(epoch, contributions, o.dp_epsilon, o.dp_capacity_clip_tps, self.accountant, self.rng)
         self.aggregates[epoch] = agg
-        (self.state_dir / "privacy.json").write_text(self.accountant.to_json())
-        agg_dir = self.state_dir / "aggregates"
-        agg_dir.mkdir(exist_ok=True)
-        (agg_dir / f"{epoch}.json").write_text(agg.model_dump_json(indent=1))
+        write_atomic(self.state_dir / "privacy.json", self.accountant.to_json())
+        write_atomic(self.state_dir / "aggregates" / f"{epoch}.json", agg.model_dump_json(indent=1))
         log.info("posted epoch %d: %d nodes, root %s", epoch, len(scores), record.root)
         return record
 
@@ -351,16 +392,16 @@ class OracleService:
         """Drop what closed epochs no longer need; keep one history window of heartbeats."""
         end = epoch * self.config.epoch_s
         with self._lock:
-            self._pending = [r for r in self._pending if r.report.timestamp >= end]
+            self._pending = [r for r in self._pending if r.received_at >= end]
             for old in [e for e in self._checks if e < epoch]:
                 del self._checks[old]
+            for old in [e for e in self._observed if e < epoch]:
+                del self._observed[old]
             horizon = self.slot_of(end) - HISTORY_SLOTS
             for slots in self._heartbeats.values():
                 slots.difference_update([s for s in slots if s < horizon])
             # compact the seq log to one line per node
-            tmp = self._seq_log.with_suffix(".tmp")
-            tmp.write_text("".join(f"{n} {q}\n" for n, q in sorted(self.intake.last_seq.items())))
-            tmp.replace(self._seq_log)
+            write_atomic(self._seq_log, "".join(f"{n} {q}\n" for n, q in sorted(self.intake.last_seq.items())))
 
     def latest_aggregates(self) -> Aggregates | None:
         if self.aggregates:

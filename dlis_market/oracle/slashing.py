@@ -22,6 +22,7 @@ from dlis_market.chain.node_registry import NodeRegistry
 from dlis_market.chain.staking_manager import StakingManager
 from dlis_market.chain.typed_data import Domain
 from dlis_market.oracle.errors import EvidenceRefusedError
+from dlis_market.oracle.state_files import write_atomic
 from dlis_market.oracle.verification import NodeInfo, SpotCheckEvidence, Verdict, check_evidence
 
 
@@ -98,9 +99,7 @@ class Slasher:
     def submit(self, evidence: SpotCheckEvidence) -> SlashResult:
         """Verify, store and slash; raises :class:`EvidenceRefusedError` and slashes nothing otherwise."""
         verdict = self.verify(evidence)
-        self.evidence_dir.mkdir(parents=True, exist_ok=True)
-        path = self.evidence_dir / f"0x{verdict.evidence_hash.hex()}.json"
-        path.write_text(evidence.model_dump_json(indent=2))
+        write_atomic(self.evidence_dir / f"0x{verdict.evidence_hash.hex()}.json", evidence.model_dump_json(indent=2))
         before = self.staking.info(verdict.accused_operator)
         receipt = self.staking.slash(
             self.slasher, verdict.accused_operator, self.amount, verdict.evidence_hash, verdict.reporter

@@ -119,6 +119,14 @@ class SignedTelemetry(WireModel):
         return bytes(keccak(b"\x19" + signable.version + signable.header + signable.body))
 
 
+class ReceivedTelemetry(WireModel):
+    """An accepted report and when the oracle received it, by its own clock: uptime counts arrival
+    slots, not the time a report claims (a report signed later and backdated fills no slot)."""
+
+    received_at: float = Field(ge=0)
+    telemetry: SignedTelemetry
+
+
 def _full_message(domain: Domain, report: TelemetryReport) -> dict[str, Any]:
     return {
         "types": {

@@ -86,13 +86,14 @@ from pydantic import Field
 
 from dlis_market.chain.job_market import Receipt, SignedReceipt, receipt_signer
 from dlis_market.chain.typed_data import CompactSignature, Domain
-from dlis_market.oracle.errors import EvidenceRefusedError
+from dlis_market.oracle.errors import EvidenceRefusedError, SpotCheckSecretError
 from dlis_market.types import WireModel
 
 ShardDtype = Literal["fp32", "bf16", "int8", "nf4", "ids"]
 ElementDtype = Literal["float32", "bfloat16", "float16", "int64"]
 EVIDENCE_TAG = keccak(text="DLIS SpotCheck v1")
 Hex32 = Field(pattern=r"^0x[0-9a-fA-F]{64}$")
+SECRET_BYTES = 32
 
 
 @dataclass(frozen=True)
@@ -132,13 +133,29 @@ class SpotCheckSampler:
 
 def load_or_create_secret(path: Path) -> bytes:
     """A sampler key: 32 random bytes created once at ``path``, readable only by its owner, so
-    the same calls stay selected across restarts and nobody else can predict them."""
+    the same calls stay selected across restarts and nobody else can predict them. Created whole
+    or not at all (written and fsynced aside, then linked into place), so a crash while creating
+    it never leaves a short key behind."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with contextlib.suppress(FileExistsError):  # created by an earlier start
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(secrets.token_bytes(32))
-    return path.read_bytes()
+    if not path.exists():
+        tmp = path.with_name(f".tmp-{path.name}.{secrets.token_hex(4)}")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(secrets.token_bytes(SECRET_BYTES))
+                f.flush()
+                os.fsync(f.fileno())
+            with contextlib.suppress(FileExistsError):  # another process created it first: use theirs
+                os.link(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+    secret = path.read_bytes()
+    if len(secret) != SECRET_BYTES:
+        raise SpotCheckSecretError(
+            f"{path} holds {len(secret)} bytes, not a {SECRET_BYTES}-byte sampler secret (cut short by a crash?); "
+            "delete it to draw a new one (the calls selected so far change)"
+        )
+    return secret
 
 
 # ------------------------------------------------------------------------------ outputs
@@ -269,16 +286,24 @@ SPOT_CHECK_TYPE = [
     ("accused", "address"),
     ("checker", "address"),
     ("jobId", "bytes32"),
+    ("modelId", "bytes32"),
     ("start", "uint32"),
     ("end", "uint32"),
+    ("tokens", "uint32"),
     ("inputHash", "bytes32"),
     ("accusedOutputHash", "bytes32"),
     ("checkerOutputHash", "bytes32"),
     ("referee", "address"),  # zero when the evidence has no referee
     ("refereeOutputHash", "bytes32"),
-    ("rowWidth", "uint32"),  # how the outputs split into tokens, the dtypes: all under the runner's signature
+    # how each output splits into tokens and how its bytes decode: all under the runner's signature,
+    # or anyone relaying a passing evidence could make the outputs "differ" by re-labelling them
+    ("rowWidth", "uint32"),
+    ("checkerRowWidth", "uint32"),
+    ("refereeRowWidth", "uint32"),
     ("shardDtype", "string"),
     ("elementDtype", "string"),
+    ("checkerElementDtype", "string"),
+    ("refereeElementDtype", "string"),
 ]
 ZERO_ADDRESS = "0x" + "00" * 20
 
@@ -298,44 +323,92 @@ class SpotCheckEvidence(WireModel):
     referee_node: str | None = None
     referee_receipt: ReceiptWire | None = None
     referee_output: StageOutputBlob | None = None
+    runner: str = Field(default=ZERO_ADDRESS, pattern=r"^0x[0-9a-fA-F]{40}$")  # who signed (claimed)
     runner_signature: str = Field(default="", pattern=r"^(0x[0-9a-fA-F]{130})?$")
 
     def runner_message(self) -> dict[str, Any]:
+        """Everything a verdict depends on: addresses, the call, every output's hash (the referee's
+        is the hash of the blob carried, so a referee output cannot ride along unsigned), and how
+        each output is decoded and cut into tokens."""
+        referee_blob = self.referee_output
+        referee_hash = (
+            bytes.fromhex(self.referee_receipt.output_hash[2:])
+            if self.referee_receipt
+            else (referee_blob.sha256() if referee_blob else bytes(32))
+        )
         return {
             "accused": self.accused_node,
             "checker": self.checker_node,
             "jobId": bytes.fromhex(self.accused_receipt.job_id[2:]),
+            "modelId": bytes.fromhex(self.accused_receipt.model_id[2:]),
             "start": self.accused_receipt.start,
             "end": self.accused_receipt.end,
+            "tokens": self.accused_receipt.tokens,
             "inputHash": bytes.fromhex(self.input_hash[2:]),
             "accusedOutputHash": bytes.fromhex(self.accused_receipt.output_hash[2:]),
             "checkerOutputHash": bytes.fromhex(self.checker_receipt.output_hash[2:]),
             "referee": self.referee_node or ZERO_ADDRESS,
-            "refereeOutputHash": bytes.fromhex(self.referee_receipt.output_hash[2:])
-            if self.referee_receipt
-            else bytes(32),
+            "refereeOutputHash": referee_hash,
             "rowWidth": self.accused_output.row_width,
+            "checkerRowWidth": self.checker_output.row_width,
+            "refereeRowWidth": referee_blob.row_width if referee_blob else 0,
             "shardDtype": self.shard_dtype,
             "elementDtype": self.accused_output.element_dtype,
+            "checkerElementDtype": self.checker_output.element_dtype,
+            "refereeElementDtype": referee_blob.element_dtype if referee_blob else "",
         }
 
     def signed_by_runner(self, runner_key: bytes | str, oracle_domain: Domain) -> SpotCheckEvidence:
-        signable = encode_typed_data(full_message=_spot_check_message(oracle_domain, self.runner_message()))
-        signature = Account.sign_message(signable, runner_key).signature
-        return self.model_copy(update={"runner_signature": "0x" + bytes(signature).hex()})
+        named = self.model_copy(update={"runner": Account.from_key(runner_key).address})
+        signature = sign_runner(runner_typed_data(oracle_domain, named.runner_message()), runner_key)
+        return named.model_copy(update={"runner_signature": signature})
 
-    def runner(self, oracle_domain: Domain) -> str | None:
-        """The address that assigned this check (None when unsigned or unrecoverable)."""
-        if not self.runner_signature:
-            return None
-        signable = encode_typed_data(full_message=_spot_check_message(oracle_domain, self.runner_message()))
-        try:
-            return str(Account.recover_message(signable, signature=bytes.fromhex(self.runner_signature[2:])))
-        except (ValueError, TypeError, BadSignature, KeyValidationError):  # unrecoverable signature bytes
-            return None
+    def signer(self, oracle_domain: Domain) -> str | None:
+        """The address whose signature covers exactly this evidence (None when unsigned or
+        unrecoverable); another address than :attr:`runner` when anything signed was changed."""
+        return recover_runner(runner_typed_data(oracle_domain, self.runner_message()), self.runner_signature)
 
 
-def _spot_check_message(
+def sign_runner(full_message: dict[str, Any], runner_key: bytes | str) -> str:
+    """The runner's signature (0x hex) over the typed data ``full_message``."""
+    return "0x" + bytes(Account.sign_message(encode_typed_data(full_message=full_message), runner_key).signature).hex()
+
+
+def recover_runner(full_message: dict[str, Any], signature: str) -> str | None:
+    """The address that signed the typed data ``full_message`` (None when unsigned or unrecoverable)."""
+    if not signature:
+        return None
+    try:
+        return str(
+            Account.recover_message(
+                encode_typed_data(full_message=full_message), signature=bytes.fromhex(signature[2:])
+            )
+        )
+    except (ValueError, TypeError, BadSignature, KeyValidationError):  # unrecoverable signature bytes
+        return None
+
+
+def check_runner(signer: str | None, claimed: str, runners: Collection[str], what: str) -> str:
+    """The trusted runner that signed ``what``; refused as ``tampered`` when the signature covers
+    other contents than those posted (it recovers to someone else than the runner named), as
+    ``unauthorized_runner`` when the signer is not one this oracle trusts."""
+    allowed = {r.lower() for r in runners}
+    if signer is not None and signer.lower() != claimed.lower():
+        raise EvidenceRefusedError(
+            "tampered",
+            f"the runner signature over this {what} recovers to {signer}, not to the runner {claimed} it names: "
+            "something it signed was changed after signing; post it exactly as the runner signed it",
+        )
+    if signer is None or signer.lower() not in allowed:
+        raise EvidenceRefusedError(
+            "unauthorized_runner",
+            f"{what} is signed by runner {signer or '(no valid signature)'}, which is not one of the "
+            f"{len(allowed)} spot-check runners this oracle trusts (oracle spot_check_runners setting)",
+        )
+    return signer
+
+
+def runner_typed_data(
     domain: Domain, message: dict[str, Any], primary: str = "SpotCheck", fields: list[tuple[str, str]] | None = None
 ) -> dict[str, Any]:
     return {
@@ -376,7 +449,7 @@ class SpotCheckFailure(WireModel):
     detail: str = Field(default="", max_length=500)  # not signed: for the log only
     runner_signature: str = Field(default="", pattern=r"^(0x[0-9a-fA-F]{130})?$")
 
-    def _signable(self, domain: Domain) -> Any:
+    def _typed_data(self, domain: Domain) -> dict[str, Any]:
         message = {
             "node": self.node,
             "jobId": bytes.fromhex(self.job_id[2:]),
@@ -384,22 +457,14 @@ class SpotCheckFailure(WireModel):
             "end": self.end,
             "reason": self.reason,
         }
-        full = _spot_check_message(domain, message, "SpotCheckFailure", SPOT_CHECK_FAILURE_TYPE)
-        return encode_typed_data(full_message=full)
+        return runner_typed_data(domain, message, "SpotCheckFailure", SPOT_CHECK_FAILURE_TYPE)
 
     def signed_by_runner(self, runner_key: bytes | str, oracle_domain: Domain) -> SpotCheckFailure:
-        signature = Account.sign_message(self._signable(oracle_domain), runner_key).signature
-        return self.model_copy(update={"runner_signature": "0x" + bytes(signature).hex()})
+        return self.model_copy(update={"runner_signature": sign_runner(self._typed_data(oracle_domain), runner_key)})
 
     def runner(self, oracle_domain: Domain) -> str | None:
         """The address that signed it (None when unsigned or unrecoverable)."""
-        if not self.runner_signature:
-            return None
-        try:
-            signature = bytes.fromhex(self.runner_signature[2:])
-            return str(Account.recover_message(self._signable(oracle_domain), signature=signature))
-        except (ValueError, TypeError, BadSignature, KeyValidationError):  # unrecoverable signature bytes
-            return None
+        return recover_runner(self._typed_data(oracle_domain), self.runner_signature)
 
     def key(self) -> tuple[str, str, int]:
         return self.node.lower(), self.job_id.lower(), self.start
@@ -509,9 +574,15 @@ def _party(
     return signer, info
 
 
-def _compare(a: StageOutputBlob, b: StageOutputBlob, shard_dtype: str) -> Comparison:
+def _compare(a: StageOutputBlob, b: StageOutputBlob, shard_dtype: str, what: str) -> Comparison:
     if a.element_dtype != b.element_dtype or a.row_width != b.row_width:
-        return Comparison(float("inf"), 0.0, float("inf"), TOLERANCES[shard_dtype].max_rel_diff)
+        # the runner decodes and cuts every output of one call alike: a difference here is in the
+        # labels, not in what the nodes computed, so it proves nothing about them
+        raise EvidenceRefusedError(
+            "inconsistent_outputs",
+            f"{what} are labelled differently ({a.element_dtype} in rows of {a.row_width} vs {b.element_dtype} in "
+            f"rows of {b.row_width}); label every output of the call with the same dtype and row width",
+        )
     return compare_outputs(
         decode_output(a.data, a.element_dtype), decode_output(b.data, b.element_dtype), shard_dtype, a.row_width
     )
@@ -543,14 +614,7 @@ def check_evidence(
     ``require_referee``), the referee must agree with the checker and disagree with the accused.
     Pure apart from ``lookup``.
     """
-    runner = evidence.runner(oracle_domain)
-    allowed = {r.lower() for r in runners}
-    if runner is None or runner.lower() not in allowed:
-        raise EvidenceRefusedError(
-            "unauthorized_runner",
-            f"evidence is signed by runner {runner or '(no valid signature)'}, which is not one of the "
-            f"{len(allowed)} spot-check runners this oracle trusts (oracle spot_check_runners setting)",
-        )
+    check_runner(evidence.signer(oracle_domain), evidence.runner, runners, "evidence")
     accused, accused_info = _party(
         domain, lookup, "accused", evidence.accused_node, evidence.accused_receipt, evidence.accused_output
     )
@@ -565,7 +629,9 @@ def check_evidence(
         )
     a = evidence.accused_receipt.receipt()
     _same_call(a, evidence.checker_receipt.receipt(), "checker")
-    cmp = _compare(evidence.accused_output, evidence.checker_output, evidence.shard_dtype)
+    cmp = _compare(
+        evidence.accused_output, evidence.checker_output, evidence.shard_dtype, "accused and checker outputs"
+    )
     if cmp.within:
         raise EvidenceRefusedError(
             "within_tolerance",
@@ -589,8 +655,12 @@ def check_evidence(
                 "checker: one operator cannot confirm its own accusation",
             )
         _same_call(a, evidence.referee_receipt.receipt(), "referee")
-        with_checker = _compare(evidence.referee_output, evidence.checker_output, evidence.shard_dtype)
-        with_accused = _compare(evidence.referee_output, evidence.accused_output, evidence.shard_dtype)
+        with_checker = _compare(
+            evidence.referee_output, evidence.checker_output, evidence.shard_dtype, "referee and checker outputs"
+        )
+        with_accused = _compare(
+            evidence.referee_output, evidence.accused_output, evidence.shard_dtype, "referee and accused outputs"
+        )
         if not with_checker.within or with_accused.within:
             raise EvidenceRefusedError(
                 "checkers_disagree",

@@ -164,7 +164,7 @@ def test_restarted_oracle_still_refuses_replays(market, setup, tmp_path) -> None
     signed = _report(service, steady, 7, int(clock.now))
     assert _post(http, signed).status_code == 202
     again = OracleService(service.settings, market.client, market.oracle, clock=clock, seed=0)
-    assert [r.report.seq for r in again._pending] == [7]  # the unposted epoch's reports came back
+    assert [r.telemetry.report.seq for r in again._pending] == [7]  # the unposted epoch's reports came back
     with pytest.raises(TelemetryRefusedError) as err:
         again.submit_telemetry(encode_telemetry(signed))
     assert err.value.reason == "replayed"

@@ -145,7 +145,7 @@ class ThreadedOracle:
 
 
 def _reports(service: OracleService, node: str) -> list[SignedTelemetry]:
-    return [r for r in list(service._pending) if r.report.node == node]
+    return [r.telemetry for r in list(service._pending) if r.telemetry.report.node == node]
 
 
 async def _run_job(fleet: Fleet, job_id: bytes) -> None:
@@ -243,7 +243,7 @@ def test_oracle_relays_dht_telemetry_without_counting_copies_as_replays(fleet: F
         out: dict[str, list[dict[str, Any]]] = {}
         for path in (state / "reports").glob("*.jsonl") if (state / "reports").exists() else []:
             for line in path.read_text().splitlines():
-                report = json.loads(line)["report"]
+                report = json.loads(line)["telemetry"]["report"]  # ReceivedTelemetry lines
                 out.setdefault(report["node"], []).append(report)
         return out
 

@@ -41,6 +41,7 @@ def make_evidence(
     runner: LocalAccount = RUNNER,
     oracle_domain: Domain | None = None,
     referee: tuple[LocalAccount, np.ndarray] | None = None,
+    row_width: int = 0,
 ) -> SpotCheckEvidence:
     """``oracle_domain`` defaults to the receipts' domain renamed (unit tests); pass the real one."""
     a_bytes, c_bytes = accused_out.astype("<f4").tobytes(), checker_out.astype("<f4").tobytes()
@@ -58,4 +59,5 @@ def make_evidence(
         oracle_domain or Domain("DLIS Oracle", "1", domain.chain_id, domain.verifying_contract),
         signed_receipt(referee[0], domain, r_bytes, job) if referee and r_bytes else None,
         r_bytes,
+        row_width=row_width,
     )

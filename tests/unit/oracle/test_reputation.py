@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import pytest
+from web3 import Web3
 
+from dlis_market.oracle.observations import StageObservation
 from dlis_market.oracle.reputation import (
     NodeEpochStats,
     ReputationWeights,
@@ -11,7 +13,7 @@ from dlis_market.oracle.reputation import (
     score_reputation,
     summarize_epoch,
 )
-from dlis_market.oracle.telemetry import JobOutcome
+from dlis_market.oracle.telemetry import ReceivedTelemetry
 
 from .conftest import NOW
 
@@ -31,8 +33,8 @@ GOOD = NodeEpochStats(
 def test_perfect_node_near_max_and_silent_node_low() -> None:
     scores = score_reputation({"a": GOOD, "b": NodeEpochStats(node="b")})
     assert scores["a"] >= 9_990
-    # no data: uptime 0, throughput 0, neutral latency/sessions/verification, no stake
-    assert scores["b"] == round(10_000 * (0.15 * 0.5 + 0.15 * 0.5 + 0.15 * 0.5))
+    # no data: uptime 0, neutral (unobserved) throughput/latency/sessions/verification, no stake
+    assert scores["b"] == round(10_000 * (0.20 * 0.5 + 0.15 * 0.5 + 0.15 * 0.5 + 0.15 * 0.5))
 
 
 def test_each_component_moves_the_score_by_its_weight() -> None:
@@ -56,28 +58,43 @@ def test_weights_must_sum_to_one() -> None:
         ReputationWeights(uptime=0.5)
 
 
+def _observed(node: str, job: int, tokens: int, latency_ms: int, ok: bool = True) -> StageObservation:
+    return StageObservation(
+        node=node, job_id=f"0x{job:064x}", start=0, end=8, tokens=tokens, latency_ms=latency_ms, routed_tps=60.0, ok=ok
+    )
+
+
 def test_summarize_epoch(make_report) -> None:
     start = NOW - 600
     reports = [
-        make_report(seq=1, timestamp=start + 5, latencies_ms=(10.0, 30.0), sessions_ok=2),
-        make_report(
-            seq=2,
-            timestamp=start + 65,
-            measured_tps=35.0,
-            sessions_failed=1,
-            jobs=(JobOutcome(job_id="0x" + "00" * 32, ok=False, latency_ms=20.0, tokens=3),),
-        ),
-        make_report(seq=3, timestamp=start + 70),  # same slot as seq 2
-        make_report(seq=4, timestamp=start + 600),  # next epoch
+        ReceivedTelemetry(received_at=start + at, telemetry=make_report(seq=seq, timestamp=start + claimed, **kw))
+        for seq, at, claimed, kw in [
+            (1, 5, 5, {"latencies_ms": (10.0, 30.0), "sessions_ok": 2}),
+            (2, 65, 65, {"measured_tps": 35.0, "sessions_failed": 1}),
+            (3, 70, 10, {}),  # arrived in the same slot as seq 2, claiming slot 0: one slot
+            (4, 75, -400, {}),  # claims an earlier epoch but arrived in this one: counted here
+            (5, 600, 600, {}),  # next epoch
+        ]
     ]
-    node = reports[0].report.node
+    node = reports[0].telemetry.report.node
+    observations = [
+        _observed(node, 1, 10, 1000),
+        _observed(node, 2, 30, 1000),
+        _observed(node, 3, 0, 0, ok=False),
+        _observed("0x" + "cd" * 20, 4, 5, 50),  # another node, observed only
+    ]
     stats = summarize_epoch(
-        reports, start, 600, 60, checks={node: (3, 0), "0xsilent": (0, 1)}, stakes={node: (200, 100)}
-    )
+        reports, start, 600, 60, checks={node: (3, 0), "0xsilent": (0, 1)}, stakes={node: (200, 100)},
+        observations=observations,
+    )  # fmt: skip
     s = stats[node]
     assert s.uptime_fraction == pytest.approx(2 / 10)
-    assert s.measured_tps == pytest.approx((45 + 35 + 45) / 3)
-    assert s.latency_p50_ms == 20.0
-    assert (s.sessions_ok, s.sessions_failed) == (2, 2)
+    assert s.measured_tps == pytest.approx(40 / 2.0)  # observed: tokens over the broker's seconds
+    assert s.reported_tps == pytest.approx((45 + 35 + 45 + 45) / 4)  # claimed: for the DP figures only
+    assert s.advertised_tps == 60.0  # the larger claim: the record the broker routed on
+    assert s.latency_p50_ms == pytest.approx((100.0 + 1000 / 30) / 2)  # observed ms per token
+    assert (s.sessions_ok, s.sessions_failed) == (2, 1)  # observed jobs; the claimed sessions count for nothing
     assert (s.checks_passed, s.stake) == (3, 200)
     assert stats["0xsilent"].checks_failed == 1
+    other = stats[Web3.to_checksum_address("0x" + "cd" * 20)]
+    assert (other.uptime_fraction, other.sessions_ok, other.measured_tps) == (0.0, 1, pytest.approx(100.0))

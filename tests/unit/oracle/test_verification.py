@@ -148,9 +148,11 @@ def test_only_trusted_runners_may_assign_checks() -> None:
     # the checker signing as its own runner
     self_assigned = make_evidence(ACCUSED, CHECKER, DOMAIN, out + 0.5, out, runner=CHECKER)
     assert _refusal(self_assigned) == "unauthorized_runner"
-    # a runner signature does not carry over to other outputs
+    # a runner signature does not carry over to other outputs, and names its signer
+    claimed = ev.model_copy(update={"runner": CHECKER.address})
+    assert _refusal(claimed) == "tampered"
     swapped = make_evidence(ACCUSED, CHECKER, DOMAIN, out + 0.7, out)
-    assert _refusal(ev.model_copy(update={"accused_receipt": swapped.accused_receipt})) == "unauthorized_runner"
+    assert _refusal(ev.model_copy(update={"accused_receipt": swapped.accused_receipt})) == "tampered"
     assert _refusal(ev.model_copy(update={"runner_signature": "0x" + "00" * 65})) == "unauthorized_runner"
 
 
@@ -168,10 +170,12 @@ def test_referee_must_side_with_the_checker() -> None:
     assert _refusal(make_evidence(ACCUSED, CHECKER, DOMAIN, out + 0.5, out), require_referee=True) == "referee_required"
     as_checker = make_evidence(ACCUSED, CHECKER, DOMAIN, out + 0.5, out, referee=(CHECKER, out))
     assert _refusal(as_checker) == "same_node"
-    assert _refusal(confirmed.model_copy(update={"referee_output": None})) == "incomplete_referee"
+    no_output = confirmed.model_copy(update={"referee_output": None})
+    assert _refusal(no_output) == "tampered"  # the runner signed the referee's output labels
+    assert _refusal(no_output.signed_by_runner(RUNNER.key, ORACLE_DOMAIN)) == "incomplete_referee"
     # the runner signed over the referee: stripping it to dodge the 2-of-3 rule breaks the signature
     stripped = confirmed.model_copy(update={"referee_node": None, "referee_receipt": None, "referee_output": None})
-    assert _refusal(stripped) == "unauthorized_runner"
+    assert _refusal(stripped) == "tampered"
 
 
 def test_the_runner_signature_covers_how_outputs_are_split_and_compared() -> None:
@@ -185,8 +189,20 @@ def test_the_runner_signature_covers_how_outputs_are_split_and_compared() -> Non
             "checker_output": ev.checker_output.model_copy(update={"row_width": 1}),
         }
     )
-    assert _refusal(per_value) == "unauthorized_runner"
-    assert _refusal(ev.model_copy(update={"shard_dtype": "fp32"})) == "unauthorized_runner"
+    assert _refusal(per_value) == "tampered"
+    assert _refusal(ev.model_copy(update={"shard_dtype": "fp32"})) == "tampered"
+    # the checker's labels too: a passing evidence must not become "different" by relabelling one side
+    relabelled = ev.model_copy(update={"checker_output": ev.checker_output.model_copy(update={"row_width": 1})})
+    assert _refusal(relabelled) == "tampered"
+
+
+def test_outputs_labelled_differently_prove_nothing() -> None:
+    """Even a trusted runner's evidence whose outputs are cut or decoded differently is refused,
+    not scored as an infinite difference: the labels are the runner's, not the nodes' doing."""
+    out = reference_output()
+    ev = make_evidence(ACCUSED, CHECKER, DOMAIN, out, out, row_width=4)
+    relabelled = ev.model_copy(update={"checker_output": ev.checker_output.model_copy(update={"row_width": 1})})
+    assert _refusal(relabelled.signed_by_runner(RUNNER.key, ORACLE_DOMAIN)) == "inconsistent_outputs"
 
 
 def test_one_operator_cannot_be_both_accused_and_checker_or_confirm_itself() -> None:

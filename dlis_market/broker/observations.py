@@ -1,0 +1,110 @@
+"""What the broker saw each stage of a job do, signed and posted to the oracle.
+
+Reputation scores throughput, latency and finished sessions on these observations, not on a
+worker's own telemetry (``dlis_market/oracle/observations.py``). The broker times each job it
+drives: the tokens the route generated and the wall time they took; every stage of the route that
+finished the job is observed with those figures (a driver sees only the last stage's tokens, so a
+stage is credited with the route it served in; over many routes the nodes separate), and a stage
+that failed the job (the one a failover replaced) is observed as not ok. ``routed_tps`` is the
+throughput each node advertised in the record the broker routed on: what its speed is held against.
+
+Wiring: after a job, ``await observer.report(observe_job(...))``; signing uses the broker's
+spot-check runner key (the broker account, one of the oracle's ``spot_check_runners``). Reporting
+never delays or fails a job: a refusal or an unreachable oracle is logged and counted.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol
+
+import httpx
+
+from dlis_market.chain.typed_data import Domain
+from dlis_market.errors import DlisError
+from dlis_market.node.routing import Hop
+from dlis_market.oracle.observations import MAX_OBSERVATIONS, ObservationBatch, StageObservation
+
+log = logging.getLogger(__name__)
+
+UINT32_MAX = 2**32 - 1
+
+
+class ObservationSink(Protocol):
+    async def observe(self, batch: ObservationBatch) -> dict[str, Any]: ...
+
+
+def observe_job(
+    job_id: bytes,
+    route: Sequence[Hop],
+    tokens: int,
+    elapsed_s: float,
+    *,
+    failed: Sequence[Hop] = (),
+    routed_tps: Mapping[str, float] | None = None,
+) -> list[StageObservation]:
+    """Unsigned observations of one job: each hop of the ``route`` that finished it generated
+    ``tokens`` in ``elapsed_s`` (the broker's clock); each hop in ``failed`` failed it.
+    ``routed_tps`` maps a peer id to the throughput of the record the broker routed on. Pure."""
+    if tokens < 0 or elapsed_s < 0:
+        raise ValueError(f"a job generates tokens >= 0 in elapsed_s >= 0, got {tokens} in {elapsed_s}")
+    tps = routed_tps or {}
+    job = "0x" + job_id.hex()
+    latency_ms = min(UINT32_MAX, round(elapsed_s * 1000))
+
+    def one(hop: Hop, ok: bool) -> StageObservation:
+        return StageObservation(
+            node=hop.node_address, job_id=job, start=hop.start, end=hop.end,
+            tokens=min(tokens, UINT32_MAX) if ok else 0, latency_ms=latency_ms if ok else 0,
+            routed_tps=float(tps.get(hop.peer_id, 0.0)), ok=ok,
+        )  # fmt: skip
+
+    return [one(hop, True) for hop in route] + [one(hop, False) for hop in failed]
+
+
+class OracleObservationSink:
+    """``POST {oracle_url}/v1/observations``; a refusal comes back as ``{"refused": reason, ...}``."""
+
+    def __init__(self, oracle_url: str, timeout_s: float = 30.0) -> None:
+        self.url = oracle_url.rstrip("/") + "/v1/observations"
+        self.timeout_s = timeout_s
+
+    async def observe(self, batch: ObservationBatch) -> dict[str, Any]:
+        async with httpx.AsyncClient(timeout=self.timeout_s) as http:
+            res = await http.post(
+                self.url, content=batch.model_dump_json(), headers={"content-type": "application/json"}
+            )
+        body: dict[str, Any] = res.json()
+        if res.status_code == 200:
+            return body
+        return {"refused": body.get("reason", res.status_code), "detail": body.get("detail", "")}
+
+
+class JobObserver:
+    """Signs observations with the runner key and hands them to the oracle, in batches."""
+
+    def __init__(self, runner_key: bytes, oracle_domain: Domain, sink: ObservationSink) -> None:
+        self.runner_key = runner_key
+        self.oracle_domain = oracle_domain
+        self.sink = sink
+        self.counts: Counter[str] = Counter()  # recorded | duplicate | refused:<reason> | error
+
+    async def report(self, observations: Sequence[StageObservation]) -> None:
+        signed = [o.signed_by_runner(self.runner_key, self.oracle_domain) for o in observations]
+        for i in range(0, len(signed), MAX_OBSERVATIONS):
+            chunk = signed[i : i + MAX_OBSERVATIONS]
+            try:
+                answer = await self.sink.observe(ObservationBatch(observations=tuple(chunk)))
+            except (httpx.HTTPError, DlisError, ValueError) as exc:  # the oracle is down: the job is not affected
+                self.counts["error"] += len(chunk)
+                log.warning("could not post %d observations to the oracle: %s", len(chunk), exc)
+                continue
+            if "refused" in answer:
+                self.counts[f"refused:{answer['refused']}"] += len(chunk)
+                log.warning("oracle refused %d observations: %s %s", len(chunk), answer["refused"], answer["detail"])
+                continue
+            recorded = int(answer.get("recorded", 0))
+            self.counts["recorded"] += recorded
+            self.counts["duplicate"] += len(chunk) - recorded
