@@ -48,6 +48,10 @@ class ChainSettings(_Section):
     reporter_share_bps: int = 5_000
     fee_bps: int = 250
     withdraw_delay_s: int = 24 * 3600
+    # A ready escrow withdrawal request stays usable this long, then expires (JobMarket).
+    withdraw_window_s: int = 24 * 3600
+    # Most seconds a job authorization's deadline may lie ahead at settlement; < withdraw_delay_s.
+    max_authorization_lifetime_s: int = 3600
     initial_supply: int = 1_000_000_000 * 10**18
     # Role holders. On a dev chain they default to Anvil dev accounts 0 (deployer, treasury),
     # 1 (broker) and 2 (oracle); on any other chain they must be set explicitly.
@@ -117,6 +121,18 @@ class NodeSettings(_Section):
     transcript_retain_s: float = 900.0
     transcript_retain_bytes: int = 256 << 20
     byzantine: float = 0.0  # TEST ONLY: fraction of sessions whose outputs this worker corrupts
+    # Paid sessions only (protocol/tickets.py): a worker opens a session on a ticket signed by an
+    # account holding BROKER_ROLE on market_address (checked on chain, cached broker_cache_s), or by
+    # one of trusted_brokers; with neither a market nor trusted brokers (a dev swarm with no chain)
+    # it takes any validly signed ticket and says so at start. Limits per opener peer id:
+    trusted_brokers: list[str] = Field(default_factory=list)
+    broker_cache_s: float = 60.0
+    ticket_ttl_s: float = 600.0  # lifetime of the tickets a driver issues
+    max_sessions_per_opener: int = 8
+    transcript_bytes_per_opener: int = 64 << 20
+    # Telemetry not yet taken by the oracle waits here (protocol/outbox.py); any SQLAlchemy URL.
+    # None: a SQLite file outbox.db in the worker's identity folder.
+    outbox_url: str | None = None
 
 
 class BrokerSettings(_Section):
@@ -144,6 +160,17 @@ class BrokerSettings(_Section):
     # worker and the evidence sent to the oracle (needs oracle_url; the broker account must be one
     # of the oracle's spot_check_runners). The sampling secret never leaves the broker.
     spot_check_fraction: float = Field(default=0.02, ge=0.0, le=1.0)
+    # Requests from clients: bodies over this are refused (413) before they are read or parsed.
+    max_request_bytes: int = Field(default=1 << 20, ge=1024)
+    # A retried request with the same Idempotency-Key (or, without one, the same client and body)
+    # within this window gets the job of the first try instead of a new one.
+    idempotency_window_s: float = Field(default=600.0, gt=0)
+    # A job whose every requester disconnected is cancelled after this grace (a retry may attach).
+    cancel_grace_s: float = Field(default=10.0, ge=0)
+    # Spot-check evidence, failure reports and job observations the oracle has not taken yet wait
+    # here (protocol/outbox.py), across an oracle outage and a broker restart; any SQLAlchemy URL.
+    # None: a SQLite file $DLIS_HOME/broker/outbox.db (Settings.broker_outbox_url).
+    outbox_url: str | None = None
 
 
 class OracleSettings(_Section):
@@ -154,12 +181,17 @@ class OracleSettings(_Section):
     # Account holding ORACLE_ROLE and SLASHER_ROLE: keystore name, or dev:N on a dev chain.
     account: str = "dev:2"
     state_dir: Path | None = None  # stored epoch leaves and proofs; defaults to HOME/oracle
+    # The oracle's state (reports, checks, observations, epochs, privacy accounts, slashes): any
+    # SQLAlchemy URL; default a SQLite file oracle.db under state_dir.
+    database_url: str | None = None
     epoch_s: float = 3600.0  # one reputation epoch
     heartbeat_interval_s: float = 60.0  # workers report this often; a missed one counts as downtime
     # Telemetry intake.
     telemetry_max_bytes: int = 64 << 10  # compressed body limit
     telemetry_max_decompressed_bytes: int = 256 << 10
-    telemetry_max_age_s: float = 300.0  # older reports are stale
+    # Older reports are stale: about two heartbeat intervals, so a node cannot sign the reports of
+    # slots it missed later (uptime counts arrival slots anyway).
+    telemetry_max_age_s: float = 120.0
     telemetry_max_skew_s: float = 30.0  # reports from further in the future are refused
     # Differential privacy of published aggregates (Laplace mechanism, basic composition).
     dp_epsilon: float = 1.0  # spent per node per epoch over all published figures
@@ -173,6 +205,20 @@ class OracleSettings(_Section):
     spot_check_runners: list[str] = Field(default_factory=list)
     spot_check_require_referee: bool = False  # slash only when a second checker confirms the mismatch
     slash_amount: int = 100 * 10**18  # token units taken per proven mismatch
+    # Largest spot-check evidence body (three raw outputs in hex); bigger is refused (413) unread.
+    evidence_max_bytes: int = 32 << 20
+
+
+class OutboxSettings(_Section):
+    """Persisted outboxes of messages to the oracle (protocol/outbox.py), in broker and worker."""
+
+    max_rows: int = Field(default=10_000, ge=1)  # messages held, dead letters included
+    max_bytes: int = Field(default=256 << 20, ge=1024)  # body bytes held
+    retry_base_s: float = Field(default=1.0, gt=0)  # first wait after a failed delivery; doubles per try
+    retry_max_s: float = Field(default=60.0, gt=0)  # longest wait between two tries
+    timeout_s: float = Field(default=60.0, gt=0)  # one delivery attempt (the oracle may verify on chain)
+    # Telemetry: only this many newest unsent reports are kept (older ones are stale to the oracle).
+    telemetry_keep: int = Field(default=2, ge=1)
 
 
 class Settings(_Section):
@@ -185,6 +231,7 @@ class Settings(_Section):
     node: NodeSettings = Field(default_factory=NodeSettings)
     broker: BrokerSettings = Field(default_factory=BrokerSettings)
     oracle: OracleSettings = Field(default_factory=OracleSettings)
+    outbox: OutboxSettings = Field(default_factory=OutboxSettings)
 
     # ---------------------------------------------------------------- derived paths
 
@@ -208,10 +255,14 @@ class Settings(_Section):
     def logs_dir(self) -> Path:
         return self.home / "logs"
 
+    @property
+    def broker_outbox_url(self) -> str:
+        return self.broker.outbox_url or f"sqlite:///{self.home / 'broker' / 'outbox.db'}"
+
     def to_env(self) -> dict[str, str]:
         """These settings as ``DLIS_*`` variables, for child processes (brownie, workers)."""
         env: dict[str, str] = {f"{ENV_PREFIX}HOME": str(self.home)}
-        for section in ("chain", "storage", "inference", "node", "broker", "oracle"):
+        for section in ("chain", "storage", "inference", "node", "broker", "oracle", "outbox"):
             for key, value in getattr(self, section).model_dump().items():
                 if value is not None:
                     text = json.dumps(value) if isinstance(value, (list, dict)) else str(value)

@@ -1,7 +1,7 @@
 """API keys for OpenAI-style clients, backed by an on-chain standing spending authorization.
 
 Creating a key makes a fresh spender key, which the client authorizes on JobMarket with
-``setSpender(spender, cap, expiry)``: the chain itself enforces the cap and the expiry. The
+``setSpender(spender, 0, cap, expiry)``: the chain itself enforces the cap and the expiry. The
 broker stores only sha256(api key) and the spender key encrypted *with the API key*, so the
 database alone cannot spend anything; each request decrypts the spender key and signs that job's
 authorization on the client's behalf.
@@ -61,6 +61,7 @@ class ApiKeyAccount:
     client: str
     spender: LocalAccount
     expires_at: int
+    key_hash: str
 
 
 def resolve_api_key(ledger: Ledger, authorization: str | None, now: int) -> ApiKeyAccount:
@@ -81,4 +82,4 @@ def resolve_api_key(ledger: Ledger, authorization: str | None, now: int) -> ApiK
             401, "expired-api-key", "Expired API key", f"the API key expired at {row.expires_at} (now {now})"
         )
     key = Account.decrypt(json.loads(row.signer_key), api_key)
-    return ApiKeyAccount(row.client, Account.from_key(key), row.expires_at)
+    return ApiKeyAccount(row.client, Account.from_key(key), row.expires_at, row.key_hash)

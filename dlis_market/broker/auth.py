@@ -3,16 +3,27 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from eth_account import Account
+from eth_account.messages import encode_typed_data
 
 from dlis_market.broker.problems import ProblemError, bad_authorization
 from dlis_market.broker.schemas import Authorization
 from dlis_market.chain.job_market import JobAuthorization, authorization_signer
-from dlis_market.chain.typed_data import Domain
+from dlis_market.chain.typed_data import CompactSignature, Domain
 
 # A job must still be settleable after it runs: require this much time before the deadline.
 MIN_DEADLINE_MARGIN_S = 600
+# Clients sign deadlines this far inside JobMarket's max authorization lifetime (clock skew, the
+# blocks mined between signing and admission), and never more than an hour ahead.
+SIGNING_MARGIN_S = 60
+MAX_SIGNED_TTL_S = 3600
+
+
+def signing_deadline(now: int, max_lifetime: int) -> int:
+    """The deadline a client (or the broker for an API key) signs: as long as JobMarket settles."""
+    return now + min(max_lifetime, MAX_SIGNED_TTL_S) - SIGNING_MARGIN_S
 
 
 @dataclass(frozen=True)
@@ -27,17 +38,31 @@ class VerifiedAuthorization:
 
 
 def verify_authorization(
-    given: Authorization, *, broker: str, model_id: str, domain: Domain, now: int, signer: str | None = None
+    given: Authorization,
+    *,
+    broker: str,
+    model_id: str,
+    domain: Domain,
+    now: int,
+    max_lifetime: int,
+    signer: str | None = None,
 ) -> VerifiedAuthorization:
     """The typed data the client must have signed, with this broker and model filled in.
 
-    Raises a 401 problem naming what is wrong: expired or too-close deadline, malformed
-    signature, or a signature by someone other than the client.
+    Raises a 401 problem naming what is wrong: expired or too-close deadline, a deadline further
+    ahead than JobMarket settles (``max_lifetime`` seconds), malformed signature, or a signature by
+    someone other than the client.
     """
     if given.deadline < now + MIN_DEADLINE_MARGIN_S:
         raise bad_authorization(
             f"authorization deadline {given.deadline} is {'past' if given.deadline < now else 'too close'} "
             f"(chain time {now}); sign a new one valid for at least {MIN_DEADLINE_MARGIN_S} s"
+        )
+    if given.deadline > now + max_lifetime:
+        raise bad_authorization(
+            f"authorization deadline {given.deadline} is {given.deadline - now} s after chain time {now}, over "
+            f"JobMarket's max authorization lifetime of {max_lifetime} s (it would not settle); sign one "
+            f"valid for at most {max_lifetime} s"
         )
     auth = JobAuthorization(
         client=given.client,
@@ -61,6 +86,66 @@ def verify_authorization(
     return VerifiedAuthorization(auth, sig, recovered)
 
 
+# ---------------------------------------------------------------------------- reading a job
+# A job's prompt and answer belong to its client. To read them the client signs, under the
+# JobMarket domain, an off-chain typed message naming the job and an expiry (unix seconds); the
+# broker checks it like an authorization. No contract verifies it.
+JOB_READ = [("jobId", "bytes32"), ("expiry", "uint256")]
+MAX_READ_TTL_S = 24 * 3600  # a read permission is refused if it claims to last longer than this
+
+
+def _job_read_message(domain: Domain, job_id: str, expiry: int) -> Any:
+    return encode_typed_data(
+        full_message={
+            "types": {
+                "EIP712Domain": [
+                    {"name": "name", "type": "string"},
+                    {"name": "version", "type": "string"},
+                    {"name": "chainId", "type": "uint256"},
+                    {"name": "verifyingContract", "type": "address"},
+                ],
+                "JobRead": [{"name": n, "type": t} for n, t in JOB_READ],
+            },
+            "primaryType": "JobRead",
+            "domain": domain.as_dict(),
+            "message": {"jobId": bytes.fromhex(job_id.removeprefix("0x")), "expiry": expiry},
+        }
+    )
+
+
+def sign_job_read(key: bytes | str, domain: Domain, job_id: str, expiry: int) -> str:
+    """The client's permission to read one job's prompt and answer until ``expiry``, as the
+    ``X-DLIS-Job-Read`` header value ``<expiry>:<0x signature>``."""
+    signed = Account.sign_message(_job_read_message(domain, job_id, expiry), key)
+    return f"{expiry}:{CompactSignature.from_bytes(bytes(signed.signature)).hex()}"
+
+
+def verify_job_read(proof: str, *, domain: Domain, job_id: str, client: str, now: int) -> None:
+    """Check an ``<expiry>:<0x signature>`` read permission for ``job_id`` by its ``client``, or raise
+    a 401 problem saying what is wrong."""
+    expiry_s, _, sig_hex = proof.strip().partition(":")
+    if not expiry_s.isdigit() or len(expiry_s) > 20 or len(sig_hex) != 132 or not sig_hex.startswith("0x"):
+        raise bad_read("the read permission must be `<expiry unix seconds>:<0x + 130 hex digits>`")
+    expiry = int(expiry_s)
+    if expiry < now:
+        raise bad_read(f"the read permission expired at {expiry} (now {now}); sign a new JobRead")
+    if expiry > now + MAX_READ_TTL_S:
+        raise bad_read(f"the read permission runs until {expiry}, over {MAX_READ_TTL_S} s from now ({now})")
+    try:
+        message = _job_read_message(domain, job_id, expiry)
+        signer = Account.recover_message(message, signature=bytes.fromhex(sig_hex[2:]))
+    except (ValueError, TypeError) as exc:
+        raise bad_read(f"the read signature does not decode ({exc}); sign the JobRead typed data") from exc
+    if signer != client:
+        raise ProblemError(
+            403, "not-your-job", "Not your job", f"the read permission is signed by {signer}, not the job's client"
+        )
+
+
+def bad_read(reason: str) -> ProblemError:
+    return ProblemError(401, "bad-read-permission", "Bad read permission", reason)
+
+
 def sign_for_client(key: bytes | str, domain: Domain, auth: JobAuthorization) -> str:
     """What `dlis job submit` does for a client: the 65-byte signature as 0x-hex."""
     from dlis_market.chain.job_market import sign_authorization
@@ -72,4 +157,12 @@ def address_of(key: bytes | str) -> str:
     return str(Account.from_key(key).address)
 
 
-__all__ = ["ProblemError", "VerifiedAuthorization", "address_of", "sign_for_client", "verify_authorization"]
+__all__ = [
+    "ProblemError",
+    "VerifiedAuthorization",
+    "address_of",
+    "sign_for_client",
+    "sign_job_read",
+    "verify_authorization",
+    "verify_job_read",
+]

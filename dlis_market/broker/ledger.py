@@ -14,10 +14,21 @@ import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import Any
 
 from eth_utils import keccak
-from sqlalchemy import ForeignKey, String, Text, TypeDecorator, UniqueConstraint, create_engine, event, select
+from sqlalchemy import (
+    ForeignKey,
+    String,
+    Text,
+    TypeDecorator,
+    UniqueConstraint,
+    create_engine,
+    delete,
+    event,
+    select,
+)
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship, sessionmaker
@@ -27,6 +38,19 @@ from dlis_market.errors import BrokerError
 
 class LedgerError(BrokerError):
     """The ledger refused an operation (duplicate job, unknown job, bad state)."""
+
+
+class JobStatus(StrEnum):
+    """A job's life: queued -> running -> completed -> settled; or failed (nothing is owed: it never
+    completed), or unpayable (completed, but JobMarket would not pay its receipts: the reason and
+    its evidence are in ``error``, the receipts are kept)."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    UNPAYABLE = "unpayable"
+    SETTLED = "settled"
 
 
 class Uint256(TypeDecorator[int]):
@@ -58,7 +82,7 @@ class JobRow(Base):
     nonce: Mapped[int] = mapped_column(Uint256)
     model: Mapped[str] = mapped_column(String(128))
     model_id: Mapped[str] = mapped_column(String(66))
-    status: Mapped[str] = mapped_column(String(16), index=True)  # queued running completed failed settled
+    status: Mapped[str] = mapped_column(String(16), index=True)  # a JobStatus
     request_json: Mapped[str] = mapped_column(Text)
     max_cost: Mapped[int] = mapped_column(Uint256)
     deadline: Mapped[int]
@@ -122,6 +146,18 @@ class ApiKeyRow(Base):
     created_at: Mapped[float] = mapped_column(default=time.time)
 
 
+class IdempotencyRow(Base):
+    """A request that admitted a job, by its idempotency key: a retry gets the same job."""
+
+    __tablename__ = "idempotency"
+
+    scope: Mapped[str] = mapped_column(String(66), primary_key=True)  # client address or API key hash
+    key: Mapped[str] = mapped_column(String(256), primary_key=True)
+    body_hash: Mapped[str] = mapped_column(String(66))
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id"))
+    created_at: Mapped[float] = mapped_column(default=time.time, index=True)
+
+
 @dataclass(frozen=True)
 class NewJob:
     id: str
@@ -183,7 +219,7 @@ class Ledger:
             nonce=job.nonce,
             model=job.model,
             model_id=job.model_id,
-            status="queued",
+            status=JobStatus.QUEUED,
             request_json=json.dumps(job.request, sort_keys=True),
             max_cost=job.max_cost,
             deadline=job.deadline,
@@ -215,7 +251,7 @@ class Ledger:
     def mark_running(self, job_id: str, route: Any, fallback: bool) -> None:
         with self.session() as s:
             row = self._job(s, job_id)
-            row.status = "running"
+            row.status = JobStatus.RUNNING
             row.route_json = json.dumps(route)
             row.fallback = fallback
 
@@ -232,11 +268,13 @@ class Ledger:
         ttft_ms: float,
         latency_ms: float,
         route: Any | None = None,
+        note: str | None = None,
     ) -> None:
-        """Record the answer and every receipt atomically."""
+        """Record the answer and every receipt atomically (``note``: why it ended early, if it did)."""
         with self.session() as s:
             row = self._job(s, job_id)
-            row.status = "completed"
+            row.status = JobStatus.COMPLETED
+            row.error = note
             row.answer = answer
             row.token_ids_json = json.dumps(list(token_ids))
             row.prompt_tokens = prompt_tokens
@@ -251,9 +289,34 @@ class Ledger:
     def fail_job(self, job_id: str, error: str) -> None:
         with self.session() as s:
             row = self._job(s, job_id)
-            row.status = "failed"
+            row.status = JobStatus.FAILED
             row.error = error
             row.batch_id = None
+
+    def mark_unpayable(self, job_id: str, reason: str) -> None:
+        """A completed job JobMarket will not pay: keep its receipts, record why (with evidence)."""
+        with self.session() as s:
+            row = self._job(s, job_id)
+            row.status = JobStatus.UNPAYABLE
+            row.error = reason
+            row.batch_id = None
+
+    def recover_interrupted(self, reason: str) -> tuple[list[str], list[str]]:
+        """Jobs a previous process left queued or running (it stopped before they ended): those
+        whose receipts were recorded become completed (the settler pays them), the rest fail with
+        ``reason``, which releases their escrow commitment. Returns (completed ids, failed ids)."""
+        done: list[str] = []
+        failed: list[str] = []
+        with self.session() as s:
+            q = select(JobRow).where(JobRow.status.in_((JobStatus.QUEUED, JobStatus.RUNNING)))
+            for row in s.scalars(q.order_by(JobRow.created_at)):
+                if row.receipts:
+                    row.status = JobStatus.COMPLETED
+                    done.append(row.id)
+                else:
+                    row.status, row.error, row.batch_id = JobStatus.FAILED, reason, None
+                    failed.append(row.id)
+        return done, failed
 
     @staticmethod
     def _job(s: Session, job_id: str) -> JobRow:
@@ -265,10 +328,11 @@ class Ledger:
     def committed_escrow(self, client: str) -> int:
         """Escrow already promised to this client's unsettled jobs (max cost while running)."""
         with self.session() as s:
-            q = select(JobRow).where(JobRow.client == client, JobRow.status.in_(("queued", "running", "completed")))
+            open_ = (JobStatus.QUEUED, JobStatus.RUNNING, JobStatus.COMPLETED)
+            q = select(JobRow).where(JobRow.client == client, JobRow.status.in_(open_))
             total = 0
             for row in s.scalars(q):
-                if row.status == "completed":
+                if row.status == JobStatus.COMPLETED:
                     total += (row.cost or 0) + (row.fee or 0)
                 else:
                     total += row.max_cost
@@ -276,14 +340,13 @@ class Ledger:
 
     # ------------------------------------------------------------------ settlement
 
-    def unsettled_jobs(self, limit: int) -> list[JobRow]:
+    def unsettled_jobs(self, limit: int, exclude: Sequence[str] = ()) -> list[JobRow]:
+        """The oldest completed jobs in no batch, except ``exclude`` (jobs held back this pass)."""
         with self.session() as s:
-            q = (
-                select(JobRow)
-                .where(JobRow.status == "completed", JobRow.batch_id.is_(None))
-                .order_by(JobRow.created_at)
-                .limit(limit)
-            )
+            q = select(JobRow).where(JobRow.status == JobStatus.COMPLETED, JobRow.batch_id.is_(None))
+            if exclude:
+                q = q.where(JobRow.id.not_in(list(exclude)))
+            q = q.order_by(JobRow.created_at).limit(limit)
             rows = list(s.scalars(q))
             for r in rows:
                 _ = r.receipts
@@ -326,7 +389,17 @@ class Ledger:
                 raise LedgerError(f"unknown batch {batch_id}")
             b.status, b.tx_hash, b.block = "settled", tx_hash, block
             for row in s.scalars(select(JobRow).where(JobRow.batch_id == batch_id)):
-                row.status = "settled"
+                row.status = JobStatus.SETTLED
+
+    def note_forfeited(self, job_id: str, node: str, amount: int, fee_bps: int) -> None:
+        """JobMarket forfeited one stage's receipt at settlement (its node was not routable): the
+        job's cost and fee are what the client was actually charged; the note says why."""
+        with self.session() as s:
+            row = self._job(s, job_id)
+            row.cost = max((row.cost or 0) - amount, 0)
+            row.fee = row.cost * fee_bps // 10_000
+            note = f"receipt of node {node} ({amount} token units) forfeited at settlement: not routable"
+            row.error = f"{row.error}; {note}" if row.error else note
 
     def release_batch(self, batch_id: str, error: str) -> None:
         """A batch that cannot settle as a whole: mark it failed and free its jobs for a new batch."""
@@ -341,6 +414,25 @@ class Ledger:
     def get_batch(self, batch_id: str) -> BatchRow | None:
         with self.session() as s:
             return s.get(BatchRow, batch_id)
+
+    # ------------------------------------------------------------------ idempotency
+
+    def remember_request(self, scope: str, key: str, body_hash: str, job_id: str, forget_before: float) -> None:
+        """Record (or replace) the job a request key admitted; keys older than ``forget_before``
+        are dropped (they are past the idempotency window), so the table stays small."""
+        with self.session() as s:
+            s.execute(delete(IdempotencyRow).where(IdempotencyRow.created_at < forget_before))
+            row = s.get(IdempotencyRow, (scope, key))
+            if row is None:
+                s.add(IdempotencyRow(scope=scope, key=key, body_hash=body_hash, job_id=job_id, created_at=time.time()))
+            else:
+                row.body_hash, row.job_id, row.created_at = body_hash, job_id, time.time()
+
+    def recall_request(self, scope: str, key: str, since: float) -> IdempotencyRow | None:
+        """The request recorded under this key after ``since`` (older ones are forgotten)."""
+        with self.session() as s:
+            row = s.get(IdempotencyRow, (scope, key))
+            return row if row is not None and row.created_at >= since else None
 
     # ------------------------------------------------------------------ api keys
 

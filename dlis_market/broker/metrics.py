@@ -14,12 +14,12 @@ from collections.abc import Callable
 from fastapi import APIRouter, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from dlis_market.broker.ledger import JobRow, Ledger
+from dlis_market.broker.ledger import JobRow, JobStatus, Ledger
 
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 TPS_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500)
-TERMINAL = ("completed", "failed", "settled")
+TERMINAL = (JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.UNPAYABLE, JobStatus.SETTLED)
 
 
 class BrokerMetrics:
@@ -58,12 +58,13 @@ class BrokerMetrics:
         when already settled counts as completed too. Latencies and tokens are measured once."""
         if row.status not in TERMINAL:
             return
-        statuses = ["completed", "settled"] if row.status == "settled" else [row.status]
+        paid_or_not = (JobStatus.SETTLED, JobStatus.UNPAYABLE)
+        statuses = [JobStatus.COMPLETED, row.status] if row.status in paid_or_not else [row.status]
         for status in statuses:
             if (row.id, status) not in self._counted:
                 self._counted.add((row.id, status))
                 self.jobs.labels(status, row.model).inc()
-        if row.status == "failed" or row.id in self._measured:
+        if row.status == JobStatus.FAILED or row.id in self._measured:
             return
         self._measured.add(row.id)
         self.tokens.labels("prompt", row.model).inc(row.prompt_tokens)

@@ -36,15 +36,39 @@ class ProblemError(BrokerError):
         }
 
 
-def insufficient_escrow(needed: int, available: int, client: str) -> ProblemError:
+def insufficient_escrow(needed: int, available: int, client: str, withdrawing: int = 0) -> ProblemError:
+    held = (
+        f" ({withdrawing} token units are held back by your pending withdrawal request until it is "
+        "carried out or expires)"
+        if withdrawing
+        else ""
+    )
     return ProblemError(
         402,
         "insufficient-escrow",
         "Insufficient escrow",
-        f"client {client} has {available} token units of free escrow but the job may cost up to {needed}; "
-        "deposit more with `dlis job deposit AMOUNT` (nothing was run)",
+        f"client {client} has {available} token units of free escrow{held} but the job may cost up to "
+        f"{needed}; deposit more with `dlis job deposit AMOUNT` (nothing was run)",
         needed=str(needed),
         available=str(available),
+        withdrawing=str(withdrawing),
+    )
+
+
+def request_too_large(size: int | None, limit: int) -> ProblemError:
+    said = f"{size} bytes" if size is not None else "more than that"
+    return ProblemError(
+        413,
+        "request-too-large",
+        "Request too large",
+        f"the request body is {said}, over the broker's limit of {limit} bytes; send a shorter prompt",
+        limit=limit,
+    )
+
+
+def empty_prompt() -> ProblemError:
+    return ProblemError(
+        422, "empty-prompt", "Empty prompt", "the prompt has no tokens; send a non-empty `prompt` or `messages`"
     )
 
 

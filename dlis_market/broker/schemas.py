@@ -73,8 +73,8 @@ class ChatMessage(_In):
 
 class JobCreate(_In):
     model: str = Field(min_length=1, max_length=128)
-    prompt: str | None = Field(None, max_length=200_000)
-    messages: list[ChatMessage] | None = Field(None, max_length=256)
+    prompt: str | None = Field(None, min_length=1, max_length=200_000)
+    messages: list[ChatMessage] | None = Field(None, min_length=1, max_length=256)
     max_tokens: int = Field(32, ge=1, le=4096)
     sampling: Sampling = Field(default_factory=Sampling)
     policy: Policy = Field(default_factory=Policy)
@@ -90,8 +90,8 @@ class JobCreate(_In):
 
 class QuoteRequest(_In):
     model: str = Field(min_length=1, max_length=128)
-    prompt: str | None = Field(None, max_length=200_000)
-    messages: list[ChatMessage] | None = Field(None, max_length=256)
+    prompt: str | None = Field(None, min_length=1, max_length=200_000)
+    messages: list[ChatMessage] | None = Field(None, min_length=1, max_length=256)
     max_tokens: int = Field(32, ge=1, le=4096)
     policy: Policy = Field(default_factory=Policy)
 
@@ -123,6 +123,9 @@ class Quote(BaseModel):
     broker: str
     chain_id: int
     job_market: str
+    max_authorization_lifetime_s: int = Field(
+        description="Sign a deadline at most this many seconds ahead of chain time (JobMarket refuses later ones)."
+    )
 
 
 class ReceiptPublic(BaseModel):
@@ -151,6 +154,10 @@ class JobPublic(BaseModel):
     nonce: Uint
     route: list[HopPublic] | None
     fallback: bool
+    content_withheld: bool = Field(
+        description="True when the request and answer are left out: only the job's client reads them."
+    )
+    request: dict[str, Any] | None = Field(description="The job's request (prompt or messages, sampling, policy).")
     answer: str | None
     prompt_tokens: int
     completion_tokens: int

@@ -1,37 +1,51 @@
 """The broker's core: quote, admit, run and record paid jobs; settle them on chain in batches.
 
-Admission order (nothing runs unless all pass): known model (404) -> prompt fits the context
-(413) -> the client's EIP-712 authorization is for this broker, model and chain, unexpired, and
-signed by the client (401) -> its nonce is unused (409) -> a route satisfies the policy (503) ->
-the authorization covers the quoted maximum (402) -> free escrow covers it (402). Then the job is
-written to the ledger and runs in the background; tokens stream to subscribers; at the end the
-stages' signed receipts and the answer are recorded in one transaction, and the settler pays
-them on chain.
+Admission order, cheapest first (nothing runs unless all pass): known model (404) -> the client's
+EIP-712 authorization is for this broker, model and chain, unexpired, not further ahead than
+JobMarket settles, and signed by the client (401) -> a retry with the same Idempotency-Key gets
+the first job -> its nonce is unused (409) -> the prompt is not empty (422) and fits the context
+(413; tokenized in a worker thread) -> a route satisfies the policy (503) -> the authorization
+covers the quoted maximum (402) -> free escrow covers it (402: escrow less a withdrawal request
+the client can still carry out, less this broker's open jobs). Then the job is written to the
+ledger and runs in the background; tokens stream to subscribers; at the end the stages' signed
+receipts and the answer are recorded in one transaction, and the settler pays them on chain. A
+job whose every requester disconnected is cancelled after a grace period (nothing is charged);
+at start, jobs a previous process left unfinished are failed (:meth:`BrokerService.recover`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from eth_account.signers.local import LocalAccount
 
 from dlis_market.broker.auth import VerifiedAuthorization, verify_authorization
-from dlis_market.broker.backend import BackendJob, InferenceBackend, Offer, RouteHop, SignedStageReceipt
+from dlis_market.broker.backend import BackendJob, InferenceBackend, JobStream, Offer, RouteHop, SignedStageReceipt
 from dlis_market.broker.catalog import ModelCatalog, ServedModel
 from dlis_market.broker.ledger import JobRow, Ledger, LedgerError, NewJob, NewReceipt
 from dlis_market.broker.metrics import BrokerMetrics
-from dlis_market.broker.problems import ProblemError, bad_authorization, insufficient_escrow, no_route
+from dlis_market.broker.problems import (
+    ProblemError,
+    bad_authorization,
+    empty_prompt,
+    insufficient_escrow,
+    no_route,
+)
 from dlis_market.broker.schemas import JobCreate, Policy, Quote
 from dlis_market.broker.settlement import Settler
 from dlis_market.chain.job_market import JobMarket
 from dlis_market.settings import Settings
 
 log = logging.getLogger(__name__)
+
+# A cancelled job's backend session gets this long to close and hand over its receipts.
+CANCEL_FINISH_TIMEOUT_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -54,6 +68,17 @@ class PricedJob:
     @property
     def total(self) -> int:
         return self.cost + self.fee
+
+
+@dataclass(frozen=True)
+class Idempotency:
+    """A request's idempotency key and body hash; ``scope`` (the client address, or the API key's
+    hash) is filled in once the request's client is proven."""
+
+    key: str
+    body_hash: str
+    scope: str | None = None
+    replay: bool = True  # False: only record the admission (a first try whose key is derived)
 
 
 Planner = Callable[[list[Offer], ServedModel, Policy, int, int], PlannedRoute]
@@ -113,8 +138,13 @@ class BrokerService:
         self.settler = Settler(ledger, market, broker, max_batch=settings.broker.settle_max_batch)
         self._live: dict[str, _Live] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        self._runs: dict[str, asyncio.Task[None]] = {}  # job id -> its running task
+        self._watchers: dict[str, int] = {}  # job id -> requests waiting on it now
+        self._orphaned: dict[str, asyncio.TimerHandle] = {}  # job id -> its pending cancellation
         self._slots = asyncio.Semaphore(settings.broker.max_concurrent_jobs)
         self._fee_bps: int | None = None
+        self._auth_lifetime: int | None = None
+        self._widest: dict[str, int] = {}
         self.metrics = BrokerMetrics()
 
     # ------------------------------------------------------------------ pricing
@@ -140,13 +170,52 @@ class BrokerService:
             )
         return cost, fee
 
+    async def tokenize(
+        self, served: ServedModel, prompt: str | None, messages: list[dict[str, str]] | None, max_tokens: int
+    ) -> list[int]:
+        """The prompt's token ids (in a worker thread: a long prompt must not stall the event loop),
+        checked against the model's context (413) and for being empty (422). A text too long to fit
+        the context whatever its tokens (no token spans more than the vocabulary's longest entry) is
+        refused before it is tokenized at all."""
+        texts = [prompt] if prompt is not None else [m["content"] for m in messages or []]
+        size = sum(len(t.encode()) for t in texts)
+        ctx = served.context_length
+        if size > ctx and size > (widest := await self._widest_token(served)) * ctx:
+            raise ProblemError(
+                413,
+                "prompt-too-long",
+                "Prompt too long",
+                f"the prompt is {size} bytes, so at least {size // widest} tokens (no token is longer than "
+                f"{widest} bytes), over the model's context of {served.context_length}; shorten it",
+                limit=served.context_length,
+            )
+        ids = await asyncio.to_thread(served.encode_prompt, prompt, messages)
+        if not ids:
+            raise empty_prompt()
+        served.check_length(len(ids), max_tokens)
+        return ids
+
+    async def _widest_token(self, served: ServedModel) -> int:
+        """Bytes of the longest vocabulary entry of the model's tokenizer (read once per model)."""
+        widest = self._widest.get(served.name)
+        if widest is None:
+            tok = served.tokenizer
+
+            def measure() -> int:
+                # Decoded, so byte-level entries count their real bytes (an incomplete UTF-8 byte
+                # decodes to U+FFFD, 3 bytes: an overestimate, which keeps the bound safe).
+                ids = [[i] for i in range(len(tok))]
+                return max(len(t.encode()) for t in tok.batch_decode(ids))
+
+            widest = self._widest[served.name] = await asyncio.to_thread(measure)
+        return widest
+
     async def price(
         self, model: str, prompt: str | None, messages: list[dict[str, str]] | None, max_tokens: int, policy: Policy
     ) -> PricedJob:
         """Tokenize, check the context, route and bound the cost of a job (nothing is committed)."""
         served = self.catalog.get(model)
-        ids = served.encode_prompt(prompt, messages)
-        served.check_length(len(ids), max_tokens)
+        ids = await self.tokenize(served, prompt, messages, max_tokens)
         return await self._priced(served, ids, policy, max_tokens)
 
     async def _priced(self, served: ServedModel, ids: list[int], policy: Policy, max_tokens: int) -> PricedJob:
@@ -172,32 +241,50 @@ class BrokerService:
             broker=self.broker.address,
             chain_id=self.market.client.chain_id,
             job_market=self.market.address,
+            max_authorization_lifetime_s=await asyncio.to_thread(self.max_authorization_lifetime),
         )
+
+    def max_authorization_lifetime(self) -> int:
+        """JobMarket's bound on how far ahead an authorization's deadline may lie (read once)."""
+        if self._auth_lifetime is None:
+            self._auth_lifetime = self.market.max_authorization_lifetime()
+        return self._auth_lifetime
 
     # ------------------------------------------------------------------ admission
 
-    async def submit(self, req: JobCreate, spender: str | None = None, priced: PricedJob | None = None) -> JobRow:
+    async def submit(
+        self,
+        req: JobCreate,
+        spender: str | None = None,
+        priced: PricedJob | None = None,
+        idempotency: Idempotency | None = None,
+    ) -> JobRow:
         """Admit and start a job. ``spender``: the authorization is signed by this key under the
         client's standing on-chain spending authorization (API-key clients) instead of the client.
-        ``priced``: the :meth:`price` of this very request, when the caller already has it."""
-        if priced is None:
-            served = self.catalog.get(req.model)
-            messages = [m.model_dump() for m in req.messages] if req.messages is not None else None
-            ids = served.encode_prompt(req.prompt, messages)
-            served.check_length(len(ids), req.max_tokens)
-        else:
-            served, ids = priced.served, priced.prompt_ids
+        ``priced``: the :meth:`price` of this very request, when the caller already has it.
+        ``idempotency``: a retry of a request already admitted under this key (scoped to the
+        client, once its signature is checked) returns that job instead of a new one.
+
+        Cheap checks come first: the signature, deadline and nonce are checked before the prompt is
+        tokenized or a route searched, so a stranger's unsigned request costs almost nothing."""
+        served = priced.served if priced is not None else self.catalog.get(req.model)
         now = await asyncio.to_thread(self.market.client.timestamp)
+        lifetime = await asyncio.to_thread(self.max_authorization_lifetime)
         vauth = verify_authorization(
             req.authorization,
             broker=self.broker.address,
             model_id=served.model_id,
             domain=self.market.domain(),
             now=now,
+            max_lifetime=lifetime,
             signer=spender,
         )
         if spender is not None:
             await self._check_spender(vauth.auth.client, spender, vauth.auth.max_cost, now)
+        if idempotency is not None and idempotency.scope is None:
+            idempotency = Idempotency(idempotency.key, idempotency.body_hash, vauth.auth.client, idempotency.replay)
+        if idempotency is not None and idempotency.replay and (prior := self.admitted_before(idempotency)) is not None:
+            return prior
         if self.ledger.get_job(vauth.job_id) is not None or await asyncio.to_thread(
             self.market.nonce_used, vauth.auth.client, vauth.auth.nonce
         ):
@@ -207,7 +294,11 @@ class BrokerService:
                 "Nonce already used",
                 f"nonce {vauth.auth.nonce} of {vauth.auth.client} was used; sign a new one",
             )
-        priced = priced or await self._priced(served, ids, req.policy, req.max_tokens)
+        if priced is None:
+            messages = [m.model_dump() for m in req.messages] if req.messages is not None else None
+            ids = await self.tokenize(served, req.prompt, messages, req.max_tokens)
+            priced = await self._priced(served, ids, req.policy, req.max_tokens)
+        ids = priced.prompt_ids
         total = priced.total
         if total > vauth.auth.max_cost:
             raise ProblemError(
@@ -217,7 +308,7 @@ class BrokerService:
                 f"the job may cost up to {total} token units but the authorization allows {vauth.auth.max_cost}; "
                 "sign a larger max_cost or ask for fewer tokens",
             )
-        await self._check_escrow(vauth.auth.client, vauth.auth.max_cost)
+        await self._check_escrow(vauth.auth.client, vauth.auth.max_cost, now)
         try:
             row = self.ledger.create_job(
                 NewJob(
@@ -234,11 +325,70 @@ class BrokerService:
             )
         except LedgerError as exc:
             raise ProblemError(409, "nonce-used", "Nonce already used", str(exc)) from exc
+        if idempotency is not None and idempotency.scope is not None:
+            self.ledger.remember_request(
+                idempotency.scope,
+                idempotency.key,
+                idempotency.body_hash,
+                row.id,
+                forget_before=time.time() - self.settings.broker.idempotency_window_s,
+            )
         self._live[row.id] = _Live()
         task = asyncio.create_task(self._run(row.id, served, vauth, req, ids, priced.route))
         self._tasks.add(task)
+        self._runs[row.id] = task
         task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(lambda _t: self._runs.pop(row.id, None))
         return row
+
+    def admitted_before(self, idem: Idempotency) -> JobRow | None:
+        """The job a request with this key admitted within the idempotency window, if any; a 422
+        problem when the key was used for a different request."""
+        if idem.scope is None:
+            return None
+        since = time.time() - self.settings.broker.idempotency_window_s
+        prior = self.ledger.recall_request(idem.scope, idem.key, since)
+        if prior is None:
+            return None
+        if prior.body_hash != idem.body_hash:
+            raise ProblemError(
+                422,
+                "idempotency-key-reused",
+                "Idempotency key reused",
+                f"Idempotency-Key {idem.key[:64]!r} was used for a different request within the last "
+                f"{self.settings.broker.idempotency_window_s:.0f} s; use a new key for a new request",
+            )
+        return self.ledger.get_job(prior.job_id)
+
+    # ------------------------------------------------------------------ requesters
+
+    @contextlib.asynccontextmanager
+    async def attached(self, job_id: str) -> AsyncIterator[None]:
+        """A request waits on (or streams) a job. When the last one leaves before the job ends (the
+        client disconnected), the job is cancelled after ``cancel_grace_s`` unless a retry attaches."""
+        self._watchers[job_id] = self._watchers.get(job_id, 0) + 1
+        pending = self._orphaned.pop(job_id, None)
+        if pending is not None:
+            pending.cancel()
+        try:
+            yield
+        finally:
+            left = self._watchers[job_id] - 1
+            if left:
+                self._watchers[job_id] = left
+            else:
+                del self._watchers[job_id]
+                if job_id in self._runs:
+                    loop = asyncio.get_running_loop()
+                    grace = self.settings.broker.cancel_grace_s
+                    self._orphaned[job_id] = loop.call_later(grace, self._cancel_orphan, job_id)
+
+    def _cancel_orphan(self, job_id: str) -> None:
+        self._orphaned.pop(job_id, None)
+        task = self._runs.get(job_id)
+        if task is not None and not self._watchers.get(job_id):
+            log.info("job %s: every requester disconnected; cancelling it", job_id)
+            task.cancel()
 
     async def _check_spender(self, client: str, spender: str, need: int, now: int) -> None:
         remaining, expiry = await asyncio.to_thread(self.market.spender_of, client, spender)
@@ -248,11 +398,17 @@ class BrokerService:
         if free < need:
             raise insufficient_escrow(need, max(free, 0), client)
 
-    async def _check_escrow(self, client: str, need: int) -> None:
-        escrow = await asyncio.to_thread(self.market.escrow_of, client)
-        free = escrow - self.ledger.committed_escrow(client)
+    async def _check_escrow(self, client: str, need: int, now: int) -> None:
+        """Free escrow: the balance, less a withdrawal request the client can still carry out (until
+        it expires it may become ready before this job settles), less this broker's open jobs."""
+        escrow, (pending, _ready_at, expires_at) = await asyncio.gather(
+            asyncio.to_thread(self.market.escrow_of, client),
+            asyncio.to_thread(self.market.pending_withdrawal, client),
+        )
+        withdrawing = min(pending, escrow) if pending and expires_at >= now else 0
+        free = escrow - withdrawing - self.ledger.committed_escrow(client)
         if free < need:
-            raise insufficient_escrow(need, max(free, 0), client)
+            raise insufficient_escrow(need, max(free, 0), client, withdrawing=withdrawing)
 
     # ------------------------------------------------------------------ running
 
@@ -270,6 +426,8 @@ class BrokerService:
         ttft: float | None = None
         out: list[int] = []
         text = ""
+        stream: JobStream | None = None
+        recorded = False
         try:
             async with self._slots:
                 hops = [{"node": h.node, "peer_id": h.peer_id, "start": h.start, "end": h.end} for h in route.hops]
@@ -292,48 +450,105 @@ class BrokerService:
                         route=route.hops,
                     )
                 )
-                async for token in stream.tokens():
-                    if ttft is None:
-                        ttft = (time.perf_counter() - started) * 1000
-                    out.append(token)
-                    new_text = served.decode(out)
-                    await self._publish(live, {"type": "token", "token_id": token, "text": new_text[len(text) :]})
-                    text = new_text
+                tokens = stream.tokens()
+                try:
+                    async for token in tokens:
+                        if ttft is None:
+                            ttft = (time.perf_counter() - started) * 1000
+                        out.append(token)
+                        new_text = served.decode(out)
+                        await self._publish(live, {"type": "token", "token_id": token, "text": new_text[len(text) :]})
+                        text = new_text
+                finally:  # on cancellation too: the token stream stops now
+                    if isinstance(tokens, AsyncGenerator):
+                        await tokens.aclose()
+                # Every token was served: a requester leaving now cancels nothing (the stages are
+                # owed for the work and their receipts are collected next).
+                self._runs.pop(job_id, None)
                 final_route, receipts = await stream.finish()
-            covering = covering_receipts(receipts, served.num_layers)
-            cost = sum(r.amount for r in covering)
-            fee = cost * await self.fee_bps() // 10_000
-            self.ledger.complete_job(
-                job_id,
-                answer=text,
-                token_ids=out,
-                prompt_tokens=len(ids),
-                receipts=[
-                    NewReceipt(
-                        i,
-                        r.node,
-                        r.start,
-                        r.end,
-                        r.tokens,
-                        "0x" + r.output_hash.hex(),
-                        r.amount,
-                        "0x" + r.signature.hex(),
-                    )
-                    for i, r in enumerate(covering)
-                ],
-                cost=cost,
-                fee=fee,
-                ttft_ms=ttft or 0.0,
-                latency_ms=(time.perf_counter() - started) * 1000,
-                route=[{"node": h.node, "peer_id": h.peer_id, "start": h.start, "end": h.end} for h in final_route],
-            )
-            self._observe(job_id)
+            await self._record(job_id, served, ids, out, text, final_route, receipts, ttft, started)
+            recorded = True
             await self._publish(live, {"type": "done", "job_id": job_id}, done=True)
+        except asyncio.CancelledError:
+            # Every requester left (or the broker is stopping). Not re-raised: this task ends here.
+            if not recorded:
+                await self._cancelled(job_id, served, ids, out, text, stream, ttft, started)
+            await self._publish(live, {"type": "done" if recorded else "error", "job_id": job_id}, done=True)
         except Exception as exc:  # any failure of the run is recorded on the job and streamed
             log.exception("job %s failed", job_id)
             self.ledger.fail_job(job_id, f"{type(exc).__name__}: {exc}")
             self._observe(job_id)
             await self._publish(live, {"type": "error", "job_id": job_id, "detail": str(exc)}, done=True)
+
+    async def _record(
+        self,
+        job_id: str,
+        served: ServedModel,
+        ids: list[int],
+        out: list[int],
+        text: str,
+        final_route: list[RouteHop],
+        receipts: list[SignedStageReceipt],
+        ttft: float | None,
+        started: float,
+        note: str | None = None,
+    ) -> None:
+        """Record the answer and the receipts of the final route (one transaction)."""
+        covering = covering_receipts(receipts, served.num_layers)
+        cost = sum(r.amount for r in covering)
+        fee = cost * await self.fee_bps() // 10_000
+        self.ledger.complete_job(
+            job_id,
+            answer=text,
+            token_ids=out,
+            prompt_tokens=len(ids),
+            receipts=[
+                NewReceipt(
+                    i, r.node, r.start, r.end, r.tokens, "0x" + r.output_hash.hex(), r.amount, "0x" + r.signature.hex()
+                )
+                for i, r in enumerate(covering)
+            ],
+            cost=cost,
+            fee=fee,
+            ttft_ms=ttft or 0.0,
+            latency_ms=(time.perf_counter() - started) * 1000,
+            route=[{"node": h.node, "peer_id": h.peer_id, "start": h.start, "end": h.end} for h in final_route],
+            note=note,
+        )
+        self._observe(job_id)
+
+    async def _cancelled(
+        self,
+        job_id: str,
+        served: ServedModel,
+        ids: list[int],
+        out: list[int],
+        text: str,
+        stream: JobStream | None,
+        ttft: float | None,
+        started: float,
+    ) -> None:
+        """A cancelled job: close its backend session and settle it for what the stages served
+        (their receipts for the tokens so far), or release it when nothing complete was served."""
+        reason = f"cancelled: every requester disconnected (or the broker stopped) after {len(out)} tokens"
+        log.info("job %s %s", job_id, reason)
+        if stream is not None and out:
+            try:
+                async with asyncio.timeout(CANCEL_FINISH_TIMEOUT_S):
+                    final_route, receipts = await stream.finish()
+                await self._record(
+                    job_id, served, ids, out, text, final_route, receipts, ttft, started,
+                    note=reason + "; settled for what the stages served",
+                )  # fmt: skip
+                return
+            except Exception as exc:  # no usable receipts for the partial work: the job is released
+                reason += (
+                    f"; no complete receipts for the partial work ({type(exc).__name__}: {exc}), nothing is charged"
+                )
+        else:
+            reason += "; nothing is charged"
+        self.ledger.fail_job(job_id, reason)
+        self._observe(job_id)
 
     def _observe(self, job_id: str) -> None:
         row = self.ledger.get_job(job_id)
@@ -371,6 +586,18 @@ class BrokerService:
     async def wait(self, job_id: str) -> None:
         async for _ in self.events(job_id):
             pass
+
+    # ------------------------------------------------------------------ restart
+
+    def recover(self) -> tuple[list[str], list[str]]:
+        """At start, before any job is admitted: settle what a previous process finished and fail
+        what it left unfinished (their max cost is no longer committed). (completed, failed) ids."""
+        done, failed = self.ledger.recover_interrupted(
+            "interrupted: the broker stopped while the job ran; nothing is charged, submit it again with a new nonce"
+        )
+        if done or failed:
+            log.warning("recovered %d interrupted jobs with receipts and failed %d unfinished", len(done), len(failed))
+        return done, failed
 
     # ------------------------------------------------------------------ settlement
 

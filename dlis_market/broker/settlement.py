@@ -5,25 +5,34 @@ One pass (:meth:`Settler.settle_once`):
    a crash it is still open: if JobMarket already shows the batch id as settled, it is marked
    settled (tx found from the ``BatchSettled`` event); otherwise it is sent again. JobMarket
    refuses a used batch id and every used (client, nonce), so nothing is ever paid twice.
-2. Group completed, unbatched jobs into a new batch and send it. The transaction is simulated
-   first; when one job is invalid (the custom error names its index) that job is marked failed
-   with the reason and the rest are retried.
+2. Group completed, unbatched jobs into a new batch and send it. Before a job joins a batch:
+   its client's escrow must cover it (with the batch's earlier jobs of that client), or it is
+   marked unpayable with the evidence (escrow at that block, what it owes) and the rest go on; a
+   job one of whose stages is not routable right now (deregistered, stake below the minimum) is
+   held back for later passes until ``SETTLE_DEADLINE_MARGIN_S`` before its deadline, then
+   settled as it stands (JobMarket forfeits that stage's receipt). The transaction is simulated
+   first; when one job is invalid (the custom error names its index) that job is marked unpayable
+   with the reason and the rest are retried. So one bad job never holds up anyone else's.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from eth_account.signers.local import LocalAccount
 
 from dlis_market.broker.ledger import JobRow, Ledger
 from dlis_market.chain.errors import ContractRevertError, PreflightError
 from dlis_market.chain.job_market import JobAuthorization, JobMarket, Receipt, SignedJob, SignedReceipt
+from dlis_market.chain.node_registry import NodeRegistry
 from dlis_market.chain.typed_data import CompactSignature
 
 log = logging.getLogger(__name__)
+
+# A job with a stage that is not routable now is held back until this close to its deadline.
+SETTLE_DEADLINE_MARGIN_S = 300
 
 
 def _b(hex_str: str) -> bytes:
@@ -53,7 +62,8 @@ def signed_job(row: JobRow, broker: str) -> SignedJob:
 @dataclass
 class SettleResult:
     settled_batches: list[str]
-    failed_jobs: list[str]
+    failed_jobs: list[str]  # marked unpayable in this pass
+    held_jobs: list[str] = field(default_factory=list)  # waiting for a stage to be routable again
 
 
 class Settler:
@@ -70,22 +80,74 @@ class Settler:
         self.broker = broker
         self.max_batch = max_batch
         self.on_settled = on_settled
+        self.registry = NodeRegistry(market.client)
 
     def settle_once(self) -> SettleResult:
         result = SettleResult([], [])
         for batch in self.ledger.open_batches():
             self._finish(batch.id, result)
+        now = self.market.client.timestamp()
+        fee_bps = self.market.fee_bps()
+        available: dict[str, int] = {}  # client -> escrow left after the jobs batched so far
+        routable: dict[str, bool] = {}
         while True:
-            jobs = self.ledger.unsettled_jobs(self.max_batch)
+            jobs = self.ledger.unsettled_jobs(self.max_batch, exclude=result.held_jobs)
             if not jobs:
                 break
-            batch_id = self.ledger.create_batch([j.id for j in jobs])
-            self._finish(batch_id, result)
+            payable = []
+            for job in jobs:
+                if self._hold(job, now, routable):
+                    result.held_jobs.append(job.id)
+                elif self._covered(job, fee_bps, available):
+                    payable.append(job)
+                else:
+                    result.failed_jobs.append(job.id)
+            if payable:
+                batch_id = self.ledger.create_batch([j.id for j in payable])
+                self._finish(batch_id, result)
         return result
+
+    def _hold(self, job: JobRow, now: int, routable: dict[str, bool]) -> bool:
+        """Whether to keep a job for a later pass: a stage is not routable now and the deadline is
+        far enough away for it to come back (a node between stake top-ups, re-registering)."""
+        if job.deadline - now <= SETTLE_DEADLINE_MARGIN_S:
+            return False
+        for r in job.receipts:
+            if r.node not in routable:
+                rec = self.registry.get(r.node)
+                routable[r.node] = rec is not None and rec.routable
+            if not routable[r.node]:
+                log.info("job %s held back: stage node %s is not routable now", job.id, r.node)
+                return True
+        return False
+
+    def _covered(self, job: JobRow, fee_bps: int, available: dict[str, int]) -> bool:
+        """Whether the client's escrow still covers this job after its earlier ones in this pass;
+        if not, the job is marked unpayable with the figures read from the chain."""
+        cost = sum(r.amount for r in job.receipts)
+        owed = cost + cost * fee_bps // 10_000
+        if job.client not in available:
+            available[job.client] = self.market.escrow_of(job.client)
+        have = available[job.client]
+        if have >= owed:
+            available[job.client] = have - owed
+            return True
+        block = self.market.client.w3.eth.block_number
+        escrow = self.market.escrow_of(job.client)
+        pending, ready_at, expires_at = self.market.pending_withdrawal(job.client)
+        reason = (
+            f"unpayable: client escrow does not cover the job: JobMarket.escrowOf({job.client}) = "
+            f"{escrow} token units at block {block} ({have} left after this "
+            f"pass's earlier jobs of the client), the job owes {owed} (receipts {cost} + fee at {fee_bps} bps); "
+            f"pending withdrawal {pending} (ready at {ready_at}, expires at {expires_at})"
+        )
+        log.warning("job %s %s", job.id, reason)
+        self.ledger.mark_unpayable(job.id, reason)
+        return False
 
     def _finish(self, batch_id: str, result: SettleResult) -> None:
         bid = _b(batch_id)
-        if self.market.batch_settled(bid):
+        if self.market.batch_settled(self.broker.address, bid):
             tx, block = self._find_settlement(bid)
             self.ledger.mark_batch_settled(batch_id, tx, block)
             result.settled_batches.append(batch_id)
@@ -109,7 +171,7 @@ class Settler:
                     raise
                 bad = jobs.pop(index)
                 log.warning("job %s cannot settle and is dropped from batch %s: %s", bad.id, batch_id, exc)
-                self.ledger.fail_job(bad.id, f"settlement refused: {exc}")
+                self.ledger.mark_unpayable(bad.id, f"settlement refused: {exc}")
                 result.failed_jobs.append(bad.id)
                 continue
             except PreflightError as exc:
@@ -117,6 +179,9 @@ class Settler:
                 raise
             tx = "0x" + bytes(receipt["transactionHash"]).hex()
             self.ledger.mark_batch_settled(batch_id, tx, int(receipt["blockNumber"]))
+            fee_bps = self.market.fee_bps()
+            for f in self.market.forfeited_receipts(receipt):  # the client was charged that much less
+                self.ledger.note_forfeited("0x" + f.job_id.hex(), f.node, f.amount, fee_bps)
             result.settled_batches.append(batch_id)
             if self.on_settled:
                 self.on_settled(batch_id, tx)

@@ -94,8 +94,11 @@ def withdraw(
         market = JobMarket(ChainClient(st.settings))
         if amount is not None:
             market.request_withdrawal(client, parse_amount(amount))
-            _, ready = market.pending_withdrawal(client.address)
-            console.print(f"withdrawal of {amount} DLIS requested; ready at chain time {ready}")
+            _, ready, expires = market.pending_withdrawal(client.address)
+            console.print(
+                f"withdrawal of {amount} DLIS requested; withdraw between chain times {ready} and {expires} "
+                "(brokers count it as spent until then)"
+            )
         else:
             market.withdraw(client)
             console.print("withdrawn")
@@ -130,6 +133,7 @@ def submit(
             body["prompt"] = prompt
         quote = _call("POST", f"{url}/v1/quotes", json=body)
         limit = parse_amount(max_cost) if max_cost is not None else int(quote["max_total"])
+        from dlis_market.broker.auth import signing_deadline
         from dlis_market.chain.client import connect_web3
 
         now = int(connect_web3(st.settings.chain.rpc_url).eth.get_block("latest")["timestamp"])
@@ -139,7 +143,7 @@ def submit(
             model_id=bytes.fromhex(quote["model_id"][2:]),
             max_cost=limit,
             nonce=secrets.randbits(255),
-            deadline=now + 24 * 3600,
+            deadline=signing_deadline(now, int(quote["max_authorization_lifetime_s"])),
         )
         sig = sign_authorization(client.key, market_domain(quote["chain_id"], quote["job_market"]), auth)
         body["authorization"] = {
@@ -169,24 +173,37 @@ def submit(
 def status(
     ctx: typer.Context,
     job_id: Annotated[str, typer.Argument(help="0x job id.")],
+    account: Annotated[
+        str | None,
+        typer.Option("--account", "-a", help="The job's client account: signs a JobRead to see prompt and answer."),
+    ] = None,
     broker_url: BrokerOpt = None,
+    password_file: PasswordFileOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """A job's status, route, cost, receipts and settlement transaction (and whether the chain settled it)."""
+    """A job's status, route, cost, receipts and settlement transaction (and whether the chain settled it).
+    Its prompt and answer only for its client (--account)."""
+    import time
+
+    from dlis_market.broker.auth import sign_job_read
     from dlis_market.chain.client import ChainClient
     from dlis_market.chain.job_market import JobMarket
 
     st = state(ctx)
     with handle_errors():
-        job = _call("GET", f"{_broker_url(ctx, broker_url)}/v1/jobs/{job_id}")
         market = JobMarket(ChainClient(st.settings))
+        headers = {}
+        if account is not None:
+            client = unlock(st, account, read_password_file(password_file))
+            read = sign_job_read(client.key, market.domain(), job_id, int(time.time()) + 300)
+            headers["X-DLIS-Job-Read"] = read
+        job = _call("GET", f"{_broker_url(ctx, broker_url)}/v1/jobs/{job_id}", headers=headers)
         job["settled_on_chain"] = market.nonce_used(job["client"], int(job["nonce"]))
 
         def human(j: dict[str, Any]) -> None:
-            console.print(
-                json.dumps(
-                    {k: j[k] for k in ("id", "status", "cost", "fee", "settlement", "settled_on_chain")}, indent=2
-                )
-            )
+            keys = ("id", "status", "cost", "fee", "settlement", "settled_on_chain")
+            console.print(json.dumps({k: j[k] for k in keys}, indent=2))
+            if j.get("answer") is not None:
+                console.print(f"answer: {j['answer']}")
 
         emit(job, as_json, human)

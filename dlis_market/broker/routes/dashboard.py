@@ -23,7 +23,7 @@ from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse, Resp
 from fastapi.templating import Jinja2Templates
 
 from dlis_market.broker.deps import ServiceDep
-from dlis_market.broker.routes.jobs import job_public
+from dlis_market.broker.routes.jobs import AuthHeader, ReadHeader, ReadQuery, client_reads, job_public
 from dlis_market.broker.service import BrokerService
 from dlis_market.chain.dlis_token import fmt_units
 from dlis_market.explorer.decoder import DecodedEvent
@@ -184,16 +184,21 @@ async def network_json(request: Request, service: ServiceDep, ex: ExplorerDep) -
 
 @router.get("/jobs", response_class=HTMLResponse)
 async def jobs_page(request: Request, service: ServiceDep) -> HTMLResponse:
-    jobs = [job_public(service.ledger, r) for r in service.ledger.recent_jobs(100)]
+    jobs = [job_public(service.ledger, r, content=False) for r in service.ledger.recent_jobs(100)]
     return _page(request, "jobs.html", title="Jobs", jobs=jobs)
 
 
 @router.get("/jobs/{job_id}", response_class=HTMLResponse)
-async def job_page(request: Request, job_id: str, service: ServiceDep, ex: ExplorerDep) -> HTMLResponse:
+async def job_page(
+    request: Request, job_id: str, service: ServiceDep, ex: ExplorerDep, x_dlis_job_read: ReadHeader = None,
+    read: ReadQuery = None, authorization: AuthHeader = None,
+) -> HTMLResponse:  # fmt: skip
+    """A job's story; its request and answer only for its client (see routes/jobs.py)."""
     row = service.ledger.get_job(job_id)
     if row is None:
         return _not_found(request, f"no job {job_id} in this broker's ledger")
-    job = job_public(service.ledger, row)
+    content = await client_reads(service, row, x_dlis_job_read or read, authorization)
+    job = job_public(service.ledger, row, content=content)
     settlement = None
     job_error: str | None = None
     if job.settlement.tx_hash:
@@ -209,7 +214,8 @@ async def job_page(request: Request, job_id: str, service: ServiceDep, ex: Explo
             mine.append(ev)
     return _page(
         request, "job.html", title=f"Job {_short(job.id)}", job=job, settlement=settlement, events=mine,
-        settlement_error=job_error, request_json=row.request_json,
+        settlement_error=job_error,
+        request_json=None if job.request is None else json.dumps(job.request, sort_keys=True),
     )  # fmt: skip
 
 
@@ -275,7 +281,7 @@ async def block_page(request: Request, number: int, ex: ExplorerDep) -> HTMLResp
 async def charts_json(service: ServiceDep, ex: ExplorerDep) -> dict[str, Any]:
     """Series for the pages' charts: per-job latency, TTFT and decode speed over time (ledger),
     earnings per node (PaymentCredited) and reputation per epoch (ReputationUpdated)."""
-    jobs = [job_public(service.ledger, r) for r in service.ledger.recent_jobs(200)]
+    jobs = [job_public(service.ledger, r, content=False) for r in service.ledger.recent_jobs(200)]
     events = await asyncio.to_thread(ex.market_logs)
     done = sorted((j for j in jobs if j.latency_ms is not None), key=lambda j: j.created_at)
     return {

@@ -12,22 +12,23 @@ import json
 import secrets
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Header
+from fastapi import APIRouter, Header, Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from dlis_market.broker.apikeys import resolve_api_key
+from dlis_market.broker.auth import signing_deadline
 from dlis_market.broker.deps import ServiceDep
 from dlis_market.broker.problems import ProblemError
+from dlis_market.broker.routes.jobs import IdempotencyHeader, attached_events, body_hash, wait_attached
 from dlis_market.broker.schemas import Authorization, ChatMessage, JobCreate, Policy, Sampling
-from dlis_market.broker.service import BrokerService
+from dlis_market.broker.service import BrokerService, Idempotency
 from dlis_market.chain.job_market import JobAuthorization, sign_authorization
 
 router = APIRouter(prefix="/v1", tags=["openai"])
-
-AUTH_TTL_S = 24 * 3600
 
 
 class _OpenAIIn(BaseModel):
@@ -57,7 +58,16 @@ class ChatCompletionRequest(_OpenAIIn):
 
 
 class CompletionRequest(_OpenAIIn):
-    prompt: str = Field(max_length=200_000)
+    prompt: str = Field(min_length=1, max_length=200_000)
+
+
+@dataclass(frozen=True)
+class Retry:
+    """What marks a request as a retry: an ``Idempotency-Key`` header, or the official openai
+    client's ``x-stainless-retry-count`` above 0 (it sends no Idempotency-Key of its own)."""
+
+    key: str | None
+    count: int
 
 
 async def _admit(
@@ -66,11 +76,25 @@ async def _admit(
     prompt: str | None,
     messages: list[ChatMessage] | None,
     body: _OpenAIIn,
+    kind: str,
+    retry: Retry,
 ) -> str:
     """Price the job once, sign its authorization with the API key's spender for exactly that
-    bound, and admit it on the same route."""
+    bound, and admit it on the same route.
+
+    Idempotency: with an ``Idempotency-Key``, a request with that key and body from the same API
+    key within the window gets the first one's job. Without one, the key is derived from the API
+    key and the body's hash, and only a request the client marks as a retry
+    (``x-stainless-retry-count`` > 0) reuses the job: two deliberate identical requests still run
+    twice."""
     now = await asyncio.to_thread(service.market.client.timestamp)
-    account = resolve_api_key(service.ledger, authorization, now)
+    account = await asyncio.to_thread(resolve_api_key, service.ledger, authorization, now)
+    digest = body_hash(body, kind)
+    idem = Idempotency(
+        retry.key or f"request:{digest}", digest, account.key_hash, replay=retry.key is not None or retry.count > 0
+    )
+    if idem.replay and (prior := service.admitted_before(idem)) is not None:
+        return prior.id
     msgs = [m.model_dump() for m in messages] if messages is not None else None
     priced = await service.price(body.model, prompt, msgs, body.limit(), Policy())
     auth = JobAuthorization(
@@ -79,7 +103,7 @@ async def _admit(
         model_id=bytes.fromhex(priced.served.model_id[2:]),
         max_cost=priced.total,
         nonce=secrets.randbits(255),
-        deadline=now + AUTH_TTL_S,
+        deadline=signing_deadline(now, await asyncio.to_thread(service.max_authorization_lifetime)),
     )
     sig = sign_authorization(account.spender.key, service.market.domain(), auth)
     req = JobCreate(
@@ -92,23 +116,27 @@ async def _admit(
             client=account.client, nonce=auth.nonce, max_cost=auth.max_cost, deadline=auth.deadline, signature=sig.hex()
         ),
     )
-    row = await service.submit(req, spender=account.spender.address, priced=priced)
+    row = await service.submit(req, spender=account.spender.address, priced=priced, idempotency=idem)
     return row.id
 
 
 async def _complete(
     service: BrokerService,
+    request: Request,
     body: _OpenAIIn,
     authorization: str | None,
     kind: Literal["chat", "text"],
+    retry: Retry,
     prompt: str | None = None,
     messages: list[ChatMessage] | None = None,
 ) -> Any:
-    """Both completion routes: admit, then stream chunks or answer once the job ends."""
-    job_id = await _admit(service, authorization, prompt, messages, body)
+    """Both completion routes: admit, then stream chunks or answer once the job ends. A client
+    that disconnects before the end cancels the job (after a grace period a retry can use)."""
+    job_id = await _admit(service, authorization, prompt, messages, body, kind, retry)
     created = int(time.time())
     if body.stream:
         return _stream(service, job_id, created, body.model, kind, body.limit())
+    await wait_attached(service, job_id, request)
     row = await _result(service, job_id)
     finish = _finish_reason(service, job_id, body.model, body.limit())
     choice: dict[str, Any] = {"index": 0, "finish_reason": finish, "logprobs": None}
@@ -171,7 +199,7 @@ def _stream(
 
     async def body() -> AsyncIterator[bytes]:
         first = True
-        async for ev in service.events(job_id):
+        async for ev in attached_events(service, job_id):
             if ev["type"] == "token" and ev["text"]:
                 yield chunk(ev["text"], None, first=first)
                 first = False
@@ -185,7 +213,8 @@ def _stream(
     return StreamingResponse(body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
 
-AuthHeader = Annotated[str | None, Header()]
+AuthHeader = Annotated[str | None, Header(max_length=200)]
+RetryCountHeader = Annotated[int, Header(alias="x-stainless-retry-count", ge=0, le=1000)]
 
 
 @router.get("/models")
@@ -201,12 +230,20 @@ async def list_models(service: ServiceDep) -> dict[str, Any]:
 
 
 @router.post("/chat/completions")
-async def chat_completions(body: ChatCompletionRequest, service: ServiceDep, authorization: AuthHeader = None) -> Any:
+async def chat_completions(
+    body: ChatCompletionRequest, service: ServiceDep, request: Request, authorization: AuthHeader = None,
+    idempotency_key: IdempotencyHeader = None, retry_count: RetryCountHeader = 0,
+) -> Any:  # fmt: skip
     """OpenAI chat completion; the prompt is built with the model's own chat template."""
-    return await _complete(service, body, authorization, "chat", messages=body.messages)
+    retry = Retry(idempotency_key, retry_count)
+    return await _complete(service, request, body, authorization, "chat", retry, messages=body.messages)
 
 
 @router.post("/completions")
-async def completions(body: CompletionRequest, service: ServiceDep, authorization: AuthHeader = None) -> Any:
+async def completions(
+    body: CompletionRequest, service: ServiceDep, request: Request, authorization: AuthHeader = None,
+    idempotency_key: IdempotencyHeader = None, retry_count: RetryCountHeader = 0,
+) -> Any:  # fmt: skip
     """OpenAI text completion of a raw prompt."""
-    return await _complete(service, body, authorization, "text", prompt=body.prompt)
+    retry = Retry(idempotency_key, retry_count)
+    return await _complete(service, request, body, authorization, "text", retry, prompt=body.prompt)

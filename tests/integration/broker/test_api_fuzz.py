@@ -69,3 +69,51 @@ def test_no_route_answers_5xx_to_fuzzed_input(http):
         assert res.status_code < 500, (get, res.status_code, res.text[:300])
 
     fuzz()
+
+
+def _authorization(market, client) -> dict:
+    import secrets
+
+    from dlis_market.chain.job_market import JobAuthorization, sign_authorization
+    from dlis_market.types import model_id
+
+    auth = JobAuthorization(
+        client.address, market.broker.address, bytes.fromhex(model_id("smollm2-135m")[2:]), 10**18,
+        secrets.randbits(64), market.client.timestamp() + 900,
+    )  # fmt: skip
+    sig = sign_authorization(client.key, market.market().domain(), auth)
+    return {"client": client.address, "nonce": str(auth.nonce), "max_cost": str(10**18),
+            "deadline": auth.deadline, "signature": sig.hex()}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        {"messages": []},
+        {"prompt": ""},
+        {"prompt": "", "messages": []},
+        {"messages": [{"role": "user", "content": ""}], "max_tokens": 0},
+    ],
+)
+def test_empty_inputs_are_422_problems(broker_env, content):
+    """Found by hand: an empty `messages` list was a 500 (text/plain) and an empty prompt a 413."""
+    market, service, backend, ops, nodes, client = broker_env
+    market.market().deposit(client, 10**18)
+    with TestClient(create_app(service, settle_in_background=False), raise_server_exceptions=False) as http:
+        for path, body in (
+            ("/v1/quotes", {"model": "smollm2-135m", **content}),
+            ("/v1/jobs", {"model": "smollm2-135m", **content, "authorization": _authorization(market, client)}),
+        ):
+            res = http.post(path, json=body)
+            assert res.status_code == 422, (path, body, res.status_code, res.text[:300])
+            assert res.headers["content-type"] == "application/problem+json"
+        assert backend.jobs == []
+
+
+def test_bad_read_proofs_are_4xx(http):
+    job = "0x" + "00" * 32
+    for headers in ({"X-DLIS-Job-Read": "x"}, {"X-DLIS-Job-Read": "1:0x" + "1" * 130},
+                    {"X-DLIS-Job-Read": "9" * 30 + ":0x"}, {"Authorization": "Bearer sk-dlis-0"}):  # fmt: skip
+        for path in (f"/v1/jobs/{job}", f"/v1/jobs/{job}/events", f"/jobs/{job}", "/v1/jobs", "/jobs"):
+            res = http.get(path, headers=headers)
+            assert res.status_code < 500, (path, headers, res.status_code, res.text[:300])

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import secrets
+import time
 
 import pytest
 from eth_account import Account
 from fastapi.testclient import TestClient
 
 from dlis_market.broker.app import create_app
+from dlis_market.broker.auth import sign_job_read
 from dlis_market.broker.planning import chain_standing, make_planner
 from dlis_market.chain.job_market import JobAuthorization, sign_authorization
 from dlis_market.types import model_id
@@ -18,7 +20,7 @@ UNIT = 10**18
 MODEL = "smollm2-135m"
 
 
-def authorization(market, client, max_cost=UNIT, nonce=None, deadline_in=3600, signer=None, model=MODEL):
+def authorization(market, client, max_cost=UNIT, nonce=None, deadline_in=1200, signer=None, model=MODEL):
     jm = market.market()
     nonce = secrets.randbits(64) if nonce is None else nonce
     auth = JobAuthorization(
@@ -93,7 +95,9 @@ def test_streaming_job_sends_tokens_then_done(api):
         events = [json.loads(line[6:]) for line in res.iter_lines() if line.startswith("data: ")]
     tokens = [e for e in events if e["type"] == "token"]
     assert len(tokens) == 5 and events[-1]["type"] == "done"
-    job = http.get(f"/v1/jobs/{events[-1]['job_id']}").json()
+    job_id = events[-1]["job_id"]
+    read = sign_job_read(client.key, market.market().domain(), job_id, int(time.time()) + 60)
+    job = http.get(f"/v1/jobs/{job_id}", headers={"X-DLIS-Job-Read": read}).json()
     assert job["answer"] == "".join(t["text"] for t in tokens)
     # the chat template of the model's tokenizer framed the prompt
     assert (
@@ -133,7 +137,8 @@ def test_refusals_are_problem_json_and_change_nothing(api):
     assert status == 402 and "authorization allows 10" in prob["detail"]
     status, prob = post({**base, "authorization": {"client": "0x12"}})
     assert status == 422 and prob["errors"]
-    status, prob = post({"model": MODEL, "prompt": "a", "messages": [], "authorization": authorization(market, client)})
+    two = {"prompt": "a", "messages": [{"role": "user", "content": "a"}]}
+    status, prob = post({"model": MODEL, **two, "authorization": authorization(market, client)})
     assert status == 422 and "exactly one" in prob["detail"]
     assert not backend.jobs and service.ledger.recent_jobs() == []
 

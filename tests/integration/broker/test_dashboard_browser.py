@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import re
 import secrets
+import time
 
 import httpx
 import pytest
 
 from dlis_market.broker.app import create_app
+from dlis_market.broker.auth import sign_job_read
 from dlis_market.chain.dlis_token import fmt_units
 from dlis_market.chain.job_market import JobAuthorization, sign_authorization
 from dlis_market.types import model_id
@@ -23,7 +25,7 @@ def _authorization(market, client) -> dict:
     jm = market.market()
     auth = JobAuthorization(
         client.address, market.broker.address, bytes.fromhex(model_id(MODEL)[2:]), UNIT, secrets.randbits(64),
-        market.client.timestamp() + 3600,
+        market.client.timestamp() + 1200,
     )  # fmt: skip
     sig = sign_authorization(client.key, jm.domain(), auth)
     return {"client": client.address, "nonce": str(auth.nonce), "max_cost": str(UNIT),
@@ -101,11 +103,18 @@ def test_pages_show_job_route_settlement_and_balances(settled_job, chromium, art
         rows = page.locator("tr.event")
         events = [rows.nth(i).get_attribute("data-event") for i in range(rows.count())]
         assert events.count("PaymentCredited") == 3 and "JobSettled" in events and "BatchSettled" in events
+        # The prompt is the client's: withheld from this (anonymous) visitor
+        assert page.locator("#content-withheld").count() == 1 and page.locator("details pre").count() == 0
+        assert "capital of France" not in page.inner_text("body")
+        _shot(page, artifacts, "job")
+        # ... and shown to the client, who opens the page with its signed JobRead permission
+        read = sign_job_read(client.key, jm.domain(), job["id"], int(time.time()) + 300)
+        page.goto(f"{srv.url}/jobs/{job['id']}?read={read}")
         assert "<b>?</b>" in (
             page.locator("details pre").text_content() or ""
         )  # the prompt is shown escaped, not as markup
         assert page.locator("details pre b").count() == 0
-        _shot(page, artifacts, "job")
+        page.goto(f"{srv.url}/jobs/{job['id']}")
 
         # Transaction page reached from the job's settlement link
         page.locator("#settlement-tx a").click()

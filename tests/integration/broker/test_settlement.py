@@ -32,7 +32,7 @@ def setup(market, tmp_path):
 def add_completed_job(market, ledger, client, nodes, nonce, amount=UNIT // 50, signer=None):
     jm = market.market()
     dom = jm.domain()
-    auth = JobAuthorization(client.address, market.broker.address, MID, UNIT, nonce, market.client.timestamp() + 3600)
+    auth = JobAuthorization(client.address, market.broker.address, MID, UNIT, nonce, market.client.timestamp() + 1200)
     sig = sign_authorization((signer or client).key, dom, auth)
     jid = "0x" + auth.job_id.hex()
     ledger.create_job(
@@ -117,6 +117,40 @@ def test_invalid_job_is_dropped_and_the_rest_settle(setup):
     assert "JobMarketInvalidClientSignature" in ledger.get_job(forged).error
     assert ledger.get_job(good).status == "settled"
     assert jm.claimable_of(ops[2].address) == UNIT // 50
+
+
+def test_unroutable_stage_is_held_back_then_settled(setup):
+    """A stage's operator drops under the minimum stake after serving: the job waits for later
+    passes (its receipts are not forfeited at once) and settles in full when the stake is back;
+    close to the deadline it settles as it stands, the unroutable stage's receipt forfeited."""
+    from dlis_market.broker.settlement import SETTLE_DEADLINE_MARGIN_S
+
+    market, ops, nodes, client, ledger = setup
+    jm, staking = market.market(), market.staking()
+    settler = Settler(ledger, jm, market.broker)
+    stake = staking.min_stake()
+    jid = add_completed_job(market, ledger, client, nodes, 60)
+    staking.request_unstake(ops[0], stake)
+    for _ in range(2):
+        result = settler.settle_once()
+        assert result.held_jobs == [jid] and result.settled_batches == [] and not result.failed_jobs
+        assert ledger.get_job(jid).status == "completed"
+    staking.stake(ops[0], stake)
+    assert settler.settle_once().settled_batches
+    assert ledger.get_job(jid).status == "settled"
+    assert jm.claimable_of(ops[0].address) == UNIT // 50
+
+    late = add_completed_job(market, ledger, client, nodes, 61)
+    staking.request_unstake(ops[1], stake)
+    assert settler.settle_once().held_jobs == [late]
+    market.increase_time(ledger.get_job(late).deadline - market.client.timestamp() - SETTLE_DEADLINE_MARGIN_S + 5)
+    result = settler.settle_once()
+    assert result.settled_batches and result.held_jobs == []
+    row = ledger.get_job(late)
+    assert row.status == "settled" and row.cost == 2 * UNIT // 50 and "forfeited" in row.error
+    assert row.fee == jm.fee_for(row.cost)
+    assert jm.claimable_of(ops[1].address) == UNIT // 50  # only the first job: the second is forfeited
+    assert jm.claimable_of(ops[2].address) == 2 * UNIT // 50
 
 
 def test_node_earnings_cli_reads_the_chain(setup):
