@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 import psutil
+from machine_info import machine_info  # type: ignore[import-not-found]  (bench/ is on sys.path)
 
 from dlis_market.storage.client import KuboClient
 from dlis_market.storage.daemon import DaemonConfig, EmbeddedDaemon
@@ -137,7 +138,7 @@ def main() -> None:
         print(json.dumps(results[-1]), file=sys.stderr)
     report = {
         "benchmark": "ipfs_fetch",
-        "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]},
+        "machine": machine_info(),
         "results": results,
     }
     text = json.dumps(report, indent=2)

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from machine_info import machine_info  # type: ignore[import-not-found]  (bench/ is on sys.path)
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
 from dlis_market.inference.importer import import_model
@@ -144,6 +145,7 @@ def main() -> None:
         "prompt_tokens": len(prompt),
         "new_tokens": args.new_tokens,
         "threads": torch.get_num_threads(),
+        "machine": machine_info(),
         "dtypes": {},
     }
     baseline_rss = 0 if args.no_rss else peak_rss(None, 0, prompt)

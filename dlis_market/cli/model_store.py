@@ -32,7 +32,7 @@ from dlis_market.storage.fetch import ExpectedManifest, fetch_model
 from dlis_market.storage.publish import ModelRegistration, publish_model
 from dlis_market.storage.session import kubo_session
 from dlis_market.storage.shard_store import cache_dir
-from dlis_market.types import Cid
+from dlis_market.types import Cid, LayerRange
 
 PublishHook = Callable[[Settings, ModelRegistration], Awaitable[None] | None]
 ExpectedLookup = Callable[[Settings, Cid], ExpectedManifest | None]
@@ -142,8 +142,18 @@ def register(
         timeout: Annotated[float | None, typer.Option(help="Seconds to wait for each part.")] = None,
         no_cache: Annotated[bool, typer.Option("--no-cache", help="Do not use the local cache.")] = False,
         as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+        layers: Annotated[
+            str | None,
+            typer.Option(
+                "--layers", help="Only the shards for layers START:END (end excluded), plus config and tokenizer."
+            ),
+        ] = None,
     ) -> None:
         """Fetch a published model, verify every sha256, write it to --out."""
+        try:
+            layer_range = LayerRange.parse(layers) if layers is not None else None
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc), param_hint="--layers") from None
         settings = _settings(ctx, kubo_url)
         addrs = list(peer or []) + list(settings.storage.peers)
         if providers is not None:
@@ -168,9 +178,11 @@ def register(
                         cache_dir=None if no_cache else cache_dir(settings),
                         part_timeout_s=timeout or settings.storage.fetch_timeout_s,
                         progress=lambda done, total: bar.update(task, completed=done, total=total),
+                        layers=layer_range,
                     )
             return {
                 "out_dir": str(result.out_dir),
+                "layers": [result.layers.start, result.layers.end] if result.layers else None,
                 "manifest_path": str(result.manifest_path),
                 "manifest_sha256": result.manifest_sha256,
                 "files": len(result.files),

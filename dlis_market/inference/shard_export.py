@@ -26,7 +26,12 @@ from dlis_market.inference.manifest import (
     StageEntry,
     file_entry,
 )
-from dlis_market.inference.quantization import compute_dtype, quantizable_linears, quantize_weight
+from dlis_market.inference.quantization import (
+    compute_dtype,
+    is_quantized_in_shards,
+    quantizable_linears,
+    quantize_weight,
+)
 from dlis_market.types import LayerRange, model_id
 
 TOKENIZER_FILES = (
@@ -40,6 +45,10 @@ TOKENIZER_FILES = (
     "generation_config.json",
 )
 ZSTD_LEVEL = 3
+# Config keys that describe the exporting machine, not the model: where it loaded the folder from
+# and its transformers version. Left in, the same model exported on two machines would get two
+# manifests, so two manifest sha256s and two CIDs for identical weights.
+MACHINE_CONFIG_KEYS = ("_name_or_path", "transformers_version")
 
 
 def even_ranges(num_layers: int, stages: int) -> list[LayerRange]:
@@ -104,7 +113,7 @@ def _convert(
     out: dict[str, torch.Tensor] = {}
     for name in sorted(tensors):
         tensor = tensors[name]
-        if dtype in ("int8", "nf4") and name in linear_weights:
+        if dtype in ("int8", "nf4") and name in linear_weights and is_quantized_in_shards(tensor, dtype):
             out.update(quantize_weight(name, tensor, dtype))
         elif tensor.is_floating_point():
             out[name] = tensor.detach().to(target).contiguous().clone()
@@ -143,7 +152,7 @@ def export_shards(
     state = dict(model.state_dict())
     linear_weights = {f"{n}.weight" for n in quantizable_linears(model, family.layers_path)}
     tied = bool(getattr(model.config, "tie_word_embeddings", False))
-    config_dict = model.config.to_dict()
+    config_dict = {k: v for k, v in model.config.to_dict().items() if k not in MACHINE_CONFIG_KEYS}
 
     out_dir.mkdir(parents=True, exist_ok=True)
     cctx = zstandard.ZstdCompressor(level=ZSTD_LEVEL, threads=0, write_checksum=True)

@@ -32,3 +32,7 @@ class ManifestError(StorageError):
 
 class DaemonError(StorageError):
     """The embedded IPFS daemon could not start, or its Kubo child process died."""
+
+
+class LayerSelectionError(StorageError):
+    """A requested layer range is outside the model, or its manifest names no layer ranges."""

@@ -8,7 +8,11 @@ the output folder or the local cache if its sha256 already matches, else stream 
 match. A file that arrives corrupt is fetched once more from scratch, then refused with
 :class:`ShardIntegrityError`. On any error the ``.partial`` file is removed: no file in the
 output folder ever carries its final name without having been verified. ``manifest.json`` is
-written last, so its presence means the folder is complete.
+written last, so its presence means every selected file is there and verified.
+
+``layers`` selects what a worker serving that range needs (:func:`files_for_layers`): the shard
+of every stage whose range overlaps it, plus config and tokenizer files; the index is still
+checked against the whole manifest. A later fetch into the same folder reuses those files.
 """
 
 from __future__ import annotations
@@ -32,9 +36,15 @@ from dlis_market.storage.errors import (
     ShardIntegrityError,
     StorageError,
 )
-from dlis_market.storage.manifest_files import MANIFEST_NAME, ManifestFiles, parse_manifest, sha256_file
+from dlis_market.storage.manifest_files import (
+    MANIFEST_NAME,
+    ManifestFiles,
+    files_for_layers,
+    parse_manifest,
+    sha256_file,
+)
 from dlis_market.storage.publication import Publication, PublishedFile
-from dlis_market.types import Cid
+from dlis_market.types import Cid, LayerRange
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +52,8 @@ log = logging.getLogger(__name__)
 ProgressCallback = Callable[[int, int], None]
 
 MAX_INDEX_SIZE = 16 << 20
+# How long one provider's swarm/connect may take before fetch_model goes on without it.
+CONNECT_TIMEOUT_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -61,6 +73,7 @@ class FetchResult:
     downloaded_bytes: int
     reused_bytes: int  # already in the folder or the cache
     connect_errors: tuple[str, ...] = field(default_factory=tuple)
+    layers: LayerRange | None = None  # the range the files were selected for; None: the whole model
 
 
 class _Partial:
@@ -192,7 +205,7 @@ class _Fetcher:
 
 
 async def connect_providers(
-    client: KuboClient, providers: list[str] | tuple[str, ...], timeout_s: float = 10.0
+    client: KuboClient, providers: list[str] | tuple[str, ...], timeout_s: float = CONNECT_TIMEOUT_S
 ) -> tuple[str, ...]:
     """``swarm/connect`` to each multiaddr; returns the errors (a provider may be down)."""
     errors = []
@@ -230,8 +243,10 @@ async def fetch_model(
     cache_dir: Path | None = None,
     part_timeout_s: float = 120.0,
     progress: ProgressCallback | None = None,
+    layers: LayerRange | None = None,
 ) -> FetchResult:
-    """Fetch and verify the model published as ``cid`` into ``out_dir``; see the module doc."""
+    """Fetch and verify the model published as ``cid`` into ``out_dir`` (only what ``layers``
+    needs, when given); see the module doc."""
     if expected is not None and expected.cid is not None and expected.cid != cid:
         raise ManifestError(f"asked to fetch {cid} but the chain registers manifest CID {expected.cid}")
     connect_errors = await connect_providers(client, providers)
@@ -261,12 +276,17 @@ async def fetch_model(
         await fetcher.file(manifest_entry)
         manifest = parse_manifest(await asyncio.to_thread(manifest_tmp.read_bytes))
         _check_against_manifest(publication, manifest)
+        entries = publication.files
+        if layers is not None:
+            wanted = files_for_layers(manifest, layers)
+            entries = tuple(f for f in publication.files if f.path in wanted)
+            fetcher.total = publication.manifest.size + sum(f.size for f in entries)
         manifest_path = out_dir / MANIFEST_NAME
         # Another model's manifest must not vouch for the files about to be replaced.
         if not await asyncio.to_thread(_local_match, manifest_path, manifest_entry.size, manifest.sha256):
             await asyncio.to_thread(manifest_path.unlink, missing_ok=True)
-        paths = [await fetcher.file(entry) for entry in publication.files]
-        await asyncio.to_thread(os.replace, manifest_tmp, manifest_path)  # last: the folder is complete
+        paths = [await fetcher.file(entry) for entry in entries]
+        await asyncio.to_thread(os.replace, manifest_tmp, manifest_path)  # last: all selected files verified
     finally:
         await asyncio.to_thread(manifest_tmp.unlink, missing_ok=True)
         await asyncio.to_thread(_rmdir_quiet, staging)
@@ -278,6 +298,7 @@ async def fetch_model(
         downloaded_bytes=fetcher.downloaded,
         reused_bytes=fetcher.reused,
         connect_errors=connect_errors,
+        layers=layers,
     )
 
 

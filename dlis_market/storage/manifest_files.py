@@ -6,6 +6,9 @@ object anywhere in it that has ``path`` (a relative path inside the shard folder
 (bytes, int) and ``sha256`` (64 hex digits) is one file, whether listed in a top-level
 ``"files"`` list or nested per stage. The layer count for on-chain registration is read from
 ``num_layers`` or ``num_hidden_layers`` at the top level or under ``model``/``config``, if there.
+Layer-range stages, when the manifest has them, are read from a top-level ``"stages"`` list of
+``{"layers": {"start", "end"}, "file": {"path", ...}}`` objects (the exporter's format), so a worker
+can fetch only the shards of the layers it serves (:func:`files_for_layers`).
 The manifest's bytes are never rewritten: its sha256 is what the chain records.
 """
 
@@ -19,7 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from dlis_market.storage.errors import ManifestError
+from dlis_market.storage.errors import LayerSelectionError, ManifestError
+from dlis_market.types import LayerRange
 
 MANIFEST_NAME = "manifest.json"
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
@@ -33,11 +37,18 @@ class ManifestFile:
 
 
 @dataclass(frozen=True)
+class ManifestStage:
+    layers: LayerRange
+    path: str  # the shard file holding exactly these layers
+
+
+@dataclass(frozen=True)
 class ManifestFiles:
     files: tuple[ManifestFile, ...]
     sha256: str  # of the manifest's bytes
     num_layers: int | None
     model_id: str | None = None  # top-level "model_id" (keccak256 of the model name), if there
+    stages: tuple[ManifestStage, ...] = ()
 
     @property
     def total_size(self) -> int:
@@ -91,6 +102,51 @@ def _num_layers(doc: dict[str, Any]) -> int | None:
     return None
 
 
+def _stages(doc: dict[str, Any], files: dict[str, ManifestFile]) -> tuple[ManifestStage, ...]:
+    """Entries of a top-level ``stages`` list shaped ``{"layers": {...}, "file": {...}}``; others are
+    ignored (lenient, as for files). One of that shape that names an unlisted file or a bad range
+    is refused: it would select the wrong shard."""
+    raw = doc.get("stages")
+    stages: list[ManifestStage] = []
+    for entry in raw if isinstance(raw, list) else []:
+        if not (
+            isinstance(entry, dict) and isinstance(entry.get("layers"), dict) and isinstance(entry.get("file"), dict)
+        ):
+            continue
+        path, start, end = entry["file"].get("path"), entry["layers"].get("start"), entry["layers"].get("end")
+        if not isinstance(path, str) or path not in files:
+            raise ManifestError(
+                f"{MANIFEST_NAME} has a stage whose file {path!r} it does not list; re-export the shards"
+            )
+        if not (isinstance(start, int) and isinstance(end, int)) or isinstance(start, bool) or isinstance(end, bool):
+            raise ManifestError(f"{MANIFEST_NAME} stage of {path!r} has layers {start!r}..{end!r}; need integers")
+        try:
+            stages.append(ManifestStage(LayerRange(start=start, end=end), path))
+        except ValueError as exc:
+            raise ManifestError(f"{MANIFEST_NAME} stage of {path!r} has a bad layer range ({exc})") from exc
+    return tuple(stages)
+
+
+def files_for_layers(manifest: ManifestFiles, layers: LayerRange) -> frozenset[str]:
+    """Paths a stage serving ``layers`` needs: every stage file whose range overlaps ``layers``,
+    plus every file that belongs to no stage (config, tokenizer)."""
+    if not manifest.stages:
+        raise LayerSelectionError(
+            f"{MANIFEST_NAME} names no layer-range stages, so layers {layers} cannot be selected; "
+            "fetch the whole model (without --layers)"
+        )
+    num_layers = manifest.num_layers or max(s.layers.end for s in manifest.stages)
+    have = ", ".join(str(s.layers) for s in manifest.stages)
+    chosen = {s.path for s in manifest.stages if s.layers.start < layers.end and layers.start < s.layers.end}
+    if layers.end > num_layers or not chosen:
+        raise LayerSelectionError(
+            f"layers {layers} are not all in this model: it has {num_layers} layers in stages {have}; "
+            f"ask for a range inside [0, {num_layers})"
+        )
+    in_stages = {s.path for s in manifest.stages}
+    return frozenset(chosen | {f.path for f in manifest.files if f.path not in in_stages})
+
+
 def parse_manifest(data: bytes) -> ManifestFiles:
     """Read the file list out of ``manifest.json`` bytes; ManifestError if it has none or lies."""
     try:
@@ -117,5 +173,9 @@ def parse_manifest(data: bytes) -> ManifestFiles:
         )
     model_id = doc.get("model_id")
     return ManifestFiles(
-        tuple(files.values()), sha256_hex(data), _num_layers(doc), model_id if isinstance(model_id, str) else None
+        tuple(files.values()),
+        sha256_hex(data),
+        _num_layers(doc),
+        model_id if isinstance(model_id, str) else None,
+        _stages(doc, files),
     )

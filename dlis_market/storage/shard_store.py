@@ -1,6 +1,7 @@
 """One-call publish and fetch for other components (worker node, CLI), configured by settings.
 
-    result = await fetch_shards(settings, cid, out_dir, providers=[...], expected=ExpectedManifest(sha, cid))
+    result = await fetch_shards(settings, cid, out_dir, providers=[...], expected=ExpectedManifest(sha, cid),
+                                layers=LayerRange(start=0, end=10))  # only what a [0, 10) worker needs
     published = await publish_shards(settings, shard_dir, register=hook)
 
 Both pick the Kubo to use with :func:`~dlis_market.storage.session.kubo_session` (the configured
@@ -20,6 +21,7 @@ from dlis_market.storage.fetch import ProgressCallback as FetchProgress
 from dlis_market.storage.publish import ProgressCallback as PublishProgress
 from dlis_market.storage.publish import PublishResult, RegisterHook, publish_model
 from dlis_market.storage.session import kubo_session
+from dlis_market.types import LayerRange
 
 
 def cache_dir(settings: Settings) -> Path:
@@ -35,8 +37,10 @@ async def fetch_shards(
     expected: ExpectedManifest | None = None,
     use_cache: bool = True,
     progress: FetchProgress | None = None,
+    layers: LayerRange | None = None,
 ) -> FetchResult:
-    """Fetch and verify the model published as ``cid`` into ``out_dir`` (see :mod:`.fetch`)."""
+    """Fetch and verify the model published as ``cid`` into ``out_dir`` (see :mod:`.fetch`); with
+    ``layers``, only the shards of the stages overlapping that range plus config and tokenizer."""
     addrs = list(dict.fromkeys([*providers, *settings.storage.peers]))
     async with kubo_session(settings) as kubo:
         return await fetch_model(
@@ -48,6 +52,7 @@ async def fetch_shards(
             cache_dir=cache_dir(settings) if use_cache else None,
             part_timeout_s=settings.storage.fetch_timeout_s,
             progress=progress,
+            layers=layers,
         )
 
 

@@ -49,6 +49,33 @@ def load_reference(model_dir: Path) -> torch.nn.Module:
     return model
 
 
+# fp32 unit roundoff.
+FP32_U = 2.0**-24
+# Probabilistic rounding-error bound (Higham & Mary, SIAM J. Sci. Comput. 2019, thm 2.4): a chain of
+# n fp32 multiply-adds computed in two different orders differs by at most lam * sqrt(n) * u of the
+# magnitudes involved, with probability >= 1 - 2 exp(-lam^2 / 2); lam = 4 gives 1 - 7e-4.
+ROUNDING_LAMBDA = 4.0
+
+
+def fp32_logit_tolerance(config: PretrainedConfig, reference_logits: list[torch.Tensor]) -> float:
+    """How far two correct fp32 computations of these logits may differ, from summation order only.
+
+    Batching sessions together, splitting into stages and memory alignment change which BLAS kernel
+    runs and so the order of the fp32 sums, nothing else. Each logit sits at the end of about
+    ``num_layers * width`` multiply-adds (width = the widest matmul input), so the tolerance is the
+    bound above for that many terms, scaled by the logits' magnitude. On the tiny test models it is
+    ~1.5e-5 (measured differences up to 1.6e-6); on SmolLM2 ~2e-3 (measured 0). A wrong layer, position
+    or cache entry moves logits by orders of magnitude more.
+    """
+    hidden = int(config.hidden_size)
+    width = max(
+        hidden, int(getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * hidden)
+    )
+    terms = int(config.num_hidden_layers) * width
+    scale = max(float(t.abs().max()) for t in reference_logits)
+    return ROUNDING_LAMBDA * terms**0.5 * FP32_U * scale
+
+
 def hf_generate(model: torch.nn.Module, prompt: list[int], max_new_tokens: int) -> tuple[list[int], list[torch.Tensor]]:
     """Greedy tokens and per-step raw logits from transformers ``generate`` on one unpadded prompt."""
     ids = torch.tensor([prompt])

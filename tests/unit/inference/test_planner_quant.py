@@ -11,7 +11,7 @@ from transformers import LlamaConfig
 from dlis_market.inference.errors import PlanError
 from dlis_market.inference.manifest import load_manifest
 from dlis_market.inference.pipeline import LocalPipeline
-from dlis_market.inference.planner import DeviceProfile, model_profile, plan_partition
+from dlis_market.inference.planner import DeviceProfile, model_profile, plan_partition, stage_cost
 from dlis_market.inference.shard_export import export_shards
 
 GIB = 2**30
@@ -37,7 +37,11 @@ def test_equal_devices_get_balanced_ranges() -> None:
     assert sum(sizes) == 30 and plan.ranges[0].start == 0 and plan.ranges[-1].end == 30
     # The last stage also runs the 28M-weight LM head, so it gets fewer layers.
     assert sizes[2] < sizes[0]
-    assert max(plan.stage_seconds_per_token) < 1.2 * min(plan.stage_seconds_per_token) + 1e-3
+    # Whole layers cannot balance better than one layer: the best contiguous split is within one
+    # layer's time of the average stage (the head, 8 layers' worth, is below the 13-layer average).
+    one_layer_s, _ = stage_cost(profile, device("a", 8), 1, first=False, last=False, kv_tokens=0)
+    per_stage = plan.stage_seconds_per_token
+    assert max(per_stage) <= sum(per_stage) / 3 + one_layer_s * (1 + 1e-9)
 
 
 def test_faster_device_gets_more_layers_and_memory_is_respected() -> None:
@@ -77,12 +81,12 @@ def test_quantized_shards_are_smaller_and_generate(
     fp32_size = sum(s.file.size for s in load_manifest(tmp_path / "fp32").stages)
     assert sum(s.file.size for s in manifest.stages) < fp32_size / 2
     pipe = LocalPipeline.load(tmp_path / dtype)
-    linear = pipe.stages[0].model.model.layers[0].self_attn.q_proj
-    assert type(linear).__name__ == ("Linear8bitLt" if dtype == "int8" else "Linear4bit")
-    reference = LocalPipeline.load(tmp_path / "fp32").generate_ids([[4, 8, 15, 16, 23]], 1, want_logits=True)[0]
-    gen = pipe.generate_ids([[4, 8, 15, 16, 23]], 4, want_logits=True)[0]
+    mlp = pipe.stages[0].model.model.layers[0].mlp
+    # down_proj reads 64 values per row, one whole nf4 block; int8 is row-wise and takes any width.
+    assert type(mlp.down_proj).__name__ == ("Linear8bitLt" if dtype == "int8" else "Linear4bit")
+    # up_proj reads 32-value rows: nf4 keeps it in bf16 (see dlis_market.inference.quantization).
+    assert type(mlp.up_proj).__name__ == ("Linear8bitLt" if dtype == "int8" else "Linear")
+    gen = pipe.generate_ids([[4, 8, 15, 16, 23]], 4)[0]
     assert len(gen.token_ids) == 4
-    # Quantized logits stay close to fp32 ones (correlation), not bit-exact.
-    a, b = gen.logits[0].float(), reference.logits[0]
-    corr = ((a - a.mean()) * (b - b.mean())).sum() / ((a - a.mean()).norm() * (b - b.mean()).norm())
-    assert corr > 0.9
+    # Accuracy is checked per layer against what the format promises (see quant_reference and
+    # test_quant_accuracy): logits of random weights after two stages say nothing portable.

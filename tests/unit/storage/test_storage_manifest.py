@@ -7,10 +7,11 @@ import json
 
 import pytest
 
-from dlis_market.storage.errors import ManifestError
-from dlis_market.storage.manifest_files import parse_manifest, safe_relative_path
+from dlis_market.storage.errors import LayerSelectionError, ManifestError
+from dlis_market.storage.manifest_files import files_for_layers, parse_manifest, safe_relative_path
 from dlis_market.storage.publication import PartRef, Publication, PublishedFile
 from dlis_market.storage.publish import part_ranges
+from dlis_market.types import LayerRange
 
 H = hashlib.sha256(b"x").hexdigest()
 
@@ -116,3 +117,38 @@ def test_part_ranges() -> None:
     assert part_ranges(9, 4) == [(0, 4), (4, 4), (8, 1)]
     with pytest.raises(ValueError):
         part_ranges(1, 0)
+
+
+def _staged_manifest(stages: object) -> bytes:
+    files = [{"path": f"s{i}.safetensors", "size": 1, "sha256": "a" * 64} for i in range(2)]
+    files.append({"path": "config.json", "size": 1, "sha256": "b" * 64})
+    return json.dumps({"num_layers": 4, "config_file": files[2], "stages": stages, "extra": files[:2]}).encode()
+
+
+def test_layer_selection_keeps_overlapping_stages_and_shared_files() -> None:
+    stages = [
+        {"layers": {"start": 0, "end": 2}, "file": {"path": "s0.safetensors", "size": 1, "sha256": "a" * 64}},
+        {"layers": {"start": 2, "end": 4}, "file": {"path": "s1.safetensors", "size": 1, "sha256": "a" * 64}},
+    ]
+    manifest = parse_manifest(_staged_manifest(stages))
+    assert files_for_layers(manifest, LayerRange(start=2, end=3)) == {"s1.safetensors", "config.json"}
+    assert files_for_layers(manifest, LayerRange(start=1, end=3)) == {"s0.safetensors", "s1.safetensors", "config.json"}
+    with pytest.raises(LayerSelectionError, match=r"\[2, 5\).*4 layers"):
+        files_for_layers(manifest, LayerRange(start=2, end=5))
+
+
+def test_stage_entries_that_lie_are_refused() -> None:
+    bad_path = [{"layers": {"start": 0, "end": 4}, "file": {"path": "elsewhere.bin"}}]
+    with pytest.raises(ManifestError, match=r"'elsewhere\.bin' it does not list"):
+        parse_manifest(_staged_manifest(bad_path))
+    bad_range = [{"layers": {"start": 3, "end": 1}, "file": {"path": "s0.safetensors"}}]
+    with pytest.raises(ManifestError, match="bad layer range"):
+        parse_manifest(_staged_manifest(bad_range))
+    with pytest.raises(ManifestError, match="need integers"):
+        parse_manifest(_staged_manifest([{"layers": {"start": "0", "end": 4}, "file": {"path": "s0.safetensors"}}]))
+
+
+def test_manifest_without_stages_cannot_select_layers() -> None:
+    manifest = parse_manifest(json.dumps({"files": [{"path": "w.bin", "size": 1, "sha256": "a" * 64}]}).encode())
+    with pytest.raises(LayerSelectionError, match="whole model"):
+        files_for_layers(manifest, LayerRange(start=0, end=1))
