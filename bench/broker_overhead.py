@@ -115,7 +115,7 @@ async def direct(peers: list[str], m: LocalMarket, prompt_ids: list[int], jobs: 
     dep = m.client.deployment
     settings = NodeSettings(chain_id=31337, market_address=dep.address_of("JobMarket"),
                             registry_address=dep.address_of("NodeRegistry"))  # fmt: skip
-    driver = await PipelineDriver.create(peers, settings)
+    driver = await PipelineDriver.create(peers, settings, bytes(m.broker.key))  # tickets: the broker's key
     try:
         for _ in range(240):  # announcements reach the DHT asynchronously
             if len(await driver.discover(MODEL)) >= 3:

@@ -7,7 +7,9 @@ turns its verified receipts into the broker's records.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import TYPE_CHECKING
 
 from dlis_market.broker.backend import BackendJob, Offer, RouteHop, SignedStageReceipt
 from dlis_market.broker.spot_checks import FinishedSession, SpotChecker
@@ -16,6 +18,34 @@ from dlis_market.inference.sampling import SamplingParams
 from dlis_market.node.driver import JobSession, JobSpec, PipelineDriver
 from dlis_market.node.routing import Hop
 from dlis_market.settings import NodeSettings
+
+if TYPE_CHECKING:
+    from dlis_market.chain.node_registry import NodeRegistry
+
+
+class RegisteredPeers:
+    """Whether a node is registered (active) on NodeRegistry under a peer id: the check that ties a
+    signed DHT announcement to the chain. Answers are cached ``ttl_s`` per node (discovery runs per job)."""
+
+    def __init__(self, registry: NodeRegistry, ttl_s: float = 10.0, clock: Callable[[], float] = time.monotonic):
+        self.registry = registry
+        self.ttl_s = ttl_s
+        self.clock = clock
+        self._cache: dict[str, tuple[float, str | None]] = {}
+
+    def peer_of(self, node: str) -> str | None:
+        key = node.lower()
+        hit = self._cache.get(key)
+        now = self.clock()
+        if hit is not None and now - hit[0] < self.ttl_s:
+            return hit[1]
+        rec = self.registry.get(node)
+        peer = rec.peer_id if rec is not None and rec.active else None
+        self._cache[key] = (now, peer)
+        return peer
+
+    def __call__(self, node: str, peer_id: str) -> bool:
+        return self.peer_of(node) == peer_id
 
 
 class P2PJobStream:
@@ -47,8 +77,16 @@ class P2PBackend:
         self.checker = checker
 
     @classmethod
-    async def connect(cls, initial_peers: Sequence[str], settings: NodeSettings) -> P2PBackend:
-        return cls(await PipelineDriver.create(initial_peers, settings))
+    async def connect(
+        cls,
+        initial_peers: Sequence[str],
+        settings: NodeSettings,
+        broker_key: bytes | None = None,
+        node_check: Callable[[str, str], bool] | None = None,
+    ) -> P2PBackend:
+        """``broker_key`` signs session tickets (the BROKER_ROLE account); ``node_check`` (e.g.
+        :class:`RegisteredPeers`) admits only announcements of nodes registered under their peer id."""
+        return cls(await PipelineDriver.create(initial_peers, settings, broker_key, node_check))
 
     async def offers(self, model: str) -> list[Offer]:
         spans = await self.driver.discover(model)

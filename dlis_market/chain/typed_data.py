@@ -38,10 +38,41 @@ RECEIPT = [
     ("outputHash", "bytes32"),
     ("amount", "uint256"),
 ]
+# Off-chain only (signed and checked by peers, never by a contract): a worker's DHT announcement,
+# signed by its node key under the NodeRegistry domain (dlis_market/protocol/spans.py), and a
+# broker's permission to open a session, signed under the JobMarket domain (protocol/tickets.py).
+# Times are unix milliseconds; throughput is tokens/s x 1000.
+SPAN_ANNOUNCEMENT = [
+    ("model", "string"),
+    ("start", "uint32"),
+    ("end", "uint32"),
+    ("peerId", "string"),
+    ("node", "address"),
+    ("throughputMilli", "uint64"),
+    ("freeSlots", "uint32"),
+    ("queueLength", "uint32"),
+    ("pricePerToken", "uint256"),
+    ("attestationHash", "bytes32"),
+    ("online", "bool"),
+    ("startedAtMs", "uint64"),
+    ("announcedAtMs", "uint64"),
+    ("expiresAtMs", "uint64"),
+]
+SESSION_TICKET = [
+    ("jobId", "bytes32"),
+    ("model", "string"),
+    ("start", "uint32"),
+    ("end", "uint32"),
+    ("pricePerToken", "uint256"),
+    ("opener", "string"),
+    ("expiresAtMs", "uint64"),
+]
 TYPES: dict[str, list[tuple[str, str]]] = {
     "NodeBinding": NODE_BINDING,
     "JobAuthorization": JOB_AUTHORIZATION,
     "Receipt": RECEIPT,
+    "SpanAnnouncement": SPAN_ANNOUNCEMENT,
+    "SessionTicket": SESSION_TICKET,
 }
 
 # EIP-712 domain names/versions of the verifying contracts.

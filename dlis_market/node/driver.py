@@ -27,7 +27,7 @@ import logging
 import secrets
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -50,6 +50,7 @@ from dlis_market.node.errors import (
 from dlis_market.node.protocol import Channel, FailBody, OpenBody, StepBody, TokensBody, parse_body
 from dlis_market.node.routing import Hop, plan_route, route_price
 from dlis_market.node.transport import ChannelPool, start_dht
+from dlis_market.protocol.tickets import SessionTicket, sign_ticket
 from dlis_market.settings import NodeSettings
 
 log = logging.getLogger(__name__)
@@ -67,6 +68,20 @@ class JobSpec:
     num_layers: int | None = None  # from the manifest; None: the highest announced layer
 
 
+NodeCheck = Callable[[str, str], bool]  # (node address, peer id) -> registered on chain under that peer id
+
+# Refusals that say the stage has no room for this job (or our ticket did not fit): route around
+# the stage for this plan, but do not ban it; a ban is for a peer's own fault.
+NOT_A_FAULT = frozenset({"CapacityError", "TicketError"})
+
+
+@dataclass
+class Ban:
+    until: float  # time.monotonic()
+    count: int  # bans so far without a success in between: the backoff exponent
+    started_at: float  # the peer's signed start time when banned; a newer one (a restart) lifts it
+
+
 @dataclass(frozen=True)
 class StageReceipt:
     peer_id: str
@@ -74,8 +89,28 @@ class StageReceipt:
     signed: SignedReceipt
 
 
+def check_bill(hop: Hop, tokens: int, amount: int, sent_tokens: int) -> None:
+    """Refuse (ReceiptError) a stage receipt billing more tokens than the driver pushed through the
+    session, or more than those tokens at the price of the signed record the driver routed on."""
+    if tokens > sent_tokens:
+        raise ReceiptError(
+            f"receipt of {hop.peer_id} bills {tokens} tokens but the session sent {sent_tokens}; refused"
+        )
+    if amount > hop.price_per_token * tokens:
+        raise ReceiptError(
+            f"receipt of {hop.peer_id} charges {amount}, over {tokens} tokens x its routed price {hop.price_per_token}"
+        )
+
+
 class PipelineDriver:
-    def __init__(self, dht: hivemind.DHT, pool: ChannelPool, settings: NodeSettings) -> None:
+    def __init__(
+        self,
+        dht: hivemind.DHT,
+        pool: ChannelPool,
+        settings: NodeSettings,
+        broker_key: bytes | None = None,
+        node_check: NodeCheck | None = None,
+    ) -> None:
         self.dht = dht
         self.pool = pool
         self.settings = settings
@@ -84,12 +119,24 @@ class PipelineDriver:
         self.registry = attestation.registry_domain(settings.chain_id, settings.registry_address)
         # per session: the next token (or, for a spot-check replay of a middle stage, hidden row)
         self._waiters: dict[str, tuple[asyncio.Future[Any], frozenset[str]]] = {}
-        self._bans: dict[str, tuple[float, int]] = {}
+        self._bans: dict[str, Ban] = {}
+        self._signers = dht_records.SignerCache()  # verified span signatures (discovery runs per job)
+        self._started: dict[str, float] = {}  # peer id -> started_at of its latest signed record
         self._verified: dict[str, str] = {}  # peer id -> node address from its verified attestation
+        # Tickets are signed with the broker's account key (BROKER_ROLE); without one (a dev swarm with
+        # no market) with a throwaway key, which only workers in open mode accept.
+        self.broker_key = broker_key or secrets.token_bytes(32)
+        self.node_check = node_check
         pool.dead_peer_callbacks.append(self._peer_closed)
 
     @classmethod
-    async def create(cls, initial_peers: Sequence[str], settings: NodeSettings | None = None) -> PipelineDriver:
+    async def create(
+        cls,
+        initial_peers: Sequence[str],
+        settings: NodeSettings | None = None,
+        broker_key: bytes | None = None,
+        node_check: NodeCheck | None = None,
+    ) -> PipelineDriver:
         settings = settings or NodeSettings()
         dht = await asyncio.to_thread(
             start_dht, initial_peers, client_mode=True, host_maddrs=[f"/ip4/{settings.host}/tcp/0"]
@@ -99,7 +146,7 @@ class PipelineDriver:
         pool = ChannelPool(
             p2p, lambda ch, op, rid, body: driver._on_message(ch, op, rid, body), settings.max_message_bytes
         )
-        driver = cls(dht, pool, settings)
+        driver = cls(dht, pool, settings, broker_key, node_check)
         await pool.serve()
         return driver
 
@@ -110,19 +157,59 @@ class PipelineDriver:
     # ------------------------------------------------------------------ discovery, bans, trust
 
     async def discover(self, model: str) -> list[dht_records.SpanRecord]:
-        return await asyncio.to_thread(dht_records.fetch_spans, self.dht, model)
+        """Current signed announcements of ``model``; with a ``node_check``, only those of nodes
+        registered on chain under the announced peer id."""
+        spans = await asyncio.to_thread(self._discover, model)
+        self.saw(spans)
+        return spans
+
+    def _discover(self, model: str) -> list[dht_records.SpanRecord]:
+        spans = dht_records.fetch_spans(self.dht, model, self.registry, self._signers)
+        if self.node_check is None:
+            return spans
+        out = []
+        for s in spans:
+            if self.node_check(s.node_address, s.peer_id):
+                out.append(s)
+            else:
+                log.info("ignoring span of %s: node %s is not registered under that peer id", s.peer_id, s.node_address)
+        return out
+
+    def saw(self, spans: Sequence[dht_records.SpanRecord]) -> None:
+        """Note each peer's start time; a peer banned before a restart is forgiven."""
+        for s in spans:
+            self._started[s.peer_id] = max(self._started.get(s.peer_id, 0.0), s.started_at)
+            ban = self._bans.get(s.peer_id)
+            if ban is not None and s.started_at > ban.started_at:
+                del self._bans[s.peer_id]
+                log.info("lifted the ban of %s: it announced a restart", s.peer_id)
 
     def ban(self, peer: str) -> float:
-        _, count = self._bans.get(peer, (0.0, 0))
+        """Ban ``peer`` for its own failure, for ban_base_s x 2^(earlier bans), at most ban_max_s."""
+        count = self._bans[peer].count if peer in self._bans else 0
         seconds = min(self.settings.ban_base_s * 2**count, self.settings.ban_max_s)
-        self._bans[peer] = (time.monotonic() + seconds, count + 1)
+        self._bans[peer] = Ban(time.monotonic() + seconds, count + 1, self._started.get(peer, 0.0))
         self._verified.pop(peer, None)
         log.warning("banned peer %s for %.0fs", peer, seconds)
         return seconds
 
+    def succeeded(self, peer: str) -> None:
+        """A peer served a session to the end: its backoff starts over (an active ban still runs)."""
+        ban = self._bans.get(peer)
+        if ban is not None and ban.until <= time.monotonic():
+            del self._bans[peer]
+
     def banned(self) -> set[str]:
         now = time.monotonic()
-        return {p for p, (until, _) in self._bans.items() if until > now}
+        return {p for p, b in self._bans.items() if b.until > now}
+
+    def ticket(self, job_id: bytes, model: str, hop: Hop) -> dict[str, Any]:
+        """A session ticket for ``hop`` at its routed price, for this driver's peer id to present."""
+        ticket = SessionTicket(
+            job_id=job_id, model=model, start=hop.start, end=hop.end, price_per_token=hop.price_per_token,
+            opener=self.peer_id, expires_at=time.time() + self.settings.ticket_ttl_s,
+        )  # fmt: skip
+        return sign_ticket(self.broker_key, self.market, ticket).model_dump()
 
     def verified_node(self, peer_id: str) -> str | None:
         """The node signing address of a peer whose attestation verified, if any."""
@@ -220,14 +307,15 @@ class JobSession:
         self.receipts: list[StageReceipt] = []
         self.failovers = 0
         self.ttft_s: float | None = None
+        self.sent_tokens = 0  # tokens pushed through the current session: what any stage may bill
 
     @property
     def max_length(self) -> int:
         return len(self.spec.prompt_ids) + self.spec.max_new_tokens
 
-    async def _plan(self) -> list[Hop]:
+    async def _plan(self, skip: set[str] | None = None) -> list[Hop]:
         spans = await self.driver.discover(self.spec.model)
-        banned = self.driver.banned()
+        banned = self.driver.banned() | (skip or set())
         num_layers = self.spec.num_layers or max((s.end for s in spans), default=0)
         if not num_layers:
             raise StageFailedError(f"no peer announces model {self.spec.model!r} on the DHT", None)
@@ -241,8 +329,9 @@ class JobSession:
     async def establish(self) -> None:
         """Plan and open the session on every stage; a stage that refuses is banned and replaced."""
         attempts = self.driver.settings.max_failovers + 3
+        skip: set[str] = set()  # stages without room for this job: routed around, not banned
         for _ in range(attempts):
-            self.route = await self._plan()
+            self.route = await self._plan(skip)
             cost = route_price(self.route, self.max_length)
             if self.spec.max_cost is not None and cost > self.spec.max_cost:
                 raise BudgetError(
@@ -250,6 +339,7 @@ class JobSession:
                     f"max cost {self.spec.max_cost}; raise max_cost or wait for cheaper peers"
                 )
             self.session_id = f"{self.spec.job_id.hex()[:16]}-{uuid.uuid4().hex[:12]}"
+            self.sent_tokens = 0
             opened: list[Hop] = []
             try:
                 for i, hop in enumerate(self.route):
@@ -258,8 +348,12 @@ class JobSession:
                 return
             except (RemoteError, PeerUnreachableError, attestation.AttestationError) as exc:
                 bad = getattr(exc, "peer", None) or self.route[len(opened)].peer_id
-                log.warning("stage %s refused or failed the session: %s", bad, exc)
-                self.driver.ban(bad)
+                if isinstance(exc, RemoteError) and exc.code in NOT_A_FAULT:
+                    log.info("stage %s has no room for the session: %s", bad, exc)
+                    skip.add(bad)
+                else:
+                    log.warning("stage %s refused or failed the session: %s", bad, exc)
+                    self.driver.ban(bad)
                 await self._close_hops(opened)
         raise StageFailedError(f"could not open a session after {attempts} routes; see the log for each refusal", None)
 
@@ -270,7 +364,7 @@ class JobSession:
             session_id=self.session_id, model=self.spec.model, start=hop.start, end=hop.end,
             max_length=self.max_length, job_id=self.spec.job_id, reply_to=self.driver.peer_id,
             next_peer=next_peer, greedy=s.greedy, temperature=s.temperature, top_k=s.top_k,
-            top_p=s.top_p, seed=s.seed,
+            top_p=s.top_p, seed=s.seed, ticket=self.driver.ticket(self.spec.job_id, self.spec.model, hop),
         )  # fmt: skip
         await self.driver.pool.request(hop.peer_id, "open", body.model_dump(), self.driver.settings.request_timeout_s)
 
@@ -286,9 +380,9 @@ class JobSession:
                 r = signed.receipt
                 if r.job_id != self.spec.job_id or (r.start, r.end) != (hop.start, hop.end):
                     raise ReceiptError(f"receipt of {hop.peer_id} names another job or range")
-                if r.amount > hop.price_per_token * r.tokens:
-                    raise ReceiptError(f"receipt of {hop.peer_id} charges {r.amount}, over its announced price")
+                check_bill(hop, r.tokens, r.amount, self.sent_tokens)
                 self.receipts.append(StageReceipt(hop.peer_id, self.session_id, signed))
+                self.driver.succeeded(hop.peer_id)
             except (NodeError, ValueError) as exc:  # a dead or lying stage: no receipt, no payment
                 log.warning("no valid receipt from %s for %s: %s", hop.peer_id, self.session_id, exc)
 
@@ -298,6 +392,7 @@ class JobSession:
         try:
             first = self.route[0].peer_id
             await self.driver.pool.send(first, "step", {"input": encode(inp), "reply_to": self.driver.peer_id})
+            self.sent_tokens += inp.num_tokens * len(inp.session_ids)
             value = await asyncio.wait_for(fut, self.driver.settings.step_timeout_s)
             if not isinstance(value, int):  # hidden states from a stage that is not the last one
                 raise StageFailedError("a stage sent hidden states where the sampled token was due", None)

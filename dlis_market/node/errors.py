@@ -42,6 +42,10 @@ class NoRouteError(NodeError):
         self.missing = missing or []
 
 
+class CapacityError(NodeError):
+    """A stage refused a session for want of room (slots, per-opener limit, length): not a fault."""
+
+
 class BudgetError(NodeError):
     """The cheapest route costs more than the job's max cost."""
 

@@ -51,6 +51,7 @@ class OpenBody(WireModel):
     top_k: int = 0
     top_p: float = 1.0
     seed: int = 0
+    ticket: dict[str, Any] | None = None  # protocol.tickets.SignedTicket; refused when missing
 
 
 class StepBody(WireModel):

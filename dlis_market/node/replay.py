@@ -156,6 +156,7 @@ async def replay(
         session_id=sid, model=model, start=replica.start, end=replica.end, max_length=max_length, job_id=job_id,
         reply_to=driver.peer_id, next_peer=None if last else driver.peer_id, greedy=s.greedy,
         temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, seed=s.seed,
+        ticket=driver.ticket(job_id, model, replica),
     )  # fmt: skip
     timeout = driver.settings.request_timeout_s
     await driver.pool.request(replica.peer_id, "open", body.model_dump(), timeout)

@@ -24,12 +24,14 @@ import torch
 
 from dlis_market.chain.job_market import market_domain
 from dlis_market.errors import DlisError
+from dlis_market.inference.errors import ContextLengthError
 from dlis_market.inference.manifest import load_manifest
 from dlis_market.inference.messages import StageInput, StageOutput, decode, encode
 from dlis_market.inference.sampling import SamplingParams
 from dlis_market.inference.stage import Stage
 from dlis_market.node import attestation, byzantine, dht_records, identity, profiler, receipts
-from dlis_market.node.errors import NodeError, ProtocolError
+from dlis_market.node.brokers import BrokerCheck
+from dlis_market.node.errors import CapacityError, NodeError, ProtocolError
 from dlis_market.node.metrics import WorkerMetrics, kv_capacity_bytes
 from dlis_market.node.protocol import Channel, CloseBody, FailBody, OpenBody, StepBody, parse_body
 from dlis_market.node.routing import choose_range
@@ -37,6 +39,8 @@ from dlis_market.node.sessions import Batch, QueuedStep, WorkerSession, plan_bat
 from dlis_market.node.telemetry import WorkerTelemetry
 from dlis_market.node.transcripts import Transcript, TranscriptRequest, TranscriptStore
 from dlis_market.node.transport import ChannelPool, start_dht
+from dlis_market.protocol import tickets
+from dlis_market.protocol.errors import TicketError
 from dlis_market.settings import Settings
 from dlis_market.types import LayerRange, model_id
 
@@ -66,7 +70,12 @@ class Worker:
         self._tasks: list[asyncio.Task[None]] = []
         self.domain = market_domain(self.node.chain_id, self.node.market_address)
         self.live_transcripts: dict[str, Transcript] = {}  # open sessions
-        self.transcripts = TranscriptStore(self.node.transcript_retain_bytes, self.node.transcript_retain_s)
+        self.transcripts = TranscriptStore(
+            self.node.transcript_retain_bytes, self.node.transcript_retain_s, self.node.transcript_bytes_per_opener
+        )
+        self.brokers = BrokerCheck(config.settings)
+        self.registry = attestation.registry_domain(self.node.chain_id, self.node.registry_address)
+        self.started_at = time.time()
 
     # ------------------------------------------------------------------ start / stop
 
@@ -82,6 +91,7 @@ class Worker:
             key_name=self.config.key_name,
         )
         manifest = load_manifest(self.config.shard_dir)
+        self.validator = dht_records.owner_validator(self.identity.p2p_key)  # owns our DHT subkey
         with self.identity.key_file() as key_path:
             self.dht = await asyncio.to_thread(
                 start_dht,
@@ -89,12 +99,13 @@ class Worker:
                 client_mode=False,
                 identity_path=key_path,
                 host_maddrs=[f"/ip4/{self.node.host}/tcp/{self.node.port}"],
+                validator=self.validator,
             )
         self.p2p = await self.dht.replicate_p2p()
         self.peer_id = self.p2p.peer_id.to_base58()
         layers = self.config.layers
         if layers is None:
-            spans = await asyncio.to_thread(dht_records.fetch_spans, self.dht, manifest.model_name)
+            spans = await asyncio.to_thread(dht_records.fetch_spans, self.dht, manifest.model_name, self.registry)
             layers = choose_range(spans, [s.layers for s in manifest.stages])
         self.stage = await asyncio.to_thread(Stage.load, self.config.shard_dir, layers, None, self.settings.inference)
         self.profile = await asyncio.to_thread(
@@ -112,9 +123,14 @@ class Worker:
             hardware=self.profile,
             timestamp=int(time.time()),
         )
-        reg = attestation.registry_domain(self.node.chain_id, self.node.registry_address)
-        self.attestation = attestation.sign_report(bytes(self.identity.account.key), reg, report)
+        self.attestation = attestation.sign_report(bytes(self.identity.account.key), self.registry, report)
+        if self.brokers.open_mode:
+            log.warning(
+                "no JobMarket address and no trusted brokers: this worker opens sessions on any validly signed "
+                "ticket; pass --market (and DLIS_CHAIN__RPC_URL) to serve only the market's brokers"
+            )
         self.pool = ChannelPool(self.p2p, self._on_message, self.node.max_message_bytes)
+        self.pool.gone_peer_callbacks.append(self._opener_gone)
         await self.pool.serve()
         self._tasks = [asyncio.create_task(self._compute_loop()), asyncio.create_task(self._announce_loop())]
         metrics_url = self._start_metrics()
@@ -163,13 +179,19 @@ class Worker:
             queue_length=self.queue.qsize(),
             price_per_token=self.node.price_per_token,
             attestation_hash="0x" + self.attestation.report.report_hash().hex(),
+            started_at=self.started_at,
         )
+
+    def _announce(self, record: dht_records.SpanRecord, withdraw: bool = False) -> bool:
+        do = dht_records.withdraw if withdraw else dht_records.announce
+        key = bytes(self.identity.account.key)
+        return do(self.dht, record, self.node.announce_ttl_s, key, self.registry, self.validator)
 
     async def _announce_loop(self) -> None:
         while not self.stop.is_set():
             with contextlib.suppress(Exception):  # a metric only; the daemon may be busy or restarting
                 self.metrics.dht_peers.set(len(await self.p2p.list_peers()))
-            ok = await asyncio.to_thread(dht_records.announce, self.dht, self.record(), self.node.announce_ttl_s)
+            ok = await asyncio.to_thread(self._announce, self.record())
             if not ok:
                 log.warning(
                     "announcing %s on the DHT failed; retrying in %.0fs", self.stage.layers, self.node.announce_every_s
@@ -182,7 +204,7 @@ class Worker:
         for task in self._tasks:
             task.cancel()
         with contextlib.suppress(DlisError, OSError, RuntimeError):  # best effort: the TTL expires it anyway
-            await asyncio.to_thread(dht_records.withdraw, self.dht, self.record(), self.node.announce_ttl_s)
+            await asyncio.to_thread(self._announce, self.record(), True)
         await self.pool.close()
         await asyncio.to_thread(self.dht.shutdown)
 
@@ -194,7 +216,7 @@ class Worker:
                 self._enqueue(channel, parse_body(StepBody, body))
                 return
             if op == "open":
-                answer = self._open(channel.peer, parse_body(OpenBody, body))
+                answer = await self._open(channel.peer, parse_body(OpenBody, body))
             elif op == "close":
                 answer = self._close(channel.peer, parse_body(CloseBody, body))
             elif op == "transcript":
@@ -217,7 +239,23 @@ class Worker:
             except ProtocolError as exc:  # e.g. a transcript over the frame limit: say so, keep the stream
                 await channel.send("error", {"message": str(exc), "code": "too_large"}, rid)
 
-    def _open(self, sender: str, req: OpenBody) -> dict[str, Any]:
+    async def _check_ticket(self, sender: str, req: OpenBody) -> None:
+        """Refuse (TicketError) unless a broker signed a current ticket for exactly this session."""
+        served = self.stage.layers
+        signer = tickets.check_ticket(
+            self.domain, tickets.parse_ticket(req.ticket), job_id=req.job_id, model=self.stage.manifest.model_name,
+            start=served.start, end=served.end, min_price=self.node.price_per_token, opener=sender,
+        )  # fmt: skip
+        known = self.brokers.cached(signer)
+        if known is None:
+            known = await asyncio.to_thread(self.brokers.is_broker, signer)
+        if not known:
+            raise TicketError(
+                f"session ticket is signed by {signer}, which holds no BROKER_ROLE on JobMarket "
+                f"{self.node.market_address}; sessions are opened by the market's brokers only"
+            )
+
+    async def _open(self, sender: str, req: OpenBody) -> dict[str, Any]:
         served = self.stage.layers
         if req.model != self.stage.manifest.model_name or (req.start, req.end) != (served.start, served.end):
             raise NodeError(
@@ -228,19 +266,52 @@ class Worker:
             raise ProtocolError(f"job id must be 32 bytes, got {len(req.job_id)}")
         if (req.next_peer is None) != self.stage.is_last:
             raise NodeError(f"stage {served} {'is' if self.stage.is_last else 'is not'} the last stage of the model")
+        await self._check_ticket(sender, req)
+        # checked after the (possibly awaited) ticket check, with no await until the session is in
         if req.session_id in self.sessions or req.session_id in self.transcripts:
             # a reused id would replace the kept transcript of the first session (its opener's data)
             raise NodeError(f"session id {req.session_id!r} is in use or was used recently; open with a fresh id")
+        mine = sum(1 for s in self.sessions.values() if s.opened_by == sender)
+        if mine >= self.node.max_sessions_per_opener:
+            raise CapacityError(
+                f"peer {sender} already holds {mine} sessions here, the limit per opener; close one first"
+            )
         sampling = SamplingParams(
             greedy=req.greedy, temperature=req.temperature, top_k=req.top_k, top_p=req.top_p, seed=req.seed
         )
-        self.stage.open_session(req.session_id, req.max_length, sampling)
+        held = len(self.stage.sessions)
+        if held >= self.stage.sessions.max_sessions:
+            raise CapacityError(
+                f"stage already holds {held} sessions (limit {self.stage.sessions.max_sessions}); route elsewhere "
+                "or retry when one closes"
+            )
+        try:
+            self.stage.open_session(req.session_id, req.max_length, sampling)
+        except ContextLengthError as exc:  # the job does not fit this stage: not the stage's fault
+            raise CapacityError(str(exc)) from exc
         ledger = receipts.ReceiptLedger(
             req.job_id, bytes.fromhex(model_id(req.model)[2:]), served.start, served.end, self.node.price_per_token
         )
         self.sessions[req.session_id] = WorkerSession(req.session_id, req.reply_to, req.next_peer, sender, ledger)
         self.live_transcripts[req.session_id] = Transcript(req.session_id, req.job_id, sender)
         return {"session_id": req.session_id}
+
+    def _drop_session(self, sid: str) -> None:
+        """Forget a session nobody will close (abandoned, failed): no receipt, no transcript."""
+        self.stage.close_session(sid)
+        dropped = self.sessions.pop(sid, None)
+        self.live_transcripts.pop(sid, None)
+        if dropped is not None:
+            self.telemetry.recorder.on_session_closed(dropped.ledger.job_id, False, dropped.ledger.tokens)
+
+    def _opener_gone(self, peer: str) -> None:
+        """The opener's stream ended (it closed or died): free its sessions' slots now, not after
+        ``session_idle_s``; a live driver keeps its stream open for all its sessions."""
+        gone = [sid for sid, s in self.sessions.items() if s.opened_by == peer]
+        for sid in gone:
+            self._drop_session(sid)
+        if gone:
+            log.info("peer %s went away: closed its %d open sessions", peer, len(gone))
 
     def _close(self, sender: str, req: CloseBody) -> dict[str, Any]:
         session = self.sessions.get(req.session_id)
@@ -251,8 +322,9 @@ class Worker:
         del self.sessions[req.session_id]
         self.stage.close_session(req.session_id)
         transcript = self.live_transcripts.pop(req.session_id, None)
-        if transcript is not None:
-            self.transcripts.put(transcript)
+        if transcript is not None and not self.transcripts.put(transcript):
+            log.info("transcript of %s (%d bytes) not kept: over the per-opener or store budget",
+                     req.session_id, transcript.nbytes)  # fmt: skip
         self.telemetry.recorder.on_session_closed(session.ledger.job_id, True, session.ledger.tokens)
         signed = receipts.sign(session.ledger, bytes(self.identity.account.key), self.domain)
         return {"receipt": receipts.to_wire(signed), "node_address": self.identity.address}

@@ -124,13 +124,26 @@ class TranscriptRequest(WireModel):
 
 
 class TranscriptStore:
-    """Transcripts of closed sessions by session id, bounded in age and in bytes."""
+    """Transcripts of closed sessions by session id, bounded in age, in bytes and in bytes per opener.
 
-    def __init__(self, max_bytes: int, max_age_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+    A new transcript only ever pushes out older transcripts *of its own opener* (oldest first),
+    never another opener's: when the others' transcripts fill the store, the new one is not kept.
+    So a peer that floods sessions loses its own spot-check evidence, not anyone else's.
+    """
+
+    def __init__(
+        self,
+        max_bytes: int,
+        max_age_s: float,
+        per_opener_bytes: int | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.max_bytes = max_bytes
         self.max_age_s = max_age_s
+        self.per_opener_bytes = max_bytes if per_opener_bytes is None else min(per_opener_bytes, max_bytes)
         self.clock = clock
         self._kept: OrderedDict[str, tuple[float, Transcript]] = OrderedDict()
+        self._by_opener: dict[str, int] = {}
         self.nbytes = 0
 
     def __len__(self) -> int:
@@ -140,13 +153,25 @@ class TranscriptStore:
         self._expire()
         return session_id in self._kept
 
-    def put(self, transcript: Transcript) -> None:
-        if transcript.nbytes > self.max_bytes:
-            return  # larger than the whole budget: cannot be kept
-        self._drop(transcript.session_id)
-        self._kept[transcript.session_id] = (self.clock(), transcript)
-        self.nbytes += transcript.nbytes
+    def bytes_of(self, opener: str) -> int:
+        return self._by_opener.get(opener, 0)
+
+    def put(self, transcript: Transcript) -> bool:
+        """Keep ``transcript``; False when it cannot be kept (over the per-opener budget alone, or the
+        store is full of other openers' transcripts)."""
         self._expire()
+        self._drop(transcript.session_id)
+        opener, size = transcript.opened_by, transcript.nbytes
+        if size > self.per_opener_bytes or self.nbytes - self.bytes_of(opener) + size > self.max_bytes:
+            return False  # would not fit even without all of its opener's older ones: keep those
+        for sid in [sid for sid, (_, t) in self._kept.items() if t.opened_by == opener]:  # oldest first
+            if self.bytes_of(opener) + size <= self.per_opener_bytes and self.nbytes + size <= self.max_bytes:
+                break
+            self._drop(sid)
+        self._kept[transcript.session_id] = (self.clock(), transcript)
+        self.nbytes += size
+        self._by_opener[opener] = self.bytes_of(opener) + size
+        return True
 
     def get(self, session_id: str, requester: str) -> Transcript:
         self._expire()
@@ -154,7 +179,7 @@ class TranscriptStore:
         if hit is None:
             raise NodeError(
                 f"no transcript of session {session_id!r} here: never served, still open, or dropped after "
-                f"{self.max_age_s:.0f}s / over the {self.max_bytes}-byte budget"
+                f"{self.max_age_s:.0f}s / over the {self.max_bytes}-byte budget ({self.per_opener_bytes} per opener)"
             )
         if hit[1].opened_by != requester:
             raise NodeError(f"session {session_id!r} was opened by another peer; only it may read the transcript")
@@ -163,12 +188,18 @@ class TranscriptStore:
     def _drop(self, session_id: str) -> None:
         old = self._kept.pop(session_id, None)
         if old is not None:
-            self.nbytes -= old[1].nbytes
+            t = old[1]
+            self.nbytes -= t.nbytes
+            left = self.bytes_of(t.opened_by) - t.nbytes
+            if left > 0:
+                self._by_opener[t.opened_by] = left
+            else:
+                self._by_opener.pop(t.opened_by, None)
 
     def _expire(self) -> None:
         horizon = self.clock() - self.max_age_s
         while self._kept:
             sid, (at, _) = next(iter(self._kept.items()))
-            if at >= horizon and self.nbytes <= self.max_bytes:
+            if at >= horizon:
                 break
             self._drop(sid)

@@ -13,10 +13,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import hivemind
+from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.p2p import P2P, PeerID
 
 from dlis_market.node.errors import PeerUnreachableError
@@ -47,11 +48,20 @@ def start_dht(
     client_mode: bool,
     identity_path: str | None = None,
     host_maddrs: Sequence[str] = (LOOPBACK,),
+    validator: RSASignatureValidator | None = None,
 ) -> hivemind.DHT:
+    """A DHT node that runs hivemind's owner-signature validator on every record it stores or
+    receives (``node/dht_records.py``); ``validator`` carries the key a worker signs its own with."""
     kwargs = p2p_options(host_maddrs)
     if identity_path is not None:
         kwargs["identity_path"] = identity_path
-    return hivemind.DHT(initial_peers=list(initial_peers) or None, start=True, client_mode=client_mode, **kwargs)
+    return hivemind.DHT(
+        initial_peers=list(initial_peers) or None,
+        start=True,
+        client_mode=client_mode,
+        record_validators=[validator or RSASignatureValidator()],
+        **kwargs,
+    )
 
 
 class ChannelPool:
@@ -66,13 +76,26 @@ class ChannelPool:
         self._opening: dict[str, asyncio.Lock] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self.dead_peer_callbacks: list[Any] = []
+        # called with a peer id when the last incoming stream from that peer ends (it closed or died)
+        self.gone_peer_callbacks: list[Callable[[str], None]] = []
+        self._incoming: dict[str, int] = {}
 
     async def serve(self) -> None:
         """Accept incoming streams of the dlis protocol."""
 
         async def handle(info: Any, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            channel = Channel(info.peer_id.to_base58(), reader, writer, self._on_message, self.max_bytes)
-            await channel.run()
+            peer = info.peer_id.to_base58()
+            channel = Channel(peer, reader, writer, self._on_message, self.max_bytes)
+            self._incoming[peer] = self._incoming.get(peer, 0) + 1
+            try:
+                await channel.run()
+            finally:
+                left = self._incoming.pop(peer, 1) - 1
+                if left > 0:
+                    self._incoming[peer] = left
+                else:
+                    for callback in self.gone_peer_callbacks:
+                        callback(peer)
 
         await self.p2p.add_binary_stream_handler(PROTOCOL_NAME, handle)
 

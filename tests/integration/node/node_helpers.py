@@ -67,6 +67,13 @@ def tiny_shards(root: Path, ranges: list[tuple[int, int]], name: str = "tiny-lla
     return out
 
 
+def dev_registry_domain() -> Any:
+    """The NodeRegistry domain workers sign their announcements under when no chain is set."""
+    from dlis_market.node.attestation import registry_domain
+
+    return registry_domain(NodeSettings().chain_id, NodeSettings().registry_address)
+
+
 def driver_settings(**overrides: Any) -> NodeSettings:
     base: dict[str, Any] = {"step_timeout_s": 30.0, "request_timeout_s": 15.0, "ban_base_s": 60.0}
     base.update(overrides)
@@ -119,13 +126,19 @@ class Swarm:
         assert self.bootstrap is not None
         return [str(m) for m in self.bootstrap.get_visible_maddrs()]
 
-    def wait_spans(self, model: str, count: int, timeout_s: float = 60.0) -> list[dht_records.SpanRecord]:
-        """Block until the bootstrap DHT sees ``count`` announcements of ``model``."""
+    def wait_spans(
+        self, model: str, count: int, timeout_s: float = 60.0, registry: str | None = None, chain_id: int = 31337
+    ) -> list[dht_records.SpanRecord]:
+        """Block until the bootstrap DHT sees ``count`` announcements of ``model`` (signed under the
+        NodeRegistry domain at ``registry``, default the dev one of workers started without a chain)."""
+        from dlis_market.node.attestation import registry_domain
+
+        domain = dev_registry_domain() if registry is None else registry_domain(chain_id, registry)
         assert self.bootstrap is not None
         deadline = time.monotonic() + timeout_s
         spans: list[dht_records.SpanRecord] = []
         while time.monotonic() < deadline:
-            spans = dht_records.fetch_spans(self.bootstrap, model)
+            spans = dht_records.fetch_spans(self.bootstrap, model, domain)
             if len(spans) >= count:
                 return spans
             time.sleep(0.5)
@@ -275,9 +288,10 @@ def start_oracle(market: Any, port: int, log: Path, **extra_env: str) -> subproc
 
 def paid_job(market: Any, port: int, client: Any, model: str, prompt: str, max_tokens: int) -> dict[str, Any]:
     """POST /v1/jobs to the broker on ``port`` under a fresh authorization signed by ``client``
-    (max cost 1 DLIS, an hour to run); asserts the job completed and returns it."""
+    (max cost 1 DLIS, 20 minutes to settle: within JobMarket's authorization lifetime); asserts the
+    job completed and returns it."""
     auth = JobAuthorization(client.address, market.broker.address, bytes.fromhex(model_id(model)[2:]), 10**18,
-                            secrets.randbits(128), market.client.timestamp() + 3600)  # fmt: skip
+                            secrets.randbits(128), market.client.timestamp() + 1200)  # fmt: skip
     body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "authorization": {
         "client": client.address, "nonce": str(auth.nonce), "max_cost": str(auth.max_cost), "deadline": auth.deadline,
         "signature": sign_authorization(client.key, market.market().domain(), auth).hex()}}  # fmt: skip

@@ -30,6 +30,8 @@ from node_helpers import (  # type: ignore[import-not-found]
 from transformers import AutoTokenizer
 
 from dlis_market.chain.anvil import free_port
+from dlis_market.inference.manifest import MANIFEST_NAME, sha256_file
+from dlis_market.oracle.store import DB_FILE, OracleStore
 from dlis_market.types import model_id
 
 UNIT = 10**18
@@ -55,10 +57,12 @@ def test_byzantine_worker_is_slashed_end_to_end(market, smollm2_shards: Path, tm
     tok = AutoTokenizer.from_pretrained(str(smollm2_shards))
     shards = tiny_shards(tmp_path / "model", [(0, 2), (2, 4), (4, 6)], name=MODEL, vocab_size=len(tok))
     tok.save_pretrained(str(shards))  # the broker tokenizes prompts with the model's tokenizer
-    registry.publish_model(market.deployer, bytes.fromhex(model_id(MODEL)[2:]), "QmTinySmol", b"\x01" * 32, 6)
+    published = bytes.fromhex(sha256_file(shards / MANIFEST_NAME))  # the broker checks the served manifest
+    registry.publish_model(market.deployer, bytes.fromhex(model_id(MODEL)[2:]), "QmTinySmol", published, 6)
     procs: list[subprocess.Popen[bytes]] = []
     try:
-        with Swarm(tmp_path / "swarm") as swarm:
+        # workers check each session ticket's signer for BROKER_ROLE on this chain
+        with Swarm(tmp_path / "swarm", env={"DLIS_CHAIN__RPC_URL": market.settings.chain.rpc_url}) as swarm:
             chain_args = ["--chain-id", "31337", "--market", dep.address_of("JobMarket"),
                           "--registry", dep.address_of("NodeRegistry"), "--price", str(PRICE)]  # fmt: skip
             workers = {
@@ -77,7 +81,7 @@ def test_byzantine_worker_is_slashed_end_to_end(market, smollm2_shards: Path, tm
                 register += ["--node-password-file", str(w.home / "password"), "--peer-id", w.info["peer_id"]]
                 cli(wenv, *register, "--attestation-hash", w.info["attestation_hash"])
             assert "TEST ONLY" in workers["m"].log_path.read_text()
-            swarm.wait_spans(MODEL, len(LAYOUT))
+            swarm.wait_spans(MODEL, len(LAYOUT), registry=dep.address_of("NodeRegistry"))
             operator = {n: market.accounts[i].address for n, i in OPERATORS.items()}
             stake0 = {n: staking.info(a).active for n, a in operator.items()}
 
@@ -108,8 +112,8 @@ def test_byzantine_worker_is_slashed_end_to_end(market, smollm2_shards: Path, tm
                 time.sleep(0.5)
             assert staking.info(operator["m"]).active == stake0["m"] - slash < min_stake
             assert not registry.get(m_node).routable
-            evidence = list((tmp_path / "oracle" / "evidence").glob("*.json"))
-            assert len(evidence) == 1 and m_node.lower() in evidence[0].read_text().lower()
+            evidence = list(OracleStore(f"sqlite:///{tmp_path / 'oracle' / DB_FILE}").slashes().values())
+            assert len(evidence) == 1 and m_node.lower() in evidence[0].lower()
 
             # 2. the next job avoids the slashed node (once the broker's 1 s standing cache expires)
             time.sleep(1.5)

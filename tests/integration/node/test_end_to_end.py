@@ -49,7 +49,12 @@ def test_paid_job_end_to_end_with_broker_restart(market, smollm2_shards: Path, t
 
         operators = [market.accounts[i] for i in (4, 5, 6)]
         with Swarm(
-            tmp_path / "swarm", env={"DLIS_STORAGE__KUBO_API_URL": ipfs.info.api_url, "DLIS_NODE__METRICS_PORT": "0"}
+            tmp_path / "swarm",
+            env={
+                "DLIS_STORAGE__KUBO_API_URL": ipfs.info.api_url,
+                "DLIS_NODE__METRICS_PORT": "0",
+                "DLIS_CHAIN__RPC_URL": market.settings.chain.rpc_url,  # session tickets: BROKER_ROLE on chain
+            },
         ) as swarm:
             chain_args = ["--manifest-cid", cid, "--chain-id", "31337", "--market", dep.address_of("JobMarket"),
                           "--registry", dep.address_of("NodeRegistry"), "--price", str(PRICE)]  # fmt: skip

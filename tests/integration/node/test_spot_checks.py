@@ -135,6 +135,7 @@ def test_byzantine_stage_is_caught_and_its_honest_neighbours_are_not(swarm: dict
             body = OpenBody(
                 session_id=finished.session_id, model=MODEL, start=last.start, end=last.end, max_length=32,
                 job_id=finished.spec.job_id, reply_to=driver.peer_id, next_peer=None,
+                ticket=driver.ticket(finished.spec.job_id, MODEL, last),
             )  # fmt: skip
             with pytest.raises(RemoteError, match="in use or was used recently"):
                 await driver.pool.request(last.peer_id, "open", body.model_dump(), 10)

@@ -126,23 +126,49 @@ def test_auto_range_picks_the_least_served_candidate() -> None:
 # ---------------------------------------------------------------------- DHT records
 
 
-def test_records_drop_malformed_offline_and_misfiled_entries() -> None:
+def test_records_drop_malformed_offline_and_misfiled_entries(tmp_path: Path) -> None:
+    """Only entries stored under the peer's own owner subkey and signed by the named node key count."""
+    from hivemind.p2p import P2P, PeerID
+
+    from dlis_market.protocol.spans import sign_span
+
     @dataclasses.dataclass
     class V:
         value: Any
 
-    good = span("p1", 0, 2)
+    def libp2p_key(name: str) -> bytes:
+        P2P.generate_identity(str(tmp_path / name))
+        return (tmp_path / name).read_bytes()
+
+    domain = attestation.registry_domain(31337, ZERO)
+    node = Account.create()
+    keys = {name: libp2p_key(name) for name in ("p1", "p3", "p5", "p6", "p7")}
+    peers = {name: PeerID.from_identity(k).to_base58() for name, k in keys.items()}
+    subs = {name: dht_records.owned_subkey(peers[name], dht_records.owner_validator(k)) for name, k in keys.items()}
+    now = time.time()
+
+    def signed(name: str, key: Any = node.key, **kw: Any) -> dict[str, Any]:
+        fields = {"node_address": node.address, "attestation_hash": "0x" + "11" * 32, "announced_at": now,
+                  "expires_at": now + 30, **kw}  # fmt: skip
+        return sign_span(key, domain, span(peers[name], 0, 2, **fields)).model_dump()
+
+    good = V(signed("p1"))
+    forger = dht_records.owner_validator(libp2p_key("forger"))
     raw = V(
         {
-            "p1": V(good.model_dump()),
-            "p2": V({"model": "m"}),
-            "p3": V(span("p3", 0, 2, online=False).model_dump()),
-            "p4": V(span("someone-else", 0, 2).model_dump()),
-            "p5": V(span("p5", 0, 2).model_dump() | {"start": 3}),
+            subs["p1"]: good,
+            peers["p1"]: V(signed("p1", price_per_token=0)),  # bare peer id: anyone could have stored it
+            peers["p1"].encode() + forger.local_public_key: V(signed("p1", price_per_token=0)),  # forger's owner key
+            subs["p3"]: V(signed("p3", online=False)),
+            subs["p5"]: V(span(peers["p5"], 0, 2).model_dump()),  # unsigned
+            subs["p6"]: V(signed("p6", key=Account.create().key)),  # signed by another key
+            subs["p7"]: V(signed("p7", announced_at=now - 60, expires_at=now - 30)),  # expired
+            b"junk": V({"model": "m"}),
         }
     )
-    assert dht_records.parse_records("m", raw) == [good]
-    assert dht_records.parse_records("m", None) == []
+    assert dht_records.parse_records("m", raw, domain) == [dht_records.SpanRecord.model_validate(good.value["record"])]
+    assert dht_records.parse_records("other", raw, domain) == []
+    assert dht_records.parse_records("m", None, domain) == []
 
 
 # ---------------------------------------------------------------------- batching
