@@ -128,7 +128,13 @@ def start(
         if manifest_cid is not None:  # fetched and verified (index, manifest, every file's sha256)
             expected = ExpectedManifest(manifest_sha256.lower(), Cid(manifest_cid)) if manifest_sha256 else None
             out_dir = settings.models_dir / manifest_cid
-            asyncio.run(fetch_shards(settings, manifest_cid, out_dir, providers=provider or (), expected=expected))
+            # with --layers only the shards overlapping that range (plus config and tokenizer) are
+            # fetched; --auto picks its range from the swarm after loading, so it needs them all
+            asyncio.run(
+                fetch_shards(
+                    settings, manifest_cid, out_dir, providers=provider or (), expected=expected, layers=layer_range
+                )
+            )
             shards = out_dir
         assert shards is not None  # one of the two was given, checked above
         config = WorkerConfig(shards, folder, password, settings, layer_range, reprofile, node_key)

@@ -61,6 +61,10 @@ def test_paid_job_end_to_end_with_broker_restart(market, smollm2_shards: Path, t
             workers = [swarm.launch(None, f"{a}:{b}", f"w{a}", *chain_args) for a, b in ((0, 10), (10, 20), (20, 30))]
             for w in workers:
                 w.info = _wait_ready(w.proc, 300, w.log_path)
+            for i, (w, (a, b)) in enumerate(zip(workers, ((0, 10), (10, 20), (20, 30)), strict=True)):
+                # each worker fetched only the shard of its own range (plus config and tokenizer)
+                held = {p.name for p in (w.home / "models" / cid).glob("*.safetensors")}
+                assert held == {f"stage-{i:02d}-layers-{a}-{b}.safetensors"}, held
             for w, op, idx in zip(workers, operators, (4, 5, 6), strict=True):
                 # each operator stakes and registers its worker's node key through the CLI
                 (w.home / "deployments").mkdir(exist_ok=True)
