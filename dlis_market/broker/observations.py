@@ -10,11 +10,13 @@ throughput each node advertised in the record the broker routed on: what its spe
 
 Wiring: after a job, ``await observer.report(observe_job(...))``; signing uses the broker's
 spot-check runner key (the broker account, one of the oracle's ``spot_check_runners``). Reporting
-never delays or fails a job: a refusal or an unreachable oracle is logged and counted.
+never delays or fails a job: a refusal is logged and counted; while the oracle is unreachable the
+batches wait in the broker's outbox (:mod:`dlis_market.protocol.outbox`) and go out when it is back.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections import Counter
 from collections.abc import Mapping, Sequence
@@ -25,7 +27,9 @@ import httpx
 from dlis_market.chain.typed_data import Domain
 from dlis_market.errors import DlisError
 from dlis_market.node.routing import Hop
+from dlis_market.oracle.client import OBSERVATIONS_PATH, OracleReceiver
 from dlis_market.oracle.observations import MAX_OBSERVATIONS, ObservationBatch, StageObservation
+from dlis_market.protocol.outbox import Outbox, Verdict
 
 log = logging.getLogger(__name__)
 
@@ -64,22 +68,37 @@ def observe_job(
     return [one(hop, True) for hop in route] + [one(hop, False) for hop in failed]
 
 
-class OracleObservationSink:
-    """``POST {oracle_url}/v1/observations``; a refusal comes back as ``{"refused": reason, ...}``."""
+OBSERVATIONS_KIND = "observations"
 
-    def __init__(self, oracle_url: str, timeout_s: float = 30.0) -> None:
-        self.url = oracle_url.rstrip("/") + "/v1/observations"
-        self.timeout_s = timeout_s
+
+class OracleObservationSink:
+    """``POST {oracle_url}/v1/observations`` through ``outbox``: a batch is persisted before the
+    first try and retried while the oracle is down, after a broker restart too (the oracle counts
+    each node, job and stage once). The answer: the oracle's ``{"recorded": n, "of": m}``,
+    ``{"queued": reason}`` (delivered later by the outbox loop) or ``{"refused": reason, ...}``.
+    Call :meth:`start` when the broker starts and :meth:`close` when it stops."""
+
+    def __init__(self, oracle_url: str, outbox: Outbox, timeout_s: float = 30.0) -> None:
+        self.outbox = outbox
+        outbox.register(OBSERVATIONS_KIND, OracleReceiver(oracle_url, OBSERVATIONS_PATH, timeout_s=timeout_s))
+
+    def start(self) -> None:
+        self.outbox.start()
+
+    async def close(self) -> None:
+        await self.outbox.close()
 
     async def observe(self, batch: ObservationBatch) -> dict[str, Any]:
-        async with httpx.AsyncClient(timeout=self.timeout_s) as http:
-            res = await http.post(
-                self.url, content=batch.model_dump_json(), headers={"content-type": "application/json"}
-            )
-        body: dict[str, Any] = res.json()
-        if res.status_code == 200:
-            return body
-        return {"refused": body.get("reason", res.status_code), "detail": body.get("detail", "")}
+        body = batch.model_dump_json().encode()
+        self.outbox.start()  # idempotent: the loop retries whatever cannot go now
+        # signatures are deterministic, so the same observations make the same body and the same key
+        delivery = await self.outbox.send(OBSERVATIONS_KIND, hashlib.sha256(body).hexdigest(), body)
+        answer = delivery.answer
+        if delivery.status == "queued" or answer is None:
+            return {"queued": answer.detail if answer else "earlier batches are waiting for the oracle"}
+        if answer.verdict is Verdict.REFUSED:
+            return {"refused": answer.body.get("reason", answer.status), "detail": answer.detail}
+        return dict(answer.body) if answer.verdict is Verdict.DELIVERED else {"recorded": 0}
 
 
 class JobObserver:
@@ -89,7 +108,7 @@ class JobObserver:
         self.runner_key = runner_key
         self.oracle_domain = oracle_domain
         self.sink = sink
-        self.counts: Counter[str] = Counter()  # recorded | duplicate | refused:<reason> | error
+        self.counts: Counter[str] = Counter()  # recorded | duplicate | queued | refused:<reason> | error
 
     async def report(self, observations: Sequence[StageObservation]) -> None:
         signed = [o.signed_by_runner(self.runner_key, self.oracle_domain) for o in observations]
@@ -100,6 +119,10 @@ class JobObserver:
             except (httpx.HTTPError, DlisError, ValueError) as exc:  # the oracle is down: the job is not affected
                 self.counts["error"] += len(chunk)
                 log.warning("could not post %d observations to the oracle: %s", len(chunk), exc)
+                continue
+            if "queued" in answer:  # the oracle is down: the outbox delivers it later
+                self.counts["queued"] += len(chunk)
+                log.info("%d observations wait in the outbox for the oracle: %s", len(chunk), answer["queued"])
                 continue
             if "refused" in answer:
                 self.counts[f"refused:{answer['refused']}"] += len(chunk)

@@ -13,9 +13,11 @@ they have signed their receipts before any check starts). For a drawn call of th
    same job (:func:`dlis_market.node.replay.replay`); on a mismatch a second replica, when there
    is one, referees;
 4. :func:`build_evidence` signs it all with the broker's key and the oracle gets it
-   (``POST /v1/spot-checks``): within tolerance it credits both nodes' verification record, beyond
-   it the oracle slashes the accused's operator on StakingManager; a node below the minimum stake
-   is no longer routable, so the next jobs avoid it.
+   (``POST /v1/spot-checks``, through the broker's persisted outbox: while the oracle or its chain
+   is down the evidence waits, across a broker restart too, and is counted once): within
+   tolerance it credits both nodes' verification record, beyond it the oracle slashes the
+   accused's operator on StakingManager; a node below the minimum stake is no longer routable, so
+   the next jobs avoid it. Failure reports travel the same way.
 
 A stage that does not hand over a transcript the check needs (it refuses, dropped it, or is gone)
 cannot be slashed (there is no evidence), but the broker signs a :class:`SpotCheckFailure` and the
@@ -55,6 +57,12 @@ from dlis_market.node.replay import (
 )
 from dlis_market.node.routing import Hop
 from dlis_market.node.transcripts import Transcript
+from dlis_market.oracle.client import (
+    FAILURE_PATH,
+    SPOT_CHECK_DUPLICATES,
+    SPOT_CHECK_PATH,
+    OracleReceiver,
+)
 from dlis_market.oracle.verification import (
     SpotCheckEvidence,
     SpotCheckFailure,
@@ -64,6 +72,7 @@ from dlis_market.oracle.verification import (
     decode_output,
     load_or_create_secret,
 )
+from dlis_market.protocol.outbox import Answer, Delivery, Message, Outbox, Verdict
 
 log = logging.getLogger(__name__)
 
@@ -117,27 +126,69 @@ class Withheld(DlisError):
         self.hop = hop
 
 
-class OracleSink:
-    """Sends evidence to the oracle's ``POST /v1/spot-checks``; a refusal comes back as
-    ``{"outcome": "refused:<reason>", "detail": ...}``."""
+EVIDENCE_KIND = "spot-check-evidence"
+FAILURE_KIND = "spot-check-failure"
 
-    def __init__(self, oracle_url: str, timeout_s: float = 60.0) -> None:
-        self.url = oracle_url.rstrip("/") + "/v1/spot-checks"
-        self.timeout_s = timeout_s
+
+def answer_dict(delivery: Delivery) -> dict[str, Any]:
+    """The oracle's answer as :class:`CheckResult` reads it (``outcome`` and ``detail``)."""
+    answer = delivery.answer
+    if delivery.status == "queued" or answer is None:
+        why = answer.detail if answer is not None else "earlier messages are waiting for the oracle"
+        return {"outcome": "queued", "detail": f"kept in the outbox until the oracle takes it ({why})"}
+    if answer.verdict is Verdict.DELIVERED:
+        return dict(answer.body)
+    if answer.verdict is Verdict.DUPLICATE:
+        return {"outcome": "duplicate", "detail": answer.detail}
+    return {"outcome": f"refused:{answer.body.get('reason', answer.status)}", "detail": answer.detail}
+
+
+class OracleSink:
+    """Sends evidence to the oracle's ``POST /v1/spot-checks`` and failure reports to
+    ``/v1/spot-checks/failures`` through ``outbox``: persisted before the first try, retried while
+    the oracle is down or restarting, after a restart of the broker too (the oracle counts a
+    message once, so a second delivery after a crash changes nothing). An answer is
+    ``{"outcome": "pass" | "slashed" | "queued" | "duplicate" | "refused:<reason>", "detail": ...}``.
+
+    Call :meth:`start` when the broker starts (rows an earlier run left are delivered) and
+    :meth:`close` when it stops; :class:`SpotChecker` closes its sink."""
+
+    def __init__(self, oracle_url: str, outbox: Outbox, timeout_s: float = 60.0) -> None:
+        self.outbox = outbox
+        evidence = OracleReceiver(
+            oracle_url, SPOT_CHECK_PATH, duplicate_reasons=SPOT_CHECK_DUPLICATES, timeout_s=timeout_s
+        )
+        outbox.register(EVIDENCE_KIND, evidence, on_answer=_log_late)
+        failures = OracleReceiver(oracle_url, FAILURE_PATH, timeout_s=timeout_s)
+        outbox.register(FAILURE_KIND, failures, on_answer=_log_late)
+
+    def start(self) -> None:
+        self.outbox.start()
+
+    async def close(self) -> None:
+        await self.outbox.close()
 
     async def submit(self, evidence: SpotCheckEvidence) -> dict[str, Any]:
-        return await self._post(self.url, evidence.model_dump_json())
+        call = evidence.accused_receipt
+        key = f"{evidence.accused_node.lower()}:{str(call.job_id).lower()}:{call.start}"
+        return await self._send(EVIDENCE_KIND, key, evidence.model_dump_json().encode())
 
     async def report_failure(self, failure: SpotCheckFailure) -> dict[str, Any]:
-        return await self._post(self.url + "/failures", failure.model_dump_json())
+        node, job, start = failure.key()
+        return await self._send(FAILURE_KIND, f"{node}:{job}:{start}", failure.model_dump_json().encode())
 
-    async def _post(self, url: str, body_json: str) -> dict[str, Any]:
-        async with httpx.AsyncClient(timeout=self.timeout_s) as http:
-            res = await http.post(url, content=body_json, headers={"content-type": "application/json"})
-        body: dict[str, Any] = res.json()
-        if res.status_code == 200:
-            return body
-        return {"outcome": f"refused:{body.get('reason', res.status_code)}", "detail": body.get("detail", "")}
+    async def _send(self, kind: str, key: str, body: bytes) -> dict[str, Any]:
+        self.outbox.start()  # idempotent: the loop retries whatever cannot go now
+        return answer_dict(await self.outbox.send(kind, key, body))
+
+
+def _log_late(message: Message, answer: Answer) -> None:
+    """Final answers of rows that waited in the outbox (the check's result said ``queued``)."""
+    if answer.verdict is Verdict.REFUSED:
+        log.warning("oracle refused %s %s for good (a dead letter in the outbox): %s", message.kind, message.key,
+                    answer.detail)  # fmt: skip
+    elif message.attempts:
+        log.info("oracle took %s %s after %d tries: %s", message.kind, message.key, message.attempts, answer.detail)
 
 
 class SpotChecker:
@@ -194,6 +245,8 @@ class SpotChecker:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        if isinstance(self.sink, OracleSink):  # what the oracle has not taken stays in the outbox file
+            await self.sink.close()
 
     async def check(self, finished: FinishedSession, stages: Sequence[int]) -> list[CheckResult]:
         out = []

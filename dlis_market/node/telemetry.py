@@ -5,11 +5,14 @@ turns what it saw since the previous report into one :class:`TelemetryMetrics`, 
 interval. :class:`WorkerTelemetry` runs next to the worker: soon after start, then every
 ``node.telemetry_interval_s``, it signs one report (EIP-712 ``Telemetry`` in the domain of
 ``node.reputation_address``), POSTs the blob to ``{oracle_url}/v1/telemetry`` when
-``node.oracle_url`` is set, then stores the same blob on the DHT. The blob authenticates itself,
-so the DHT copy is as good as the POST: the oracle's DHT relay (:mod:`dlis_market.oracle.dht_relay`)
-submits it when the POST did not arrive, and skips it when it did (same seq). Failed stores and POSTs are
-logged with their reason; they never stop the worker. With the zero ReputationOracle address
-telemetry is off.
+``node.oracle_url`` is set, then stores the same blob on the DHT. The POST goes through the
+worker's outbox (:mod:`dlis_market.protocol.outbox`, a SQLite file ``outbox.db`` in the identity
+folder unless ``node.outbox_url``): a report the oracle cannot take now is retried, after a worker
+restart too, and counted once (the oracle answers a seq it already has with ``replayed``). The
+blob authenticates itself, so the DHT copy is as good as the POST: the oracle's DHT relay
+(:mod:`dlis_market.oracle.dht_relay`) submits it when the POST did not arrive, and skips it when it
+did (same seq). Failed stores and POSTs are logged with their reason; they never stop the worker.
+With the zero ReputationOracle address telemetry is off.
 
 DHT layout: key ``dlis/telemetry``, subkey = the node address (checksummed), value = the blob
 (``zstd(json(SignedTelemetry))``), expiring two intervals after the store.
@@ -29,9 +32,23 @@ import hivemind
 from hivemind.utils import get_dht_time
 from web3 import Web3
 
-from dlis_market.oracle.client import TelemetrySender, post_blob
+from dlis_market.oracle.client import (
+    TELEMETRY_DUPLICATES,
+    TELEMETRY_PATH,
+    OracleReceiver,
+    TelemetrySender,
+    post_blob,
+)
 from dlis_market.oracle.errors import TelemetryRefusedError
-from dlis_market.oracle.telemetry import MAX_JOBS, MAX_LATENCIES, JobOutcome, TelemetryMetrics, oracle_domain
+from dlis_market.oracle.telemetry import (
+    MAX_JOBS,
+    MAX_LATENCIES,
+    JobOutcome,
+    TelemetryMetrics,
+    encode_telemetry,
+    oracle_domain,
+)
+from dlis_market.protocol.outbox import Answer, Message, Outbox, Verdict, sqlite_url
 from dlis_market.types import LayerRange
 
 if TYPE_CHECKING:
@@ -40,6 +57,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 TELEMETRY_KEY = "dlis/telemetry"
+TELEMETRY_KIND = "telemetry"  # the outbox rows of telemetry reports
 ZERO_ADDRESS = "0x0000000000000000000000000000000000000000"
 FIRST_REPORT_DELAY_S = 1.0  # a fresh worker is heard from this soon (or after one interval if shorter)
 HTTP_TIMEOUT_S = 10.0
@@ -186,7 +204,12 @@ class WorkerTelemetry:
         dht: hivemind.DHT | None,
         interval_s: float,
         oracle_url: str | None = None,
+        outbox: Outbox | None = None,
+        keep_unsent: int = 2,
+        post_timeout_s: float = HTTP_TIMEOUT_S,
     ) -> None:
+        """``outbox``: where POSTs the oracle cannot take now wait (None: such a report is only on
+        the DHT); ``keep_unsent``: how many unsent reports it keeps, newest first."""
         self.recorder = recorder
         self.node_address = Web3.to_checksum_address(node_address)
         self.enabled = reputation_address.lower() != ZERO_ADDRESS
@@ -202,6 +225,14 @@ class WorkerTelemetry:
         self.sent = 0  # reports delivered over HTTP (202)
         self.stored = 0  # reports stored on the DHT
         self._last_problem: dict[str, str] = {}  # "http" / "dht" -> the last failure, logged once
+        self.outbox = outbox if self.enabled and self.oracle_url is not None else None
+        if self.outbox is not None and self.oracle_url is not None:
+            receiver = OracleReceiver(self.oracle_url, TELEMETRY_PATH, "application/zstd", TELEMETRY_DUPLICATES,
+                                      min(post_timeout_s, max(self.interval_s, 1.0)))  # fmt: skip
+            # Telemetry is periodic and the oracle refuses a report older than its
+            # telemetry_max_age_s (120 s) as stale, and one below a seq it already took as replayed:
+            # only the newest few unsent reports are worth keeping, older ones are dropped.
+            self.outbox.register(TELEMETRY_KIND, receiver, keep_latest=keep_unsent, on_answer=self._answered)
 
     @classmethod
     def for_worker(cls, worker: Worker) -> WorkerTelemetry:
@@ -214,6 +245,11 @@ class WorkerTelemetry:
             gflops=profile.gemm_flops / 1e9,
             memory_mib=profile.free_memory >> 20,
         )
+        box = worker.settings.outbox
+        outbox = None
+        if node.oracle_url and node.reputation_address.lower() != ZERO_ADDRESS:
+            url = node.outbox_url or sqlite_url(worker.config.identity_dir / "outbox.db")
+            outbox = Outbox.from_settings(url, box)
         return cls(
             recorder,
             node_key=bytes(worker.identity.account.key),
@@ -223,6 +259,9 @@ class WorkerTelemetry:
             dht=worker.dht,
             interval_s=node.telemetry_interval_s,
             oracle_url=node.oracle_url,
+            outbox=outbox,
+            keep_unsent=box.telemetry_keep,
+            post_timeout_s=box.timeout_s,
         )
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -231,18 +270,24 @@ class WorkerTelemetry:
             log.info("telemetry is off: no ReputationOracle address (--reputation / DLIS_NODE__REPUTATION_ADDRESS)")
             return
         timeout = aiohttp.ClientTimeout(total=min(HTTP_TIMEOUT_S, max(self.interval_s, 1.0)))
-        async with aiohttp.ClientSession(timeout=timeout) as session:
-            delay = min(FIRST_REPORT_DELAY_S, self.interval_s)
-            while not stop.is_set():
-                with contextlib.suppress(TimeoutError):  # the timeout is the normal wake-up
-                    await asyncio.wait_for(stop.wait(), delay)
-                if stop.is_set():
-                    break
-                delay = self.interval_s
-                try:
-                    await self.report_once(session)
-                except Exception:  # telemetry must never take the worker down
-                    log.exception("telemetry report failed; next one in %.0f s", self.interval_s)
+        if self.outbox is not None:
+            self.outbox.start()  # reports an earlier run could not deliver go out first
+        try:
+            async with aiohttp.ClientSession(timeout=timeout) as session:
+                delay = min(FIRST_REPORT_DELAY_S, self.interval_s)
+                while not stop.is_set():
+                    with contextlib.suppress(TimeoutError):  # the timeout is the normal wake-up
+                        await asyncio.wait_for(stop.wait(), delay)
+                    if stop.is_set():
+                        break
+                    delay = self.interval_s
+                    try:
+                        await self.report_once(session)
+                    except Exception:  # telemetry must never take the worker down
+                        log.exception("telemetry report failed; next one in %.0f s", self.interval_s)
+        finally:
+            if self.outbox is not None:  # unsent reports stay in the file for the next start
+                await self.outbox.close()
 
     async def report_once(self, session: aiohttp.ClientSession | None) -> bytes:
         """Sign the current interval's metrics, POST the blob, then store it on the DHT; the blob.
@@ -252,8 +297,11 @@ class WorkerTelemetry:
         (which would make the POST a ``replayed`` refusal).
         """
         assert self.sender is not None, "telemetry is off"
-        blob = self.sender.blob(self.recorder.report())
-        if self.oracle_url is not None and session is not None:
+        signed = self.sender.sign(self.recorder.report())
+        blob = encode_telemetry(signed)
+        if self.outbox is not None:
+            self._note("http", await self._post_via_outbox(signed.report.seq, blob))
+        elif self.oracle_url is not None and session is not None:
             self._note("http", await self._post(session, blob))
         if self.dht is not None:
             try:
@@ -276,6 +324,24 @@ class WorkerTelemetry:
             return f"cannot reach {self.oracle_url}/v1/telemetry: {exc!r} (the report still goes on the DHT)"
         self.sent += 1
         return ""
+
+    async def _post_via_outbox(self, seq: int, blob: bytes) -> str:
+        """Queue the blob (one row per seq) and try it now; '' or why it did not go now."""
+        assert self.outbox is not None
+        delivery = await self.outbox.send(TELEMETRY_KIND, str(seq), blob)
+        if delivery.done:
+            return ""
+        detail = delivery.answer.detail if delivery.answer else "earlier reports are waiting for the oracle"
+        if delivery.status == "dead":  # detail: "<status> <reason>: <the oracle's detail>"
+            head, _, rest = detail.partition(": ")
+            return f"oracle refused it ({head}): {rest}"
+        return (f"cannot deliver to {self.oracle_url}{TELEMETRY_PATH} now: {detail} (kept in the outbox and "
+                "retried; the report still goes on the DHT)")  # fmt: skip
+
+    def _answered(self, message: Message, answer: Answer) -> None:
+        """Every final answer of a queued report, also ones an earlier run of this worker queued."""
+        if answer.verdict is Verdict.DELIVERED:
+            self.sent += 1
 
     def _note(self, path: str, problem: str) -> None:
         """Log a failure when it first appears or changes, and the recovery; not every interval."""

@@ -1,4 +1,6 @@
-"""Worker side of telemetry: sign reports with the node key and POST them to the oracle.
+"""Talking to the oracle over HTTP: the worker's telemetry (sign with the node key, POST) and
+:class:`OracleReceiver`, which delivers an outbox row (:mod:`dlis_market.protocol.outbox`) to one
+oracle route and reads the oracle's answer, its duplicate answers included, as an outbox verdict.
 
 Sequence numbers must strictly increase for the life of the node key, across worker restarts
 (the oracle persists the last seq it accepted), so they are derived from the clock in
@@ -12,6 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 import aiohttp
+import httpx
 
 from dlis_market.chain.typed_data import Domain
 from dlis_market.oracle.errors import TelemetryRefusedError
@@ -22,7 +25,55 @@ from dlis_market.oracle.telemetry import (
     encode_telemetry,
     sign_telemetry,
 )
+from dlis_market.protocol.outbox import Answer, Verdict, classify_http
 from dlis_market.types import NodeId
+
+# Routes of the oracle that take outbox rows, and how each says "I already have it".
+SPOT_CHECK_PATH = "/v1/spot-checks"  # a passed check posted again: 200 "pass", credited once
+FAILURE_PATH = "/v1/spot-checks/failures"  # posted again: 200 {"recorded": false}
+OBSERVATIONS_PATH = "/v1/observations"  # posted again: 200 {"recorded": 0}
+TELEMETRY_PATH = "/v1/telemetry"
+# evidence already used for a slash (422): the slash happened, the row is done
+SPOT_CHECK_DUPLICATES = frozenset({"already_slashed"})
+# a seq at or below the last accepted one (409): this report or a newer one is in, the row is done
+TELEMETRY_DUPLICATES = frozenset({"replayed"})
+MAX_ANSWER_BYTES = 64 << 10  # an oracle answer is a small JSON object; more is not read as JSON
+
+
+class OracleReceiver:
+    """POSTs an outbox row's body to ``{oracle_url}{path}`` and turns the answer into an
+    :class:`~dlis_market.protocol.outbox.Answer` (``body`` is the oracle's JSON answer)."""
+
+    def __init__(
+        self,
+        oracle_url: str,
+        path: str,
+        content_type: str = "application/json",
+        duplicate_reasons: frozenset[str] = frozenset(),
+        timeout_s: float = 60.0,
+    ) -> None:
+        self.url = oracle_url.rstrip("/") + path
+        self.content_type = content_type
+        self.duplicate_reasons = duplicate_reasons
+        self.timeout_s = timeout_s
+
+    async def __call__(self, body: bytes) -> Answer:
+        try:
+            async with httpx.AsyncClient(timeout=self.timeout_s) as http:
+                res = await http.post(self.url, content=body, headers={"content-type": self.content_type})
+        except httpx.TransportError as exc:  # down, refusing connections, timed out: try again later
+            return Answer(Verdict.RETRY, f"cannot reach {self.url}: {exc!r}")
+        answer: dict[str, Any] = {}
+        if len(res.content) <= MAX_ANSWER_BYTES:
+            try:
+                parsed = res.json()
+            except ValueError:
+                parsed = None
+            answer = parsed if isinstance(parsed, dict) else {}
+        reason = answer.get("reason")
+        verdict = classify_http(res.status_code, reason if isinstance(reason, str) else None, self.duplicate_reasons)
+        detail = f"{res.status_code} {reason or res.reason_phrase}: {str(answer.get('detail', ''))[:300]}"
+        return Answer(verdict, detail, answer, res.status_code)
 
 
 class TelemetrySender:
