@@ -11,7 +11,20 @@ from typing import Annotated
 
 import typer
 
-from dlis_market.cli import account, broker, chain, ipfs, job, model, model_chain, model_store, node, oracle, worker
+from dlis_market.cli import (
+    account,
+    broker,
+    chain,
+    ipfs,
+    job,
+    model,
+    model_chain,
+    model_store,
+    node,
+    oracle,
+    sim,
+    worker,
+)
 from dlis_market.cli.context import CliState
 
 app = typer.Typer(
@@ -54,6 +67,7 @@ app.add_typer(ipfs.app, name="ipfs")
 app.add_typer(job.app, name="job")
 app.add_typer(broker.app, name="broker")
 app.add_typer(oracle.app, name="oracle")
+app.add_typer(sim.app, name="sim")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,241 @@
+"""A simulated network as a file: model, peers, clients and market rules, plus what-if changes.
+
+A scenario is YAML or JSON (``dlis_market/sim/scenarios/demo.yaml`` is ``make demo``'s four
+workers). Market rules left out of the file come from the settings (``DLIS_*``): minimum stake,
+slash amount, protocol fee, reporter share, spot-check fraction, settlement batching, failovers,
+reputation epoch and heartbeat; so the simulation runs the parameters a deployment would.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from dlis_market.settings import Settings
+from dlis_market.sim.errors import ScenarioError
+from dlis_market.sim.profiles import DEVICES, DeviceProfile
+from dlis_market.types import LayerRange
+
+UNIT = 10**18
+SCENARIOS_DIR = Path(__file__).parent / "scenarios"
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class ModelSpec(_Model):
+    """The served model; defaults are SmolLM2-135M in bf16 (its config.json)."""
+
+    name: str = "smollm2-135m"
+    num_layers: int = Field(default=30, ge=1)
+    activation_bytes_per_token: int = Field(default=576 * 2, ge=0)  # hidden 576, bf16
+    kv_bytes_per_token_layer: int = Field(default=2 * 3 * 64 * 2, ge=0)  # K and V, 3 KV heads x 64, bf16
+
+
+class PeerGroup(_Model):
+    """``count`` peers of one device class serving ``layers`` (``[start, end)``)."""
+
+    device: str
+    layers: LayerRange
+    count: int = Field(default=1, ge=0)
+    price_per_token: int | None = Field(default=None, ge=0)  # for the whole span; default: the device's
+    stake: int | None = Field(default=None, ge=0)  # default: the minimum stake
+    byzantine: float = Field(default=0.0, ge=0, le=1)  # fraction of sessions whose outputs it corrupts
+
+    @field_validator("layers", mode="before")
+    @classmethod
+    def _range_text(cls, value: Any) -> Any:
+        return LayerRange.parse(value) if isinstance(value, str) else value
+
+
+class Population(_Model):
+    """``count`` peers drawn at random: class by ``mix`` weight, span among the class's layouts."""
+
+    count: int = Field(ge=0)
+    mix: dict[str, float]
+    byzantine_share: float = Field(default=0.0, ge=0, le=1)  # of peers that cheat
+    byzantine_rate: float = Field(default=1.0, ge=0, le=1)  # fraction of their sessions they corrupt
+
+
+class ClientClass(_Model):
+    """Clients sending jobs as a Poisson process of ``rate_per_s`` with one policy."""
+
+    name: str = "clients"
+    rate_per_s: float = Field(gt=0)
+    prompt_tokens: int = Field(default=32, ge=1)
+    max_new_tokens: int = Field(default=32, ge=0)
+    max_latency_ms_per_token: float | None = Field(default=None, gt=0)
+    max_cost: int | None = Field(default=None, ge=0)
+    privacy: Literal["low", "high"] = "low"
+    min_reputation_bps: int = Field(default=0, ge=0, le=10_000)
+
+
+class MarketRules(_Model):
+    """Overrides of the deployment's settings; ``None`` keeps the settings' value."""
+
+    min_stake: int | None = Field(default=None, ge=0)
+    slash_amount: int | None = Field(default=None, gt=0)
+    fee_bps: int | None = Field(default=None, ge=0, le=2000)
+    reporter_share_bps: int | None = Field(default=None, ge=0, le=10_000)
+    check_fraction: float | None = Field(default=None, ge=0, le=1)
+    settle_interval_s: float | None = Field(default=None, gt=0)
+    settle_max_batch: int | None = Field(default=None, ge=1)
+    max_failovers: int | None = Field(default=None, ge=0)
+    epoch_s: float | None = Field(default=None, gt=0)
+    heartbeat_s: float | None = Field(default=None, gt=0)
+
+
+class Market(_Model):
+    """The rules in force, every field resolved."""
+
+    min_stake: int
+    slash_amount: int
+    fee_bps: int
+    reporter_share_bps: int
+    check_fraction: float
+    settle_interval_s: float
+    settle_max_batch: int
+    max_failovers: int
+    epoch_s: float
+    heartbeat_s: float
+
+    @classmethod
+    def of(cls, rules: MarketRules, settings: Settings) -> Market:
+        base = {
+            "min_stake": settings.chain.min_stake,
+            "slash_amount": settings.oracle.slash_amount,
+            "fee_bps": settings.chain.fee_bps,
+            "reporter_share_bps": settings.chain.reporter_share_bps,
+            "check_fraction": settings.broker.spot_check_fraction,
+            "settle_interval_s": settings.broker.settle_interval_s,
+            "settle_max_batch": settings.broker.settle_max_batch,
+            "max_failovers": settings.node.max_failovers,
+            "epoch_s": settings.oracle.epoch_s,
+            "heartbeat_s": settings.oracle.heartbeat_interval_s,
+        }
+        base.update({k: v for k, v in rules.model_dump().items() if v is not None})
+        return cls(**base)
+
+
+class Scenario(_Model):
+    name: str = "scenario"
+    model: ModelSpec = Field(default_factory=ModelSpec)
+    devices: dict[str, DeviceProfile] = Field(default_factory=dict)  # added to / replacing the built-in classes
+    peers: tuple[PeerGroup, ...] = ()
+    population: Population | None = None
+    clients: tuple[ClientClass, ...]
+    hours: float = Field(default=1.0, gt=0)
+    market: MarketRules = Field(default_factory=MarketRules)
+    # Scheduler inputs (as the broker sets them, broker/planning.py) and the sim's own knobs.
+    prune_top_k: int = Field(default=8, ge=1)  # candidates kept per span, by objective and by price
+    route_retry_s: float = Field(default=2.0, gt=0)  # a job with no route asks again after this
+    job_timeout_s: float = Field(default=60.0, gt=0)  # ... and gives up after this
+    decode_chunk_tokens: int = Field(default=16, ge=1)  # timing is re-evaluated every this many tokens
+    risk_refresh_slots: int = Field(default=10, ge=1)  # dropout risk re-predicted this often
+
+    @model_validator(mode="after")
+    def _check(self) -> Scenario:
+        known = self.device_table()
+        for g in self.peers:
+            if g.device not in known:
+                raise ValueError(f"peer group uses device {g.device!r}; known: {', '.join(sorted(known))}")
+            if g.layers.end > self.model.num_layers:
+                raise ValueError(f"peer group {g.device} serves {g.layers} beyond {self.model.num_layers} layers")
+        if self.population is not None:
+            for name, weight in self.population.mix.items():
+                if name not in known:
+                    raise ValueError(f"population mix names device {name!r}; known: {', '.join(sorted(known))}")
+                if weight < 0:
+                    raise ValueError(f"population mix weight of {name} is {weight}; weights must be >= 0")
+                if not known[name].layouts:
+                    raise ValueError(f"device {name} has no layouts to draw spans from")
+        return self
+
+    def device_table(self) -> dict[str, DeviceProfile]:
+        return {**DEVICES, **self.devices}
+
+
+def load_scenario(path: Path) -> Scenario:
+    """Read a scenario from YAML or JSON; a bare name is looked up in the shipped scenarios."""
+    if not path.exists() and not path.suffix and (SCENARIOS_DIR / f"{path}.yaml").is_file():
+        path = SCENARIOS_DIR / f"{path}.yaml"
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        shipped = ", ".join(sorted(p.stem for p in SCENARIOS_DIR.glob("*.yaml")))
+        raise ScenarioError(f"cannot read scenario {path}: {exc.strerror}; give a file or one of: {shipped}") from exc
+    try:
+        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as exc:
+        raise ScenarioError(f"scenario {path} does not parse: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ScenarioError(f"scenario {path} must hold a mapping at the top, got {type(data).__name__}")
+    return parse_scenario(data, str(path))
+
+
+def parse_scenario(data: dict[str, Any], where: str = "scenario") -> Scenario:
+    try:
+        return Scenario.model_validate(data)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or '(top)'}: {e['msg']}" for e in exc.errors())
+        raise ScenarioError(f"{where} is invalid: {problems}") from exc
+
+
+CHANGES = {
+    "add-peers": "N: N more peers, copies of the scenario's peer groups in turn (first group first)",
+    "remove-device": "CLASS: drop every peer of this device class",
+    "check-fraction": "P: spot-check this fraction of stage calls (0..1)",
+    "slash": "DLIS: slash this many DLIS per proven mismatch",
+    "stake": "DLIS: every peer stakes this many DLIS",
+    "min-stake": "DLIS: the minimum stake to be routable",
+    "rate": "X: multiply every client's arrival rate by X",
+    "byzantine": "R: every peer corrupts this fraction of its sessions",
+}
+
+
+def apply_change(scenario: Scenario, change: str) -> Scenario:
+    """``scenario`` with one what-if applied, e.g. ``add-peers=2`` (see :data:`CHANGES`)."""
+    key, sep, value = change.partition("=")
+    if not sep or key not in CHANGES:
+        listed = "; ".join(f"{k}={v}" for k, v in CHANGES.items())
+        raise ScenarioError(f"unknown change {change!r}; use one of: {listed}")
+    data = scenario.model_dump(mode="json")
+    try:
+        if key == "add-peers":
+            n = int(value)
+            if n < 0 or not scenario.peers:
+                raise ScenarioError(f"add-peers={value}: needs N >= 0 and a scenario with peer groups")
+            groups = data["peers"]
+            for i in range(n):
+                groups.append({**groups[i % len(scenario.peers)], "count": 1})
+        elif key == "remove-device":
+            if value not in scenario.device_table():
+                raise ScenarioError(f"remove-device={value}: no such device class")
+            data["peers"] = [g for g in data["peers"] if g["device"] != value]
+            if data["population"]:
+                data["population"]["mix"].pop(value, None)
+        elif key == "check-fraction":
+            data["market"]["check_fraction"] = float(value)
+        elif key in ("slash", "min-stake"):
+            field = "slash_amount" if key == "slash" else "min_stake"
+            data["market"][field] = round(float(value) * UNIT)
+        elif key == "stake":
+            for g in data["peers"]:
+                g["stake"] = round(float(value) * UNIT)
+        elif key == "rate":
+            for c in data["clients"]:
+                c["rate_per_s"] = c["rate_per_s"] * float(value)
+        elif key == "byzantine":
+            for g in data["peers"]:
+                g["byzantine"] = float(value)
+            if data["population"]:
+                data["population"]["byzantine_share"] = 1.0
+                data["population"]["byzantine_rate"] = float(value)
+    except ValueError as exc:
+        raise ScenarioError(f"change {change!r}: {value!r} is not a number ({CHANGES[key]})") from exc
+    return parse_scenario(data, f"scenario after {change}")
