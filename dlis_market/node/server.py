@@ -32,6 +32,7 @@ from dlis_market.inference.stage import Stage
 from dlis_market.node import attestation, byzantine, dht_records, identity, profiler, receipts
 from dlis_market.node.brokers import BrokerCheck
 from dlis_market.node.errors import CapacityError, NodeError, ProtocolError
+from dlis_market.node.lifetime import IdentityLock, start_reaper
 from dlis_market.node.metrics import WorkerMetrics, kv_capacity_bytes
 from dlis_market.node.protocol import Channel, CloseBody, FailBody, OpenBody, StepBody, parse_body
 from dlis_market.node.routing import choose_range
@@ -70,6 +71,7 @@ class Worker:
         self._tasks: list[asyncio.Task[None]] = []
         self.domain = market_domain(self.node.chain_id, self.node.market_address)
         self.live_transcripts: dict[str, Transcript] = {}  # open sessions
+        self.lock = IdentityLock(config.identity_dir)
         self.transcripts = TranscriptStore(
             self.node.transcript_retain_bytes, self.node.transcript_retain_s, self.node.transcript_bytes_per_opener
         )
@@ -82,6 +84,7 @@ class Worker:
     async def start(self) -> dict[str, Any]:
         if self.settings.inference.threads:
             torch.set_num_threads(self.settings.inference.threads)
+        self.lock.acquire()  # before anything else: a second process on this identity stops here
         scrypt_n = self.settings.chain.keystore_scrypt_n
         self.identity = identity.load_or_create(
             self.config.identity_dir,
@@ -207,6 +210,7 @@ class Worker:
             await asyncio.to_thread(self._announce, self.record(), True)
         await self.pool.close()
         await asyncio.to_thread(self.dht.shutdown)
+        self.lock.release()
 
     # ------------------------------------------------------------------ requests
 
@@ -454,6 +458,7 @@ class Worker:
 
 
 async def serve_forever(config: WorkerConfig) -> None:
+    start_reaper()  # the DHT process and p2pd die with us, even on SIGKILL
     worker = Worker(config)
     info = await worker.start()
     print(READY_PREFIX + json.dumps(info), flush=True)
