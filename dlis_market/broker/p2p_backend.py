@@ -7,11 +7,13 @@ turns its verified receipts into the broker's records.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import TYPE_CHECKING
 
 from dlis_market.broker.backend import BackendJob, Offer, RouteHop, SignedStageReceipt
+from dlis_market.broker.observations import JobObserver, observe_job
 from dlis_market.broker.spot_checks import FinishedSession, SpotChecker
 from dlis_market.chain.job_market import receipt_signer
 from dlis_market.inference.sampling import SamplingParams
@@ -49,10 +51,23 @@ class RegisteredPeers:
 
 
 class P2PJobStream:
-    def __init__(self, driver: PipelineDriver, session: JobSession, checker: SpotChecker | None = None):
+    def __init__(
+        self,
+        driver: PipelineDriver,
+        session: JobSession,
+        checker: SpotChecker | None = None,
+        observer: JobObserver | None = None,
+        routed_tps: dict[str, float] | None = None,
+        reports: set[asyncio.Task[None]] | None = None,
+    ):
         self.driver = driver
         self.session = session
         self.checker = checker
+        self.observer = observer
+        self.routed_tps = routed_tps or {}
+        self.first_route = list(session.route)
+        self.started = time.perf_counter()
+        self._reports = reports if reports is not None else set()
 
     def tokens(self) -> AsyncIterator[int]:
         return self.session.tokens()
@@ -63,6 +78,19 @@ class P2PJobStream:
         got = await self.session.close()
         if self.checker is not None:  # receipts are signed: draw stage calls to re-execute elsewhere
             self.checker.schedule(FinishedSession.of(self.session, hops))
+        if self.observer is not None:  # what each stage did, signed by us, for the oracle's reputation
+            final = {h.peer_id for h in hops}
+            observations = observe_job(
+                self.session.spec.job_id,
+                hops,
+                len(self.session.generated),
+                time.perf_counter() - self.started,
+                failed=[h for h in self.first_route if h.peer_id not in final],
+                routed_tps=self.routed_tps,
+            )
+            task = asyncio.create_task(self.observer.report(observations))  # never delays the job
+            self._reports.add(task)
+            task.add_done_callback(self._reports.discard)
         out = []
         for r in got:
             rc, sig = r.signed.receipt, r.signed.signature
@@ -72,9 +100,12 @@ class P2PJobStream:
 
 
 class P2PBackend:
-    def __init__(self, driver: PipelineDriver, checker: SpotChecker | None = None):
+    def __init__(self, driver: PipelineDriver, checker: SpotChecker | None = None, observer: JobObserver | None = None):
         self.driver = driver
         self.checker = checker
+        self.observer = observer
+        self._throughput: dict[str, float] = {}  # peer id -> throughput of its last signed record
+        self._reports: set[asyncio.Task[None]] = set()
 
     @classmethod
     async def connect(
@@ -90,6 +121,7 @@ class P2PBackend:
 
     async def offers(self, model: str) -> list[Offer]:
         spans = await self.driver.discover(model)
+        self._throughput.update({s.peer_id: s.throughput for s in spans})
         return [
             Offer(
                 s.peer_id,
@@ -122,9 +154,11 @@ class P2PBackend:
         if job.route:
             session.route = [Hop(h.peer_id, h.start, h.end, h.price_per_token, h.node) for h in job.route]
         await session.establish()
-        return P2PJobStream(self.driver, session, self.checker)
+        return P2PJobStream(self.driver, session, self.checker, self.observer, dict(self._throughput), self._reports)
 
     async def close(self) -> None:
+        if self._reports:  # observations already handed to the outbox finish their write
+            await asyncio.wait(set(self._reports), timeout=10)
         if self.checker is not None:
             await self.checker.close()
         await self.driver.close()

@@ -295,6 +295,20 @@ class PipelineDriver:
         return tokens, got
 
 
+def replay_inputs(session_id: str, prompt: Sequence[int], generated: Sequence[int], step: int) -> list[StageInput]:
+    """What rebuilds a session's KV caches on a new route exactly as the first route built them:
+    the prompt's prefill, then one decode step for each generated token but the last (which the
+    next ordinary step sends). The same shapes give the same numbers in every dtype; one prefill
+    of prompt + generated computes the same values with other matmul shapes, and in bf16 answers
+    then drifted from the uninterrupted run after tens of tokens. Pure."""
+    out = [StageInput((session_id,), (0,), step, token_ids=torch.tensor([list(prompt)], dtype=torch.long))]
+    for i, token in enumerate(generated[:-1]):
+        out.append(
+            StageInput((session_id,), (len(prompt) + i,), step, token_ids=torch.tensor([[token]], dtype=torch.long))
+        )
+    return out
+
+
 class JobSession:
     """One generation stream over a route of stages; survives stage failures by replaying."""
 
@@ -435,11 +449,15 @@ class JobSession:
         step = 0
         while len(self.generated) < self.spec.max_new_tokens:
             ids = [*self.spec.prompt_ids, *self.generated]
-            if replay:
-                inp = StageInput((self.session_id,), (0,), step, token_ids=torch.tensor([ids], dtype=torch.long))
-            else:
-                inp = StageInput((self.session_id,), (len(ids) - 1,), step, token_ids=torch.tensor([ids[-1:]]))
             try:
+                if replay and self.generated:  # a failover: rebuild the new route's caches, outputs known
+                    for again in replay_inputs(self.session_id, self.spec.prompt_ids, self.generated, step):
+                        await self._step(again)
+                    replay = False
+                if replay:
+                    inp = StageInput((self.session_id,), (0,), step, token_ids=torch.tensor([ids], dtype=torch.long))
+                else:
+                    inp = StageInput((self.session_id,), (len(ids) - 1,), step, token_ids=torch.tensor([ids[-1:]]))
                 token = await self._step(inp)
             except StageFailedError as exc:
                 await self._recover(exc)
