@@ -12,7 +12,7 @@ from dlis_market.cli.context import CliState, console, emit, handle_errors, read
 app = typer.Typer(help="Run the reputation oracle and check its proofs.", no_args_is_help=True)
 
 StateDirOpt = Annotated[
-    Path | None, typer.Option(help="Where the oracle keeps epochs and evidence (env DLIS_ORACLE__STATE_DIR).")
+    Path | None, typer.Option(help="Where the oracle keeps its database oracle.db (env DLIS_ORACLE__STATE_DIR).")
 ]
 
 
@@ -51,7 +51,6 @@ def start(
     import uvicorn
 
     from dlis_market.chain.client import ChainClient
-    from dlis_market.oracle.dht_relay import DhtTelemetryRelay
     from dlis_market.oracle.server import create_app
     from dlis_market.oracle.service import OracleService
 
@@ -82,7 +81,11 @@ def start(
             )
             stop = asyncio.Event()
             tasks = [asyncio.create_task(service.run(stop))]
-            relay = DhtTelemetryRelay(service, peers) if peers else None
+            relay = None
+            if peers:
+                from dlis_market.oracle.dht_relay import DhtTelemetryRelay  # hivemind: seconds to import
+
+                relay = DhtTelemetryRelay(service, peers)
             try:
                 if relay is not None:
                     await relay.start()  # fails early (before serving) when the peers are unreachable
@@ -111,14 +114,17 @@ def proof(
     as_json: Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")] = False,
 ) -> None:
     """Print the Merkle inclusion proof of NODE's telemetry leaf in EPOCH and check it on chain."""
-    from dlis_market.oracle.epochs import EpochStore
     from dlis_market.oracle.errors import ProofNotFoundError
-    from dlis_market.oracle.service import default_state_dir
+    from dlis_market.oracle.store import OracleStore
 
     st = state(ctx)
     with handle_errors():
         settings = _with_oracle(st, state_dir=state_dir)
-        p = EpochStore(default_state_dir(settings) / "epochs").proof(node, epoch)
+        store = OracleStore.open(settings)
+        try:
+            p = store.proof(node, epoch)
+        finally:
+            store.close()
         data: dict[str, Any] = {**p.model_dump(), "verifies_offline": p.verifies_offline()}
         if not offline:
             from dlis_market.chain.client import ChainClient

@@ -10,6 +10,7 @@ Modules, pure ones first:
 - :mod:`dropout` — per-node dropout risk (the scheduler's ``failure_risk``);
 - :mod:`verification` — spot-check sampling, output tolerances, evidence;
 - :mod:`slashing` — verified evidence -> ``StakingManager.slash``;
+- :mod:`store` — the oracle's state, one transactional database (SQLAlchemy);
 - :mod:`service` — the epoch loop around all of the above; :mod:`server` — its HTTP API;
 - :mod:`client` — the worker side: :class:`TelemetrySender`.
 """

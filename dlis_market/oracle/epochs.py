@@ -9,13 +9,12 @@ where ``telemetryDigest = keccak256(d_1 ++ ... ++ d_n)`` over the EIP-712 digest
 accepted reports in seq order. A node (or anyone holding its signed reports) can recompute the
 digest, and with the proof from ``dlis oracle proof NODE EPOCH`` check on chain
 (``ReputationOracle.verifyTelemetry``) that exactly those reports and that score were used.
-The oracle keeps each epoch as ``<state_dir>/epochs/<epoch>.json``.
+The oracle keeps each posted epoch's record in its database (:mod:`store`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 
 from eth_utils import keccak
 from pydantic import Field
@@ -23,7 +22,6 @@ from web3 import Web3
 
 from dlis_market.oracle.errors import ProofNotFoundError
 from dlis_market.oracle.merkle import MerkleTree, leaf_hash, verify
-from dlis_market.oracle.state_files import write_atomic
 from dlis_market.types import WireModel
 
 LEAF_TYPES = ("address", "uint64", "uint16", "uint32", "bytes32")
@@ -61,6 +59,25 @@ class EpochRecord(WireModel):
 
     def tree(self) -> MerkleTree:
         return MerkleTree.build([leaf.hash() for leaf in self.leaves])
+
+    def proof(self, node: str) -> Proof:
+        """The inclusion proof of ``node``'s leaf (raises :class:`ProofNotFoundError` when unscored)."""
+        node = Web3.to_checksum_address(node)
+        leaf = next((x for x in self.leaves if x.node == node), None)
+        if leaf is None:
+            raise ProofNotFoundError(
+                f"node {node} was not scored in epoch {self.epoch} ({len(self.leaves)} nodes were)"
+            )
+        h = leaf.hash()
+        return Proof(
+            node=node,
+            epoch=self.epoch,
+            leaf=leaf,
+            leaf_hash="0x" + h.hex(),
+            proof=tuple("0x" + p.hex() for p in self.tree().proof(h)),
+            root=self.root,
+            report_digests=self.report_digests.get(node, ()),
+        )
 
 
 class Proof(WireModel):
@@ -101,48 +118,3 @@ def build_record(epoch: int, scores: dict[str, int], digests: dict[str, list[byt
         leaves=leaves,
         report_digests={n: tuple("0x" + d.hex() for d in ds) for n, ds in sorted(digests.items())},
     )
-
-
-class EpochStore:
-    def __init__(self, directory: Path) -> None:
-        self.directory = directory
-
-    def path(self, epoch: int) -> Path:
-        return self.directory / f"{epoch}.json"
-
-    def save(self, record: EpochRecord) -> Path:
-        path = self.path(record.epoch)
-        write_atomic(path, record.model_dump_json(indent=1))
-        return path
-
-    def load(self, epoch: int) -> EpochRecord:
-        path = self.path(epoch)
-        if not path.exists():
-            raise ProofNotFoundError(
-                f"no stored epoch {epoch} in {self.directory}; run the proof on the oracle host or pass "
-                "--state-dir to where its epochs are kept"
-            )
-        return EpochRecord.model_validate_json(path.read_text())
-
-    def epochs(self) -> list[int]:
-        if not self.directory.exists():
-            return []
-        return sorted(int(p.stem) for p in self.directory.glob("*.json") if p.stem.isdigit())
-
-    def proof(self, node: str, epoch: int) -> Proof:
-        record = self.load(epoch)
-        node = Web3.to_checksum_address(node)
-        leaf = next((x for x in record.leaves if x.node == node), None)
-        if leaf is None:
-            raise ProofNotFoundError(f"node {node} was not scored in epoch {epoch} ({len(record.leaves)} nodes were)")
-        tree = record.tree()
-        h = leaf.hash()
-        return Proof(
-            node=node,
-            epoch=epoch,
-            leaf=leaf,
-            leaf_hash="0x" + h.hex(),
-            proof=tuple("0x" + p.hex() for p in tree.proof(h)),
-            root=record.root,
-            report_digests=record.report_digests.get(node, ()),
-        )

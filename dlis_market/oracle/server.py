@@ -214,7 +214,7 @@ def create_app(service: OracleService) -> FastAPI:
 
     @app.get("/v1/aggregates/{epoch}")
     def aggregates_at(epoch: int, request: Request) -> Any:
-        agg = service.aggregates.get(epoch)
+        agg = service.aggregates_of(epoch)
         if agg is None:
             return problem(
                 404,
@@ -253,7 +253,7 @@ def create_app(service: OracleService) -> FastAPI:
         if not Web3.is_address(node):
             return problem(400, "bad-address", "Bad address", f"{node!r} is not an address", str(request.url.path))
         try:
-            return service.epochs.proof(node, epoch).model_dump()
+            return service.store.proof(node, epoch).model_dump()
         except ProofNotFoundError as exc:
             return problem(404, "no-proof", "No proof", str(exc), str(request.url.path))
 

@@ -8,16 +8,16 @@ I/O lives here around the pure parts (:func:`summarize_epoch`, :func:`score_repu
    spot checks and the broker's signed job observations (:mod:`observations`) recorded in it;
 2. per-node statistics (stake read from StakingManager through the node's operator);
 3. reputation scores, then ``ReputationOracle.postEpoch(k, nodes, scores, root)`` where ``root``
-   is the Merkle root of the epoch's leaves (:mod:`epochs`), stored under ``state_dir/epochs``;
-4. noisy network aggregates (:mod:`privacy`), stored under ``state_dir/aggregates``.
+   is the Merkle root of the epoch's leaves (:mod:`epochs`);
+4. noisy network aggregates (:mod:`privacy`).
 
-State that must survive a restart is on disk under ``state_dir``: the highest accepted seq of
-each node (``seqs.log``, so replays stay refused), every accepted report (``reports/<epoch>.jsonl``,
-reloaded for epochs not yet posted), the privacy accounts, the posted epochs (leaves for proofs),
-the aggregates, the evidence of every slash, the spot-check results of epochs not yet posted
-(``checks/<epoch>.log``), the observations of epochs not yet posted (``observations/<epoch>.jsonl``)
-and which checks and observations were already counted (``counted_checks.log``), all written
-crash-safe (:mod:`state_files`). Which
+State that must survive a restart is in one transactional database (:mod:`store`, SQLite under
+``state_dir`` by default, ``oracle.database_url`` otherwise), each intake in one transaction: an
+accepted report with its node's seq, a check or observation with the key that makes it count once,
+a slash's intent then its result with the results it yields, an epoch's intent (leaves, root, DP
+inputs) before ``postEpoch`` is sent then, together, its posted status, aggregates and privacy
+spend. In memory are only views of it for the epochs not yet posted, rebuilt at start after
+unfinished slashes and epochs are reconciled with the chain. Which
 stage calls get checked is the runner's choice (the broker's :mod:`dlis_market.broker.spot_checks`,
 with a secret only it holds).
 """
@@ -26,37 +26,41 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
+import copy
 import logging
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal
 
 import numpy as np
 from eth_account.signers.local import LocalAccount
+from eth_utils import keccak
 from web3 import Web3
+from web3.exceptions import ContractCustomError
 
 from dlis_market.chain.client import ChainClient
 from dlis_market.chain.node_registry import NodeRegistry
 from dlis_market.chain.reputation_oracle import ReputationOracle
 from dlis_market.chain.staking_manager import StakingManager
+from dlis_market.errors import ChainError
 from dlis_market.oracle.dropout import DEFAULT_MODEL, HISTORY_SLOTS, DropoutModel
-from dlis_market.oracle.epochs import EpochRecord, EpochStore, build_record
+from dlis_market.oracle.epochs import EpochRecord, build_record
 from dlis_market.oracle.errors import EvidenceRefusedError, OracleRoleMissingError
 from dlis_market.oracle.observations import ObservationBatch, StageObservation
-from dlis_market.oracle.privacy import Aggregates, BudgetAccountant, NodeContribution, release_aggregates
+from dlis_market.oracle.privacy import Aggregates, NodeContribution, release_aggregates
 from dlis_market.oracle.reputation import ReputationWeights, score_reputation, summarize_epoch
 from dlis_market.oracle.slashing import Slasher, SlashResult
-from dlis_market.oracle.state_files import append_line, complete_lines, remove_leftovers, write_atomic
+from dlis_market.oracle.store import EpochIntent, EpochStatus, OracleStore, database_url, default_state_dir
 from dlis_market.oracle.telemetry import ReceivedTelemetry, SignedTelemetry, TelemetryIntake, oracle_domain
 from dlis_market.oracle.verification import SpotCheckEvidence, SpotCheckFailure, check_runner
 from dlis_market.settings import Settings
 
 log = logging.getLogger(__name__)
+
+UNKNOWN_EPOCH_SELECTOR = "0x" + keccak(text="ReputationOracleUnknownEpoch(uint64)")[:4].hex()
 
 
 @dataclass(frozen=True)
@@ -86,16 +90,13 @@ class OracleService:
         self.clock = clock
         self.weights = weights or ReputationWeights()
         self.dropout_model = dropout_model
-        self.state_dir = o.state_dir or settings.home / "oracle"
+        self.state_dir = default_state_dir(settings)
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        for folder in (self.state_dir, self.state_dir / "epochs", self.state_dir / "aggregates"):
-            remove_leftovers(folder)  # temporary files of writes a crash interrupted
+        self.store = OracleStore(database_url(settings))
         self.reputation = ReputationOracle(client)
         self.registry = NodeRegistry(client)
         self.staking = StakingManager(client)
         self.domain = oracle_domain(client.chain_id, self.reputation.address)
-        self.epochs = EpochStore(self.state_dir / "epochs")
-        self._seq_log = self.state_dir / "seqs.log"
         self.intake = TelemetryIntake(
             self.domain,
             max_age_s=o.telemetry_max_age_s,
@@ -104,25 +105,19 @@ class OracleService:
             max_decompressed_bytes=o.telemetry_max_decompressed_bytes,
             is_registered=self._registered,
             clock=clock,
-            last_seq=self._load_seqs(),
+            last_seq=self.store.last_seqs(),
         )
-        budget_file = self.state_dir / "privacy.json"
-        self.accountant = (
-            BudgetAccountant.from_json(budget_file.read_text())
-            if budget_file.exists()
-            else BudgetAccountant(o.dp_budget, o.dp_budget_window_epochs)
-        )
+        self.accountant = self.store.accountant(o.dp_budget, o.dp_budget_window_epochs)
         # DP noise must be unpredictable in production (seed None: OS entropy); tests fix it.
         self.rng = np.random.default_rng(seed)
         market = client.deployment.contracts["JobMarket"].address
-        evidence_dir = self.state_dir / "evidence"
         self.slasher = Slasher(
             self.staking,
             self.registry,
             market,
             account,
             o.slash_amount,
-            evidence_dir,
+            self.store,
             self.domain,
             o.spot_check_runners,
             o.spot_check_require_referee,
@@ -134,16 +129,10 @@ class OracleService:
         self._heartbeats: dict[str, set[int]] = defaultdict(set)
         self._first_slot: dict[str, int] = {}
         self._registered_cache: dict[str, tuple[float, bool]] = {}
-        # checks already counted (a pass or a failure per node, job and range): posted again, they
-        # are not counted again, across restarts too (digests, one per line)
-        self._counted_log = self.state_dir / "counted_checks.log"
-        self._counted = set(complete_lines(self._counted_log))
-        self.aggregates: dict[int, Aggregates] = {}
-        self.slashes = 0
-        self.posted_epochs = 0
-        self._reports_dir = self.state_dir / "reports"
-        self._checks_dir = self.state_dir / "checks"
-        self._observations_dir = self.state_dir / "observations"
+        self.slasher.reconcile()
+        self.slashes = self.store.slash_count()
+        self.posted_epochs = len(self.store.posted_epochs())
+        self._reconcile_epochs()
         self._reload()
 
     def check_roles(self) -> None:
@@ -173,14 +162,6 @@ class OracleService:
         self._registered_cache[node] = (now, ok)
         return ok
 
-    def _load_seqs(self) -> dict[str, int]:
-        seqs: dict[str, int] = {}
-        for line in complete_lines(self._seq_log):
-            node, _, seq = line.partition(" ")
-            if seq.isdigit():
-                seqs[node] = max(seqs.get(node, -1), int(seq))
-        return seqs
-
     def slot_of(self, timestamp: float) -> int:
         return int(timestamp // self.config.heartbeat_interval_s)
 
@@ -193,11 +174,10 @@ class OracleService:
         It counts in the slot and epoch in which it *arrived* (this oracle's clock); the time it
         claims only has to be within ``telemetry_max_age_s`` of now to be accepted at all."""
         with self._lock:
-            signed = self.intake.submit(blob)
-            report = signed.report
+            signed = self.intake.check(blob)
             received = ReceivedTelemetry(received_at=float(self.clock()), telemetry=signed)
-            append_line(self._seq_log, f"{report.node} {report.seq}")
-            append_line(self._reports_dir / f"{self.epoch_of(received.received_at)}.jsonl", received.model_dump_json())
+            self.store.add_report(self.epoch_of(received.received_at), received)  # with its seq: one transaction
+            self.intake.accept(signed)
             self.intake.drain()
             self._keep(received)
         return signed
@@ -210,48 +190,32 @@ class OracleService:
         self._first_slot[node] = min(self._first_slot.get(node, slot), slot)
 
     def _reload(self) -> None:
-        """What epochs not yet posted had survives a restart: accepted reports
-        (``reports/<epoch>.jsonl``) and spot-check results (``checks/<epoch>.log``)."""
+        """The in-memory views of the epochs not yet posted, from the database: accepted reports,
+        spot-check results and observations."""
         posted = self.reputation.latest_epoch()
-        for _epoch, line in self._unposted_lines(self._reports_dir, "jsonl", posted):
-            if line.strip():
-                self._keep(self._received(line))
-        for epoch, line in self._unposted_lines(self._observations_dir, "jsonl", posted):
-            if line.strip():
-                self._observed[epoch].append(StageObservation.model_validate_json(line))
-        for epoch, line in self._unposted_lines(self._checks_dir, "log", posted):
-            node, _, outcome = line.partition(" ")
-            if Web3.is_address(node) and outcome in ("pass", "fail"):
-                self._checks[epoch][Web3.to_checksum_address(node)][0 if outcome == "pass" else 1] += 1
-
-    @staticmethod
-    def _received(line: str) -> ReceivedTelemetry:
-        """A stored report line; lines written before arrival times were kept hold the bare report
-        (their claimed time stands in for the arrival, as it did then)."""
-        if line.startswith('{"received_at"'):
-            return ReceivedTelemetry.model_validate_json(line)
-        signed = SignedTelemetry.model_validate_json(line)
-        return ReceivedTelemetry(received_at=float(signed.report.timestamp), telemetry=signed)
-
-    @staticmethod
-    def _unposted_lines(folder: Path, suffix: str, posted: int) -> Iterator[tuple[int, str]]:
-        """``(epoch, line)`` of every ``<epoch>.<suffix>`` file in ``folder`` for epochs after ``posted``."""
-        if not folder.exists():
-            return
-        for path in sorted(folder.glob(f"*.{suffix}")):
-            if path.stem.isdigit() and int(path.stem) > posted:
-                for line in complete_lines(path):
-                    yield int(path.stem), line
+        for received in self.store.reports_after(posted):
+            self._keep(received)
+        for epoch, obs in self.store.observations_after(posted):
+            self._observed[epoch].append(obs)
+        for epoch, node, passed in self.store.checks_after(posted):
+            self._checks[epoch][node][0 if passed else 1] += 1
 
     # ------------------------------------------------------------------ spot checks
 
-    def record_check(self, node: str, passed: bool, at: float | None = None) -> None:
-        """Count a verification result in the current epoch (kept in ``checks/<epoch>.log`` until posted)."""
-        epoch = self.epoch_of(self.clock() if at is None else at)
-        node = Web3.to_checksum_address(node)
+    def _count_checks(self, key: str, results: list[tuple[str, bool]]) -> bool:
+        """Record verification results ``(node, passed)`` in the current epoch, once per ``key``
+        (results and key in one transaction). False when ``key`` was already counted."""
+        epoch = self.epoch_of(self.clock())
+        results = [(Web3.to_checksum_address(node), passed) for node, passed in results]
         with self._lock:
+            if not self.store.count_checks(key, epoch, results):
+                return False
+            self._count_in_memory(epoch, results)
+        return True
+
+    def _count_in_memory(self, epoch: int, results: list[tuple[str, bool]]) -> None:
+        for node, passed in results:
             self._checks[epoch][node][0 if passed else 1] += 1
-            append_line(self._checks_dir / f"{epoch}.log", f"{node} {'pass' if passed else 'fail'}")
 
     def report_spot_check(self, evidence: SpotCheckEvidence) -> SpotCheckOutcome:
         """A re-executed stage call: slash on a proven mismatch, credit both nodes on a match.
@@ -259,36 +223,30 @@ class OracleService:
         Raises :class:`EvidenceRefusedError` (nothing slashed, nothing credited) when the evidence
         proves nothing: bad signatures, unregistered nodes, different calls, unsigned outputs.
         """
+        epoch = self.epoch_of(self.clock())
         try:
-            result = self.slasher.submit(evidence)
+            result = self.slasher.submit(evidence, epoch)
         except EvidenceRefusedError as exc:
             if exc.reason != "within_tolerance":
                 raise
             # signatures, registration and output hashes were all checked before the comparison;
             # the same passed call posted again is not credited again
             call = evidence.accused_receipt
-            if self._count_once(f"pass {evidence.accused_node.lower()} {call.job_id.lower()} {call.start}"):
-                self.record_check(evidence.accused_node, True)
-                self.record_check(evidence.checker_node, True)
+            self._count_checks(
+                f"pass {evidence.accused_node.lower()} {call.job_id.lower()} {call.start}",
+                [(evidence.accused_node, True), (evidence.checker_node, True)],
+            )
             return SpotCheckOutcome("pass", str(exc))
-        self.record_check(result.accused_node, False)
-        self.record_check(evidence.checker_node, True)
-        self.slashes += 1
+        with self._lock:  # the store counted both results with the slash
+            self._count_in_memory(
+                epoch, [(result.accused_node, False), (Web3.to_checksum_address(evidence.checker_node), True)]
+            )
+            self.slashes += 1
         detail = (
             f"node {result.accused_node} differs by {result.rel_diff:.3g} (tolerance {result.tolerance:.3g}); "
             f"slashed {result.slashed} token units of operator {result.operator}"
         )
         return SpotCheckOutcome("slashed", detail, result)
-
-    def _count_once(self, key: str) -> bool:
-        """True the first time ``key`` is seen (kept on disk); False after."""
-        digest = hashlib.sha256(key.encode()).hexdigest()[:32]
-        with self._lock:
-            if digest in self._counted:
-                return False
-            self._counted.add(digest)
-            append_line(self._counted_log, digest)
-        return True
 
     def report_failure(self, failure: SpotCheckFailure) -> bool:
         """A trusted runner says ``failure.node`` withheld what a drawn check needed: one failed
@@ -305,9 +263,8 @@ class OracleService:
                 f"{len(self.slasher.runners)} spot-check runners this oracle trusts (oracle spot_check_runners)",
             )
         node, job, start = failure.key()
-        if not self._count_once(f"fail {node} {job} {start}"):
+        if not self._count_checks(f"fail {node} {job} {start}", [(failure.node, False)]):
             return False
-        self.record_check(failure.node, False)
         log.warning("node %s failed a spot check of job %s [%d, %d): %s %s", failure.node, failure.job_id,
                     failure.start, failure.end, failure.reason, failure.detail)  # fmt: skip
         return True
@@ -324,21 +281,35 @@ class OracleService:
         for obs in batch.observations:
             check_runner(obs.signer(self.domain), obs.runner, self.slasher.runners, "observation")
         epoch = self.epoch_of(self.clock())
-        new = 0
-        for obs in batch.observations:
-            node, job, start = obs.key()
-            if not self._count_once(f"observed {node} {job} {start}"):
-                continue
-            with self._lock:
-                self._observed[epoch].append(obs)
-                append_line(self._observations_dir / f"{epoch}.jsonl", obs.model_dump_json())
-            new += 1
-        return new
+        keyed = [("observed {} {} {}".format(*obs.key()), obs) for obs in batch.observations]
+        with self._lock:  # the whole batch in one transaction
+            kept = self.store.add_observations(epoch, keyed)
+            self._observed[epoch].extend(batch.observations[i] for i in kept)
+        return len(kept)
 
     # ------------------------------------------------------------------ epochs
 
     def close_epoch(self, epoch: int) -> EpochRecord | None:
-        """Score, post and store ``epoch``; ``None`` when nothing was seen in it (nothing posted)."""
+        """Score, post and store ``epoch``; ``None`` when nothing was seen in it (nothing posted).
+
+        What is posted is recorded first (an intent: leaves, root, DP inputs); a retry, or a restart
+        after a crash, posts that same root, never a second one (:meth:`_post`)."""
+        status = self.store.epoch_status(epoch)
+        if status == EpochStatus.POSTED:  # closed once: the stored record, nothing posted again
+            return self.store.load_epoch(epoch)
+        if status == EpochStatus.ABANDONED:
+            return None
+        intent = self.store.epoch_intent(epoch)
+        if intent is None:
+            built = self._build(epoch)
+            if built is None:
+                self._forget_before(epoch + 1)
+                return None
+            intent = self.store.intend_epoch(*built)
+        return self._post(intent)
+
+    def _build(self, epoch: int) -> tuple[EpochRecord, dict[str, NodeContribution]] | None:
+        """The record and the per-node DP inputs of ``epoch`` from what was seen in it."""
         o = self.config
         start = epoch * o.epoch_s
         end = start + o.epoch_s
@@ -349,7 +320,6 @@ class OracleService:
         nodes = {r.telemetry.report.node for r in reports} | set(checks)
         nodes |= {Web3.to_checksum_address(o.node) for o in observed}
         if not nodes:
-            self._forget_before(epoch + 1)
             return None
         stakes: dict[str, tuple[int, int]] = {}
         for node in nodes:
@@ -365,14 +335,6 @@ class OracleService:
         digests = {
             n: [r.digest(self.domain) for r in sorted(rs, key=lambda r: r.report.seq)] for n, rs in by_node.items()
         }
-        record = build_record(epoch, scores, digests)
-        receipt = self.reputation.post_epoch(
-            self.account, epoch, list(scores), list(scores.values()), bytes.fromhex(record.root[2:])
-        )
-        record = record.model_copy(update={"tx": "0x" + bytes(receipt["transactionHash"]).hex()})
-        self.epochs.save(record)
-        self.posted_epochs += 1
-        self._forget_before(epoch + 1)
         contributions = {
             n: NodeContribution(
                 uptime_fraction=stats[n].uptime_fraction,
@@ -381,12 +343,56 @@ class OracleService:
             )
             for n, rs in by_node.items()
         }
-        agg = release_aggregates(epoch, contributions, o.dp_epsilon, o.dp_capacity_clip_tps, self.accountant, self.rng)
-        self.aggregates[epoch] = agg
-        write_atomic(self.state_dir / "privacy.json", self.accountant.to_json())
-        write_atomic(self.state_dir / "aggregates" / f"{epoch}.json", agg.model_dump_json(indent=1))
-        log.info("posted epoch %d: %d nodes, root %s", epoch, len(scores), record.root)
+        return build_record(epoch, scores, digests), contributions
+
+    def _post(self, intent: EpochIntent) -> EpochRecord | None:
+        """Put a recorded epoch on chain unless the chain already holds its root, then record, in
+        one transaction, that it is posted, its aggregates and the privacy budget they spend.
+        ``None`` (and the intent abandoned) when the chain holds another root for the epoch."""
+        record = intent.record
+        epoch, root = record.epoch, bytes.fromhex(record.root[2:])
+        on_chain = self._root_on_chain(epoch)
+        if on_chain == root:
+            log.info("epoch %d is on chain already (posted before a crash): finishing it", epoch)
+        elif on_chain is not None or self.reputation.latest_epoch() > epoch:
+            log.error("epoch %d cannot be posted: the chain holds root %s for it and is at epoch %d; abandoned",
+                      epoch, on_chain and "0x" + on_chain.hex(), self.reputation.latest_epoch())  # fmt: skip
+            self.store.abandon_epoch(epoch)
+            self._forget_before(epoch + 1)
+            return None
+        else:
+            nodes = [leaf.node for leaf in record.leaves]
+            scores = [leaf.score_bps for leaf in record.leaves]
+            receipt = self.reputation.post_epoch(self.account, epoch, nodes, scores, root)
+            record = record.model_copy(update={"tx": "0x" + bytes(receipt["transactionHash"]).hex()})
+        o = self.config
+        accountant = copy.deepcopy(self.accountant)  # charged for real only when the transaction commits
+        agg = release_aggregates(
+            epoch, intent.contributions, o.dp_epsilon, o.dp_capacity_clip_tps, accountant, self.rng
+        )
+        self.store.finish_epoch(record, agg, accountant)
+        self.accountant = accountant
+        self.posted_epochs += 1
+        self._forget_before(epoch + 1)
+        log.info("posted epoch %d: %d nodes, root %s", epoch, len(record.leaves), record.root)
         return record
+
+    def _root_on_chain(self, epoch: int) -> bytes | None:
+        """The root posted for ``epoch``; None when it was not posted."""
+        try:
+            return self.reputation.telemetry_root(epoch)
+        except ContractCustomError as exc:  # epochInfo reverts for an epoch never posted: that is the answer
+            if str(exc.data).startswith(UNKNOWN_EPOCH_SELECTOR):
+                return None
+            raise
+
+    def _reconcile_epochs(self) -> None:
+        """Finish the epochs a crash left recorded but not finished (at start)."""
+        for intent in self.store.open_epochs():
+            try:
+                self._post(intent)
+            except ChainError as exc:  # unreachable chain or a revert: the loop retries the epoch
+                log.error("epoch %d not finished at start: %s", intent.record.epoch, exc)
 
     def _forget_before(self, epoch: int) -> None:
         """Drop what closed epochs no longer need; keep one history window of heartbeats."""
@@ -400,17 +406,12 @@ class OracleService:
             horizon = self.slot_of(end) - HISTORY_SLOTS
             for slots in self._heartbeats.values():
                 slots.difference_update([s for s in slots if s < horizon])
-            # compact the seq log to one line per node
-            write_atomic(self._seq_log, "".join(f"{n} {q}\n" for n, q in sorted(self.intake.last_seq.items())))
 
     def latest_aggregates(self) -> Aggregates | None:
-        if self.aggregates:
-            return self.aggregates[max(self.aggregates)]
-        agg_dir = self.state_dir / "aggregates"
-        stored = max((int(p.stem) for p in agg_dir.glob("*.json")), default=None) if agg_dir.exists() else None
-        if stored is None:
-            return None
-        return Aggregates.model_validate_json((agg_dir / f"{stored}.json").read_text())
+        return self.store.aggregates()
+
+    def aggregates_of(self, epoch: int) -> Aggregates | None:
+        return self.store.aggregates(epoch)
 
     # ------------------------------------------------------------------ failure risk
 
@@ -448,9 +449,9 @@ class OracleService:
         """What the broker's scheduler reads per node: ``reputation_bps`` (latest posted epoch, as on
         chain), ``reputation_epoch`` and ``failure_risk`` (``NodeOffer`` fields of the same names)."""
         latest: dict[str, tuple[int, int]] = {}
-        stored = self.epochs.epochs()
+        stored = self.store.posted_epochs()
         if stored:
-            record = self.epochs.load(stored[-1])
+            record = self.store.load_epoch(stored[-1])
             latest = {leaf.node: (leaf.score_bps, record.epoch) for leaf in record.leaves}
         risks = self.failure_risks(now)
         out: dict[str, dict[str, float | int]] = {}
@@ -468,23 +469,27 @@ class OracleService:
         A report of epoch k is stale ``telemetry_max_age_s`` after the epoch ends, so closing then
         loses nothing that the intake would still accept.
         """
-        closed = self.reputation.latest_epoch()
+        closed = await asyncio.to_thread(self.reputation.latest_epoch)
         while not stop.is_set():
             now = self.clock()
             due = self.epoch_of(now - self.config.telemetry_max_age_s) - 1
             if due > closed:
                 try:
-                    await asyncio.to_thread(self.close_epoch, due)
+                    await asyncio.to_thread(self.close_due, closed, due)
                 except Exception:  # keep serving telemetry; the next pass retries (logged with traceback)
-                    log.exception("closing epoch %d failed; retrying next pass", due)
-                    with contextlib.suppress(Exception):  # posted but not stored: do not retry forever
-                        closed = max(closed, self.reputation.latest_epoch())
+                    log.exception("closing the epochs up to %d failed; retrying next pass", due)
                 else:
                     closed = due
             next_close = (self.epoch_of(now) + 1) * self.config.epoch_s + self.config.telemetry_max_age_s
             with contextlib.suppress(TimeoutError):  # the timeout is the normal wake-up
                 await asyncio.wait_for(stop.wait(), timeout=max(1.0, min(60.0, next_close - now)))
 
-
-def default_state_dir(settings: Settings) -> Path:
-    return settings.oracle.state_dir or settings.home / "oracle"
+    def close_due(self, after: int, due: int) -> None:
+        """Finish the epochs recorded but not finished, then close, in order, every epoch in
+        ``(after, due]`` in which something arrived: none is skipped when the loop wakes late or the
+        oracle was down for a while (a retry posts a recorded intent, or only finishes it)."""
+        for intent in self.store.open_epochs():
+            self._post(intent)
+        for epoch in self.store.epochs_with_data(after, due):
+            self.close_epoch(epoch)
+        self._forget_before(due + 1)

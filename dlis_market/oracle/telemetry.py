@@ -219,16 +219,26 @@ class TelemetryIntake:
 
     def submit(self, blob: bytes) -> SignedTelemetry:
         """Decode and check ``blob``; keep and return it, or raise :class:`TelemetryRefusedError`."""
+        signed = self.check(blob)
+        self.accept(signed)
+        return signed
+
+    def check(self, blob: bytes) -> SignedTelemetry:
+        r"""Decode and check ``blob`` without keeping it (refusals are counted): a caller that stores
+        accepted reports durably stores it first, then passes it to :meth:`accept`."""
         try:
             signed = decode_telemetry(blob, self.max_bytes, self.max_decompressed_bytes)
             self._check(signed)
         except TelemetryRefusedError as exc:
             self.counts[exc.reason] += 1
             raise
+        return signed
+
+    def accept(self, signed: SignedTelemetry) -> None:
+        """Keep a checked report: its seq becomes the node's last (later replays are refused)."""
         self.last_seq[signed.report.node] = signed.report.seq
         self.counts["accepted"] += 1
         self.accepted.append(signed)
-        return signed
 
     def _check(self, signed: SignedTelemetry) -> None:
         report = signed.report

@@ -5,12 +5,13 @@ from __future__ import annotations
 import pytest
 
 from dlis_market.chain.errors import ContractRevertError
-from dlis_market.oracle.epochs import EpochStore, build_record
+from dlis_market.oracle.epochs import build_record
 from dlis_market.oracle.errors import EvidenceRefusedError
 from dlis_market.oracle.merkle import MerkleTree, leaf_hash
 from dlis_market.oracle.slashing import Slasher
+from dlis_market.oracle.store import DB_FILE, OracleStore
 from dlis_market.oracle.telemetry import oracle_domain
-from dlis_market.oracle.verification import ReceiptWire
+from dlis_market.oracle.verification import ReceiptWire, SpotCheckEvidence
 
 # one copy of the evidence builder, shared with the unit tests (pytest runs as `python -m pytest` from the root)
 from tests.unit.oracle.evidence_helpers import make_evidence, reference_output, signed_receipt
@@ -41,10 +42,8 @@ def test_epoch_record_proof_verifies_on_chain(market, tmp_path) -> None:
     digests = {n: [bytes([i]) * 32, bytes([i + 100]) * 32] for i, n in enumerate(nodes)}
     record = build_record(9, scores, digests)
     rep.post_epoch(market.oracle, 9, list(scores), list(scores.values()), bytes.fromhex(record.root[2:]))
-    store = EpochStore(tmp_path)
-    store.save(record)
     for node in nodes:
-        proof = store.proof(node, 9)
+        proof = record.proof(node)
         assert proof.verifies_offline()
         assert rep.verify(9, bytes.fromhex(proof.leaf_hash[2:]), proof.proof_bytes())
         assert rep.at(node, 9) == proof.leaf.score_bps
@@ -65,6 +64,10 @@ def _oracle_domain(market):  # type: ignore[no-untyped-def]
     return oracle_domain(market.client.chain_id, market.reputation().address)
 
 
+def _store(tmp_path) -> OracleStore:  # type: ignore[no-untyped-def]
+    return OracleStore(f"sqlite:///{tmp_path / DB_FILE}")
+
+
 def _slasher(market, tmp_path) -> Slasher:  # type: ignore[no-untyped-def]
     return Slasher(
         market.staking(),
@@ -72,7 +75,7 @@ def _slasher(market, tmp_path) -> Slasher:  # type: ignore[no-untyped-def]
         market.market().address,
         market.oracle,
         100 * UNIT,
-        tmp_path / "evidence",
+        _store(tmp_path),
         _oracle_domain(market),
     )
 
@@ -91,17 +94,18 @@ def test_mismatch_beyond_tolerance_slashes_and_unroutes(market, tmp_path) -> Non
     domain = market.market().domain()
     out = reference_output()
     evidence = _evidence(market, accused, checker, domain, out + 0.5, out)
-    result = _slasher(market, tmp_path).submit(evidence)
+    result = _slasher(market, tmp_path).submit(evidence, 0)
     assert result.operator == accused_op.address and result.reporter == checker_op.address
     assert result.slashed == 100 * UNIT
     assert staking.info(accused_op.address).active == 50 * UNIT  # below the 100 DLIS minimum
     assert not result.routable_after and not registry.get(accused.address).routable
     assert registry.get(checker.address).routable
     assert staking.claimable(checker_op.address) == 50 * UNIT  # reporter share 50 %
-    assert (tmp_path / "evidence" / f"0x{result.evidence_hash.hex()}.json").exists()
+    kept = _store(tmp_path).slash_evidence(f"0x{result.evidence_hash.hex()}")  # anyone may audit it
+    assert kept is not None and SpotCheckEvidence.model_validate_json(kept) == evidence
     # the same fault cannot be slashed twice, whoever reports it
     with pytest.raises(EvidenceRefusedError) as err:
-        _slasher(market, tmp_path).submit(evidence)
+        _slasher(market, tmp_path).submit(evidence, 0)
     assert err.value.reason == "already_slashed"
 
 
@@ -122,10 +126,10 @@ def test_no_slash_within_tolerance_or_with_bad_signatures(market, tmp_path) -> N
     cases["unregistered"] = _evidence(market, outsider, checker, domain, out + 0.5, out)
     for expected, evidence in cases.items():
         with pytest.raises(EvidenceRefusedError) as err:
-            slasher.submit(evidence)
+            slasher.submit(evidence, 0)
         assert err.value.reason == expected.split(" ")[0], str(err.value)
     assert staking.info(accused_op.address).active == 150 * UNIT
-    assert not (tmp_path / "evidence").exists()
+    assert slasher.store.slash_count() == 0 and slasher.store.open_slashes() == []  # nothing recorded
 
 
 def test_slash_requires_slasher_role(market, tmp_path) -> None:
@@ -140,13 +144,14 @@ def test_slash_requires_slasher_role(market, tmp_path) -> None:
         market.market().address,
         nobody,
         UNIT,
-        tmp_path,
+        _store(tmp_path),
         _oracle_domain(market),
         runners=[market.oracle.address],
     )
     with pytest.raises(ContractRevertError) as err:
-        slasher.submit(evidence)
+        slasher.submit(evidence, 0)
     assert err.value.error == "AccessControlUnauthorizedAccount"
+    assert slasher.store.open_slashes() == [] and slasher.store.slash_count() == 0  # recorded as refused
 
 
 def test_referee_required_two_of_three(market, tmp_path) -> None:
@@ -158,18 +163,18 @@ def test_referee_required_two_of_three(market, tmp_path) -> None:
         market.market().address,
         market.oracle,
         100 * UNIT,
-        tmp_path / "evidence",
+        _store(tmp_path),
         _oracle_domain(market),
         require_referee=True,
     )
     domain = market.market().domain()
     out = reference_output()
     with pytest.raises(EvidenceRefusedError) as err:
-        slasher.submit(_evidence(market, accused, checker, domain, out + 0.5, out))
+        slasher.submit(_evidence(market, accused, checker, domain, out + 0.5, out), 0)
     assert err.value.reason == "referee_required"
     with pytest.raises(EvidenceRefusedError) as err:
-        slasher.submit(_evidence(market, accused, checker, domain, out + 0.5, out, referee=(referee, out + 0.5)))
+        slasher.submit(_evidence(market, accused, checker, domain, out + 0.5, out, referee=(referee, out + 0.5)), 0)
     assert err.value.reason == "checkers_disagree"
     assert market.staking().info(accused_op.address).active == 150 * UNIT
-    result = slasher.submit(_evidence(market, accused, checker, domain, out + 0.5, out, referee=(referee, out)))
+    result = slasher.submit(_evidence(market, accused, checker, domain, out + 0.5, out, referee=(referee, out)), 0)
     assert result.slashed == 100 * UNIT and not result.routable_after

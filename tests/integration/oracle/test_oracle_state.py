@@ -1,20 +1,29 @@
-"""The oracle restarts from its state after a crash in the middle of writing it (real Anvil, the
-real service): a report log cut short mid-line, a privacy account torn mid-write."""
+"""The oracle restarts from its database after a crash at any point of an intake (real Anvil, the
+real service, a real SQLite file): each intake is all or nothing, and what was sent to the chain
+before the crash is reconciled with the chain, never sent twice."""
 
 from __future__ import annotations
 
-import os
-import pathlib
 from pathlib import Path
 
 import pytest
+from sqlalchemy.engine import Transaction
+from sqlalchemy.orm import Session
 
 from dlis_market.chain.devnet import LocalMarket
-from dlis_market.oracle import state_files
+from dlis_market.oracle.errors import EvidenceRefusedError, TelemetryRefusedError
 from dlis_market.oracle.observations import ObservationBatch, StageObservation
 from dlis_market.oracle.service import OracleService
-from dlis_market.oracle.telemetry import TelemetryMetrics, TelemetryReport, encode_telemetry, sign_telemetry
+from dlis_market.oracle.store import EpochStatus, OracleStore
+from dlis_market.oracle.telemetry import (
+    TelemetryIntake,
+    TelemetryMetrics,
+    TelemetryReport,
+    encode_telemetry,
+    sign_telemetry,
+)
 from dlis_market.settings import Settings
+from tests.unit.oracle.evidence_helpers import make_evidence, reference_output
 
 UNIT = 10**18
 EPOCH_S = 600
@@ -23,7 +32,11 @@ START = EPOCH * EPOCH_S
 
 
 class Crash(BaseException):
-    """The process dies here."""
+    """The process dies here (not an Exception: nothing may catch it and carry on)."""
+
+
+def _crash(*_args: object, **_kw: object) -> None:
+    raise Crash
 
 
 class Clock:
@@ -46,70 +59,158 @@ def _report(service: OracleService, key, seq: int, ts: float) -> bytes:  # type:
     return encode_telemetry(sign_telemetry(key.key, service.domain, report))
 
 
-def test_restart_after_a_crash_mid_append(market: LocalMarket, tmp_path: Path) -> None:
+def _posted_on_chain(market: LocalMarket) -> list[int]:
+    return [int(e) for e in market.reputation().contract.functions.epochs().call()]
+
+
+def test_a_report_is_kept_with_its_seq_or_not_at_all(market: LocalMarket, tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     node = market.enroll_node(market.new_funded_account(300 * UNIT), stake=300 * UNIT)
     clock = Clock(START + 30)
     service = _service(market, tmp_path, clock)
     service.submit_telemetry(_report(service, node, 1, clock.now))
     clock.now += 60
+    third, fourth = _report(service, node, 3, clock.now), _report(service, node, 4, clock.now)
     service.submit_telemetry(_report(service, node, 2, clock.now))
-    log = tmp_path / "oracle" / "reports" / f"{EPOCH}.jsonl"
-    whole = log.read_text()
-    with log.open("a") as fh:  # the third report was being appended when the process died
-        fh.write(whole.splitlines()[-1][: len(whole) // 3])
+    monkeypatch.setattr(Transaction, "commit", _crash)  # dies before the report's transaction commits
+    with pytest.raises(Crash):
+        service.submit_telemetry(third)
+    monkeypatch.undo()
     again = _service(market, tmp_path, clock)
     assert [r.telemetry.report.seq for r in again._pending] == [1, 2]
-    clock.now += 60  # it keeps going: the next report is appended after the torn one and read back
-    again.submit_telemetry(_report(again, node, 3, clock.now))
-    assert [r.telemetry.report.seq for r in _service(market, tmp_path, clock)._pending] == [1, 2, 3]
+    assert again.intake.last_seq[node.address] == 2
+    again.submit_telemetry(third)  # never answered, so the worker's retry is taken, once
+    monkeypatch.setattr(TelemetryIntake, "accept", _crash)  # dies after the commit, before answering
+    with pytest.raises(Crash):
+        again.submit_telemetry(fourth)
+    monkeypatch.undo()
+    last = _service(market, tmp_path, clock)
+    assert [r.telemetry.report.seq for r in last._pending] == [1, 2, 3, 4]
+    with pytest.raises(TelemetryRefusedError, match="not above the last accepted seq 4"):  # a replay now
+        last.submit_telemetry(fourth)
+    assert [r.telemetry.report.seq for r in last._pending] == [1, 2, 3, 4]
 
 
-def test_privacy_accounts_survive_a_crash_mid_write(market: LocalMarket, tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_a_crash_after_posting_finishes_the_epoch_once(market: LocalMarket, tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     node = market.enroll_node(market.new_funded_account(300 * UNIT), stake=300 * UNIT)
     clock = Clock(START + 30)
     service = _service(market, tmp_path, clock)
     service.submit_telemetry(_report(service, node, 1, clock.now))
     clock.now = START + EPOCH_S + 30
     assert service.close_epoch(EPOCH) is not None
-    privacy = tmp_path / "oracle" / "privacy.json"
-    before = privacy.read_text()
+    before = service.accountant.to_json()
     service.submit_telemetry(_report(service, node, 2, clock.now))
-
-    real_replace, real_write_text = os.replace, pathlib.Path.write_text
-
-    def torn_write_text(self: Path, data: str, *args: object, **kw: object) -> int:
-        if self.name == "privacy.json":  # how a plain write dies: truncated, half written
-            real_write_text(self, data[: len(data) // 2])
-            raise Crash
-        return real_write_text(self, data, *args, **kw)  # type: ignore[arg-type]
-
-    def dying_replace(src: str, dst: str | Path) -> None:
-        if Path(dst).name == "privacy.json":
-            raise Crash
-        real_replace(src, dst)
-
-    monkeypatch.setattr(pathlib.Path, "write_text", torn_write_text)
-    monkeypatch.setattr(state_files.os, "replace", dying_replace)
+    # postEpoch went through; the transaction that marks it posted and spends the budget dies
+    monkeypatch.setattr(OracleStore, "finish_epoch", _crash)
     clock.now = START + 2 * EPOCH_S + 30
     with pytest.raises(Crash):
         service.close_epoch(EPOCH + 1)
     monkeypatch.undo()
-    assert privacy.read_text() == before  # the previous accounts, whole
-    again = _service(market, tmp_path, clock)
-    assert again.accountant.to_json() == before
+    assert _posted_on_chain(market) == [EPOCH, EPOCH + 1]
+    store = OracleStore(service.store.url)
+    assert store.epoch_status(EPOCH + 1) == EpochStatus.POSTING and store.aggregates(EPOCH + 1) is None
+    assert store.accountant(service.config.dp_budget, service.config.dp_budget_window_epochs).to_json() == before
+
+    again = _service(market, tmp_path, clock)  # finishes it from the chain's root, posts nothing
+    assert _posted_on_chain(market) == [EPOCH, EPOCH + 1]
+    assert store.epoch_status(EPOCH + 1) == EpochStatus.POSTED
+    assert store.aggregates(EPOCH + 1) is not None
+    assert [f for f, _ in store.releases(EPOCH + 1)] == ["availability", "latency_histogram", "capacity"]
+    eps = service.config.dp_epsilon
+    assert again.accountant.account(node.address, EPOCH + 1)["spent"] == pytest.approx(2 * eps)
+    assert again.close_epoch(EPOCH + 1) is not None  # closed once: the stored record, nothing spent again
+    assert again.accountant.account(node.address, EPOCH + 1)["spent"] == pytest.approx(2 * eps)
+    assert again.store.proof(node.address, EPOCH + 1).verifies_offline()
 
 
-def test_observations_of_an_open_epoch_survive_a_restart(market: LocalMarket, tmp_path: Path) -> None:
+def test_a_crash_before_posting_posts_the_recorded_root(market: LocalMarket, tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     node = market.enroll_node(market.new_funded_account(300 * UNIT), stake=300 * UNIT)
     clock = Clock(START + 30)
     service = _service(market, tmp_path, clock)
-    obs = StageObservation(
-        node=node.address, job_id="0x" + "07" * 32, start=0, end=4, tokens=16, latency_ms=800, ok=True
-    ).signed_by_runner(market.oracle.key, service.domain)
+    service.submit_telemetry(_report(service, node, 1, clock.now))
+    clock.now = START + EPOCH_S + 30
+    monkeypatch.setattr(type(service.reputation), "post_epoch", _crash)
+    with pytest.raises(Crash):
+        service.close_epoch(EPOCH)
+    monkeypatch.undo()
+    intent = OracleStore(service.store.url).epoch_intent(EPOCH)
+    assert intent is not None and _posted_on_chain(market) == []
+    again = _service(market, tmp_path, clock)
+    assert _posted_on_chain(market) == [EPOCH]
+    assert market.reputation().telemetry_root(EPOCH) == bytes.fromhex(intent.record.root[2:])
+    assert again.posted_epochs == 1 and again.latest_aggregates() is not None
+
+
+def test_a_crash_around_the_slash_slashes_once_and_counts_once(
+    market: LocalMarket, tmp_path: Path, monkeypatch
+) -> None:  # type: ignore[no-untyped-def]
+    ops = [market.new_funded_account(300 * UNIT) for _ in range(2)]
+    accused, checker = (market.enroll_node(op, stake=300 * UNIT) for op in ops)
+    clock = Clock(START + 30)
+    service = _service(market, tmp_path, clock)
+    out = reference_output()
+    domain = market.market().domain()
+
+    def evidence(job: bytes):  # type: ignore[no-untyped-def]
+        return make_evidence(
+            accused, checker, domain, out + 1.0, out, job=job, runner=market.oracle, oracle_domain=service.domain
+        )
+
+    slash = service.config.slash_amount
+    # 1. dies after the chain took the slash, before its result was recorded
+    monkeypatch.setattr(OracleStore, "finish_slash", _crash)
+    with pytest.raises(Crash):
+        service.report_spot_check(evidence(b"\x01" * 32))
+    monkeypatch.undo()
+    assert market.staking().info(ops[0].address).active == 300 * UNIT - slash
+    # 2. dies after recording the intent, before sending the slash
+    monkeypatch.setattr(type(service.staking), "slash", _crash)
+    with pytest.raises(Crash):
+        service.report_spot_check(evidence(b"\x02" * 32))
+    monkeypatch.undo()
+    assert market.staking().info(ops[0].address).active == 300 * UNIT - slash
+
+    again = _service(market, tmp_path, clock)  # reconciles both with the chain's evidenceUsed
+    assert market.staking().info(ops[0].address).active == 300 * UNIT - 2 * slash
+    assert again.slashes == 2 and again.store.open_slashes() == []
+    checks = again._checks[EPOCH]
+    assert checks[accused.address] == [0, 2] and checks[checker.address] == [2, 0]  # [passed, failed]
+    for job in (b"\x01" * 32, b"\x02" * 32):  # posted again: refused, nothing counted again
+        with pytest.raises(EvidenceRefusedError, match="already used"):
+            again.report_spot_check(evidence(job))
+    assert market.staking().info(ops[0].address).active == 300 * UNIT - 2 * slash
+    assert dict(_service(market, tmp_path, clock)._checks[EPOCH]) == dict(checks)
+
+
+def test_observations_of_an_open_epoch_survive_a_restart(market: LocalMarket, tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    node = market.enroll_node(market.new_funded_account(300 * UNIT), stake=300 * UNIT)
+    clock = Clock(START + 30)
+    service = _service(market, tmp_path, clock)
+
+    def observed(job: int) -> StageObservation:
+        return StageObservation(
+            node=node.address, job_id="0x" + f"{job:064x}", start=0, end=4, tokens=16, latency_ms=800, ok=True
+        ).signed_by_runner(market.oracle.key, service.domain)
+
+    obs = observed(7)
     assert service.report_observations(ObservationBatch(observations=(obs,))) == 1
+    # a batch whose transaction dies halfway keeps none of it
+    real_add = Session.add
+    added: list[object] = []
+
+    def dying_add(self: Session, row: object, *a: object, **kw: object) -> None:
+        added.append(row)
+        if len(added) == 3:  # the second observation's counted key: the first one is in the batch already
+            raise Crash
+        real_add(self, row, *a, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Session, "add", dying_add)
+    with pytest.raises(Crash):
+        service.report_observations(ObservationBatch(observations=(observed(8), observed(9))))
+    monkeypatch.undo()
     again = _service(market, tmp_path, clock)
     assert again._observed[EPOCH] == [obs]
     assert again.report_observations(ObservationBatch(observations=(obs,))) == 0  # still counted once
+    assert again.report_observations(ObservationBatch(observations=(observed(8), observed(9)))) == 2
     clock.now = START + EPOCH_S + 200
     record = again.close_epoch(EPOCH)
     assert record is not None and [leaf.node for leaf in record.leaves] == [node.address]

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
 import secrets
 import shutil
@@ -36,6 +35,7 @@ from dlis_market.cli.main import app as dlis_cli
 from dlis_market.node.driver import JobSession, JobSpec, PipelineDriver
 from dlis_market.oracle.server import create_app
 from dlis_market.oracle.service import OracleService
+from dlis_market.oracle.store import DB_FILE, OracleStore
 from dlis_market.oracle.telemetry import SignedTelemetry
 from dlis_market.settings import Settings
 
@@ -240,11 +240,17 @@ def test_oracle_relays_dht_telemetry_without_counting_copies_as_replays(fleet: F
     http, dht = fleet.address("http"), fleet.address("dht")
 
     def accepted() -> dict[str, list[dict[str, Any]]]:
+        """The reports the oracle accepted, from its database (read while it runs: WAL)."""
+        if not (state / DB_FILE).exists():
+            return {}
+        store = OracleStore(f"sqlite:///{state / DB_FILE}")
+        try:
+            received = store.reports_after(-1)
+        finally:
+            store.close()
         out: dict[str, list[dict[str, Any]]] = {}
-        for path in (state / "reports").glob("*.jsonl") if (state / "reports").exists() else []:
-            for line in path.read_text().splitlines():
-                report = json.loads(line)["telemetry"]["report"]  # ReceivedTelemetry lines
-                out.setdefault(report["node"], []).append(report)
+        for r in received:
+            out.setdefault(r.telemetry.report.node, []).append(r.telemetry.report.model_dump(mode="json"))
         return out
 
     try:

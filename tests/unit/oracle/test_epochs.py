@@ -4,12 +4,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 from eth_abi import encode
 from eth_utils import keccak
 
-from dlis_market.oracle.epochs import EpochLeaf, EpochStore, build_record, telemetry_digest
+from dlis_market.oracle.epochs import EpochLeaf, EpochRecord, build_record, telemetry_digest
 from dlis_market.oracle.errors import ProofNotFoundError
+from dlis_market.oracle.privacy import BudgetAccountant, release_aggregates
+from dlis_market.oracle.store import DB_FILE, OracleStore
 
 NODES = ["0x" + f"{i:040x}" for i in range(1, 6)]
 
@@ -18,6 +21,14 @@ def _record():  # type: ignore[no-untyped-def]
     scores = {n: 2000 * i for i, n in enumerate(NODES)}
     digests = {n: [bytes([i]) * 32] for i, n in enumerate(NODES)}
     return build_record(4, scores, digests)
+
+
+def save_posted(store: OracleStore, record: EpochRecord) -> None:
+    """Record ``record`` as posted (intent, then finished with empty aggregates)."""
+    store.intend_epoch(record, {})
+    accountant = BudgetAccountant(1.0, 1)
+    empty = release_aggregates(record.epoch, {}, 1.0, 1.0, accountant, np.random.default_rng(0))
+    store.finish_epoch(record, empty, accountant)
 
 
 def test_leaf_is_oz_standard_leaf_of_the_abi_encoded_fields() -> None:
@@ -29,9 +40,9 @@ def test_leaf_is_oz_standard_leaf_of_the_abi_encoded_fields() -> None:
 
 
 def test_stored_proofs_verify_and_tampering_fails(tmp_path: Path) -> None:
-    store = EpochStore(tmp_path)
-    store.save(_record())
-    assert store.epochs() == [4]
+    store = OracleStore(f"sqlite:///{tmp_path / DB_FILE}")
+    save_posted(store, _record())
+    assert store.posted_epochs() == [4]
     for node in NODES:
         proof = store.proof(node, 4)
         assert proof.verifies_offline()
@@ -42,7 +53,7 @@ def test_stored_proofs_verify_and_tampering_fails(tmp_path: Path) -> None:
     assert not tampered.verifies_offline()
     with pytest.raises(ProofNotFoundError, match="not scored"):
         store.proof("0x" + "99" * 20, 4)
-    with pytest.raises(ProofNotFoundError, match="no stored epoch 5"):
+    with pytest.raises(ProofNotFoundError, match="no posted epoch 5"):
         store.proof(NODES[0], 5)
 
 
@@ -53,11 +64,11 @@ def test_cli_proof_offline(tmp_path: Path) -> None:
 
     from dlis_market.cli.oracle import app
 
-    EpochStore(tmp_path / "oracle" / "epochs").save(_record())
+    save_posted(OracleStore(f"sqlite:///{tmp_path / 'oracle' / DB_FILE}"), _record())
     env = {"DLIS_HOME": str(tmp_path)}
     out = CliRunner().invoke(app, ["proof", NODES[2], "4", "--offline", "--json"], env=env)
     assert out.exit_code == 0, out.output
     shown = json.loads(out.stdout)
     assert shown["verifies_offline"] and shown["leaf"]["score_bps"] == 4000 and "verifies_on_chain" not in shown
     missing = CliRunner().invoke(app, ["proof", NODES[2], "9", "--offline"], env=env)
-    assert missing.exit_code == 1 and "no stored epoch 9" in missing.output
+    assert missing.exit_code == 1 and "no posted epoch 9" in missing.output

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import numpy as np
 import pytest
 from eth_account import Account
 
 from dlis_market.chain.job_market import market_domain
 from dlis_market.chain.typed_data import Domain
-from dlis_market.oracle.errors import EvidenceRefusedError
+from dlis_market.oracle.errors import EvidenceRefusedError, SpotCheckSecretError
 from dlis_market.oracle.verification import (
     NodeInfo,
     ReceiptWire,
@@ -18,6 +21,7 @@ from dlis_market.oracle.verification import (
     compare_outputs,
     decode_output,
     evidence_hash,
+    load_or_create_secret,
 )
 
 from .evidence_helpers import RUNNER, make_evidence, reference_output, signed_receipt
@@ -231,3 +235,26 @@ def test_last_stage_tokens_may_differ_by_one_near_tie_per_sixteen() -> None:
     short = np.arange(4)
     assert not compare_outputs(short, short + np.array([0, 0, 1, 0]), "ids").within  # under 16 tokens: exact
     assert not compare_outputs(ids, ids + 1, "ids").within  # a --byzantine last stage shifts every token
+
+
+class Crash(BaseException):
+    """The process dies here (not an Exception: nothing may catch and carry on)."""
+
+
+def _crash(*_args: object, **_kw: object) -> None:
+    raise Crash
+
+
+def test_sampler_secret_is_created_whole_or_not_at_all(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    path = tmp_path / "broker" / "spot_check_secret"
+    monkeypatch.setattr(os, "fsync", _crash)
+    with pytest.raises(Crash):
+        load_or_create_secret(path)
+    monkeypatch.undo()
+    assert not path.exists() and list(path.parent.iterdir()) == []
+    secret = load_or_create_secret(path)
+    assert len(secret) == 32 and load_or_create_secret(path) == secret
+    assert path.stat().st_mode & 0o777 == 0o600
+    path.write_bytes(secret[:5])  # cut short by an older version's crash
+    with pytest.raises(SpotCheckSecretError, match="5 bytes"):
+        load_or_create_secret(path)
