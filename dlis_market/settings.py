@@ -146,6 +146,16 @@ class BrokerSettings(_Section):
     settle_interval_s: float = 5.0
     settle_max_batch: int = 50
     max_concurrent_jobs: int = 16
+    # Admission under load (broker/admission.py): requests beyond max_concurrent_jobs wait in a
+    # FIFO line of at most admission_queue_max, each up to admission_wait_s (also while every
+    # worker of some layer is busy, re-planning on each job's end or every admission_poll_s);
+    # beyond either bound the answer is 429 with Retry-After.
+    admission_queue_max: int = Field(default=64, ge=0)
+    admission_wait_s: float = Field(default=30.0, ge=0)
+    admission_poll_s: float = Field(default=0.5, gt=0)
+    # A finished job's token events stay in memory this long for late subscribers (then its
+    # events come from the ledger: the answer, not token by token).
+    live_events_retention_s: float = Field(default=60.0, ge=0)
     # Routing (see broker/planning.py and broker/scheduler.py).
     schedule_time_limit_s: float = 2.0
     min_reputation_bps: int = 0
@@ -180,7 +190,7 @@ class OracleSettings(_Section):
     port: int = 8090
     # Account holding ORACLE_ROLE and SLASHER_ROLE: keystore name, or dev:N on a dev chain.
     account: str = "dev:2"
-    state_dir: Path | None = None  # stored epoch leaves and proofs; defaults to HOME/oracle
+    state_dir: Path | None = None  # holds oracle.db (unless database_url says otherwise); default HOME/oracle
     # The oracle's state (reports, checks, observations, epochs, privacy accounts, slashes): any
     # SQLAlchemy URL; default a SQLite file oracle.db under state_dir.
     database_url: str | None = None

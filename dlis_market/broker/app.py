@@ -1,20 +1,32 @@
-"""The broker's FastAPI application."""
+"""The broker's FastAPI application. Every refusal leaves it as RFC 9457 problem JSON, mapped in
+one place (:func:`install_problem_handlers`): the broker's domain errors, FastAPI's own 404/405 and
+request validation (422), and, as a 500 problem, any broker error nobody mapped."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import json
+import logging
 from collections.abc import AsyncIterator
+from http import HTTPStatus
 from typing import Any
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from dlis_market.broker.errors import Refusal, request_too_large
 from dlis_market.broker.metrics import broker_metrics_router
-from dlis_market.broker.problems import ProblemError, install_handlers, request_too_large
+from dlis_market.broker.problems import problem_body, problem_headers, status_of
 from dlis_market.broker.routes import dashboard, jobs, openai
 from dlis_market.broker.service import BrokerService
+from dlis_market.errors import BrokerError
+from dlis_market.types import PROBLEM_TYPE_BASE
+
+log = logging.getLogger(__name__)
 
 
 class BodyLimit:
@@ -65,15 +77,58 @@ class BodyLimit:
         await self.app(scope, replay, send)
 
     @staticmethod
-    async def _refuse(scope: Scope, send: Send, problem: ProblemError) -> None:
-        payload = json.dumps(problem.body(str(scope.get("path", "")))).encode()
+    async def _refuse(scope: Scope, send: Send, problem: Refusal) -> None:
+        payload = json.dumps(problem_body(problem, str(scope.get("path", "")))).encode()
         headers: list[Any] = [
             (b"content-type", b"application/problem+json"),
             (b"content-length", str(len(payload)).encode()),
             (b"connection", b"close"),
         ]
-        await send({"type": "http.response.start", "status": problem.status, "headers": headers})
+        await send({"type": "http.response.start", "status": status_of(problem), "headers": headers})
         await send({"type": "http.response.body", "body": payload})
+
+
+PROBLEM_JSON = "application/problem+json"
+
+
+def _problem(instance: str, status: int, slug: str, title: str, detail: str, **extra: Any) -> JSONResponse:
+    body = {"type": PROBLEM_TYPE_BASE + slug, "title": title, "status": status, "detail": detail, "instance": instance}
+    return JSONResponse({**body, **extra}, status_code=status, media_type=PROBLEM_JSON)
+
+
+def install_problem_handlers(app: FastAPI) -> None:
+    """The one mapping from what went wrong to the HTTP answer."""
+
+    @app.exception_handler(Refusal)
+    async def _refusal(request: Request, exc: Refusal) -> JSONResponse:
+        return JSONResponse(
+            problem_body(exc, request.url.path),
+            status_code=status_of(exc),
+            media_type=PROBLEM_JSON,
+            headers=problem_headers(exc),
+        )
+
+    @app.exception_handler(BrokerError)
+    async def _unmapped(request: Request, exc: BrokerError) -> JSONResponse:
+        # A broker error no refusal family covers is the broker's fault, said as a problem.
+        log.error("unmapped broker error on %s: %s", request.url.path, exc)
+        return _problem(request.url.path, 500, "internal", "Internal broker error", str(exc))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        slug = {404: "not-found", 405: "method-not-allowed"}.get(exc.status_code, f"http-{exc.status_code}")
+        res = _problem(request.url.path, exc.status_code, slug, HTTPStatus(exc.status_code).phrase, str(exc.detail))
+        res.headers.update(exc.headers or {})
+        return res
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = [
+            {"loc": [str(p) for p in e.get("loc", ())], "msg": str(e.get("msg", "")), "type": str(e.get("type", ""))}
+            for e in exc.errors()
+        ]
+        detail = "; ".join(f"{'.'.join(e['loc'])}: {e['msg']}" for e in errors)
+        return _problem(request.url.path, 422, "invalid-request", "Invalid request", detail, errors=errors)
 
 
 def create_app(service: BrokerService, settle_in_background: bool = True) -> FastAPI:
@@ -96,7 +151,7 @@ def create_app(service: BrokerService, settle_in_background: bool = True) -> Fas
     )
     app.state.service = service
     app.add_middleware(BodyLimit, max_bytes=service.settings.broker.max_request_bytes)
-    install_handlers(app)
+    install_problem_handlers(app)
     app.include_router(jobs.router)
     app.include_router(openai.router)
     app.include_router(dashboard.router)

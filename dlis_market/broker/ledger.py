@@ -34,6 +34,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship, sessionmaker
 
 from dlis_market.errors import BrokerError
+from dlis_market.settings import Settings
 
 
 class LedgerError(BrokerError):
@@ -186,6 +187,11 @@ class NewReceipt:
 def batch_id_for(job_ids: Sequence[str]) -> str:
     """Deterministic batch id: the same jobs always form the same batch id."""
     return "0x" + keccak(b"".join(bytes.fromhex(j[2:]) for j in sorted(job_ids))).hex()
+
+
+def database_url(settings: Settings) -> str:
+    """The broker's ledger database: ``broker.database_url``, else a SQLite file in its home."""
+    return settings.broker.database_url or f"sqlite:///{settings.home / 'broker.db'}"
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:

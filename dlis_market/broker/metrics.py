@@ -49,6 +49,12 @@ class BrokerMetrics:
             "dlis_broker_spot_checks", "Spot checks of stage calls by outcome (pass, slashed, refused, skipped, error)",
             ["outcome"], registry=r,
         )  # fmt: skip
+        self.running = Gauge("dlis_broker_jobs_running", "Job slots taken (admitted jobs not yet ended)", registry=r)
+        self.waiting = Gauge("dlis_broker_admission_waiting", "Requests waiting in line for a job slot", registry=r)
+        self.overloaded = Counter(
+            "dlis_broker_admission_refused", "Requests answered 429 (queue full, wait ran out, workers busy)",
+            registry=r,
+        )  # fmt: skip
         self.scrape_time = Gauge("dlis_broker_last_scrape_timestamp_seconds", "Time of the last scrape", registry=r)
         self._counted: set[tuple[str, str]] = set()
         self._measured: set[str] = set()

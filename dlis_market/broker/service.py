@@ -1,13 +1,16 @@
 """The broker's core: quote, admit, run and record paid jobs; settle them on chain in batches.
 
-Admission order, cheapest first (nothing runs unless all pass): known model (404) -> the client's
+Admission order, cheapest first (nothing runs unless all pass; each refusal is a domain error of
+:mod:`dlis_market.broker.errors`, which the API maps to a status): known model -> the client's
 EIP-712 authorization is for this broker, model and chain, unexpired, not further ahead than
-JobMarket settles, and signed by the client (401) -> a retry with the same Idempotency-Key gets
-the first job -> its nonce is unused (409) -> the prompt is not empty (422) and fits the context
-(413; tokenized in a worker thread) -> a route satisfies the policy (503) -> the authorization
-covers the quoted maximum (402) -> free escrow covers it (402: escrow less a withdrawal request
-the client can still carry out, less this broker's open jobs). Then the job is written to the
-ledger and runs in the background; tokens stream to subscribers; at the end the stages' signed
+JobMarket settles, and signed by the client -> a retry with the same Idempotency-Key gets the
+first job -> its nonce is unused -> the prompt is not empty and fits the context (tokenized in a
+worker thread) -> a job slot is free, or frees within the admission wait (a bounded FIFO line;
+:class:`Overloaded` past its bounds) -> a route over workers with free KV-cache slots satisfies
+the policy (while every worker of some layer is busy the request waits for a job to end) -> the
+authorization covers the quoted maximum -> free escrow covers it (escrow less a withdrawal
+request the client can still carry out, less this broker's open jobs). Then the job is written to
+the ledger and runs in the background; tokens stream to subscribers; at the end the stages' signed
 receipts and the answer are recorded in one transaction, and the settler pays them on chain. A
 job whose every requester disconnected is cancelled after a grace period (nothing is charged);
 at start, jobs a previous process left unfinished are failed (:meth:`BrokerService.recover`).
@@ -17,26 +20,36 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
-from dataclasses import dataclass, field
+from collections import Counter
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Coroutine
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from eth_account.signers.local import LocalAccount
 
+from dlis_market.broker.admission import AdmissionQueue
 from dlis_market.broker.auth import VerifiedAuthorization, verify_authorization
 from dlis_market.broker.backend import BackendJob, InferenceBackend, JobStream, Offer, RouteHop, SignedStageReceipt
 from dlis_market.broker.catalog import ModelCatalog, ServedModel
-from dlis_market.broker.ledger import JobRow, Ledger, LedgerError, NewJob, NewReceipt
-from dlis_market.broker.metrics import BrokerMetrics
-from dlis_market.broker.problems import (
-    ProblemError,
+from dlis_market.broker.detokenize import StreamDecoder
+from dlis_market.broker.errors import (
+    Overloaded,
+    authorization_too_low,
     bad_authorization,
     empty_prompt,
+    idempotency_key_reused,
+    incomplete_receipts,
     insufficient_escrow,
     no_route,
+    nonce_used,
+    prompt_bytes_too_long,
+    unknown_job,
 )
+from dlis_market.broker.ledger import JobRow, Ledger, LedgerError, NewJob, NewReceipt
+from dlis_market.broker.metrics import BrokerMetrics
 from dlis_market.broker.schemas import JobCreate, Policy, Quote
 from dlis_market.broker.settlement import Settler
 from dlis_market.chain.job_market import JobMarket
@@ -55,15 +68,27 @@ class PlannedRoute:
     fallback: bool = False
 
 
+@dataclass
+class AdmissionTicket:
+    """A held job slot and the workers' KV-cache slots reserved for a planned route until its
+    backend session opens (:meth:`BrokerService._release` gives both back, once)."""
+
+    peers: list[str]
+    since: float = field(default_factory=time.monotonic)
+    slot_held: bool = True
+
+
 @dataclass(frozen=True)
 class PricedJob:
-    """A job's prompt, route and cost bound, before it is admitted."""
+    """A job's prompt, route and cost bound, before it is admitted. ``ticket``: the job slot and
+    worker slots held for it (priced with ``admit=True``), released by :meth:`BrokerService.submit`."""
 
     served: ServedModel
     prompt_ids: list[int]
     route: PlannedRoute
     cost: int
     fee: int
+    ticket: AdmissionTicket | None = None
 
     @property
     def total(self) -> int:
@@ -89,6 +114,16 @@ def price_bound(route: PlannedRoute, prompt_tokens: int, max_tokens: int) -> int
     return sum(h.price_per_token * (prompt_tokens + max_tokens) for h in route.hops)
 
 
+def covers(offers: list[Offer], num_layers: int) -> bool:
+    """Whether the offers' spans together cover layers [0, num_layers)."""
+    at = 0
+    for o in sorted(offers, key=lambda o: o.start):
+        if o.start > at:
+            break
+        at = max(at, o.end)
+    return at >= num_layers
+
+
 def covering_receipts(receipts: list[SignedStageReceipt], num_layers: int) -> list[SignedStageReceipt]:
     """The receipts of the final route, tiling [0, num_layers) in order (a replaced stage's
     partial receipt is dropped: JobMarket pays one receipt per layer range)."""
@@ -100,9 +135,7 @@ def covering_receipts(receipts: list[SignedStageReceipt], num_layers: int) -> li
     while at < num_layers:
         nxt = by_start.get(at)
         if nxt is None:
-            raise ProblemError(
-                502, "incomplete-receipts", "Incomplete receipts", f"no stage receipt starts at layer {at}"
-            )
+            raise incomplete_receipts(at)
         out.append(nxt)
         at = nxt.end
     return out
@@ -141,11 +174,17 @@ class BrokerService:
         self._runs: dict[str, asyncio.Task[None]] = {}  # job id -> its running task
         self._watchers: dict[str, int] = {}  # job id -> requests waiting on it now
         self._orphaned: dict[str, asyncio.TimerHandle] = {}  # job id -> its pending cancellation
-        self._slots = asyncio.Semaphore(settings.broker.max_concurrent_jobs)
+        b = settings.broker
+        self.admission = AdmissionQueue(b.max_concurrent_jobs, b.admission_queue_max, b.admission_wait_s)
+        self._reserved: Counter[str] = Counter()  # peer id -> KV slots planned for, session not yet open
+        self._opened: Counter[str] = Counter()  # peer id -> sessions this broker opened there (ever)
+        self._commit_lock = asyncio.Lock()  # the open-jobs read and the job write of one admission
         self._fee_bps: int | None = None
         self._auth_lifetime: int | None = None
         self._widest: dict[str, int] = {}
         self.metrics = BrokerMetrics()
+        self.metrics.running.set_function(lambda: self.admission.running)
+        self.metrics.waiting.set_function(lambda: self.admission.waiting)
 
     # ------------------------------------------------------------------ pricing
 
@@ -154,11 +193,38 @@ class BrokerService:
             self._fee_bps = await asyncio.to_thread(self.market.fee_bps)
         return self._fee_bps
 
-    async def plan(self, served: ServedModel, policy: Policy, prompt_tokens: int, max_tokens: int) -> PlannedRoute:
-        offers = await self.backend.offers(served.name)
-        if not offers:
-            raise no_route(f"no worker announces any layer of {served.name} ({served.num_layers} layers)")
-        return await asyncio.to_thread(self.planner, offers, served, policy, prompt_tokens, max_tokens)
+    async def plan(
+        self, served: ServedModel, policy: Policy, prompt_tokens: int, max_tokens: int, deadline: float | None = None
+    ) -> tuple[PlannedRoute, list[str]]:
+        """A route over workers with a free KV-cache slot (less those this broker planned for and
+        has not opened yet), and the peers it uses. While every worker of some layer is busy:
+        with a ``deadline`` (an admitted request) wait for a job to end and plan again, else (or
+        past it) :class:`Overloaded`."""
+        while True:
+            offers = await self.backend.offers(served.name)
+            if not offers:
+                raise no_route(f"no worker announces any layer of {served.name} ({served.num_layers} layers)")
+            opened = self._opened.copy()
+            mine = [replace(o, free_slots=o.free_slots - self._reserved[o.peer_id]) for o in offers]
+            if covers([o for o in mine if o.free_slots > 0], served.num_layers) or not covers(
+                offers, served.num_layers
+            ):
+                route = await asyncio.to_thread(self.planner, mine, served, policy, prompt_tokens, max_tokens)
+                free = {o.peer_id: o.free_slots for o in offers}
+                peers = [h.peer_id for h in route.hops]
+                # Others may have planned on the same slots, or opened sessions the offers do not
+                # show yet, while this plan ran in its thread.
+                if all(free.get(p, 1) - self._reserved[p] - (self._opened[p] - opened[p]) > 0 for p in peers):
+                    self._reserved.update(peers)
+                    return route, peers
+            busy = sum(1 for o in mine if o.free_slots <= 0)
+            if deadline is None or time.monotonic() >= deadline:
+                raise Overloaded(
+                    f"every worker of some layer of {served.name} is busy ({busy} of {len(offers)} have no free "
+                    "KV-cache slot)",
+                    self.admission.retry_after(),
+                )
+            await self.admission.released(min(self.settings.broker.admission_poll_s, deadline - time.monotonic()))
 
     async def _bound(self, route: PlannedRoute, policy: Policy, prompt_tokens: int, max_tokens: int) -> tuple[int, int]:
         """Upper bound of the stages' charges and the protocol fee on them, within the policy."""
@@ -181,14 +247,7 @@ class BrokerService:
         size = sum(len(t.encode()) for t in texts)
         ctx = served.context_length
         if size > ctx and size > (widest := await self._widest_token(served)) * ctx:
-            raise ProblemError(
-                413,
-                "prompt-too-long",
-                "Prompt too long",
-                f"the prompt is {size} bytes, so at least {size // widest} tokens (no token is longer than "
-                f"{widest} bytes), over the model's context of {served.context_length}; shorten it",
-                limit=served.context_length,
-            )
+            raise prompt_bytes_too_long(size, widest, ctx)
         ids = await asyncio.to_thread(served.encode_prompt, prompt, messages)
         if not ids:
             raise empty_prompt()
@@ -211,17 +270,65 @@ class BrokerService:
         return widest
 
     async def price(
-        self, model: str, prompt: str | None, messages: list[dict[str, str]] | None, max_tokens: int, policy: Policy
+        self,
+        model: str,
+        prompt: str | None,
+        messages: list[dict[str, str]] | None,
+        max_tokens: int,
+        policy: Policy,
+        admit: bool = False,
     ) -> PricedJob:
-        """Tokenize, check the context, route and bound the cost of a job (nothing is committed)."""
+        """Tokenize, check the context, route and bound the cost of a job (nothing is committed).
+        ``admit``: hold a job slot for it (pass the result to :meth:`submit`, which releases it)."""
         served = self.catalog.get(model)
         ids = await self.tokenize(served, prompt, messages, max_tokens)
-        return await self._priced(served, ids, policy, max_tokens)
+        return await self._priced(served, ids, policy, max_tokens, admit)
 
-    async def _priced(self, served: ServedModel, ids: list[int], policy: Policy, max_tokens: int) -> PricedJob:
-        route = await self.plan(served, policy, len(ids), max_tokens)
-        cost, fee = await self._bound(route, policy, len(ids), max_tokens)
-        return PricedJob(served, ids, route, cost, fee)
+    async def _priced(
+        self, served: ServedModel, ids: list[int], policy: Policy, max_tokens: int, admit: bool = False
+    ) -> PricedJob:
+        """Route and bound a job. ``admit``: first take a job slot (waiting in line) and keep it
+        and the route's worker slots in the returned ticket; released on any failure here."""
+        if not admit:
+            route, peers = await self.plan(served, policy, len(ids), max_tokens)
+            self._unreserve(peers)
+            cost, fee = await self._bound(route, policy, len(ids), max_tokens)
+            return PricedJob(served, ids, route, cost, fee)
+        deadline = time.monotonic() + self.settings.broker.admission_wait_s
+        try:
+            await self.admission.acquire(deadline)
+        except Overloaded:
+            self.metrics.overloaded.inc()
+            raise
+        ticket = AdmissionTicket(peers=[])
+        try:
+            route, ticket.peers = await self.plan(served, policy, len(ids), max_tokens, deadline)
+            cost, fee = await self._bound(route, policy, len(ids), max_tokens)
+        except BaseException as exc:
+            self._release(ticket)
+            if isinstance(exc, Overloaded):
+                self.metrics.overloaded.inc()
+            raise
+        return PricedJob(served, ids, route, cost, fee, ticket)
+
+    def abandon(self, priced: PricedJob) -> None:
+        """Give back the slots a priced job holds when it will not be submitted."""
+        if priced.ticket is not None:
+            self._release(priced.ticket)
+
+    def _unreserve(self, peers: list[str]) -> None:
+        self._reserved.subtract(peers)
+        for p in set(peers):
+            if self._reserved[p] <= 0:
+                del self._reserved[p]
+
+    def _release(self, ticket: AdmissionTicket) -> None:
+        """Give back what a ticket holds (each part once)."""
+        self._unreserve(ticket.peers)
+        ticket.peers = []
+        if ticket.slot_held:
+            ticket.slot_held = False
+            self.admission.release(time.monotonic() - ticket.since)
 
     async def quote(
         self, model: str, prompt: str | None, messages: list[dict[str, str]] | None, max_tokens: int, policy: Policy
@@ -266,7 +373,49 @@ class BrokerService:
         client, once its signature is checked) returns that job instead of a new one.
 
         Cheap checks come first: the signature, deadline and nonce are checked before the prompt is
-        tokenized or a route searched, so a stranger's unsigned request costs almost nothing."""
+        tokenized or a route searched, so a stranger's unsigned request costs almost nothing. Then
+        the request takes a job slot, waiting in line when all are taken (429 past the queue's
+        bounds), before it is routed; until then it holds no escrow."""
+        held = [priced.ticket] if priced is not None and priced.ticket is not None else []
+        try:
+            row, run = await self._admit(req, spender, priced, idempotency, held)
+        except BaseException:
+            for t in held:
+                self._release(t)
+            raise
+        if run is None:  # a retry of an admitted job
+            for t in held:
+                self._release(t)
+            return row
+        task = asyncio.create_task(run)  # a new job: its run owns the slot from here on
+        self._tasks.add(task)
+        self._runs[row.id] = task
+        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(lambda _t: self._runs.pop(row.id, None))
+        task.add_done_callback(lambda _t: self._forget_later(row.id))
+        for t in held:
+            task.add_done_callback(functools.partial(self._released_by, t))
+        return row
+
+    def _forget_later(self, job_id: str) -> None:
+        """Drop a finished job's token events after ``live_events_retention_s`` (memory stays flat
+        however many jobs run; later subscribers get the ledger's record)."""
+        retention = self.settings.broker.live_events_retention_s
+        asyncio.get_running_loop().call_later(retention, self._live.pop, job_id, None)
+
+    def _released_by(self, ticket: AdmissionTicket, _task: asyncio.Task[None]) -> None:
+        self._release(ticket)
+
+    async def _admit(
+        self,
+        req: JobCreate,
+        spender: str | None,
+        priced: PricedJob | None,
+        idempotency: Idempotency | None,
+        held: list[AdmissionTicket],
+    ) -> tuple[JobRow, Coroutine[Any, Any, None] | None]:
+        """The checks and the ledger write of :meth:`submit`: the job, and its run (None for a
+        retry of a job already admitted). Tickets taken here are appended to ``held``."""
         served = priced.served if priced is not None else self.catalog.get(req.model)
         now = await asyncio.to_thread(self.market.client.timestamp)
         lifetime = await asyncio.to_thread(self.max_authorization_lifetime)
@@ -279,86 +428,59 @@ class BrokerService:
             max_lifetime=lifetime,
             signer=spender,
         )
+        cap = None
         if spender is not None:
-            await self._check_spender(vauth.auth.client, spender, vauth.auth.max_cost, now)
+            cap = await self._check_spender(vauth.auth.client, spender, vauth.auth.max_cost, now)
         if idempotency is not None and idempotency.scope is None:
             idempotency = Idempotency(idempotency.key, idempotency.body_hash, vauth.auth.client, idempotency.replay)
-        if idempotency is not None and idempotency.replay and (prior := self.admitted_before(idempotency)) is not None:
-            return prior
-        if self.ledger.get_job(vauth.job_id) is not None or await asyncio.to_thread(
+        if (
+            idempotency is not None
+            and idempotency.replay
+            and (prior := await self.admitted_before(idempotency)) is not None
+        ):
+            return prior, None
+        if await asyncio.to_thread(self.ledger.get_job, vauth.job_id) is not None or await asyncio.to_thread(
             self.market.nonce_used, vauth.auth.client, vauth.auth.nonce
         ):
-            raise ProblemError(
-                409,
-                "nonce-used",
-                "Nonce already used",
-                f"nonce {vauth.auth.nonce} of {vauth.auth.client} was used; sign a new one",
-            )
+            raise nonce_used(f"nonce {vauth.auth.nonce} of {vauth.auth.client} was used; sign a new one")
         if priced is None:
             messages = [m.model_dump() for m in req.messages] if req.messages is not None else None
             ids = await self.tokenize(served, req.prompt, messages, req.max_tokens)
-            priced = await self._priced(served, ids, req.policy, req.max_tokens)
+            priced = await self._priced(served, ids, req.policy, req.max_tokens, admit=True)
+            if priced.ticket is not None:
+                held.append(priced.ticket)
         ids = priced.prompt_ids
         total = priced.total
         if total > vauth.auth.max_cost:
-            raise ProblemError(
-                402,
-                "authorization-too-low",
-                "Authorization too low",
-                f"the job may cost up to {total} token units but the authorization allows {vauth.auth.max_cost}; "
-                "sign a larger max_cost or ask for fewer tokens",
-            )
-        await self._check_escrow(vauth.auth.client, vauth.auth.max_cost, now)
-        try:
-            row = self.ledger.create_job(
-                NewJob(
-                    id=vauth.job_id,
-                    client=vauth.auth.client,
-                    nonce=vauth.auth.nonce,
-                    model=served.name,
-                    model_id=served.model_id,
-                    request=req.model_dump(mode="json", exclude={"authorization"}),
-                    max_cost=vauth.auth.max_cost,
-                    deadline=vauth.auth.deadline,
-                    auth_signature="0x" + vauth.signature.hex(),
-                )
-            )
-        except LedgerError as exc:
-            raise ProblemError(409, "nonce-used", "Nonce already used", str(exc)) from exc
-        if idempotency is not None and idempotency.scope is not None:
-            self.ledger.remember_request(
-                idempotency.scope,
-                idempotency.key,
-                idempotency.body_hash,
-                row.id,
-                forget_before=time.time() - self.settings.broker.idempotency_window_s,
-            )
+            raise authorization_too_low(total, vauth.auth.max_cost)
+        usable, withdrawing = await self._escrow_of(vauth.auth.client, now)
+        new = NewJob(
+            id=vauth.job_id,
+            client=vauth.auth.client,
+            nonce=vauth.auth.nonce,
+            model=served.name,
+            model_id=served.model_id,
+            request=req.model_dump(mode="json", exclude={"authorization"}),
+            max_cost=vauth.auth.max_cost,
+            deadline=vauth.auth.deadline,
+            auth_signature="0x" + vauth.signature.hex(),
+        )
+        row = await self._commit(new, usable, withdrawing, cap, idempotency)
         self._live[row.id] = _Live()
-        task = asyncio.create_task(self._run(row.id, served, vauth, req, ids, priced.route))
-        self._tasks.add(task)
-        self._runs[row.id] = task
-        task.add_done_callback(self._tasks.discard)
-        task.add_done_callback(lambda _t: self._runs.pop(row.id, None))
-        return row
+        return row, self._run(row.id, served, vauth, req, ids, priced.route, priced.ticket)
 
-    def admitted_before(self, idem: Idempotency) -> JobRow | None:
-        """The job a request with this key admitted within the idempotency window, if any; a 422
-        problem when the key was used for a different request."""
+    async def admitted_before(self, idem: Idempotency) -> JobRow | None:
+        """The job a request with this key admitted within the idempotency window, if any; a
+        refusal when the key was used for a different request."""
         if idem.scope is None:
             return None
         since = time.time() - self.settings.broker.idempotency_window_s
-        prior = self.ledger.recall_request(idem.scope, idem.key, since)
+        prior = await asyncio.to_thread(self.ledger.recall_request, idem.scope, idem.key, since)
         if prior is None:
             return None
         if prior.body_hash != idem.body_hash:
-            raise ProblemError(
-                422,
-                "idempotency-key-reused",
-                "Idempotency key reused",
-                f"Idempotency-Key {idem.key[:64]!r} was used for a different request within the last "
-                f"{self.settings.broker.idempotency_window_s:.0f} s; use a new key for a new request",
-            )
-        return self.ledger.get_job(prior.job_id)
+            raise idempotency_key_reused(idem.key, self.settings.broker.idempotency_window_s)
+        return await asyncio.to_thread(self.ledger.get_job, prior.job_id)
 
     # ------------------------------------------------------------------ requesters
 
@@ -390,27 +512,80 @@ class BrokerService:
             log.info("job %s: every requester disconnected; cancelling it", job_id)
             task.cancel()
 
-    async def _check_spender(self, client: str, spender: str, need: int, now: int) -> None:
+    async def _check_spender(self, client: str, spender: str, need: int, now: int) -> int:
+        """The API key's remaining on-chain spending cap, checked (early, cheaply) against this job
+        and the broker's open jobs; :meth:`_commit` checks it again as it writes the job."""
         remaining, expiry = await asyncio.to_thread(self.market.spender_of, client, spender)
         if expiry < now:
             raise bad_authorization(f"the API key's on-chain spending authorization expired at {expiry} (now {now})")
-        free = remaining - self.ledger.committed_escrow(client)
+        free = remaining - await asyncio.to_thread(self.ledger.committed_escrow, client)
         if free < need:
             raise insufficient_escrow(need, max(free, 0), client)
+        return int(remaining)
 
-    async def _check_escrow(self, client: str, need: int, now: int) -> None:
-        """Free escrow: the balance, less a withdrawal request the client can still carry out (until
-        it expires it may become ready before this job settles), less this broker's open jobs."""
+    async def _escrow_of(self, client: str, now: int) -> tuple[int, int]:
+        """(escrow usable by jobs, withdrawing): the balance less a withdrawal request the client
+        can still carry out (until it expires it may become ready before this job settles)."""
         escrow, (pending, _ready_at, expires_at) = await asyncio.gather(
             asyncio.to_thread(self.market.escrow_of, client),
             asyncio.to_thread(self.market.pending_withdrawal, client),
         )
         withdrawing = min(pending, escrow) if pending and expires_at >= now else 0
-        free = escrow - withdrawing - self.ledger.committed_escrow(client)
-        if free < need:
-            raise insufficient_escrow(need, max(free, 0), client, withdrawing=withdrawing)
+        return escrow - withdrawing, withdrawing
+
+    async def _commit(
+        self, new: NewJob, usable: int, withdrawing: int, cap: int | None, idempotency: Idempotency | None
+    ) -> JobRow:
+        """Write the job if free escrow (``usable`` less this broker's open jobs) and the API key's
+        ``cap`` still cover its max cost. One admission at a time reads the open jobs and writes,
+        so two jobs of one client cannot both count the same free escrow; the database work runs
+        in a worker thread."""
+
+        def write() -> JobRow:
+            committed = self.ledger.committed_escrow(new.client)
+            if cap is not None and cap - committed < new.max_cost:
+                raise insufficient_escrow(new.max_cost, max(cap - committed, 0), new.client)
+            if usable - committed < new.max_cost:
+                raise insufficient_escrow(new.max_cost, max(usable - committed, 0), new.client, withdrawing)
+            try:
+                row = self.ledger.create_job(new)
+            except LedgerError as exc:
+                raise nonce_used(str(exc)) from exc
+            if idempotency is not None and idempotency.scope is not None:
+                self.ledger.remember_request(
+                    idempotency.scope,
+                    idempotency.key,
+                    idempotency.body_hash,
+                    row.id,
+                    forget_before=time.time() - self.settings.broker.idempotency_window_s,
+                )
+            return row
+
+        async with self._commit_lock:
+            return await asyncio.to_thread(write)
 
     # ------------------------------------------------------------------ running
+
+    def _backend_job(
+        self, job_id: str, served: ServedModel, vauth: VerifiedAuthorization, req: JobCreate, ids: list[int],
+        route: PlannedRoute,
+    ) -> BackendJob:  # fmt: skip
+        s = req.sampling
+        return BackendJob(
+            job_id=bytes.fromhex(job_id[2:]),
+            model=served.name,
+            prompt_ids=ids,
+            max_new_tokens=req.max_tokens,
+            max_cost=vauth.auth.max_cost,
+            greedy=s.greedy,
+            temperature=s.temperature,
+            top_k=s.top_k or 0,
+            top_p=s.top_p or 1.0,
+            seed=s.seed or 0,
+            stop_token_ids=served.eos_token_ids,
+            num_layers=served.num_layers,
+            route=route.hops,
+        )
 
     async def _run(
         self,
@@ -420,7 +595,9 @@ class BrokerService:
         req: JobCreate,
         ids: list[int],
         route: PlannedRoute,
+        ticket: AdmissionTicket | None = None,
     ) -> None:
+        """Run an admitted job in its slot (released by its task's done callback)."""
         live = self._live[job_id]
         started = time.perf_counter()
         ttft: float | None = None
@@ -429,43 +606,35 @@ class BrokerService:
         stream: JobStream | None = None
         recorded = False
         try:
-            async with self._slots:
-                hops = [{"node": h.node, "peer_id": h.peer_id, "start": h.start, "end": h.end} for h in route.hops]
-                self.ledger.mark_running(job_id, hops, route.fallback)
-                s = req.sampling
-                stream = await self.backend.start(
-                    BackendJob(
-                        job_id=bytes.fromhex(job_id[2:]),
-                        model=served.name,
-                        prompt_ids=ids,
-                        max_new_tokens=req.max_tokens,
-                        max_cost=vauth.auth.max_cost,
-                        greedy=s.greedy,
-                        temperature=s.temperature,
-                        top_k=s.top_k or 0,
-                        top_p=s.top_p or 1.0,
-                        seed=s.seed or 0,
-                        stop_token_ids=served.eos_token_ids,
-                        num_layers=served.num_layers,
-                        route=route.hops,
-                    )
-                )
-                tokens = stream.tokens()
-                try:
-                    async for token in tokens:
-                        if ttft is None:
-                            ttft = (time.perf_counter() - started) * 1000
-                        out.append(token)
-                        new_text = served.decode(out)
-                        await self._publish(live, {"type": "token", "token_id": token, "text": new_text[len(text) :]})
-                        text = new_text
-                finally:  # on cancellation too: the token stream stops now
-                    if isinstance(tokens, AsyncGenerator):
-                        await tokens.aclose()
-                # Every token was served: a requester leaving now cancels nothing (the stages are
-                # owed for the work and their receipts are collected next).
-                self._runs.pop(job_id, None)
-                final_route, receipts = await stream.finish()
+            hops = [{"node": h.node, "peer_id": h.peer_id, "start": h.start, "end": h.end} for h in route.hops]
+            await asyncio.to_thread(self.ledger.mark_running, job_id, hops, route.fallback)
+            try:
+                stream = await self.backend.start(self._backend_job(job_id, served, vauth, req, ids, route))
+            finally:  # the session is open (the workers count it now) or failed: the reservation ends
+                if ticket is not None:
+                    self._opened.update(ticket.peers)
+                    self._unreserve(ticket.peers)
+                    ticket.peers = []
+            tokens = stream.tokens()
+            decoder = StreamDecoder(served.decode)
+            try:
+                async for token in tokens:
+                    if ttft is None:
+                        ttft = (time.perf_counter() - started) * 1000
+                    out.append(token)
+                    piece = decoder.push(token)
+                    text += piece
+                    await self._publish(live, {"type": "token", "token_id": token, "text": piece})
+            finally:  # on cancellation too: the token stream stops now
+                if isinstance(tokens, AsyncGenerator):
+                    await tokens.aclose()
+            if tail := decoder.flush():  # the answer ends inside a character: its replacement text
+                text += tail
+                await self._publish(live, {"type": "token", "token_id": None, "text": tail})
+            # Every token was served: a requester leaving now cancels nothing (the stages are
+            # owed for the work and their receipts are collected next).
+            self._runs.pop(job_id, None)
+            final_route, receipts = await stream.finish()
             await self._record(job_id, served, ids, out, text, final_route, receipts, ttft, started)
             recorded = True
             await self._publish(live, {"type": "done", "job_id": job_id}, done=True)
@@ -476,8 +645,8 @@ class BrokerService:
             await self._publish(live, {"type": "done" if recorded else "error", "job_id": job_id}, done=True)
         except Exception as exc:  # any failure of the run is recorded on the job and streamed
             log.exception("job %s failed", job_id)
-            self.ledger.fail_job(job_id, f"{type(exc).__name__}: {exc}")
-            self._observe(job_id)
+            await asyncio.to_thread(self.ledger.fail_job, job_id, f"{type(exc).__name__}: {exc}")
+            await self._observe(job_id)
             await self._publish(live, {"type": "error", "job_id": job_id, "detail": str(exc)}, done=True)
 
     async def _record(
@@ -497,7 +666,8 @@ class BrokerService:
         covering = covering_receipts(receipts, served.num_layers)
         cost = sum(r.amount for r in covering)
         fee = cost * await self.fee_bps() // 10_000
-        self.ledger.complete_job(
+        await asyncio.to_thread(
+            self.ledger.complete_job,
             job_id,
             answer=text,
             token_ids=out,
@@ -515,7 +685,7 @@ class BrokerService:
             route=[{"node": h.node, "peer_id": h.peer_id, "start": h.start, "end": h.end} for h in final_route],
             note=note,
         )
-        self._observe(job_id)
+        await self._observe(job_id)
 
     async def _cancelled(
         self,
@@ -547,11 +717,11 @@ class BrokerService:
                 )
         else:
             reason += "; nothing is charged"
-        self.ledger.fail_job(job_id, reason)
-        self._observe(job_id)
+        await asyncio.to_thread(self.ledger.fail_job, job_id, reason)
+        await self._observe(job_id)
 
-    def _observe(self, job_id: str) -> None:
-        row = self.ledger.get_job(job_id)
+    async def _observe(self, job_id: str) -> None:
+        row = await asyncio.to_thread(self.ledger.get_job, job_id)
         if row is not None:
             self.metrics.observe_job(row)
 
@@ -565,9 +735,9 @@ class BrokerService:
         """Every event of a job from the start (replayed), then live ones until it ends."""
         live = self._live.get(job_id)
         if live is None:
-            row = self.ledger.get_job(job_id)
+            row = await asyncio.to_thread(self.ledger.get_job, job_id)
             if row is None:
-                raise ProblemError(404, "unknown-job", "Unknown job", f"no job {job_id}")
+                raise unknown_job(job_id)
             yield {"type": "done" if row.status != "failed" else "error", "job_id": job_id, "detail": row.error}
             return
         sent = 0

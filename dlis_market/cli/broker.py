@@ -33,10 +33,6 @@ if TYPE_CHECKING:
 app = typer.Typer(help="Run the broker (FastAPI on 127.0.0.1) and manage its API keys.", no_args_is_help=True)
 
 
-def database_url(settings: Settings) -> str:
-    return settings.broker.database_url or f"sqlite:///{settings.home / 'broker.db'}"
-
-
 def node_settings_for_chain(settings: Settings, client: ChainClient) -> NodeSettings:
     """Node/driver settings with the deployed contracts filled in (receipts and attestations)."""
     dep = client.deployment
@@ -68,18 +64,24 @@ def spot_checker(
     from dlis_market.broker.spot_checks import OracleSink, SpotChecker
     from dlis_market.oracle.telemetry import oracle_domain
     from dlis_market.oracle.verification import SpotCheckSampler
+    from dlis_market.protocol.outbox import Outbox
 
     b = settings.broker
     if not b.oracle_url or b.spot_check_fraction <= 0:
         if b.spot_check_fraction > 0:
             console.print("spot checks off: no broker.oracle_url to send their evidence to", style="yellow")
         return None
+    # evidence and failure reports wait in a persisted outbox while the oracle is down; the loop
+    # starts now so rows an earlier run left go out (called inside the broker's event loop)
+    sink = OracleSink(b.oracle_url, Outbox.from_settings(settings.broker_outbox_url, settings.outbox),
+                      settings.outbox.timeout_s)  # fmt: skip
+    sink.start()
     checker = SpotChecker(
         driver,
         SpotCheckSampler(b.spot_check_fraction, SpotChecker.secret(settings.home)),
         bytes(broker.key),
         oracle_domain(client.chain_id, client.deployment.address_of("ReputationOracle")),
-        OracleSink(b.oracle_url),
+        sink,
         lambda model: model_shape(catalog.get(model)),
         eligible=lambda node: standing(node).routable,
     )
@@ -110,16 +112,13 @@ def start(
     import uvicorn
 
     from dlis_market.broker.app import create_app
+    from dlis_market.broker.bootstrap import build_graph
     from dlis_market.broker.catalog import ModelCatalog
-    from dlis_market.broker.ledger import Ledger
-    from dlis_market.broker.p2p_backend import P2PBackend
-    from dlis_market.broker.planning import CachedStanding, OracleRisk, chain_standing, make_planner
-    from dlis_market.broker.service import BrokerService
+    from dlis_market.broker.p2p_backend import P2PBackend, RegisteredPeers
     from dlis_market.chain.client import ChainClient
     from dlis_market.chain.errors import PreflightError
     from dlis_market.chain.job_market import JobMarket
     from dlis_market.chain.node_registry import NodeRegistry
-    from dlis_market.chain.reputation_oracle import ReputationOracle
 
     st = state(ctx)
     with handle_errors():
@@ -133,24 +132,18 @@ def start(
                 f"{broker.address} lacks BROKER_ROLE on JobMarket {market.address}; use the deployment's broker "
                 f"account ({client.deployment.broker}) or have the admin grant the role"
             )
-        catalog = ModelCatalog.from_shard_dirs(model_dir)
-        ledger = Ledger(database_url(settings))
-        risk = (
-            OracleRisk(settings.broker.oracle_url, settings.broker.default_failure_risk)
-            if settings.broker.oracle_url
-            else None
-        )
-        standing = CachedStanding(
-            chain_standing(NodeRegistry(client), ReputationOracle(client)), settings.broker.standing_cache_s
-        )
-        planner = make_planner(settings.broker, standing, risk)
+        catalog = ModelCatalog.from_shard_dirs(model_dir, registry=NodeRegistry(client))
+        graph = build_graph(settings, client, broker, catalog)
         node_settings = node_settings_for_chain(settings, client)
         peers = peer or list(settings.node.initial_peers)
 
         async def serve() -> None:
-            backend = await P2PBackend.connect(peers, node_settings)
-            service = BrokerService(settings, ledger, market, broker, catalog, backend, planner)
-            backend.checker = spot_checker(settings, client, backend.driver, broker, catalog, service.metrics, standing)
+            registered = RegisteredPeers(NodeRegistry(client), settings.broker.standing_cache_s)
+            backend = await P2PBackend.connect(peers, node_settings, bytes(broker.key), registered)
+            service = graph.service(backend)
+            backend.checker = spot_checker(
+                settings, client, backend.driver, broker, catalog, service.metrics, graph.standing
+            )
             server = uvicorn.Server(
                 uvicorn.Config(
                     create_app(service), host=settings.broker.host, port=port or settings.broker.port, log_level="info"
@@ -176,7 +169,7 @@ def api_key(
     """Create an API key for OpenAI-style clients: a spender key the client authorizes on chain
     (JobMarket.setSpender) with a cap and an expiry. The key is shown once."""
     from dlis_market.broker.apikeys import create_api_key
-    from dlis_market.broker.ledger import Ledger
+    from dlis_market.broker.ledger import Ledger, database_url
     from dlis_market.chain.client import ChainClient
     from dlis_market.chain.job_market import JobMarket
 

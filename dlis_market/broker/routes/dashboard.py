@@ -143,7 +143,7 @@ async def _network(service: BrokerService, ex: Explorer, live: Liveness) -> dict
             {"name": served.name, "model_id": served.model_id, "coverage": coverage(served.num_layers, spans)}
         )
     live.record(present, now)
-    jobs = service.ledger.recent_jobs(10)
+    jobs = await asyncio.to_thread(service.ledger.recent_jobs, 10)
     routes = [{"id": j.id, "status": j.status, "route": json.loads(j.route_json) if j.route_json else []} for j in jobs]
     return {
         "models": models,
@@ -183,7 +183,7 @@ async def network_json(request: Request, service: ServiceDep, ex: ExplorerDep) -
 
 
 @router.get("/jobs", response_class=HTMLResponse)
-async def jobs_page(request: Request, service: ServiceDep) -> HTMLResponse:
+def jobs_page(request: Request, service: ServiceDep) -> HTMLResponse:  # sync: the threadpool runs it
     jobs = [job_public(service.ledger, r, content=False) for r in service.ledger.recent_jobs(100)]
     return _page(request, "jobs.html", title="Jobs", jobs=jobs)
 
@@ -194,11 +194,11 @@ async def job_page(
     read: ReadQuery = None, authorization: AuthHeader = None,
 ) -> HTMLResponse:  # fmt: skip
     """A job's story; its request and answer only for its client (see routes/jobs.py)."""
-    row = service.ledger.get_job(job_id)
+    row = await asyncio.to_thread(service.ledger.get_job, job_id)
     if row is None:
         return _not_found(request, f"no job {job_id} in this broker's ledger")
     content = await client_reads(service, row, x_dlis_job_read or read, authorization)
-    job = job_public(service.ledger, row, content=content)
+    job = await asyncio.to_thread(job_public, service.ledger, row, content=content)
     settlement = None
     job_error: str | None = None
     if job.settlement.tx_hash:
@@ -281,7 +281,9 @@ async def block_page(request: Request, number: int, ex: ExplorerDep) -> HTMLResp
 async def charts_json(service: ServiceDep, ex: ExplorerDep) -> dict[str, Any]:
     """Series for the pages' charts: per-job latency, TTFT and decode speed over time (ledger),
     earnings per node (PaymentCredited) and reputation per epoch (ReputationUpdated)."""
-    jobs = [job_public(service.ledger, r, content=False) for r in service.ledger.recent_jobs(200)]
+    jobs = await asyncio.to_thread(
+        lambda: [job_public(service.ledger, r, content=False) for r in service.ledger.recent_jobs(200)]
+    )
     events = await asyncio.to_thread(ex.market_logs)
     done = sorted((j for j in jobs if j.latency_ms is not None), key=lambda j: j.created_at)
     return {

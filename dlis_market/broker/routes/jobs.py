@@ -24,8 +24,8 @@ from pydantic import BaseModel
 from dlis_market.broker.apikeys import resolve_api_key
 from dlis_market.broker.auth import verify_job_read
 from dlis_market.broker.deps import ServiceDep
+from dlis_market.broker.errors import client_left, not_your_job, unknown_job
 from dlis_market.broker.ledger import JobRow, Ledger
-from dlis_market.broker.problems import ProblemError
 from dlis_market.broker.schemas import JobCreate, JobPublic, Quote, QuoteRequest, ReceiptPublic, SettlementPublic
 from dlis_market.broker.service import BrokerService, Idempotency
 from dlis_market.broker.settlement import signed_job
@@ -63,7 +63,7 @@ async def wait_attached(service: BrokerService, job_id: str, request: Request) -
             for t in (waiting, gone):
                 t.cancel()
         if not waiting.done() or waiting.cancelled():
-            raise ProblemError(499, "client-closed-request", "Client closed request", f"the client left job {job_id}")
+            raise client_left(job_id)
 
 
 async def attached_events(service: BrokerService, job_id: str) -> AsyncIterator[dict[str, Any]]:
@@ -85,7 +85,7 @@ async def client_reads(service: BrokerService, row: JobRow, read: str | None, au
         signed = signed_job(row, service.broker.address)
         signer = authorization_signer(service.market.domain(), signed.authorization, signed.signature.signature)
         if account.client != row.client or account.spender.address != signer:
-            raise ProblemError(403, "not-your-job", "Not your job", "this API key did not run this job")
+            raise not_your_job("this API key did not run this job")
         return True
     return False
 
@@ -172,18 +172,19 @@ async def create_job(
     if body.stream:
         return sse(attached_events(service, row.id), status_code=201)
     await wait_attached(service, row.id, request)
-    return job_public(service.ledger, known_job(service, row.id), content=True)
+    return await asyncio.to_thread(lambda: job_public(service.ledger, known_job(service, row.id), content=True))
 
 
 def known_job(service: BrokerService, job_id: str) -> JobRow:
+    """The job (a database read: call it from a worker thread or a sync handler)."""
     row = service.ledger.get_job(job_id)
     if row is None:
-        raise ProblemError(404, "unknown-job", "Unknown job", f"no job {job_id}")
+        raise unknown_job(job_id)
     return row
 
 
 @router.get("/jobs", response_model=list[JobPublic])
-async def list_jobs(service: ServiceDep, limit: int = 50) -> list[JobPublic]:
+def list_jobs(service: ServiceDep, limit: int = 50) -> list[JobPublic]:
     """Most recent jobs first, without their content (read one job with its client's proof)."""
     return [job_public(service.ledger, r, content=False) for r in service.ledger.recent_jobs(min(max(limit, 1), 500))]
 
@@ -195,9 +196,9 @@ async def get_job(
 ) -> JobPublic:  # fmt: skip
     """Status, route, tokens, cost, receipts and settlement transaction of a job; its request and
     answer too for its client (``X-DLIS-Job-Read`` signature or the job's API key)."""
-    row = known_job(service, job_id)
+    row = await asyncio.to_thread(known_job, service, job_id)
     content = await client_reads(service, row, x_dlis_job_read or read, authorization)
-    return job_public(service.ledger, row, content=content)
+    return await asyncio.to_thread(job_public, service.ledger, row, content=content)
 
 
 @router.get("/jobs/{job_id}/events")
@@ -207,7 +208,7 @@ async def job_events(
 ) -> StreamingResponse:  # fmt: skip
     """Server-sent events of a job: every token so far, then live ones until it ends. Token events
     go to the job's client only; others see when it ends."""
-    row = known_job(service, job_id)
+    row = await asyncio.to_thread(known_job, service, job_id)
     content = await client_reads(service, row, x_dlis_job_read or read, authorization)
     events = service.events(job_id)
     return sse(events if content else _without_tokens(events))

@@ -19,13 +19,13 @@ from fastapi import APIRouter, Header, Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from dlis_market.broker.apikeys import resolve_api_key
+from dlis_market.broker.apikeys import ApiKeyAccount, resolve_api_key
 from dlis_market.broker.auth import signing_deadline
 from dlis_market.broker.deps import ServiceDep
-from dlis_market.broker.problems import ProblemError
+from dlis_market.broker.errors import job_failed
 from dlis_market.broker.routes.jobs import IdempotencyHeader, attached_events, body_hash, wait_attached
 from dlis_market.broker.schemas import Authorization, ChatMessage, JobCreate, Policy, Sampling
-from dlis_market.broker.service import BrokerService, Idempotency
+from dlis_market.broker.service import BrokerService, Idempotency, PricedJob
 from dlis_market.chain.job_market import JobAuthorization, sign_authorization
 
 router = APIRouter(prefix="/v1", tags=["openai"])
@@ -93,20 +93,43 @@ async def _admit(
     idem = Idempotency(
         retry.key or f"request:{digest}", digest, account.key_hash, replay=retry.key is not None or retry.count > 0
     )
-    if idem.replay and (prior := service.admitted_before(idem)) is not None:
+    if idem.replay and (prior := await service.admitted_before(idem)) is not None:
         return prior.id
     msgs = [m.model_dump() for m in messages] if messages is not None else None
-    priced = await service.price(body.model, prompt, msgs, body.limit(), Policy())
+    lifetime = await asyncio.to_thread(service.max_authorization_lifetime)
+    priced = await service.price(body.model, prompt, msgs, body.limit(), Policy(), admit=True)
+    # From here a job slot is held: submit releases it whatever happens, so nothing is awaited
+    # between pricing and submit.
+    try:
+        req = _signed_request(service, account, body, priced, now, lifetime, prompt, messages)
+    except BaseException:
+        service.abandon(priced)
+        raise
+    row = await service.submit(req, spender=account.spender.address, priced=priced, idempotency=idem)
+    return row.id
+
+
+def _signed_request(
+    service: BrokerService,
+    account: ApiKeyAccount,
+    body: _OpenAIIn,
+    priced: PricedJob,
+    now: int,
+    lifetime: int,
+    prompt: str | None,
+    messages: list[ChatMessage] | None,
+) -> JobCreate:
+    """The native job request the API key's spender signs for a priced OpenAI-style request."""
     auth = JobAuthorization(
         client=account.client,
         broker=service.broker.address,
         model_id=bytes.fromhex(priced.served.model_id[2:]),
         max_cost=priced.total,
         nonce=secrets.randbits(255),
-        deadline=signing_deadline(now, await asyncio.to_thread(service.max_authorization_lifetime)),
+        deadline=signing_deadline(now, lifetime),
     )
     sig = sign_authorization(account.spender.key, service.market.domain(), auth)
-    req = JobCreate(
+    return JobCreate(
         model=body.model,
         prompt=prompt,
         messages=messages,
@@ -116,8 +139,6 @@ async def _admit(
             client=account.client, nonce=auth.nonce, max_cost=auth.max_cost, deadline=auth.deadline, signature=sig.hex()
         ),
     )
-    row = await service.submit(req, spender=account.spender.address, priced=priced, idempotency=idem)
-    return row.id
 
 
 async def _complete(
@@ -138,7 +159,7 @@ async def _complete(
         return _stream(service, job_id, created, body.model, kind, body.limit())
     await wait_attached(service, job_id, request)
     row = await _result(service, job_id)
-    finish = _finish_reason(service, job_id, body.model, body.limit())
+    finish = await asyncio.to_thread(_finish_reason, service, job_id, body.model, body.limit())
     choice: dict[str, Any] = {"index": 0, "finish_reason": finish, "logprobs": None}
     if kind == "chat":
         choice["message"] = {"role": "assistant", "content": row.answer}
@@ -166,9 +187,9 @@ def _finish_reason(service: BrokerService, job_id: str, model: str, limit: int) 
 
 async def _result(service: BrokerService, job_id: str) -> Any:
     await service.wait(job_id)
-    row = service.ledger.get_job(job_id)
+    row = await asyncio.to_thread(service.ledger.get_job, job_id)
     if row is None or row.status == "failed":
-        raise ProblemError(502, "job-failed", "Job failed", (row.error if row else None) or "the job failed")
+        raise job_failed((row.error if row else None) or "the job failed")
     return row
 
 
@@ -207,7 +228,7 @@ def _stream(
                 err = {"error": {"message": ev.get("detail") or "job failed", "type": "server_error"}}
                 yield f"data: {json.dumps(err)}\n\n".encode()
                 return
-        yield chunk(None, _finish_reason(service, job_id, model, limit))
+        yield chunk(None, await asyncio.to_thread(_finish_reason, service, job_id, model, limit))
         yield b"data: [DONE]\n\n"
 
     return StreamingResponse(body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})

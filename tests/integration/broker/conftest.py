@@ -13,10 +13,9 @@ from pathlib import Path
 import pytest
 
 from dlis_market.broker.backend import BackendJob, Offer, RouteHop, SignedStageReceipt
+from dlis_market.broker.bootstrap import build_graph
 from dlis_market.broker.catalog import ModelCatalog
 from dlis_market.broker.ledger import Ledger
-from dlis_market.broker.planning import CachedStanding, chain_standing, make_planner
-from dlis_market.broker.service import BrokerService
 from dlis_market.chain.job_market import Receipt, sign_receipt
 
 PRICE = 10**12  # token units per token per stage
@@ -103,10 +102,7 @@ def broker_env(market, smollm2_shards, tmp_path):
     script = tok(" Paris is the capital of France.")["input_ids"]
     backend = ScriptedBackend(nodes, market.market().domain(), script)
     ledger = Ledger(f"sqlite:///{tmp_path / 'broker.db'}")
-    planner = make_planner(
-        market.settings.broker, CachedStanding(chain_standing(market.registry(), market.reputation()))
-    )
-    service = BrokerService(market.settings, ledger, market.market(), market.broker, catalog, backend, planner)
+    service = build_graph(market.settings, market.client, market.broker, catalog, ledger).service(backend)
     return market, service, backend, ops, nodes, client
 
 
