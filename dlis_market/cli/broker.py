@@ -25,6 +25,7 @@ if TYPE_CHECKING:
 
     from dlis_market.broker.catalog import ModelCatalog, ServedModel
     from dlis_market.broker.metrics import BrokerMetrics
+    from dlis_market.broker.observations import JobObserver
     from dlis_market.broker.planning import StandingLookup
     from dlis_market.broker.spot_checks import SpotChecker
     from dlis_market.chain.client import ChainClient
@@ -51,7 +52,7 @@ def model_shape(served: ServedModel) -> tuple[str, int]:
     return served.manifest.dtype, int(cfg.get("hidden_size") or cfg.get("n_embd") or 0)
 
 
-def spot_checker(
+def oracle_reporting(
     settings: Settings,
     client: ChainClient,
     driver: PipelineDriver,
@@ -59,35 +60,45 @@ def spot_checker(
     catalog: ModelCatalog,
     metrics: BrokerMetrics,
     standing: StandingLookup,
-) -> SpotChecker | None:
-    """The spot-check runner, when an oracle takes its evidence and the fraction is above 0."""
+) -> tuple[SpotChecker | None, JobObserver | None]:
+    """What the broker reports to the oracle (when ``broker.oracle_url`` is set), through one
+    persisted outbox: spot-check evidence (when the fraction is above 0) and, for every job, the
+    runner-signed observation of each stage that reputation is scored on."""
+    from dlis_market.broker.observations import JobObserver, OracleObservationSink
     from dlis_market.broker.spot_checks import OracleSink, SpotChecker
     from dlis_market.oracle.telemetry import oracle_domain
     from dlis_market.oracle.verification import SpotCheckSampler
     from dlis_market.protocol.outbox import Outbox
 
     b = settings.broker
-    if not b.oracle_url or b.spot_check_fraction <= 0:
+    if not b.oracle_url:
         if b.spot_check_fraction > 0:
             console.print("spot checks off: no broker.oracle_url to send their evidence to", style="yellow")
-        return None
-    # evidence and failure reports wait in a persisted outbox while the oracle is down; the loop
-    # starts now so rows an earlier run left go out (called inside the broker's event loop)
-    sink = OracleSink(b.oracle_url, Outbox.from_settings(settings.broker_outbox_url, settings.outbox),
-                      settings.outbox.timeout_s)  # fmt: skip
+        return None, None
+    # messages wait in a persisted outbox while the oracle is down; the loop starts now so rows an
+    # earlier run left go out (called inside the broker's event loop)
+    outbox = Outbox.from_settings(settings.broker_outbox_url, settings.outbox)
+    domain = oracle_domain(client.chain_id, client.deployment.address_of("ReputationOracle"))
+    observer = JobObserver(
+        bytes(broker.key), domain, OracleObservationSink(b.oracle_url, outbox, settings.outbox.timeout_s)
+    )
+    if b.spot_check_fraction <= 0:
+        outbox.start()
+        return None, observer
+    sink = OracleSink(b.oracle_url, outbox, settings.outbox.timeout_s)
     sink.start()
     checker = SpotChecker(
         driver,
         SpotCheckSampler(b.spot_check_fraction, SpotChecker.secret(settings.home)),
         bytes(broker.key),
-        oracle_domain(client.chain_id, client.deployment.address_of("ReputationOracle")),
+        domain,
         sink,
         lambda model: model_shape(catalog.get(model)),
         eligible=lambda node: standing(node).routable,
     )
     checker.on_result = lambda r: metrics.spot_checks.labels(r.outcome.split(":")[0]).inc()
     console.print(f"spot-checking {b.spot_check_fraction:.1%} of stage calls; evidence to {b.oracle_url}")
-    return checker
+    return checker, observer
 
 
 @app.command()
@@ -119,6 +130,7 @@ def start(
     from dlis_market.chain.errors import PreflightError
     from dlis_market.chain.job_market import JobMarket
     from dlis_market.chain.node_registry import NodeRegistry
+    from dlis_market.lifetime import start_reaper
 
     st = state(ctx)
     with handle_errors():
@@ -138,10 +150,11 @@ def start(
         peers = peer or list(settings.node.initial_peers)
 
         async def serve() -> None:
+            start_reaper()  # the DHT process and p2pd die with the broker, even on SIGKILL
             registered = RegisteredPeers(NodeRegistry(client), settings.broker.standing_cache_s)
             backend = await P2PBackend.connect(peers, node_settings, bytes(broker.key), registered)
             service = graph.service(backend)
-            backend.checker = spot_checker(
+            backend.checker, backend.observer = oracle_reporting(
                 settings, client, backend.driver, broker, catalog, service.metrics, graph.standing
             )
             server = uvicorn.Server(

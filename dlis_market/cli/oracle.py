@@ -83,8 +83,10 @@ def start(
             tasks = [asyncio.create_task(service.run(stop))]
             relay = None
             if peers:
+                from dlis_market.lifetime import start_reaper
                 from dlis_market.oracle.dht_relay import DhtTelemetryRelay  # hivemind: seconds to import
 
+                start_reaper()  # the relay's DHT process and p2pd die with the oracle, even on SIGKILL
                 relay = DhtTelemetryRelay(service, peers)
             try:
                 if relay is not None:

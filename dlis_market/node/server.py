@@ -29,10 +29,10 @@ from dlis_market.inference.manifest import load_manifest
 from dlis_market.inference.messages import StageInput, StageOutput, decode, encode
 from dlis_market.inference.sampling import SamplingParams
 from dlis_market.inference.stage import Stage
+from dlis_market.lifetime import IdentityLock, start_reaper
 from dlis_market.node import attestation, byzantine, dht_records, identity, profiler, receipts
 from dlis_market.node.brokers import BrokerCheck
 from dlis_market.node.errors import CapacityError, NodeError, ProtocolError
-from dlis_market.node.lifetime import IdentityLock, start_reaper
 from dlis_market.node.metrics import WorkerMetrics, kv_capacity_bytes
 from dlis_market.node.protocol import Channel, CloseBody, FailBody, OpenBody, StepBody, parse_body
 from dlis_market.node.routing import choose_range

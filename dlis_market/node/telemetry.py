@@ -8,7 +8,7 @@ interval. :class:`WorkerTelemetry` runs next to the worker: soon after start, th
 ``node.oracle_url`` is set, then stores the same blob on the DHT. The POST goes through the
 worker's outbox (:mod:`dlis_market.protocol.outbox`, a SQLite file ``outbox.db`` in the identity
 folder unless ``node.outbox_url``): a report the oracle cannot take now is retried, after a worker
-restart too, and counted once (the oracle answers a seq it already has with ``replayed``). The
+restart too, and counted once (the oracle answers a seq it already has with ``duplicate``). The
 blob authenticates itself, so the DHT copy is as good as the POST: the oracle's DHT relay
 (:mod:`dlis_market.oracle.dht_relay`) submits it when the POST did not arrive, and skips it when it
 did (same seq). Failed stores and POSTs are logged with their reason; they never stop the worker.
@@ -230,7 +230,7 @@ class WorkerTelemetry:
             receiver = OracleReceiver(self.oracle_url, TELEMETRY_PATH, "application/zstd", TELEMETRY_DUPLICATES,
                                       min(post_timeout_s, max(self.interval_s, 1.0)))  # fmt: skip
             # Telemetry is periodic and the oracle refuses a report older than its
-            # telemetry_max_age_s (120 s) as stale, and one below a seq it already took as replayed:
+            # telemetry_max_age_s (120 s) as stale, and one below a seq it already took as superseded:
             # only the newest few unsent reports are worth keeping, older ones are dropped.
             self.outbox.register(TELEMETRY_KIND, receiver, keep_latest=keep_unsent, on_answer=self._answered)
 
@@ -294,7 +294,7 @@ class WorkerTelemetry:
 
         POST first: the oracle's DHT relay then finds the copy only after the oracle had its chance
         to accept it over HTTP, so the relay skips it instead of beating the POST to the intake
-        (which would make the POST a ``replayed`` refusal).
+        (which would make the POST a ``duplicate`` refusal).
         """
         assert self.sender is not None, "telemetry is off"
         signed = self.sender.sign(self.recorder.report())

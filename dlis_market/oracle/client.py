@@ -36,7 +36,7 @@ TELEMETRY_PATH = "/v1/telemetry"
 # evidence already used for a slash (422): the slash happened, the row is done
 SPOT_CHECK_DUPLICATES = frozenset({"already_slashed"})
 # a seq at or below the last accepted one (409): this report or a newer one is in, the row is done
-TELEMETRY_DUPLICATES = frozenset({"replayed"})
+TELEMETRY_DUPLICATES = frozenset({"duplicate", "superseded"})
 MAX_ANSWER_BYTES = 64 << 10  # an oracle answer is a small JSON object; more is not read as JSON
 
 

@@ -8,8 +8,8 @@ key and hands each blob to :meth:`OracleService.submit_telemetry`, the same chec
 
 The same report usually arrives twice (POST and DHT) and stays on the DHT for about two
 intervals, so before submitting, the relay skips a blob it already handled (same bytes) and a
-report whose seq is not above the node's last accepted seq: those are copies, not replays, and do
-not count as ``replayed``. Anything else refused is counted by its reason as usual, once per
+report whose seq is not above the node's last accepted seq: those are copies, and are not counted
+as refusals. Anything else refused is counted by its reason as usual, once per
 distinct blob.
 """
 
@@ -119,11 +119,11 @@ class DhtTelemetryRelay:
         try:
             self.service.submit_telemetry(blob)
         except TelemetryRefusedError as exc:
-            if signed is not None and exc.reason == "replayed":
+            if signed is not None and exc.reason in ("duplicate", "superseded"):
                 # its seq was above the node's last one a moment ago: the same (or a newer) report
-                # was accepted over HTTP in between. A copy, not a replay: take the count back.
+                # was accepted over HTTP in between. A copy, not a refusal: take the count back.
                 with self.service._lock:  # the intake counts under this lock
-                    self.service.intake.counts["replayed"] -= 1
+                    self.service.intake.counts[exc.reason] -= 1
                 return "duplicate"
             log.info("telemetry from the DHT (subkey %s) refused: %s", subkey, exc)
             return "refused"

@@ -45,7 +45,8 @@ TELEMETRY_STATUS = {
     "malformed": 400,
     "forged": 401,
     "unregistered": 403,
-    "replayed": 409,
+    "duplicate": 409,
+    "superseded": 409,
     "stale": 422,
     "future": 422,
 }

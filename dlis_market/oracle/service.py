@@ -106,6 +106,7 @@ class OracleService:
             is_registered=self._registered,
             clock=clock,
             last_seq=self.store.last_seqs(),
+            known=self.store.has_report,
         )
         self.accountant = self.store.accountant(o.dp_budget, o.dp_budget_window_epochs)
         # DP noise must be unpredictable in production (seed None: OS entropy); tests fix it.

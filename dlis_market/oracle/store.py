@@ -302,6 +302,13 @@ class OracleStore:
         with self.engine.begin() as conn:  # one Core statement, no ORM session: the intake's hot path
             conn.execute(insert(ReportRow), [row])
 
+    def has_report(self, node: str, seq: int) -> bool:
+        """Whether ``node``'s report ``seq`` was accepted."""
+        with self.session() as s:
+            return (
+                s.scalar(select(ReportRow.id).where(ReportRow.node == node, ReportRow.seq == seq).limit(1)) is not None
+            )
+
     def last_seqs(self) -> dict[str, int]:
         """The highest accepted seq of each node (seqs sort as numbers: :class:`Uint64`)."""
         with self.session() as s:

@@ -11,9 +11,11 @@ itself, so any peer (the DHT included) may relay it and the oracle checks it the
 
 :class:`TelemetryIntake` refuses, in this order, and counts each refusal by reason:
 ``oversized`` / ``malformed`` (decoding), ``forged`` (the signature does not recover to the
-report's node), ``unregistered`` (the node is not in NodeRegistry), ``replayed`` (seq not
-strictly above the last accepted seq of that node), ``stale`` (older than ``max_age_s``) and
-``future`` (more than ``max_skew_s`` ahead of the oracle's clock).
+report's node), ``unregistered`` (the node is not in NodeRegistry), ``duplicate`` (this node's
+report with this seq was accepted already: a copy that came another way, or the same report sent
+again; harmless either way), ``superseded`` (a report the oracle never took, older than one it did:
+it arrived late, e.g. from a worker's outbox after its newer report was relayed), ``stale`` (older
+than ``max_age_s``) and ``future`` (more than ``max_skew_s`` ahead of the oracle's clock).
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ TELEMETRY_TYPE = [
     ("timestamp", "uint64"),
     ("metricsHash", "bytes32"),
 ]
-REFUSAL_REASONS = ("oversized", "malformed", "forged", "unregistered", "replayed", "stale", "future")
+REFUSAL_REASONS = ("oversized", "malformed", "forged", "unregistered", "duplicate", "superseded", "stale", "future")
 MAX_LATENCIES = 256
 MAX_JOBS = 64
 UINT64_MAX = 2**64 - 1
@@ -205,6 +207,7 @@ class TelemetryIntake:
         is_registered: Callable[[str], bool] | None = None,
         clock: Callable[[], float] = time.time,
         last_seq: dict[str, int] | None = None,
+        known: Callable[[str, int], bool] | None = None,
     ) -> None:
         self.domain = domain
         self.max_age_s = max_age_s
@@ -214,6 +217,10 @@ class TelemetryIntake:
         self.is_registered = is_registered
         self.clock = clock
         self.last_seq: dict[str, int] = dict(last_seq or {})
+        # whether a (node, seq) was accepted before this process started (the service's store);
+        # what this process accepted it remembers itself
+        self.known = known
+        self._taken: set[tuple[str, int]] = set()
         self.counts: dict[str, int] = {reason: 0 for reason in ("accepted", *REFUSAL_REASONS)}
         self.accepted: list[SignedTelemetry] = []
 
@@ -237,6 +244,7 @@ class TelemetryIntake:
     def accept(self, signed: SignedTelemetry) -> None:
         """Keep a checked report: its seq becomes the node's last (later replays are refused)."""
         self.last_seq[signed.report.node] = signed.report.seq
+        self._taken.add((signed.report.node, signed.report.seq))
         self.counts["accepted"] += 1
         self.accepted.append(signed)
 
@@ -260,8 +268,13 @@ class TelemetryIntake:
             )
         last = self.last_seq.get(report.node)
         if last is not None and report.seq <= last:
+            key = (report.node, report.seq)
+            if key in self._taken or (self.known is not None and self.known(*key)):
+                raise TelemetryRefusedError("duplicate", f"seq {report.seq} of {report.node} was accepted already")
             raise TelemetryRefusedError(
-                "replayed", f"seq {report.seq} of {report.node} is not above the last accepted seq {last}"
+                "superseded",
+                f"seq {report.seq} of {report.node} is below its newest accepted seq {last}; reports of a node "
+                "must arrive in order (this one came too late and is not counted)",
             )
         now = self.clock()
         age = now - report.timestamp

@@ -96,7 +96,7 @@ def test_epoch_posted_and_proofs_verify_on_chain(market, setup, tmp_path) -> Non
             assert r.status_code == 202, r.text
     # refusals over HTTP: replay, forgery (steady's report signed by flaky), stale, garbage
     replay = _post(http, _report(service, steady, 10, int(clock.now)))
-    assert replay.status_code == 409 and replay.json()["reason"] == "replayed"
+    assert replay.status_code == 409 and replay.json()["reason"] == "duplicate"
     good = _report(service, steady, 11, int(clock.now))
     forged = SignedTelemetry(report=good.report, signature=_report(service, flaky, 11, int(clock.now)).signature)
     assert _post(http, forged).status_code == 401
@@ -167,7 +167,7 @@ def test_restarted_oracle_still_refuses_replays(market, setup, tmp_path) -> None
     assert [r.telemetry.report.seq for r in again._pending] == [7]  # the unposted epoch's reports came back
     with pytest.raises(TelemetryRefusedError) as err:
         again.submit_telemetry(encode_telemetry(signed))
-    assert err.value.reason == "replayed"
+    assert err.value.reason == "duplicate"  # known from the store after the restart
 
 
 def _check(http: TestClient, evidence):  # type: ignore[no-untyped-def]
@@ -306,7 +306,7 @@ def test_cli_start_serves_telemetry(market, tmp_path) -> None:
                 return first, err.value.reason
 
         accepted, refused = asyncio.run(send_twice())
-        assert accepted["accepted"] is True and refused == "replayed"
+        assert accepted["accepted"] is True and refused == "superseded"
         assert node.address in httpx.get(base + "/v1/risk", timeout=10).json()
     finally:
         proc.terminate()

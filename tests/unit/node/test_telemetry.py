@@ -176,7 +176,7 @@ def test_report_is_signed_by_the_node_key_and_checked_by_the_intake() -> None:
     assert signed.report.node == NODE.address and signed.report.metrics.served == LayerRange(start=2, end=4)
     with pytest.raises(TelemetryRefusedError) as err:
         intake.submit(blob)
-    assert err.value.reason == "replayed"
+    assert err.value.reason == "duplicate"
     assert intake.submit(asyncio.run(tel.report_once(None))).report.seq > signed.report.seq
 
     with pytest.raises(TelemetryRefusedError) as err:
@@ -331,7 +331,7 @@ def test_relay_submits_new_reports_once_and_skips_copies() -> None:
     assert relay.poll_once() == Counter(duplicate=1)  # ...and its DHT copy is skipped
     dht.entries[NODE.address] = SimpleNamespace(value=first)  # an old report put back on the DHT
     assert relay.poll_once() == Counter(duplicate=1)
-    assert intake.counts["replayed"] == 0 and intake.counts["accepted"] == 2
+    assert intake.counts["duplicate"] == intake.counts["superseded"] == 0 and intake.counts["accepted"] == 2
     asyncio.run(relay.close())
 
 

@@ -1,4 +1,4 @@
-"""Telemetry intake: forged, replayed, stale, future, unregistered, oversized reports are refused."""
+"""Telemetry intake: forged, duplicate, superseded, stale, future, unregistered, oversized reports are refused."""
 
 from __future__ import annotations
 
@@ -82,16 +82,16 @@ def test_replay_refused(domain, make_report) -> None:
     intake = _intake(domain)
     r1 = encode_telemetry(make_report(seq=5))
     intake.submit(r1)
-    assert _refused(intake, r1) == "replayed"
-    assert _refused(intake, encode_telemetry(make_report(seq=4))) == "replayed"
+    assert _refused(intake, r1) == "duplicate"  # the same report again
+    assert _refused(intake, encode_telemetry(make_report(seq=4))) == "superseded"  # older, never taken
     intake.submit(encode_telemetry(make_report(seq=6)))
-    assert intake.counts == {**intake.counts, "accepted": 2, "replayed": 2}
+    assert intake.counts == {**intake.counts, "accepted": 2, "duplicate": 1, "superseded": 1}
 
 
 def test_restarted_intake_seeded_with_last_seq_refuses_replay(domain, make_report) -> None:
     blob = encode_telemetry(make_report(seq=5))
     node = make_report().report.node
-    assert _refused(_intake(domain, last_seq={node: 5}), blob) == "replayed"
+    assert _refused(_intake(domain, last_seq={node: 5}), blob) == "superseded"
 
 
 def test_stale_and_future_refused_without_consuming_seq(domain, make_report) -> None:

@@ -230,7 +230,8 @@ def test_run_loop_delivers_once_the_receiver_is_back(tmp_path: Path) -> None:
     [
         (200, None, Verdict.DELIVERED),
         (202, None, Verdict.DELIVERED),
-        (409, "replayed", Verdict.DUPLICATE),
+        (409, "duplicate", Verdict.DUPLICATE),
+        (409, "superseded", Verdict.DUPLICATE),
         (422, "already_slashed", Verdict.DUPLICATE),
         (422, "stale", Verdict.REFUSED),
         (413, "oversized", Verdict.REFUSED),
@@ -243,7 +244,7 @@ def test_run_loop_delivers_once_the_receiver_is_back(tmp_path: Path) -> None:
     ],
 )
 def test_http_answers_map_to_verdicts(status: int, reason: str | None, verdict: Verdict) -> None:
-    assert classify_http(status, reason, {"replayed", "already_slashed"}) is verdict
+    assert classify_http(status, reason, {"duplicate", "superseded", "already_slashed"}) is verdict
 
 
 def test_bad_limits_are_refused(tmp_path: Path) -> None:
@@ -334,4 +335,4 @@ def test_exactly_once_against_a_real_oracle_answering_duplicates(market, tmp_pat
     epoch = service.epoch_of(time.time())
     assert dict(service._checks[epoch]) == {flaky.address: [1, 1], steady.address: [2, 1]}
     assert sum(len(v) for v in service._observed.values()) == 1
-    assert service.intake.counts["accepted"] == 2 and service.intake.counts["replayed"] == 2
+    assert service.intake.counts["accepted"] == 2 and service.intake.counts["duplicate"] == 2

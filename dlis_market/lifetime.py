@@ -1,6 +1,6 @@
 """Process hygiene for anything that runs a DHT: its helpers die with it, one identity runs once.
 
-- :func:`start_reaper` starts ``dlis_market.node.reaper`` watching this process: when it dies,
+- :func:`start_reaper` starts ``dlis_market.reaper`` watching this process: when it dies,
   even by SIGKILL, hivemind's DHT process, p2pd and torch's shared-memory manager are killed
   instead of running on (and holding the port and peer id a restart needs).
 - :class:`IdentityLock` holds an exclusive ``flock`` on the identity folder for the process's
@@ -17,19 +17,19 @@ import subprocess
 import sys
 from pathlib import Path
 
-from dlis_market.node.errors import NodeError
+from dlis_market.errors import DlisError
 
 LOCK_NAME = "running.lock"
 
 
-class IdentityInUseError(NodeError):
+class IdentityInUseError(DlisError):
     """Another live process is serving with this identity."""
 
 
 def start_reaper() -> subprocess.Popen[bytes]:
     """Start the watcher of this process (see module docstring); it exits after this one."""
     return subprocess.Popen(
-        [sys.executable, "-m", "dlis_market.node.reaper", str(os.getpid())],
+        [sys.executable, "-m", "dlis_market.reaper", str(os.getpid())],
         stdin=subprocess.DEVNULL,
         close_fds=True,
     )

@@ -1,6 +1,6 @@
 """Watcher that kills what a process left running when it dies, SIGKILL included.
 
-``python -m dlis_market.node.reaper PID`` waits for process ``PID`` to exit (a pidfd, so no
+``python -m dlis_market.reaper PID`` waits for process ``PID`` to exit (a pidfd, so no
 polling of its state), keeping a snapshot of the processes running below it (hivemind's DHT
 process, its p2pd daemon, torch's shared-memory manager) refreshed every second. When ``PID`` is
 gone, its children have been re-parented and nobody will stop them: the reaper SIGKILLs every
