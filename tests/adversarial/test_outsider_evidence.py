@@ -27,6 +27,7 @@ from fastapi.testclient import TestClient
 from dlis_market.chain.devnet import LocalMarket
 from dlis_market.oracle.server import create_app
 from dlis_market.oracle.service import OracleService
+from dlis_market.oracle.store import SlashStatus
 from dlis_market.oracle.verification import SpotCheckEvidence
 from dlis_market.settings import Settings
 from tests.unit.oracle.evidence_helpers import make_evidence, reference_output
@@ -70,8 +71,8 @@ def _edited(evidence: SpotCheckEvidence, **blobs: dict[str, object]) -> str:
 def _assert_nothing_happened(market: LocalMarket, oracle: Oracle) -> None:
     for op in oracle.operators:
         assert market.staking().info(op.address).active == STAKE
-    evidence_dir = oracle.state_dir / "evidence"
-    assert not evidence_dir.exists() or not any(evidence_dir.iterdir())
+    for status in SlashStatus:  # no slash intended, done or failed: nothing stored
+        assert oracle.service.store.slashes(status) == {}
     assert oracle.service.slashes == 0
     assert not any(oracle.service._checks.values())  # no pass, no failure counted for anyone
 
