@@ -12,11 +12,29 @@ layer of SmolLM2, Llama, Gemma). bitsandbytes 0.50.2's AVX-512 CPU kernels (4-bi
 the AVX512-BF16 packed gemm) index the block scales as ``[row, column // 64]``, so a block that
 spans two rows silently gets another block's scale (0.35 relative error on a 32-wide layer; the
 scalar kernel of other CPUs is right). Narrower linears stay in bf16.
+
+The installed modules are in eval mode, because bitsandbytes picks its CPU kernels by
+``module.training`` (0.50.2), and in training mode both formats run a slow dequantize-then-matmul:
+
+- nf4 on a CPU with AVX512-BF16 runs the packed 4-bit gemm (``gemv_4bit``), as transformers' own
+  nf4 models do: 2x the decode speed of the dequantize path. The weight is repacked into 32-row
+  tiles at load (:func:`install_quantized`, not on the first forward as bitsandbytes would do), so
+  a layer whose ``out_features`` is not a multiple of 32 cannot use it and keeps the dequantize
+  path (:data:`NF4_PACKED_ROWS`). Other CPUs have one nf4 path whatever the mode.
+- int8 runs LLM.int8's inference path: activations quantized per token, an int8 x int8 -> int32
+  matmul (``torch._int_mm`` on AVX-512, elsewhere an fp32 matmul of the same integers: the same
+  sums while they stay under 2**24), the output rescaled. So it is the same on every CPU, runs the
+  arithmetic of the GPU kernel (which always quantizes activations) and of transformers' int8
+  models, and is the path ``oracle/verification.py``'s int8 tolerance was measured on
+  (``bench/gpu_tolerance.py`` runs its CPU side in eval mode). It is 2x as fast as dequantizing the
+  weight on every call, at a cost in accuracy on SmolLM2: next-token agreement with fp32 0.934
+  (transformers' own int8: the same) against 0.967.
 """
 
 from __future__ import annotations
 
 import logging
+from typing import cast
 
 # bitsandbytes >= 0.49 on a CPU with AVX512-BF16 tries, at import, to download a gemm kernel from
 # the Hugging Face hub through the optional `kernels` package, and logs a warning on every import
@@ -32,6 +50,18 @@ def _not_hub_kernel_warning(record: logging.LogRecord) -> bool:
 
 logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_not_hub_kernel_warning)
 
+# int8 in eval mode (see below) quantizes activations from float16, so bitsandbytes casts the bf16
+# activations first, as the format is defined, and warns so on every call of every layer: 210
+# lines per SmolLM2 token. SmolLM2's largest linear input is ~3e3, well inside float16's 6.5e4.
+_INT8_CAST_WARNING = "MatMul8bitLt: inputs will be cast from"
+
+
+def _not_int8_cast_warning(record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith(_INT8_CAST_WARNING)
+
+
+logging.getLogger("bitsandbytes.autograd._functions").addFilter(_not_int8_cast_warning)
+
 import bitsandbytes as bnb  # noqa: E402  (after the log filter above)
 import bitsandbytes.functional as bnb_f  # noqa: E402
 import torch  # noqa: E402
@@ -41,6 +71,8 @@ from torch import nn  # noqa: E402
 from dlis_market.inference.errors import ShardError  # noqa: E402
 
 NF4_BLOCKSIZE = 64
+# bitsandbytes' AVX512-BF16 4-bit gemm packs weight rows in tiles of 32 (``_convert_weight_packed_for_cpu``).
+NF4_PACKED_ROWS = 32
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.bfloat16, "nf4": torch.bfloat16}
 
 
@@ -66,7 +98,10 @@ def quantize_weight(name: str, weight: torch.Tensor, quantization: str) -> dict[
     """The shard tensors for one linear weight (``name`` ends in ``.weight``)."""
     module_name = name.removesuffix(".weight")
     if quantization == "int8":
-        param = bnb.nn.Int8Params(weight.detach().float().clone(), requires_grad=False, has_fp16_weights=False)
+        # From the bf16 copy, as for nf4 and as transformers quantizes a bf16 checkpoint: the same
+        # int8 weights as its model (fp32-rounded scales flipped 6 of 121 SmolLM2 next tokens).
+        source = weight.detach().to(torch.bfloat16).float().clone()
+        param = bnb.nn.Int8Params(source, requires_grad=False, has_fp16_weights=False)
         param = param.to("cpu")  # type: ignore[misc]  # moving to a device quantizes row-wise
         return {name: param.data.contiguous(), f"{module_name}.SCB": param.SCB.contiguous()}
     if quantization == "nf4":
@@ -130,5 +165,29 @@ def install_quantized(model: nn.Module, layers_path: str, tensors: dict[str, tor
             )
         if bias is not None:
             new.bias = nn.Parameter(bias, requires_grad=False)
+        new.eval()  # bitsandbytes' inference kernels (see the module doc)
+        if isinstance(new, bnb.nn.Linear4bit):
+            _pack_for_cpu_gemm(new)
         parent_name, _, attr = name.rpartition(".")
         setattr(model.get_submodule(parent_name), attr, new)
+
+
+def _pack_for_cpu_gemm(module: bnb.nn.Linear4bit) -> None:
+    """Repack an nf4 weight for the AVX512-BF16 4-bit gemm now, where this CPU has that kernel.
+
+    Linear4bit would do it on its first forward in eval mode (and fail on a layer whose
+    out_features is not a multiple of 32); at load it costs no request any latency.
+    """
+    if not module.support_avx512bf16_for_cpu or module.weight.device.type != "cpu":
+        return
+    if module.out_features % NF4_PACKED_ROWS != 0:
+        module.support_avx512bf16_for_cpu = False  # dequantize-then-matmul, as on other CPUs
+        return
+    weight = cast(bnb.nn.Params4bit, module.weight)
+    weight.data, weight.quant_state = bnb_f._convert_weight_packed_for_cpu(weight.data, weight.quant_state)
+
+
+def uses_cpu_gemm(module: nn.Module) -> bool:
+    """Whether an installed nf4 module runs bitsandbytes' packed AVX512-BF16 gemm."""
+    state = getattr(getattr(module, "weight", None), "quant_state", None)
+    return bool(getattr(state, "packing_format_for_cpu", False))

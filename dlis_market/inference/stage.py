@@ -123,10 +123,11 @@ class Stage:
     ) -> nn.Module:
         with init_empty_weights(include_buffers=False):
             model = family.model_class()(config)
-        model.eval()
         if manifest.quantization:
             install_quantized(model, family.layers_path, tensors, manifest.quantization)
         model.load_state_dict(tensors, assign=True, strict=False)
+        # After the install: bitsandbytes modules choose their fast CPU kernels in eval mode only.
+        model.eval()
         if entry.has_head and manifest.tie_word_embeddings and family.head_weight not in tensors:
             head = model.get_submodule(family.head_weight.rsplit(".", 1)[0])
             head.weight = model.get_submodule(family.embed_weight.rsplit(".", 1)[0]).weight

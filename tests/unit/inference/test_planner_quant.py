@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from pathlib import Path
 
+import bitsandbytes as bnb
 import pytest
 from transformers import LlamaConfig
 
@@ -12,6 +14,7 @@ from dlis_market.inference.errors import PlanError
 from dlis_market.inference.manifest import load_manifest
 from dlis_market.inference.pipeline import LocalPipeline
 from dlis_market.inference.planner import DeviceProfile, model_profile, plan_partition, stage_cost
+from dlis_market.inference.quantization import bnb_f, uses_cpu_gemm
 from dlis_market.inference.shard_export import export_shards
 
 GIB = 2**30
@@ -90,3 +93,36 @@ def test_quantized_shards_are_smaller_and_generate(
     assert len(gen.token_ids) == 4
     # Accuracy is checked per layer against what the format promises (see quant_reference and
     # test_quant_accuracy): logits of random weights after two stages say nothing portable.
+
+
+@pytest.mark.parametrize("dtype", ["int8", "nf4"])
+def test_quantized_stage_takes_bitsandbytes_inference_path(
+    dtype: str, tiny_model_dir: Callable[[str], Path], tmp_path: Path
+) -> None:
+    # bitsandbytes picks its CPU kernels by module.training: modules left in training mode
+    # dequantize every weight on every call (nf4 decoded at half the speed of transformers' own
+    # nf4 model on an AVX512-BF16 CPU). Pinned here without timing anything.
+    export_shards(tiny_model_dir("llama"), tmp_path, stages=2, dtype=dtype)  # type: ignore[arg-type]
+    pipe = LocalPipeline.load(tmp_path)
+    quantized = [
+        m for s in pipe.stages for m in s.model.modules() if isinstance(m, bnb.nn.Linear8bitLt | bnb.nn.Linear4bit)
+    ]
+    assert len(quantized) == 4 * (7 if dtype == "int8" else 1)  # nf4: down_proj only (64-value rows)
+    training = [m for m in quantized if m.training]
+    assert not training, f"{len(training)}/{len(quantized)} bitsandbytes modules are in training mode"
+    if dtype == "nf4":
+        # Packed for the AVX512-BF16 gemm at load exactly where this CPU has it, as transformers runs.
+        packed = [uses_cpu_gemm(m) for m in quantized]
+        assert packed == [bool(bnb_f.has_avx512bf16())] * len(quantized), packed
+    assert len(pipe.generate_ids([[4, 8, 15, 16, 23]], 3)[0].token_ids) == 3
+
+
+def test_int8_stage_does_not_log_its_fp16_activation_cast_per_layer(
+    tiny_model_dir: Callable[[str], Path], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    export_shards(tiny_model_dir("llama"), tmp_path, stages=1, dtype="int8")
+    pipe = LocalPipeline.load(tmp_path)
+    with caplog.at_level(logging.WARNING):
+        pipe.generate_ids([[4, 8, 15, 16, 23]], 2)
+    casts = [r for r in caplog.records if "will be cast" in r.getMessage()]
+    assert not casts, f"{len(casts)} warnings, e.g. {casts[0].getMessage()!r}"
