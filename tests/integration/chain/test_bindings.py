@@ -223,7 +223,7 @@ def test_standing_spender_authorization_is_capped_and_expires(priced_market):
 def test_withdrawal_window_and_authorization_lifetime(priced_market):
     market, _ops, nodes, client = priced_market
     jm = market.market()
-    assert (jm.withdraw_window(), jm.max_authorization_lifetime()) == (3600, 1800)  # tests/conftest.py
+    assert (jm.withdraw_window(), jm.max_authorization_lifetime()) == (3600, 1800)  # tests/integration/conftest.py
     assert jm.pending_withdrawal(client.address) == (0, 0, 0)
     receipt = jm.request_withdrawal(client, UNIT)
     ready = market.client.w3.eth.get_block(receipt["blockNumber"])["timestamp"] + 3600

@@ -128,6 +128,15 @@ def test_byzantine_worker_is_slashed_end_to_end(market, smollm2_shards: Path, tm
                 assert time.monotonic() < deadline, (tmp_path / "broker.log").read_text()[-4000:]
                 time.sleep(0.5)
 
+            # the broker signed what it saw each stage do and the oracle stored it for reputation
+            store = OracleStore(f"sqlite:///{tmp_path / 'oracle' / DB_FILE}")
+            deadline = time.monotonic() + 30
+            while job["id"].lower() not in {o.job_id.lower() for _, o in store.observations_after(-1)}:
+                assert time.monotonic() < deadline, (tmp_path / "broker.log").read_text()[-4000:]
+                time.sleep(0.5)
+            seen = {o.node.lower() for _, o in store.observations_after(-1) if o.job_id.lower() == job["id"].lower()}
+            assert seen == {h["node"].lower() for h in job["route"]}
+
             # honest nodes kept every token of their stake; exactly one slash happened
             for name in ("a", "m2", "m3", "c"):
                 assert staking.info(operator[name]).active == stake0[name], name

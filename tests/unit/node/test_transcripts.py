@@ -83,6 +83,8 @@ def test_first_stage_inputs_are_the_prompt_then_every_generated_token_but_the_la
 def test_byzantine_corruption_is_per_session_and_large() -> None:
     sids = tuple(f"s{i}" for i in range(400))
     share = sum(corrupted(s, 0.25) for s in sids) / len(sids)
+    # which sessions are corrupted is a hash of the session id (deterministic on any machine); as a
+    # binomial draw of 400 at p = 0.25 its sd is 0.022, so the bounds are p +- 3.2 sd
     assert 0.18 < share < 0.32
     assert all(corrupted(s, 1.0) for s in sids) and not any(corrupted(s, 0.0) for s in sids)
     hidden = torch.randn(2, 3, 16)

@@ -59,6 +59,8 @@ def test_fit_logistic_recovers_coefficients() -> None:
     true = np.array([1.5, -2.0, -1.0])
     y = (rng.random(20_000) < 1 / (1 + np.exp(-x @ true))).astype(float)
     fitted = np.array(fit_logistic(x, y, l2=0.0).coef)
+    # seeded numpy Generator (same stream on every platform); the estimates' standard errors at
+    # n = 20,000 are about 0.02-0.03, so 0.1 is over 3 standard errors
     assert np.allclose(fitted, true, atol=0.1)
 
 
@@ -80,5 +82,7 @@ def test_shipped_model_beats_exp_smoothing_on_fresh_traces() -> None:
     logistic = evaluate(DEFAULT_MODEL, traces, points, y)
     smoothing = evaluate(ExpSmoothingModel(0.02, rate), traces, points, y)
     assert logistic["brier"] < smoothing["brier"] and logistic["brier"] < base
+    # measured 0.718 on these seeded traces (bench/dropout_model.py); 0.5 is chance, 0.65 keeps a
+    # margin for float differences between BLAS builds while still failing a model that learned nothing
     assert logistic["auc"] > 0.65
     assert isinstance(DEFAULT_MODEL, LogisticModel)

@@ -1,6 +1,7 @@
-"""Fixtures shared by every suite under tests/ (integration, adversarial, chaos): one real Anvil
-per test session with the market deployed (same sequence as `brownie run deploy`), and a fresh
-chain state for every test (evm_snapshot / evm_revert)."""
+"""Fixtures of the integration suite, re-exported by tests/adversarial and tests/chaos: one real
+Anvil per test session with the market deployed (same sequence as `brownie run deploy`), and a
+fresh chain state for every test (evm_snapshot / evm_revert). Not in tests/conftest.py: the
+brownie contract suite defines fixtures of the same names, and a root definition breaks its order."""
 
 from __future__ import annotations
 
