@@ -6,12 +6,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from eth_account import Account
-from eth_account.messages import encode_typed_data
 
 from dlis_market.broker.problems import ProblemError, bad_authorization
 from dlis_market.broker.schemas import Authorization
 from dlis_market.chain.job_market import JobAuthorization, authorization_signer
-from dlis_market.chain.typed_data import CompactSignature, Domain
+from dlis_market.chain.typed_data import Domain, recover_typed, sign_typed
 
 # A job must still be settleable after it runs: require this much time before the deadline.
 MIN_DEADLINE_MARGIN_S = 600
@@ -87,37 +86,19 @@ def verify_authorization(
 
 
 # ---------------------------------------------------------------------------- reading a job
-# A job's prompt and answer belong to its client. To read them the client signs, under the
-# JobMarket domain, an off-chain typed message naming the job and an expiry (unix seconds); the
-# broker checks it like an authorization. No contract verifies it.
-JOB_READ = [("jobId", "bytes32"), ("expiry", "uint256")]
+# A job's prompt and answer belong to its client: to read them the client signs a ``JobRead``
+# (chain/typed_data.py) naming the job and an expiry; the broker checks it like an authorization.
 MAX_READ_TTL_S = 24 * 3600  # a read permission is refused if it claims to last longer than this
 
 
-def _job_read_message(domain: Domain, job_id: str, expiry: int) -> Any:
-    return encode_typed_data(
-        full_message={
-            "types": {
-                "EIP712Domain": [
-                    {"name": "name", "type": "string"},
-                    {"name": "version", "type": "string"},
-                    {"name": "chainId", "type": "uint256"},
-                    {"name": "verifyingContract", "type": "address"},
-                ],
-                "JobRead": [{"name": n, "type": t} for n, t in JOB_READ],
-            },
-            "primaryType": "JobRead",
-            "domain": domain.as_dict(),
-            "message": {"jobId": bytes.fromhex(job_id.removeprefix("0x")), "expiry": expiry},
-        }
-    )
+def _job_read(job_id: str, expiry: int) -> dict[str, Any]:
+    return {"jobId": bytes.fromhex(job_id.removeprefix("0x")), "expiry": expiry}
 
 
 def sign_job_read(key: bytes | str, domain: Domain, job_id: str, expiry: int) -> str:
     """The client's permission to read one job's prompt and answer until ``expiry``, as the
     ``X-DLIS-Job-Read`` header value ``<expiry>:<0x signature>``."""
-    signed = Account.sign_message(_job_read_message(domain, job_id, expiry), key)
-    return f"{expiry}:{CompactSignature.from_bytes(bytes(signed.signature)).hex()}"
+    return f"{expiry}:{sign_typed(key, domain, 'JobRead', _job_read(job_id, expiry)).hex()}"
 
 
 def verify_job_read(proof: str, *, domain: Domain, job_id: str, client: str, now: int) -> None:
@@ -132,8 +113,7 @@ def verify_job_read(proof: str, *, domain: Domain, job_id: str, client: str, now
     if expiry > now + MAX_READ_TTL_S:
         raise bad_read(f"the read permission runs until {expiry}, over {MAX_READ_TTL_S} s from now ({now})")
     try:
-        message = _job_read_message(domain, job_id, expiry)
-        signer = Account.recover_message(message, signature=bytes.fromhex(sig_hex[2:]))
+        signer = recover_typed(domain, "JobRead", _job_read(job_id, expiry), bytes.fromhex(sig_hex[2:]))
     except (ValueError, TypeError) as exc:
         raise bad_read(f"the read signature does not decode ({exc}); sign the JobRead typed data") from exc
     if signer != client:

@@ -67,12 +67,16 @@ SESSION_TICKET = [
     ("opener", "string"),
     ("expiresAtMs", "uint64"),
 ]
+# A client's permission to read one job's prompt and answer until ``expiry`` (unix seconds),
+# signed under the JobMarket domain and checked by the broker (dlis_market/broker/auth.py).
+JOB_READ = [("jobId", "bytes32"), ("expiry", "uint256")]
 TYPES: dict[str, list[tuple[str, str]]] = {
     "NodeBinding": NODE_BINDING,
     "JobAuthorization": JOB_AUTHORIZATION,
     "Receipt": RECEIPT,
     "SpanAnnouncement": SPAN_ANNOUNCEMENT,
     "SessionTicket": SESSION_TICKET,
+    "JobRead": JOB_READ,
 }
 
 # EIP-712 domain names/versions of the verifying contracts.
