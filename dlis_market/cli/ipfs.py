@@ -63,10 +63,11 @@ def node_id(
     ctx: typer.Context,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
-    """Show the peer id and swarm multiaddrs of the IPFS node in use."""
+    """Show the peer id and swarm multiaddrs of the IPFS node in use: the running `dlis ipfs daemon`
+    of this home, or the Kubo at DLIS_STORAGE__KUBO_API_URL. With neither, it says so (it starts none)."""
 
     async def run() -> NodeInfo:
-        async with kubo_session(cli_settings(ctx)) as kubo:
+        async with kubo_session(cli_settings(ctx), start=False) as kubo:  # the node in use, never a new one
             return await kubo.id()
 
     try:

@@ -30,6 +30,10 @@ class ManifestError(StorageError):
     """A manifest or publication index is malformed or does not match what was expected."""
 
 
+class NoDaemonError(StorageError):
+    """A command that reports on the IPFS node in use found none running (and starts none)."""
+
+
 class DaemonError(StorageError):
     """The embedded IPFS daemon could not start, or its Kubo child process died."""
 

@@ -70,3 +70,15 @@ def test_publish_with_auto_daemon_then_fetch_via_cli(kubo_nodes: NodeFactory, tm
         assert "chain registers" in result.output
     finally:
         provider.stop()
+
+
+def test_ipfs_id_without_a_daemon_says_so_and_starts_none(tmp_path: Path) -> None:
+    """`dlis ipfs id` answers about the node in use; with none running it must not boot a throwaway
+    node (whose peer id would mean nothing) but say how to start one."""
+    app = typer.Typer()
+    app.add_typer(ipfs.app, name="ipfs")
+    home = tmp_path / "home"
+    result = CliRunner().invoke(app, ["ipfs", "id", "--json"], env={"DLIS_HOME": str(home)})
+    assert result.exit_code == 1, result.output
+    assert "no IPFS daemon is running" in result.output and "dlis ipfs daemon" in result.output
+    assert not (home / "ipfs").exists()  # no repo was created, no node was started
