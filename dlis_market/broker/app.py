@@ -25,6 +25,7 @@ from dlis_market.broker.routes import dashboard, jobs, openai
 from dlis_market.broker.service import BrokerService
 from dlis_market.errors import BrokerError
 from dlis_market.types import PROBLEM_TYPE_BASE
+from dlis_market.web_docs import serve_docs
 
 log = logging.getLogger(__name__)
 
@@ -148,7 +149,10 @@ def create_app(service: BrokerService, settle_in_background: bool = True) -> Fas
         version="1",
         description="Paid LLM inference over a pipeline of staked peers, settled on chain.",
         lifespan=lifespan,
+        docs_url=None,  # served by serve_docs: the defaults load their assets from public CDNs
+        redoc_url=None,
     )
+    serve_docs(app)
     app.state.service = service
     app.add_middleware(BodyLimit, max_bytes=service.settings.broker.max_request_bytes)
     install_problem_handlers(app)

@@ -37,6 +37,7 @@ from dlis_market.oracle.observations import ObservationBatch
 from dlis_market.oracle.service import OracleService
 from dlis_market.oracle.verification import SpotCheckEvidence, SpotCheckFailure
 from dlis_market.types import PROBLEM_TYPE_BASE
+from dlis_market.web_docs import serve_docs
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -114,7 +115,8 @@ class _OracleCollector:
 
 
 def create_app(service: OracleService) -> FastAPI:
-    app = FastAPI(title="dlis oracle", version="1")
+    app = FastAPI(title="dlis oracle", version="1", docs_url=None, redoc_url=None)
+    serve_docs(app)  # /docs and /redoc without public CDNs
 
     @app.exception_handler(ChainError)
     async def chain_failed(request: Request, exc: ChainError) -> JSONResponse:
