@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import StrEnum
@@ -37,8 +37,6 @@ from sqlalchemy import (
     Text,
     TypeDecorator,
     UniqueConstraint,
-    create_engine,
-    event,
     func,
     insert,
     select,
@@ -46,6 +44,7 @@ from sqlalchemy import (
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
+from dlis_market.db import open_engine
 from dlis_market.errors import OracleError
 from dlis_market.oracle.epochs import EpochRecord, Proof
 from dlis_market.oracle.errors import ProofNotFoundError
@@ -221,16 +220,6 @@ def counted_digest(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()[:32]
 
 
-def _pragmas(synchronous: str) -> Callable[[Any, Any], None]:
-    def apply(dbapi_conn: Any, _record: Any) -> None:
-        cur = dbapi_conn.cursor()
-        cur.execute("PRAGMA journal_mode=WAL")
-        cur.execute(f"PRAGMA synchronous={synchronous}")
-        cur.close()
-
-    return apply
-
-
 def default_state_dir(settings: Settings) -> Path:
     return settings.oracle.state_dir or settings.home / "oracle"
 
@@ -255,13 +244,9 @@ class OracleStore:
 
     def __init__(self, url: str) -> None:
         self.url = url
-        if url.startswith("sqlite:///"):
-            Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-        self.engine: Engine = create_engine(url)
-        self._durable_engine: Engine = create_engine(url) if url.startswith("sqlite") else self.engine
-        if url.startswith("sqlite"):
-            event.listen(self.engine, "connect", _pragmas("NORMAL"))
-            event.listen(self._durable_engine, "connect", _pragmas("FULL"))
+        self.engine: Engine = open_engine(url, synchronous="NORMAL")
+        sqlite = self.engine.dialect.name == "sqlite"
+        self._durable_engine: Engine = open_engine(url, synchronous="FULL") if sqlite else self.engine
         Base.metadata.create_all(self._durable_engine)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
         self._durable_sessions = sessionmaker(self._durable_engine, expire_on_commit=False)

@@ -35,11 +35,12 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Index, LargeBinary, String, Text, UniqueConstraint, create_engine, delete, event, func, select
-from sqlalchemy.engine import Engine, make_url
+from sqlalchemy import Index, LargeBinary, String, Text, UniqueConstraint, delete, func, select
+from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
+from dlis_market.db import open_engine
 from dlis_market.errors import DlisError
 from dlis_market.settings import OutboxSettings
 
@@ -161,13 +162,6 @@ class _Route:
     on_answer: OnAnswer | None
 
 
-def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
-    cur = dbapi_conn.cursor()
-    cur.execute("PRAGMA journal_mode=WAL")
-    cur.execute("PRAGMA synchronous=FULL")  # a queued message is on disk when put() returns
-    cur.close()
-
-
 def sqlite_url(path: Path) -> str:
     """The SQLAlchemy URL of an outbox file (its folder is created)."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -196,12 +190,7 @@ class Outbox:
         self.retry_base_s = retry_base_s
         self.retry_max_s = retry_max_s
         self.clock = clock
-        parsed = make_url(url)
-        if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
-            Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
-        self.engine: Engine = create_engine(url)
-        if parsed.get_backend_name() == "sqlite":
-            event.listen(self.engine, "connect", _sqlite_pragmas)
+        self.engine: Engine = open_engine(url)  # synchronous=FULL: a queued message is on disk when put() returns
         _Base.metadata.create_all(self.engine)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
         self._routes: dict[str, _Route] = {}
