@@ -121,7 +121,18 @@ def test_concurrent_jobs_of_one_client_cannot_share_free_escrow(broker_env):
     reqs = [JobCreate.model_validate({**body, "authorization": authorization(market, client)}) for _ in range(2)]
 
     async def both() -> list[object]:
+        # the workers start only once both admissions are decided: a first job that already finished
+        # would count its (smaller) real cost instead of its max cost, and rightly admit the second
+        gate = asyncio.Event()
+        start = backend.start
+
+        async def gated_start(job):  # type: ignore[no-untyped-def]
+            await gate.wait()
+            return await start(job)
+
+        backend.start = gated_start
         out = await asyncio.gather(*(service.submit(r) for r in reqs), return_exceptions=True)
+        gate.set()
         for r in out:
             if not isinstance(r, BaseException):
                 await service.wait(r.id)
