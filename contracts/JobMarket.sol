@@ -27,6 +27,13 @@ import {INodeRegistry} from "./interfaces/INodeRegistry.sol";
 ///      the job: its layers still count toward coverage, the client is not charged for it (nor
 ///      the fee on it), the other stages are paid, and `ReceiptForfeited` records it as evidence
 ///      against that node. So one stage leaving after serving cannot void the others' pay.
+///      Escrow is held per (client, broker): a client deposits for a broker, and settlement draws
+///      only from the part held for the settling broker. A broker admits against its own part
+///      minus its own open jobs, so two brokers can never both count the same escrow (a client
+///      cannot be admitted twice for one deposit). Moving escrow to another broker is a
+///      withdrawal (with its delay) and a new deposit.
+///      A broker cannot be paid for a job it settles: a receipt whose node key or node operator is
+///      the settling broker reverts the job (`JobMarketSelfDealing`).
 ///      Escrow cannot be pulled from under admitted jobs: a withdrawal waits `withdrawDelay`
 ///      after its request and is usable only for `withdrawWindow` after that (then it expires
 ///      and must be requested again); settlement refuses an authorization whose deadline is more
@@ -113,8 +120,8 @@ contract JobMarket is AccessControl, ReentrancyGuard, EIP712 {
     address private _treasury;
     uint16 private _feeBps;
 
-    mapping(address client => uint256) private _escrow;
-    mapping(address client => PendingWithdrawal) private _withdrawals;
+    mapping(address client => mapping(address broker => uint256)) private _escrow;
+    mapping(address client => mapping(address broker => PendingWithdrawal)) private _withdrawals;
     mapping(address client => mapping(uint256 word => uint256 bits)) private _nonceBitmap;
     mapping(address account => uint256) private _claimable;
     mapping(address client => mapping(address spender => Spender)) private _spenders;
@@ -122,12 +129,12 @@ contract JobMarket is AccessControl, ReentrancyGuard, EIP712 {
     uint256 private _totalEscrow;
     uint256 private _totalClaimable;
 
-    /// @notice Tokens were added to a client's escrow.
-    event Deposited(address indexed client, address indexed from, uint256 amount, uint256 escrow);
-    /// @notice A client asked to withdraw escrow; possible from `readyAt`.
-    event WithdrawalRequested(address indexed client, uint256 amount, uint64 readyAt);
-    /// @notice Escrow was paid back to the client.
-    event Withdrawn(address indexed client, uint256 amount);
+    /// @notice Tokens were added to a client's escrow held for `broker`; `escrow` is that part now.
+    event Deposited(address indexed client, address indexed broker, address from, uint256 amount, uint256 escrow);
+    /// @notice A client asked to withdraw escrow held for `broker`; possible from `readyAt`.
+    event WithdrawalRequested(address indexed client, address indexed broker, uint256 amount, uint64 readyAt);
+    /// @notice Escrow held for `broker` was paid back to the client.
+    event Withdrawn(address indexed client, address indexed broker, uint256 amount);
     /// @notice A client set (or revoked: cap 0 and expiry 0) a standing spending authorization.
     event SpenderSet(address indexed client, address indexed spender, uint256 cap, uint64 expiry);
     /// @notice A receipt was not paid because its signer, a registered node, was not routable at
@@ -149,7 +156,9 @@ contract JobMarket is AccessControl, ReentrancyGuard, EIP712 {
     error JobMarketZeroAmount();
     error JobMarketZeroAddress();
     error JobMarketInvalidFee(uint16 feeBps, uint16 maxFeeBps);
-    error JobMarketNoPendingWithdrawal(address client);
+    error JobMarketNoPendingWithdrawal(address client, address broker);
+    error JobMarketNotBroker(address account);
+    error JobMarketSelfDealing(uint256 jobIndex, uint256 receiptIndex, address node, address operator);
     error JobMarketWithdrawalNotReady(uint64 readyAt, uint64 now_);
     error JobMarketWithdrawalExpired(uint64 readyAt, uint64 expiresAt, uint64 now_);
     error JobMarketInvalidWithdrawWindow(uint64 withdrawWindow);
@@ -170,7 +179,9 @@ contract JobMarket is AccessControl, ReentrancyGuard, EIP712 {
     error JobMarketIncompleteCoverage(uint256 jobIndex, uint32 coveredTo, uint32 numLayers);
     error JobMarketNodeNotRoutable(uint256 jobIndex, uint256 receiptIndex, address node);
     error JobMarketCostExceedsAuthorization(uint256 jobIndex, uint256 total, uint256 maxCost);
-    error JobMarketInsufficientEscrow(uint256 jobIndex, address client, uint256 needed, uint256 available);
+    error JobMarketInsufficientEscrow(
+        uint256 jobIndex, address client, address broker, uint256 needed, uint256 available
+    );
 
     /// @param token_ the payment token
     /// @param registry_ the node registry consulted for node keys, stake and model layers
@@ -213,46 +224,52 @@ contract JobMarket is AccessControl, ReentrancyGuard, EIP712 {
 
     // ----------------------------------------------------------------------------- escrow
 
-    /// @notice Add `amount` to the caller's escrow (the caller must have approved this contract).
-    function deposit(uint256 amount) external nonReentrant {
-        _deposit(msg.sender, amount);
+    /// @notice Add `amount` to the caller's escrow held for `broker` (the caller must have
+    ///         approved this contract). Only `broker` can settle jobs against it.
+    /// @param broker an account holding BROKER_ROLE (others could never settle against it)
+    function deposit(address broker, uint256 amount) external nonReentrant {
+        _deposit(msg.sender, broker, amount);
     }
 
-    /// @notice Add `amount` to the caller's escrow with an EIP-2612 permit instead of an approval.
+    /// @notice Like `deposit`, with an EIP-2612 permit instead of an approval.
     /// @dev A permit that was already used (front-run) is ignored when the allowance suffices.
-    function depositWithPermit(uint256 amount, uint256 deadline, uint8 v, bytes32 r, bytes32 s) external nonReentrant {
+    function depositWithPermit(address broker, uint256 amount, uint256 deadline, uint8 v, bytes32 r, bytes32 s)
+        external
+        nonReentrant
+    {
         try IERC20Permit(address(_token)).permit(msg.sender, address(this), amount, deadline, v, r, s) {} catch {}
-        _deposit(msg.sender, amount);
+        _deposit(msg.sender, broker, amount);
     }
 
-    /// @notice Ask to withdraw `amount` of escrow after the withdrawal delay. Replaces any earlier
-    ///         request and restarts the delay. Escrow stays usable for settlement until withdrawn.
-    ///         The request can be used from `readyAt` to `readyAt + withdrawWindow`, then expires.
-    function requestWithdrawal(uint256 amount) external {
+    /// @notice Ask to withdraw `amount` of the escrow held for `broker` after the withdrawal
+    ///         delay. Replaces any earlier request for that broker and restarts the delay. Escrow
+    ///         stays usable for settlement until withdrawn. The request can be used from `readyAt`
+    ///         to `readyAt + withdrawWindow`, then expires.
+    function requestWithdrawal(address broker, uint256 amount) external {
         if (amount == 0) revert JobMarketZeroAmount();
         uint64 readyAt = uint64(block.timestamp) + _withdrawDelay;
-        _withdrawals[msg.sender] = PendingWithdrawal(amount, readyAt);
-        emit WithdrawalRequested(msg.sender, amount, readyAt);
+        _withdrawals[msg.sender][broker] = PendingWithdrawal(amount, readyAt);
+        emit WithdrawalRequested(msg.sender, broker, amount, readyAt);
     }
 
     /// @notice Withdraw the requested amount (or the whole escrow if less is left) once ready and
     ///         before the request expires (`readyAt + withdrawWindow`). An expired request must be
     ///         made again (and waits the delay again): a ready request cannot be held open to pull
     ///         escrow at any moment from under jobs admitted later.
-    function withdraw() external nonReentrant {
-        PendingWithdrawal memory w = _withdrawals[msg.sender];
-        if (w.amount == 0) revert JobMarketNoPendingWithdrawal(msg.sender);
+    function withdraw(address broker) external nonReentrant {
+        PendingWithdrawal memory w = _withdrawals[msg.sender][broker];
+        if (w.amount == 0) revert JobMarketNoPendingWithdrawal(msg.sender, broker);
         if (block.timestamp < w.readyAt) revert JobMarketWithdrawalNotReady(w.readyAt, uint64(block.timestamp));
         uint64 expiresAt = w.readyAt + _withdrawWindow;
         if (block.timestamp > expiresAt) {
             revert JobMarketWithdrawalExpired(w.readyAt, expiresAt, uint64(block.timestamp));
         }
-        uint256 available = _escrow[msg.sender];
+        uint256 available = _escrow[msg.sender][broker];
         uint256 amount = w.amount < available ? w.amount : available;
-        delete _withdrawals[msg.sender];
-        _escrow[msg.sender] = available - amount;
+        delete _withdrawals[msg.sender][broker];
+        _escrow[msg.sender][broker] = available - amount;
         _totalEscrow -= amount;
-        emit Withdrawn(msg.sender, amount);
+        emit Withdrawn(msg.sender, broker, amount);
         if (amount > 0) _token.safeTransfer(msg.sender, amount);
     }
 
@@ -367,15 +384,19 @@ contract JobMarket is AccessControl, ReentrancyGuard, EIP712 {
         return _batchSettled[broker][batchId];
     }
 
-    /// @notice A client's escrow balance.
-    function escrowOf(address client) external view returns (uint256) {
-        return _escrow[client];
+    /// @notice A client's escrow held for `broker` (what `broker` can settle against).
+    function escrowOf(address client, address broker) external view returns (uint256) {
+        return _escrow[client][broker];
     }
 
-    /// @notice A client's pending withdrawal request: usable from `readyAt` to `expiresAt`
-    ///         inclusive (all zero when there is none).
-    function pendingWithdrawal(address client) external view returns (uint256 amount, uint64 readyAt, uint64 expiresAt) {
-        PendingWithdrawal memory w = _withdrawals[client];
+    /// @notice A client's pending withdrawal request of escrow held for `broker`: usable from
+    ///         `readyAt` to `expiresAt` inclusive (all zero when there is none).
+    function pendingWithdrawal(address client, address broker)
+        external
+        view
+        returns (uint256 amount, uint64 readyAt, uint64 expiresAt)
+    {
+        PendingWithdrawal memory w = _withdrawals[client][broker];
         if (w.amount == 0) return (0, 0, 0);
         return (w.amount, w.readyAt, w.readyAt + _withdrawWindow);
     }
@@ -443,12 +464,13 @@ contract JobMarket is AccessControl, ReentrancyGuard, EIP712 {
         emit SpenderSet(msg.sender, spender, 0, 0);
     }
 
-    function _deposit(address client, uint256 amount) private {
+    function _deposit(address client, address broker, uint256 amount) private {
         if (amount == 0) revert JobMarketZeroAmount();
-        uint256 escrow = _escrow[client] + amount;
-        _escrow[client] = escrow;
+        if (!hasRole(BROKER_ROLE, broker)) revert JobMarketNotBroker(broker);
+        uint256 escrow = _escrow[client][broker] + amount;
+        _escrow[client][broker] = escrow;
         _totalEscrow += amount;
-        emit Deposited(client, msg.sender, amount, escrow);
+        emit Deposited(client, broker, msg.sender, amount, escrow);
         _token.safeTransferFrom(client, address(this), amount);
     }
 
@@ -500,12 +522,14 @@ contract JobMarket is AccessControl, ReentrancyGuard, EIP712 {
         sp.remaining -= uint128(total);
     }
 
-    /// @dev Debits `total` from the client's escrow within the authorized maximum.
+    /// @dev Debits `total` from the client's escrow held for the settling broker, within the
+    ///      authorized maximum.
     function _charge(uint256 index, JobSettlement calldata job, uint256 total) private {
         if (total > job.maxCost) revert JobMarketCostExceedsAuthorization(index, total, job.maxCost);
-        uint256 escrow = _escrow[job.client];
-        if (escrow < total) revert JobMarketInsufficientEscrow(index, job.client, total, escrow);
-        _escrow[job.client] = escrow - total;
+        mapping(address => uint256) storage part = _escrow[job.client];
+        uint256 escrow = part[msg.sender];
+        if (escrow < total) revert JobMarketInsufficientEscrow(index, job.client, msg.sender, total, escrow);
+        part[msg.sender] = escrow - total;
     }
 
     /// @dev Checks ranges, coverage and signatures; returns what the client pays for receipts
@@ -564,6 +588,7 @@ contract JobMarket is AccessControl, ReentrancyGuard, EIP712 {
         }
         (address operator, bool routable) = _registry.settlementInfo(node);
         if (operator == address(0)) revert JobMarketNodeNotRoutable(index, j, node);
+        if (node == msg.sender || operator == msg.sender) revert JobMarketSelfDealing(index, j, node, operator);
         uint256 c = payees.count;
         payees.nodes[c] = node;
         payees.count = c + 1;

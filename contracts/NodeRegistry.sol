@@ -76,10 +76,12 @@ contract NodeRegistry is INodeRegistry, EIP712 {
     event NodeUpdated(address indexed node, string endpoint, bytes32 attestationHash);
     /// @notice A node was deregistered by its operator.
     event NodeDeregistered(address indexed node, address indexed operator);
-    /// @notice A model was registered or updated to a new manifest.
+    /// @notice A model was registered or updated to a new manifest. `modelId` is
+    ///         `modelIdOf(publisher, nameHash)`.
     event ModelPublished(
         bytes32 indexed modelId,
         address indexed publisher,
+        bytes32 indexed nameHash,
         uint32 version,
         string manifestCid,
         bytes32 manifestSha256,
@@ -95,7 +97,6 @@ contract NodeRegistry is INodeRegistry, EIP712 {
     error NodeRegistryNotOperator(address node, address caller);
     error NodeRegistryUnknownNode(address node);
     error NodeRegistryEmptyField(string field);
-    error NodeRegistryNotPublisher(bytes32 modelId, address publisher, address caller);
     error NodeRegistryUnknownModel(bytes32 modelId);
     error NodeRegistryInvalidModel(string reason);
     error NodeRegistryLayerCountFixed(bytes32 modelId, uint32 numLayers, uint32 given);
@@ -172,28 +173,32 @@ contract NodeRegistry is INodeRegistry, EIP712 {
 
     // ----------------------------------------------------------------------------- models
 
-    /// @notice Register a new model id with its manifest, or publish a new version of a model the
-    ///         caller published before. The layer count is fixed by the first version: a later
-    ///         version with another count reverts, since receipts of jobs already served cover
-    ///         [0, numLayers) of the first count and would all become unsettleable.
-    /// @dev Model ids are keccak256(name) and first-come: whoever publishes a name first owns it.
-    /// @param modelId keccak256 of the model's name (see the Python `model_id`)
+    /// @notice Register a model under the caller's namespace, or publish a new version of it.
+    ///         The model's id is `modelIdOf(msg.sender, nameHash)`: a name can be published by
+    ///         anyone, but only in their own namespace, so no one can squat another publisher's
+    ///         model id or publish versions of it. Brokers and workers choose whose namespace
+    ///         they serve (`chain.model_publisher` in the Python settings).
+    ///         The layer count is fixed by the first version: a later version with another count
+    ///         reverts, since receipts of jobs already served cover [0, numLayers) of the first
+    ///         count and would all become unsettleable.
+    /// @param nameHash keccak256 of the model's name (e.g. keccak256("smollm2-135m"))
     /// @param manifestCid IPFS CID of the shard manifest
     /// @param manifestSha256 sha256 of the manifest bytes
     /// @param numLayers transformer layers in the model
-    function publishModel(bytes32 modelId, string calldata manifestCid, bytes32 manifestSha256, uint32 numLayers)
+    /// @return modelId the id receipts and job authorizations name
+    function publishModel(bytes32 nameHash, string calldata manifestCid, bytes32 manifestSha256, uint32 numLayers)
         external
+        returns (bytes32 modelId)
     {
-        if (modelId == bytes32(0)) revert NodeRegistryInvalidModel("modelId is zero");
+        if (nameHash == bytes32(0)) revert NodeRegistryInvalidModel("nameHash is zero");
         if (bytes(manifestCid).length == 0) revert NodeRegistryEmptyField("manifestCid");
         if (manifestSha256 == bytes32(0)) revert NodeRegistryInvalidModel("manifestSha256 is zero");
         if (numLayers == 0) revert NodeRegistryInvalidModel("numLayers is zero");
+        modelId = modelIdOf(msg.sender, nameHash);
         Model storage m = _models[modelId];
         if (m.publisher == address(0)) {
             m.publisher = msg.sender;
             _modelIds.push(modelId);
-        } else if (m.publisher != msg.sender) {
-            revert NodeRegistryNotPublisher(modelId, m.publisher, msg.sender);
         } else if (m.numLayers != numLayers) {
             revert NodeRegistryLayerCountFixed(modelId, m.numLayers, numLayers);
         }
@@ -202,7 +207,13 @@ contract NodeRegistry is INodeRegistry, EIP712 {
         m.manifestCid = manifestCid;
         m.manifestSha256 = manifestSha256;
         m.updatedAt = uint64(block.timestamp);
-        emit ModelPublished(modelId, msg.sender, m.version, manifestCid, manifestSha256, numLayers);
+        emit ModelPublished(modelId, msg.sender, nameHash, m.version, manifestCid, manifestSha256, numLayers);
+    }
+
+    /// @notice The id of the model `publisher` publishes under the name hashed to `nameHash`:
+    ///         keccak256(abi.encode(publisher, nameHash)).
+    function modelIdOf(address publisher, bytes32 nameHash) public pure returns (bytes32) {
+        return keccak256(abi.encode(publisher, nameHash));
     }
 
     // ----------------------------------------------------------------------------- views

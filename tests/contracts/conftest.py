@@ -62,9 +62,20 @@ WITHDRAW_WINDOW = 900
 MAX_AUTH_LIFETIME = 300  # < WITHDRAW_DELAY
 MAX_FEE_BPS = 2_000
 
-MODEL_ID = keccak(text="smollm2-135m")
+# Model ids are namespaced by publisher: keccak256(abi.encode(publisher, keccak256(name))). The
+# deployer (Anvil's dev account 0) publishes the models of these tests.
+DEPLOYER = "0xf39Fd6e51aad88F6F4ce6aB8827279cffFb92266"
+
+
+def model_id_of(publisher: str, name_hash: bytes) -> bytes:
+    return bytes(keccak(b"\x00" * 12 + bytes.fromhex(publisher[2:]) + name_hash))
+
+
+MODEL_NAME_HASH = keccak(text="smollm2-135m")
+MODEL_ID = model_id_of(DEPLOYER, MODEL_NAME_HASH)
 MODEL_LAYERS = 30
-OTHER_MODEL_ID = keccak(text="tiny-4l")
+OTHER_NAME_HASH = keccak(text="tiny-4l")
+OTHER_MODEL_ID = model_id_of(DEPLOYER, OTHER_NAME_HASH)
 OTHER_MODEL_LAYERS = 4
 MANIFEST_SHA = keccak(text="manifest")
 ZERO = "0x0000000000000000000000000000000000000000"
@@ -438,9 +449,10 @@ def register(
     )
 
 
-def deposit(token, market, client, amount: int):
+def deposit(token, market, client, broker, amount: int):
+    """Approve and deposit ``amount`` into ``client``'s escrow held for ``broker``."""
     token.approve(market, amount, {"from": client})
-    return market.deposit(amount, {"from": client})
+    return market.deposit(broker, amount, {"from": client})
 
 
 def permit_signature(token, owner, spender, value: int, deadline: int) -> tuple[int, bytes, bytes]:
@@ -530,15 +542,17 @@ def settle(market, broker, tag: str, jobs: list[SignedJob]):
 @pytest.fixture(scope="module")
 def live(deployed, roles):
     """A running market: op1 runs NODES[0], op2 runs NODES[1] and NODES[2] (staked, registered),
-    the model is published, both clients hold escrow. NODES[3] is never registered."""
+    the model is published, both clients hold 1,000 DLIS of escrow for roles["broker"]. NODES[3]
+    is never registered."""
     t, s, r, m = deployed.token, deployed.staking, deployed.registry, deployed.market
     stake(t, s, roles["op1"], 2 * MIN_STAKE)
     stake(t, s, roles["op2"], 2 * MIN_STAKE)
     register(r, roles["op1"], NODES[0], "peer-0")
     register(r, roles["op2"], NODES[1], "peer-1")
     register(r, roles["op2"], NODES[2], "peer-2")
-    r.publishModel(MODEL_ID, "bafy-model", MANIFEST_SHA, MODEL_LAYERS, {"from": roles["deployer"]})
-    r.publishModel(OTHER_MODEL_ID, "bafy-other", MANIFEST_SHA, OTHER_MODEL_LAYERS, {"from": roles["deployer"]})
-    deposit(t, m, roles["client1"], 1_000 * UNIT)
-    deposit(t, m, roles["client2"], 1_000 * UNIT)
+    assert roles["deployer"] == DEPLOYER
+    r.publishModel(MODEL_NAME_HASH, "bafy-model", MANIFEST_SHA, MODEL_LAYERS, {"from": roles["deployer"]})
+    r.publishModel(OTHER_NAME_HASH, "bafy-other", MANIFEST_SHA, OTHER_MODEL_LAYERS, {"from": roles["deployer"]})
+    deposit(t, m, roles["client1"], roles["broker"], 1_000 * UNIT)
+    deposit(t, m, roles["client2"], roles["broker"], 1_000 * UNIT)
     return deployed

@@ -18,11 +18,14 @@ def _undecoded(signature: str, types: list[str], values: list) -> SimpleNamespac
 
 
 def test_undecoded_typed_error_is_decoded_from_the_abis():
-    sig = "JobMarketInsufficientEscrow(uint256,address,uint256,uint256)"
-    client = "0x" + "ab" * 20
-    exc = _undecoded(sig, ["uint256", "address", "uint256", "uint256"], [2, client, 10, 3])
+    sig = "JobMarketInsufficientEscrow(uint256,address,address,uint256,uint256)"
+    client, broker = "0x" + "ab" * 20, "0x" + "cd" * 20
+    exc = _undecoded(sig, ["uint256", "address", "address", "uint256", "uint256"], [2, client, broker, 10, 3])
     assert error_name(exc) == "JobMarketInsufficientEscrow"
-    assert error_args(exc) == f"2, {client}, 10, 3"
+    assert error_args(exc) == f"2, {client}, {broker}, 10, 3"
+    # the pre-broker signature is no error of the compiled contracts any more: left undecoded
+    old = _undecoded("JobMarketInsufficientEscrow(uint256,address,uint256,uint256)", ["uint256"] * 4, [2, 0, 10, 3])
+    assert error_name(old) == "0x" + selector("JobMarketInsufficientEscrow(uint256,address,uint256,uint256)").hex()
     exc = _undecoded("NodeRegistryEmptyField(string)", ["string"], ["peerId"])
     assert (error_name(exc), error_args(exc)) == ("NodeRegistryEmptyField", "peerId")
 

@@ -126,95 +126,113 @@ def test_constructor_refuses_authorizations_that_outlive_the_withdrawal_delay(to
 # ----------------------------------------------------------------------------- escrow
 
 
-def test_deposit(market, token, fresh):
-    tx = deposit(token, market, fresh, 10 * UNIT)
-    assert dict(tx.events["Deposited"][0]) == {"client": fresh, "from": fresh, "amount": 10 * UNIT, "escrow": 10 * UNIT}
-    tx = deposit(token, market, fresh, 1)
+def test_deposit(market, token, fresh, broker):
+    tx = deposit(token, market, fresh, broker, 10 * UNIT)
+    assert dict(tx.events["Deposited"][0]) == {
+        "client": fresh,
+        "broker": broker,
+        "from": fresh,
+        "amount": 10 * UNIT,
+        "escrow": 10 * UNIT,
+    }
+    tx = deposit(token, market, fresh, broker, 1)
     assert tx.events["Deposited"][0]["escrow"] == 10 * UNIT + 1
-    assert market.escrowOf(fresh) == 10 * UNIT + 1
+    assert market.escrowOf(fresh, broker) == 10 * UNIT + 1
     assert market.totalEscrow() == token.balanceOf(market) == BASE_ESCROW + 10 * UNIT + 1
 
 
-def test_deposit_reverts(market, fresh):
+def test_deposit_reverts(market, fresh, broker):
     with reverts("JobMarketZeroAmount"):
-        market.deposit(0, {"from": fresh})
+        market.deposit(broker, 0, {"from": fresh})
     with reverts("ERC20InsufficientAllowance", market, 0, 1):
-        market.deposit(1, {"from": fresh})
+        market.deposit(broker, 1, {"from": fresh})
 
 
-def test_deposit_with_permit(market, token, fresh, roles):
+def test_deposit_with_permit(market, token, fresh, roles, broker):
     dl = future(600)
     v, r, s = permit_signature(token, fresh, market, 7 * UNIT, dl)
-    tx = market.depositWithPermit(7 * UNIT, dl, v, r, s, {"from": fresh})
-    assert tx.events["Deposited"][0]["amount"] == 7 * UNIT
-    assert market.escrowOf(fresh) == 7 * UNIT
+    tx = market.depositWithPermit(broker, 7 * UNIT, dl, v, r, s, {"from": fresh})
+    assert (tx.events["Deposited"][0]["broker"], tx.events["Deposited"][0]["amount"]) == (broker, 7 * UNIT)
+    assert market.escrowOf(fresh, broker) == 7 * UNIT
     # a permit front-run by someone else is ignored when the allowance suffices
     v, r, s = permit_signature(token, fresh, market, 3 * UNIT, dl)
     token.permit(fresh, market, 3 * UNIT, dl, v, r, s, {"from": roles["stranger"]})
-    market.depositWithPermit(3 * UNIT, dl, v, r, s, {"from": fresh})
-    assert market.escrowOf(fresh) == 10 * UNIT
+    market.depositWithPermit(broker, 3 * UNIT, dl, v, r, s, {"from": fresh})
+    assert market.escrowOf(fresh, broker) == 10 * UNIT
     with reverts("ERC20InsufficientAllowance"):
-        market.depositWithPermit(1, dl, v, r, s, {"from": fresh})
+        market.depositWithPermit(broker, 1, dl, v, r, s, {"from": fresh})
     with reverts("JobMarketZeroAmount"):
-        market.depositWithPermit(0, dl, v, r, s, {"from": fresh})
+        market.depositWithPermit(broker, 0, dl, v, r, s, {"from": fresh})
+    # escrow for an account that is not a broker: the whole call reverts, the permit with it
+    nonce, balance = token.nonces(fresh), token.balanceOf(fresh)
+    v, r, s = permit_signature(token, fresh, market, UNIT, dl)
+    with reverts("JobMarketNotBroker", roles["reporter"]):
+        market.depositWithPermit(roles["reporter"], UNIT, dl, v, r, s, {"from": fresh})
+    assert (token.nonces(fresh), token.allowance(fresh, market), token.balanceOf(fresh)) == (nonce, 0, balance)
+    assert market.escrowOf(fresh, roles["reporter"]) == 0
 
 
-def test_request_withdrawal_and_withdraw(market, token, fresh):
-    deposit(token, market, fresh, 10 * UNIT)
-    tx = market.requestWithdrawal(4 * UNIT, {"from": fresh})
+def test_request_withdrawal_and_withdraw(market, token, fresh, broker):
+    deposit(token, market, fresh, broker, 10 * UNIT)
+    tx = market.requestWithdrawal(broker, 4 * UNIT, {"from": fresh})
     ready = tx.timestamp + WITHDRAW_DELAY
-    assert dict(tx.events["WithdrawalRequested"][0]) == {"client": fresh, "amount": 4 * UNIT, "readyAt": ready}
-    assert tuple(market.pendingWithdrawal(fresh)) == (4 * UNIT, ready, ready + WITHDRAW_WINDOW)
+    assert dict(tx.events["WithdrawalRequested"][0]) == {
+        "client": fresh,
+        "broker": broker,
+        "amount": 4 * UNIT,
+        "readyAt": ready,
+    }
+    assert tuple(market.pendingWithdrawal(fresh, broker)) == (4 * UNIT, ready, ready + WITHDRAW_WINDOW)
     with reverts("JobMarketWithdrawalNotReady", ready):
-        market.withdraw({"from": fresh})
+        market.withdraw(broker, {"from": fresh})
     chain.sleep(WITHDRAW_DELAY + 1)
     before = token.balanceOf(fresh)
-    tx = market.withdraw({"from": fresh})
-    assert dict(tx.events["Withdrawn"][0]) == {"client": fresh, "amount": 4 * UNIT}
+    tx = market.withdraw(broker, {"from": fresh})
+    assert dict(tx.events["Withdrawn"][0]) == {"client": fresh, "broker": broker, "amount": 4 * UNIT}
     assert token.balanceOf(fresh) == before + 4 * UNIT
-    assert market.escrowOf(fresh) == 6 * UNIT
+    assert market.escrowOf(fresh, broker) == 6 * UNIT
     assert market.totalEscrow() == BASE_ESCROW + 6 * UNIT
-    assert tuple(market.pendingWithdrawal(fresh)) == (0, 0, 0)
-    with reverts("JobMarketNoPendingWithdrawal", fresh):
-        market.withdraw({"from": fresh})
+    assert tuple(market.pendingWithdrawal(fresh, broker)) == (0, 0, 0)
+    with reverts("JobMarketNoPendingWithdrawal", fresh, broker):
+        market.withdraw(broker, {"from": fresh})
 
 
-def test_request_withdrawal_replaces_and_restarts(market, token, fresh):
-    deposit(token, market, fresh, 10 * UNIT)
-    market.requestWithdrawal(4 * UNIT, {"from": fresh})
+def test_request_withdrawal_replaces_and_restarts(market, token, fresh, broker):
+    deposit(token, market, fresh, broker, 10 * UNIT)
+    market.requestWithdrawal(broker, 4 * UNIT, {"from": fresh})
     chain.sleep(WITHDRAW_DELAY - 50)
-    tx = market.requestWithdrawal(9 * UNIT, {"from": fresh})
+    tx = market.requestWithdrawal(broker, 9 * UNIT, {"from": fresh})
     chain.sleep(100)
     with reverts("JobMarketWithdrawalNotReady", tx.timestamp + WITHDRAW_DELAY):
-        market.withdraw({"from": fresh})
+        market.withdraw(broker, {"from": fresh})
     chain.sleep(WITHDRAW_DELAY)
-    assert market.withdraw({"from": fresh}).events["Withdrawn"][0]["amount"] == 9 * UNIT
+    assert market.withdraw(broker, {"from": fresh}).events["Withdrawn"][0]["amount"] == 9 * UNIT
 
 
-def test_withdraw_is_capped_by_escrow(market, token, fresh):
-    deposit(token, market, fresh, 10 * UNIT)
-    market.requestWithdrawal(100 * UNIT, {"from": fresh})
+def test_withdraw_is_capped_by_escrow(market, token, fresh, broker):
+    deposit(token, market, fresh, broker, 10 * UNIT)
+    market.requestWithdrawal(broker, 100 * UNIT, {"from": fresh})
     chain.sleep(WITHDRAW_DELAY + 1)
-    assert market.withdraw({"from": fresh}).events["Withdrawn"][0]["amount"] == 10 * UNIT
-    market.requestWithdrawal(1, {"from": fresh})
+    assert market.withdraw(broker, {"from": fresh}).events["Withdrawn"][0]["amount"] == 10 * UNIT
+    market.requestWithdrawal(broker, 1, {"from": fresh})
     chain.sleep(WITHDRAW_DELAY + 1)
-    assert market.withdraw({"from": fresh}).events["Withdrawn"][0]["amount"] == 0
+    assert market.withdraw(broker, {"from": fresh}).events["Withdrawn"][0]["amount"] == 0
     assert market.totalEscrow() == BASE_ESCROW
 
 
-def test_request_withdrawal_zero(market, fresh):
+def test_request_withdrawal_zero(market, fresh, broker):
     with reverts("JobMarketZeroAmount"):
-        market.requestWithdrawal(0, {"from": fresh})
+        market.requestWithdrawal(broker, 0, {"from": fresh})
 
 
 def test_escrow_stays_settleable_during_withdrawal_delay(live, market, token, c1, broker):
     """A pending withdrawal does not shield escrow from a job being settled."""
-    market.requestWithdrawal(1_000 * UNIT, {"from": c1})
+    market.requestWithdrawal(broker, 1_000 * UNIT, {"from": c1})
     settle(market, broker, "w", [two_stage(market, c1, broker, 1)])
     chain.sleep(WITHDRAW_DELAY + 1)
-    tx = market.withdraw({"from": c1})
+    tx = market.withdraw(broker, {"from": c1})
     assert tx.events["Withdrawn"][0]["amount"] == 1_000 * UNIT - COST - FEE
-    assert market.escrowOf(c1) == 0
+    assert market.escrowOf(c1, broker) == 0
 
 
 # ----------------------------------------------------------------------------- nonces
@@ -247,7 +265,7 @@ def test_settle_one_job(live, market, token, roles, c1, broker):
         "paid": COST,
         "fees": FEE,
     }
-    assert market.escrowOf(c1) == 1_000 * UNIT - COST - FEE
+    assert market.escrowOf(c1, broker) == 1_000 * UNIT - COST - FEE
     assert market.claimableOf(op1) == A
     assert market.claimableOf(op2) == B
     assert market.claimableOf(treasury) == FEE
@@ -284,7 +302,7 @@ def test_settle_batch_aggregates_payees(live, market, roles, c1, c2, broker):
     ]
     assert market.claimableOf(op2) == B + UNIT + 7 + 11 + 5
     assert market.totalClaimable() == paid + fees
-    assert market.escrowOf(c1) + market.escrowOf(c2) == 2_000 * UNIT - paid - fees
+    assert market.escrowOf(c1, broker) + market.escrowOf(c2, broker) == 2_000 * UNIT - paid - fees
 
 
 def test_settle_with_zero_fee(live, market, roles, c1, broker):
@@ -433,7 +451,7 @@ def test_receipt_of_deregistered_node_is_forfeited(live, market, registry, roles
     fee = A * FEE_BPS // 10_000
     assert dict(tx.events["JobSettled"][0]) == {"jobId": jid, "client": c1, "cost": A, "fee": fee}
     assert [dict(e)["payee"] for e in tx.events["PaymentCredited"]] == [roles["op1"]]
-    assert market.escrowOf(c1) == 1_000 * UNIT - A - fee
+    assert market.escrowOf(c1, broker) == 1_000 * UNIT - A - fee
     assert (market.claimableOf(roles["op1"]), market.claimableOf(roles["op2"])) == (A, 0)
     assert market.claimableOf(roles["treasury"]) == fee
     assert market.nonceUsed(c1, 1)
@@ -450,7 +468,7 @@ def test_receipts_of_slashed_operator_are_forfeited(live, market, registry, stak
     assert [f[1:] for f in _forfeits(tx)] == [(NODES[1].address, B), (NODES[1].address, UNIT), (NODES[2].address, UNIT)]
     assert market.claimableOf(roles["op1"]) == A + UNIT
     assert market.claimableOf(roles["op2"]) == 0
-    assert market.escrowOf(c2) == 1_000 * UNIT - UNIT - UNIT * FEE_BPS // 10_000
+    assert market.escrowOf(c2, broker) == 1_000 * UNIT - UNIT - UNIT * FEE_BPS // 10_000
     stake(token, staking, roles["op2"], MIN_STAKE)
     tx = settle(market, broker, "y", [two_stage(market, c1, broker, 2)])
     assert _forfeits(tx) == []
@@ -483,15 +501,15 @@ def test_cost_exceeds_authorization(live, market, c1, broker):
 
 def test_insufficient_escrow(live, market, token, roles, broker):
     poor = roles["stranger"]
-    deposit(token, market, poor, COST + FEE - 1)
-    with reverts("JobMarketInsufficientEscrow", 0, poor, COST + FEE, COST + FEE - 1):
+    deposit(token, market, poor, broker, COST + FEE - 1)
+    with reverts("JobMarketInsufficientEscrow", 0, poor, broker, COST + FEE, COST + FEE - 1):
         settle(market, broker, "x", [two_stage(market, poor, broker, 1)])
     # escrow is debited job by job within a batch
-    deposit(token, market, poor, COST + FEE + 1)
-    with reverts("JobMarketInsufficientEscrow", 2, poor, COST + FEE, 0):
+    deposit(token, market, poor, broker, COST + FEE + 1)
+    with reverts("JobMarketInsufficientEscrow", 2, poor, broker, COST + FEE, 0):
         settle(market, broker, "x", [two_stage(market, poor, broker, n) for n in range(3)])
     settle(market, broker, "x", [two_stage(market, poor, broker, n) for n in range(2)])
-    assert market.escrowOf(poor) == 0
+    assert market.escrowOf(poor, broker) == 0
 
 
 # ----------------------------------------------------------------------------- claims, fees
@@ -534,8 +552,8 @@ def test_fee_raise_is_bounded_by_max_cost(live, market, roles, c1, broker):
         settle(market, broker, "x", [job])
 
 
-def test_request_withdrawal_does_not_truncate(fresh, market, token):
-    deposit(token, market, fresh, 10 * UNIT)
-    tx = market.requestWithdrawal(2**128, {"from": fresh})
+def test_request_withdrawal_does_not_truncate(fresh, market, token, broker):
+    deposit(token, market, fresh, broker, 10 * UNIT)
+    tx = market.requestWithdrawal(broker, 2**128, {"from": fresh})
     assert tx.events["WithdrawalRequested"][0]["amount"] == 2**128
-    assert market.pendingWithdrawal(fresh)[0] == 2**128  # stored as 0 today
+    assert market.pendingWithdrawal(fresh, broker)[0] == 2**128  # stored as 0 today

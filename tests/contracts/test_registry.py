@@ -6,10 +6,12 @@ from conftest import (
     MANIFEST_SHA,
     MIN_STAKE,
     MODEL_ID,
+    MODEL_NAME_HASH,
     NODES,
     ZERO,
     capability,
     future,
+    model_id_of,
     past,
     register,
     registration,
@@ -186,10 +188,13 @@ def test_get_node_unknown(registry):
 
 def test_publish_model(registry, roles):
     pub = roles["deployer"]
-    tx = registry.publishModel(MODEL_ID, "bafy1", MANIFEST_SHA, 30, {"from": pub})
+    assert registry.modelIdOf(pub, MODEL_NAME_HASH) == "0x" + MODEL_ID.hex()
+    tx = registry.publishModel(MODEL_NAME_HASH, "bafy1", MANIFEST_SHA, 30, {"from": pub})
+    assert tx.return_value == "0x" + MODEL_ID.hex()
     assert dict(tx.events["ModelPublished"][0]) == {
         "modelId": "0x" + MODEL_ID.hex(),
         "publisher": pub,
+        "nameHash": "0x" + MODEL_NAME_HASH.hex(),
         "version": 1,
         "manifestCid": "bafy1",
         "manifestSha256": "0x" + MANIFEST_SHA.hex(),
@@ -198,28 +203,42 @@ def test_publish_model(registry, roles):
     m = registry.getModel(MODEL_ID)
     assert (m["publisher"], m["numLayers"], m["version"], m["manifestCid"]) == (pub, 30, 1, "bafy1")
     assert registry.modelLayers(MODEL_ID) == 30
-    tx = registry.publishModel(MODEL_ID, "bafy2", keccak(text="v2"), 30, {"from": pub})
+    tx = registry.publishModel(MODEL_NAME_HASH, "bafy2", keccak(text="v2"), 30, {"from": pub})
     assert tx.events["ModelPublished"][0]["version"] == 2
     assert registry.getModel(MODEL_ID)["manifestCid"] == "bafy2"
     # the layer count is fixed by the first version: another count would void every served job
     with reverts("NodeRegistryLayerCountFixed", MODEL_ID, 30, 32):
-        registry.publishModel(MODEL_ID, "bafy3", MANIFEST_SHA, 32, {"from": pub})
+        registry.publishModel(MODEL_NAME_HASH, "bafy3", MANIFEST_SHA, 32, {"from": pub})
     assert registry.modelLayers(MODEL_ID) == 30
     assert registry.modelIds() == ["0x" + MODEL_ID.hex()]
-    with reverts("NodeRegistryNotPublisher", MODEL_ID, pub, roles["stranger"]):
-        registry.publishModel(MODEL_ID, "bafy3", MANIFEST_SHA, 30, {"from": roles["stranger"]})
+
+
+def test_a_name_published_by_a_squatter_first_does_not_touch_the_owners_model(registry, roles):
+    """Ids are namespaced by publisher: the squatter's record lives under its own id; the owner
+    publishes (and versions) its model as if the squatter did not exist."""
+    squatter, owner = roles["stranger"], roles["deployer"]
+    tx = registry.publishModel(MODEL_NAME_HASH, "bafy-squat", keccak(text="squat"), 12, {"from": squatter})
+    squatted = model_id_of(squatter.address, MODEL_NAME_HASH)
+    assert tx.return_value == "0x" + squatted.hex() and squatted != MODEL_ID
+    registry.publishModel(MODEL_NAME_HASH, "bafy1", MANIFEST_SHA, 30, {"from": owner})
+    registry.publishModel(MODEL_NAME_HASH, "bafy-squat2", keccak(text="squat2"), 12, {"from": squatter})
+    mine = registry.getModel(MODEL_ID)
+    assert (mine["publisher"], mine["version"], mine["numLayers"], mine["manifestCid"]) == (owner, 1, 30, "bafy1")
+    theirs = registry.getModel(squatted)
+    assert (theirs["publisher"], theirs["version"], theirs["numLayers"]) == (squatter, 2, 12)
+    assert registry.modelIds() == ["0x" + squatted.hex(), "0x" + MODEL_ID.hex()]
 
 
 def test_publish_model_reverts(registry, roles):
     p = {"from": roles["deployer"]}
-    with reverts("NodeRegistryInvalidModel", "modelId is zero"):
+    with reverts("NodeRegistryInvalidModel", "nameHash is zero"):
         registry.publishModel(b"\x00" * 32, "c", MANIFEST_SHA, 1, p)
     with reverts("NodeRegistryEmptyField", "manifestCid"):
-        registry.publishModel(MODEL_ID, "", MANIFEST_SHA, 1, p)
+        registry.publishModel(MODEL_NAME_HASH, "", MANIFEST_SHA, 1, p)
     with reverts("NodeRegistryInvalidModel", "manifestSha256 is zero"):
-        registry.publishModel(MODEL_ID, "c", b"\x00" * 32, 1, p)
+        registry.publishModel(MODEL_NAME_HASH, "c", b"\x00" * 32, 1, p)
     with reverts("NodeRegistryInvalidModel", "numLayers is zero"):
-        registry.publishModel(MODEL_ID, "c", MANIFEST_SHA, 0, p)
+        registry.publishModel(MODEL_NAME_HASH, "c", MANIFEST_SHA, 0, p)
     with reverts("NodeRegistryUnknownModel", MODEL_ID):
         registry.getModel(MODEL_ID)
     assert registry.modelLayers(MODEL_ID) == 0

@@ -2,12 +2,19 @@
 
 Random sequences of staking, unstaking, withdrawals, slashes, deposits, escrow withdrawals (not
 ready, ready, expired), settlement batches (valid, forged, replayed, over budget, under-escrowed,
-with unroutable nodes whose receipts are forfeited), claims and time jumps. A Python model
-predicts every outcome (success, or the exact custom error); after every step the invariants check:
+with unroutable nodes whose receipts are forfeited), claims and time jumps. Two brokers settle
+(roles["broker"] and roles["stranger"], both with BROKER_ROLE) and each client holds a part of its
+escrow for each, so deposits, withdrawal requests and charges are fuzzed per (client, broker). A
+Python model predicts every outcome (success, or the exact custom error); after every step the
+invariants check:
 
 * token conservation: balanceOf(staking) == totalStaked + claimables, balanceOf(market) ==
-  totalEscrow + totalClaimable, and the supply held by all holders stays the initial supply;
-* the chain state equals the model (escrow, claimables, stakes, unbonding, used nonces);
+  totalEscrow + totalClaimable, totalEscrow == the sum of all (client, broker) parts, and the
+  supply held by all holders stays the initial supply;
+* the chain state equals the model (escrow parts, pending withdrawals, claimables, stakes,
+  unbonding, used nonces);
+* a broker never draws from another broker's part (checked around every settlement, apart from
+  the model);
 * no settlement without valid client and node signatures, no double settlement (the model only
   credits a job when its signatures are genuine and its nonce unused, and the chain must agree);
 * a slash never takes more than the operator's stake; unbonded stake never leaves early;
@@ -49,6 +56,9 @@ from dlis_market.chain.typed_data import Domain, sign_typed
 
 FORGERIES = ("none",) * 4 + ("client_key", "broker", "receipt_amount", "receipt_domain")
 START_STAKE = 1_000 * UNIT  # per operator, on top of the live fixture's stake
+BROKERS = ("broker", "stranger")  # role names of the two settling brokers
+CLIENTS = ("client1", "client2")
+SECOND_BROKER_ESCROW = 150 * UNIT  # each client's part for roles["stranger"] at the start
 NODE_OPERATOR = {0: "op1", 1: "op2", 2: "op2"}
 NONCES = 16  # nonces 0..14 are drawn (the 2nd job of a batch uses nonce + 1); all 16 are checked
 OUTCOMES: dict[str, int] = {}  # "Contract.function outcome" -> count, printed with DLIS_SM_DEBUG=1 -s
@@ -59,8 +69,8 @@ class Model:
     active: dict[str, int] = field(default_factory=dict)
     unbonding: dict[str, tuple[int, int]] = field(default_factory=dict)  # amount, releaseTime
     staking_claimable: dict[str, int] = field(default_factory=dict)
-    escrow: dict[str, int] = field(default_factory=dict)
-    pending: dict[str, tuple[int, int]] = field(default_factory=dict)  # amount, readyAt
+    escrow: dict[tuple[str, str], int] = field(default_factory=dict)  # (client, broker) -> part
+    pending: dict[tuple[str, str], tuple[int, int]] = field(default_factory=dict)  # amount, readyAt
     market_claimable: dict[str, int] = field(default_factory=dict)
     used: set = field(default_factory=set)  # (client name, nonce)
 
@@ -70,7 +80,8 @@ class Model:
 
 class MarketMachine:
     st_op = st.sampled_from(["op1", "op2"])
-    st_client = st.sampled_from(["client1", "client2"])
+    st_client = st.sampled_from(CLIENTS)
+    st_broker = st.sampled_from(BROKERS)
     st_stake = strategy("uint256", min_value=1, max_value=300 * UNIT)
     # mostly small amounts (operators stay routable), sometimes enough to drop below the minimum
     st_unstake = st.one_of(st.integers(1, 100 * UNIT), st.integers(1, 1_500 * UNIT))
@@ -94,6 +105,10 @@ class MarketMachine:
         for op in ("op1", "op2"):
             live.token.approve(live.staking, START_STAKE, {"from": roles[op]})
             live.staking.stake(START_STAKE, {"from": roles[op]})
+        live.market.grantRole(live.market.BROKER_ROLE(), roles["stranger"], {"from": roles["deployer"]})
+        for c in CLIENTS:
+            live.token.approve(live.market, SECOND_BROKER_ESCROW, {"from": roles[c]})
+            live.market.deposit(roles["stranger"], SECOND_BROKER_ESCROW, {"from": roles[c]})
         cls.holders = list(roles.values())
         cls.initial_model = None
 
@@ -102,18 +117,20 @@ class MarketMachine:
         cls = type(self)
         if getattr(cls, "initial_model", None) is None:
             s, m, r = self.d.staking, self.d.market, self.roles
-            a1, a2, e1, e2 = read_many(
+            parts = [(c, b) for c in CLIENTS for b in BROKERS]
+            a1, a2, *escrow = read_many(
                 [(s, "activeStake", (r[o].address,)) for o in ("op1", "op2")]
-                + [(m, "escrowOf", (r[c].address,)) for c in ("client1", "client2")]
+                + [(m, "escrowOf", (r[c].address, r[b].address)) for c, b in parts]
             )
             cls.initial_model = Model(
                 active={"op1": a1, "op2": a2},
                 unbonding={o: (0, 0) for o in ("op1", "op2")},
                 staking_claimable={a: 0 for a in ("reporter", "treasury")},
-                escrow={"client1": e1, "client2": e2},
-                pending={c: (0, 0) for c in ("client1", "client2")},
+                escrow=dict(zip(parts, escrow, strict=True)),
+                pending={part: (0, 0) for part in parts},
                 market_claimable={a: 0 for a in ("op1", "op2", "treasury")},
             )
+            assert all(escrow), f"every (client, broker) part starts funded: {cls.initial_model.escrow}"
         self.model = copy.deepcopy(cls.initial_model)
         OUTCOMES["examples"] = OUTCOMES.get("examples", 0) + 1
         self.batches = 0
@@ -214,58 +231,82 @@ class MarketMachine:
         chain.sleep(UNBONDING + 1)
         self.rule_withdraw_stake(op)
 
-    def rule_deposit(self, client="st_client", amount="st_deposit"):
+    def rule_deposit(self, client="st_client", broker="st_broker", amount="st_deposit"):
         a = self.roles[client]
         self.d.token.approve(self.d.market, amount, {"from": a})
-        _, exc = self._attempt(self.d.market.deposit, amount, {"from": a})
+        tx, exc = self._attempt(self.d.market.deposit, self.roles[broker], amount, {"from": a})
         self._ok(exc)
-        self.model.escrow[client] += amount
+        self.model.escrow[client, broker] += amount
+        ev = tx.events["Deposited"][0]
+        assert (ev["broker"], ev["escrow"]) == (self.roles[broker], self.model.escrow[client, broker])
 
-    def rule_request_withdrawal(self, client="st_client", amount="st_withdrawal"):
-        tx, exc = self._attempt(self.d.market.requestWithdrawal, amount, {"from": self.roles[client]})
+    def rule_request_withdrawal(self, client="st_client", broker="st_broker", amount="st_withdrawal"):
+        args = (self.roles[broker], amount, {"from": self.roles[client]})
+        tx, exc = self._attempt(self.d.market.requestWithdrawal, *args)
         self._ok(exc)
-        self.model.pending[client] = (amount, tx.timestamp + WITHDRAW_DELAY)
+        self.model.pending[client, broker] = (amount, tx.timestamp + WITHDRAW_DELAY)
 
-    def rule_withdraw_escrow(self, client="st_client"):
-        amount, ready = self.model.pending[client]
-        tx, exc = self._attempt(self.d.market.withdraw, {"from": self.roles[client]})
+    def rule_withdraw_escrow(self, client="st_client", broker="st_broker"):
+        amount, ready = self.model.pending[client, broker]
+        tx, exc = self._attempt(self.d.market.withdraw, self.roles[broker], {"from": self.roles[client]})
         if amount == 0:
-            self._expect(exc, "JobMarketNoPendingWithdrawal")
+            self._expect(exc, "JobMarketNoPendingWithdrawal", self.roles[client].address, self.roles[broker].address)
         elif tx.timestamp < ready:
             self._expect(exc, "JobMarketWithdrawalNotReady", ready)
         elif tx.timestamp > ready + WITHDRAW_WINDOW:
             self._expect(exc, "JobMarketWithdrawalExpired", ready, ready + WITHDRAW_WINDOW)
         else:
             self._ok(exc)
-            paid = min(amount, self.model.escrow[client])
-            assert tx.events["Withdrawn"][0]["amount"] == paid
-            self.model.escrow[client] -= paid
-            self.model.pending[client] = (0, 0)
+            paid = min(amount, self.model.escrow[client, broker])  # never more than this broker's part
+            assert dict(tx.events["Withdrawn"][0]) == {
+                "client": self.roles[client],
+                "broker": self.roles[broker],
+                "amount": paid,
+            }
+            self.model.escrow[client, broker] -= paid
+            self.model.pending[client, broker] = (0, 0)
 
-    def rule_withdraw_escrow_after_delay(self, client="st_client"):
+    def rule_withdraw_escrow_after_delay(self, client="st_client", broker="st_broker"):
         chain.sleep(WITHDRAW_DELAY + 1)
-        self.rule_withdraw_escrow(client)
+        self.rule_withdraw_escrow(client, broker)
 
-    def rule_request_then_withdraw(self, client="st_client", amount="st_withdrawal", late="st_late"):
+    def rule_request_then_withdraw(
+        self, client="st_client", broker="st_broker", amount="st_withdrawal", late="st_late"
+    ):
         """Request, wait the delay (and, when ``late``, the window too), withdraw: paid or expired."""
-        self.rule_request_withdrawal(client, amount)
+        self.rule_request_withdrawal(client, broker, amount)
         chain.sleep(WITHDRAW_DELAY + (WITHDRAW_WINDOW + 1 if late else 1))
-        self.rule_withdraw_escrow(client)
+        self.rule_withdraw_escrow(client, broker)
+
+    def rule_request_then_withdraw_other_part(self, client="st_client", broker="st_broker", amount="st_withdrawal"):
+        """A ready request for one broker's part, then a withdrawal from the other broker's part:
+        only what the other part's own request allows (usually none)."""
+        self.rule_request_withdrawal(client, broker, amount)
+        chain.sleep(WITHDRAW_DELAY + 1)
+        self.rule_withdraw_escrow(client, _other_broker(broker))
 
     def rule_settle_after_operator_leaves(
-        self, op="st_op", client="st_client", nonce="st_nonce", a="st_amount", b="st_amount", shape="st_shape"
+        self,
+        op="st_op",
+        client="st_client",
+        broker="st_broker",
+        nonce="st_nonce",
+        a="st_amount",
+        b="st_amount",
+        shape="st_shape",
     ):
         """An operator unstakes to just below the minimum after its nodes served, then the job is
         settled: its nodes' receipts are forfeited, the others paid."""
         active = self.model.active[op]
         if active >= MIN_STAKE:
             self.rule_request_unstake(op, active - MIN_STAKE + 1)
-        self.rule_settle(1, client, nonce, a, b, shape, "none", "ample")
+        self.rule_settle(1, client, broker, nonce, a, b, shape, "none", "ample")
 
     # ------------------------------------------------------------------ settlement
 
-    def _build(self, client, nonce, a, b, shape, forgery, budget):
-        """A signed job and its stages as (node index, amount)."""
+    def _build(self, client, broker, nonce, a, b, shape, forgery, budget):
+        """A signed job for settlement by ``broker`` and its stages as (node index, amount); the
+        "broker" forgery authorizes the other broker instead."""
         m, r = self.d.market, self.roles
         if shape == "two_stage":
             stages = [(0, 0, 12, a), (1, 12, MODEL_LAYERS, b)]
@@ -273,18 +314,18 @@ class MarketMachine:
         elif shape == "three_stage":
             stages = [(1, 0, 10, a), (2, 10, 20, b), (1, 20, MODEL_LAYERS, a // 3)]
             kw = {}
-        else:
-            stages = [(2, 0, OTHER_MODEL_LAYERS, a + b)]
+        else:  # "other_model" on op2's NODES[2], "other_model_op1" on op1's NODES[0]
+            stages = [(0 if shape == "other_model_op1" else 2, 0, OTHER_MODEL_LAYERS, a + b)]
             kw = {"model_id": OTHER_MODEL_ID}
         cost = sum(s[3] for s in stages)
         total = cost + cost * FEE_BPS // 10_000
         max_cost = {"exact": total, "short": max(total - 1, 0), "ample": total * 2 + 1}[budget]
-        broker = r["stranger"] if forgery == "broker" else r["broker"]
+        named = _other_broker(broker) if forgery == "broker" else broker
         key = keccak(text="not-the-client") if forgery == "client_key" else None
         job = make_job(
             m,
             r[client],
-            broker,
+            r[named],
             nonce,
             [(NODES[n], s, e, amt) for n, s, e, amt in stages],
             max_cost=max_cost,
@@ -310,9 +351,10 @@ class MarketMachine:
             t[7] = [tuple(x) for x in receipts]
         return tuple(t), [(n, amt) for n, _, _, amt in stages], cost, total, max_cost
 
-    def _predict(self, model, index, client, nonce, stages, max_cost, forgery):
-        """Apply one job to ``model``; return (error name, args) if it must revert. Receipts of
-        registered nodes that are not routable are forfeited: not paid, not charged."""
+    def _predict(self, model, index, client, broker, nonce, stages, max_cost, forgery):
+        """Apply one job settled by ``broker`` to ``model``; return (error name, args) if it must
+        revert. Receipts of registered nodes that are not routable are forfeited: not paid, not
+        charged. Only the (client, broker) part is charged."""
         if forgery in ("client_key", "broker"):
             return "JobMarketInvalidClientSignature", (index, self.roles[client].address)
         if (client, nonce) in model.used:
@@ -328,10 +370,12 @@ class MarketMachine:
         total = cost + cost * FEE_BPS // 10_000
         if total > max_cost:
             return "JobMarketCostExceedsAuthorization", (index, total, max_cost)
-        if model.escrow[client] < total:
-            return "JobMarketInsufficientEscrow", (index, self.roles[client].address, total, model.escrow[client])
+        available = model.escrow[client, broker]
+        if available < total:
+            args = (index, self.roles[client].address, self.roles[broker].address, total, available)
+            return "JobMarketInsufficientEscrow", args
         model.used.add((client, nonce))
-        model.escrow[client] -= total
+        model.escrow[client, broker] = available - total
         for n, amt in paid:
             model.market_claimable[NODE_OPERATOR[n]] += amt
         model.market_claimable["treasury"] += total - cost
@@ -341,6 +385,7 @@ class MarketMachine:
         self,
         n_jobs="st_jobs",
         client="st_client",
+        broker="st_broker",
         nonce="st_nonce",
         a="st_amount",
         b="st_amount",
@@ -350,42 +395,64 @@ class MarketMachine:
     ):
         # the second job (if any) is a valid job of the other client with the next nonce
         other = "client2" if client == "client1" else "client1"
-        specs = [(client, nonce, a, b, shape, forgery, budget), (other, nonce + 1, b, a, "two_stage", "none", "ample")]
-        specs = specs[:n_jobs]
+        specs = [
+            (client, broker, nonce, a, b, shape, forgery, budget),
+            (other, broker, nonce + 1, b, a, "two_stage", "none", "ample"),
+        ][:n_jobs]
         built = [self._build(*s) for s in specs]
         model = copy.deepcopy(self.model)
         expected = None
-        for i, ((client_i, nonce_i, *_rest), (_, stages, _cost, _total, max_cost)) in enumerate(
-            zip(specs, built, strict=True)
-        ):
-            expected = self._predict(model, i, client_i, nonce_i, stages, max_cost, specs[i][5])
+        for i, (spec, (_, stages, _cost, _total, max_cost)) in enumerate(zip(specs, built, strict=True)):
+            expected = self._predict(model, i, spec[0], broker, spec[2], stages, max_cost, spec[6])
             if expected:
                 break
         self.batches += 1
         bid = keccak(text=f"stateful-batch-{self.batches}")
-        tx, exc = self._attempt(self.d.market.settleBatch, bid, [b_[0] for b_ in built], {"from": self.roles["broker"]})
+        settler = self.roles[broker]
+        others_before = self._parts_of(_other_broker(broker))
+        tx, exc = self._attempt(self.d.market.settleBatch, bid, [b_[0] for b_ in built], {"from": settler})
+        # whatever the outcome, the other broker's parts are untouched (independent of the model)
+        assert self._parts_of(_other_broker(broker)) == others_before
         if expected:
             self._expect(exc, expected[0], *expected[1])
-            assert not self.d.market.batchSettled(self.roles["broker"], bid)
+            assert not self.d.market.batchSettled(settler, bid)
         else:
             self._ok(exc)
-            assert tx.events["BatchSettled"][0]["jobs"] == n_jobs
-            assert self.d.market.batchSettled(self.roles["broker"], bid)
+            ev = tx.events["BatchSettled"][0]
+            assert (ev["jobs"], ev["broker"]) == (n_jobs, settler)
+            assert self.d.market.batchSettled(settler, bid)
             self.model = model
 
-    def rule_settle_honest(self, client="st_client", nonce="st_nonce", a="st_amount", b="st_amount", shape="st_shape"):
-        """Genuine signatures and an ample budget: settles unless the nonce is used, a node is
-        unroutable or the escrow is short (a second settlement rule also weights the draw)."""
-        self.rule_settle(1, client, nonce, a, b, shape, "none", "ample")
+    def _parts_of(self, broker) -> list[int]:
+        """Both clients' escrow parts held for ``broker``, read from the chain."""
+        m, r = self.d.market, self.roles
+        return read_many([(m, "escrowOf", (r[c].address, r[broker].address)) for c in CLIENTS])
 
-    def rule_replay_settled_job(self, client="st_client", nonce="st_nonce"):
-        """Re-submitting any job whose nonce was already used never pays twice."""
+    def rule_settle_honest(
+        self, client="st_client", broker="st_broker", nonce="st_nonce", a="st_amount", b="st_amount", shape="st_shape"
+    ):
+        """Genuine signatures and an ample budget: settles unless the nonce is used, a node is
+        unroutable or the settling broker's part is short (a second settlement rule also weights
+        the draw)."""
+        self.rule_settle(1, client, broker, nonce, a, b, shape, "none", "ample")
+
+    def rule_settle_beyond_own_part(self, client="st_client", broker="st_broker", nonce="st_nonce"):
+        """A one-stage job costing just more than the settling broker's part: refused with that
+        part as available (unless the node's receipt is forfeited), even when the client's part
+        for the other broker would cover it."""
+        cost = self.model.escrow[client, broker] + 1
+        shape = "other_model" if self.model.routable(2) else "other_model_op1"
+        self.rule_settle(1, client, broker, nonce, cost, 0, shape, "none", "ample")
+
+    def rule_replay_settled_job(self, client="st_client", broker="st_broker", nonce="st_nonce"):
+        """Re-submitting any job whose nonce was already used never pays twice, whichever broker
+        settled it first and whichever broker replays it (nonces are per client)."""
         if (client, nonce) not in self.model.used:
             return
-        job, *_ = self._build(client, nonce, UNIT, UNIT, "two_stage", "none", "ample")
+        job, *_ = self._build(client, broker, nonce, UNIT, UNIT, "two_stage", "none", "ample")
         self.batches += 1
         _, exc = self._attempt(
-            self.d.market.settleBatch, keccak(text=f"replay-{self.batches}"), [job], {"from": self.roles["broker"]}
+            self.d.market.settleBatch, keccak(text=f"replay-{self.batches}"), [job], {"from": self.roles[broker]}
         )
         self._expect(exc, "JobMarketJobAlreadySettled", 0, self.roles[client].address, nonce)
 
@@ -408,7 +475,7 @@ class MarketMachine:
         if self._cache is not None:
             return self._cache
         t, s, m, r = self.d.token, self.d.staking, self.d.market, self.roles
-        ops, clients = ("op1", "op2"), ("client1", "client2")
+        ops = ("op1", "op2")
         holders = [h.address for h in self.holders]
         holders += [c.address for c in (s, m, self.d.registry, self.d.oracle)]
         keys, calls = [], []
@@ -429,8 +496,10 @@ class MarketMachine:
             add(("s_claimable", a), s, "claimableOf", r[a].address)
         add("totalEscrow", m, "totalEscrow")
         add("totalClaimable", m, "totalClaimable")
-        for c in clients:
-            add(("escrow", c), m, "escrowOf", r[c].address)
+        for c in CLIENTS:
+            for b in BROKERS:
+                add(("escrow", c, b), m, "escrowOf", r[c].address, r[b].address)
+                add(("pending", c, b), m, "pendingWithdrawal", r[c].address, r[b].address)
             for n in range(NONCES):
                 add(("used", c, n), m, "nonceUsed", r[c].address, n)
         for a in ("op1", "op2", "treasury"):
@@ -447,7 +516,7 @@ class MarketMachine:
     def invariant_market_conservation(self):
         v, m = self._snapshot(), self.d.market
         assert v[("balance", m.address)] == v["totalEscrow"] + v["totalClaimable"]
-        assert v["totalEscrow"] == v[("escrow", "client1")] + v[("escrow", "client2")]
+        assert v["totalEscrow"] == sum(v[("escrow", c, b)] for c in CLIENTS for b in BROKERS)
         assert v["totalClaimable"] == sum(v[("m_claimable", a)] for a in ("op1", "op2", "treasury"))
 
     def invariant_supply_constant(self):
@@ -466,13 +535,20 @@ class MarketMachine:
                 assert release == md.unbonding[o][1]
         for a, want in md.staking_claimable.items():
             assert v[("s_claimable", a)] == want
-        for c, want in md.escrow.items():
-            assert v[("escrow", c)] == want
+        for (c, b), want in md.escrow.items():
+            assert v[("escrow", c, b)] == want, (c, b)
+        for (c, b), (amount, ready) in md.pending.items():
+            want = (amount, ready, ready + WITHDRAW_WINDOW) if amount else (0, 0, 0)
+            assert tuple(v[("pending", c, b)]) == want, (c, b)
         for a, want in md.market_claimable.items():
             assert v[("m_claimable", a)] == want
-        for c in ("client1", "client2"):
+        for c in CLIENTS:
             for n in range(NONCES):
                 assert v[("used", c, n)] == ((c, n) in md.used), (c, n)
+
+
+def _other_broker(broker: str) -> str:
+    return BROKERS[1 - BROKERS.index(broker)]
 
 
 def test_market_state_machine(live, roles, state_machine):
