@@ -162,7 +162,8 @@ def authorization_too_low(total: int, allowed: int) -> PaymentRefused:
     )
 
 
-def insufficient_escrow(needed: int, available: int, client: str, withdrawing: int = 0) -> PaymentRefused:
+def insufficient_escrow(needed: int, available: int, client: str, broker: str, withdrawing: int = 0) -> PaymentRefused:
+    """Escrow is held per broker: only what the client deposited for ``broker`` counts here."""
     held = (
         f" ({withdrawing} token units are held back by your pending withdrawal request until it is "
         "carried out or expires)"
@@ -170,8 +171,9 @@ def insufficient_escrow(needed: int, available: int, client: str, withdrawing: i
         else ""
     )
     return PaymentRefused(
-        f"client {client} has {available} token units of free escrow{held} but the job may cost up to "
-        f"{needed}; deposit more with `dlis job deposit AMOUNT` (nothing was run)",
+        f"client {client} has {available} token units of free escrow for broker {broker}{held} but the job "
+        f"may cost up to {needed}; deposit more for this broker with `dlis job deposit AMOUNT --broker {broker}` "
+        "(nothing was run)",
         kind="insufficient-escrow",
         title="Insufficient escrow",
         needed=str(needed),

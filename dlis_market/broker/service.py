@@ -520,15 +520,15 @@ class BrokerService:
             raise bad_authorization(f"the API key's on-chain spending authorization expired at {expiry} (now {now})")
         free = remaining - await asyncio.to_thread(self.ledger.committed_escrow, client)
         if free < need:
-            raise insufficient_escrow(need, max(free, 0), client)
+            raise insufficient_escrow(need, max(free, 0), client, self.broker.address)
         return int(remaining)
 
     async def _escrow_of(self, client: str, now: int) -> tuple[int, int]:
         """(escrow usable by jobs, withdrawing): the balance less a withdrawal request the client
         can still carry out (until it expires it may become ready before this job settles)."""
         escrow, (pending, _ready_at, expires_at) = await asyncio.gather(
-            asyncio.to_thread(self.market.escrow_of, client),
-            asyncio.to_thread(self.market.pending_withdrawal, client),
+            asyncio.to_thread(self.market.escrow_of, client, self.broker.address),
+            asyncio.to_thread(self.market.pending_withdrawal, client, self.broker.address),
         )
         withdrawing = min(pending, escrow) if pending and expires_at >= now else 0
         return escrow - withdrawing, withdrawing
@@ -544,9 +544,11 @@ class BrokerService:
         def write() -> JobRow:
             committed = self.ledger.committed_escrow(new.client)
             if cap is not None and cap - committed < new.max_cost:
-                raise insufficient_escrow(new.max_cost, max(cap - committed, 0), new.client)
+                raise insufficient_escrow(new.max_cost, max(cap - committed, 0), new.client, self.broker.address)
             if usable - committed < new.max_cost:
-                raise insufficient_escrow(new.max_cost, max(usable - committed, 0), new.client, withdrawing)
+                raise insufficient_escrow(
+                    new.max_cost, max(usable - committed, 0), new.client, self.broker.address, withdrawing
+                )
             try:
                 row = self.ledger.create_job(new)
             except LedgerError as exc:

@@ -127,16 +127,17 @@ class Settler:
         cost = sum(r.amount for r in job.receipts)
         owed = cost + cost * fee_bps // 10_000
         if job.client not in available:
-            available[job.client] = self.market.escrow_of(job.client)
+            available[job.client] = self.market.escrow_of(job.client, self.broker.address)
         have = available[job.client]
         if have >= owed:
             available[job.client] = have - owed
             return True
         block = self.market.client.w3.eth.block_number
-        escrow = self.market.escrow_of(job.client)
-        pending, ready_at, expires_at = self.market.pending_withdrawal(job.client)
+        escrow = self.market.escrow_of(job.client, self.broker.address)
+        pending, ready_at, expires_at = self.market.pending_withdrawal(job.client, self.broker.address)
         reason = (
-            f"unpayable: client escrow does not cover the job: JobMarket.escrowOf({job.client}) = "
+            f"unpayable: client escrow does not cover the job: "
+            f"JobMarket.escrowOf({job.client}, {self.broker.address}) = "
             f"{escrow} token units at block {block} ({have} left after this "
             f"pass's earlier jobs of the client), the job owes {owed} (receipts {cost} + fee at {fee_bps} bps); "
             f"pending withdrawal {pending} (ready at {ready_at}, expires at {expires_at})"

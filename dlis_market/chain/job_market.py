@@ -140,19 +140,27 @@ class JobMarket:
         return market_domain(self.client.chain_id, self.address)
 
     # ------------------------------------------------------------------ escrow
+    # Escrow is held per (client, broker); ``broker`` defaults to the deployment's broker.
 
-    def deposit(self, client: LocalAccount, amount: int) -> TxReceipt:
+    def broker_or_default(self, broker: str | None) -> str:
+        """``broker`` checksummed, or the broker named in this chain's deployment file."""
+        return Web3.to_checksum_address(broker or self.client.deployment.broker)
+
+    def deposit(self, client: LocalAccount, amount: int, broker: str | None = None) -> TxReceipt:
+        """Add ``amount`` to ``client``'s escrow held for ``broker`` (only it can settle against it)."""
         if amount <= 0:
             raise PreflightError(f"deposit amount must be positive, got {amount}")
+        broker = self.broker_or_default(broker)
         self.token.require_balance(client.address, amount)
         self.token.ensure_allowance(client, self.address, amount)
-        return self.client.transact(client, self.contract.functions.deposit(amount))
+        return self.client.transact(client, self.contract.functions.deposit(broker, amount))
 
-    def request_withdrawal(self, client: LocalAccount, amount: int) -> TxReceipt:
-        return self.client.transact(client, self.contract.functions.requestWithdrawal(amount))
+    def request_withdrawal(self, client: LocalAccount, amount: int, broker: str | None = None) -> TxReceipt:
+        fn = self.contract.functions.requestWithdrawal(self.broker_or_default(broker), amount)
+        return self.client.transact(client, fn)
 
-    def withdraw(self, client: LocalAccount) -> TxReceipt:
-        return self.client.transact(client, self.contract.functions.withdraw())
+    def withdraw(self, client: LocalAccount, broker: str | None = None) -> TxReceipt:
+        return self.client.transact(client, self.contract.functions.withdraw(self.broker_or_default(broker)))
 
     def set_spender(
         self, client: LocalAccount, spender: str, cap: int, expiry: int, expected_remaining: int | None = None
@@ -183,13 +191,16 @@ class JobMarket:
         ).call()
         return int(remaining), int(expiry)
 
-    def escrow_of(self, client: str) -> int:
-        return int(self.contract.functions.escrowOf(Web3.to_checksum_address(client)).call())
+    def escrow_of(self, client: str, broker: str | None = None) -> int:
+        """``client``'s escrow held for ``broker``."""
+        fn = self.contract.functions.escrowOf(Web3.to_checksum_address(client), self.broker_or_default(broker))
+        return int(fn.call())
 
-    def pending_withdrawal(self, client: str) -> tuple[int, int, int]:
-        """(amount, ready_at, expires_at) of the client's withdrawal request; usable from ready_at to
-        expires_at inclusive; (0, 0, 0) when there is none."""
-        amount, ready, expires = self.contract.functions.pendingWithdrawal(Web3.to_checksum_address(client)).call()
+    def pending_withdrawal(self, client: str, broker: str | None = None) -> tuple[int, int, int]:
+        """(amount, ready_at, expires_at) of the client's withdrawal request of escrow held for
+        ``broker``; usable from ready_at to expires_at inclusive; (0, 0, 0) when there is none."""
+        fn = self.contract.functions.pendingWithdrawal(Web3.to_checksum_address(client), self.broker_or_default(broker))
+        amount, ready, expires = fn.call()
         return int(amount), int(ready), int(expires)
 
     def withdraw_window(self) -> int:
@@ -233,11 +244,12 @@ class JobMarket:
             cost = job.cost()
             need[job.authorization.client] = need.get(job.authorization.client, 0) + cost + cost * fee_bps // 10_000
         for client, amount in need.items():
-            have = self.escrow_of(client)
+            have = self.escrow_of(client, broker.address)
             if have < amount:
                 raise PreflightError(
-                    f"client {client} has {fmt_units(have)} DLIS in escrow but the batch charges "
-                    f"{fmt_units(amount)}; the client must deposit more before these jobs settle"
+                    f"client {client} has {fmt_units(have)} DLIS in escrow for broker {broker.address} but the "
+                    f"batch charges {fmt_units(amount)}; the client must deposit more for this broker before "
+                    "these jobs settle"
                 )
         fn = self.contract.functions.settleBatch(batch_id, [j.as_tuple() for j in jobs])
         return self.client.transact(broker, fn)

@@ -111,7 +111,8 @@ def balance(
             "dlis": DLISToken(client).balance_of(address),
             "stake_active": stake.active,
             "stake_unbonding": stake.unbonding,
-            "escrow": market.escrow_of(address),
+            "escrow": market.escrow_of(address),  # held for the deployment's broker
+            "escrow_broker": market.broker_or_default(None),
             "claimable": market.claimable_of(address),
         }
 

@@ -50,15 +50,29 @@ def _call(method: str, url: str, **kw: Any) -> Any:
     return res.json()
 
 
+BrokerAddressOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--broker",
+        help="Broker account (0x address) the escrow is held for; only it can run jobs against it. "
+        "Default: the broker in this chain's deployment file.",
+    ),
+]
+
+
 @app.command()
 def deposit(
     ctx: typer.Context,
     amount: Annotated[str, typer.Argument(help="DLIS to add to your escrow.")],
     account: AccountOpt,
+    broker: BrokerAddressOpt = None,
     password_file: PasswordFileOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Move DLIS into JobMarket escrow so brokers can run your jobs."""
+    """Move DLIS into JobMarket escrow held for one broker, so it can run your jobs.
+
+    Escrow is per broker: a deposit for broker A cannot pay jobs at broker B. To move escrow,
+    `dlis job withdraw --amount X --broker A`, wait the delay, withdraw, and deposit for B."""
     from dlis_market.chain.client import ChainClient
     from dlis_market.chain.dlis_token import fmt_units
     from dlis_market.chain.job_market import JobMarket
@@ -68,12 +82,13 @@ def deposit(
         units = parse_amount(amount)
         client = unlock(st, account, read_password_file(password_file))
         market = JobMarket(ChainClient(st.settings))
-        market.deposit(client, units)
-        escrow = market.escrow_of(client.address)
+        held_for = market.broker_or_default(broker)
+        market.deposit(client, units, held_for)
+        escrow = market.escrow_of(client.address, held_for)
         emit(
-            {"client": client.address, "escrow": escrow},
+            {"client": client.address, "broker": held_for, "escrow": escrow},
             as_json,
-            lambda d: console.print(f"escrow now {fmt_units(d['escrow'])} DLIS"),
+            lambda d: console.print(f"escrow for broker {d['broker']} now {fmt_units(d['escrow'])} DLIS"),
         )
 
 
@@ -82,6 +97,7 @@ def withdraw(
     ctx: typer.Context,
     account: AccountOpt,
     amount: Annotated[str | None, typer.Option(help="Request a withdrawal of this much (starts the delay).")] = None,
+    broker: BrokerAddressOpt = None,
     password_file: PasswordFileOpt = None,
 ) -> None:
     """Request a withdrawal (--amount), or withdraw a request whose delay has passed."""
@@ -92,16 +108,17 @@ def withdraw(
     with handle_errors():
         client = unlock(st, account, read_password_file(password_file))
         market = JobMarket(ChainClient(st.settings))
+        held_for = market.broker_or_default(broker)
         if amount is not None:
-            market.request_withdrawal(client, parse_amount(amount))
-            _, ready, expires = market.pending_withdrawal(client.address)
+            market.request_withdrawal(client, parse_amount(amount), held_for)
+            _, ready, expires = market.pending_withdrawal(client.address, held_for)
             console.print(
                 f"withdrawal of {amount} DLIS requested; withdraw between chain times {ready} and {expires} "
                 "(brokers count it as spent until then)"
             )
         else:
-            market.withdraw(client)
-            console.print("withdrawn")
+            market.withdraw(client, held_for)
+            console.print(f"withdrawn from the escrow held for broker {held_for}")
 
 
 @app.command()

@@ -7,7 +7,6 @@ from __future__ import annotations
 import secrets
 
 from eth_account.signers.local import LocalAccount
-from web3 import Web3
 
 from dlis_market.chain.job_market import (
     JobAuthorization,
@@ -20,6 +19,7 @@ from dlis_market.chain.job_market import (
 from dlis_market.chain.node_registry import Capability, DeviceClass
 from dlis_market.explorer.decoder import DecodedEvent
 from dlis_market.explorer.views import Explorer, Span, address_view, block_view, coverage, tx_view
+from dlis_market.types import model_id, name_hash
 
 UNIT = 10**18
 # Declared in the ABIs but never emitted by these contracts (no role-admin changes, no EIP-712
@@ -158,15 +158,23 @@ def test_every_market_event_decodes(market):
         "endpoint": "/ip4/127.0.0.1/tcp/4100",
         "attestationHash": "0x" + "07" * 32,
     }
-    model = Web3.keccak(text="explorer-test-model")
     ev = _one(
-        record(registry.publish_model(market.deployer, model, "QmManifest", b"\x02" * 32, 4)),
+        record(
+            registry.client.transact(
+                market.deployer,
+                registry.contract.functions.publishModel(
+                    name_hash("explorer-test-model"), "QmManifest", b"\x02" * 32, 4
+                ),
+            )
+        ),
         "NodeRegistry",
         "ModelPublished",
     )
+    model = bytes.fromhex(model_id("explorer-test-model", market.deployer.address)[2:])
     assert ev.args == {
         "modelId": "0x" + model.hex(),
         "publisher": market.deployer.address,
+        "nameHash": "0x" + name_hash("explorer-test-model").hex(),
         "version": 1,
         "manifestCid": "QmManifest",
         "manifestSha256": "0x" + "02" * 32,
@@ -190,15 +198,17 @@ def test_every_market_event_decodes(market):
     evs = record(jm.deposit(client, 20 * UNIT))
     assert _one(evs, "JobMarket", "Deposited").args == {
         "client": client.address,
+        "broker": market.broker.address,
         "from": client.address,
         "amount": 20 * UNIT,
         "escrow": 20 * UNIT,
     }
     ev = _one(record(jm.request_withdrawal(client, 5 * UNIT)), "JobMarket", "WithdrawalRequested")
     assert ev.args["client"] == client.address and ev.args["amount"] == 5 * UNIT
+    assert ev.args["broker"] == market.broker.address
     market.increase_time(3601)
     ev = _one(record(jm.withdraw(client)), "JobMarket", "Withdrawn")
-    assert ev.args == {"client": client.address, "amount": 5 * UNIT}
+    assert ev.args == {"client": client.address, "broker": market.broker.address, "amount": 5 * UNIT}
     spender = market.new_funded_account(0)
     ev = _one(record(jm.set_spender(client, spender.address, 3 * UNIT, 2**40)), "JobMarket", "SpenderSet")
     assert ev.args == {"client": client.address, "spender": spender.address, "cap": 3 * UNIT, "expiry": 2**40}
@@ -255,8 +265,7 @@ def test_claim_shows_internal_token_transfer_and_balances_match(market):
     ex = Explorer(market.client)
     op = market.new_funded_account(1000 * UNIT)
     nodes = [market.enroll_node(op)]
-    model = Web3.keccak(text="one-stage")
-    market.registry().publish_model(market.deployer, model, "QmX", b"\x01" * 32, 2)
+    model = market.registry().publish_model(market.deployer, "one-stage", "QmX", b"\x01" * 32, 2)
     client = market.new_funded_account(10 * UNIT)
     market.market().deposit(client, 5 * UNIT)
     _settle(market, client, nodes, model, [(0, 2)], 1)
