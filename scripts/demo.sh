@@ -14,6 +14,12 @@ export DLIS_HOME="${DLIS_HOME:-$PWD/.dlis-demo}"
 PORT="${DEMO_PORT:-8545}"
 BROKER_PORT="${DEMO_BROKER_PORT:-8080}"
 ORACLE_PORT="${DEMO_ORACLE_PORT:-8090}"
+# Every port is settable, so a second copy runs next to the first with its own DLIS_HOME, e.g.
+#   DLIS_HOME=/tmp/demo2 DEMO_PORT=8645 DEMO_BROKER_PORT=8180 DEMO_ORACLE_PORT=8190 \
+#   DEMO_IPFS_API_PORT=5901 DEMO_IPFS_SWARM_PORT=4901 bash scripts/demo.sh
+# (workers and their DHT take free ports by themselves).
+export DLIS_STORAGE__API_PORT="${DEMO_IPFS_API_PORT:-5801}"
+export DLIS_STORAGE__SWARM_PORT="${DEMO_IPFS_SWARM_PORT:-4801}"
 export DLIS_CHAIN__RPC_URL="http://127.0.0.1:${PORT}"
 export DLIS_BROKER__PORT="$BROKER_PORT"
 export DLIS_BROKER__SETTLE_INTERVAL_S=2
