@@ -104,7 +104,8 @@ def start_workers(m: LocalMarket, shards: Path, root: Path) -> tuple[list[subpro
 
 def authorization(m: LocalMarket, client: Any, max_cost: int) -> dict[str, Any]:
     jm = m.market()
-    auth = JobAuthorization(client.address, m.broker.address, bytes.fromhex(model_id(MODEL)[2:]), max_cost,
+    mid = bytes.fromhex(model_id(MODEL, m.deployer.address)[2:])
+    auth = JobAuthorization(client.address, m.broker.address, mid, max_cost,
                             secrets.randbits(128), m.client.timestamp() + 3600)  # fmt: skip
     sig = sign_authorization(client.key, jm.domain(), auth)
     return {"client": client.address, "nonce": str(auth.nonce), "max_cost": str(max_cost), "deadline": auth.deadline,

@@ -29,7 +29,6 @@ from dlis_market.chain.job_market import (
     sign_authorization,
     sign_receipt,
 )
-from dlis_market.types import model_id
 
 UNIT = 10**18
 SPANS = [(0, 10), (10, 20), (20, 30)]
@@ -60,8 +59,7 @@ def measure(m: LocalMarket) -> dict[str, Any]:
         "gasUsed"
     ]
 
-    model = bytes.fromhex(model_id("smollm2-135m")[2:])
-    registry.publish_model(m.deployer, model, "QmManifest", b"\x11" * 32, 30)
+    model = registry.publish_model(m.deployer, "smollm2-135m", "QmManifest", b"\x11" * 32, 30)
     client = m.new_funded_account(1_000_000 * UNIT)
     market.deposit(client, 100_000 * UNIT)
 

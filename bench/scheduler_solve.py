@@ -35,7 +35,7 @@ from dlis_market.broker.network_state import NetworkState, NodeOffer, Policy, Ro
 from dlis_market.broker.scheduler import NoRouteError, plan_route
 from dlis_market.types import LayerRange, NodeId, PeerId, model_id
 
-MODEL = model_id("bench-model")
+MODEL = model_id("bench-model", "0x" + "00" * 20)
 NODES, LAYERS = 200, 30
 HIDDEN_BYTES = 2048 * 2  # hidden size 2048, fp16
 KV_PER_TOKEN_LAYER = 2 * 2 * 256 * 2  # K and V, 2 KV heads x 256, fp16

@@ -48,7 +48,7 @@ def route_decisions(peers: int, requests: int, unpruned: int, top_k: int) -> dic
     m = sc.model
     table = PeerTable(
         specs,
-        model_id(m.name),
+        model_id(m.name, "0x" + "00" * 20),
         m.num_layers,
         m.activation_bytes_per_token,
         m.kv_bytes_per_token_layer,

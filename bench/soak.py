@@ -180,12 +180,12 @@ def main() -> None:
                           name=MODEL)  # fmt: skip
         ops = [m.new_funded_account(1000 * UNIT) for _ in range(3)]
         nodes = [m.enroll_node(o) for o in ops]
-        m.registry().publish_model(m.deployer, bytes.fromhex(model_id(MODEL)[2:]), "QmShards", b"\x01" * 32, 30)
+        m.registry().publish_model(m.deployer, MODEL, "QmShards", b"\x01" * 32, 30)
         jm = m.market()
         clients = [m.new_funded_account(1000 * UNIT) for _ in range(ACCOUNTS)]
         for c in clients:
             jm.deposit(c, 900 * UNIT)
-        catalog = ModelCatalog.from_shard_dirs([shards])
+        catalog = ModelCatalog.from_shard_dirs([shards], m.deployer.address)
         script = catalog.get(MODEL).tokenizer(" Paris is the capital of France.")["input_ids"]
         base = ScriptedBackend(nodes, jm.domain(), script)
         workers = FixedCapacityBackend(base, args.capacity, args.delay_ms / 1000)
@@ -210,7 +210,8 @@ def main() -> None:
         spec = {
             "url": f"http://127.0.0.1:{port}", "clients": args.clients, "duration": args.duration,
             "keys": [bytes(c.key).hex() for c in clients], "addresses": [c.address for c in clients],
-            "broker": m.broker.address, "model_id": model_id(MODEL), "deadline": m.client.timestamp() + 1700,
+            "broker": m.broker.address, "model_id": model_id(MODEL, m.deployer.address),
+            "deadline": m.client.timestamp() + 1700,
             "domain": {"name": jm.domain().name, "version": jm.domain().version, "chain_id": jm.domain().chain_id,
                        "verifying_contract": jm.domain().verifying_contract},
             "out": str(Path(tmp) / "answers.json"),

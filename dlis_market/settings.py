@@ -57,6 +57,9 @@ class ChainSettings(_Section):
     # 1 (broker) and 2 (oracle); on any other chain they must be set explicitly.
     # Account that publishes models in NodeRegistry (`dlis model publish`): keystore name or dev:N.
     publisher_account: str = "dev:0"
+    # Whose model namespace brokers and workers serve (0x address): model ids are
+    # keccak256(abi.encode(publisher, keccak256(name))). Default: the deployment's deployer.
+    model_publisher: str | None = None
     deployer_account: str | None = None  # brownie account id (`brownie accounts list`) off dev chains
     broker_address: str | None = None
     oracle_address: str | None = None

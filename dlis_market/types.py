@@ -19,7 +19,7 @@ PROBLEM_TYPE_BASE = "urn:dlis-market:problem:"
 NodeId = NewType("NodeId", str)  # checksummed node signing address
 PeerId = NewType("PeerId", str)  # libp2p peer id, base58
 JobId = NewType("JobId", str)  # 0x-prefixed 32-byte hex
-ModelId = NewType("ModelId", str)  # 0x-prefixed 32-byte hex, keccak256 of the model name
+ModelId = NewType("ModelId", str)  # 0x-prefixed 32-byte hex: keccak256(abi.encode(publisher, keccak256(name)))
 Cid = NewType("Cid", str)  # IPFS content id
 
 
@@ -58,6 +58,16 @@ class LayerRange(WireModel):
             raise ValueError(f"layer range {text!r} must look like START:END (end excluded), e.g. 0:10") from exc
 
 
-def model_id(name: str) -> ModelId:
-    """The on-chain id of a model: keccak256 of its name (e.g. ``"smollm2-135m"``)."""
-    return ModelId("0x" + keccak(text=name).hex())
+def name_hash(name: str) -> bytes:
+    """keccak256 of a model's name (e.g. ``"smollm2-135m"``): what ``publishModel`` takes."""
+    return bytes(keccak(text=name))
+
+
+def model_id(name: str, publisher: str) -> ModelId:
+    """The on-chain id of the model ``publisher`` published as ``name``:
+    keccak256(abi.encode(publisher, keccak256(name))), as ``NodeRegistry.modelIdOf`` computes it.
+    Ids are namespaced by publisher, so nobody can take another publisher's model id."""
+    address = bytes.fromhex(publisher.removeprefix("0x"))
+    if len(address) != 20:
+        raise ValueError(f"publisher {publisher!r} is not an address (0x + 40 hex digits)")
+    return ModelId("0x" + keccak(b"\x00" * 12 + address + name_hash(name)).hex())

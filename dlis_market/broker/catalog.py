@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 from dlis_market.broker.problems import prompt_too_long, unknown_model
 from dlis_market.errors import BrokerError
 from dlis_market.inference.manifest import MANIFEST_NAME, Manifest, load_manifest, sha256_file
+from dlis_market.types import model_id
 
 if TYPE_CHECKING:
     from dlis_market.chain.node_registry import NodeRegistry
@@ -23,20 +24,22 @@ class ManifestMismatchError(BrokerError):
     """A local model's manifest is not the one the chain records for its model id."""
 
 
-def check_against_chain(manifest: Manifest, shard_dir: Path, registry: NodeRegistry) -> None:
-    """Raise :class:`ManifestMismatchError` unless the chain's latest version of the manifest's
-    model id has this manifest's sha256 and layer count."""
+def check_against_chain(manifest: Manifest, shard_dir: Path, registry: NodeRegistry, publisher: str) -> None:
+    """Raise :class:`ManifestMismatchError` unless the chain's latest version of the model
+    ``publisher`` published under the manifest's name has this manifest's sha256 and layer count."""
     local_sha = sha256_file(shard_dir / MANIFEST_NAME)
-    record = registry.get_model(bytes.fromhex(manifest.model_id[2:]))
+    mid = model_id(manifest.model_name, publisher)
+    record = registry.get_model(bytes.fromhex(mid[2:]))
     if record is None:
         raise ManifestMismatchError(
-            f"model {manifest.model_name} ({manifest.model_id}) is not published in NodeRegistry "
-            f"{registry.address}, so its jobs cannot settle; publish it (`dlis model publish`) or drop {shard_dir}"
+            f"model {manifest.model_name} is not published by {publisher} in NodeRegistry {registry.address} "
+            f"(model id {mid}), so its jobs cannot settle; publish it (`dlis model publish`), set "
+            f"chain.model_publisher to the account that published it, or drop {shard_dir}"
         )
     chain_sha = record.manifest_sha256.hex()
     if chain_sha != local_sha or record.num_layers != manifest.num_layers:
         raise ManifestMismatchError(
-            f"model {manifest.model_name} ({manifest.model_id}): local manifest {shard_dir / MANIFEST_NAME} has "
+            f"model {manifest.model_name} ({mid}): local manifest {shard_dir / MANIFEST_NAME} has "
             f"sha256 {local_sha} and {manifest.num_layers} layers, but the chain's version {record.version} "
             f"(publisher {record.publisher}) has sha256 {chain_sha} and {record.num_layers} layers; fetch the "
             "published shards (`dlis model fetch`) or serve the model under a name you published"
@@ -90,18 +93,20 @@ class ModelCatalog:
         self.models = models
 
     @classmethod
-    def from_shard_dirs(cls, dirs: list[Path], registry: NodeRegistry | None = None) -> ModelCatalog:
-        """Load each shard folder; with ``registry``, refuse (:class:`ManifestMismatchError`) a model
-        whose manifest is not the chain's latest for its model id."""
+    def from_shard_dirs(cls, dirs: list[Path], publisher: str, registry: NodeRegistry | None = None) -> ModelCatalog:
+        """Load each shard folder as ``publisher``'s model of the manifest's name; with
+        ``registry``, refuse (:class:`ManifestMismatchError`) a model whose manifest is not the
+        chain's latest for that model id."""
         from transformers import AutoTokenizer
 
         models: dict[str, ServedModel] = {}
         for d in dirs:
             manifest = load_manifest(d)
             if registry is not None:
-                check_against_chain(manifest, d, registry)
+                check_against_chain(manifest, d, registry, publisher)
             tok = AutoTokenizer.from_pretrained(str(d))
-            models[manifest.model_name] = ServedModel(manifest.model_name, manifest.model_id, manifest, d, tok)
+            mid = model_id(manifest.model_name, publisher)
+            models[manifest.model_name] = ServedModel(manifest.model_name, mid, manifest, d, tok)
         return cls(models)
 
     def get(self, name: str) -> ServedModel:

@@ -83,6 +83,10 @@ class ChainClient:
                 names = [i.get("name") or f"arg{k}" for k, i in enumerate(item.get("inputs", []))]
                 self._errors.setdefault(selector, _ErrorAbi(name, item["name"], names, types))
 
+    def model_publisher(self) -> str:
+        """Whose model namespace to serve: ``chain.model_publisher``, else the deployment's deployer."""
+        return Web3.to_checksum_address(self.settings.chain.model_publisher or self.deployment.deployer)
+
     # ------------------------------------------------------------------ contracts
 
     def contract(self, name: str) -> Contract:

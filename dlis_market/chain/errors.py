@@ -68,7 +68,6 @@ REVERT_HINTS: dict[str, str] = {
     "NodeRegistryBindingExpired": "sign a fresh binding (the deadline passed)",
     "NodeRegistryAlreadyRegistered": "deregister it first or use `dlis node register --update`",
     "NodeRegistryNotOperator": "only the node's operator account can change it",
-    "NodeRegistryNotPublisher": "only the model's publisher can publish new versions",
     "JobMarketInsufficientEscrow": "the client must deposit more into escrow (`dlis job deposit`)",
     "JobMarketInvalidClientSignature": "the authorization was not signed by the client",
     "JobMarketJobAlreadySettled": "this job was settled before; it is never paid twice",

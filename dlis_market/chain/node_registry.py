@@ -14,6 +14,7 @@ from dlis_market.chain.dlis_token import fmt_units
 from dlis_market.chain.errors import PreflightError
 from dlis_market.chain.staking_manager import StakingManager
 from dlis_market.chain.typed_data import REGISTRY_DOMAIN, CompactSignature, Domain, sign_typed
+from dlis_market.types import model_id, name_hash
 
 BINDING_TTL_S = 3600
 
@@ -150,16 +151,13 @@ class NodeRegistry:
     # ------------------------------------------------------------------ models
 
     def publish_model(
-        self, publisher: LocalAccount, model_id: bytes, manifest_cid: str, manifest_sha256: bytes, num_layers: int
-    ) -> TxReceipt:
-        current = self.get_model(model_id)
-        if current is not None and current.publisher != publisher.address:
-            raise PreflightError(
-                f"model 0x{model_id.hex()} was published by {current.publisher}; only that account can "
-                "publish new versions (choose another model name)"
-            )
-        fn = self.contract.functions.publishModel(model_id, manifest_cid, manifest_sha256, num_layers)
-        return self.client.transact(publisher, fn)
+        self, publisher: LocalAccount, name: str, manifest_cid: str, manifest_sha256: bytes, num_layers: int
+    ) -> bytes:
+        """Publish ``name`` (or a new version of it) in ``publisher``'s namespace; returns its model id."""
+        mid = bytes.fromhex(model_id(name, publisher.address)[2:])
+        fn = self.contract.functions.publishModel(name_hash(name), manifest_cid, manifest_sha256, num_layers)
+        self.client.transact(publisher, fn)
+        return mid
 
     def get_model(self, model_id: bytes) -> ModelRecord | None:
         f = self.contract.functions

@@ -144,7 +144,7 @@ def start(
                 f"{broker.address} lacks BROKER_ROLE on JobMarket {market.address}; use the deployment's broker "
                 f"account ({client.deployment.broker}) or have the admin grant the role"
             )
-        catalog = ModelCatalog.from_shard_dirs(model_dir, registry=NodeRegistry(client))
+        catalog = ModelCatalog.from_shard_dirs(model_dir, client.model_publisher(), registry=NodeRegistry(client))
         graph = build_graph(settings, client, broker, catalog)
         node_settings = node_settings_for_chain(settings, client)
         peers = peer or list(settings.node.initial_peers)

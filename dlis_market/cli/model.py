@@ -130,7 +130,7 @@ def shard_cmd(
         raise typer.Exit(code=1) from exc
     for s in manifest.stages:
         console.print(f"stage {s.index} {s.layers}: {s.file.path} ({s.file.size / 2**20:.1f} MiB)")
-    console.print(f"manifest: {out / 'manifest.json'} (model id {manifest.model_id})")
+    console.print(f"manifest: {out / 'manifest.json'} (model {manifest.model_name})")
 
 
 @app.command("generate")

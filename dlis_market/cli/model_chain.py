@@ -17,13 +17,13 @@ def register_published(settings: Settings, reg: ModelRegistration) -> None:
     from dlis_market.chain.node_registry import NodeRegistry
     from dlis_market.cli.context import CliState, unlock
 
-    if reg.model_id is None or reg.num_layers is None:
-        raise ChainError("the manifest lacks model_id or num_layers, so it cannot be registered on chain")
+    if reg.model_name is None or reg.num_layers is None:
+        raise ChainError("the manifest lacks model_name or num_layers, so it cannot be registered on chain")
     registry = NodeRegistry(ChainClient(settings))
     publisher = unlock(CliState(settings), settings.chain.publisher_account, None)
     registry.publish_model(
         publisher,
-        bytes.fromhex(reg.model_id[2:]),
+        reg.model_name,
         str(reg.manifest_cid),
         bytes.fromhex(reg.manifest_sha256),
         reg.num_layers,

@@ -60,6 +60,13 @@ def start(
     chain_id: Annotated[int | None, typer.Option(help="Chain id of the EIP-712 domains.")] = None,
     market: Annotated[str | None, typer.Option(help="JobMarket address (receipt domain).")] = None,
     registry: Annotated[str | None, typer.Option(help="NodeRegistry address (attestation domain).")] = None,
+    publisher: Annotated[
+        str | None,
+        typer.Option(
+            help="Account whose published model this worker serves (model ids are namespaced by publisher). "
+            "Default: the one account that published this manifest on chain."
+        ),
+    ] = None,
     identity_dir: Annotated[Path | None, typer.Option(help="libp2p key + profile folder (default HOME/node).")] = None,
     node_key: Annotated[str, typer.Option(help="Signing key name in HOME/keystore (made on first start).")] = "node",
     password_file: Annotated[Path | None, typer.Option(help="File holding the node key password.")] = None,
@@ -110,6 +117,7 @@ def start(
                 "byzantine": 1.0 if byzantine else None,
             },
         )
+        settings = _merge(settings, "chain", {"model_publisher": publisher})
         _check_telemetry(settings)
         if byzantine:
             typer.echo(BYZANTINE_WARNING, err=True)

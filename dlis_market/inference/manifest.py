@@ -1,9 +1,10 @@
 """The shard manifest: what a set of layer-range shards holds, and how to check it on disk.
 
-``manifest.json`` sits next to the shard files. It names the model (``model_id`` is keccak256 of
-the name, as on chain), its family and full HF config, the dtype/quantization, every layer range
-and the size + sha256 of every file (shards, config, tokenizer). A stage verifies the files it
-needs against it before it builds anything.
+``manifest.json`` sits next to the shard files. It names the model (its on-chain id is
+``types.model_id(name, publisher)``: ids are namespaced by whoever publishes it), its family and
+full HF config, the dtype/quantization, every layer range and the size + sha256 of every file
+(shards, config, tokenizer). A stage verifies the files it needs against it before it builds
+anything.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from dlis_market.inference.errors import ManifestError, ShardIntegrityError, Sta
 from dlis_market.types import LayerRange
 
 MANIFEST_NAME = "manifest.json"
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2  # 2: no model_id (ids are namespaced by publisher on chain)
 ShardDtype = Literal["fp32", "bf16", "int8", "nf4"]
 Compression = Literal["none", "zstd"]
 
@@ -53,7 +54,6 @@ class Manifest(_Frozen):
 
     format_version: int = MANIFEST_VERSION
     model_name: str
-    model_id: str
     architecture: str
     model_type: str
     num_layers: int

@@ -32,7 +32,7 @@ from dlis_market.inference.quantization import (
     quantizable_linears,
     quantize_weight,
 )
-from dlis_market.types import LayerRange, model_id
+from dlis_market.types import LayerRange
 
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -191,7 +191,6 @@ def export_shards(
     model_name = name or model_dir.name
     manifest = Manifest(
         model_name=model_name,
-        model_id=model_id(model_name),
         architecture=family.name,
         model_type=str(config.model_type),
         num_layers=num_layers,

@@ -25,7 +25,7 @@ import torch
 from dlis_market.chain.job_market import market_domain
 from dlis_market.errors import DlisError
 from dlis_market.inference.errors import ContextLengthError
-from dlis_market.inference.manifest import load_manifest
+from dlis_market.inference.manifest import MANIFEST_NAME, load_manifest, sha256_file
 from dlis_market.inference.messages import StageInput, StageOutput, decode, encode
 from dlis_market.inference.sampling import SamplingParams
 from dlis_market.inference.stage import Stage
@@ -34,6 +34,7 @@ from dlis_market.node import attestation, byzantine, dht_records, identity, prof
 from dlis_market.node.brokers import BrokerCheck
 from dlis_market.node.errors import CapacityError, NodeError, ProtocolError
 from dlis_market.node.metrics import WorkerMetrics, kv_capacity_bytes
+from dlis_market.node.model_identity import resolve_model_id
 from dlis_market.node.protocol import Channel, CloseBody, FailBody, OpenBody, StepBody, parse_body
 from dlis_market.node.routing import choose_range
 from dlis_market.node.sessions import Batch, QueuedStep, WorkerSession, plan_batches, row_bytes
@@ -43,7 +44,7 @@ from dlis_market.node.transport import ChannelPool, start_dht
 from dlis_market.protocol import tickets
 from dlis_market.protocol.errors import TicketError
 from dlis_market.settings import Settings
-from dlis_market.types import LayerRange, model_id
+from dlis_market.types import LayerRange
 
 log = logging.getLogger(__name__)
 READY_PREFIX = "DLIS_NODE_READY "
@@ -94,6 +95,8 @@ class Worker:
             key_name=self.config.key_name,
         )
         manifest = load_manifest(self.config.shard_dir)
+        manifest_sha = sha256_file(self.config.shard_dir / MANIFEST_NAME)
+        self.served_id = await asyncio.to_thread(resolve_model_id, self.settings, manifest.model_name, manifest_sha)
         self.validator = dht_records.owner_validator(self.identity.p2p_key)  # owns our DHT subkey
         with self.identity.key_file() as key_path:
             self.dht = await asyncio.to_thread(
@@ -143,6 +146,8 @@ class Worker:
             "peer_id": self.peer_id,
             "maddrs": [str(m) for m in self.dht.get_visible_maddrs()],
             "model": manifest.model_name,
+            "model_id": "0x" + self.served_id.model_id.hex(),
+            "publisher": self.served_id.publisher,
             "start": layers.start,
             "end": layers.end,
             "node_address": self.identity.address,
@@ -294,7 +299,7 @@ class Worker:
         except ContextLengthError as exc:  # the job does not fit this stage: not the stage's fault
             raise CapacityError(str(exc)) from exc
         ledger = receipts.ReceiptLedger(
-            req.job_id, bytes.fromhex(model_id(req.model)[2:]), served.start, served.end, self.node.price_per_token
+            req.job_id, self.served_id.model_id, served.start, served.end, self.node.price_per_token
         )
         self.sessions[req.session_id] = WorkerSession(req.session_id, req.reply_to, req.next_peer, sender, ledger)
         self.live_transcripts[req.session_id] = Transcript(req.session_id, req.job_id, sender)

@@ -52,6 +52,8 @@ from dlis_market.sim.profiles import PREFILL_RATIO, batch_gas, slowdown
 from dlis_market.sim.scenario import ClientClass, Market, Scenario
 from dlis_market.types import model_id
 
+SIM_PUBLISHER = "0x" + "00" * 20  # simulated models live in the zero publisher's namespace
+
 
 @dataclass
 class JobRecord:
@@ -163,7 +165,7 @@ class Simulation:
         m = scenario.model
         self.table = PeerTable(
             self.specs,
-            model_id(m.name),
+            model_id(m.name, SIM_PUBLISHER),
             m.num_layers,
             m.activation_bytes_per_token,
             m.kv_bytes_per_token_layer,

@@ -47,7 +47,7 @@ class ManifestFiles:
     files: tuple[ManifestFile, ...]
     sha256: str  # of the manifest's bytes
     num_layers: int | None
-    model_id: str | None = None  # top-level "model_id" (keccak256 of the model name), if there
+    model_name: str | None = None  # top-level "model_name", if there (its on-chain id depends on the publisher)
     stages: tuple[ManifestStage, ...] = ()
 
     @property
@@ -171,11 +171,11 @@ def parse_manifest(data: bytes) -> ManifestFiles:
         raise ManifestError(
             f"{MANIFEST_NAME} lists no files: need objects with path, size and sha256 (e.g. a 'files' list)"
         )
-    model_id = doc.get("model_id")
+    model_name = doc.get("model_name")
     return ManifestFiles(
         tuple(files.values()),
         sha256_hex(data),
         _num_layers(doc),
-        model_id if isinstance(model_id, str) else None,
+        model_name if isinstance(model_name, str) else None,
         _stages(doc, files),
     )

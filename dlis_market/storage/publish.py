@@ -37,7 +37,7 @@ class ModelRegistration:
     manifest_cid: Cid  # the publication index CID
     manifest_sha256: str  # sha256 of manifest.json's bytes
     num_layers: int | None
-    model_id: str | None = None  # keccak256 of the model name, from the manifest
+    model_name: str | None = None  # from the manifest; published in the publisher's namespace
 
 
 RegisterHook = Callable[[ModelRegistration], Awaitable[None] | None]
@@ -51,10 +51,10 @@ class PublishResult:
     num_layers: int | None
     publication: Publication
     total_bytes: int
-    model_id: str | None = None
+    model_name: str | None = None
 
     def registration(self) -> ModelRegistration:
-        return ModelRegistration(self.manifest_cid, self.manifest_sha256, self.num_layers, self.model_id)
+        return ModelRegistration(self.manifest_cid, self.manifest_sha256, self.num_layers, self.model_name)
 
 
 def part_ranges(size: int, part_size: int) -> list[tuple[int, int]]:
@@ -135,7 +135,7 @@ async def publish_model(
         num_layers=manifest.num_layers,
         publication=publication,
         total_bytes=total,
-        model_id=manifest.model_id,
+        model_name=manifest.model_name,
     )
     if register is not None:
         outcome = register(result.registration())

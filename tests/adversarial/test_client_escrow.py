@@ -16,6 +16,7 @@ from dlis_market.broker.service import BrokerService
 from dlis_market.chain.job_market import JobAuthorization, sign_authorization
 from dlis_market.types import model_id
 from tests.integration.broker import conftest as broker_suite
+from tests.integration.conftest import DEV_PUBLISHER
 
 broker_env = broker_suite.broker_env  # the broker suite's fixture
 UNIT = 10**18
@@ -27,7 +28,7 @@ def authorization(market, client, max_cost: int, deadline_in: int = 900) -> dict
     jm = market.market()
     nonce = secrets.randbits(64)
     auth = JobAuthorization(
-        client.address, market.broker.address, bytes.fromhex(model_id(MODEL)[2:]), max_cost, nonce,
+        client.address, market.broker.address, bytes.fromhex(model_id(MODEL, DEV_PUBLISHER)[2:]), max_cost, nonce,
         market.client.timestamp() + deadline_in,
     )  # fmt: skip
     sig = sign_authorization(client.key, jm.domain(), auth)

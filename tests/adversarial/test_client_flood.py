@@ -15,6 +15,7 @@ from dlis_market.broker.app import create_app
 from dlis_market.chain.job_market import JobAuthorization, sign_authorization
 from dlis_market.types import model_id
 from tests.integration.broker import conftest as broker_suite
+from tests.integration.conftest import DEV_PUBLISHER
 
 broker_env = broker_suite.broker_env  # the broker suite's fixture
 live_server = broker_suite.live_server  # the broker suite's fixture
@@ -24,7 +25,8 @@ MODEL = "smollm2-135m"
 
 def authorization(market, client) -> dict:
     auth = JobAuthorization(
-        client.address, market.broker.address, bytes.fromhex(model_id(MODEL)[2:]), UNIT, secrets.randbits(64),
+        client.address, market.broker.address, bytes.fromhex(model_id(MODEL, DEV_PUBLISHER)[2:]), UNIT,
+        secrets.randbits(64),
         market.client.timestamp() + 900,
     )  # fmt: skip
     sig = sign_authorization(client.key, market.market().domain(), auth)

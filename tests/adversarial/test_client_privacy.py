@@ -19,6 +19,7 @@ from dlis_market.broker.auth import sign_job_read
 from dlis_market.chain.job_market import JobAuthorization, sign_authorization
 from dlis_market.types import model_id
 from tests.integration.broker import conftest as broker_suite
+from tests.integration.conftest import DEV_PUBLISHER
 
 broker_env = broker_suite.broker_env  # the broker suite's fixture
 live_server = broker_suite.live_server
@@ -31,7 +32,8 @@ ANSWER = "Paris is the capital"  # what the scripted workers answer
 def run_job(market, client, http) -> str:
     jm = market.market()
     auth = JobAuthorization(
-        client.address, market.broker.address, bytes.fromhex(model_id(MODEL)[2:]), UNIT, secrets.randbits(64),
+        client.address, market.broker.address, bytes.fromhex(model_id(MODEL, DEV_PUBLISHER)[2:]), UNIT,
+        secrets.randbits(64),
         market.client.timestamp() + 900,
     )  # fmt: skip
     body = {

@@ -26,12 +26,13 @@ from dlis_market.chain.job_market import (
     sign_receipt,
 )
 from dlis_market.types import model_id
+from tests.integration.conftest import DEV_PUBLISHER
 
 UNIT = 10**18
 LAYERS = 30
 SPANS = ((0, 10), (10, 20), (20, 30))
 AMOUNTS = (3 * UNIT, 2 * UNIT, 5 * UNIT)
-MODEL = bytes.fromhex(model_id("smollm2-135m")[2:])
+MODEL = bytes.fromhex(model_id("smollm2-135m", DEV_PUBLISHER)[2:])
 
 
 @dataclass
@@ -44,7 +45,7 @@ class Served:
 
 def _serve(market: LocalMarket) -> Served:
     """Three operators each run one node; the nodes serve one job and sign their receipts."""
-    market.registry().publish_model(market.deployer, MODEL, "QmManifest", b"\x11" * 32, LAYERS)
+    market.registry().publish_model(market.deployer, "smollm2-135m", "QmManifest", b"\x11" * 32, LAYERS)
     operators = [market.new_funded_account(1_000 * UNIT) for _ in SPANS]
     nodes = [market.enroll_node(op) for op in operators]
     client = market.new_funded_account(1_000 * UNIT)

@@ -68,7 +68,7 @@ def test_forged_span_record_neither_displaces_nor_reprices_the_honest_worker(
     shards = tiny_shards(tmp_path, [(0, 3), (3, 6)], name=MODEL)
     dep = market.client.deployment
     chain = ["--registry", dep.address_of("NodeRegistry"), "--market", dep.address_of("JobMarket")]
-    chain += ["--chain-id", str(market.client.chain_id)]
+    chain += ["--chain-id", str(market.client.chain_id), "--publisher", market.deployer.address]
     settings = NodeSettings(
         chain_id=market.client.chain_id, registry_address=dep.address_of("NodeRegistry"),
         market_address=dep.address_of("JobMarket"), step_timeout_s=30.0, request_timeout_s=15.0,

@@ -68,7 +68,7 @@ def test_strangers_cannot_open_sessions_and_one_opener_cannot_crowd_out_another(
         "DLIS_NODE__TRANSCRIPT_BYTES_PER_OPENER": "200",
     }
     chain = ["--market", dep.address_of("JobMarket"), "--registry", dep.address_of("NodeRegistry")]
-    chain += ["--chain-id", str(market.client.chain_id)]
+    chain += ["--chain-id", str(market.client.chain_id), "--publisher", market.deployer.address]
     with Swarm(tmp_path / "swarm", env=env) as swarm:
         worker = swarm.start_worker(shards, "0:2", "w", *chain)
         settings = settings_for(market)

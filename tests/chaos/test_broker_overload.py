@@ -20,6 +20,7 @@ from dlis_market.broker.service import BrokerService
 from dlis_market.chain.job_market import JobAuthorization, sign_authorization
 from dlis_market.types import model_id
 from tests.integration.broker import conftest as broker_suite
+from tests.integration.conftest import DEV_PUBLISHER
 
 broker_env = broker_suite.broker_env  # the broker suite's fixtures
 live_server = broker_suite.live_server
@@ -92,7 +93,7 @@ class FixedCapacityBackend(broker_suite.ScriptedBackend):
 
 def job_body(market, client) -> dict:
     auth = JobAuthorization(
-        client.address, market.broker.address, bytes.fromhex(model_id(MODEL)[2:]), UNIT,
+        client.address, market.broker.address, bytes.fromhex(model_id(MODEL, DEV_PUBLISHER)[2:]), UNIT,
         secrets.randbits(64), market.client.timestamp() + 900,
     )  # fmt: skip
     sig = sign_authorization(client.key, market.market().domain(), auth).hex()

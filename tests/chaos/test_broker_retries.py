@@ -22,6 +22,7 @@ from dlis_market.broker.service import BrokerService
 from dlis_market.chain.job_market import JobAuthorization, Receipt, sign_authorization, sign_receipt
 from dlis_market.types import model_id
 from tests.integration.broker import conftest as broker_suite
+from tests.integration.conftest import DEV_PUBLISHER
 
 broker_env = broker_suite.broker_env  # the broker suite's fixtures
 live_server = broker_suite.live_server
@@ -66,7 +67,15 @@ def signed_route(backend, job, tokens: int):
     receipts, route = [], []
     for i, ((s, e), node) in enumerate(zip(broker_suite.SPANS, backend.nodes, strict=True)):
         amount = broker_suite.PRICE * tokens
-        r = Receipt(job.job_id, bytes.fromhex(model_id(job.model)[2:]), s, e, tokens, secrets.token_bytes(32), amount)
+        r = Receipt(
+            job.job_id,
+            bytes.fromhex(model_id(job.model, DEV_PUBLISHER)[2:]),
+            s,
+            e,
+            tokens,
+            secrets.token_bytes(32),
+            amount,
+        )
         sig = sign_receipt(node.key, backend.domain, r)
         receipts.append(SignedStageReceipt(node.address, s, e, tokens, r.output_hash, amount, sig.signature))
         route.append(RouteHop(f"peer{i}", node.address, s, e, broker_suite.PRICE))
@@ -89,7 +98,7 @@ def slow_broker(broker_env, live_server, delay_s: float):
 def job_body(market, client, max_tokens: int = 8, stream: bool = False, nonce: int | None = None) -> dict:
     jm = market.market()
     auth = JobAuthorization(
-        client.address, market.broker.address, bytes.fromhex(model_id(MODEL)[2:]), UNIT,
+        client.address, market.broker.address, bytes.fromhex(model_id(MODEL, DEV_PUBLISHER)[2:]), UNIT,
         secrets.randbits(64) if nonce is None else nonce, market.client.timestamp() + 900,
     )  # fmt: skip
     sig = sign_authorization(client.key, jm.domain(), auth).hex()
@@ -205,7 +214,7 @@ def test_restart_fails_jobs_left_running_and_releases_their_escrow(broker_env):
                 client.address,
                 7,
                 MODEL,
-                model_id(MODEL),
+                model_id(MODEL, DEV_PUBLISHER),
                 {"prompt": "x"},
                 UNIT,
                 a["deadline"],

@@ -15,6 +15,9 @@ from dlis_market.chain.devnet import LocalMarket, local_market
 from dlis_market.inference.importer import import_model
 from dlis_market.inference.shard_export import export_shards
 
+# Anvil's dev account 0 deploys the market and publishes the models in these suites. Model ids are
+# namespaced by publisher: ``types.model_id(name, DEV_PUBLISHER)``.
+DEV_PUBLISHER = "0xf39Fd6e51aad88F6F4ce6aB8827279cffFb92266"
 # Shared with the inference tests' cache: the real SmolLM2 is imported once per machine.
 CACHE = Path(tempfile.gettempdir()) / "dlis-test-cache" / "v1"
 
@@ -33,6 +36,7 @@ def market_session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalMa
         max_authorization_lifetime_s=1800,
         keystore_scrypt_n=2**10,
     ) as m:
+        assert m.deployer.address == DEV_PUBLISHER, m.deployer.address
         yield m
 
 

@@ -17,6 +17,7 @@ from dlis_market.broker.bootstrap import build_graph
 from dlis_market.broker.catalog import ModelCatalog
 from dlis_market.broker.ledger import Ledger
 from dlis_market.chain.job_market import Receipt, sign_receipt
+from tests.integration.conftest import DEV_PUBLISHER
 
 PRICE = 10**12  # token units per token per stage
 SPANS = [(0, 10), (10, 20), (20, 30)]
@@ -83,21 +84,18 @@ class ScriptedBackend:
 def model_id_of(name: str) -> str:
     from dlis_market.types import model_id
 
-    return model_id(name)
+    return model_id(name, DEV_PUBLISHER)
 
 
 @pytest.fixture()
 def broker_env(market, smollm2_shards, tmp_path):
     """A BrokerService on the real chain with three enrolled nodes and the SmolLM2 model published."""
-    from dlis_market.types import model_id
 
     ops = [market.new_funded_account(1000 * 10**18) for _ in range(3)]
     nodes = [market.enroll_node(o) for o in ops]
-    market.registry().publish_model(
-        market.deployer, bytes.fromhex(model_id("smollm2-135m")[2:]), "QmShards", b"\x01" * 32, 30
-    )
+    market.registry().publish_model(market.deployer, "smollm2-135m", "QmShards", b"\x01" * 32, 30)
     client = market.new_funded_account(100 * 10**18)
-    catalog = ModelCatalog.from_shard_dirs([smollm2_shards])
+    catalog = ModelCatalog.from_shard_dirs([smollm2_shards], market.deployer.address)
     tok = catalog.get("smollm2-135m").tokenizer
     script = tok(" Paris is the capital of France.")["input_ids"]
     backend = ScriptedBackend(nodes, market.market().domain(), script)

@@ -13,6 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from dlis_market.broker.app import create_app
+from tests.integration.conftest import DEV_PUBLISHER
 
 SCALARS = st.one_of(
     st.none(),
@@ -78,7 +79,7 @@ def _authorization(market, client) -> dict:
     from dlis_market.types import model_id
 
     auth = JobAuthorization(
-        client.address, market.broker.address, bytes.fromhex(model_id("smollm2-135m")[2:]), 10**18,
+        client.address, market.broker.address, bytes.fromhex(model_id("smollm2-135m", DEV_PUBLISHER)[2:]), 10**18,
         secrets.randbits(64), market.client.timestamp() + 900,
     )  # fmt: skip
     sig = sign_authorization(client.key, market.market().domain(), auth)

@@ -15,6 +15,7 @@ from dlis_market.broker.auth import sign_job_read
 from dlis_market.broker.planning import chain_standing, make_planner
 from dlis_market.chain.job_market import JobAuthorization, sign_authorization
 from dlis_market.types import model_id
+from tests.integration.conftest import DEV_PUBLISHER
 
 UNIT = 10**18
 MODEL = "smollm2-135m"
@@ -24,7 +25,7 @@ def authorization(market, client, max_cost=UNIT, nonce=None, deadline_in=1200, s
     jm = market.market()
     nonce = secrets.randbits(64) if nonce is None else nonce
     auth = JobAuthorization(
-        client.address, market.broker.address, bytes.fromhex(model_id(model)[2:]), max_cost, nonce,
+        client.address, market.broker.address, bytes.fromhex(model_id(model, DEV_PUBLISHER)[2:]), max_cost, nonce,
         market.client.timestamp() + deadline_in,
     )  # fmt: skip
     sig = sign_authorization((signer or client).key, jm.domain(), auth)

@@ -16,6 +16,7 @@ from dlis_market.broker.auth import sign_job_read
 from dlis_market.chain.dlis_token import fmt_units
 from dlis_market.chain.job_market import JobAuthorization, sign_authorization
 from dlis_market.types import model_id
+from tests.integration.conftest import DEV_PUBLISHER
 
 UNIT = 10**18
 MODEL = "smollm2-135m"
@@ -24,7 +25,8 @@ MODEL = "smollm2-135m"
 def _authorization(market, client) -> dict:
     jm = market.market()
     auth = JobAuthorization(
-        client.address, market.broker.address, bytes.fromhex(model_id(MODEL)[2:]), UNIT, secrets.randbits(64),
+        client.address, market.broker.address, bytes.fromhex(model_id(MODEL, DEV_PUBLISHER)[2:]), UNIT,
+        secrets.randbits(64),
         market.client.timestamp() + 1200,
     )  # fmt: skip
     sig = sign_authorization(client.key, jm.domain(), auth)

@@ -11,10 +11,11 @@ from dlis_market.broker.ledger import Ledger, NewJob, NewReceipt
 from dlis_market.broker.settlement import Settler
 from dlis_market.chain.job_market import JobAuthorization, Receipt, sign_authorization, sign_receipt
 from dlis_market.types import model_id
+from tests.integration.conftest import DEV_PUBLISHER
 
 UNIT = 10**18
 MODEL = "smollm2-135m"
-MID = bytes.fromhex(model_id(MODEL)[2:])
+MID = bytes.fromhex(model_id(MODEL, DEV_PUBLISHER)[2:])
 SPANS = [(0, 10), (10, 20), (20, 30)]
 
 
@@ -22,7 +23,7 @@ SPANS = [(0, 10), (10, 20), (20, 30)]
 def setup(market, tmp_path):
     ops = [market.new_funded_account(1000 * UNIT) for _ in range(3)]
     nodes = [market.enroll_node(o) for o in ops]
-    market.registry().publish_model(market.deployer, MID, "QmManifest", b"\x11" * 32, 30)
+    market.registry().publish_model(market.deployer, MODEL, "QmManifest", b"\x11" * 32, 30)
     client = market.new_funded_account(100 * UNIT)
     market.market().deposit(client, 10 * UNIT)
     ledger = Ledger(f"sqlite:///{tmp_path / 'broker.db'}")
@@ -36,7 +37,17 @@ def add_completed_job(market, ledger, client, nodes, nonce, amount=UNIT // 50, s
     sig = sign_authorization((signer or client).key, dom, auth)
     jid = "0x" + auth.job_id.hex()
     ledger.create_job(
-        NewJob(jid, client.address, nonce, MODEL, model_id(MODEL), {"prompt": "hi"}, UNIT, auth.deadline, sig.hex())
+        NewJob(
+            jid,
+            client.address,
+            nonce,
+            MODEL,
+            model_id(MODEL, DEV_PUBLISHER),
+            {"prompt": "hi"},
+            UNIT,
+            auth.deadline,
+            sig.hex(),
+        )
     )
     receipts = []
     for i, ((start, end), node) in enumerate(zip(SPANS, nodes, strict=True)):

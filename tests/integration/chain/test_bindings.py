@@ -20,9 +20,10 @@ from dlis_market.chain.job_market import (
 )
 from dlis_market.chain.node_registry import Capability, DeviceClass
 from dlis_market.types import model_id
+from tests.integration.conftest import DEV_PUBLISHER
 
 UNIT = 10**18
-MODEL = bytes.fromhex(model_id("smollm2-135m")[2:])
+MODEL = bytes.fromhex(model_id("smollm2-135m", DEV_PUBLISHER)[2:])
 
 
 def test_typehashes_match_solidity(market):
@@ -128,7 +129,7 @@ def _three_stage_job(market, client, nodes, nonce, amount=UNIT // 100, max_cost=
 def priced_market(market):
     ops = [market.new_funded_account(1000 * UNIT) for _ in range(3)]
     nodes = [market.enroll_node(o) for o in ops]
-    market.registry().publish_model(market.deployer, MODEL, "QmManifest", b"\x11" * 32, 30)
+    market.registry().publish_model(market.deployer, "smollm2-135m", "QmManifest", b"\x11" * 32, 30)
     client = market.new_funded_account(100 * UNIT)
     market.market().deposit(client, 10 * UNIT)
     return market, ops, nodes, client

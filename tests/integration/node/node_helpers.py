@@ -290,7 +290,8 @@ def paid_job(market: Any, port: int, client: Any, model: str, prompt: str, max_t
     """POST /v1/jobs to the broker on ``port`` under a fresh authorization signed by ``client``
     (max cost 1 DLIS, 20 minutes to settle: within JobMarket's authorization lifetime); asserts the
     job completed and returns it."""
-    auth = JobAuthorization(client.address, market.broker.address, bytes.fromhex(model_id(model)[2:]), 10**18,
+    mid = bytes.fromhex(model_id(model, market.deployer.address)[2:])
+    auth = JobAuthorization(client.address, market.broker.address, mid, 10**18,
                             secrets.randbits(128), market.client.timestamp() + 1200)  # fmt: skip
     body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "authorization": {
         "client": client.address, "nonce": str(auth.nonce), "max_cost": str(auth.max_cost), "deadline": auth.deadline,

@@ -32,7 +32,6 @@ from transformers import AutoTokenizer
 from dlis_market.chain.anvil import free_port
 from dlis_market.inference.manifest import MANIFEST_NAME, sha256_file
 from dlis_market.oracle.store import DB_FILE, OracleStore
-from dlis_market.types import model_id
 
 UNIT = 10**18
 MODEL = "tiny-smol"
@@ -58,7 +57,7 @@ def test_byzantine_worker_is_slashed_end_to_end(market, smollm2_shards: Path, tm
     shards = tiny_shards(tmp_path / "model", [(0, 2), (2, 4), (4, 6)], name=MODEL, vocab_size=len(tok))
     tok.save_pretrained(str(shards))  # the broker tokenizes prompts with the model's tokenizer
     published = bytes.fromhex(sha256_file(shards / MANIFEST_NAME))  # the broker checks the served manifest
-    registry.publish_model(market.deployer, bytes.fromhex(model_id(MODEL)[2:]), "QmTinySmol", published, 6)
+    registry.publish_model(market.deployer, MODEL, "QmTinySmol", published, 6)
     procs: list[subprocess.Popen[bytes]] = []
     try:
         # workers check each session ticket's signer for BROKER_ROLE on this chain

@@ -21,6 +21,7 @@ from dlis_market.chain.anvil import free_port
 from dlis_market.inference.pipeline import LocalPipeline
 from dlis_market.storage.daemon import DaemonConfig, EmbeddedDaemon
 from dlis_market.types import model_id
+from tests.integration.conftest import DEV_PUBLISHER
 
 UNIT = 10**18
 MODEL = "smollm2-135m"
@@ -45,7 +46,7 @@ def test_paid_job_end_to_end_with_broker_restart(market, smollm2_shards: Path, t
             "--json",
         )
         cid = json.loads(out.strip().splitlines()[-1])["manifest_cid"]
-        assert market.registry().get_model(bytes.fromhex(model_id(MODEL)[2:])).manifest_cid == cid
+        assert market.registry().get_model(bytes.fromhex(model_id(MODEL, DEV_PUBLISHER)[2:])).manifest_cid == cid
 
         operators = [market.accounts[i] for i in (4, 5, 6)]
         with Swarm(

@@ -11,18 +11,19 @@ from typer.testing import CliRunner
 
 from dlis_market.cli.main import app
 from dlis_market.types import model_id
+from tests.integration.conftest import DEV_PUBLISHER
 
 
-def _with_model_id(shards: Path, name: str) -> None:
+def _with_model_name(shards: Path, name: str) -> None:
     manifest = json.loads((shards / "manifest.json").read_text())
-    manifest["model_id"] = model_id(name)
+    manifest["model_name"] = name
     (shards / "manifest.json").write_text(json.dumps(manifest))
 
 
 def test_publish_registers_on_chain_and_fetch_checks_it(market, kubo_nodes: NodeFactory, tmp_path: Path) -> None:
     a, b = kubo_nodes("a"), kubo_nodes("b")
     shards = write_shards(tmp_path / "shards", {"s0/w.bin": 200_000, "s1/w.bin": 100_000})
-    _with_model_id(shards, "tiny-test")
+    _with_model_name(shards, "tiny-test")
     env = {
         "DLIS_HOME": str(market.settings.home),
         "DLIS_CHAIN__RPC_URL": market.settings.chain.rpc_url,
@@ -34,7 +35,7 @@ def test_publish_registers_on_chain_and_fetch_checks_it(market, kubo_nodes: Node
     out = json.loads(result.stdout.strip().splitlines()[-1])
     assert out["registered"] is True
 
-    rec = market.registry().get_model(bytes.fromhex(model_id("tiny-test")[2:]))
+    rec = market.registry().get_model(bytes.fromhex(model_id("tiny-test", DEV_PUBLISHER)[2:]))
     assert rec is not None
     assert rec.manifest_cid == out["manifest_cid"] and rec.manifest_sha256.hex() == out["manifest_sha256"]
     assert rec.num_layers == 2 and rec.publisher == market.deployer.address
@@ -47,9 +48,7 @@ def test_publish_registers_on_chain_and_fetch_checks_it(market, kubo_nodes: Node
     assert (tmp_path / "out" / "s0" / "w.bin").read_bytes() == (shards / "s0" / "w.bin").read_bytes()
 
     # The publisher registers a different manifest hash for the same CID: fetch refuses it.
-    market.registry().publish_model(
-        market.deployer, bytes.fromhex(model_id("tiny-test")[2:]), out["manifest_cid"], b"\x42" * 32, 2
-    )
+    market.registry().publish_model(market.deployer, "tiny-test", out["manifest_cid"], b"\x42" * 32, 2)
     args = ["model", "fetch", out["manifest_cid"], "--out", str(tmp_path / "out2"), "--peer", a.info.multiaddrs[0]]
     result = runner.invoke(app, args, env=fetch_env)
     assert result.exit_code == 1

@@ -13,7 +13,7 @@ from dlis_market.broker.network_state import FallbackPool, NetworkState, NodeOff
 from dlis_market.broker.scheduler import NoRouteError, network_capacity, plan_route
 from dlis_market.types import LayerRange, ModelId, NodeId, PeerId, model_id
 
-MODEL = model_id("test-model")
+MODEL = model_id("test-model", "0x" + "00" * 20)
 KV = 64  # KV bytes per token per layer in these tests
 ACT = 1000  # activation bytes per token
 
@@ -378,7 +378,7 @@ def test_node_capacity_when_memory_forbids_covering() -> None:
 
 
 def test_model_mismatch() -> None:
-    other = RouteRequest(model_id=model_id("other"), prompt_tokens=1, max_new_tokens=1)
+    other = RouteRequest(model_id=model_id("other", "0x" + "00" * 20), prompt_tokens=1, max_new_tokens=1)
     with pytest.raises(NoRouteError) as err:
         plan_route(network(1, offer("A", 0, 1)), other, Policy())
     assert err.value.constraint == "model"

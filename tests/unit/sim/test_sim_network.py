@@ -22,7 +22,7 @@ def test_pruned_state_keeps_the_optimal_route_without_budgets(settings: Settings
     sc = sc.model_copy(update={"population": Population(count=400, mix=sc.population.mix)})  # type: ignore[union-attr]
     market = Market.of(sc.market, settings)
     specs = build_peers(sc, market, seed=5)
-    table = PeerTable(specs, model_id("smollm2-135m"), 30, 1152, 768, market.min_stake)
+    table = PeerTable(specs, model_id("smollm2-135m", "0x" + "00" * 20), 30, 1152, 768, market.min_stake)
     rng = np.random.default_rng(5)
     table.sessions[:] = rng.integers(0, 2, len(specs))
     table.risk[:] = rng.uniform(0, 0.05, len(specs))
