@@ -7,7 +7,7 @@ hands back the stages' signed receipts.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -35,6 +35,9 @@ class RouteHop:
     price_per_token: int
 
 
+Replan = Callable[[Sequence[RouteHop], frozenset[str]], Awaitable[Sequence[RouteHop]]]
+
+
 @dataclass(frozen=True)
 class BackendJob:
     job_id: bytes
@@ -50,6 +53,10 @@ class BackendJob:
     stop_token_ids: tuple[int, ...] = ()
     num_layers: int | None = None
     route: Sequence[RouteHop] | None = None
+    fee_bps: int = 0  # JobMarket's protocol fee: max_cost bounds receipts plus this fee
+    # The broker's router for failovers: (current route, peers to avoid) -> a new route under the
+    # job's policy and max cost. None: the backend's own routing.
+    replan: Replan | None = None
 
 
 @dataclass(frozen=True)

@@ -36,6 +36,10 @@ class NodeOffer(WireModel):
     kv_bytes_per_token_layer: int = Field(ge=0)  # KV cache one token needs in one layer
     free_memory_bytes: int = Field(ge=0)  # memory left for new sessions' KV cache
     price_per_token_layer: int = Field(ge=0)  # token units per token per layer served
+    # The offer's price per token for its whole span, when it has one (a worker bills its whole
+    # span at one price): a hop over the whole span then costs exactly this per token, as its
+    # receipt will bill (``protocol.pricing.stage_charge``), not the per-layer approximation.
+    price_per_token: int | None = Field(default=None, ge=0)
     stake_ok: bool  # staked at or above the minimum and not slashed: routable on chain
     reputation_bps: int = Field(ge=0, le=10_000)
     failure_risk: float = Field(ge=0, le=1)  # probability that a session here fails (oracle)

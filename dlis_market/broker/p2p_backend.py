@@ -12,12 +12,12 @@ import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import TYPE_CHECKING
 
-from dlis_market.broker.backend import BackendJob, Offer, RouteHop, SignedStageReceipt
+from dlis_market.broker.backend import BackendJob, Offer, Replan, RouteHop, SignedStageReceipt
 from dlis_market.broker.observations import JobObserver, observe_job
 from dlis_market.broker.spot_checks import FinishedSession, SpotChecker
 from dlis_market.chain.job_market import receipt_signer
 from dlis_market.inference.sampling import SamplingParams
-from dlis_market.node.driver import JobSession, JobSpec, PipelineDriver
+from dlis_market.node.driver import JobSession, JobSpec, PipelineDriver, Replanner
 from dlis_market.node.routing import Hop
 from dlis_market.settings import NodeSettings
 
@@ -99,6 +99,16 @@ class P2PJobStream:
         return route, out
 
 
+def _driver_replan(replan: Replan) -> Replanner:
+    """The broker's router in the driver's terms (its ``Hop``s)."""
+
+    async def in_hops(route: list[Hop], avoid: frozenset[str]) -> list[Hop]:
+        hops = [RouteHop(h.peer_id, h.node_address, h.start, h.end, h.price_per_token) for h in route]
+        return [Hop(h.peer_id, h.start, h.end, h.price_per_token, h.node) for h in await replan(hops, avoid)]
+
+    return in_hops
+
+
 class P2PBackend:
     def __init__(self, driver: PipelineDriver, checker: SpotChecker | None = None, observer: JobObserver | None = None):
         self.driver = driver
@@ -149,6 +159,8 @@ class P2PBackend:
             ),
             stop_token_ids=job.stop_token_ids,
             num_layers=job.num_layers,
+            fee_bps=job.fee_bps,
+            replan=None if job.replan is None else _driver_replan(job.replan),
         )
         session = JobSession(self.driver, spec)
         if job.route:

@@ -26,6 +26,7 @@ from dlis_market.broker.schemas import Policy
 from dlis_market.broker.service import PlannedRoute
 from dlis_market.chain.node_registry import NodeRegistry
 from dlis_market.chain.reputation_oracle import ReputationOracle
+from dlis_market.protocol.pricing import cost_budget
 from dlis_market.settings import BrokerSettings
 from dlis_market.types import LayerRange, ModelId, NodeId, PeerId
 
@@ -117,8 +118,10 @@ def make_planner(
     settings: BrokerSettings, standing: StandingLookup, risk: RiskLookup | None = None
 ) -> Callable[..., PlannedRoute]:
     def plan(
-        offers: list[Offer], served: ServedModel, policy: Policy, prompt_tokens: int, max_tokens: int
+        offers: list[Offer], served: ServedModel, policy: Policy, prompt_tokens: int, max_tokens: int, fee_bps: int = 0
     ) -> PlannedRoute:
+        """The scheduler's route for the job; ``policy.max_cost`` is a total with the protocol fee
+        at ``fee_bps``, so the scheduler bounds the stages' charges by ``pricing.cost_budget``."""
         fallback_offer = next(
             (o for o in offers if settings.fallback_peer_id and o.peer_id == settings.fallback_peer_id), None
         )
@@ -142,6 +145,7 @@ def make_planner(
                     kv_bytes_per_token_layer=kv_bytes_per_token_layer(served),
                     free_memory_bytes=2**62,  # workers bound sessions by slots; memory is not announced yet
                     price_per_token_layer=math.ceil(o.price_per_token / size),  # conservative for max_cost
+                    price_per_token=o.price_per_token,  # the whole span: exactly what its receipt bills
                     stake_ok=st.routable,
                     reputation_bps=st.reputation_bps,
                     failure_risk=min(max(risk(o.node) if risk else settings.default_failure_risk, 0.0), 1.0),
@@ -160,7 +164,7 @@ def make_planner(
         sched_policy = SchedulerPolicy(
             privacy=policy.privacy,
             max_latency_ms_per_token=policy.max_latency_ms,
-            max_cost=policy.max_cost,
+            max_cost=None if policy.max_cost is None else cost_budget(policy.max_cost, fee_bps),
             min_reputation_bps=settings.min_reputation_bps,
         )
         pool = None

@@ -13,6 +13,7 @@ from collections import Counter
 from dataclasses import dataclass
 
 from dlis_market.broker.network_state import NetworkState, NodeOffer, Policy, RouteRequest
+from dlis_market.protocol.pricing import stage_charge
 from dlis_market.types import LayerRange
 
 REL_TOL = 1e-9  # slack allowed on the float latency budget when a route is checked exactly
@@ -80,6 +81,14 @@ def spans(offer: NodeOffer, cap: int) -> list[tuple[int, int]]:
     return [(i, j) for i in range(start, end) for j in range(i + 1, min(end, i + cap) + 1)]
 
 
+def edge_cost(offer: NodeOffer, i: int, j: int, tokens: int) -> int:
+    """What a hop over [i, j) of ``offer`` may bill for ``tokens`` tokens: the offer's whole-span
+    price when the hop is its whole span, else its per-layer price times the layers."""
+    if offer.price_per_token is not None and (i, j) == (offer.served.start, offer.served.end):
+        return stage_charge(offer.price_per_token, tokens)
+    return stage_charge(offer.price_per_token_layer * (j - i), tokens)
+
+
 def build_problem(state: NetworkState, request: RouteRequest, policy: Policy) -> RouteProblem:
     tokens = request.total_tokens
     offers: list[NodeOffer] = []
@@ -110,7 +119,7 @@ def build_problem(state: NetworkState, request: RouteRequest, policy: Policy) ->
                     compute_ms=compute,
                     transfer_ms=transfer,
                     risk=offer.failure_risk,
-                    cost=offer.price_per_token_layer * (j - i) * tokens,
+                    cost=edge_cost(offer, i, j, tokens),
                     objective=policy.weight_compute * compute + risk_term,
                 )
             )

@@ -24,7 +24,7 @@ import functools
 import logging
 import time
 from collections import Counter
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -32,7 +32,15 @@ from eth_account.signers.local import LocalAccount
 
 from dlis_market.broker.admission import AdmissionQueue
 from dlis_market.broker.auth import VerifiedAuthorization, verify_authorization
-from dlis_market.broker.backend import BackendJob, InferenceBackend, JobStream, Offer, RouteHop, SignedStageReceipt
+from dlis_market.broker.backend import (
+    BackendJob,
+    InferenceBackend,
+    JobStream,
+    Offer,
+    Replan,
+    RouteHop,
+    SignedStageReceipt,
+)
 from dlis_market.broker.catalog import ModelCatalog, ServedModel
 from dlis_market.broker.detokenize import StreamDecoder
 from dlis_market.broker.errors import (
@@ -53,6 +61,7 @@ from dlis_market.broker.metrics import BrokerMetrics
 from dlis_market.broker.schemas import JobCreate, Policy, Quote
 from dlis_market.broker.settlement import Settler
 from dlis_market.chain.job_market import JobMarket
+from dlis_market.protocol.pricing import route_bound
 from dlis_market.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -106,12 +115,9 @@ class Idempotency:
     replay: bool = True  # False: only record the admission (a first try whose key is derived)
 
 
-Planner = Callable[[list[Offer], ServedModel, Policy, int, int], PlannedRoute]
-
-
-def price_bound(route: PlannedRoute, prompt_tokens: int, max_tokens: int) -> int:
-    """Most the stages can charge: each stage's price times every token it may process."""
-    return sum(h.price_per_token * (prompt_tokens + max_tokens) for h in route.hops)
+# (offers, model, policy, prompt tokens, max new tokens, fee bps) -> route; the policy's max_cost is
+# a total with the fee (``protocol.pricing``).
+Planner = Callable[[list[Offer], ServedModel, Policy, int, int, int], PlannedRoute]
 
 
 def covers(offers: list[Offer], num_layers: int) -> bool:
@@ -209,7 +215,8 @@ class BrokerService:
             if covers([o for o in mine if o.free_slots > 0], served.num_layers) or not covers(
                 offers, served.num_layers
             ):
-                route = await asyncio.to_thread(self.planner, mine, served, policy, prompt_tokens, max_tokens)
+                fee_bps = await self.fee_bps()
+                route = await asyncio.to_thread(self.planner, mine, served, policy, prompt_tokens, max_tokens, fee_bps)
                 free = {o.peer_id: o.free_slots for o in offers}
                 peers = [h.peer_id for h in route.hops]
                 # Others may have planned on the same slots, or opened sessions the offers do not
@@ -228,13 +235,12 @@ class BrokerService:
 
     async def _bound(self, route: PlannedRoute, policy: Policy, prompt_tokens: int, max_tokens: int) -> tuple[int, int]:
         """Upper bound of the stages' charges and the protocol fee on them, within the policy."""
-        cost = price_bound(route, prompt_tokens, max_tokens)
-        fee = cost * await self.fee_bps() // 10_000
-        if policy.max_cost is not None and cost + fee > policy.max_cost:
+        bound = route_bound((h.price_per_token for h in route.hops), prompt_tokens + max_tokens, await self.fee_bps())
+        if policy.max_cost is not None and bound.total > policy.max_cost:
             raise no_route(
-                f"the cheapest route may cost {cost + fee} token units, over the policy's max_cost {policy.max_cost}"
+                f"the cheapest route may cost {bound.total} token units, over the policy's max_cost {policy.max_cost}"
             )
-        return cost, fee
+        return bound.cost, bound.fee
 
     async def tokenize(
         self, served: ServedModel, prompt: str | None, messages: list[dict[str, str]] | None, max_tokens: int
@@ -570,9 +576,11 @@ class BrokerService:
 
     def _backend_job(
         self, job_id: str, served: ServedModel, vauth: VerifiedAuthorization, req: JobCreate, ids: list[int],
-        route: PlannedRoute,
+        route: PlannedRoute, fee_bps: int,
     ) -> BackendJob:  # fmt: skip
         s = req.sampling
+        limit = vauth.auth.max_cost if req.policy.max_cost is None else min(req.policy.max_cost, vauth.auth.max_cost)
+        policy = req.policy.model_copy(update={"max_cost": limit})
         return BackendJob(
             job_id=bytes.fromhex(job_id[2:]),
             model=served.name,
@@ -587,7 +595,31 @@ class BrokerService:
             stop_token_ids=served.eos_token_ids,
             num_layers=served.num_layers,
             route=route.hops,
+            fee_bps=fee_bps,
+            replan=self._replanner(served, policy, len(ids), req.max_tokens, fee_bps),
         )
+
+    def _replanner(
+        self, served: ServedModel, policy: Policy, prompt_tokens: int, max_tokens: int, fee_bps: int
+    ) -> Replan:
+        """One router: a failover replans through this broker's scheduler, under the job's policy
+        with the authorization's max cost. The route's healthy hops stay (their stages re-bill
+        the replayed session, so JobMarket pays one receipt per range); only the failed ranges
+        are chosen again, among offers that lie inside them."""
+
+        async def replan(route: Sequence[RouteHop], avoid: frozenset[str]) -> Sequence[RouteHop]:
+            kept = {(h.peer_id, h.start, h.end) for h in route if h.peer_id not in avoid}
+            gaps = [(h.start, h.end) for h in route if h.peer_id in avoid]
+            offers = [
+                o
+                for o in await self.backend.offers(served.name)
+                if o.peer_id not in avoid
+                and ((o.peer_id, o.start, o.end) in kept or any(a <= o.start and o.end <= b for a, b in gaps))
+            ]
+            planned = await asyncio.to_thread(self.planner, offers, served, policy, prompt_tokens, max_tokens, fee_bps)
+            return planned.hops
+
+        return replan
 
     async def _run(
         self,
@@ -611,7 +643,8 @@ class BrokerService:
             hops = [{"node": h.node, "peer_id": h.peer_id, "start": h.start, "end": h.end} for h in route.hops]
             await asyncio.to_thread(self.ledger.mark_running, job_id, hops, route.fallback)
             try:
-                stream = await self.backend.start(self._backend_job(job_id, served, vauth, req, ids, route))
+                job = self._backend_job(job_id, served, vauth, req, ids, route, await self.fee_bps())
+                stream = await self.backend.start(job)
             finally:  # the session is open (the workers count it now) or failed: the reservation ends
                 if ticket is not None:
                     self._opened.update(ticket.peers)

@@ -27,7 +27,7 @@ import logging
 import secrets
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,12 +48,16 @@ from dlis_market.node.errors import (
     StageFailedError,
 )
 from dlis_market.node.protocol import Channel, FailBody, OpenBody, StepBody, TokensBody, parse_body
-from dlis_market.node.routing import Hop, plan_route, route_price
+from dlis_market.node.routing import Hop, plan_route
 from dlis_market.node.transport import ChannelPool, start_dht
+from dlis_market.protocol.pricing import route_bound, stage_charge
 from dlis_market.protocol.tickets import SessionTicket, sign_ticket
 from dlis_market.settings import NodeSettings
 
 log = logging.getLogger(__name__)
+
+
+Replanner = Callable[[list[Hop], frozenset[str]], Awaitable[Sequence[Hop]]]
 
 
 @dataclass(frozen=True)
@@ -62,10 +66,14 @@ class JobSpec:
     prompt_ids: list[int]
     max_new_tokens: int
     job_id: bytes = field(default_factory=lambda: secrets.token_bytes(32))
-    max_cost: int | None = None  # token units; None: no limit
+    max_cost: int | None = None  # token units, receipts + protocol fee (the authorization's); None: no limit
     sampling: SamplingParams = field(default_factory=SamplingParams)
     stop_token_ids: tuple[int, ...] = ()
     num_layers: int | None = None  # from the manifest; None: the highest announced layer
+    fee_bps: int = 0  # JobMarket's protocol fee, counted against max_cost (protocol.pricing)
+    # The broker's router: (current route, peers to avoid) -> a new route under the job's policy
+    # (stake, reputation, privacy, latency, max cost). None: the driver's own throughput routing.
+    replan: Replanner | None = None
 
 
 NodeCheck = Callable[[str, str], bool]  # (node address, peer id) -> registered on chain under that peer id
@@ -96,7 +104,7 @@ def check_bill(hop: Hop, tokens: int, amount: int, sent_tokens: int) -> None:
         raise ReceiptError(
             f"receipt of {hop.peer_id} bills {tokens} tokens but the session sent {sent_tokens}; refused"
         )
-    if amount > hop.price_per_token * tokens:
+    if amount > stage_charge(hop.price_per_token, tokens):
         raise ReceiptError(
             f"receipt of {hop.peer_id} charges {amount}, over {tokens} tokens x its routed price {hop.price_per_token}"
         )
@@ -328,8 +336,14 @@ class JobSession:
         return len(self.spec.prompt_ids) + self.spec.max_new_tokens
 
     async def _plan(self, skip: set[str] | None = None) -> list[Hop]:
-        spans = await self.driver.discover(self.spec.model)
         banned = self.driver.banned() | (skip or set())
+        if self.route and not any(h.peer_id in banned for h in self.route):
+            return list(self.route)
+        if self.spec.replan is not None and self.route:
+            # One router: a failover (or a refused open) replans through the broker's scheduler,
+            # under the same policy and max cost as the first route.
+            return list(await self.spec.replan(list(self.route), frozenset(banned)))
+        spans = await self.driver.discover(self.spec.model)
         num_layers = self.spec.num_layers or max((s.end for s in spans), default=0)
         if not num_layers:
             raise StageFailedError(f"no peer announces model {self.spec.model!r} on the DHT", None)
@@ -346,11 +360,12 @@ class JobSession:
         skip: set[str] = set()  # stages without room for this job: routed around, not banned
         for _ in range(attempts):
             self.route = await self._plan(skip)
-            cost = route_price(self.route, self.max_length)
-            if self.spec.max_cost is not None and cost > self.spec.max_cost:
+            bound = route_bound((h.price_per_token for h in self.route), self.max_length, self.spec.fee_bps)
+            if self.spec.max_cost is not None and bound.total > self.spec.max_cost:
                 raise BudgetError(
-                    f"the cheapest route costs up to {cost} units for {self.max_length} tokens, over the job's "
-                    f"max cost {self.spec.max_cost}; raise max_cost or wait for cheaper peers"
+                    f"the route costs up to {bound.total} units ({bound.cost} + fee {bound.fee}) for "
+                    f"{self.max_length} tokens, over the job's max cost {self.spec.max_cost}; raise max_cost "
+                    "or wait for cheaper peers"
                 )
             self.session_id = f"{self.spec.job_id.hex()[:16]}-{uuid.uuid4().hex[:12]}"
             self.sent_tokens = 0

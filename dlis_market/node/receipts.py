@@ -15,6 +15,7 @@ from typing import Any
 from dlis_market.chain.job_market import Receipt, SignedReceipt, receipt_signer, sign_receipt
 from dlis_market.chain.typed_data import CompactSignature, Domain
 from dlis_market.node.errors import ReceiptError
+from dlis_market.protocol.pricing import stage_charge
 
 MAX_UINT32 = 2**32 - 1
 
@@ -41,7 +42,7 @@ class ReceiptLedger:
             end=self.end,
             tokens=min(self.tokens, MAX_UINT32),
             output_hash=self._hash.digest(),
-            amount=self.price_per_token * self.tokens,
+            amount=stage_charge(self.price_per_token, self.tokens),
         )
 
 

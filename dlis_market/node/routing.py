@@ -106,11 +106,6 @@ def plan_route(
     return route[::-1]
 
 
-def route_price(route: Sequence[Hop], tokens: int) -> int:
-    """Upper bound of what a route charges for ``tokens`` tokens through every stage."""
-    return sum(h.price_per_token * tokens for h in route)
-
-
 def choose_range(spans: Sequence[SpanRecord], candidates: Sequence[LayerRange]) -> LayerRange:
     """The candidate whose least-served layer has the lowest total throughput (ties: the first)."""
     if not candidates:

@@ -22,12 +22,10 @@ from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.utils import get_dht_time
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "integration" / "node"))
-from node_helpers import PASSWORD, Swarm, _wait_ready, tiny_shards, wait_for_spans  # type: ignore[import-not-found]
+from node_helpers import Swarm, _wait_ready, register_worker, tiny_shards, wait_for_spans  # type: ignore[import-not-found]
 
 from dlis_market.broker.p2p_backend import RegisteredPeers
 from dlis_market.chain.devnet import LocalMarket
-from dlis_market.chain.node_registry import Capability, DeviceClass
-from dlis_market.node import identity
 from dlis_market.node.dht_records import spans_key
 from dlis_market.node.driver import JobSpec, PipelineDriver
 from dlis_market.node.transport import p2p_options
@@ -48,20 +46,6 @@ def wait_ready(w: Any) -> dict[str, Any]:
     return _wait_ready(w.proc, 240, w.log_path)  # type: ignore[no-any-return]
 
 
-def register(market: LocalMarket, worker: Any) -> None:
-    """Stake for a fresh operator and register the worker's own node key under its peer id."""
-    node = identity.load_or_create(worker.home / "node", PASSWORD, 1024, worker.home / "keystore").account
-    operator = market.new_funded_account(market.staking().min_stake())
-    market.staking().stake(operator, market.staking().min_stake())
-    registry = market.registry()
-    deadline = market.client.timestamp() + 3600
-    binding = registry.sign_binding(node, operator.address, worker.peer_id, deadline)
-    cap = Capability(8192, 100, 1000, DeviceClass.LAPTOP)
-    registry.register(
-        operator, node.address, worker.peer_id, "/ip4/127.0.0.1/tcp/1", cap, b"\0" * 32, binding, deadline
-    )
-
-
 def test_forged_span_record_neither_displaces_nor_reprices_the_honest_worker(
     market: LocalMarket, tmp_path: Path
 ) -> None:
@@ -78,7 +62,7 @@ def test_forged_span_record_neither_displaces_nor_reprices_the_honest_worker(
         other = swarm.launch(shards, "3:6", "other", *chain)
         for w in (victim, other):
             w.info = wait_ready(w)
-            register(market, w)
+            register_worker(market, w)
         forger_validator = RSASignatureValidator(hivemind.utils.crypto.RSAPrivateKey())
         forger = hivemind.DHT(
             initial_peers=swarm.initial_peers, start=True, client_mode=False,

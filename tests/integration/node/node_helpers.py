@@ -67,6 +67,25 @@ def tiny_shards(root: Path, ranges: list[tuple[int, int]], name: str = "tiny-lla
     return out
 
 
+def register_worker(market: Any, worker: WorkerProc) -> str:
+    """Stake for a fresh operator and register the worker's own node key under its peer id;
+    returns the operator's address."""
+    from dlis_market.chain.node_registry import Capability, DeviceClass
+    from dlis_market.node import identity
+
+    node = identity.load_or_create(worker.home / "node", PASSWORD, 1024, worker.home / "keystore").account
+    operator = market.new_funded_account(market.staking().min_stake())
+    market.staking().stake(operator, market.staking().min_stake())
+    registry = market.registry()
+    deadline = market.client.timestamp() + 3600
+    binding = registry.sign_binding(node, operator.address, worker.peer_id, deadline)
+    cap = Capability(8192, 100, 1000, DeviceClass.LAPTOP)
+    registry.register(
+        operator, node.address, worker.peer_id, "/ip4/127.0.0.1/tcp/1", cap, b"\0" * 32, binding, deadline
+    )
+    return str(operator.address)
+
+
 def dev_registry_domain() -> Any:
     """The NodeRegistry domain workers sign their announcements under when no chain is set."""
     from dlis_market.node.attestation import registry_domain

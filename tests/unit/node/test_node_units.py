@@ -22,8 +22,9 @@ from dlis_market.node import attestation, dht_records, identity, receipts
 from dlis_market.node.errors import AttestationError, IdentityError, NoRouteError, ProtocolError, ReceiptError
 from dlis_market.node.profiler import HardwareProfile
 from dlis_market.node.protocol import Channel, OpenBody, pack_frame, parse_body, unpack_frame
-from dlis_market.node.routing import choose_range, missing_layers, plan_route, route_price
+from dlis_market.node.routing import choose_range, missing_layers, plan_route
 from dlis_market.node.sessions import QueuedStep, plan_batches
+from dlis_market.protocol.pricing import route_bound
 from dlis_market.types import LayerRange
 
 ZERO = "0x0000000000000000000000000000000000000000"
@@ -103,7 +104,7 @@ def test_route_prefers_throughput_and_skips_banned_and_full_peers() -> None:
     assert [h.peer_id for h in plan_route(spans, 0, 6, banned={"b2"})] == ["a", "b", "c"]
     full = [*spans[:2], span("b2", 2, 4, 50.0, free_slots=0), spans[3]]
     assert [h.peer_id for h in plan_route(full, 0, 6)] == ["a", "b", "c"]
-    assert route_price(route, 10) == 3 * 2 * 10
+    assert route_bound((h.price_per_token for h in route), 10, 0).cost == 3 * 2 * 10
 
 
 def test_no_route_names_the_missing_layers() -> None:
