@@ -100,6 +100,37 @@ def pytest_configure(config):
     # (when the rpc wrappers are still in place, see _fast_chain_revert)
     config.addinivalue_line("filterwarnings", "ignore::FutureWarning")
     config.addinivalue_line("filterwarnings", "ignore::pytest.PytestAssertRewriteWarning")
+    _own_port()
+
+
+def _own_port() -> None:
+    """Give the test chain a free port before brownie connects (it launches Anvil on the
+    development network's port, but attaches to whatever already listens there, e.g. a demo's
+    Anvil on 8545). DLIS_BROWNIE_PORT pins it. Changes only this process's brownie settings."""
+    import os
+
+    from brownie._config import CONFIG
+
+    from dlis_market.chain.anvil import free_port
+
+    for network in ("development",):
+        settings = CONFIG.networks.get(network, {}).get("cmd_settings")
+        if isinstance(settings, dict):
+            settings["port"] = int(os.environ.get("DLIS_BROWNIE_PORT") or free_port())
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _own_chain():
+    """Never test against a chain this run did not start (brownie attaches to anything already
+    listening on its port, e.g. a demo's Anvil)."""
+    from brownie.network import rpc
+
+    if rpc.is_active() and not rpc.is_child():
+        pytest.exit(
+            "brownie attached to a chain that was already running on its port instead of starting its own; "
+            "unset DLIS_BROWNIE_PORT (a free port is picked) or point it at a free port",
+            returncode=2,
+        )
 
 
 def _under_brownie_cli() -> bool:
