@@ -27,8 +27,8 @@ import httpx
 from dlis_market.chain.typed_data import Domain
 from dlis_market.errors import DlisError
 from dlis_market.node.routing import Hop
-from dlis_market.oracle.client import OBSERVATIONS_PATH, OracleReceiver
 from dlis_market.oracle.observations import MAX_OBSERVATIONS, ObservationBatch, StageObservation
+from dlis_market.protocol.oracle_client import OBSERVATIONS_PATH, OracleReceiver
 from dlis_market.protocol.outbox import Outbox, Verdict
 
 log = logging.getLogger(__name__)

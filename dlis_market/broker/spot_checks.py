@@ -57,12 +57,6 @@ from dlis_market.node.replay import (
 )
 from dlis_market.node.routing import Hop
 from dlis_market.node.transcripts import Transcript
-from dlis_market.oracle.client import (
-    FAILURE_PATH,
-    SPOT_CHECK_DUPLICATES,
-    SPOT_CHECK_PATH,
-    OracleReceiver,
-)
 from dlis_market.oracle.verification import (
     SpotCheckEvidence,
     SpotCheckFailure,
@@ -71,6 +65,12 @@ from dlis_market.oracle.verification import (
     compare_outputs,
     decode_output,
     load_or_create_secret,
+)
+from dlis_market.protocol.oracle_client import (
+    FAILURE_PATH,
+    SPOT_CHECK_DUPLICATES,
+    SPOT_CHECK_PATH,
+    OracleReceiver,
 )
 from dlis_market.protocol.outbox import Answer, Delivery, Message, Outbox, Verdict
 

@@ -15,7 +15,9 @@ did (same seq). Failed stores and POSTs are logged with their reason; they never
 With the zero ReputationOracle address telemetry is off.
 
 DHT layout: key ``dlis/telemetry``, subkey = the node address (checksummed), value = the blob
-(``zstd(json(SignedTelemetry))``), expiring two intervals after the store.
+(``zstd(json(SignedTelemetry))``), expiring two intervals after the store. The wire format, the key
+and the reader are :mod:`dlis_market.protocol.telemetry`; the HTTP side is
+:mod:`dlis_market.protocol.oracle_client`.
 """
 
 from __future__ import annotations
@@ -25,30 +27,31 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import aiohttp
 import hivemind
 from hivemind.utils import get_dht_time
 from web3 import Web3
 
-from dlis_market.oracle.client import (
+from dlis_market.protocol.errors import TelemetryRefusedError
+from dlis_market.protocol.oracle_client import (
     TELEMETRY_DUPLICATES,
     TELEMETRY_PATH,
     OracleReceiver,
     TelemetrySender,
     post_blob,
 )
-from dlis_market.oracle.errors import TelemetryRefusedError
-from dlis_market.oracle.telemetry import (
+from dlis_market.protocol.outbox import Answer, Message, Outbox, Verdict, sqlite_url
+from dlis_market.protocol.telemetry import (
     MAX_JOBS,
     MAX_LATENCIES,
+    TELEMETRY_KEY,
     JobOutcome,
     TelemetryMetrics,
     encode_telemetry,
     oracle_domain,
 )
-from dlis_market.protocol.outbox import Answer, Message, Outbox, Verdict, sqlite_url
 from dlis_market.types import LayerRange
 
 if TYPE_CHECKING:
@@ -56,7 +59,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-TELEMETRY_KEY = "dlis/telemetry"
 TELEMETRY_KIND = "telemetry"  # the outbox rows of telemetry reports
 ZERO_ADDRESS = "0x0000000000000000000000000000000000000000"
 FIRST_REPORT_DELAY_S = 1.0  # a fresh worker is heard from this soon (or after one interval if shorter)
@@ -163,28 +165,9 @@ class TelemetryRecorder:
 
 
 def store_telemetry(dht: hivemind.DHT, node_address: str, blob: bytes, ttl_s: float) -> bool:
-    """Store ``blob`` under ``dlis/telemetry`` / ``node_address``, expiring in ``ttl_s``."""
+    """Store ``blob`` under ``dlis/telemetry`` / ``node_address``, expiring in ``ttl_s``; the oracle
+    reads it back with :func:`dlis_market.protocol.telemetry.fetch_telemetry`."""
     return bool(dht.store(TELEMETRY_KEY, blob, get_dht_time() + ttl_s, subkey=node_address))
-
-
-def parse_telemetry(raw: Any) -> dict[str, bytes]:
-    """Blobs by subkey (node address) from a DHT answer; drops entries that are not bytes.
-
-    Nothing else is checked here: the oracle's intake checks the signature of every blob."""
-    if raw is None or not isinstance(getattr(raw, "value", None), dict):
-        return {}
-    out: dict[str, bytes] = {}
-    for subkey, item in raw.value.items():
-        value = getattr(item, "value", None)
-        if isinstance(subkey, str) and isinstance(value, bytes):
-            out[subkey] = value
-        else:
-            log.info("ignoring a malformed telemetry entry under %r", subkey)
-    return out
-
-
-def fetch_telemetry(dht: hivemind.DHT) -> dict[str, bytes]:
-    return parse_telemetry(dht.get(TELEMETRY_KEY, latest=True))
 
 
 # ---------------------------------------------------------------------- sender loop

@@ -1,7 +1,7 @@
 """Telemetry relayed on the DHT: the oracle reads the reports workers store there and submits them.
 
 Workers store each signed report under ``dlis/telemetry`` (subkey = node address,
-:mod:`dlis_market.node.telemetry`), whether or not they also POST it. When
+:mod:`dlis_market.protocol.telemetry`), whether or not they also POST it. When
 ``oracle.dht_initial_peers`` is set, the oracle joins the swarm as a DHT client (loopback,
 private: :func:`dlis_market.node.transport.start_dht`) and every ``heartbeat_interval_s`` reads the
 key and hands each blob to :meth:`OracleService.submit_telemetry`, the same checks as HTTP.
@@ -25,11 +25,10 @@ from collections.abc import Callable, Sequence
 import hivemind
 
 from dlis_market.errors import OracleError
-from dlis_market.node.telemetry import fetch_telemetry
 from dlis_market.node.transport import start_dht
-from dlis_market.oracle.errors import TelemetryRefusedError
 from dlis_market.oracle.service import OracleService
-from dlis_market.oracle.telemetry import decode_telemetry
+from dlis_market.protocol.errors import TelemetryRefusedError
+from dlis_market.protocol.telemetry import decode_telemetry, fetch_telemetry
 
 log = logging.getLogger(__name__)
 

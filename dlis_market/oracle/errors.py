@@ -1,16 +1,9 @@
-"""Errors of the oracle (all derive from :class:`~dlis_market.errors.OracleError`)."""
+"""Errors of the oracle (all derive from :class:`~dlis_market.errors.OracleError`); the telemetry
+refusal it answers with is :class:`~dlis_market.protocol.errors.TelemetryRefusedError`."""
 
 from __future__ import annotations
 
 from dlis_market.errors import OracleError
-
-
-class TelemetryRefusedError(OracleError):
-    """A telemetry report was refused; ``reason`` is one of :data:`telemetry.REFUSAL_REASONS`."""
-
-    def __init__(self, reason: str, message: str) -> None:
-        super().__init__(message)
-        self.reason = reason
 
 
 class PrivacyBudgetExhaustedError(OracleError):

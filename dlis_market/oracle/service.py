@@ -54,8 +54,9 @@ from dlis_market.oracle.privacy import Aggregates, NodeContribution, release_agg
 from dlis_market.oracle.reputation import ReputationWeights, score_reputation, summarize_epoch
 from dlis_market.oracle.slashing import Slasher, SlashResult
 from dlis_market.oracle.store import EpochIntent, EpochStatus, OracleStore, database_url, default_state_dir
-from dlis_market.oracle.telemetry import ReceivedTelemetry, SignedTelemetry, TelemetryIntake, oracle_domain
+from dlis_market.oracle.telemetry import ReceivedTelemetry, TelemetryIntake
 from dlis_market.oracle.verification import SpotCheckEvidence, SpotCheckFailure, check_runner
+from dlis_market.protocol.telemetry import SignedTelemetry, oracle_domain
 from dlis_market.settings import Settings
 
 log = logging.getLogger(__name__)

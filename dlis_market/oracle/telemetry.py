@@ -1,13 +1,7 @@
-"""Signed worker telemetry: the wire type, its EIP-712 signature, zstd encoding and the intake.
+"""The oracle's telemetry intake: checks signed worker reports and keeps the accepted ones.
 
-A worker signs each report with its node key as EIP-712 typed data::
-
-    Telemetry(address node,uint64 seq,uint64 timestamp,bytes32 metricsHash)
-
-in the domain ``("DLIS Oracle", "1", chainId, ReputationOracle address)``. ``metricsHash`` is
-keccak256 of the canonical JSON of the metrics (sorted keys, no spaces), so the signature covers
-every field. On the wire a report is ``zstd(json(SignedTelemetry))``; the blob authenticates
-itself, so any peer (the DHT included) may relay it and the oracle checks it the same way.
+The wire format (EIP-712 ``Telemetry`` in the ReputationOracle's domain, ``zstd(json(SignedTelemetry))``)
+is :mod:`dlis_market.protocol.telemetry`, shared with the workers that sign and send it.
 
 :class:`TelemetryIntake` refuses, in this order, and counts each refusal by reason:
 ``oversized`` / ``malformed`` (decoding), ``forged`` (the signature does not recover to the
@@ -20,105 +14,18 @@ than ``max_age_s``) and ``future`` (more than ``max_skew_s`` ahead of the oracle
 
 from __future__ import annotations
 
-import io
-import json
 import time
 from collections.abc import Callable
-from typing import Any
 
-import zstandard
-from eth_account import Account
-from eth_account.messages import encode_typed_data
 from eth_keys.exceptions import BadSignature
 from eth_keys.exceptions import ValidationError as KeyValidationError
-from eth_utils import keccak
-from pydantic import ConfigDict, Field, ValidationError
+from pydantic import Field
 from web3 import Web3
 
 from dlis_market.chain.typed_data import Domain
-from dlis_market.oracle.errors import TelemetryRefusedError
-from dlis_market.types import LayerRange, NodeId, WireModel
-
-ORACLE_DOMAIN = ("DLIS Oracle", "1")
-TELEMETRY_TYPE = [
-    ("node", "address"),
-    ("seq", "uint64"),
-    ("timestamp", "uint64"),
-    ("metricsHash", "bytes32"),
-]
-REFUSAL_REASONS = ("oversized", "malformed", "forged", "unregistered", "duplicate", "superseded", "stale", "future")
-MAX_LATENCIES = 256
-MAX_JOBS = 64
-UINT64_MAX = 2**64 - 1
-
-
-def oracle_domain(chain_id: int, reputation_oracle: str) -> Domain:
-    """The EIP-712 domain of telemetry: verifying contract is the ReputationOracle."""
-    return Domain(ORACLE_DOMAIN[0], ORACLE_DOMAIN[1], chain_id, Web3.to_checksum_address(reputation_oracle))
-
-
-class JobOutcome(WireModel):
-    """How one job's stage call ended on this node."""
-
-    model_config = ConfigDict(allow_inf_nan=False)
-
-    job_id: str = Field(pattern=r"^0x[0-9a-fA-F]{64}$")
-    ok: bool
-    latency_ms: float = Field(ge=0)
-    tokens: int = Field(ge=0)
-
-
-class TelemetryMetrics(WireModel):
-    """What a worker measured over the interval since its previous report.
-
-    ``advertised_tps`` is what it announces on the DHT; ``measured_tps`` what it actually
-    processed (tokens per second of busy time). Latencies are per decode step, milliseconds.
-    Infinite and NaN values are refused (they would poison sums and the canonical JSON).
-    """
-
-    model_config = ConfigDict(allow_inf_nan=False)
-
-    uptime_s: float = Field(ge=0)  # since the worker started
-    served: LayerRange | None = None
-    advertised_tps: float = Field(ge=0)
-    measured_tps: float = Field(ge=0)
-    free_kv_slots: int = Field(ge=0)
-    gflops: float | None = Field(default=None, ge=0)  # profiler's GEMM figure
-    memory_mib: int | None = Field(default=None, ge=0)
-    latencies_ms: tuple[float, ...] = Field(default=(), max_length=MAX_LATENCIES)
-    sessions_ok: int = Field(default=0, ge=0)
-    sessions_failed: int = Field(default=0, ge=0)
-    jobs: tuple[JobOutcome, ...] = Field(default=(), max_length=MAX_JOBS)
-
-    def digest(self) -> bytes:
-        """keccak256 of the canonical JSON (sorted keys, compact): the signed ``metricsHash``."""
-        canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
-        return keccak(text=canonical)
-
-
-class TelemetryReport(WireModel):
-    node: NodeId
-    seq: int = Field(ge=0, le=UINT64_MAX)
-    timestamp: int = Field(ge=0, le=UINT64_MAX)  # unix seconds, worker clock
-    metrics: TelemetryMetrics
-
-    def message(self) -> dict[str, Any]:
-        return {
-            "node": self.node,
-            "seq": self.seq,
-            "timestamp": self.timestamp,
-            "metricsHash": self.metrics.digest(),
-        }
-
-
-class SignedTelemetry(WireModel):
-    report: TelemetryReport
-    signature: str = Field(pattern=r"^0x[0-9a-fA-F]{130}$")
-
-    def digest(self, domain: Domain) -> bytes:
-        """The EIP-712 digest the node signed: what the Merkle leaf of an epoch commits to."""
-        signable = encode_typed_data(full_message=_full_message(domain, self.report))
-        return bytes(keccak(b"\x19" + signable.version + signable.header + signable.body))
+from dlis_market.protocol.errors import TelemetryRefusedError
+from dlis_market.protocol.telemetry import REFUSAL_REASONS, SignedTelemetry, decode_telemetry, telemetry_signer
+from dlis_market.types import WireModel
 
 
 class ReceivedTelemetry(WireModel):
@@ -127,65 +34,6 @@ class ReceivedTelemetry(WireModel):
 
     received_at: float = Field(ge=0)
     telemetry: SignedTelemetry
-
-
-def _full_message(domain: Domain, report: TelemetryReport) -> dict[str, Any]:
-    return {
-        "types": {
-            "EIP712Domain": [
-                {"name": "name", "type": "string"},
-                {"name": "version", "type": "string"},
-                {"name": "chainId", "type": "uint256"},
-                {"name": "verifyingContract", "type": "address"},
-            ],
-            "Telemetry": [{"name": n, "type": t} for n, t in TELEMETRY_TYPE],
-        },
-        "primaryType": "Telemetry",
-        "domain": domain.as_dict(),
-        "message": report.message(),
-    }
-
-
-def sign_telemetry(private_key: bytes | str, domain: Domain, report: TelemetryReport) -> SignedTelemetry:
-    """Sign ``report`` with the node key (the worker side)."""
-    signed = Account.sign_message(encode_typed_data(full_message=_full_message(domain, report)), private_key)
-    return SignedTelemetry(report=report, signature="0x" + bytes(signed.signature).hex())
-
-
-def telemetry_signer(domain: Domain, signed: SignedTelemetry) -> str:
-    """The checksummed address that signed the report (another address when forged)."""
-    signable = encode_typed_data(full_message=_full_message(domain, signed.report))
-    return str(Account.recover_message(signable, signature=bytes.fromhex(signed.signature[2:])))
-
-
-def encode_telemetry(signed: SignedTelemetry, level: int = 3) -> bytes:
-    """``zstd(json)``: the body of ``POST /v1/telemetry``."""
-    return zstandard.ZstdCompressor(level=level).compress(signed.model_dump_json().encode())
-
-
-def decode_telemetry(blob: bytes, max_bytes: int, max_decompressed_bytes: int) -> SignedTelemetry:
-    """Decompress (bounded: a zstd bomb stops at the limit) and validate a telemetry blob."""
-    if len(blob) > max_bytes:
-        raise TelemetryRefusedError(
-            "oversized", f"telemetry body is {len(blob)} bytes, limit {max_bytes}; send one report per request"
-        )
-    try:
-        with zstandard.ZstdDecompressor().stream_reader(io.BytesIO(blob)) as reader:
-            raw = reader.read(max_decompressed_bytes + 1)
-    except zstandard.ZstdError as exc:
-        raise TelemetryRefusedError("malformed", f"telemetry body is not zstd: {exc}") from exc
-    if len(raw) > max_decompressed_bytes:
-        raise TelemetryRefusedError(
-            "oversized", f"telemetry decompresses to more than {max_decompressed_bytes} bytes; trim the metrics"
-        )
-    try:
-        return SignedTelemetry.model_validate_json(raw)
-    except ValidationError as exc:
-        raise TelemetryRefusedError(
-            "malformed",
-            f"telemetry does not match SignedTelemetry: {exc.error_count()} errors, first: "
-            f"{exc.errors()[0]['loc']}: {exc.errors()[0]['msg']}",
-        ) from exc
 
 
 class TelemetryIntake:

@@ -1,8 +1,9 @@
-"""Errors of the shared wire types: a signed message that does not verify or does not fit."""
+"""Errors of the shared wire types: a signed message that does not verify or does not fit, or that
+the oracle refused."""
 
 from __future__ import annotations
 
-from dlis_market.errors import DlisError
+from dlis_market.errors import DlisError, OracleError
 
 
 class SignedMessageError(DlisError):
@@ -15,3 +16,12 @@ class SpanRecordError(SignedMessageError):
 
 class TicketError(SignedMessageError):
     """A session ticket is missing, forged, expired, not from a broker or names another session."""
+
+
+class TelemetryRefusedError(OracleError):
+    """A telemetry report was refused; ``reason`` is one of
+    :data:`~dlis_market.protocol.telemetry.REFUSAL_REASONS`."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason

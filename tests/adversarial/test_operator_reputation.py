@@ -21,7 +21,7 @@ from dlis_market.chain.devnet import LocalMarket
 from dlis_market.oracle.observations import ObservationBatch, StageObservation
 from dlis_market.oracle.server import create_app
 from dlis_market.oracle.service import OracleService
-from dlis_market.oracle.telemetry import TelemetryMetrics, TelemetryReport, encode_telemetry, sign_telemetry
+from dlis_market.protocol.telemetry import TelemetryMetrics, TelemetryReport, encode_telemetry, sign_telemetry
 from dlis_market.settings import Settings
 
 UNIT = 10**18

@@ -27,7 +27,7 @@ from eth_account.signers.local import LocalAccount
 from dlis_market.chain.anvil import free_port
 from dlis_market.chain.devnet import LocalMarket
 from dlis_market.oracle.store import EpochIntent, OracleStore, database_url
-from dlis_market.oracle.telemetry import (
+from dlis_market.protocol.telemetry import (
     TelemetryMetrics,
     TelemetryReport,
     encode_telemetry,

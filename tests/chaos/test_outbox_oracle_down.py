@@ -26,9 +26,9 @@ from dlis_market.node.errors import PeerUnreachableError
 from dlis_market.node.routing import Hop
 from dlis_market.node.telemetry import TelemetryRecorder, WorkerTelemetry
 from dlis_market.oracle.service import OracleService
-from dlis_market.oracle.telemetry import decode_telemetry
 from dlis_market.oracle.verification import SpotCheckSampler
 from dlis_market.protocol.outbox import Outbox, sqlite_url
+from dlis_market.protocol.telemetry import decode_telemetry
 from dlis_market.settings import Settings
 from tests.integration.oracle.test_worker_telemetry import ThreadedOracle
 from tests.unit.oracle.evidence_helpers import make_evidence, reference_output, signed_receipt

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from dlis_market.chain.devnet import local_market
 from dlis_market.oracle.service import OracleService
-from dlis_market.oracle.telemetry import TelemetryMetrics, TelemetryReport, encode_telemetry, sign_telemetry
+from dlis_market.protocol.telemetry import TelemetryMetrics, TelemetryReport, encode_telemetry, sign_telemetry
 from dlis_market.settings import Settings
 
 UNIT = 10**18

@@ -19,11 +19,13 @@ from typer.testing import CliRunner
 from dlis_market.chain.anvil import free_port
 from dlis_market.chain.errors import ChainUnavailableError
 from dlis_market.cli.oracle import app as oracle_cli
-from dlis_market.oracle.client import TelemetrySender
-from dlis_market.oracle.errors import OracleRoleMissingError, TelemetryRefusedError
+from dlis_market.oracle.errors import OracleRoleMissingError
 from dlis_market.oracle.server import create_app
 from dlis_market.oracle.service import OracleService
-from dlis_market.oracle.telemetry import (
+from dlis_market.oracle.verification import SpotCheckFailure
+from dlis_market.protocol.errors import TelemetryRefusedError
+from dlis_market.protocol.oracle_client import TelemetrySender
+from dlis_market.protocol.telemetry import (
     SignedTelemetry,
     TelemetryMetrics,
     TelemetryReport,
@@ -31,7 +33,6 @@ from dlis_market.oracle.telemetry import (
     oracle_domain,
     sign_telemetry,
 )
-from dlis_market.oracle.verification import SpotCheckFailure
 from dlis_market.settings import Settings
 
 # one copy of the evidence builder, shared with the unit tests (pytest runs as `python -m pytest` from the root)

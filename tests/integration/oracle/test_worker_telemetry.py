@@ -36,7 +36,7 @@ from dlis_market.node.driver import JobSession, JobSpec, PipelineDriver
 from dlis_market.oracle.server import create_app
 from dlis_market.oracle.service import OracleService
 from dlis_market.oracle.store import DB_FILE, OracleStore
-from dlis_market.oracle.telemetry import SignedTelemetry
+from dlis_market.protocol.telemetry import SignedTelemetry
 from dlis_market.settings import Settings
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "node"))

@@ -21,17 +21,19 @@ from typer.testing import CliRunner
 
 from dlis_market.chain.anvil import free_port
 from dlis_market.cli import worker as worker_cli
-from dlis_market.node.telemetry import (
+from dlis_market.node.telemetry import ZERO_ADDRESS, TelemetryRecorder, WorkerTelemetry
+from dlis_market.oracle.dht_relay import DhtTelemetryRelay
+from dlis_market.oracle.telemetry import TelemetryIntake
+from dlis_market.protocol.errors import TelemetryRefusedError
+from dlis_market.protocol.telemetry import (
+    MAX_JOBS,
+    MAX_LATENCIES,
     TELEMETRY_KEY,
-    ZERO_ADDRESS,
-    TelemetryRecorder,
-    WorkerTelemetry,
+    decode_telemetry,
     fetch_telemetry,
+    oracle_domain,
     parse_telemetry,
 )
-from dlis_market.oracle.dht_relay import DhtTelemetryRelay
-from dlis_market.oracle.errors import TelemetryRefusedError
-from dlis_market.oracle.telemetry import MAX_JOBS, MAX_LATENCIES, TelemetryIntake, decode_telemetry, oracle_domain
 from dlis_market.types import LayerRange
 
 REPUTATION = "0x" + "ab" * 20

@@ -1,6 +1,8 @@
-"""Talking to the oracle over HTTP: the worker's telemetry (sign with the node key, POST) and
-:class:`OracleReceiver`, which delivers an outbox row (:mod:`dlis_market.protocol.outbox`) to one
-oracle route and reads the oracle's answer, its duplicate answers included, as an outbox verdict.
+"""Talking to the oracle over HTTP, the sender's side (workers and brokers): the worker's telemetry
+(sign with the node key, POST) and :class:`OracleReceiver`, which delivers an outbox row
+(:mod:`dlis_market.protocol.outbox`) to one oracle route and reads the oracle's answer, its
+duplicate answers included, as an outbox verdict. The routes are served by
+:mod:`dlis_market.oracle.server`.
 
 Sequence numbers must strictly increase for the life of the node key, across worker restarts
 (the oracle persists the last seq it accepted), so they are derived from the clock in
@@ -17,15 +19,15 @@ import aiohttp
 import httpx
 
 from dlis_market.chain.typed_data import Domain
-from dlis_market.oracle.errors import TelemetryRefusedError
-from dlis_market.oracle.telemetry import (
+from dlis_market.protocol.errors import TelemetryRefusedError
+from dlis_market.protocol.outbox import Answer, Verdict, classify_http
+from dlis_market.protocol.telemetry import (
     SignedTelemetry,
     TelemetryMetrics,
     TelemetryReport,
     encode_telemetry,
     sign_telemetry,
 )
-from dlis_market.protocol.outbox import Answer, Verdict, classify_http
 from dlis_market.types import NodeId
 
 # Routes of the oracle that take outbox rows, and how each says "I already have it".
@@ -77,7 +79,7 @@ class OracleReceiver:
 
 
 class TelemetrySender:
-    """Signs and sends one node's telemetry. ``domain`` is :func:`telemetry.oracle_domain`."""
+    """Signs and sends one node's telemetry. ``domain`` is :func:`.telemetry.oracle_domain`."""
 
     def __init__(
         self, node_key: bytes, node_address: str, domain: Domain, clock: Callable[[], float] = time.time
