@@ -122,6 +122,10 @@ class NodeSettings(_Section):
     # Spot checks: a stage keeps what it received per session so the session's opener can have the
     # call re-executed elsewhere (only the opener may read it).
     transcript_retain_s: float = 900.0
+    # Receipts of sessions whose opener vanished (a broker killed mid-job): signed and kept this
+    # long (at most unclaimed_receipts of them) so the restarted broker can settle what was served.
+    unclaimed_receipt_s: float = 3600.0
+    unclaimed_receipts: int = 4096
     transcript_retain_bytes: int = 256 << 20
     byzantine: float = 0.0  # TEST ONLY: fraction of sessions whose outputs this worker corrupts
     # Paid sessions only (protocol/tickets.py): a worker opens a session on a ticket signed by an
@@ -180,6 +184,9 @@ class BrokerSettings(_Section):
     idempotency_window_s: float = Field(default=600.0, gt=0)
     # A job whose every requester disconnected is cancelled after this grace (a retry may attach).
     cancel_grace_s: float = Field(default=10.0, ge=0)
+    # At restart: how long to ask the stages of jobs a killed process left running for the receipts
+    # they kept (node.unclaimed_receipt_s) before failing those jobs unpaid.
+    reclaim_timeout_s: float = Field(default=20.0, gt=0)
     # Spot-check evidence, failure reports and job observations the oracle has not taken yet wait
     # here (protocol/outbox.py), across an oracle outage and a broker restart; any SQLAlchemy URL.
     # None: a SQLite file $DLIS_HOME/broker/outbox.db (Settings.broker_outbox_url).

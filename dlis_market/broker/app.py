@@ -135,7 +135,7 @@ def install_problem_handlers(app: FastAPI) -> None:
 def create_app(service: BrokerService, settle_in_background: bool = True) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        await asyncio.to_thread(service.recover)  # jobs a previous process left unfinished
+        await service.recover()  # jobs a previous process left unfinished (settled for what was served)
         task = asyncio.create_task(service.settle_loop()) if settle_in_background else None
         try:
             yield

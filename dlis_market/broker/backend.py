@@ -81,4 +81,9 @@ class InferenceBackend(Protocol):
 
     async def start(self, job: BackendJob) -> JobStream: ...
 
+    async def unclaimed(self, job_id: bytes, peers: Sequence[str]) -> list[tuple[str, SignedStageReceipt]]:
+        """(peer id, receipt) of every stage receipt ``peers`` kept for ``job_id`` because the
+        job's opener (a previous broker process) vanished before closing its sessions."""
+        ...
+
     async def close(self) -> None: ...

@@ -296,22 +296,27 @@ class Ledger:
             row.error = reason
             row.batch_id = None
 
-    def recover_interrupted(self, reason: str) -> tuple[list[str], list[str]]:
+    def recover_interrupted(self, reason: str) -> tuple[list[str], list[str], list[str]]:
         """Jobs a previous process left queued or running (it stopped before they ended): those
-        whose receipts were recorded become completed (the settler pays them), the rest fail with
-        ``reason``, which releases their escrow commitment. Returns (completed ids, failed ids)."""
+        whose receipts were recorded become completed (the settler pays them); running ones with
+        a route stay running (their stages may hold receipts for what they served: the caller
+        reclaims them, then completes or fails the job); the rest fail with ``reason``, which
+        releases their escrow commitment. Returns (completed, failed, to reclaim) ids."""
         done: list[str] = []
         failed: list[str] = []
+        reclaim: list[str] = []
         with self.session() as s:
             q = select(JobRow).where(JobRow.status.in_((JobStatus.QUEUED, JobStatus.RUNNING)))
             for row in s.scalars(q.order_by(JobRow.created_at)):
                 if row.receipts:
                     row.status = JobStatus.COMPLETED
                     done.append(row.id)
+                elif row.status == JobStatus.RUNNING and json.loads(row.route_json or "[]"):
+                    reclaim.append(row.id)
                 else:
                     row.status, row.error, row.batch_id = JobStatus.FAILED, reason, None
                     failed.append(row.id)
-        return done, failed
+        return done, failed, reclaim
 
     @staticmethod
     def _job(s: Session, job_id: str) -> JobRow:

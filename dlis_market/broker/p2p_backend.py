@@ -8,6 +8,7 @@ turns its verified receipts into the broker's records.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import TYPE_CHECKING
@@ -18,8 +19,12 @@ from dlis_market.broker.spot_checks import FinishedSession, SpotChecker
 from dlis_market.chain.job_market import receipt_signer
 from dlis_market.inference.sampling import SamplingParams
 from dlis_market.node.driver import JobSession, JobSpec, PipelineDriver, Replanner
+from dlis_market.node.errors import NodeError
 from dlis_market.node.routing import Hop
 from dlis_market.settings import NodeSettings
+
+log = logging.getLogger(__name__)
+
 
 if TYPE_CHECKING:
     from dlis_market.chain.node_registry import NodeRegistry
@@ -167,6 +172,23 @@ class P2PBackend:
             session.route = [Hop(h.peer_id, h.start, h.end, h.price_per_token, h.node) for h in job.route]
         await session.establish()
         return P2PJobStream(self.driver, session, self.checker, self.observer, dict(self._throughput), self._reports)
+
+    async def unclaimed(self, job_id: bytes, peers: Sequence[str]) -> list[tuple[str, SignedStageReceipt]]:
+        found: list[tuple[str, SignedStageReceipt]] = []
+        for peer in peers:
+            try:
+                got = await self.driver.unclaimed_receipts(peer, job_id)
+            except (NodeError, ValueError) as exc:  # gone, or lying: nothing from it
+                log.info("no unclaimed receipts of job %s from %s: %s", job_id.hex()[:16], peer, exc)
+                continue
+            for signed in got:
+                r = signed.receipt
+                node = receipt_signer(self.driver.market, r, signed.signature.signature)
+                found.append(
+                    (peer, SignedStageReceipt(node, r.start, r.end, r.tokens, r.output_hash, r.amount,
+                                              signed.signature.signature))
+                )  # fmt: skip
+        return found
 
     async def close(self) -> None:
         if self._reports:  # observations already handed to the outbox finish their write

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import json
 import logging
 import time
 from collections import Counter
@@ -45,6 +46,7 @@ from dlis_market.broker.catalog import ModelCatalog, ServedModel
 from dlis_market.broker.detokenize import StreamDecoder
 from dlis_market.broker.errors import (
     Overloaded,
+    UpstreamFailed,
     authorization_too_low,
     bad_authorization,
     empty_prompt,
@@ -61,6 +63,7 @@ from dlis_market.broker.metrics import BrokerMetrics
 from dlis_market.broker.schemas import JobCreate, Policy, Quote
 from dlis_market.broker.settlement import Settler
 from dlis_market.chain.job_market import JobMarket
+from dlis_market.errors import DlisError
 from dlis_market.protocol.pricing import route_bound
 from dlis_market.settings import Settings
 
@@ -68,6 +71,7 @@ log = logging.getLogger(__name__)
 
 # A cancelled job's backend session gets this long to close and hand over its receipts.
 CANCEL_FINISH_TIMEOUT_S = 30.0
+INTERRUPTED = "interrupted: the broker stopped while the job ran"
 
 
 @dataclass(frozen=True)
@@ -794,15 +798,55 @@ class BrokerService:
 
     # ------------------------------------------------------------------ restart
 
-    def recover(self) -> tuple[list[str], list[str]]:
-        """At start, before any job is admitted: settle what a previous process finished and fail
-        what it left unfinished (their max cost is no longer committed). (completed, failed) ids."""
-        done, failed = self.ledger.recover_interrupted(
-            "interrupted: the broker stopped while the job ran; nothing is charged, submit it again with a new nonce"
+    async def recover(self) -> tuple[list[str], list[str]]:
+        """At start, before any job is admitted: settle what a previous process finished; for a
+        job it left running, claim the receipts its stages signed when the old process vanished
+        and settle it for what they served; fail the rest (their max cost is no longer
+        committed). Returns (completed, failed) ids."""
+        done, failed, reclaim = await asyncio.to_thread(
+            self.ledger.recover_interrupted, INTERRUPTED + "; nothing is charged, submit it again with a new nonce"
         )
+        for job_id in reclaim:
+            (done if await self._reclaim(job_id) else failed).append(job_id)
         if done or failed:
             log.warning("recovered %d interrupted jobs with receipts and failed %d unfinished", len(done), len(failed))
         return done, failed
+
+    async def _reclaim(self, job_id: str) -> bool:
+        """Settle an interrupted job for what its stages served, from the receipts they kept for
+        it (``InferenceBackend.unclaimed``): one per layer range, each billing at most the job's
+        length. False (and the job failed, its escrow released) when they do not cover the model."""
+        row = await asyncio.to_thread(self.ledger.get_job, job_id)
+        served = self.catalog.models.get(row.model) if row is not None else None
+        reason = INTERRUPTED + "; the stages kept no complete set of receipts, so nothing is charged"
+        if row is None or served is None:
+            await asyncio.to_thread(self.ledger.fail_job, job_id, reason)
+            return False
+        request = json.loads(row.request_json)
+        max_new = int(request.get("max_tokens") or 0)
+        peers = [str(h["peer_id"]) for h in json.loads(row.route_json or "[]")]
+        found: list[tuple[str, SignedStageReceipt]] = []
+        try:
+            async with asyncio.timeout(self.settings.broker.reclaim_timeout_s):
+                ids = await self.tokenize(served, request.get("prompt"), request.get("messages"), max_new)
+                peers += [o.peer_id for o in await self.backend.offers(served.name) if o.peer_id not in peers]
+                found = await self.backend.unclaimed(bytes.fromhex(job_id[2:]), peers)
+        except (TimeoutError, DlisError) as exc:
+            log.warning("job %s: could not reclaim its receipts (%s)", job_id, exc)
+            ids = []
+        limit = len(ids) + max_new
+        usable = sorted(((p, r) for p, r in found if 0 < r.tokens <= limit), key=lambda pr: pr[1].tokens)
+        try:
+            covering = covering_receipts([r for _, r in usable], served.num_layers)
+        except UpstreamFailed:
+            await asyncio.to_thread(self.ledger.fail_job, job_id, reason)
+            return False
+        peer_of = {(r.node, r.start): p for p, r in usable}
+        route = [RouteHop(peer_of[(r.node, r.start)], r.node, r.start, r.end, 0) for r in covering]
+        note = INTERRUPTED + f"; settled for the {max(r.tokens for r in covering)} tokens its stages served"
+        await self._record(job_id, served, ids, [], "", route, covering, None, time.perf_counter(), note=note)
+        log.warning("job %s: %s", job_id, note)
+        return True
 
     # ------------------------------------------------------------------ settlement
 

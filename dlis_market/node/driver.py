@@ -219,6 +219,20 @@ class PipelineDriver:
         )  # fmt: skip
         return sign_ticket(self.broker_key, self.market, ticket).model_dump()
 
+    async def unclaimed_receipts(self, peer: str, job_id: bytes) -> list[receipts.SignedReceipt]:
+        """The receipts ``peer`` signed for ``job_id``'s sessions whose opener vanished (a broker
+        killed mid-job), each checked: this job, a valid signature (its signer is returned as
+        ``receipt_signer``; the caller matches it to the node it expects)."""
+        answer = await self.pool.request(peer, "receipts", {"job_id": job_id}, self.settings.request_timeout_s)
+        out = []
+        for raw in answer.get("receipts") or []:
+            signed = receipts.from_wire(raw)
+            if signed.receipt.job_id != job_id:
+                raise ReceiptError(f"{peer} answered a receipt of another job for {job_id.hex()[:16]}..")
+            receipts.verify_receipt(self.market, signed, str(answer.get("node_address", "")))
+            out.append(signed)
+        return out
+
     def verified_node(self, peer_id: str) -> str | None:
         """The node signing address of a peer whose attestation verified, if any."""
         return self._verified.get(peer_id)

@@ -34,7 +34,7 @@ M = TypeVar("M", bound=WireModel)
 PROTOCOL_NAME = "/dlis/stage/1"
 PROTOCOL_VERSION = 1
 MAX_CONTROL_BYTES = 1 << 20  # frames other than step/tokens
-OPS = frozenset({"open", "step", "close", "info", "transcript", "tokens", "fail", "reply", "error"})
+OPS = frozenset({"open", "step", "close", "info", "transcript", "receipts", "tokens", "fail", "reply", "error"})
 
 
 class OpenBody(WireModel):
@@ -61,6 +61,12 @@ class StepBody(WireModel):
 
 class CloseBody(WireModel):
     session_id: str
+
+
+class ReceiptsBody(WireModel):
+    """Ask for the receipts a stage signed for a job's sessions whose opener vanished."""
+
+    job_id: bytes
 
 
 class TokensBody(WireModel):

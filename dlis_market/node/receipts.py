@@ -9,6 +9,8 @@ price per token x tokens). :func:`verify_receipt` is the driver/broker side chec
 from __future__ import annotations
 
 import hashlib
+import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -94,3 +96,33 @@ def verify_receipt(domain: Domain, signed: SignedReceipt, node_address: str) -> 
             f"receipt for layers [{signed.receipt.start}, {signed.receipt.end}) is signed by {signer}, "
             f"not by the stage's node key {node_address}: forged or altered; refuse it"
         )
+
+
+class UnclaimedReceipts:
+    """Signed receipts of sessions whose opener vanished before closing them (its broker was
+    killed mid-job), by job id: a restarted broker fetches them (the ``receipts`` op) and settles
+    what was served. Bounded in count and age; oldest go first."""
+
+    def __init__(self, max_entries: int, max_age_s: float) -> None:
+        self.max_entries = max_entries
+        self.max_age_s = max_age_s
+        self._by_job: OrderedDict[bytes, list[tuple[float, dict[str, Any]]]] = OrderedDict()
+        self._count = 0
+
+    def put(self, signed: SignedReceipt, now: float | None = None) -> None:
+        now = time.monotonic() if now is None else now
+        self._by_job.setdefault(signed.receipt.job_id, []).append((now, to_wire(signed)))
+        self._count += 1
+        self._expire(now)
+
+    def get(self, job_id: bytes, now: float | None = None) -> list[dict[str, Any]]:
+        self._expire(time.monotonic() if now is None else now)
+        return [wire for _, wire in self._by_job.get(job_id, [])]
+
+    def _expire(self, now: float) -> None:
+        while self._by_job:
+            job, entries = next(iter(self._by_job.items()))
+            if self._count <= self.max_entries and now - entries[-1][0] <= self.max_age_s:
+                break
+            del self._by_job[job]
+            self._count -= len(entries)

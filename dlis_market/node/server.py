@@ -35,7 +35,7 @@ from dlis_market.node.brokers import BrokerCheck
 from dlis_market.node.errors import CapacityError, NodeError, ProtocolError
 from dlis_market.node.metrics import WorkerMetrics, kv_capacity_bytes
 from dlis_market.node.model_identity import resolve_model_id
-from dlis_market.node.protocol import Channel, CloseBody, FailBody, OpenBody, StepBody, parse_body
+from dlis_market.node.protocol import Channel, CloseBody, FailBody, OpenBody, ReceiptsBody, StepBody, parse_body
 from dlis_market.node.routing import choose_range
 from dlis_market.node.sessions import Batch, QueuedStep, WorkerSession, plan_batches, row_bytes
 from dlis_market.node.telemetry import WorkerTelemetry
@@ -72,6 +72,7 @@ class Worker:
         self._tasks: list[asyncio.Task[None]] = []
         self.domain = market_domain(self.node.chain_id, self.node.market_address)
         self.live_transcripts: dict[str, Transcript] = {}  # open sessions
+        self.unclaimed = receipts.UnclaimedReceipts(self.node.unclaimed_receipts, self.node.unclaimed_receipt_s)
         self.lock = IdentityLock(config.identity_dir)
         self.transcripts = TranscriptStore(
             self.node.transcript_retain_bytes, self.node.transcript_retain_s, self.node.transcript_bytes_per_opener
@@ -228,6 +229,9 @@ class Worker:
                 answer = await self._open(channel.peer, parse_body(OpenBody, body))
             elif op == "close":
                 answer = self._close(channel.peer, parse_body(CloseBody, body))
+            elif op == "receipts":
+                job = parse_body(ReceiptsBody, body).job_id
+                answer = {"receipts": self.unclaimed.get(job), "node_address": self.identity.address}
             elif op == "transcript":
                 req = parse_body(TranscriptRequest, body)
                 answer = self.transcripts.get(req.session_id, channel.peer).to_wire()
@@ -306,12 +310,15 @@ class Worker:
         return {"session_id": req.session_id}
 
     def _drop_session(self, sid: str) -> None:
-        """Forget a session nobody will close (abandoned, failed): no receipt, no transcript."""
+        """Forget a session nobody will close (abandoned, failed): no transcript; if it served
+        tokens, its receipt is signed and kept for a restarted broker to claim (``receipts``)."""
         self.stage.close_session(sid)
         dropped = self.sessions.pop(sid, None)
         self.live_transcripts.pop(sid, None)
         if dropped is not None:
             self.telemetry.recorder.on_session_closed(dropped.ledger.job_id, False, dropped.ledger.tokens)
+            if dropped.ledger.tokens > 0:
+                self.unclaimed.put(receipts.sign(dropped.ledger, bytes(self.identity.account.key), self.domain))
 
     def _opener_gone(self, peer: str) -> None:
         """The opener's stream ended (it closed or died): free its sessions' slots now, not after
