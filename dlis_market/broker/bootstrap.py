@@ -12,9 +12,10 @@ from fastapi import FastAPI
 from dlis_market.broker.app import create_app
 from dlis_market.broker.backend import InferenceBackend
 from dlis_market.broker.catalog import ModelCatalog
+from dlis_market.broker.job_types import Planner
 from dlis_market.broker.ledger import Ledger, database_url
 from dlis_market.broker.planning import CachedStanding, OracleRisk, chain_standing, make_planner
-from dlis_market.broker.service import BrokerService, Planner
+from dlis_market.broker.service import BrokerService
 from dlis_market.chain.client import ChainClient
 from dlis_market.chain.job_market import JobMarket
 from dlis_market.chain.node_registry import NodeRegistry

@@ -19,11 +19,11 @@ from dataclasses import dataclass
 from dlis_market.broker import scheduler
 from dlis_market.broker.backend import Offer, RouteHop
 from dlis_market.broker.catalog import ServedModel
+from dlis_market.broker.job_types import PlannedRoute
 from dlis_market.broker.network_state import FallbackPool, NetworkState, NodeOffer, RouteRequest
 from dlis_market.broker.network_state import Policy as SchedulerPolicy
 from dlis_market.broker.problems import no_route
 from dlis_market.broker.schemas import Policy
-from dlis_market.broker.service import PlannedRoute
 from dlis_market.chain.node_registry import NodeRegistry
 from dlis_market.chain.reputation_oracle import ReputationOracle
 from dlis_market.protocol.pricing import cost_budget

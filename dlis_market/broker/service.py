@@ -13,7 +13,14 @@ request the client can still carry out, less this broker's open jobs). Then the 
 the ledger and runs in the background; tokens stream to subscribers; at the end the stages' signed
 receipts and the answer are recorded in one transaction, and the settler pays them on chain. A
 job whose every requester disconnected is cancelled after a grace period (nothing is charged);
-at start, jobs a previous process left unfinished are failed (:meth:`BrokerService.recover`).
+at start, jobs a previous process left unfinished are settled for what their stages served (from
+the receipts the stages kept) or failed (:meth:`BrokerService.recover`).
+
+Why one module of this size: admission, running, cancellation and restart share one piece of live
+state (held job and worker slots, running tasks, their subscribers and the commit lock), which a
+split would have to hand around through private attributes. The job vocabulary and the pure
+checks live in :mod:`.job_types`; pricing in :mod:`dlis_market.protocol.pricing`; routing in
+:mod:`.planning`; settlement in :mod:`.settlement`; errors in :mod:`.errors`.
 """
 
 from __future__ import annotations
@@ -25,7 +32,7 @@ import json
 import logging
 import time
 from collections import Counter
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Coroutine, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Coroutine, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -37,7 +44,6 @@ from dlis_market.broker.backend import (
     BackendJob,
     InferenceBackend,
     JobStream,
-    Offer,
     Replan,
     RouteHop,
     SignedStageReceipt,
@@ -51,12 +57,20 @@ from dlis_market.broker.errors import (
     bad_authorization,
     empty_prompt,
     idempotency_key_reused,
-    incomplete_receipts,
     insufficient_escrow,
     no_route,
     nonce_used,
     prompt_bytes_too_long,
     unknown_job,
+)
+from dlis_market.broker.job_types import (
+    AdmissionTicket,
+    Idempotency,
+    PlannedRoute,
+    Planner,
+    PricedJob,
+    covering_receipts,
+    covers,
 )
 from dlis_market.broker.ledger import JobRow, Ledger, LedgerError, NewJob, NewReceipt
 from dlis_market.broker.metrics import BrokerMetrics
@@ -72,83 +86,6 @@ log = logging.getLogger(__name__)
 # A cancelled job's backend session gets this long to close and hand over its receipts.
 CANCEL_FINISH_TIMEOUT_S = 30.0
 INTERRUPTED = "interrupted: the broker stopped while the job ran"
-
-
-@dataclass(frozen=True)
-class PlannedRoute:
-    hops: list[RouteHop]
-    estimated_latency_ms: float
-    fallback: bool = False
-
-
-@dataclass
-class AdmissionTicket:
-    """A held job slot and the workers' KV-cache slots reserved for a planned route until its
-    backend session opens (:meth:`BrokerService._release` gives both back, once)."""
-
-    peers: list[str]
-    since: float = field(default_factory=time.monotonic)
-    slot_held: bool = True
-
-
-@dataclass(frozen=True)
-class PricedJob:
-    """A job's prompt, route and cost bound, before it is admitted. ``ticket``: the job slot and
-    worker slots held for it (priced with ``admit=True``), released by :meth:`BrokerService.submit`."""
-
-    served: ServedModel
-    prompt_ids: list[int]
-    route: PlannedRoute
-    cost: int
-    fee: int
-    ticket: AdmissionTicket | None = None
-
-    @property
-    def total(self) -> int:
-        return self.cost + self.fee
-
-
-@dataclass(frozen=True)
-class Idempotency:
-    """A request's idempotency key and body hash; ``scope`` (the client address, or the API key's
-    hash) is filled in once the request's client is proven."""
-
-    key: str
-    body_hash: str
-    scope: str | None = None
-    replay: bool = True  # False: only record the admission (a first try whose key is derived)
-
-
-# (offers, model, policy, prompt tokens, max new tokens, fee bps) -> route; the policy's max_cost is
-# a total with the fee (``protocol.pricing``).
-Planner = Callable[[list[Offer], ServedModel, Policy, int, int, int], PlannedRoute]
-
-
-def covers(offers: list[Offer], num_layers: int) -> bool:
-    """Whether the offers' spans together cover layers [0, num_layers)."""
-    at = 0
-    for o in sorted(offers, key=lambda o: o.start):
-        if o.start > at:
-            break
-        at = max(at, o.end)
-    return at >= num_layers
-
-
-def covering_receipts(receipts: list[SignedStageReceipt], num_layers: int) -> list[SignedStageReceipt]:
-    """The receipts of the final route, tiling [0, num_layers) in order (a replaced stage's
-    partial receipt is dropped: JobMarket pays one receipt per layer range)."""
-    by_start: dict[int, SignedStageReceipt] = {}
-    for r in receipts:  # later receipts (after a failover) replace earlier ones for the same start
-        by_start[r.start] = r
-    out: list[SignedStageReceipt] = []
-    at = 0
-    while at < num_layers:
-        nxt = by_start.get(at)
-        if nxt is None:
-            raise incomplete_receipts(at)
-        out.append(nxt)
-        at = nxt.end
-    return out
 
 
 @dataclass

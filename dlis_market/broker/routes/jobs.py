@@ -25,9 +25,10 @@ from dlis_market.broker.apikeys import resolve_api_key
 from dlis_market.broker.auth import verify_job_read
 from dlis_market.broker.deps import ServiceDep
 from dlis_market.broker.errors import client_left, not_your_job, unknown_job
+from dlis_market.broker.job_types import Idempotency
 from dlis_market.broker.ledger import JobRow, Ledger
 from dlis_market.broker.schemas import JobCreate, JobPublic, Quote, QuoteRequest, ReceiptPublic, SettlementPublic
-from dlis_market.broker.service import BrokerService, Idempotency
+from dlis_market.broker.service import BrokerService
 from dlis_market.broker.settlement import signed_job
 from dlis_market.chain.job_market import authorization_signer
 

@@ -23,9 +23,10 @@ from dlis_market.broker.apikeys import ApiKeyAccount, resolve_api_key
 from dlis_market.broker.auth import signing_deadline
 from dlis_market.broker.deps import ServiceDep
 from dlis_market.broker.errors import job_failed
+from dlis_market.broker.job_types import Idempotency, PricedJob
 from dlis_market.broker.routes.jobs import IdempotencyHeader, attached_events, body_hash, wait_attached
 from dlis_market.broker.schemas import Authorization, ChatMessage, JobCreate, Policy, Sampling
-from dlis_market.broker.service import BrokerService, Idempotency, PricedJob
+from dlis_market.broker.service import BrokerService
 from dlis_market.chain.job_market import JobAuthorization, sign_authorization
 
 router = APIRouter(prefix="/v1", tags=["openai"])

@@ -1,0 +1,91 @@
+"""The broker's job vocabulary: planned routes, admission tickets (held job and worker slots),
+priced jobs, idempotency keys, the planner's signature, and the pure checks on offers and receipts
+that admission and recording share. No I/O."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from dlis_market.broker.backend import Offer, RouteHop, SignedStageReceipt
+from dlis_market.broker.catalog import ServedModel
+from dlis_market.broker.errors import incomplete_receipts
+from dlis_market.broker.schemas import Policy
+
+
+@dataclass(frozen=True)
+class PlannedRoute:
+    hops: list[RouteHop]
+    estimated_latency_ms: float
+    fallback: bool = False
+
+
+@dataclass
+class AdmissionTicket:
+    """A held job slot and the workers' KV-cache slots reserved for a planned route until its
+    backend session opens (:meth:`BrokerService._release` gives both back, once)."""
+
+    peers: list[str]
+    since: float = field(default_factory=time.monotonic)
+    slot_held: bool = True
+
+
+@dataclass(frozen=True)
+class PricedJob:
+    """A job's prompt, route and cost bound, before it is admitted. ``ticket``: the job slot and
+    worker slots held for it (priced with ``admit=True``), released by :meth:`BrokerService.submit`."""
+
+    served: ServedModel
+    prompt_ids: list[int]
+    route: PlannedRoute
+    cost: int
+    fee: int
+    ticket: AdmissionTicket | None = None
+
+    @property
+    def total(self) -> int:
+        return self.cost + self.fee
+
+
+@dataclass(frozen=True)
+class Idempotency:
+    """A request's idempotency key and body hash; ``scope`` (the client address, or the API key's
+    hash) is filled in once the request's client is proven."""
+
+    key: str
+    body_hash: str
+    scope: str | None = None
+    replay: bool = True  # False: only record the admission (a first try whose key is derived)
+
+
+# (offers, model, policy, prompt tokens, max new tokens, fee bps) -> route; the policy's max_cost is
+# a total with the fee (``protocol.pricing``).
+Planner = Callable[[list[Offer], ServedModel, Policy, int, int, int], PlannedRoute]
+
+
+def covers(offers: list[Offer], num_layers: int) -> bool:
+    """Whether the offers' spans together cover layers [0, num_layers)."""
+    at = 0
+    for o in sorted(offers, key=lambda o: o.start):
+        if o.start > at:
+            break
+        at = max(at, o.end)
+    return at >= num_layers
+
+
+def covering_receipts(receipts: list[SignedStageReceipt], num_layers: int) -> list[SignedStageReceipt]:
+    """The receipts of the final route, tiling [0, num_layers) in order (a replaced stage's
+    partial receipt is dropped: JobMarket pays one receipt per layer range)."""
+    by_start: dict[int, SignedStageReceipt] = {}
+    for r in receipts:  # later receipts (after a failover) replace earlier ones for the same start
+        by_start[r.start] = r
+    out: list[SignedStageReceipt] = []
+    at = 0
+    while at < num_layers:
+        nxt = by_start.get(at)
+        if nxt is None:
+            raise incomplete_receipts(at)
+        out.append(nxt)
+        at = nxt.end
+    return out
