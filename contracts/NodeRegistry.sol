@@ -9,7 +9,12 @@ import {INodeRegistry} from "./interfaces/INodeRegistry.sol";
 
 /// @title NodeRegistry
 /// @notice Who may serve: worker nodes bound to staked operators, and the models they serve.
-/// @dev A node is identified by its secp256k1 signing address. The node key signs an EIP-712
+/// @dev A node's peer id is its claim, not exclusive: the contract cannot check a libp2p key's
+///      signature, so first-come exclusivity would let anyone block a worker's registration by
+///      claiming its peer id first. Off chain a claim is used only with the libp2p key's proof
+///      (DHT records stored under a subkey the peer's RSA key owns; sessions over the peer's
+///      Noise-authenticated stream, which serves an attestation signed by the node key).
+///      A node is identified by its secp256k1 signing address. The node key signs an EIP-712
 ///      `NodeBinding` naming the operator, so an operator cannot claim a node it does not control
 ///      and a binding cannot be reused by another operator. A node is routable while it is
 ///      registered and its operator's active stake is at least the staking minimum; this is
@@ -64,7 +69,6 @@ contract NodeRegistry is INodeRegistry, EIP712 {
     mapping(address node => Node) private _nodes;
     mapping(address operator => EnumerableSet.AddressSet) private _operatorNodes;
     EnumerableSet.AddressSet private _allNodes;
-    mapping(bytes32 peerIdHash => address node) private _nodeByPeerId;
     mapping(bytes32 modelId => Model) private _models;
     bytes32[] private _modelIds;
 
@@ -93,7 +97,6 @@ contract NodeRegistry is INodeRegistry, EIP712 {
     error NodeRegistryBindingExpired(uint256 deadline, uint256 now_);
     error NodeRegistryInvalidBinding(address recovered, address node);
     error NodeRegistryAlreadyRegistered(address node, address operator);
-    error NodeRegistryPeerIdTaken(string peerId, address node);
     error NodeRegistryNotOperator(address node, address caller);
     error NodeRegistryUnknownNode(address node);
     error NodeRegistryEmptyField(string field);
@@ -122,16 +125,6 @@ contract NodeRegistry is INodeRegistry, EIP712 {
         _checkBinding(reg.node, reg.peerId, deadline, bindingSignature);
         Node storage n = _nodes[reg.node];
         if (n.active) revert NodeRegistryAlreadyRegistered(reg.node, n.operator);
-        bytes32 peerHash = keccak256(bytes(reg.peerId));
-        address holder = _nodeByPeerId[peerHash];
-        if (holder != address(0) && holder != reg.node && _nodes[holder].active) {
-            revert NodeRegistryPeerIdTaken(reg.peerId, holder);
-        }
-        // A re-registration under a new peer id frees the old one.
-        if (bytes(n.peerId).length != 0) {
-            bytes32 oldHash = keccak256(bytes(n.peerId));
-            if (oldHash != peerHash && _nodeByPeerId[oldHash] == reg.node) delete _nodeByPeerId[oldHash];
-        }
         address previousOperator = n.operator;
         if (previousOperator != address(0) && previousOperator != msg.sender) {
             _operatorNodes[previousOperator].remove(reg.node);
@@ -144,7 +137,6 @@ contract NodeRegistry is INodeRegistry, EIP712 {
         n.capability = reg.capability;
         n.peerId = reg.peerId;
         n.endpoint = reg.endpoint;
-        _nodeByPeerId[peerHash] = reg.node;
         _operatorNodes[msg.sender].add(reg.node);
         _allNodes.add(reg.node);
         emit NodeRegistered(reg.node, msg.sender, reg.peerId, reg.endpoint, reg.attestationHash);
@@ -241,11 +233,6 @@ contract NodeRegistry is INodeRegistry, EIP712 {
         Node memory n = _nodes[node];
         if (n.operator == address(0)) revert NodeRegistryUnknownNode(node);
         return n;
-    }
-
-    /// @notice The node registered under a libp2p peer id (zero when none).
-    function nodeByPeerId(string calldata peerId) external view returns (address) {
-        return _nodeByPeerId[keccak256(bytes(peerId))];
     }
 
     /// @notice Signing addresses of the nodes an operator has registered.

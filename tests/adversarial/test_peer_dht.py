@@ -120,3 +120,33 @@ def test_forged_span_record_neither_displaces_nor_reprices_the_honest_worker(
             asyncio.run(run())
         finally:
             forger.shutdown()
+
+
+def test_a_peer_id_claimed_first_by_someone_else_does_not_block_its_holder(market: LocalMarket) -> None:
+    """The attack on first-come peer ids: a squatter registers its own node under an honest
+    worker's libp2p peer id before the worker does, so the worker's registration reverted
+    (NodeRegistryPeerIdTaken) and it could not join the market under its identity. A peer-id claim
+    on chain is now neither exclusive nor trusted alone: it is used only with the libp2p key's proof
+    (the RSA-owned DHT subkey, checked above; the Noise-authenticated stream and the attestation it
+    serves), so the squatter's claim is harmless and the holder registers as usual."""
+    from eth_account import Account
+
+    from dlis_market.chain.node_registry import Capability, DeviceClass
+
+    victim_peer = f"Qm{secrets.token_hex(22)}"
+    squatter_node = market.enroll_node(market.new_funded_account(1_000 * 10**18), peer_id=victim_peer)
+    operator = market.new_funded_account(1_000 * 10**18)
+    market.staking().stake(operator, market.staking().min_stake())
+    honest_node = Account.from_key(secrets.token_bytes(32))
+    registry = market.registry()
+    deadline = market.client.timestamp() + 3600
+    binding = registry.sign_binding(honest_node, operator.address, victim_peer, deadline)
+    cap = Capability(8192, 100, 1000, DeviceClass.LAPTOP)
+    registry.register(
+        operator, honest_node.address, victim_peer, "/ip4/127.0.0.1/tcp/1", cap, b"\0" * 32, binding, deadline
+    )
+    honest = registry.get(honest_node.address)
+    assert honest is not None and honest.active and honest.peer_id == victim_peer
+    checked = RegisteredPeers(registry)
+    assert checked(honest_node.address, victim_peer)  # the holder's announcements route
+    assert registry.get(squatter_node.address).peer_id == victim_peer  # type: ignore[union-attr]
