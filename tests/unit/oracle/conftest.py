@@ -9,7 +9,7 @@ from eth_account import Account
 from eth_account.signers.local import LocalAccount
 
 from dlis_market.chain.typed_data import Domain
-from dlis_market.oracle.telemetry import (
+from dlis_market.protocol.telemetry import (
     SignedTelemetry,
     TelemetryMetrics,
     TelemetryReport,

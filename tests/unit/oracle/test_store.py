@@ -13,7 +13,8 @@ from sqlalchemy.exc import IntegrityError
 from dlis_market.oracle.epochs import build_record
 from dlis_market.oracle.privacy import BudgetAccountant, NodeContribution, release_aggregates
 from dlis_market.oracle.store import DB_FILE, EpochStatus, OracleStore, StoreError, database_url
-from dlis_market.oracle.telemetry import UINT64_MAX, ReceivedTelemetry, SignedTelemetry
+from dlis_market.oracle.telemetry import ReceivedTelemetry
+from dlis_market.protocol.telemetry import UINT64_MAX, SignedTelemetry
 from dlis_market.settings import Settings
 
 from .conftest import NOW

@@ -6,14 +6,9 @@ import pytest
 import zstandard
 from eth_account import Account
 
-from dlis_market.oracle.errors import TelemetryRefusedError
-from dlis_market.oracle.telemetry import (
-    SignedTelemetry,
-    TelemetryIntake,
-    TelemetryReport,
-    encode_telemetry,
-    oracle_domain,
-)
+from dlis_market.oracle.telemetry import TelemetryIntake
+from dlis_market.protocol.errors import TelemetryRefusedError
+from dlis_market.protocol.telemetry import SignedTelemetry, TelemetryReport, encode_telemetry, oracle_domain
 
 from .conftest import NOW, metrics
 
