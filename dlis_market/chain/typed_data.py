@@ -1,8 +1,12 @@
-"""EIP-712 typed data of the market, defined once for Python and checked against Solidity.
+"""EIP-712 typed data of the market: every signed message's fields, and the one builder for them.
 
-The Solidity contracts hold the same type strings as ``*_TYPEHASH`` constants; the contract tests
-assert ``keccak256(type_string(...))`` here equals the on-chain constant and that signatures made
-here verify on chain. Every domain carries the chain id and the verifying contract.
+Every message type any component signs is registered in :data:`TYPES`, and every signature, digest
+and recovery goes through :func:`full_message` (:func:`sign_typed`, :func:`recover_typed`,
+:func:`typed_digest`): no other module writes the ``{"types", "primaryType", "domain",
+"message"}`` structure. The Solidity contracts hold the on-chain types' strings as ``*_TYPEHASH``
+constants; the contract tests assert ``keccak256(type_string(...))`` here equals the on-chain
+constant and that signatures made here verify on chain. Every domain carries the chain id and the
+verifying contract.
 """
 
 from __future__ import annotations
@@ -11,10 +15,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from eth_account import Account
-from eth_account.messages import encode_typed_data
+from eth_account.messages import SignableMessage, encode_typed_data
 from eth_utils import keccak
 
-# Field lists, in Solidity order. Names and types must match the contracts exactly.
+# Field lists, in signing order. Those the contracts check (NodeBinding, JobAuthorization, Receipt)
+# must match the contracts' type strings exactly; changing any list changes every signature of its type.
 NODE_BINDING = [
     ("operator", "address"),
     ("node", "address"),
@@ -70,6 +75,62 @@ SESSION_TICKET = [
 # A client's permission to read one job's prompt and answer until ``expiry`` (unix seconds),
 # signed under the JobMarket domain and checked by the broker (dlis_market/broker/auth.py).
 JOB_READ = [("jobId", "bytes32"), ("expiry", "uint256")]
+# A worker's attestation report (dlis_market/node/attestation.py), signed by its node key under the
+# NodeRegistry domain; ``reportHash`` is keccak256 of the report's canonical JSON.
+NODE_ATTESTATION = [("reportHash", "bytes32"), ("node", "address"), ("peerId", "string"), ("timestamp", "uint64")]
+# The rest are signed under the oracle's domain (dlis_market/protocol/telemetry.py oracle_domain).
+# A worker's telemetry report, signed by its node key; ``metricsHash`` is keccak256 of the metrics'
+# canonical JSON, and the digest is the Merkle leaf of an epoch (dlis_market/protocol/telemetry.py).
+TELEMETRY = [
+    ("node", "address"),
+    ("seq", "uint64"),
+    ("timestamp", "uint64"),
+    ("metricsHash", "bytes32"),
+]
+# A spot-check runner's evidence that two nodes' outputs of one stage call differ
+# (dlis_market/oracle/verification.py).
+SPOT_CHECK = [
+    ("accused", "address"),
+    ("checker", "address"),
+    ("jobId", "bytes32"),
+    ("modelId", "bytes32"),
+    ("start", "uint32"),
+    ("end", "uint32"),
+    ("tokens", "uint32"),
+    ("inputHash", "bytes32"),
+    ("accusedOutputHash", "bytes32"),
+    ("checkerOutputHash", "bytes32"),
+    ("referee", "address"),  # zero when the evidence has no referee
+    ("refereeOutputHash", "bytes32"),
+    # how each output splits into tokens and how its bytes decode: all under the runner's signature,
+    # or anyone relaying a passing evidence could make the outputs "differ" by re-labelling them
+    ("rowWidth", "uint32"),
+    ("checkerRowWidth", "uint32"),
+    ("refereeRowWidth", "uint32"),
+    ("shardDtype", "string"),
+    ("elementDtype", "string"),
+    ("checkerElementDtype", "string"),
+    ("refereeElementDtype", "string"),
+]
+# A runner's statement that a node withheld what a drawn spot check needed (oracle/verification.py).
+SPOT_CHECK_FAILURE = [
+    ("node", "address"),
+    ("jobId", "bytes32"),
+    ("start", "uint32"),
+    ("end", "uint32"),
+    ("reason", "string"),
+]
+# What the broker measured a node do for one job (dlis_market/oracle/observations.py).
+STAGE_OBSERVATION = [
+    ("node", "address"),
+    ("jobId", "bytes32"),
+    ("start", "uint32"),
+    ("end", "uint32"),
+    ("tokens", "uint32"),
+    ("latencyMs", "uint32"),
+    ("routedMilliTps", "uint64"),
+    ("ok", "bool"),
+]
 TYPES: dict[str, list[tuple[str, str]]] = {
     "NodeBinding": NODE_BINDING,
     "JobAuthorization": JOB_AUTHORIZATION,
@@ -77,7 +138,18 @@ TYPES: dict[str, list[tuple[str, str]]] = {
     "SpanAnnouncement": SPAN_ANNOUNCEMENT,
     "SessionTicket": SESSION_TICKET,
     "JobRead": JOB_READ,
+    "NodeAttestation": NODE_ATTESTATION,
+    "Telemetry": TELEMETRY,
+    "SpotCheck": SPOT_CHECK,
+    "SpotCheckFailure": SPOT_CHECK_FAILURE,
+    "StageObservation": STAGE_OBSERVATION,
 }
+EIP712_DOMAIN = [
+    ("name", "string"),
+    ("version", "string"),
+    ("chainId", "uint256"),
+    ("verifyingContract", "address"),
+]
 
 # EIP-712 domain names/versions of the verifying contracts.
 REGISTRY_DOMAIN = ("DLIS NodeRegistry", "1")
@@ -131,15 +203,11 @@ class CompactSignature:
         return cls(r=r, vs=vs_int.to_bytes(32, "big"), signature=signature)
 
 
-def _full_message(domain: Domain, primary: str, message: dict[str, Any]) -> dict[str, Any]:
+def full_message(domain: Domain, primary: str, message: dict[str, Any]) -> dict[str, Any]:
+    """The EIP-712 typed data of ``message``, a ``primary`` registered in :data:`TYPES`."""
     return {
         "types": {
-            "EIP712Domain": [
-                {"name": "name", "type": "string"},
-                {"name": "version", "type": "string"},
-                {"name": "chainId", "type": "uint256"},
-                {"name": "verifyingContract", "type": "address"},
-            ],
+            "EIP712Domain": [{"name": n, "type": t} for n, t in EIP712_DOMAIN],
             primary: [{"name": n, "type": t} for n, t in TYPES[primary]],
         },
         "primaryType": primary,
@@ -148,16 +216,25 @@ def _full_message(domain: Domain, primary: str, message: dict[str, Any]) -> dict
     }
 
 
+def _signable(domain: Domain, primary: str, message: dict[str, Any]) -> SignableMessage:
+    return encode_typed_data(full_message=full_message(domain, primary, message))
+
+
+def typed_digest(domain: Domain, primary: str, message: dict[str, Any]) -> bytes:
+    """The 32-byte EIP-712 digest ``keccak256(0x1901 ++ domainSeparator ++ hashStruct(message))``: what
+    a signature signs and what a Merkle leaf over signed messages commits to."""
+    signable = _signable(domain, primary, message)
+    return bytes(keccak(b"\x19" + signable.version + signable.header + signable.body))
+
+
 def sign_typed(private_key: bytes | str, domain: Domain, primary: str, message: dict[str, Any]) -> CompactSignature:
-    signable = encode_typed_data(full_message=_full_message(domain, primary, message))
-    signed = Account.sign_message(signable, private_key)
+    signed = Account.sign_message(_signable(domain, primary, message), private_key)
     return CompactSignature.from_bytes(bytes(signed.signature))
 
 
 def recover_typed(domain: Domain, primary: str, message: dict[str, Any], signature: bytes) -> str:
     """The address that signed ``message`` (checksummed). A forged signature recovers another address."""
-    signable = encode_typed_data(full_message=_full_message(domain, primary, message))
-    return str(Account.recover_message(signable, signature=signature))
+    return str(Account.recover_message(_signable(domain, primary, message), signature=signature))
 
 
 def job_id(client: str, nonce: int) -> bytes:

@@ -21,19 +21,16 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from eth_account import Account
-from eth_account.messages import encode_typed_data
 from eth_utils import keccak
 from pydantic import ValidationError
 
 import dlis_market
-from dlis_market.chain.typed_data import REGISTRY_DOMAIN, Domain
+from dlis_market.chain.typed_data import REGISTRY_DOMAIN, Domain, recover_typed, sign_typed
 from dlis_market.node.errors import AttestationError
 from dlis_market.node.profiler import HardwareProfile
 from dlis_market.types import WireModel
 
 REPORT_VERSION = 1
-NODE_ATTESTATION = [("reportHash", "bytes32"), ("node", "address"), ("peerId", "string"), ("timestamp", "uint64")]
 
 
 class AttestationReport(WireModel):
@@ -74,33 +71,19 @@ def code_hash() -> str:
     return digest.hexdigest()
 
 
-def _typed(domain: Domain, report: AttestationReport) -> Any:
-    return encode_typed_data(
-        full_message={
-            "types": {
-                "EIP712Domain": [
-                    {"name": "name", "type": "string"},
-                    {"name": "version", "type": "string"},
-                    {"name": "chainId", "type": "uint256"},
-                    {"name": "verifyingContract", "type": "address"},
-                ],
-                "NodeAttestation": [{"name": n, "type": t} for n, t in NODE_ATTESTATION],
-            },
-            "primaryType": "NodeAttestation",
-            "domain": domain.as_dict(),
-            "message": {
-                "reportHash": report.report_hash(),
-                "node": report.node_address,
-                "peerId": report.peer_id,
-                "timestamp": report.timestamp,
-            },
-        }
-    )
+def _message(report: AttestationReport) -> dict[str, Any]:
+    """The EIP-712 ``NodeAttestation`` message of ``report``."""
+    return {
+        "reportHash": report.report_hash(),
+        "node": report.node_address,
+        "peerId": report.peer_id,
+        "timestamp": report.timestamp,
+    }
 
 
 def sign_report(key: bytes, domain: Domain, report: AttestationReport) -> SignedAttestation:
-    signed = Account.sign_message(_typed(domain, report), key)
-    return SignedAttestation(report=report, signature=bytes(signed.signature))
+    signature = sign_typed(key, domain, "NodeAttestation", _message(report))
+    return SignedAttestation(report=report, signature=signature.signature)
 
 
 def parse_signed(raw: Any) -> SignedAttestation:
@@ -124,7 +107,7 @@ def verify_report(
     """Check signature, peer id, code hash, shards, timestamp and hardware; returns the report hash."""
     report = signed.report
     try:
-        signer = Account.recover_message(_typed(domain, report), signature=signed.signature)
+        signer = recover_typed(domain, "NodeAttestation", _message(report), signed.signature)
     except (ValueError, TypeError) as exc:
         raise AttestationError(f"invalid attestation: signature (does not parse: {exc})") from exc
     if signer.lower() != report.node_address.lower():

@@ -27,19 +27,9 @@ from pydantic import ConfigDict, Field
 from web3 import Web3
 
 from dlis_market.chain.typed_data import Domain
-from dlis_market.oracle.verification import ZERO_ADDRESS, Hex32, recover_runner, runner_typed_data, sign_runner
+from dlis_market.oracle.verification import ZERO_ADDRESS, Hex32, recover_runner, sign_runner
 from dlis_market.types import WireModel
 
-STAGE_OBSERVATION_TYPE = [
-    ("node", "address"),
-    ("jobId", "bytes32"),
-    ("start", "uint32"),
-    ("end", "uint32"),
-    ("tokens", "uint32"),
-    ("latencyMs", "uint32"),
-    ("routedMilliTps", "uint64"),
-    ("ok", "bool"),
-]
 MAX_OBSERVATIONS = 64  # stages of one job (or a few jobs) per POST
 UINT32 = 2**32
 
@@ -60,8 +50,9 @@ class StageObservation(WireModel):
     runner: str = Field(default=ZERO_ADDRESS, pattern=r"^0x[0-9a-fA-F]{40}$")
     runner_signature: str = Field(default="", pattern=r"^(0x[0-9a-fA-F]{130})?$")
 
-    def _typed_data(self, domain: Domain) -> dict[str, Any]:
-        message = {
+    def runner_message(self) -> dict[str, Any]:
+        """The signed fields (routed throughput in milli-tokens/s)."""
+        return {
             "node": Web3.to_checksum_address(self.node),
             "jobId": bytes.fromhex(self.job_id[2:]),
             "start": self.start,
@@ -71,15 +62,15 @@ class StageObservation(WireModel):
             "routedMilliTps": round(self.routed_tps * 1000),
             "ok": self.ok,
         }
-        return runner_typed_data(domain, message, "StageObservation", STAGE_OBSERVATION_TYPE)
 
     def signed_by_runner(self, runner_key: bytes | str, oracle_domain: Domain) -> StageObservation:
         named = self.model_copy(update={"runner": Account.from_key(runner_key).address})
-        return named.model_copy(update={"runner_signature": sign_runner(named._typed_data(oracle_domain), runner_key)})
+        signature = sign_runner(runner_key, oracle_domain, "StageObservation", named.runner_message())
+        return named.model_copy(update={"runner_signature": signature})
 
     def signer(self, oracle_domain: Domain) -> str | None:
         """Who signed exactly these figures (None when unsigned or unrecoverable)."""
-        return recover_runner(self._typed_data(oracle_domain), self.runner_signature)
+        return recover_runner(oracle_domain, "StageObservation", self.runner_message(), self.runner_signature)
 
     def key(self) -> tuple[str, str, int]:
         """One observation per node, job and stage start counts."""

@@ -78,14 +78,13 @@ from typing import Any, Literal
 import numpy as np
 from eth_abi import encode
 from eth_account import Account
-from eth_account.messages import encode_typed_data
 from eth_keys.exceptions import BadSignature
 from eth_keys.exceptions import ValidationError as KeyValidationError
 from eth_utils import keccak
 from pydantic import Field
 
 from dlis_market.chain.job_market import Receipt, SignedReceipt, receipt_signer
-from dlis_market.chain.typed_data import CompactSignature, Domain
+from dlis_market.chain.typed_data import CompactSignature, Domain, recover_typed, sign_typed
 from dlis_market.oracle.errors import EvidenceRefusedError, SpotCheckSecretError
 from dlis_market.types import WireModel
 
@@ -282,29 +281,6 @@ class StageOutputBlob(WireModel):
         return hashlib.sha256(self.data).digest()
 
 
-SPOT_CHECK_TYPE = [
-    ("accused", "address"),
-    ("checker", "address"),
-    ("jobId", "bytes32"),
-    ("modelId", "bytes32"),
-    ("start", "uint32"),
-    ("end", "uint32"),
-    ("tokens", "uint32"),
-    ("inputHash", "bytes32"),
-    ("accusedOutputHash", "bytes32"),
-    ("checkerOutputHash", "bytes32"),
-    ("referee", "address"),  # zero when the evidence has no referee
-    ("refereeOutputHash", "bytes32"),
-    # how each output splits into tokens and how its bytes decode: all under the runner's signature,
-    # or anyone relaying a passing evidence could make the outputs "differ" by re-labelling them
-    ("rowWidth", "uint32"),
-    ("checkerRowWidth", "uint32"),
-    ("refereeRowWidth", "uint32"),
-    ("shardDtype", "string"),
-    ("elementDtype", "string"),
-    ("checkerElementDtype", "string"),
-    ("refereeElementDtype", "string"),
-]
 ZERO_ADDRESS = "0x" + "00" * 20
 
 
@@ -360,30 +336,26 @@ class SpotCheckEvidence(WireModel):
 
     def signed_by_runner(self, runner_key: bytes | str, oracle_domain: Domain) -> SpotCheckEvidence:
         named = self.model_copy(update={"runner": Account.from_key(runner_key).address})
-        signature = sign_runner(runner_typed_data(oracle_domain, named.runner_message()), runner_key)
+        signature = sign_runner(runner_key, oracle_domain, "SpotCheck", named.runner_message())
         return named.model_copy(update={"runner_signature": signature})
 
     def signer(self, oracle_domain: Domain) -> str | None:
         """The address whose signature covers exactly this evidence (None when unsigned or
         unrecoverable); another address than :attr:`runner` when anything signed was changed."""
-        return recover_runner(runner_typed_data(oracle_domain, self.runner_message()), self.runner_signature)
+        return recover_runner(oracle_domain, "SpotCheck", self.runner_message(), self.runner_signature)
 
 
-def sign_runner(full_message: dict[str, Any], runner_key: bytes | str) -> str:
-    """The runner's signature (0x hex) over the typed data ``full_message``."""
-    return "0x" + bytes(Account.sign_message(encode_typed_data(full_message=full_message), runner_key).signature).hex()
+def sign_runner(runner_key: bytes | str, oracle_domain: Domain, primary: str, message: dict[str, Any]) -> str:
+    """The runner's signature (0x hex) over ``message``, typed data ``primary`` in the oracle's domain."""
+    return sign_typed(runner_key, oracle_domain, primary, message).hex()
 
 
-def recover_runner(full_message: dict[str, Any], signature: str) -> str | None:
-    """The address that signed the typed data ``full_message`` (None when unsigned or unrecoverable)."""
+def recover_runner(oracle_domain: Domain, primary: str, message: dict[str, Any], signature: str) -> str | None:
+    """The address that signed ``message`` (None when unsigned or unrecoverable)."""
     if not signature:
         return None
     try:
-        return str(
-            Account.recover_message(
-                encode_typed_data(full_message=full_message), signature=bytes.fromhex(signature[2:])
-            )
-        )
+        return recover_typed(oracle_domain, primary, message, bytes.fromhex(signature[2:]))
     except (ValueError, TypeError, BadSignature, KeyValidationError):  # unrecoverable signature bytes
         return None
 
@@ -408,34 +380,6 @@ def check_runner(signer: str | None, claimed: str, runners: Collection[str], wha
     return signer
 
 
-def runner_typed_data(
-    domain: Domain, message: dict[str, Any], primary: str = "SpotCheck", fields: list[tuple[str, str]] | None = None
-) -> dict[str, Any]:
-    return {
-        "types": {
-            "EIP712Domain": [
-                {"name": "name", "type": "string"},
-                {"name": "version", "type": "string"},
-                {"name": "chainId", "type": "uint256"},
-                {"name": "verifyingContract", "type": "address"},
-            ],
-            primary: [{"name": n, "type": t} for n, t in (fields or SPOT_CHECK_TYPE)],
-        },
-        "primaryType": primary,
-        "domain": domain.as_dict(),
-        "message": message,
-    }
-
-
-SPOT_CHECK_FAILURE_TYPE = [
-    ("node", "address"),
-    ("jobId", "bytes32"),
-    ("start", "uint32"),
-    ("end", "uint32"),
-    ("reason", "string"),
-]
-
-
 class SpotCheckFailure(WireModel):
     """A runner's signed statement that ``node`` did not hand over what a drawn check needed (its
     transcript of a session it served): no evidence to slash on, a failed verification for its
@@ -449,22 +393,23 @@ class SpotCheckFailure(WireModel):
     detail: str = Field(default="", max_length=500)  # not signed: for the log only
     runner_signature: str = Field(default="", pattern=r"^(0x[0-9a-fA-F]{130})?$")
 
-    def _typed_data(self, domain: Domain) -> dict[str, Any]:
-        message = {
+    def runner_message(self) -> dict[str, Any]:
+        """The signed fields (``detail`` is not signed)."""
+        return {
             "node": self.node,
             "jobId": bytes.fromhex(self.job_id[2:]),
             "start": self.start,
             "end": self.end,
             "reason": self.reason,
         }
-        return runner_typed_data(domain, message, "SpotCheckFailure", SPOT_CHECK_FAILURE_TYPE)
 
     def signed_by_runner(self, runner_key: bytes | str, oracle_domain: Domain) -> SpotCheckFailure:
-        return self.model_copy(update={"runner_signature": sign_runner(self._typed_data(oracle_domain), runner_key)})
+        signature = sign_runner(runner_key, oracle_domain, "SpotCheckFailure", self.runner_message())
+        return self.model_copy(update={"runner_signature": signature})
 
     def runner(self, oracle_domain: Domain) -> str | None:
         """The address that signed it (None when unsigned or unrecoverable)."""
-        return recover_runner(self._typed_data(oracle_domain), self.runner_signature)
+        return recover_runner(oracle_domain, "SpotCheckFailure", self.runner_message(), self.runner_signature)
 
     def key(self) -> tuple[str, str, int]:
         return self.node.lower(), self.job_id.lower(), self.start

@@ -23,25 +23,17 @@ import logging
 from typing import Any, Protocol
 
 import zstandard
-from eth_account import Account
-from eth_account.messages import encode_typed_data
 from eth_utils import keccak
 from pydantic import ConfigDict, Field, ValidationError
 from web3 import Web3
 
-from dlis_market.chain.typed_data import Domain
+from dlis_market.chain.typed_data import Domain, recover_typed, sign_typed, typed_digest
 from dlis_market.protocol.errors import TelemetryRefusedError
 from dlis_market.types import LayerRange, NodeId, WireModel
 
 log = logging.getLogger(__name__)
 
 ORACLE_DOMAIN = ("DLIS Oracle", "1")
-TELEMETRY_TYPE = [
-    ("node", "address"),
-    ("seq", "uint64"),
-    ("timestamp", "uint64"),
-    ("metricsHash", "bytes32"),
-]
 REFUSAL_REASONS = ("oversized", "malformed", "forged", "unregistered", "duplicate", "superseded", "stale", "future")
 MAX_LATENCIES = 256
 MAX_JOBS = 64
@@ -114,37 +106,18 @@ class SignedTelemetry(WireModel):
 
     def digest(self, domain: Domain) -> bytes:
         """The EIP-712 digest the node signed: what the Merkle leaf of an epoch commits to."""
-        signable = encode_typed_data(full_message=_full_message(domain, self.report))
-        return bytes(keccak(b"\x19" + signable.version + signable.header + signable.body))
-
-
-def _full_message(domain: Domain, report: TelemetryReport) -> dict[str, Any]:
-    return {
-        "types": {
-            "EIP712Domain": [
-                {"name": "name", "type": "string"},
-                {"name": "version", "type": "string"},
-                {"name": "chainId", "type": "uint256"},
-                {"name": "verifyingContract", "type": "address"},
-            ],
-            "Telemetry": [{"name": n, "type": t} for n, t in TELEMETRY_TYPE],
-        },
-        "primaryType": "Telemetry",
-        "domain": domain.as_dict(),
-        "message": report.message(),
-    }
+        return typed_digest(domain, "Telemetry", self.report.message())
 
 
 def sign_telemetry(private_key: bytes | str, domain: Domain, report: TelemetryReport) -> SignedTelemetry:
     """Sign ``report`` with the node key (the worker side)."""
-    signed = Account.sign_message(encode_typed_data(full_message=_full_message(domain, report)), private_key)
-    return SignedTelemetry(report=report, signature="0x" + bytes(signed.signature).hex())
+    signature = sign_typed(private_key, domain, "Telemetry", report.message())
+    return SignedTelemetry(report=report, signature=signature.hex())
 
 
 def telemetry_signer(domain: Domain, signed: SignedTelemetry) -> str:
     """The checksummed address that signed the report (another address when forged)."""
-    signable = encode_typed_data(full_message=_full_message(domain, signed.report))
-    return str(Account.recover_message(signable, signature=bytes.fromhex(signed.signature[2:])))
+    return recover_typed(domain, "Telemetry", signed.report.message(), bytes.fromhex(signed.signature[2:]))
 
 
 def encode_telemetry(signed: SignedTelemetry, level: int = 3) -> bytes:
