@@ -27,6 +27,32 @@ def _merge(settings: Settings, section: str, updates: dict[str, Any]) -> Setting
     return settings.model_copy(update={section: type(part).model_validate(part.model_dump())})
 
 
+def with_deployment(settings: Settings) -> Settings:
+    """Fill the node's contract addresses that no flag or setting gave (still the zero address)
+    from this chain's deployment manifest (HOME/deployments/<chain id>.json), like every other
+    command reads them; says which it took. Without a manifest they stay as given."""
+    from dlis_market.chain.deployment import deployment_path, read_deployment
+
+    path = deployment_path(settings.deployments_dir, settings.node.chain_id)
+    if not path.exists():
+        return settings
+    dep = read_deployment(settings.deployments_dir, settings.node.chain_id)
+    zero = "0x" + "00" * 20
+    fields = {
+        "market_address": "JobMarket",
+        "registry_address": "NodeRegistry",
+        "reputation_address": "ReputationOracle",
+    }
+    taken = {
+        field: dep.address_of(name)
+        for field, name in fields.items()
+        if getattr(settings.node, field).lower() == zero and name in dep.contracts
+    }
+    for field, address in taken.items():
+        typer.echo(f"{fields[field]} {address} (from {path})", err=True)
+    return _merge(settings, "node", taken) if taken else settings
+
+
 BYZANTINE_WARNING = (
     "WARNING: --byzantine: TEST ONLY: this worker corrupts its outputs and will be slashed. "
     "Never run it with real stake."
@@ -118,6 +144,7 @@ def start(
             },
         )
         settings = _merge(settings, "chain", {"model_publisher": publisher})
+        settings = with_deployment(settings)
         _check_telemetry(settings)
         if byzantine:
             typer.echo(BYZANTINE_WARNING, err=True)

@@ -42,3 +42,29 @@ def test_start_is_mounted_with_its_options() -> None:
     assert result.exit_code == 0
     for flag in ("--layers", "--auto", "--manifest-cid", "--initial-peer", "--price", "--market", "--registry"):
         assert flag in result.output
+
+
+def test_start_takes_contract_addresses_from_the_deployment_manifest(tmp_path: Path) -> None:
+    """A worker started without --market/--registry used to sign receipts and attestations for
+    the zero address (wrong EIP-712 domains, so nothing it signed settled). It now reads them from
+    the chain's deployment manifest, as every other command does; flags still win."""
+    from dlis_market.chain.deployment import DeployedContract, Deployment, write_deployment
+    from dlis_market.settings import Settings
+
+    contracts = {
+        name: DeployedContract(address="0x" + f"{i + 1:02x}" * 20, block=1, abi=[])
+        for i, name in enumerate(["DLISToken", "StakingManager", "NodeRegistry", "ReputationOracle", "JobMarket"])
+    }
+    zero = "0x" + "00" * 20
+    dep = Deployment(chain_id=31337, deployer=zero, treasury=zero, broker=zero, oracle=zero, contracts=contracts)
+    settings = Settings.load(environ={"DLIS_HOME": str(tmp_path)})
+    write_deployment(settings.deployments_dir, dep)
+    filled = worker.with_deployment(settings)
+    assert filled.node.market_address == contracts["JobMarket"].address
+    assert filled.node.registry_address == contracts["NodeRegistry"].address
+    assert filled.node.reputation_address == contracts["ReputationOracle"].address
+    flagged = worker._merge(settings, "node", {"market_address": "0x" + "99" * 20})
+    assert worker.with_deployment(flagged).node.market_address == "0x" + "99" * 20
+    assert (
+        worker.with_deployment(Settings.load(environ={"DLIS_HOME": str(tmp_path / "none")})).node.market_address == zero
+    )
