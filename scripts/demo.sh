@@ -82,7 +82,9 @@ IPFS_ADDR=$(dlis ipfs id --json | json 'd["addresses"][0]')
 echo "== model: import, shard, publish"
 SHARDS="$DLIS_HOME/shards/smollm2-135m"
 dlis model import smollm2-135m
-if [ ! -e "$SHARDS/manifest.json" ]; then
+# (re-)shard when there are no shards, or they were written by an older format this build refuses
+if ! python -c "from dlis_market.inference.manifest import load_manifest; load_manifest('$SHARDS')" 2>/dev/null; then
+  rm -rf "$SHARDS"
   dlis model shard "$DLIS_HOME/models/smollm2-135m" --stages 3 --dtype bf16 --out "$SHARDS"
 fi
 PUB=$(dlis model publish "$SHARDS" --json)
