@@ -16,9 +16,19 @@ app = typer.Typer(help="Start, inspect and stop the local chain (Anvil on 127.0.
 PortOpt = Annotated[int, typer.Option(help="Anvil port on 127.0.0.1.")]
 
 
+def _shape(abi: list[dict[str, Any]]) -> set[tuple[Any, ...]]:
+    """What an ABI exposes (kinds, names, argument and result types), ignoring how it is written."""
+
+    def types(items: list[dict[str, Any]] | None) -> tuple[str, ...]:
+        return tuple(str(i.get("type")) + str(types(i.get("components"))) for i in items or [])
+
+    return {(e.get("type"), e.get("name", e.get("type")), types(e.get("inputs")), types(e.get("outputs"))) for e in abi}
+
+
 def _deployed(settings: Any, w3: Web3) -> bool:
     from web3 import Web3
 
+    from dlis_market.chain.deploy import load_artifact
     from dlis_market.chain.deployment import read_deployment
     from dlis_market.chain.errors import DeploymentNotFoundError
 
@@ -26,7 +36,14 @@ def _deployed(settings: Any, w3: Web3) -> bool:
         dep = read_deployment(settings.deployments_dir, int(w3.eth.chain_id))
     except DeploymentNotFoundError:
         return False
-    return all(len(w3.eth.get_code(Web3.to_checksum_address(c.address))) > 0 for c in dep.contracts.values())
+    if not all(len(w3.eth.get_code(Web3.to_checksum_address(c.address))) > 0 for c in dep.contracts.values()):
+        return False
+    # A chain kept from an older checkout holds contracts this build no longer speaks to.
+    changed = [name for name, c in dep.contracts.items() if _shape(c.abi) != _shape(load_artifact(name)["abi"])]
+    if changed:
+        console.print(f"the compiled {', '.join(changed)} differ from the ones deployed here: deploying again")
+        return False
+    return True
 
 
 @app.command()

@@ -127,5 +127,16 @@ def test_chain_up_runs_brownie_deploy_and_persists_state(tmp_path):
             app, ["account", "balance", "0x000000000000000000000000000000000000dEaD", "--json"], env=env
         )
         assert json.loads(bal.stdout)["dlis"] == 7 * UNIT
+
+        # A chain kept from an older checkout: its JobMarket's ABI is not this build's. `chain up`
+        # deploys again instead of handing out contracts this build cannot talk to.
+        path = tmp_path / "deployments" / "31337.json"
+        stale = json.loads(path.read_text())
+        stale["contracts"]["JobMarket"]["abi"] = stale["contracts"]["JobMarket"]["abi"][1:]
+        path.write_text(json.dumps(stale))
+        third = runner.invoke(app, ["chain", "up", "--port", str(port), "--json"], env=env)
+        assert third.exit_code == 0, third.output
+        assert "differ from the ones deployed here" in third.output
+        assert json.loads(third.stdout[third.stdout.index("{") :])["deployed"]
     finally:
         runner.invoke(app, ["chain", "down", "--port", str(port)], env=env)
