@@ -1,13 +1,20 @@
 """Benchmark: a 3-worker loopback P2P pipeline vs single-process generation, in the same run.
 
     .venv/bin/python bench/pipeline_p2p.py [--dtype bf16] [--new-tokens 32] [--sessions 1,4,8]
+        [--prompts same|mixed] [--out bench/results/pipeline_p2p.json]
 
 Imports SmolLM2-135M (cached), exports it as 3 shards, starts 3 workers as separate processes
 (``python -m dlis_market.cli.worker start``) on 127.0.0.1, then for each concurrency level runs
 the same prompts through ``LocalPipeline`` (one process, same shards, batched) and through the
 P2P pipeline driver (one session per prompt, concurrent). Reports tokens/s (generated tokens over
 wall time, prefill included), time to first token, and the per-hop latency (half the round trip
-of a small request on an open stream). Workers are killed at the end, whatever happens.
+of a small request on an open stream), and per worker, from its /metrics, how many sessions each
+decode forward call carried and the share of the wall time it spent computing. Workers are killed
+at the end, whatever happens.
+
+``--prompts same`` cuts every prompt to the shortest one, so sessions can sit at the same
+position; ``mixed`` keeps their own lengths (5-9 tokens), so they never do. The JSON records the
+machine and the load average before and after (the machine may be shared).
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ import statistics
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -32,9 +40,12 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests" / "integration" / "node"))
+sys.path.insert(0, str(ROOT / "bench"))
 
+from machine_info import machine_info  # noqa: E402  (bench/ is on sys.path)
 from node_helpers import Swarm, driver_settings, wait_for_spans  # noqa: E402
 
+import dlis_market  # noqa: E402
 from dlis_market.inference.importer import import_model  # noqa: E402
 from dlis_market.inference.pipeline import LocalPipeline  # noqa: E402
 from dlis_market.inference.shard_export import export_shards  # noqa: E402
@@ -81,6 +92,42 @@ async def p2p_run(driver: PipelineDriver, model: str, prompts: list[list[int]], 
     return {"tokens_per_s": tokens / wall, "ttft_s": statistics.mean(f for _, f in results), "wall_s": wall}
 
 
+def step_counters(metrics_url: str) -> dict[str, float]:
+    """``{phase}_count`` and ``{phase}_s`` of the worker's stage-step histogram (one sample per call)."""
+    with urllib.request.urlopen(metrics_url, timeout=10) as resp:  # 127.0.0.1 only
+        text = resp.read().decode()
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        for phase in ("decode", "prefill"):
+            tag = f'{{phase="{phase}"}} '
+            if line.startswith("dlis_worker_stage_step_seconds_count" + tag):
+                out[f"{phase}_count"] = float(line.split()[-1])
+            elif line.startswith("dlis_worker_stage_step_seconds_sum" + tag):
+                out[f"{phase}_s"] = float(line.split()[-1])
+    return out
+
+
+def worker_load(
+    before: list[dict[str, float]], after: list[dict[str, float]], decode_steps: int, wall_s: float
+) -> list[dict[str, float]]:
+    """Per worker: sessions per decode call and the share of ``wall_s`` spent in forward calls.
+
+    A call is one ``Stage.forward`` of a merged batch; before continuous batching a call still ran
+    one forward pass per position inside.
+    """
+    rows = []
+    for b, a in zip(before, after, strict=True):
+        d = {k: a.get(k, 0.0) - b.get(k, 0.0) for k in ("decode_count", "decode_s", "prefill_count", "prefill_s")}
+        rows.append(
+            {
+                "decode_calls": d["decode_count"],
+                "sessions_per_decode_call": decode_steps / d["decode_count"] if d["decode_count"] else 0.0,
+                "busy_share": (d["decode_s"] + d["prefill_s"]) / wall_s,
+            }
+        )
+    return rows
+
+
 async def hop_latency(driver: PipelineDriver, peers: list[str], repeats: int = 50) -> dict[str, float]:
     out = {}
     for peer in peers:
@@ -99,6 +146,7 @@ def main() -> None:
     ap.add_argument("--sessions", default="1,4,8")
     ap.add_argument("--threads", type=int, default=2, help="torch threads per worker and for the baseline")
     ap.add_argument("--repeats", type=int, default=2, help="alternating runs per level; the best is kept")
+    ap.add_argument("--prompts", default="same", choices=["same", "mixed"], help="cut to one length, or keep each")
     ap.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -108,20 +156,28 @@ def main() -> None:
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     encoded = [list(tok(p)["input_ids"]) for p in PROMPTS]
-    # Same length for every prompt: sessions then sit at the same position and share forward
-    # passes (a stage batches only sessions whose caches have the same length), locally and P2P.
+    # "same": one length for every prompt, so sessions that start together stay at the same
+    # position. "mixed": each prompt keeps its length, so sessions never share a position.
     length = min(len(p) for p in encoded)
-    prompts = [p[:length] for p in encoded]
+    prompts = [p[:length] for p in encoded] if args.prompts == "same" else encoded
     results: dict[str, Any] = {
         "dtype": args.dtype,
         "new_tokens": args.new_tokens,
         "threads": args.threads,
-        "prompt_tokens": length,
+        "prompts": args.prompts,
+        "prompt_tokens": [len(p) for p in prompts],
+        "machine": machine_info(),
+        "loadavg_before": os.getloadavg(),
+        # The workers run ``python -m`` here, so they import dlis_market from this directory first;
+        # to compare two checkouts, run the bench from each one's root.
+        "cwd": os.getcwd(),
+        "dlis_market": str(Path(dlis_market.__file__).parent),
     }
     with tempfile.TemporaryDirectory() as tmp:
         manifest = export_shards(model_dir, Path(tmp) / "shards", stages=3, dtype=args.dtype)
         ranges = [f"{s.layers.start}:{s.layers.end}" for s in manifest.stages]
-        env = {"OMP_WAIT_POLICY": os.environ["OMP_WAIT_POLICY"]}
+        # A free metrics port per worker: the bench reads each stage's forward calls from it.
+        env = {"OMP_WAIT_POLICY": os.environ["OMP_WAIT_POLICY"], "DLIS_NODE__METRICS_PORT": "0"}
         results["omp_wait_policy"] = env["OMP_WAIT_POLICY"]
         with Swarm(Path(tmp) / "swarm", threads=args.threads, env=env) as swarm:
             workers = swarm.start_workers([(Path(tmp) / "shards", r, f"w{i}") for i, r in enumerate(ranges)])
@@ -138,21 +194,38 @@ def main() -> None:
                         batch = [prompts[i % len(prompts)] for i in range(n)]
                         # Alternate and keep the best of each: the machine is shared and noisy.
                         runs_local, runs_p2p = [], []
+                        urls = [str(w.info["metrics_url"]) for w in workers]
+                        counters = [step_counters(u) for u in urls]
                         for _ in range(args.repeats):
                             runs_local.append(local_run(pipe, batch, args.new_tokens))
                             runs_p2p.append(await p2p_run(driver, manifest.model_name, batch, args.new_tokens))
                         local = max(runs_local, key=lambda r: r["tokens_per_s"])
                         p2p = max(runs_p2p, key=lambda r: r["tokens_per_s"])
+                        one = results.get("sessions_1")
+                        load = worker_load(
+                            counters,
+                            [step_counters(u) for u in urls],
+                            sum(round(r["tokens_per_s"] * r["wall_s"]) - n for r in runs_p2p),  # decode steps
+                            sum(r["wall_s"] for r in runs_p2p),
+                        )
                         results[f"sessions_{n}"] = {
                             "single_process": local,
                             "p2p_3_workers": p2p,
                             "ratio": p2p["tokens_per_s"] / local["tokens_per_s"],
+                            "p2p_workers": load,
+                            "p2p_vs_1_session": (
+                                p2p["tokens_per_s"] / one["p2p_3_workers"]["tokens_per_s"] if one else 1.0
+                            ),
+                            "local_vs_1_session": (
+                                local["tokens_per_s"] / one["single_process"]["tokens_per_s"] if one else 1.0
+                            ),
                         }
                         print(json.dumps({n: results[f"sessions_{n}"]}), flush=True)
                 finally:
                     await driver.close()
 
             asyncio.run(p2p_all())
+    results["loadavg_after"] = os.getloadavg()
     text = json.dumps(results, indent=2)
     print(text)
     if args.out:

@@ -1,8 +1,16 @@
 """Per-session KV caches of one stage, their limits, eviction, and batching across sessions.
 
 Each session owns a ``DynamicCache`` built from the stage config (so Gemma3 sliding layers get
-sliding cache layers). Sessions at the same position are run in one forward pass by stacking
-their caches along the batch dimension and splitting them back afterwards.
+sliding cache layers). Sessions run in one forward pass by stacking their caches along the batch
+dimension and splitting them back afterwards. Sessions at different positions (continuous
+batching) are stacked left-padded to the longest cache: row ``i`` holds its ``n_i`` real slots
+at the end, :func:`padding_mask` marks the padding, stage models attend with
+:data:`RAGGED_SDPA` (each padded row over its own slots, exactly as alone), and
+:func:`split_cache` gives each session back its own slots only. That needs caches whose every
+layer is a plain full-attention
+``DynamicLayer`` (:func:`can_pad`); sliding-window layers (Gemma3) keep only their last window
+and count tokens in ``cumulative_length``, so sessions at different positions cannot share one
+padded tensor there and run as separate passes.
 """
 
 from __future__ import annotations
@@ -12,8 +20,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from transformers import PretrainedConfig
-from transformers.cache_utils import DynamicCache
+from torch import nn
+from transformers import AttentionInterface, AttentionMaskInterface, PretrainedConfig
+from transformers.cache_utils import DynamicCache, DynamicLayer
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import sdpa_mask
 
 from dlis_market.inference.errors import ContextLengthError, SessionError
 from dlis_market.inference.sampling import SamplingParams
@@ -97,34 +108,141 @@ class SessionStore:
         return total
 
 
+# The attention implementation of every stage model: transformers' SDPA attention, except on a
+# left-padded batch, where each row attends over its own slots only, in its own SDPA call with the
+# very arguments (shapes; mask or none) it gets when it runs alone. Attention is then bit for bit
+# the session-alone computation, and a padded batch differs from the session alone no more than a
+# batch at one position does (matmul blocking over the batch): on CPU bf16 that is usually not at
+# all, which keeps failover replays exact. One SDPA call over the padded batch with a mask takes
+# another kernel path and other kv lengths: measured on SmolLM2 bf16 layers [10, 20), 8 sessions x
+# 10 decode steps, 9/80 outputs bit-identical to the session alone, against 63/80 row by row (and
+# 55/80 for a batch at one position). Row by row costs 8 small SDPA calls per layer instead of one
+# (+25% per step at 8 rows and 8-57 tokens, +55% at 400-450, bf16 on 2 cores).
+RAGGED_SDPA = "dlis_ragged_sdpa"
+
+
+def ragged_sdpa_attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """transformers' SDPA attention; on a left-padded batch, row by row over the real slots."""
+    # Padding shows as leading slots that no query of a row may see. Only full-attention layers are
+    # ever padded (can_pad below), and there slot 0 is otherwise seen by every query; a sliding
+    # window hides early slots for other reasons, so sliding layers always take the plain path.
+    padded = (
+        attention_mask is not None
+        and attention_mask.dtype == torch.bool
+        and kwargs.get("sliding_window") is None
+        and not bool(attention_mask[:, 0, :, 0].any(dim=-1).all())
+    )
+    if attention_mask is None or not padded:
+        out, _ = sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+        return out, None
+    q_len = query.shape[2]
+    rows = []
+    for row in range(query.shape[0]):
+        start = int(attention_mask[row, 0].any(dim=0).to(torch.uint8).argmax())  # first real slot
+        real = key.shape[2] - start
+        # Alone, SDPA gets no mask for one query or for a first prefill; else the causal mask.
+        mask = None if q_len == 1 or real == q_len else attention_mask[row : row + 1, :, :, start:]
+        k, v = key[row : row + 1, :, start:], value[row : row + 1, :, start:]
+        out, _ = sdpa_attention_forward(module, query[row : row + 1], k, v, mask, **kwargs)
+        rows.append(out)
+    return torch.cat(rows), None
+
+
+AttentionInterface.register(RAGGED_SDPA, ragged_sdpa_attention)
+AttentionMaskInterface.register(RAGGED_SDPA, sdpa_mask)
+
+
+def can_pad(config: PretrainedConfig) -> bool:
+    """True when caches of ``config`` are plain full-attention layers, so rows may be padded."""
+    return all(type(layer) is DynamicLayer for layer in DynamicCache(config=config).layers)
+
+
+def cache_length(cache: DynamicCache) -> int:
+    """Tokens held by ``cache`` (0 before its first step)."""
+    return int(cache.get_seq_length())
+
+
 def stack_caches(caches: list[DynamicCache], config: PretrainedConfig) -> DynamicCache:
-    """One cache whose batch holds ``caches`` in order; all must be at the same length."""
+    """One cache whose batch holds ``caches`` in order, left-padded with zeros to the longest.
+
+    Caches of different lengths need :func:`can_pad` (plain full-attention layers) and the
+    attention mask of :func:`padding_mask`; caches of one length are concatenated as they are.
+    """
     out = DynamicCache(config=config)
     for i, layer in enumerate(out.layers):
         sources: list[Any] = [c.layers[i] for c in caches]
-        if not sources[0].is_initialized:
+        filled = [s for s in sources if s.is_initialized and s.get_seq_length() > 0]
+        if not filled:
             continue
         target: Any = layer
-        keys = torch.cat([s.keys for s in sources], dim=0)
-        values = torch.cat([s.values for s in sources], dim=0)
+        lengths = [s.get_seq_length() if s.is_initialized else 0 for s in sources]
+        if len(filled) == len(sources) and len(set(lengths)) == 1:
+            keys = torch.cat([s.keys for s in sources], dim=0)
+            values = torch.cat([s.values for s in sources], dim=0)
+        else:
+            if type(target) is not DynamicLayer:
+                raise SessionError(
+                    f"cache layer {i} is a {type(target).__name__}: sessions at different positions "
+                    f"({min(lengths)}..{max(lengths)} tokens) cannot be padded into one batch; run them apart"
+                )
+            ref = filled[0]
+            longest = max(lengths)
+            keys = ref.keys.new_zeros((len(sources), ref.keys.shape[1], longest, ref.keys.shape[3]))
+            values = ref.values.new_zeros((len(sources), ref.values.shape[1], longest, ref.values.shape[3]))
+            for row, (source, n) in enumerate(zip(sources, lengths, strict=True)):
+                if n:
+                    keys[row, :, longest - n :] = source.keys[0]
+                    values[row, :, longest - n :] = source.values[0]
         target.lazy_initialization(keys, values)
         target.keys, target.values = keys, values
-        if hasattr(sources[0], "cumulative_length"):
-            target.cumulative_length = sources[0].cumulative_length
+        if hasattr(filled[0], "cumulative_length"):
+            target.cumulative_length = filled[0].cumulative_length
     return out
 
 
-def split_cache(batched: DynamicCache, caches: list[DynamicCache]) -> None:
-    """Write row ``i`` of ``batched`` back into ``caches[i]``."""
+def padding_mask(lengths: list[int], new_tokens: int) -> torch.Tensor | None:
+    """``[B, longest + new_tokens]`` bool mask of a batch left-padded to the longest of ``lengths``.
+
+    True marks real slots: each row's ``lengths[i]`` cached tokens (at the end of the padded
+    part) and the ``new_tokens`` of this step. None when every length is the same (no padding).
+    """
+    if len(set(lengths)) <= 1:
+        return None
+    longest = max(lengths)
+    slots = torch.arange(longest + new_tokens).unsqueeze(0)
+    first_real = torch.tensor([longest - n for n in lengths]).unsqueeze(1)
+    return slots >= first_real
+
+
+def split_cache(batched: DynamicCache, caches: list[DynamicCache], lengths: list[int] | None = None) -> None:
+    """Write row ``i`` of ``batched`` back into ``caches[i]``: its last ``lengths[i]`` slots (all if None).
+
+    Without ``lengths`` rows are views of the batched tensors (no copy; a session's next step
+    concatenates a new tensor anyway). With ``lengths`` (a padded batch) each row is copied out,
+    so that no session keeps the padding, or the other rows, alive in memory.
+    """
     for i, layer in enumerate(batched.layers):
         source: Any = layer
         if not source.is_initialized:
             continue
+        total = source.keys.shape[-2]
         for row, cache in enumerate(caches):
             target: Any = cache.layers[i]
             if not target.is_initialized:
                 target.lazy_initialization(source.keys, source.values)
-            target.keys = source.keys[row : row + 1]
-            target.values = source.values[row : row + 1]
+            if lengths is None:
+                target.keys = source.keys[row : row + 1]
+                target.values = source.values[row : row + 1]
+            else:
+                start = total - lengths[row]
+                target.keys = source.keys[row : row + 1, :, start:].clone()
+                target.values = source.values[row : row + 1, :, start:].clone()
             if hasattr(source, "cumulative_length"):
                 target.cumulative_length = source.cumulative_length

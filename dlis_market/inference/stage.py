@@ -24,7 +24,16 @@ from dlis_market.inference.errors import (
     StageMismatchError,
 )
 from dlis_market.inference.families import Family, family_for
-from dlis_market.inference.kv_cache import Session, SessionStore, split_cache, stack_caches
+from dlis_market.inference.kv_cache import (
+    RAGGED_SDPA,
+    Session,
+    SessionStore,
+    cache_length,
+    can_pad,
+    padding_mask,
+    split_cache,
+    stack_caches,
+)
 from dlis_market.inference.manifest import Manifest, StageEntry, load_manifest
 from dlis_market.inference.messages import StageInput, StageOutput
 from dlis_market.inference.quantization import compute_dtype, install_quantized
@@ -68,6 +77,10 @@ class Stage:
         self.is_first = entry.has_embeddings
         self.is_last = entry.has_head
         self.sessions = SessionStore(self.stage_config, settings.max_sessions, settings.max_session_tokens)
+        # Continuous batching: sessions at different positions share one pass, their caches
+        # left-padded to the longest. Only for plain full-attention caches; a stage with sliding
+        # layers (Gemma3) groups sessions by position instead (see kv_cache).
+        self.mixes_positions = can_pad(self.stage_config)
 
     # ------------------------------------------------------------------ loading
 
@@ -126,6 +139,8 @@ class Stage:
         if manifest.quantization:
             install_quantized(model, family.layers_path, tensors, manifest.quantization)
         model.load_state_dict(tensors, assign=True, strict=False)
+        if model.config._attn_implementation == "sdpa":  # padded batches attend row by row (kv_cache)
+            model.set_attn_implementation(RAGGED_SDPA)
         # After the install: bitsandbytes modules choose their fast CPU kernels in eval mode only.
         model.eval()
         if entry.has_head and manifest.tie_word_embeddings and family.head_weight not in tensors:
@@ -201,18 +216,23 @@ class Stage:
 
     @torch.inference_mode()
     def forward(self, inp: StageInput) -> StageOutput:
-        """Run one step for a batch of sessions; sessions at the same position share one forward pass."""
+        """Run one step for a batch of sessions, in one forward pass even at different positions.
+
+        Stages whose caches cannot be padded (:attr:`mixes_positions` False) run one pass per
+        position. Either way each session's output is its own: padded cache slots are masked out.
+        """
         sessions = self._check_input(inp)
         data = inp.token_ids if self.is_first else inp.hidden
         if data is None:  # _check_input raised already; this narrows the type
             raise StageMismatchError(f"stage {self.layers} got an input without data")
         groups: dict[int, list[int]] = {}
         for row, pos in enumerate(inp.positions):
-            groups.setdefault(pos, []).append(row)
+            groups.setdefault(0 if self.mixes_positions else pos, []).append(row)
         out_rows: dict[int, torch.Tensor] = {}
         try:
-            for pos, rows in groups.items():
-                result = self._run_group(data[rows], pos, [sessions[r].cache for r in rows])
+            for rows in groups.values():
+                positions = [inp.positions[r] for r in rows]
+                result = self._run_group(data[rows], positions, [sessions[r].cache for r in rows])
                 for i, r in enumerate(rows):
                     out_rows[r] = result[i : i + 1]
         except Exception:
@@ -238,14 +258,18 @@ class Stage:
             logits=logits if inp.want_logits else None,
         )
 
-    def _run_group(self, data: torch.Tensor, pos: int, caches: list[DynamicCache]) -> torch.Tensor:
+    def _run_group(self, data: torch.Tensor, positions: list[int], caches: list[DynamicCache]) -> torch.Tensor:
+        """One forward pass; row ``i`` continues ``caches[i]``, which holds ``positions[i]`` tokens."""
         batch, length = data.shape[0], data.shape[1]
-        position_ids = torch.arange(pos, pos + length, dtype=torch.long).unsqueeze(0).expand(batch, -1)
+        offsets = torch.arange(length, dtype=torch.long).unsqueeze(0)
+        position_ids = torch.tensor(positions, dtype=torch.long).unsqueeze(1) + offsets  # per row: rotary
         cache = caches[0] if batch == 1 else stack_caches(caches, self.stage_config)
+        lengths = [cache_length(c) for c in caches]  # == positions (checked), as stack_caches sees them
+        mask = padding_mask(lengths, length)  # None unless the rows' caches differ in length
         hidden = self.family.embed(self.model, data, position_ids) if self.is_first else data.to(self.dtype)
-        hidden = self.family.run_layers(self.model, hidden, position_ids, cache, self.stage_config)
+        hidden = self.family.run_layers(self.model, hidden, position_ids, cache, self.stage_config, mask)
         if batch > 1:
-            split_cache(cache, caches)
+            split_cache(cache, caches, None if mask is None else [n + length for n in lengths])
         if self.is_last:
             return self.family.head(self.model, hidden)[:, -1, :]
         return hidden

@@ -4,7 +4,9 @@ A stage keeps, next to the KV cache the inference ``Stage`` holds, each session'
 (who gets its output, who opened it) and its receipt ledger. Steps that arrive while the stage
 is busy queue up; :func:`plan_batches` merges the queued inputs of different sessions into one
 ``StageInput`` per token count, after checking each input alone, so that one bad input (unknown
-session, wrong position, wrong shape) is refused without touching the others.
+session, wrong position, wrong shape) is refused without touching the others. Positions need not
+match: the stage runs sessions at different positions in one forward pass (continuous batching,
+``inference/kv_cache.py``), except on stages with sliding-window layers, which split by position.
 """
 
 from __future__ import annotations

@@ -48,8 +48,13 @@ class Family(ABC):
         position_ids: torch.Tensor,
         cache: Cache,
         config: PretrainedConfig,
+        attention_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Run the stage's layers; ``config`` is the stage config (its own layer count)."""
+        """Run the stage's layers; ``config`` is the stage config (its own layer count).
+
+        ``attention_mask`` (``[B, cached + T]``, False = padding) marks the cache slots each row may
+        attend to, for rows of a batch whose caches were padded to one length; None: all of them.
+        """
 
     @abstractmethod
     def head(self, model: Any, hidden: torch.Tensor) -> torch.Tensor:

@@ -29,11 +29,12 @@ class Gemma3Family(LlamaFamily):
         position_ids: torch.Tensor,
         cache: Cache,
         config: PretrainedConfig,
+        attention_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         kwargs = {
             "config": config,
             "inputs_embeds": hidden,
-            "attention_mask": None,
+            "attention_mask": attention_mask,
             "cache": cache,
             "position_ids": position_ids,
         }

@@ -40,9 +40,10 @@ class GPT2Family(Family):
         position_ids: torch.Tensor,
         cache: Cache,
         config: PretrainedConfig,
+        attention_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         mask = create_causal_mask(
-            config=config, inputs_embeds=hidden, attention_mask=None, cache=cache, position_ids=position_ids
+            config=config, inputs_embeds=hidden, attention_mask=attention_mask, cache=cache, position_ids=position_ids
         )
         for block in model.transformer.h:
             hidden = first_output(block(hidden, cache, mask, None, use_cache=True, position_ids=position_ids))

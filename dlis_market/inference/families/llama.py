@@ -34,10 +34,11 @@ class LlamaFamily(Family):
         position_ids: torch.Tensor,
         cache: Cache,
         config: PretrainedConfig,
+        attention_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         # Mask before the layers update the cache, exactly as LlamaModel.forward does.
         mask = create_causal_mask(
-            config=config, inputs_embeds=hidden, attention_mask=None, cache=cache, position_ids=position_ids
+            config=config, inputs_embeds=hidden, attention_mask=attention_mask, cache=cache, position_ids=position_ids
         )
         rotary = model.model.rotary_emb(hidden, position_ids=position_ids)
         for layer in model.model.layers:

@@ -1,0 +1,353 @@
+"""Continuous batching: sessions at different positions share one forward pass per stage step.
+
+A stage left-pads the stacked KV caches to the longest, masks the padding out, gives each row its
+own position ids and writes each row's real slots back to its own session. Every session must
+come out as if it had run alone: fp32 greedy tokens identical and logits within 1e-5, bf16 far
+inside the project's bf16 tolerance (``oracle.verification.TOLERANCES``), with sessions joining
+and leaving between steps. Stages with sliding-window layers (Gemma3) keep one pass per position.
+
+On SmolLM2's layer shape (1536-wide MLP) batching *at one position*, as stages did before, already
+moves fp32 logits by up to 1.05e-5 from a session alone (GEMM blocking depends on the batch size;
+measured); there the bound is the project's fp32 summation-order bound instead
+(``reference.fp32_logit_tolerance``, 7e-5 for this model).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, LlamaConfig
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import sdpa_mask
+
+from dlis_market.inference.errors import SessionError
+from dlis_market.inference.kv_cache import padding_mask, ragged_sdpa_attention, stack_caches
+from dlis_market.inference.manifest import ShardDtype
+from dlis_market.inference.messages import StageInput
+from dlis_market.inference.pipeline import Generation, LocalPipeline
+from dlis_market.inference.shard_export import export_shards
+from dlis_market.inference.stage import Stage
+from dlis_market.oracle.verification import TOLERANCES
+from dlis_market.types import LayerRange
+
+from .reference import fp32_logit_tolerance, hf_generate, load_reference
+
+NEW_TOKENS = 6
+FP32_LOGIT_TOL = 1e-5
+# Four lengths: after prefill no two sessions share a position, so every decode step is ragged.
+PROMPTS = [[5, 17, 3, 44, 9, 28, 60], [71, 2, 33], [12, 40, 7, 8, 19], [3]]
+
+
+def smollm2_style_config() -> LlamaConfig:
+    """SmolLM2-135M's layer shape (hidden 576, 9 query / 3 KV heads of 64, rope 1e5), 2 layers."""
+    return LlamaConfig(
+        vocab_size=128,
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=2,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        max_position_embeddings=64,
+        rope_parameters={"rope_theta": 100000.0, "rope_type": "default"},
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=True,
+    )
+
+
+@pytest.fixture(scope="module")
+def smollm2_style_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    torch.manual_seed(4321)
+    model = AutoModelForCausalLM.from_config(smollm2_style_config())
+    with torch.no_grad():  # larger weights than the default init, so tokens vary
+        for param in model.parameters():
+            if param.ndim >= 2:
+                param.normal_(0.0, 0.06)
+    path = tmp_path_factory.mktemp("smollm2-style")
+    model.save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def model_dir(request: pytest.FixtureRequest, tiny_model_dir: Callable[[str], Path]) -> Path:
+    if request.param == "smollm2_style":
+        return Path(request.getfixturevalue("smollm2_style_dir"))
+    return tiny_model_dir(request.param)
+
+
+def load(model_dir: Path, out: Path, dtype: ShardDtype = "fp32", stages: int = 2) -> LocalPipeline:
+    export_shards(model_dir, out, stages=stages, dtype=dtype)
+    return LocalPipeline.load(out)
+
+
+@dataclass
+class PassCounter:
+    """Counts forward passes per stage (a spy: every call goes through to the real method)."""
+
+    passes: list[list[int]] = field(default_factory=list)  # per stage: batch size of each pass
+
+    def attach(self, stages: list[Stage], monkeypatch: pytest.MonkeyPatch) -> PassCounter:
+        for stage in stages:
+            seen: list[int] = []
+            self.passes.append(seen)
+            real = stage._run_group
+
+            def spy(data: torch.Tensor, *args: Any, _real: Any = real, _seen: list[int] = seen) -> torch.Tensor:
+                _seen.append(data.shape[0])
+                return _real(data, *args)
+
+            monkeypatch.setattr(stage, "_run_group", spy)
+        return self
+
+    def reset(self) -> None:
+        for seen in self.passes:
+            seen.clear()
+
+
+def alone(pipe: LocalPipeline, prompt: list[int], new_tokens: int) -> Generation:
+    return pipe.generate_ids([prompt], new_tokens, want_logits=True)[0]
+
+
+def max_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+    return max(float((x - y).abs().max()) for x, y in zip(a, b, strict=True))
+
+
+def rel_l2(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+    """Worst step's relative L2 error, the measure of ``oracle.verification.compare_outputs``."""
+    return max(float((x - y).norm() / max(x.norm(), y.norm(), 1e-6)) for x, y in zip(a, b, strict=True))
+
+
+def logit_tolerance(pipe: LocalPipeline, reference: list[Generation]) -> float:
+    if int(pipe.config.hidden_size) <= 64:  # the tiny test models
+        return FP32_LOGIT_TOL
+    return fp32_logit_tolerance(pipe.config, [t for g in reference for t in g.logits])
+
+
+@pytest.mark.parametrize("model_dir", ["llama", "gpt2", "smollm2_style"], indirect=True)
+def test_decode_at_different_positions_is_one_pass_and_exact(
+    model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pipe = load(model_dir, tmp_path / "shards")
+    assert all(stage.mixes_positions for stage in pipe.stages)
+    reference = [alone(pipe, p, NEW_TOKENS) for p in PROMPTS]
+
+    counter = PassCounter().attach(pipe.stages, monkeypatch)
+    gens = pipe.generate_ids(PROMPTS, NEW_TOKENS, want_logits=True)
+
+    # Prefill: one pass per prompt length (4); decode: ONE pass of all 4 sessions per step.
+    for seen in counter.passes:
+        assert seen == [1, 1, 1, 1] + [len(PROMPTS)] * (NEW_TOKENS - 1)
+    assert len({len(g.token_ids) for g in reference}) == 1 and len({tuple(g.token_ids) for g in reference}) > 1
+    tolerance = logit_tolerance(pipe, reference)
+    for i, (gen, ref) in enumerate(zip(gens, reference, strict=True)):
+        assert gen.token_ids == ref.token_ids, f"session {i}: greedy tokens differ from the session alone"
+        diff = max_diff(gen.logits, ref.logits)
+        assert diff <= tolerance, f"session {i}: logits differ by {diff} > {tolerance} from the session alone"
+
+
+@dataclass
+class Plan:
+    prompt: list[int]
+    joins: int  # tick at which the session opens and prefills
+    new_tokens: int
+    sid: str = ""
+    tokens: list[int] = field(default_factory=list)
+    logits: list[torch.Tensor] = field(default_factory=list)
+
+
+def drive(pipe: LocalPipeline, plans: list[Plan], counter: PassCounter) -> Iterator[int]:
+    """Tick by tick: new sessions open and prefill, then ONE decode step for every running session.
+
+    Finished sessions close (leave) at once. Yields the number of sessions in each decode pass.
+    """
+    running: list[Plan] = []
+    tick = 0
+    while any(not p.tokens or len(p.tokens) < p.new_tokens for p in plans):
+        for p in plans:
+            if p.joins == tick:
+                p.sid = f"s{plans.index(p)}"
+                for stage in pipe.stages:
+                    stage.open_session(p.sid, len(p.prompt) + p.new_tokens)
+                out = pipe.step(StageInput((p.sid,), (0,), 0, torch.tensor([p.prompt]), None, True))
+                assert out.token_ids is not None and out.logits is not None
+                p.tokens.append(int(out.token_ids[0]))
+                p.logits.append(out.logits[0].clone())
+                running.append(p)
+        decoding = [p for p in running if p.joins < tick]
+        if decoding:
+            counter.reset()
+            ids = torch.tensor([[p.tokens[-1]] for p in decoding])
+            positions = tuple(len(p.prompt) + len(p.tokens) - 1 for p in decoding)
+            out = pipe.step(StageInput(tuple(p.sid for p in decoding), positions, tick, ids, None, True))
+            assert out.token_ids is not None and out.logits is not None
+            for i, p in enumerate(decoding):
+                p.tokens.append(int(out.token_ids[i]))
+                p.logits.append(out.logits[i].clone())
+            assert all(seen == [len(decoding)] for seen in counter.passes), counter.passes
+            yield len(set(positions))
+        for p in [p for p in running if len(p.tokens) == p.new_tokens]:
+            running.remove(p)
+            assert all(stage.close_session(p.sid) for stage in pipe.stages)
+        tick += 1
+
+
+def test_sessions_join_and_leave_between_steps(
+    tiny_model_dir: Callable[[str], Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pipe = load(tiny_model_dir("llama"), tmp_path / "shards", stages=3)
+    plans = [
+        Plan(PROMPTS[0], joins=0, new_tokens=5),  # leaves at tick 4
+        Plan(PROMPTS[1], joins=1, new_tokens=8),
+        Plan(PROMPTS[0], joins=2, new_tokens=4),  # same prompt as session 0, three positions behind
+        Plan(PROMPTS[3], joins=5, new_tokens=6),  # joins after session 0 left
+    ]
+    counter = PassCounter().attach(pipe.stages, monkeypatch)
+    distinct_positions = list(drive(pipe, plans, counter))
+    assert max(distinct_positions) >= 3  # passes really mixed positions
+    assert len(pipe.stages[0].sessions) == 0  # every session left and closed its cache
+    monkeypatch.undo()
+    for i, p in enumerate(plans):
+        ref = alone(pipe, p.prompt, p.new_tokens)
+        assert p.tokens == ref.token_ids, f"session {i}: greedy tokens differ from the session alone"
+        diff = max_diff(p.logits, ref.logits)
+        assert diff <= FP32_LOGIT_TOL, f"session {i}: logits differ by {diff} from the session alone"
+
+
+def test_multi_token_steps_at_different_positions(
+    tiny_model_dir: Callable[[str], Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Chunked prefills (3 tokens per step) at positions 3 and 0, then 6 and 3, in one pass each."""
+    pipe = load(tiny_model_dir("llama"), tmp_path / "shards")
+    a, b = [5, 17, 3, 44, 9, 28, 60, 2, 11], [71, 2, 33, 8, 19, 90]
+
+    def chunked(schedule: list[list[tuple[str, list[int], int]]]) -> dict[str, torch.Tensor]:
+        """Run (session, chunk, position) steps; each inner list is one StageInput."""
+        last: dict[str, torch.Tensor] = {}
+        for step in schedule:
+            out = pipe.step(
+                StageInput(
+                    tuple(s for s, _, _ in step),
+                    tuple(pos for _, _, pos in step),
+                    0,
+                    torch.tensor([chunk for _, chunk, _ in step]),
+                    None,
+                    True,
+                )
+            )
+            assert out.logits is not None
+            for i, (sid, _, _) in enumerate(step):
+                last[sid] = out.logits[i].clone()
+        return last
+
+    def open_all(sids: list[str]) -> None:
+        for stage in pipe.stages:
+            for sid in sids:
+                stage.open_session(sid, 16)
+
+    open_all(["a1", "b1", "a2", "b2"])
+    # alone: each session's chunks in their own steps
+    ref = chunked([[("a1", a[0:3], 0)], [("a1", a[3:6], 3)], [("a1", a[6:9], 6)]])
+    ref |= chunked([[("b1", b[0:3], 0)], [("b1", b[3:6], 3)]])
+    counter = PassCounter().attach(pipe.stages, monkeypatch)
+    together = chunked(
+        [[("a2", a[0:3], 0)], [("a2", a[3:6], 3), ("b2", b[0:3], 0)], [("a2", a[6:9], 6), ("b2", b[3:6], 3)]]
+    )
+    assert all(seen == [1, 2, 2] for seen in counter.passes)
+    assert float((together["a2"] - ref["a1"]).abs().max()) <= FP32_LOGIT_TOL
+    assert float((together["b2"] - ref["b1"]).abs().max()) <= FP32_LOGIT_TOL
+    assert int(together["a2"].argmax()) == int(ref["a1"].argmax())
+    assert int(together["b2"].argmax()) == int(ref["b1"].argmax())
+
+
+@pytest.mark.parametrize("model_dir", ["llama", "smollm2_style"], indirect=True)
+def test_bf16_stays_far_inside_the_bf16_tolerance(
+    model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pipe = load(model_dir, tmp_path / "shards", dtype="bf16")
+    reference = [alone(pipe, p, NEW_TOKENS) for p in PROMPTS]
+    counter = PassCounter().attach(pipe.stages, monkeypatch)
+    gens = pipe.generate_ids(PROMPTS, NEW_TOKENS, want_logits=True)
+    assert all(seen[-1] == len(PROMPTS) for seen in counter.passes)  # decode ran as one pass
+    # The spot-check tolerance must still separate honest from cheating: honest differences stay
+    # an order of magnitude under it, as tests/unit/oracle/test_tolerance.py requires.
+    limit = TOLERANCES["bf16"].max_rel_diff / 10
+    for i, (gen, ref) in enumerate(zip(gens, reference, strict=True)):
+        assert gen.token_ids == ref.token_ids, f"session {i}: greedy tokens differ from the session alone"
+        err = rel_l2(gen.logits, ref.logits)
+        assert err <= limit, f"session {i}: bf16 logits differ by {err} (relative L2) from the session alone"
+
+
+def test_sliding_window_stages_keep_one_pass_per_position(
+    tiny_model_dir: Callable[[str], Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Gemma3: stages with sliding layers group by position; a full-attention-only stage mixes."""
+    out = tmp_path / "shards"
+    # layer types: sliding, full, sliding, full -> [0, 3) has sliding layers, [3, 4) is full only
+    export_shards(tiny_model_dir("gemma3"), out, ranges=[LayerRange(start=0, end=3), LayerRange(start=3, end=4)])
+    pipe = LocalPipeline.load(out)
+    assert [s.mixes_positions for s in pipe.stages] == [False, True]
+    reference = [alone(pipe, p, NEW_TOKENS) for p in PROMPTS]
+    hf = load_reference(tiny_model_dir("gemma3"))  # prompts longer than the window of 4 included
+    for ref, prompt in zip(reference, PROMPTS, strict=True):
+        hf_tokens, hf_logits = hf_generate(hf, prompt, NEW_TOKENS)
+        assert ref.token_ids == hf_tokens
+        assert max_diff(ref.logits, hf_logits) <= fp32_logit_tolerance(pipe.config, hf_logits)
+    counter = PassCounter().attach(pipe.stages, monkeypatch)
+    gens = pipe.generate_ids(PROMPTS, NEW_TOKENS, want_logits=True)
+    sliding, full = counter.passes
+    assert sliding == [1] * (len(PROMPTS) * NEW_TOKENS)  # one pass per session and step
+    assert full == [1] * len(PROMPTS) + [len(PROMPTS)] * (NEW_TOKENS - 1)
+    for gen, ref in zip(gens, reference, strict=True):
+        assert gen.token_ids == ref.token_ids
+        assert max_diff(gen.logits, ref.logits) <= FP32_LOGIT_TOL
+
+    # Sliding caches at different lengths are never padded together, even if asked to.
+    stage = pipe.stages[0]
+    for sid, prompt in (("x", PROMPTS[0]), ("y", PROMPTS[1])):
+        stage.open_session(sid, 16)
+        stage.forward(StageInput((sid,), (0,), 0, torch.tensor([prompt])))
+    caches = [stage.sessions.get(sid).cache for sid in ("x", "y")]
+    with pytest.raises(SessionError, match="cannot be padded"):
+        stack_caches(caches, stage.stage_config)
+
+
+class GQAModule(nn.Module):
+    """What SDPA attention reads from an attention module: 9 query heads over 3 KV heads (SmolLM2)."""
+
+    num_key_value_groups = 3
+    is_causal = True
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("new_tokens", [1, 3])
+def test_padded_rows_attend_bit_for_bit_as_alone(dtype: torch.dtype, new_tokens: int) -> None:
+    """The attention of a padded batch is, row by row, the very SDPA computation of the row alone."""
+    gen = torch.Generator().manual_seed(7)
+    lengths = [0, 4, 9, 30]  # cached tokens per row; 0: a fresh session's first prefill
+    longest, module = max(lengths), GQAModule()
+    rows = []
+    for n in lengths:
+        q = torch.randn(1, 9, new_tokens, 64, generator=gen).to(dtype)
+        k = torch.randn(1, 3, n + new_tokens, 64, generator=gen).to(dtype)
+        v = torch.randn(1, 3, n + new_tokens, 64, generator=gen).to(dtype)
+        # alone: the mask transformers builds for this row (None where SDPA needs none)
+        mask = sdpa_mask(batch_size=1, q_length=new_tokens, kv_length=n + new_tokens, q_offset=n)
+        rows.append((q, k, v, sdpa_attention_forward(module, q, k, v, mask, scaling=0.125)[0]))
+    keys = torch.zeros(len(lengths), 3, longest + new_tokens, 64, dtype=dtype)
+    values = torch.zeros_like(keys)
+    for i, (n, (_, k, v, _)) in enumerate(zip(lengths, rows, strict=True)):
+        keys[i, :, longest - n :], values[i, :, longest - n :] = k[0], v[0]
+    padding = padding_mask(lengths, new_tokens)
+    batch_mask = sdpa_mask(
+        batch_size=len(lengths), q_length=new_tokens, kv_length=longest + new_tokens, q_offset=longest,
+        attention_mask=padding,
+    )  # fmt: skip
+    assert batch_mask is not None
+    out, _ = ragged_sdpa_attention(module, torch.cat([r[0] for r in rows]), keys, values, batch_mask, scaling=0.125)
+    for i, (_, _, _, alone_out) in enumerate(rows):
+        assert torch.equal(out[i : i + 1], alone_out), f"row {i} ({lengths[i]} cached): attention differs from alone"
