@@ -33,6 +33,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, rela
 
 from dlis_market.db import open_engine
 from dlis_market.errors import BrokerError
+from dlis_market.protocol.pricing import fee_on
 from dlis_market.settings import Settings
 
 
@@ -397,7 +398,7 @@ class Ledger:
         with self.session() as s:
             row = self._job(s, job_id)
             row.cost = max((row.cost or 0) - amount, 0)
-            row.fee = row.cost * fee_bps // 10_000
+            row.fee = fee_on(row.cost, fee_bps)
             note = f"receipt of node {node} ({amount} token units) forfeited at settlement: not routable"
             row.error = f"{row.error}; {note}" if row.error else note
 

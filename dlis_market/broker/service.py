@@ -78,7 +78,7 @@ from dlis_market.broker.schemas import JobCreate, Policy, Quote
 from dlis_market.broker.settlement import Settler
 from dlis_market.chain.job_market import JobMarket
 from dlis_market.errors import DlisError
-from dlis_market.protocol.pricing import route_bound
+from dlis_market.protocol.pricing import fee_on, route_bound
 from dlis_market.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -641,7 +641,7 @@ class BrokerService:
         """Record the answer and the receipts of the final route (one transaction)."""
         covering = covering_receipts(receipts, served.num_layers)
         cost = sum(r.amount for r in covering)
-        fee = cost * await self.fee_bps() // 10_000
+        fee = fee_on(cost, await self.fee_bps())
         await asyncio.to_thread(
             self.ledger.complete_job,
             job_id,

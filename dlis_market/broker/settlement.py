@@ -28,6 +28,7 @@ from dlis_market.chain.errors import ContractRevertError, PreflightError
 from dlis_market.chain.job_market import JobAuthorization, JobMarket, Receipt, SignedJob, SignedReceipt
 from dlis_market.chain.node_registry import NodeRegistry
 from dlis_market.chain.typed_data import CompactSignature
+from dlis_market.protocol.pricing import fee_on
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +126,7 @@ class Settler:
         """Whether the client's escrow still covers this job after its earlier ones in this pass;
         if not, the job is marked unpayable with the figures read from the chain."""
         cost = sum(r.amount for r in job.receipts)
-        owed = cost + cost * fee_bps // 10_000
+        owed = cost + fee_on(cost, fee_bps)
         if job.client not in available:
             available[job.client] = self.market.escrow_of(job.client, self.broker.address)
         have = available[job.client]

@@ -5,7 +5,9 @@ receipt may bill its price per token times the tokens the session pushed through
 pays the receipts plus a protocol fee of ``cost * feeBps / 10000`` rounded down; and the receipts
 plus that fee must stay within the client's ``maxCost``. The broker's quote and admission, the
 scheduler's route choice, the driver's failover budget and the receipts themselves all price with
-these functions, so a route that passes one of them passes the contract.
+these functions, so a route that passes one of them passes the contract. (``chain.job_market``,
+the contract's own bindings below this package, reads the fee from the contract and applies the
+same rule in its preflight.)
 """
 
 from __future__ import annotations

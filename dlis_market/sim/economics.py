@@ -22,12 +22,7 @@ import hashlib
 from dataclasses import dataclass
 
 from dlis_market.oracle.verification import SpotCheckSampler
-
-BPS = 10_000
-
-
-def protocol_fee(cost: int, fee_bps: int) -> int:
-    return cost * fee_bps // BPS
+from dlis_market.protocol.pricing import BPS, fee_on
 
 
 @dataclass(frozen=True)
@@ -60,7 +55,7 @@ class Ledger:
     def settle(self, receipts: list[tuple[int, bool]], fee_bps: int) -> tuple[int, int]:
         """Settle one job: ``receipts`` as ``(amount, node routable)``; returns ``(cost, fee)``."""
         cost = sum(a for a, ok in receipts if ok)
-        fee = protocol_fee(cost, fee_bps)
+        fee = fee_on(cost, fee_bps)
         self.forfeited += sum(a for a, ok in receipts if not ok)
         self.node_earned += cost
         self.fees += fee
