@@ -19,6 +19,7 @@ PROBLEM_TYPE_BASE = "urn:dlis-market:problem:"
 NodeId = NewType("NodeId", str)  # checksummed node signing address
 PeerId = NewType("PeerId", str)  # libp2p peer id, base58
 JobId = NewType("JobId", str)  # 0x-prefixed 32-byte hex
+ZERO_ADDRESS = "0x" + "00" * 20  # "no contract / no publisher"
 ModelId = NewType("ModelId", str)  # 0x-prefixed 32-byte hex: keccak256(abi.encode(publisher, keccak256(name)))
 Cid = NewType("Cid", str)  # IPFS content id
 

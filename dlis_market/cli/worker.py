@@ -18,7 +18,7 @@ import typer
 from dlis_market.cli.context import handle_errors, password_for, state
 from dlis_market.errors import ConfigError
 from dlis_market.settings import Settings
-from dlis_market.types import LayerRange
+from dlis_market.types import ZERO_ADDRESS, LayerRange
 
 
 def _merge(settings: Settings, section: str, updates: dict[str, Any]) -> Settings:
@@ -37,7 +37,6 @@ def with_deployment(settings: Settings) -> Settings:
     if not path.exists():
         return settings
     dep = read_deployment(settings.deployments_dir, settings.node.chain_id)
-    zero = "0x" + "00" * 20
     fields = {
         "market_address": "JobMarket",
         "registry_address": "NodeRegistry",
@@ -46,7 +45,7 @@ def with_deployment(settings: Settings) -> Settings:
     taken = {
         field: dep.address_of(name)
         for field, name in fields.items()
-        if getattr(settings.node, field).lower() == zero and name in dep.contracts
+        if getattr(settings.node, field).lower() == ZERO_ADDRESS and name in dep.contracts
     }
     for field, address in taken.items():
         typer.echo(f"{fields[field]} {address} (from {path})", err=True)

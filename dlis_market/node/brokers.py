@@ -20,7 +20,6 @@ from dlis_market.errors import ChainError
 from dlis_market.protocol.errors import TicketError
 from dlis_market.settings import Settings
 
-ZERO_ADDRESS = "0x" + "00" * 20
 _ABI: list[dict[str, Any]] = [
     {"type": "function", "name": "BROKER_ROLE", "stateMutability": "view", "inputs": [],
      "outputs": [{"name": "", "type": "bytes32"}]},

@@ -18,9 +18,7 @@ from dlis_market.chain.client import connect_web3
 from dlis_market.chain.deploy import load_artifact
 from dlis_market.errors import ConfigError
 from dlis_market.settings import Settings
-from dlis_market.types import model_id
-
-ZERO_ADDRESS = "0x" + "00" * 20
+from dlis_market.types import ZERO_ADDRESS, model_id
 
 
 @dataclass(frozen=True)

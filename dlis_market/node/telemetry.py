@@ -52,7 +52,7 @@ from dlis_market.protocol.telemetry import (
     encode_telemetry,
     oracle_domain,
 )
-from dlis_market.types import LayerRange
+from dlis_market.types import ZERO_ADDRESS, LayerRange
 
 if TYPE_CHECKING:
     from dlis_market.node.server import Worker
@@ -60,7 +60,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 TELEMETRY_KIND = "telemetry"  # the outbox rows of telemetry reports
-ZERO_ADDRESS = "0x0000000000000000000000000000000000000000"
 FIRST_REPORT_DELAY_S = 1.0  # a fresh worker is heard from this soon (or after one interval if shorter)
 HTTP_TIMEOUT_S = 10.0
 

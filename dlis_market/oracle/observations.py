@@ -27,8 +27,8 @@ from pydantic import ConfigDict, Field
 from web3 import Web3
 
 from dlis_market.chain.typed_data import Domain
-from dlis_market.oracle.verification import ZERO_ADDRESS, Hex32, recover_runner, sign_runner
-from dlis_market.types import WireModel
+from dlis_market.oracle.verification import Hex32, recover_runner, sign_runner
+from dlis_market.types import ZERO_ADDRESS, WireModel
 
 MAX_OBSERVATIONS = 64  # stages of one job (or a few jobs) per POST
 UINT32 = 2**32

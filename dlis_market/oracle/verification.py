@@ -86,7 +86,7 @@ from pydantic import Field
 from dlis_market.chain.job_market import Receipt, SignedReceipt, receipt_signer
 from dlis_market.chain.typed_data import CompactSignature, Domain, recover_typed, sign_typed
 from dlis_market.oracle.errors import EvidenceRefusedError, SpotCheckSecretError
-from dlis_market.types import WireModel
+from dlis_market.types import ZERO_ADDRESS, WireModel
 
 ShardDtype = Literal["fp32", "bf16", "int8", "nf4", "ids"]
 ElementDtype = Literal["float32", "bfloat16", "float16", "int64"]
@@ -279,9 +279,6 @@ class StageOutputBlob(WireModel):
 
     def sha256(self) -> bytes:
         return hashlib.sha256(self.data).digest()
-
-
-ZERO_ADDRESS = "0x" + "00" * 20
 
 
 class SpotCheckEvidence(WireModel):

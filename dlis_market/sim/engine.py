@@ -50,9 +50,9 @@ from dlis_market.sim.economics import Ledger, slash
 from dlis_market.sim.network import PeerSpec, PeerTable
 from dlis_market.sim.profiles import PREFILL_RATIO, batch_gas, slowdown
 from dlis_market.sim.scenario import ClientClass, Market, Scenario
-from dlis_market.types import model_id
+from dlis_market.types import ZERO_ADDRESS, model_id
 
-SIM_PUBLISHER = "0x" + "00" * 20  # simulated models live in the zero publisher's namespace
+SIM_PUBLISHER = ZERO_ADDRESS  # simulated models live in the zero publisher's namespace
 
 
 @dataclass

@@ -21,7 +21,7 @@ from typer.testing import CliRunner
 
 from dlis_market.chain.anvil import free_port
 from dlis_market.cli import worker as worker_cli
-from dlis_market.node.telemetry import ZERO_ADDRESS, TelemetryRecorder, WorkerTelemetry
+from dlis_market.node.telemetry import TelemetryRecorder, WorkerTelemetry
 from dlis_market.oracle.dht_relay import DhtTelemetryRelay
 from dlis_market.oracle.telemetry import TelemetryIntake
 from dlis_market.protocol.errors import TelemetryRefusedError
@@ -34,7 +34,7 @@ from dlis_market.protocol.telemetry import (
     oracle_domain,
     parse_telemetry,
 )
-from dlis_market.types import LayerRange
+from dlis_market.types import ZERO_ADDRESS, LayerRange
 
 REPUTATION = "0x" + "ab" * 20
 NODE = Account.from_key(b"\x22" * 32)
