@@ -174,21 +174,23 @@ class P2PBackend:
         return P2PJobStream(self.driver, session, self.checker, self.observer, dict(self._throughput), self._reports)
 
     async def unclaimed(self, job_id: bytes, peers: Sequence[str]) -> list[tuple[str, SignedStageReceipt]]:
-        found: list[tuple[str, SignedStageReceipt]] = []
-        for peer in peers:
+        async def ask(peer: str) -> list[tuple[str, SignedStageReceipt]]:
             try:
                 got = await self.driver.unclaimed_receipts(peer, job_id)
             except (NodeError, ValueError) as exc:  # gone, or lying: nothing from it
                 log.info("no unclaimed receipts of job %s from %s: %s", job_id.hex()[:16], peer, exc)
-                continue
+                return []
+            out = []
             for signed in got:
                 r = signed.receipt
                 node = receipt_signer(self.driver.market, r, signed.signature.signature)
-                found.append(
-                    (peer, SignedStageReceipt(node, r.start, r.end, r.tokens, r.output_hash, r.amount,
-                                              signed.signature.signature))
-                )  # fmt: skip
-        return found
+                sig = signed.signature.signature
+                out.append((peer, SignedStageReceipt(node, r.start, r.end, r.tokens, r.output_hash, r.amount, sig)))
+            return out
+
+        # all at once: a dead peer of the old route costs one request timeout, not one each
+        answers = await asyncio.gather(*(ask(p) for p in dict.fromkeys(peers)))
+        return [found for answer in answers for found in answer]
 
     async def close(self) -> None:
         if self._reports:  # observations already handed to the outbox finish their write

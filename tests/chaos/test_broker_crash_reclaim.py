@@ -31,7 +31,14 @@ from dlis_market.chain.anvil import free_port
 from dlis_market.chain.job_market import JobAuthorization, sign_authorization
 from dlis_market.inference.manifest import MANIFEST_NAME, sha256_file
 from dlis_market.types import model_id
-from tests.integration.node.node_helpers import Swarm, _wait_ready, register_worker, start_broker, tiny_shards
+from tests.integration.node.node_helpers import (
+    Swarm,
+    _wait_ready,
+    kill_group,
+    register_worker,
+    start_broker,
+    tiny_shards,
+)
 
 UNIT = 10**18
 MODEL = "tiny-crash"
@@ -128,14 +135,14 @@ def test_broker_killed_at_each_point_leaves_nothing_stuck_and_pays_what_was_serv
                 victim = proc
 
                 def kill(p=victim) -> None:
-                    threading.Thread(target=_kill_group, args=(p,), daemon=True).start()
+                    threading.Thread(target=kill_group, args=(p,), daemon=True).start()
 
                 prompt = f"Question {i}: the capital of France is"
                 ids.append(_stream_until(port, _body(market, client, prompt), kill_on, kill, nth))
                 proc.wait(timeout=30)
                 proc = broker()  # restart on the same database: recovery runs before it answers
         finally:
-            _kill_group(proc)
+            kill_group(proc)
         # a broker settling every second settles whatever recovery completed
         ledger = Ledger(db)
         proc = start_broker(market, shards, swarm.initial_peers, port, 1, log, DLIS_BROKER__SPOT_CHECK_FRACTION="0")
@@ -148,7 +155,7 @@ def test_broker_killed_at_each_point_leaves_nothing_stuck_and_pays_what_was_serv
                 assert time.monotonic() < deadline, [(j.id, j.status, j.error) for j in open_]
                 time.sleep(0.5)
         finally:
-            _kill_group(proc)
+            kill_group(proc)
 
     jobs = {j.id: j for j in ledger.recent_jobs(50)}
     by_prompt = {json.loads(j.request_json)["prompt"]: j for j in jobs.values()}
@@ -175,14 +182,3 @@ def test_broker_killed_at_each_point_leaves_nothing_stuck_and_pays_what_was_serv
         for r in j.receipts:
             owed[node_of[r.node.lower()]] += r.amount
     assert credited == owed and all(v > 0 for v in owed.values())
-
-
-def _kill_group(proc) -> None:
-    import contextlib
-    import os
-    import signal
-
-    if proc.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)

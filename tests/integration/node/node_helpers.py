@@ -114,10 +114,7 @@ class WorkerProc:
         return self.log_path.parent
 
     def kill(self) -> None:
-        if self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):  # already gone
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(timeout=30)
+        kill_group(self.proc)
 
     def stop(self, timeout_s: float = 60.0) -> int:
         """SIGTERM (clean shutdown: the worker withdraws its DHT record); returns the exit code."""
@@ -339,6 +336,14 @@ async def run_pinned_job(
     finished = FinishedSession.of(session, hops)
     assert finished is not None, "the job failed over or a receipt was refused; see the worker logs"
     return finished, tokens
+
+
+def kill_group(proc: subprocess.Popen[bytes]) -> None:
+    """SIGKILL the process group (kill -9 of the process and what it started), then reap it."""
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):  # already gone
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
 
 
 def stop(proc: subprocess.Popen[bytes]) -> None:
