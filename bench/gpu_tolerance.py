@@ -9,7 +9,7 @@ layers on CPU: bf16 alone on 1 thread, bf16 batched with the other prompts on 2 
 alone, and int8 / nf4 (bitsandbytes) alone. ``measure`` runs the same on CUDA (alone, batched,
 fp32 with and without TF32, int8 and nf4) and compares every pair with the spot check's own
 measure, the worst token's ``||a_t - b_t|| / max(||a_t||, ||b_t||)``
-(``dlis_market.oracle.verification.compare_outputs``, restated here because the CUDA machine has
+(``dlis_market.protocol.outputs.compare_outputs``, restated here because the CUDA machine has
 only torch and transformers), next to two measures that were tried and dropped: the largest
 difference over the largest value anywhere (SmolLM2's few huge activations hide real errors under
 it) and the share of elements off by more than four bf16 ulps (honest CPU vs GPU bf16 runs
@@ -41,7 +41,7 @@ PROMPTS = [
     "The three primary colors are red,",
     "In machine learning, a transformer is a",
 ]
-TOLERANCE = {"fp32": 2e-3, "bf16": 4e-2, "int8": 0.12, "nf4": 0.1}  # oracle/verification.py TOLERANCES
+TOLERANCE = {"fp32": 2e-3, "bf16": 4e-2, "int8": 0.12, "nf4": 0.1}  # protocol/outputs.py TOLERANCES
 
 
 def max_abs_rel(a: torch.Tensor, b: torch.Tensor) -> float:

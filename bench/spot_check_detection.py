@@ -52,14 +52,9 @@ from dlis_market.inference.shard_export import export_shards  # noqa: E402
 from dlis_market.node.driver import PipelineDriver  # noqa: E402
 from dlis_market.node.routing import Hop  # noqa: E402
 from dlis_market.oracle.errors import EvidenceRefusedError  # noqa: E402
-from dlis_market.oracle.verification import (  # noqa: E402
-    TOLERANCES,
-    NodeInfo,
-    SpotCheckEvidence,
-    SpotCheckFailure,
-    SpotCheckSampler,
-    check_evidence,
-)
+from dlis_market.oracle.verification import NodeInfo, check_evidence  # noqa: E402
+from dlis_market.protocol.outputs import TOLERANCES  # noqa: E402
+from dlis_market.protocol.spot_checks import SpotCheckEvidence, SpotCheckFailure, SpotCheckSampler  # noqa: E402
 
 CACHE = Path(tempfile.gettempdir()) / "dlis-test-cache" / "v1"
 PROMPTS = ["The capital of France is", "A haiku about autumn:", "To bake bread you need", "Python is a language that"]
@@ -161,7 +156,7 @@ def main() -> None:
                         "false_accusations": len(rules.accused),
                         "max_rel_diff": max(diffs),
                         "bf16_tolerance": TOLERANCES["bf16"].max_rel_diff,
-                        "metric": "worst token's relative L2 (oracle/verification.py compare_outputs)",
+                        "metric": "worst token's relative L2 (protocol/outputs.py compare_outputs)",
                         "job_s_median": statistics.median(job_s),
                         "check_s_median": statistics.median(check_s),
                         "check_cost_ratio": statistics.median(check_s) / statistics.median(job_s),

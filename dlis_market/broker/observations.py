@@ -27,7 +27,7 @@ import httpx
 from dlis_market.chain.typed_data import Domain
 from dlis_market.errors import DlisError
 from dlis_market.node.routing import Hop
-from dlis_market.oracle.observations import MAX_OBSERVATIONS, ObservationBatch, StageObservation
+from dlis_market.protocol.observations import MAX_OBSERVATIONS, ObservationBatch, StageObservation
 from dlis_market.protocol.oracle_client import OBSERVATIONS_PATH, OracleReceiver
 from dlis_market.protocol.outbox import Outbox, Verdict
 

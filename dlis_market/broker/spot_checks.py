@@ -57,15 +57,6 @@ from dlis_market.node.replay import (
 )
 from dlis_market.node.routing import Hop
 from dlis_market.node.transcripts import Transcript
-from dlis_market.oracle.verification import (
-    SpotCheckEvidence,
-    SpotCheckFailure,
-    SpotCheckSampler,
-    build_evidence,
-    compare_outputs,
-    decode_output,
-    load_or_create_secret,
-)
 from dlis_market.protocol.oracle_client import (
     FAILURE_PATH,
     SPOT_CHECK_DUPLICATES,
@@ -73,6 +64,14 @@ from dlis_market.protocol.oracle_client import (
     OracleReceiver,
 )
 from dlis_market.protocol.outbox import Answer, Delivery, Message, Outbox, Verdict
+from dlis_market.protocol.outputs import compare_outputs, decode_output
+from dlis_market.protocol.spot_checks import (
+    SpotCheckEvidence,
+    SpotCheckFailure,
+    SpotCheckSampler,
+    build_evidence,
+    load_or_create_secret,
+)
 
 log = logging.getLogger(__name__)
 

@@ -88,7 +88,7 @@ TELEMETRY = [
     ("metricsHash", "bytes32"),
 ]
 # A spot-check runner's evidence that two nodes' outputs of one stage call differ
-# (dlis_market/oracle/verification.py).
+# (dlis_market/protocol/spot_checks.py).
 SPOT_CHECK = [
     ("accused", "address"),
     ("checker", "address"),
@@ -112,7 +112,7 @@ SPOT_CHECK = [
     ("checkerElementDtype", "string"),
     ("refereeElementDtype", "string"),
 ]
-# A runner's statement that a node withheld what a drawn spot check needed (oracle/verification.py).
+# A runner's statement that a node withheld what a drawn spot check needed (protocol/spot_checks.py).
 SPOT_CHECK_FAILURE = [
     ("node", "address"),
     ("jobId", "bytes32"),

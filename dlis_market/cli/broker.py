@@ -66,8 +66,8 @@ def oracle_reporting(
     runner-signed observation of each stage that reputation is scored on."""
     from dlis_market.broker.observations import JobObserver, OracleObservationSink
     from dlis_market.broker.spot_checks import OracleSink, SpotChecker
-    from dlis_market.oracle.verification import SpotCheckSampler
     from dlis_market.protocol.outbox import Outbox
+    from dlis_market.protocol.spot_checks import SpotCheckSampler
     from dlis_market.protocol.telemetry import oracle_domain
 
     b = settings.broker

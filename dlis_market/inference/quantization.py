@@ -25,7 +25,7 @@ The installed modules are in eval mode, because bitsandbytes picks its CPU kerne
   matmul (``torch._int_mm`` on AVX-512, elsewhere an fp32 matmul of the same integers: the same
   sums while they stay under 2**24), the output rescaled. So it is the same on every CPU, runs the
   arithmetic of the GPU kernel (which always quantizes activations) and of transformers' int8
-  models, and is the path ``oracle/verification.py``'s int8 tolerance was measured on
+  models, and is the path ``protocol/outputs.py``'s int8 tolerance was measured on
   (``bench/gpu_tolerance.py`` runs its CPU side in eval mode). It is 2x as fast as dequantizing the
   weight on every call, at a cost in accuracy on SmolLM2: next-token agreement with fp32 0.934
   (transformers' own int8: the same) against 0.967.

@@ -1,7 +1,7 @@
 """What a stage received, per session, kept for a while after the session closes: spot checks.
 
 A spot check re-executes one stage call on another worker with the *same inputs* and compares
-the outputs (``dlis_market.oracle.verification``). Activations travel stage to stage, so the
+the outputs (``dlis_market.protocol.outputs``). Activations travel stage to stage, so the
 session's opener (the driver) never sees them; instead every stage keeps the input rows it ran
 for each session (token ids at the first stage, hidden states after it) and, once the session is
 closed, retains them for ``node.transcript_retain_s`` within ``node.transcript_retain_bytes``

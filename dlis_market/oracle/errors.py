@@ -24,7 +24,3 @@ class ProofNotFoundError(OracleError):
 
 class OracleRoleMissingError(OracleError):
     """The oracle account lacks ORACLE_ROLE or SLASHER_ROLE."""
-
-
-class SpotCheckSecretError(OracleError):
-    """The spot-check sampler secret on disk is not a whole secret."""

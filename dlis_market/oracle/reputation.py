@@ -35,8 +35,8 @@ from dataclasses import dataclass
 
 from web3 import Web3
 
-from dlis_market.oracle.observations import StageObservation
 from dlis_market.oracle.telemetry import ReceivedTelemetry
+from dlis_market.protocol.observations import StageObservation
 
 MAX_BPS = 10_000
 

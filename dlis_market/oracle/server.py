@@ -33,10 +33,10 @@ from web3 import Web3
 
 from dlis_market.errors import ChainError
 from dlis_market.oracle.errors import EvidenceRefusedError, ProofNotFoundError
-from dlis_market.oracle.observations import ObservationBatch
 from dlis_market.oracle.service import OracleService
-from dlis_market.oracle.verification import SpotCheckEvidence, SpotCheckFailure
 from dlis_market.protocol.errors import TelemetryRefusedError
+from dlis_market.protocol.observations import ObservationBatch
+from dlis_market.protocol.spot_checks import SpotCheckEvidence, SpotCheckFailure
 from dlis_market.types import PROBLEM_TYPE_BASE
 from dlis_market.web_docs import serve_docs
 

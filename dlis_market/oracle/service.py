@@ -49,13 +49,14 @@ from dlis_market.errors import ChainError
 from dlis_market.oracle.dropout import DEFAULT_MODEL, HISTORY_SLOTS, DropoutModel
 from dlis_market.oracle.epochs import EpochRecord, build_record
 from dlis_market.oracle.errors import EvidenceRefusedError, OracleRoleMissingError
-from dlis_market.oracle.observations import ObservationBatch, StageObservation
 from dlis_market.oracle.privacy import Aggregates, NodeContribution, release_aggregates
 from dlis_market.oracle.reputation import ReputationWeights, score_reputation, summarize_epoch
 from dlis_market.oracle.slashing import Slasher, SlashResult
 from dlis_market.oracle.store import EpochIntent, EpochStatus, OracleStore, database_url, default_state_dir
 from dlis_market.oracle.telemetry import ReceivedTelemetry, TelemetryIntake
-from dlis_market.oracle.verification import SpotCheckEvidence, SpotCheckFailure, check_runner
+from dlis_market.oracle.verification import check_runner
+from dlis_market.protocol.observations import ObservationBatch, StageObservation
+from dlis_market.protocol.spot_checks import SpotCheckEvidence, SpotCheckFailure
 from dlis_market.protocol.telemetry import SignedTelemetry, oracle_domain
 from dlis_market.settings import Settings
 

@@ -28,7 +28,8 @@ from dlis_market.chain.typed_data import Domain
 from dlis_market.errors import ChainError
 from dlis_market.oracle.errors import EvidenceRefusedError
 from dlis_market.oracle.store import OracleStore, SlashIntent
-from dlis_market.oracle.verification import NodeInfo, SpotCheckEvidence, Verdict, check_evidence
+from dlis_market.oracle.verification import NodeInfo, Verdict, check_evidence
+from dlis_market.protocol.spot_checks import SpotCheckEvidence
 
 log = logging.getLogger(__name__)
 

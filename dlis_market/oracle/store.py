@@ -48,9 +48,9 @@ from dlis_market.db import open_engine
 from dlis_market.errors import OracleError
 from dlis_market.oracle.epochs import EpochRecord, Proof
 from dlis_market.oracle.errors import ProofNotFoundError
-from dlis_market.oracle.observations import StageObservation
 from dlis_market.oracle.privacy import Aggregates, BudgetAccountant, NodeContribution
 from dlis_market.oracle.telemetry import ReceivedTelemetry
+from dlis_market.protocol.observations import StageObservation
 from dlis_market.protocol.telemetry import SignedTelemetry
 from dlis_market.settings import Settings
 

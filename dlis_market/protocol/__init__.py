@@ -9,5 +9,8 @@ import the peer-to-peer transport (hivemind, libp2p): a DHT reader is passed in.
 - :mod:`.oracle_client` — the senders' side of the oracle's HTTP routes (telemetry, outbox rows);
 - :mod:`.outbox` — the persisted outbox that retries deliveries and classifies the answers;
 - :mod:`.pricing` — what a job may cost, one price function for broker, worker and JobMarket;
-- :mod:`.errors` — errors of the above: bad signed messages, refused telemetry.
+- :mod:`.outputs` — stage outputs compared across replicas: decoding, per-token measure, tolerances;
+- :mod:`.spot_checks` — the spot-check sampler and the evidence/failure statements a runner signs;
+- :mod:`.observations` — the broker's signed per-stage observations that reputation scores;
+- :mod:`.errors` — errors of the above: bad signed messages, refused telemetry, a cut sampler secret.
 """

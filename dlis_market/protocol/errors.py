@@ -18,6 +18,10 @@ class TicketError(SignedMessageError):
     """A session ticket is missing, forged, expired, not from a broker or names another session."""
 
 
+class SpotCheckSecretError(DlisError):
+    """The spot-check sampler secret on disk is not a whole secret."""
+
+
 class TelemetryRefusedError(OracleError):
     """A telemetry report was refused; ``reason`` is one of
     :data:`~dlis_market.protocol.telemetry.REFUSAL_REASONS`."""

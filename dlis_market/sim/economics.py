@@ -10,7 +10,7 @@ The rules are the contracts' (integer token units, as on chain):
   stake is not routable (``NodeRegistry.isRoutable``).
 
 **Incentive bound.** A byzantine worker that skips a call's compute saves ``C``; the call is
-spot-checked with probability ``p`` (:class:`~dlis_market.oracle.verification.SpotCheckSampler`),
+spot-checked with probability ``p`` (:class:`~dlis_market.protocol.spot_checks.SpotCheckSampler`),
 and then it loses the slash ``S`` and its receipt ``R`` (slashed under the minimum stake, its
 unsettled receipts forfeit). Per call, cheating gains ``C - p (R + S)`` over serving honestly:
 negative exactly when ``p (R + S) >= C``. :func:`cheater_trials` measures it with the real sampler.
@@ -21,8 +21,8 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 
-from dlis_market.oracle.verification import SpotCheckSampler
 from dlis_market.protocol.pricing import BPS, fee_on
+from dlis_market.protocol.spot_checks import SpotCheckSampler
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ Processes (simulated seconds; metrics count ``[0, hours)``, jobs that arrived by
   ``plan_route`` again without the failed peer, replaying what was generated, at most
   ``max_failovers`` times (the driver's rule). Only the final route is paid (README).
 * **spot checks**: after a job that ran on one route, each stage call ``(job id, start)`` drawn by
-  the real :class:`~dlis_market.oracle.verification.SpotCheckSampler` is re-run on a replica of
+  the real :class:`~dlis_market.protocol.spot_checks.SpotCheckSampler` is re-run on a replica of
   the same span (none online: not checked); a session a byzantine peer corrupted
   (:func:`~dlis_market.node.byzantine.corrupted`, the worker's own rule) is caught and slashed.
 * **settlement**: every ``settle_interval_s`` completed jobs settle in batches of at most
@@ -45,7 +45,7 @@ from dlis_market.broker.scheduler import NoRouteError, plan_route
 from dlis_market.node.byzantine import corrupted
 from dlis_market.oracle.dropout import DEFAULT_MODEL, HISTORY_SLOTS
 from dlis_market.oracle.reputation import NodeEpochStats, score_reputation
-from dlis_market.oracle.verification import SpotCheckSampler
+from dlis_market.protocol.spot_checks import SpotCheckSampler
 from dlis_market.sim.economics import Ledger, slash
 from dlis_market.sim.network import PeerSpec, PeerTable
 from dlis_market.sim.profiles import PREFILL_RATIO, batch_gas, slowdown

@@ -18,9 +18,9 @@ from eth_account.signers.local import LocalAccount
 from fastapi.testclient import TestClient
 
 from dlis_market.chain.devnet import LocalMarket
-from dlis_market.oracle.observations import ObservationBatch, StageObservation
 from dlis_market.oracle.server import create_app
 from dlis_market.oracle.service import OracleService
+from dlis_market.protocol.observations import ObservationBatch, StageObservation
 from dlis_market.protocol.telemetry import TelemetryMetrics, TelemetryReport, encode_telemetry, sign_telemetry
 from dlis_market.settings import Settings
 

@@ -3,7 +3,7 @@ anyone holding a copy of evidence (it is plain JSON over HTTP), who edits what t
 that an honest node is slashed; and a flooder who posts an endless body to the evidence endpoints.
 
 Real Anvil with the real contracts, the real oracle service and its HTTP app, evidence signed as
-the runner signs it (:func:`dlis_market.oracle.verification.build_evidence`). Everything that
+the runner signs it (:func:`dlis_market.protocol.spot_checks.build_evidence`). Everything that
 decides a verdict is under the runner's signature, so an edited evidence is refused: nothing
 slashed, nothing stored, nothing counted. A body over the limit is refused with 413 before it is
 read, let alone parsed.
@@ -28,7 +28,7 @@ from dlis_market.chain.devnet import LocalMarket
 from dlis_market.oracle.server import create_app
 from dlis_market.oracle.service import OracleService
 from dlis_market.oracle.store import SlashStatus
-from dlis_market.oracle.verification import SpotCheckEvidence
+from dlis_market.protocol.spot_checks import SpotCheckEvidence
 from dlis_market.settings import Settings
 from tests.unit.oracle.evidence_helpers import make_evidence, reference_output
 

@@ -26,8 +26,8 @@ from dlis_market.node.errors import PeerUnreachableError
 from dlis_market.node.routing import Hop
 from dlis_market.node.telemetry import TelemetryRecorder, WorkerTelemetry
 from dlis_market.oracle.service import OracleService
-from dlis_market.oracle.verification import SpotCheckSampler
 from dlis_market.protocol.outbox import Outbox, sqlite_url
+from dlis_market.protocol.spot_checks import SpotCheckSampler
 from dlis_market.protocol.telemetry import decode_telemetry
 from dlis_market.settings import Settings
 from tests.integration.oracle.test_worker_telemetry import ThreadedOracle

@@ -29,13 +29,8 @@ from dlis_market.node.errors import RemoteError
 from dlis_market.node.protocol import OpenBody
 from dlis_market.node.routing import Hop
 from dlis_market.oracle.errors import EvidenceRefusedError
-from dlis_market.oracle.verification import (
-    NodeInfo,
-    SpotCheckEvidence,
-    SpotCheckFailure,
-    SpotCheckSampler,
-    check_evidence,
-)
+from dlis_market.oracle.verification import NodeInfo, check_evidence
+from dlis_market.protocol.spot_checks import SpotCheckEvidence, SpotCheckFailure, SpotCheckSampler
 
 PROMPT = [3, 1, 4, 1, 5, 9]
 RUNNER = Account.create()

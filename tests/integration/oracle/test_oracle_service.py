@@ -22,9 +22,9 @@ from dlis_market.cli.oracle import app as oracle_cli
 from dlis_market.oracle.errors import OracleRoleMissingError
 from dlis_market.oracle.server import create_app
 from dlis_market.oracle.service import OracleService
-from dlis_market.oracle.verification import SpotCheckFailure
 from dlis_market.protocol.errors import TelemetryRefusedError
 from dlis_market.protocol.oracle_client import TelemetrySender
+from dlis_market.protocol.spot_checks import SpotCheckFailure
 from dlis_market.protocol.telemetry import (
     SignedTelemetry,
     TelemetryMetrics,

@@ -12,11 +12,11 @@ from sqlalchemy.orm import Session
 
 from dlis_market.chain.devnet import LocalMarket
 from dlis_market.oracle.errors import EvidenceRefusedError
-from dlis_market.oracle.observations import ObservationBatch, StageObservation
 from dlis_market.oracle.service import OracleService
 from dlis_market.oracle.store import EpochStatus, OracleStore
 from dlis_market.oracle.telemetry import TelemetryIntake
 from dlis_market.protocol.errors import TelemetryRefusedError
+from dlis_market.protocol.observations import ObservationBatch, StageObservation
 from dlis_market.protocol.telemetry import TelemetryMetrics, TelemetryReport, encode_telemetry, sign_telemetry
 from dlis_market.settings import Settings
 from tests.unit.oracle.evidence_helpers import make_evidence, reference_output

@@ -3,7 +3,7 @@
 A stage left-pads the stacked KV caches to the longest, masks the padding out, gives each row its
 own position ids and writes each row's real slots back to its own session. Every session must
 come out as if it had run alone: fp32 greedy tokens identical and logits within 1e-5, bf16 far
-inside the project's bf16 tolerance (``oracle.verification.TOLERANCES``), with sessions joining
+inside the project's bf16 tolerance (``protocol.outputs.TOLERANCES``), with sessions joining
 and leaving between steps. Stages with sliding-window layers (Gemma3) keep one pass per position.
 
 On SmolLM2's layer shape (1536-wide MLP) batching *at one position*, as stages did before, already
@@ -33,7 +33,7 @@ from dlis_market.inference.messages import StageInput
 from dlis_market.inference.pipeline import Generation, LocalPipeline
 from dlis_market.inference.shard_export import export_shards
 from dlis_market.inference.stage import Stage
-from dlis_market.oracle.verification import TOLERANCES
+from dlis_market.protocol.outputs import TOLERANCES
 from dlis_market.types import LayerRange
 
 from .reference import fp32_logit_tolerance, hf_generate, load_reference
@@ -118,7 +118,7 @@ def max_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
 
 
 def rel_l2(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
-    """Worst step's relative L2 error, the measure of ``oracle.verification.compare_outputs``."""
+    """Worst step's relative L2 error, the measure of ``protocol.outputs.compare_outputs``."""
     return max(float((x - y).norm() / max(x.norm(), y.norm(), 1e-6)) for x, y in zip(a, b, strict=True))
 
 

@@ -92,7 +92,7 @@ def test_byzantine_corruption_is_per_session_and_large() -> None:
     bad = corrupt(out, 1.0, vocab_size=100)
     assert bad.hidden is not None
     rel = (bad.hidden - hidden).abs().max() / hidden.abs().max()
-    assert rel > 0.1  # far beyond every dtype's tolerance (oracle/verification.py)
+    assert rel > 0.1  # far beyond every dtype's tolerance (protocol/outputs.py)
     assert corrupt(out, 0.0, 100) is out
     ids = StageOutput(("x",), (0,), 0, token_ids=torch.tensor([99]))
     assert corrupt(ids, 1.0, vocab_size=100).token_ids.tolist() == [0]

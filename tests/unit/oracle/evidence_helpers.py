@@ -12,7 +12,7 @@ from eth_account.signers.local import LocalAccount
 from dlis_market.chain.job_market import SignedReceipt
 from dlis_market.chain.typed_data import Domain
 from dlis_market.node.receipts import ReceiptLedger, sign
-from dlis_market.oracle.verification import SpotCheckEvidence, build_evidence
+from dlis_market.protocol.spot_checks import SpotCheckEvidence, build_evidence
 
 JOB = b"\x07" * 32
 MODEL = b"\x42" * 32

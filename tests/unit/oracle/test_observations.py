@@ -12,8 +12,8 @@ from eth_account import Account
 from dlis_market.broker.observations import JobObserver, observe_job
 from dlis_market.node.routing import Hop
 from dlis_market.oracle.errors import EvidenceRefusedError
-from dlis_market.oracle.observations import MAX_OBSERVATIONS, ObservationBatch
 from dlis_market.oracle.verification import check_runner
+from dlis_market.protocol.observations import MAX_OBSERVATIONS, ObservationBatch
 
 from .evidence_helpers import RUNNER
 

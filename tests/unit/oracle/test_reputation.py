@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 from web3 import Web3
 
-from dlis_market.oracle.observations import StageObservation
 from dlis_market.oracle.reputation import (
     NodeEpochStats,
     ReputationWeights,
@@ -14,6 +13,7 @@ from dlis_market.oracle.reputation import (
     summarize_epoch,
 )
 from dlis_market.oracle.telemetry import ReceivedTelemetry
+from dlis_market.protocol.observations import StageObservation
 
 from .conftest import NOW
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from dlis_market.oracle.verification import TOLERANCES
+from dlis_market.protocol.outputs import TOLERANCES
 
 
 @pytest.mark.heavy

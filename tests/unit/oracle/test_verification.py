@@ -11,18 +11,11 @@ from eth_account import Account
 
 from dlis_market.chain.job_market import market_domain
 from dlis_market.chain.typed_data import Domain
-from dlis_market.oracle.errors import EvidenceRefusedError, SpotCheckSecretError
-from dlis_market.oracle.verification import (
-    NodeInfo,
-    ReceiptWire,
-    SpotCheckSampler,
-    StageOutputBlob,
-    check_evidence,
-    compare_outputs,
-    decode_output,
-    evidence_hash,
-    load_or_create_secret,
-)
+from dlis_market.oracle.errors import EvidenceRefusedError
+from dlis_market.oracle.verification import NodeInfo, check_evidence, evidence_hash
+from dlis_market.protocol.errors import SpotCheckSecretError
+from dlis_market.protocol.outputs import compare_outputs, decode_output
+from dlis_market.protocol.spot_checks import ReceiptWire, SpotCheckSampler, StageOutputBlob, load_or_create_secret
 
 from .evidence_helpers import RUNNER, make_evidence, reference_output, signed_receipt
 

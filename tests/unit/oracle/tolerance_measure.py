@@ -24,7 +24,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 from dlis_market.inference.messages import StageInput
 from dlis_market.inference.shard_export import export_shards
 from dlis_market.inference.stage import Stage
-from dlis_market.oracle.verification import compare_outputs
+from dlis_market.protocol.outputs import compare_outputs
 
 DTYPES = ("fp32", "bf16", "int8", "nf4")
 PROMPT_LEN = 8

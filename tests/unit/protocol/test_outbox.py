@@ -20,7 +20,6 @@ from dlis_market.chain.anvil import free_port
 from dlis_market.node.routing import Hop
 from dlis_market.node.telemetry import TelemetryRecorder, WorkerTelemetry
 from dlis_market.oracle.service import OracleService
-from dlis_market.oracle.verification import SpotCheckFailure
 from dlis_market.protocol.outbox import (
     Answer,
     Outbox,
@@ -31,6 +30,7 @@ from dlis_market.protocol.outbox import (
     classify_http,
     sqlite_url,
 )
+from dlis_market.protocol.spot_checks import SpotCheckFailure
 from dlis_market.settings import OutboxSettings, Settings
 from dlis_market.types import LayerRange
 from tests.integration.oracle.test_worker_telemetry import ThreadedOracle

@@ -27,7 +27,7 @@ from pydantic import ConfigDict, Field
 from web3 import Web3
 
 from dlis_market.chain.typed_data import Domain
-from dlis_market.oracle.verification import Hex32, recover_runner, sign_runner
+from dlis_market.protocol.spot_checks import Hex32, recover_runner, sign_runner
 from dlis_market.types import ZERO_ADDRESS, WireModel
 
 MAX_OBSERVATIONS = 64  # stages of one job (or a few jobs) per POST
