@@ -30,6 +30,11 @@ routed at the same time (the KV-slot and capacity checks are per job).
 If nothing satisfies the policy, or the network's capacity is under the fallback pool's threshold,
 the job goes to the configured :class:`FallbackPool`; without one, :class:`NoRouteError` says which
 layers are uncovered or which constraint binds, with the numbers.
+
+Why one module of this size: the ILP, the greedy warm start, the infeasibility diagnosis and the
+fallback pool are tried in one order on one :class:`RouteProblem` by :func:`plan_route`, and the
+diagnosis re-runs :func:`_min_route`, the shortest path the solve also uses, once per budget; the
+problem itself is built in :mod:`.route_graph`.
 """
 
 from __future__ import annotations

@@ -17,6 +17,11 @@ exponential backoff, replaces only its span, reopens the session on the new rout
 the session's tokens as one prefill, so the caller sees the same greedy tokens as without the
 failure. Every peer's attestation is verified before its first session, and every receipt
 against the node key that attestation names.
+
+Why one module of this size: the driver and its job sessions share the waiters that incoming
+tokens resolve, the ban list and the failover path (replan, reopen, replay); a split would pass
+them through private attributes, which is what this layout removed (``replay.py`` once wrote into
+the driver's waiters).
 """
 
 from __future__ import annotations

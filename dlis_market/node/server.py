@@ -5,6 +5,11 @@ Start-up: unlock the identity, start the DHT daemon with the node's libp2p key, 
 attestation report, accept streams, announce; then print one ``DLIS_NODE_READY {json}`` line.
 Steps are pushed: a stage forwards its output straight to the next peer of the session's route
 and the last stage sends the sampled tokens to the session's caller (``reply_to``).
+
+Why one module of this size: every handler (open, step, close, receipts, transcript) reads and
+changes the same live state of one worker (its sessions, the compute queue and batch, the peers
+that opened sessions, the signing key); the stage runtime is :mod:`dlis_market.inference.stage`,
+sessions :mod:`.sessions`, receipts :mod:`.receipts`, transcripts :mod:`.transcripts`.
 """
 
 from __future__ import annotations

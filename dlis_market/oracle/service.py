@@ -20,6 +20,10 @@ spend. In memory are only views of it for the epochs not yet posted, rebuilt at 
 unfinished slashes and epochs are reconciled with the chain. Which
 stage calls get checked is the runner's choice (the broker's :mod:`dlis_market.broker.spot_checks`,
 with a secret only it holds).
+
+Why one module of this size: each intake (telemetry, spot check, failure, observations) and each
+epoch step changes the same in-memory views under one lock and one store transaction; the pure
+parts named above and the store are their own modules.
 """
 
 from __future__ import annotations

@@ -17,6 +17,9 @@ Every intake is one transaction, so a crash at any point leaves all of it or non
 
 Nothing here talks to the chain; :mod:`service` does, around these transactions. seq values are
 uint64, wider than SQL integers: stored as zero-padded decimal strings (:class:`Uint64`).
+
+Why one module of this size: one schema, and every intake's transaction is a method here, so
+that "all of it or none of it" is read in one file; the rows are small declarations.
 """
 
 from __future__ import annotations

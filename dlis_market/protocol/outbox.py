@@ -21,6 +21,10 @@ the older). The same (kind, key) queued twice is one row. SQL runs in a worker t
 Use: ``box = Outbox(url); box.register("evidence", HttpReceiver(...)); box.start()``, then
 ``await box.send("evidence", key, body)`` (persist, then one immediate try; later tries run in the
 background loop), and ``await box.close()``.
+
+Why one module of this size: the row schema, the per-kind delivery loop and the classification of
+answers are one rule ("a row leaves only when its receiver took it or already had it"); split
+across files, that rule would have no single place to read it.
 """
 
 from __future__ import annotations

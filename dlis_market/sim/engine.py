@@ -26,6 +26,10 @@ Processes (simulated seconds; metrics count ``[0, hours)``, jobs that arrived by
 
 Not modelled: per-message jitter, correlated outages, the precursor misses of phones before a
 drop, a byzantine worker's overstated throughput, the checker's own compute, gas prices.
+
+Why one module of this size: the SimPy processes (churn, risk, clients, jobs, settlement) share
+one simulation clock and the peers' live state; the market rules they call are the project's own
+modules, named above, and the scenario and profiles are :mod:`.scenario` and :mod:`.profiles`.
 """
 
 from __future__ import annotations
