@@ -91,8 +91,9 @@ def file_entry(root: Path, path: Path) -> FileEntry:
     return FileEntry(path=path.relative_to(root).as_posix(), size=path.stat().st_size, sha256=sha256_file(path))
 
 
-def verify_file(root: Path, entry: FileEntry) -> Path:
-    """Check size then sha256 of one listed file; a typed error naming the file and the fix."""
+def check_size(root: Path, entry: FileEntry) -> Path:
+    """The listed file's path once it exists with the manifest's size; a typed error naming the
+    file and the fix otherwise (the cheap check before any hashing)."""
     path = root / entry.path
     if not path.is_file():
         raise ShardIntegrityError(f"{path} is missing; re-export the shards or fetch them again")
@@ -102,12 +103,22 @@ def verify_file(root: Path, entry: FileEntry) -> Path:
             f"{path} is {size} bytes but the manifest says {entry.size} (truncated or replaced); "
             "delete it and re-export or fetch it again"
         )
-    digest = sha256_file(path)
+    return path
+
+
+def check_digest(path: Path, digest: str, entry: FileEntry) -> None:
+    """Refuse a file whose sha256 (hex) is not the manifest's."""
     if digest != entry.sha256:
         raise ShardIntegrityError(
             f"{path} has sha256 {digest} but the manifest says {entry.sha256} (corrupt or not this "
             "model's file); delete it and re-export or fetch it again"
         )
+
+
+def verify_file(root: Path, entry: FileEntry) -> Path:
+    """Check size then sha256 of one listed file; a typed error naming the file and the fix."""
+    path = check_size(root, entry)
+    check_digest(path, sha256_file(path), entry)
     return path
 
 

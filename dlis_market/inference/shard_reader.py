@@ -19,7 +19,7 @@ import torch
 import zstandard
 
 from dlis_market.inference.errors import ShardIntegrityError
-from dlis_market.inference.manifest import FileEntry
+from dlis_market.inference.manifest import FileEntry, check_digest, check_size
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 _DTYPES = {
@@ -92,15 +92,7 @@ def _parse(src: Any, path: Path) -> dict[str, torch.Tensor]:
 
 def read_shard(root: Path, entry: FileEntry, compression: str) -> dict[str, torch.Tensor]:
     """Tensors of one shard file, after checking its size and (in the same pass) its sha256."""
-    path = root / entry.path
-    if not path.is_file():
-        raise ShardIntegrityError(f"{path} is missing; re-export the shards or fetch them again")
-    size = path.stat().st_size
-    if size != entry.size:
-        raise ShardIntegrityError(
-            f"{path} is {size} bytes but the manifest says {entry.size} (truncated or replaced); "
-            "delete it and re-export or fetch it again"
-        )
+    path = check_size(root, entry)
     with path.open("rb") as fh:
         reader = _HashingReader(fh)
         try:
@@ -124,10 +116,5 @@ def read_shard(root: Path, entry: FileEntry, compression: str) -> dict[str, torc
             if reader.digest.hexdigest() == entry.sha256:
                 raise ShardIntegrityError(f"{path} cannot be decoded ({exc}); re-export the shards") from exc
             tensors = {}
-    digest = reader.digest.hexdigest()
-    if digest != entry.sha256:
-        raise ShardIntegrityError(
-            f"{path} has sha256 {digest} but the manifest says {entry.sha256} (corrupt or not this "
-            "model's file); delete it and re-export or fetch it again"
-        )
+    check_digest(path, reader.digest.hexdigest(), entry)
     return tensors
