@@ -8,6 +8,7 @@ from typing import Annotated, Any
 import typer
 
 from dlis_market.cli.context import (
+    U256,
     JsonOpt,
     PasswordFileOpt,
     console,
@@ -33,7 +34,7 @@ def new(
     from dlis_market.chain.accounts import Keystore
 
     st = state(ctx)
-    with handle_errors():
+    with handle_errors(as_json):
         pw = password_for(name, read_password_file(password_file) or st.settings.chain.keystore_password, confirm=True)
         entry = Keystore(st.settings.keystore_dir).create(name, pw, st.settings.chain.keystore_scrypt_n)
         emit(
@@ -57,7 +58,7 @@ def import_(
     from dlis_market.chain.accounts import Keystore
 
     st = state(ctx)
-    with handle_errors():
+    with handle_errors(as_json):
         pw = password_for(name, read_password_file(password_file) or st.settings.chain.keystore_password, confirm=True)
         key = private_key_file.read_text().strip()
         entry = Keystore(st.settings.keystore_dir).import_key(name, key, pw, st.settings.chain.keystore_scrypt_n)
@@ -100,20 +101,20 @@ def balance(
     from dlis_market.chain.staking_manager import StakingManager
 
     st = state(ctx)
-    with handle_errors():
+    with handle_errors(as_json):
         address = resolve_address(st, who)
         client = ChainClient(st.settings)
         stake = StakingManager(client).info(address)
         market = JobMarket(client)
         data: dict[str, Any] = {
             "address": address,
-            "eth_wei": int(client.w3.eth.get_balance(Web3.to_checksum_address(address))),
-            "dlis": DLISToken(client).balance_of(address),
-            "stake_active": stake.active,
-            "stake_unbonding": stake.unbonding,
-            "escrow": market.escrow_of(address),  # held for the deployment's broker
+            "eth_wei": U256(client.w3.eth.get_balance(Web3.to_checksum_address(address))),
+            "dlis": U256(DLISToken(client).balance_of(address)),
+            "stake_active": U256(stake.active),
+            "stake_unbonding": U256(stake.unbonding),
+            "escrow": U256(market.escrow_of(address)),  # held for the deployment's broker
             "escrow_broker": market.broker_or_default(None),
-            "claimable": market.claimable_of(address),
+            "claimable": U256(market.claimable_of(address)),
         }
 
         def human(d: dict[str, Any]) -> None:

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from dlis_market.cli.context import (
+    U256,
     JsonOpt,
     console,
     emit,
@@ -17,6 +18,7 @@ from dlis_market.cli.context import (
     read_password_file,
     state,
     unlock,
+    utc,
 )
 from dlis_market.settings import NodeSettings, Settings
 
@@ -187,7 +189,7 @@ def api_key(
     from dlis_market.chain.job_market import JobMarket
 
     st = state(ctx)
-    with handle_errors():
+    with handle_errors(as_json):
         units = parse_amount(cap)
         client_acct = unlock(st, account, read_password_file(password_file))
         chain = ChainClient(st.settings)
@@ -203,9 +205,12 @@ def api_key(
                 "api_key": grant.api_key,
                 "client": grant.client,
                 "spender": grant.spender,
-                "cap": units,
+                "cap": U256(units),
                 "expires_at": grant.expires_at,
             },
             as_json,
-            lambda d: console.print(f"API key (shown once): {d['api_key']}\nspends for {d['client']} up to {cap} DLIS"),
+            lambda d: console.print(
+                f"API key (shown once): {d['api_key']}\nspends for {d['client']} up to {cap} DLIS "
+                f"until {utc(d['expires_at'])} UTC"
+            ),
         )

@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from dlis_market.cli.context import JsonOpt, console, emit, handle_errors, state
+from dlis_market.cli.context import U256, JsonOpt, console, emit, handle_errors, resolve_address, state
 
 if TYPE_CHECKING:
     from web3 import Web3
@@ -63,7 +63,7 @@ def up(
     from dlis_market.chain.client import connect_web3
 
     st = state(ctx)
-    with handle_errors():
+    with handle_errors(as_json):
         settings = st.settings.model_copy(
             update={"chain": st.settings.chain.model_copy(update={"rpc_url": f"http://127.0.0.1:{port}"})}
         )
@@ -84,7 +84,7 @@ def up(
 @app.command()
 def status(ctx: typer.Context, as_json: JsonOpt = False) -> None:
     """Show the chain, block height and the deployed contracts."""
-    with handle_errors():
+    with handle_errors(as_json):
         _print_status(state(ctx).settings, as_json)
 
 
@@ -130,9 +130,10 @@ def down(ctx: typer.Context, port: PortOpt = 8545) -> None:
 @app.command()
 def faucet(
     ctx: typer.Context,
-    address: Annotated[str, typer.Argument(help="Receiver address.")],
+    address: Annotated[str, typer.Argument(help="Receiver: an address or a keystore account name.")],
     amount: Annotated[str, typer.Argument(help="DLIS to send, e.g. 2500 or 0.5.")],
     eth: Annotated[str, typer.Option(help="Also send this much ETH for gas.")] = "1",
+    as_json: JsonOpt = False,
 ) -> None:
     """Dev chains only: send DLIS (and ETH for gas) from the deployer account."""
     from web3 import Web3
@@ -144,9 +145,10 @@ def faucet(
     from dlis_market.settings import DEV_CHAIN_IDS
 
     st = state(ctx)
-    with handle_errors():
-        if not Web3.is_address(address):
+    with handle_errors(as_json):
+        if address.startswith("0x") and not Web3.is_address(address):
             raise PreflightError(f"{address!r} is not an Ethereum address (0x + 40 hex digits)")
+        receiver = resolve_address(st, address)
         try:
             units, wei = to_units(amount), Web3.to_wei(eth, "ether")
         except ValueError as exc:
@@ -158,6 +160,10 @@ def faucet(
             )
         deployer = dev_accounts(st.settings.chain.dev_mnemonic)[0]
         if wei:
-            client.transfer_eth(deployer, address, int(wei))
-        DLISToken(client).transfer(deployer, address, units)
-        console.print(f"sent {amount} DLIS and {eth} ETH to {Web3.to_checksum_address(address)}")
+            client.transfer_eth(deployer, receiver, int(wei))
+        DLISToken(client).transfer(deployer, receiver, units)
+        emit(
+            {"to": receiver, "dlis": U256(units), "eth_wei": U256(wei)},
+            as_json,
+            lambda d: console.print(f"sent {amount} DLIS and {eth} ETH to {receiver}"),
+        )

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -53,27 +54,54 @@ def state(ctx: typer.Context) -> CliState:
     return obj
 
 
+class U256(int):
+    """An on-chain uint256 (token units, wei): a number in human output, a decimal *string* in
+    ``--json`` output, because JSON readers (JavaScript, jq) lose integers past 2**53."""
+
+
 @contextmanager
-def handle_errors() -> Iterator[None]:
-    """Typed errors become ``error: <message>`` on stderr and exit code 1."""
+def handle_errors(as_json: bool = False) -> Iterator[None]:
+    """Typed errors exit with code 1 and no traceback: ``error: <message>`` on stderr, or with
+    ``--json`` an object ``{"error": {"type", "message"}}`` on stdout, so a script reading stdout
+    gets JSON whether the command worked or not."""
     try:
         yield
     except DlisError as exc:
-        err_console.print(f"[red]error:[/red] {exc}")
+        if as_json:
+            sys.stdout.write(json.dumps({"error": {"type": type(exc).__name__, "message": str(exc)}}, indent=2) + "\n")
+        else:
+            err_console.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(1) from exc
 
 
 def emit(data: Any, as_json: bool, human: Callable[[Any], None]) -> None:
     if as_json:
-        sys.stdout.write(json.dumps(data, indent=2, default=_json_default) + "\n")
+        sys.stdout.write(json.dumps(_jsonable(data), indent=2, default=_json_default) + "\n")
     else:
         human(data)
+
+
+def _jsonable(value: Any) -> Any:
+    """``data`` with every :class:`U256` as a decimal string (json.dumps writes int subclasses as
+    numbers without asking ``default``)."""
+    if isinstance(value, U256):
+        return str(int(value))
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    return value
 
 
 def _json_default(value: Any) -> Any:
     if isinstance(value, bytes):
         return "0x" + value.hex()
     return str(value)
+
+
+def utc(timestamp: int) -> str:
+    """A unix (or chain) time as a UTC date for human output."""
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(timestamp))
 
 
 def read_password_file(path: Path | None) -> str | None:

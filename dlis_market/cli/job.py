@@ -10,6 +10,7 @@ import httpx
 import typer
 
 from dlis_market.cli.context import (
+    U256,
     JsonOpt,
     PasswordFileOpt,
     console,
@@ -19,6 +20,7 @@ from dlis_market.cli.context import (
     read_password_file,
     state,
     unlock,
+    utc,
 )
 
 app = typer.Typer(help="Deposit escrow, submit paid jobs to a broker, check their status.", no_args_is_help=True)
@@ -78,7 +80,7 @@ def deposit(
     from dlis_market.chain.job_market import JobMarket
 
     st = state(ctx)
-    with handle_errors():
+    with handle_errors(as_json):
         units = parse_amount(amount)
         client = unlock(st, account, read_password_file(password_file))
         market = JobMarket(ChainClient(st.settings))
@@ -86,7 +88,7 @@ def deposit(
         market.deposit(client, units, held_for)
         escrow = market.escrow_of(client.address, held_for)
         emit(
-            {"client": client.address, "broker": held_for, "escrow": escrow},
+            {"client": client.address, "broker": held_for, "escrow": U256(escrow)},
             as_json,
             lambda d: console.print(f"escrow for broker {d['broker']} now {fmt_units(d['escrow'])} DLIS"),
         )
@@ -99,26 +101,46 @@ def withdraw(
     amount: Annotated[str | None, typer.Option(help="Request a withdrawal of this much (starts the delay).")] = None,
     broker: BrokerAddressOpt = None,
     password_file: PasswordFileOpt = None,
+    as_json: JsonOpt = False,
 ) -> None:
     """Request a withdrawal (--amount), or withdraw a request whose delay has passed."""
     from dlis_market.chain.client import ChainClient
+    from dlis_market.chain.dlis_token import fmt_units
     from dlis_market.chain.job_market import JobMarket
 
     st = state(ctx)
-    with handle_errors():
+    with handle_errors(as_json):
         client = unlock(st, account, read_password_file(password_file))
         market = JobMarket(ChainClient(st.settings))
         held_for = market.broker_or_default(broker)
         if amount is not None:
-            market.request_withdrawal(client, parse_amount(amount), held_for)
+            units = parse_amount(amount)
+            market.request_withdrawal(client, units, held_for)
             _, ready, expires = market.pending_withdrawal(client.address, held_for)
-            console.print(
-                f"withdrawal of {amount} DLIS requested; withdraw between chain times {ready} and {expires} "
-                "(brokers count it as spent until then)"
+            emit(
+                {
+                    "client": client.address,
+                    "broker": held_for,
+                    "requested": U256(units),
+                    "ready_at": ready,
+                    "expires_at": expires,
+                },
+                as_json,
+                lambda d: console.print(
+                    f"withdrawal of {amount} DLIS requested; withdraw between {utc(ready)} and {utc(expires)} UTC "
+                    "(chain time; brokers count it as spent until then)"
+                ),
             )
         else:
+            pending, _, _ = market.pending_withdrawal(client.address, held_for)
             market.withdraw(client, held_for)
-            console.print(f"withdrawn from the escrow held for broker {held_for}")
+            emit(
+                {"client": client.address, "broker": held_for, "withdrawn": U256(pending)},
+                as_json,
+                lambda d: console.print(
+                    f"withdrew {fmt_units(d['withdrawn'])} DLIS from the escrow held for broker {held_for}"
+                ),
+            )
 
 
 @app.command()
@@ -140,7 +162,7 @@ def submit(
     from dlis_market.chain.job_market import JobAuthorization, market_domain, sign_authorization
 
     st = state(ctx)
-    with handle_errors():
+    with handle_errors(as_json):
         url = _broker_url(ctx, broker_url)
         client = unlock(st, account, read_password_file(password_file))
         body: dict[str, Any] = {"model": model, "max_tokens": max_tokens, "policy": {"privacy": privacy}}
@@ -204,10 +226,11 @@ def status(
 
     from dlis_market.broker.auth import sign_job_read
     from dlis_market.chain.client import ChainClient
+    from dlis_market.chain.dlis_token import fmt_units
     from dlis_market.chain.job_market import JobMarket
 
     st = state(ctx)
-    with handle_errors():
+    with handle_errors(as_json):
         market = JobMarket(ChainClient(st.settings))
         headers = {}
         if account is not None:
@@ -218,8 +241,11 @@ def status(
         job["settled_on_chain"] = market.nonce_used(job["client"], int(job["nonce"]))
 
         def human(j: dict[str, Any]) -> None:
-            keys = ("id", "status", "cost", "fee", "settlement", "settled_on_chain")
-            console.print(json.dumps({k: j[k] for k in keys}, indent=2))
+            console.print(f"job {j['id']}  status {j['status']}  settled on chain: {j['settled_on_chain']}")
+            if j.get("cost") is not None:
+                console.print(f"cost {fmt_units(int(j['cost']))} DLIS + fee {fmt_units(int(j.get('fee') or 0))} DLIS")
+            if j.get("settlement"):
+                console.print(f"settlement {json.dumps(j['settlement'])}")
             if j.get("answer") is not None:
                 console.print(f"answer: {j['answer']}")
 

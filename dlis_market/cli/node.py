@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import time
 from typing import Annotated, Any
 
 import typer
 
 from dlis_market.cli.context import (
+    U256,
     JsonOpt,
     PasswordFileOpt,
     console,
@@ -18,6 +18,7 @@ from dlis_market.cli.context import (
     resolve_address,
     state,
     unlock,
+    utc,
 )
 
 app = typer.Typer(help="Stake, register and manage worker nodes as an operator.", no_args_is_help=True)
@@ -29,10 +30,6 @@ AccountOpt = Annotated[
 
 def _tx(receipt: Any) -> str:
     return "0x" + bytes(receipt["transactionHash"]).hex()
-
-
-def _utc(timestamp: int) -> str:
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(timestamp))
 
 
 @app.command()
@@ -49,7 +46,7 @@ def stake(
     from dlis_market.chain.staking_manager import StakingManager
 
     st = state(ctx)
-    with handle_errors():
+    with handle_errors(as_json):
         units = parse_amount(amount)
         op = unlock(st, account, read_password_file(password_file))
         staking = StakingManager(ChainClient(st.settings))
@@ -58,8 +55,8 @@ def stake(
         emit(
             {
                 "operator": op.address,
-                "staked": units,
-                "active": info.active,
+                "staked": U256(units),
+                "active": U256(info.active),
                 "routable": info.is_active,
                 "tx": _tx(receipt),
             },
@@ -84,7 +81,7 @@ def unstake(
     from dlis_market.chain.staking_manager import StakingManager
 
     st = state(ctx)
-    with handle_errors():
+    with handle_errors(as_json):
         units = parse_amount(amount)
         op = unlock(st, account, read_password_file(password_file))
         staking = StakingManager(ChainClient(st.settings))
@@ -93,12 +90,12 @@ def unstake(
         emit(
             {
                 "operator": op.address,
-                "unbonding": info.unbonding,
+                "unbonding": U256(info.unbonding),
                 "release_time": info.release_time,
                 "tx": _tx(receipt),
             },
             as_json,
-            lambda d: console.print(f"unbonding {amount} DLIS; withdrawable after {_utc(d['release_time'])} UTC"),
+            lambda d: console.print(f"unbonding {amount} DLIS; withdrawable after {utc(d['release_time'])} UTC"),
         )
 
 
@@ -108,18 +105,19 @@ def withdraw(
 ) -> None:
     """Withdraw stake whose unbonding period has passed."""
     from dlis_market.chain.client import ChainClient
+    from dlis_market.chain.dlis_token import fmt_units
     from dlis_market.chain.staking_manager import StakingManager
 
     st = state(ctx)
-    with handle_errors():
+    with handle_errors(as_json):
         op = unlock(st, account, read_password_file(password_file))
         staking = StakingManager(ChainClient(st.settings))
         amount = staking.info(op.address).unbonding
         receipt = staking.withdraw(op)
         emit(
-            {"operator": op.address, "withdrawn": amount, "tx": _tx(receipt)},
+            {"operator": op.address, "withdrawn": U256(amount), "tx": _tx(receipt)},
             as_json,
-            lambda d: console.print(f"withdrew stake, tx {d['tx']}"),
+            lambda d: console.print(f"withdrew {fmt_units(d['withdrawn'])} DLIS of stake, tx {d['tx']}"),
         )
 
 
@@ -128,7 +126,12 @@ def register(
     ctx: typer.Context,
     account: AccountOpt,
     node_key: Annotated[str, typer.Option(help="The node's signing key: keystore name (or dev:N on a dev chain).")],
-    peer_id: Annotated[str, typer.Option(help="The node's libp2p peer id.")],
+    peer_id: Annotated[
+        str | None,
+        typer.Option(
+            help="The node's libp2p peer id (required to register; with --update it must be the registered one)."
+        ),
+    ] = None,
     endpoint: Annotated[str, typer.Option(help="Multiaddr where the node listens.")] = "/ip4/127.0.0.1/tcp/0",
     memory_mib: Annotated[int, typer.Option(help="Memory the node offers, MiB.")] = 4096,
     gflops: Annotated[int, typer.Option(help="Measured GEMM throughput, GFLOP/s.")] = 50,
@@ -136,7 +139,13 @@ def register(
     device_class: Annotated[str, typer.Option(help="phone|laptop|desktop|server|datacenter_gpu")] = "laptop",
     attestation_hash: Annotated[str, typer.Option(help="keccak256 of the node's attestation report (0x...).")] = "0x"
     + "00" * 32,
-    update: Annotated[bool, typer.Option(help="Update endpoint/capability/attestation of a registered node.")] = False,
+    update: Annotated[
+        bool,
+        typer.Option(
+            help="Update endpoint/capability/attestation of a registered node. The peer id is bound at "
+            "registration and cannot change: `dlis node deregister`, then register again for a new one."
+        ),
+    ] = False,
     password_file: PasswordFileOpt = None,
     node_password_file: PasswordFileOpt = None,
     as_json: JsonOpt = False,
@@ -145,9 +154,16 @@ def register(
     from dlis_market.chain.client import ChainClient
     from dlis_market.chain.errors import PreflightError
     from dlis_market.chain.node_registry import BINDING_TTL_S, Capability, DeviceClass, NodeRegistry
+    from dlis_market.node.identity import check_multiaddr, check_peer_id
 
     st = state(ctx)
-    with handle_errors():
+    with handle_errors(as_json):
+        # Everything a user typed is checked before any account is unlocked or transaction sent.
+        if peer_id is None and not update:
+            raise PreflightError("registering a node needs --peer-id (printed by `dlis node start`)")
+        if peer_id is not None:
+            peer_id = check_peer_id(peer_id)
+        endpoint = check_multiaddr(endpoint)
         try:
             dclass = DeviceClass[device_class.upper()]
         except KeyError as exc:
@@ -163,8 +179,18 @@ def register(
         registry = NodeRegistry(client)
         cap = Capability(memory_mib, gflops, bandwidth_mbps, dclass)
         if update:
+            registered = registry.get(node.address)
+            if registered is None:
+                raise PreflightError(f"node {node.address} is not registered; register it first (without --update)")
+            if peer_id is not None and peer_id != registered.peer_id:
+                raise PreflightError(
+                    f"node {node.address} is registered with peer id {registered.peer_id}; --update cannot change "
+                    f"it to {peer_id} (NodeRegistry binds the peer id, signed by the node key, at registration). "
+                    "Drop --peer-id to update the rest, or `dlis node deregister` it and register it again"
+                )
             receipt = registry.update(op, node.address, endpoint, cap, att)
         else:
+            assert peer_id is not None
             deadline = client.timestamp() + BINDING_TTL_S
             binding = registry.sign_binding(node, op.address, peer_id, deadline)
             receipt = registry.register(op, node.address, peer_id, endpoint, cap, att, binding, deadline)
@@ -186,6 +212,38 @@ def register(
 
 
 @app.command()
+def deregister(
+    ctx: typer.Context,
+    account: AccountOpt,
+    node: Annotated[str, typer.Option(help="The node: its address, or the keystore name of its key.")],
+    password_file: PasswordFileOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Take a node out of routing (its record stays readable); register it again later, e.g. with a
+    new peer id."""
+    from dlis_market.chain.client import ChainClient
+    from dlis_market.chain.errors import PreflightError
+    from dlis_market.chain.node_registry import NodeRegistry
+
+    st = state(ctx)
+    with handle_errors(as_json):
+        address = resolve_address(st, node)
+        op = unlock(st, account, read_password_file(password_file))
+        registry = NodeRegistry(ChainClient(st.settings))
+        rec = registry.get(address)
+        if rec is None or not rec.active:
+            raise PreflightError(f"node {address} is not registered and active: nothing to deregister")
+        if rec.operator.lower() != op.address.lower():
+            raise PreflightError(f"node {address} is operated by {rec.operator}, not by {op.address}")
+        receipt = registry.deregister(op, address)
+        emit(
+            {"node": address, "operator": op.address, "tx": _tx(receipt)},
+            as_json,
+            lambda d: console.print(f"node {d['node']} deregistered (no longer routed), tx {d['tx']}"),
+        )
+
+
+@app.command()
 def status(
     ctx: typer.Context,
     who: Annotated[str, typer.Argument(help="Operator or node address, or a keystore account name.")],
@@ -198,7 +256,7 @@ def status(
     from dlis_market.chain.node_registry import NodeRegistry
 
     st = state(ctx)
-    with handle_errors():
+    with handle_errors(as_json):
         address = resolve_address(st, who)
         client = ChainClient(st.settings)
         registry = NodeRegistry(client)
@@ -208,12 +266,12 @@ def status(
         nodes = [registry.get(n) for n in registry.nodes_of(operator)]
         data = {
             "operator": operator,
-            "stake_active": info.active,
-            "stake_unbonding": info.unbonding,
+            "stake_active": U256(info.active),
+            "stake_unbonding": U256(info.unbonding),
             "unbonding_release_time": info.release_time,
-            "min_stake": info.min_stake,
+            "min_stake": U256(info.min_stake),
             "meets_minimum": info.is_active,
-            "claimable": JobMarket(client).claimable_of(operator),
+            "claimable": U256(JobMarket(client).claimable_of(operator)),
             "nodes": [
                 {
                     "node": n.node,
@@ -246,18 +304,19 @@ def claim(
 ) -> None:
     """Pay out the earnings JobMarket credited to your operator account."""
     from dlis_market.chain.client import ChainClient
+    from dlis_market.chain.dlis_token import fmt_units
     from dlis_market.chain.job_market import JobMarket
 
     st = state(ctx)
-    with handle_errors():
+    with handle_errors(as_json):
         op = unlock(st, account, read_password_file(password_file))
         market = JobMarket(ChainClient(st.settings))
         amount = market.claimable_of(op.address)
         receipt = market.claim(op)
         emit(
-            {"operator": op.address, "claimed": amount, "tx": _tx(receipt)},
+            {"operator": op.address, "claimed": U256(amount), "tx": _tx(receipt)},
             as_json,
-            lambda d: console.print(f"claimed, tx {d['tx']}"),
+            lambda d: console.print(f"claimed {fmt_units(d['claimed'])} DLIS, tx {d['tx']}"),
         )
 
 
@@ -273,7 +332,7 @@ def earnings(
     from dlis_market.chain.job_market import JobMarket
 
     st = state(ctx)
-    with handle_errors():
+    with handle_errors(as_json):
         operator = resolve_address(st, who)
         market = JobMarket(ChainClient(st.settings))
         start = market.client.deployment.contracts["JobMarket"].block
@@ -282,14 +341,14 @@ def earnings(
         claimed = ev.Claimed.get_logs(from_block=start, argument_filters={"account": operator})
         data = {
             "operator": operator,
-            "credited": sum(int(e["args"]["amount"]) for e in credited),
-            "claimed": sum(int(e["args"]["amount"]) for e in claimed),
-            "claimable": market.claimable_of(operator),
+            "credited": U256(sum(int(e["args"]["amount"]) for e in credited)),
+            "claimed": U256(sum(int(e["args"]["amount"]) for e in claimed)),
+            "claimable": U256(market.claimable_of(operator)),
             "credits": [
                 {
                     "node": e["args"]["node"],
                     "batch_id": "0x" + bytes(e["args"]["batchId"]).hex(),
-                    "amount": int(e["args"]["amount"]),
+                    "amount": U256(e["args"]["amount"]),
                     "block": int(e["blockNumber"]),
                     "tx": "0x" + bytes(e["transactionHash"]).hex(),
                 }

@@ -118,3 +118,46 @@ def load_or_create(
             raw = (Path(tmp) / "key").read_bytes()
         _write_private(key_path, encrypt_p2p_key(raw, password, scrypt_n))
     return NodeIdentity(account, decrypt_p2p_key(key_path.read_bytes(), password))
+
+
+# Multihash codes a libp2p peer id may use: identity (inlined public key, ed25519/secp256k1 "12D3KooW..."
+# and "16Uiu2..."), sha2-256 of a larger key (RSA, "Qm...").
+_IDENTITY, _SHA2_256 = 0x00, 0x12
+_MAX_INLINE_KEY = 42
+
+
+def check_peer_id(text: str) -> str:
+    """``text`` if it is a libp2p peer id (base58 multihash of a public key); else an
+    :class:`IdentityError` that says what is wrong and where a node's peer id comes from."""
+    import base58
+
+    hint = "a node's peer id is printed by `dlis node start` (DLIS_NODE_READY) and starts with 12D3KooW or Qm"
+    try:
+        raw = base58.b58decode(text.strip())
+    except ValueError as exc:
+        raise IdentityError(f"peer id {text!r} is not base58 ({exc}); {hint}") from exc
+    if len(raw) < 2:
+        raise IdentityError(f"peer id {text!r} is {len(raw)} bytes decoded, too short for a multihash; {hint}")
+    code, length = raw[0], raw[1]
+    if code == _SHA2_256 and length == 32 and len(raw) == 34:
+        return text.strip()
+    if code == _IDENTITY and 0 < length <= _MAX_INLINE_KEY and len(raw) == 2 + length:
+        return text.strip()
+    raise IdentityError(
+        f"peer id {text!r} decodes to a {len(raw)}-byte multihash with code 0x{code:02x} and length {length}, "
+        f"not a sha2-256 (0x12, 32 bytes) or inlined key (0x00, at most {_MAX_INLINE_KEY} bytes); {hint}"
+    )
+
+
+def check_multiaddr(text: str) -> str:
+    """``text`` if it parses as a multiaddr (``/ip4/127.0.0.1/tcp/31337``); else an
+    :class:`IdentityError` naming what does not parse."""
+    from hivemind.utils.multiaddr import Multiaddr
+
+    try:
+        return str(Multiaddr(text.strip()))
+    except Exception as exc:  # hivemind's parser raises several error types, all with a clear text
+        raise IdentityError(
+            f"endpoint {text!r} is not a multiaddr ({exc}); use the form /ip4/HOST/tcp/PORT, "
+            "e.g. /ip4/127.0.0.1/tcp/31337"
+        ) from exc

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import base58
 import pytest
 from typer.testing import CliRunner
 
@@ -11,6 +12,14 @@ from dlis_market.chain.anvil import port_open
 from dlis_market.cli.main import app
 
 UNIT = 10**18
+
+
+def peer_id(seed: int) -> str:
+    """A well-formed libp2p peer id: the identity multihash of an ed25519 public key (12D3KooW...)."""
+    return base58.b58encode(bytes([0x00, 0x24, 0x08, 0x01, 0x12, 0x20]) + bytes([seed]) * 32).decode()
+
+
+PEER_A, PEER_B = peer_id(1), peer_id(2)
 
 
 @pytest.fixture()
@@ -55,20 +64,20 @@ def test_stake_register_status_and_refusals(dlis, market):
     assert market.client.w3.eth.get_transaction_count(op) == 0
 
     dlis("chain", "faucet", op, "500")
-    reg_args = ["node", "register", "-a", "op", "--node-key", "node", "--peer-id", "12D3KooWcli",
+    reg_args = ["node", "register", "-a", "op", "--node-key", "node", "--peer-id", PEER_A,
                 "--password-file", dlis.pw, "--node-password-file", dlis.pw]  # fmt: skip
     early = dlis(*reg_args, ok=False)
     assert early.exit_code == 1 and "minimum is 100" in early.output
 
     staked = json.loads(dlis("node", "stake", "150", "-a", "op", "--password-file", dlis.pw, "--json").stdout)
-    assert staked["active"] == 150 * UNIT and staked["routable"]
+    assert staked["active"] == str(150 * UNIT) and staked["routable"]  # uint256 as a string
     reg = json.loads(dlis(*reg_args, "--device-class", "server", "--json").stdout)
     assert reg["node"] == node and reg["routable"]
 
     status = json.loads(dlis("node", "status", "op", "--json").stdout)
-    assert status["stake_active"] == 150 * UNIT
+    assert status["stake_active"] == str(150 * UNIT)
     assert status["nodes"] == [
-        {"node": node, "peer_id": "12D3KooWcli", "endpoint": "/ip4/127.0.0.1/tcp/0", "active": True, "routable": True}
+        {"node": node, "peer_id": PEER_A, "endpoint": "/ip4/127.0.0.1/tcp/0", "active": True, "routable": True}
     ]
     too_much = dlis("node", "unstake", "151", "-a", "op", "--password-file", dlis.pw, ok=False)
     assert too_much.exit_code == 1 and "active stake is 150" in too_much.output
@@ -77,6 +86,47 @@ def test_stake_register_status_and_refusals(dlis, market):
     assert after["meets_minimum"] is False and after["nodes"][0]["routable"] is False
     early_withdraw = dlis("node", "withdraw", "-a", "op", "--password-file", dlis.pw, ok=False)
     assert "unbonds at" in early_withdraw.output
+
+
+def test_register_checks_what_was_typed_before_any_transaction(dlis, market):
+    """Malformed peer ids and endpoints, and an --update that would change the bound peer id, are
+    refused before anything is sent; a new peer id takes deregister + register."""
+    op = json.loads(dlis("account", "new", "op2", "--password-file", dlis.pw, "--json").stdout)["address"]
+    json.loads(dlis("account", "new", "node2", "--password-file", dlis.pw, "--json").stdout)
+    funded = json.loads(dlis("chain", "faucet", "op2", "500", "--json").stdout)  # a keystore name, not an address
+    assert funded["to"] == op and funded["dlis"] == str(500 * UNIT)
+    dlis("node", "stake", "150", "-a", "op2", "--password-file", dlis.pw)
+    sent = market.client.w3.eth.get_transaction_count(op)
+    base = ["node", "register", "-a", "op2", "--node-key", "node2", "--password-file", dlis.pw,
+            "--node-password-file", dlis.pw]  # fmt: skip
+
+    not_a_peer = dlis(*base, "--peer-id", "12D3KooWcli", ok=False)
+    assert not_a_peer.exit_code == 1 and "peer id '12D3KooWcli'" in not_a_peer.output
+    not_an_addr = dlis(*base, "--peer-id", PEER_A, "--endpoint", "localhost:4001", ok=False)
+    assert not_an_addr.exit_code == 1 and "not a multiaddr" in not_an_addr.output
+    assert market.client.w3.eth.get_transaction_count(op) == sent
+
+    dlis(*base, "--peer-id", PEER_A)
+    sent = market.client.w3.eth.get_transaction_count(op)
+    change = dlis(*base, "--update", "--peer-id", PEER_B, ok=False)
+    assert change.exit_code == 1 and f"registered with peer id {PEER_A}" in change.output
+    assert "dlis node deregister" in change.output
+    assert market.client.w3.eth.get_transaction_count(op) == sent
+    dlis(*base, "--update", "--endpoint", "/ip4/127.0.0.1/tcp/4001")
+    (entry,) = json.loads(dlis("node", "status", "op2", "--json").stdout)["nodes"]
+    assert (entry["peer_id"], entry["endpoint"]) == (PEER_A, "/ip4/127.0.0.1/tcp/4001")
+
+    dlis("node", "deregister", "-a", "op2", "--node", "node2", "--password-file", dlis.pw)
+    dlis(*base, "--peer-id", PEER_B)
+    (entry,) = json.loads(dlis("node", "status", "op2", "--json").stdout)["nodes"]
+    assert entry["peer_id"] == PEER_B and entry["routable"]
+
+
+def test_json_errors_are_json_on_stdout(dlis):
+    result = dlis("node", "stake", "abc", "-a", "dev:4", "--json", ok=False)
+    assert result.exit_code == 1
+    error = json.loads(result.stdout)["error"]
+    assert error["type"] == "PreflightError" and "not a number" in error["message"]
 
 
 def test_bad_input_is_refused_clearly(dlis):
