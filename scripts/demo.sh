@@ -127,7 +127,7 @@ echo "== broker"
 if ! running broker; then
   # every stage call is spot-checked here (default 2 %) so that the demo shows one
   DLIS_BROKER__ORACLE_URL="$ORACLE_URL" DLIS_BROKER__SPOT_CHECK_FRACTION=1 \
-    spawn broker "$LOGS/broker.log" dlis broker start --model-dir "$SHARDS" --peer "$BOOT"
+    spawn broker "$LOGS/broker.log" dlis broker start --model-dir "$SHARDS" --initial-peer "$BOOT"
 fi
 wait_for 120 "the broker" python -c "import httpx; httpx.get('http://127.0.0.1:$BROKER_PORT/healthz').raise_for_status()"
 

@@ -109,7 +109,9 @@ def start(
     model_dir: Annotated[
         list[Path], typer.Option("--model-dir", help="Shard folder (manifest + tokenizer) of a model to serve; repeat.")
     ],
-    peer: Annotated[list[str], typer.Option("--peer", help="DHT multiaddr of a worker to join through; repeat.")] = [],  # noqa: B006
+    initial_peer: Annotated[
+        list[str] | None, typer.Option(help="DHT multiaddr of a worker to join through (repeatable).")
+    ] = None,
     port: Annotated[int | None, typer.Option(help="Port on 127.0.0.1 (default broker.port, 8080).")] = None,
     account: Annotated[
         str | None, typer.Option(help="Broker account with BROKER_ROLE (default broker.account).")
@@ -149,7 +151,7 @@ def start(
         catalog = ModelCatalog.from_shard_dirs(model_dir, client.model_publisher(), registry=NodeRegistry(client))
         graph = build_graph(settings, client, broker, catalog)
         node_settings = node_settings_for_chain(settings, client)
-        peers = peer or list(settings.node.initial_peers)
+        peers = list(initial_peer or settings.node.initial_peers)
 
         async def serve() -> None:
             start_reaper()  # the DHT process and p2pd die with the broker, even on SIGKILL

@@ -287,7 +287,7 @@ def start_broker(
     }
     cmd = ["broker", "start", "--model-dir", str(shards)]
     for p in peers:
-        cmd += ["--peer", p]
+        cmd += ["--initial-peer", p]
     return spawn_service(cmd, env, log, f"http://127.0.0.1:{port}/healthz")  # type: ignore[no-any-return]
 
 
