@@ -14,7 +14,7 @@ import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -241,6 +241,13 @@ class OutboxSettings(_Section):
     telemetry_keep: int = Field(default=2, ge=1)
 
 
+class LogSettings(_Section):
+    """Logs of the long-running commands (worker, broker, oracle, IPFS daemon), on stderr."""
+
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    format: Literal["text", "json"] = "text"  # json: one object per line (ts, level, logger, message, ...)
+
+
 class Settings(_Section):
     """Everything a dlis process can be configured with."""
 
@@ -252,6 +259,7 @@ class Settings(_Section):
     broker: BrokerSettings = Field(default_factory=BrokerSettings)
     oracle: OracleSettings = Field(default_factory=OracleSettings)
     outbox: OutboxSettings = Field(default_factory=OutboxSettings)
+    log: LogSettings = Field(default_factory=LogSettings)
 
     # ---------------------------------------------------------------- derived paths
 

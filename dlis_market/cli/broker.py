@@ -135,10 +135,12 @@ def start(
     from dlis_market.chain.job_market import JobMarket
     from dlis_market.chain.node_registry import NodeRegistry
     from dlis_market.lifetime import start_reaper
+    from dlis_market.logs import configure_logging
 
     st = state(ctx)
     with handle_errors():
         settings = st.settings
+        configure_logging(settings.log)
         client = ChainClient(settings)
         market = JobMarket(client)
         broker = unlock(st, account or settings.broker.account, read_password_file(password_file))
@@ -163,7 +165,7 @@ def start(
             )
             server = uvicorn.Server(
                 uvicorn.Config(
-                    create_app(service), host=settings.broker.host, port=port or settings.broker.port, log_level="info"
+                    create_app(service), host=settings.broker.host, port=port or settings.broker.port, log_config=None
                 )
             )
             await server.serve()

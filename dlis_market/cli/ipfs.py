@@ -12,6 +12,7 @@ import typer
 from rich.console import Console
 
 from dlis_market.errors import StorageError
+from dlis_market.logs import configure_logging
 from dlis_market.settings import Settings
 from dlis_market.storage.client import NodeInfo
 from dlis_market.storage.daemon import DaemonConfig, DaemonInfo, run_daemon
@@ -37,6 +38,7 @@ def daemon(
     swarm_port: Annotated[int | None, typer.Option(help="Swarm port on 127.0.0.1 (0: any).")] = None,
 ) -> None:
     """Run the embedded IPFS node (private swarm, loopback only) until Ctrl-C or SIGTERM."""
+    configure_logging(cli_settings(ctx).log)
     config = DaemonConfig.from_settings(cli_settings(ctx))
     config = dataclasses.replace(
         config,

@@ -51,8 +51,15 @@ def _main(
         Path | None, typer.Option(help="Data folder for keystores, models, deployments (env DLIS_HOME).")
     ] = None,
     rpc_url: Annotated[str | None, typer.Option(help="Chain JSON-RPC URL (env DLIS_CHAIN__RPC_URL).")] = None,
+    log_format: Annotated[
+        str | None,
+        typer.Option(help="Logs of worker, broker, oracle, IPFS daemon: text or json lines (env DLIS_LOG__FORMAT)."),
+    ] = None,
 ) -> None:
-    ctx.obj = CliState.from_overrides({"home": home, "chain": {"rpc_url": rpc_url}})
+    overrides: dict[str, object] = {"home": home, "chain": {"rpc_url": rpc_url}}
+    if log_format is not None:
+        overrides["log"] = {"format": log_format}
+    ctx.obj = CliState.from_overrides(overrides)
 
 
 app.add_typer(chain.app, name="chain")

@@ -51,10 +51,12 @@ def start(
     import uvicorn
 
     from dlis_market.chain.client import ChainClient
+    from dlis_market.logs import configure_logging
     from dlis_market.oracle.server import create_app
     from dlis_market.oracle.service import OracleService
 
     st = state(ctx)
+    configure_logging(st.settings.log)
     with handle_errors():
         settings = _with_oracle(
             st,
@@ -77,7 +79,9 @@ def start(
 
         async def serve() -> None:
             server = uvicorn.Server(
-                uvicorn.Config(create_app(service), host=settings.oracle.host, port=settings.oracle.port)
+                uvicorn.Config(
+                    create_app(service), host=settings.oracle.host, port=settings.oracle.port, log_config=None
+                )
             )
             stop = asyncio.Event()
             tasks = [asyncio.create_task(service.run(stop))]
@@ -120,7 +124,7 @@ def proof(
     from dlis_market.oracle.store import OracleStore
 
     st = state(ctx)
-    with handle_errors():
+    with handle_errors(as_json):
         settings = _with_oracle(st, state_dir=state_dir)
         store = OracleStore.open(settings)
         try:
