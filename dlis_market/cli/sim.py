@@ -69,7 +69,7 @@ def run(
     from dlis_market.sim.engine import run_seeds
     from dlis_market.sim.report import cheater_bound, over_seeds, print_bound, print_run, summarize, write_plots
 
-    with handle_errors():
+    with handle_errors(as_json):
         sc, market = _load(ctx, scenario)
         results = run_seeds(sc, market, seeds, hours)
         runs = [summarize(r) for r in results]
@@ -120,7 +120,7 @@ def compare(
     from dlis_market.sim.report import paired_difference, print_compare, summarize
     from dlis_market.sim.scenario import Market, apply_change
 
-    with handle_errors():
+    with handle_errors(as_json):
         sc, market = _load(ctx, scenario)
         changed = sc
         for c in change:
@@ -162,7 +162,7 @@ def incentive(
     from dlis_market.sim.report import cheater_bound, over_seeds, print_bound, summarize
     from dlis_market.sim.scenario import apply_change
 
-    with handle_errors():
+    with handle_errors(as_json):
         sc, market = _load(ctx, scenario)
         try:
             ps = [float(x) for x in fractions.split(",") if x.strip()]
