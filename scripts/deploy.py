@@ -3,15 +3,22 @@
 Works on brownie's ``development`` network (brownie starts a throwaway Anvil) and on a lasting
 local chain (``dlis chain up`` starts Anvil with persisted state and adds the brownie network
 ``dlis-anvil-<port>``). The sequence itself is ``dlis_market.chain.deploy.deploy_market``; the
-manifest goes to ``$DLIS_HOME/deployments/<chain id>.json`` (default ``~/.dlis``).
+manifest goes to ``$DLIS_HOME/deployments/<chain id>.json`` (default ``~/.dlis``), and
+``brownie console`` reads it back with ``m = run("dlis")`` (``scripts/dlis.py``).
+
+Role addresses (treasury, broker, oracle) and the deployer account come from, in this order: the
+environment (``DLIS_CHAIN__TREASURY_ADDRESS``, ``..._BROKER_ADDRESS``, ``..._ORACLE_ADDRESS``,
+``DLIS_CHAIN__DEPLOYER_ACCOUNT``), the ``dlis:`` section of ``brownie-config.yaml``, and on dev
+chains the public dev accounts.
 """
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import brownie
-from brownie import accounts, chain, network
+from brownie import accounts, chain, config, network
 
 from dlis_market.chain.deploy import Roles, deploy_market
 from dlis_market.chain.deployment import DeployedContract, Deployment, write_deployment
@@ -38,36 +45,65 @@ class BrownieDeployer:
         return getattr(self._live[contract.address], fn)(*args)
 
 
+def _configured(settings: Settings) -> dict[str, str | None]:
+    """Each role from the environment, else from brownie-config.yaml's ``dlis:`` section."""
+    cfg, section = settings.chain, (config.get("dlis") or {})
+    return {
+        "deployer_account": cfg.deployer_account or section.get("deployer_account"),
+        "treasury": cfg.treasury_address or section.get("treasury"),
+        "broker": cfg.broker_address or section.get("broker"),
+        "oracle": cfg.oracle_address or section.get("oracle"),
+    }
+
+
 def _roles(settings: Settings) -> tuple[Any, Roles]:
-    cfg = settings.chain
+    given = _configured(settings)
     if chain.id in DEV_CHAIN_IDS:
         deployer = accounts[0]
         return deployer, Roles(
             deployer=deployer.address,
-            treasury=cfg.treasury_address or deployer.address,
-            broker=cfg.broker_address or accounts[1].address,
-            oracle=cfg.oracle_address or accounts[2].address,
+            treasury=given["treasury"] or deployer.address,
+            broker=given["broker"] or accounts[1].address,
+            oracle=given["oracle"] or accounts[2].address,
         )
-    required = {
-        "DLIS_CHAIN__DEPLOYER_ACCOUNT": cfg.deployer_account,
-        "DLIS_CHAIN__TREASURY_ADDRESS": cfg.treasury_address,
-        "DLIS_CHAIN__BROKER_ADDRESS": cfg.broker_address,
-        "DLIS_CHAIN__ORACLE_ADDRESS": cfg.oracle_address,
+    names = {
+        "deployer_account": "DLIS_CHAIN__DEPLOYER_ACCOUNT",
+        "treasury": "DLIS_CHAIN__TREASURY_ADDRESS",
+        "broker": "DLIS_CHAIN__BROKER_ADDRESS",
+        "oracle": "DLIS_CHAIN__ORACLE_ADDRESS",
     }
-    missing = [k for k, v in required.items() if not v]
+    missing = [f"{env} (or dlis.{key} in brownie-config.yaml)" for key, env in names.items() if not given[key]]
     if missing:
         raise SystemExit(
             f"chain id {chain.id} is not a dev chain: set {', '.join(missing)} before deploying "
             "(the public dev accounts are refused off dev chains)"
         )
-    deployer = accounts.load(cfg.deployer_account)
-    return deployer, Roles(
-        deployer.address, str(cfg.treasury_address), str(cfg.broker_address), str(cfg.oracle_address)
-    )
+    deployer = accounts.load(given["deployer_account"])
+    return deployer, Roles(deployer.address, str(given["treasury"]), str(given["broker"]), str(given["oracle"]))
+
+
+def _quiet_brownie_record_error() -> None:
+    """Brownie 1.22's compiled ``_add_deployment`` raises ``TypeError: dict object expected; got
+    Sources`` in a background thread for every contract deployed on a live network, printing a
+    traceback each time; the deployment itself is fine and the dlis manifest is its record. Say
+    it once in one line instead of four tracebacks."""
+    previous, said = threading.excepthook, []
+
+    def hook(args: threading.ExceptHookArgs) -> None:
+        if args.exc_type is TypeError and "got brownie.project.sources.Sources" in str(args.exc_value):
+            if not said:
+                said.append(True)
+                print("note: brownie could not record the deployment in its own database (a known brownie 1.22 bug);")
+                print("      the dlis deployment manifest below is the record (`brownie console`: m = run('dlis'))")
+            return
+        previous(args)
+
+    threading.excepthook = hook
 
 
 def main() -> Deployment:
     settings = Settings.load()
+    _quiet_brownie_record_error()
     deployer, roles = _roles(settings)
     print(f"deploying to chain {chain.id} ({network.show_active()}) from {deployer.address}")
     deployment = deploy_market(BrownieDeployer(deployer), settings.chain, roles)

@@ -10,6 +10,7 @@ import json
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from dlis_market.chain.anvil import CHAIN_ID, REPO_ROOT
@@ -28,7 +29,10 @@ def network_name(port: int) -> str:
     return "local-anvil" if port == 8545 else f"dlis-anvil-{port}"
 
 
-def ensure_network(port: int, settings: Settings) -> str:
+def ensure_network(port: int, settings: Settings, say: Callable[[str], None] = print) -> str:
+    """The brownie network for a local Anvil on ``port``; when brownie does not list it yet it is
+    added to brownie's own network list (``~/.brownie/network-config.yaml``) and ``say`` tells the
+    user so, since that file is theirs."""
     name = network_name(port)
     listed = subprocess.run(
         [brownie_exe(), "networks", "list"], capture_output=True, text=True, cwd=REPO_ROOT, env=settings.child_env()
@@ -44,6 +48,11 @@ def ensure_network(port: int, settings: Settings) -> str:
     )
     if added.returncode != 0 and "already exists" not in added.stdout + added.stderr:
         raise ChainError(f"could not add brownie network {name}: {added.stdout[-500:]} {added.stderr[-500:]}")
+    say(
+        f"added the network {name} (http://127.0.0.1:{port}) to brownie's network list "
+        f"(~/.brownie/network-config.yaml), so `brownie console --network {name}` reaches this chain; "
+        f"remove it with `brownie networks delete {name}`"
+    )
     return name
 
 
@@ -63,13 +72,13 @@ def _forget_brownie_deployments() -> None:
         map_file.write_text(json.dumps(data, indent=2))
 
 
-def run_deploy(port: int, settings: Settings, log: Path) -> None:
+def run_deploy(port: int, settings: Settings, log: Path, say: Callable[[str], None] = print) -> None:
     """``brownie run deploy --network dlis-anvil-<port>`` from the repository; output to ``log``."""
     if not (REPO_ROOT / "brownie-config.yaml").exists():
         raise ChainError(
             f"deploying needs the dlis_market source checkout (brownie-config.yaml not found in {REPO_ROOT})"
         )
-    name = ensure_network(port, settings)
+    name = ensure_network(port, settings, say)
     _forget_brownie_deployments()
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "w") as out:
@@ -81,8 +90,8 @@ def run_deploy(port: int, settings: Settings, log: Path) -> None:
             env=settings.child_env(),
             timeout=600,
         )
-    # Brownie prints a harmless TypeError from _add_deployment on live networks and may exit
-    # non-zero because of it; success is judged by the manifest the script writes.
+    # Success is judged by the manifest the script writes (brownie's exit code has not been
+    # reliable on live networks).
     text = log.read_text()
     if "deployment manifest:" not in text:
         raise ChainError(f"`brownie run deploy` failed (exit {proc.returncode}); see {log}:\n{text[-1500:]}")

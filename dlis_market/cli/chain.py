@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from dlis_market.cli.context import U256, JsonOpt, console, emit, handle_errors, resolve_address, state
+from dlis_market.cli.context import U256, JsonOpt, console, emit, err_console, handle_errors, resolve_address, state
 
 if TYPE_CHECKING:
     from web3 import Web3
@@ -41,7 +41,7 @@ def _deployed(settings: Any, w3: Web3) -> bool:
     # A chain kept from an older checkout holds contracts this build no longer speaks to.
     changed = [name for name, c in dep.contracts.items() if _shape(c.abi) != _shape(load_artifact(name)["abi"])]
     if changed:
-        console.print(f"the compiled {', '.join(changed)} differ from the ones deployed here: deploying again")
+        err_console.print(f"the compiled {', '.join(changed)} differ from the ones deployed here: deploying again")
         return False
     return True
 
@@ -67,16 +67,17 @@ def up(
         settings = st.settings.model_copy(
             update={"chain": st.settings.chain.model_copy(update={"rpc_url": f"http://127.0.0.1:{port}"})}
         )
+        say = err_console.print if as_json else console.print  # --json keeps stdout for the JSON
         started = False
         if not port_open("127.0.0.1", port):
-            console.print(f"starting anvil on 127.0.0.1:{port} (state in {settings.chain_dir})")
+            say(f"starting anvil on 127.0.0.1:{port} (state in {settings.chain_dir})")
             start_detached(settings.chain_dir, port)
             started = True
         w3 = connect_web3(settings.chain.rpc_url)
         deployed = False
         if redeploy or not _deployed(settings, w3):
-            console.print("deploying contracts with `brownie run deploy` ...")
-            run_deploy(port, settings, settings.logs_dir / "deploy.log")
+            say("deploying contracts with `brownie run deploy` ...")
+            run_deploy(port, settings, settings.logs_dir / "deploy.log", say)
             deployed = True
         _print_status(settings, as_json, extra={"started_anvil": started, "deployed": deployed})
 

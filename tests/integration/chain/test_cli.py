@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import base58
 import pytest
 from typer.testing import CliRunner
 
-from dlis_market.chain.anvil import port_open
+from dlis_market.chain.anvil import REPO_ROOT, port_open
 from dlis_market.cli.main import app
 
 UNIT = 10**18
@@ -162,21 +166,30 @@ def test_chain_up_runs_brownie_deploy_and_persists_state(tmp_path):
     try:
         first = runner.invoke(app, ["chain", "up", "--port", str(port), "--json"], env=env)
         assert first.exit_code == 0, first.output
-        data = json.loads(first.stdout[first.stdout.index("{") :])
+        data = json.loads(first.stdout)  # progress lines go to stderr under --json
         assert data["started_anvil"] and data["deployed"]
         assert (tmp_path / "deployments" / "31337.json").exists()
-        assert "deployment manifest" in (tmp_path / "logs" / "deploy.log").read_text()
+        deploy_log = (tmp_path / "logs" / "deploy.log").read_text()
+        assert "deployment manifest" in deploy_log and "Traceback" not in deploy_log
+        # `brownie console --network dlis-anvil-PORT` then m = run("dlis"): the same script, run here
+        console = subprocess.run(
+            [str(Path(sys.executable).parent / "brownie"), "run", "dlis", "--network", f"dlis-anvil-{port}"],
+            capture_output=True, text=True, cwd=REPO_ROOT, timeout=120, env={**os.environ, **env},
+        )  # fmt: skip
+        assert "DLISToken, JobMarket, NodeRegistry, ReputationOracle, StakingManager" in console.stdout, (
+            console.stdout[-2000:] + console.stderr[-2000:]
+        )
         runner.invoke(app, ["chain", "faucet", "0x000000000000000000000000000000000000dEaD", "7"], env=env)
 
         assert runner.invoke(app, ["chain", "down", "--port", str(port)], env=env).exit_code == 0
         second = runner.invoke(app, ["chain", "up", "--port", str(port), "--json"], env=env)
         assert second.exit_code == 0, second.output
-        again = json.loads(second.stdout[second.stdout.index("{") :])
+        again = json.loads(second.stdout)
         assert again["started_anvil"] and not again["deployed"]  # contracts came back from --state
         bal = runner.invoke(
             app, ["account", "balance", "0x000000000000000000000000000000000000dEaD", "--json"], env=env
         )
-        assert json.loads(bal.stdout)["dlis"] == 7 * UNIT
+        assert json.loads(bal.stdout)["dlis"] == str(7 * UNIT)
 
         # A chain kept from an older checkout: its JobMarket's ABI is not this build's. `chain up`
         # deploys again instead of handing out contracts this build cannot talk to.
@@ -187,6 +200,6 @@ def test_chain_up_runs_brownie_deploy_and_persists_state(tmp_path):
         third = runner.invoke(app, ["chain", "up", "--port", str(port), "--json"], env=env)
         assert third.exit_code == 0, third.output
         assert "differ from the ones deployed here" in third.output
-        assert json.loads(third.stdout[third.stdout.index("{") :])["deployed"]
+        assert json.loads(third.stdout)["deployed"]
     finally:
         runner.invoke(app, ["chain", "down", "--port", str(port)], env=env)
