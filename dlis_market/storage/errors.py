@@ -40,3 +40,7 @@ class DaemonError(StorageError):
 
 class LayerSelectionError(StorageError):
     """A requested layer range is outside the model, or its manifest names no layer ranges."""
+
+
+class ProviderError(StorageError):
+    """A provider given to fetch cannot be used as given (a Kubo RPC URL off loopback, say)."""

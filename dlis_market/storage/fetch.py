@@ -1,14 +1,28 @@
 """Fetch a published model by its manifest (publication index) CID, verified, into a folder.
 
-Flow: connect to the providers' swarm multiaddrs; read the index; read ``manifest.json`` and
-check its sha256 against the index and, when given, the chain's value (:class:`ExpectedManifest`);
-check that the index agrees with the manifest about every file; then for each file take it from
-the output folder or the local cache if its sha256 already matches, else stream its parts with
-``cat`` into ``NAME.partial`` while hashing, and rename to ``NAME`` only once size and sha256
-match. A file that arrives corrupt is fetched once more from scratch, then refused with
-:class:`ShardIntegrityError`. On any error the ``.partial`` file is removed: no file in the
-output folder ever carries its final name without having been verified. ``manifest.json`` is
-written last, so its presence means every selected file is there and verified.
+Flow: connect to the providers; read the index; read ``manifest.json`` and check its sha256
+against the index and, when given, the chain's value (:class:`ExpectedManifest`); check that the
+index agrees with the manifest about every file; then for each file take it from the output
+folder or the local cache if its sha256 already matches, else fetch its parts from every source
+at once (:mod:`dlis_market.storage.part_fetch`: each part checked against its sha256 as it
+streams, written at its offset in ``NAME.partial``, a failed source costing only its unfinished
+parts) and rename to ``NAME`` only once the whole file's size and sha256 match. On any error the
+``.partial`` file is removed: no file in the output folder ever carries its final name without
+having been verified. ``manifest.json`` is written last, so its presence means every selected
+file is there and verified.
+
+Providers are given as strings, each either
+
+- a swarm multiaddr (``/ip4/127.0.0.1/tcp/4801/p2p/Qm...``): the worker's own node connects to
+  it, and reads parts over bitswap from all such providers at once (one source, "local node");
+- the Kubo RPC URL of a provider on this machine (``http://127.0.0.1:5801``): parts are read
+  straight from that node, each provider a source of its own, in parallel; the worker's node
+  still connects to its swarm for the index and manifest (checked by CID). Only loopback URLs
+  are taken (:class:`ProviderError` otherwise): an RPC API is never exposed off its machine.
+
+Format 1 indexes (no part sha256) are read too: their files are checked as a whole, and a file
+that arrives corrupt is fetched once more from scratch, from CID-checking nodes, then refused
+with :class:`ShardIntegrityError`.
 
 ``layers`` selects what a worker serving that range needs (:func:`files_for_layers`): the shard
 of every stage whose range overlaps it, plus config and tokenizer files; the index is still
@@ -19,20 +33,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
+import ipaddress
 import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
+from urllib.parse import urlsplit
 
 from dlis_market.storage.cache import FileCache
-from dlis_market.storage.client import CatStream, KuboClient
+from dlis_market.storage.client import KuboClient
 from dlis_market.storage.errors import (
     ContentTimeoutError,
     KuboApiError,
     ManifestError,
+    ProviderError,
     ShardIntegrityError,
     StorageError,
 )
@@ -43,6 +58,7 @@ from dlis_market.storage.manifest_files import (
     parse_manifest,
     sha256_file,
 )
+from dlis_market.storage.part_fetch import LOCAL_NODE, PartialFile, PartSource, SourceReport, fetch_parts
 from dlis_market.storage.publication import Publication, PublishedFile
 from dlis_market.types import Cid, LayerRange
 
@@ -74,38 +90,8 @@ class FetchResult:
     reused_bytes: int  # already in the folder or the cache
     connect_errors: tuple[str, ...] = field(default_factory=tuple)
     layers: LayerRange | None = None  # the range the files were selected for; None: the whole model
-
-
-class _Partial:
-    """``NAME.partial`` being written and hashed; removed unless promoted to ``NAME``."""
-
-    def __init__(self, final: Path) -> None:
-        self.final = final
-        self.path = final.with_name(final.name + ".partial")
-        final.parent.mkdir(parents=True, exist_ok=True)
-        self._out: BinaryIO | None = self.path.open("wb")
-        self.digest = hashlib.sha256()
-        self.size = 0
-
-    def write(self, chunk: bytes) -> None:
-        assert self._out is not None
-        self._out.write(chunk)
-        self.digest.update(chunk)
-        self.size += len(chunk)
-
-    def promote(self) -> None:
-        assert self._out is not None
-        self._out.flush()
-        os.fsync(self._out.fileno())
-        self._out.close()
-        self._out = None
-        os.replace(self.path, self.final)
-
-    def discard(self) -> None:
-        if self._out is not None:
-            self._out.close()
-            self._out = None
-        self.path.unlink(missing_ok=True)
+    sources: tuple[SourceReport, ...] = ()  # what each source delivered; a failed one says why
+    parts_repeated: int = 0  # part fetches done again: a failed source's unfinished parts, wrong bytes
 
 
 def _local_match(path: Path, size: int, sha256: str) -> bool:
@@ -118,65 +104,55 @@ def _local_match(path: Path, size: int, sha256: str) -> bool:
 class _Fetcher:
     def __init__(
         self,
-        client: KuboClient,
+        sources: list[PartSource],
         out_dir: Path,
         cache: FileCache | None,
         part_timeout_s: float,
         progress: ProgressCallback | None,
+        parts_verifiable: bool,
     ) -> None:
-        self.client = client
+        self.sources = sources
         self.out_dir = out_dir
         self.cache = cache
         self.part_timeout_s = part_timeout_s
         self.progress = progress
+        self.parts_verifiable = parts_verifiable
         self.done = 0
         self.total = 0
         self.downloaded = 0
         self.reused = 0
+        self.parts_repeated = 0
 
     def _advance(self, n: int) -> None:
         self.done += n
         if self.progress is not None:
             self.progress(self.done, self.total)
 
-    def _open(self, cid: str) -> asyncio.Task[CatStream]:
-        return asyncio.create_task(self.client.open_cat(cid, timeout_s=self.part_timeout_s))
-
-    async def _download_once(self, entry: PublishedFile, final: Path) -> bool:
-        """Stream every part into NAME.partial; the next part is requested while this one is
-        read, so the node fetches part i+1 over bitswap while part i crosses the local API."""
-        partial = await asyncio.to_thread(_Partial, final)
-        pending: asyncio.Task[CatStream] | None = self._open(entry.parts[0].cid)
+    async def _download_once(self, entry: PublishedFile, final: Path, sources: list[PartSource]) -> bool:
+        """All parts into NAME.partial from ``sources`` at once; promoted to NAME if the whole
+        file's size and sha256 match. False: it does not (only possible with format 1 indexes,
+        whose parts carry no sha256; with format 2 every part was checked, so a whole-file
+        mismatch means the index contradicts itself and is refused here)."""
+        partial = await asyncio.to_thread(PartialFile, final, entry.size)
         try:
-            for i, part in enumerate(entry.parts):
-                assert pending is not None
-                stream = await pending
-                pending = self._open(entry.parts[i + 1].cid) if i + 1 < len(entry.parts) else None
-                got = 0
-                try:
-                    async for chunk in stream.chunks():
-                        got += len(chunk)
-                        if got > part.size:
-                            break  # more than the index promised: corrupt
-                        partial.write(chunk)
-                        self._advance(len(chunk))
-                finally:
-                    stream.release()
-                if got != part.size:
-                    log.warning("%s: part %s gave %d bytes, not %d", entry.path, part.cid, got, part.size)
-                    self._advance(-partial.size)
-                    return False
-            digest = partial.digest.hexdigest()
-            if partial.size != entry.size or digest != entry.sha256:
+            digest, repeated = await fetch_parts(
+                entry, partial, sources, timeout_s=self.part_timeout_s, advance=self._advance
+            )
+            self.parts_repeated += repeated
+            if digest != entry.sha256:
                 log.warning("%s: sha256 %s, expected %s", entry.path, digest, entry.sha256)
-                self._advance(-partial.size)
+                self._advance(-entry.size)
+                if self.parts_verifiable:
+                    raise ShardIntegrityError(
+                        f"{entry.path}: every part matched its sha256 but the file hashes to {digest}, not "
+                        f"{entry.sha256}: the publication index contradicts itself; refused"
+                    )
                 return False
-            await asyncio.to_thread(partial.promote)
+            await partial.run(partial.promote)
             self.downloaded += entry.size
             return True
         finally:
-            await _drop(pending)
-            await asyncio.to_thread(partial.discard)
+            await partial.run(partial.discard)
 
     async def file(self, entry: PublishedFile) -> Path:
         final = self.out_dir / entry.path
@@ -191,17 +167,39 @@ class _Fetcher:
                 self._advance(entry.size)
                 return final
         await asyncio.to_thread(final.unlink, missing_ok=True)  # a stale or corrupt copy
+        sources = self.sources
         for attempt in (1, 2):
-            if await self._download_once(entry, final):
+            if await self._download_once(entry, final, sources):
                 if self.cache is not None:
                     await asyncio.to_thread(self.cache.store, entry.sha256, final)
                 return final
             if attempt == 1:
                 log.warning("%s arrived corrupt: fetching it again from scratch", entry.path)
+                # Unchecked parts (format 1) from a provider's API may be what was wrong: the
+                # second try takes them from nodes that check every block against its CID.
+                sources = [s for s in self.sources if s.cid_verified] or self.sources
         raise ShardIntegrityError(
             f"{entry.path} arrived corrupt twice (expected {entry.size} bytes with sha256 "
             f"{entry.sha256}); its publisher serves different bytes than the manifest lists; refused"
         )
+
+
+def provider_api_url(provider: str) -> str | None:
+    """The Kubo RPC URL when ``provider`` is one (``http://127.0.0.1:PORT``), None for a swarm
+    multiaddr. An RPC API off loopback is refused: it must stay private to its machine."""
+    if not provider.startswith(("http://", "https://")):
+        return None
+    host = urlsplit(provider).hostname or ""
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: not known to be loopback
+        loopback = False
+    if not loopback:
+        raise ProviderError(
+            f"provider {provider} is a Kubo RPC API off loopback; an RPC API must stay private to its "
+            "machine. Give that provider's swarm multiaddr (/ip4/.../tcp/.../p2p/...) instead"
+        )
+    return provider.rstrip("/")
 
 
 async def connect_providers(
@@ -233,6 +231,30 @@ def _check_against_manifest(publication: Publication, manifest: ManifestFiles) -
         raise ManifestError(f"the publication index has files the manifest does not list: {extra}; refused")
 
 
+async def _provider_sources(
+    client: KuboClient, urls: list[str], stack: contextlib.AsyncExitStack
+) -> tuple[list[PartSource], list[str]]:
+    """A source per provider RPC URL that answers ``id``; the worker's node joins its swarm."""
+    sources: list[PartSource] = []
+    errors: list[str] = []
+    for url in urls:
+        provider = await stack.enter_async_context(KuboClient(url, timeout_s=CONNECT_TIMEOUT_S, retries=1))
+        try:
+            addrs = (await provider.id()).addresses
+        except StorageError as exc:  # the others may still serve the content: report, go on
+            log.warning("provider %s does not answer: %s", url, exc)
+            errors.append(f"{url}: {exc}")
+            continue
+        sources.append(PartSource(url, provider, cid_verified=False))
+        failed = []
+        for addr in addrs:  # one working address is enough
+            failed = list(await connect_providers(client, [addr]))
+            if not failed:
+                break
+        errors += failed
+    return sources, errors
+
+
 async def fetch_model(
     client: KuboClient,
     cid: str,
@@ -246,73 +268,71 @@ async def fetch_model(
     layers: LayerRange | None = None,
 ) -> FetchResult:
     """Fetch and verify the model published as ``cid`` into ``out_dir`` (only what ``layers``
-    needs, when given); see the module doc."""
+    needs, when given); ``providers``: swarm multiaddrs and/or loopback Kubo RPC URLs. See the
+    module doc."""
     if expected is not None and expected.cid is not None and expected.cid != cid:
         raise ManifestError(f"asked to fetch {cid} but the chain registers manifest CID {expected.cid}")
-    connect_errors = await connect_providers(client, providers)
-    try:
-        index = await client.cat_bytes(cid, timeout_s=part_timeout_s, max_size=MAX_INDEX_SIZE)
-    except ContentTimeoutError as exc:
-        hint = f"; provider connect errors: {'; '.join(connect_errors)}" if connect_errors else ""
-        raise ContentTimeoutError(
-            f"manifest CID {cid} was not delivered within {part_timeout_s:.0f}s: no connected peer has "
-            f"it. Check the providers' multiaddrs (given: {list(providers) or 'none'}){hint}. ({exc})"
-        ) from exc
-    except KuboApiError as exc:
-        raise ManifestError(f"cannot read manifest CID {cid}: {exc}") from exc
-    publication = Publication.from_bytes(index)
-    if expected is not None and publication.manifest.sha256 != expected.sha256.lower():
-        raise ManifestError(
-            f"{cid} publishes a manifest with sha256 {publication.manifest.sha256}, the chain registers "
-            f"{expected.sha256}; refused"
+    urls = [u for u in (provider_api_url(p) for p in providers) if u is not None]
+    multiaddrs = [p for p in providers if provider_api_url(p) is None]
+    async with contextlib.AsyncExitStack() as stack:
+        connect_errors = await connect_providers(client, multiaddrs)
+        sources, url_errors = await _provider_sources(client, urls, stack)
+        connect_errors += tuple(url_errors)
+        if multiaddrs or not sources:
+            sources.append(PartSource(LOCAL_NODE, client, cid_verified=True))
+        try:
+            index = await client.cat_bytes(cid, timeout_s=part_timeout_s, max_size=MAX_INDEX_SIZE)
+        except ContentTimeoutError as exc:
+            hint = f"; provider connect errors: {'; '.join(connect_errors)}" if connect_errors else ""
+            raise ContentTimeoutError(
+                f"manifest CID {cid} was not delivered within {part_timeout_s:.0f}s: no connected peer has "
+                f"it. Check the providers' multiaddrs (given: {list(providers) or 'none'}){hint}. ({exc})"
+            ) from exc
+        except KuboApiError as exc:
+            raise ManifestError(f"cannot read manifest CID {cid}: {exc}") from exc
+        publication = Publication.from_bytes(index)
+        if expected is not None and publication.manifest.sha256 != expected.sha256.lower():
+            raise ManifestError(
+                f"{cid} publishes a manifest with sha256 {publication.manifest.sha256}, the chain registers "
+                f"{expected.sha256}; refused"
+            )
+        await asyncio.to_thread(out_dir.mkdir, parents=True, exist_ok=True)
+        cache = FileCache(cache_dir) if cache_dir else None
+        fetcher = _Fetcher(sources, out_dir, cache, part_timeout_s, progress, publication.parts_verifiable)
+        fetcher.total = publication.manifest.size + sum(f.size for f in publication.files)
+        staging = out_dir / ".dlis-fetch"
+        manifest_entry = publication.manifest.model_copy(update={"path": f".dlis-fetch/{MANIFEST_NAME}"})
+        manifest_tmp = out_dir / manifest_entry.path
+        try:
+            await fetcher.file(manifest_entry)
+            manifest = parse_manifest(await asyncio.to_thread(manifest_tmp.read_bytes))
+            _check_against_manifest(publication, manifest)
+            entries = publication.files
+            if layers is not None:
+                wanted = files_for_layers(manifest, layers)
+                entries = tuple(f for f in publication.files if f.path in wanted)
+                fetcher.total = publication.manifest.size + sum(f.size for f in entries)
+            manifest_path = out_dir / MANIFEST_NAME
+            # Another model's manifest must not vouch for the files about to be replaced.
+            if not await asyncio.to_thread(_local_match, manifest_path, manifest_entry.size, manifest.sha256):
+                await asyncio.to_thread(manifest_path.unlink, missing_ok=True)
+            paths = [await fetcher.file(entry) for entry in entries]
+            await asyncio.to_thread(os.replace, manifest_tmp, manifest_path)  # last: all selected files verified
+        finally:
+            await asyncio.to_thread(manifest_tmp.unlink, missing_ok=True)
+            await asyncio.to_thread(_rmdir_quiet, staging)
+        return FetchResult(
+            out_dir=out_dir,
+            manifest_path=manifest_path,
+            manifest_sha256=manifest.sha256,
+            files=tuple(paths),
+            downloaded_bytes=fetcher.downloaded,
+            reused_bytes=fetcher.reused,
+            connect_errors=connect_errors,
+            layers=layers,
+            sources=tuple(s.report() for s in sources),
+            parts_repeated=fetcher.parts_repeated,
         )
-    await asyncio.to_thread(out_dir.mkdir, parents=True, exist_ok=True)
-    fetcher = _Fetcher(client, out_dir, FileCache(cache_dir) if cache_dir else None, part_timeout_s, progress)
-    fetcher.total = publication.manifest.size + sum(f.size for f in publication.files)
-    staging = out_dir / ".dlis-fetch"
-    manifest_entry = publication.manifest.model_copy(update={"path": f".dlis-fetch/{MANIFEST_NAME}"})
-    manifest_tmp = out_dir / manifest_entry.path
-    try:
-        await fetcher.file(manifest_entry)
-        manifest = parse_manifest(await asyncio.to_thread(manifest_tmp.read_bytes))
-        _check_against_manifest(publication, manifest)
-        entries = publication.files
-        if layers is not None:
-            wanted = files_for_layers(manifest, layers)
-            entries = tuple(f for f in publication.files if f.path in wanted)
-            fetcher.total = publication.manifest.size + sum(f.size for f in entries)
-        manifest_path = out_dir / MANIFEST_NAME
-        # Another model's manifest must not vouch for the files about to be replaced.
-        if not await asyncio.to_thread(_local_match, manifest_path, manifest_entry.size, manifest.sha256):
-            await asyncio.to_thread(manifest_path.unlink, missing_ok=True)
-        paths = [await fetcher.file(entry) for entry in entries]
-        await asyncio.to_thread(os.replace, manifest_tmp, manifest_path)  # last: all selected files verified
-    finally:
-        await asyncio.to_thread(manifest_tmp.unlink, missing_ok=True)
-        await asyncio.to_thread(_rmdir_quiet, staging)
-    return FetchResult(
-        out_dir=out_dir,
-        manifest_path=manifest_path,
-        manifest_sha256=manifest.sha256,
-        files=tuple(paths),
-        downloaded_bytes=fetcher.downloaded,
-        reused_bytes=fetcher.reused,
-        connect_errors=connect_errors,
-        layers=layers,
-    )
-
-
-async def _drop(task: asyncio.Task[CatStream] | None) -> None:
-    """Cancel a look-ahead ``cat`` that is no longer wanted, or release its answer."""
-    if task is None:
-        return
-    if not task.done():
-        task.cancel()
-    try:
-        stream = await task
-    except (asyncio.CancelledError, StorageError):  # unwanted anyway: nothing to report
-        return
-    stream.release()
 
 
 def _rmdir_quiet(path: Path) -> None:

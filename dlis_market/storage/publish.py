@@ -8,6 +8,7 @@ registers (through the ``register`` hook, so this package does not import the ch
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import inspect
 import logging
 import os
@@ -18,7 +19,7 @@ from pathlib import Path
 
 from dlis_market.storage.client import KuboClient
 from dlis_market.storage.errors import ManifestError, ShardIntegrityError
-from dlis_market.storage.manifest_files import MANIFEST_NAME, ManifestFile, parse_manifest, sha256_file
+from dlis_market.storage.manifest_files import MANIFEST_NAME, ManifestFile, parse_manifest
 from dlis_market.storage.publication import PartRef, Publication, PublishedFile
 from dlis_market.types import Cid
 
@@ -66,26 +67,59 @@ def part_ranges(size: int, part_size: int) -> list[tuple[int, int]]:
     return [(off, min(part_size, size - off)) for off in range(0, size, part_size)]
 
 
-async def _check_file(shard_dir: Path, entry: ManifestFile) -> Path:
+def hash_parts(path: Path, part_size: int, chunk: int = 1 << 20) -> tuple[str, int, list[str]]:
+    """sha256 and size of the file, and the sha256 of each of its parts, in one read."""
+    whole = hashlib.sha256()
+    parts: list[str] = []
+    size = 0
+    with path.open("rb") as src:
+        while True:
+            part = hashlib.sha256()
+            left = part_size
+            while left and (block := src.read(min(chunk, left))):
+                whole.update(block)
+                part.update(block)
+                left -= len(block)
+            got = part_size - left
+            size += got
+            if got == 0 and parts:
+                break
+            parts.append(part.hexdigest())
+            if got < part_size:
+                break
+    return whole.hexdigest(), size, parts
+
+
+async def _check_file(shard_dir: Path, entry: ManifestFile, part_size: int) -> tuple[Path, list[str]]:
+    """The file's path and its parts' sha256, once its size and sha256 match the manifest."""
     path = shard_dir / entry.path
     if not await asyncio.to_thread(path.is_file):
         raise ManifestError(f"{MANIFEST_NAME} lists {entry.path} but {path} does not exist")
     size = (await asyncio.to_thread(path.stat)).st_size
     if size != entry.size:
         raise ShardIntegrityError(f"{path} has {size} bytes, the manifest says {entry.size}; re-export the shards")
-    digest = await asyncio.to_thread(sha256_file, path)
-    if digest != entry.sha256:
+    digest, size, part_hashes = await asyncio.to_thread(hash_parts, path, part_size)
+    if digest != entry.sha256 or size != entry.size:
         raise ShardIntegrityError(f"{path} has sha256 {digest}, the manifest says {entry.sha256}; re-export the shards")
-    return path
+    return path, part_hashes
 
 
 async def _add_parts(
-    client: KuboClient, path: Path, rel: str, entry_size: int, part_size: int, done: Callable[[int], None]
+    client: KuboClient,
+    path: Path,
+    rel: str,
+    entry_size: int,
+    part_size: int,
+    part_hashes: list[str],
+    done: Callable[[int], None],
 ) -> tuple[PartRef, ...]:
+    ranges = part_ranges(entry_size, part_size)
+    if len(ranges) != len(part_hashes):
+        raise ShardIntegrityError(f"{path} changed while being published ({len(part_hashes)} parts hashed); retry")
     parts = []
-    for i, (offset, length) in enumerate(part_ranges(entry_size, part_size)):
+    for i, ((offset, length), sha256) in enumerate(zip(ranges, part_hashes, strict=True)):
         added = await client.add_file(path, offset=offset, length=length, name=f"{rel}.part{i}", pin=True)
-        parts.append(PartRef(cid=added.cid, size=length))
+        parts.append(PartRef(cid=added.cid, size=length, sha256=sha256))
         done(length)
     return tuple(parts)
 
@@ -116,11 +150,17 @@ async def publish_model(
 
     files = []
     for entry in manifest.files:
-        path = await _check_file(shard_dir, entry)
-        parts = await _add_parts(client, path, entry.path, entry.size, part_size, done)
+        path, part_hashes = await _check_file(shard_dir, entry, part_size)
+        parts = await _add_parts(client, path, entry.path, entry.size, part_size, part_hashes, done)
         files.append(PublishedFile(path=entry.path, size=entry.size, sha256=entry.sha256, parts=parts))
         log.info("added %s (%d bytes, %d parts)", entry.path, entry.size, len(parts))
-    manifest_parts = await _add_parts(client, manifest_path, MANIFEST_NAME, len(manifest_bytes), part_size, done)
+    manifest_hashes = [
+        hashlib.sha256(manifest_bytes[off : off + n]).hexdigest()
+        for off, n in part_ranges(len(manifest_bytes), part_size)
+    ]
+    manifest_parts = await _add_parts(
+        client, manifest_path, MANIFEST_NAME, len(manifest_bytes), part_size, manifest_hashes, done
+    )
     publication = Publication(
         manifest=PublishedFile(
             path=MANIFEST_NAME, size=len(manifest_bytes), sha256=manifest.sha256, parts=manifest_parts

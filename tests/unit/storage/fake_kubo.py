@@ -26,6 +26,9 @@ class FakeState:
     corrupt_once: set[str] = field(default_factory=set)  # first cat of these returns flipped bytes
     fail_status: list[int] = field(default_factory=list)  # next responses fail with these statuses
     unreachable_peers: set[str] = field(default_factory=set)
+    corrupt_all: bool = False  # every cat returns flipped bytes (a provider that lies)
+    die_after_cats: int | None = None  # after this many cats, every connection is cut mid-answer
+    peer_id: str = "QmFakePeer"
 
     def put(self, data: bytes) -> str:
         cid = "Qm" + hashlib.sha256(data).hexdigest()[:44]
@@ -60,11 +63,17 @@ def make_app(state: FakeState) -> web.Application:
             await asyncio.sleep(timeout)
             return _err(f"failed to fetch {cid}: context deadline exceeded")
         data = state.blobs[cid]
-        if cid in state.corrupt_once:
+        if cid in state.corrupt_once or state.corrupt_all:
             state.corrupt_once.discard(cid)
             data = bytes([data[0] ^ 1]) + data[1:] if data else b"x"
+        dying = state.die_after_cats is not None and sum(state.cat_calls.values()) > state.die_after_cats
         response = web.StreamResponse(headers={"Content-Type": "text/plain", "X-Stream-Output": "1"})
         await response.prepare(request)
+        if dying:  # the provider dies mid-answer: half the bytes, then the connection is cut
+            await response.write(data[: len(data) // 2])
+            assert request.transport is not None
+            request.transport.close()
+            return response
         for i in range(0, len(data), 4096):
             await response.write(data[i : i + 4096])
         await response.write_eof()
@@ -87,7 +96,13 @@ def make_app(state: FakeState) -> web.Application:
             {"Commit": "", "Golang": "go1.20.5", "Repo": "14", "System": "amd64/linux", "Version": "0.22.0"}
         )
 
+    async def ident(request: web.Request) -> web.Response:
+        # /api/v0/id response: {"ID", "PublicKey", "Addresses": [multiaddr/p2p/ID], "AgentVersion", ...}
+        addr = f"/ip4/127.0.0.1/tcp/{request.url.port}/p2p/{state.peer_id}"
+        return web.json_response({"ID": state.peer_id, "Addresses": [addr], "AgentVersion": "kubo/0.22.0/fake"})
+
     app = web.Application()
+    app.router.add_post("/api/v0/id", ident)
     app.router.add_post("/api/v0/add", add)
     app.router.add_post("/api/v0/cat", cat)
     app.router.add_post("/api/v0/swarm/connect", swarm_connect)

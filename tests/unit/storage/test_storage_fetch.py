@@ -71,16 +71,41 @@ def test_publish_then_fetch_round_trip_with_parts_and_cache(tmp_path: Path) -> N
     assert no_partials(tmp_path / "out") and not (tmp_path / "out" / ".dlis-fetch").exists()
 
 
-def test_corrupt_once_is_refetched_from_scratch(tmp_path: Path) -> None:
+def test_corrupt_part_is_fetched_again_alone(tmp_path: Path) -> None:
     shards = make_shards(tmp_path / "shards", {"w.bin": 9_000})
 
     async def main() -> None:
         async with fake_kubo() as (url, state), KuboClient(url) as kubo:
             result = await publish_model(kubo, shards, part_size=4096)
-            pub = Publication.from_bytes(state.blobs[result.manifest_cid])
-            state.corrupt_once.add(pub.files[0].parts[1].cid)
-            await fetch_model(kubo, result.manifest_cid, tmp_path / "out")
-            assert state.cat_calls[pub.files[0].parts[0].cid] == 2  # whole file again
+            parts = Publication.from_bytes(state.blobs[result.manifest_cid]).files[0].parts
+            state.corrupt_once.add(parts[1].cid)
+            fetched = await fetch_model(kubo, result.manifest_cid, tmp_path / "out")
+            # Each part carries its sha256 (format 2): only the corrupt one is fetched again.
+            assert [state.cat_calls[p.cid] for p in parts] == [1, 2, 1]
+            assert fetched.parts_repeated == 1
+
+    asyncio.run(main())
+    assert (tmp_path / "out" / "w.bin").read_bytes() == (shards / "w.bin").read_bytes()
+
+
+def test_format_1_index_is_still_read_and_a_corrupt_file_fetched_again_whole(tmp_path: Path) -> None:
+    shards = make_shards(tmp_path / "shards", {"w.bin": 9_000})
+
+    async def main() -> None:
+        async with fake_kubo() as (url, state), KuboClient(url) as kubo:
+            result = await publish_model(kubo, shards, part_size=4096)
+            doc = json.loads(state.blobs[result.manifest_cid])
+            doc["format"] = "dlis-publication/1"
+            for entry in [doc["manifest"], *doc["files"]]:
+                for part in entry["parts"]:
+                    del part["sha256"]
+            v1 = Publication.from_bytes(json.dumps(doc).encode())
+            assert not v1.parts_verifiable and b"sha256" not in json.dumps(doc["files"][0]["parts"]).encode()
+            v1_cid = state.put(v1.to_bytes())
+            parts = v1.files[0].parts
+            state.corrupt_once.add(parts[1].cid)
+            await fetch_model(kubo, v1_cid, tmp_path / "out")
+            assert [state.cat_calls[p.cid] for p in parts] == [2, 2, 2]  # parts unchecked: whole file again
 
     asyncio.run(main())
     assert (tmp_path / "out" / "w.bin").read_bytes() == (shards / "w.bin").read_bytes()

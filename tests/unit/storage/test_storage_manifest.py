@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+from pathlib import Path
 
 import pytest
 
 from dlis_market.storage.errors import LayerSelectionError, ManifestError
 from dlis_market.storage.manifest_files import files_for_layers, parse_manifest, safe_relative_path
 from dlis_market.storage.publication import PartRef, Publication, PublishedFile
-from dlis_market.storage.publish import part_ranges
+from dlis_market.storage.publish import hash_parts, part_ranges
 from dlis_market.types import LayerRange
 
 H = hashlib.sha256(b"x").hexdigest()
@@ -83,9 +85,14 @@ def test_safe_relative_path() -> None:
 
 def _pub() -> Publication:
     return Publication(
-        manifest=PublishedFile(path="manifest.json", size=5, sha256=H, parts=(PartRef(cid="Qm1", size=5),)),
+        manifest=PublishedFile(path="manifest.json", size=5, sha256=H, parts=(PartRef(cid="Qm1", size=5, sha256=H),)),
         files=(
-            PublishedFile(path="a", size=7, sha256=H, parts=(PartRef(cid="Qm2", size=4), PartRef(cid="Qm3", size=3))),
+            PublishedFile(
+                path="a",
+                size=7,
+                sha256=H,
+                parts=(PartRef(cid="Qm2", size=4, sha256=H), PartRef(cid="Qm3", size=3, sha256=H)),
+            ),
         ),
     )
 
@@ -95,7 +102,7 @@ def test_publication_round_trip_is_canonical() -> None:
     data = pub.to_bytes()
     assert Publication.from_bytes(data) == pub
     assert Publication.from_bytes(data).to_bytes() == data
-    assert b" " not in data and json.loads(data)["format"] == "dlis-publication/1"
+    assert b" " not in data and json.loads(data)["format"] == "dlis-publication/2"
 
 
 def test_publication_refuses_bad_documents() -> None:
@@ -109,6 +116,41 @@ def test_publication_refuses_bad_documents() -> None:
         Publication.from_bytes(json.dumps(doc).encode())
     with pytest.raises(ManifestError, match="not a dlis publication"):
         Publication.from_bytes(b'{"Hash": "Qm"}')
+    doc = json.loads(_pub().to_bytes())
+    del doc["files"][0]["parts"][1]["sha256"]  # format 2 needs every part's sha256
+    with pytest.raises(ManifestError, match="lacks a sha256"):
+        Publication.from_bytes(json.dumps(doc).encode())
+    doc = json.loads(_pub().to_bytes())
+    doc["format"] = "dlis-publication/1"  # format 1 has none
+    with pytest.raises(ManifestError, match="has a sha256"):
+        Publication.from_bytes(json.dumps(doc).encode())
+    doc["files"][0]["parts"][0]["sha256"] = "XYZ"
+    with pytest.raises(ManifestError, match="64 lowercase hex"):
+        Publication.from_bytes(json.dumps(doc).encode())
+
+
+def test_format_1_index_reads_and_serializes_as_before() -> None:
+    old = (
+        b'{"files":[{"parts":[{"cid":"Qm2","size":4},{"cid":"Qm3","size":3}],"path":"a","sha256":"'
+        + H.encode()
+        + b'","size":7}],"format":"dlis-publication/1","manifest":{"parts":[{"cid":"Qm1","size":5}],'
+        b'"path":"manifest.json","sha256":"' + H.encode() + b'","size":5}}'
+    )
+    pub = Publication.from_bytes(old)
+    assert pub.format == "dlis-publication/1" and not pub.parts_verifiable
+    assert pub.to_bytes() == old  # the same bytes, so the same CID as when it was published
+
+
+def test_hash_parts_gives_the_file_and_each_part(tmp_path: Path) -> None:
+    data = os.urandom(9)
+    (tmp_path / "f").write_bytes(data)
+    whole, size, parts = hash_parts(tmp_path / "f", 4)
+    assert (whole, size) == (hashlib.sha256(data).hexdigest(), 9)
+    assert parts == [hashlib.sha256(data[o : o + n]).hexdigest() for o, n in part_ranges(9, 4)]
+    (tmp_path / "e").write_bytes(b"")
+    assert hash_parts(tmp_path / "e", 4)[2] == [hashlib.sha256(b"").hexdigest()]
+    (tmp_path / "g").write_bytes(data[:8])
+    assert len(hash_parts(tmp_path / "g", 4)[2]) == len(part_ranges(8, 4)) == 2
 
 
 def test_part_ranges() -> None:
