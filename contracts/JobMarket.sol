@@ -5,7 +5,9 @@ import {IERC20} from "@openzeppelin/contracts/token/ERC20/IERC20.sol";
 import {IERC20Permit} from "@openzeppelin/contracts/token/ERC20/extensions/IERC20Permit.sol";
 import {SafeERC20} from "@openzeppelin/contracts/token/ERC20/utils/SafeERC20.sol";
 import {AccessControl} from "@openzeppelin/contracts/access/AccessControl.sol";
-import {ReentrancyGuard} from "@openzeppelin/contracts/utils/ReentrancyGuard.sol";
+import {ReentrancyGuardTransient} from "@openzeppelin/contracts/utils/ReentrancyGuardTransient.sol";
+import {SafeCast} from "@openzeppelin/contracts/utils/math/SafeCast.sol";
+import {Hashes} from "@openzeppelin/contracts/utils/cryptography/Hashes.sol";
 import {EIP712} from "@openzeppelin/contracts/utils/cryptography/EIP712.sol";
 import {ECDSA} from "@openzeppelin/contracts/utils/cryptography/ECDSA.sol";
 import {INodeRegistry} from "./interfaces/INodeRegistry.sol";
@@ -48,7 +50,14 @@ import {INodeRegistry} from "./interfaces/INodeRegistry.sol";
 ///      authorization's deadline and max cost.
 ///      Gas: signatures use EIP-2098 compact form (r, vs); node lookups and payee credits are
 ///      aggregated per batch in memory so each distinct payee costs one storage write per batch.
-contract JobMarket is AccessControl, ReentrancyGuard, EIP712 {
+///      `settleBatchMerkle` settles the same jobs with one signature per node per batch instead of
+///      one per stage: each node signs a `BatchReceipt` over the Merkle root of its stages' receipt
+///      leaves, which the contract rebuilds from the jobs in calldata (stages packed one word
+///      each); the per-job checks above are unchanged. `redeemWinningTicket` is the probabilistic
+///      alternative: a client-signed `PaymentTicket` to one node that pays its face value only
+///      when it wins (keccak256(signature, recipient's revealed random number) < winProb), so on
+///      average 1/p tickets cost one redemption; it checks no coverage or receipts (see README).
+contract JobMarket is AccessControl, ReentrancyGuardTransient, EIP712 {
     using SafeERC20 for IERC20;
 
     /// @notice Role allowed to submit settlement batches.
@@ -60,6 +69,14 @@ contract JobMarket is AccessControl, ReentrancyGuard, EIP712 {
     /// @notice EIP-712 type of a stage's receipt for its part of one job.
     bytes32 public constant RECEIPT_TYPEHASH = keccak256(
         "Receipt(bytes32 jobId,bytes32 modelId,uint32 start,uint32 end,uint32 tokens,bytes32 outputHash,uint256 amount)"
+    );
+    /// @notice EIP-712 type of a node's one receipt for all its stages in a `settleBatchMerkle` batch.
+    bytes32 public constant BATCH_RECEIPT_TYPEHASH = keccak256(
+        "BatchReceipt(address node,address broker,bytes32 batchId,bytes32 root,uint256 total,uint32 count)"
+    );
+    /// @notice EIP-712 type of a client's probabilistic payment ticket to one node.
+    bytes32 public constant PAYMENT_TICKET_TYPEHASH = keccak256(
+        "PaymentTicket(address client,address broker,address recipient,uint256 faceValue,uint256 winProb,bytes32 recipientRandHash,uint256 nonce,uint256 deadline)"
     );
     uint16 private constant _BPS = 10_000;
     uint16 private constant _MAX_FEE_BPS = 2_000;
@@ -100,6 +117,60 @@ contract JobMarket is AccessControl, ReentrancyGuard, EIP712 {
         uint64 readyAt;
     }
 
+    struct Totals {
+        uint128 escrow;
+        uint128 claimable;
+    }
+
+    /// @notice One stage of a job settled by `settleBatchMerkle`: the fields of its `Receipt`
+    ///         (no signature: the stage's node signs one `BatchReceipt` over all its leaves) and
+    ///         the index of that node in the batch's `NodeBatch` list, packed in one word (calldata
+    ///         is most of a batched job's gas): bits 255-224 node index, 223-192 start, 191-160
+    ///         end, 159-128 tokens, 127-0 amount (so a Merkle-settled receipt bills < 2**128).
+    struct MerkleStage {
+        uint256 packed;
+        bytes32 outputHash;
+    }
+
+    /// @notice One job of a `settleBatchMerkle` batch: the client's authorization, its signature
+    ///         and the stages in layer order.
+    struct MerkleJob {
+        address client;
+        bytes32 modelId;
+        uint256 maxCost;
+        uint256 nonce;
+        uint256 deadline;
+        bytes32 r;
+        bytes32 vs;
+        MerkleStage[] stages;
+    }
+
+    /// @notice A node's one signature for a whole batch: an EIP-712 `BatchReceipt` over the Merkle
+    ///         root of its leaves (each leaf the EIP-712 struct hash of one stage's `Receipt`, in the
+    ///         order the stages appear in the batch), their total and count.
+    struct NodeBatch {
+        address node;
+        bytes32 root;
+        uint256 total;
+        uint32 count;
+        bytes32 r;
+        bytes32 vs;
+    }
+
+    /// @notice A client's probabilistic payment to one node (`PaymentTicket`): it wins when
+    ///         keccak256(r, vs, recipientRand) < winProb, and a winning ticket pays `faceValue`
+    ///         (= expected value / win probability) from the client's escrow held for `broker`.
+    struct PaymentTicket {
+        address client;
+        address broker;
+        address recipient;
+        uint256 faceValue;
+        uint256 winProb;
+        bytes32 recipientRandHash;
+        uint256 nonce;
+        uint256 deadline;
+    }
+
     /// @dev Per-batch memory cache of nodes already checked and what they are owed. A node that
     ///      was registered but is not routable is cached with operator address(0): its receipts
     ///      are forfeited.
@@ -126,8 +197,9 @@ contract JobMarket is AccessControl, ReentrancyGuard, EIP712 {
     mapping(address account => uint256) private _claimable;
     mapping(address client => mapping(address spender => Spender)) private _spenders;
     mapping(address broker => mapping(bytes32 batchId => bool)) private _batchSettled;
-    uint256 private _totalEscrow;
-    uint256 private _totalClaimable;
+    mapping(bytes32 ticketHash => bool) private _ticketRedeemed;
+    /// @dev Both sums in one slot (every settlement updates both).
+    Totals private _totals;
 
     /// @notice Tokens were added to a client's escrow held for `broker`; `escrow` is that part now.
     event Deposited(address indexed client, address indexed broker, address from, uint256 amount, uint256 escrow);
@@ -152,6 +224,17 @@ contract JobMarket is AccessControl, ReentrancyGuard, EIP712 {
     event Claimed(address indexed account, uint256 amount);
     /// @notice The protocol fee or treasury changed.
     event FeeChanged(uint16 feeBps, address treasury);
+    /// @notice A winning payment ticket was redeemed: `operator` (of node `recipient`) was credited
+    ///         `faceValue`, the treasury `fee`, both drawn from the client's escrow held for `broker`.
+    event TicketRedeemed(
+        bytes32 indexed ticketHash,
+        address indexed client,
+        address indexed recipient,
+        address broker,
+        address operator,
+        uint256 faceValue,
+        uint256 fee
+    );
 
     error JobMarketZeroAmount();
     error JobMarketZeroAddress();
@@ -181,6 +264,26 @@ contract JobMarket is AccessControl, ReentrancyGuard, EIP712 {
     error JobMarketCostExceedsAuthorization(uint256 jobIndex, uint256 total, uint256 maxCost);
     error JobMarketInsufficientEscrow(
         uint256 jobIndex, address client, address broker, uint256 needed, uint256 available
+    );
+    error JobMarketUnknownBatchNode(uint256 jobIndex, uint256 stageIndex, uint256 nodeIndex, uint256 nodes);
+    error JobMarketDuplicateBatchNode(uint256 nodeIndex, address node);
+    error JobMarketBatchNodeNotRegistered(uint256 nodeIndex, address node);
+    error JobMarketBatchSelfDealing(uint256 nodeIndex, address node, address operator);
+    error JobMarketBatchCountMismatch(uint256 nodeIndex, address node, uint256 leaves, uint256 count);
+    error JobMarketBatchTotalMismatch(uint256 nodeIndex, address node, uint256 leavesTotal, uint256 total);
+    error JobMarketBatchRootMismatch(uint256 nodeIndex, address node, bytes32 computed, bytes32 signed);
+    error JobMarketInvalidBatchSignature(uint256 nodeIndex, address node, address recovered);
+    error JobMarketTicketExpired(bytes32 ticketHash, uint256 deadline, uint256 now_);
+    error JobMarketTicketTooLong(bytes32 ticketHash, uint256 deadline, uint256 maxDeadline);
+    error JobMarketTicketRandMismatch(bytes32 ticketHash, bytes32 committed, bytes32 revealed);
+    error JobMarketInvalidTicketSignature(bytes32 ticketHash, address client, address recovered);
+    error JobMarketTicketAlreadyRedeemed(bytes32 ticketHash);
+    error JobMarketTicketNotWinning(bytes32 ticketHash, uint256 draw, uint256 winProb);
+    error JobMarketTicketRecipientNotRoutable(bytes32 ticketHash, address recipient, address operator);
+    error JobMarketTicketSelfDealing(bytes32 ticketHash, address recipient, address operator);
+    error JobMarketTicketSpenderCapExceeded(bytes32 ticketHash, address spender, uint256 total, uint256 remaining);
+    error JobMarketTicketInsufficientEscrow(
+        bytes32 ticketHash, address client, address broker, uint256 needed, uint256 available
     );
 
     /// @param token_ the payment token
@@ -268,7 +371,7 @@ contract JobMarket is AccessControl, ReentrancyGuard, EIP712 {
         uint256 amount = w.amount < available ? w.amount : available;
         delete _withdrawals[msg.sender][broker];
         _escrow[msg.sender][broker] = available - amount;
-        _totalEscrow -= amount;
+        _totals.escrow -= uint128(amount); // amount <= this escrow <= the total
         emit Withdrawn(msg.sender, broker, amount);
         if (amount > 0) _token.safeTransfer(msg.sender, amount);
     }
@@ -337,9 +440,115 @@ contract JobMarket is AccessControl, ReentrancyGuard, EIP712 {
             emit PaymentCredited(operator, payees.nodes[k], batchId, payees.owed[k]);
         }
         if (fees > 0) _claimable[_treasury] += fees;
-        _totalEscrow -= paid + fees;
-        _totalClaimable += paid + fees;
+        _moveToClaimable(paid + fees);
         emit BatchSettled(batchId, msg.sender, jobs.length, paid, fees);
+    }
+
+    /// @notice Settle a batch in which each node signs ONE `BatchReceipt` for all its stages,
+    ///         instead of one `Receipt` per stage: per job the contract checks the client's
+    ///         authorization (signature, nonce, deadline and lifetime), coverage of the model's
+    ///         layers, cost + fee <= maxCost and escrow exactly as `settleBatch`; per node it
+    ///         rebuilds the Merkle root of the node's leaves (each the EIP-712 struct hash of the
+    ///         stage's `Receipt`, in batch order; see `_merkleRoot`) and checks their count, total,
+    ///         root and the node's signature over (node, caller, batchId, root, total, count), then
+    ///         credits the node's operator once. Every node is paid exactly its leaves' amounts and
+    ///         every client charged exactly its jobs' receipts plus fee. Receipts of registered
+    ///         nodes that are not routable are forfeited (`ReceiptForfeited`), as in `settleBatch`.
+    ///         A job settles once (nonce bitmap); a batch id is not recorded on chain (a node's
+    ///         signature binds the batch id, and a replayed batch reverts on its first job's nonce):
+    ///         `batchSettled` stays false for these batches, `BatchSettled` is the record.
+    /// @param batchId caller-chosen id of this batch; nodes sign it
+    /// @param nodes every node with stages in the batch, with its batch receipt (no duplicates)
+    /// @param jobs the jobs; each stage names its node by index into `nodes`
+    function settleBatchMerkle(bytes32 batchId, NodeBatch[] calldata nodes, MerkleJob[] calldata jobs)
+        external
+        onlyRole(BROKER_ROLE)
+        nonReentrant
+    {
+        if (jobs.length == 0) revert JobMarketEmptyBatch();
+        Tally memory tally = _openTally(nodes);
+        uint16 feeBps = _feeBps;
+        uint256 paid = 0;
+        uint256 fees = 0;
+        for (uint256 i = 0; i < jobs.length; ++i) {
+            (uint256 cost, uint256 fee) = _settleMerkleJob(i, jobs[i], feeBps, nodes, tally);
+            paid += cost;
+            fees += fee;
+        }
+        _closeTally(batchId, nodes, tally);
+        if (fees > 0) _claimable[_treasury] += fees;
+        _moveToClaimable(paid + fees);
+        emit BatchSettled(batchId, msg.sender, jobs.length, paid, fees);
+    }
+
+    /// @notice Redeem a winning probabilistic payment ticket: credits `faceValue` to the operator
+    ///         of the ticket's recipient node and the protocol fee on it to the treasury, both
+    ///         drawn from the client's escrow held for the ticket's broker. Anyone may submit it
+    ///         (the money only goes to the recipient's operator). The ticket must be signed by the
+    ///         client (or a spender of the client, within its cap), not expired and not living
+    ///         longer than `maxAuthorizationLifetime`, revealed with the recipient's random number
+    ///         (committed as `recipientRandHash`), winning (keccak256(r, vs, recipientRand) <
+    ///         winProb), and redeemed once.
+    /// @param t the ticket as the client signed it
+    /// @param r the client's compact signature, first half
+    /// @param vs the client's compact signature, second half
+    /// @param recipientRand the recipient's random number; keccak256(abi.encode(recipientRand)) is committed in the ticket
+    function redeemWinningTicket(PaymentTicket calldata t, bytes32 r, bytes32 vs, uint256 recipientRand)
+        external
+        nonReentrant
+    {
+        bytes32 ticketHash = _hashTypedDataV4(
+            keccak256(
+                abi.encode(
+                    PAYMENT_TICKET_TYPEHASH,
+                    t.client,
+                    t.broker,
+                    t.recipient,
+                    t.faceValue,
+                    t.winProb,
+                    t.recipientRandHash,
+                    t.nonce,
+                    t.deadline
+                )
+            )
+        );
+        if (block.timestamp > t.deadline) revert JobMarketTicketExpired(ticketHash, t.deadline, block.timestamp);
+        uint256 maxDeadline = block.timestamp + _maxAuthorizationLifetime;
+        if (t.deadline > maxDeadline) revert JobMarketTicketTooLong(ticketHash, t.deadline, maxDeadline);
+        bytes32 revealed = keccak256(abi.encode(recipientRand));
+        if (revealed != t.recipientRandHash) {
+            revert JobMarketTicketRandMismatch(ticketHash, t.recipientRandHash, revealed);
+        }
+        address signer = ECDSA.recover(ticketHash, r, vs);
+        if (signer != t.client && _spenders[t.client][signer].expiry == 0) {
+            revert JobMarketInvalidTicketSignature(ticketHash, t.client, signer);
+        }
+        if (_ticketRedeemed[ticketHash]) revert JobMarketTicketAlreadyRedeemed(ticketHash);
+        uint256 draw = uint256(keccak256(abi.encodePacked(r, vs, recipientRand)));
+        if (draw >= t.winProb) revert JobMarketTicketNotWinning(ticketHash, draw, t.winProb);
+        (address operator, bool routable) = _registry.settlementInfo(t.recipient);
+        if (!routable) revert JobMarketTicketRecipientNotRoutable(ticketHash, t.recipient, operator);
+        if (t.recipient == t.broker || operator == t.broker) {
+            revert JobMarketTicketSelfDealing(ticketHash, t.recipient, operator);
+        }
+        uint256 fee = (t.faceValue * _feeBps) / _BPS;
+        uint256 total = t.faceValue + fee;
+        if (signer != t.client) {
+            Spender storage sp = _spenders[t.client][signer];
+            if (block.timestamp > sp.expiry || total > sp.remaining) {
+                revert JobMarketTicketSpenderCapExceeded(ticketHash, signer, total, sp.remaining);
+            }
+            sp.remaining -= uint128(total);
+        }
+        mapping(address => uint256) storage part = _escrow[t.client];
+        uint256 escrow = part[t.broker];
+        if (escrow < total) revert JobMarketTicketInsufficientEscrow(ticketHash, t.client, t.broker, total, escrow);
+        _ticketRedeemed[ticketHash] = true;
+        part[t.broker] = escrow - total;
+        _claimable[operator] += t.faceValue;
+        if (fee > 0) _claimable[_treasury] += fee;
+        _moveToClaimable(total);
+        emit TicketRedeemed(ticketHash, t.client, t.recipient, t.broker, operator, t.faceValue, fee);
     }
 
     /// @notice Pay out everything credited to the caller (node earnings, protocol fees).
@@ -347,7 +556,7 @@ contract JobMarket is AccessControl, ReentrancyGuard, EIP712 {
         uint256 amount = _claimable[msg.sender];
         if (amount == 0) revert JobMarketNothingToClaim(msg.sender);
         _claimable[msg.sender] = 0;
-        _totalClaimable -= amount;
+        _totals.claimable -= uint128(amount); // amount <= the total
         emit Claimed(msg.sender, amount);
         _token.safeTransfer(msg.sender, amount);
     }
@@ -364,8 +573,13 @@ contract JobMarket is AccessControl, ReentrancyGuard, EIP712 {
     // ----------------------------------------------------------------------------- views
 
     /// @notice Job id of a client's authorization nonce: keccak256(abi.encode(client, nonce)).
-    function jobIdOf(address client, uint256 nonce) public pure returns (bytes32) {
-        return keccak256(abi.encode(client, nonce));
+    function jobIdOf(address client, uint256 nonce) public pure returns (bytes32 id) {
+        assembly ("memory-safe") {
+            // keccak256(abi.encode(client, nonce)) in the scratch space (no allocation per job)
+            mstore(0x00, and(client, 0xffffffffffffffffffffffffffffffffffffffff))
+            mstore(0x20, nonce)
+            id := keccak256(0x00, 0x40)
+        }
     }
 
     /// @notice Whether a (client, nonce) authorization has been settled.
@@ -401,6 +615,11 @@ contract JobMarket is AccessControl, ReentrancyGuard, EIP712 {
         return (w.amount, w.readyAt, w.readyAt + _withdrawWindow);
     }
 
+    /// @notice Whether a payment ticket (by its EIP-712 digest) was redeemed.
+    function ticketRedeemed(bytes32 ticketHash) external view returns (bool) {
+        return _ticketRedeemed[ticketHash];
+    }
+
     /// @notice Earnings credited to `account` and not yet claimed.
     function claimableOf(address account) external view returns (uint256) {
         return _claimable[account];
@@ -408,12 +627,12 @@ contract JobMarket is AccessControl, ReentrancyGuard, EIP712 {
 
     /// @notice Sum of all escrow balances.
     function totalEscrow() external view returns (uint256) {
-        return _totalEscrow;
+        return _totals.escrow;
     }
 
     /// @notice Sum of all credited, unclaimed earnings.
     function totalClaimable() external view returns (uint256) {
-        return _totalClaimable;
+        return _totals.claimable;
     }
 
     /// @notice Protocol fee in basis points, charged to the client on top of the receipts.
@@ -469,7 +688,7 @@ contract JobMarket is AccessControl, ReentrancyGuard, EIP712 {
         if (!hasRole(BROKER_ROLE, broker)) revert JobMarketNotBroker(broker);
         uint256 escrow = _escrow[client][broker] + amount;
         _escrow[client][broker] = escrow;
-        _totalEscrow += amount;
+        _totals.escrow += SafeCast.toUint128(amount);
         emit Deposited(client, broker, msg.sender, amount, escrow);
         _token.safeTransferFrom(client, address(this), amount);
     }
@@ -478,11 +697,12 @@ contract JobMarket is AccessControl, ReentrancyGuard, EIP712 {
         private
         returns (uint256 cost, uint256 fee)
     {
-        (bytes32 jobId, address signer) = _consumeAuthorization(index, job);
+        (bytes32 jobId, address signer) =
+            _consumeAuthorization(index, job.client, job.modelId, job.maxCost, job.nonce, job.deadline, job.r, job.vs);
         cost = _checkReceipts(index, job, jobId, payees);
         fee = (cost * feeBps) / _BPS;
         if (signer != job.client) _spend(index, job.client, signer, cost + fee);
-        _charge(index, job, cost + fee);
+        _charge(index, job.client, job.maxCost, cost + fee);
         emit JobSettled(jobId, job.client, cost, fee);
     }
 
@@ -491,27 +711,45 @@ contract JobMarket is AccessControl, ReentrancyGuard, EIP712 {
     ///      more than `maxAuthorizationLifetime` ahead is refused, so an authorization settles
     ///      within that lifetime of its deadline, before a withdrawal requested after the broker
     ///      admitted it can be ready (see the contract notes).
-    function _consumeAuthorization(uint256 index, JobSettlement calldata job) private returns (bytes32, address) {
-        if (block.timestamp > job.deadline) revert JobMarketAuthorizationExpired(index, job.deadline, block.timestamp);
+    function _consumeAuthorization(
+        uint256 index,
+        address client,
+        bytes32 modelId,
+        uint256 maxCost,
+        uint256 nonce,
+        uint256 deadline,
+        bytes32 r,
+        bytes32 vs
+    ) private returns (bytes32, address) {
+        if (block.timestamp > deadline) revert JobMarketAuthorizationExpired(index, deadline, block.timestamp);
         uint256 maxDeadline = block.timestamp + _maxAuthorizationLifetime;
-        if (job.deadline > maxDeadline) revert JobMarketAuthorizationTooLong(index, job.deadline, maxDeadline);
-        bytes32 authHash = _hashTypedDataV4(
-            keccak256(
-                abi.encode(
-                    JOB_AUTHORIZATION_TYPEHASH, job.client, msg.sender, job.modelId, job.maxCost, job.nonce, job.deadline
-                )
-            )
-        );
-        address signer = ECDSA.recover(authHash, job.r, job.vs);
-        if (signer != job.client && _spenders[job.client][signer].expiry == 0) {
-            revert JobMarketInvalidClientSignature(index, job.client, signer);
+        if (deadline > maxDeadline) revert JobMarketAuthorizationTooLong(index, deadline, maxDeadline);
+        bytes32 typeHash = JOB_AUTHORIZATION_TYPEHASH;
+        bytes32 structHash;
+        assembly ("memory-safe") {
+            // keccak256(abi.encode(typeHash, client, msg.sender, modelId, maxCost, nonce, deadline)),
+            // in scratch memory past the free memory pointer (no allocation per job)
+            let p := mload(0x40)
+            mstore(p, typeHash)
+            mstore(add(p, 0x20), and(client, 0xffffffffffffffffffffffffffffffffffffffff))
+            mstore(add(p, 0x40), caller())
+            mstore(add(p, 0x60), modelId)
+            mstore(add(p, 0x80), maxCost)
+            mstore(add(p, 0xa0), nonce)
+            mstore(add(p, 0xc0), deadline)
+            structHash := keccak256(p, 0xe0)
         }
-        mapping(uint256 => uint256) storage bitmap = _nonceBitmap[job.client];
-        uint256 bit = 1 << (job.nonce & 0xff);
-        uint256 word = bitmap[job.nonce >> 8];
-        if (word & bit != 0) revert JobMarketJobAlreadySettled(index, job.client, job.nonce);
-        bitmap[job.nonce >> 8] = word | bit;
-        return (jobIdOf(job.client, job.nonce), signer);
+        bytes32 authHash = _hashTypedDataV4(structHash);
+        address signer = ECDSA.recover(authHash, r, vs);
+        if (signer != client && _spenders[client][signer].expiry == 0) {
+            revert JobMarketInvalidClientSignature(index, client, signer);
+        }
+        mapping(uint256 => uint256) storage bitmap = _nonceBitmap[client];
+        uint256 bit = 1 << (nonce & 0xff);
+        uint256 word = bitmap[nonce >> 8];
+        if (word & bit != 0) revert JobMarketJobAlreadySettled(index, client, nonce);
+        bitmap[nonce >> 8] = word | bit;
+        return (jobIdOf(client, nonce), signer);
     }
 
     /// @dev Draws `total` from a spender's standing authorization.
@@ -524,12 +762,19 @@ contract JobMarket is AccessControl, ReentrancyGuard, EIP712 {
 
     /// @dev Debits `total` from the client's escrow held for the settling broker, within the
     ///      authorized maximum.
-    function _charge(uint256 index, JobSettlement calldata job, uint256 total) private {
-        if (total > job.maxCost) revert JobMarketCostExceedsAuthorization(index, total, job.maxCost);
-        mapping(address => uint256) storage part = _escrow[job.client];
+    function _charge(uint256 index, address client, uint256 maxCost, uint256 total) private {
+        if (total > maxCost) revert JobMarketCostExceedsAuthorization(index, total, maxCost);
+        mapping(address => uint256) storage part = _escrow[client];
         uint256 escrow = part[msg.sender];
-        if (escrow < total) revert JobMarketInsufficientEscrow(index, job.client, msg.sender, total, escrow);
+        if (escrow < total) revert JobMarketInsufficientEscrow(index, client, msg.sender, total, escrow);
         part[msg.sender] = escrow - total;
+    }
+
+    /// @dev Moves `amount` (settled, fees included) from the escrow total to the claimable total;
+    ///         amount <= what was debited from escrow parts, so both casts are exact.
+    function _moveToClaimable(uint256 amount) private {
+        Totals memory t = _totals;
+        _totals = Totals(t.escrow - uint128(amount), t.claimable + uint128(amount));
     }
 
     /// @dev Checks ranges, coverage and signatures; returns what the client pays for receipts
@@ -596,5 +841,154 @@ contract JobMarket is AccessControl, ReentrancyGuard, EIP712 {
         payees.operators[c] = operator;
         payees.owed[c] = amount;
         return true;
+    }
+
+    /// @dev Per-batch memory state of `settleBatchMerkle`, one entry per `nodes` index: the
+    ///      node's operator (zero when its receipts are forfeited), its leaves so far (sized by the
+    ///      signed count), how many were filled and their amounts' sum; plus the last model's layers.
+    struct Tally {
+        address[] operators;
+        bytes32[][] leaves;
+        uint256[] filled;
+        uint256[] sums;
+        bytes32 lastModel;
+        uint32 lastModelLayers;
+    }
+
+    /// @dev Looks every batch node up once (registered, not the caller, not listed twice).
+    function _openTally(NodeBatch[] calldata nodes) private view returns (Tally memory tally) {
+        uint256 k = nodes.length;
+        tally = Tally(new address[](k), new bytes32[][](k), new uint256[](k), new uint256[](k), 0, 0);
+        for (uint256 i = 0; i < k; ++i) {
+            address node = nodes[i].node;
+            for (uint256 j = 0; j < i; ++j) {
+                if (nodes[j].node == node) revert JobMarketDuplicateBatchNode(i, node);
+            }
+            (address operator, bool routable) = _registry.settlementInfo(node);
+            if (operator == address(0)) revert JobMarketBatchNodeNotRegistered(i, node);
+            if (node == msg.sender || operator == msg.sender) revert JobMarketBatchSelfDealing(i, node, operator);
+            if (routable) tally.operators[i] = operator;
+            tally.leaves[i] = new bytes32[](nodes[i].count);
+        }
+    }
+
+    function _settleMerkleJob(
+        uint256 index,
+        MerkleJob calldata job,
+        uint16 feeBps,
+        NodeBatch[] calldata nodes,
+        Tally memory tally
+    ) private returns (uint256 cost, uint256 fee) {
+        (bytes32 jobId, address signer) =
+            _consumeAuthorization(index, job.client, job.modelId, job.maxCost, job.nonce, job.deadline, job.r, job.vs);
+        uint256 n = job.stages.length;
+        if (n == 0) revert JobMarketNoReceipts(index);
+        uint32 numLayers = tally.lastModelLayers;
+        if (job.modelId != tally.lastModel || numLayers == 0) {
+            numLayers = _registry.modelLayers(job.modelId);
+            if (numLayers == 0) revert JobMarketUnknownModel(index, job.modelId);
+            tally.lastModel = job.modelId;
+            tally.lastModelLayers = numLayers;
+        }
+        uint32 coveredTo = 0;
+        bytes32 modelId = job.modelId;
+        for (uint256 j = 0; j < n; ++j) {
+            MerkleStage calldata st = job.stages[j];
+            uint256 w = st.packed;
+            uint32 start = uint32(w >> 192);
+            uint32 end = uint32(w >> 160);
+            if (start != coveredTo || end <= start || end > numLayers) {
+                revert JobMarketInvalidRange(index, j, start, end, coveredTo);
+            }
+            coveredTo = end;
+            uint256 k = w >> 224;
+            if (k >= nodes.length) revert JobMarketUnknownBatchNode(index, j, k, nodes.length);
+            uint256 amount = uint128(w);
+            bytes32[] memory leaves = tally.leaves[k];
+            uint256 f = tally.filled[k];
+            if (f == leaves.length) revert JobMarketBatchCountMismatch(k, nodes[k].node, f + 1, leaves.length);
+            leaves[f] = _receiptLeaf(jobId, modelId, w, st.outputHash);
+            // amounts are below 2**128 and a batch holds far fewer than 2**128 stages: no overflow
+            unchecked {
+                tally.filled[k] = f + 1;
+                tally.sums[k] += amount;
+                if (tally.operators[k] != address(0)) {
+                    cost += amount;
+                } else {
+                    emit ReceiptForfeited(jobId, nodes[k].node, amount);
+                }
+            }
+        }
+        if (coveredTo != numLayers) revert JobMarketIncompleteCoverage(index, coveredTo, numLayers);
+        fee = (cost * feeBps) / _BPS;
+        if (signer != job.client) _spend(index, job.client, signer, cost + fee);
+        _charge(index, job.client, job.maxCost, cost + fee);
+        emit JobSettled(jobId, job.client, cost, fee);
+    }
+
+    /// @dev Checks each node's count, total, root and signature, then credits its operator once.
+    function _closeTally(bytes32 batchId, NodeBatch[] calldata nodes, Tally memory tally) private {
+        for (uint256 i = 0; i < nodes.length; ++i) {
+            NodeBatch calldata nb = nodes[i];
+            uint256 filled = tally.filled[i];
+            if (filled != nb.count) revert JobMarketBatchCountMismatch(i, nb.node, filled, nb.count);
+            uint256 sum = tally.sums[i];
+            if (sum != nb.total) revert JobMarketBatchTotalMismatch(i, nb.node, sum, nb.total);
+            bytes32 root = _merkleRoot(tally.leaves[i]);
+            if (root != nb.root) revert JobMarketBatchRootMismatch(i, nb.node, root, nb.root);
+            bytes32 digest = _hashTypedDataV4(
+                keccak256(abi.encode(BATCH_RECEIPT_TYPEHASH, nb.node, msg.sender, batchId, root, sum, nb.count))
+            );
+            address recovered = ECDSA.recover(digest, nb.r, nb.vs);
+            if (recovered != nb.node) revert JobMarketInvalidBatchSignature(i, nb.node, recovered);
+            address operator = tally.operators[i];
+            if (operator == address(0) || sum == 0) continue; // forfeited (or nothing owed)
+            _claimable[operator] += sum;
+            emit PaymentCredited(operator, nb.node, batchId, sum);
+        }
+    }
+
+    /// @dev EIP-712 struct hash of the `Receipt` of a packed stage (see `MerkleStage`), hashed in
+    ///      scratch memory past the free memory pointer (no allocation per leaf).
+    function _receiptLeaf(bytes32 jobId, bytes32 modelId, uint256 w, bytes32 outputHash)
+        private
+        pure
+        returns (bytes32 leaf)
+    {
+        bytes32 typeHash = RECEIPT_TYPEHASH;
+        assembly ("memory-safe") {
+            let p := mload(0x40)
+            mstore(p, typeHash)
+            mstore(add(p, 0x20), jobId)
+            mstore(add(p, 0x40), modelId)
+            mstore(add(p, 0x60), and(shr(192, w), 0xffffffff))
+            mstore(add(p, 0x80), and(shr(160, w), 0xffffffff))
+            mstore(add(p, 0xa0), and(shr(128, w), 0xffffffff))
+            mstore(add(p, 0xc0), outputHash)
+            mstore(add(p, 0xe0), and(w, 0xffffffffffffffffffffffffffffffff))
+            leaf := keccak256(p, 0x100)
+        }
+    }
+
+    /// @dev Merkle root of `leaves` in order, overwriting them: each level hashes pairs (2i, 2i+1)
+    ///      with OpenZeppelin's commutative keccak256 (so `MerkleProof.verify` checks a leaf's
+    ///      proof against the root) and carries an odd last element up unchanged; one leaf is its
+    ///      own root, none is bytes32(0).
+    function _merkleRoot(bytes32[] memory leaves) private pure returns (bytes32) {
+        uint256 n = leaves.length;
+        if (n == 0) return bytes32(0);
+        while (n > 1) {
+            uint256 half = n >> 1;
+            for (uint256 i = 0; i < half; ++i) {
+                leaves[i] = Hashes.commutativeKeccak256(leaves[2 * i], leaves[2 * i + 1]);
+            }
+            if (n & 1 == 1) {
+                leaves[half] = leaves[n - 1];
+                n = half + 1;
+            } else {
+                n = half;
+            }
+        }
+        return leaves[0];
     }
 }

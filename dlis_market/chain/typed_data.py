@@ -18,8 +18,9 @@ from eth_account import Account
 from eth_account.messages import SignableMessage, encode_typed_data
 from eth_utils import keccak
 
-# Field lists, in signing order. Those the contracts check (NodeBinding, JobAuthorization, Receipt)
-# must match the contracts' type strings exactly; changing any list changes every signature of its type.
+# Field lists, in signing order. Those the contracts check (NodeBinding, JobAuthorization, Receipt,
+# BatchReceipt, PaymentTicket) must match the contracts' type strings exactly; changing any list
+# changes every signature of its type.
 NODE_BINDING = [
     ("operator", "address"),
     ("node", "address"),
@@ -42,6 +43,28 @@ RECEIPT = [
     ("tokens", "uint32"),
     ("outputHash", "bytes32"),
     ("amount", "uint256"),
+]
+# A node's one receipt for all its stages in a JobMarket.settleBatchMerkle batch: ``root`` is the
+# Merkle root of its leaves (each the EIP-712 struct hash of a ``Receipt``, in batch order).
+BATCH_RECEIPT = [
+    ("node", "address"),
+    ("broker", "address"),
+    ("batchId", "bytes32"),
+    ("root", "bytes32"),
+    ("total", "uint256"),
+    ("count", "uint32"),
+]
+# A client's probabilistic payment to one node (JobMarket.redeemWinningTicket): wins when
+# keccak256(r ++ vs ++ recipientRand) < winProb and then pays faceValue.
+PAYMENT_TICKET = [
+    ("client", "address"),
+    ("broker", "address"),
+    ("recipient", "address"),
+    ("faceValue", "uint256"),
+    ("winProb", "uint256"),
+    ("recipientRandHash", "bytes32"),
+    ("nonce", "uint256"),
+    ("deadline", "uint256"),
 ]
 # Off-chain only (signed and checked by peers, never by a contract): a worker's DHT announcement,
 # signed by its node key under the NodeRegistry domain (dlis_market/protocol/spans.py), and a
@@ -135,6 +158,8 @@ TYPES: dict[str, list[tuple[str, str]]] = {
     "NodeBinding": NODE_BINDING,
     "JobAuthorization": JOB_AUTHORIZATION,
     "Receipt": RECEIPT,
+    "BatchReceipt": BATCH_RECEIPT,
+    "PaymentTicket": PAYMENT_TICKET,
     "SpanAnnouncement": SPAN_ANNOUNCEMENT,
     "SessionTicket": SESSION_TICKET,
     "JobRead": JOB_READ,

@@ -33,12 +33,18 @@ except ImportError:  # plain `pytest`: leave this folder to `brownie test`
 
 from dlis_market.chain.accounts import dev_accounts
 from dlis_market.chain.job_market import (
+    BatchReceipt,
     JobAuthorization,
+    MerkleJob,
     Receipt,
+    SignedBatchReceipt,
     SignedJob,
     SignedReceipt,
+    batch_receipts,
     market_domain,
+    merkle_batch_args,
     sign_authorization,
+    sign_batch_receipt,
     sign_receipt,
 )
 from dlis_market.chain.typed_data import REGISTRY_DOMAIN, CompactSignature, Domain, job_id, sign_typed
@@ -587,3 +593,39 @@ def live(deployed, roles):
     deposit(t, m, roles["client1"], roles["broker"], 1_000 * UNIT)
     deposit(t, m, roles["client2"], roles["broker"], 1_000 * UNIT)
     return deployed
+
+
+# ----------------------------------------------------------------------------- Merkle settlement
+
+NODE_KEYS = {n.address: n.key for n in NODES}
+
+
+def merkle_jobs(market, jobs: list[SignedJob]) -> list[MerkleJob]:
+    """The jobs for ``settleBatchMerkle``: each stage's node recovered from its receipt signature."""
+    domain = market_domain(chain_id(), market.address)
+    return [MerkleJob.from_signed(j, domain) for j in jobs]
+
+
+def sign_batch(market, broker, bid: bytes, jobs: list[MerkleJob], keys=None) -> dict[str, SignedBatchReceipt]:
+    """Every node of the batch signs its honest ``BatchReceipt`` (``keys``: node -> key, default NODES')."""
+    domain = market_domain(chain_id(), market.address)
+    keys = keys or NODE_KEYS
+    return {
+        n: SignedBatchReceipt(b, sign_batch_receipt(keys[n], domain, b))
+        for n, b in batch_receipts(str(broker), bid, jobs).items()
+    }
+
+
+def resign(market, node_key: bytes, receipt: BatchReceipt) -> SignedBatchReceipt:
+    """``receipt`` as signed by ``node_key`` (a node signing what it is shown, or a forger's key)."""
+    return SignedBatchReceipt(receipt, sign_batch_receipt(node_key, market_domain(chain_id(), market.address), receipt))
+
+
+def settle_merkle(market, broker, tag: str, jobs: list[SignedJob] | list[MerkleJob], signed=None):
+    """Settle ``jobs`` through ``settleBatchMerkle`` under ``batch_id(tag)`` with honest batch
+    receipts (or ``signed``: node -> SignedBatchReceipt)."""
+    bid = batch_id(tag)
+    mjobs = [j if isinstance(j, MerkleJob) else merkle_jobs(market, [j])[0] for j in jobs]
+    signed = signed if signed is not None else sign_batch(market, broker, bid, mjobs)
+    nodes, tuples = merkle_batch_args(mjobs, signed)
+    return market.settleBatchMerkle(bid, nodes, tuples, {"from": broker})

@@ -2,7 +2,8 @@
 
 Random sequences of staking, unstaking, withdrawals, slashes, deposits, escrow withdrawals (not
 ready, ready, expired), settlement batches (valid, forged, replayed, over budget, under-escrowed,
-with unroutable nodes whose receipts are forfeited), claims and time jumps. Two brokers settle
+with unroutable nodes whose receipts are forfeited), the same batches through settleBatchMerkle
+(one batch receipt per node; forged totals, roots and node keys), claims and time jumps. Two brokers settle
 (roles["broker"] and roles["stranger"], both with BROKER_ROLE) and each client holds a part of its
 escrow for each, so deposits, withdrawal requests and charges are fuzzed per (client, broker). A
 Python model predicts every outcome (success, or the exact custom error); after every step the
@@ -25,7 +26,7 @@ from __future__ import annotations
 
 import copy
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from brownie import chain
 from brownie.exceptions import VirtualMachineError
@@ -35,6 +36,7 @@ from conftest import (
     INITIAL_SUPPLY,
     MIN_STAKE,
     MODEL_LAYERS,
+    NODE_KEYS,
     NODES,
     OTHER_MODEL_ID,
     OTHER_MODEL_LAYERS,
@@ -47,14 +49,19 @@ from conftest import (
     error_args,
     error_name,
     make_job,
+    merkle_jobs,
     read_many,
+    resign,
+    sign_batch,
 )
 from eth_utils import keccak
 from hypothesis import strategies as st
 
+from dlis_market.chain.job_market import merkle_batch_args
 from dlis_market.chain.typed_data import Domain, sign_typed
 
 FORGERIES = ("none",) * 4 + ("client_key", "broker", "receipt_amount", "receipt_domain")
+MERKLE_FORGERIES = ("none",) * 4 + ("client_key", "broker", "node_total", "node_root", "node_key")
 START_STAKE = 1_000 * UNIT  # per operator, on top of the live fixture's stake
 BROKERS = ("broker", "stranger")  # role names of the two settling brokers
 CLIENTS = ("client1", "client2")
@@ -94,6 +101,7 @@ class MarketMachine:
     st_amount = st.one_of(st.integers(0, 50 * UNIT), st.integers(0, 600 * UNIT))
     st_shape = st.sampled_from(["two_stage", "three_stage", "other_model"])
     st_forgery = st.sampled_from(FORGERIES)
+    st_merkle_forgery = st.sampled_from(MERKLE_FORGERIES)
     st_budget = st.sampled_from(["exact", "short", "ample"])
     st_jobs = st.integers(min_value=1, max_value=2)
     st_claimer = st.sampled_from(["op1", "op2", "treasury"])
@@ -349,7 +357,7 @@ class MarketMachine:
             receipts = [list(x) for x in t[7]]
             receipts[-1][5], receipts[-1][6] = sig.r, sig.vs
             t[7] = [tuple(x) for x in receipts]
-        return tuple(t), [(n, amt) for n, _, _, amt in stages], cost, total, max_cost
+        return tuple(t), [(n, amt) for n, _, _, amt in stages], cost, total, max_cost, job
 
     def _predict(self, model, index, client, broker, nonce, stages, max_cost, forgery):
         """Apply one job settled by ``broker`` to ``model``; return (error name, args) if it must
@@ -402,7 +410,7 @@ class MarketMachine:
         built = [self._build(*s) for s in specs]
         model = copy.deepcopy(self.model)
         expected = None
-        for i, (spec, (_, stages, _cost, _total, max_cost)) in enumerate(zip(specs, built, strict=True)):
+        for i, (spec, (_, stages, _cost, _total, max_cost, _job)) in enumerate(zip(specs, built, strict=True)):
             expected = self._predict(model, i, spec[0], broker, spec[2], stages, max_cost, spec[6])
             if expected:
                 break
@@ -421,6 +429,65 @@ class MarketMachine:
             ev = tx.events["BatchSettled"][0]
             assert (ev["jobs"], ev["broker"]) == (n_jobs, settler)
             assert self.d.market.batchSettled(settler, bid)
+            self.model = model
+
+    def rule_settle_merkle(
+        self,
+        n_jobs="st_jobs",
+        client="st_client",
+        broker="st_broker",
+        nonce="st_nonce",
+        a="st_amount",
+        b="st_amount",
+        shape="st_shape",
+        forgery="st_merkle_forgery",
+        budget="st_budget",
+    ):
+        """The same jobs through settleBatchMerkle (one batch receipt per node). Job-level
+        forgeries are predicted as in rule_settle; a node-level one (the last node of the batch
+        signs a wrong total, a root over other leaves, or another key signs for it) reverts with
+        its named error once every job passed, and nothing moves."""
+        other = "client2" if client == "client1" else "client1"
+        job_forgery = forgery if forgery in ("client_key", "broker") else "none"
+        specs = [
+            (client, broker, nonce, a, b, shape, job_forgery, budget),
+            (other, broker, nonce + 1, b, a, "two_stage", "none", "ample"),
+        ][:n_jobs]
+        built = [self._build(*s) for s in specs]
+        model = copy.deepcopy(self.model)
+        expected = None
+        for i, (spec, (_, stages, _cost, _total, max_cost, _job)) in enumerate(zip(specs, built, strict=True)):
+            expected = self._predict(model, i, spec[0], broker, spec[2], stages, max_cost, spec[6])
+            if expected:
+                break
+        self.batches += 1
+        bid = keccak(text=f"stateful-merkle-{self.batches}")
+        settler = self.roles[broker]
+        jobs = merkle_jobs(self.d.market, [b_[5] for b_ in built])
+        signed = sign_batch(self.d.market, settler, bid, jobs)
+        last = list(signed)[-1]
+        honest = signed[last].receipt
+        if forgery == "node_total":
+            signed[last] = resign(self.d.market, NODE_KEYS[last], replace(honest, total=honest.total + 1))
+            expected = expected or ("JobMarketBatchTotalMismatch", (len(signed) - 1, last, honest.total))
+        elif forgery == "node_root":
+            forged_root = keccak(text=f"forged-{self.batches}")
+            signed[last] = resign(self.d.market, NODE_KEYS[last], replace(honest, root=forged_root))
+            expected = expected or ("JobMarketBatchRootMismatch", (len(signed) - 1, last))
+        elif forgery == "node_key":
+            signed[last] = resign(self.d.market, keccak(text="not-the-node"), honest)
+            expected = expected or ("JobMarketInvalidBatchSignature", (len(signed) - 1, last))
+        nodes, tuples = merkle_batch_args(jobs, signed)
+        others_before = self._parts_of(_other_broker(broker))
+        tx, exc = self._attempt(self.d.market.settleBatchMerkle, bid, nodes, tuples, {"from": settler})
+        assert self._parts_of(_other_broker(broker)) == others_before
+        assert not self.d.market.batchSettled(settler, bid)  # Merkle batches are not recorded
+        if expected:
+            self._expect(exc, expected[0], *expected[1])
+        else:
+            self._ok(exc)
+            ev = tx.events["BatchSettled"][0]
+            assert (ev["jobs"], ev["broker"]) == (n_jobs, settler)
             self.model = model
 
     def _parts_of(self, broker) -> list[int]:
