@@ -32,6 +32,7 @@ from starlette.concurrency import run_in_threadpool
 from web3 import Web3
 
 from dlis_market.errors import ChainError
+from dlis_market.http_metrics import HttpMetrics
 from dlis_market.oracle.errors import EvidenceRefusedError, ProofNotFoundError
 from dlis_market.oracle.service import OracleService
 from dlis_market.protocol.errors import TelemetryRefusedError
@@ -126,6 +127,7 @@ def create_app(service: OracleService) -> FastAPI:
 
     registry = CollectorRegistry()
     registry.register(_OracleCollector(service))
+    app.add_middleware(HttpMetrics, registry=registry, prefix="dlis_oracle")
 
     # Sync handlers run in FastAPI's thread pool, so chain calls do not block the event loop; the
     # routes that take a body from strangers read it themselves (bounded: read_bounded) and hand
