@@ -1,6 +1,8 @@
 """The broker's FastAPI application. Every refusal leaves it as RFC 9457 problem JSON, mapped in
 one place (:func:`install_problem_handlers`): the broker's domain errors, FastAPI's own 404/405 and
-request validation (422), and, as a 500 problem, any broker error nobody mapped."""
+request validation (422; 400 on the OpenAI routes, as OpenAI answers), and, as a 500 problem, any
+broker error nobody mapped. Every problem also carries OpenAI's ``error`` object, which OpenAI
+clients read."""
 
 from __future__ import annotations
 
@@ -20,10 +22,11 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from dlis_market.broker.errors import Refusal, request_too_large
 from dlis_market.broker.metrics import broker_metrics_router
-from dlis_market.broker.problems import problem_body, problem_headers, status_of
+from dlis_market.broker.problems import openai_error, openai_status, problem_body, problem_headers, status_of
 from dlis_market.broker.routes import dashboard, jobs, openai
 from dlis_market.broker.service import BrokerService
 from dlis_market.errors import BrokerError
+from dlis_market.http_metrics import HttpMetrics
 from dlis_market.types import PROBLEM_TYPE_BASE
 from dlis_market.web_docs import serve_docs
 
@@ -102,9 +105,10 @@ def install_problem_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Refusal)
     async def _refusal(request: Request, exc: Refusal) -> JSONResponse:
+        status = openai_status(request.url.path, status_of(exc))
         return JSONResponse(
-            problem_body(exc, request.url.path),
-            status_code=status_of(exc),
+            problem_body(exc, request.url.path, status),
+            status_code=status,
             media_type=PROBLEM_JSON,
             headers=problem_headers(exc),
         )
@@ -113,12 +117,20 @@ def install_problem_handlers(app: FastAPI) -> None:
     async def _unmapped(request: Request, exc: BrokerError) -> JSONResponse:
         # A broker error no refusal family covers is the broker's fault, said as a problem.
         log.error("unmapped broker error on %s: %s", request.url.path, exc)
-        return _problem(request.url.path, 500, "internal", "Internal broker error", str(exc))
+        error = openai_error(str(exc), 500, "internal")
+        return _problem(request.url.path, 500, "internal", "Internal broker error", str(exc), error=error)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         slug = {404: "not-found", 405: "method-not-allowed"}.get(exc.status_code, f"http-{exc.status_code}")
-        res = _problem(request.url.path, exc.status_code, slug, HTTPStatus(exc.status_code).phrase, str(exc.detail))
+        detail = str(exc.detail)
+        if request.url.path.startswith("/v1/") and exc.status_code in (404, 405):  # OpenAI clients read "error"
+            detail = (
+                f"{request.method} {request.url.path}: {detail.lower()}; see /docs for the routes this broker serves"
+            )
+        # Every problem carries OpenAI's error object too, so OpenAI clients show the detail.
+        error = openai_error(detail, exc.status_code, slug)
+        res = _problem(request.url.path, exc.status_code, slug, HTTPStatus(exc.status_code).phrase, detail, error=error)
         res.headers.update(exc.headers or {})
         return res
 
@@ -129,7 +141,28 @@ def install_problem_handlers(app: FastAPI) -> None:
             for e in exc.errors()
         ]
         detail = "; ".join(f"{'.'.join(e['loc'])}: {e['msg']}" for e in errors)
-        return _problem(request.url.path, 422, "invalid-request", "Invalid request", detail, errors=errors)
+        status = openai_status(request.url.path, 422)  # 400 on the OpenAI routes, as OpenAI answers
+        error = openai_error(_openai_message(errors), status, "invalid-request", _param(errors))
+        path = request.url.path
+        return _problem(path, status, "invalid-request", "Invalid request", detail, errors=errors, error=error)
+
+
+def _param(errors: list[dict[str, Any]]) -> str | None:
+    """OpenAI's ``param``: the body field of the first error."""
+    loc = [p for p in errors[0]["loc"] if p != "body"] if errors else []
+    return ".".join(loc) or None
+
+
+def _openai_message(errors: list[dict[str, Any]]) -> str:
+    """Each error as ``field: what is wrong`` (pydantic's "Value error, " prefix dropped)."""
+    out = []
+    for e in errors:
+        where = ".".join(p for p in e["loc"] if p != "body") or "body"
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unrecognized request argument; leave it out (README, 'OpenAI compatibility', lists what is taken)"
+        out.append(f"{where}: {msg}")
+    return "; ".join(out)
 
 
 def create_app(service: BrokerService, settle_in_background: bool = True) -> FastAPI:
@@ -155,6 +188,7 @@ def create_app(service: BrokerService, settle_in_background: bool = True) -> Fas
     serve_docs(app)
     app.state.service = service
     app.add_middleware(BodyLimit, max_bytes=service.settings.broker.max_request_bytes)
+    app.add_middleware(HttpMetrics, registry=service.metrics.registry, prefix="dlis_broker")
     install_problem_handlers(app)
     app.include_router(jobs.router)
     app.include_router(openai.router)

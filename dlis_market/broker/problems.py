@@ -35,6 +35,8 @@ __all__ = [
     "empty_prompt",
     "insufficient_escrow",
     "no_route",
+    "openai_error",
+    "openai_status",
     "problem_body",
     "prompt_too_long",
     "request_too_large",
@@ -76,8 +78,9 @@ def status_of(exc: Refusal) -> int:
     return 400
 
 
-def problem_body(exc: Refusal, instance: str) -> dict[str, Any]:
-    status = status_of(exc)
+def problem_body(exc: Refusal, instance: str, status: int | None = None) -> dict[str, Any]:
+    """The problem JSON of a refusal (``status``: when the route answers another than the table's)."""
+    status = status or status_of(exc)
     return {
         "type": PROBLEM_TYPE_BASE + exc.slug,
         "title": exc.heading,
@@ -85,9 +88,32 @@ def problem_body(exc: Refusal, instance: str) -> dict[str, Any]:
         "detail": exc.detail,
         "instance": instance,
         # Extension member in the shape OpenAI clients read, so their exceptions carry the detail.
-        "error": {"message": exc.detail, "type": exc.slug, "code": status},
+        "error": openai_error(exc.detail, status, exc.slug, exc.extra.get("param")),
         **exc.extra,
     }
+
+
+# OpenAI's error ``type`` by HTTP status (https://platform.openai.com/docs/guides/error-codes).
+OPENAI_TYPES = {401: "authentication_error", 402: "insufficient_quota", 403: "permission_error",
+                429: "rate_limit_error"}  # fmt: skip
+
+
+def openai_error(message: str, status: int, slug: str, param: str | None = None) -> dict[str, Any]:
+    """The ``{"message", "type", "param", "code"}`` object OpenAI answers under ``"error"``."""
+    kind = OPENAI_TYPES.get(status, "server_error" if status >= 499 else "invalid_request_error")
+    return {"message": message, "type": kind, "param": param, "code": slug.replace("-", "_")}
+
+
+# The OpenAI-compatible routes (``routes/openai.py``) and every path under /v1 no route serves.
+OPENAI_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/models")
+
+
+def openai_status(path: str, status: int) -> int:
+    """The status an OpenAI route answers: OpenAI says 400 for every invalid request, where the
+    native API says 422 (unprocessable) or 413 (prompt over the context)."""
+    if path.startswith(OPENAI_PATHS) and status in (413, 422):
+        return 400
+    return status
 
 
 def problem_headers(exc: Refusal) -> dict[str, str]:

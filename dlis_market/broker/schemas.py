@@ -67,7 +67,7 @@ class Authorization(_In):
 
 
 class ChatMessage(_In):
-    role: Literal["system", "user", "assistant"]
+    role: Literal["system", "user", "assistant", "tool"]  # "tool": a tool's result, as the chat template renders it
     content: str = Field(max_length=200_000)
 
 

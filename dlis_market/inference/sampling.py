@@ -1,13 +1,21 @@
-"""Next-token choice at the last stage: greedy, temperature, top-k, top-p, seeded.
+"""Next-token choice at the last stage: greedy, temperature, top-k, top-p, seeded; OpenAI's
+logit bias and presence/frequency penalties; log probabilities of the chosen token.
 
 Each session owns a ``torch.Generator`` seeded from its ``SamplingParams.seed``, so the same
-prompt, params and seed give the same tokens whatever else is batched alongside it.
+prompt, params and seed give the same tokens whatever else is batched alongside it. Penalties
+count the tokens the session generated so far (``history``), as OpenAI and vLLM do: the prompt's
+tokens are not penalised.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
+
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+MAX_TOP_LOGPROBS = 20  # as OpenAI
 
 
 class SamplingParams(BaseModel):
@@ -20,6 +28,30 @@ class SamplingParams(BaseModel):
     top_k: int = Field(default=0, ge=0)  # 0: no top-k cut
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     seed: int = 0
+    # OpenAI's penalties: logit - frequency_penalty x count - presence_penalty x (count > 0), with
+    # count the token's occurrences among the tokens generated so far. Greedy choice sees them too.
+    presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    # (token id, bias in [-100, 100]) added to the token's logit before anything else.
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    # Log probabilities to return with each token: None none, 0 the chosen token's, k also the k
+    # most likely tokens' (of the model's distribution, before temperature and penalties).
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _bias_range(cls, value: tuple[tuple[int, float], ...]) -> tuple[tuple[int, float], ...]:
+        for token, bias in value:
+            if token < 0 or not -100.0 <= bias <= 100.0:
+                raise ValueError(
+                    f"logit_bias entry {token}: {bias} must have a token id >= 0 and a bias in [-100, 100]"
+                )
+        return value
+
+    @property
+    def adjusts(self) -> bool:
+        """Whether bias or penalties change the logits at all."""
+        return bool(self.logit_bias) or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
 
     def generator(self) -> torch.Generator:
         gen = torch.Generator(device="cpu")
@@ -44,9 +76,52 @@ def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     return scores
 
 
-def sample_next(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
-    """One token id from a row of logits ``[V]``."""
+def adjust_logits(logits: torch.Tensor, params: SamplingParams, history: Sequence[int] = ()) -> torch.Tensor:
+    """Logit bias, then presence and frequency penalties over ``history`` (the tokens generated so
+    far), on one row of logits ``[V]``; the row itself when nothing applies. Token ids outside the
+    vocabulary are refused (ValueError): a bias for them would silently do nothing."""
+    if not params.adjusts:
+        return logits
+    vocab = logits.shape[-1]
+    scores = logits.float().clone()
+    if params.logit_bias:
+        ids = torch.tensor([t for t, _ in params.logit_bias], dtype=torch.long)
+        if int(ids.max()) >= vocab:
+            raise ValueError(f"logit_bias names token {int(ids.max())}, outside the vocabulary of {vocab} tokens")
+        scores.index_add_(0, ids, torch.tensor([b for _, b in params.logit_bias], dtype=torch.float32))
+    if history and (params.presence_penalty or params.frequency_penalty):
+        counts = torch.bincount(torch.tensor(list(history), dtype=torch.long), minlength=vocab)[:vocab].float()
+        scores -= params.frequency_penalty * counts + params.presence_penalty * (counts > 0).float()
+    return scores
+
+
+def sample_next(
+    logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None, history: Sequence[int] = ()
+) -> int:
+    """One token id from a row of logits ``[V]``; ``history``: the tokens generated so far (for
+    the penalties)."""
+    logits = adjust_logits(logits, params, history)
     if params.greedy:
         return int(torch.argmax(logits).item())
     probs = filter_logits(logits, params).softmax(-1)
     return int(torch.multinomial(probs, 1, generator=generator).item())
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A chosen token's log probability and the ``top`` most likely tokens' (id, log probability)."""
+
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+def token_logprob(logits: torch.Tensor, token: int, top: int = 0) -> TokenLogprob:
+    """Log probabilities of one row of logits ``[V]`` (the model's distribution, before
+    temperature and penalties, as vLLM returns them): the chosen ``token``'s and the ``top`` best."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    best: tuple[tuple[int, float], ...] = ()
+    if top > 0:
+        values, ids = torch.topk(logp, min(top, logp.shape[-1]))
+        best = tuple((int(i), float(v)) for i, v in zip(ids.tolist(), values.tolist(), strict=True))
+    return TokenLogprob(token, float(logp[token]), best)

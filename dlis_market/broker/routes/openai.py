@@ -3,63 +3,282 @@
 Clients authenticate with an API key (``Authorization: Bearer sk-dlis-...``) that maps to a client
 account with a standing on-chain spending authorization; the broker signs each job's
 authorization with the key's spender and the job is paid and settled like any other.
+
+Every parameter is either implemented or refused with a 400 in OpenAI's error shape (README,
+"OpenAI compatibility"): nothing is accepted and ignored. ``n`` > 1 and a list of prompts run one
+paid job per choice; ``stop`` strings are cut here, from the streamed text, and a job that hit one
+is ended at once (settled for the tokens its stages served).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import json
 import secrets
 import time
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Header, Request
 from fastapi.responses import StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from dlis_market.broker.apikeys import ApiKeyAccount, resolve_api_key
 from dlis_market.broker.auth import signing_deadline
+from dlis_market.broker.catalog import ServedModel
 from dlis_market.broker.deps import ServiceDep
-from dlis_market.broker.errors import job_failed
+from dlis_market.broker.detokenize import StopMatcher
+from dlis_market.broker.errors import InvalidRequest, client_left, job_failed
 from dlis_market.broker.job_types import Idempotency, PricedJob
-from dlis_market.broker.routes.jobs import IdempotencyHeader, attached_events, body_hash, wait_attached
+from dlis_market.broker.routes.jobs import IdempotencyHeader, _disconnected, body_hash
 from dlis_market.broker.schemas import Authorization, ChatMessage, JobCreate, Policy, Sampling
 from dlis_market.broker.service import BrokerService
 from dlis_market.chain.job_market import JobAuthorization, sign_authorization
+from dlis_market.inference.manifest import MANIFEST_NAME, sha256_file
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 
+DEFAULT_MAX_TOKENS = 64
+MAX_CHOICES = 16  # jobs one request may start (n x prompts): each is admitted, routed and paid
+MAX_STOPS = 4  # as OpenAI
+SEED_SPACE = 2**63
+
+
+NEUTRAL: tuple[Any, ...] = (None, False, 0, {}, [], "none")
+
+
+def _unsupported(why: str, neutral: tuple[Any, ...] = NEUTRAL) -> Callable[[Any], Any]:
+    """A validator that refuses a parameter unless it has a value that asks for nothing."""
+
+    def check(value: Any) -> Any:
+        if value not in neutral:
+            raise ValueError(why)
+        return value
+
+    return check
+
+
+NO_TOOLS = (
+    "is not supported: this broker's workers return plain text, no tool or function calls; leave it out "
+    "(README, 'OpenAI compatibility')"
+)
+NO_LOGPROBS = (
+    "is not supported yet: the workers send back each sampled token id only, not its log probability; leave it out"
+)
+NO_PENALTY = "is not supported yet: the workers' sampler takes temperature, top_p and seed only; leave it out or send 0"
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    include_usage: bool = False
+
 
 class _OpenAIIn(BaseModel):
-    model_config = ConfigDict(extra="ignore")  # unknown OpenAI parameters are accepted and ignored
+    """What both completion routes take. Unknown parameters are refused (as OpenAI does), and known
+    ones this broker cannot honour are refused by name: nothing is accepted and ignored."""
 
-    model: str
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(min_length=1, max_length=128)
     max_tokens: int | None = Field(None, ge=1, le=4096)
-    max_completion_tokens: int | None = Field(None, ge=1, le=4096)
-    temperature: float | None = Field(None, ge=0, le=2)
+    temperature: float | None = Field(None, ge=0, le=2, description="default 1.0, as OpenAI; 0 is greedy")
     top_p: float | None = Field(None, gt=0, le=1)
-    seed: int | None = Field(None, ge=0, lt=2**63)
-    n: int = Field(1, ge=1, le=1, description="only n=1 is supported")
+    seed: int | None = Field(None, ge=0, lt=SEED_SPACE)
+    n: int = Field(1, ge=1, le=MAX_CHOICES)
+    stop: str | list[str] | None = None
     stream: bool = False
-    user: str | None = None
+    stream_options: StreamOptions | None = None
+    user: str | None = Field(None, max_length=256, description="a label of the end user; no effect on output")
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    logit_bias: dict[str, float] | None = None
 
-    def sampling(self) -> Sampling:
-        if self.temperature is None or self.temperature == 0:
-            return Sampling(greedy=True)
-        return Sampling(greedy=False, temperature=self.temperature, top_p=self.top_p, seed=self.seed)
+    _penalty = field_validator("presence_penalty", "frequency_penalty", "logit_bias")(
+        _unsupported("this parameter " + NO_PENALTY)
+    )
+
+    @field_validator("stop")
+    @classmethod
+    def _stops(cls, value: str | list[str] | None) -> list[str] | None:
+        stops = [value] if isinstance(value, str) else value
+        if stops is None:
+            return None
+        if len(stops) > MAX_STOPS or any(not s or len(s) > 500 for s in stops):
+            raise ValueError(f"give at most {MAX_STOPS} stop strings of 1 to 500 characters each")
+        return stops
+
+    @field_validator("stream_options")
+    @classmethod
+    def _stream_only(cls, value: StreamOptions | None, info: ValidationInfo) -> StreamOptions | None:
+        if value is not None and not info.data.get("stream"):
+            raise ValueError("stream_options is only allowed with stream: true")
+        return value
 
     def limit(self) -> int:
-        return self.max_completion_tokens or self.max_tokens or 64
+        return self.max_tokens or DEFAULT_MAX_TOKENS
+
+    def sampling(self, seed: int) -> Sampling:
+        """Temperature 0 is greedy; otherwise sampling at the given (default 1.0) temperature."""
+        if self.temperature == 0:
+            return Sampling(greedy=True)
+        temperature = 1.0 if self.temperature is None else self.temperature
+        return Sampling(greedy=False, temperature=temperature, top_p=self.top_p, seed=seed)
+
+    def seeds(self, count: int) -> list[int]:
+        """One seed per job: ``seed + i`` (as each choice of ``n`` is its own job); without a seed,
+        a random one, so unseeded requests differ."""
+        base = self.seed if self.seed is not None else secrets.randbelow(SEED_SPACE)
+        return [(base + i) % SEED_SPACE for i in range(count)]
+
+
+def _text_of(content: str | list[dict[str, Any]] | None) -> str:
+    if content is None:
+        raise ValueError("content is required (tool calls are not supported, so every message has text)")
+    if isinstance(content, str):
+        return content
+    texts = []
+    for part in content:
+        if part.get("type") != "text" or not isinstance(part.get("text"), str) or set(part) - {"type", "text"}:
+            raise ValueError(
+                f"content part of type {part.get('type')!r} is not supported: this broker serves text models, "
+                "send parts of type 'text' ({'type': 'text', 'text': ...}) only"
+            )
+        texts.append(part["text"])
+    return "\n".join(texts)  # as vLLM joins a message's text parts
+
+
+class ChatMessageIn(BaseModel):
+    """An OpenAI chat message: text or text parts; ``developer`` is the system role of newer
+    models; ``name`` tells participants of one role apart (it prefixes the text, ``name: text``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[dict[str, Any]] | None = None
+    name: str | None = Field(None, min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
+    tool_call_id: str | None = Field(None, max_length=256, description="kept for the client; not rendered")
+    # What clients echo back from an earlier assistant message; only the empty values are taken.
+    tool_calls: list[Any] | None = None
+    function_call: Any = None
+    refusal: str | None = None
+    audio: Any = None
+    annotations: list[Any] | None = None
+
+    _no_calls = field_validator("tool_calls", "function_call", "audio")(_unsupported(NO_TOOLS))
+
+    @field_validator("content")
+    @classmethod
+    def _text(cls, value: str | list[dict[str, Any]] | None) -> str | list[dict[str, Any]] | None:
+        if len(_text_of(value)) > 200_000:
+            raise ValueError("content is over 200000 characters")
+        return value
+
+    def native(self) -> ChatMessage:
+        text = _text_of(self.content)
+        return ChatMessage(
+            role="system" if self.role == "developer" else self.role,
+            content=f"{self.name}: {text}" if self.name else text,
+        )
 
 
 class ChatCompletionRequest(_OpenAIIn):
-    messages: list[ChatMessage] = Field(min_length=1, max_length=256)
+    messages: list[ChatMessageIn] = Field(min_length=1, max_length=256)
+    max_completion_tokens: int | None = Field(None, ge=1, le=4096)
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    response_format: dict[str, Any] | None = None
+    tools: Any = None
+    tool_choice: Any = None
+    functions: Any = None
+    function_call: Any = None
+    parallel_tool_calls: Any = None
+    audio: Any = None
+    modalities: list[str] | None = None
+    prediction: Any = None
+    reasoning_effort: Any = None
+    web_search_options: Any = None
+    store: bool | None = None
+    metadata: dict[str, str] | None = None
+
+    _no_logprobs = field_validator("logprobs", "top_logprobs")(_unsupported("this parameter " + NO_LOGPROBS))
+    _no_tools = field_validator("tools", "tool_choice", "functions", "function_call", "parallel_tool_calls")(
+        _unsupported("this parameter " + NO_TOOLS)
+    )
+    _no_audio = field_validator("audio", "prediction", "web_search_options")(  # {} asks for these too
+        _unsupported(
+            "this parameter is not supported: this broker serves text-in, text-out models; leave it out", (None,)
+        )
+    )
+    _no_reasoning = field_validator("reasoning_effort")(
+        _unsupported("reasoning_effort is not supported: the served models have no reasoning mode; leave it out")
+    )
+    _no_store = field_validator("store", "metadata")(
+        _unsupported("stored completions are not supported (the ledger keeps each job for settlement only)")
+    )
+
+    @field_validator("response_format")
+    @classmethod
+    def _text_format(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value is not None and value != {"type": "text"}:
+            raise ValueError(
+                f"response_format {value.get('type')!r} is not supported: the workers cannot constrain "
+                "decoding to JSON; leave it out or send {'type': 'text'}"
+            )
+        return value
+
+    @field_validator("modalities")
+    @classmethod
+    def _text_only(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None and value != ["text"]:
+            raise ValueError("only the 'text' modality is served; send ['text'] or leave it out")
+        return value
+
+    def limit(self) -> int:
+        return self.max_completion_tokens or self.max_tokens or DEFAULT_MAX_TOKENS
 
 
 class CompletionRequest(_OpenAIIn):
-    prompt: str = Field(min_length=1, max_length=200_000)
+    prompt: Any
+    echo: bool = False
+    logprobs: int | None = Field(None, ge=0, le=5)
+    best_of: int | None = Field(None, ge=1, le=MAX_CHOICES)
+    suffix: str | None = None
+
+    _no_logprobs = field_validator("logprobs")(_unsupported("logprobs " + NO_LOGPROBS))
+    _no_suffix = field_validator("suffix")(
+        _unsupported("suffix (insertion) is not supported: the served models only continue a prompt; leave it out")
+    )
+
+    @field_validator("prompt")
+    @classmethod
+    def _texts(cls, value: Any) -> list[str]:
+        prompts = [value] if isinstance(value, str) else value
+        if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
+            raise ValueError(
+                "prompt must be a string or a non-empty list of strings; token-id prompts are not supported, "
+                "send the text"
+            )
+        if any(not p or len(p) > 200_000 for p in prompts):
+            raise ValueError("each prompt must have 1 to 200000 characters")
+        return prompts
+
+    @field_validator("best_of")
+    @classmethod
+    def _best_of(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value is not None and value != info.data.get("n", 1):
+            raise ValueError(
+                "best_of other than n is not supported: choosing the best needs log probabilities, which the "
+                "workers do not return; leave it out"
+            )
+        return value
+
+    def prompts(self) -> list[str]:
+        return list(self.prompt)
 
 
 @dataclass(frozen=True)
@@ -71,38 +290,63 @@ class Retry:
     count: int
 
 
+@dataclass(frozen=True)
+class JobInput:
+    """One job of a request: its prompt (or messages) and sampling."""
+
+    prompt: str | None
+    messages: list[ChatMessage] | None
+    sampling: Sampling
+
+
+@dataclass
+class Choice:
+    """One choice of the answer: its job and what was read of it so far."""
+
+    index: int
+    job_id: str
+    echo: str = ""  # the prompt, for completions with ``echo``
+    matcher: StopMatcher = field(default_factory=StopMatcher)
+    text: str = ""  # streamed so far
+    answer: str = ""  # the whole text, once the job ended
+    finish: str | None = None
+    error: str | None = None
+    row: Any = None
+
+
 async def _admit(
     service: BrokerService,
     authorization: str | None,
-    prompt: str | None,
-    messages: list[ChatMessage] | None,
+    job: JobInput,
     body: _OpenAIIn,
     kind: str,
     retry: Retry,
+    part: int,
 ) -> str:
-    """Price the job once, sign its authorization with the API key's spender for exactly that
+    """Price one job once, sign its authorization with the API key's spender for exactly that
     bound, and admit it on the same route.
 
     Idempotency: with an ``Idempotency-Key``, a request with that key and body from the same API
-    key within the window gets the first one's job. Without one, the key is derived from the API
+    key within the window gets the first one's jobs. Without one, the key is derived from the API
     key and the body's hash, and only a request the client marks as a retry
-    (``x-stainless-retry-count`` > 0) reuses the job: two deliberate identical requests still run
-    twice."""
+    (``x-stainless-retry-count`` > 0) reuses the jobs: two deliberate identical requests still run
+    twice. ``part``: the job's place among the request's jobs (``n`` x prompts), part of its key."""
     now = await asyncio.to_thread(service.market.client.timestamp)
     account = await asyncio.to_thread(resolve_api_key, service.ledger, authorization, now)
     digest = body_hash(body, kind)
+    key = retry.key or f"request:{digest}"
     idem = Idempotency(
-        retry.key or f"request:{digest}", digest, account.key_hash, replay=retry.key is not None or retry.count > 0
+        key if part == 0 else f"{key}#{part}", digest, account.key_hash, replay=retry.key is not None or retry.count > 0
     )
     if idem.replay and (prior := await service.admitted_before(idem)) is not None:
         return prior.id
-    msgs = [m.model_dump() for m in messages] if messages is not None else None
+    msgs = [m.model_dump() for m in job.messages] if job.messages is not None else None
     lifetime = await asyncio.to_thread(service.max_authorization_lifetime)
-    priced = await service.price(body.model, prompt, msgs, body.limit(), Policy(), admit=True)
+    priced = await service.price(body.model, job.prompt, msgs, body.limit(), Policy(), admit=True)
     # From here a job slot is held: submit releases it whatever happens, so nothing is awaited
     # between pricing and submit.
     try:
-        req = _signed_request(service, account, body, priced, now, lifetime, prompt, messages)
+        req = _signed_request(service, account, body, job, priced, now, lifetime)
     except BaseException:
         service.abandon(priced)
         raise
@@ -114,11 +358,10 @@ def _signed_request(
     service: BrokerService,
     account: ApiKeyAccount,
     body: _OpenAIIn,
+    job: JobInput,
     priced: PricedJob,
     now: int,
     lifetime: int,
-    prompt: str | None,
-    messages: list[ChatMessage] | None,
 ) -> JobCreate:
     """The native job request the API key's spender signs for a priced OpenAI-style request."""
     auth = JobAuthorization(
@@ -132,14 +375,124 @@ def _signed_request(
     sig = sign_authorization(account.spender.key, service.market.domain(), auth)
     return JobCreate(
         model=body.model,
-        prompt=prompt,
-        messages=messages,
+        prompt=job.prompt,
+        messages=job.messages,
         max_tokens=body.limit(),
-        sampling=body.sampling(),
+        sampling=job.sampling,
         authorization=Authorization(
             client=account.client, nonce=auth.nonce, max_cost=auth.max_cost, deadline=auth.deadline, signature=sig.hex()
         ),
     )
+
+
+def _end_early(service: BrokerService, job_id: str) -> None:
+    """End a running job nobody reads any more (a stop string was seen, or a sibling job of the
+    request was refused): its task is cancelled and the job settled for the tokens its stages
+    served, nothing when none. This is the path BrokerService takes when a job's last requester
+    left (``_cancel_orphan``), taken at once instead of after ``cancel_grace_s``; a retry still
+    attached to the job keeps it running."""
+    service._cancel_orphan(job_id)
+
+
+async def _admit_all(
+    service: BrokerService, authorization: str | None, body: _OpenAIIn, kind: str, retry: Retry, jobs: list[JobInput]
+) -> list[str]:
+    """Admit every job of a request, in order; when one is refused, the ones already admitted are
+    ended (they cost what their stages served by then) and the refusal is raised."""
+    ids: list[str] = []
+    try:
+        for part, job in enumerate(jobs):
+            ids.append(await _admit(service, authorization, job, body, kind, retry, part))
+    except BaseException:
+        for job_id in ids:
+            _end_early(service, job_id)
+        raise
+    return ids
+
+
+async def _follow(
+    service: BrokerService, choice: Choice, limit: int, eos: tuple[int, ...], emit: Callable[[Choice, str], None]
+) -> None:
+    """Read one choice's job to its end: text pieces go to ``emit`` cut at the first stop string;
+    a job that hit one is ended at once. Sets ``finish`` (or ``error``) and the ledger ``row``."""
+    async with service.attached(choice.job_id):
+        events = service.events(choice.job_id)
+        try:
+            async for ev in events:
+                if ev["type"] == "token" and ev["text"]:
+                    piece = choice.matcher.push(ev["text"])
+                    if piece:
+                        choice.text += piece
+                        emit(choice, piece)
+                    if choice.matcher.stopped:
+                        break
+                elif ev["type"] == "error":
+                    choice.error = ev.get("detail") or "the job failed"
+                    return
+        finally:  # stop reading now (at a stop string the generator is left mid-way)
+            if isinstance(events, AsyncGenerator):
+                await events.aclose()
+    if choice.matcher.stopped:
+        _end_early(service, choice.job_id)
+        await service.wait(choice.job_id)  # settled (for the tokens served) before usage is read
+    elif tail := choice.matcher.flush():
+        choice.text += tail
+        emit(choice, tail)
+    row = await asyncio.to_thread(service.ledger.get_job, choice.job_id)
+    if row is None or row.status == "failed":
+        choice.error = (row.error if row else None) or "the job failed"
+        return
+    choice.row = row
+    # The recorded answer cut at the stop: the same text as the pieces, and the whole of it even
+    # when this request attached to the job after its token events were dropped (a late retry).
+    choice.answer, stopped = StopMatcher(choice.matcher.stops).cut(row.answer or "")
+    choice.finish = "stop" if stopped else _finish_reason(row, eos, limit)
+
+
+def _finish_reason(row: Any, eos: tuple[int, ...], limit: int) -> str:
+    ids = json.loads(row.token_ids_json or "[]")
+    return "stop" if (ids and ids[-1] in eos) or len(ids) < limit else "length"
+
+
+def _usage(choices: list[Choice]) -> dict[str, int]:
+    """Tokens of every job of the answer (each was run and is paid): what the client is charged for."""
+    prompt = sum(c.row.prompt_tokens for c in choices if c.row is not None)
+    completion = sum(c.row.completion_tokens for c in choices if c.row is not None)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+@functools.lru_cache(maxsize=64)
+def _fingerprint(manifest: Path, mtime_ns: int) -> str:
+    """The served weights, as OpenAI's ``system_fingerprint``: changes when the shards do."""
+    return "fp_" + sha256_file(manifest)[:12]
+
+
+def system_fingerprint(served: ServedModel) -> str:
+    path = served.shard_dir / MANIFEST_NAME
+    return _fingerprint(path, path.stat().st_mtime_ns)
+
+
+@dataclass(frozen=True)
+class Answer:
+    """What the response of a request is made of, whatever its kind."""
+
+    kind: Literal["chat", "text"]
+    model: str
+    fingerprint: str
+    created: int
+    limit: int
+    eos: tuple[int, ...]
+
+    @property
+    def object(self) -> str:
+        return "chat.completion" if self.kind == "chat" else "text_completion"
+
+    def id_of(self, job_id: str) -> str:
+        return ("chatcmpl-" if self.kind == "chat" else "cmpl-") + job_id[2:26]
+
+    def head(self, choices: list[Choice]) -> dict[str, Any]:
+        return {"id": self.id_of(choices[0].job_id), "created": self.created, "model": self.model,
+                "system_fingerprint": self.fingerprint}  # fmt: skip
 
 
 async def _complete(
@@ -149,88 +502,128 @@ async def _complete(
     authorization: str | None,
     kind: Literal["chat", "text"],
     retry: Retry,
-    prompt: str | None = None,
-    messages: list[ChatMessage] | None = None,
+    inputs: list[tuple[str | None, list[ChatMessage] | None]],
+    echo: bool = False,
 ) -> Any:
-    """Both completion routes: admit, then stream chunks or answer once the job ends. A client
-    that disconnects before the end cancels the job (after a grace period a retry can use)."""
-    job_id = await _admit(service, authorization, prompt, messages, body, kind, retry)
-    created = int(time.time())
+    """Both completion routes: admit one job per choice, then stream chunks or answer once every
+    job ends. A client that disconnects before the end cancels the jobs (after a grace period a
+    retry can use)."""
+    served = service.catalog.get(body.model)
+    pairs = [(prompt, messages) for prompt, messages in inputs for _ in range(body.n)]
+    seeds = body.seeds(len(pairs))
+    jobs = [JobInput(p, m, body.sampling(seed)) for (p, m), seed in zip(pairs, seeds, strict=True)]
+    job_ids = await _admit_all(service, authorization, body, kind, retry, jobs)
+    stops = body.stop if isinstance(body.stop, list) else []
+    choices = [
+        Choice(i, job_id, echo=(job.prompt or "") if echo else "", matcher=StopMatcher(stops))
+        for i, (job_id, job) in enumerate(zip(job_ids, jobs, strict=True))
+    ]
+    answer = Answer(kind, body.model, system_fingerprint(served), int(time.time()), body.limit(), served.eos_token_ids)
     if body.stream:
-        return _stream(service, job_id, created, body.model, kind, body.limit())
-    await wait_attached(service, job_id, request)
-    row = await _result(service, job_id)
-    finish = await asyncio.to_thread(_finish_reason, service, job_id, body.model, body.limit())
-    choice: dict[str, Any] = {"index": 0, "finish_reason": finish, "logprobs": None}
-    if kind == "chat":
-        choice["message"] = {"role": "assistant", "content": row.answer}
-    else:
-        choice["text"] = row.answer
-    return {
-        "id": ("chatcmpl-" if kind == "chat" else "cmpl-") + job_id[2:26],
-        "object": "chat.completion" if kind == "chat" else "text_completion",
-        "created": created,
-        "model": body.model,
-        "choices": [choice],
-        "usage": _usage(row),
-        "dlis": {"job_id": job_id, "cost": str(row.cost), "fee": str(row.fee)},
-    }
-
-
-def _finish_reason(service: BrokerService, job_id: str, model: str, limit: int) -> str:
-    row = service.ledger.get_job(job_id)
-    if row is None or row.status == "failed":
-        return "error"
-    ids = json.loads(row.token_ids_json or "[]")
-    eos = service.catalog.get(model).eos_token_ids
-    return "stop" if (ids and ids[-1] in eos) or len(ids) < limit else "length"
-
-
-async def _result(service: BrokerService, job_id: str) -> Any:
-    await service.wait(job_id)
-    row = await asyncio.to_thread(service.ledger.get_job, job_id)
-    if row is None or row.status == "failed":
-        raise job_failed((row.error if row else None) or "the job failed")
-    return row
-
-
-def _usage(row: Any) -> dict[str, int]:
-    return {
-        "prompt_tokens": row.prompt_tokens,
-        "completion_tokens": row.completion_tokens,
-        "total_tokens": row.prompt_tokens + row.completion_tokens,
-    }
-
-
-def _stream(
-    service: BrokerService, job_id: str, created: int, model: str, kind: Literal["chat", "text"], limit: int
-) -> StreamingResponse:
-    obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
-    cid = ("chatcmpl-" if kind == "chat" else "cmpl-") + job_id[2:26]
-
-    def chunk(text: str | None, finish: str | None, first: bool = False) -> bytes:
+        usage = body.stream_options is not None and body.stream_options.include_usage
+        return _stream(service, answer, choices, usage)
+    await _wait_all(service, request, answer, choices)
+    failed = [c.error for c in choices if c.error is not None]
+    if failed:
+        raise job_failed(failed[0])
+    out = []
+    for c in choices:
+        text = c.echo + c.answer
+        item: dict[str, Any] = {"index": c.index, "finish_reason": c.finish, "logprobs": None}
         if kind == "chat":
-            delta: dict[str, Any] = {"role": "assistant", "content": text or ""} if first else {}
-            if text and not first:
-                delta = {"content": text}
-            choice: dict[str, Any] = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
+            item["message"] = {"role": "assistant", "content": text, "refusal": None}
         else:
-            choice = {"index": 0, "text": text or "", "finish_reason": finish, "logprobs": None}
-        payload = {"id": cid, "object": obj, "created": created, "model": model, "choices": [choice]}
+            item["text"] = text
+        out.append(item)
+    rows = [c.row for c in choices]
+    return {
+        **answer.head(choices),
+        "object": answer.object,
+        "choices": out,
+        "usage": _usage(choices),
+        "dlis": {
+            "job_id": choices[0].job_id,
+            "cost": str(sum(r.cost or 0 for r in rows)),
+            "fee": str(sum(r.fee or 0 for r in rows)),
+            "jobs": [{"job_id": c.job_id, "cost": str(c.row.cost), "fee": str(c.row.fee)} for c in choices],
+        },
+    }
+
+
+async def _wait_all(service: BrokerService, request: Request, answer: Answer, choices: list[Choice]) -> None:
+    """Follow every job to its end while the requester is connected; when it leaves first, its
+    jobs are left (cancelled after the grace period unless a retry attaches) and this raises a
+    499 problem that nobody reads."""
+    tasks = [asyncio.create_task(_follow(service, c, answer.limit, answer.eos, lambda _c, _p: None)) for c in choices]
+    everything = asyncio.gather(*tasks)
+    gone = asyncio.ensure_future(_disconnected(request))
+    try:
+        waiting: set[asyncio.Future[Any]] = {everything, gone}
+        await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        left = not everything.done()
+        if left:
+            for t in tasks:
+                t.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await everything
+    if left:
+        raise client_left(choices[0].job_id)
+    everything.result()  # a failure of the reading itself
+
+
+def _stream(service: BrokerService, answer: Answer, choices: list[Choice], include_usage: bool) -> StreamingResponse:
+    head = {**answer.head(choices), "object": "chat.completion.chunk" if answer.kind == "chat" else "text_completion"}
+
+    def chunk(choice: Choice | None, text: str | None, finish: str | None = None, first: bool = False) -> bytes:
+        payload: dict[str, Any] = {**head, "choices": []}
+        if choice is not None:
+            item: dict[str, Any] = {"index": choice.index, "finish_reason": finish, "logprobs": None}
+            if answer.kind == "chat":
+                item["delta"] = {"role": "assistant", "content": text or ""} if first else {}
+                if text and not first:
+                    item["delta"] = {"content": text}
+            else:
+                item["text"] = text or ""
+            payload["choices"] = [item]
+        if include_usage:  # null on every chunk but the last, as OpenAI sends it
+            payload["usage"] = _usage(choices) if choice is None else None
         return f"data: {json.dumps(payload)}\n\n".encode()
 
     async def body() -> AsyncIterator[bytes]:
-        first = True
-        async for ev in attached_events(service, job_id):
-            if ev["type"] == "token" and ev["text"]:
-                yield chunk(ev["text"], None, first=first)
-                first = False
-            elif ev["type"] == "error":
-                err = {"error": {"message": ev.get("detail") or "job failed", "type": "server_error"}}
-                yield f"data: {json.dumps(err)}\n\n".encode()
-                return
-        yield chunk(None, await asyncio.to_thread(_finish_reason, service, job_id, model, limit))
-        yield b"data: [DONE]\n\n"
+        queue: asyncio.Queue[tuple[Choice, str | None]] = asyncio.Queue()  # (choice, text); None: it ended
+
+        async def follow(c: Choice) -> None:
+            try:
+                await _follow(service, c, answer.limit, answer.eos, lambda ch, piece: queue.put_nowait((ch, piece)))
+            finally:
+                queue.put_nowait((c, None))
+
+        for c in choices:  # chat: the role first, as OpenAI; completions: the echoed prompt
+            if answer.kind == "chat" or c.echo:
+                yield chunk(c, c.echo or None, first=True)
+        tasks = [asyncio.create_task(follow(c)) for c in choices]
+        try:
+            running = len(tasks)
+            while running:
+                c, piece = await queue.get()
+                if piece is not None:
+                    yield chunk(c, piece)
+                    continue
+                running -= 1
+                if c.error is not None or c.finish is None:  # failed (or its reading did)
+                    why = c.error or f"reading job {c.job_id} failed; its record is at /v1/jobs/{c.job_id}"
+                    err = {"error": {"message": why, "type": "server_error", "param": None, "code": "job_failed"}}
+                    yield f"data: {json.dumps(err)}\n\n".encode()
+                    return
+                yield chunk(c, None, c.finish)
+            if include_usage:
+                yield chunk(None, None)
+            yield b"data: [DONE]\n\n"
+        finally:  # the client left (or a job failed): the others are left to the grace period
+            for t in tasks:
+                t.cancel()
 
     return StreamingResponse(body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
@@ -239,16 +632,41 @@ AuthHeader = Annotated[str | None, Header(max_length=200)]
 RetryCountHeader = Annotated[int, Header(alias="x-stainless-retry-count", ge=0, le=1000)]
 
 
+def _model_card(served: ServedModel) -> dict[str, Any]:
+    # created: when the served shards were made (their manifest's time), as a Unix time
+    created = int((served.shard_dir / MANIFEST_NAME).stat().st_mtime)
+    return {"id": served.name, "object": "model", "created": created, "owned_by": "dlis-market"}
+
+
 @router.get("/models")
 async def list_models(service: ServiceDep) -> dict[str, Any]:
     """Models this broker serves (OpenAI list shape)."""
-    return {
-        "object": "list",
-        "data": [
-            {"id": name, "object": "model", "created": 0, "owned_by": "dlis-market"}
-            for name in sorted(service.catalog.models)
-        ],
-    }
+    return {"object": "list", "data": [_model_card(service.catalog.models[n]) for n in sorted(service.catalog.models)]}
+
+
+@router.get("/models/{model_id:path}")
+async def get_model(model_id: str, service: ServiceDep) -> dict[str, Any]:
+    """One served model (404 in OpenAI's error shape when it is not served here)."""
+    return _model_card(service.catalog.get(model_id))
+
+
+async def _check_roles(served: ServedModel, messages: list[ChatMessage]) -> None:
+    """A role other than system/user/assistant must be one the model's chat template renders."""
+    if all(m.role in ("system", "user", "assistant") for m in messages):
+        return
+    tok = served.tokenizer
+    if not getattr(tok, "chat_template", None):
+        return  # the plain "role: text" rendering takes any role
+    dumped = [m.model_dump() for m in messages]
+    try:
+        await asyncio.to_thread(tok.apply_chat_template, dumped, add_generation_prompt=True, tokenize=False)
+    except Exception as exc:  # jinja raises its own errors (raise_exception in the template)
+        raise InvalidRequest(
+            f"the chat template of {served.name} cannot render these messages ({exc}); send the tool results "
+            "as a user message",
+            kind="unsupported-role",
+            param="messages",
+        ) from exc
 
 
 @router.post("/chat/completions")
@@ -257,8 +675,10 @@ async def chat_completions(
     idempotency_key: IdempotencyHeader = None, retry_count: RetryCountHeader = 0,
 ) -> Any:  # fmt: skip
     """OpenAI chat completion; the prompt is built with the model's own chat template."""
+    messages = [m.native() for m in body.messages]
+    await _check_roles(service.catalog.get(body.model), messages)
     retry = Retry(idempotency_key, retry_count)
-    return await _complete(service, request, body, authorization, "chat", retry, messages=body.messages)
+    return await _complete(service, request, body, authorization, "chat", retry, [(None, messages)])
 
 
 @router.post("/completions")
@@ -266,6 +686,14 @@ async def completions(
     body: CompletionRequest, service: ServiceDep, request: Request, authorization: AuthHeader = None,
     idempotency_key: IdempotencyHeader = None, retry_count: RetryCountHeader = 0,
 ) -> Any:  # fmt: skip
-    """OpenAI text completion of a raw prompt."""
+    """OpenAI text completion of a raw prompt (or of each prompt of a list)."""
+    if len(body.prompts()) * body.n > MAX_CHOICES:
+        raise InvalidRequest(
+            f"{len(body.prompts())} prompts x n={body.n} would start {len(body.prompts()) * body.n} paid jobs, over "
+            f"the {MAX_CHOICES} one request may start; split the request",
+            kind="too-many-choices",
+            param="prompt",
+        )
     retry = Retry(idempotency_key, retry_count)
-    return await _complete(service, request, body, authorization, "text", retry, prompt=body.prompt)
+    inputs: list[tuple[str | None, list[ChatMessage] | None]] = [(p, None) for p in body.prompts()]
+    return await _complete(service, request, body, authorization, "text", retry, inputs, echo=body.echo)

@@ -1,0 +1,260 @@
+"""Every implemented parameter of the OpenAI-compatible API, through the official `openai` client
+over real HTTP (real chain, BrokerService, ledger and settlement; the backend doubles play
+workers that sign real receipts). One test per row of the README's "OpenAI compatibility" table,
+or a few rows that share a request."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from dataclasses import dataclass
+
+import httpx
+import openai
+import pytest
+
+from dlis_market.broker.apikeys import create_api_key
+from dlis_market.broker.app import create_app
+from dlis_market.broker.detokenize import StopMatcher
+from dlis_market.broker.service import BrokerService
+from dlis_market.inference.manifest import MANIFEST_NAME
+from tests.chaos.test_broker_retries import signed_route
+from tests.integration.broker import conftest as broker_suite
+
+UNIT = 10**18
+MODEL = "smollm2-135m"
+GRACE_S = 2.5
+
+
+class PacedBackend(broker_suite.ScriptedBackend):
+    """Workers that take ``delay_s`` per token of a long script and sign receipts for the tokens
+    they served, like real ones: a job ended early is billed for what it produced only."""
+
+    def __init__(self, base: broker_suite.ScriptedBackend, script: list[int], delay_s: float):
+        super().__init__(base.nodes, base.domain, script)
+        self.delay_s = delay_s
+        self.served: dict[bytes, int] = {}
+
+    async def start(self, job):
+        self.jobs.append(job)
+        backend = self
+        backend.served[job.job_id] = 0
+
+        class Stream:
+            async def _gen(self):
+                for t in backend.script[: job.max_new_tokens]:
+                    await asyncio.sleep(backend.delay_s)
+                    backend.served[job.job_id] += 1
+                    yield t
+
+            def tokens(self):
+                return self._gen()
+
+            async def finish(self):
+                return signed_route(backend, job, len(job.prompt_ids) + backend.served[job.job_id])
+
+        return Stream()
+
+
+@dataclass
+class Served:
+    market: object
+    service: BrokerService
+    backend: broker_suite.ScriptedBackend
+    client: openai.OpenAI
+    url: str
+    tok: object
+
+
+def serve(broker_env, live_server, make_backend=None) -> Served:
+    """A broker over ``make_backend(scripted)`` (default: the suite's scripted workers) behind
+    uvicorn, and the official client with an API key of a funded client."""
+    market, service, backend, _ops, _nodes, client = broker_env
+    settings = market.settings.model_copy(
+        update={"broker": market.settings.broker.model_copy(update={"cancel_grace_s": GRACE_S})}
+    )
+    be = make_backend(backend) if make_backend else backend
+    svc = BrokerService(settings, service.ledger, service.market, service.broker, service.catalog, be, service.planner)
+    srv = live_server(create_app(svc, settle_in_background=False))
+    jm = market.market()
+    jm.deposit(client, 10 * UNIT)
+    grant = create_api_key(svc.ledger, jm, client, cap=5 * UNIT, expires_at=market.client.timestamp() + 3600)
+    oa = openai.OpenAI(base_url=f"{srv.url}/v1", api_key=grant.api_key, max_retries=0)
+    return Served(market, svc, be, oa, srv.url, service.catalog.get(MODEL).tokenizer)
+
+
+@pytest.fixture()
+def api(broker_env, live_server) -> Served:
+    return serve(broker_env, live_server)
+
+
+def user(text: str) -> list[dict]:
+    return [{"role": "user", "content": text}]
+
+
+def test_models_list_and_retrieve_with_created(api):
+    manifest_time = int((api.service.catalog.get(MODEL).shard_dir / MANIFEST_NAME).stat().st_mtime)
+    listed = api.client.models.list().data
+    assert [(m.id, m.created, m.owned_by) for m in listed] == [(MODEL, manifest_time, "dlis-market")]
+    one = api.client.models.retrieve(MODEL)
+    assert one.id == MODEL and one.object == "model" and one.created == manifest_time > 1_600_000_000
+    with pytest.raises(openai.NotFoundError) as err:
+        api.client.models.retrieve("gpt-4o")
+    assert err.value.code == "unknown_model" and MODEL in err.value.message
+
+
+def test_created_fingerprint_and_default_temperature(api):
+    before = int(time.time())
+    res = api.client.chat.completions.create(model=MODEL, messages=user("hi"), max_tokens=3)
+    assert before <= res.created <= int(time.time())
+    assert res.system_fingerprint.startswith("fp_") and len(res.system_fingerprint) == 15
+    job = api.backend.jobs[-1]
+    # temperature left out: OpenAI's default 1.0 sampling, with a random seed (not greedy, not seed 0)
+    assert (job.greedy, job.temperature) == (False, 1.0)
+    again = api.client.completions.create(model=MODEL, prompt="x", max_tokens=2)
+    assert again.system_fingerprint == res.system_fingerprint and api.backend.jobs[-1].seed != job.seed
+    api.client.completions.create(model=MODEL, prompt="x", max_tokens=2, temperature=0)
+    assert api.backend.jobs[-1].greedy is True
+    api.client.completions.create(model=MODEL, prompt="x", max_tokens=2, temperature=0.5, top_p=0.9, seed=7)
+    job = api.backend.jobs[-1]
+    assert (job.greedy, job.temperature, job.top_p, job.seed) == (False, 0.5, 0.9, 7)
+
+
+def test_stop_string_and_list_cut_the_text(api):
+    res = api.client.completions.create(model=MODEL, prompt="x", max_tokens=7, temperature=0, stop=" capital")
+    assert res.choices[0].text == " Paris is the" and res.choices[0].finish_reason == "stop"
+    res = api.client.chat.completions.create(
+        model=MODEL, messages=user("x"), max_tokens=7, temperature=0, stop=["France", " is the"]
+    )
+    assert res.choices[0].message.content == " Paris" and res.choices[0].finish_reason == "stop"
+    # a stop string that never comes: the whole answer, finish by length
+    res = api.client.completions.create(model=MODEL, prompt="x", max_tokens=4, temperature=0, stop=["zebra"])
+    assert res.choices[0].text == " Paris is the capital" and res.choices[0].finish_reason == "length"
+
+
+def test_stop_ends_the_job_early_and_charges_only_what_was_served(broker_env, live_server):
+    tok = broker_env[1].catalog.get(MODEL).tokenizer
+    script = tok(" Paris is the capital of France." * 8)["input_ids"]  # 56 tokens, 0.1 s each
+    api = serve(broker_env, live_server, lambda base: PacedBackend(base, script, 0.1))
+    t0 = time.monotonic()
+    stream = api.client.chat.completions.create(
+        model=MODEL, messages=user("x"), max_tokens=56, temperature=0, stop="capital", stream=True,
+        stream_options={"include_usage": True},
+    )  # fmt: skip
+    chunks = list(stream)
+    took = time.monotonic() - t0
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == " Paris is the " and "capital" not in text  # no part of the stop string is streamed
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
+    job = api.service.ledger.recent_jobs(1)[0]
+    assert job.status == "completed" and 4 <= job.completion_tokens <= 6, job.completion_tokens
+    assert chunks[-1].usage.completion_tokens == job.completion_tokens  # usage: exactly what is charged
+    assert took < 3.0, took  # not the 5.6 s of the whole script
+    assert sum(api.backend.served.values()) == job.completion_tokens  # the stages stopped there too
+    receipts = api.service.ledger.get_job(job.id).receipts
+    assert len(receipts) == 3 and all(r.tokens == job.prompt_tokens + job.completion_tokens for r in receipts)
+    assert job.cost == sum(r.amount for r in receipts)
+
+
+def test_stream_include_usage(api):
+    chunks = list(
+        api.client.completions.create(
+            model=MODEL, prompt="x", max_tokens=3, temperature=0, stream=True, stream_options={"include_usage": True}
+        )
+    )
+    assert all(c.usage is None for c in chunks[:-1]) and chunks[-1].choices == []
+    job = api.service.ledger.recent_jobs(1)[0]
+    assert chunks[-1].usage.completion_tokens == 3 == job.completion_tokens
+    assert chunks[-1].usage.prompt_tokens == job.prompt_tokens
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == " Paris is the"
+    plain = list(api.client.completions.create(model=MODEL, prompt="x", max_tokens=2, temperature=0, stream=True))
+    assert all(c.usage is None for c in plain) and plain[-1].choices[0].finish_reason == "length"
+
+
+def test_n_runs_one_paid_job_per_choice(api):
+    res = api.client.chat.completions.create(
+        model=MODEL, messages=user("x"), max_tokens=3, n=3, seed=41, temperature=0.8
+    )
+    assert [c.index for c in res.choices] == [0, 1, 2]
+    assert all(c.message.content == " Paris is the" for c in res.choices)
+    assert [j.seed for j in api.backend.jobs] == [41, 42, 43]
+    jobs = api.service.ledger.recent_jobs(10)
+    assert len(jobs) == 3 and all(j.status == "completed" for j in jobs)
+    assert res.usage.completion_tokens == 9 == sum(j.completion_tokens for j in jobs)
+    assert res.usage.prompt_tokens == sum(j.prompt_tokens for j in jobs)
+    assert int(res.model_extra["dlis"]["cost"]) == sum(j.cost for j in jobs)
+    chunks = list(api.client.chat.completions.create(model=MODEL, messages=user("x"), max_tokens=2, n=2, stream=True))
+    for i in (0, 1):
+        mine = [c.choices[0] for c in chunks if c.choices and c.choices[0].index == i]
+        assert "".join(c.delta.content or "" for c in mine) == " Paris is" and mine[-1].finish_reason == "length"
+
+
+def test_roles_content_parts_and_name(api):
+    messages = [
+        {"role": "developer", "content": "Be brief."},
+        {"role": "user", "content": [{"type": "text", "text": "Look:"}, {"type": "text", "text": "a list"}],
+         "name": "alice"},
+        {"role": "assistant", "content": "Calling.", "refusal": None, "tool_calls": None},
+        {"role": "tool", "content": "42", "tool_call_id": "call_1"},
+    ]  # fmt: skip
+    res = api.client.chat.completions.create(model=MODEL, messages=messages, max_tokens=2, temperature=0)
+    assert res.choices[0].message.content == " Paris is"
+    prompt = api.tok.decode(api.backend.jobs[-1].prompt_ids)
+    assert "<|im_start|>system\nBe brief.<|im_end|>" in prompt  # developer is the system role
+    assert "<|im_start|>user\nalice: Look:\na list<|im_end|>" in prompt  # parts joined, name prefixed
+    assert "<|im_start|>tool\n42<|im_end|>" in prompt
+
+
+def test_prompt_list_echo_and_max_completion_tokens(api):
+    res = api.client.completions.create(model=MODEL, prompt=["One", "Two"], max_tokens=2, temperature=0, echo=True)
+    assert [(c.index, c.text) for c in res.choices] == [(0, "One Paris is"), (1, "Two Paris is")]
+    assert [api.tok.decode(j.prompt_ids) for j in api.backend.jobs] == ["One", "Two"]
+    chunks = list(api.client.completions.create(model=MODEL, prompt="Hey", max_tokens=2, echo=True, stream=True))
+    assert "".join(c.choices[0].text for c in chunks) == "Hey Paris is"
+    api.client.chat.completions.create(model=MODEL, messages=user("x"), max_completion_tokens=5, max_tokens=2)
+    assert api.backend.jobs[-1].max_new_tokens == 5
+    res = api.client.completions.create(model=MODEL, prompt=["a", "b"], n=2, max_tokens=1, seed=3)
+    assert [c.index for c in res.choices] == [0, 1, 2, 3] and [j.seed for j in api.backend.jobs[-4:]] == [3, 4, 5, 6]
+
+
+def test_accepted_neutral_values(api):
+    """Parameters at their neutral value change nothing and are taken (clients send them)."""
+    res = api.client.chat.completions.create(
+        model=MODEL, messages=user("x"), max_tokens=2, temperature=0, presence_penalty=0, frequency_penalty=0.0,
+        logit_bias={}, logprobs=False, response_format={"type": "text"}, user="u-1", store=False,
+        modalities=["text"],
+    )  # fmt: skip
+    assert res.choices[0].message.content == " Paris is"
+    res = api.client.completions.create(model=MODEL, prompt="x", max_tokens=2, temperature=0, best_of=1)
+    assert res.choices[0].text == " Paris is"
+
+
+def test_streamed_chat_sends_the_role_first(api):
+    with httpx.stream(
+        "POST", f"{api.url}/v1/chat/completions", headers={"Authorization": f"Bearer {api.client.api_key}"},
+        json={"model": MODEL, "messages": user("x"), "max_tokens": 2, "stream": True}, timeout=30,
+    ) as res:  # fmt: skip
+        lines = [ln for ln in res.iter_lines() if ln.startswith("data: ")]
+    first = json.loads(lines[0][6:])
+    assert first["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert first["object"] == "chat.completion.chunk" and first["system_fingerprint"].startswith("fp_")
+    assert lines[-1] == "data: [DONE]"
+
+
+@pytest.mark.parametrize(
+    ("stops", "pieces", "emitted", "stopped"),
+    [
+        (["</s>"], ["Hi <", "/", "s> more"], ["Hi ", "", ""], True),  # held back, then dropped
+        (["</s>"], ["a <", "b"], ["a ", "<b"], False),  # held back, then released
+        (["ab", "b"], ["xa", "b"], ["x", ""], True),  # the earliest stop wins
+        (["\n\n"], ["one\n", "two"], ["one", "\ntwo"], False),
+        ([], ["plain"], ["plain"], False),
+    ],
+)
+def test_stop_matcher_never_emits_part_of_a_stop_string(stops, pieces, emitted, stopped):
+    """The cut itself, without a broker: the pieces emitted while text streams in."""
+    m = StopMatcher(stops)
+    assert [m.push(p) for p in pieces] == emitted and m.stopped is stopped
+    whole = "".join(pieces)
+    assert "".join(emitted) + m.flush() == StopMatcher(stops).cut(whole)[0]
