@@ -99,6 +99,10 @@ class NodeSettings(_Section):
     host: str = "127.0.0.1"
     port: int = 0  # libp2p TCP port; 0 picks a free one
     metrics_port: int | None = None  # Prometheus /metrics on host:port (0: a free port); None: off
+    # Where a stage's weights, KV caches and activations live (workers, `dlis model generate`):
+    # auto = cuda when torch sees a CUDA device, else cpu. cuda on a machine without one is refused
+    # before any weights load.
+    device: Literal["auto", "cpu", "cuda"] = "cpu"
     initial_peers: list[str] = Field(default_factory=list)  # DHT multiaddrs (/ip4/127.0.0.1/tcp/.../p2p/...)
     price_per_token: int = 10**12  # token units (18 decimals) per token processed by this stage
     announce_ttl_s: float = 30.0

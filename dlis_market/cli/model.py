@@ -145,6 +145,9 @@ def generate_cmd(
     top_p: Annotated[float, typer.Option()] = 0.95,
     seed: Annotated[int, typer.Option()] = 0,
     as_json: Annotated[bool, typer.Option("--json", help="Print token ids and timings as JSON.")] = False,
+    device: Annotated[
+        str | None, typer.Option(help="auto, cpu or cuda (default: the node.device setting, cpu).")
+    ] = None,
 ) -> None:
     """Run every stage in this process and print the generated text."""
     import torch
@@ -157,7 +160,7 @@ def generate_cmd(
     if settings.inference.threads:
         torch.set_num_threads(settings.inference.threads)
     try:
-        pipe = LocalPipeline.load(shard_dir, settings.inference)
+        pipe = LocalPipeline.load(shard_dir, settings.inference, device or settings.node.device)
         tokenizer = AutoTokenizer.from_pretrained(shard_dir)
         ids = tokenizer(prompt)["input_ids"]
         params = SamplingParams(greedy=greedy, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
@@ -178,5 +181,6 @@ def generate_cmd(
         "tokens_per_s": gen.tokens_per_s,
         "stages": [str(s.layers) for s in pipe.stages],
         "dtype": pipe.stages[0].manifest.dtype,
+        "device": str(pipe.stages[0].device),
     }
     typer.echo(json.dumps(result))

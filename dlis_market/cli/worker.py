@@ -9,7 +9,6 @@ stdout; SIGTERM/SIGINT withdraw its DHT announcement and stop it.
 from __future__ import annotations
 
 import asyncio
-import logging
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -96,6 +95,10 @@ def start(
     node_key: Annotated[str, typer.Option(help="Signing key name in HOME/keystore (made on first start).")] = "node",
     password_file: Annotated[Path | None, typer.Option(help="File holding the node key password.")] = None,
     threads: Annotated[int | None, typer.Option(help="torch threads for this stage.")] = None,
+    device: Annotated[
+        str | None,
+        typer.Option(help="auto, cpu or cuda: where the stage's weights, KV cache and activations live (default cpu)."),
+    ] = None,
     max_sessions: Annotated[int | None, typer.Option(help="Open sessions at most.")] = None,
     session_idle_s: Annotated[float | None, typer.Option(help="Close sessions idle this long.")] = None,
     announce_ttl_s: Annotated[float | None, typer.Option(help="TTL of the DHT announcement.")] = None,
@@ -112,17 +115,22 @@ def start(
     byzantine: Annotated[
         bool, typer.Option("--byzantine", hidden=True, help="TEST ONLY: corrupt every output (gets slashed).")
     ] = False,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log at INFO level.")] = False,
+    verbose: Annotated[
+        bool, typer.Option("--verbose", "-v", help="Log at DEBUG level (default: log.level, INFO).")
+    ] = False,
 ) -> None:
     """Serve a layer range of a model: fetch/verify shards, profile, attest, announce, serve."""
+    from dlis_market.inference.stage import resolve_device
+    from dlis_market.logs import configure_logging
     from dlis_market.node.server import WorkerConfig, serve_forever
     from dlis_market.storage.fetch import ExpectedManifest
     from dlis_market.storage.shard_store import fetch_shards
     from dlis_market.types import Cid
 
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING)
     with handle_errors():
         settings = state(ctx).settings
+        configure_logging(settings.log, verbose=verbose)
+        resolve_device(device or settings.node.device)  # unknown, or cuda without one: say so before anything
         settings = _merge(
             settings,
             "node",
@@ -140,6 +148,7 @@ def start(
                 "reputation_address": reputation,
                 "telemetry_interval_s": telemetry_interval_s,
                 "byzantine": 1.0 if byzantine else None,
+                "device": device,
             },
         )
         settings = _merge(settings, "chain", {"model_publisher": publisher})
@@ -171,7 +180,9 @@ def start(
             )
             shards = out_dir
         assert shards is not None  # one of the two was given, checked above
-        config = WorkerConfig(shards, folder, password, settings, layer_range, reprofile, node_key)
+        config = WorkerConfig(
+            shards, folder, password, settings, layer_range, reprofile, node_key, settings.node.device
+        )
         asyncio.run(serve_forever(config))
 
 

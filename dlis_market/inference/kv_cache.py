@@ -11,6 +11,10 @@ layer is a plain full-attention
 ``DynamicLayer`` (:func:`can_pad`); sliding-window layers (Gemma3) keep only their last window
 and count tokens in ``cumulative_length``, so sessions at different positions cannot share one
 padded tensor there and run as separate passes.
+
+Cache tensors live on the stage's device: a layer allocates them from its first keys and values
+(computed there), stacking pads with zeros next to the source rows, and :func:`padding_mask` is
+built on the device it is asked for.
 """
 
 from __future__ import annotations
@@ -144,8 +148,9 @@ def ragged_sdpa_attention(
         return out, None
     q_len = query.shape[2]
     rows = []
-    for row in range(query.shape[0]):
-        start = int(attention_mask[row, 0].any(dim=0).to(torch.uint8).argmax())  # first real slot
+    # First real slot of every row, read to the host once per layer (one device sync, not one per row).
+    starts: list[int] = attention_mask[:, 0].any(dim=1).to(torch.uint8).argmax(dim=-1).tolist()
+    for row, start in enumerate(starts):
         real = key.shape[2] - start
         # Alone, SDPA gets no mask for one query or for a first prefill; else the causal mask.
         mask = None if q_len == 1 or real == q_len else attention_mask[row : row + 1, :, :, start:]
@@ -207,8 +212,8 @@ def stack_caches(caches: list[DynamicCache], config: PretrainedConfig) -> Dynami
     return out
 
 
-def padding_mask(lengths: list[int], new_tokens: int) -> torch.Tensor | None:
-    """``[B, longest + new_tokens]`` bool mask of a batch left-padded to the longest of ``lengths``.
+def padding_mask(lengths: list[int], new_tokens: int, device: torch.device | None = None) -> torch.Tensor | None:
+    """``[B, longest + new_tokens]`` bool mask (on ``device``) of a batch left-padded to the longest of ``lengths``.
 
     True marks real slots: each row's ``lengths[i]`` cached tokens (at the end of the padded
     part) and the ``new_tokens`` of this step. None when every length is the same (no padding).
@@ -216,8 +221,8 @@ def padding_mask(lengths: list[int], new_tokens: int) -> torch.Tensor | None:
     if len(set(lengths)) <= 1:
         return None
     longest = max(lengths)
-    slots = torch.arange(longest + new_tokens).unsqueeze(0)
-    first_real = torch.tensor([longest - n for n in lengths]).unsqueeze(1)
+    slots = torch.arange(longest + new_tokens, device=device).unsqueeze(0)
+    first_real = torch.tensor([longest - n for n in lengths], device=device).unsqueeze(1)
     return slots >= first_real
 
 

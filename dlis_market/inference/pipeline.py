@@ -2,7 +2,9 @@
 
 This is the reference driver for the stage API (a network worker wraps the same ``Stage``): each
 step builds one :class:`StageInput` for the sessions at that step and hands every stage's output
-to the next stage; the last stage returns sampled token ids.
+to the next stage; the last stage returns sampled token ids. Hidden states pass from stage to
+stage on the stages' device (``load(..., device="cuda")``); token ids and logits come back on the
+CPU.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from dlis_market.inference.errors import ContextLengthError, ShardError
 from dlis_market.inference.manifest import load_manifest
 from dlis_market.inference.messages import StageInput, StageOutput
 from dlis_market.inference.sampling import SamplingParams
-from dlis_market.inference.stage import Stage
+from dlis_market.inference.stage import Stage, resolve_device
 from dlis_market.settings import InferenceSettings
 
 
@@ -54,15 +56,21 @@ class LocalPipeline:
         self.config = stages[0].config
 
     @classmethod
-    def load(cls, shard_dir: Path, settings: InferenceSettings | None = None) -> LocalPipeline:
+    def load(
+        cls, shard_dir: Path, settings: InferenceSettings | None = None, device: str | torch.device = "cpu"
+    ) -> LocalPipeline:
+        """Every stage of ``shard_dir`` on ``device`` (``auto``, ``cpu``, ``cuda``; checked before loading)."""
+        target = resolve_device(device)
         manifest = load_manifest(shard_dir)
-        return cls([Stage.load(shard_dir, index=i, settings=settings) for i in range(len(manifest.stages))])
+        return cls(
+            [Stage.load(shard_dir, index=i, settings=settings, device=target) for i in range(len(manifest.stages))]
+        )
 
     def step(self, inp: StageInput) -> StageOutput:
         """Send one input through every stage; returns the last stage's output."""
         out: StageOutput | None = None
         for stage in self.stages:
-            out = stage.forward(inp)
+            out = stage.forward(inp, keep_on_device=True)
             if out.hidden is not None:
                 inp = StageInput(
                     out.session_ids, out.positions, inp.step, hidden=out.hidden, want_logits=inp.want_logits

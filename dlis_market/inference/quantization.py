@@ -1,4 +1,4 @@
-"""int8 / nf4 weights through bitsandbytes (works on CPU), fp32 / bf16 as is.
+"""int8 / nf4 weights through bitsandbytes (CPU and CUDA), fp32 / bf16 as is.
 
 Only the ``nn.Linear`` projections inside decoder layers are quantized (embeddings, norms and the
 LM head stay in the compute dtype, as bitsandbytes does by default). Shards store the quantized
@@ -29,6 +29,13 @@ The installed modules are in eval mode, because bitsandbytes picks its CPU kerne
   (``bench/gpu_tolerance.py`` runs its CPU side in eval mode). It is 2x as fast as dequantizing the
   weight on every call, at a cost in accuracy on SmolLM2: next-token agreement with fp32 0.934
   (transformers' own int8: the same) against 0.967.
+
+On CUDA (:func:`install_quantized` with a CUDA ``device``) the shard's quantized tensors go to
+the GPU as they are and bitsandbytes runs its CUDA kernels on them: int8 row-wise weights and
+scales are what ``Int8Params`` makes when it quantizes on ``.to("cuda")``, and the nf4 packing
+and block scales are the same format on both devices (the CPU-only repacking below is skipped).
+So a GPU stage serves the very weights a CPU stage of the same shard serves; transformers
+quantizes its own bf16 weights on the GPU instead, which for these formats gives the same values.
 """
 
 from __future__ import annotations
@@ -115,11 +122,19 @@ def quantize_weight(name: str, weight: torch.Tensor, quantization: str) -> dict[
     raise ValueError(f"unknown quantization {quantization!r}")
 
 
-def install_quantized(model: nn.Module, layers_path: str, tensors: dict[str, torch.Tensor], quantization: str) -> None:
+def install_quantized(
+    model: nn.Module,
+    layers_path: str,
+    tensors: dict[str, torch.Tensor],
+    quantization: str,
+    device: torch.device | str = "cpu",
+) -> None:
     """Swap the layers' nn.Linear modules for bitsandbytes ones holding the shard's quantized tensors.
 
-    Pops the consumed tensors from ``tensors`` so the caller can load the rest normally.
+    The new modules' weights, scales and biases are on ``device``. Pops the consumed tensors from
+    ``tensors`` so the caller can load the rest normally.
     """
+    device = torch.device(device)
     for name, linear in quantizable_linears(model, layers_path).items():
         weight_key = f"{name}.weight"
         if weight_key not in tensors:
@@ -133,6 +148,7 @@ def install_quantized(model: nn.Module, layers_path: str, tensors: dict[str, tor
                 "Re-export the shards with this version of dlis (it keeps such layers in bf16)"
             )
         bias = tensors.pop(f"{name}.bias", None)
+        bias = None if bias is None else bias.to(device)
         new: nn.Module
         with init_empty_weights(include_buffers=False):
             if quantization == "int8":
@@ -152,24 +168,29 @@ def install_quantized(model: nn.Module, layers_path: str, tensors: dict[str, tor
                     quant_type="nf4",
                 )
         if quantization == "int8":
-            cb = tensors.pop(weight_key)
+            cb = tensors.pop(weight_key).to(device)  # already int8: no second quantization
             param = bnb.nn.Int8Params(cb, requires_grad=False, has_fp16_weights=False)
             param.CB = cb
-            param.SCB = tensors.pop(f"{name}.SCB")
+            param.SCB = tensors.pop(f"{name}.SCB").to(device)
             new.weight = param
         else:
             stats_prefix = weight_key + "."
             stats = {k[len(stats_prefix) :]: tensors.pop(k) for k in list(tensors) if k.startswith(stats_prefix)}
             new.weight = bnb.nn.Params4bit.from_prequantized(
-                tensors.pop(weight_key), stats, requires_grad=False, device="cpu"
+                tensors.pop(weight_key), stats, requires_grad=False, device=device
             )
         if bias is not None:
             new.bias = nn.Parameter(bias, requires_grad=False)
         new.eval()  # bitsandbytes' inference kernels (see the module doc)
         if isinstance(new, bnb.nn.Linear4bit):
-            _pack_for_cpu_gemm(new)
+            _pack_for_cpu_gemm(new)  # CPU weights only
         parent_name, _, attr = name.rpartition(".")
         setattr(model.get_submodule(parent_name), attr, new)
+
+
+def is_quantized_param(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` is a weight :func:`install_quantized` made (loaded, on the stage's device)."""
+    return isinstance(tensor, bnb.nn.Int8Params | bnb.nn.Params4bit)
 
 
 def _pack_for_cpu_gemm(module: bnb.nn.Linear4bit) -> None:

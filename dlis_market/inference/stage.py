@@ -4,6 +4,15 @@ Loading verifies the manifest and the shard's size + sha256 first, then builds t
 meta device (buffers such as rotary frequencies are real) and assigns only this shard's tensors;
 layers outside the range are dropped, so resident memory scales with the range. Nothing is kept
 if any check fails.
+
+**Device.** ``device`` (``auto``, ``cpu``, ``cuda``; :func:`resolve_device`) holds the weights, the
+KV caches and the activations: the stage's tensors move there once the checks above pass
+(bitsandbytes int8 / nf4 weights are made there directly, so their CUDA kernels run on them),
+and inputs from the wire are moved there on arrival. Outputs come back to the CPU, where they
+leave the stage (a worker sends them and hashes their bytes for its receipts, the same bytes as a
+CPU stage's for the same values); ``forward(..., keep_on_device=True)`` keeps hidden states on
+the device for the next stage of a :class:`~dlis_market.inference.pipeline.LocalPipeline`.
+Sampling runs on the CPU, so a seed gives the same tokens for the same logits on any device.
 """
 
 from __future__ import annotations
@@ -17,6 +26,7 @@ from torch import nn
 from transformers import CONFIG_MAPPING, PretrainedConfig
 from transformers.cache_utils import DynamicCache
 
+from dlis_market.errors import InferenceError
 from dlis_market.inference.errors import (
     ContextLengthError,
     ManifestError,
@@ -36,11 +46,42 @@ from dlis_market.inference.kv_cache import (
 )
 from dlis_market.inference.manifest import Manifest, StageEntry, load_manifest
 from dlis_market.inference.messages import StageInput, StageOutput
-from dlis_market.inference.quantization import compute_dtype, install_quantized
+from dlis_market.inference.quantization import compute_dtype, install_quantized, is_quantized_param
 from dlis_market.inference.sampling import SamplingParams, sample_next
 from dlis_market.inference.shard_reader import read_shard
 from dlis_market.settings import InferenceSettings
 from dlis_market.types import LayerRange
+
+DEVICES = ("auto", "cpu", "cuda")
+
+
+class DeviceUnavailableError(InferenceError):
+    """The device asked for (``--device cuda``) is not on this machine, or is not a known name."""
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """``auto`` -> cuda if torch sees a CUDA device, else cpu; ``cpu``; ``cuda`` (the current CUDA device).
+
+    A ``torch.device`` is taken as it is (tests run stages on ``meta``). Any other name, or
+    ``cuda`` on a machine without one, raises :class:`DeviceUnavailableError` before anything loads.
+    """
+    if isinstance(device, torch.device):
+        return device
+    if device == "auto":
+        return resolve_device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cpu":
+        return torch.device("cpu")
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            raise DeviceUnavailableError(
+                f"--device cuda: torch {torch.__version__} sees no CUDA device on this machine "
+                f"(built for CUDA {torch.version.cuda or 'none: a CPU-only build'}); use --device cpu (or auto), "
+                "or run on a machine with an NVIDIA GPU and a CUDA build of torch"
+            )
+        return torch.device("cuda", torch.cuda.current_device())
+    raise DeviceUnavailableError(
+        f"--device {device!r} is not a device a stage runs on; use one of {', '.join(DEVICES)}"
+    )
 
 
 def config_from_manifest(manifest: Manifest) -> PretrainedConfig:
@@ -54,6 +95,26 @@ def config_from_manifest(manifest: Manifest) -> PretrainedConfig:
     return config
 
 
+def _move_to(model: nn.Module, device: torch.device) -> None:
+    """Move the loaded parameters and the buffers of ``model`` to ``device``, in place.
+
+    Meta tensors (the layers and pieces this stage does not hold) stay meta. A tensor shared by
+    two modules (a head tied to the embeddings) stays one tensor. bitsandbytes weights are on the
+    device already (:func:`install_quantized`).
+    """
+    moved: dict[int, torch.Tensor] = {}
+    for module in model.modules():
+        for store in (module._parameters, module._buffers):
+            for key, tensor in store.items():
+                if tensor is None or tensor.is_meta or tensor.device == device:
+                    continue
+                if id(tensor) not in moved:
+                    copy = tensor.detach().to(device)
+                    is_param = isinstance(tensor, nn.Parameter)
+                    moved[id(tensor)] = nn.Parameter(copy, requires_grad=False) if is_param else copy
+                store[key] = moved[id(tensor)]  # type: ignore[assignment]
+
+
 class Stage:
     """Runs one layer range with per-session KV caches; the last stage samples tokens."""
 
@@ -65,6 +126,7 @@ class Stage:
         config: PretrainedConfig,
         model: nn.Module,
         settings: InferenceSettings,
+        device: torch.device | None = None,
     ) -> None:
         self.manifest = manifest
         self.entry = entry
@@ -73,6 +135,7 @@ class Stage:
         self.config = config
         self.stage_config = family.stage_config(config, entry.layers)
         self.model = model
+        self.device = device or torch.device("cpu")  # weights, KV caches and activations
         self.dtype = compute_dtype(manifest.dtype)
         self.is_first = entry.has_embeddings
         self.is_last = entry.has_head
@@ -91,8 +154,11 @@ class Stage:
         layers: LayerRange | None = None,
         index: int | None = None,
         settings: InferenceSettings | None = None,
+        device: str | torch.device = "cpu",
     ) -> Stage:
-        """Load the stage for ``layers`` (or stage ``index``) from a folder made by ``dlis model shard``."""
+        """Load the stage for ``layers`` (or stage ``index``) from a folder made by ``dlis model shard``
+        onto ``device`` (see :func:`resolve_device`; checked before anything is read)."""
+        target = resolve_device(device)
         manifest = load_manifest(shard_dir)
         if layers is not None:
             entry = manifest.stage_for(layers)
@@ -123,8 +189,8 @@ class Stage:
                     f"{shard_dir / entry.file.path} holds {name} (layer {layer}) outside {entry.layers}; "
                     "it is another stage's shard, re-export the shards"
                 )
-        model = cls._build(manifest, entry, family, config, tensors)
-        return cls(manifest, entry, family, config, model, settings or InferenceSettings())
+        model = cls._build(manifest, entry, family, config, tensors, target)
+        return cls(manifest, entry, family, config, model, settings or InferenceSettings(), target)
 
     @staticmethod
     def _build(
@@ -133,11 +199,12 @@ class Stage:
         family: Family,
         config: PretrainedConfig,
         tensors: dict[str, torch.Tensor],
+        device: torch.device,
     ) -> nn.Module:
         with init_empty_weights(include_buffers=False):
             model = family.model_class()(config)
         if manifest.quantization:
-            install_quantized(model, family.layers_path, tensors, manifest.quantization)
+            install_quantized(model, family.layers_path, tensors, manifest.quantization, device)
         model.load_state_dict(tensors, assign=True, strict=False)
         if model.config._attn_implementation == "sdpa":  # padded batches attend row by row (kv_cache)
             model.set_attn_implementation(RAGGED_SDPA)
@@ -153,13 +220,16 @@ class Stage:
         if entry.has_head:
             prefixes += family.last_stage_prefixes
         missing = [
-            n for n, p in model.named_parameters(remove_duplicate=False) if n.startswith(tuple(prefixes)) and p.is_meta
+            n
+            for n, p in model.named_parameters(remove_duplicate=False)
+            if n.startswith(tuple(prefixes)) and p.is_meta and not is_quantized_param(p)  # those: on the device
         ]
         if missing:
             raise StageMismatchError(
                 f"shard {entry.file.path} lacks {len(missing)} tensors its stage needs (e.g. {missing[0]}); "
                 "re-export the shards"
             )
+        _move_to(model, device)
         return model
 
     def resident_bytes(self) -> int:
@@ -215,16 +285,19 @@ class Stage:
         return sessions
 
     @torch.inference_mode()
-    def forward(self, inp: StageInput) -> StageOutput:
+    def forward(self, inp: StageInput, keep_on_device: bool = False) -> StageOutput:
         """Run one step for a batch of sessions, in one forward pass even at different positions.
 
         Stages whose caches cannot be padded (:attr:`mixes_positions` False) run one pass per
         position. Either way each session's output is its own: padded cache slots are masked out.
+        The input may be on any device; outputs are on the CPU, or hidden states stay on
+        :attr:`device` with ``keep_on_device`` (for a next stage in this process).
         """
         sessions = self._check_input(inp)
         data = inp.token_ids if self.is_first else inp.hidden
         if data is None:  # _check_input raised already; this narrows the type
             raise StageMismatchError(f"stage {self.layers} got an input without data")
+        data = data.to(self.device)
         groups: dict[int, list[int]] = {}
         for row, pos in enumerate(inp.positions):
             groups.setdefault(0 if self.mixes_positions else pos, []).append(row)
@@ -247,8 +320,9 @@ class Stage:
             session.last_used = now
         hidden = torch.cat([out_rows[r] for r in range(len(sessions))], dim=0)
         if not self.is_last:
+            hidden = hidden if keep_on_device else hidden.cpu()
             return StageOutput(inp.session_ids, inp.positions, inp.step, hidden=hidden)
-        logits = hidden.float()
+        logits = hidden.float().cpu()  # sampled on the CPU, with each session's CPU generator
         tokens = [sample_next(logits[i], s.sampling, s.generator) for i, s in enumerate(sessions)]
         return StageOutput(
             inp.session_ids,
@@ -261,11 +335,11 @@ class Stage:
     def _run_group(self, data: torch.Tensor, positions: list[int], caches: list[DynamicCache]) -> torch.Tensor:
         """One forward pass; row ``i`` continues ``caches[i]``, which holds ``positions[i]`` tokens."""
         batch, length = data.shape[0], data.shape[1]
-        offsets = torch.arange(length, dtype=torch.long).unsqueeze(0)
-        position_ids = torch.tensor(positions, dtype=torch.long).unsqueeze(1) + offsets  # per row: rotary
+        offsets = torch.arange(length, dtype=torch.long, device=self.device).unsqueeze(0)
+        position_ids = torch.tensor(positions, dtype=torch.long, device=self.device).unsqueeze(1) + offsets  # rotary
         cache = caches[0] if batch == 1 else stack_caches(caches, self.stage_config)
         lengths = [cache_length(c) for c in caches]  # == positions (checked), as stack_caches sees them
-        mask = padding_mask(lengths, length)  # None unless the rows' caches differ in length
+        mask = padding_mask(lengths, length, self.device)  # None unless the rows' caches differ in length
         hidden = self.family.embed(self.model, data, position_ids) if self.is_first else data.to(self.dtype)
         hidden = self.family.run_layers(self.model, hidden, position_ids, cache, self.stage_config, mask)
         if batch > 1:

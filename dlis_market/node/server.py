@@ -64,6 +64,7 @@ class WorkerConfig:
     layers: LayerRange | None = None  # None: choose automatically
     reprofile: bool = False
     key_name: str = identity.SIGNING_KEY_NAME  # signing key in settings.keystore_dir
+    device: str | None = None  # auto|cpu|cuda for the stage; None: settings.node.device
 
 
 class Worker:
@@ -119,7 +120,10 @@ class Worker:
         if layers is None:
             spans = await asyncio.to_thread(dht_records.fetch_spans, self.dht, manifest.model_name, self.registry)
             layers = choose_range(spans, [s.layers for s in manifest.stages])
-        self.stage = await asyncio.to_thread(Stage.load, self.config.shard_dir, layers, None, self.settings.inference)
+        device = self.config.device or self.node.device
+        self.stage = await asyncio.to_thread(
+            Stage.load, self.config.shard_dir, layers, None, self.settings.inference, device
+        )
         self.profile = await asyncio.to_thread(
             profiler.cached_profile, self.config.identity_dir, self.stage, self.config.reprofile
         )
