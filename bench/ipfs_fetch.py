@@ -6,8 +6,9 @@ node and a fresh Python process running ``fetch_model`` (connect, index, manifes
 fetched and checked against its sha256, written at its offset, the whole file's sha256 checked,
 renamed), timed inside that process. Rows:
 
-- ``api x1`` / ``api x3``: providers given as their loopback Kubo RPC URLs: parts read straight
-  from each provider's node, spread over the providers;
+- ``gateway x1`` / ``gateway x3``: providers given as their read-only trustless gateway URLs:
+  parts read straight from each provider's node as CARs (every block checked against its CID),
+  spread over the providers;
 - ``swarm x1`` / ``swarm x3``: providers given as swarm multiaddrs: the worker's own node pulls
   every part over bitswap from the providers it is connected to;
 - ``local copy``: ``shutil.copyfile`` + fsync of the same file in a fresh Python process.
@@ -217,8 +218,8 @@ def bench(work: Path, size_mb: int, part_size: int, repeat: int) -> dict[str, ob
                 }
             ]
             for n in (1, PROVIDERS):
-                urls = [p.info.api_url for p in provs[:n]]
-                rows.append(fetch_row(f"api x{n}", work, cid, urls, n, size_mb, copy_mbps, pids))
+                urls = [p.info.gateway_url for p in provs[:n]]
+                rows.append(fetch_row(f"gateway x{n}", work, cid, urls, n, size_mb, copy_mbps, pids))
             for n in (1, PROVIDERS):
                 addrs = [a for p in provs[:n] for a in p.info.multiaddrs]
                 rows.append(fetch_row(f"swarm x{n}", work, cid, addrs, n, size_mb, copy_mbps, pids))
@@ -245,9 +246,10 @@ def _summary(rows: list[dict[str, object]]) -> dict[str, object]:
         "mb_per_s": speed,
         "mb_per_cpu_s": {str(r["row"]): r["mb_per_cpu_s"] for r in rows if "mb_per_cpu_s" in r},
         "loadavg_1min": [r["loadavg_at_start"][0] for r in rows],  # type: ignore[index]
-        "api_x3_over_api_x1": round(speed["api x3"] / speed["api x1"], 2),
-        "api_x1_over_swarm_x1": round(speed["api x1"] / speed["swarm x1"], 2),
-        "api_x3_over_local_copy": round(speed["api x3"] / speed["local copy"], 3),
+        "gateway_x3_over_gateway_x1": round(speed["gateway x3"] / speed["gateway x1"], 2),
+        "gateway_x1_over_swarm_x1": round(speed["gateway x1"] / speed["swarm x1"], 2),
+        "gateway_x3_over_swarm_x3": round(speed["gateway x3"] / speed["swarm x3"], 2),
+        "gateway_x3_over_local_copy": round(speed["gateway x3"] / speed["local copy"], 3),
     }
 
 

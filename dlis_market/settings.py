@@ -76,6 +76,7 @@ class StorageSettings(_Section):
     repo_dir: Path | None = None
     api_port: int = 5801
     swarm_port: int = 4801
+    gateway_port: int = 8801  # read-only trustless gateway (what providers advertise); 0: any free port
     swarm_secret: str | None = None  # private swarm key seed; None: the dlis default swarm
     memory_limit_mb: int = 1024  # GOMEMLIMIT of the Kubo child
     # Publish/fetch.

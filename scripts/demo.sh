@@ -16,10 +16,11 @@ BROKER_PORT="${DEMO_BROKER_PORT:-8080}"
 ORACLE_PORT="${DEMO_ORACLE_PORT:-8090}"
 # Every port is settable, so a second copy runs next to the first with its own DLIS_HOME, e.g.
 #   DLIS_HOME=/tmp/demo2 DEMO_PORT=8645 DEMO_BROKER_PORT=8180 DEMO_ORACLE_PORT=8190 \
-#   DEMO_IPFS_API_PORT=5901 DEMO_IPFS_SWARM_PORT=4901 bash scripts/demo.sh
+#   DEMO_IPFS_API_PORT=5901 DEMO_IPFS_SWARM_PORT=4901 DEMO_IPFS_GATEWAY_PORT=8901 bash scripts/demo.sh
 # (workers and their DHT take free ports by themselves).
 export DLIS_STORAGE__API_PORT="${DEMO_IPFS_API_PORT:-5801}"
 export DLIS_STORAGE__SWARM_PORT="${DEMO_IPFS_SWARM_PORT:-4801}"
+export DLIS_STORAGE__GATEWAY_PORT="${DEMO_IPFS_GATEWAY_PORT:-8801}"
 export DLIS_CHAIN__RPC_URL="http://127.0.0.1:${PORT}"
 export DLIS_BROKER__PORT="$BROKER_PORT"
 export DLIS_BROKER__SETTLE_INTERVAL_S=2
@@ -77,7 +78,8 @@ wait_for 60 "the oracle" python -c "import httpx; httpx.get('$ORACLE_URL/metrics
 echo "== IPFS (embedded Kubo, private swarm on loopback)"
 if ! running ipfs; then spawn ipfs "$LOGS/ipfs.log" dlis ipfs daemon; fi
 wait_for 60 "the IPFS daemon" dlis ipfs id
-IPFS_ADDR=$(dlis ipfs id --json | json 'd["addresses"][0]')
+# what the node advertises to fetchers: its read-only trustless gateway (never its RPC API)
+IPFS_GATEWAY=$(dlis ipfs id --json | json 'd["gateway"]')
 
 echo "== model: import, shard, publish"
 SHARDS="$DLIS_HOME/shards/smollm2-135m"
@@ -104,7 +106,7 @@ for spec in "0:10 phone 2048 1 1000000000000" "10:20 laptop 8192 1 2000000000000
   if ! running "worker$i"; then
     PEERS=(); [ -n "$BOOT" ] && PEERS=(--initial-peer "$BOOT")
     DLIS_HOME="$W" spawn "worker$i" "$LOGS/worker$i.log" dlis node start --manifest-cid "$CID" \
-      --manifest-sha256 "$SHA" --provider "$IPFS_ADDR" --layers "$LAYERS" --threads "$THREADS" --price "$PRICE" \
+      --manifest-sha256 "$SHA" --provider "$IPFS_GATEWAY" --layers "$LAYERS" --threads "$THREADS" --price "$PRICE" \
       --chain-id 31337 --market "$MARKET" --registry "$REGISTRY" --password-file "$W/password" "${PEERS[@]}" \
       --oracle-url "$ORACLE_URL" --reputation "$REPUTATION"
   fi

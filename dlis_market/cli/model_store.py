@@ -134,8 +134,14 @@ def register(
         ctx: typer.Context,
         cid: Annotated[str, typer.Argument(help="Manifest CID printed by `dlis model publish`.")],
         out: Annotated[Path, typer.Option("--out", help="Folder to write the shards into.")],
-        peer: Annotated[
-            list[str] | None, typer.Option("--peer", help="Provider multiaddr .../p2p/ID (repeatable).")
+        provider: Annotated[
+            list[str] | None,
+            typer.Option(
+                "--provider",
+                help="IPFS provider (repeatable): its gateway URL http://HOST:PORT (`dlis ipfs id` on the provider "
+                "prints it; parts are read from every gateway in parallel, each block checked against its CID) or "
+                "its swarm multiaddr .../p2p/ID (bitswap through this node). Never a Kubo RPC URL: refused.",
+            ),
         ] = None,
         expect_sha256: Annotated[str | None, typer.Option(help="Refuse unless the manifest has this sha256.")] = None,
         kubo_url: Annotated[str | None, typer.Option(help="Kubo RPC URL (env DLIS_STORAGE__KUBO_API_URL).")] = None,
@@ -155,7 +161,7 @@ def register(
         except ValueError as exc:
             raise typer.BadParameter(str(exc), param_hint="--layers") from None
         settings = _settings(ctx, kubo_url)
-        addrs = list(peer or []) + list(settings.storage.peers)
+        addrs = list(provider or []) + list(settings.storage.peers)
         if providers is not None:
             addrs += providers(settings, Cid(cid))
         expected = expected_manifest(settings, Cid(cid)) if expected_manifest is not None else None

@@ -74,7 +74,13 @@ def start(
     shards: Annotated[Path | None, typer.Option(help="Local shard folder (made by `dlis model shard`).")] = None,
     manifest_cid: Annotated[str | None, typer.Option(help="Fetch the shards by this manifest CID.")] = None,
     manifest_sha256: Annotated[str | None, typer.Option(help="Refuse a manifest without this sha256.")] = None,
-    provider: Annotated[list[str] | None, typer.Option(help="IPFS provider multiaddr (repeatable).")] = None,
+    provider: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="IPFS provider (repeatable): gateway URL http://HOST:PORT (`dlis ipfs id` prints it) or swarm "
+            "multiaddr .../p2p/ID; never a Kubo RPC URL."
+        ),
+    ] = None,
     layers: Annotated[str | None, typer.Option(help="Layer range START:END (end excluded).")] = None,
     auto: Annotated[bool, typer.Option("--auto", help="Serve the range the swarm serves least.")] = False,
     initial_peer: Annotated[list[str] | None, typer.Option(help="DHT peer multiaddr (repeatable).")] = None,

@@ -10,11 +10,14 @@ Entry points for other components (import from the submodules named):
   for the duration of the block.
 - ``publish.publish_model(client, shard_dir, part_size=..., register=hook) -> PublishResult``:
   ``result.manifest_cid`` (the publication index CID) and ``result.manifest_sha256`` go on chain.
-- ``fetch.fetch_model(client, cid, out_dir, providers=[multiaddr...], expected=ExpectedManifest(
-  sha256, cid), cache_dir=..., progress=cb) -> FetchResult``: verified shards in ``out_dir``.
+- ``fetch.fetch_model(client, cid, out_dir, providers=[gateway URL or multiaddr...],
+  expected=ExpectedManifest(sha256, cid), cache_dir=..., progress=cb) -> FetchResult``: verified
+  shards in ``out_dir``; parts read from every provider's gateway at once
+  (``gateway_client.GatewayClient``, each block checked against its CID, :mod:`.ipld`).
 - ``daemon.EmbeddedDaemon(DaemonConfig(repo=...))``: ``start() -> DaemonInfo`` (``api_url``,
-  ``peer_id``, ``multiaddrs``), ``stop()``; ``daemon.run_daemon(config)`` runs one in the
-  foreground (``dlis ipfs daemon``).
+  ``gateway_url``, ``peer_id``, ``multiaddrs``), ``stop()``; ``daemon.run_daemon(config)`` runs one
+  in the foreground (``dlis ipfs daemon``). The gateway (:mod:`.gateway`: read-only, trustless,
+  NoFetch) is what a provider gives out; the RPC API stays on its machine.
 - ``client.KuboClient(url)``: the Kubo RPC subset (add, cat, pin/add|ls|rm, id, swarm/connect|peers,
   version) for the embedded daemon or any real Kubo.
 

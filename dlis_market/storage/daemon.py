@@ -1,15 +1,20 @@
-"""The embedded IPFS daemon: a Kubo child process behind a Kubo-compatible RPC API on 127.0.0.1.
+"""The embedded IPFS daemon: a Kubo child process behind a Kubo-compatible RPC API on 127.0.0.1,
+and a read-only trustless gateway over the node's blocks.
 
 Process layout of one node (two processes)::
 
-    daemon process (this module)       aiohttp server on 127.0.0.1:API_PORT, /api/v0/...
+    daemon process (this module)       aiohttp: RPC API on 127.0.0.1:API_PORT (/api/v0/..., private),
+                                                gateway on 127.0.0.1:GATEWAY_PORT (/ipfs/..., read-only)
       └─ Kubo child (kubo_child.py)     libkubo node, swarm on /ip4/127.0.0.1/tcp/SWARM_PORT
+
+The gateway URL is what a provider advertises to fetchers (:mod:`.gateway`): NoFetch, no
+deserialized responses, no write methods. The RPC API never leaves the machine.
 
 - In the foreground: :func:`run_daemon` (what ``dlis ipfs daemon`` runs); SIGTERM/SIGINT stop it
   cleanly (server closed, child sent SIGTERM so it runs CleanupNode, ``api.json`` removed).
 - From Python: :class:`EmbeddedDaemon` starts ``python -m dlis_market.storage.daemon`` in its
-  own session, waits until it is ready and gives its :class:`DaemonInfo` (API URL, peer id, swarm
-  multiaddrs); ``stop()`` or the context manager ends it.
+  own session, waits until it is ready and gives its :class:`DaemonInfo` (API URL, gateway URL,
+  peer id, swarm multiaddrs); ``stop()`` or the context manager ends it.
 
 A ready daemon writes ``REPO/api.json`` (its :class:`DaemonInfo`), like Kubo writes ``REPO/api``:
 :func:`running_daemon` finds it. Logs (``kubo.log``, ``kubo-child.log``, ``daemon.log``) go to
@@ -40,6 +45,7 @@ from aiohttp import web
 
 from dlis_market.settings import Settings
 from dlis_market.storage.errors import DaemonError, StorageError
+from dlis_market.storage.gateway import FlatfsBlocks, GatewayServer
 from dlis_market.storage.kubo_process import KuboProcess, KuboProcessConfig
 from dlis_market.storage.rpc_server import RpcServer
 
@@ -53,6 +59,7 @@ class DaemonConfig:
     repo: Path
     api_port: int = 0  # 0: any free port
     swarm_port: int = 0
+    gateway_port: int = 0
     log_dir: Path | None = None  # default REPO/logs
     swarm_secret: str | None = None
     memory_limit_mb: int = 1024
@@ -69,6 +76,7 @@ class DaemonConfig:
             repo=Path(s.repo_dir) if s.repo_dir else settings.home / "ipfs",
             api_port=s.api_port,
             swarm_port=s.swarm_port,
+            gateway_port=s.gateway_port,
             swarm_secret=s.swarm_secret,
             memory_limit_mb=s.memory_limit_mb,
             request_timeout_s=s.request_timeout_s,
@@ -81,6 +89,7 @@ class DaemonInfo:
     peer_id: str
     multiaddrs: tuple[str, ...] = field(default_factory=tuple)
     pid: int = 0
+    gateway_url: str = ""  # the read-only trustless gateway: what a provider advertises
 
     def to_json(self) -> str:
         return json.dumps({**asdict(self), "multiaddrs": list(self.multiaddrs)})
@@ -88,7 +97,13 @@ class DaemonInfo:
     @classmethod
     def from_json(cls, text: str) -> DaemonInfo:
         data = json.loads(text)
-        return cls(str(data["api_url"]), str(data["peer_id"]), tuple(data["multiaddrs"]), int(data["pid"]))
+        return cls(
+            str(data["api_url"]),
+            str(data["peer_id"]),
+            tuple(data["multiaddrs"]),
+            int(data["pid"]),
+            str(data.get("gateway_url") or ""),  # absent in the api.json of older daemons
+        )
 
 
 async def serve(config: DaemonConfig, stop: asyncio.Event, ready: asyncio.Future[DaemonInfo] | None = None) -> None:
@@ -108,22 +123,30 @@ async def serve(config: DaemonConfig, stop: asyncio.Event, ready: asyncio.Future
     ident = await kubo.start()
     runner = web.AppRunner(RpcServer(kubo, spool, config.request_timeout_s).app(), access_log=None)
     await runner.setup()
+    blocks = FlatfsBlocks(config.repo / "blocks")
+    gateway_runner = web.AppRunner(GatewayServer(blocks).app(), access_log=None)
+    await gateway_runner.setup()
     api_file = config.repo / API_FILE
     try:
-        site = web.TCPSite(runner, "127.0.0.1", config.api_port)
-        try:
-            await site.start()
-        except OSError as exc:
-            raise DaemonError(
-                f"cannot serve the RPC API on 127.0.0.1:{config.api_port} ({exc.strerror}); is another "
-                "daemon running? Set storage.api_port (DLIS_STORAGE__API_PORT) or pass --api-port 0"
-            ) from exc
-        server = site._server
-        assert server is not None and isinstance(server, asyncio.base_events.Server)
-        port = server.sockets[0].getsockname()[1]
-        info = DaemonInfo(f"http://127.0.0.1:{port}", ident.peer_id, ident.multiaddrs, os.getpid())
+        blocks.check()
+        api_port = await _listen(runner, config.api_port, "the RPC API", "storage.api_port", "--api-port")
+        gateway_port = await _listen(
+            gateway_runner, config.gateway_port, "the gateway", "storage.gateway_port", "--gateway-port"
+        )
+        info = DaemonInfo(
+            f"http://127.0.0.1:{api_port}",
+            ident.peer_id,
+            ident.multiaddrs,
+            os.getpid(),
+            f"http://127.0.0.1:{gateway_port}",
+        )
         api_file.write_text(info.to_json())
-        log.info("IPFS daemon ready: API %s, swarm %s", info.api_url, ", ".join(info.multiaddrs))
+        log.info(
+            "IPFS daemon ready: API %s, gateway %s, swarm %s",
+            info.api_url,
+            info.gateway_url,
+            ", ".join(info.multiaddrs),
+        )
         if ready is not None and not ready.done():
             ready.set_result(info)
         await stop.wait()
@@ -131,8 +154,25 @@ async def serve(config: DaemonConfig, stop: asyncio.Event, ready: asyncio.Future
         with contextlib.suppress(FileNotFoundError):
             if api_file.exists() and DaemonInfo.from_json(api_file.read_text()).pid == os.getpid():
                 api_file.unlink()
+        await gateway_runner.cleanup()
         await runner.cleanup()
         await kubo.stop()
+
+
+async def _listen(runner: web.AppRunner, port: int, what: str, setting: str, flag: str) -> int:
+    """Serve ``runner`` on 127.0.0.1:``port``; the port it got."""
+    site = web.TCPSite(runner, "127.0.0.1", port)
+    try:
+        await site.start()
+    except OSError as exc:
+        env = "DLIS_" + setting.upper().replace(".", "__")
+        raise DaemonError(
+            f"cannot serve {what} on 127.0.0.1:{port} ({exc.strerror}); is another daemon running? "
+            f"Set {setting} ({env}) or pass {flag} 0"
+        ) from exc
+    server = site._server
+    assert server is not None and isinstance(server, asyncio.base_events.Server)
+    return int(server.sockets[0].getsockname()[1])
 
 
 def run_daemon(config: DaemonConfig, on_ready: Callable[[DaemonInfo], None] | None = None) -> None:
@@ -269,6 +309,7 @@ def _main() -> None:
         repo=Path(data["repo"]),
         api_port=int(data["api_port"]),
         swarm_port=int(data["swarm_port"]),
+        gateway_port=int(data.get("gateway_port", 0)),
         log_dir=Path(data["log_dir"]),
         swarm_secret=data.get("swarm_secret"),
         memory_limit_mb=int(data["memory_limit_mb"]),

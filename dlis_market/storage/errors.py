@@ -43,4 +43,8 @@ class LayerSelectionError(StorageError):
 
 
 class ProviderError(StorageError):
-    """A provider given to fetch cannot be used as given (a Kubo RPC URL off loopback, say)."""
+    """A provider given to fetch cannot be used as given (a Kubo RPC URL instead of its gateway URL, say)."""
+
+
+class GatewayError(StorageError):
+    """A provider's HTTP gateway is unreachable, answered an error, or cut its CAR short."""

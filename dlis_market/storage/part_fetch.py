@@ -1,12 +1,15 @@
 """Fetch one file's parts from several sources at once, each part verified, into ``NAME.partial``.
 
-A *source* is a Kubo RPC API that delivers a part by CID (``cat``):
+A *source* delivers a part's bytes by CID (``open_cat``):
 
-- the worker's own node (``local node``): it pulls the blocks over bitswap from every provider
-  it is connected to, checking each block against its CID;
-- a provider's own node, when its RPC API is on this machine's loopback: the part is read
-  straight from the node that holds it, without bitswap. Only the part's sha256 in the
-  publication index (format 2) vouches for those bytes.
+- the worker's own node (``local node``, its Kubo RPC API): it pulls the blocks over bitswap
+  from every provider it is connected to, checking each block against its CID;
+- a provider's read-only trustless HTTP gateway (:class:`~.gateway_client.GatewayClient`): the
+  part comes straight from the node that holds it, as a CAR whose every block is checked
+  against its CID as it streams (a block that does not match drops the provider).
+
+Both kinds are ``cid_verified``: the bytes they deliver are the CID's. The part's sha256 in the
+publication index (format 2) is checked on top.
 
 Scheduling (:func:`fetch_parts`): the parts wait in one queue; each source runs up to
 ``streams`` parts at a time and takes the next waiting part when one of its own finishes, so a
@@ -19,10 +22,12 @@ never a part. Outcomes of one part:
 - the source failed (unreachable, stalled past the part timeout, cut off, a Kubo error): the
   source is dropped for the rest of the fetch and only its unfinished parts go back to the
   queue for the others;
-- wrong bytes (sha256, or a size other than the index's): from a provider's API, the provider
-  is dropped (it serves other bytes than the CID's) and the part goes to the others; from the
-  local node, which checked every block against the CID, the part is fetched once more, and a
-  second wrong arrival refuses the file with :class:`ShardIntegrityError` (the index is wrong).
+- a block that does not match its CID (a gateway serving other bytes): that provider is dropped
+  like a failed one (:class:`ShardIntegrityError` from the stream) and the part goes to the others;
+- wrong bytes for the index (sha256, or a size other than the index's) from a source that checked
+  every block against the CID: the part is fetched once more, and a second wrong arrival refuses
+  the file with :class:`ShardIntegrityError` (the index lists other bytes than its CID holds).
+  A source that is not ``cid_verified`` serving wrong bytes is dropped instead.
 
 When every source is dropped while parts still wait, the fetch fails with the error class of
 the last failure, naming each source and why it was dropped.
@@ -36,13 +41,12 @@ import hashlib
 import logging
 import os
 from collections import deque
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
-from dlis_market.storage.client import KuboClient
 from dlis_market.storage.errors import ShardIntegrityError, StorageError
 from dlis_market.storage.publication import PartRef, PublishedFile
 
@@ -60,6 +64,18 @@ DEFAULT_STREAMS = 2
 _HASH_CHUNK = 4 << 20
 
 
+class PartStream(Protocol):
+    def chunks(self) -> AsyncIterator[bytes]: ...
+
+    def release(self) -> None: ...
+
+
+class PartReader(Protocol):
+    """What a source reads parts with: a Kubo RPC client (``cat``) or a gateway client (CAR)."""
+
+    async def open_cat(self, cid: str, *, timeout_s: float | None = None) -> PartStream: ...
+
+
 @dataclass(frozen=True)
 class SourceReport:
     """What one source delivered during a fetch, and why it was dropped (None: it was not)."""
@@ -71,9 +87,9 @@ class SourceReport:
 
 
 class PartSource:
-    """One Kubo RPC API that parts are read from; ``cid_verified`` when it checks blocks by CID."""
+    """One reader that parts are read from; ``cid_verified`` when it checks blocks by CID."""
 
-    def __init__(self, name: str, client: KuboClient, *, cid_verified: bool, streams: int = DEFAULT_STREAMS) -> None:
+    def __init__(self, name: str, client: PartReader, *, cid_verified: bool, streams: int = DEFAULT_STREAMS) -> None:
         self.name = name
         self.client = client
         self.cid_verified = cid_verified

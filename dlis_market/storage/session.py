@@ -48,7 +48,7 @@ async def kubo_session(settings: Settings, *, start: bool = True) -> AsyncIterat
             f"no IPFS daemon is running for repo {config.repo}; start one with `dlis ipfs daemon` "
             "(or point DLIS_STORAGE__KUBO_API_URL at a running Kubo)"
         )
-    daemon = EmbeddedDaemon(dataclasses.replace(config, api_port=0, swarm_port=0))
+    daemon = EmbeddedDaemon(dataclasses.replace(config, api_port=0, swarm_port=0, gateway_port=0))
     info = await asyncio.to_thread(daemon.start)
     log.info("started an embedded IPFS daemon for this command: %s", info.api_url)
     try:

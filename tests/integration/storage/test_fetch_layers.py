@@ -107,7 +107,7 @@ def test_cli_fetch_layers(published: tuple[str, Path, list[str], str], tmp_path:
     register(app)
     runner = CliRunner()
     env = {"DLIS_HOME": str(tmp_path / "home"), "DLIS_STORAGE__KUBO_API_URL": api_url}
-    base = ["fetch", cid, "--peer", providers[0], "--json", "--no-cache"]
+    base = ["fetch", cid, "--provider", providers[0], "--json", "--no-cache"]
     result = runner.invoke(app, [*base, "--out", str(tmp_path / "w0"), "--layers", "0:2"], env=env)
     assert result.exit_code == 0, result.output
     out = json.loads(result.stdout.strip().splitlines()[-1])

@@ -1,5 +1,7 @@
-"""A shard fetched from several real IPFS nodes at once: parts spread over the providers, each
-part checked, a provider killed mid-fetch costing only its parts, a wrong part sha256 refused."""
+"""A shard fetched from several real IPFS nodes' gateways at once: parts spread over the providers,
+each block checked against its CID and each part against its sha256, a provider killed mid-fetch
+costing only its parts, a wrong part sha256 refused, an RPC URL refused, and a gateway that does
+not fetch what its node lacks (NoFetch)."""
 
 from __future__ import annotations
 
@@ -9,14 +11,16 @@ import json
 import time
 from pathlib import Path
 
+import aiohttp
 import pytest
 from kubo_helpers import NodeFactory, write_shards  # type: ignore[import-not-found]
 
 from dlis_market.storage.client import KuboClient
 from dlis_market.storage.daemon import EmbeddedDaemon
-from dlis_market.storage.errors import ShardIntegrityError
+from dlis_market.storage.errors import ProviderError, ShardIntegrityError
 from dlis_market.storage.fetch import FetchResult, fetch_model
-from dlis_market.storage.part_fetch import LOCAL_NODE
+from dlis_market.storage.gateway import FlatfsBlocks
+from dlis_market.storage.ipld import Cid
 from dlis_market.storage.publication import Publication
 from dlis_market.storage.publish import PublishResult, publish_model
 
@@ -48,14 +52,14 @@ def test_three_providers_serve_parts_in_parallel_and_the_file_is_exact(kubo_node
         published = await _publish_on(provs, shards)
         async with KuboClient(worker.info.api_url) as kw:
             return await fetch_model(
-                kw, published.manifest_cid, out, providers=[p.info.api_url for p in provs], part_timeout_s=30
+                kw, published.manifest_cid, out, providers=[p.info.gateway_url for p in provs], part_timeout_s=30
             )
 
     result = asyncio.run(main())
     assert (out / "stage0/w.bin").read_bytes() == (shards / "stage0/w.bin").read_bytes()
     assert (out / "manifest.json").read_bytes() == (shards / "manifest.json").read_bytes()
     by_name = {s.name: s for s in result.sources}
-    assert set(by_name) == {p.info.api_url for p in provs}  # no bitswap source: every part straight
+    assert set(by_name) == {p.info.gateway_url for p in provs}  # no bitswap source: every part straight
     assert all(s.parts >= 3 and s.failure is None for s in result.sources), result.sources
     assert sum(s.parts for s in result.sources) == PARTS + 1 and result.parts_repeated == 0
     assert _no_partials(out)
@@ -80,7 +84,7 @@ def test_provider_killed_mid_fetch_costs_only_its_parts(kubo_nodes: NodeFactory,
                 kw,
                 published.manifest_cid,
                 out,
-                providers=[p.info.api_url for p in provs],
+                providers=[p.info.gateway_url for p in provs],
                 part_timeout_s=30,
                 progress=progress,
             )
@@ -90,7 +94,7 @@ def test_provider_killed_mid_fetch_costs_only_its_parts(kubo_nodes: NodeFactory,
     print(f"fetch with a provider killed: {time.monotonic() - started:.1f}s, {result.sources}")
     assert killed_at and (out / "w.bin").read_bytes() == (shards / "w.bin").read_bytes()
     dead, *alive = result.sources
-    assert dead.name == provs[0].info.api_url and dead.failure is not None
+    assert dead.name == provs[0].info.gateway_url and dead.failure is not None
     assert dead.parts >= 1  # what it delivered before it died was kept
     assert all(s.failure is None for s in alive)
     # Only the parts it had in flight (two streams at most) were fetched again.
@@ -99,7 +103,7 @@ def test_provider_killed_mid_fetch_costs_only_its_parts(kubo_nodes: NodeFactory,
     assert _no_partials(out)
 
 
-@pytest.mark.parametrize("via", ["provider api", "swarm"])
+@pytest.mark.parametrize("via", ["gateway", "swarm"])
 def test_part_whose_index_sha256_does_not_match_is_refused(kubo_nodes: NodeFactory, tmp_path: Path, via: str) -> None:
     shards = write_shards(tmp_path / "shards", {"w.bin": 3 * MB})
     a, b = kubo_nodes("a"), kubo_nodes("b")
@@ -113,16 +117,62 @@ def test_part_whose_index_sha256_does_not_match_is_refused(kubo_nodes: NodeFacto
             tampered = tmp_path / "tampered.json"
             tampered.write_bytes(Publication.model_validate(doc).to_bytes())
             tampered_cid = (await ka.add_file(tampered)).cid
-            providers = [a.info.api_url] if via == "provider api" else list(a.info.multiaddrs)
+            providers = [a.info.gateway_url] if via == "gateway" else list(a.info.multiaddrs)
             with pytest.raises(ShardIntegrityError) as info:
                 await fetch_model(kb, tampered_cid, out, providers=providers, part_timeout_s=30)
             print(info.value)
-            if via == "swarm":  # the worker's node checked every block by CID: fetched twice, refused
-                assert "w.bin arrived corrupt twice (part 1 of 3" in str(info.value)
-            else:  # the provider served other bytes than the index lists: dropped, nobody else has it
-                assert "served wrong bytes for w.bin part 1" in str(info.value)
-                assert LOCAL_NODE not in str(info.value)
+            # Both ways every block was checked against its CID: the bytes are the CID's, so the
+            # index is what is wrong. Fetched twice, then refused.
+            assert "w.bin arrived corrupt twice (part 1 of 3" in str(info.value)
+            assert "the index lists other bytes than its CID holds" in str(info.value)
 
     asyncio.run(main())
     assert not (out / "w.bin").exists() and not (out / "manifest.json").exists()
     assert _no_partials(out)
+
+
+def test_an_rpc_url_given_as_provider_is_refused(kubo_nodes: NodeFactory, tmp_path: Path) -> None:
+    shards = write_shards(tmp_path / "shards", {"w.bin": MB})
+    a, w = kubo_nodes("a"), kubo_nodes("w")
+
+    async def main() -> None:
+        published = await _publish_on([a], shards)
+        async with KuboClient(w.info.api_url) as kw:
+            with pytest.raises(ProviderError, match=r"is a Kubo RPC API .* Pass the provider's gateway URL"):
+                await fetch_model(kw, published.manifest_cid, tmp_path / "out", providers=[a.info.api_url])
+
+    asyncio.run(main())
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_gateway_does_not_fetch_what_its_node_lacks(kubo_nodes: NodeFactory, tmp_path: Path) -> None:
+    """NoFetch: B is connected to A, which holds the file; B's gateway still answers 404 at once
+    for it and B's block store stays without it. Once B's own node fetched it (RPC, bitswap from A),
+    B's gateway serves it: the 404 was B's gateway refusing to fetch, not B being cut off."""
+    data = tmp_path / "f.bin"
+    data.write_bytes(b"only A holds this " * 60_000)  # ~1 MB: a root and 5 leaves
+    a, b = kubo_nodes("a"), kubo_nodes("b")
+
+    async def status(url: str, fmt: str) -> tuple[int, float]:
+        started = time.monotonic()
+        async with aiohttp.ClientSession() as http, http.get(url, params={"format": fmt}) as response:
+            await response.read()
+            return response.status, time.monotonic() - started
+
+    async def main() -> tuple[list[tuple[int, float]], bool, int]:
+        async with KuboClient(a.info.api_url) as ka, KuboClient(b.info.api_url) as kb:
+            cid = (await ka.add_file(data)).cid
+            await kb.swarm_connect(a.info.multiaddrs[0])
+            url = f"{b.info.gateway_url}/ipfs/{cid}"
+            answers = [await status(url, "raw"), await status(url, "car")]
+            await asyncio.sleep(2)  # time for a fetch in the background, were one started
+            held = FlatfsBlocks(b.config.repo / "blocks").get(Cid.parse(cid)) is not None
+            answers.append(await status(url, "car"))
+            assert await kb.cat_bytes(cid, timeout_s=30) == data.read_bytes()  # B's node can get it
+            return answers, held, (await status(url, "car"))[0]
+
+    answers, held_after, served_later = asyncio.run(main())
+    print(f"B's gateway for A's CID: {answers}")
+    assert all(code == 404 and seconds < 2 for code, seconds in answers)
+    assert not held_after
+    assert served_later == 200

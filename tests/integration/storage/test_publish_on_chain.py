@@ -41,7 +41,7 @@ def test_publish_registers_on_chain_and_fetch_checks_it(market, kubo_nodes: Node
     assert rec.num_layers == 2 and rec.publisher == market.deployer.address
 
     fetch_env = {**env, "DLIS_STORAGE__KUBO_API_URL": b.info.api_url}
-    args = ["model", "fetch", out["manifest_cid"], "--out", str(tmp_path / "out"), "--peer", a.info.multiaddrs[0]]
+    args = ["model", "fetch", out["manifest_cid"], "--out", str(tmp_path / "out"), "--provider", a.info.multiaddrs[0]]
     result = runner.invoke(app, [*args, "--json"], env=fetch_env)
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout.strip().splitlines()[-1])["verified_against_chain"] is True
@@ -49,7 +49,7 @@ def test_publish_registers_on_chain_and_fetch_checks_it(market, kubo_nodes: Node
 
     # The publisher registers a different manifest hash for the same CID: fetch refuses it.
     market.registry().publish_model(market.deployer, "tiny-test", out["manifest_cid"], b"\x42" * 32, 2)
-    args = ["model", "fetch", out["manifest_cid"], "--out", str(tmp_path / "out2"), "--peer", a.info.multiaddrs[0]]
+    args = ["model", "fetch", out["manifest_cid"], "--out", str(tmp_path / "out2"), "--provider", a.info.multiaddrs[0]]
     result = runner.invoke(app, args, env=fetch_env)
     assert result.exit_code == 1
     assert "42" * 32 in result.output

