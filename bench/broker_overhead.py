@@ -35,6 +35,7 @@ from dlis_market.chain.anvil import free_port
 from dlis_market.chain.devnet import LocalMarket, local_market
 from dlis_market.chain.job_market import JobAuthorization, sign_authorization
 from dlis_market.inference.importer import import_model
+from dlis_market.inference.manifest import MANIFEST_NAME, sha256_file
 from dlis_market.inference.shard_export import export_shards
 from dlis_market.node.driver import JobSpec, PipelineDriver
 from dlis_market.settings import NodeSettings
@@ -176,6 +177,10 @@ def main() -> None:
         export_shards(
             import_model(MODEL, CACHE / "models", CACHE / "cache"), shards, stages=3, dtype="bf16", name=MODEL
         )
+        # workers serve only a model published on chain with this very manifest
+        m.registry().publish_model(
+            m.deployer, MODEL, "QmShards", bytes.fromhex(sha256_file(shards / MANIFEST_NAME)), 30
+        )
         procs, peers = start_workers(m, shards, Path(tmp) / "workers")
         broker = None
         try:
@@ -192,7 +197,7 @@ def main() -> None:
                 "start",
                 "--model-dir",
                 str(shards),
-                "--peer",
+                "--initial-peer",
                 peers[0],
             ]
             broker = subprocess.Popen(

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any
+from typing import Any, TypeVar
 
 from eth_utils import keccak
 from sqlalchemy import (
@@ -35,6 +35,10 @@ from dlis_market.db import open_engine
 from dlis_market.errors import BrokerError
 from dlis_market.protocol.pricing import fee_on
 from dlis_market.settings import Settings
+
+T = TypeVar("T")
+# Statuses whose jobs still hold escrow: max cost while queued or running, cost + fee once completed.
+OPEN_STATUSES = ("queued", "running", "completed")
 
 
 class LedgerError(BrokerError):
@@ -161,6 +165,9 @@ class IdempotencyRow(Base):
 
 @dataclass(frozen=True)
 class NewJob:
+    """A job as admission writes it. With a ``route`` it is written as running on that route (its
+    backend session opens next; after a crash its stages are asked for receipts), else queued."""
+
     id: str
     client: str
     nonce: int
@@ -170,6 +177,8 @@ class NewJob:
     max_cost: int
     deadline: int
     auth_signature: str
+    route: list[dict[str, Any]] | None = None
+    fallback: bool = False
 
 
 @dataclass(frozen=True)
@@ -195,36 +204,74 @@ def database_url(settings: Settings) -> str:
 
 
 class Ledger:
+    """The broker's books. Every write commits before it returns (SQLite: WAL, ``synchronous=FULL``,
+    so a job admitted or completed survives a crash of the process or the machine). Writes of
+    concurrent requests can share one transaction, hence one sync (:meth:`transact`)."""
+
     def __init__(self, url: str):
         self.url = url
         self.engine: Engine = open_engine(url, foreign_keys=True)
         Base.metadata.create_all(self.engine)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        # Bumped before and after each batch's settled status is committed: an escrow balance read
+        # on chain while it was unchanged is consistent with the open jobs read now (see
+        # BrokerService._commit); one read across a settlement may count a settled job twice free.
+        self.settle_epoch = 0
 
     @contextmanager
     def session(self) -> Iterator[Session]:
         with self._sessions.begin() as s:
             yield s
 
+    def transact(self, ops: Sequence[Callable[[Session], T]]) -> list[T | Exception]:
+        """Run ``ops`` in one transaction (one commit, one sync) and return each one's result.
+        An op that raises gets its exception back and the others are run again, each in a
+        transaction of its own (so one op's failure never commits a half of it or undoes another)."""
+        try:
+            with self.session() as s:
+                return list(op(s) for op in ops)
+        except Exception:  # one op failed: the batch was rolled back; each op alone, as if sent alone
+            if len(ops) == 1:
+                return [self._alone(ops[0])]
+            return [self._alone(op) for op in ops]
+
+    def _alone(self, op: Callable[[Session], T]) -> T | Exception:
+        try:
+            with self.session() as s:
+                return op(s)
+        except Exception as exc:  # returned to the op's caller, who raises it
+            return exc
+
     # ------------------------------------------------------------------ jobs
 
     def create_job(self, job: NewJob) -> JobRow:
+        with self.session() as s:
+            return self.add_job(s, job)
+
+    @staticmethod
+    def add_job(s: Session, job: NewJob) -> JobRow:
+        """Write a new job in session ``s`` (a :class:`LedgerError` when its id exists)."""
+        if s.get(JobRow, job.id) is not None:
+            raise LedgerError(f"job {job.id} (client {job.client}, nonce {job.nonce}) already exists; use a new nonce")
         row = JobRow(
             id=job.id,
             client=job.client,
             nonce=job.nonce,
             model=job.model,
             model_id=job.model_id,
-            status=JobStatus.QUEUED,
+            status=JobStatus.QUEUED if job.route is None else JobStatus.RUNNING,
             request_json=json.dumps(job.request, sort_keys=True),
             max_cost=job.max_cost,
             deadline=job.deadline,
             auth_signature=job.auth_signature,
+            route_json=None if job.route is None else json.dumps(job.route),
+            fallback=job.fallback,
+            receipts=[],
         )
+        s.add(row)
         try:
-            with self.session() as s:
-                s.add(row)
-        except IntegrityError as exc:
+            s.flush()
+        except IntegrityError as exc:  # written by another process meanwhile
             raise LedgerError(
                 f"job {job.id} (client {job.client}, nonce {job.nonce}) already exists; use a new nonce"
             ) from exc
@@ -251,8 +298,15 @@ class Ledger:
             row.route_json = json.dumps(route)
             row.fallback = fallback
 
-    def complete_job(
-        self,
+    def complete_job(self, job_id: str, **result: Any) -> JobRow:
+        """Record the answer and every receipt atomically (:meth:`complete_in`)."""
+        with self.session() as s:
+            return self.complete_in(s, job_id, **result)
+
+    @classmethod
+    def complete_in(
+        cls,
+        s: Session,
         job_id: str,
         *,
         answer: str,
@@ -265,22 +319,24 @@ class Ledger:
         latency_ms: float,
         route: Any | None = None,
         note: str | None = None,
-    ) -> None:
-        """Record the answer and every receipt atomically (``note``: why it ended early, if it did)."""
-        with self.session() as s:
-            row = self._job(s, job_id)
-            row.status = JobStatus.COMPLETED
-            row.error = note
-            row.answer = answer
-            row.token_ids_json = json.dumps(list(token_ids))
-            row.prompt_tokens = prompt_tokens
-            row.completion_tokens = len(token_ids)
-            row.cost, row.fee = cost, fee
-            row.ttft_ms, row.latency_ms = ttft_ms, latency_ms
-            if route is not None:
-                row.route_json = json.dumps(route)
-            for r in receipts:
-                s.add(ReceiptRow(job_id=job_id, **r.__dict__))
+    ) -> JobRow:
+        """Record the answer and every receipt in session ``s`` (``note``: why it ended early, if
+        it did). Returns the job as recorded, receipts loaded."""
+        row = cls._job(s, job_id)
+        row.status = JobStatus.COMPLETED
+        row.error = note
+        row.answer = answer
+        row.token_ids_json = json.dumps(list(token_ids))
+        row.prompt_tokens = prompt_tokens
+        row.completion_tokens = len(token_ids)
+        row.cost, row.fee = cost, fee
+        row.ttft_ms, row.latency_ms = ttft_ms, latency_ms
+        if route is not None:
+            row.route_json = json.dumps(route)
+        for r in receipts:
+            row.receipts.append(ReceiptRow(job_id=job_id, **r.__dict__))
+        s.flush()
+        return row
 
     def fail_job(self, job_id: str, error: str) -> None:
         with self.session() as s:
@@ -329,15 +385,18 @@ class Ledger:
     def committed_escrow(self, client: str) -> int:
         """Escrow already promised to this client's unsettled jobs (max cost while running)."""
         with self.session() as s:
-            open_ = (JobStatus.QUEUED, JobStatus.RUNNING, JobStatus.COMPLETED)
-            q = select(JobRow).where(JobRow.client == client, JobRow.status.in_(open_))
-            total = 0
-            for row in s.scalars(q):
-                if row.status == JobStatus.COMPLETED:
-                    total += (row.cost or 0) + (row.fee or 0)
-                else:
-                    total += row.max_cost
-            return total
+            return self.committed_in(s, client)
+
+    @staticmethod
+    def committed_in(s: Session, client: str) -> int:
+        """:meth:`committed_escrow` in session ``s`` (jobs it added count too)."""
+        q = select(JobRow.status, JobRow.max_cost, JobRow.cost, JobRow.fee).where(
+            JobRow.client == client, JobRow.status.in_(OPEN_STATUSES)
+        )
+        total = 0
+        for status, max_cost, cost, fee in s.execute(q):
+            total += (cost or 0) + (fee or 0) if status == JobStatus.COMPLETED else max_cost
+        return total
 
     # ------------------------------------------------------------------ settlement
 
@@ -384,13 +443,17 @@ class Ledger:
                 b.attempts += 1
 
     def mark_batch_settled(self, batch_id: str, tx_hash: str | None, block: int | None) -> None:
-        with self.session() as s:
-            b = s.get(BatchRow, batch_id)
-            if b is None:
-                raise LedgerError(f"unknown batch {batch_id}")
-            b.status, b.tx_hash, b.block = "settled", tx_hash, block
-            for row in s.scalars(select(JobRow).where(JobRow.batch_id == batch_id)):
-                row.status = JobStatus.SETTLED
+        self.settle_epoch += 1
+        try:
+            with self.session() as s:
+                b = s.get(BatchRow, batch_id)
+                if b is None:
+                    raise LedgerError(f"unknown batch {batch_id}")
+                b.status, b.tx_hash, b.block = "settled", tx_hash, block
+                for row in s.scalars(select(JobRow).where(JobRow.batch_id == batch_id)):
+                    row.status = JobStatus.SETTLED
+        finally:
+            self.settle_epoch += 1
 
     def note_forfeited(self, job_id: str, node: str, amount: int, fee_bps: int) -> None:
         """JobMarket forfeited one stage's receipt at settlement (its node was not routable): the
@@ -422,12 +485,17 @@ class Ledger:
         """Record (or replace) the job a request key admitted; keys older than ``forget_before``
         are dropped (they are past the idempotency window), so the table stays small."""
         with self.session() as s:
-            s.execute(delete(IdempotencyRow).where(IdempotencyRow.created_at < forget_before))
-            row = s.get(IdempotencyRow, (scope, key))
-            if row is None:
-                s.add(IdempotencyRow(scope=scope, key=key, body_hash=body_hash, job_id=job_id, created_at=time.time()))
-            else:
-                row.body_hash, row.job_id, row.created_at = body_hash, job_id, time.time()
+            self.remember_in(s, scope, key, body_hash, job_id, forget_before)
+
+    @staticmethod
+    def remember_in(s: Session, scope: str, key: str, body_hash: str, job_id: str, forget_before: float) -> None:
+        """:meth:`remember_request` in session ``s``."""
+        s.execute(delete(IdempotencyRow).where(IdempotencyRow.created_at < forget_before))
+        row = s.get(IdempotencyRow, (scope, key))
+        if row is None:
+            s.add(IdempotencyRow(scope=scope, key=key, body_hash=body_hash, job_id=job_id, created_at=time.time()))
+        else:
+            row.body_hash, row.job_id, row.created_at = body_hash, job_id, time.time()
 
     def recall_request(self, scope: str, key: str, since: float) -> IdempotencyRow | None:
         """The request recorded under this key after ``since`` (older ones are forgotten)."""

@@ -9,6 +9,7 @@ status, so it can be called from the service when a job ends and again by the sc
 from __future__ import annotations
 
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 
 from fastapi import APIRouter, Request, Response
@@ -19,6 +20,8 @@ from dlis_market.broker.ledger import JobRow, JobStatus, Ledger
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 TPS_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500)
+# Jobs whose counting the metrics remember (several times what a scrape-time sync reads).
+MAX_REMEMBERED = 8192
 TERMINAL = (JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.UNPAYABLE, JobStatus.SETTLED)
 
 
@@ -56,8 +59,10 @@ class BrokerMetrics:
             registry=r,
         )  # fmt: skip
         self.scrape_time = Gauge("dlis_broker_last_scrape_timestamp_seconds", "Time of the last scrape", registry=r)
-        self._counted: set[tuple[str, str]] = set()
-        self._measured: set[str] = set()
+        # Jobs already counted, by id: the statuses counted and whether its figures were measured.
+        # Only the most recent MAX_REMEMBERED stay (memory is flat): the scrape-time sync reads
+        # the ledger's last few hundred jobs, all of which are among them.
+        self._seen: OrderedDict[str, tuple[set[str], bool]] = OrderedDict()
 
     def observe_job(self, row: JobRow) -> None:
         """Count a job that reached a terminal status, once per job and status; a job seen first
@@ -66,13 +71,16 @@ class BrokerMetrics:
             return
         paid_or_not = (JobStatus.SETTLED, JobStatus.UNPAYABLE)
         statuses = [JobStatus.COMPLETED, row.status] if row.status in paid_or_not else [row.status]
+        counted, measured = self._seen.pop(row.id, (set(), False))
+        self._seen[row.id] = (counted, measured or row.status != JobStatus.FAILED)
+        while len(self._seen) > MAX_REMEMBERED:
+            self._seen.popitem(last=False)
         for status in statuses:
-            if (row.id, status) not in self._counted:
-                self._counted.add((row.id, status))
+            if status not in counted:
+                counted.add(status)
                 self.jobs.labels(status, row.model).inc()
-        if row.status == JobStatus.FAILED or row.id in self._measured:
+        if row.status == JobStatus.FAILED or measured:
             return
-        self._measured.add(row.id)
         self.tokens.labels("prompt", row.model).inc(row.prompt_tokens)
         self.tokens.labels("completion", row.model).inc(row.completion_tokens)
         if row.latency_ms is not None:

@@ -30,15 +30,17 @@ import contextlib
 import functools
 import json
 import logging
+import math
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import AsyncGenerator, AsyncIterator, Coroutine, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 from eth_account.signers.local import LocalAccount
+from sqlalchemy.orm import Session
 
-from dlis_market.broker.admission import AdmissionQueue
+from dlis_market.broker.admission import AdmissionQueue, Batcher, ChainReads, ChainSnapshot
 from dlis_market.broker.auth import VerifiedAuthorization, verify_authorization
 from dlis_market.broker.backend import (
     BackendJob,
@@ -77,7 +79,7 @@ from dlis_market.broker.metrics import BrokerMetrics
 from dlis_market.broker.schemas import JobCreate, Policy, Quote
 from dlis_market.broker.settlement import Settler
 from dlis_market.chain.job_market import JobMarket
-from dlis_market.errors import DlisError
+from dlis_market.errors import BrokerError, DlisError
 from dlis_market.protocol.pricing import fee_on, route_bound
 from dlis_market.settings import Settings
 
@@ -86,6 +88,15 @@ log = logging.getLogger(__name__)
 # A cancelled job's backend session gets this long to close and hand over its receipts.
 CANCEL_FINISH_TIMEOUT_S = 30.0
 INTERRUPTED = "interrupted: the broker stopped while the job ran"
+# Prompts up to this size are tokenized on the event loop (tens of microseconds: less than the hop
+# to a worker thread); longer ones in a worker thread.
+INLINE_TOKENIZE_BYTES = 4096
+# An admission's escrow read older than this when its job is written (it waited in line for a
+# slot or a worker) is read again.
+ESCROW_READ_MAX_AGE_S = 1.0
+# At most this many finished jobs keep their token events in memory (each for at most
+# ``live_events_retention_s``): memory stays flat at any job rate.
+MAX_FINISHED_LIVE = 1024
 
 
 @dataclass
@@ -95,6 +106,14 @@ class _Live:
     events: list[dict[str, Any]] = field(default_factory=list)
     changed: asyncio.Condition = field(default_factory=asyncio.Condition)
     done: bool = False
+    row: JobRow | None = None  # the job as recorded when it completed
+
+
+class _Stale:
+    """An admission's escrow read may predate a settlement: read it again."""
+
+
+STALE = _Stale()
 
 
 class BrokerService:
@@ -117,6 +136,9 @@ class BrokerService:
         self.planner = planner
         self.settler = Settler(ledger, market, broker, max_batch=settings.broker.settle_max_batch)
         self._live: dict[str, _Live] = {}
+        self._finished: deque[str] = deque()  # finished jobs whose events are kept, oldest first
+        self.chain = ChainReads(market)
+        self._writes: Batcher[Any, Any] = Batcher(ledger.transact)  # ledger writes, one commit per batch
         self._tasks: set[asyncio.Task[None]] = set()
         self._runs: dict[str, asyncio.Task[None]] = {}  # job id -> its running task
         self._watchers: dict[str, int] = {}  # job id -> requests waiting on it now
@@ -195,7 +217,10 @@ class BrokerService:
         ctx = served.context_length
         if size > ctx and size > (widest := await self._widest_token(served)) * ctx:
             raise prompt_bytes_too_long(size, widest, ctx)
-        ids = await asyncio.to_thread(served.encode_prompt, prompt, messages)
+        if size <= INLINE_TOKENIZE_BYTES:
+            ids = served.encode_prompt(prompt, messages)
+        else:
+            ids = await asyncio.to_thread(served.encode_prompt, prompt, messages)
         if not ids:
             raise empty_prompt()
         served.check_length(len(ids), max_tokens)
@@ -295,8 +320,13 @@ class BrokerService:
             broker=self.broker.address,
             chain_id=self.market.client.chain_id,
             job_market=self.market.address,
-            max_authorization_lifetime_s=await asyncio.to_thread(self.max_authorization_lifetime),
+            max_authorization_lifetime_s=await self._lifetime(),
         )
+
+    async def _lifetime(self) -> int:
+        if self._auth_lifetime is not None:
+            return self._auth_lifetime
+        return await asyncio.to_thread(self.max_authorization_lifetime)
 
     def max_authorization_lifetime(self) -> int:
         """JobMarket's bound on how far ahead an authorization's deadline may lie (read once)."""
@@ -345,10 +375,20 @@ class BrokerService:
         return row
 
     def _forget_later(self, job_id: str) -> None:
-        """Drop a finished job's token events after ``live_events_retention_s`` (memory stays flat
-        however many jobs run; later subscribers get the ledger's record)."""
+        """Drop a finished job's token events after ``live_events_retention_s``, or sooner when
+        more than :data:`MAX_FINISHED_LIVE` finished jobs keep theirs (memory stays flat however
+        many jobs run; later subscribers get the ledger's record)."""
         retention = self.settings.broker.live_events_retention_s
         asyncio.get_running_loop().call_later(retention, self._live.pop, job_id, None)
+        self._finished.append(job_id)
+        while len(self._finished) > MAX_FINISHED_LIVE:
+            self._live.pop(self._finished.popleft(), None)
+
+    def finished_row(self, job_id: str) -> JobRow | None:
+        """The job as recorded when it completed, while its events are kept (else None: read the
+        ledger)."""
+        live = self._live.get(job_id)
+        return live.row if live is not None and live.done else None
 
     def _released_by(self, ticket: AdmissionTicket, _task: asyncio.Task[None]) -> None:
         self._release(ticket)
@@ -364,20 +404,22 @@ class BrokerService:
         """The checks and the ledger write of :meth:`submit`: the job, and its run (None for a
         retry of a job already admitted). Tickets taken here are appended to ``held``."""
         served = priced.served if priced is not None else self.catalog.get(req.model)
-        now = await asyncio.to_thread(self.market.client.timestamp)
-        lifetime = await asyncio.to_thread(self.max_authorization_lifetime)
+        given = req.authorization
+        epoch = self.ledger.settle_epoch  # before the escrow is read (see _commit)
+        snap = await self.chain.admission(given.client, given.nonce, self.broker.address, spender)
+        now = snap.timestamp
         vauth = verify_authorization(
-            req.authorization,
+            given,
             broker=self.broker.address,
             model_id=served.model_id,
             domain=self.market.domain(),
             now=now,
-            max_lifetime=lifetime,
+            max_lifetime=await self._lifetime(),
             signer=spender,
         )
         cap = None
         if spender is not None:
-            cap = await self._check_spender(vauth.auth.client, spender, vauth.auth.max_cost, now)
+            cap = await self._check_spender(vauth.auth.client, snap, vauth.auth.max_cost, now)
         if idempotency is not None and idempotency.scope is None:
             idempotency = Idempotency(idempotency.key, idempotency.body_hash, vauth.auth.client, idempotency.replay)
         if (
@@ -386,9 +428,8 @@ class BrokerService:
             and (prior := await self.admitted_before(idempotency)) is not None
         ):
             return prior, None
-        if await asyncio.to_thread(self.ledger.get_job, vauth.job_id) is not None or await asyncio.to_thread(
-            self.market.nonce_used, vauth.auth.client, vauth.auth.nonce
-        ):
+        # (a job of this id in the ledger is refused when it is written, in _commit)
+        if snap.nonce_used:
             raise nonce_used(f"nonce {vauth.auth.nonce} of {vauth.auth.client} was used; sign a new one")
         if priced is None:
             messages = [m.model_dump() for m in req.messages] if req.messages is not None else None
@@ -400,7 +441,6 @@ class BrokerService:
         total = priced.total
         if total > vauth.auth.max_cost:
             raise authorization_too_low(total, vauth.auth.max_cost)
-        usable, withdrawing = await self._escrow_of(vauth.auth.client, now)
         new = NewJob(
             id=vauth.job_id,
             client=vauth.auth.client,
@@ -411,8 +451,10 @@ class BrokerService:
             max_cost=vauth.auth.max_cost,
             deadline=vauth.auth.deadline,
             auth_signature="0x" + vauth.signature.hex(),
+            route=[{"node": h.node, "peer_id": h.peer_id, "start": h.start, "end": h.end} for h in priced.route.hops],
+            fallback=priced.route.fallback,
         )
-        row = await self._commit(new, usable, withdrawing, cap, idempotency)
+        row = await self._commit(new, snap, epoch, now, cap, idempotency)
         self._live[row.id] = _Live()
         return row, self._run(row.id, served, vauth, req, ids, priced.route, priced.ticket)
 
@@ -459,10 +501,11 @@ class BrokerService:
             log.info("job %s: every requester disconnected; cancelling it", job_id)
             task.cancel()
 
-    async def _check_spender(self, client: str, spender: str, need: int, now: int) -> int:
+    async def _check_spender(self, client: str, snap: ChainSnapshot, need: int, now: int) -> int:
         """The API key's remaining on-chain spending cap, checked (early, cheaply) against this job
         and the broker's open jobs; :meth:`_commit` checks it again as it writes the job."""
-        remaining, expiry = await asyncio.to_thread(self.market.spender_of, client, spender)
+        assert snap.spender is not None  # asked for with the spender
+        remaining, expiry = snap.spender
         if expiry < now:
             raise bad_authorization(f"the API key's on-chain spending authorization expired at {expiry} (now {now})")
         free = remaining - await asyncio.to_thread(self.ledger.committed_escrow, client)
@@ -470,48 +513,66 @@ class BrokerService:
             raise insufficient_escrow(need, max(free, 0), client, self.broker.address)
         return int(remaining)
 
-    async def _escrow_of(self, client: str, now: int) -> tuple[int, int]:
+    @staticmethod
+    def _usable(escrow: int, withdrawal: tuple[int, int, int], now: int) -> tuple[int, int]:
         """(escrow usable by jobs, withdrawing): the balance less a withdrawal request the client
         can still carry out (until it expires it may become ready before this job settles)."""
-        escrow, (pending, _ready_at, expires_at) = await asyncio.gather(
-            asyncio.to_thread(self.market.escrow_of, client, self.broker.address),
-            asyncio.to_thread(self.market.pending_withdrawal, client, self.broker.address),
-        )
+        pending, _ready_at, expires_at = withdrawal
         withdrawing = min(pending, escrow) if pending and expires_at >= now else 0
         return escrow - withdrawing, withdrawing
 
     async def _commit(
-        self, new: NewJob, usable: int, withdrawing: int, cap: int | None, idempotency: Idempotency | None
-    ) -> JobRow:
-        """Write the job if free escrow (``usable`` less this broker's open jobs) and the API key's
-        ``cap`` still cover its max cost. One admission at a time reads the open jobs and writes,
-        so two jobs of one client cannot both count the same free escrow; the database work runs
-        in a worker thread."""
-
-        def write() -> JobRow:
-            committed = self.ledger.committed_escrow(new.client)
-            if cap is not None and cap - committed < new.max_cost:
-                raise insufficient_escrow(new.max_cost, max(cap - committed, 0), new.client, self.broker.address)
-            if usable - committed < new.max_cost:
-                raise insufficient_escrow(
-                    new.max_cost, max(usable - committed, 0), new.client, self.broker.address, withdrawing
-                )
+        self, new: NewJob, snap: ChainSnapshot, epoch: int, now: int, cap: int | None,
+        idempotency: Idempotency | None,
+    ) -> JobRow:  # fmt: skip
+        """Write the job if free escrow (usable escrow less this broker's open jobs) and the API
+        key's ``cap`` still cover its max cost. The open-jobs read and the job write are one step
+        of one writer (concurrent admissions share its transaction, each seeing the ones before
+        it), so two jobs of one client cannot both count the same free escrow. An escrow read
+        older than :data:`ESCROW_READ_MAX_AGE_S`, or from before a settlement the ledger recorded
+        since (which moves jobs out of the open ones as it takes their cost from the escrow), is
+        read again first."""
+        escrow, withdrawal, read_at = snap.escrow, snap.withdrawal, snap.read_at
+        while True:
+            if time.monotonic() - read_at > ESCROW_READ_MAX_AGE_S:
+                epoch = self.ledger.settle_epoch
+                escrow, withdrawal, read_at = await self.chain.escrow(new.client, self.broker.address)
+            usable, withdrawing = self._usable(escrow, withdrawal, now)
+            write = functools.partial(self._write_job, new, usable, withdrawing, cap, idempotency, epoch)
             try:
-                row = self.ledger.create_job(new)
-            except LedgerError as exc:
+                result = await self._writes.submit(write)
+            except LedgerError as exc:  # the job id was written by another process meanwhile
                 raise nonce_used(str(exc)) from exc
-            if idempotency is not None and idempotency.scope is not None:
-                self.ledger.remember_request(
-                    idempotency.scope,
-                    idempotency.key,
-                    idempotency.body_hash,
-                    row.id,
-                    forget_before=time.time() - self.settings.broker.idempotency_window_s,
-                )
-            return row
+            if isinstance(result, BrokerError):
+                raise result
+            if isinstance(result, JobRow):
+                return result
+            read_at = -math.inf  # STALE: a settlement was recorded since the escrow was read
 
-        async with self._commit_lock:
-            return await asyncio.to_thread(write)
+    def _write_job(
+        self, new: NewJob, usable: int, withdrawing: int, cap: int | None, idempotency: Idempotency | None,
+        epoch: int, s: Session,
+    ) -> JobRow | BrokerError | _Stale:  # fmt: skip
+        """:meth:`_commit`'s step in the writer's session: the job, a refusal (nothing written), or
+        STALE."""
+        if s.get(JobRow, new.id) is not None:
+            return nonce_used(f"job {new.id} (client {new.client}, nonce {new.nonce}) already exists; use a new nonce")
+        committed = Ledger.committed_in(s, new.client)
+        if self.ledger.settle_epoch != epoch:  # read after the open jobs: see Ledger.settle_epoch
+            return STALE
+        if cap is not None and cap - committed < new.max_cost:
+            return insufficient_escrow(new.max_cost, max(cap - committed, 0), new.client, self.broker.address)
+        if usable - committed < new.max_cost:
+            return insufficient_escrow(
+                new.max_cost, max(usable - committed, 0), new.client, self.broker.address, withdrawing
+            )
+        row = Ledger.add_job(s, new)
+        if idempotency is not None and idempotency.scope is not None:
+            Ledger.remember_in(
+                s, idempotency.scope, idempotency.key, idempotency.body_hash, row.id,
+                forget_before=time.time() - self.settings.broker.idempotency_window_s,
+            )  # fmt: skip
+        return row
 
     # ------------------------------------------------------------------ running
 
@@ -581,9 +642,7 @@ class BrokerService:
         stream: JobStream | None = None
         recorded = False
         try:
-            hops = [{"node": h.node, "peer_id": h.peer_id, "start": h.start, "end": h.end} for h in route.hops]
-            await asyncio.to_thread(self.ledger.mark_running, job_id, hops, route.fallback)
-            try:
+            try:  # (the job was written as running on this route when it was admitted)
                 job = self._backend_job(job_id, served, vauth, req, ids, route, await self.fee_bps())
                 stream = await self.backend.start(job)
             finally:  # the session is open (the workers count it now) or failed: the reservation ends
@@ -642,9 +701,9 @@ class BrokerService:
         covering = covering_receipts(receipts, served.num_layers)
         cost = sum(r.amount for r in covering)
         fee = fee_on(cost, await self.fee_bps())
-        await asyncio.to_thread(
-            self.ledger.complete_job,
-            job_id,
+        complete = functools.partial(
+            Ledger.complete_in,
+            job_id=job_id,
             answer=text,
             token_ids=out,
             prompt_tokens=len(ids),
@@ -661,7 +720,10 @@ class BrokerService:
             route=[{"node": h.node, "peer_id": h.peer_id, "start": h.start, "end": h.end} for h in final_route],
             note=note,
         )
-        await self._observe(job_id)
+        row: JobRow = await self._writes.submit(complete)
+        self.metrics.observe_job(row)
+        if (live := self._live.get(job_id)) is not None:
+            live.row = row
 
     async def _cancelled(
         self,

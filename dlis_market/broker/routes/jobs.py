@@ -173,6 +173,8 @@ async def create_job(
     if body.stream:
         return sse(attached_events(service, row.id), status_code=201)
     await wait_attached(service, row.id, request)
+    if (done := service.finished_row(row.id)) is not None and done.batch_id is None:
+        return job_public(service.ledger, done, content=True)  # as recorded at its end: nothing to read
     return await asyncio.to_thread(lambda: job_public(service.ledger, known_job(service, row.id), content=True))
 
 
