@@ -10,7 +10,7 @@ export PATH := $(CURDIR)/node_modules/.bin:$(CURDIR)/$(BIN):$(PATH)
 
 .PHONY: setup demo demo-stop test test-python test-contracts test-heavy lint bench-gas clean-chain
 
-setup: $(VENV)/.installed node_modules/.installed build/.compiled /usr/bin/chromium
+setup: $(VENV)/.installed node_modules/.installed build/.compiled /usr/bin/chromium /usr/bin/prometheus
 
 # All Python dependencies in ONE resolver pass: eth-brownie pins ~80 exact versions and a second
 # `pip install` can silently break one. `pip check` must stay clean.
@@ -35,6 +35,11 @@ build/.compiled: $(VENV)/.installed node_modules/.installed contracts/*.sol cont
 # cannot work offline).
 /usr/bin/chromium:
 	apt-get update -q && apt-get install -y -q chromium
+
+# The ops test scrapes a live broker, oracle and worker with Debian's Prometheus and ops/prometheus.yml
+# (no recommends: no node exporter; nothing starts it, there is no init system here).
+/usr/bin/prometheus:
+	apt-get update -q && apt-get install -y -q --no-install-recommends prometheus
 
 demo: setup
 	bash scripts/demo.sh

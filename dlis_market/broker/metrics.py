@@ -29,7 +29,14 @@ class BrokerMetrics:
     def __init__(self, registry: CollectorRegistry | None = None):
         self.registry = registry or CollectorRegistry()
         r = self.registry
-        self.jobs = Counter("dlis_broker_jobs", "Jobs that reached a status", ["status", "model"], registry=r)
+        self.jobs = Counter(
+            "dlis_broker_jobs", "Jobs by how their run ended (completed or failed), each counted once",
+            ["status", "model"], registry=r,
+        )  # fmt: skip
+        self.settlements = Counter(
+            "dlis_broker_settlements", "Completed jobs by settlement result (settled or unpayable)",
+            ["result", "model"], registry=r,
+        )  # fmt: skip
         self.tokens = Counter("dlis_broker_tokens", "Tokens processed by finished jobs", ["kind", "model"], registry=r)
         self.latency = Histogram(
             "dlis_broker_job_latency_seconds", "Job wall time, admission to last token", ["model"],
@@ -65,20 +72,24 @@ class BrokerMetrics:
         self._seen: OrderedDict[str, tuple[set[str], bool]] = OrderedDict()
 
     def observe_job(self, row: JobRow) -> None:
-        """Count a job that reached a terminal status, once per job and status; a job seen first
-        when already settled counts as completed too. Latencies and tokens are measured once."""
+        """Count a job once by how its run ended (``jobs_total{status=completed|failed}``; a job
+        first seen already settled or unpayable ran to completion) and once more by its settlement
+        (``settlements_total{result=settled|unpayable}``), so summing ``jobs_total`` over statuses
+        counts jobs, not status changes. Latencies and tokens are measured once."""
         if row.status not in TERMINAL:
             return
-        paid_or_not = (JobStatus.SETTLED, JobStatus.UNPAYABLE)
-        statuses = [JobStatus.COMPLETED, row.status] if row.status in paid_or_not else [row.status]
+        outcome = JobStatus.FAILED if row.status == JobStatus.FAILED else JobStatus.COMPLETED
+        settled = row.status if row.status in (JobStatus.SETTLED, JobStatus.UNPAYABLE) else None
         counted, measured = self._seen.pop(row.id, (set(), False))
         self._seen[row.id] = (counted, measured or row.status != JobStatus.FAILED)
         while len(self._seen) > MAX_REMEMBERED:
             self._seen.popitem(last=False)
-        for status in statuses:
-            if status not in counted:
-                counted.add(status)
-                self.jobs.labels(status, row.model).inc()
+        if outcome not in counted:
+            counted.add(outcome)
+            self.jobs.labels(outcome, row.model).inc()
+        if settled is not None and settled not in counted:
+            counted.add(settled)
+            self.settlements.labels(settled, row.model).inc()
         if row.status == JobStatus.FAILED or measured:
             return
         self.tokens.labels("prompt", row.model).inc(row.prompt_tokens)

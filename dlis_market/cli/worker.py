@@ -101,6 +101,10 @@ def start(
     node_key: Annotated[str, typer.Option(help="Signing key name in HOME/keystore (made on first start).")] = "node",
     password_file: Annotated[Path | None, typer.Option(help="File holding the node key password.")] = None,
     threads: Annotated[int | None, typer.Option(help="torch threads for this stage.")] = None,
+    metrics_port: Annotated[
+        int | None,
+        typer.Option(help="Serve Prometheus /metrics on this port of --host (0: any free port)."),
+    ] = None,
     device: Annotated[
         str | None,
         typer.Option(help="auto, cpu or cuda: where the stage's weights, KV cache and activations live (default cpu)."),
@@ -155,6 +159,7 @@ def start(
                 "telemetry_interval_s": telemetry_interval_s,
                 "byzantine": 1.0 if byzantine else None,
                 "device": device,
+                "metrics_port": metrics_port,
             },
         )
         settings = _merge(settings, "chain", {"model_publisher": publisher})

@@ -18,9 +18,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
+from markupsafe import Markup
 
 from dlis_market.broker.deps import ServiceDep
 from dlis_market.broker.routes.jobs import AuthHeader, ReadHeader, ReadQuery, client_reads, job_public
@@ -71,9 +72,38 @@ def _is_hash(value: Any) -> bool:
     return isinstance(value, str) and bool(TX_HASH.match(value))
 
 
+# Event arguments that are token amounts (JobMarket, StakingManager): shown in DLIS, raw units on hover.
+AMOUNT_ARGS = frozenset(
+    {"amount", "escrow", "cost", "fee", "paid", "fees", "cap", "activeStake", "unbondingTotal", "previous", "current",
+     "faceValue", "reward", "slashed", "reporterReward"}
+)  # fmt: skip
+JOBS_PER_PAGE = 50
+EVENTS_PER_PAGE = 60
+
+
+def _units(value: Any) -> Markup:
+    """A token amount in DLIS; its exact integer units on hover (``title``)."""
+    units = int(value or 0)
+    return Markup('<span class="amount" title="{} units (1 DLIS = 10^18)">{}</span>').format(units, fmt_units(units))
+
+
+def _page_of(items: list[Any], page: int, per_page: int) -> tuple[list[Any], dict[str, int | None]]:
+    """One page (0 = newest) of a newest-first list, and the neighbours' page numbers."""
+    start = page * per_page
+    return items[start : start + per_page], {
+        "page": page,
+        "newer": page - 1 if page > 0 else None,
+        "older": page + 1 if len(items) > start + per_page else None,
+    }
+
+
 templates = Jinja2Templates(directory=str(WEB / "templates"))
-templates.env.filters.update(units=lambda v: fmt_units(int(v or 0)), short=_short, ts=_ts, ms=lambda v: f"{v:.1f}")
-templates.env.tests.update(address=_is_address, hash32=_is_hash)
+templates.env.filters.update(
+    units=_units,
+    wei=lambda v: Markup('<span class="amount" title="{} wei">{}</span>').format(int(v or 0), fmt_units(int(v or 0))),
+    short=_short, ts=_ts, ms=lambda v: f"{v:.1f}",
+)  # fmt: skip
+templates.env.tests.update(address=_is_address, hash32=_is_hash, amount_arg=lambda k: k in AMOUNT_ARGS)
 
 
 # ---------------------------------------------------------------------------- shared state
@@ -152,6 +182,22 @@ async def _network(service: BrokerService, ex: Explorer, live: Liveness) -> dict
         "uptime": {n.node: live.uptime(n.node) for n in nodes},
         "heartbeat": {n.node: live.last.get(n.node) for n in nodes},
         "routes": routes,
+        "epochs": await asyncio.to_thread(_epochs, ex, service.settings.oracle.epoch_s, now),
+    }
+
+
+def _epochs(ex: Explorer, epoch_s: float, now: float) -> dict[str, Any]:
+    """The last reputation epoch on chain and when the next one closes. Epoch ``k`` covers
+    ``[k * epoch_s, (k + 1) * epoch_s)`` of unix time and is posted once it has closed."""
+    posted = [ev for ev in ex.market_logs() if ev.event == "EpochPosted"]
+    last = max(posted, key=lambda ev: int(ev.args["epoch"]), default=None)
+    current = int(now // epoch_s)
+    return {
+        "epoch_s": epoch_s,
+        "last": None if last is None else int(last.args["epoch"]),
+        "last_block": None if last is None else last.block,
+        "next": current,
+        "next_closes_at": (current + 1) * epoch_s,
     }
 
 
@@ -183,9 +229,12 @@ async def network_json(request: Request, service: ServiceDep, ex: ExplorerDep) -
 
 
 @router.get("/jobs", response_class=HTMLResponse)
-def jobs_page(request: Request, service: ServiceDep) -> HTMLResponse:  # sync: the threadpool runs it
-    jobs = [job_public(service.ledger, r, content=False) for r in service.ledger.recent_jobs(100)]
-    return _page(request, "jobs.html", title="Jobs", jobs=jobs)
+def jobs_page(request: Request, service: ServiceDep, page: Annotated[int, Query(ge=0, le=10_000)] = 0) -> HTMLResponse:
+    # sync: the threadpool runs it. One row past the page says whether an older page exists.
+    rows = service.ledger.recent_jobs((page + 1) * JOBS_PER_PAGE + 1)
+    shown, pager = _page_of(rows, page, JOBS_PER_PAGE)
+    jobs = [job_public(service.ledger, r, content=False) for r in shown]
+    return _page(request, "jobs.html", title="Jobs", jobs=jobs, pager=pager)
 
 
 @router.get("/jobs/{job_id}", response_class=HTMLResponse)
@@ -223,26 +272,32 @@ async def job_page(
 
 
 @router.get("/explorer", response_class=HTMLResponse)
-async def explorer_page(request: Request, ex: ExplorerDep) -> HTMLResponse:
+async def explorer_page(
+    request: Request, ex: ExplorerDep, page: Annotated[int, Query(ge=0, le=100_000)] = 0
+) -> HTMLResponse:
     def read() -> tuple[Any, list[DecodedEvent], int | None]:
-        return latest_blocks(ex, 10), list(reversed(ex.market_logs()))[:60], ex.rpc.ots_api_level()
+        return latest_blocks(ex, 10), list(reversed(ex.market_logs())), ex.rpc.ots_api_level()
 
     blocks, events, ots = await asyncio.to_thread(read)
+    shown, pager = _page_of(events, page, EVENTS_PER_PAGE)
     return _page(
-        request, "explorer.html", title="Explorer", blocks=blocks, events=events, ots=ots, contracts=ex.deployment
-    )
+        request, "explorer.html", title="Explorer", blocks=blocks, events=shown, ots=ots, contracts=ex.deployment,
+        pager=pager, total_events=len(events),
+    )  # fmt: skip
 
 
 @router.get("/explorer/search")
-async def explorer_search(request: Request, q: str = "") -> Response:
+async def explorer_search(request: Request, service: ServiceDep, q: str = "") -> Response:
     q = q.strip()
-    if TX_HASH.match(q):
+    if TX_HASH.match(q):  # a job id and a transaction hash look alike: the ledger decides
+        if await asyncio.to_thread(service.ledger.get_job, q.lower()) is not None:
+            return RedirectResponse(f"/jobs/{q.lower()}", status_code=303)
         return RedirectResponse(f"/explorer/tx/{q}", status_code=303)
     if ADDRESS.match(q):
         return RedirectResponse(f"/explorer/address/{q}", status_code=303)
     if q.isdigit():
         return RedirectResponse(f"/explorer/block/{int(q)}", status_code=303)
-    return _not_found(request, f"{q!r} is not a block number, transaction hash or address")
+    return _not_found(request, f"{q!r} is not a job id, block number, transaction hash or address")
 
 
 @router.get("/explorer/tx/{tx_hash}", response_class=HTMLResponse)

@@ -84,7 +84,15 @@ def test_pages_show_job_route_settlement_and_balances(settled_job, chromium, art
         hops = page.locator(f"table.routes tr[data-job='{job['id']}'] .hop")
         assert [hops.nth(i).get_attribute("data-start") for i in range(hops.count())] == ["0", "10", "20"]
         assert page.locator(".chart[data-chart=earnings] rect").count() == 3
+        epochs = page.locator("p.epochs").inner_text()
+        assert "epoch 1 is the latest on chain" in epochs and "Next: epoch" in epochs and "closes at" in epochs
         _shot(page, artifacts, "network")
+
+        # The search box takes a job id (it looks like a transaction hash): it opens the job
+        page.fill("form[action='/explorer/search'] input", job["id"])
+        page.press("form[action='/explorer/search'] input", "Enter")
+        page.wait_for_url(re.compile(r"/jobs/0x"))
+        assert page.locator("#job-id").inner_text() == job["id"]
 
         # Jobs: the job with its route, latency and settlement transaction
         page.goto(srv.url + "/jobs")
@@ -105,6 +113,10 @@ def test_pages_show_job_route_settlement_and_balances(settled_job, chromium, art
         rows = page.locator("tr.event")
         events = [rows.nth(i).get_attribute("data-event") for i in range(rows.count())]
         assert events.count("PaymentCredited") == 3 and "JobSettled" in events and "BatchSettled" in events
+        # amounts in DLIS, the exact units on hover
+        cost = page.locator("tr.event[data-event='JobSettled'] span.amount").first
+        assert cost.inner_text() == fmt_units(int(job["cost"]))
+        assert cost.get_attribute("title") == f"{job['cost']} units (1 DLIS = 10^18)"
         # The prompt is the client's: withheld from this (anonymous) visitor
         assert page.locator("#content-withheld").count() == 1 and page.locator("details pre").count() == 0
         assert "capital of France" not in page.inner_text("body")
@@ -132,6 +144,11 @@ def test_pages_show_job_route_settlement_and_balances(settled_job, chromium, art
         assert page.locator("tr.event[data-event='BatchSettled']").count() == 1
         assert page.locator("tr.event[data-event='EpochPosted']").count() == 1
         _shot(page, artifacts, "explorer")
+        # paged: past the last page nothing is listed and the way back is offered
+        page.goto(srv.url + "/jobs?page=1")
+        assert "no jobs yet" in page.inner_text("table.jobs")
+        assert page.locator("nav.pager a[rel=prev]").get_attribute("href") == "/jobs?page=0"
+        assert page.locator("nav.pager a[rel=next]").count() == 0
 
         # Address pages: balances equal to what the bindings read
         for who, name in [(ops[0].address, "address-operator"), (client.address, "address-client")]:
@@ -155,5 +172,6 @@ def test_pages_show_job_route_settlement_and_balances(settled_job, chromium, art
     finally:
         page.close()
     assert not errors, errors
-    assert f'dlis_broker_jobs_total{{model="{MODEL}",status="settled"}} 1.0' in metrics
+    assert f'dlis_broker_jobs_total{{model="{MODEL}",status="completed"}} 1.0' in metrics
+    assert f'dlis_broker_settlements_total{{model="{MODEL}",result="settled"}} 1.0' in metrics
     assert 'dlis_broker_time_to_first_token_seconds_count{model="smollm2-135m"} 1.0' in metrics
