@@ -143,6 +143,7 @@ class BrokerService:
         self._runs: dict[str, asyncio.Task[None]] = {}  # job id -> its running task
         self._watchers: dict[str, int] = {}  # job id -> requests waiting on it now
         self._orphaned: dict[str, asyncio.TimerHandle] = {}  # job id -> its pending cancellation
+        self._end_reasons: dict[str, str] = {}  # job id -> why end_early ended it (for its ledger note)
         b = settings.broker
         self.admission = AdmissionQueue(b.max_concurrent_jobs, b.admission_queue_max, b.admission_wait_s)
         self._reserved: Counter[str] = Counter()  # peer id -> KV slots planned for, session not yet open
@@ -501,6 +502,15 @@ class BrokerService:
             log.info("job %s: every requester disconnected; cancelling it", job_id)
             task.cancel()
 
+    def end_early(self, job_id: str, reason: str) -> None:
+        """End a running job its requester needs no more of (a stop string was seen, a sibling
+        job of its request was refused): settled for the tokens its stages served, nothing when
+        none, with ``reason`` in its ledger note. The path of a job whose last requester left,
+        taken at once; a requester still attached to the job (a retry) keeps it running."""
+        if job_id in self._runs and not self._watchers.get(job_id):
+            self._end_reasons[job_id] = reason
+        self._cancel_orphan(job_id)
+
     async def _check_spender(self, client: str, snap: ChainSnapshot, need: int, now: int) -> int:
         """The API key's remaining on-chain spending cap, checked (early, cheaply) against this job
         and the broker's open jobs; :meth:`_commit` checks it again as it writes the job."""
@@ -738,7 +748,8 @@ class BrokerService:
     ) -> None:
         """A cancelled job: close its backend session and settle it for what the stages served
         (their receipts for the tokens so far), or release it when nothing complete was served."""
-        reason = f"cancelled: every requester disconnected (or the broker stopped) after {len(out)} tokens"
+        why = self._end_reasons.pop(job_id, None) or "every requester disconnected (or the broker stopped)"
+        reason = f"cancelled: {why} after {len(out)} tokens"
         log.info("job %s %s", job_id, reason)
         if stream is not None and out:
             try:

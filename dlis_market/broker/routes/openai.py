@@ -385,15 +385,6 @@ def _signed_request(
     )
 
 
-def _end_early(service: BrokerService, job_id: str) -> None:
-    """End a running job nobody reads any more (a stop string was seen, or a sibling job of the
-    request was refused): its task is cancelled and the job settled for the tokens its stages
-    served, nothing when none. This is the path BrokerService takes when a job's last requester
-    left (``_cancel_orphan``), taken at once instead of after ``cancel_grace_s``; a retry still
-    attached to the job keeps it running."""
-    service._cancel_orphan(job_id)
-
-
 async def _admit_all(
     service: BrokerService, authorization: str | None, body: _OpenAIIn, kind: str, retry: Retry, jobs: list[JobInput]
 ) -> list[str]:
@@ -405,7 +396,7 @@ async def _admit_all(
             ids.append(await _admit(service, authorization, job, body, kind, retry, part))
     except BaseException:
         for job_id in ids:
-            _end_early(service, job_id)
+            service.end_early(job_id, "another choice of the same request was refused")
         raise
     return ids
 
@@ -433,7 +424,7 @@ async def _follow(
             if isinstance(events, AsyncGenerator):
                 await events.aclose()
     if choice.matcher.stopped:
-        _end_early(service, choice.job_id)
+        service.end_early(choice.job_id, "a stop string was generated")
         await service.wait(choice.job_id)  # settled (for the tokens served) before usage is read
     elif tail := choice.matcher.flush():
         choice.text += tail

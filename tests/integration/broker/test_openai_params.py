@@ -155,6 +155,9 @@ def test_stop_ends_the_job_early_and_charges_only_what_was_served(broker_env, li
     receipts = api.service.ledger.get_job(job.id).receipts
     assert len(receipts) == 3 and all(r.tokens == job.prompt_tokens + job.completion_tokens for r in receipts)
     assert job.cost == sum(r.amount for r in receipts)
+    assert job.error is not None and job.error.startswith(
+        "cancelled: a stop string was generated"
+    )  # the ledger says why
 
 
 def test_stream_include_usage(api):
