@@ -131,6 +131,11 @@ class NodeSettings(_Section):
     # long (at most unclaimed_receipts of them) so the restarted broker can settle what was served.
     unclaimed_receipt_s: float = 3600.0
     unclaimed_receipts: int = 4096
+    # Every receipt a stage signs is kept by leaf this long (at most signed_receipts of them, ~150
+    # bytes each): its broker's Merkle settlement asks the stage to sign a batch root over them
+    # (batch_receipt op); a receipt no longer kept is settled on its own signature instead.
+    signed_receipt_s: float = 86400.0
+    signed_receipts: int = 100_000
     transcript_retain_bytes: int = 256 << 20
     byzantine: float = 0.0  # TEST ONLY: fraction of sessions whose outputs this worker corrupts
     # Paid sessions only (protocol/tickets.py): a worker opens a session on a ticket signed by an
@@ -157,6 +162,9 @@ class BrokerSettings(_Section):
     account: str = "dev:1"  # broker role account: keystore name, or dev:N on a dev chain
     settle_interval_s: float = 5.0
     settle_max_batch: int = 50
+    # Merkle settlement: each node of a batch is asked (all at once) to sign one batch receipt; a
+    # node that has not answered within this is left out, its jobs settled per receipt.
+    batch_receipt_timeout_s: float = Field(default=10.0, gt=0)
     max_concurrent_jobs: int = 16
     # Admission under load (broker/admission.py): requests beyond max_concurrent_jobs wait in a
     # FIFO line of at most admission_queue_max, each up to admission_wait_s (also while every

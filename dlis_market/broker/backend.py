@@ -2,14 +2,17 @@
 
 The service only sees :class:`InferenceBackend`; :class:`P2PBackend` drives worker pipelines
 through ``dlis_market.node.driver`` (DHT discovery, push-mode streams, failover with replay) and
-hands back the stages' signed receipts.
+hands back the stages' signed receipts. Settlement asks the nodes of a batch to sign one Merkle
+batch receipt each through a :class:`BatchSigner`, which a backend provides (:class:`SignsBatches`).
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, runtime_checkable
+
+from dlis_market.chain.job_market import SignedReceipt
 
 
 @dataclass(frozen=True)
@@ -87,3 +90,41 @@ class InferenceBackend(Protocol):
         ...
 
     async def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class BatchSigningRequest:
+    """What one node of a settlement batch is asked to sign its ``BatchReceipt`` over."""
+
+    node: str  # the node's signing address (its receipts' signer)
+    peer_id: str | None  # where to reach it (NodeRegistry); None: unknown, it cannot be asked
+    receipts: Sequence[SignedReceipt]  # its receipts in the batch, in batch order
+
+
+@dataclass(frozen=True)
+class BatchSignatures:
+    """The nodes' answers: node -> 65-byte signature over its ``BatchReceipt`` (the settler
+    rebuilds the receipt and checks it), and node -> why it gave none (refused, unreachable,
+    timed out)."""
+
+    signatures: dict[str, bytes]
+    refusals: dict[str, str]
+
+
+class BatchSigner(Protocol):
+    """The settler's node-signing step for Merkle settlement (``JobMarket.settleBatchMerkle``).
+
+    Called from the settler's thread, never from an event loop; answers within its timeout, with a
+    refusal for every node that did not answer in time."""
+
+    def sign_batches(
+        self, broker: str, batch_id: bytes, requests: Sequence[BatchSigningRequest]
+    ) -> BatchSignatures: ...
+
+
+@runtime_checkable
+class SignsBatches(Protocol):
+    """A backend whose nodes can be asked for batch receipts (the broker settles through the
+    Merkle path with it; without one, every batch settles per receipt)."""
+
+    def batch_signer(self, timeout_s: float) -> BatchSigner: ...

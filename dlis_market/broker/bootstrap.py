@@ -10,7 +10,7 @@ from eth_account.signers.local import LocalAccount
 from fastapi import FastAPI
 
 from dlis_market.broker.app import create_app
-from dlis_market.broker.backend import InferenceBackend
+from dlis_market.broker.backend import BatchSigner, InferenceBackend, SignsBatches
 from dlis_market.broker.catalog import ModelCatalog
 from dlis_market.broker.job_types import Planner
 from dlis_market.broker.ledger import Ledger, database_url
@@ -36,8 +36,17 @@ class BrokerGraph:
     standing: CachedStanding
     planner: Planner
 
-    def service(self, backend: InferenceBackend) -> BrokerService:
-        return BrokerService(self.settings, self.ledger, self.market, self.broker, self.catalog, backend, self.planner)
+    def service(self, backend: InferenceBackend, batch_signer: BatchSigner | None = None) -> BrokerService:
+        """The service over ``backend``; it settles through the Merkle path with ``batch_signer``, by
+        default the backend's own (:class:`SignsBatches`, asking with ``broker.batch_receipt_timeout_s``),
+        and per receipt when there is none."""
+        service = BrokerService(
+            self.settings, self.ledger, self.market, self.broker, self.catalog, backend, self.planner
+        )
+        if batch_signer is None and isinstance(backend, SignsBatches):
+            batch_signer = backend.batch_signer(self.settings.broker.batch_receipt_timeout_s)
+        service.settler.signer = batch_signer
+        return service
 
     def app(self, backend: InferenceBackend, settle_in_background: bool = True) -> tuple[FastAPI, BrokerService]:
         service = self.service(backend)

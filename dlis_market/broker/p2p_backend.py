@@ -2,24 +2,37 @@
 
 Discovery, push-mode streaming, failover with replay and receipt verification are the pipeline
 driver's; this adapter maps its spans to scheduler offers, hands it the scheduler's route, and
-turns its verified receipts into the broker's records.
+turns its verified receipts into the broker's records. :class:`P2PBatchSigner` asks the workers
+of a settlement batch for their Merkle batch receipts over the same driver's streams.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import TYPE_CHECKING
 
-from dlis_market.broker.backend import BackendJob, Offer, Replan, RouteHop, SignedStageReceipt
+from dlis_market.broker.backend import (
+    BackendJob,
+    BatchSignatures,
+    BatchSigningRequest,
+    Offer,
+    Replan,
+    RouteHop,
+    SignedStageReceipt,
+)
 from dlis_market.broker.observations import JobObserver, observe_job
 from dlis_market.broker.spot_checks import FinishedSession, SpotChecker
 from dlis_market.chain.job_market import receipt_signer
+from dlis_market.errors import BrokerError
 from dlis_market.inference.sampling import SamplingParams
+from dlis_market.node import receipts
 from dlis_market.node.driver import JobSession, JobSpec, PipelineDriver, Replanner
 from dlis_market.node.errors import NodeError
+from dlis_market.node.protocol import BatchReceiptAnswer, parse_body
 from dlis_market.node.routing import Hop
 from dlis_market.settings import NodeSettings
 
@@ -114,6 +127,62 @@ def _driver_replan(replan: Replan) -> Replanner:
     return in_hops
 
 
+class P2PBatchSigner:
+    """Asks every node of a batch at once for its ``BatchReceipt`` signature (the ``batch_receipt``
+    op on the driver's libp2p streams), each within ``timeout_s``. Runs the requests on the
+    driver's event loop ``loop``; called from the settler's thread."""
+
+    def __init__(self, driver: PipelineDriver, loop: asyncio.AbstractEventLoop, timeout_s: float) -> None:
+        self.driver = driver
+        self.loop = loop
+        self.timeout_s = timeout_s
+
+    def sign_batches(self, broker: str, batch_id: bytes, requests: Sequence[BatchSigningRequest]) -> BatchSignatures:
+        try:
+            running: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:  # no loop in this thread: the expected case
+            running = None
+        if running is self.loop:
+            raise BrokerError(
+                "P2PBatchSigner.sign_batches blocks until the nodes answer: call it from a worker thread "
+                "(asyncio.to_thread), not from the event loop that drives the P2P streams"
+            )
+        fut = asyncio.run_coroutine_threadsafe(self._ask_all(broker, batch_id, requests), self.loop)
+        try:
+            return fut.result(self.timeout_s + 5)
+        except concurrent.futures.TimeoutError:  # the loop is stalled: nobody answered in time
+            fut.cancel()
+            why = f"no answer within {self.timeout_s:.1f} s (the broker's event loop did not run the request)"
+            return BatchSignatures({}, {r.node: why for r in requests})
+
+    async def _ask_all(self, broker: str, batch_id: bytes, requests: Sequence[BatchSigningRequest]) -> BatchSignatures:
+        answers = await asyncio.gather(*(self._ask(broker, batch_id, r) for r in requests))
+        out = BatchSignatures({}, {})
+        for req, (sig, why) in zip(requests, answers, strict=True):
+            if sig is not None:
+                out.signatures[req.node] = sig
+            else:
+                out.refusals[req.node] = why
+        return out
+
+    async def _ask(self, broker: str, batch_id: bytes, req: BatchSigningRequest) -> tuple[bytes | None, str]:
+        if req.peer_id is None:
+            return None, "no peer id on NodeRegistry: cannot be reached"
+        body = {"broker": broker, "batch_id": batch_id, "receipts": [receipts.to_wire(r) for r in req.receipts]}
+        try:
+            raw = await asyncio.wait_for(
+                self.driver.pool.request(req.peer_id, "batch_receipt", body, self.timeout_s), self.timeout_s
+            )
+            answer = parse_body(BatchReceiptAnswer, raw)
+        except TimeoutError:
+            return None, f"{req.peer_id} did not answer within {self.timeout_s:.1f} s"
+        except NodeError as exc:  # unreachable, refused (RemoteError), or a malformed answer
+            return None, f"{req.peer_id}: {exc}"
+        if answer.node_address.lower() != req.node.lower():
+            return None, f"{req.peer_id} answered for node {answer.node_address}, not {req.node}"
+        return answer.signature, ""
+
+
 class P2PBackend:
     def __init__(self, driver: PipelineDriver, checker: SpotChecker | None = None, observer: JobObserver | None = None):
         self.driver = driver
@@ -172,6 +241,18 @@ class P2PBackend:
             session.route = [Hop(h.peer_id, h.start, h.end, h.price_per_token, h.node) for h in job.route]
         await session.establish()
         return P2PJobStream(self.driver, session, self.checker, self.observer, dict(self._throughput), self._reports)
+
+    def batch_signer(self, timeout_s: float) -> P2PBatchSigner:
+        """Merkle settlement's node-signing step over this backend's driver; build it inside the
+        broker's event loop (it runs its requests there)."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError as exc:
+            raise BrokerError(
+                "the P2P batch signer runs its requests on the broker's event loop: build the service "
+                "(BrokerGraph.service) inside that loop"
+            ) from exc
+        return P2PBatchSigner(self.driver, loop, timeout_s)
 
     async def unclaimed(self, job_id: bytes, peers: Sequence[str]) -> list[tuple[str, SignedStageReceipt]]:
         async def ask(peer: str) -> list[tuple[str, SignedStageReceipt]]:

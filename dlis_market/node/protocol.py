@@ -8,7 +8,9 @@ go on. ``rid`` > 0 asks for an answer (``reply`` or ``error`` with the same rid)
 
 Ops (bodies are the ``*Body`` models below; ``step`` carries an ``inference.messages`` blob):
 ``open``, ``step``, ``close``, ``info``, ``transcript`` (client -> stage; a closed session's
-inputs, for spot checks: ``node/transcripts.py``), ``tokens`` and ``fail`` (stage -> the session's
+inputs, for spot checks: ``node/transcripts.py``), ``receipts`` (a vanished opener's kept
+receipts), ``batch_receipt`` (broker -> stage: sign one Merkle ``BatchReceipt`` over receipts the
+stage signed, ``node/receipts.py`` ``sign_batch``), ``tokens`` and ``fail`` (stage -> the session's
 caller; a stage whose next peer is the caller itself sends ``step``), ``reply``/``error`` (answers).
 """
 
@@ -34,7 +36,9 @@ M = TypeVar("M", bound=WireModel)
 PROTOCOL_NAME = "/dlis/stage/1"
 PROTOCOL_VERSION = 1
 MAX_CONTROL_BYTES = 1 << 20  # frames other than step/tokens
-OPS = frozenset({"open", "step", "close", "info", "transcript", "receipts", "tokens", "fail", "reply", "error"})
+OPS = frozenset(
+    {"open", "step", "close", "info", "transcript", "receipts", "batch_receipt", "tokens", "fail", "reply", "error"}
+)
 
 
 class OpenBody(WireModel):
@@ -67,6 +71,25 @@ class ReceiptsBody(WireModel):
     """Ask for the receipts a stage signed for a job's sessions whose opener vanished."""
 
     job_id: bytes
+
+
+class BatchReceiptBody(WireModel):
+    """Ask a stage to sign its ``BatchReceipt`` for a settlement batch: ``receipts`` are the wire
+    receipts (``node.receipts.to_wire``) it signed in the batch, in batch order."""
+
+    broker: str  # the broker that settles (the BatchReceipt's broker; JobMarket's msg.sender)
+    batch_id: bytes  # 32 bytes
+    receipts: list[dict[str, Any]]
+
+
+class BatchReceiptAnswer(WireModel):
+    """A stage's signed ``BatchReceipt`` (the broker rebuilds it and checks the signature)."""
+
+    node_address: str
+    root: bytes  # 32 bytes
+    total: str  # uint256 as a decimal string
+    count: int
+    signature: bytes  # 65 bytes
 
 
 class TokensBody(WireModel):

@@ -4,6 +4,11 @@ A stage keeps a :class:`ReceiptLedger` per session: tokens processed and a runni
 the bytes of everything it output (hidden states, or sampled token ids at the last stage). On
 close it signs a JobMarket ``Receipt`` (job id, model id, range, tokens, output hash, amount =
 price per token x tokens). :func:`verify_receipt` is the driver/broker side check.
+
+Every receipt a node signs is also kept by its leaf (its EIP-712 struct hash) in
+:class:`SignedReceipts`, with the broker whose ticket opened the session: for Merkle settlement
+the broker asks the node to sign one ``BatchReceipt`` over the root of its receipts in a batch
+(:func:`sign_batch`), and the node signs a root only over leaves it signed itself, for that broker.
 """
 
 from __future__ import annotations
@@ -14,12 +19,26 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
-from dlis_market.chain.job_market import Receipt, SignedReceipt, receipt_signer, sign_receipt
+from eth_utils import is_address, to_checksum_address
+
+from dlis_market.chain.job_market import (
+    BatchReceipt,
+    Receipt,
+    SignedReceipt,
+    merkle_root,
+    receipt_leaf,
+    receipt_signer,
+    sign_batch_receipt,
+    sign_receipt,
+)
 from dlis_market.chain.typed_data import CompactSignature, Domain
 from dlis_market.node.errors import ReceiptError
 from dlis_market.protocol.pricing import stage_charge
 
 MAX_UINT32 = 2**32 - 1
+# Most receipts one batch receipt covers (a batch of 50 jobs has at most a few per job per node):
+# bounds the hashing a stranger's request costs the node.
+MAX_BATCH_RECEIPTS = 4096
 
 
 @dataclass
@@ -30,6 +49,7 @@ class ReceiptLedger:
     end: int
     price_per_token: int
     tokens: int = 0
+    broker: str | None = None  # signer of the session's ticket: the only broker a batch root is signed for
     _hash: Any = field(default_factory=hashlib.sha256)
 
     def record(self, tokens: int, output: bytes) -> None:
@@ -126,3 +146,106 @@ class UnclaimedReceipts:
                 break
             del self._by_job[job]
             self._count -= len(entries)
+
+
+class SignedReceipts:
+    """Every receipt this node signed, by leaf (its EIP-712 struct hash, what ``settleBatchMerkle``
+    rebuilds), with the broker the session was opened for: what :func:`sign_batch` may sign a
+    batch root over. Bounded in count and age; oldest go first. Keeps 32 bytes and a broker address
+    per receipt, not the receipt (the leaf commits to every field)."""
+
+    def __init__(self, max_entries: int, max_age_s: float) -> None:
+        self.max_entries = max_entries
+        self.max_age_s = max_age_s
+        self._by_leaf: OrderedDict[bytes, tuple[float, str]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._by_leaf)
+
+    def put(self, signed: SignedReceipt, broker: str, now: float | None = None) -> None:
+        now = time.monotonic() if now is None else now
+        leaf = receipt_leaf(signed.receipt)
+        self._by_leaf.pop(leaf, None)
+        self._by_leaf[leaf] = (now, broker.lower())
+        self._expire(now)
+
+    def broker_of(self, leaf: bytes, now: float | None = None) -> str | None:
+        """The broker (lower case) whose ticket opened the session of the receipt with this leaf;
+        None when this node did not sign it (or no longer keeps it)."""
+        self._expire(time.monotonic() if now is None else now)
+        hit = self._by_leaf.get(leaf)
+        return None if hit is None else hit[1]
+
+    def _expire(self, now: float) -> None:
+        while self._by_leaf:
+            leaf, (at, _) = next(iter(self._by_leaf.items()))
+            if len(self._by_leaf) <= self.max_entries and now - at <= self.max_age_s:
+                break
+            del self._by_leaf[leaf]
+
+
+def _describe(r: Receipt) -> str:
+    return f"job 0x{r.job_id.hex()[:16]}.. layers [{r.start}, {r.end}), {r.tokens} tokens, amount {r.amount}"
+
+
+def sign_batch(
+    store: SignedReceipts,
+    key: bytes,
+    domain: Domain,
+    node: str,
+    broker: str,
+    batch_id: bytes,
+    wire_receipts: list[Any],
+    now: float | None = None,
+) -> dict[str, Any]:
+    """Sign the node's ``BatchReceipt`` for ``broker``'s batch ``batch_id`` over ``wire_receipts``
+    (the node's receipts in the batch, in batch order), after checking that this node signed every
+    one (its leaf is in ``store``) for a session ``broker`` opened; ReceiptError naming the first
+    that fails otherwise. The answer: the signed root, total, count and the signature.
+
+    The broker's identity needs no proof here: the signature names ``broker`` and JobMarket
+    accepts it only from that broker (``msg.sender``), so signing for a claimed broker gives
+    nobody else anything."""
+    if len(batch_id) != 32:
+        raise ReceiptError(f"batch id must be 32 bytes, got {len(batch_id)}")
+    if not is_address(broker):
+        raise ReceiptError(f"broker {broker!r} is not an address")
+    if not 0 < len(wire_receipts) <= MAX_BATCH_RECEIPTS:
+        raise ReceiptError(
+            f"a batch receipt covers 1 to {MAX_BATCH_RECEIPTS} receipts; got {len(wire_receipts)}: split the batch"
+        )
+    leaves: list[bytes] = []
+    seen: set[bytes] = set()
+    total = 0
+    for i, raw in enumerate(wire_receipts):
+        r = from_wire(raw).receipt
+        leaf = receipt_leaf(r)
+        opened_for = store.broker_of(leaf, now)
+        if opened_for is None:
+            raise ReceiptError(
+                f"receipt {i} of {len(wire_receipts)} ({_describe(r)}) is not one this node signed (or it is older "
+                f"than the {store.max_age_s:.0f} s / {store.max_entries} receipts kept): refusing to sign a batch "
+                "root over it; settle the job with its per-stage receipts"
+            )
+        if opened_for != broker.lower():
+            raise ReceiptError(
+                f"receipt {i} of {len(wire_receipts)} ({_describe(r)}) is for a session opened by broker "
+                f"{to_checksum_address(opened_for)}, not by {to_checksum_address(broker)}: only that broker may "
+                "settle it"
+            )
+        if leaf in seen:
+            raise ReceiptError(f"receipt {i} of {len(wire_receipts)} ({_describe(r)}) is listed twice in the batch")
+        seen.add(leaf)
+        leaves.append(leaf)
+        total += r.amount
+    batch = BatchReceipt(
+        to_checksum_address(node), to_checksum_address(broker), batch_id, merkle_root(leaves), total, len(leaves)
+    )
+    sig = sign_batch_receipt(key, domain, batch)
+    return {
+        "node_address": batch.node,
+        "root": batch.root,
+        "total": str(total),
+        "count": len(leaves),
+        "signature": sig.signature,
+    }

@@ -6,7 +6,7 @@ attestation report, accept streams, announce; then print one ``DLIS_NODE_READY {
 Steps are pushed: a stage forwards its output straight to the next peer of the session's route
 and the last stage sends the sampled tokens to the session's caller (``reply_to``).
 
-Why one module of this size: every handler (open, step, close, receipts, transcript) reads and
+Why one module of this size: every handler (open, step, close, receipts, batch_receipt, transcript) reads and
 changes the same live state of one worker (its sessions, the compute queue and batch, the peers
 that opened sessions, the signing key); the stage runtime is :mod:`dlis_market.inference.stage`,
 sessions :mod:`.sessions`, receipts :mod:`.receipts`, transcripts :mod:`.transcripts`.
@@ -40,7 +40,16 @@ from dlis_market.node.brokers import BrokerCheck
 from dlis_market.node.errors import CapacityError, NodeError, ProtocolError
 from dlis_market.node.metrics import WorkerMetrics, kv_capacity_bytes
 from dlis_market.node.model_identity import resolve_model_id
-from dlis_market.node.protocol import Channel, CloseBody, FailBody, OpenBody, ReceiptsBody, StepBody, parse_body
+from dlis_market.node.protocol import (
+    BatchReceiptBody,
+    Channel,
+    CloseBody,
+    FailBody,
+    OpenBody,
+    ReceiptsBody,
+    StepBody,
+    parse_body,
+)
 from dlis_market.node.routing import choose_range
 from dlis_market.node.sessions import Batch, QueuedStep, WorkerSession, plan_batches, row_bytes
 from dlis_market.node.telemetry import WorkerTelemetry
@@ -79,6 +88,8 @@ class Worker:
         self.domain = market_domain(self.node.chain_id, self.node.market_address)
         self.live_transcripts: dict[str, Transcript] = {}  # open sessions
         self.unclaimed = receipts.UnclaimedReceipts(self.node.unclaimed_receipts, self.node.unclaimed_receipt_s)
+        # every receipt signed, by leaf: a batch root is signed over these only (batch_receipt op)
+        self.signed = receipts.SignedReceipts(self.node.signed_receipts, self.node.signed_receipt_s)
         self.lock = IdentityLock(config.identity_dir)
         self.transcripts = TranscriptStore(
             self.node.transcript_retain_bytes, self.node.transcript_retain_s, self.node.transcript_bytes_per_opener
@@ -241,6 +252,12 @@ class Worker:
             elif op == "receipts":
                 job = parse_body(ReceiptsBody, body).job_id
                 answer = {"receipts": self.unclaimed.get(job), "node_address": self.identity.address}
+            elif op == "batch_receipt":
+                batch = parse_body(BatchReceiptBody, body)
+                answer = receipts.sign_batch(
+                    self.signed, bytes(self.identity.account.key), self.domain, self.identity.address,
+                    batch.broker, batch.batch_id, batch.receipts,
+                )  # fmt: skip
             elif op == "transcript":
                 req = parse_body(TranscriptRequest, body)
                 answer = self.transcripts.get(req.session_id, channel.peer).to_wire()
@@ -261,8 +278,8 @@ class Worker:
             except ProtocolError as exc:  # e.g. a transcript over the frame limit: say so, keep the stream
                 await channel.send("error", {"message": str(exc), "code": "too_large"}, rid)
 
-    async def _check_ticket(self, sender: str, req: OpenBody) -> None:
-        """Refuse (TicketError) unless a broker signed a current ticket for exactly this session."""
+    async def _check_ticket(self, sender: str, req: OpenBody) -> str:
+        """The broker that signed a current ticket for exactly this session; TicketError otherwise."""
         served = self.stage.layers
         signer = tickets.check_ticket(
             self.domain, tickets.parse_ticket(req.ticket), job_id=req.job_id, model=self.stage.manifest.model_name,
@@ -276,6 +293,7 @@ class Worker:
                 f"session ticket is signed by {signer}, which holds no BROKER_ROLE on JobMarket "
                 f"{self.node.market_address}; sessions are opened by the market's brokers only"
             )
+        return signer
 
     async def _open(self, sender: str, req: OpenBody) -> dict[str, Any]:
         served = self.stage.layers
@@ -288,7 +306,7 @@ class Worker:
             raise ProtocolError(f"job id must be 32 bytes, got {len(req.job_id)}")
         if (req.next_peer is None) != self.stage.is_last:
             raise NodeError(f"stage {served} {'is' if self.stage.is_last else 'is not'} the last stage of the model")
-        await self._check_ticket(sender, req)
+        broker = await self._check_ticket(sender, req)
         # checked after the (possibly awaited) ticket check, with no await until the session is in
         if req.session_id in self.sessions or req.session_id in self.transcripts:
             # a reused id would replace the kept transcript of the first session (its opener's data)
@@ -312,7 +330,7 @@ class Worker:
         except ContextLengthError as exc:  # the job does not fit this stage: not the stage's fault
             raise CapacityError(str(exc)) from exc
         ledger = receipts.ReceiptLedger(
-            req.job_id, self.served_id.model_id, served.start, served.end, self.node.price_per_token
+            req.job_id, self.served_id.model_id, served.start, served.end, self.node.price_per_token, broker=broker
         )
         self.sessions[req.session_id] = WorkerSession(req.session_id, req.reply_to, req.next_peer, sender, ledger)
         self.live_transcripts[req.session_id] = Transcript(req.session_id, req.job_id, sender)
@@ -327,7 +345,7 @@ class Worker:
         if dropped is not None:
             self.telemetry.recorder.on_session_closed(dropped.ledger.job_id, False, dropped.ledger.tokens)
             if dropped.ledger.tokens > 0:
-                self.unclaimed.put(receipts.sign(dropped.ledger, bytes(self.identity.account.key), self.domain))
+                self.unclaimed.put(self._sign(dropped.ledger))
 
     def _opener_gone(self, peer: str) -> None:
         """The opener's stream ended (it closed or died): free its sessions' slots now, not after
@@ -351,8 +369,16 @@ class Worker:
             log.info("transcript of %s (%d bytes) not kept: over the per-opener or store budget",
                      req.session_id, transcript.nbytes)  # fmt: skip
         self.telemetry.recorder.on_session_closed(session.ledger.job_id, True, session.ledger.tokens)
-        signed = receipts.sign(session.ledger, bytes(self.identity.account.key), self.domain)
+        signed = self._sign(session.ledger)
         return {"receipt": receipts.to_wire(signed), "node_address": self.identity.address}
+
+    def _sign(self, ledger: receipts.ReceiptLedger) -> receipts.SignedReceipt:
+        """Sign a session's receipt and keep its leaf, for the broker that opened it to settle it
+        under a batch root (``batch_receipt``)."""
+        signed = receipts.sign(ledger, bytes(self.identity.account.key), self.domain)
+        if ledger.broker is not None:
+            self.signed.put(signed, ledger.broker)
+        return signed
 
     def _enqueue(self, channel: Channel, req: StepBody) -> None:
         msg = decode(req.input, self.node.max_message_bytes)

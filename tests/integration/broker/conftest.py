@@ -12,15 +12,64 @@ from pathlib import Path
 
 import pytest
 
-from dlis_market.broker.backend import BackendJob, Offer, RouteHop, SignedStageReceipt
+from dlis_market.broker.backend import (
+    BackendJob,
+    BatchSignatures,
+    BatchSigningRequest,
+    Offer,
+    RouteHop,
+    SignedStageReceipt,
+)
 from dlis_market.broker.bootstrap import build_graph
 from dlis_market.broker.catalog import ModelCatalog
 from dlis_market.broker.ledger import Ledger
-from dlis_market.chain.job_market import Receipt, sign_receipt
+from dlis_market.chain.job_market import (
+    BatchReceipt,
+    Receipt,
+    merkle_root,
+    receipt_leaf,
+    receipt_signer,
+    sign_batch_receipt,
+    sign_receipt,
+)
 from tests.integration.conftest import DEV_PUBLISHER
 
 PRICE = 10**12  # token units per token per stage
 SPANS = [(0, 10), (10, 20), (20, 30)]
+
+
+class LocalBatchSigner:
+    """Plays the nodes' ``batch_receipt`` op with their registered keys: a node signs one
+    BatchReceipt over its receipts in the batch, and only over receipts it signed itself (each
+    per-stage signature must recover to it), as a worker signs only over leaves it signed.
+    ``silent`` nodes never answer (down, or too slow); ``liars`` sign a total one unit higher."""
+
+    def __init__(self, nodes, domain, silent=(), liars=()):
+        self.keys = {n.address.lower(): n.key for n in nodes}
+        self.domain = domain
+        self.silent = {a.lower() for a in silent}
+        self.liars = {a.lower() for a in liars}
+        self.asked: list[tuple[bytes, str, int]] = []  # (batch id, node, receipts) per request
+
+    def sign_batches(self, broker: str, batch_id: bytes, requests: list[BatchSigningRequest]) -> BatchSignatures:
+        out = BatchSignatures({}, {})
+        for req in requests:
+            self.asked.append((batch_id, req.node, len(req.receipts)))
+            node = req.node.lower()
+            if node in self.silent or node not in self.keys:
+                out.refusals[req.node] = "did not answer within the timeout"
+                continue
+            forged = [
+                r for r in req.receipts if receipt_signer(self.domain, r.receipt, r.signature.signature).lower() != node
+            ]
+            if forged:
+                out.refusals[req.node] = f"refused: {len(forged)} receipt(s) not signed by this node"
+                continue
+            total = sum(r.receipt.amount for r in req.receipts) + (node in self.liars)
+            root = merkle_root([receipt_leaf(r.receipt) for r in req.receipts])
+            batch = BatchReceipt(req.node, broker, batch_id, root, total, len(req.receipts))
+            out.signatures[req.node] = sign_batch_receipt(self.keys[node], self.domain, batch).signature
+        return out
 
 
 class ScriptedBackend:
@@ -33,6 +82,11 @@ class ScriptedBackend:
         self.script = tokens
         self.has_offers = offers
         self.jobs: list[BackendJob] = []
+        self.signer = LocalBatchSigner(nodes, domain)
+
+    def batch_signer(self, timeout_s: float) -> LocalBatchSigner:
+        """The broker settles through the Merkle path, its nodes signing with their local keys."""
+        return self.signer
 
     async def offers(self, model: str) -> list[Offer]:
         if not self.has_offers:

@@ -2,8 +2,9 @@
 production: Anvil with the contracts, an embedded IPFS node holding the published SmolLM2 shards,
 three workers that fetch their shards by CID and are staked and registered through the CLI, and
 `dlis broker start`. A client pays for a job over HTTP; the broker is restarted between the job
-and its settlement; the chain then shows exactly the receipts paid once, the protocol fee, and
-the client's escrow down by exactly the cost; the answer equals local generation."""
+and its settlement; the chain then shows exactly the receipts paid once (through the Merkle path:
+each worker signs one batch receipt on the restarted broker's request), the protocol fee, and the
+client's escrow down by exactly the cost; the answer equals local generation."""
 
 from __future__ import annotations
 
@@ -125,6 +126,11 @@ def test_paid_job_end_to_end_with_broker_restart(market, smollm2_shards: Path, t
             for op, r in zip(operators, job["receipts"], strict=True):
                 assert jm.claimable_of(op.address) == int(r["amount"])
             assert job["settlement"]["tx_hash"].startswith("0x")
+            # settled through the Merkle path: the restarted broker asked each worker over libp2p to
+            # sign one batch receipt over the receipts it signed (no per-stage signature checked)
+            tx = market.client.w3.eth.get_transaction(job["settlement"]["tx_hash"])
+            fn, _ = jm.contract.decode_function_input(tx["input"])
+            assert fn.fn_name == "settleBatchMerkle"
             before = token.balance_of(operators[0].address)
             jm.claim(operators[0])
             assert token.balance_of(operators[0].address) == before + int(job["receipts"][0]["amount"])
