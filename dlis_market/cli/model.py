@@ -48,13 +48,19 @@ def import_cmd(
 
 
 @app.command("list")
-def list_cmd(ctx: typer.Context) -> None:
-    """Show local models and known models that can be imported."""
+def list_cmd(
+    ctx: typer.Context, as_json: Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")] = False
+) -> None:
+    """Show local models and known models that can be imported (no torch import: fast)."""
     from dlis_market.inference.importer import list_models
 
     settings = _settings(ctx)
+    rows = list_models(settings.models_dir)
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
     table = Table("name", "status", "model type", "path / description")
-    for row in list_models(settings.models_dir):
+    for row in rows:
         table.add_row(row["name"], row["status"], row["model_type"], row["path"])
     console.print(table)
 

@@ -20,11 +20,12 @@ from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from dlis_market.inference.errors import ModelImportError
-from dlis_market.inference.families import family_for
-from dlis_market.inference.shard_export import TOKENIZER_FILES
+from dlis_market.inference.manifest import TOKENIZER_FILES
+
+# transformers (and torch under it) is imported only where a model is converted: listing models and
+# re-importing one that is already there take a fraction of a second instead of ~7.
 
 PIP_TIMEOUT_S = 600
 
@@ -105,6 +106,10 @@ def _assemble_gguf(entry: KnownModel, wheel_dir: Path, dest: Path) -> Path:
 
 
 def _convert_gguf(gguf: Path, out_dir: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from dlis_market.inference.families import family_for
+
     kwargs = {"gguf_file": gguf.name}
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, **kwargs)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, dtype="float32", **kwargs)
@@ -146,6 +151,10 @@ def import_model(source: str, models_dir: Path, cache_dir: Path, name: str | Non
                 gguf = _assemble_gguf(known[source], cache_dir / "wheels", Path(tmp))
                 _convert_gguf(gguf, staging)
         elif path.is_dir():
+            from transformers import AutoConfig, AutoModelForCausalLM
+
+            from dlis_market.inference.families import family_for
+
             family_for(AutoConfig.from_pretrained(path))
             model = AutoModelForCausalLM.from_pretrained(path, dtype="float32")
             model.save_pretrained(staging)

@@ -19,6 +19,18 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from dlis_market.inference.errors import ManifestError, ShardIntegrityError, StageMismatchError
 from dlis_market.types import LayerRange
 
+# Files a shard folder carries besides the shards, copied from the model folder when present.
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "chat_template.jinja",
+    "generation_config.json",
+)
+
 MANIFEST_NAME = "manifest.json"
 MANIFEST_VERSION = 2  # 2: no model_id (ids are namespaced by publisher on chain)
 ShardDtype = Literal["fp32", "bf16", "int8", "nf4"]

@@ -20,6 +20,7 @@ from dlis_market.inference.errors import ShardError
 from dlis_market.inference.families import Family, family_for
 from dlis_market.inference.manifest import (
     MANIFEST_NAME,
+    TOKENIZER_FILES,
     FileEntry,
     Manifest,
     ShardDtype,
@@ -34,16 +35,6 @@ from dlis_market.inference.quantization import (
 )
 from dlis_market.types import LayerRange
 
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "vocab.json",
-    "merges.txt",
-    "tokenizer.model",
-    "chat_template.jinja",
-    "generation_config.json",
-)
 ZSTD_LEVEL = 3
 # Config keys that describe the exporting machine, not the model: where it loaded the folder from
 # and its transformers version. Left in, the same model exported on two machines would get two
