@@ -14,9 +14,11 @@ export DLIS_HOME="${DLIS_HOME:-$PWD/.dlis-demo}"
 PORT="${DEMO_PORT:-8545}"
 BROKER_PORT="${DEMO_BROKER_PORT:-8080}"
 ORACLE_PORT="${DEMO_ORACLE_PORT:-8090}"
+METRICS_BASE="${DEMO_METRICS_BASE:-9100}"  # worker i serves /metrics on METRICS_BASE + i (ops/prometheus.yml)
 # Every port is settable, so a second copy runs next to the first with its own DLIS_HOME, e.g.
 #   DLIS_HOME=/tmp/demo2 DEMO_PORT=8645 DEMO_BROKER_PORT=8180 DEMO_ORACLE_PORT=8190 \
-#   DEMO_IPFS_API_PORT=5901 DEMO_IPFS_SWARM_PORT=4901 DEMO_IPFS_GATEWAY_PORT=8901 bash scripts/demo.sh
+#   DEMO_IPFS_API_PORT=5901 DEMO_IPFS_SWARM_PORT=4901 DEMO_IPFS_GATEWAY_PORT=8901 DEMO_METRICS_BASE=9200 \
+#   bash scripts/demo.sh
 # (workers and their DHT take free ports by themselves).
 export DLIS_STORAGE__API_PORT="${DEMO_IPFS_API_PORT:-5801}"
 export DLIS_STORAGE__SWARM_PORT="${DEMO_IPFS_SWARM_PORT:-4801}"
@@ -45,6 +47,7 @@ spawn() {  # spawn NAME LOGFILE CMD...: a background process that outlives this 
   nohup "$@" >"$log" 2>&1 < /dev/null &
   echo $! > "$RUN/$name.pid"
 }
+phase() { echo "== [${SECONDS}s] $*"; }
 wait_for() {  # wait_for SECONDS DESCRIPTION CMD...
   local deadline=$((SECONDS + $1)) what=$2; shift 2
   until "$@" >/dev/null 2>&1; do
@@ -60,7 +63,7 @@ d = json.loads(t[t.index('{'):] if t[:1] != '[' and '{' in t else t)
 print($1)"; }
 dev_addr() { python -c "from dlis_market.chain.accounts import dev_accounts as d; from dlis_market.settings import Settings as S; print(d(S.load().chain.dev_mnemonic)[$1].address)"; }
 
-echo "== chain"
+phase "chain"
 dlis chain up --port "$PORT"
 DEPLOY="$DLIS_HOME/deployments/31337.json"
 MARKET=$(python -c "import json; print(json.load(open('$DEPLOY'))['contracts']['JobMarket']['address'])")
@@ -68,24 +71,22 @@ REGISTRY=$(python -c "import json; print(json.load(open('$DEPLOY'))['contracts']
 REPUTATION=$(python -c "import json; print(json.load(open('$DEPLOY'))['contracts']['ReputationOracle']['address'])")
 ORACLE_URL="http://127.0.0.1:${ORACLE_PORT}"
 
-echo "== oracle (telemetry, reputation epochs, spot-check evidence -> slashing)"
+phase "oracle (telemetry, reputation epochs, spot-check evidence -> slashing) and IPFS (embedded Kubo, private, loopback), started together"
 if ! running oracle; then
   # the broker (dev:1) re-executes stage calls and signs the evidence: the oracle trusts it as a runner
   DLIS_ORACLE__SPOT_CHECK_RUNNERS="[\"$(dev_addr 1)\"]" spawn oracle "$LOGS/oracle.log" dlis oracle start --port "$ORACLE_PORT"
 fi
-wait_for 60 "the oracle" python -c "import httpx; httpx.get('$ORACLE_URL/metrics').raise_for_status()"
-
-echo "== IPFS (embedded Kubo, private swarm on loopback)"
 if ! running ipfs; then spawn ipfs "$LOGS/ipfs.log" dlis ipfs daemon; fi
 wait_for 60 "the IPFS daemon" dlis ipfs id
+wait_for 60 "the oracle" python -c "import httpx; httpx.get('$ORACLE_URL/metrics').raise_for_status()"
 # what the node advertises to fetchers: its read-only trustless gateway (never its RPC API)
 IPFS_GATEWAY=$(dlis ipfs id --json | json 'd["gateway"]')
 
-echo "== model: import, shard, publish"
+phase "model: import, shard, publish"
 SHARDS="$DLIS_HOME/shards/smollm2-135m"
 dlis model import smollm2-135m
 # (re-)shard when there are no shards, or they were written by an older format this build refuses
-if ! python -c "from dlis_market.inference.manifest import load_manifest; load_manifest('$SHARDS')" 2>/dev/null; then
+if ! python -c "from pathlib import Path; from dlis_market.inference.manifest import load_manifest; load_manifest(Path('$SHARDS'))" 2>/dev/null; then
   rm -rf "$SHARDS"
   dlis model shard "$DLIS_HOME/models/smollm2-135m" --stages 3 --dtype bf16 --out "$SHARDS"
 fi
@@ -94,46 +95,60 @@ CID=$(echo "$PUB" | json 'd["manifest_cid"]')
 SHA=$(echo "$PUB" | json 'd["manifest_sha256"]')
 echo "manifest CID $CID (sha256 $SHA), registered on chain"
 
-echo "== workers: three profiles (and a second laptop on [10, 20) to re-check the first), each staked and registered"
+phase "workers: three profiles and a second laptop on [10, 20) to re-check the first; the first is the DHT bootstrap, the rest start together"
+SPECS=("0:10 phone 2048 1 1000000000000" "10:20 laptop 8192 1 2000000000000" "20:30 server 65536 2 3000000000000"
+       "10:20 laptop 8192 1 2000000000000")
 BOOT=""
-i=0
-for spec in "0:10 phone 2048 1 1000000000000" "10:20 laptop 8192 1 2000000000000" "20:30 server 65536 2 3000000000000" \
-            "10:20 laptop 8192 1 2000000000000"; do
-  read -r LAYERS CLASS MEM THREADS PRICE <<< "$spec"
-  i=$((i + 1)); OP=$((3 + i)); W="$DLIS_HOME/workers/w$i"
+start_worker() {  # start_worker I: spawn worker I (1-based) unless it runs
+  local i=$1 W="$DLIS_HOME/workers/w$1" LAYERS CLASS MEM THREADS PRICE
+  read -r LAYERS CLASS MEM THREADS PRICE <<< "${SPECS[$((i - 1))]}"
   mkdir -p "$W/deployments" && cp "$DEPLOY" "$W/deployments/"
   [ -e "$W/password" ] || python -c "import secrets; print(secrets.token_hex(16))" > "$W/password"
   if ! running "worker$i"; then
-    PEERS=(); [ -n "$BOOT" ] && PEERS=(--initial-peer "$BOOT")
+    local PEERS=(); [ -n "$BOOT" ] && PEERS=(--initial-peer "$BOOT")
     DLIS_HOME="$W" spawn "worker$i" "$LOGS/worker$i.log" dlis node start --manifest-cid "$CID" \
       --manifest-sha256 "$SHA" --provider "$IPFS_GATEWAY" --layers "$LAYERS" --threads "$THREADS" --price "$PRICE" \
       --chain-id 31337 --market "$MARKET" --registry "$REGISTRY" --password-file "$W/password" "${PEERS[@]}" \
-      --oracle-url "$ORACLE_URL" --reputation "$REPUTATION"
+      --oracle-url "$ORACLE_URL" --reputation "$REPUTATION" --metrics-port $((METRICS_BASE + i))
   fi
+}
+ready_json() { grep '^DLIS_NODE_READY ' "$LOGS/worker$1.log" | tail -1 | sed 's/^DLIS_NODE_READY //'; }
+enroll_worker() {  # enroll_worker I: once worker I is up, its operator dev:(3+I) stakes and registers its node
+  local i=$1 W="$DLIS_HOME/workers/w$1" OP=$((3 + $1)) LAYERS CLASS MEM THREADS PRICE READY NODE
+  read -r LAYERS CLASS MEM THREADS PRICE <<< "${SPECS[$((i - 1))]}"
   wait_for 300 "worker $i" grep -q '^DLIS_NODE_READY ' "$LOGS/worker$i.log"
-  READY=$(grep '^DLIS_NODE_READY ' "$LOGS/worker$i.log" | tail -1 | sed 's/^DLIS_NODE_READY //')
-  [ -n "$BOOT" ] || BOOT=$(echo "$READY" | json 'd["maddrs"][0] + "/p2p/" + d["peer_id"] if "/p2p/" not in d["maddrs"][0] else d["maddrs"][0]')
+  READY=$(ready_json "$i")
   NODE=$(echo "$READY" | json 'd["node_address"]')
   if ! DLIS_HOME="$W" dlis node status "$NODE" --json | json 'd["nodes"]' | grep -q "$NODE"; then
-    OPADDR=$(dev_addr $OP)
-    DLIS_HOME="$W" dlis chain faucet "$OPADDR" 1500
     DLIS_HOME="$W" dlis node stake 1000 --account "dev:$OP"
     DLIS_HOME="$W" dlis node register --account "dev:$OP" --node-key node --node-password-file "$W/password" \
       --peer-id "$(echo "$READY" | json 'd["peer_id"]')" --attestation-hash "$(echo "$READY" | json 'd["attestation_hash"]')" \
       --endpoint "$(echo "$READY" | json 'd["maddrs"][0]')" --device-class "$CLASS" --memory-mib "$MEM"
   fi
-  echo "worker $i serves [${LAYERS/:/, }) as a $CLASS, node $NODE"
-done
-
-echo "== broker"
-if ! running broker; then
+  echo "[${SECONDS}s] worker $i serves [${LAYERS/:/, }) as a $CLASS, node $NODE"
+}
+start_worker 1
+# meanwhile the deployer funds the four operators (one account: its transactions go one at a time)
+( for i in 1 2 3 4; do dlis chain faucet "$(dev_addr $((3 + i)))" 1500 >/dev/null; done ) &
+FUNDING=$!
+wait_for 300 "worker 1" grep -q '^DLIS_NODE_READY ' "$LOGS/worker1.log"
+echo "[${SECONDS}s] worker 1 is up: the others join through it"
+BOOT=$(ready_json 1 | json 'd["maddrs"][0] + "/p2p/" + d["peer_id"] if "/p2p/" not in d["maddrs"][0] else d["maddrs"][0]')
+for i in 2 3 4; do start_worker "$i"; done
+if ! running broker; then  # it needs only the DHT bootstrap: it finds the workers as they announce
   # every stage call is spot-checked here (default 2 %) so that the demo shows one
   DLIS_BROKER__ORACLE_URL="$ORACLE_URL" DLIS_BROKER__SPOT_CHECK_FRACTION=1 \
     spawn broker "$LOGS/broker.log" dlis broker start --model-dir "$SHARDS" --initial-peer "$BOOT"
 fi
+wait "$FUNDING"
+ENROLL=()
+for i in 1 2 3 4; do enroll_worker "$i" & ENROLL+=($!); done  # four operators: four nonce sequences, in parallel
+for pid in "${ENROLL[@]}"; do wait "$pid"; done
+
+phase "broker"
 wait_for 120 "the broker" python -c "import httpx; httpx.get('http://127.0.0.1:$BROKER_PORT/healthz').raise_for_status()"
 
-echo "== a client pays for a job"
+phase "a client pays for a job"
 CLIENT=$(dev_addr 9)
 dlis chain faucet "$CLIENT" 100
 dlis job deposit 50 --account dev:9
@@ -157,5 +172,6 @@ rows = [l for l in httpx.get('$METRICS').text.splitlines() if l.startswith('dlis
 print(', '.join(l.split('\"')[1] + ' ' + str(int(float(l.rsplit(' ', 1)[1]))) for l in rows))")
 echo "spot checks (stage calls re-run on another node, judged by the oracle): $CHECKS"
 echo
+phase "done"
 echo "Dashboard and explorer: http://127.0.0.1:$BROKER_PORT/  (API: /docs)"
 echo "Everything keeps running (pids in $RUN). Stop it all with: bash scripts/demo.sh stop"
