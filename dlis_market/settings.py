@@ -111,6 +111,9 @@ class NodeSettings(_Section):
     session_idle_s: float = 300.0  # sessions unused this long are closed
     max_message_bytes: int = 64 << 20
     max_batch_sessions: int = 16  # sessions merged into one forward pass at most
+    # When other open sessions have no step queued yet, wait this long for theirs before a pass, so
+    # sessions at different positions share one forward pass (0: run what is queued at once).
+    batch_wait_ms: float = Field(default=4.0, ge=0.0, le=100.0)
     request_timeout_s: float = 30.0
     step_timeout_s: float = 60.0  # no token for a step within this: the route is probed
     ban_base_s: float = 5.0  # first ban of a failing peer; doubles per failure

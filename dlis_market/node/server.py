@@ -420,6 +420,8 @@ class Worker:
                     pending.append(await asyncio.wait_for(self.queue.get(), expiry_every))
             while not self.queue.empty():
                 pending.append(self.queue.get_nowait())
+            if pending:
+                await self._gather(pending)
             if time.monotonic() - last_expiry >= expiry_every:
                 last_expiry = time.monotonic()
                 for sid in self.stage.sessions.evict_idle(self.node.session_idle_s):
@@ -436,6 +438,27 @@ class Worker:
                 self._report(step, list(step.inp.session_ids), reason, self.peer_id)
             for batch in batches:
                 await self._run(batch)
+
+    async def _gather(self, pending: deque[QueuedStep]) -> None:
+        """Wait up to ``node.batch_wait_ms`` for the steps of open sessions not queued yet, so that
+        sessions at different positions run in one forward pass (continuous batching across the
+        pipeline: their steps arrive from the previous stage a little apart). A lone session, or a
+        queue that already holds every open session, runs at once."""
+        wait_s = self.node.batch_wait_ms / 1000
+        if wait_s <= 0:
+            return
+        deadline = time.monotonic() + wait_s
+        queued = {sid for step in pending for sid in step.inp.session_ids}
+        while len(queued) < min(len(self.sessions), self.node.max_batch_sessions):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            try:
+                step = await asyncio.wait_for(self.queue.get(), left)
+            except TimeoutError:
+                return
+            pending.append(step)
+            queued.update(step.inp.session_ids)
 
     async def _run(self, batch: Batch) -> None:
         inp = batch.merged()
