@@ -5,6 +5,10 @@ nonces are uint256 on chain, wider than SQL integers, so they are stored as deci
 (:class:`Uint256`) and read back as Python ints. A job's completion and its receipts are written
 in one transaction, and a batch row is committed before its transaction is sent, so a crash at any
 point loses no receipt and can never pay a job twice (JobMarket refuses a used nonce or batch id).
+
+Why one module of this size: every table, and every multi-row transaction over them (admit, record
+a job with its receipts, open and close a batch, the group commit), is here, so what "one
+transaction" covers is read in one place; the service and the settler only call these methods.
 """
 
 from __future__ import annotations

@@ -24,6 +24,10 @@ One pass (:meth:`Settler.settle_once`):
    with the reason and the rest are retried (a Merkle batch asks again only the nodes whose leaves
    changed); when the contract refuses a node's batch receipt (the error names the node index),
    that node's jobs go per receipt. So one bad job or node never holds up anyone else's.
+
+Why one module of this size: the two settlement paths share one pass (grouping, escrow coverage,
+holding back unroutable stages, simulating first, per-job refusals, crash recovery of open
+batches); the chain calls are :mod:`dlis_market.chain.job_market`, the rows :mod:`.ledger`.
 """
 
 from __future__ import annotations

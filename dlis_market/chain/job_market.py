@@ -4,6 +4,10 @@ Two settlement paths: ``settle_batch`` (every stage signs its own ``Receipt``) a
 ``settle_batch_merkle`` (every node signs one ``BatchReceipt`` over the Merkle root of its stages'
 receipt leaves, built here by :func:`merkle_root` exactly as the contract rebuilds it), plus
 probabilistic payment tickets (``redeem_winning_ticket``).
+
+Why one module of this size: it mirrors one contract. Each struct, its EIP-712 hash and Merkle
+leaf, and the calldata packing must match JobMarket.sol's encoding exactly; next to the calls that
+send them, a mismatch shows in one file (tests/integration/chain checks each against the contract).
 """
 
 from __future__ import annotations
