@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 from dlis_market.chain.job_market import SignedReceipt
+from dlis_market.inference.sampling import SamplingParams, TokenLogprob
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,10 @@ class BackendJob:
     top_k: int = 0
     top_p: float = 1.0
     seed: int = 0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias)
+    logprobs: int | None = None  # None: none; k: the sampled token's and the k most likely tokens'
     stop_token_ids: tuple[int, ...] = ()
     num_layers: int | None = None
     route: Sequence[RouteHop] | None = None
@@ -60,6 +65,15 @@ class BackendJob:
     # The broker's router for failovers: (current route, peers to avoid) -> a new route under the
     # job's policy and max cost. None: the backend's own routing.
     replan: Replan | None = None
+
+    @property
+    def sampling(self) -> SamplingParams:
+        """The last stage's sampler settings for this job."""
+        return SamplingParams(
+            greedy=self.greedy, temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, seed=self.seed,
+            presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
+            logit_bias=self.logit_bias, logprobs=self.logprobs,
+        )  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -74,7 +88,10 @@ class SignedStageReceipt:
 
 
 class JobStream(Protocol):
-    def tokens(self) -> AsyncIterator[int]: ...
+    def tokens(self) -> AsyncIterator[int | TokenLogprob]:
+        """The generated tokens: ids, or (when the job asked for ``logprobs``) each token with its
+        log probabilities; a stream that sends bare ids for such a job fails it."""
+        ...
 
     async def finish(self) -> tuple[list[RouteHop], list[SignedStageReceipt]]: ...
 

@@ -28,7 +28,7 @@ from dlis_market.broker.observations import JobObserver, observe_job
 from dlis_market.broker.spot_checks import FinishedSession, SpotChecker
 from dlis_market.chain.job_market import receipt_signer
 from dlis_market.errors import BrokerError
-from dlis_market.inference.sampling import SamplingParams
+from dlis_market.inference.sampling import TokenLogprob
 from dlis_market.node import receipts
 from dlis_market.node.driver import JobSession, JobSpec, PipelineDriver, Replanner
 from dlis_market.node.errors import NodeError
@@ -87,8 +87,17 @@ class P2PJobStream:
         self.started = time.perf_counter()
         self._reports = reports if reports is not None else set()
 
-    def tokens(self) -> AsyncIterator[int]:
-        return self.session.tokens()
+    def tokens(self) -> AsyncIterator[int | TokenLogprob]:
+        return self._tokens()
+
+    async def _tokens(self) -> AsyncIterator[int | TokenLogprob]:
+        wants = self.session.spec.sampling.logprobs is not None
+        tokens = self.session.tokens()
+        try:
+            async for token in tokens:  # the session keeps each token's log probability as it yields it
+                yield self.session.logprobs[-1] if wants else token
+        finally:
+            await tokens.aclose()  # type: ignore[attr-defined]
 
     async def finish(self) -> tuple[list[RouteHop], list[SignedStageReceipt]]:
         hops = list(self.session.route)
@@ -228,9 +237,7 @@ class P2PBackend:
             max_new_tokens=job.max_new_tokens,
             job_id=job.job_id,
             max_cost=job.max_cost,
-            sampling=SamplingParams(
-                greedy=job.greedy, temperature=job.temperature, top_k=job.top_k, top_p=job.top_p, seed=job.seed
-            ),
+            sampling=job.sampling,
             stop_token_ids=job.stop_token_ids,
             num_layers=job.num_layers,
             fee_bps=job.fee_bps,

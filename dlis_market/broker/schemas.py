@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer, field_validator, model_validator
 from web3 import Web3
 
 
@@ -48,6 +48,22 @@ class Sampling(_In):
     top_k: int | None = Field(None, ge=1, le=100_000)
     top_p: float | None = Field(None, gt=0, le=1)
     seed: int | None = Field(None, ge=0, lt=2**63)
+    # OpenAI's penalties over the generated tokens and logit bias, applied by the last stage
+    # (``inference.sampling``); greedy choice sees them too.
+    presence_penalty: float = Field(0.0, ge=-2, le=2)
+    frequency_penalty: float = Field(0.0, ge=-2, le=2)
+    logit_bias: dict[int, float] | None = Field(None, max_length=300, description="token id -> bias in [-100, 100]")
+    logprobs: int | None = Field(
+        None, ge=0, le=20, description="Return each token's log probability and this many most likely tokens'."
+    )
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _bias(cls, value: dict[int, float] | None) -> dict[int, float] | None:
+        for token, bias in (value or {}).items():
+            if token < 0 or not -100 <= bias <= 100:
+                raise ValueError(f"logit_bias {token}: {bias} needs a token id >= 0 and a bias in [-100, 100]")
+        return value
 
 
 class Policy(_In):

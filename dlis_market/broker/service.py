@@ -80,6 +80,7 @@ from dlis_market.broker.schemas import JobCreate, Policy, Quote
 from dlis_market.broker.settlement import Settler
 from dlis_market.chain.job_market import JobMarket
 from dlis_market.errors import BrokerError, DlisError
+from dlis_market.inference.sampling import TokenLogprob
 from dlis_market.protocol.pricing import fee_on, route_bound
 from dlis_market.settings import Settings
 
@@ -107,6 +108,21 @@ class _Live:
     changed: asyncio.Condition = field(default_factory=asyncio.Condition)
     done: bool = False
     row: JobRow | None = None  # the job as recorded when it completed
+
+
+def token_event(item: int | TokenLogprob, wants_logprobs: bool) -> tuple[int, dict[str, Any]]:
+    """A backend's token (an id, or an id with its log probabilities) as a ``token`` event (its
+    ``text`` is added by the caller); BrokerError when the job asked for log probabilities and the
+    backend sent a bare id: it is refused, never answered without them."""
+    if isinstance(item, TokenLogprob):
+        top = [[t, v] for t, v in item.top]
+        return item.token, {"type": "token", "token_id": item.token, "logprob": {"logprob": item.logprob, "top": top}}
+    if wants_logprobs:
+        raise BrokerError(
+            f"the backend sent token {item} without the log probability the job asked for; its workers do not "
+            "return log probabilities: leave logprobs out, or retry when workers that support them serve the model"
+        )
+    return item, {"type": "token", "token_id": item}
 
 
 class _Stale:
@@ -604,6 +620,10 @@ class BrokerService:
             top_k=s.top_k or 0,
             top_p=s.top_p or 1.0,
             seed=s.seed or 0,
+            presence_penalty=s.presence_penalty,
+            frequency_penalty=s.frequency_penalty,
+            logit_bias=tuple(sorted((s.logit_bias or {}).items())),
+            logprobs=s.logprobs,
             stop_token_ids=served.eos_token_ids,
             num_layers=served.num_layers,
             route=route.hops,
@@ -663,13 +683,14 @@ class BrokerService:
             tokens = stream.tokens()
             decoder = StreamDecoder(served.decode)
             try:
-                async for token in tokens:
+                async for item in tokens:
+                    token, event = token_event(item, job.logprobs is not None)
                     if ttft is None:
                         ttft = (time.perf_counter() - started) * 1000
                     out.append(token)
                     piece = decoder.push(token)
                     text += piece
-                    await self._publish(live, {"type": "token", "token_id": token, "text": piece})
+                    await self._publish(live, {**event, "text": piece})
             finally:  # on cancellation too: the token stream stops now
                 if isinstance(tokens, AsyncGenerator):
                     await tokens.aclose()

@@ -16,6 +16,9 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 MAX_TOP_LOGPROBS = 20  # as OpenAI
+# Sampling features beyond greedy/temperature/top-k/top-p/seed that a last stage may support; a
+# worker names those it supports when it opens a session (``node.protocol.OpenAnswer``).
+FEATURES = frozenset({"penalties", "logit_bias", "logprobs"})
 
 
 class SamplingParams(BaseModel):
@@ -35,7 +38,8 @@ class SamplingParams(BaseModel):
     # (token id, bias in [-100, 100]) added to the token's logit before anything else.
     logit_bias: tuple[tuple[int, float], ...] = ()
     # Log probabilities to return with each token: None none, 0 the chosen token's, k also the k
-    # most likely tokens' (of the model's distribution, before temperature and penalties).
+    # most likely tokens' (of the model's raw distribution: log_softmax of the logits before logit
+    # bias, penalties, temperature, top-k and top-p, as vLLM's default ``raw_logprobs``).
     logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
 
     @field_validator("logit_bias")
@@ -51,7 +55,25 @@ class SamplingParams(BaseModel):
     @property
     def adjusts(self) -> bool:
         """Whether bias or penalties change the logits at all."""
-        return bool(self.logit_bias) or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+        return bool(self.logit_bias) or self.penalises
+
+    @property
+    def penalises(self) -> bool:
+        """Whether presence or frequency penalties apply (the stage then keeps the session's tokens)."""
+        return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+
+    @property
+    def features(self) -> frozenset[str]:
+        """What of :data:`FEATURES` these params need from the last stage beyond plain sampling: a
+        worker that does not say it supports them must not serve the session."""
+        need = set()
+        if self.penalises:
+            need.add("penalties")
+        if self.logit_bias:
+            need.add("logit_bias")
+        if self.logprobs is not None:
+            need.add("logprobs")
+        return frozenset(need)
 
     def generator(self) -> torch.Generator:
         gen = torch.Generator(device="cpu")
@@ -114,6 +136,17 @@ class TokenLogprob:
     token: int
     logprob: float
     top: tuple[tuple[int, float], ...] = ()
+
+
+def sample_with_logprob(
+    logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None, history: Sequence[int] = ()
+) -> tuple[int, TokenLogprob | None]:
+    """:func:`sample_next`, and the token's :func:`token_logprob` when ``params.logprobs`` asks for
+    it (computed only then: no cost otherwise)."""
+    token = sample_next(logits, params, generator, history)
+    if params.logprobs is None:
+        return token, None
+    return token, token_logprob(logits, token, params.logprobs)
 
 
 def token_logprob(logits: torch.Tensor, token: int, top: int = 0) -> TokenLogprob:

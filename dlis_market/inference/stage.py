@@ -18,6 +18,7 @@ Sampling runs on the CPU, so a seed gives the same tokens for the same logits on
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -47,7 +48,7 @@ from dlis_market.inference.kv_cache import (
 from dlis_market.inference.manifest import Manifest, StageEntry, load_manifest
 from dlis_market.inference.messages import StageInput, StageOutput
 from dlis_market.inference.quantization import compute_dtype, install_quantized, is_quantized_param
-from dlis_market.inference.sampling import SamplingParams, sample_next
+from dlis_market.inference.sampling import SamplingParams, TokenLogprob, sample_with_logprob
 from dlis_market.inference.shard_reader import read_shard
 from dlis_market.settings import InferenceSettings
 from dlis_market.types import LayerRange
@@ -115,8 +116,22 @@ def _move_to(model: nn.Module, device: torch.device) -> None:
                 store[key] = moved[id(tensor)]  # type: ignore[assignment]
 
 
+@dataclass(frozen=True)
+class SampledOutput(StageOutput):
+    """The last stage's output: the sampled tokens and, per session, the chosen token's log
+    probabilities when its ``SamplingParams.logprobs`` asked for them (None otherwise)."""
+
+    logprobs: tuple[TokenLogprob | None, ...] = ()
+
+
 class Stage:
-    """Runs one layer range with per-session KV caches; the last stage samples tokens."""
+    """Runs one layer range with per-session KV caches; the last stage samples tokens.
+
+    For sessions with presence/frequency penalties the last stage keeps the tokens it sampled for
+    them (their history), as the penalties count the tokens generated so far. Replaying a
+    session on a new stage (failover, spot check) feeds the same steps, so that stage samples,
+    and counts, the same tokens.
+    """
 
     def __init__(
         self,
@@ -144,6 +159,8 @@ class Stage:
         # left-padded to the longest. Only for plain full-attention caches; a stage with sliding
         # layers (Gemma3) groups sessions by position instead (see kv_cache).
         self.mixes_positions = can_pad(self.stage_config)
+        # session id -> (its Session, the tokens sampled for it): only sessions with penalties
+        self._history: dict[str, tuple[Session, list[int]]] = {}
 
     # ------------------------------------------------------------------ loading
 
@@ -245,11 +262,37 @@ class Stage:
 
     # ------------------------------------------------------------------ sessions
 
+    def check_sampling(self, sampling: SamplingParams) -> None:
+        """SessionError for sampling this stage cannot apply: a logit_bias token outside the vocabulary."""
+        if sampling.logit_bias:
+            top = max(t for t, _ in sampling.logit_bias)
+            vocab = int(self.config.vocab_size)
+            if top >= vocab:
+                raise SessionError(
+                    f"logit_bias names token {top}, outside the vocabulary of {vocab} tokens of "
+                    f"{self.manifest.model_name}; use ids of this model's tokenizer"
+                )
+
     def open_session(self, session_id: str, max_length: int, sampling: SamplingParams | None = None) -> None:
+        if sampling is not None:
+            self.check_sampling(sampling)
         self.sessions.open(session_id, max_length, sampling)
 
     def close_session(self, session_id: str) -> bool:
+        self._history.pop(session_id, None)
         return self.sessions.close(session_id)
+
+    def _history_of(self, session: Session) -> list[int] | None:
+        """The tokens sampled so far for a session with penalties (None: it has none)."""
+        if not session.sampling.penalises:
+            return None
+        if len(self._history) > len(self.sessions):  # sessions closed by the store (idle, failed)
+            self._history = {k: v for k, v in self._history.items() if k in self.sessions}
+        kept = self._history.get(session.session_id)
+        if kept is None or kept[0] is not session:  # a new session under a reused id starts over
+            kept = (session, [])
+            self._history[session.session_id] = kept
+        return kept[1]
 
     # ------------------------------------------------------------------ forward
 
@@ -323,13 +366,22 @@ class Stage:
             hidden = hidden if keep_on_device else hidden.cpu()
             return StageOutput(inp.session_ids, inp.positions, inp.step, hidden=hidden)
         logits = hidden.float().cpu()  # sampled on the CPU, with each session's CPU generator
-        tokens = [sample_next(logits[i], s.sampling, s.generator) for i, s in enumerate(sessions)]
-        return StageOutput(
+        tokens: list[int] = []
+        logprobs: list[TokenLogprob | None] = []
+        for i, s in enumerate(sessions):
+            history = self._history_of(s)
+            token, logprob = sample_with_logprob(logits[i], s.sampling, s.generator, history or ())
+            if history is not None:
+                history.append(token)
+            tokens.append(token)
+            logprobs.append(logprob)
+        return SampledOutput(
             inp.session_ids,
             inp.positions,
             inp.step,
             token_ids=torch.tensor(tokens, dtype=torch.int64),
             logits=logits if inp.want_logits else None,
+            logprobs=tuple(logprobs) if any(lp is not None for lp in logprobs) else (),
         )
 
     def _run_group(self, data: torch.Tensor, positions: list[int], caches: list[DynamicCache]) -> torch.Tensor:

@@ -42,17 +42,28 @@ import torch
 from dlis_market.chain.job_market import SignedReceipt, market_domain
 from dlis_market.inference.errors import MessageError
 from dlis_market.inference.messages import StageInput, decode, encode
-from dlis_market.inference.sampling import SamplingParams
+from dlis_market.inference.sampling import SamplingParams, TokenLogprob
 from dlis_market.node import attestation, dht_records, receipts
 from dlis_market.node.errors import (
     BudgetError,
     NodeError,
+    NoRouteError,
     PeerUnreachableError,
+    ProtocolError,
     ReceiptError,
     RemoteError,
     StageFailedError,
 )
-from dlis_market.node.protocol import Channel, FailBody, OpenBody, StepBody, TokensBody, parse_body
+from dlis_market.node.protocol import (
+    Channel,
+    FailBody,
+    OpenAnswer,
+    OpenBody,
+    SamplingUnsupportedError,
+    StepBody,
+    TokensBody,
+    parse_body,
+)
 from dlis_market.node.routing import Hop, plan_route
 from dlis_market.node.transport import ChannelPool, start_dht
 from dlis_market.protocol.pricing import route_bound, stage_charge
@@ -85,7 +96,9 @@ NodeCheck = Callable[[str, str], bool]  # (node address, peer id) -> registered 
 
 # Refusals that say the stage has no room for this job (or our ticket did not fit): route around
 # the stage for this plan, but do not ban it; a ban is for a peer's own fault.
-NOT_A_FAULT = frozenset({"CapacityError", "TicketError"})
+# A last stage that cannot apply the job's sampling (a worker that predates penalties or logprobs)
+# is routed around the same way.
+NOT_A_FAULT = frozenset({"CapacityError", "TicketError", "SamplingUnsupportedError"})
 
 
 @dataclass
@@ -265,8 +278,13 @@ class PipelineDriver:
     async def _on_message(self, channel: Channel, op: str, rid: int, body: dict[str, Any]) -> None:
         if op == "tokens":
             msg = parse_body(TokensBody, body)
-            for sid, token in zip(msg.sessions, msg.token_ids, strict=False):
-                self._resolve(sid, value=token, sender=channel.peer)
+            lps = msg.logprobs or []
+            for i, (sid, token) in enumerate(zip(msg.sessions, msg.token_ids, strict=False)):
+                lp = lps[i] if i < len(lps) else None
+                # a log probability of another token than the one sent is dropped: the session,
+                # which asked for one, then fails over (JobSession.tokens)
+                value: int | TokenLogprob = lp.native() if lp is not None and lp.token == token else token
+                self._resolve(sid, value=value, sender=channel.peer)
         elif op == "step":  # a stage whose next peer is this driver: a replayed middle stage's output
             try:
                 inp = decode(parse_body(StepBody, body).input, self.settings.max_message_bytes)
@@ -345,6 +363,7 @@ class JobSession:
         self.route: list[Hop] = []
         self.session_id = ""
         self.generated: list[int] = []
+        self.logprobs: list[TokenLogprob] = []  # one per generated token when the sampling asks for them
         self.receipts: list[StageReceipt] = []
         self.failovers = 0
         self.ttft_s: float | None = None
@@ -377,8 +396,15 @@ class JobSession:
         """Plan and open the session on every stage; a stage that refuses is banned and replaced."""
         attempts = self.driver.settings.max_failovers + 3
         skip: set[str] = set()  # stages without room for this job: routed around, not banned
+        refused = ""  # the last refusal, for the error when no route is left
+        skipped = ""  # the last stage routed around (no room, or it cannot apply the job's sampling)
         for _ in range(attempts):
-            self.route = await self._plan(skip)
+            try:
+                self.route = await self._plan(skip)
+            except NoRouteError as exc:
+                if not skipped:
+                    raise
+                raise NoRouteError(f"{exc}; routed around before: {skipped}", exc.missing) from exc
             bound = route_bound((h.price_per_token for h in self.route), self.max_length, self.spec.fee_bps)
             if self.spec.max_cost is not None and bound.total > self.spec.max_cost:
                 raise BudgetError(
@@ -396,25 +422,52 @@ class JobSession:
                 return
             except (RemoteError, PeerUnreachableError, attestation.AttestationError) as exc:
                 bad = getattr(exc, "peer", None) or self.route[len(opened)].peer_id
+                refused = f"{bad}: {exc}"
                 if isinstance(exc, RemoteError) and exc.code in NOT_A_FAULT:
                     log.info("stage %s has no room for the session: %s", bad, exc)
                     skip.add(bad)
+                    skipped = refused
                 else:
                     log.warning("stage %s refused or failed the session: %s", bad, exc)
                     self.driver.ban(bad)
                 await self._close_hops(opened)
-        raise StageFailedError(f"could not open a session after {attempts} routes; see the log for each refusal", None)
+        raise StageFailedError(
+            f"could not open a session after {attempts} routes; the last refusal: {refused}; see the log for each", None
+        )
 
     async def _open_on(self, hop: Hop, next_peer: str | None) -> None:
         await self.driver.verify_peer(hop)
-        s = self.spec.sampling
-        body = OpenBody(
-            session_id=self.session_id, model=self.spec.model, start=hop.start, end=hop.end,
-            max_length=self.max_length, job_id=self.spec.job_id, reply_to=self.driver.peer_id,
-            next_peer=next_peer, greedy=s.greedy, temperature=s.temperature, top_k=s.top_k,
-            top_p=s.top_p, seed=s.seed, ticket=self.driver.ticket(self.spec.job_id, self.spec.model, hop),
+        last = next_peer is None
+        body = OpenBody.build(
+            self.spec.sampling, last, session_id=self.session_id, model=self.spec.model, start=hop.start,
+            end=hop.end, max_length=self.max_length, job_id=self.spec.job_id, reply_to=self.driver.peer_id,
+            next_peer=next_peer, ticket=self.driver.ticket(self.spec.job_id, self.spec.model, hop),
         )  # fmt: skip
-        await self.driver.pool.request(hop.peer_id, "open", body.model_dump(), self.driver.settings.request_timeout_s)
+        need = self.spec.sampling.features if last else frozenset()
+        timeout = self.driver.settings.request_timeout_s
+        try:
+            raw = await self.driver.pool.request(hop.peer_id, "open", body.wire(), timeout)
+        except RemoteError as exc:
+            if need and exc.code == "protocol":  # a worker that predates these fields refuses them by name
+                raise SamplingUnsupportedError(
+                    f"stage {hop.peer_id} refused the sampling fields of {sorted(need)}: {exc}", hop.peer_id
+                ) from exc
+            raise
+        if not need:
+            return
+        try:
+            answer: OpenAnswer | None = parse_body(OpenAnswer, {**raw, "session_id": self.session_id})
+        except ProtocolError:  # a malformed answer names nothing it supports
+            answer = None
+        missing = need if answer is None else answer.lacks(need)
+        if missing:  # it opened the session but would sample without them: refuse it, never serve silently
+            with contextlib.suppress(NodeError):
+                await self.driver.pool.request(hop.peer_id, "close", {"session_id": self.session_id}, timeout)
+            raise SamplingUnsupportedError(
+                f"last stage {hop.peer_id} does not apply {', '.join(sorted(missing))} (it supports "
+                f"{sorted(answer.sampling) if answer else []}); routing around it",
+                hop.peer_id,
+            )
 
     async def _close_hops(self, hops: Sequence[Hop]) -> None:
         for hop in hops:
@@ -434,7 +487,8 @@ class JobSession:
             except (NodeError, ValueError) as exc:  # a dead or lying stage: no receipt, no payment
                 log.warning("no valid receipt from %s for %s: %s", hop.peer_id, self.session_id, exc)
 
-    async def _step(self, inp: StageInput) -> int:
+    async def _step(self, inp: StageInput) -> tuple[int, TokenLogprob | None]:
+        """Push one step; the sampled token and its log probability (when the stage sent one)."""
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self.driver._waiters[self.session_id] = (fut, frozenset(h.peer_id for h in self.route))
         try:
@@ -442,9 +496,11 @@ class JobSession:
             await self.driver.pool.send(first, "step", {"input": encode(inp), "reply_to": self.driver.peer_id})
             self.sent_tokens += inp.num_tokens * len(inp.session_ids)
             value = await asyncio.wait_for(fut, self.driver.settings.step_timeout_s)
+            if isinstance(value, TokenLogprob):
+                return value.token, value
             if not isinstance(value, int):  # hidden states from a stage that is not the last one
                 raise StageFailedError("a stage sent hidden states where the sampled token was due", None)
-            return value
+            return value, None
         except PeerUnreachableError as exc:
             raise StageFailedError(str(exc), exc.peer) from exc
         except TimeoutError:
@@ -492,7 +548,10 @@ class JobSession:
                     inp = StageInput((self.session_id,), (0,), step, token_ids=torch.tensor([ids], dtype=torch.long))
                 else:
                     inp = StageInput((self.session_id,), (len(ids) - 1,), step, token_ids=torch.tensor([ids[-1:]]))
-                token = await self._step(inp)
+                token, logprob = await self._step(inp)
+                if self.spec.sampling.logprobs is not None and logprob is None:
+                    last = self.route[-1].peer_id
+                    raise StageFailedError(f"last stage {last} sent a token without the log probability asked", last)
             except StageFailedError as exc:
                 await self._recover(exc)
                 replay = True
@@ -502,6 +561,8 @@ class JobSession:
             if self.ttft_s is None:
                 self.ttft_s = time.perf_counter() - started
             self.generated.append(token)
+            if logprob is not None:
+                self.logprobs.append(logprob)
             yield token
             if token in self.spec.stop_token_ids:
                 break

@@ -24,8 +24,9 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import msgpack
-from pydantic import ValidationError
+from pydantic import Field, ValidationError
 
+from dlis_market.inference.sampling import FEATURES, SamplingParams, TokenLogprob
 from dlis_market.node.errors import PeerUnreachableError, ProtocolError, RemoteError
 from dlis_market.types import WireModel
 
@@ -41,7 +42,20 @@ OPS = frozenset(
 )
 
 
+class SamplingUnsupportedError(RemoteError):
+    """A last stage cannot serve a session's sampling (a feature it does not name in its open
+    answer, or values it refuses): route around it, it is no fault of the stage."""
+
+    def __init__(self, message: str, peer: str | None = None) -> None:
+        super().__init__(message, "SamplingUnsupportedError", peer)
+
+
 class OpenBody(WireModel):
+    """Open a session on a stage. The sampling fields matter on the last stage only. Fields after
+    ``ticket`` were added later: a driver sends them only when they differ from their defaults
+    (and to the last stage only), so a worker that predates them still serves plain sessions, and
+    names what it supports in its :class:`OpenAnswer`."""
+
     session_id: str
     model: str
     start: int
@@ -56,6 +70,63 @@ class OpenBody(WireModel):
     top_p: float = 1.0
     seed: int = 0
     ticket: dict[str, Any] | None = None  # protocol.tickets.SignedTicket; refused when missing
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    bias_tokens: list[int] = Field(default_factory=list)  # logit_bias as two lists (msgpack map keys are strings only)
+    bias_values: list[float] = Field(default_factory=list)
+    logprobs: int | None = None  # top log probabilities to return with each token; None: none
+
+    @classmethod
+    def build(cls, sampling: SamplingParams, last: bool, **fields: Any) -> OpenBody:
+        """An open body with ``sampling``; the penalties, bias and logprobs only when ``last``."""
+        s = sampling
+        extra: dict[str, Any] = {}
+        if last:
+            extra = {
+                "presence_penalty": float(s.presence_penalty), "frequency_penalty": float(s.frequency_penalty),
+                "bias_tokens": [int(t) for t, _ in s.logit_bias], "bias_values": [float(b) for _, b in s.logit_bias],
+                "logprobs": s.logprobs,
+            }  # fmt: skip
+        return cls(
+            greedy=s.greedy, temperature=float(s.temperature), top_k=s.top_k, top_p=float(s.top_p), seed=s.seed,
+            **extra, **fields,
+        )  # fmt: skip
+
+    def wire(self) -> dict[str, Any]:
+        """The body to send: fields at their default are left out (a worker that predates a
+        field refuses it by name otherwise)."""
+        return self.model_dump(exclude_defaults=True)
+
+    def sampling(self) -> SamplingParams:
+        """The session's sampling; SamplingUnsupportedError for values the sampler refuses."""
+        if len(self.bias_tokens) != len(self.bias_values):
+            raise SamplingUnsupportedError(
+                f"logit_bias has {len(self.bias_tokens)} token ids but {len(self.bias_values)} values; send one each"
+            )
+        try:
+            return SamplingParams(
+                greedy=self.greedy, temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, seed=self.seed,
+                presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
+                logit_bias=tuple(zip(self.bias_tokens, self.bias_values, strict=True)), logprobs=self.logprobs,
+            )  # fmt: skip
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            where = ".".join(str(p) for p in err["loc"])
+            raise SamplingUnsupportedError(f"sampling {where}: {err['msg']}") from exc
+
+
+class OpenAnswer(WireModel):
+    """A stage's answer to ``open``: the sampling features (of ``sampling.FEATURES``) it applies.
+    A worker that predates them answers ``session_id`` only, i.e. none."""
+
+    session_id: str
+    sampling: list[str] = Field(default_factory=list)
+
+    def lacks(self, need: frozenset[str]) -> frozenset[str]:
+        return need - set(self.sampling)
+
+
+SUPPORTED_SAMPLING = sorted(FEATURES)  # what this code's workers answer
 
 
 class StepBody(WireModel):
@@ -92,10 +163,33 @@ class BatchReceiptAnswer(WireModel):
     signature: bytes  # 65 bytes
 
 
+class WireLogprob(WireModel):
+    """A sampled token's log probability and the most likely tokens' (``sampling.TokenLogprob``)."""
+
+    token: int
+    logprob: float
+    top_tokens: list[int] = Field(default_factory=list)
+    top_logprobs: list[float] = Field(default_factory=list)
+
+    @classmethod
+    def of(cls, lp: TokenLogprob) -> WireLogprob:
+        return cls(
+            token=lp.token, logprob=float(lp.logprob), top_tokens=[int(t) for t, _ in lp.top],
+            top_logprobs=[float(v) for _, v in lp.top],
+        )  # fmt: skip
+
+    def native(self) -> TokenLogprob:
+        return TokenLogprob(self.token, self.logprob, tuple(zip(self.top_tokens, self.top_logprobs, strict=False)))
+
+
 class TokensBody(WireModel):
+    """Sampled tokens, one per session; ``logprobs`` (one per session, None for a session that did
+    not ask) only when some session asked for them, so a driver that predates it never sees it."""
+
     sessions: list[str]
     step: int
     token_ids: list[int]
+    logprobs: list[WireLogprob | None] | None = None
 
 
 class FailBody(WireModel):

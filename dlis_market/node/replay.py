@@ -27,11 +27,11 @@ import torch
 
 from dlis_market.chain.job_market import SignedReceipt
 from dlis_market.inference.messages import StageInput, dtype_name, dtype_of, encode
-from dlis_market.inference.sampling import SamplingParams
+from dlis_market.inference.sampling import SamplingParams, TokenLogprob
 from dlis_market.node import receipts
 from dlis_market.node.driver import PipelineDriver
 from dlis_market.node.errors import NodeError, ReceiptError, StageFailedError
-from dlis_market.node.protocol import OpenBody, parse_body
+from dlis_market.node.protocol import OpenBody, SamplingUnsupportedError, parse_body
 from dlis_market.node.routing import Hop
 from dlis_market.node.sessions import row_bytes
 from dlis_market.node.transcripts import Transcript, TranscriptBody
@@ -151,15 +151,24 @@ async def replay(
     """Run ``steps`` on ``replica`` in a fresh session of ``job_id``; its outputs and receipt."""
     node = await driver.verify_peer(replica)
     sid = f"{job_id.hex()[:16]}-{uuid.uuid4().hex[:12]}"
-    s = sampling
-    body = OpenBody(
-        session_id=sid, model=model, start=replica.start, end=replica.end, max_length=max_length, job_id=job_id,
-        reply_to=driver.peer_id, next_peer=None if last else driver.peer_id, greedy=s.greedy,
-        temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, seed=s.seed,
+    # The job's own sampling (a last stage applies the same seed, bias and penalties, so it samples
+    # the same tokens), without log probabilities: they are not part of what is compared.
+    s = sampling.model_copy(update={"logprobs": None})
+    body = OpenBody.build(
+        s, last, session_id=sid, model=model, start=replica.start, end=replica.end, max_length=max_length,
+        job_id=job_id, reply_to=driver.peer_id, next_peer=None if last else driver.peer_id,
         ticket=driver.ticket(job_id, model, replica),
     )  # fmt: skip
     timeout = driver.settings.request_timeout_s
-    await driver.pool.request(replica.peer_id, "open", body.model_dump(), timeout)
+    answer = await driver.pool.request(replica.peer_id, "open", body.wire(), timeout)
+    missing = s.features - set(answer.get("sampling") or ()) if last else frozenset()
+    if missing:  # a replica that would sample without them would accuse an honest stage
+        with contextlib.suppress(NodeError):
+            await driver.pool.request(replica.peer_id, "close", {"session_id": sid}, timeout)
+        raise SamplingUnsupportedError(
+            f"replica {replica.peer_id} does not apply {', '.join(sorted(missing))}; choose another referee",
+            replica.peer_id,
+        )
     rows: list[bytes] = []
     dtype, width = "int64", 1
     try:
@@ -181,6 +190,8 @@ async def replay(
                     ) from None
             finally:
                 driver._waiters.pop(sid, None)
+            if isinstance(out, TokenLogprob):
+                out = out.token
             if isinstance(out, torch.Tensor):
                 dtype, width = dtype_name(out.dtype), int(out.shape[-1])
                 rows.append(row_bytes(out))

@@ -29,11 +29,10 @@ import torch
 
 from dlis_market.chain.job_market import market_domain
 from dlis_market.errors import DlisError
-from dlis_market.inference.errors import ContextLengthError
+from dlis_market.inference.errors import ContextLengthError, SessionError
 from dlis_market.inference.manifest import MANIFEST_NAME, load_manifest, sha256_file
 from dlis_market.inference.messages import StageInput, StageOutput, decode, encode
-from dlis_market.inference.sampling import SamplingParams
-from dlis_market.inference.stage import Stage
+from dlis_market.inference.stage import SampledOutput, Stage
 from dlis_market.lifetime import IdentityLock, start_reaper
 from dlis_market.node import attestation, byzantine, dht_records, identity, profiler, receipts
 from dlis_market.node.brokers import BrokerCheck
@@ -41,13 +40,17 @@ from dlis_market.node.errors import CapacityError, NodeError, ProtocolError
 from dlis_market.node.metrics import WorkerMetrics, kv_capacity_bytes
 from dlis_market.node.model_identity import resolve_model_id
 from dlis_market.node.protocol import (
+    SUPPORTED_SAMPLING,
     BatchReceiptBody,
     Channel,
     CloseBody,
     FailBody,
+    OpenAnswer,
     OpenBody,
     ReceiptsBody,
+    SamplingUnsupportedError,
     StepBody,
+    WireLogprob,
     parse_body,
 )
 from dlis_market.node.routing import choose_range
@@ -316,9 +319,11 @@ class Worker:
             raise CapacityError(
                 f"peer {sender} already holds {mine} sessions here, the limit per opener; close one first"
             )
-        sampling = SamplingParams(
-            greedy=req.greedy, temperature=req.temperature, top_k=req.top_k, top_p=req.top_p, seed=req.seed
-        )
+        sampling = req.sampling()  # SamplingUnsupportedError: the opener routes around, no fault of ours
+        try:
+            self.stage.check_sampling(sampling)
+        except SessionError as exc:  # e.g. a logit_bias id outside this model's vocabulary
+            raise SamplingUnsupportedError(str(exc)) from exc
         held = len(self.stage.sessions)
         if held >= self.stage.sessions.max_sessions:
             raise CapacityError(
@@ -334,7 +339,9 @@ class Worker:
         )
         self.sessions[req.session_id] = WorkerSession(req.session_id, req.reply_to, req.next_peer, sender, ledger)
         self.live_transcripts[req.session_id] = Transcript(req.session_id, req.job_id, sender)
-        return {"session_id": req.session_id}
+        # The sampling features this worker applies (the last stage's); a driver refuses a worker
+        # whose answer lacks one its job needs instead of silently serving without it.
+        return OpenAnswer(session_id=req.session_id, sampling=SUPPORTED_SAMPLING).model_dump()
 
     def _drop_session(self, sid: str) -> None:
         """Forget a session nobody will close (abandoned, failed): no transcript; if it served
@@ -496,7 +503,14 @@ class Worker:
     async def _deliver(self, step: QueuedStep, out: StageOutput, idx: list[int]) -> None:
         sids = list(step.inp.session_ids)
         if out.token_ids is not None:
-            body = {"sessions": sids, "step": out.step, "token_ids": [int(out.token_ids[i]) for i in idx]}
+            body: dict[str, Any] = {
+                "sessions": sids,
+                "step": out.step,
+                "token_ids": [int(out.token_ids[i]) for i in idx],
+            }
+            lps = out.logprobs if isinstance(out, SampledOutput) and out.logprobs else ()
+            if lps and any(lps[i] is not None for i in idx):  # only sessions that asked: older drivers never see it
+                body["logprobs"] = [None if (lp := lps[i]) is None else WireLogprob.of(lp).model_dump() for i in idx]
             await self.pool.send(step.reply_to, "tokens", body)
             return
         assert out.hidden is not None  # non-last stages always return hidden states

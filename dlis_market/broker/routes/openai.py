@@ -8,6 +8,12 @@ Every parameter is either implemented or refused with a 400 in OpenAI's error sh
 "OpenAI compatibility"): nothing is accepted and ignored. ``n`` > 1 and a list of prompts run one
 paid job per choice; ``stop`` strings are cut here, from the streamed text, and a job that hit one
 is ended at once (settled for the tokens its stages served).
+
+Penalties, ``logit_bias`` and ``logprobs`` are applied by the last stage's sampler
+(``inference.sampling``). Log probabilities are those of the model's raw distribution: the
+log-softmax of the logits before logit bias, penalties, temperature and top-p, as vLLM's default
+(``logprobs_mode="raw_logprobs"``). They travel with each token and are returned in OpenAI's
+shapes, with the tokens up to the one that completed a stop string.
 """
 
 from __future__ import annotations
@@ -66,10 +72,7 @@ NO_TOOLS = (
     "is not supported: this broker's workers return plain text, no tool or function calls; leave it out "
     "(README, 'OpenAI compatibility')"
 )
-NO_LOGPROBS = (
-    "is not supported yet: the workers send back each sampled token id only, not its log probability; leave it out"
-)
-NO_PENALTY = "is not supported yet: the workers' sampler takes temperature, top_p and seed only; leave it out or send 0"
+MAX_LOGIT_BIAS = 300  # entries, as OpenAI
 
 
 class StreamOptions(BaseModel):
@@ -98,9 +101,26 @@ class _OpenAIIn(BaseModel):
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
     logit_bias: dict[str, float] | None = None
 
-    _penalty = field_validator("presence_penalty", "frequency_penalty", "logit_bias")(
-        _unsupported("this parameter " + NO_PENALTY)
-    )
+    @field_validator("logit_bias")
+    @classmethod
+    def _bias(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        if value is None:
+            return None
+        if len(value) > MAX_LOGIT_BIAS:
+            raise ValueError(f"logit_bias has {len(value)} entries; at most {MAX_LOGIT_BIAS}")
+        for key, bias in value.items():
+            if not key.isdigit() or not -100 <= bias <= 100:
+                raise ValueError(
+                    f"logit_bias {key!r}: {bias} must map a token id (a decimal string) to a bias in [-100, 100]"
+                )
+        return value
+
+    def bias(self) -> dict[int, float] | None:
+        return {int(k): v for k, v in self.logit_bias.items()} if self.logit_bias else None
+
+    def wanted_logprobs(self) -> int | None:
+        """Log probabilities to return: None none, k the sampled token's and the k most likely."""
+        return None
 
     @field_validator("stop")
     @classmethod
@@ -123,11 +143,16 @@ class _OpenAIIn(BaseModel):
         return self.max_tokens or DEFAULT_MAX_TOKENS
 
     def sampling(self, seed: int) -> Sampling:
-        """Temperature 0 is greedy; otherwise sampling at the given (default 1.0) temperature."""
+        """Temperature 0 is greedy; otherwise sampling at the given (default 1.0) temperature.
+        Penalties, bias and logprobs apply either way."""
+        extra = {
+            "presence_penalty": self.presence_penalty or 0.0, "frequency_penalty": self.frequency_penalty or 0.0,
+            "logit_bias": self.bias(), "logprobs": self.wanted_logprobs(),
+        }  # fmt: skip
         if self.temperature == 0:
-            return Sampling(greedy=True)
+            return Sampling(greedy=True, **extra)
         temperature = 1.0 if self.temperature is None else self.temperature
-        return Sampling(greedy=False, temperature=temperature, top_p=self.top_p, seed=seed)
+        return Sampling(greedy=False, temperature=temperature, top_p=self.top_p, seed=seed, **extra)
 
     def seeds(self, count: int) -> list[int]:
         """One seed per job: ``seed + i`` (as each choice of ``n`` is its own job); without a seed,
@@ -205,7 +230,6 @@ class ChatCompletionRequest(_OpenAIIn):
     store: bool | None = None
     metadata: dict[str, str] | None = None
 
-    _no_logprobs = field_validator("logprobs", "top_logprobs")(_unsupported("this parameter " + NO_LOGPROBS))
     _no_tools = field_validator("tools", "tool_choice", "functions", "function_call", "parallel_tool_calls")(
         _unsupported("this parameter " + NO_TOOLS)
     )
@@ -238,6 +262,16 @@ class ChatCompletionRequest(_OpenAIIn):
             raise ValueError("only the 'text' modality is served; send ['text'] or leave it out")
         return value
 
+    @field_validator("top_logprobs")
+    @classmethod
+    def _with_logprobs(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value is not None and not info.data.get("logprobs"):
+            raise ValueError("top_logprobs needs logprobs: true; send both or leave top_logprobs out")
+        return value
+
+    def wanted_logprobs(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
+
     def limit(self) -> int:
         return self.max_completion_tokens or self.max_tokens or DEFAULT_MAX_TOKENS
 
@@ -249,7 +283,6 @@ class CompletionRequest(_OpenAIIn):
     best_of: int | None = Field(None, ge=1, le=MAX_CHOICES)
     suffix: str | None = None
 
-    _no_logprobs = field_validator("logprobs")(_unsupported("logprobs " + NO_LOGPROBS))
     _no_suffix = field_validator("suffix")(
         _unsupported("suffix (insertion) is not supported: the served models only continue a prompt; leave it out")
     )
@@ -267,18 +300,31 @@ class CompletionRequest(_OpenAIIn):
             raise ValueError("each prompt must have 1 to 200000 characters")
         return prompts
 
+    @field_validator("logprobs")
+    @classmethod
+    def _no_echo(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value is not None and info.data.get("echo"):
+            raise ValueError(
+                "logprobs with echo is not supported: it needs the prompt's log probabilities, which the workers "
+                "do not compute; leave out echo (or logprobs)"
+            )
+        return value
+
     @field_validator("best_of")
     @classmethod
     def _best_of(cls, value: int | None, info: ValidationInfo) -> int | None:
         if value is not None and value != info.data.get("n", 1):
             raise ValueError(
-                "best_of other than n is not supported: choosing the best needs log probabilities, which the "
-                "workers do not return; leave it out"
+                "best_of other than n is not supported: the broker does not rank choices server-side; ask for n "
+                "choices with logprobs and pick on the client, or leave it out"
             )
         return value
 
     def prompts(self) -> list[str]:
         return list(self.prompt)
+
+    def wanted_logprobs(self) -> int | None:
+        return self.logprobs
 
 
 @dataclass(frozen=True)
@@ -299,6 +345,54 @@ class JobInput:
     sampling: Sampling
 
 
+@functools.cache
+def _byte_decoder() -> dict[str, int]:
+    """GPT-2's byte-level BPE alphabet, char -> byte (the inverse of its ``bytes_to_unicode``)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = list(printable), 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            chars.append(256 + extra)
+            extra += 1
+    return {chr(c): b for b, c in zip(printable, chars, strict=True)}
+
+
+class TokenTexts:
+    """Token ids as OpenAI's logprob entries show them: the token's text and its raw bytes (a
+    byte-level BPE token that is part of a character has its own bytes; its text then holds the
+    replacement character, as OpenAI's)."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tok = tokenizer
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        self.byte_level = backend is not None and type(backend.decoder).__name__ == "ByteLevel"
+        self._cache: dict[int, tuple[str, list[int]]] = {}
+
+    def of(self, token: int) -> tuple[str, list[int]]:
+        hit = self._cache.get(token)
+        if hit is None:
+            raw: bytes | None = None
+            if self.byte_level:
+                piece = str(self.tok.convert_ids_to_tokens(token))
+                table = _byte_decoder()
+                raw = bytes(table[c] for c in piece) if all(c in table for c in piece) else None
+            text = raw.decode("utf-8", errors="replace") if raw is not None else str(self.tok.decode([token]))
+            hit = self._cache[token] = (text, list(raw if raw is not None else text.encode()))
+        return hit
+
+
+@dataclass(frozen=True)
+class TokenLogprobs:
+    """One generated token's log probabilities as the job's token event carried them, and where
+    its text starts in the choice's text (completions' ``text_offset``)."""
+
+    token: int
+    logprob: float
+    top: list[tuple[int, float]]
+    offset: int
+
+
 @dataclass
 class Choice:
     """One choice of the answer: its job and what was read of it so far."""
@@ -312,6 +406,13 @@ class Choice:
     finish: str | None = None
     error: str | None = None
     row: Any = None
+    logprobs: list[TokenLogprobs] = field(default_factory=list)  # every token's, when asked
+    pending: list[TokenLogprobs] = field(default_factory=list)  # not yet sent with a chunk
+    read: int = 0  # characters of the job's text read so far (before stop strings are cut)
+
+    def take(self) -> list[TokenLogprobs]:
+        out, self.pending = self.pending, []
+        return out
 
 
 async def _admit(
@@ -401,20 +502,30 @@ async def _admit_all(
     return ids
 
 
-async def _follow(
-    service: BrokerService, choice: Choice, limit: int, eos: tuple[int, ...], emit: Callable[[Choice, str], None]
-) -> None:
-    """Read one choice's job to its end: text pieces go to ``emit`` cut at the first stop string;
+Emit = Callable[[Choice, str, list[TokenLogprobs]], None]
+
+
+async def _follow(service: BrokerService, choice: Choice, limit: int, eos: tuple[int, ...], emit: Emit) -> None:
+    """Read one choice's job to its end: text pieces go to ``emit`` cut at the first stop string,
+    with the log probabilities of the tokens read since the last piece (when the job has them);
     a job that hit one is ended at once. Sets ``finish`` (or ``error``) and the ledger ``row``."""
     async with service.attached(choice.job_id):
         events = service.events(choice.job_id)
         try:
             async for ev in events:
+                if ev["type"] == "token" and (lp := ev.get("logprob")) is not None:
+                    top = [(int(t), float(v)) for t, v in lp["top"]]
+                    entry = TokenLogprobs(
+                        int(ev["token_id"]), float(lp["logprob"]), top, len(choice.echo) + choice.read
+                    )
+                    choice.logprobs.append(entry)
+                    choice.pending.append(entry)
                 if ev["type"] == "token" and ev["text"]:
+                    choice.read += len(ev["text"])
                     piece = choice.matcher.push(ev["text"])
                     if piece:
                         choice.text += piece
-                        emit(choice, piece)
+                        emit(choice, piece, choice.take())
                     if choice.matcher.stopped:
                         break
                 elif ev["type"] == "error":
@@ -428,7 +539,7 @@ async def _follow(
         await service.wait(choice.job_id)  # settled (for the tokens served) before usage is read
     elif tail := choice.matcher.flush():
         choice.text += tail
-        emit(choice, tail)
+        emit(choice, tail, choice.take())
     row = await asyncio.to_thread(service.ledger.get_job, choice.job_id)
     if row is None or row.status == "failed":
         choice.error = (row.error if row else None) or "the job failed"
@@ -473,6 +584,33 @@ class Answer:
     created: int
     limit: int
     eos: tuple[int, ...]
+    texts: TokenTexts | None = None  # set when the request asked for log probabilities
+
+    def logprobs(self, entries: list[TokenLogprobs]) -> dict[str, Any] | None:
+        """OpenAI's ``logprobs`` object of a choice (or a chunk) for these tokens; None when not asked."""
+        texts = self.texts
+        if texts is None:
+            return None
+        if self.kind == "chat":
+
+            def one(token: int, logprob: float) -> dict[str, Any]:
+                text, raw = texts.of(token)
+                return {"token": text, "logprob": logprob, "bytes": raw}
+
+            content = [{**one(e.token, e.logprob), "top_logprobs": [one(t, v) for t, v in e.top]} for e in entries]
+            return {"content": content, "refusal": None}
+        # completions: the top tokens and the sampled one (as vLLM), text -> log probability
+        tops = []
+        for e in entries:
+            top = {texts.of(t)[0]: v for t, v in e.top}
+            top.setdefault(texts.of(e.token)[0], e.logprob)
+            tops.append(top)
+        return {
+            "tokens": [texts.of(e.token)[0] for e in entries],
+            "token_logprobs": [e.logprob for e in entries],
+            "top_logprobs": tops,
+            "text_offset": [e.offset for e in entries],
+        }
 
     @property
     def object(self) -> str:
@@ -484,6 +622,19 @@ class Answer:
     def head(self, choices: list[Choice]) -> dict[str, Any]:
         return {"id": self.id_of(choices[0].job_id), "created": self.created, "model": self.model,
                 "system_fingerprint": self.fingerprint}  # fmt: skip
+
+
+def _check_bias(body: _OpenAIIn, served: ServedModel) -> None:
+    """A logit_bias token id must be one of the model's (a bias on another would do nothing)."""
+    bias = body.bias()
+    vocab = int(served.manifest.config.get("vocab_size") or len(served.tokenizer))
+    if bias and max(bias) >= vocab:
+        raise InvalidRequest(
+            f"logit_bias names token {max(bias)}, outside the {vocab} tokens of {served.name}; "
+            "use ids of its tokenizer",
+            kind="invalid-request",
+            param="logit_bias",
+        )
 
 
 async def _complete(
@@ -500,6 +651,7 @@ async def _complete(
     job ends. A client that disconnects before the end cancels the jobs (after a grace period a
     retry can use)."""
     served = service.catalog.get(body.model)
+    _check_bias(body, served)
     pairs = [(prompt, messages) for prompt, messages in inputs for _ in range(body.n)]
     seeds = body.seeds(len(pairs))
     jobs = [JobInput(p, m, body.sampling(seed)) for (p, m), seed in zip(pairs, seeds, strict=True)]
@@ -509,7 +661,10 @@ async def _complete(
         Choice(i, job_id, echo=(job.prompt or "") if echo else "", matcher=StopMatcher(stops))
         for i, (job_id, job) in enumerate(zip(job_ids, jobs, strict=True))
     ]
-    answer = Answer(kind, body.model, system_fingerprint(served), int(time.time()), body.limit(), served.eos_token_ids)
+    answer = Answer(
+        kind, body.model, system_fingerprint(served), int(time.time()), body.limit(), served.eos_token_ids,
+        TokenTexts(served.tokenizer) if body.wanted_logprobs() is not None else None,
+    )  # fmt: skip
     if body.stream:
         usage = body.stream_options is not None and body.stream_options.include_usage
         return _stream(service, answer, choices, usage)
@@ -520,7 +675,12 @@ async def _complete(
     out = []
     for c in choices:
         text = c.echo + c.answer
-        item: dict[str, Any] = {"index": c.index, "finish_reason": c.finish, "logprobs": None}
+        if answer.texts is not None and c.row.completion_tokens and not c.logprobs:
+            raise job_failed(
+                f"the log probabilities of job {c.job_id} are no longer held (a retry attached after its token "
+                "events were dropped); send the request again without an Idempotency-Key"
+            )
+        item: dict[str, Any] = {"index": c.index, "finish_reason": c.finish, "logprobs": answer.logprobs(c.logprobs)}
         if kind == "chat":
             item["message"] = {"role": "assistant", "content": text, "refusal": None}
         else:
@@ -545,7 +705,9 @@ async def _wait_all(service: BrokerService, request: Request, answer: Answer, ch
     """Follow every job to its end while the requester is connected; when it leaves first, its
     jobs are left (cancelled after the grace period unless a retry attaches) and this raises a
     499 problem that nobody reads."""
-    tasks = [asyncio.create_task(_follow(service, c, answer.limit, answer.eos, lambda _c, _p: None)) for c in choices]
+    tasks = [
+        asyncio.create_task(_follow(service, c, answer.limit, answer.eos, lambda _c, _p, _l: None)) for c in choices
+    ]
     everything = asyncio.gather(*tasks)
     gone = asyncio.ensure_future(_disconnected(request))
     try:
@@ -567,10 +729,14 @@ async def _wait_all(service: BrokerService, request: Request, answer: Answer, ch
 def _stream(service: BrokerService, answer: Answer, choices: list[Choice], include_usage: bool) -> StreamingResponse:
     head = {**answer.head(choices), "object": "chat.completion.chunk" if answer.kind == "chat" else "text_completion"}
 
-    def chunk(choice: Choice | None, text: str | None, finish: str | None = None, first: bool = False) -> bytes:
+    def chunk(
+        choice: Choice | None, text: str | None, finish: str | None = None, first: bool = False,
+        entries: list[TokenLogprobs] | None = None,
+    ) -> bytes:  # fmt: skip
         payload: dict[str, Any] = {**head, "choices": []}
         if choice is not None:
-            item: dict[str, Any] = {"index": choice.index, "finish_reason": finish, "logprobs": None}
+            lps = answer.logprobs(entries) if entries else None
+            item: dict[str, Any] = {"index": choice.index, "finish_reason": finish, "logprobs": lps}
             if answer.kind == "chat":
                 item["delta"] = {"role": "assistant", "content": text or ""} if first else {}
                 if text and not first:
@@ -583,13 +749,14 @@ def _stream(service: BrokerService, answer: Answer, choices: list[Choice], inclu
         return f"data: {json.dumps(payload)}\n\n".encode()
 
     async def body() -> AsyncIterator[bytes]:
-        queue: asyncio.Queue[tuple[Choice, str | None]] = asyncio.Queue()  # (choice, text); None: it ended
+        # (choice, text, its tokens' log probabilities); text None: the job ended
+        queue: asyncio.Queue[tuple[Choice, str | None, list[TokenLogprobs]]] = asyncio.Queue()
 
         async def follow(c: Choice) -> None:
             try:
-                await _follow(service, c, answer.limit, answer.eos, lambda ch, piece: queue.put_nowait((ch, piece)))
+                await _follow(service, c, answer.limit, answer.eos, lambda ch, p, lps: queue.put_nowait((ch, p, lps)))
             finally:
-                queue.put_nowait((c, None))
+                queue.put_nowait((c, None, []))
 
         for c in choices:  # chat: the role first, as OpenAI; completions: the echoed prompt
             if answer.kind == "chat" or c.echo:
@@ -598,9 +765,9 @@ def _stream(service: BrokerService, answer: Answer, choices: list[Choice], inclu
         try:
             running = len(tasks)
             while running:
-                c, piece = await queue.get()
+                c, piece, entries = await queue.get()
                 if piece is not None:
-                    yield chunk(c, piece)
+                    yield chunk(c, piece, entries=entries)
                     continue
                 running -= 1
                 if c.error is not None or c.finish is None:  # failed (or its reading did)
@@ -608,7 +775,7 @@ def _stream(service: BrokerService, answer: Answer, choices: list[Choice], inclu
                     err = {"error": {"message": why, "type": "server_error", "param": None, "code": "job_failed"}}
                     yield f"data: {json.dumps(err)}\n\n".encode()
                     return
-                yield chunk(c, None, c.finish)
+                yield chunk(c, None, c.finish, entries=c.take())  # tokens whose text a stop string cut
             if include_usage:
                 yield chunk(None, None)
             yield b"data: [DONE]\n\n"

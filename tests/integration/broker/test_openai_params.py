@@ -19,6 +19,7 @@ from dlis_market.broker.app import create_app
 from dlis_market.broker.detokenize import StopMatcher
 from dlis_market.broker.service import BrokerService
 from dlis_market.inference.manifest import MANIFEST_NAME
+from dlis_market.inference.sampling import TokenLogprob
 from tests.chaos.test_broker_retries import signed_route
 from tests.integration.broker import conftest as broker_suite
 
@@ -261,3 +262,104 @@ def test_stop_matcher_never_emits_part_of_a_stop_string(stops, pieces, emitted, 
     assert [m.push(p) for p in pieces] == emitted and m.stopped is stopped
     whole = "".join(pieces)
     assert "".join(emitted) + m.flush() == StopMatcher(stops).cut(whole)[0]
+
+
+class LogprobBackend(broker_suite.ScriptedBackend):
+    """Workers that send each scripted token with log probabilities, as a last stage asked for
+    ``logprobs`` does: the token at ``-(i + 1) / 10`` and its top ``k`` alternatives below it."""
+
+    def __init__(self, base: broker_suite.ScriptedBackend):
+        super().__init__(base.nodes, base.domain, base.script)
+
+    async def start(self, job):
+        self.jobs.append(job)
+        backend, k = self, job.logprobs or 0
+
+        class Stream:
+            async def _gen(self):
+                for i, t in enumerate(backend.script[: job.max_new_tokens]):
+                    lp = -(i + 1) / 10
+                    yield TokenLogprob(t, lp, tuple((t + j, lp - j) for j in range(k)))
+
+            def tokens(self):
+                return self._gen()
+
+            async def finish(self):
+                return signed_route(backend, job, len(job.prompt_ids) + min(len(backend.script), job.max_new_tokens))
+
+        return Stream()
+
+
+def test_penalties_and_logit_bias_reach_the_last_stage(api):
+    api.client.chat.completions.create(
+        model=MODEL, messages=user("x"), max_tokens=2, temperature=0, presence_penalty=0.5, frequency_penalty=-1.25,
+        logit_bias={"42": -100, "7": 2.5},
+    )  # fmt: skip
+    job = api.backend.jobs[-1]
+    assert (job.presence_penalty, job.frequency_penalty, job.logit_bias) == (0.5, -1.25, ((7, 2.5), (42, -100.0)))
+    assert job.greedy and job.logprobs is None and job.sampling.features == {"penalties", "logit_bias"}
+    api.client.completions.create(model=MODEL, prompt="x", max_tokens=2, temperature=0.7, seed=3, frequency_penalty=1)
+    job = api.backend.jobs[-1]
+    assert (job.greedy, job.seed, job.frequency_penalty, job.presence_penalty, job.logit_bias) == (False, 3, 1.0, 0, ())
+
+
+def test_logprobs_from_workers_that_send_none_fail_the_request(api):
+    """Workers that send bare token ids for a job that asked for log probabilities (workers that
+    predate them): the request fails with the reason, never answers without them."""
+    with pytest.raises(openai.APIStatusError) as err:
+        api.client.chat.completions.create(model=MODEL, messages=user("x"), max_tokens=2, logprobs=True)
+    assert err.value.status_code == 502 and "log probabilit" in err.value.message, err.value.body
+    assert api.backend.jobs[-1].logprobs == 0
+    with pytest.raises(openai.APIError) as err:  # streamed: the error event, no chunk without log probabilities
+        list(api.client.completions.create(model=MODEL, prompt="x", max_tokens=2, logprobs=2, stream=True))
+    assert "log probabilit" in err.value.message
+    assert api.backend.jobs[-1].logprobs == 2 and api.service.ledger.recent_jobs(1)[0].status == "failed"
+
+
+def test_chat_logprobs_shape_stream_and_not(broker_env, live_server):
+    api = serve(broker_env, live_server, LogprobBackend)
+    script = api.backend.script[:4]
+    res = api.client.chat.completions.create(
+        model=MODEL, messages=user("x"), max_tokens=4, temperature=0, logprobs=True, top_logprobs=3
+    )
+    assert api.backend.jobs[-1].logprobs == 3
+    content = res.choices[0].logprobs.content
+    assert [c.token for c in content] == [api.tok.decode([t]) for t in script]
+    assert "".join(c.token for c in content) == res.choices[0].message.content == " Paris is the capital"
+    assert [c.logprob for c in content] == pytest.approx([-0.1, -0.2, -0.3, -0.4])
+    for c, t in zip(content, script, strict=True):
+        assert bytes(c.bytes).decode() == c.token
+        assert [a.token for a in c.top_logprobs] == [api.tok.decode([t + j]) for j in range(3)]
+        tops = [a.logprob for a in c.top_logprobs]
+        assert tops == sorted(tops, reverse=True) and tops[0] == c.logprob  # greedy: the best one
+    chunks = list(api.client.chat.completions.create(
+        model=MODEL, messages=user("x"), max_tokens=4, temperature=0, logprobs=True, top_logprobs=3, stream=True
+    ))  # fmt: skip
+    streamed = [e for ch in chunks if ch.choices and ch.choices[0].logprobs for e in ch.choices[0].logprobs.content]
+    assert [e.model_dump() for e in streamed] == [e.model_dump() for e in content]
+    # stop string: the tokens up to the one that completed it; their text is cut at the stop
+    res = api.client.chat.completions.create(model=MODEL, messages=user("x"), max_tokens=4, logprobs=True, stop=" the")
+    assert res.choices[0].message.content == " Paris is" and res.choices[0].finish_reason == "stop"
+    assert [c.token for c in res.choices[0].logprobs.content] == [api.tok.decode([t]) for t in script[:3]]
+    assert all(c.top_logprobs == [] for c in res.choices[0].logprobs.content)
+    plain = api.client.chat.completions.create(model=MODEL, messages=user("x"), max_tokens=2)
+    assert plain.choices[0].logprobs is None and api.backend.jobs[-1].logprobs is None
+
+
+def test_completion_logprobs_shape_stream_and_not(broker_env, live_server):
+    api = serve(broker_env, live_server, LogprobBackend)
+    script = api.backend.script[:4]
+    res = api.client.completions.create(model=MODEL, prompt="x", max_tokens=4, temperature=0, logprobs=2)
+    lp = res.choices[0].logprobs
+    texts = [api.tok.decode([t]) for t in script]
+    assert lp.tokens == texts and "".join(lp.tokens) == res.choices[0].text
+    assert lp.token_logprobs == pytest.approx([-0.1, -0.2, -0.3, -0.4])
+    assert lp.text_offset == [sum(len(t) for t in texts[:i]) for i in range(4)]
+    assert lp.top_logprobs[1] == {api.tok.decode([script[1]]): pytest.approx(-0.2),
+                                  api.tok.decode([script[1] + 1]): pytest.approx(-1.2)}  # fmt: skip
+    chunks = list(api.client.completions.create(model=MODEL, prompt="x", max_tokens=4, logprobs=2, stream=True))
+    parts = [c.choices[0].logprobs for c in chunks if c.choices and c.choices[0].logprobs]
+    assert [t for p in parts for t in p.tokens] == texts
+    assert [o for p in parts for o in p.text_offset] == lp.text_offset
+    zero = api.client.completions.create(model=MODEL, prompt="x", max_tokens=2, logprobs=0)
+    assert zero.choices[0].logprobs.top_logprobs == [{texts[0]: pytest.approx(-0.1)}, {texts[1]: pytest.approx(-0.2)}]

@@ -18,11 +18,12 @@ CHAT_REFUSED = [
     ("tool_choice", "auto", "tool or function calls"),
     ("response_format", {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}, "JSON"),
     ("response_format", {"type": "json_object"}, "JSON"),
-    ("logprobs", True, "log probability"),
-    ("top_logprobs", 3, "log probability"),
-    ("presence_penalty", 0.5, "sampler"),
-    ("frequency_penalty", -1.0, "sampler"),
-    ("logit_bias", {"1": 5}, "sampler"),
+    ("top_logprobs", 3, "needs logprobs: true"),
+    ("presence_penalty", 2.5, "less than or equal to 2"),
+    ("frequency_penalty", -3, "greater than or equal to -2"),
+    ("logit_bias", {"the": 5}, "token id (a decimal string)"),
+    ("logit_bias", {"1": 101}, "[-100, 100]"),
+    ("logit_bias", {"49152": 1}, "outside the 49152 tokens"),
     ("audio", {"voice": "alloy", "format": "wav"}, "text-in, text-out"),
     ("modalities", ["text", "audio"], "'text' modality"),
     ("prediction", {"type": "content", "content": "x"}, "text-in, text-out"),
@@ -34,7 +35,8 @@ CHAT_REFUSED = [
 
 
 COMPLETION_REFUSED = [
-    ({"logprobs": 2}, "logprobs", "log probability"),
+    ({"logprobs": 6}, "logprobs", "less than or equal to 5"),
+    ({"logprobs": 2, "echo": True}, "logprobs", "prompt's log probabilities"),
     ({"suffix": "end"}, "suffix", "insertion"),
     ({"best_of": 3}, "best_of", "best_of"),
     ({"prompt": [1, 2, 3]}, "prompt", "token-id prompts"),
