@@ -32,7 +32,7 @@ import logging
 import secrets
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -304,6 +304,19 @@ class PipelineDriver:
         elif rid:
             await channel.send("error", {"message": f"op {op!r} is not served by a driver", "code": "protocol"}, rid)
 
+    @contextlib.contextmanager
+    def awaiting(self, sid: str, peers: frozenset[str]) -> Iterator[asyncio.Future[Any]]:
+        """A future for the next answer to session ``sid`` (a token, hidden states or a failure)
+        that only ``peers`` may resolve; forgotten when the block ends. Job sessions and replays
+        (:mod:`.replay`) wait on their steps through it."""
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._waiters[sid] = (fut, peers)
+        try:
+            yield fut
+        finally:
+            if self._waiters.get(sid, (None,))[0] is fut:
+                self._waiters.pop(sid, None)
+
     def _resolve(self, sid: str, value: Any = None, error: Exception | None = None, sender: str | None = None) -> None:
         waiter = self._waiters.get(sid)
         if waiter is None or waiter[0].done():
@@ -489,8 +502,10 @@ class JobSession:
 
     async def _step(self, inp: StageInput) -> tuple[int, TokenLogprob | None]:
         """Push one step; the sampled token and its log probability (when the stage sent one)."""
-        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self.driver._waiters[self.session_id] = (fut, frozenset(h.peer_id for h in self.route))
+        with self.driver.awaiting(self.session_id, frozenset(h.peer_id for h in self.route)) as fut:
+            return await self._push(inp, fut)
+
+    async def _push(self, inp: StageInput, fut: asyncio.Future[Any]) -> tuple[int, TokenLogprob | None]:
         try:
             first = self.route[0].peer_id
             await self.driver.pool.send(first, "step", {"input": encode(inp), "reply_to": self.driver.peer_id})
@@ -507,8 +522,6 @@ class JobSession:
             raise StageFailedError(
                 f"no token within {self.driver.settings.step_timeout_s:.0f}s", await self._probe()
             ) from None
-        finally:
-            self.driver._waiters.pop(self.session_id, None)
 
     async def _probe(self) -> str | None:
         """The first stage of the route that does not answer, if any."""

@@ -21,7 +21,6 @@ import hashlib
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
@@ -177,9 +176,7 @@ async def replay(
                 (sid,), step.positions, step.step, token_ids=step.token_ids, hidden=step.hidden,
                 want_logits=step.want_logits,
             )  # fmt: skip
-            fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-            driver._waiters[sid] = (fut, frozenset({replica.peer_id}))
-            try:
+            with driver.awaiting(sid, frozenset({replica.peer_id})) as fut:
                 await driver.pool.send(replica.peer_id, "step", {"input": encode(inp), "reply_to": driver.peer_id})
                 try:
                     out = await asyncio.wait_for(fut, driver.settings.step_timeout_s)
@@ -188,8 +185,6 @@ async def replay(
                         f"replica {replica.peer_id} gave no output within {driver.settings.step_timeout_s:.0f}s",
                         replica.peer_id,
                     ) from None
-            finally:
-                driver._waiters.pop(sid, None)
             if isinstance(out, TokenLogprob):
                 out = out.token
             if isinstance(out, torch.Tensor):
