@@ -27,13 +27,18 @@ NOISY = ("hivemind", "httpx", "httpcore", "urllib3", "web3", "asyncio", "uvicorn
 _STANDARD = set(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message", "asctime", "taskName"}
 
 
+# Canonical level names: a library may rename them process-wide (hivemind makes WARNING "WARN").
+_LEVELS = {logging.DEBUG: "DEBUG", logging.INFO: "INFO", logging.WARNING: "WARNING", logging.ERROR: "ERROR",
+           logging.CRITICAL: "CRITICAL"}  # fmt: skip
+
+
 class JsonFormatter(logging.Formatter):
     """One JSON object per record."""
 
     def format(self, record: logging.LogRecord) -> str:
         out: dict[str, Any] = {
             "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
-            "level": record.levelname,
+            "level": _LEVELS.get(record.levelno, record.levelname),
             "logger": record.name,
             "message": record.getMessage(),
         }

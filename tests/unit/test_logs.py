@@ -24,6 +24,8 @@ def _restore_root():
 
 
 def test_json_lines_carry_level_logger_message_extras_and_exceptions(capfd):
+    import hivemind  # noqa: F401  (renames WARNING to "WARN" process-wide; JSON keeps the canonical names)
+
     configure_logging(LogSettings(format="json"))
     log = logging.getLogger("dlis_market.broker.service")
     log.warning("job %s failed: %s", "0xab", "stage timed out", extra={"job_id": "0xab"})

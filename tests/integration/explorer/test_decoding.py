@@ -10,11 +10,15 @@ from eth_account.signers.local import LocalAccount
 
 from dlis_market.chain.job_market import (
     JobAuthorization,
+    PaymentTicket,
     Receipt,
     SignedJob,
     SignedReceipt,
+    rand_commitment,
     sign_authorization,
+    sign_payment_ticket,
     sign_receipt,
+    win_threshold,
 )
 from dlis_market.chain.node_registry import Capability, DeviceClass
 from dlis_market.explorer.decoder import DecodedEvent
@@ -232,9 +236,19 @@ def test_every_market_event_decodes(market):
     assert view.call is not None and view.call.function == "settleBatch"
     job = view.call.args["jobs"][0]
     assert job["client"] == client.address and [r["start"] for r in job["receipts"]] == [0, 2]
+    # a probabilistic payment ticket that wins (p = 1) pays its face value to the node's operator
+    rand = secrets.randbits(256)
+    ticket = PaymentTicket(
+        client.address, market.broker.address, nodes[0].address, 10**15, win_threshold(1.0),
+        rand_commitment(rand), 1, market.client.timestamp() + 600,
+    )  # fmt: skip
+    sig = sign_payment_ticket(client.key, jm.domain(), ticket)
+    ev = _one(record(jm.redeem_winning_ticket(op, ticket, sig, rand)), "JobMarket", "TicketRedeemed")
+    assert ev.args["client"] == client.address and ev.args["recipient"] == nodes[0].address
+    assert ev.args["operator"] == op.address and ev.args["faceValue"] == 10**15
     evs = record(jm.claim(op))
-    assert _one(evs, "JobMarket", "Claimed").args == {"account": op.address, "amount": 4 * 10**15}
-    assert _one(evs, "DLISToken", "Transfer").args == {"from": jm.address, "to": op.address, "value": 4 * 10**15}
+    assert _one(evs, "JobMarket", "Claimed").args == {"account": op.address, "amount": 5 * 10**15}
+    assert _one(evs, "DLISToken", "Transfer").args == {"from": jm.address, "to": op.address, "value": 5 * 10**15}
     mf = jm.contract.functions
     ev = _one(
         record(market.client.transact(market.deployer, mf.setFee(300, market.deployer.address))),
