@@ -54,6 +54,10 @@ class AnvilProcess:
     log_file: Path | None = None
     host: str = "127.0.0.1"
     proc: subprocess.Popen[bytes] | None = None
+    # OP-stack mode (`anvil --optimism`): deposit transactions and OP receipts. Anvil 1.7.1 computes
+    # no L1 data fee there (receipts carry no l1Fee, no GasPriceOracle predeploy); bench/l2_settlement.py
+    # models that fee from the measured transactions.
+    optimism: bool = False
 
     @property
     def rpc_url(self) -> str:
@@ -72,6 +76,8 @@ class AnvilProcess:
         ]  # fmt: skip
         if self.state_file is not None:
             cmd += ["--state", str(self.state_file), "--state-interval", "5"]
+        if self.optimism:
+            cmd.append("--optimism")
         return cmd
 
     def start(self, detached: bool = False, timeout_s: float = 20.0) -> AnvilProcess:

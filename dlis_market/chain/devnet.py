@@ -116,9 +116,12 @@ class LocalMarket:
 
 
 @contextmanager
-def local_market(home: Path, port: int | None = None, **chain_overrides: object) -> Iterator[LocalMarket]:
-    """Start Anvil on 127.0.0.1, deploy, write the manifest under ``home``; stop Anvil at exit."""
-    anvil = AnvilProcess(port or free_port(), log_file=home / "anvil.log")
+def local_market(
+    home: Path, port: int | None = None, optimism: bool = False, **chain_overrides: object
+) -> Iterator[LocalMarket]:
+    """Start Anvil on 127.0.0.1 (``optimism``: in its OP-stack mode), deploy, write the manifest
+    under ``home``; stop Anvil at exit."""
+    anvil = AnvilProcess(port or free_port(), log_file=home / "anvil.log", optimism=optimism)
     home.mkdir(parents=True, exist_ok=True)
     anvil.start()
     try:

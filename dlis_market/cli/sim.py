@@ -17,22 +17,25 @@ app = typer.Typer(
         "(plan_route), the oracle's dropout model and reputation scoring, the spot-check sampler, the "
         "contracts' fee and slash rules, and the measured settlement gas.\n\n"
         "A scenario file (YAML/JSON) lists peers (device class, layers [start, end), price, stake, byzantine "
-        "rate) or a random population, and client classes (Poisson rate, tokens, policy). Shipped: demo "
-        "(make demo's 4 workers), byzantine (demo + a cheating laptop), scale (10,000 peers). Market rules "
-        "not in the file come from the settings (DLIS_*).\n\n"
+        "rate, own measured figures) or a random population, and client classes (Poisson rate or closed-loop "
+        "users, tokens, policy). Shipped: demo (make demo's 4 workers), demo_calibrated (the same 4 as "
+        "bench/sim_calibration.py measured them running, with the broker's per-job costs), byzantine (demo + "
+        "a cheating laptop), scale (10,000 peers). Market rules not in the file come from the settings "
+        "(DLIS_*).\n\n"
         "Examples:\n\n"
         "dlis sim run --scenario demo --seeds 5\n\n"
         "dlis sim compare --scenario demo --change add-peers=2 --seeds 10\n\n"
         "dlis sim incentive --scenario byzantine --fractions 0,0.02,0.1\n\n"
         "Device figures: laptop measured (bench/pipeline_local.py), phone, iot and server assumed (see "
-        "dlis_market/sim/profiles.py). No PNG plots: neither matplotlib nor Pillow is installed; --out writes JSON."
+        "dlis_market/sim/profiles.py); demo_calibrated holds measured ones. No PNG plots: neither matplotlib "
+        "nor Pillow is installed; --out writes JSON."
     ),
     no_args_is_help=True,
 )
 
 ScenarioOpt = Annotated[
     Path,
-    typer.Option(help="Scenario file (YAML or JSON), or a shipped name: demo, byzantine, scale."),
+    typer.Option(help="Scenario file (YAML or JSON), or a shipped name: demo, demo_calibrated, byzantine, scale."),
 ]
 SeedsOpt = Annotated[int, typer.Option(min=1, help="Independent runs (seeds 0..N-1); figures get 95 % CIs.")]
 HoursOpt = Annotated[float | None, typer.Option(min=0.001, help="Simulated hours (default: the scenario's).")]

@@ -8,13 +8,16 @@ Processes (simulated seconds; metrics count ``[0, hours)``, jobs that arrived by
   going offline interrupts every session it holds.
 * **risk**: every ``risk_refresh_slots`` heartbeats each online peer's failure risk is predicted
   by the oracle's :data:`~dlis_market.oracle.dropout.DEFAULT_MODEL` from its heartbeat record.
-* **clients**: Poisson arrivals per client class. A job asks the real
-  :func:`~dlis_market.broker.scheduler.plan_route` for a route over the (pruned) network state,
-  retrying every ``route_retry_s`` up to ``job_timeout_s``; holds a KV slot on each hop; prefills
-  and decodes with each hop's per-layer time under its current load (re-read every
-  ``decode_chunk_tokens``) plus the hop's link; when a hop drops, it fails over through
-  ``plan_route`` again without the failed peer, replaying what was generated, at most
-  ``max_failovers`` times (the driver's rule). Only the final route is paid (README).
+* **clients**: per client class, Poisson arrivals (open loop) or ``concurrency`` users sending
+  one job after another (closed loop), at most ``jobs`` in all. A job is admitted (the broker's
+  ``admit_ms``), asks the real :func:`~dlis_market.broker.scheduler.plan_route` for a route over
+  the (pruned) network state, retrying every ``route_retry_s`` up to ``job_timeout_s``; holds a KV
+  slot on each hop; opens its sessions (``open_ms``); one prefill pass yields the first token and
+  one decode pass each further token, each pass costing every hop's per-layer time under its
+  current load (re-read every ``decode_chunk_tokens``), every hop's link, the last stage's link
+  back to the broker and ``pass_ms``; then closes (``close_ms``: receipts). When a hop drops, it
+  fails over through ``plan_route`` again without the failed peer, replaying what was generated,
+  at most ``max_failovers`` times (the driver's rule). Only the final route is paid (README).
 * **spot checks**: after a job that ran on one route, each stage call ``(job id, start)`` drawn by
   the real :class:`~dlis_market.protocol.spot_checks.SpotCheckSampler` is re-run on a replica of
   the same span (none online: not checked); a session a byzantine peer corrupted
@@ -24,8 +27,10 @@ Processes (simulated seconds; metrics count ``[0, hours)``, jobs that arrived by
 * **reputation**: every ``epoch_s`` the oracle's :func:`~dlis_market.oracle.reputation.score_reputation`
   scores each peer from the epoch's uptime, observed sessions and throughput, checks and stake.
 
-Not modelled: per-message jitter, correlated outages, the precursor misses of phones before a
-drop, a byzantine worker's overstated throughput, the checker's own compute, gas prices.
+Not modelled: per-message jitter (only a per-job speed spread, ``job_speed_cv``), CPU shared
+between workers on one machine beyond the measured batching curve, correlated outages, the
+precursor misses of phones before a drop, a byzantine worker's overstated throughput, the
+checker's own compute, gas prices.
 
 Why one module of this size: the SimPy processes (churn, risk, clients, jobs, settlement) share
 one simulation clock and the peers' live state; the market rules they call are the project's own
@@ -52,7 +57,7 @@ from dlis_market.oracle.reputation import NodeEpochStats, score_reputation
 from dlis_market.protocol.spot_checks import SpotCheckSampler
 from dlis_market.sim.economics import Ledger, slash
 from dlis_market.sim.network import PeerSpec, PeerTable
-from dlis_market.sim.profiles import PREFILL_RATIO, batch_gas, slowdown
+from dlis_market.sim.profiles import batch_gas, slowdown
 from dlis_market.sim.scenario import ClientClass, Market, Scenario
 from dlis_market.types import ZERO_ADDRESS, model_id
 
@@ -64,12 +69,14 @@ class JobRecord:
     client: str
     arrived: float
     status: str = "running"  # ok | no_route | failovers
+    started: float = math.nan  # admitted by the broker: the job runs (its latency_ms counts from here)
     finished: float = math.nan
     first_token: float = math.nan
     tokens: int = 0  # prompt + generated
     new_tokens: int = 0  # generated
     failovers: int = 0
     hops: int = 0
+    route: tuple[int, ...] = ()  # peers of the final route
     corrupted_delivered: bool = False
 
     @property
@@ -138,7 +145,7 @@ def build_peers(scenario: Scenario, market: Market, seed: int) -> list[PeerSpec]
     devices = scenario.device_table()
     specs: list[PeerSpec] = []
     for g in scenario.peers:
-        prof = devices[g.device]
+        prof = g.device_profile(devices)
         price = g.price_per_token if g.price_per_token is not None else prof.price_per_token_layer * g.layers.size
         stake = g.stake if g.stake is not None else market.min_stake
         specs += [PeerSpec(g.device, prof, g.layers, price, stake, g.byzantine) for _ in range(g.count)]
@@ -174,6 +181,7 @@ class Simulation:
             m.activation_bytes_per_token,
             m.kv_bytes_per_token_layer,
             market.min_stake,
+            scenario.offers_track_load,
         )
         self.stats = [PeerStats() for _ in self.specs]
         self.sessions: list[dict[int, _Attempt]] = [{} for _ in self.specs]  # peer -> job -> attempt
@@ -191,6 +199,8 @@ class Simulation:
         self.checks_drawn = 0
         self.checks_unreplicated = 0
         self.in_flight = 0
+        self.sent = [0] * len(scenario.clients)  # jobs each client class has sent
+        self.senders = len(scenario.clients)  # client classes still sending
         self.closed = False
         self.drained = self.env.event()
         secret = hashlib.sha256(f"sim-spot-check-secret:{seed}".encode()).digest()
@@ -251,16 +261,37 @@ class Simulation:
     # ------------------------------------------------------------------ jobs
 
     def _clients(self, client: ClientClass, index: int) -> Generator[simpy.Event, Any, None]:
-        rng = np.random.default_rng([self.seed, 2, index])
         yield self.env.timeout(-self.env.now)
-        while True:
-            yield self.env.timeout(rng.exponential(1.0 / client.rate_per_s))
-            if self.env.now >= self.horizon:
-                return
-            rec = JobRecord(client=client.name, arrived=self.env.now)
-            self.jobs.append(rec)
-            self.in_flight += 1
-            self.env.process(self._job(client, rec, len(self.jobs) - 1))
+        if client.rate_per_s is not None:
+            rng = np.random.default_rng([self.seed, 2, index])
+            while True:
+                yield self.env.timeout(rng.exponential(1.0 / client.rate_per_s))
+                if self.env.now >= self.horizon or not self._take(client, index):
+                    break
+                self.env.process(self._job(client, *self._arrive(client)))
+        else:
+            users = [self.env.process(self._user(client, index)) for _ in range(client.concurrency or 1)]
+            yield self.env.all_of(users)
+        self.senders -= 1
+        if self.senders == 0:
+            self._close_now()
+
+    def _user(self, client: ClientClass, index: int) -> Generator[simpy.Event, Any, None]:
+        """One closed-loop user: the next job as soon as the previous one finished."""
+        while self.env.now < self.horizon and self._take(client, index):
+            yield self.env.process(self._job(client, *self._arrive(client)))
+
+    def _take(self, client: ClientClass, index: int) -> bool:
+        if client.jobs is not None and self.sent[index] >= client.jobs:
+            return False
+        self.sent[index] += 1
+        return True
+
+    def _arrive(self, client: ClientClass) -> tuple[JobRecord, int]:
+        rec = JobRecord(client=client.name, arrived=self.env.now)
+        self.jobs.append(rec)
+        self.in_flight += 1
+        return rec, len(self.jobs) - 1
 
     def _plan(self, request: RouteRequest, policy: Policy, excluded: set[int]) -> tuple[Route, list[int]] | None:
         t0, c0 = time.perf_counter(), time.thread_time()
@@ -283,12 +314,24 @@ class Simulation:
         self.route_ms.append(1000.0 * (time.perf_counter() - t0))
         self.route_cpu_ms.append(1000.0 * (time.thread_time() - c0))
 
-    def _token_ms(self, peers: list[int], route: Route) -> float:
-        t = 0.0
+    def _job_speed(self, number: int) -> float:
+        """How much longer job ``number`` takes than the model says (``job_speed_cv``; 1.0 if 0)."""
+        cv = self.sc.job_speed_cv
+        if cv <= 0:
+            return 1.0
+        sigma = math.sqrt(math.log1p(cv * cv))
+        return float(np.random.default_rng([self.seed, 3, number]).lognormal(-sigma * sigma / 2, sigma))
+
+    def _pass_ms(self, peers: list[int], route: Route, tokens: int = 1) -> float:
+        """One forward pass of ``tokens`` (1: a decode step; more: a prefill) through the route and
+        back to the broker, under each hop's current load (see :class:`~.scenario.Overheads`)."""
+        t = self.sc.overheads.pass_ms
+        per_layer = 1.0 if tokens == 1 else self.sc.prefill_ratio * tokens
+        size = self.table.activation_bytes_per_token * tokens
         for i, hop in zip(peers, route.hops, strict=True):
-            t += self.table.compute[i] * slowdown(int(self.table.sessions[i])) * hop.layers.size
-            t += self.table.transfer[i]
-        return float(t)
+            t += self.table.compute[i] * slowdown(int(self.table.sessions[i])) * hop.layers.size * per_layer
+            t += self.table.latency[i] + 1000.0 * size / self.table.bandwidth[i]
+        return float(t + self.table.latency[peers[-1]])  # the last stage answers the broker
 
     def _job(self, client: ClientClass, rec: JobRecord, number: int) -> Generator[simpy.Event, Any, None]:
         job_id = hashlib.sha256(f"sim-job:{self.seed}:{number}".encode()).digest()
@@ -301,6 +344,11 @@ class Simulation:
         done = 0
         excluded: set[int] = set()
         total = client.prompt_tokens + client.max_new_tokens
+        over = self.sc.overheads
+        speed = self._job_speed(number)
+        if over.admit_ms > 0:
+            yield self.env.timeout(over.admit_ms / 1000.0)
+        rec.started = self.env.now
         while True:
             request = RouteRequest(
                 model_id=self.table.model_id,
@@ -323,13 +371,14 @@ class Simulation:
                 self.sessions[i][id(attempt)] = attempt
             step_ms, chunk_at = 0.0, self.env.now
             try:
-                prefill = PREFILL_RATIO * request.prompt_tokens * self._token_ms(peers, route)
-                yield self.env.timeout(prefill / 1000.0)
+                prefill = over.open_ms + self._pass_ms(peers, route, request.prompt_tokens)
+                yield self.env.timeout(speed * prefill / 1000.0)
+                done = min(done + 1, client.max_new_tokens)  # the prefill's logits give the next token
                 if math.isnan(rec.first_token):
                     rec.first_token = self.env.now
                 while done < client.max_new_tokens:
                     n = min(self.sc.decode_chunk_tokens, client.max_new_tokens - done)
-                    step_ms, chunk_at = self._token_ms(peers, route), self.env.now
+                    step_ms, chunk_at = speed * self._pass_ms(peers, route), self.env.now
                     yield self.env.timeout(n * step_ms / 1000.0)
                     done += n
                     step_ms = 0.0
@@ -346,7 +395,9 @@ class Simulation:
                     return
                 continue
             self._release(attempt, started, route, tokens=total, ok=True)
-            rec.tokens, rec.new_tokens, rec.hops = total, client.max_new_tokens, len(peers)
+            if over.close_ms > 0:
+                yield self.env.timeout(speed * over.close_ms / 1000.0)
+            rec.tokens, rec.new_tokens, rec.hops, rec.route = total, client.max_new_tokens, len(peers), tuple(peers)
             self._complete(rec, job_id, route, peers, total)
             return
 
@@ -450,7 +501,7 @@ class Simulation:
             if self.table.up[i]:
                 self._online_time(i, now)
             st = self.stats[i]
-            advertised = 1000.0 / (spec.profile.compute_ms_per_layer * spec.layers.size)
+            advertised = 1000.0 / (float(self.table.advertised[i]) * spec.layers.size)
             history[self.table.ids[i]] = NodeEpochStats(
                 node=self.table.ids[i],
                 uptime_fraction=min(1.0, st.e_up_s / self.mk.epoch_s),
@@ -471,6 +522,10 @@ class Simulation:
 
     def _close(self) -> Generator[simpy.Event, Any, None]:
         yield self.env.timeout(self.horizon - self.env.now)
+        self._close_now()
+
+    def _close_now(self) -> None:
+        """No more arrivals (the horizon passed, or every client class sent its jobs)."""
         self.closed = True
         if self.in_flight == 0 and not self.drained.triggered:
             self.drained.succeed()

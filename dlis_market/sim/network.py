@@ -52,6 +52,7 @@ class PeerTable:
     activation_bytes_per_token: int
     kv_bytes_per_token_layer: int
     min_stake: int
+    offers_track_load: bool = True  # offers carry the compute time under the peer's current load
     # live state, one entry per peer
     up: np.ndarray = field(init=False)
     sessions: np.ndarray = field(init=False)
@@ -68,6 +69,9 @@ class PeerTable:
         self.end = np.array([s.layers.end for s in self.specs], dtype=np.int64)
         self.size = self.end - self.start
         self.compute = np.array([s.profile.compute_ms_per_layer for s in self.specs])
+        self.advertised = np.array(
+            [s.profile.advertised_ms_per_layer or s.profile.compute_ms_per_layer for s in self.specs]
+        )
         self.latency = np.array([s.profile.link_latency_ms for s in self.specs])
         self.bandwidth = np.array([s.profile.bandwidth_bytes_per_s for s in self.specs])
         self.transfer = self.latency + 1000.0 * self.activation_bytes_per_token / self.bandwidth
@@ -107,7 +111,7 @@ class PeerTable:
         )
         if excluded:
             eligible[list(excluded)] = False
-        compute = self.compute * slowdowns(self.sessions + 1) * self.size
+        compute = self._offered(slice(None)) * self.size
         objective = policy.weight_compute * compute + policy.weight_transfer * self.transfer
         objective += policy.weight_risk * self.risk
         out: list[int] = []
@@ -120,6 +124,13 @@ class PeerTable:
             cheap = live[np.argpartition(self.price[live], top_k)[:top_k]]
             out.extend(np.union1d(best, cheap).tolist())
         return out
+
+    def _offered(self, peers: Any) -> np.ndarray:
+        """Per-layer compute time the scheduler is offered for ``peers`` (an index or a slice): the
+        announced figure, times the slowdown one more session would bring when offers track load."""
+        if not self.offers_track_load:
+            return np.asarray(self.advertised[peers])
+        return np.asarray(self.advertised[peers] * slowdowns(self.sessions[peers] + 1))
 
     def offer(self, i: int, compute_ms_per_layer: float) -> NodeOffer:
         """Peer ``i``'s announcement as the broker turns it into an offer (planning.py); its
@@ -150,7 +161,7 @@ class PeerTable:
     ) -> tuple[NetworkState, dict[str, int]]:
         """The pruned network state for ``request`` and the peer index of each offered node id."""
         picked = self.candidates(request, policy, excluded or set(), top_k)
-        loaded = (self.compute[picked] * slowdowns(self.sessions[picked] + 1)).tolist()
+        loaded = self._offered(picked).tolist()
         offers = []
         for i, c in zip(picked, loaded, strict=True):
             live = (c, int(self.sessions[i]), bool(self.stake_ok[i]), int(self.reputation[i]), float(self.risk[i]))

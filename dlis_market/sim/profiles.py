@@ -18,6 +18,10 @@ Device classes (decode time of one token through one SmolLM2-135M layer, one ses
 Prefill runs the prompt in one pass: per prompt token and layer it costs ``prefill_ratio`` of a
 decode step (assumed 0.1; batched matmuls amortise the weight reads decode pays per token).
 
+``make demo``'s four workers as they measured themselves while serving, with loopback links and
+the broker's per-job costs, are the ``demo_calibrated`` scenario, which ``bench/sim_calibration.py``
+writes (per peer group ``profile:`` figures over these classes).
+
 Churn: hazard per 60 s heartbeat slot and mean outage in slots are the ones the oracle's dropout
 model was fitted on (:func:`dlis_market.oracle.dropout.simulate_traces`: servers 1/5000 and 30,
 laptops 1/400 and 120, phones 1/150 and 20); ``iot`` (1/300, 60) is assumed between them.
@@ -44,6 +48,9 @@ class DeviceProfile(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     compute_ms_per_layer: float = Field(gt=0)  # decode one token through one layer, one session
+    # what the worker announces (its profiler's figure at start, broker/planning.py routes on it);
+    # None: the same as compute_ms_per_layer
+    advertised_ms_per_layer: float | None = Field(default=None, gt=0)
     link_latency_ms: float = Field(ge=0)  # one way, to reach this peer
     bandwidth_bytes_per_s: float = Field(gt=0)
     max_sessions: int = Field(ge=1)  # free KV slots when idle

@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from dlis_market.settings import Settings
 from dlis_market.sim.errors import ScenarioError
-from dlis_market.sim.profiles import DEVICES, DeviceProfile
+from dlis_market.sim.profiles import DEVICES, PREFILL_RATIO, DeviceProfile
 from dlis_market.types import LayerRange
 
 UNIT = 10**18
@@ -46,11 +46,21 @@ class PeerGroup(_Model):
     price_per_token: int | None = Field(default=None, ge=0)  # for the whole span; default: the device's
     stake: int | None = Field(default=None, ge=0)  # default: the minimum stake
     byzantine: float = Field(default=0.0, ge=0, le=1)  # fraction of sessions whose outputs it corrupts
+    # This group's own figures over its device class's, e.g. {compute_ms_per_layer: 1.52} as one
+    # real worker measured itself (bench/sim_calibration.py writes such groups).
+    profile: dict[str, float | int] = Field(default_factory=dict)
 
     @field_validator("layers", mode="before")
     @classmethod
     def _range_text(cls, value: Any) -> Any:
         return LayerRange.parse(value) if isinstance(value, str) else value
+
+    def device_profile(self, devices: dict[str, DeviceProfile]) -> DeviceProfile:
+        """The device class's profile with this group's own figures applied."""
+        base = devices[self.device]
+        if not self.profile:
+            return base
+        return DeviceProfile.model_validate({**base.model_dump(), **self.profile})
 
 
 class Population(_Model):
@@ -63,16 +73,44 @@ class Population(_Model):
 
 
 class ClientClass(_Model):
-    """Clients sending jobs as a Poisson process of ``rate_per_s`` with one policy."""
+    """Clients sending jobs with one policy: a Poisson process of ``rate_per_s`` (open loop), or
+    ``concurrency`` users each sending the next job as soon as the previous one finished (closed
+    loop, as a benchmark drives a broker). ``jobs`` caps how many this class sends in all."""
 
     name: str = "clients"
-    rate_per_s: float = Field(gt=0)
+    rate_per_s: float | None = Field(default=None, gt=0)
+    concurrency: int | None = Field(default=None, ge=1)
+    jobs: int | None = Field(default=None, ge=1)
     prompt_tokens: int = Field(default=32, ge=1)
     max_new_tokens: int = Field(default=32, ge=0)
     max_latency_ms_per_token: float | None = Field(default=None, gt=0)
     max_cost: int | None = Field(default=None, ge=0)
     privacy: Literal["low", "high"] = "low"
     min_reputation_bps: int = Field(default=0, ge=0, le=10_000)
+
+    @model_validator(mode="after")
+    def _one_arrival_process(self) -> ClientClass:
+        if (self.rate_per_s is None) == (self.concurrency is None):
+            raise ValueError(f"client class {self.name!r}: give exactly one of rate_per_s (open loop) or concurrency")
+        return self
+
+
+class Overheads(_Model):
+    """Fixed costs of a job around the stages' compute and links, as the broker runs it. Zero (the
+    default) leaves them out; ``bench/sim_calibration.py`` measures them on ``make demo``'s network.
+
+    A job: ``admit_ms`` (request -> running: authorization, escrow, route, ledger write), then
+    ``open_ms`` (a session opened on every stage), then the prefill pass, which yields the first
+    token, then one decode pass per further token, then ``close_ms`` (sessions closed, receipts
+    collected, the job recorded). Each pass costs every hop's compute and link, the last stage's
+    link once more (its answer goes back to the broker), plus ``pass_ms`` (messaging and sampling
+    beyond the stages' forward passes and the links' latency).
+    """
+
+    admit_ms: float = Field(default=0.0, ge=0)
+    open_ms: float = Field(default=0.0, ge=0)
+    close_ms: float = Field(default=0.0, ge=0)
+    pass_ms: float = Field(default=0.0, ge=0)
 
 
 class MarketRules(_Model):
@@ -137,6 +175,14 @@ class Scenario(_Model):
     job_timeout_s: float = Field(default=60.0, gt=0)  # ... and gives up after this
     decode_chunk_tokens: int = Field(default=16, ge=1)  # timing is re-evaluated every this many tokens
     risk_refresh_slots: int = Field(default=10, ge=1)  # dropout risk re-predicted this often
+    prefill_ratio: float = Field(default=PREFILL_RATIO, gt=0)  # prefill per prompt token and layer / one decode step
+    # each job runs at a speed drawn once for it (lognormal, mean 1, this coefficient of variation):
+    # the job-to-job spread a shared machine's varying load gives (0: every job at the model's speed)
+    job_speed_cv: float = Field(default=0.0, ge=0)
+    # offers carry each peer's compute under its current load (False: the announced figure only,
+    # as broker/planning.py builds offers from announced throughput today)
+    offers_track_load: bool = True
+    overheads: Overheads = Field(default_factory=Overheads)
 
     @model_validator(mode="after")
     def _check(self) -> Scenario:
@@ -146,6 +192,13 @@ class Scenario(_Model):
                 raise ValueError(f"peer group uses device {g.device!r}; known: {', '.join(sorted(known))}")
             if g.layers.end > self.model.num_layers:
                 raise ValueError(f"peer group {g.device} serves {g.layers} beyond {self.model.num_layers} layers")
+            try:
+                g.device_profile(known)
+            except ValidationError as exc:
+                problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
+                raise ValueError(
+                    f"peer group {g.device} {g.layers}: its profile figures are invalid: {problems}"
+                ) from exc
         if self.population is not None:
             for name, weight in self.population.mix.items():
                 if name not in known:
@@ -229,7 +282,8 @@ def apply_change(scenario: Scenario, change: str) -> Scenario:
                 g["stake"] = round(float(value) * UNIT)
         elif key == "rate":
             for c in data["clients"]:
-                c["rate_per_s"] = c["rate_per_s"] * float(value)
+                if c["rate_per_s"] is not None:  # closed-loop classes send as fast as they are served
+                    c["rate_per_s"] = c["rate_per_s"] * float(value)
         elif key == "byzantine":
             for g in data["peers"]:
                 g["byzantine"] = float(value)

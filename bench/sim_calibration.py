@@ -1,0 +1,520 @@
+"""Calibrate `dlis sim` on `make demo`'s network: the same 4 workers run for real, then simulated.
+
+Real run (bounded, about 5 minutes with the demo already built in --home):
+  * starts a second copy of `scripts/demo.sh` on its own ports and DLIS_HOME (workers with a
+    Prometheus port each), or uses one that runs (--reuse); stops it at the end unless --keep;
+  * reads what the workers measured about themselves: the profiler's per-layer time at their
+    thread count (the DLIS_NODE_READY line's throughput and the cached profile), and during the
+    run their own forward-pass timer (`dlis_worker_stage_step_seconds{phase}`, prefill and decode);
+  * measures the loopback link to each worker: `info` round trips from a libp2p driver / 2;
+  * sends paid jobs through the broker's HTTP API, streamed, one prompt of 32 tokens and 32 new
+    tokens (the demo scenario's client), in closed loops of 1, 2 and 4 users (16 jobs each after 2
+    warm-up jobs; the three take turns in 4 rounds of 4 jobs, so that each sees the same mix of the
+    shared machine's load), and records the broker's latency_ms / ttft_ms and the client's times.
+
+Calibration, from the sequential phase only (concurrency 1): compute per layer = each worker's
+mean decode pass / its layers; prefill ratio = prefill pass / (prompt tokens x decode pass) on the
+spans no spot check re-runs; links = the measured round trips / 2; the broker's fixed costs
+(admit, open, close) and the per-pass messaging cost are what the broker's and client's clocks
+show beyond those; the job-to-job spread (job_speed_cv) is the latencies' coefficient of variation.
+The broker routes on the figures the workers announced (their profilers'), without load, so the
+calibrated scenario offers those (advertised_ms_per_layer, offers_track_load: false). Written to
+dlis_market/sim/scenarios/demo_calibrated.yaml.
+
+Simulation: that scenario with the same closed loops (one run per real round, 5 times over,
+pooled); p50/p90/p99 of job latency and time to first token (the broker's clocks: from the job
+running), sim / real ratios, and whether each is within 15 %. The same is printed for the
+shipped demo.yaml (assumed device figures) and for the workers' profiler figures alone, to show
+what the calibration changed.
+
+    .venv/bin/python bench/sim_calibration.py [--reuse] [--keep] [--home DIR] [--phases 1:16,2:16,4:16] [--rounds 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import secrets
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import yaml
+
+sys.path.insert(0, str(Path(__file__).parent))
+from machine_info import machine_info
+
+from dlis_market.settings import Settings
+from dlis_market.sim.engine import simulate
+from dlis_market.sim.scenario import Market, Scenario, load_scenario, parse_scenario
+
+ROOT = Path(__file__).resolve().parent.parent
+MODEL = "smollm2-135m"
+# 32 tokens in SmolLM2's tokenizer; greedy decoding runs on past 32 new tokens without an EOS
+PROMPT = (
+    "Once upon a time, in a small village by the sea, there lived an old fisherman who went out every "
+    "morning before sunrise to cast his nets into the cold"
+)
+MAX_TOKENS = 32
+PORTS = {  # the second demo copy's ports (scripts/demo.sh)
+    "DEMO_PORT": "8745",
+    "DEMO_BROKER_PORT": "8380",
+    "DEMO_ORACLE_PORT": "8390",
+    "DEMO_IPFS_API_PORT": "6101",
+    "DEMO_IPFS_SWARM_PORT": "5101",
+    "DEMO_IPFS_GATEWAY_PORT": "8901",
+}
+SPECS = [("phone", 1), ("laptop", 1), ("server", 2), ("laptop", 1)]  # demo.sh's workers: class, threads
+TARGET = 0.15
+SESSIONS = Settings.load(environ={}).inference.max_sessions  # the demo's workers keep the default
+SEEDS = 5
+CALIBRATED = ROOT / "dlis_market" / "sim" / "scenarios" / "demo_calibrated.yaml"
+STEP = re.compile(r'^dlis_worker_stage_step_seconds_(sum|count)\{phase="(\w+)"\} (\S+)$', re.M)
+
+
+# ---------------------------------------------------------------------- the demo network
+
+
+def demo(home: Path, *args: str, timeout_s: float = 600) -> None:
+    env = {**os.environ, **PORTS, "DLIS_HOME": str(home), "DLIS_NODE__METRICS_PORT": "0"}
+    log = home / "demo-calibration.log"
+    home.mkdir(parents=True, exist_ok=True)
+    with log.open("a") as out:
+        res = subprocess.run(["bash", str(ROOT / "scripts" / "demo.sh"), *args], env=env, stdout=out,
+                             stderr=subprocess.STDOUT, timeout=timeout_s, cwd=ROOT)  # fmt: skip
+    if res.returncode != 0:
+        raise SystemExit(f"scripts/demo.sh {' '.join(args)} failed ({res.returncode}):\n{log.read_text()[-3000:]}")
+
+
+def workers(home: Path) -> list[dict[str, Any]]:
+    """Each worker's READY line and cached profile (what it measured about itself at start)."""
+    out = []
+    for i, (cls, threads) in enumerate(SPECS, 1):
+        lines = [
+            ln
+            for ln in (home / "logs" / f"worker{i}.log").read_text().splitlines()
+            if ln.startswith("DLIS_NODE_READY ")
+        ]
+        if not lines:
+            raise SystemExit(f"worker {i} printed no DLIS_NODE_READY line; see {home}/logs/worker{i}.log")
+        ready = json.loads(lines[-1][len("DLIS_NODE_READY ") :])
+        layers = ready["end"] - ready["start"]
+        name = f"profile-{MODEL}-{ready['start']}-{ready['end']}-bf16-t{threads}.json"
+        prof = json.loads((home / "workers" / f"w{i}" / "node" / name).read_text())
+        if not ready.get("metrics_url"):
+            raise SystemExit(
+                f"worker {i} serves no metrics: start the demo with DLIS_NODE__METRICS_PORT=0 (no --reuse)"
+            )
+        out.append({
+            "worker": i, "device": cls, "threads": prof["threads"], "start": ready["start"], "end": ready["end"],
+            "peer_id": ready["peer_id"], "node": ready["node_address"], "metrics_url": ready["metrics_url"],
+            "maddr": ready["maddrs"][0], "ready_throughput": ready["throughput"],
+            "profiler_ms_per_layer": 1000.0 / (ready["throughput"] * layers),
+            "profile_measured_at": prof["measured_at"],
+        })  # fmt: skip
+    return out
+
+
+def step_counters(ws: list[dict[str, Any]]) -> list[dict[str, float]]:
+    """Each worker's forward-pass timer: {prefill_sum, prefill_count, decode_sum, decode_count}."""
+    out = []
+    for w in ws:
+        text = httpx.get(w["metrics_url"], timeout=10).text
+        out.append({f"{phase}_{kind}": float(v) for kind, phase, v in STEP.findall(text)})
+    return out
+
+
+def hop_latency(home: Path, ws: list[dict[str, Any]], repeats: int = 30) -> list[float]:
+    """One-way loopback latency to each worker: median `info` round trip over libp2p / 2."""
+    import asyncio
+
+    from dlis_market.chain.accounts import dev_accounts
+    from dlis_market.node.driver import PipelineDriver
+    from dlis_market.settings import NodeSettings
+
+    dep = json.loads((home / "deployments" / "31337.json").read_text())["contracts"]
+    boot = ws[0]["maddr"] if "/p2p/" in ws[0]["maddr"] else f"{ws[0]['maddr']}/p2p/{ws[0]['peer_id']}"
+
+    async def run() -> list[float]:
+        st = NodeSettings(chain_id=31337, market_address=dep["JobMarket"]["address"],
+                          registry_address=dep["NodeRegistry"]["address"])  # fmt: skip
+        key = bytes(dev_accounts(Settings.load().chain.dev_mnemonic)[9].key)
+        driver = await PipelineDriver.create([boot], st, key)
+        try:
+            out = []
+            for w in ws:
+                await driver.pool.request(w["peer_id"], "info", {}, 10)
+                rtts = []
+                for _ in range(repeats):
+                    t = time.perf_counter()
+                    await driver.pool.request(w["peer_id"], "info", {}, 10)
+                    rtts.append(time.perf_counter() - t)
+                out.append(statistics.median(rtts) * 1000 / 2)
+            return out
+        finally:
+            await driver.close()
+
+    return asyncio.run(run())
+
+
+# ---------------------------------------------------------------------- paid jobs
+
+
+class Client:
+    """dev:9 (funded and with escrow after demo.sh) sending paid jobs to the broker's HTTP API."""
+
+    def __init__(self, url: str, rpc: str) -> None:
+        from dlis_market.chain.accounts import dev_accounts
+        from dlis_market.chain.client import connect_web3
+
+        self.url, self.account = url, dev_accounts(Settings.load().chain.dev_mnemonic)[9]
+        self.body = {"model": MODEL, "max_tokens": MAX_TOKENS, "prompt": PROMPT, "stream": True}
+        self.quote = httpx.post(f"{url}/v1/quotes", json={k: v for k, v in self.body.items() if k != "stream"},
+                                timeout=60).json()  # fmt: skip
+        self.now = int(connect_web3(rpc).eth.get_block("latest")["timestamp"])
+
+    def authorization(self) -> dict[str, Any]:
+        from dlis_market.broker.auth import signing_deadline
+        from dlis_market.chain.job_market import JobAuthorization, market_domain, sign_authorization
+
+        q = self.quote
+        auth = JobAuthorization(
+            client=self.account.address, broker=q["broker"], model_id=bytes.fromhex(q["model_id"][2:]),
+            max_cost=int(q["max_total"]), nonce=secrets.randbits(255),
+            deadline=signing_deadline(self.now, int(q["max_authorization_lifetime_s"])),
+        )  # fmt: skip
+        sig = sign_authorization(self.account.key, market_domain(q["chain_id"], q["job_market"]), auth)
+        return {"client": self.account.address, "nonce": str(auth.nonce), "max_cost": str(auth.max_cost),
+                "deadline": auth.deadline, "signature": sig.hex()}  # fmt: skip
+
+    def job(self, http: httpx.Client) -> dict[str, Any]:
+        """One streamed job; the client's clock: request sent, first and last token, done."""
+        body = {**self.body, "authorization": self.authorization()}
+        t0 = time.perf_counter()
+        first = last = done = None
+        job_id = None
+        event = ""
+        with http.stream("POST", "/v1/jobs", json=body) as res:
+            if res.status_code != 201:
+                raise SystemExit(f"the broker refused a job: {res.status_code} {res.read().decode()[:500]}")
+            for line in res.iter_lines():
+                now = time.perf_counter()
+                if line.startswith("event: "):
+                    event = line[7:].strip()
+                elif line.startswith("data: ") and event == "token":
+                    first = first if first is not None else now
+                    last = now
+                elif line.startswith("data: ") and event in ("done", "error"):
+                    done = now
+                    job_id = json.loads(line[6:]).get("job_id")
+                    if event == "error":
+                        raise SystemExit(f"job failed: {line}")
+        if first is None or last is None or done is None or job_id is None:
+            raise SystemExit("the broker's stream ended without tokens or a done event")
+        return {"id": job_id, "sent": t0, "first_ms": (first - t0) * 1000, "last_ms": (last - t0) * 1000,
+                "done_ms": (done - t0) * 1000}  # fmt: skip
+
+
+def closed_loop(client: Client, users: int, jobs: int) -> tuple[list[dict[str, Any]], float]:
+    """``users`` threads, each sending the next job when its previous one is done, ``jobs`` in all."""
+    lock, taken, results = threading.Lock(), [0], []
+    errors: list[BaseException] = []
+
+    def user() -> None:
+        with httpx.Client(base_url=client.url, timeout=300) as http:
+            while True:
+                with lock:
+                    if taken[0] >= jobs or errors:
+                        return
+                    taken[0] += 1
+                try:
+                    r = client.job(http)
+                except BaseException as exc:
+                    errors.append(exc)
+                    return
+                with lock:
+                    results.append(r)
+
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=user) for _ in range(users)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    return results, time.perf_counter() - t0
+
+
+def broker_records(url: str, jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    out = []
+    with httpx.Client(base_url=url, timeout=60) as http:
+        for j in jobs:
+            rec = http.get(f"/v1/jobs/{j['id']}").json()
+            out.append({**j, "ttft_ms": rec["ttft_ms"], "latency_ms": rec["latency_ms"],
+                        "prompt_tokens": rec["prompt_tokens"], "new_tokens": rec["completion_tokens"],
+                        "route": [h["peer_id"] for h in rec["route"]]})  # fmt: skip
+    return out
+
+
+# ---------------------------------------------------------------------- calibration
+
+
+def calibrate(ws: list[dict[str, Any]], links: list[float], steps: list[dict[str, float]],
+              jobs: list[dict[str, Any]]) -> dict[str, Any]:  # fmt: skip
+    """The sim's figures from the sequential phase: ``steps`` are the workers' counter deltas."""
+    by_peer = {w["peer_id"]: k for k, w in enumerate(ws)}
+    prompt = statistics.median(j["prompt_tokens"] for j in jobs)
+    spans: dict[tuple[int, int], list[int]] = {}
+    for k, w in enumerate(ws):
+        spans.setdefault((w["start"], w["end"]), []).append(k)
+    decode, prefill, ratios, sources = [], [], [], []
+    for k, w in enumerate(ws):
+        s = steps[k]
+        n, m = s.get("decode_count", 0.0), s.get("prefill_count", 0.0)
+        dec = s["decode_sum"] / n if n else None
+        pre = s["prefill_sum"] / m if m else None
+        decode.append(dec)
+        prefill.append(pre)
+        # a replica's prefill passes include the spot checks' re-runs of whole sessions: spans
+        # served by one worker only give a clean ratio
+        if dec and pre and len(spans[(w["start"], w["end"])]) == 1:
+            ratios.append(pre / (prompt * dec))
+    ratio = statistics.mean(ratios)
+    ms_per_layer = []
+    for k, w in enumerate(ws):
+        layers = w["end"] - w["start"]
+        own = decode[k]
+        if own is not None:
+            ms_per_layer.append(1000.0 * own / layers)
+            sources.append("own decode passes, sequential phase")
+            continue
+        # never routed while calibrating: a replica that served, else its profiler figure
+        mates = [d for j in spans[(w["start"], w["end"])] if (d := decode[j]) is not None]
+        ms_per_layer.append(1000.0 * statistics.mean(mates) / layers if mates else w["profiler_ms_per_layer"])
+        sources.append("same span's serving replica (this one was not routed)" if mates else "profiler")
+    # per pass: the stages' compute on the route, their links and the answer's way back
+    decode_route, prefill_route = [], []
+    for j in jobs:
+        ks = [by_peer[p] for p in j["route"]]
+        link = sum(links[k] for k in ks) + links[ks[-1]]
+        decode_route.append(sum(ms_per_layer[k] * (ws[k]["end"] - ws[k]["start"]) for k in ks) + link)
+        prefill_route.append(sum(ms_per_layer[k] * (ws[k]["end"] - ws[k]["start"]) * ratio * j["prompt_tokens"]
+                                 for k in ks) + link)  # fmt: skip
+    per_token = [(j["last_ms"] - j["first_ms"]) / max(j["new_tokens"] - 1, 1) for j in jobs]
+    pass_ms = max(0.0, statistics.median(t - d for t, d in zip(per_token, decode_route, strict=True)))
+    open_ms = max(0.0, statistics.median(j["ttft_ms"] - p - pass_ms for j, p in zip(jobs, prefill_route, strict=True)))
+    close_ms = max(
+        0.0, statistics.median(j["latency_ms"] - j["ttft_ms"] - (j["last_ms"] - j["first_ms"]) for j in jobs)
+    )
+    admit_ms = max(0.0, statistics.median(j["first_ms"] - j["ttft_ms"] for j in jobs))
+    latencies = [j["latency_ms"] for j in jobs]
+    return {
+        "ms_per_layer": ms_per_layer, "ms_per_layer_source": sources, "link_ms": links,
+        "decode_pass_ms": [d * 1000 if d else None for d in decode],
+        "prefill_pass_ms": [p * 1000 if p else None for p in prefill],
+        "prefill_ratio": ratio, "prompt_tokens": prompt,
+        "measured_ms_per_token_p50": statistics.median(per_token),
+        "predicted_stage_and_link_ms_per_token_p50": statistics.median(decode_route),
+        "overheads": {"admit_ms": admit_ms, "open_ms": open_ms, "close_ms": close_ms, "pass_ms": pass_ms},
+        "job_speed_cv": statistics.stdev(latencies) / statistics.mean(latencies),
+    }  # fmt: skip
+
+
+def scenario_data(
+    ws: list[dict[str, Any]], ms_per_layer: list[float], links: list[float], cal: dict[str, Any] | None
+) -> dict[str, Any]:
+    """demo.yaml's four workers with per-worker compute and links; ``cal``: also the prefill ratio
+    and the broker's overheads (None: the sim's defaults, no overheads)."""
+    base = yaml.safe_load((ROOT / "dlis_market" / "sim" / "scenarios" / "demo.yaml").read_text())
+    peers = []
+    for k, (w, g) in enumerate(zip(ws, base["peers"], strict=True)):
+        # loopback: 1,152 bytes a token take under a microsecond; the hop's latency is the cost
+        # the broker routes on what the worker announced: its profiler's figure at start
+        # KV slots: the worker's own limit (settings.inference.max_sessions), not the class's guess
+        prof = {"compute_ms_per_layer": round(ms_per_layer[k], 4),
+                "advertised_ms_per_layer": round(w["profiler_ms_per_layer"], 4),
+                "link_latency_ms": round(links[k], 4), "bandwidth_bytes_per_s": 1e9, "hazard_per_slot": 0.0,
+                "max_sessions": SESSIONS}  # fmt: skip
+        peers.append({**g, "profile": prof})
+    data: dict[str, Any] = {"name": "demo-calibrated", "model": base["model"], "peers": peers,
+                            "clients": [{"name": "bench", "concurrency": 1, "jobs": 16, "prompt_tokens": 32,
+                                         "max_new_tokens": MAX_TOKENS}],
+                            "hours": 1, "market": {"check_fraction": 1.0, "settle_interval_s": 2.0},
+                            "offers_track_load": False}  # fmt: skip
+    if cal is not None:
+        data["prefill_ratio"] = round(cal["prefill_ratio"], 5)
+        data["job_speed_cv"] = round(cal["job_speed_cv"], 4)
+        data["overheads"] = {k: round(v, 3) for k, v in cal["overheads"].items()}
+    return data
+
+
+def write_calibrated(data: dict[str, Any], ws: list[dict[str, Any]], load: str) -> None:
+    head = (
+        "# `make demo`'s four workers as bench/sim_calibration.py measured them (written by it; rerun it to\n"
+        f"# refresh). Load average at the time: {load}. Per worker: compute per layer from its own decode\n"
+        "# passes (dlis_worker_stage_step_seconds), link = libp2p `info` round trip / 2 on loopback, no churn\n"
+        "# (none in a bench run). prefill_ratio: the workers' prefill / decode passes. overheads: what the\n"
+        "# broker's and the client's clocks show beyond the stages and links (see Overheads in scenario.py).\n"
+        "# The profilers' own figures at start (ms/layer): "
+        + ", ".join(f"w{w['worker']} {w['profiler_ms_per_layer']:.2f}" for w in ws)
+        + "\n"
+    )
+    CALIBRATED.write_text(head + yaml.safe_dump(data, sort_keys=False, width=120))
+
+
+# ---------------------------------------------------------------------- comparison
+
+
+def pcts(xs: list[float]) -> dict[str, float]:
+    return {f"p{q}": float(np.percentile(xs, q)) for q in (50, 90, 99)}
+
+
+def simulated(sc: Scenario, users: int, jobs: int, prompt: int, new: int, rounds: int) -> dict[str, Any]:
+    data = sc.model_dump(mode="json")
+    data["clients"] = [{"name": "bench", "concurrency": users, "jobs": jobs, "prompt_tokens": prompt,
+                        "max_new_tokens": new}]  # fmt: skip
+    s = parse_scenario(data, "calibration phase")
+    market = Market.of(s.market, Settings.load(environ={}))
+    ok, sent = [], 0
+    for seed in range(rounds * SEEDS):  # pooled: one run per real round, SEEDS times over
+        r = simulate(s, market, seed=seed)
+        ok += [j for j in r.jobs if j.status == "ok"]  # the shipped devices churn: a job may fail
+        sent += len(r.jobs)
+    close = s.overheads.close_ms
+    return {
+        "latency_ms": pcts([1000 * (j.finished - j.started) for j in ok]),
+        "ttft_ms": pcts([1000 * (j.first_token - j.started) for j in ok]),
+        "client_latency_ms": pcts([1000 * (j.finished - j.arrived) for j in ok]),
+        "decode_ms_per_token": pcts([(1000 * (j.finished - j.first_token) - close) / max(new - 1, 1) for j in ok]),
+        "routes": _count(" -> ".join(f"w{i + 1}" for i in j.route) for j in ok),
+        "completed": f"{len(ok)} of {sent}",
+    }
+
+
+def _count(keys: Any) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for k in keys:
+        out[k] = out.get(k, 0) + 1
+    return out
+
+
+def real_figures(jobs: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    return {
+        "latency_ms": pcts([j["latency_ms"] for j in jobs]),
+        "ttft_ms": pcts([j["ttft_ms"] for j in jobs]),
+        "client_latency_ms": pcts([j["done_ms"] for j in jobs]),
+        "decode_ms_per_token": pcts([(j["last_ms"] - j["first_ms"]) / max(j["new_tokens"] - 1, 1) for j in jobs]),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--home", type=Path, default=Path("/tmp/dlis-sim-calibration"), help="the demo copy's DLIS_HOME")
+    ap.add_argument("--reuse", action="store_true", help="a demo copy already runs in --home (with worker metrics)")
+    ap.add_argument("--keep", action="store_true", help="leave the demo copy running")
+    ap.add_argument("--phases", default="1:16,2:16,4:16", help="USERS:JOBS closed loops; the first calibrates")
+    ap.add_argument("--rounds", type=int, default=4, help="the phases take turns this many times, JOBS/ROUNDS each")
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "sim_calibration.json")
+    args = ap.parse_args()
+    phases = [tuple(int(x) for x in p.split(":")) for p in args.phases.split(",")]
+    if phases[0][0] != 1 or any(n % args.rounds or n < args.rounds for _, n in phases):
+        raise SystemExit(f"--phases must start with a sequential phase (1:N), each N a multiple of --rounds "
+                         f"{args.rounds}; got {args.phases}")  # fmt: skip
+    t_start, load_before = time.perf_counter(), Path("/proc/loadavg").read_text().split()[:3]
+    url, rpc = f"http://127.0.0.1:{PORTS['DEMO_BROKER_PORT']}", f"http://127.0.0.1:{PORTS['DEMO_PORT']}"
+    try:  # a demo copy that failed half-way is stopped too
+        if not args.reuse:
+            print(f"starting the demo copy in {args.home} (scripts/demo.sh, ports {', '.join(PORTS.values())}) ...")
+            demo(args.home)
+        t_real = time.perf_counter()
+        ws = workers(args.home)
+        links = hop_latency(args.home, ws)
+        client = Client(url, rpc)
+        closed_loop(client, 1, 2)  # warm-up: first sessions, caches
+        # the phases take turns, round after round: each sees the same mix of the machine's load
+        real: list[dict[str, Any]] = [{"users": u, "jobs": [], "wall_s": 0.0, "steps": None} for u, _ in phases]
+        for rnd in range(args.rounds):
+            for ph, (users, n) in zip(real, phases, strict=True):
+                before = step_counters(ws)
+                jobs, wall = closed_loop(client, users, n // args.rounds)
+                after = step_counters(ws)
+                delta = [{k: a.get(k, 0.0) - b.get(k, 0.0) for k in a} for a, b in zip(after, before, strict=True)]
+                ph["steps"] = delta if ph["steps"] is None else [
+                    {k: d.get(k, 0.0) + s.get(k, 0.0) for k in d | s} for d, s in zip(delta, ph["steps"], strict=True)
+                ]  # fmt: skip
+                ph["jobs"] += broker_records(url, jobs)
+                ph["wall_s"] += wall
+                print(f"real, round {rnd + 1}: {len(jobs)} jobs by {users} user(s) in {wall:.1f} s")
+        real_s = time.perf_counter() - t_real
+    finally:
+        if not args.keep:
+            demo(args.home, "stop", timeout_s=120)
+    load_after = Path("/proc/loadavg").read_text().split()[:3]
+    cal = calibrate(ws, links, real[0]["steps"], real[0]["jobs"])
+    data = scenario_data(ws, cal["ms_per_layer"], links, cal)
+    write_calibrated(data, ws, " ".join(load_before))
+    variants = {
+        "calibrated": load_scenario(CALIBRATED),
+        "profiler_only": parse_scenario(scenario_data(ws, [w["profiler_ms_per_layer"] for w in ws], links, None)),
+        "shipped_demo": parse_scenario({**data, "peers": yaml.safe_load(
+            (ROOT / "dlis_market" / "sim" / "scenarios" / "demo.yaml").read_text())["peers"],
+            "prefill_ratio": 0.1, "overheads": {}, "offers_track_load": True}),
+    }  # fmt: skip
+    rows = []
+    for ph in real:
+        jobs = ph["jobs"]
+        prompt = int(statistics.median(j["prompt_tokens"] for j in jobs))
+        new = int(statistics.median(j["new_tokens"] for j in jobs))
+        fig = real_figures(jobs)
+        sims = {name: simulated(sc, ph["users"], len(jobs) // args.rounds, prompt, new, args.rounds)
+                for name, sc in variants.items()}  # fmt: skip
+        ratios = {name: {m: {q: s[m][q] / fig[m][q] for q in fig[m]} for m in fig} for name, s in sims.items()}
+        worker_of = {w["peer_id"]: w["worker"] for w in ws}
+        routes = _count(" -> ".join(f"w{worker_of[p]}" for p in j["route"]) for j in jobs)
+        rows.append({"users": ph["users"], "jobs": len(jobs), "prompt_tokens": prompt, "new_tokens": new,
+                     "wall_s": ph["wall_s"], "routes": routes, "real": fig, "sim": sims, "ratio": ratios,
+                     "within_target": {m: all(abs(v - 1) <= TARGET for v in ratios["calibrated"][m].values())
+                                       for m in ("latency_ms", "ttft_ms")}})  # fmt: skip
+    print(f"\nload average before {' '.join(load_before)}, after {' '.join(load_after)}; real run {real_s:.0f} s")
+    print("workers: compute ms/layer (own decode passes vs profiler at start), link ms one way")
+    for k, w in enumerate(ws):
+        print(f"  w{w['worker']} {w['device']:6s} [{w['start']:2d},{w['end']:2d}) {w['threads']} thr: "
+              f"{cal['ms_per_layer'][k]:6.2f} vs {w['profiler_ms_per_layer']:6.2f}  link {cal['link_ms'][k]:.3f}"
+              f"  ({cal['ms_per_layer_source'][k]})")  # fmt: skip
+    o = cal["overheads"]
+    print(f"prefill ratio {cal['prefill_ratio']:.4f}; broker: admit {o['admit_ms']:.1f} ms, "
+          f"open {o['open_ms']:.1f} ms, close {o['close_ms']:.1f} ms, per pass {o['pass_ms']:.2f} ms")  # fmt: skip
+    print(f"\n{'users':>5s} {'figure':10s} {'q':>4s} {'real ms':>9s} {'calibrated':>11s} {'ratio':>6s}"
+          f" {'profiler':>9s} {'ratio':>6s} {'shipped':>9s} {'ratio':>6s}")  # fmt: skip
+    for row in rows:
+        for m in ("latency_ms", "ttft_ms", "decode_ms_per_token"):
+            for q in ("p50", "p90", "p99"):
+                cells = " ".join(f"{row['sim'][v][m][q]:9.0f} {row['ratio'][v][m][q]:6.2f}"
+                                 for v in ("calibrated", "profiler_only", "shipped_demo"))  # fmt: skip
+                print(f"{row['users']:5d} {m.removesuffix('_ms')[:10]:10s} {q:>4s} {row['real'][m][q]:9.0f}  {cells}")
+        print(f"      within {TARGET:.0%}: latency {row['within_target']['latency_ms']}, "
+              f"ttft {row['within_target']['ttft_ms']}; routes real {row['routes']}, "
+              f"calibrated sim {row['sim']['calibrated']['routes']}")  # fmt: skip
+    report = {
+        "machine": machine_info(), "load_before": load_before, "load_after": load_after,
+        "wall_s": time.perf_counter() - t_start, "real_run_s": real_s, "target": TARGET,
+        "prompt": PROMPT, "max_tokens": MAX_TOKENS, "workers": ws, "calibration": cal,
+        "scenario": str(CALIBRATED.relative_to(ROOT)), "phases": rows,
+        "real_jobs": [{"users": ph["users"], "jobs": ph["jobs"], "steps": ph["steps"]} for ph in real],
+    }  # fmt: skip
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {args.out} and {CALIBRATED.relative_to(ROOT)}")
+
+
+if __name__ == "__main__":
+    main()
