@@ -710,7 +710,9 @@ class BrokerService:
                 await self._cancelled(job_id, served, ids, out, text, stream, ttft, started)
             await self._publish(live, {"type": "done" if recorded else "error", "job_id": job_id}, done=True)
         except Exception as exc:  # any failure of the run is recorded on the job and streamed
-            log.exception("job %s failed", job_id)
+            # one line per failed job, with its reason; the traceback only when debugging
+            log.warning("job %s failed: %s: %s", job_id, type(exc).__name__, exc, extra={"job_id": job_id})
+            log.debug("job %s failure traceback", job_id, exc_info=True)
             await asyncio.to_thread(self.ledger.fail_job, job_id, f"{type(exc).__name__}: {exc}")
             await self._observe(job_id)
             await self._publish(live, {"type": "error", "job_id": job_id, "detail": str(exc)}, done=True)

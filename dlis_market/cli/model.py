@@ -144,7 +144,7 @@ def generate_cmd(
     ctx: typer.Context,
     shard_dir: Annotated[Path, typer.Argument(help="Folder made by `dlis model shard`.")],
     prompt: Annotated[str, typer.Option(help="Prompt text.")],
-    max_new_tokens: Annotated[int, typer.Option(min=1)] = 32,
+    max_tokens: Annotated[int, typer.Option("--max-tokens", min=1, help="Tokens to generate at most.")] = 32,
     greedy: Annotated[bool, typer.Option("--greedy", help="Pick the most likely token each step.")] = False,
     temperature: Annotated[float, typer.Option()] = 0.8,
     top_k: Annotated[int, typer.Option()] = 50,
@@ -171,7 +171,7 @@ def generate_cmd(
         ids = tokenizer(prompt)["input_ids"]
         params = SamplingParams(greedy=greedy, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
         stops = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-        gen = pipe.generate_ids([ids], max_new_tokens, params, stop_token_ids=stops)[0]
+        gen = pipe.generate_ids([ids], max_tokens, params, stop_token_ids=stops)[0]
     except DlisError as exc:
         raise _fail(exc) from exc
     text = tokenizer.decode(gen.token_ids, skip_special_tokens=True)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from dataclasses import dataclass
 
@@ -303,9 +304,11 @@ def test_penalties_and_logit_bias_reach_the_last_stage(api):
     assert (job.greedy, job.seed, job.frequency_penalty, job.presence_penalty, job.logit_bias) == (False, 3, 1.0, 0, ())
 
 
-def test_logprobs_from_workers_that_send_none_fail_the_request(api):
+def test_logprobs_from_workers_that_send_none_fail_the_request(api, caplog):
     """Workers that send bare token ids for a job that asked for log probabilities (workers that
-    predate them): the request fails with the reason, never answers without them."""
+    predate them): the request fails with the reason, never answers without them. The broker's log
+    says so in one line per failed job, with the reason and no traceback."""
+    caplog.set_level(logging.INFO, logger="dlis_market.broker.service")
     with pytest.raises(openai.APIStatusError) as err:
         api.client.chat.completions.create(model=MODEL, messages=user("x"), max_tokens=2, logprobs=True)
     assert err.value.status_code == 502 and "log probabilit" in err.value.message, err.value.body
@@ -314,6 +317,9 @@ def test_logprobs_from_workers_that_send_none_fail_the_request(api):
         list(api.client.completions.create(model=MODEL, prompt="x", max_tokens=2, logprobs=2, stream=True))
     assert "log probabilit" in err.value.message
     assert api.backend.jobs[-1].logprobs == 2 and api.service.ledger.recent_jobs(1)[0].status == "failed"
+    failed = [r for r in caplog.records if " failed: " in r.getMessage()]
+    assert len(failed) == 2 and all(r.levelname in ("WARNING", "WARN") and r.exc_info is None for r in failed)
+    assert "log probabilit" in failed[-1].getMessage() and failed[-1].job_id in failed[-1].getMessage()
 
 
 def test_chat_logprobs_shape_stream_and_not(broker_env, live_server):

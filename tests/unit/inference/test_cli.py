@@ -58,7 +58,7 @@ def test_generate_json_on_real_weights(smollm2_dir: Path, tmp_path: Path) -> Non
     assert result.exit_code == 0, result.output
     result = runner.invoke(
         app,
-        ["generate", str(out), "--prompt", "The capital of France is", "--max-new-tokens", "5", "--greedy", "--json"],
+        ["generate", str(out), "--prompt", "The capital of France is", "--max-tokens", "5", "--greedy", "--json"],
     )
     assert result.exit_code == 0, result.output
     data = json.loads(result.output.strip().splitlines()[-1])

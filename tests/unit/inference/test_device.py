@@ -79,7 +79,7 @@ def test_cuda_without_cuda_is_refused_before_loading(no_cuda: None, tmp_path: Pa
 
 def test_cli_device_options(no_cuda: None, shards: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("DLIS_HOME", str(tmp_path / "home"))
-    args = ["generate", str(shards), "--prompt", "x", "--max-new-tokens", "2", "--greedy", "--json"]
+    args = ["generate", str(shards), "--prompt", "x", "--max-tokens", "2", "--greedy", "--json"]
     refused = runner.invoke(model_cli.app, [*args, "--device", "cuda"])
     assert refused.exit_code == 1 and "--device cpu" in refused.output
     # The worker refuses before it unlocks a key, starts the DHT or reads the (absent) shards.
