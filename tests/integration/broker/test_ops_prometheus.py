@@ -112,11 +112,11 @@ def test_prometheus_scrapes_what_grafana_queries(broker_env, live_server, tmp_pa
         api = httpx.Client(base_url=f"http://127.0.0.1:{port}/api/v1", timeout=10)
         deadline = time.monotonic() + 60
         while True:
-            try:
-                active = api.get("/targets").json()["data"]["activeTargets"]
+            try:  # Prometheus answers 503 until its storage is ready
+                active = api.get("/targets").raise_for_status().json()["data"]["activeTargets"]
                 if len(active) == 3 and all(t["health"] == "up" for t in active):
                     break
-            except httpx.HTTPError:
+            except (httpx.HTTPError, ValueError, KeyError):
                 pass
             if time.monotonic() > deadline or prom.poll() is not None:
                 pytest.fail(f"Prometheus targets not up: {(tmp_path / 'prometheus.log').read_text()[-2000:]}")
