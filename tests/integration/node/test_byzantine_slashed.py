@@ -100,11 +100,19 @@ def test_byzantine_worker_is_slashed_end_to_end(market, smollm2_shards: Path, tm
             client = market.new_funded_account(50 * UNIT)
             market.market().deposit(client, 10 * UNIT)
 
-            # 1. the cheater's overstated throughput wins it the route; its call is re-run and it is slashed
-            job = paid_job(market, broker_port, client, MODEL, "The capital of France is", 4)
-            nodes = {h["start"]: h["node"] for h in job["route"]}
+            # 1. the cheater's overstated throughput (10x its measured speed) wins it the route; its call
+            # is re-run and it is slashed. The honest replicas' own figures are noisy on 2 loaded cores
+            # (start-up profiles and the oracle's failure risk both enter the route's objective), so a
+            # job or two may go to an honest replica first: their checks pass and nobody is slashed.
             m_node = workers["m"].info["node_address"]
-            assert nodes[2] == m_node, job["route"]
+            routes = []
+            for _ in range(4):
+                job = paid_job(market, broker_port, client, MODEL, "The capital of France is", 4)
+                routes.append(job["route"])
+                if {h["start"]: h["node"] for h in job["route"]}[2] == m_node:
+                    break
+                assert staking.info(operator["m"]).active == stake0["m"]  # an honest route slashes nobody
+            assert {h["start"]: h["node"] for h in routes[-1]}[2] == m_node, routes
             deadline = time.monotonic() + 90
             while staking.info(operator["m"]).active == stake0["m"]:
                 assert time.monotonic() < deadline, (tmp_path / "broker.log").read_text()[-4000:]
