@@ -38,6 +38,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from dlis_market.chain.anvil import free_port
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
@@ -278,7 +280,7 @@ async def direct(svc: Any, bodies: list[dict[str, Any]], clients: int, max_secon
 def serve(app: Any, loop: asyncio.AbstractEventLoop) -> Any:
     import uvicorn
 
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=_free_port(), log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning"))
     asyncio.run_coroutine_threadsafe(server.serve(), loop)
     while not server.started:
         time.sleep(0.05)
@@ -438,14 +440,6 @@ def _loads(shards: Path) -> bool:
 
 async def _call(fn: Any) -> None:
     fn()
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 if __name__ == "__main__":

@@ -164,6 +164,7 @@ def main() -> None:
     from dlis_market.broker.bootstrap import build_graph
     from dlis_market.broker.catalog import ModelCatalog
     from dlis_market.broker.ledger import Ledger
+    from dlis_market.chain.anvil import free_port
     from dlis_market.chain.devnet import local_market
     from dlis_market.inference.importer import import_model
     from dlis_market.inference.shard_export import export_shards
@@ -194,7 +195,7 @@ def main() -> None:
         )
         graph = build_graph(settings, m.client, m.broker, catalog, Ledger(f"sqlite:///{Path(tmp) / 'broker.db'}"))
         app, svc = graph.app(workers)
-        port = _free_port()
+        port = free_port()
         server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
         loop = asyncio.new_event_loop()
         thread = threading.Thread(target=loop.run_until_complete, args=(server.serve(),), daemon=True)
@@ -305,14 +306,6 @@ def main() -> None:
     print(f"wrote {args.out}")
     if result["non_2xx_429"] or len(settled) != len(admitted) or not result["money"]["conserved"]:
         raise SystemExit("soak failed: see the figures above")
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 if __name__ == "__main__":

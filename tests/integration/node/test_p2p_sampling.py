@@ -5,58 +5,35 @@ stage (what a spot check runs) samples the same tokens with the job's penalties.
 from __future__ import annotations
 
 import asyncio
-import math
 import secrets
 
 import pytest
-import torch
 from node_helpers import MODEL, TinySwarm, driver_settings, wait_for_spans  # type: ignore[import-not-found]
 
-from dlis_market.inference.messages import StageInput
 from dlis_market.inference.pipeline import LocalPipeline
-from dlis_market.inference.sampling import SamplingParams, TokenLogprob
-from dlis_market.inference.stage import SampledOutput
+from dlis_market.inference.sampling import SamplingParams
 from dlis_market.node.driver import JobSpec, PipelineDriver
 from dlis_market.node.replay import Layout, checked, fetch_transcript, replay, token_rows
+from tests.integration.broker.test_openai_sampling import run_stages  # the stages stepped in one process
 
 PROMPT = [5, 9, 2, 7, 5]
 NEW = 10
 
 
-def local_run(pipeline: LocalPipeline, prompt: list[int], new: int, params: SamplingParams) -> list[TokenLogprob]:
-    """The same stages in this process, step by step: each sampled token with its log probabilities."""
-    sid = f"local-{secrets.token_hex(4)}"
-    for stage in pipeline.stages:
-        stage.open_session(sid, len(prompt) + new, params)
-    out: list[TokenLogprob] = []
-    try:
-        inp = StageInput((sid,), (0,), 0, token_ids=torch.tensor([prompt]))
-        for step in range(new):
-            res = pipeline.step(inp)
-            assert isinstance(res, SampledOutput) and res.token_ids is not None
-            token = int(res.token_ids[0])
-            out.append(res.logprobs[0] if res.logprobs else TokenLogprob(token, math.nan))
-            inp = StageInput((sid,), (len(prompt) + step,), step + 1, token_ids=torch.tensor([[token]]))
-    finally:
-        for stage in pipeline.stages:
-            stage.close_session(sid)
-    return out
-
-
 def test_penalties_bias_and_logprobs_through_three_workers_equal_one_process(tiny_swarm: TinySwarm) -> None:
     pipeline = LocalPipeline.load(tiny_swarm.shards)
-    plain = [t.token for t in local_run(pipeline, PROMPT, NEW, SamplingParams())]
+    plain = [t.token for t in run_stages(pipeline, PROMPT, NEW, SamplingParams())]
     banned = plain[0]
     params = SamplingParams(
         frequency_penalty=1.5, presence_penalty=0.5, logit_bias=((banned, -100.0), (3, 2.0)), logprobs=3
     )
     sampled = SamplingParams(greedy=False, temperature=0.9, seed=11, frequency_penalty=0.8, logprobs=0)
-    expected = local_run(pipeline, PROMPT, NEW, params)
-    expected_sampled = local_run(pipeline, PROMPT, NEW, sampled)
+    expected = run_stages(pipeline, PROMPT, NEW, params)
+    expected_sampled = run_stages(pipeline, PROMPT, NEW, sampled)
     got = [t.token for t in expected]
     bias_only = [
         t.token
-        for t in local_run(
+        for t in run_stages(
             pipeline, PROMPT, NEW, params.model_copy(update={"frequency_penalty": 0.0, "presence_penalty": 0.0})
         )
     ]
