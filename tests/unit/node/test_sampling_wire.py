@@ -12,7 +12,6 @@ from typing import Any
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig
 
 from dlis_market.inference.messages import StageInput
 from dlis_market.inference.pipeline import LocalPipeline
@@ -25,6 +24,7 @@ from dlis_market.node.protocol import OpenBody, SamplingUnsupportedError, Tokens
 from dlis_market.node.routing import Hop
 from dlis_market.settings import NodeSettings
 from dlis_market.types import WireModel
+from tests.integration.node.node_helpers import make_tiny_llama
 
 OLD_OPEN_FIELDS = {"session_id", "model", "start", "end", "max_length", "job_id", "reply_to", "next_peer", "greedy",
                    "temperature", "top_k", "top_p", "seed", "ticket"}  # fmt: skip
@@ -120,17 +120,7 @@ def test_a_worker_that_refuses_the_new_fields_is_routed_around_not_banned() -> N
 @pytest.fixture(scope="module")
 def pipe(tmp_path_factory: pytest.TempPathFactory) -> LocalPipeline:
     root: Path = tmp_path_factory.mktemp("penalty-replay")
-    config = LlamaConfig(
-        vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=True,
-    )  # fmt: skip
-    torch.manual_seed(3)
-    model = AutoModelForCausalLM.from_config(config)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.ndim >= 2:
-                p.normal_(0.0, 0.3)
-    model.save_pretrained(root / "model")
+    make_tiny_llama(root / "model", layers=4, seed=3)
     export_shards(root / "model", root / "shards", stages=2, dtype="fp32", name="tiny")
     return LocalPipeline.load(root / "shards")
 
