@@ -1,9 +1,12 @@
 """API keys for OpenAI-style clients, backed by an on-chain standing spending authorization.
 
-Creating a key makes a fresh spender key, which the client authorizes on JobMarket with
-``setSpender(spender, 0, cap, expiry)``: the chain itself enforces the cap and the expiry. The
-broker stores only sha256(api key) and the spender key encrypted *with the API key*, so the
-database alone cannot spend anything; each request decrypts the spender key and signs that job's
+A client asks the broker for a key over HTTP (``POST /v1/api-keys``) with an EIP-712
+``ApiKeyRequest`` its account signed (so it works from any machine). The broker makes a fresh
+spender key and answers with the API key and the spender's address; the client then authorizes
+that spender on JobMarket with ``setSpender(spender, 0, cap, expiry)``, so the chain itself
+enforces the cap and the expiry. Until it does, the key is refused at admission. The broker
+stores only sha256(api key) and the spender key encrypted *with the API key*, so the database
+alone cannot spend anything; each request decrypts the spender key and signs that job's
 authorization on the client's behalf.
 """
 
@@ -13,19 +16,53 @@ import hashlib
 import json
 import secrets
 from dataclasses import dataclass
+from typing import Any
 
 from eth_account import Account
 from eth_account.signers.local import LocalAccount
+from eth_utils import to_checksum_address
 
+from dlis_market.broker.errors import Conflict, InvalidRequest, Overloaded, Unauthenticated
 from dlis_market.broker.ledger import ApiKeyRow, Ledger
 from dlis_market.broker.problems import ProblemError
 from dlis_market.chain.job_market import JobMarket
+from dlis_market.chain.typed_data import Domain, recover_typed, sign_typed, typed_digest
 
 PREFIX = "sk-dlis-"
+MAX_REQUEST_TTL_S = 600  # a signed request must be sent within this (its deadline no further ahead)
+MAX_CAP = 2**128 - 1  # JobMarket.setSpender takes the cap as a uint128
+MAX_LIVE_KEYS = 64  # unexpired keys per client at one broker
 
 
 def key_hash(api_key: str) -> str:
     return "0x" + hashlib.sha256(api_key.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class ApiKeyRequest:
+    """What a client signs to get a key: for ``broker``, spending up to ``cap`` until ``expires_at``
+    (the values it will authorize on chain), sent before ``deadline`` (unix seconds)."""
+
+    client: str
+    broker: str
+    cap: int
+    expires_at: int
+    nonce: int
+    deadline: int
+
+    def message(self) -> dict[str, Any]:
+        return {
+            "client": self.client,
+            "broker": self.broker,
+            "cap": self.cap,
+            "expiresAt": self.expires_at,
+            "nonce": self.nonce,
+            "deadline": self.deadline,
+        }
+
+
+def sign_api_key_request(key: bytes | str, domain: Domain, req: ApiKeyRequest) -> bytes:
+    return sign_typed(key, domain, "ApiKeyRequest", req.message()).signature
 
 
 @dataclass(frozen=True)
@@ -37,23 +74,82 @@ class ApiKeyGrant:
     expires_at: int
 
 
-def create_api_key(ledger: Ledger, market: JobMarket, client: LocalAccount, cap: int, expires_at: int) -> ApiKeyGrant:
-    """Authorize a new spender on chain for ``client`` and record the key. Returns the secret once."""
+def bad_request(reason: str) -> Unauthenticated:
+    return Unauthenticated(reason, kind="bad-api-key-request", title="Bad API key request")
+
+
+def _check_values(req: ApiKeyRequest, now: int) -> None:
+    """The request's numbers, before any signature work (each a 422 saying what to change)."""
+
+    def invalid(reason: str) -> InvalidRequest:
+        return InvalidRequest(reason, kind="bad-api-key-request", title="Bad API key request")
+
+    if not 0 < req.cap <= MAX_CAP:
+        raise invalid(f"cap {req.cap} must be > 0 and fit JobMarket's uint128 spending cap (<= {MAX_CAP})")
+    if req.expires_at <= now:
+        raise invalid(f"expires_at {req.expires_at} is already past (now {now}); ask for a key that expires later")
+    if req.expires_at >= 2**64:
+        raise invalid(f"expires_at {req.expires_at} does not fit uint64")
+    if req.deadline > now + MAX_REQUEST_TTL_S:
+        raise invalid(
+            f"deadline {req.deadline} is {req.deadline - now} s ahead; a request may live at most "
+            f"{MAX_REQUEST_TTL_S} s: sign it with a nearer deadline"
+        )
+
+
+def issue_api_key(
+    ledger: Ledger, domain: Domain, broker: str, req: ApiKeyRequest, signature: bytes, now: int
+) -> ApiKeyGrant:
+    """Check a client's signed request and record a new key for it. The spender it names is not
+    authorized on chain yet: the client does that (``setSpender``) with the returned address.
+    Refusals (forged, stale, replayed, out of range, too many keys) write nothing."""
+    _check_values(req, now)
+    if to_checksum_address(req.broker) != to_checksum_address(broker):
+        raise bad_request(f"the request is for another broker ({req.broker}); this broker is {broker}")
+    if req.deadline < now:
+        raise bad_request(f"the request expired at {req.deadline} (now {now}); sign a new one")
+    try:
+        signer = recover_typed(domain, "ApiKeyRequest", req.message(), signature)
+    except (ValueError, TypeError) as exc:
+        raise bad_request(f"the signature does not decode ({exc}); sign the ApiKeyRequest typed data") from exc
+    client = to_checksum_address(req.client)
+    if signer != client:
+        raise bad_request(
+            f"the request is signed by {signer}, not by the client {client}: sign it with the client's key "
+            f"(chain id {domain.chain_id}, JobMarket {domain.verifying_contract})"
+        )
+    live = ledger.live_api_keys(client, now)
+    if live >= MAX_LIVE_KEYS:
+        raise Overloaded(f"{client} has {live} unexpired API keys here (at most {MAX_LIVE_KEYS})", 3600)
     api_key = PREFIX + secrets.token_hex(24)
     spender: LocalAccount = Account.create()
-    market.set_spender(client, spender.address, cap, expires_at)
     # The API key has 192 bits of entropy, so a cheap KDF is enough to encrypt with it.
     encrypted = Account.encrypt(spender.key, api_key, kdf="pbkdf2", iterations=1000)
-    ledger.add_api_key(
-        ApiKeyRow(
-            key_hash=key_hash(api_key),
-            client=client.address,
-            cap=cap,
-            expires_at=expires_at,
-            signer_key=json.dumps(encrypted),
+    row = ApiKeyRow(
+        key_hash=key_hash(api_key), client=client, cap=req.cap, expires_at=req.expires_at,
+        signer_key=json.dumps(encrypted),
+    )  # fmt: skip
+    digest = "0x" + typed_digest(domain, "ApiKeyRequest", req.message()).hex()
+    if not ledger.add_api_key(row, request_digest=digest):
+        raise Conflict(
+            f"this signed request ({digest}) was already answered with a key; sign a new one (fresh nonce)",
+            kind="api-key-request-replayed",
+            title="Request already answered",
         )
-    )
-    return ApiKeyGrant(api_key, client.address, spender.address, cap, expires_at)
+    return ApiKeyGrant(api_key, client, spender.address, req.cap, req.expires_at)
+
+
+def create_api_key(
+    ledger: Ledger, market: JobMarket, client: LocalAccount, cap: int, expires_at: int, *, broker: str
+) -> ApiKeyGrant:
+    """What ``dlis broker api-key`` does, in one process: sign a request, have it issued, and
+    authorize the key's spender on chain. Returns the secret once."""
+    now = market.client.timestamp()
+    req = ApiKeyRequest(client.address, broker, cap, expires_at, secrets.randbits(64), now + MAX_REQUEST_TTL_S // 2)
+    domain = market.domain()
+    grant = issue_api_key(ledger, domain, broker, req, sign_api_key_request(client.key, domain, req), now)
+    market.set_spender(client, grant.spender, cap, expires_at)
+    return grant
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from dlis_market.broker.errors import Refusal, request_too_large
 from dlis_market.broker.metrics import broker_metrics_router
 from dlis_market.broker.problems import openai_error, openai_status, problem_body, problem_headers, status_of
-from dlis_market.broker.routes import dashboard, jobs, openai
+from dlis_market.broker.routes import api_keys, dashboard, jobs, openai
 from dlis_market.broker.service import BrokerService
 from dlis_market.errors import BrokerError
 from dlis_market.http_metrics import HttpMetrics
@@ -191,6 +191,7 @@ def create_app(service: BrokerService, settle_in_background: bool = True) -> Fas
     app.add_middleware(HttpMetrics, registry=service.metrics.registry, prefix="dlis_broker")
     install_problem_handlers(app)
     app.include_router(jobs.router)
+    app.include_router(api_keys.router)
     app.include_router(openai.router)
     app.include_router(dashboard.router)
     app.include_router(broker_metrics_router(service.metrics, service.ledger))

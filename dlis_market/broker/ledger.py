@@ -29,6 +29,7 @@ from sqlalchemy import (
     TypeDecorator,
     UniqueConstraint,
     delete,
+    func,
     select,
 )
 from sqlalchemy.engine import Engine
@@ -152,6 +153,17 @@ class ApiKeyRow(Base):
     spent: Mapped[int] = mapped_column(Uint256, default=0)
     expires_at: Mapped[int]
     signer_key: Mapped[str] = mapped_column(Text)  # encrypted keyfile JSON of the client's signing key
+    created_at: Mapped[float] = mapped_column(default=time.time)
+
+
+class ApiKeyRequestRow(Base):
+    """A signed ``ApiKeyRequest`` the broker has answered, by its EIP-712 digest: the same request
+    sent again is refused, not answered with a second key."""
+
+    __tablename__ = "api_key_requests"
+
+    digest: Mapped[str] = mapped_column(String(66), primary_key=True)
+    client: Mapped[str] = mapped_column(String(42), index=True)
     created_at: Mapped[float] = mapped_column(default=time.time)
 
 
@@ -509,9 +521,25 @@ class Ledger:
 
     # ------------------------------------------------------------------ api keys
 
-    def add_api_key(self, row: ApiKeyRow) -> None:
+    def add_api_key(self, row: ApiKeyRow, request_digest: str | None = None) -> bool:
+        """Record a key, and with it the digest of the signed request it answers. False (and
+        nothing written) when that request was answered before."""
+        try:
+            with self.session() as s:
+                if request_digest is not None:
+                    if s.get(ApiKeyRequestRow, request_digest) is not None:
+                        return False
+                    s.add(ApiKeyRequestRow(digest=request_digest, client=row.client, created_at=time.time()))
+                s.add(row)
+        except IntegrityError:  # the same request answered by a concurrent call meanwhile
+            return False
+        return True
+
+    def live_api_keys(self, client: str, now: int) -> int:
+        """How many of ``client``'s keys have not expired."""
         with self.session() as s:
-            s.add(row)
+            stmt = select(func.count()).where(ApiKeyRow.client == client, ApiKeyRow.expires_at >= now)
+            return int(s.scalar(stmt) or 0)
 
     def get_api_key(self, key_hash: str) -> ApiKeyRow | None:
         with self.session() as s:

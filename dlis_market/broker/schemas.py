@@ -187,3 +187,32 @@ class JobPublic(BaseModel):
     settlement: SettlementPublic
     error: str | None
     created_at: float
+
+
+class ApiKeyCreate(_In):
+    """A client's EIP-712 ``ApiKeyRequest`` (chain/typed_data.py, JobMarket domain) and its signature."""
+
+    client: Address
+    broker: Address = Field(description="The broker asked (GET /v1/network `broker`): binds the request to it.")
+    cap: Uint = Field(description="Most token units the key may spend in all; authorize exactly this on chain.")
+    expires_at: int = Field(ge=0, lt=2**64, description="Unix seconds; authorize exactly this expiry on chain.")
+    nonce: Uint
+    deadline: int = Field(ge=0, lt=2**64, description="Unix seconds (chain time) the request must arrive by.")
+    signature: str = Field(pattern=r"^0x[0-9a-fA-F]{130}$", description="65-byte signature, 0x-hex")
+
+
+class ApiKeyPublic(BaseModel):
+    api_key: str = Field(description="The secret, shown once: the broker keeps only its sha256.")
+    client: str
+    spender: str = Field(description="Authorize it: JobMarket.setSpender(spender, 0, cap, expires_at) from `client`.")
+    cap: Uint
+    expires_at: int
+    job_market: str
+
+
+class ApiKeyTerms(BaseModel):
+    broker: str
+    chain_id: int
+    job_market: str = Field(description="The EIP-712 verifying contract of an ApiKeyRequest.")
+    max_request_ttl_s: int = Field(description="A request's deadline may be at most this far ahead of chain time.")
+    max_cap: Uint

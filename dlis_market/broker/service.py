@@ -532,6 +532,12 @@ class BrokerService:
         and the broker's open jobs; :meth:`_commit` checks it again as it writes the job."""
         assert snap.spender is not None  # asked for with the spender
         remaining, expiry = snap.spender
+        if expiry == 0:  # JobMarket keeps no entry: never authorized, or revoked
+            raise bad_authorization(
+                "the API key's spender is not authorized on chain: its client must send "
+                "JobMarket.setSpender(spender, 0, cap, expiry) with the values the key was issued for "
+                "(`dlis broker api-key` does it), or the client revoked it"
+            )
         if expiry < now:
             raise bad_authorization(f"the API key's on-chain spending authorization expired at {expiry} (now {now})")
         free = remaining - await asyncio.to_thread(self.ledger.committed_escrow, client)

@@ -16,6 +16,7 @@ from typing import Any
 
 from eth_account import Account
 from eth_account.messages import SignableMessage, encode_typed_data
+from eth_keys.exceptions import BadSignature
 from eth_utils import keccak
 
 # Field lists, in signing order. Those the contracts check (NodeBinding, JobAuthorization, Receipt,
@@ -98,6 +99,17 @@ SESSION_TICKET = [
 # A client's permission to read one job's prompt and answer until ``expiry`` (unix seconds),
 # signed under the JobMarket domain and checked by the broker (dlis_market/broker/auth.py).
 JOB_READ = [("jobId", "bytes32"), ("expiry", "uint256")]
+# A client's request for an API key at one broker (dlis_market/broker/apikeys.py): proves the
+# account over HTTP; the spending cap itself is what the client then authorizes on chain
+# (JobMarket.setSpender). ``deadline`` bounds the request's life; ``nonce`` makes each one unique.
+API_KEY_REQUEST = [
+    ("client", "address"),
+    ("broker", "address"),
+    ("cap", "uint256"),
+    ("expiresAt", "uint64"),
+    ("nonce", "uint256"),
+    ("deadline", "uint64"),
+]
 # A worker's attestation report (dlis_market/node/attestation.py), signed by its node key under the
 # NodeRegistry domain; ``reportHash`` is keccak256 of the report's canonical JSON.
 NODE_ATTESTATION = [("reportHash", "bytes32"), ("node", "address"), ("peerId", "string"), ("timestamp", "uint64")]
@@ -163,6 +175,7 @@ TYPES: dict[str, list[tuple[str, str]]] = {
     "SpanAnnouncement": SPAN_ANNOUNCEMENT,
     "SessionTicket": SESSION_TICKET,
     "JobRead": JOB_READ,
+    "ApiKeyRequest": API_KEY_REQUEST,
     "NodeAttestation": NODE_ATTESTATION,
     "Telemetry": TELEMETRY,
     "SpotCheck": SPOT_CHECK,
@@ -258,8 +271,13 @@ def sign_typed(private_key: bytes | str, domain: Domain, primary: str, message: 
 
 
 def recover_typed(domain: Domain, primary: str, message: dict[str, Any], signature: bytes) -> str:
-    """The address that signed ``message`` (checksummed). A forged signature recovers another address."""
-    return str(Account.recover_message(_signable(domain, primary, message), signature=signature))
+    """The address that signed ``message`` (checksummed). A forged signature recovers another
+    address; one that recovers no key at all (e.g. r = s = 0) raises ValueError, like any other
+    malformed signature, so callers refuse it with one ``except ValueError``."""
+    try:
+        return str(Account.recover_message(_signable(domain, primary, message), signature=signature))
+    except BadSignature as exc:
+        raise ValueError(f"the signature recovers no public key ({exc})") from exc
 
 
 def job_id(client: str, nonce: int) -> bytes:

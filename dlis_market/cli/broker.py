@@ -10,7 +10,10 @@ import typer
 
 from dlis_market.cli.context import (
     U256,
+    BrokerUrlOpt,
     JsonOpt,
+    broker_url_of,
+    call_broker,
     console,
     emit,
     handle_errors,
@@ -179,42 +182,65 @@ def api_key(
     ctx: typer.Context,
     account: Annotated[str, typer.Option("--account", "-a", help="Client account that pays for the key's jobs.")],
     cap: Annotated[str, typer.Option(help="Most DLIS the key may spend in total (enforced on chain).")],
-    days: Annotated[float, typer.Option(help="Days until the key expires (enforced on chain).")] = 30,
+    days: Annotated[float, typer.Option(min=0.001, help="Days until the key expires (enforced on chain).")] = 30,
+    broker_url: BrokerUrlOpt = None,
     password_file: Annotated[
         Path | None, typer.Option(exists=True, dir_okay=False, help="Account password file.")
     ] = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Create an API key for OpenAI-style clients: a spender key the client authorizes on chain
-    (JobMarket.setSpender) with a cap and an expiry. The key is shown once."""
-    from dlis_market.broker.apikeys import create_api_key
-    from dlis_market.broker.ledger import Ledger, database_url
+    """Get an API key for OpenAI-style clients from a broker, from any machine.
+
+    Signs an EIP-712 ApiKeyRequest with the client account, sends it to the broker
+    (POST /v1/api-keys), then authorizes the key's spender on chain (JobMarket.setSpender) with
+    the cap and expiry, which the chain enforces. The key is shown once.
+
+    Example: dlis broker api-key -a alice --cap 10 --days 30 --broker-url http://127.0.0.1:8080"""
+    import secrets
+
+    from dlis_market.broker.apikeys import MAX_REQUEST_TTL_S, ApiKeyRequest, sign_api_key_request
     from dlis_market.chain.client import ChainClient
     from dlis_market.chain.job_market import JobMarket
+    from dlis_market.errors import BrokerError
 
     st = state(ctx)
     with handle_errors(as_json):
         units = parse_amount(cap)
+        url = broker_url_of(st, broker_url)
         client_acct = unlock(st, account, read_password_file(password_file))
         chain = ChainClient(st.settings)
-        grant = create_api_key(
-            Ledger(database_url(st.settings)),
-            JobMarket(chain),
-            client_acct,
-            units,
-            chain.timestamp() + int(days * 86400),
-        )
+        market = JobMarket(chain)
+        terms = call_broker("GET", f"{url}/v1/api-keys/terms")
+        if (terms["chain_id"], terms["job_market"]) != (chain.chain_id, market.address):
+            raise BrokerError(
+                f"the broker at {url} runs on chain {terms['chain_id']} with JobMarket {terms['job_market']}; "
+                f"this machine's deployment says chain {chain.chain_id}, JobMarket {market.address}: point "
+                "--broker-url and the chain settings (DLIS_HOME, DLIS_CHAIN__RPC_URL) at the same network"
+            )
+        now = chain.timestamp()
+        req = ApiKeyRequest(
+            client_acct.address, terms["broker"], units, now + int(days * 86400),
+            secrets.randbits(64), now + MAX_REQUEST_TTL_S // 2,
+        )  # fmt: skip
+        sig = sign_api_key_request(client_acct.key, market.domain(), req)
+        body = {
+            "client": req.client, "broker": req.broker, "cap": str(req.cap), "expires_at": req.expires_at,
+            "nonce": str(req.nonce), "deadline": req.deadline, "signature": "0x" + sig.hex(),
+        }  # fmt: skip
+        grant = call_broker("POST", f"{url}/v1/api-keys", json=body)
+        market.set_spender(client_acct, grant["spender"], units, req.expires_at)
         emit(
             {
-                "api_key": grant.api_key,
-                "client": grant.client,
-                "spender": grant.spender,
+                "api_key": grant["api_key"],
+                "client": grant["client"],
+                "spender": grant["spender"],
                 "cap": U256(units),
-                "expires_at": grant.expires_at,
+                "expires_at": req.expires_at,
+                "broker": req.broker,
             },
             as_json,
             lambda d: console.print(
                 f"API key (shown once): {d['api_key']}\nspends for {d['client']} up to {cap} DLIS "
-                f"until {utc(d['expires_at'])} UTC"
+                f"until {utc(d['expires_at'])} UTC at broker {d['broker']}"
             ),
         )

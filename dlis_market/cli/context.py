@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")]
+BrokerUrlOpt = Annotated[str | None, typer.Option(help="Broker URL (default http://127.0.0.1:<broker.port>).")]
 PasswordFileOpt = Annotated[
     Path | None,
     typer.Option(help="Read the account password from this file instead of prompting.", exists=True, dir_okay=False),
@@ -166,3 +167,27 @@ def parse_amount(amount: str) -> int:
         return to_units(amount)
     except ValueError as exc:
         raise PreflightError(f"{exc}; give a DLIS amount such as 1000 or 12.5") from exc
+
+
+def broker_url_of(st: CliState, url: str | None) -> str:
+    s = st.settings.broker
+    return (url or f"http://{s.host}:{s.port}").rstrip("/")
+
+
+def call_broker(method: str, url: str, **kw: Any) -> Any:
+    """One request to a broker's API; its refusal (RFC 9457 ``detail``) or silence as a BrokerError."""
+    import httpx
+
+    from dlis_market.errors import BrokerError
+
+    try:
+        res = httpx.request(method, url, timeout=600, **kw)
+    except httpx.HTTPError as exc:
+        raise BrokerError(f"broker at {url} did not answer ({exc}); start it with `dlis broker start`") from exc
+    if res.status_code >= 400:
+        try:
+            detail = res.json().get("detail", res.text)
+        except ValueError:
+            detail = res.text
+        raise BrokerError(f"broker refused ({res.status_code}): {detail}")
+    return res.json()

@@ -6,13 +6,15 @@ import json
 import secrets
 from typing import Annotated, Any
 
-import httpx
 import typer
 
 from dlis_market.cli.context import (
     U256,
+    BrokerUrlOpt,
     JsonOpt,
     PasswordFileOpt,
+    broker_url_of,
+    call_broker,
     console,
     emit,
     handle_errors,
@@ -28,30 +30,6 @@ app = typer.Typer(help="Deposit escrow, submit paid jobs to a broker, check thei
 AccountOpt = Annotated[
     str, typer.Option("--account", "-a", help="Client account: keystore name, or dev:N on a dev chain.")
 ]
-BrokerOpt = Annotated[str | None, typer.Option(help="Broker URL (default http://127.0.0.1:<broker.port>).")]
-
-
-def _broker_url(ctx: typer.Context, url: str | None) -> str:
-    s = state(ctx).settings.broker
-    return (url or f"http://{s.host}:{s.port}").rstrip("/")
-
-
-def _call(method: str, url: str, **kw: Any) -> Any:
-    from dlis_market.errors import BrokerError
-
-    try:
-        res = httpx.request(method, url, timeout=600, **kw)
-    except httpx.HTTPError as exc:
-        raise BrokerError(f"broker at {url} did not answer ({exc}); start it with `dlis broker start`") from exc
-    if res.status_code >= 400:
-        try:
-            detail = res.json().get("detail", res.text)
-        except ValueError:
-            detail = res.text
-        raise BrokerError(f"broker refused ({res.status_code}): {detail}")
-    return res.json()
-
-
 BrokerAddressOpt = Annotated[
     str | None,
     typer.Option(
@@ -153,7 +131,7 @@ def submit(
     chat: Annotated[bool, typer.Option(help="Send the prompt as a user message (model's chat template).")] = False,
     max_cost: Annotated[str | None, typer.Option(help="Most DLIS you authorize (default: the broker's quote).")] = None,
     privacy: Annotated[str, typer.Option(help="low|high (high: attested nodes only).")] = "low",
-    broker_url: BrokerOpt = None,
+    broker_url: BrokerUrlOpt = None,
     password_file: PasswordFileOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -163,14 +141,14 @@ def submit(
 
     st = state(ctx)
     with handle_errors(as_json):
-        url = _broker_url(ctx, broker_url)
+        url = broker_url_of(state(ctx), broker_url)
         client = unlock(st, account, read_password_file(password_file))
         body: dict[str, Any] = {"model": model, "max_tokens": max_tokens, "policy": {"privacy": privacy}}
         if chat:
             body["messages"] = [{"role": "user", "content": prompt}]
         else:
             body["prompt"] = prompt
-        quote = _call("POST", f"{url}/v1/quotes", json=body)
+        quote = call_broker("POST", f"{url}/v1/quotes", json=body)
         limit = parse_amount(max_cost) if max_cost is not None else int(quote["max_total"])
         from dlis_market.broker.auth import signing_deadline
         from dlis_market.chain.client import connect_web3
@@ -192,7 +170,7 @@ def submit(
             "deadline": auth.deadline,
             "signature": sig.hex(),
         }
-        job = _call("POST", f"{url}/v1/jobs", json=body)
+        job = call_broker("POST", f"{url}/v1/jobs", json=body)
 
         def human(j: dict[str, Any]) -> None:
             console.print(j["answer"])
@@ -216,7 +194,7 @@ def status(
         str | None,
         typer.Option("--account", "-a", help="The job's client account: signs a JobRead to see prompt and answer."),
     ] = None,
-    broker_url: BrokerOpt = None,
+    broker_url: BrokerUrlOpt = None,
     password_file: PasswordFileOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -237,7 +215,7 @@ def status(
             client = unlock(st, account, read_password_file(password_file))
             read = sign_job_read(client.key, market.domain(), job_id, int(time.time()) + 300)
             headers["X-DLIS-Job-Read"] = read
-        job = _call("GET", f"{_broker_url(ctx, broker_url)}/v1/jobs/{job_id}", headers=headers)
+        job = call_broker("GET", f"{broker_url_of(state(ctx), broker_url)}/v1/jobs/{job_id}", headers=headers)
         job["settled_on_chain"] = market.nonce_used(job["client"], int(job["nonce"]))
 
         def human(j: dict[str, Any]) -> None:

@@ -85,6 +85,10 @@ def test_outsider_reads_no_prompt_or_answer(broker_env):
         assert http.get(f"/v1/jobs/{job_id}", headers={"X-DLIS-Job-Read": old}).status_code == 401
         other = sign_job_read(client.key, market.market().domain(), "0x" + "11" * 32, int(time.time()) + 300)
         assert http.get(f"/v1/jobs/{job_id}", headers={"X-DLIS-Job-Read": other}).status_code == 403
+        # A signature that recovers no key at all (r = s = 0) is a 401, not a broker error.
+        null = f"{int(time.time()) + 300}:0x" + "00" * 65
+        res = http.get(f"/v1/jobs/{job_id}", headers={"X-DLIS-Job-Read": null})
+        assert res.status_code == 401 and ANSWER not in res.text, res.text
 
         # The client reads its job with its signature: JSON, events and the dashboard page.
         mine = sign_job_read(client.key, market.market().domain(), job_id, int(time.time()) + 300)
@@ -101,8 +105,12 @@ def test_api_key_reads_only_its_own_jobs(broker_env):
     other_client = market.new_funded_account(10 * UNIT)
     jm.deposit(other_client, 2 * UNIT)
     expires = market.client.timestamp() + 3600
-    key = create_api_key(service.ledger, jm, client, cap=UNIT, expires_at=expires).api_key
-    other_key = create_api_key(service.ledger, jm, other_client, cap=UNIT, expires_at=expires).api_key
+    key = create_api_key(
+        service.ledger, jm, client, cap=UNIT, expires_at=expires, broker=service.broker.address
+    ).api_key
+    other_key = create_api_key(
+        service.ledger, jm, other_client, cap=UNIT, expires_at=expires, broker=service.broker.address
+    ).api_key
     with TestClient(create_app(service, settle_in_background=False)) as http:
         res = http.post(
             "/v1/chat/completions",

@@ -123,7 +123,9 @@ def test_openai_client_retries_make_one_job(broker_env, live_server):
     market, svc, slow, client, srv = slow_broker(broker_env, live_server, delay_s=1.0)
     jm = market.market()
     jm.deposit(client, 10 * UNIT)
-    key = create_api_key(svc.ledger, jm, client, cap=2 * UNIT, expires_at=market.client.timestamp() + 3600).api_key
+    key = create_api_key(
+        svc.ledger, jm, client, cap=2 * UNIT, expires_at=market.client.timestamp() + 3600, broker=svc.broker.address
+    ).api_key
     oa = openai.OpenAI(base_url=f"{srv.url}/v1", api_key=key, timeout=3.0, max_retries=2)
     t0 = time.monotonic()
     res = oa.chat.completions.create(
@@ -161,7 +163,9 @@ def test_client_hanging_up_cancels_its_job(broker_env, live_server):
     market, svc, slow, client, srv = slow_broker(broker_env, live_server, delay_s=1.0)
     jm = market.market()
     jm.deposit(client, 10 * UNIT)
-    key = create_api_key(svc.ledger, jm, client, cap=2 * UNIT, expires_at=market.client.timestamp() + 3600).api_key
+    key = create_api_key(
+        svc.ledger, jm, client, cap=2 * UNIT, expires_at=market.client.timestamp() + 3600, broker=svc.broker.address
+    ).api_key
     oa = openai.OpenAI(base_url=f"{srv.url}/v1", api_key=key, timeout=1.5, max_retries=0)
     try:
         oa.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=7)

@@ -22,7 +22,12 @@ def served(broker_env):
     market, service, backend, ops, nodes, client = broker_env
     market.market().deposit(client, 10 * UNIT)
     grant = create_api_key(
-        service.ledger, market.market(), client, cap=2 * UNIT, expires_at=market.client.timestamp() + 3600
+        service.ledger,
+        market.market(),
+        client,
+        cap=2 * UNIT,
+        expires_at=market.client.timestamp() + 3600,
+        broker=service.broker.address,
     )
     port = free_port()
     server = uvicorn.Server(

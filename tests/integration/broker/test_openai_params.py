@@ -81,7 +81,9 @@ def serve(broker_env, live_server, make_backend=None) -> Served:
     srv = live_server(create_app(svc, settle_in_background=False))
     jm = market.market()
     jm.deposit(client, 10 * UNIT)
-    grant = create_api_key(svc.ledger, jm, client, cap=5 * UNIT, expires_at=market.client.timestamp() + 3600)
+    grant = create_api_key(
+        svc.ledger, jm, client, cap=5 * UNIT, expires_at=market.client.timestamp() + 3600, broker=svc.broker.address
+    )
     oa = openai.OpenAI(base_url=f"{srv.url}/v1", api_key=grant.api_key, max_retries=0)
     return Served(market, svc, be, oa, srv.url, service.catalog.get(MODEL).tokenizer)
 
