@@ -20,6 +20,7 @@ from dlis_market.settings import Settings
 
 if TYPE_CHECKING:
     from eth_account.signers.local import LocalAccount
+    from rich.progress import Progress
 
 T = TypeVar("T")
 
@@ -191,3 +192,45 @@ def call_broker(method: str, url: str, **kw: Any) -> Any:
             detail = res.text
         raise BrokerError(f"broker refused ({res.status_code}): {detail}")
     return res.json()
+
+
+@contextmanager
+def working(first: str, quiet: bool = False) -> Iterator[Callable[[str], None]]:
+    """A spinner on stderr naming the step under way (for commands with steps that can take more
+    than a couple of seconds: imports, loading, converting); a step that took 2 s or more leaves a
+    line with its time. Yields a callable that names the next step. ``quiet`` (e.g. under --json)
+    shows nothing."""
+    if quiet:
+        yield lambda _step: None
+        return
+    current: list[Any] = [first, time.monotonic()]
+
+    def done() -> None:
+        elapsed = time.monotonic() - current[1]
+        if elapsed >= 2:  # what took long stays on screen
+            err_console.print(f"[dim]{current[0]}: {elapsed:.1f} s[/dim]")
+
+    with err_console.status(first) as status:
+
+        def step(text: str) -> None:
+            done()
+            current[:] = [text, time.monotonic()]
+            status.update(text)
+
+        yield step
+        done()
+
+
+def transfer_progress() -> Progress:
+    """A bar for bytes moved (publish, fetch), on stderr: done, total, speed, time left."""
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+        console=err_console,
+        transient=False,
+    )

@@ -10,6 +10,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from dlis_market.cli.context import working
 from dlis_market.errors import DlisError
 from dlis_market.settings import Settings
 
@@ -36,11 +37,12 @@ def import_cmd(
     name: Annotated[str | None, typer.Option(help="Local name (default: the source's name).")] = None,
 ) -> None:
     """Make a local Hugging Face model folder under <home>/models."""
-    from dlis_market.inference.importer import import_model
-
     settings = _settings(ctx)
     try:
-        with console.status(f"importing {source}..."):
+        with working("importing torch and transformers") as step:
+            from dlis_market.inference.importer import import_model
+
+            step(f"importing {source}")
             path = import_model(source, settings.models_dir, settings.home / "cache", name=name)
     except DlisError as exc:
         raise _fail(exc) from exc
@@ -112,23 +114,25 @@ def shard_cmd(
     name: Annotated[str | None, typer.Option(help="Model name in the manifest (default: folder name).")] = None,
 ) -> None:
     """Write one safetensors shard per layer range, plus manifest.json."""
-    from dlis_market.inference.manifest import ShardDtype
-    from dlis_market.inference.shard_export import export_shards
-
     if (stages is None) == (plan is None):
         err_console.print("[red]error:[/red] give exactly one of --stages N or --plan FILE")
         raise typer.Exit(code=2)
     try:
-        ranges = _ranges_from_plan(plan) if plan is not None else None
-        manifest = export_shards(
-            model_dir,
-            out,
-            ranges=ranges,
-            stages=stages,
-            dtype=cast(ShardDtype, dtype),
-            compress=compress,
-            name=name,
-        )
+        with working("importing torch and transformers") as step:
+            from dlis_market.inference.manifest import ShardDtype
+            from dlis_market.inference.shard_export import export_shards
+
+            ranges = _ranges_from_plan(plan) if plan is not None else None
+            manifest = export_shards(
+                model_dir,
+                out,
+                ranges=ranges,
+                stages=stages,
+                dtype=cast(ShardDtype, dtype),
+                compress=compress,
+                name=name,
+                progress=step,
+            )
     except DlisError as exc:
         raise _fail(exc) from exc
     except (OSError, ValueError, KeyError) as exc:
@@ -156,22 +160,25 @@ def generate_cmd(
     ] = None,
 ) -> None:
     """Run every stage in this process and print the generated text."""
-    import torch
-    from transformers import AutoTokenizer
-
-    from dlis_market.inference.pipeline import LocalPipeline
-    from dlis_market.inference.sampling import SamplingParams
-
     settings = _settings(ctx)
-    if settings.inference.threads:
-        torch.set_num_threads(settings.inference.threads)
     try:
-        pipe = LocalPipeline.load(shard_dir, settings.inference, device or settings.node.device)
-        tokenizer = AutoTokenizer.from_pretrained(shard_dir)
-        ids = tokenizer(prompt)["input_ids"]
-        params = SamplingParams(greedy=greedy, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
-        stops = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-        gen = pipe.generate_ids([ids], max_tokens, params, stop_token_ids=stops)[0]
+        with working("importing torch and transformers", quiet=as_json) as step:
+            import torch
+            from transformers import AutoTokenizer
+
+            from dlis_market.inference.pipeline import LocalPipeline
+            from dlis_market.inference.sampling import SamplingParams
+
+            if settings.inference.threads:
+                torch.set_num_threads(settings.inference.threads)
+            step(f"loading the stages of {shard_dir}")
+            pipe = LocalPipeline.load(shard_dir, settings.inference, device or settings.node.device)
+            tokenizer = AutoTokenizer.from_pretrained(shard_dir)
+            ids = tokenizer(prompt)["input_ids"]
+            params = SamplingParams(greedy=greedy, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+            stops = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+            step(f"generating up to {max_tokens} tokens ({len(ids)} prompt tokens, {len(pipe.stages)} stages)")
+            gen = pipe.generate_ids([ids], max_tokens, params, stop_token_ids=stops)[0]
     except DlisError as exc:
         raise _fail(exc) from exc
     text = tokenizer.decode(gen.token_ids, skip_special_tokens=True)

@@ -17,15 +17,8 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    DownloadColumn,
-    Progress,
-    TextColumn,
-    TimeRemainingColumn,
-    TransferSpeedColumn,
-)
 
+from dlis_market.cli.context import transfer_progress
 from dlis_market.errors import DlisError
 from dlis_market.settings import Settings
 from dlis_market.storage.fetch import ExpectedManifest, fetch_model
@@ -49,18 +42,6 @@ def _settings(ctx: typer.Context, kubo_url: str | None) -> Settings:
         storage = settings.storage.model_copy(update={"kubo_api_url": kubo_url})
         settings = settings.model_copy(update={"storage": storage})
     return settings
-
-
-def _progress() -> Progress:
-    return Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        DownloadColumn(),
-        TransferSpeedColumn(),
-        TimeRemainingColumn(),
-        console=err,
-        transient=False,
-    )
 
 
 def register(
@@ -91,7 +72,7 @@ def register(
         hook = on_published if register_model else None
 
         async def run() -> dict[str, object]:
-            with _progress() as bar:
+            with transfer_progress() as bar:
                 task = bar.add_task("publish", total=None)
                 async with kubo_session(settings) as kubo:
                     result = await publish_model(
@@ -172,7 +153,7 @@ def register(
             expected = ExpectedManifest(sha256=expect_sha256.lower(), cid=Cid(cid))
 
         async def run() -> dict[str, object]:
-            with _progress() as bar:
+            with transfer_progress() as bar:
                 task = bar.add_task("fetch", total=None)
                 async with kubo_session(settings) as kubo:
                     result = await fetch_model(

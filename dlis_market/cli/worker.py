@@ -14,7 +14,7 @@ from typing import Annotated, Any
 
 import typer
 
-from dlis_market.cli.context import handle_errors, password_for, state
+from dlis_market.cli.context import handle_errors, password_for, state, transfer_progress
 from dlis_market.errors import ConfigError
 from dlis_market.settings import Settings
 from dlis_market.types import ZERO_ADDRESS, LayerRange
@@ -184,11 +184,19 @@ def start(
             out_dir = settings.models_dir / manifest_cid
             # with --layers only the shards overlapping that range (plus config and tokenizer) are
             # fetched; --auto picks its range from the swarm after loading, so it needs them all
-            asyncio.run(
-                fetch_shards(
-                    settings, manifest_cid, out_dir, providers=provider or (), expected=expected, layers=layer_range
+            with transfer_progress() as bar:
+                task = bar.add_task(f"fetching {manifest_cid[:16]}...", total=None)
+                asyncio.run(
+                    fetch_shards(
+                        settings,
+                        manifest_cid,
+                        out_dir,
+                        providers=provider or (),
+                        expected=expected,
+                        layers=layer_range,
+                        progress=lambda done, total: bar.update(task, completed=done, total=total),
+                    )
                 )
-            )
             shards = out_dir
         assert shards is not None  # one of the two was given, checked above
         config = WorkerConfig(

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -121,8 +121,11 @@ def export_shards(
     dtype: ShardDtype = "fp32",
     compress: bool = False,
     name: str | None = None,
+    progress: Callable[[str], None] | None = None,
 ) -> Manifest:
-    """Write one shard per range into ``out_dir`` (must be empty or absent) and return the manifest."""
+    """Write one shard per range into ``out_dir`` (must be empty or absent) and return the manifest.
+    ``progress`` is told each step as it starts (loading, then each stage), for a display."""
+    say = progress or (lambda _step: None)
     if dtype not in ("fp32", "bf16", "int8", "nf4"):
         raise ShardError(f"unknown dtype {dtype!r}; use fp32, bf16, int8 or nf4")
     if not (model_dir / "config.json").is_file():
@@ -139,6 +142,7 @@ def export_shards(
     if quantization and not family.supports_quantization:
         raise ShardError(f"{dtype} is not supported for the {family.name} family; use --dtype fp32 or bf16")
 
+    say(f"loading {model_dir.name} ({num_layers} layers, fp32)")
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     state = dict(model.state_dict())
     linear_weights = {f"{n}.weight" for n in quantizable_linears(model, family.layers_path)}
@@ -150,6 +154,7 @@ def export_shards(
     stage_entries = []
     for index, layers in enumerate(ranges):
         first, last = index == 0, index == len(ranges) - 1
+        say(f"writing stage {index + 1}/{len(ranges)} (layers {layers}, {dtype}{', zstd' if compress else ''})")
         tensors = _convert(family, _stage_tensors(family, state, layers, first, last, tied), linear_weights, dtype)
         # One metadata key: safetensors keeps metadata in a hash map whose order is not stable.
         meta = {"dlis": json.dumps({"model": name or model_dir.name, "layers": str(layers), "dtype": dtype})}

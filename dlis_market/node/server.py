@@ -116,6 +116,7 @@ class Worker:
             key_name=self.config.key_name,
         )
         manifest = load_manifest(self.config.shard_dir)
+        log.info("worker %s: joining the DHT on %s:%d", self.identity.address, self.node.host, self.node.port)
         manifest_sha = sha256_file(self.config.shard_dir / MANIFEST_NAME)
         self.served_id = await asyncio.to_thread(resolve_model_id, self.settings, manifest.model_name, manifest_sha)
         self.validator = dht_records.owner_validator(self.identity.p2p_key)  # owns our DHT subkey
@@ -135,9 +136,11 @@ class Worker:
             spans = await asyncio.to_thread(dht_records.fetch_spans, self.dht, manifest.model_name, self.registry)
             layers = choose_range(spans, [s.layers for s in manifest.stages])
         device = self.config.device or self.node.device
+        log.info("loading %s layers %s on %s from %s", manifest.model_name, layers, device, self.config.shard_dir)
         self.stage = await asyncio.to_thread(
             Stage.load, self.config.shard_dir, layers, None, self.settings.inference, device
         )
+        log.info("measuring this stage's throughput (kept in %s; --reprofile measures again)", self.config.identity_dir)
         self.profile = await asyncio.to_thread(
             profiler.cached_profile, self.config.identity_dir, self.stage, self.config.reprofile
         )

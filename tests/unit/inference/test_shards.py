@@ -70,7 +70,14 @@ def test_export_is_deterministic(tiny_model_dir: Callable[[str], Path], tmp_path
 
 
 def test_compressed_shards_are_listed_and_load(tiny_model_dir: Callable[[str], Path], tmp_path: Path) -> None:
-    manifest = export_shards(tiny_model_dir("gpt2"), tmp_path / "z", stages=2, compress=True)
+    steps: list[str] = []  # what `dlis model shard` shows while it works
+    manifest = export_shards(tiny_model_dir("gpt2"), tmp_path / "z", stages=2, compress=True, progress=steps.append)
+    assert [s.split(" (")[0].split(" ")[:3] for s in steps[1:]] == [
+        ["writing", "stage", "1/2"],
+        ["writing", "stage", "2/2"],
+    ]
+    assert steps[0].startswith("loading ")
+    assert "zstd" in steps[1]
     assert all(s.compression == "zstd" and s.file.path.endswith(".zst") for s in manifest.stages)
     assert LocalPipeline.load(tmp_path / "z").generate_ids([[1, 2, 3]], 3)[0].token_ids
 
