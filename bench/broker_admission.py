@@ -179,7 +179,8 @@ class OneTokenBackend:
                 for i, ((s, e), n) in enumerate(zip(SPANS, self.nodes, strict=True))]  # fmt: skip
 
     async def start(self, job: Any) -> Any:
-        from dlis_market.broker.backend import RouteHop, SignedStageReceipt
+        from dlis_market.broker.backend import SignedStageReceipt
+        from dlis_market.protocol.routes import RouteHop
 
         backend = self
 

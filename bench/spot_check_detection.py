@@ -50,10 +50,10 @@ from dlis_market.chain.typed_data import Domain  # noqa: E402
 from dlis_market.inference.importer import import_model  # noqa: E402
 from dlis_market.inference.shard_export import export_shards  # noqa: E402
 from dlis_market.node.driver import PipelineDriver  # noqa: E402
-from dlis_market.node.routing import Hop  # noqa: E402
 from dlis_market.oracle.errors import EvidenceRefusedError  # noqa: E402
 from dlis_market.oracle.verification import NodeInfo, check_evidence  # noqa: E402
 from dlis_market.protocol.outputs import TOLERANCES  # noqa: E402
+from dlis_market.protocol.routes import RouteHop  # noqa: E402
 from dlis_market.protocol.spot_checks import SpotCheckEvidence, SpotCheckFailure, SpotCheckSampler  # noqa: E402
 
 CACHE = Path(tempfile.gettempdir()) / "dlis-test-cache" / "v1"
@@ -84,11 +84,13 @@ class OracleRules:
         return {"recorded": True}  # every worker here keeps its transcripts
 
 
-def hop(w: Any) -> Hop:
-    return Hop(w.peer_id, w.info["start"], w.info["end"], PRICE, w.info["node_address"])
+def hop(w: Any) -> RouteHop:
+    return RouteHop(w.peer_id, w.info["node_address"], w.info["start"], w.info["end"], PRICE)
 
 
-async def job(driver: PipelineDriver, model: str, route: list[Hop], prompt: list[int], new: int) -> tuple[Any, float]:
+async def job(
+    driver: PipelineDriver, model: str, route: list[RouteHop], prompt: list[int], new: int
+) -> tuple[Any, float]:
     t = time.perf_counter()
     finished, _ = await run_pinned_job(driver, model, route, prompt, new)
     return finished, time.perf_counter() - t

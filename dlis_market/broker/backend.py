@@ -8,12 +8,13 @@ batch receipt each through a :class:`BatchSigner`, which a backend provides (:cl
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 from dlis_market.chain.job_market import SignedReceipt
 from dlis_market.inference.sampling import SamplingParams, TokenLogprob
+from dlis_market.protocol.routes import Replan, RouteHop
 
 
 @dataclass(frozen=True)
@@ -28,18 +29,6 @@ class Offer:
     free_slots: int
     price_per_token: int
     attestation_hash: str
-
-
-@dataclass(frozen=True)
-class RouteHop:
-    peer_id: str
-    node: str
-    start: int
-    end: int
-    price_per_token: int
-
-
-Replan = Callable[[Sequence[RouteHop], frozenset[str]], Awaitable[Sequence[RouteHop]]]
 
 
 @dataclass(frozen=True)

@@ -8,10 +8,11 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from dlis_market.broker.backend import Offer, RouteHop, SignedStageReceipt
+from dlis_market.broker.backend import Offer, SignedStageReceipt
 from dlis_market.broker.catalog import ServedModel
 from dlis_market.broker.errors import incomplete_receipts
 from dlis_market.broker.schemas import Policy
+from dlis_market.protocol.routes import RouteHop
 
 
 @dataclass(frozen=True)

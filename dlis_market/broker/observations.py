@@ -26,10 +26,10 @@ import httpx
 
 from dlis_market.chain.typed_data import Domain
 from dlis_market.errors import DlisError
-from dlis_market.node.routing import Hop
 from dlis_market.protocol.observations import MAX_OBSERVATIONS, ObservationBatch, StageObservation
 from dlis_market.protocol.oracle_client import OBSERVATIONS_PATH, OracleReceiver
 from dlis_market.protocol.outbox import Outbox, Verdict
+from dlis_market.protocol.routes import RouteHop
 
 log = logging.getLogger(__name__)
 
@@ -42,11 +42,11 @@ class ObservationSink(Protocol):
 
 def observe_job(
     job_id: bytes,
-    route: Sequence[Hop],
+    route: Sequence[RouteHop],
     tokens: int,
     elapsed_s: float,
     *,
-    failed: Sequence[Hop] = (),
+    failed: Sequence[RouteHop] = (),
     routed_tps: Mapping[str, float] | None = None,
 ) -> list[StageObservation]:
     """Unsigned observations of one job: each hop of the ``route`` that finished it generated
@@ -58,9 +58,9 @@ def observe_job(
     job = "0x" + job_id.hex()
     latency_ms = min(UINT32_MAX, round(elapsed_s * 1000))
 
-    def one(hop: Hop, ok: bool) -> StageObservation:
+    def one(hop: RouteHop, ok: bool) -> StageObservation:
         return StageObservation(
-            node=hop.node_address, job_id=job, start=hop.start, end=hop.end,
+            node=hop.node, job_id=job, start=hop.start, end=hop.end,
             tokens=min(tokens, UINT32_MAX) if ok else 0, latency_ms=latency_ms if ok else 0,
             routed_tps=float(tps.get(hop.peer_id, 0.0)), ok=ok,
         )  # fmt: skip

@@ -20,8 +20,6 @@ from dlis_market.broker.backend import (
     BatchSignatures,
     BatchSigningRequest,
     Offer,
-    Replan,
-    RouteHop,
     SignedStageReceipt,
 )
 from dlis_market.broker.observations import JobObserver, observe_job
@@ -30,10 +28,10 @@ from dlis_market.chain.job_market import receipt_signer
 from dlis_market.errors import BrokerError
 from dlis_market.inference.sampling import TokenLogprob
 from dlis_market.node import receipts
-from dlis_market.node.driver import JobSession, JobSpec, PipelineDriver, Replanner
+from dlis_market.node.driver import JobSession, JobSpec, PipelineDriver
 from dlis_market.node.errors import NodeError
 from dlis_market.node.protocol import BatchReceiptAnswer, parse_body
-from dlis_market.node.routing import Hop
+from dlis_market.protocol.routes import RouteHop
 from dlis_market.settings import NodeSettings
 
 log = logging.getLogger(__name__)
@@ -101,7 +99,6 @@ class P2PJobStream:
 
     async def finish(self) -> tuple[list[RouteHop], list[SignedStageReceipt]]:
         hops = list(self.session.route)
-        route = [RouteHop(h.peer_id, h.node_address, h.start, h.end, h.price_per_token) for h in hops]
         got = await self.session.close()
         if self.checker is not None:  # receipts are signed: draw stage calls to re-execute elsewhere
             self.checker.schedule(FinishedSession.of(self.session, hops))
@@ -123,17 +120,7 @@ class P2PJobStream:
             rc, sig = r.signed.receipt, r.signed.signature
             node = receipt_signer(self.driver.market, rc, sig.signature)
             out.append(SignedStageReceipt(node, rc.start, rc.end, rc.tokens, rc.output_hash, rc.amount, sig.signature))
-        return route, out
-
-
-def _driver_replan(replan: Replan) -> Replanner:
-    """The broker's router in the driver's terms (its ``Hop``s)."""
-
-    async def in_hops(route: list[Hop], avoid: frozenset[str]) -> list[Hop]:
-        hops = [RouteHop(h.peer_id, h.node_address, h.start, h.end, h.price_per_token) for h in route]
-        return [Hop(h.peer_id, h.start, h.end, h.price_per_token, h.node) for h in await replan(hops, avoid)]
-
-    return in_hops
+        return hops, out
 
 
 class P2PBatchSigner:
@@ -241,11 +228,11 @@ class P2PBackend:
             stop_token_ids=job.stop_token_ids,
             num_layers=job.num_layers,
             fee_bps=job.fee_bps,
-            replan=None if job.replan is None else _driver_replan(job.replan),
+            replan=job.replan,
         )
         session = JobSession(self.driver, spec)
         if job.route:
-            session.route = [Hop(h.peer_id, h.start, h.end, h.price_per_token, h.node) for h in job.route]
+            session.route = list(job.route)
         await session.establish()
         return P2PJobStream(self.driver, session, self.checker, self.observer, dict(self._throughput), self._reports)
 

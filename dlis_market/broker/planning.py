@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from dlis_market.broker import scheduler
-from dlis_market.broker.backend import Offer, RouteHop
+from dlis_market.broker.backend import Offer
 from dlis_market.broker.catalog import ServedModel
 from dlis_market.broker.job_types import PlannedRoute
 from dlis_market.broker.network_state import FallbackPool, NetworkState, NodeOffer, RouteRequest
@@ -27,6 +27,7 @@ from dlis_market.broker.schemas import Policy
 from dlis_market.chain.node_registry import NodeRegistry
 from dlis_market.chain.reputation_oracle import ReputationOracle
 from dlis_market.protocol.pricing import cost_budget
+from dlis_market.protocol.routes import RouteHop
 from dlis_market.settings import BrokerSettings
 from dlis_market.types import LayerRange, ModelId, NodeId, PeerId
 

@@ -46,8 +46,6 @@ from dlis_market.broker.backend import (
     BackendJob,
     InferenceBackend,
     JobStream,
-    Replan,
-    RouteHop,
     SignedStageReceipt,
 )
 from dlis_market.broker.catalog import ModelCatalog, ServedModel
@@ -82,6 +80,7 @@ from dlis_market.chain.job_market import JobMarket
 from dlis_market.errors import BrokerError, DlisError
 from dlis_market.inference.sampling import TokenLogprob
 from dlis_market.protocol.pricing import fee_on, route_bound
+from dlis_market.protocol.routes import Replan, RouteHop
 from dlis_market.settings import Settings
 
 log = logging.getLogger(__name__)

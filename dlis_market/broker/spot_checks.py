@@ -55,7 +55,6 @@ from dlis_market.node.replay import (
     token_rows,
     token_steps,
 )
-from dlis_market.node.routing import Hop
 from dlis_market.node.transcripts import Transcript
 from dlis_market.protocol.oracle_client import (
     FAILURE_PATH,
@@ -65,6 +64,7 @@ from dlis_market.protocol.oracle_client import (
 )
 from dlis_market.protocol.outbox import Answer, Delivery, Message, Outbox, Verdict
 from dlis_market.protocol.outputs import compare_outputs, decode_output
+from dlis_market.protocol.routes import RouteHop
 from dlis_market.protocol.spot_checks import (
     SpotCheckEvidence,
     SpotCheckFailure,
@@ -82,12 +82,12 @@ class FinishedSession:
 
     spec: JobSpec
     session_id: str
-    route: tuple[Hop, ...]
+    route: tuple[RouteHop, ...]
     receipts: dict[int, StageReceipt]  # by start layer
     generated: tuple[int, ...]
 
     @classmethod
-    def of(cls, session: JobSession, route: Sequence[Hop]) -> FinishedSession | None:
+    def of(cls, session: JobSession, route: Sequence[RouteHop]) -> FinishedSession | None:
         """``None`` when the session failed over (its calls span several routes: not checked)."""
         mine = {r.signed.receipt.start: r for r in session.receipts if r.session_id == session.session_id}
         if session.failovers or len(mine) != len(route) or not session.generated:
@@ -120,8 +120,8 @@ class TooLarge(DlisError):
 class Withheld(DlisError):
     """A stage did not hand over a transcript the check needs (refused, dropped it, or is gone)."""
 
-    def __init__(self, hop: Hop, reason: str) -> None:
-        super().__init__(f"{hop.node_address} [{hop.start}, {hop.end}) gave no transcript: {reason}")
+    def __init__(self, hop: RouteHop, reason: str) -> None:
+        super().__init__(f"{hop.node} [{hop.start}, {hop.end}) gave no transcript: {reason}")
         self.hop = hop
 
 
@@ -258,7 +258,7 @@ class SpotChecker:
                         log.exception("spot check of stage %d of job 0x%s crashed", k, finished.spec.job_id.hex())
                     hop = finished.route[k]
                     result = CheckResult(
-                        "0x" + finished.spec.job_id.hex(), hop.start, hop.end, hop.node_address, "error", str(exc)
+                        "0x" + finished.spec.job_id.hex(), hop.start, hop.end, hop.node, "error", str(exc)
                     )
             self.counts[result.outcome] += 1
             self.results.append(result)
@@ -276,7 +276,9 @@ class SpotChecker:
         element = "float32" if shard_dtype == "fp32" else "bfloat16"  # activations (inference/quantization.py)
         return Layout.of_session(len(f.spec.prompt_ids), len(f.generated), element, hidden)
 
-    def _checked(self, f: FinishedSession, hop: Hop, transcript: Transcript, signed: bytes, what: str) -> StageRows:
+    def _checked(
+        self, f: FinishedSession, hop: RouteHop, transcript: Transcript, signed: bytes, what: str
+    ) -> StageRows:
         try:
             return checked(transcript, signed, self._layout(f), what)
         except TranscriptMalformedError as exc:  # bytes that are not this session's: as good as withheld
@@ -303,7 +305,7 @@ class SpotChecker:
         what = f"output of [{f.route[k].start}, {f.route[k].end})"
         return self._checked(f, f.route[k + 1], transcript, signed, what)
 
-    async def _transcript(self, f: FinishedSession, hop: Hop) -> Transcript:
+    async def _transcript(self, f: FinishedSession, hop: RouteHop) -> Transcript:
         try:
             return await fetch_transcript(self.driver, hop.peer_id, f.session_id)
         except RemoteError as exc:
@@ -323,34 +325,34 @@ class SpotChecker:
             outputs = await self._outputs(f, k)
         except Withheld as exc:  # no evidence to slash on; a failed verification for whoever withheld
             failure = SpotCheckFailure(
-                node=exc.hop.node_address, job_id=job, start=exc.hop.start, end=exc.hop.end, detail=str(exc)[:500]
+                node=exc.hop.node, job_id=job, start=exc.hop.start, end=exc.hop.end, detail=str(exc)[:500]
             ).signed_by_runner(self.runner_key, self.oracle_domain)
             answer = await self.sink.report_failure(failure)
-            return CheckResult(job, hop.start, hop.end, hop.node_address, "withheld", f"{exc}; oracle: {answer}")
+            return CheckResult(job, hop.start, hop.end, hop.node, "withheld", f"{exc}; oracle: {answer}")
         except TooLarge as exc:
-            return CheckResult(job, hop.start, hop.end, hop.node_address, "skipped:too-large", str(exc))
+            return CheckResult(job, hop.start, hop.end, hop.node, "skipped:too-large", str(exc))
         spans = await self.driver.discover(f.spec.model)
         banned = self.driver.banned()
         replicas = [
-            Hop.of(s)
+            RouteHop.of(s)
             for s in spans
             if (s.start, s.end) == (hop.start, hop.end)
             and s.peer_id != hop.peer_id
-            and s.node_address.lower() != hop.node_address.lower()
+            and s.node_address.lower() != hop.node.lower()
             and s.peer_id not in banned
             and self.eligible(s.node_address)
         ]
         if not replicas:
-            return CheckResult(job, hop.start, hop.end, hop.node_address, "skipped:no-replica",
+            return CheckResult(job, hop.start, hop.end, hop.node, "skipped:no-replica",
                                "no other node serves this range")  # fmt: skip
         self.rng.shuffle(replicas)
         max_length = len(f.spec.prompt_ids) + f.spec.max_new_tokens
         run = [f.spec.model, f.spec.job_id, inputs.inputs, max_length, f.spec.sampling, last]
         checker_rows, checker_receipt = await replay(self.driver, replicas[0], *run)  # type: ignore[arg-type]
         if (checker_rows.dtype, len(checker_rows.data)) != (outputs.dtype, len(outputs.data)):
-            why = (f"checker {replicas[0].node_address} output {len(checker_rows.data)} bytes of {checker_rows.dtype},"
+            why = (f"checker {replicas[0].node} output {len(checker_rows.data)} bytes of {checker_rows.dtype},"
                    f" not {len(outputs.data)} of {outputs.dtype}: not used")  # fmt: skip
-            return CheckResult(job, hop.start, hop.end, hop.node_address, "error", why)
+            return CheckResult(job, hop.start, hop.end, hop.node, "error", why)
         shard_dtype = "ids" if last else self.model_shape(f.spec.model)[0]
         accused_out = decode_output(outputs.data, outputs.dtype)
         checker_out = decode_output(checker_rows.data, checker_rows.dtype)
@@ -377,6 +379,6 @@ class SpotChecker:
         )
         answer = await self.sink.submit(evidence)
         return CheckResult(
-            job, hop.start, hop.end, hop.node_address, str(answer.get("outcome")), str(answer.get("detail", "")),
-            cmp.rel_diff, replicas[0].node_address,
+            job, hop.start, hop.end, hop.node, str(answer.get("outcome")), str(answer.get("detail", "")),
+            cmp.rel_diff, replicas[0].node,
         )  # fmt: skip

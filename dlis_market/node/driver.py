@@ -32,7 +32,7 @@ import logging
 import secrets
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -64,16 +64,14 @@ from dlis_market.node.protocol import (
     TokensBody,
     parse_body,
 )
-from dlis_market.node.routing import Hop, plan_route
+from dlis_market.node.routing import plan_route
 from dlis_market.node.transport import ChannelPool, start_dht
 from dlis_market.protocol.pricing import route_bound, stage_charge
+from dlis_market.protocol.routes import Replan, RouteHop
 from dlis_market.protocol.tickets import SessionTicket, sign_ticket
 from dlis_market.settings import NodeSettings
 
 log = logging.getLogger(__name__)
-
-
-Replanner = Callable[[list[Hop], frozenset[str]], Awaitable[Sequence[Hop]]]
 
 
 @dataclass(frozen=True)
@@ -89,7 +87,7 @@ class JobSpec:
     fee_bps: int = 0  # JobMarket's protocol fee, counted against max_cost (protocol.pricing)
     # The broker's router: (current route, peers to avoid) -> a new route under the job's policy
     # (stake, reputation, privacy, latency, max cost). None: the driver's own throughput routing.
-    replan: Replanner | None = None
+    replan: Replan | None = None
 
 
 NodeCheck = Callable[[str, str], bool]  # (node address, peer id) -> registered on chain under that peer id
@@ -115,7 +113,7 @@ class StageReceipt:
     signed: SignedReceipt
 
 
-def check_bill(hop: Hop, tokens: int, amount: int, sent_tokens: int) -> None:
+def check_bill(hop: RouteHop, tokens: int, amount: int, sent_tokens: int) -> None:
     """Refuse (ReceiptError) a stage receipt billing more tokens than the driver pushed through the
     session, or more than those tokens at the price of the signed record the driver routed on."""
     if tokens > sent_tokens:
@@ -229,7 +227,7 @@ class PipelineDriver:
         now = time.monotonic()
         return {p for p, b in self._bans.items() if b.until > now}
 
-    def ticket(self, job_id: bytes, model: str, hop: Hop) -> dict[str, Any]:
+    def ticket(self, job_id: bytes, model: str, hop: RouteHop) -> dict[str, Any]:
         """A session ticket for ``hop`` at its routed price, for this driver's peer id to present."""
         ticket = SessionTicket(
             job_id=job_id, model=model, start=hop.start, end=hop.end, price_per_token=hop.price_per_token,
@@ -255,7 +253,7 @@ class PipelineDriver:
         """The node signing address of a peer whose attestation verified, if any."""
         return self._verified.get(peer_id)
 
-    async def verify_peer(self, hop: Hop) -> str:
+    async def verify_peer(self, hop: RouteHop) -> str:
         """Fetch and verify the peer's attestation (once); returns its node signing address."""
         if hop.peer_id in self._verified:
             return self._verified[hop.peer_id]
@@ -265,10 +263,9 @@ class PipelineDriver:
             signed, self.registry, peer_id=hop.peer_id, max_age_s=self.settings.attestation_max_age_s
         )
         report = signed.report
-        if report.node_address.lower() != hop.node_address.lower():
+        if report.node_address.lower() != hop.node.lower():
             raise attestation.AttestationError(
-                f"invalid attestation: node_address ({report.node_address} differs from the "
-                f"announced {hop.node_address})"
+                f"invalid attestation: node_address ({report.node_address} differs from the announced {hop.node})"
             )
         self._verified[hop.peer_id] = report.node_address
         return report.node_address
@@ -373,7 +370,7 @@ class JobSession:
     def __init__(self, driver: PipelineDriver, spec: JobSpec) -> None:
         self.driver = driver
         self.spec = spec
-        self.route: list[Hop] = []
+        self.route: list[RouteHop] = []
         self.session_id = ""
         self.generated: list[int] = []
         self.logprobs: list[TokenLogprob] = []  # one per generated token when the sampling asks for them
@@ -386,7 +383,7 @@ class JobSession:
     def max_length(self) -> int:
         return len(self.spec.prompt_ids) + self.spec.max_new_tokens
 
-    async def _plan(self, skip: set[str] | None = None) -> list[Hop]:
+    async def _plan(self, skip: set[str] | None = None) -> list[RouteHop]:
         banned = self.driver.banned() | (skip or set())
         if self.route and not any(h.peer_id in banned for h in self.route):
             return list(self.route)
@@ -400,7 +397,7 @@ class JobSession:
             raise StageFailedError(f"no peer announces model {self.spec.model!r} on the DHT", None)
         if not self.route:
             return plan_route(spans, 0, num_layers, banned)
-        route: list[Hop] = []
+        route: list[RouteHop] = []
         for hop in self.route:  # keep healthy hops; replace only the failed span
             route += plan_route(spans, hop.start, hop.end, banned) if hop.peer_id in banned else [hop]
         return route
@@ -427,7 +424,7 @@ class JobSession:
                 )
             self.session_id = f"{self.spec.job_id.hex()[:16]}-{uuid.uuid4().hex[:12]}"
             self.sent_tokens = 0
-            opened: list[Hop] = []
+            opened: list[RouteHop] = []
             try:
                 for i, hop in enumerate(self.route):
                     await self._open_on(hop, self.route[i + 1].peer_id if i + 1 < len(self.route) else None)
@@ -448,7 +445,7 @@ class JobSession:
             f"could not open a session after {attempts} routes; the last refusal: {refused}; see the log for each", None
         )
 
-    async def _open_on(self, hop: Hop, next_peer: str | None) -> None:
+    async def _open_on(self, hop: RouteHop, next_peer: str | None) -> None:
         await self.driver.verify_peer(hop)
         last = next_peer is None
         body = OpenBody.build(
@@ -482,14 +479,14 @@ class JobSession:
                 hop.peer_id,
             )
 
-    async def _close_hops(self, hops: Sequence[Hop]) -> None:
+    async def _close_hops(self, hops: Sequence[RouteHop]) -> None:
         for hop in hops:
             try:
                 answer = await self.driver.pool.request(
                     hop.peer_id, "close", {"session_id": self.session_id}, self.driver.settings.request_timeout_s
                 )
                 signed = receipts.from_wire(answer.get("receipt"))
-                node = self.driver._verified.get(hop.peer_id, hop.node_address)
+                node = self.driver._verified.get(hop.peer_id, hop.node)
                 receipts.verify_receipt(self.driver.market, signed, node)
                 r = signed.receipt
                 if r.job_id != self.spec.job_id or (r.start, r.end) != (hop.start, hop.end):

@@ -31,9 +31,9 @@ from dlis_market.node import receipts
 from dlis_market.node.driver import PipelineDriver
 from dlis_market.node.errors import NodeError, ReceiptError, StageFailedError
 from dlis_market.node.protocol import OpenBody, SamplingUnsupportedError, parse_body
-from dlis_market.node.routing import Hop
 from dlis_market.node.sessions import row_bytes
 from dlis_market.node.transcripts import Transcript, TranscriptBody
+from dlis_market.protocol.routes import RouteHop
 
 
 class TranscriptMismatchError(NodeError):
@@ -139,7 +139,7 @@ def checked(transcript: Transcript, signed_hash: bytes, layout: Layout, what: st
 
 async def replay(
     driver: PipelineDriver,
-    replica: Hop,
+    replica: RouteHop,
     model: str,
     job_id: bytes,
     steps: Sequence[StageInput],

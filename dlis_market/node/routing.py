@@ -12,28 +12,13 @@ from __future__ import annotations
 
 import heapq
 from collections.abc import Collection, Sequence
-from dataclasses import dataclass
 
 from dlis_market.node.dht_records import SpanRecord
 from dlis_market.node.errors import NoRouteError
+from dlis_market.protocol.routes import RouteHop
 from dlis_market.types import LayerRange
 
 DEFAULT_HOP_S = 0.001
-
-
-@dataclass(frozen=True)
-class Hop:
-    """One stage of a route: a peer and the layers it runs."""
-
-    peer_id: str
-    start: int
-    end: int
-    price_per_token: int
-    node_address: str
-
-    @classmethod
-    def of(cls, span: SpanRecord) -> Hop:
-        return cls(span.peer_id, span.start, span.end, span.price_per_token, span.node_address)
 
 
 def missing_layers(spans: Sequence[SpanRecord], start: int, end: int) -> list[tuple[int, int]]:
@@ -63,7 +48,7 @@ def plan_route(
     end: int,
     banned: Collection[str] = (),
     hop_s: dict[str, float] | None = None,
-) -> list[Hop]:
+) -> list[RouteHop]:
     """Cheapest chain of usable spans tiling ``[start, end)``; NoRouteError names what is missing."""
     live = usable(spans, banned)
     hop_s = hop_s or {}
@@ -97,11 +82,11 @@ def plan_route(
             f"layers [{start}, {end}) are covered but no chain of spans starts at {start} and ends at {end} "
             "exactly; workers must serve the manifest's ranges",
         )
-    route: list[Hop] = []
+    route: list[RouteHop] = []
     at = end
     while at != start:
         s = prev[at]
-        route.append(Hop.of(s))
+        route.append(RouteHop.of(s))
         at = s.start
     return route[::-1]
 

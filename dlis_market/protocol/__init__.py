@@ -8,6 +8,7 @@ import the peer-to-peer transport (hivemind, libp2p): a DHT reader is passed in.
 - :mod:`.telemetry` — signed worker telemetry: models, EIP-712 signing, zstd, limits, DHT key;
 - :mod:`.oracle_client` — the senders' side of the oracle's HTTP routes (telemetry, outbox rows);
 - :mod:`.outbox` — the persisted outbox that retries deliveries and classifies the answers;
+- :mod:`.routes` — a job's route: the one hop type broker, driver, receipts and spot checks share;
 - :mod:`.pricing` — what a job may cost, one price function for broker, worker and JobMarket;
 - :mod:`.outputs` — stage outputs compared across replicas: decoding, per-token measure, tolerances;
 - :mod:`.spot_checks` — the spot-check sampler and the evidence/failure statements a runner signs;

@@ -26,7 +26,7 @@ from dlis_market.chain.devnet import LocalMarket
 from dlis_market.node.driver import JobSpec, PipelineDriver
 from dlis_market.node.errors import RemoteError
 from dlis_market.node.protocol import OpenBody
-from dlis_market.node.routing import Hop
+from dlis_market.protocol.routes import RouteHop
 from dlis_market.settings import NodeSettings
 
 MODEL = "tiny-paid"
@@ -90,7 +90,7 @@ def test_strangers_cannot_open_sessions_and_one_opener_cannot_crowd_out_another(
                     await stranger.pool.request(peer, "open", open_body(job, stranger.peer_id), 10)
                 assert await free_slots(stranger, peer) == slots
 
-                route_hop = Hop.of((await honest.discover(MODEL))[0])
+                route_hop = RouteHop.of((await honest.discover(MODEL))[0])
                 # 2. a ticket the stranger signed itself (valid signature, not a broker)
                 with pytest.raises(RemoteError, match="holds no BROKER_ROLE"):
                     body = open_body(job, stranger.peer_id, stranger.ticket(job, MODEL, route_hop))

@@ -17,9 +17,10 @@ import openai
 
 from dlis_market.broker.apikeys import create_api_key
 from dlis_market.broker.app import create_app
-from dlis_market.broker.backend import RouteHop, SignedStageReceipt
+from dlis_market.broker.backend import SignedStageReceipt
 from dlis_market.broker.service import BrokerService
 from dlis_market.chain.job_market import JobAuthorization, Receipt, sign_authorization, sign_receipt
+from dlis_market.protocol.routes import RouteHop
 from dlis_market.types import model_id
 from tests.integration.broker import conftest as broker_suite
 from tests.integration.conftest import DEV_PUBLISHER

@@ -23,10 +23,10 @@ from dlis_market.broker.spot_checks import FinishedSession, OracleSink, SpotChec
 from dlis_market.chain.anvil import free_port
 from dlis_market.node.driver import JobSpec, StageReceipt
 from dlis_market.node.errors import PeerUnreachableError
-from dlis_market.node.routing import Hop
 from dlis_market.node.telemetry import TelemetryRecorder, WorkerTelemetry
 from dlis_market.oracle.service import OracleService
 from dlis_market.protocol.outbox import Outbox, sqlite_url
+from dlis_market.protocol.routes import RouteHop
 from dlis_market.protocol.spot_checks import SpotCheckSampler
 from dlis_market.protocol.telemetry import decode_telemetry
 from dlis_market.settings import Settings
@@ -92,7 +92,7 @@ def test_messages_survive_an_oracle_outage_and_sender_restarts(market, tmp_path:
     market_domain = market.market().domain()
 
     # a finished one-route job of two stages: the runner draws both, the second stage is gone
-    route = (Hop("peer-a", 0, 4, 1, accused.address), Hop("peer-b", 4, 8, 1, checker_node.address))
+    route = (RouteHop("peer-a", accused.address, 0, 4, 1), RouteHop("peer-b", checker_node.address, 4, 8, 1))
     data = reference_output().astype("<f4").tobytes()
     receipts = {
         0: StageReceipt("peer-a", "s1", signed_receipt(accused, market_domain, data)),
@@ -157,7 +157,7 @@ def test_messages_survive_an_oracle_outage_and_sender_restarts(market, tmp_path:
     assert service.slashes == 1
     assert market.staking().info(ops[0].address).active == stake_before - service.config.slash_amount
     observed = [o for batch in service._observed.values() for o in batch]
-    assert sorted((o.node, o.start) for o in observed) == sorted((h.node_address, h.start) for h in route)
+    assert sorted((o.node, o.start) for o in observed) == sorted((h.node, h.start) for h in route)
     dropped, *kept = (decode_telemetry(b, 1 << 16, 1 << 18).report.seq for b in down["blobs"])
     seqs = [r.telemetry.report.seq for r in service._pending if r.telemetry.report.node == worker_node.address]
     assert seqs[:2] == kept and dropped not in seqs  # the kept reports arrive first, in order, once

@@ -17,7 +17,6 @@ from dlis_market.broker.backend import (
     BatchSignatures,
     BatchSigningRequest,
     Offer,
-    RouteHop,
     SignedStageReceipt,
 )
 from dlis_market.broker.bootstrap import build_graph
@@ -32,6 +31,7 @@ from dlis_market.chain.job_market import (
     sign_batch_receipt,
     sign_receipt,
 )
+from dlis_market.protocol.routes import RouteHop
 from tests.integration.conftest import DEV_PUBLISHER
 
 PRICE = 10**12  # token units per token per stage

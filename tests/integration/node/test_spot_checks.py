@@ -27,9 +27,9 @@ from dlis_market.chain.typed_data import Domain
 from dlis_market.node.driver import PipelineDriver
 from dlis_market.node.errors import RemoteError
 from dlis_market.node.protocol import OpenBody
-from dlis_market.node.routing import Hop
 from dlis_market.oracle.errors import EvidenceRefusedError
 from dlis_market.oracle.verification import NodeInfo, check_evidence
+from dlis_market.protocol.routes import RouteHop
 from dlis_market.protocol.spot_checks import SpotCheckEvidence, SpotCheckFailure, SpotCheckSampler
 
 PROMPT = [3, 1, 4, 1, 5, 9]
@@ -82,12 +82,12 @@ def swarm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
         yield {"swarm": sw, "workers": launched}
 
 
-def hop(w: Any) -> Hop:
-    return Hop(w.peer_id, w.info["start"], w.info["end"], 10**12, w.info["node_address"])
+def hop(w: Any) -> RouteHop:
+    return RouteHop(w.peer_id, w.info["node_address"], w.info["start"], w.info["end"], 10**12)
 
 
 async def run_job(
-    driver: PipelineDriver, route: list[Hop], new: int = 6, prompt: list[int] = PROMPT
+    driver: PipelineDriver, route: list[RouteHop], new: int = 6, prompt: list[int] = PROMPT
 ) -> tuple[FinishedSession, list[int]]:
     return await run_pinned_job(driver, MODEL, route, prompt, new)  # type: ignore[no-any-return]
 

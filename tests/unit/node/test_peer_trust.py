@@ -17,9 +17,9 @@ from dlis_market.node import receipts
 from dlis_market.node.brokers import BrokerCheck
 from dlis_market.node.driver import PipelineDriver, check_bill
 from dlis_market.node.errors import ReceiptError
-from dlis_market.node.routing import Hop
 from dlis_market.node.transcripts import Transcript, TranscriptStore
 from dlis_market.protocol.errors import TicketError
+from dlis_market.protocol.routes import RouteHop
 from dlis_market.protocol.tickets import SessionTicket, check_ticket, parse_ticket, sign_ticket
 from dlis_market.settings import NodeSettings, Settings
 
@@ -30,7 +30,7 @@ DOMAIN = market_domain(31337, "0x" + "42" * 20)
 def test_a_stage_receipt_cannot_bill_more_than_the_driver_sent_at_the_routed_price() -> None:
     """A real signed receipt from a stage's ledger: honest, inflated tokens, inflated price."""
     node = Account.create()
-    hop = Hop("stage", 0, 2, 3, node.address)
+    hop = RouteHop("stage", node.address, 0, 2, 3)
     job = secrets.token_bytes(32)
 
     def receipt(tokens: int, price: int) -> Any:

@@ -21,7 +21,7 @@ from dlis_market.inference.stage import SampledOutput
 from dlis_market.node.driver import NOT_A_FAULT, JobSession, JobSpec, PipelineDriver, replay_inputs
 from dlis_market.node.errors import RemoteError
 from dlis_market.node.protocol import OpenBody, SamplingUnsupportedError, TokensBody, WireLogprob
-from dlis_market.node.routing import Hop
+from dlis_market.protocol.routes import RouteHop
 from dlis_market.settings import NodeSettings
 from dlis_market.types import WireModel
 from tests.integration.node.node_helpers import make_tiny_llama
@@ -61,8 +61,8 @@ class Pool:
 def open_last(answer: dict[str, Any] | Exception, sampling: SamplingParams) -> tuple[Peer, Exception | None]:
     peer = Peer(answer)
     driver = PipelineDriver(None, Pool(peer), NodeSettings())  # type: ignore[arg-type]
-    hop = Hop("QmLast", 4, 6, 1, "0x" + "11" * 20)
-    driver._verified[hop.peer_id] = hop.node_address
+    hop = RouteHop("QmLast", "0x" + "11" * 20, 4, 6, 1)
+    driver._verified[hop.peer_id] = hop.node
     session = JobSession(driver, JobSpec("m", [1, 2], 3, sampling=sampling))
     session.session_id = "s-1"
     try:

@@ -10,19 +10,19 @@ import pytest
 from eth_account import Account
 
 from dlis_market.broker.observations import JobObserver, observe_job
-from dlis_market.node.routing import Hop
 from dlis_market.oracle.errors import EvidenceRefusedError
 from dlis_market.oracle.verification import check_runner
 from dlis_market.protocol.observations import MAX_OBSERVATIONS, ObservationBatch
+from dlis_market.protocol.routes import RouteHop
 
 from .evidence_helpers import RUNNER
 
 NODES = [Account.from_key(bytes([0x21 + i]) * 32).address for i in range(3)]
-ROUTE = [Hop(f"peer{i}", 10 * i, 10 * (i + 1), 1, NODES[i]) for i in range(2)]
+ROUTE = [RouteHop(f"peer{i}", NODES[i], 10 * i, 10 * (i + 1), 1) for i in range(2)]
 
 
 def test_observe_job_credits_the_route_and_blames_the_failed_stage(domain) -> None:  # type: ignore[no-untyped-def]
-    failed = Hop("peer9", 0, 10, 1, NODES[2])
+    failed = RouteHop("peer9", NODES[2], 0, 10, 1)
     obs = observe_job(b"\x07" * 32, ROUTE, 32, 3.2104, failed=[failed], routed_tps={"peer0": 40.0})
     assert [(o.node, o.ok, o.tokens, o.latency_ms, o.routed_tps) for o in obs] == [
         (NODES[0], True, 32, 3210, 40.0),
@@ -61,7 +61,7 @@ class _Sink:
 
 
 def test_observer_signs_and_posts_in_batches(domain) -> None:  # type: ignore[no-untyped-def]
-    route = [Hop(f"peer{i}", i, i + 1, 1, NODES[i % 3]) for i in range(MAX_OBSERVATIONS + 6)]
+    route = [RouteHop(f"peer{i}", NODES[i % 3], i, i + 1, 1) for i in range(MAX_OBSERVATIONS + 6)]
     sink = _Sink(lambda b: {"recorded": len(b.observations) - 1, "of": len(b.observations)})
     observer = JobObserver(RUNNER.key, domain, sink)
     asyncio.run(observer.report(observe_job(b"\x07" * 32, route, 8, 1.0)))

@@ -17,7 +17,6 @@ import pytest
 from dlis_market.broker.observations import JobObserver, OracleObservationSink, observe_job
 from dlis_market.broker.spot_checks import OracleSink
 from dlis_market.chain.anvil import free_port
-from dlis_market.node.routing import Hop
 from dlis_market.node.telemetry import TelemetryRecorder, WorkerTelemetry
 from dlis_market.oracle.service import OracleService
 from dlis_market.protocol.outbox import (
@@ -30,6 +29,7 @@ from dlis_market.protocol.outbox import (
     classify_http,
     sqlite_url,
 )
+from dlis_market.protocol.routes import RouteHop
 from dlis_market.protocol.spot_checks import SpotCheckFailure
 from dlis_market.settings import OutboxSettings, Settings
 from dlis_market.types import LayerRange
@@ -283,7 +283,7 @@ def test_exactly_once_against_a_real_oracle_answering_duplicates(market, tmp_pat
                            oracle_domain=service.domain)  # fmt: skip
     failure = SpotCheckFailure(node=steady.address, job_id="0x" + "09" * 32, start=0, end=8, detail="withheld")
     failure = failure.signed_by_runner(market.oracle.key, service.domain)
-    hop = Hop("peer", 0, 8, 1, flaky.address)
+    hop = RouteHop("peer", flaky.address, 0, 8, 1)
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     box_url = sqlite_url(tmp_path / "broker" / "outbox.db")
