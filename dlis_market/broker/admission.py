@@ -14,22 +14,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import http.client
-import json
 import math
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
-from urllib.parse import urlsplit
-
-from eth_utils import function_abi_to_4byte_selector
 
 from dlis_market.broker.errors import Overloaded
-from dlis_market.chain.errors import ChainUnavailableError
 from dlis_market.chain.job_market import JobMarket
-from dlis_market.errors import ChainError
+from dlis_market.chain.rpc_batch import BatchPoster, Request, StaticCalls
 
 Q = TypeVar("Q")
 R = TypeVar("R")
@@ -144,48 +138,29 @@ class ChainSnapshot:
 
 
 class ChainReads:
-    """Batched reads of JobMarket for admissions (calldata built from the contract's ABI)."""
+    """Batched reads of JobMarket for admissions (:mod:`dlis_market.chain.rpc_batch`)."""
 
     def __init__(self, market: JobMarket):
         self.market = market
-        self.provider = market.client.w3.provider
-        abi: dict[str, dict[str, Any]] = {
-            str(e["name"]): dict(e)  # type: ignore[typeddict-item]
-            for e in market.contract.abi
-            if e.get("type") == "function"
-        }
-        self._fns: dict[str, tuple[bytes, list[str], list[str]]] = {}
-        for name in ("nonceUsed", "escrowOf", "pendingWithdrawal", "spenderOf"):
-            entry = abi[name]
-            inputs, outputs = [i["type"] for i in entry["inputs"]], [o["type"] for o in entry["outputs"]]
-            if any(t != "address" and not t.startswith("uint") for t in inputs) or any(
-                t != "bool" and not t.startswith("uint") for t in outputs
-            ):
-                raise ChainError(f"JobMarket.{name}({inputs}) -> {outputs} is not all static words; update ChainReads")
-            self._fns[name] = (function_abi_to_4byte_selector(entry), inputs, outputs)  # type: ignore[arg-type]
-        self._batches: Batcher[tuple[str, Any], Any] = Batcher(self._post)
-        url = urlsplit(str(getattr(self.provider, "endpoint_uri", "") or ""))
-        plain = url.scheme in ("http", "https") and url.username is None and not url.query
-        self._url = url if plain else None
-        self._path = url.path or "/"
-        self._timeout_s = market.client.settings.chain.tx_timeout_s
-        self._conn: http.client.HTTPConnection | None = None  # used by one batch at a time
+        self.calls = StaticCalls(market.contract, ("nonceUsed", "escrowOf", "pendingWithdrawal", "spenderOf"))
+        self.poster = BatchPoster(market.client.w3, market.client.settings.chain.tx_timeout_s)
+        self._batches: Batcher[Request, Any] = Batcher(self.poster.post)
 
     async def admission(self, client: str, nonce: int, broker: str, spender: str | None = None) -> ChainSnapshot:
         """Chain time, whether ``nonce`` of ``client`` was used, its escrow and withdrawal request
         held for ``broker``, and ``spender``'s cap (when given), in one batch."""
-        c, b = _address(client), _address(broker)
+        names = ["nonceUsed", "escrowOf", "pendingWithdrawal"]
         asks = [  # all queued before anything awaits: they go out in one batch
             self._batches.submit(("eth_getBlockByNumber", ["latest", False])),
-            self._call("nonceUsed", c, nonce),
-            self._call("escrowOf", c, b),
-            self._call("pendingWithdrawal", c, b),
+            self._call("nonceUsed", client, nonce),
+            self._call("escrowOf", client, broker),
+            self._call("pendingWithdrawal", client, broker),
         ]
         if spender is not None:
-            asks.append(self._call("spenderOf", c, _address(spender)))
+            names.append("spenderOf")
+            asks.append(self._call("spenderOf", client, spender))
         block, *answers = await asyncio.gather(*asks)
-        names = ["nonceUsed", "escrowOf", "pendingWithdrawal", "spenderOf"][: len(answers)]
-        used, escrow, withdrawal, *cap = (self._ints(n, a) for n, a in zip(names, answers, strict=True))
+        used, escrow, withdrawal, *cap = (self.calls.decode(n, a) for n, a in zip(names, answers, strict=True))
         return ChainSnapshot(
             timestamp=int(block["timestamp"], 16),
             nonce_used=bool(used[0]),
@@ -197,69 +172,14 @@ class ChainReads:
 
     async def escrow(self, client: str, broker: str) -> tuple[int, tuple[int, int, int], float]:
         """(escrow, withdrawal request, when read) of ``client`` held for ``broker``, read again."""
-        c, b = _address(client), _address(broker)
         raw_escrow, raw_withdrawal = await asyncio.gather(
-            self._call("escrowOf", c, b), self._call("pendingWithdrawal", c, b)
+            self._call("escrowOf", client, broker), self._call("pendingWithdrawal", client, broker)
         )
-        escrow, w = self._ints("escrowOf", raw_escrow), self._ints("pendingWithdrawal", raw_withdrawal)
+        escrow, w = self.calls.decode("escrowOf", raw_escrow), self.calls.decode("pendingWithdrawal", raw_withdrawal)
         return escrow[0], (w[0], w[1], w[2]), time.monotonic()
 
-    def _call(self, fn: str, *args: Any) -> asyncio.Future[Any]:
-        """Queue an ``eth_call`` of ``fn``. Its inputs and outputs are all static words (checked at
-        start: addresses as 20 bytes, uints and bools), so the ABI encoding is their 32-byte words."""
-        selector = self._fns[fn][0]
-        words = [a.rjust(32, b"\0") if isinstance(a, bytes) else int(a).to_bytes(32, "big") for a in args]
-        data = "0x" + (selector + b"".join(words)).hex()
-        return self._batches.submit(("eth_call", [{"to": self.market.address, "data": data}, "latest"]))
-
-    def _ints(self, fn: str, answer: Any) -> tuple[int, ...]:
-        outputs = self._fns[fn][2]
-        raw = bytes.fromhex(str(answer)[2:])
-        if len(raw) != 32 * len(outputs):
-            raise ChainError(f"JobMarket.{fn} answered {len(raw)} bytes, not {32 * len(outputs)}; is it JobMarket?")
-        return tuple(int.from_bytes(raw[i : i + 32], "big") for i in range(0, len(raw), 32))
-
-    def _post(self, requests: list[tuple[str, Any]]) -> list[Any]:
-        """One JSON-RPC batch (in a worker thread: it blocks); each answer's result, or the error
-        that read gets. Plain HTTP(S) endpoints are posted to over one kept-alive connection (a
-        tenth of the time web3's provider takes); others through the provider."""
-        body = [{"jsonrpc": "2.0", "id": i, "method": m, "params": p} for i, (m, p) in enumerate(requests)]
-        try:
-            response = self._post_raw(body) if self._url is not None else self.provider.make_batch_request(requests)  # type: ignore[attr-defined]
-        except (OSError, http.client.HTTPException, ValueError) as exc:  # all mean "no usable answer"
-            self._conn = None
-            raise ChainUnavailableError(
-                f"the chain did not answer {len(requests)} admission reads ({type(exc).__name__}: {exc}); "
-                "check the RPC endpoint"
-            ) from exc
-        if not isinstance(response, list) or len(response) != len(requests):  # refused the whole batch
-            raise ChainError(f"the chain refused a batch of {len(requests)} reads: {response}")
-        answers = sorted(response, key=lambda r: int(r["id"]))
-        return [
-            ChainError(f"{method} failed on chain: {a['error']}") if "error" in a else a["result"]
-            for (method, _), a in zip(requests, answers, strict=True)
-        ]
-
-    def _post_raw(self, body: list[dict[str, Any]]) -> Any:
-        assert self._url is not None
-        for attempt in (1, 2):  # a kept-alive connection the server closed is opened again, once
-            if self._conn is None:
-                kind = http.client.HTTPSConnection if self._url.scheme == "https" else http.client.HTTPConnection
-                self._conn = kind(self._url.hostname or "127.0.0.1", self._url.port, timeout=self._timeout_s)
-            try:
-                self._conn.request("POST", self._path, json.dumps(body), {"Content-Type": "application/json"})
-                res = self._conn.getresponse()
-                data = res.read()
-            except (OSError, http.client.HTTPException):
-                self._conn.close()
-                self._conn = None
-                if attempt == 2:
-                    raise
-                continue
-            if res.status != 200:
-                raise ValueError(f"HTTP {res.status} from the RPC endpoint: {data[:200]!r}")
-            return json.loads(data)
-        raise AssertionError("unreachable")
+    def _call(self, fn: str, *args: int | str) -> asyncio.Future[Any]:
+        return self._batches.submit(self.calls.request(fn, *args))
 
 
 class Batcher(Generic[Q, R]):
@@ -296,7 +216,3 @@ class Batcher(Generic[Q, R]):
                     fut.set_exception(res)
                 else:
                     fut.set_result(res)
-
-
-def _address(address: str) -> bytes:
-    return bytes.fromhex(address[2:])
