@@ -155,6 +155,15 @@ SPOT_CHECK_FAILURE = [
     ("end", "uint32"),
     ("reason", "string"),
 ]
+# A node's claim that a zero-knowledge proof is of the stage call its receipt bills
+# (dlis_market/oracle/zk_verify.py): ``receiptDigest`` is the receipt's EIP-712 digest under the
+# JobMarket domain, ``instancesHash`` keccak256 of the proof's public instances as 32-byte words,
+# ``vkHash`` keccak256 of the verification key. Signed under the JobMarket domain too.
+STAGE_PROOF = [
+    ("receiptDigest", "bytes32"),
+    ("instancesHash", "bytes32"),
+    ("vkHash", "bytes32"),
+]
 # What the broker measured a node do for one job (dlis_market/oracle/observations.py).
 STAGE_OBSERVATION = [
     ("node", "address"),
@@ -181,6 +190,7 @@ TYPES: dict[str, list[tuple[str, str]]] = {
     "SpotCheck": SPOT_CHECK,
     "SpotCheckFailure": SPOT_CHECK_FAILURE,
     "StageObservation": STAGE_OBSERVATION,
+    "StageProof": STAGE_PROOF,
 }
 EIP712_DOMAIN = [
     ("name", "string"),
