@@ -1,0 +1,216 @@
+"""Head (tensor) parallelism: k workers serve one layer range together (Llama family).
+
+Each member holds a 1/k slice of every layer in the range, split the way Megatron-LM splits a
+transformer block, so a layer costs two all-reduces of one hidden row per token:
+
+- attention by KV-head groups: member ``m`` keeps KV heads ``[m*KV/k, (m+1)*KV/k)`` and the query
+  heads that read them (q/k/v column-parallel), computes attention for those heads with its own
+  KV cache, and multiplies by its columns of o_proj (row-parallel): a partial sum of the output;
+- MLP by columns: gate/up rows ``[m*I/k, (m+1)*I/k)`` (column-parallel), down_proj's matching
+  columns (row-parallel): another partial sum.
+
+The partial sums are added by an all-reduce between the members (:class:`GlooGroup`: gloo over
+TCP on 127.0.0.1, one process per member; :class:`ThreadGroup`: members as threads of one
+process, for tests). Gloo rather than the project's libp2p streams: an all-reduce runs twice per
+layer per token (60 per token for SmolLM2's 30 layers), and gloo's ring all-reduce in C++ costs
+tens of microseconds on loopback where a message through the p2p daemon costs milliseconds.
+Gloo has no authentication: a group is formed only from workers the scheduler placed together
+over a private link, and it carries activations in the clear (secure aggregation,
+:mod:`dlis_market.inference.secret_sharing`, is the option that hides each member's part).
+
+Norms, rotary embeddings and the residual stream are replicated: every member ends each layer
+with the same full hidden state, so the range's output is taken from any member. One session at
+a time per group (no continuous batching across sessions yet).
+"""
+
+from __future__ import annotations
+
+import copy
+import threading
+from typing import Any, Protocol
+
+import torch
+from transformers import DynamicCache, LlamaConfig
+from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
+
+from dlis_market.inference.errors import InferenceError
+
+
+class TensorParallelError(InferenceError):
+    """A model or group that cannot be split k ways (heads or width not divisible, ranks missing)."""
+
+
+class AllReduce(Protocol):
+    def __call__(self, t: torch.Tensor) -> torch.Tensor: ...
+
+
+def _ints(config: LlamaConfig) -> tuple[int, int, int]:
+    """(query heads, KV heads, MLP width) of a Llama config."""
+    kv = config.num_key_value_heads or config.num_attention_heads
+    return int(config.num_attention_heads or 0), int(kv or 0), int(config.intermediate_size or 0)
+
+
+def check_split(config: LlamaConfig, k: int) -> None:
+    heads, kv, inter = _ints(config)
+    if getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False):
+        raise TensorParallelError(
+            "head parallelism here supports Llama layers without biases (attention_bias, mlp_bias)"
+        )
+    if k < 1 or kv % k or heads % k or inter % k:
+        raise TensorParallelError(
+            f"{k}-way head parallelism needs k to divide the KV heads ({kv}), the query heads ({heads}) and "
+            f"the MLP width ({inter}); choose k from {[d for d in range(1, kv + 1) if kv % d == 0 and inter % d == 0]}"
+        )
+
+
+def member_config(config: LlamaConfig, k: int) -> LlamaConfig:
+    heads, kv, inter = _ints(config)
+    sliced = copy.deepcopy(config)
+    sliced.head_dim = int(getattr(config, "head_dim", None) or int(config.hidden_size or 0) // heads)
+    sliced.num_attention_heads = heads // k
+    sliced.num_key_value_heads = kv // k
+    sliced.intermediate_size = inter // k
+    return sliced
+
+
+def slice_layer(layer: Any, config: LlamaConfig, k: int, rank: int, index: int) -> Any:
+    """Member ``rank``'s 1/k of one decoder layer (a LlamaDecoderLayer), as one of the sliced shape."""
+    cfg = member_config(config, k)
+    hd, (heads, kv, inter) = int(cfg.head_dim or 0), _ints(cfg)
+    q_rows = slice(rank * heads * hd, (rank + 1) * heads * hd)
+    kv_rows = slice(rank * kv * hd, (rank + 1) * kv * hd)
+    mlp_rows = slice(rank * inter, (rank + 1) * inter)
+    out = LlamaDecoderLayer(cfg, index)
+    src, dst = layer.self_attn, out.self_attn
+    with torch.no_grad():
+        dst.q_proj.weight.copy_(src.q_proj.weight[q_rows])
+        dst.k_proj.weight.copy_(src.k_proj.weight[kv_rows])
+        dst.v_proj.weight.copy_(src.v_proj.weight[kv_rows])
+        dst.o_proj.weight.copy_(src.o_proj.weight[:, q_rows])
+        out.mlp.gate_proj.weight.copy_(layer.mlp.gate_proj.weight[mlp_rows])
+        out.mlp.up_proj.weight.copy_(layer.mlp.up_proj.weight[mlp_rows])
+        out.mlp.down_proj.weight.copy_(layer.mlp.down_proj.weight[:, mlp_rows])
+        out.input_layernorm.weight.copy_(layer.input_layernorm.weight)
+        out.post_attention_layernorm.weight.copy_(layer.post_attention_layernorm.weight)
+    return out.to(layer.self_attn.q_proj.weight.dtype).eval()
+
+
+class TensorParallelMember:
+    """One member of a k-way group serving ``layers`` of a Llama model: its slices, its share of the
+    KV cache, and the all-reduce that joins it to the others."""
+
+    def __init__(self, layers: list[Any], config: LlamaConfig, k: int, rank: int, all_reduce: AllReduce):
+        check_split(config, k)
+        if not 0 <= rank < k:
+            raise TensorParallelError(f"rank {rank} is not in a group of {k}")
+        self.k, self.rank, self.all_reduce = k, rank, all_reduce
+        self.config = member_config(config, k)
+        self.layers = [slice_layer(layer, config, k, rank, i) for i, layer in enumerate(layers)]
+        self.rotary = LlamaRotaryEmbedding(config=config)
+        self.cache = DynamicCache()
+        self.position = 0
+        self.bytes_reduced = 0  # what this member's all-reduces carried (its partial sums)
+
+    def reset(self) -> None:
+        self.cache = DynamicCache()
+        self.position = 0
+
+    @torch.no_grad()
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        """``hidden`` ``[1, tokens, hidden]`` at the next positions of the session -> the range's output."""
+        n = hidden.shape[1]
+        position_ids = torch.arange(self.position, self.position + n).unsqueeze(0)
+        pos = self.rotary(hidden, position_ids=position_ids)
+        for layer in self.layers:
+            residual = hidden
+            attn, _ = layer.self_attn(
+                hidden_states=layer.input_layernorm(hidden), position_embeddings=pos, attention_mask=None,
+                cache=self.cache, position_ids=position_ids,
+            )  # fmt: skip
+            hidden = residual + self._reduce(attn)
+            residual = hidden
+            hidden = residual + self._reduce(layer.mlp(layer.post_attention_layernorm(hidden)))
+        self.position += n
+        return hidden
+
+    def _reduce(self, partial: torch.Tensor) -> torch.Tensor:
+        self.bytes_reduced += partial.numel() * partial.element_size()
+        return self.all_reduce(partial)
+
+
+class ThreadGroup:
+    """An all-reduce for k members running as threads of one process (sums in rank order)."""
+
+    def __init__(self, k: int):
+        self.k = k
+        self._barrier = threading.Barrier(k)
+        self._parts: list[torch.Tensor | None] = [None] * k
+        self._sum: torch.Tensor | None = None
+
+    def member(self, rank: int) -> AllReduce:
+        def all_reduce(t: torch.Tensor) -> torch.Tensor:
+            self._parts[rank] = t
+            if self._barrier.wait() == 0:
+                total = self._parts[0]
+                assert total is not None
+                for p in self._parts[1:]:
+                    assert p is not None
+                    total = total + p
+                self._sum = total
+            self._barrier.wait()
+            out = self._sum
+            assert out is not None
+            self._barrier.wait()  # nobody overwrites a part before everyone read the sum
+            return out.clone()
+
+        return all_reduce
+
+    def abort(self) -> None:
+        self._barrier.abort()
+
+
+def run_threads(members: list[TensorParallelMember], group: ThreadGroup, hidden: torch.Tensor) -> list[torch.Tensor]:
+    """Every member's forward on the same input, concurrently (they meet in the all-reduces)."""
+    outs: list[Any] = [None] * len(members)
+    errors: list[BaseException] = []
+
+    def work(i: int) -> None:
+        try:
+            outs[i] = members[i].forward(hidden)
+        except BaseException as exc:  # re-raised below; breaking the barrier stops the others too
+            errors.append(exc)
+            group.abort()
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(members))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    return outs
+
+
+class GlooGroup:
+    """torch.distributed's gloo all-reduce between k processes on 127.0.0.1."""
+
+    def __init__(self, rank: int, k: int, port: int, timeout_s: float = 60.0):
+        import datetime
+        import os
+
+        import torch.distributed as dist
+
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # gloo listens on loopback only
+        dist.init_process_group(
+            "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=k,
+            timeout=datetime.timedelta(seconds=timeout_s),
+        )  # fmt: skip
+        self._dist = dist
+
+    def __call__(self, t: torch.Tensor) -> torch.Tensor:
+        out = t.contiguous().clone()
+        self._dist.all_reduce(out)
+        return out
+
+    def close(self) -> None:
+        self._dist.destroy_process_group()

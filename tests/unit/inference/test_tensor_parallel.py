@@ -1,0 +1,118 @@
+"""Head (tensor) parallelism (inference/tensor_parallel.py): k members together equal the unsplit model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+from dlis_market.inference.tensor_parallel import (
+    TensorParallelError,
+    TensorParallelMember,
+    ThreadGroup,
+    run_threads,
+)
+
+
+def greedy_split(model: LlamaForCausalLM, k: int, prompt: list[int], new: int) -> tuple[torch.Tensor, list[int]]:
+    """Prefill then ``new`` greedy steps through a k-member group; the last-position logits of every step."""
+    group = ThreadGroup(k)
+    members = [TensorParallelMember(list(model.model.layers), model.config, k, r, group.member(r)) for r in range(k)]
+    ids, logits, tokens = torch.tensor([prompt]), [], []
+    with torch.no_grad():
+        for _ in range(new):
+            outs = run_threads(members, group, model.model.embed_tokens(ids))
+            assert all(torch.equal(o, outs[0]) for o in outs)  # every member ends with the same hidden state
+            step = model.lm_head(model.model.norm(outs[0][:, -1]))
+            logits.append(step)
+            tokens.append(int(step.argmax(-1)))
+            ids = torch.tensor([[tokens[-1]]])
+    return torch.cat(logits), tokens
+
+
+def greedy_whole(model: LlamaForCausalLM, prompt: list[int], new: int) -> tuple[torch.Tensor, list[int]]:
+    ids, logits, tokens = list(prompt), [], []
+    with torch.no_grad():
+        for _ in range(new):
+            step = model(torch.tensor([ids])).logits[:, -1]
+            logits.append(step)
+            tokens.append(int(step.argmax(-1)))
+            ids.append(tokens[-1])
+    return torch.cat(logits), tokens
+
+
+@pytest.mark.parametrize(("k", "heads", "kv"), [(2, 8, 4), (4, 8, 4), (4, 16, 4)])
+def test_random_llama_split_k_ways_is_exact(k, heads, kv):
+    torch.manual_seed(k * 100 + heads)
+    cfg = LlamaConfig(vocab_size=128, hidden_size=128, intermediate_size=256, num_hidden_layers=3,
+                      num_attention_heads=heads, num_key_value_heads=kv)  # fmt: skip
+    model = LlamaForCausalLM(cfg).eval()
+    prompt = [5, 17, 42, 3, 88, 9, 60]
+    want_logits, want = greedy_whole(model, prompt, 6)
+    got_logits, got = greedy_split(model, k, prompt, 6)
+    assert got == want
+    assert (got_logits - want_logits).abs().max() < 1e-5
+
+
+def test_smollm2_three_ways_is_exact(smollm2_dir: Path):
+    model = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
+    assert model.config.num_key_value_heads == 3
+    prompt = [504, 3458, 282, 4649, 314]  # "The capital of France is"
+    want_logits, want = greedy_whole(model, prompt, 3)
+    got_logits, got = greedy_split(model, 3, prompt, 3)
+    assert got == want
+    assert (got_logits - want_logits).abs().max() < 1e-5 * max(1.0, float(want_logits.abs().max()))
+
+
+def test_splits_that_do_not_divide_are_refused():
+    cfg = LlamaConfig(vocab_size=64, hidden_size=96, intermediate_size=192, num_hidden_layers=1,
+                      num_attention_heads=6, num_key_value_heads=3)  # fmt: skip
+    model = LlamaForCausalLM(cfg)
+    with pytest.raises(TensorParallelError, match=r"choose k from \[1, 3\]"):
+        TensorParallelMember(list(model.model.layers), cfg, 2, 0, lambda t: t)
+    with pytest.raises(TensorParallelError, match="rank 3 is not in a group of 3"):
+        TensorParallelMember(list(model.model.layers), cfg, 3, 3, lambda t: t)
+
+
+def _gloo_member(rank: int, k: int, port: int, model_dir: str, prompt: list[int], out) -> None:
+    from dlis_market.inference.tensor_parallel import GlooGroup
+
+    torch.set_num_threads(1)
+    model = LlamaForCausalLM.from_pretrained(model_dir).eval()
+    group = GlooGroup(rank, k, port, timeout_s=60)
+    member = TensorParallelMember(list(model.model.layers), model.config, k, rank, group)
+    with torch.no_grad():
+        hidden = member.forward(model.model.embed_tokens(torch.tensor([prompt])))
+    out.put((rank, hidden, member.bytes_reduced))
+    group.close()
+
+
+def test_members_in_separate_processes_meet_over_gloo_on_loopback(tmp_path: Path):
+    import torch.multiprocessing as mp
+
+    from dlis_market.chain.anvil import free_port
+
+    torch.manual_seed(7)
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2)  # fmt: skip
+    model = LlamaForCausalLM(cfg).eval()
+    model.save_pretrained(tmp_path)
+    prompt = [3, 14, 15, 9, 2]
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=_gloo_member, args=(r, 2, port, str(tmp_path), prompt, q)) for r in range(2)]
+    for p in procs:
+        p.start()
+    got = dict((r, (h, b)) for r, h, b in (q.get(timeout=120) for _ in procs))
+    for p in procs:
+        p.join(timeout=30)
+    with torch.no_grad():
+        want = model.model(torch.tensor([prompt])).last_hidden_state
+        got_final = model.model.norm(got[0][0])
+    assert torch.equal(got[0][0], got[1][0])
+    assert (got_final - want).abs().max() < 1e-5
+    # two all-reduces per layer, each of the partial sums [1, tokens, hidden] in fp32
+    assert got[0][1] == 2 * cfg.num_hidden_layers * len(prompt) * cfg.hidden_size * 4
