@@ -10,11 +10,13 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from dlis_market.cli import model_adapter
 from dlis_market.cli.context import working
 from dlis_market.errors import DlisError
 from dlis_market.settings import Settings
 
 app = typer.Typer(help="Import, partition, run, publish and fetch models.", no_args_is_help=True)
+app.add_typer(model_adapter.app, name="adapter")
 console = Console()
 err_console = Console(stderr=True)
 

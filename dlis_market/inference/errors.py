@@ -46,3 +46,23 @@ class ContextLengthError(SessionError):
 
 class MessageError(InferenceError):
     """A serialised stage message is malformed, too large or of an unknown version."""
+
+
+class AdapterError(InferenceError):
+    """A LoRA adapter cannot be loaded, served or published (the root of the adapter errors)."""
+
+
+class AdapterIntegrityError(AdapterError):
+    """An adapter's files are missing, malformed, or do not hash to the adapter id asked for."""
+
+
+class AdapterMismatchError(AdapterError):
+    """An adapter was trained for another base model (shapes, target modules or layer indices)."""
+
+
+class UnsupportedAdapterError(AdapterError):
+    """An adapter uses a PEFT feature a stage cannot apply on the fly (DoRA, biases, patterns...)."""
+
+
+class AdapterNotAttachedError(AdapterError):
+    """A session names an adapter that is not attached to the stage serving it."""

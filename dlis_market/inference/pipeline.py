@@ -18,7 +18,8 @@ from pathlib import Path
 
 import torch
 
-from dlis_market.inference.errors import ContextLengthError, ShardError
+from dlis_market.inference.adapters import load_adapter
+from dlis_market.inference.errors import ContextLengthError, SessionError, ShardError
 from dlis_market.inference.manifest import load_manifest
 from dlis_market.inference.messages import StageInput, StageOutput
 from dlis_market.inference.sampling import SamplingParams
@@ -66,6 +67,14 @@ class LocalPipeline:
             [Stage.load(shard_dir, index=i, settings=settings, device=target) for i in range(len(manifest.stages))]
         )
 
+    def attach_adapter(self, adapter_dir: Path, expected_sha256: str | None = None) -> str:
+        """Check a PEFT LoRA adapter against this model and attach it to every stage (each keeps its
+        own layers' tensors); returns its id for ``generate_ids(..., adapters=)``."""
+        adapter = load_adapter(adapter_dir, self.stages[0].manifest, expected_sha256=expected_sha256)
+        for stage in self.stages:
+            stage.adapters.attach(adapter)
+        return adapter.sha256
+
     def step(self, inp: StageInput) -> StageOutput:
         """Send one input through every stage; returns the last stage's output."""
         out: StageOutput | None = None
@@ -86,8 +95,11 @@ class LocalPipeline:
         sampling: SamplingParams | None = None,
         stop_token_ids: Sequence[int] = (),
         want_logits: bool = False,
+        adapters: Sequence[str | None] | None = None,
     ) -> list[Generation]:
-        """Generate for several prompts at once; same-length sessions share forward passes."""
+        """Generate for several prompts at once; same-length sessions share forward passes.
+
+        ``adapters`` names, per prompt, an attached adapter id or None (the base model)."""
         context = int(getattr(self.config, "max_position_embeddings", 0)) or None
         for p in prompts:
             if not p:
@@ -97,12 +109,15 @@ class LocalPipeline:
                     f"prompt of {len(p)} tokens + {max_new_tokens} new tokens exceeds the model context of "
                     f"{context}; shorten the prompt or lower --max-new-tokens"
                 )
+        if adapters is not None and len(adapters) != len(prompts):
+            raise SessionError(f"{len(adapters)} adapters for {len(prompts)} prompts; give one (or None) per prompt")
         gens = [Generation(f"local-{uuid.uuid4().hex[:12]}", list(p)) for p in prompts]
         opened: list[tuple[Stage, str]] = []
         try:
-            for g in gens:
+            for i, g in enumerate(gens):
                 for stage in self.stages:
-                    stage.open_session(g.session_id, len(g.prompt_ids) + max_new_tokens, sampling)
+                    adapter = adapters[i] if adapters is not None else None
+                    stage.open_session(g.session_id, len(g.prompt_ids) + max_new_tokens, sampling, adapter)
                     opened.append((stage, g.session_id))
             self._run(gens, max_new_tokens, set(stop_token_ids), want_logits)
         finally:

@@ -13,6 +13,9 @@ leave the stage (a worker sends them and hashes their bytes for its receipts, th
 CPU stage's for the same values); ``forward(..., keep_on_device=True)`` keeps hidden states on
 the device for the next stage of a :class:`~dlis_market.inference.pipeline.LocalPipeline`.
 Sampling runs on the CPU, so a seed gives the same tokens for the same logits on any device.
+
+Why one module of this size: loading, sessions and the batched forward share the stage's model,
+caches and adapter hooks; the family specifics, KV cache, sampling and adapters live elsewhere.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from transformers import CONFIG_MAPPING, PretrainedConfig
 from transformers.cache_utils import DynamicCache
 
 from dlis_market.errors import InferenceError
+from dlis_market.inference.adapter_serving import StageAdapters
 from dlis_market.inference.errors import (
     ContextLengthError,
     ManifestError,
@@ -161,6 +165,8 @@ class Stage:
         self.mixes_positions = can_pad(self.stage_config)
         # session id -> (its Session, the tokens sampled for it): only sessions with penalties
         self._history: dict[str, tuple[Session, list[int]]] = {}
+        # LoRA adapters served on the fly (hooks on this stage's Linears); sessions name one at open
+        self.adapters = StageAdapters(model, family, manifest, entry.layers, self.device, self.dtype)
 
     # ------------------------------------------------------------------ loading
 
@@ -273,13 +279,21 @@ class Stage:
                     f"{self.manifest.model_name}; use ids of this model's tokenizer"
                 )
 
-    def open_session(self, session_id: str, max_length: int, sampling: SamplingParams | None = None) -> None:
+    def open_session(
+        self, session_id: str, max_length: int, sampling: SamplingParams | None = None, adapter: str | None = None
+    ) -> None:
+        """Open a session; ``adapter`` (an id attached with ``self.adapters.attach``) applies to its rows."""
         if sampling is not None:
             self.check_sampling(sampling)
-        self.sessions.open(session_id, max_length, sampling)
+        if adapter is not None:
+            self.adapters.require(session_id, adapter)
+        session = self.sessions.open(session_id, max_length, sampling)
+        if adapter is not None:
+            self.adapters.bind(session, session_id, adapter)
 
     def close_session(self, session_id: str) -> bool:
         self._history.pop(session_id, None)
+        self.adapters.unbind(session_id)
         return self.sessions.close(session_id)
 
     def _history_of(self, session: Session) -> list[int] | None:
@@ -348,7 +362,8 @@ class Stage:
         try:
             for rows in groups.values():
                 positions = [inp.positions[r] for r in rows]
-                result = self._run_group(data[rows], positions, [sessions[r].cache for r in rows])
+                with self.adapters.rows([(sessions[r], sessions[r].session_id) for r in rows]):
+                    result = self._run_group(data[rows], positions, [sessions[r].cache for r in rows])
                 for i, r in enumerate(rows):
                     out_rows[r] = result[i : i + 1]
         except Exception:
