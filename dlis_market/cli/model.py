@@ -160,8 +160,13 @@ def generate_cmd(
     device: Annotated[
         str | None, typer.Option(help="auto, cpu or cuda (default: the node.device setting, cpu).")
     ] = None,
+    adapter: Annotated[
+        Path | None,
+        typer.Option(help="A PEFT LoRA adapter folder for this model, applied on the fly (not merged).", exists=True),
+    ] = None,
 ) -> None:
-    """Run every stage in this process and print the generated text."""
+    """Run every stage in this process and print the generated text (with --adapter, as the
+    base model plus that LoRA adapter)."""
     settings = _settings(ctx)
     try:
         with working("importing torch and transformers", quiet=as_json) as step:
@@ -175,12 +180,13 @@ def generate_cmd(
                 torch.set_num_threads(settings.inference.threads)
             step(f"loading the stages of {shard_dir}")
             pipe = LocalPipeline.load(shard_dir, settings.inference, device or settings.node.device)
+            adapter_id = None if adapter is None else pipe.attach_adapter(adapter)
             tokenizer = AutoTokenizer.from_pretrained(shard_dir)
             ids = tokenizer(prompt)["input_ids"]
             params = SamplingParams(greedy=greedy, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
             stops = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
             step(f"generating up to {max_tokens} tokens ({len(ids)} prompt tokens, {len(pipe.stages)} stages)")
-            gen = pipe.generate_ids([ids], max_tokens, params, stop_token_ids=stops)[0]
+            gen = pipe.generate_ids([ids], max_tokens, params, stop_token_ids=stops, adapters=[adapter_id])[0]
     except DlisError as exc:
         raise _fail(exc) from exc
     text = tokenizer.decode(gen.token_ids, skip_special_tokens=True)
@@ -197,5 +203,6 @@ def generate_cmd(
         "stages": [str(s.layers) for s in pipe.stages],
         "dtype": pipe.stages[0].manifest.dtype,
         "device": str(pipe.stages[0].device),
+        "adapter": adapter_id,
     }
     typer.echo(json.dumps(result))

@@ -198,3 +198,42 @@ def test_sessions_need_an_attached_adapter(shards: Path, adapter: Path) -> None:
     assert sum(len(m._forward_hooks) for m in stage.model.modules()) == 4  # q and v of its 2 layers
     assert stage.adapters.detach(adapter_id)
     assert not any(m._forward_hooks for m in stage.model.modules())  # no adapter: no hooks, as before
+
+
+def with_word_tokenizer(shards: Path, out: Path, vocab_size: int) -> Path:
+    """A copy of ``shards`` with a word-level tokenizer over the tiny model's vocabulary (w0 w1 ...)."""
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import WhitespaceSplit
+
+    shutil.copytree(shards, out)
+    tok = Tokenizer(WordLevel({f"w{i}": i for i in range(vocab_size)}, unk_token="w0"))
+    tok.pre_tokenizer = WhitespaceSplit()
+    tok.save(str(out / "tokenizer.json"))
+    (out / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast"}))
+    return out
+
+
+def test_model_generate_cli_applies_the_adapter(shards: Path, model_dir: Path, adapter: Path, tmp_path: Path) -> None:
+    """`dlis model generate --adapter DIR` answers as PEFT's merged model does, not as the base."""
+    from typer.testing import CliRunner
+
+    from dlis_market.cli.main import app
+
+    vocab = int(load_manifest(shards).config["vocab_size"])
+    folder = with_word_tokenizer(shards, tmp_path / "with-tokenizer", vocab)
+
+    def run(*extra: str) -> dict[str, object]:
+        args = ["model", "generate", str(folder), "--prompt", "w3 w14 w15 w9", "--max-tokens", "4", "--greedy",
+                "--json", *extra]  # fmt: skip
+        out = CliRunner().invoke(app, args)
+        assert out.exit_code == 0, out.output
+        return json.loads(out.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
+
+    plain, tuned = run(), run("--adapter", str(adapter))
+    assert plain["adapter"] is None and tuned["adapter"] == adapter_sha256(adapter)
+    prompt = tuned["prompt_ids"]
+    assert prompt == [3, 14, 15, 9]
+    assert tuned["token_ids"] != plain["token_ids"]  # the adapter changes the answer
+    assert tuned["token_ids"] == hf_generate(merged_reference(model_dir, adapter), prompt, 4)[0]
+    assert plain["token_ids"] == hf_generate(merged_reference(model_dir, None), prompt, 4)[0]
