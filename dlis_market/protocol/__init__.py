@@ -11,6 +11,8 @@ import the peer-to-peer transport (hivemind, libp2p): a DHT reader is passed in.
 - :mod:`.routes` — a job's route: the one hop type broker, driver, receipts and spot checks share;
 - :mod:`.pricing` — what a job may cost, one price function for broker, worker and JobMarket;
 - :mod:`.outputs` — stage outputs compared across replicas: decoding, per-token measure, tolerances;
+- :mod:`.fingerprints`, :mod:`.fingerprint_thresholds` — compact commitments to a stage's activations,
+  checked with one prefill;
 - :mod:`.spot_checks` — the spot-check sampler and the evidence/failure statements a runner signs;
 - :mod:`.observations` — the broker's signed per-stage observations that reputation scores;
 - :mod:`.errors` — errors of the above: bad signed messages, refused telemetry, a cut sampler secret.

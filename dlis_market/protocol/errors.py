@@ -18,6 +18,20 @@ class TicketError(SignedMessageError):
     """A session ticket is missing, forged, expired, not from a broker or names another session."""
 
 
+class FingerprintError(DlisError):
+    """A fingerprint cannot be made, read or compared."""
+
+
+class FingerprintFormatError(FingerprintError):
+    """Fingerprint bytes are truncated, too long, of another version or hold impossible values:
+    refuse them (a worker that signed such bytes committed to nothing checkable)."""
+
+
+class FingerprintShapeError(FingerprintError):
+    """The fingerprint describes other hidden states (token count, hidden size) than the ones
+    recomputed: it was made for another call or another model."""
+
+
 class SpotCheckSecretError(DlisError):
     """The spot-check sampler secret on disk is not a whole secret."""
 
