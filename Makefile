@@ -63,3 +63,15 @@ bench-gas: setup
 
 clean-chain:
 	-$(BIN)/dlis chain down
+
+# A local PostgreSQL 15 for the broker ledger, so several broker processes can share it (README,
+# "Scale"): prints the URL to set as DLIS_BROKER__DATABASE_URL on each broker. Loopback only,
+# data in PG_DIR (kept across pg-down/pg-up).
+.PHONY: pg-up pg-down
+PG_DIR ?= /tmp/dlis-pg
+
+pg-up:
+	$(PY) -m tests.integration.broker.pg up $(PG_DIR)
+
+pg-down:
+	$(PY) -m tests.integration.broker.pg down $(PG_DIR)

@@ -1,7 +1,9 @@
 """How the project's stores (broker ledger, oracle store, outbox) open their SQLAlchemy engine.
 
 Any SQLAlchemy URL works; for a SQLite file the folder is created and every connection uses the
-WAL journal (readers never block the writer) with the ``synchronous`` level the store asks for.
+WAL journal (readers never block the writer) with the ``synchronous`` level the store asks for. A
+server database (PostgreSQL: several broker processes share one) gets connections checked before
+reuse.
 """
 
 from __future__ import annotations
@@ -17,9 +19,10 @@ Synchronous = Literal["NORMAL", "FULL"]
 def open_engine(url: str, *, synchronous: Synchronous = "FULL", foreign_keys: bool = False) -> Engine:
     """``create_engine(url)``, with the SQLite settings above when ``url`` is SQLite."""
     parsed = make_url(url)
-    engine = create_engine(url)
     if parsed.get_backend_name() != "sqlite":
-        return engine
+        # A server database can restart or drop idle connections: check one before reusing it.
+        return create_engine(url, pool_pre_ping=True)
+    engine = create_engine(url)
     if parsed.database not in (None, "", ":memory:"):
         Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
 

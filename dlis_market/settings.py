@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from dlis_market.errors import ConfigError
 
@@ -207,6 +207,22 @@ class BrokerSettings(_Section):
     # here (protocol/outbox.py), across an oracle outage and a broker restart; any SQLAlchemy URL.
     # None: a SQLite file $DLIS_HOME/broker/outbox.db (Settings.broker_outbox_url).
     outbox_url: str | None = None
+    # Several broker processes on one PostgreSQL ledger (broker/cluster.py): each names itself
+    # (default: a random id per process) and writes a heartbeat this often; a peer whose heartbeat
+    # is older than instance_stale_s is taken for dead and its running jobs are reclaimed.
+    instance_id: str | None = Field(default=None, min_length=1, max_length=64)
+    heartbeat_interval_s: float = Field(default=2.0, gt=0)
+    instance_stale_s: float = Field(default=15.0, gt=0)
+
+    @model_validator(mode="after")
+    def _heartbeat_within_stale(self) -> BrokerSettings:
+        if self.instance_stale_s < 2 * self.heartbeat_interval_s:
+            raise ValueError(
+                f"broker.instance_stale_s ({self.instance_stale_s}) must be at least twice "
+                f"broker.heartbeat_interval_s ({self.heartbeat_interval_s}), or a live broker's jobs may be "
+                "reclaimed by a peer between two of its heartbeats"
+            )
+        return self
 
 
 class OracleSettings(_Section):

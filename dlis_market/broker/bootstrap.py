@@ -61,8 +61,9 @@ def build_graph(
     ledger: Ledger | None = None,
 ) -> BrokerGraph:
     """The broker's parts on ``client``'s chain: JobMarket, the ledger (``settings``' database
-    unless one is given), chain standing of nodes (cached ``broker.standing_cache_s``), the
-    oracle's failure risk when ``broker.oracle_url`` is set, and the route planner over them."""
+    unless one is given; on PostgreSQL several broker processes may share it, see .cluster), chain
+    standing of nodes (cached ``broker.standing_cache_s``), the oracle's failure risk when
+    ``broker.oracle_url`` is set, and the route planner over them."""
     b = settings.broker
     risk = OracleRisk(b.oracle_url, b.default_failure_risk) if b.oracle_url else None
     standing = CachedStanding(chain_standing(NodeRegistry(client), ReputationOracle(client)), b.standing_cache_s)
@@ -72,7 +73,7 @@ def build_graph(
         market=JobMarket(client),
         broker=broker,
         catalog=catalog,
-        ledger=ledger or Ledger(database_url(settings)),
+        ledger=ledger or Ledger(database_url(settings), instance=b.instance_id),
         standing=standing,
         planner=make_planner(b, standing, risk),
     )

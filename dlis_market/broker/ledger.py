@@ -6,6 +6,11 @@ nonces are uint256 on chain, wider than SQL integers, so they are stored as deci
 in one transaction, and a batch row is committed before its transaction is sent, so a crash at any
 point loses no receipt and can never pay a job twice (JobMarket refuses a used nonce or batch id).
 
+Several broker processes may share one PostgreSQL ledger (:mod:`.cluster`): each job names the
+process that runs it (``owner``, a heartbeating instance), an admission's open-jobs read and job
+write hold a per-client transaction lock, and the settle epoch lives in the database, so what one
+process guarantees alone holds across all of them. On SQLite (one process) none of that applies.
+
 Why one module of this size: every table, and every multi-row transaction over them (admit, record
 a job with its receipts, open and close a batch, the group commit), is here, so what "one
 transaction" covers is read in one place; the service and the settler only call these methods.
@@ -14,7 +19,9 @@ transaction" covers is read in one place; the service and the settler only call 
 from __future__ import annotations
 
 import json
+import math
 import time
+import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -23,6 +30,7 @@ from typing import Any, TypeVar
 
 from eth_utils import keccak
 from sqlalchemy import (
+    BigInteger,
     ForeignKey,
     String,
     Text,
@@ -30,7 +38,11 @@ from sqlalchemy import (
     UniqueConstraint,
     delete,
     func,
+    insert,
+    inspect,
     select,
+    text,
+    update,
 )
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
@@ -42,6 +54,11 @@ from dlis_market.protocol.pricing import fee_on
 from dlis_market.settings import Settings
 
 T = TypeVar("T")
+# PostgreSQL advisory lock namespaces (the first key of the two-key form) of a shared ledger.
+LOCK_SCHEMA = 1  # creating the tables
+LOCK_CLIENT = 2  # one client's admissions (second key: hashtext of its address)
+LOCK_SETTLER = 3  # the one settling process (second key: hashtext of the broker address)
+SETTLE_EPOCH = "settle_epoch"
 # Statuses whose jobs still hold escrow: max cost while queued or running, cost + fee once completed.
 OPEN_STATUSES = ("queued", "running", "completed")
 
@@ -95,7 +112,7 @@ class JobRow(Base):
     status: Mapped[str] = mapped_column(String(16), index=True)  # a JobStatus
     request_json: Mapped[str] = mapped_column(Text)
     max_cost: Mapped[int] = mapped_column(Uint256)
-    deadline: Mapped[int]
+    deadline: Mapped[int] = mapped_column(BigInteger)  # unix seconds: past 2038 on PostgreSQL too
     auth_signature: Mapped[str] = mapped_column(String(132))
     route_json: Mapped[str | None] = mapped_column(Text, default=None)
     answer: Mapped[str | None] = mapped_column(Text, default=None)
@@ -109,6 +126,7 @@ class JobRow(Base):
     latency_ms: Mapped[float | None] = mapped_column(default=None)
     error: Mapped[str | None] = mapped_column(Text, default=None)
     batch_id: Mapped[str | None] = mapped_column(ForeignKey("batches.id"), default=None, index=True)
+    owner: Mapped[str | None] = mapped_column(String(64), default=None, index=True)  # broker instance running it
     created_at: Mapped[float] = mapped_column(default=time.time)
     updated_at: Mapped[float] = mapped_column(default=time.time, onupdate=time.time)
 
@@ -137,11 +155,30 @@ class BatchRow(Base):
     id: Mapped[str] = mapped_column(String(66), primary_key=True)
     status: Mapped[str] = mapped_column(String(16), index=True)  # pending settled failed
     tx_hash: Mapped[str | None] = mapped_column(String(66), default=None)
-    block: Mapped[int | None] = mapped_column(default=None)
+    block: Mapped[int | None] = mapped_column(BigInteger, default=None)
     error: Mapped[str | None] = mapped_column(Text, default=None)
     attempts: Mapped[int] = mapped_column(default=0)
     created_at: Mapped[float] = mapped_column(default=time.time)
     updated_at: Mapped[float] = mapped_column(default=time.time, onupdate=time.time)
+
+
+class InstanceRow(Base):
+    """A broker process on a shared ledger and its last heartbeat (database clock, epoch seconds)."""
+
+    __tablename__ = "broker_instances"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    started_at: Mapped[float]
+    heartbeat_at: Mapped[float] = mapped_column(index=True)
+
+
+class CounterRow(Base):
+    """Named counters every process of a shared ledger sees (the settle epoch)."""
+
+    __tablename__ = "counters"
+
+    name: Mapped[str] = mapped_column(String(32), primary_key=True)
+    value: Mapped[int] = mapped_column(default=0)
 
 
 class ApiKeyRow(Base):
@@ -151,7 +188,7 @@ class ApiKeyRow(Base):
     client: Mapped[str] = mapped_column(String(42))
     cap: Mapped[int] = mapped_column(Uint256)
     spent: Mapped[int] = mapped_column(Uint256, default=0)
-    expires_at: Mapped[int]
+    expires_at: Mapped[int] = mapped_column(BigInteger)
     signer_key: Mapped[str] = mapped_column(Text)  # encrypted keyfile JSON of the client's signing key
     created_at: Mapped[float] = mapped_column(default=time.time)
 
@@ -195,6 +232,7 @@ class NewJob:
     auth_signature: str
     route: list[dict[str, Any]] | None = None
     fallback: bool = False
+    owner: str | None = None  # the broker instance that runs it (Ledger.instance)
 
 
 @dataclass(frozen=True)
@@ -207,6 +245,14 @@ class NewReceipt:
     output_hash: str
     amount: int
     signature: str
+
+
+def db_now(s: Session) -> float:
+    """The database's clock in epoch seconds (PostgreSQL), so processes on several machines agree
+    on heartbeat ages; this machine's clock elsewhere."""
+    if s.get_bind().dialect.name == "postgresql":
+        return float(s.scalar(text("SELECT extract(epoch FROM clock_timestamp())::float8")) or 0.0)
+    return time.time()
 
 
 def batch_id_for(job_ids: Sequence[str]) -> str:
@@ -224,15 +270,51 @@ class Ledger:
     so a job admitted or completed survives a crash of the process or the machine). Writes of
     concurrent requests can share one transaction, hence one sync (:meth:`transact`)."""
 
-    def __init__(self, url: str):
+    def __init__(self, url: str, instance: str | None = None):
         self.url = url
         self.engine: Engine = open_engine(url, foreign_keys=True)
-        Base.metadata.create_all(self.engine)
+        # PostgreSQL: several broker processes may write it at once (see the module docstring).
+        self.shared = self.engine.dialect.name == "postgresql"
+        self.instance = instance or uuid.uuid4().hex  # this process, as jobs' ``owner``
+        self._create_schema()
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
         # Bumped before and after each batch's settled status is committed: an escrow balance read
         # on chain while it was unchanged is consistent with the open jobs read now (see
         # BrokerService._commit); one read across a settlement may count a settled job twice free.
+        # On a shared ledger the epoch is a database counter instead (:meth:`epoch`).
         self.settle_epoch = 0
+
+    def _create_schema(self) -> None:
+        """Create the tables (one process at a time on PostgreSQL: concurrent CREATEs collide) and
+        add ``jobs.owner`` to a ledger made before it existed."""
+        with self.engine.begin() as conn:
+            if self.shared:
+                conn.execute(text("SELECT pg_advisory_xact_lock(:ns, 0)"), {"ns": LOCK_SCHEMA})
+            Base.metadata.create_all(conn)
+            if "owner" not in {c["name"] for c in inspect(conn).get_columns("jobs")}:
+                conn.execute(text("ALTER TABLE jobs ADD COLUMN owner VARCHAR(64)"))
+            if conn.execute(select(CounterRow).where(CounterRow.name == SETTLE_EPOCH)).first() is None:
+                conn.execute(insert(CounterRow).values(name=SETTLE_EPOCH, value=0))
+
+    def lock_client(self, s: Session, client: str) -> None:
+        """Serialize ``client``'s admissions across processes until ``s`` commits (a PostgreSQL
+        transaction-level advisory lock); nothing on SQLite, whose one process serializes them."""
+        if self.shared:
+            s.execute(text("SELECT pg_advisory_xact_lock(:ns, hashtext(:c))"), {"ns": LOCK_CLIENT, "c": client.lower()})
+
+    def epoch(self) -> int:
+        """The settle epoch now: :attr:`settle_epoch`, or on a shared ledger the database's counter
+        (bumped in the transaction that marks a batch settled, by whichever process settled it)."""
+        if not self.shared:
+            return self.settle_epoch
+        with self.session() as s:
+            return self.epoch_in(s)
+
+    def epoch_in(self, s: Session) -> int:
+        """:meth:`epoch` in session ``s``."""
+        if not self.shared:
+            return self.settle_epoch
+        return int(s.scalar(select(CounterRow.value).where(CounterRow.name == SETTLE_EPOCH)) or 0)
 
     @contextmanager
     def session(self) -> Iterator[Session]:
@@ -282,6 +364,7 @@ class Ledger:
             auth_signature=job.auth_signature,
             route_json=None if job.route is None else json.dumps(job.route),
             fallback=job.fallback,
+            owner=job.owner,
             receipts=[],
         )
         s.add(row)
@@ -337,8 +420,11 @@ class Ledger:
         note: str | None = None,
     ) -> JobRow:
         """Record the answer and every receipt in session ``s`` (``note``: why it ended early, if
-        it did). Returns the job as recorded, receipts loaded."""
+        it did). Returns the job as recorded, receipts loaded. A job that already ended (another
+        process reclaimed and recorded it) is a :class:`LedgerError`: its receipts are written once."""
         row = cls._job(s, job_id)
+        if row.status not in (JobStatus.QUEUED, JobStatus.RUNNING):
+            raise LedgerError(f"job {job_id} is {row.status} already; its answer and receipts were recorded before")
         row.status = JobStatus.COMPLETED
         row.error = note
         row.answer = answer
@@ -354,12 +440,17 @@ class Ledger:
         s.flush()
         return row
 
-    def fail_job(self, job_id: str, error: str) -> None:
+    def fail_job(self, job_id: str, error: str) -> bool:
+        """Fail a queued or running job (its escrow is released). False, and nothing changed, when
+        it ended already (recorded meanwhile, e.g. by a peer process that reclaimed it)."""
         with self.session() as s:
             row = self._job(s, job_id)
+            if row.status not in (JobStatus.QUEUED, JobStatus.RUNNING):
+                return False
             row.status = JobStatus.FAILED
             row.error = error
             row.batch_id = None
+            return True
 
     def mark_unpayable(self, job_id: str, reason: str) -> None:
         """A completed job JobMarket will not pay: keep its receipts, record why (with evidence)."""
@@ -369,18 +460,36 @@ class Ledger:
             row.error = reason
             row.batch_id = None
 
-    def recover_interrupted(self, reason: str) -> tuple[list[str], list[str], list[str]]:
+    def recover_interrupted(
+        self, reason: str, stale_s: float = math.inf, restarted: bool = True
+    ) -> tuple[list[str], list[str], list[str]]:
         """Jobs a previous process left queued or running (it stopped before they ended): those
         whose receipts were recorded become completed (the settler pays them); running ones with
         a route stay running (their stages may hold receipts for what they served: the caller
         reclaims them, then completes or fails the job); the rest fail with ``reason``, which
-        releases their escrow commitment. Returns (completed, failed, to reclaim) ids."""
+        releases their escrow commitment. Returns (completed, failed, to reclaim) ids.
+
+        On a shared ledger only jobs of processes that stopped are taken: no owner, or an owner
+        whose heartbeat is older than ``stale_s`` (database clock), and (``restarted``: this
+        process just started, under an instance id it may have had before) this instance's own;
+        each is taken by one process (rows locked, others skipped) and becomes this process's."""
         done: list[str] = []
         failed: list[str] = []
         reclaim: list[str] = []
         with self.session() as s:
             q = select(JobRow).where(JobRow.status.in_((JobStatus.QUEUED, JobStatus.RUNNING)))
+            if self.shared:
+                stale = InstanceRow.heartbeat_at < db_now(s) - stale_s
+                orphan = JobRow.owner.is_(None) | InstanceRow.id.is_(None) | stale
+                if restarted:
+                    orphan |= JobRow.owner == self.instance
+                q = (
+                    q.outerjoin(InstanceRow, InstanceRow.id == JobRow.owner)
+                    .where(orphan)
+                    .with_for_update(of=JobRow, skip_locked=True)
+                )
             for row in s.scalars(q.order_by(JobRow.created_at)):
+                row.owner = self.instance
                 if row.receipts:
                     row.status = JobStatus.COMPLETED
                     done.append(row.id)
@@ -468,6 +577,10 @@ class Ledger:
                 b.status, b.tx_hash, b.block = "settled", tx_hash, block
                 for row in s.scalars(select(JobRow).where(JobRow.batch_id == batch_id)):
                     row.status = JobStatus.SETTLED
+                if self.shared:  # committed with the statuses: every process's admissions see both at once
+                    s.execute(
+                        update(CounterRow).where(CounterRow.name == SETTLE_EPOCH).values(value=CounterRow.value + 1)
+                    )
         finally:
             self.settle_epoch += 1
 

@@ -49,6 +49,7 @@ from dlis_market.broker.backend import (
     SignedStageReceipt,
 )
 from dlis_market.broker.catalog import ModelCatalog, ServedModel
+from dlis_market.broker.cluster import ClusterMember
 from dlis_market.broker.detokenize import StreamDecoder
 from dlis_market.broker.errors import (
     Overloaded,
@@ -149,7 +150,11 @@ class BrokerService:
         self.catalog = catalog
         self.backend = backend
         self.planner = planner
-        self.settler = Settler(ledger, market, broker, max_batch=settings.broker.settle_max_batch)
+        # Peer broker processes on a shared ledger; one settles at a time (no-op on SQLite).
+        self.cluster = ClusterMember(ledger, broker.address, settings.broker.heartbeat_interval_s)
+        self.settler = Settler(
+            ledger, market, broker, max_batch=settings.broker.settle_max_batch, lease=self.cluster.is_settler
+        )
         self._live: dict[str, _Live] = {}
         self._finished: deque[str] = deque()  # finished jobs whose events are kept, oldest first
         self.chain = ChainReads(market)
@@ -421,7 +426,7 @@ class BrokerService:
         retry of a job already admitted). Tickets taken here are appended to ``held``."""
         served = priced.served if priced is not None else self.catalog.get(req.model)
         given = req.authorization
-        epoch = self.ledger.settle_epoch  # before the escrow is read (see _commit)
+        epoch = await self._epoch()  # before the escrow is read (see _commit)
         snap = await self.chain.admission(given.client, given.nonce, self.broker.address, spender)
         now = snap.timestamp
         vauth = verify_authorization(
@@ -469,6 +474,7 @@ class BrokerService:
             auth_signature="0x" + vauth.signature.hex(),
             route=[{"node": h.node, "peer_id": h.peer_id, "start": h.start, "end": h.end} for h in priced.route.hops],
             fallback=priced.route.fallback,
+            owner=self.ledger.instance,
         )
         row = await self._commit(new, snap, epoch, now, cap, idempotency)
         self._live[row.id] = _Live()
@@ -559,14 +565,15 @@ class BrokerService:
         """Write the job if free escrow (usable escrow less this broker's open jobs) and the API
         key's ``cap`` still cover its max cost. The open-jobs read and the job write are one step
         of one writer (concurrent admissions share its transaction, each seeing the ones before
-        it), so two jobs of one client cannot both count the same free escrow. An escrow read
+        it; on a shared ledger, also under the client's lock across processes), so two jobs of one
+        client cannot both count the same free escrow, whichever broker process admits them. An escrow read
         older than :data:`ESCROW_READ_MAX_AGE_S`, or from before a settlement the ledger recorded
         since (which moves jobs out of the open ones as it takes their cost from the escrow), is
         read again first."""
         escrow, withdrawal, read_at = snap.escrow, snap.withdrawal, snap.read_at
         while True:
             if time.monotonic() - read_at > ESCROW_READ_MAX_AGE_S:
-                epoch = self.ledger.settle_epoch
+                epoch = await self._epoch()
                 escrow, withdrawal, read_at = await self.chain.escrow(new.client, self.broker.address)
             usable, withdrawing = self._usable(escrow, withdrawal, now)
             write = functools.partial(self._write_job, new, usable, withdrawing, cap, idempotency, epoch)
@@ -586,10 +593,11 @@ class BrokerService:
     ) -> JobRow | BrokerError | _Stale:  # fmt: skip
         """:meth:`_commit`'s step in the writer's session: the job, a refusal (nothing written), or
         STALE."""
+        self.ledger.lock_client(s, new.client)  # until commit: a peer process's admission of this client waits
         if s.get(JobRow, new.id) is not None:
             return nonce_used(f"job {new.id} (client {new.client}, nonce {new.nonce}) already exists; use a new nonce")
         committed = Ledger.committed_in(s, new.client)
-        if self.ledger.settle_epoch != epoch:  # read after the open jobs: see Ledger.settle_epoch
+        if self.ledger.epoch_in(s) != epoch:  # read after the open jobs: see Ledger.settle_epoch
             return STALE
         if cap is not None and cap - committed < new.max_cost:
             return insufficient_escrow(new.max_cost, max(cap - committed, 0), new.client, self.broker.address)
@@ -836,13 +844,31 @@ class BrokerService:
 
     # ------------------------------------------------------------------ restart
 
+    async def _epoch(self) -> int:
+        """The ledger's settle epoch (a database read, off the event loop, on a shared ledger)."""
+        return await asyncio.to_thread(self.ledger.epoch) if self.ledger.shared else self.ledger.settle_epoch
+
     async def recover(self) -> tuple[list[str], list[str]]:
         """At start, before any job is admitted: settle what a previous process finished; for a
         job it left running, claim the receipts its stages signed when the old process vanished
         and settle it for what they served; fail the rest (their max cost is no longer
-        committed). Returns (completed, failed) ids."""
+        committed). Returns (completed, failed) ids.
+
+        On a shared ledger this process first joins its peers (heartbeat, settler lease), and
+        only the jobs of processes that stopped are taken; :meth:`settle_loop` takes those of a
+        peer that dies later (:meth:`adopt_orphans`)."""
+        await asyncio.to_thread(self.cluster.join)
+        return await self.adopt_orphans(restarted=True)
+
+    async def adopt_orphans(self, restarted: bool = False) -> tuple[list[str], list[str]]:
+        """:meth:`recover`'s work on the jobs nobody alive runs: all unfinished ones on SQLite;
+        on a shared ledger those of processes whose heartbeat is older than ``instance_stale_s``
+        (``restarted``: and this instance id's own, from before this process started)."""
         done, failed, reclaim = await asyncio.to_thread(
-            self.ledger.recover_interrupted, INTERRUPTED + "; nothing is charged, submit it again with a new nonce"
+            self.ledger.recover_interrupted,
+            INTERRUPTED + "; nothing is charged, submit it again with a new nonce",
+            self.settings.broker.instance_stale_s,
+            restarted,
         )
         for job_id in reclaim:
             (done if await self._reclaim(job_id) else failed).append(job_id)
@@ -891,6 +917,11 @@ class BrokerService:
     async def settle_loop(self) -> None:
         while True:
             await asyncio.sleep(self.settings.broker.settle_interval_s)
+            if self.ledger.shared:  # a peer process may have died with jobs running
+                try:
+                    await self.adopt_orphans()
+                except Exception:  # try again on the next tick; the jobs stay open meanwhile
+                    log.exception("reclaiming the jobs of stopped broker processes failed; will retry")
             try:
                 await asyncio.to_thread(self.settler.settle_once)
             except Exception:  # keep settling on the next tick; the ledger keeps every receipt
@@ -900,3 +931,4 @@ class BrokerService:
         for t in list(self._tasks):
             t.cancel()
         await self.backend.close()
+        await asyncio.to_thread(self.cluster.leave)

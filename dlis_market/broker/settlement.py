@@ -25,6 +25,10 @@ One pass (:meth:`Settler.settle_once`):
    changed); when the contract refuses a node's batch receipt (the error names the node index),
    that node's jobs go per receipt. So one bad job or node never holds up anyone else's.
 
+Several broker processes on one PostgreSQL ledger settle through one of them at a time, the
+holder of the settler lease (:mod:`.cluster`; ``lease``): a survivor that takes the lease over
+finishes a dead settler's open batches by step 1.
+
 Why one module of this size: the two settlement paths share one pass (grouping, escrow coverage,
 holding back unroutable stages, simulating first, per-job refusals, crash recovery of open
 batches); the chain calls are :mod:`dlis_market.chain.job_market`, the rows :mod:`.ledger`.
@@ -119,6 +123,7 @@ class Settler:
         max_batch: int = 50,
         on_settled: Callable[[str, str | None], None] | None = None,
         signer: BatchSigner | None = None,
+        lease: Callable[[], bool] | None = None,
     ):
         self.ledger = ledger
         self.market = market
@@ -129,16 +134,25 @@ class Settler:
         self.signer = signer
         self._unsigned: dict[str, tuple[float, str]] = {}  # node -> (ask again after, why) (monotonic)
         self.registry = NodeRegistry(market.client)
+        # Whether this process is the one that settles now (several broker processes on one
+        # ledger elect one, broker/cluster.py); None: it always is.
+        self.lease = lease
+
+    def _settling(self) -> bool:
+        return self.lease is None or self.lease()
 
     def settle_once(self) -> SettleResult:
+        """One pass (module docstring); nothing while another process holds the settler lease."""
         result = SettleResult([], [])
+        if not self._settling():
+            return result
         for batch in self.ledger.open_batches():
             self._finish(batch.id, result)
         now = self.market.client.timestamp()
         fee_bps = self.market.fee_bps()
         available: dict[str, int] = {}  # client -> escrow left after the jobs batched so far
         routable: dict[str, bool] = {}
-        while True:
+        while self._settling():  # a lease lost mid-pass: the new settler finishes what this one opened
             jobs = self.ledger.unsettled_jobs(self.max_batch, exclude=result.held_jobs)
             if not jobs:
                 break
