@@ -173,9 +173,10 @@ class OneTokenBackend:
         self.finished = 0
 
     async def offers(self, model: str) -> list[Any]:
-        from dlis_market.broker.backend import Offer
+        from dlis_market.protocol.spans import SpanRecord
 
-        return [Offer(f"peer{i}", n, s, e, 50.0, 10_000, PRICE, "0x" + "00" * 32)
+        return [SpanRecord(model=model, start=s, end=e, peer_id=f"peer{i}", node_address=n, throughput=50.0,
+                           free_slots=10_000, queue_length=0, price_per_token=PRICE, attestation_hash="0x" + "00" * 32)
                 for i, ((s, e), n) in enumerate(zip(SPANS, self.nodes, strict=True))]  # fmt: skip
 
     async def start(self, job: Any) -> Any:

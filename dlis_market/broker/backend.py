@@ -15,20 +15,7 @@ from typing import Protocol, runtime_checkable
 from dlis_market.chain.job_market import SignedReceipt
 from dlis_market.inference.sampling import SamplingParams, TokenLogprob
 from dlis_market.protocol.routes import Replan, RouteHop
-
-
-@dataclass(frozen=True)
-class Offer:
-    """One worker's announced span, as the scheduler sees it."""
-
-    peer_id: str
-    node: str
-    start: int
-    end: int
-    throughput: float  # tokens/s through the span
-    free_slots: int
-    price_per_token: int
-    attestation_hash: str
+from dlis_market.protocol.spans import SpanRecord
 
 
 @dataclass(frozen=True)
@@ -86,7 +73,10 @@ class JobStream(Protocol):
 
 
 class InferenceBackend(Protocol):
-    async def offers(self, model: str) -> list[Offer]: ...
+    async def offers(self, model: str) -> list[SpanRecord]:
+        """The signed span records of the workers serving ``model`` that can take a session now
+        (online, not banned): what the scheduler plans over."""
+        ...
 
     async def start(self, job: BackendJob) -> JobStream: ...
 

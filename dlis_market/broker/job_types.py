@@ -8,11 +8,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from dlis_market.broker.backend import Offer, SignedStageReceipt
+from dlis_market.broker.backend import SignedStageReceipt
 from dlis_market.broker.catalog import ServedModel
 from dlis_market.broker.errors import incomplete_receipts
 from dlis_market.broker.schemas import Policy
 from dlis_market.protocol.routes import RouteHop
+from dlis_market.protocol.spans import SpanRecord
 
 
 @dataclass(frozen=True)
@@ -62,10 +63,10 @@ class Idempotency:
 
 # (offers, model, policy, prompt tokens, max new tokens, fee bps) -> route; the policy's max_cost is
 # a total with the fee (``protocol.pricing``).
-Planner = Callable[[list[Offer], ServedModel, Policy, int, int, int], PlannedRoute]
+Planner = Callable[[list[SpanRecord], ServedModel, Policy, int, int, int], PlannedRoute]
 
 
-def covers(offers: list[Offer], num_layers: int) -> bool:
+def covers(offers: list[SpanRecord], num_layers: int) -> bool:
     """Whether the offers' spans together cover layers [0, num_layers)."""
     at = 0
     for o in sorted(offers, key=lambda o: o.start):

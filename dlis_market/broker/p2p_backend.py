@@ -19,7 +19,6 @@ from dlis_market.broker.backend import (
     BackendJob,
     BatchSignatures,
     BatchSigningRequest,
-    Offer,
     SignedStageReceipt,
 )
 from dlis_market.broker.observations import JobObserver, observe_job
@@ -32,6 +31,7 @@ from dlis_market.node.driver import JobSession, JobSpec, PipelineDriver
 from dlis_market.node.errors import NodeError
 from dlis_market.node.protocol import BatchReceiptAnswer, parse_body
 from dlis_market.protocol.routes import RouteHop
+from dlis_market.protocol.spans import SpanRecord
 from dlis_market.settings import NodeSettings
 
 log = logging.getLogger(__name__)
@@ -199,23 +199,10 @@ class P2PBackend:
         :class:`RegisteredPeers`) admits only announcements of nodes registered under their peer id."""
         return cls(await PipelineDriver.create(initial_peers, settings, broker_key, node_check))
 
-    async def offers(self, model: str) -> list[Offer]:
+    async def offers(self, model: str) -> list[SpanRecord]:
         spans = await self.driver.discover(model)
         self._throughput.update({s.peer_id: s.throughput for s in spans})
-        return [
-            Offer(
-                s.peer_id,
-                s.node_address,
-                s.start,
-                s.end,
-                s.throughput,
-                s.free_slots,
-                s.price_per_token,
-                s.attestation_hash,
-            )
-            for s in spans
-            if s.online and s.peer_id not in self.driver.banned()
-        ]
+        return [s for s in spans if s.online and s.peer_id not in self.driver.banned()]
 
     async def start(self, job: BackendJob) -> P2PJobStream:
         spec = JobSpec(

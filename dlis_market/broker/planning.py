@@ -17,7 +17,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from dlis_market.broker import scheduler
-from dlis_market.broker.backend import Offer
 from dlis_market.broker.catalog import ServedModel
 from dlis_market.broker.job_types import PlannedRoute
 from dlis_market.broker.network_state import FallbackPool, NetworkState, NodeOffer, RouteRequest
@@ -28,6 +27,7 @@ from dlis_market.chain.node_registry import NodeRegistry
 from dlis_market.chain.reputation_oracle import ReputationOracle
 from dlis_market.protocol.pricing import cost_budget
 from dlis_market.protocol.routes import RouteHop
+from dlis_market.protocol.spans import SpanRecord
 from dlis_market.settings import BrokerSettings
 from dlis_market.types import LayerRange, ModelId, NodeId, PeerId
 
@@ -119,7 +119,12 @@ def make_planner(
     settings: BrokerSettings, standing: StandingLookup, risk: RiskLookup | None = None
 ) -> Callable[..., PlannedRoute]:
     def plan(
-        offers: list[Offer], served: ServedModel, policy: Policy, prompt_tokens: int, max_tokens: int, fee_bps: int = 0
+        offers: list[SpanRecord],
+        served: ServedModel,
+        policy: Policy,
+        prompt_tokens: int,
+        max_tokens: int,
+        fee_bps: int = 0,
     ) -> PlannedRoute:
         """The scheduler's route for the job; ``policy.max_cost`` is a total with the protocol fee
         at ``fee_bps``, so the scheduler bounds the stages' charges by ``pricing.cost_budget``."""
@@ -128,14 +133,14 @@ def make_planner(
         )
         peers = [o for o in offers if o is not fallback_offer]
         node_offers = []
-        by_node: dict[str, Offer] = {}
+        by_node: dict[str, SpanRecord] = {}
         for o in peers:
-            st = standing(o.node)
+            st = standing(o.node_address)
             size = o.end - o.start
-            by_node[o.node] = o
+            by_node[o.node_address] = o
             node_offers.append(
                 NodeOffer(
-                    node_id=NodeId(o.node),
+                    node_id=NodeId(o.node_address),
                     peer_id=PeerId(o.peer_id),
                     model_id=ModelId(served.model_id),
                     served=LayerRange(start=o.start, end=o.end),
@@ -149,7 +154,7 @@ def make_planner(
                     price_per_token=o.price_per_token,  # the whole span: exactly what its receipt bills
                     stake_ok=st.routable,
                     reputation_bps=st.reputation_bps,
-                    failure_risk=min(max(risk(o.node) if risk else settings.default_failure_risk, 0.0), 1.0),
+                    failure_risk=min(max(risk(o.node_address) if risk else settings.default_failure_risk, 0.0), 1.0),
                     attestation_verified=st.attestation_hash == o.attestation_hash
                     and int(st.attestation_hash, 16) != 0,
                     splittable=False,
@@ -171,14 +176,14 @@ def make_planner(
         pool = None
         if fallback_offer is not None:
             pool = FallbackPool(
-                node_id=NodeId(fallback_offer.node),
+                node_id=NodeId(fallback_offer.node_address),
                 peer_id=PeerId(fallback_offer.peer_id),
                 price_per_token=fallback_offer.price_per_token,
                 compute_ms_per_token=1000.0 / max(fallback_offer.throughput, 1e-6),
                 network_latency_ms=settings.hop_latency_ms,
                 min_network_capacity_slots=settings.fallback_min_capacity_slots,
             )
-            by_node[fallback_offer.node] = fallback_offer
+            by_node[fallback_offer.node_address] = fallback_offer
         request = RouteRequest(
             model_id=ModelId(served.model_id), prompt_tokens=prompt_tokens, max_new_tokens=max_tokens
         )
@@ -191,7 +196,7 @@ def make_planner(
         hops = []
         for h in route.hops:
             o = by_node[h.node_id]
-            hops.append(RouteHop(o.peer_id, o.node, h.layers.start, h.layers.end, o.price_per_token))
+            hops.append(RouteHop(o.peer_id, o.node_address, h.layers.start, h.layers.end, o.price_per_token))
         return PlannedRoute(hops, estimated_latency_ms=route.latency_ms_per_token, fallback=route.fallback)
 
     return plan

@@ -34,7 +34,7 @@ import math
 import time
 from collections import Counter, deque
 from collections.abc import AsyncGenerator, AsyncIterator, Coroutine, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 from eth_account.signers.local import LocalAccount
@@ -195,7 +195,7 @@ class BrokerService:
             if not offers:
                 raise no_route(f"no worker announces any layer of {served.name} ({served.num_layers} layers)")
             opened = self._opened.copy()
-            mine = [replace(o, free_slots=o.free_slots - self._reserved[o.peer_id]) for o in offers]
+            mine = [o.model_copy(update={"free_slots": o.free_slots - self._reserved[o.peer_id]}) for o in offers]
             if covers([o for o in mine if o.free_slots > 0], served.num_layers) or not covers(
                 offers, served.num_layers
             ):

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import json
 import os
 import secrets
@@ -37,12 +36,13 @@ import httpx
 from sqlalchemy import create_engine, text
 from transformers import AutoTokenizer
 
-from dlis_market.broker.backend import Offer, SignedStageReceipt
+from dlis_market.broker.backend import SignedStageReceipt
 from dlis_market.broker.cluster import ClusterMember
 from dlis_market.broker.ledger import JobRow, Ledger, NewJob, database_url
 from dlis_market.chain.anvil import free_port
 from dlis_market.chain.job_market import JobAuthorization, Receipt, sign_authorization, sign_receipt
 from dlis_market.protocol.routes import RouteHop
+from dlis_market.protocol.spans import SpanRecord
 from dlis_market.settings import Settings
 from dlis_market.types import model_id
 from tests.integration.broker import conftest as broker_suite
@@ -74,8 +74,8 @@ class PairBackend(broker_suite.ScriptedBackend):
             out.append((f"peer{i}", SignedStageReceipt(node.address, s, e, tokens, r.output_hash, r.amount, sig)))
         return out
 
-    async def offers(self, model: str) -> list[Offer]:  # room for every job these tests run at once
-        return [dataclasses.replace(o, free_slots=64) for o in await super().offers(model)]
+    async def offers(self, model: str) -> list[SpanRecord]:  # room for every job these tests run at once
+        return [o.model_copy(update={"free_slots": 64}) for o in await super().offers(model)]
 
     async def start(self, job):
         backend, kept = self, self.kept / job.job_id.hex()

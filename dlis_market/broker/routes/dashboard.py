@@ -165,10 +165,10 @@ async def _network(service: BrokerService, ex: Explorer, live: Liveness) -> dict
     throughput: dict[str, float] = {}
     for served in service.catalog.models.values():
         offers = await service.backend.offers(served.name)
-        spans = [Span(o.start, o.end, o.node, o.peer_id, o.throughput) for o in offers]
-        present.update(o.node for o in offers)
+        spans = [Span(o.start, o.end, o.node_address, o.peer_id, o.throughput) for o in offers]
+        present.update(o.node_address for o in offers)
         for o in offers:
-            throughput[o.node] = throughput.get(o.node, 0.0) + o.throughput
+            throughput[o.node_address] = throughput.get(o.node_address, 0.0) + o.throughput
         models.append(
             {"name": served.name, "model_id": served.model_id, "coverage": coverage(served.num_layers, spans)}
         )

@@ -16,7 +16,6 @@ from dlis_market.broker.backend import (
     BackendJob,
     BatchSignatures,
     BatchSigningRequest,
-    Offer,
     SignedStageReceipt,
 )
 from dlis_market.broker.bootstrap import build_graph
@@ -32,9 +31,20 @@ from dlis_market.chain.job_market import (
     sign_receipt,
 )
 from dlis_market.protocol.routes import RouteHop
+from dlis_market.protocol.spans import SpanRecord
 from tests.integration.conftest import DEV_PUBLISHER
 
 PRICE = 10**12  # token units per token per stage
+
+
+def span(model: str, peer: str, node: str, start: int, end: int, free_slots: int) -> SpanRecord:
+    """A worker's announcement as the broker plans over it (50 tokens/s at PRICE, not attested)."""
+    return SpanRecord(
+        model=model, start=start, end=end, peer_id=peer, node_address=node, throughput=50.0,
+        free_slots=free_slots, queue_length=0, price_per_token=PRICE, attestation_hash="0x" + "00" * 32,
+    )  # fmt: skip
+
+
 SPANS = [(0, 10), (10, 20), (20, 30)]
 
 
@@ -88,11 +98,11 @@ class ScriptedBackend:
         """The broker settles through the Merkle path, its nodes signing with their local keys."""
         return self.signer
 
-    async def offers(self, model: str) -> list[Offer]:
+    async def offers(self, model: str) -> list[SpanRecord]:
         if not self.has_offers:
             return []
         return [
-            Offer(f"peer{i}", n.address, s, e, 50.0, 4, PRICE, "0x" + "00" * 32)
+            span(model, f"peer{i}", n.address, s, e, free_slots=4)
             for i, ((s, e), n) in enumerate(zip(SPANS, self.nodes, strict=True))
         ]
 
