@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from eth_account.signers.local import LocalAccount
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from dlis_market.broker.admission import AdmissionQueue, Batcher, ChainReads, ChainSnapshot
@@ -871,7 +872,15 @@ class BrokerService:
             restarted,
         )
         for job_id in reclaim:
-            (done if await self._reclaim(job_id) else failed).append(job_id)
+            try:
+                ok = await self._reclaim(job_id)
+            except (DlisError, SQLAlchemyError) as exc:  # one job's trouble must not strand the rest
+                # (they are ours now: no later pass would take them): fail it, releasing its escrow
+                log.warning("job %s: reclaim failed (%s); failing it", job_id, exc)
+                with contextlib.suppress(DlisError, SQLAlchemyError):  # already ended elsewhere
+                    await asyncio.to_thread(self.ledger.fail_job, job_id, INTERRUPTED + f"; reclaim failed: {exc}")
+                ok = False
+            (done if ok else failed).append(job_id)
         if done or failed:
             log.warning("recovered %d interrupted jobs with receipts and failed %d unfinished", len(done), len(failed))
         return done, failed
