@@ -20,7 +20,8 @@ over a private link, and it carries activations in the clear (secure aggregation
 
 Norms, rotary embeddings and the residual stream are replicated: every member ends each layer
 with the same full hidden state, so the range's output is taken from any member. One session at
-a time per group (no continuous batching across sessions yet).
+a time per group (no continuous batching across sessions yet); a session's calls may carry
+any number of tokens (prefill, chunked prefill, decode).
 """
 
 from __future__ import annotations
@@ -95,6 +96,15 @@ def slice_layer(layer: Any, config: LlamaConfig, k: int, rank: int, index: int) 
     return out.to(layer.self_attn.q_proj.weight.dtype).eval()
 
 
+def causal_mask(n: int, past: int, dtype: torch.dtype) -> torch.Tensor | None:
+    """The additive mask of ``n`` new tokens after ``past`` cached ones: token i sees keys
+    ``[0, past + i]``. None for one token (it sees everything cached)."""
+    if n == 1:
+        return None
+    blocked = torch.ones(n, past + n, dtype=torch.bool).triu(past + 1)
+    return torch.zeros(n, past + n, dtype=dtype).masked_fill(blocked, torch.finfo(dtype).min)[None, None]
+
+
 class TensorParallelMember:
     """One member of a k-way group serving ``layers`` of a Llama model: its slices, its share of the
     KV cache, and the all-reduce that joins it to the others."""
@@ -121,10 +131,11 @@ class TensorParallelMember:
         n = hidden.shape[1]
         position_ids = torch.arange(self.position, self.position + n).unsqueeze(0)
         pos = self.rotary(hidden, position_ids=position_ids)
+        mask = causal_mask(n, self.position, hidden.dtype)
         for layer in self.layers:
             residual = hidden
             attn, _ = layer.self_attn(
-                hidden_states=layer.input_layernorm(hidden), position_embeddings=pos, attention_mask=None,
+                hidden_states=layer.input_layernorm(hidden), position_embeddings=pos, attention_mask=mask,
                 cache=self.cache, position_ids=position_ids,
             )  # fmt: skip
             hidden = residual + self._reduce(attn)
@@ -200,7 +211,12 @@ class GlooGroup:
 
         import torch.distributed as dist
 
-        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # gloo listens on loopback only
+        iface = os.environ.get("GLOO_SOCKET_IFNAME", "lo")
+        if iface != "lo":
+            raise TensorParallelError(
+                f"GLOO_SOCKET_IFNAME={iface}: a head-parallel group talks over loopback only; unset it"
+            )
+        os.environ["GLOO_SOCKET_IFNAME"] = "lo"  # gloo reads it to pick its interface: loopback only
         dist.init_process_group(
             "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=k,
             timeout=datetime.timedelta(seconds=timeout_s),

@@ -116,3 +116,19 @@ def test_members_in_separate_processes_meet_over_gloo_on_loopback(tmp_path: Path
     assert (got_final - want).abs().max() < 1e-5
     # two all-reduces per layer, each of the partial sums [1, tokens, hidden] in fp32
     assert got[0][1] == 2 * cfg.num_hidden_layers * len(prompt) * cfg.hidden_size * 4
+
+
+def test_a_multi_token_call_after_the_first_sees_the_cache_causally():
+    """Chunked prefill / a second turn: 4 tokens, then 3 at once, then 1, equal the unsplit model."""
+    torch.manual_seed(11)
+    cfg = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2)  # fmt: skip
+    model = LlamaForCausalLM(cfg).eval()
+    ids = torch.tensor([[3, 14, 15, 9, 2, 6, 5, 35]])
+    group = ThreadGroup(2)
+    members = [TensorParallelMember(list(model.model.layers), cfg, 2, r, group.member(r)) for r in range(2)]
+    with torch.no_grad():
+        want = model.model(ids).last_hidden_state
+        emb = model.model.embed_tokens(ids)
+        got = torch.cat([run_threads(members, group, emb[:, a:b])[0] for a, b in ((0, 4), (4, 7), (7, 8))], dim=1)
+    assert (model.model.norm(got) - want).abs().max() < 1e-5
