@@ -22,7 +22,7 @@ from eth_account import Account
 from eth_account.signers.local import LocalAccount
 from eth_utils import to_checksum_address
 
-from dlis_market.broker.errors import Conflict, InvalidRequest, Overloaded, Unauthenticated
+from dlis_market.broker.errors import Conflict, InvalidRequest, Overloaded, PaymentRefused, Unauthenticated
 from dlis_market.broker.ledger import ApiKeyRow, Ledger
 from dlis_market.broker.problems import ProblemError
 from dlis_market.chain.job_market import JobMarket
@@ -98,11 +98,13 @@ def _check_values(req: ApiKeyRequest, now: int) -> None:
 
 
 def issue_api_key(
-    ledger: Ledger, domain: Domain, broker: str, req: ApiKeyRequest, signature: bytes, now: int
+    ledger: Ledger, domain: Domain, broker: str, req: ApiKeyRequest, signature: bytes, now: int, escrow: int
 ) -> ApiKeyGrant:
-    """Check a client's signed request and record a new key for it. The spender it names is not
-    authorized on chain yet: the client does that (``setSpender``) with the returned address.
-    Refusals (forged, stale, replayed, out of range, too many keys) write nothing."""
+    """Check a client's signed request and record a new key for it. ``escrow``: the client's
+    escrow held for this broker (a key is issued only to a client that deposited: keys cost the
+    broker storage, addresses cost nothing). The spender it names is not authorized on chain
+    yet: the client does that (``setSpender``) with the returned address. Refusals (forged,
+    stale, replayed, out of range, no escrow, too many keys) write nothing."""
     _check_values(req, now)
     if to_checksum_address(req.broker) != to_checksum_address(broker):
         raise bad_request(f"the request is for another broker ({req.broker}); this broker is {broker}")
@@ -118,9 +120,13 @@ def issue_api_key(
             f"the request is signed by {signer}, not by the client {client}: sign it with the client's key "
             f"(chain id {domain.chain_id}, JobMarket {domain.verifying_contract})"
         )
-    live = ledger.live_api_keys(client, now)
-    if live >= MAX_LIVE_KEYS:
-        raise Overloaded(f"{client} has {live} unexpired API keys here (at most {MAX_LIVE_KEYS})", 3600)
+    if escrow <= 0:
+        raise PaymentRefused(
+            f"{client} holds no escrow for broker {broker}: deposit first (`dlis job deposit AMOUNT --account ...`), "
+            "then ask for a key",
+            kind="no-escrow",
+            title="No escrow",
+        )
     api_key = PREFIX + secrets.token_hex(24)
     spender: LocalAccount = Account.create()
     # The API key has 192 bits of entropy, so a cheap KDF is enough to encrypt with it.
@@ -130,7 +136,10 @@ def issue_api_key(
         signer_key=json.dumps(encrypted),
     )  # fmt: skip
     digest = "0x" + typed_digest(domain, "ApiKeyRequest", req.message()).hex()
-    if not ledger.add_api_key(row, request_digest=digest):
+    added = ledger.add_api_key(row, request_digest=digest, max_live=MAX_LIVE_KEYS, now=now)
+    if added == "too-many":
+        raise Overloaded(f"{client} holds {MAX_LIVE_KEYS} unexpired API keys here, the most it may", 3600)
+    if added == "replayed":
         raise Conflict(
             f"this signed request ({digest}) was already answered with a key; sign a new one (fresh nonce)",
             kind="api-key-request-replayed",
@@ -147,7 +156,8 @@ def create_api_key(
     now = market.client.timestamp()
     req = ApiKeyRequest(client.address, broker, cap, expires_at, secrets.randbits(64), now + MAX_REQUEST_TTL_S // 2)
     domain = market.domain()
-    grant = issue_api_key(ledger, domain, broker, req, sign_api_key_request(client.key, domain, req), now)
+    escrow = market.escrow_of(client.address, broker)
+    grant = issue_api_key(ledger, domain, broker, req, sign_api_key_request(client.key, domain, req), now, escrow)
     market.set_spender(client, grant.spender, cap, expires_at)
     return grant
 

@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 from eth_utils import keccak
 from sqlalchemy import (
@@ -634,25 +634,29 @@ class Ledger:
 
     # ------------------------------------------------------------------ api keys
 
-    def add_api_key(self, row: ApiKeyRow, request_digest: str | None = None) -> bool:
-        """Record a key, and with it the digest of the signed request it answers. False (and
-        nothing written) when that request was answered before."""
+    def add_api_key(
+        self, row: ApiKeyRow, request_digest: str | None = None, *, max_live: int | None = None, now: int = 0
+    ) -> Literal["added", "replayed", "too-many"]:
+        """Record a key, and with it the digest of the signed request it answers, in one
+        transaction with the client's count of unexpired keys (at most ``max_live``). Nothing is
+        written when the request was answered before or the client holds too many. Request
+        digests older than a day are forgotten (their deadlines, at most minutes ahead, passed)."""
         try:
             with self.session() as s:
+                self.lock_client(s, row.client)  # the count and the insert of one client, one at a time
+                if max_live is not None:
+                    live = select(func.count()).where(ApiKeyRow.client == row.client, ApiKeyRow.expires_at >= now)
+                    if int(s.scalar(live) or 0) >= max_live:
+                        return "too-many"
                 if request_digest is not None:
                     if s.get(ApiKeyRequestRow, request_digest) is not None:
-                        return False
+                        return "replayed"
+                    s.execute(delete(ApiKeyRequestRow).where(ApiKeyRequestRow.created_at < time.time() - 86400))
                     s.add(ApiKeyRequestRow(digest=request_digest, client=row.client, created_at=time.time()))
                 s.add(row)
         except IntegrityError:  # the same request answered by a concurrent call meanwhile
-            return False
-        return True
-
-    def live_api_keys(self, client: str, now: int) -> int:
-        """How many of ``client``'s keys have not expired."""
-        with self.session() as s:
-            stmt = select(func.count()).where(ApiKeyRow.client == client, ApiKeyRow.expires_at >= now)
-            return int(s.scalar(stmt) or 0)
+            return "replayed"
+        return "added"
 
     def get_api_key(self, key_hash: str) -> ApiKeyRow | None:
         with self.session() as s:

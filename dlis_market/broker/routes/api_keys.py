@@ -35,9 +35,10 @@ async def create_api_key(body: ApiKeyCreate, service: ServiceDep) -> ApiKeyPubli
     req = ApiKeyRequest(body.client, body.broker, body.cap, body.expires_at, body.nonce, body.deadline)
     market = service.market
     now = await asyncio.to_thread(market.client.timestamp)
+    escrow, _withdrawal, _read_at = await service.chain.escrow(req.client, service.broker.address)
     grant = await asyncio.to_thread(
         issue_api_key, service.ledger, market.domain(), service.broker.address, req,
-        bytes.fromhex(body.signature[2:]), now,
+        bytes.fromhex(body.signature[2:]), now, escrow,
     )  # fmt: skip
     return ApiKeyPublic(
         api_key=grant.api_key, client=grant.client, spender=grant.spender, cap=grant.cap,

@@ -142,8 +142,26 @@ def test_malformed_request_is_a_400_problem(api):
     body["client"] = "0x1234"
     del body["nonce"]
     res = http.post("/v1/api-keys", json=body)
-    assert res.status_code in (400, 422), res.text
+    assert res.status_code == 422, res.text
     assert key_count(service) == 0
+
+
+def test_no_escrow_no_key_and_a_bounded_number_per_client(api, monkeypatch):
+    """Keys cost the broker storage and addresses cost nothing: a key needs escrow held for this
+    broker, and a client holds at most MAX_LIVE_KEYS unexpired keys."""
+    market, service, client, http = api
+    stranger = market.new_funded_account(UNIT)  # funded, but nothing deposited for this broker
+    res = http.post("/v1/api-keys", json=request_body(market, service, stranger))
+    assert res.status_code == 402, res.text
+    assert "deposit first" in res.json()["detail"]
+    assert key_count(service) == 0
+    monkeypatch.setattr("dlis_market.broker.apikeys.MAX_LIVE_KEYS", 2)
+    assert [http.post("/v1/api-keys", json=request_body(market, service, client)).status_code for _ in range(3)] == [
+        201,
+        201,
+        429,
+    ]
+    assert key_count(service) == 2
 
 
 def test_cli_gets_its_key_from_the_broker(broker_env, live_server, tmp_path):
