@@ -94,7 +94,7 @@ class AdapterSpec:
     r: int
     alpha: float
     use_rslora: bool
-    target_modules: tuple[str, ...] | str  # names (suffix match) or one regex (full match), as PEFT
+    target_modules: tuple[str, ...]  # names (suffix match), as PEFT
     layers_to_transform: tuple[int, ...] | None
     base_model_name_or_path: str | None
 
@@ -103,8 +103,6 @@ class AdapterSpec:
         return self.alpha / (self.r**0.5 if self.use_rslora else self.r)
 
     def targets(self, module_name: str) -> bool:
-        if isinstance(self.target_modules, str):
-            return re.fullmatch(self.target_modules, module_name) is not None
         return any(module_name == t or module_name.endswith("." + t) for t in self.target_modules)
 
 
@@ -127,8 +125,13 @@ def read_spec(path: Path, data: bytes) -> AdapterSpec:
     r, alpha, targets, layers = raw.get("r"), raw.get("lora_alpha"), raw.get("target_modules"), None
     if not isinstance(r, int) or r <= 0 or not isinstance(alpha, int | float):
         raise AdapterIntegrityError(f"{path}: r={r!r} and lora_alpha={alpha!r} must be a positive int and a number")
-    if not (isinstance(targets, str) or (isinstance(targets, list) and all(isinstance(t, str) for t in targets))):
-        raise AdapterIntegrityError(f"{path}: target_modules={targets!r} must be a list of names or a regex")
+    if isinstance(targets, str):  # a regex from a stranger's file can backtrack for exponential time
+        raise UnsupportedAdapterError(
+            f"{path}: target_modules is a regex ({targets[:80]!r}); a worker serves adapters whose "
+            "target_modules list the module names (PEFT saves a list unless given a regex)"
+        )
+    if not (isinstance(targets, list) and targets and all(isinstance(t, str) for t in targets)):
+        raise AdapterIntegrityError(f"{path}: target_modules={targets!r} must be a list of module names")
     raw_layers = raw.get("layers_to_transform")
     if raw_layers is not None:
         layers = (raw_layers,) if isinstance(raw_layers, int) else tuple(raw_layers)
@@ -138,7 +141,7 @@ def read_spec(path: Path, data: bytes) -> AdapterSpec:
         r=r,
         alpha=float(alpha),
         use_rslora=bool(raw.get("use_rslora", False)),
-        target_modules=targets if isinstance(targets, str) else tuple(targets),
+        target_modules=tuple(targets),
         layers_to_transform=layers,
         base_model_name_or_path=raw.get("base_model_name_or_path"),
     )

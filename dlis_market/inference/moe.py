@@ -37,7 +37,7 @@ class MoEError(InferenceError):
     """An MoE layer that cannot be served: no live replica of an expert, a placement without room."""
 
 
-class ExpertUnavailable(MoEError):
+class ExpertUnavailableError(MoEError):
     """An expert worker did not answer (gone, overloaded): the router tries the next replica."""
 
 
@@ -61,7 +61,7 @@ class ExpertShard:
 
     def compute(self, layer: int, expert: int, rows: torch.Tensor) -> torch.Tensor:
         if not self.alive:
-            raise ExpertUnavailable(f"expert worker {self.worker} is gone")
+            raise ExpertUnavailableError(f"expert worker {self.worker} is gone")
         weights = self.experts.get((layer, expert))
         if weights is None:
             raise MoEError(f"worker {self.worker} does not hold expert {expert} of layer {layer}")
@@ -88,6 +88,11 @@ def place_experts(
         chosen: list[str] = []
         for _ in range(replicas):
             free = [w for w in workers if held[w] < capacity and w not in chosen]
+            if not free:  # the total fits but not spread over distinct workers
+                raise MoEError(
+                    f"expert {expert}: no worker with room left for replica {len(chosen) + 1} of {replicas} "
+                    f"(capacity {capacity} each); add workers or capacity"
+                )
             best = min(free, key=lambda w: (worker_load[w], workers.index(w)))
             chosen.append(best)
             held[best] += 1
@@ -126,9 +131,13 @@ class RoutedMoE(nn.Module):
     def _call(self, expert: int, rows: torch.Tensor) -> torch.Tensor:
         tried = []
         for worker in self.placement.get(expert, []):
+            shard = self.shards.get(worker)
+            if shard is None:
+                tried.append(f"{worker} (not connected)")
+                continue
             try:
-                answer = self.shards[worker].compute(self.layer, expert, rows)
-            except ExpertUnavailable as exc:
+                answer = shard.compute(self.layer, expert, rows)
+            except ExpertUnavailableError as exc:
                 tried.append(f"{worker} ({exc})")
                 continue
             self.rows_sent += rows.shape[0]

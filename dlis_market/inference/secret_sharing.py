@@ -159,8 +159,14 @@ def masked_partial(
     return ring + pairwise_masks(member, size, ring.numel(), keys).reshape(ring.shape)
 
 
-def aggregate(masked: list[torch.Tensor], codec: FixedPoint) -> torch.Tensor:
-    """The sum of every member's partial; the masks cancel only when all ``size`` members are in."""
+def aggregate(masked: list[torch.Tensor], size: int, codec: FixedPoint) -> torch.Tensor:
+    """The sum of every member's partial. The masks cancel only when all ``size`` members are in:
+    with one missing the sum is noise, so it is refused."""
+    if len(masked) != size or not masked:
+        raise SecretSharingError(
+            f"{len(masked)} of {size} members' partials: the pairwise masks cancel only in the sum of all "
+            "of them; wait for the missing members or start the step again without them"
+        )
     total = torch.zeros_like(masked[0])
     for m in masked:
         total = total + m

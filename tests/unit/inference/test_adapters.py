@@ -97,8 +97,7 @@ def test_mixed_batch_each_session_gets_its_own_model(
     refs = [merged_reference(model_dir, adapter), merged_reference(model_dir, None), merged_reference(model_dir, other)]
     for gen, ref in zip(gens, refs, strict=True):
         assert_matches(gen.token_ids, gen.logits, ref, gen.prompt_ids)
-    # Sessions at different positions share decode passes (continuous batching) in this run too.
-    assert len({len(p) for p in PROMPTS}) > 1
+    # (PROMPTS differ in length: sessions at different positions shared the decode passes above.)
     # Detaching one adapter leaves the other (re-packed into smaller banks) serving the same model.
     assert all(stage.adapters.detach(second) for stage in pipe.stages)
     again = pipe.generate_ids([PROMPTS[0], PROMPTS[1]], NEW_TOKENS, want_logits=True, adapters=[first, None])
@@ -184,6 +183,10 @@ def test_adapter_for_another_base_shape_is_refused(
     config = json.loads((adapter / "adapter_config.json").read_text())
     (deep / "adapter_config.json").write_text(json.dumps({**config, "use_dora": True}))
     with pytest.raises(UnsupportedAdapterError, match="use_dora=True"):
+        load_adapter(deep, load_manifest(shards))
+    # A regex for target_modules (catastrophic backtracking, from a stranger's file) is refused unrun.
+    (deep / "adapter_config.json").write_text(json.dumps({**config, "target_modules": "(a+)+$"}))
+    with pytest.raises(UnsupportedAdapterError, match="target_modules is a regex"):
         load_adapter(deep, load_manifest(shards))
 
 

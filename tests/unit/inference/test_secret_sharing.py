@@ -74,11 +74,15 @@ def test_secure_aggregation_reveals_only_the_sum():
             for i in range(size)]  # fmt: skip
     partials = [torch.randn(3, 16) for _ in range(size)]
     masked = [masked_partial(p, i, size, keys[i], CODEC) for i, p in enumerate(partials)]
-    total = aggregate(masked, CODEC)
+    total = aggregate(masked, size, CODEC)
     assert (total - sum(partials)).abs().max() < 1e-5
     for p, m in zip(partials, masked, strict=True):  # what the aggregator sees of one member is noise
         assert (CODEC.decode(m * (1 << CODEC.w_bits)) - p).abs().median() > 1e3
-    # without one member the masks do not cancel: the aggregate is noise, not a partial sum
-    assert (aggregate(masked[:2], CODEC) - (partials[0] + partials[1])).abs().median() > 1e3
+    # without one member the masks do not cancel: the sum would be noise, so it is refused
+    assert (
+        CODEC.decode((masked[0] + masked[1]) * (1 << CODEC.w_bits)) - (partials[0] + partials[1])
+    ).abs().median() > 1e3
+    with pytest.raises(SecretSharingError, match="2 of 3 members"):
+        aggregate(masked[:2], size, CODEC)
     with pytest.raises(SecretSharingError, match="no pairwise key"):
         masked_partial(partials[0], 0, size, {1: keys[0][1]}, CODEC)
