@@ -294,7 +294,9 @@ def _settled_events(market) -> Counter[str]:
 
 
 def test_settling_broker_killed_mid_run_survivor_settles_every_job_once(market, smollm2_shards, pg_url, tmp_path):
-    with Pair(market, smollm2_shards, pg_url, tmp_path, delay_s=0.3) as pair:
+    # 8 tokens at 0.6 s: each job runs ~4.8 s, so all four are still running when the kill comes
+    # 0.6 s after the last one started, even if admissions spread over seconds on a busy machine
+    with Pair(market, smollm2_shards, pg_url, tmp_path, delay_s=0.6) as pair:
         jm = market.market()
         client = market.new_funded_account(10 * 10**18)
         jm.deposit(client, 10**18)
@@ -368,7 +370,8 @@ def test_peer_ledgers_share_the_settle_epoch_one_lease_and_each_orphan_once(pg_u
     orphan = NewJob("0x" + "66" * 32, "0x" + "33" * 20, 2, MODEL, "0x" + "44" * 32, {}, 5, 10**10, "0x",
                     route=route, owner=a.instance)  # fmt: skip
     a.create_job(orphan)
-    assert b.recover_interrupted("r", 0.5, restarted=False) == ([], [], [])  # a beat less than 0.5 s ago
+    # a beat moments ago (it left after its last beat): not stale by a minute's measure
+    assert b.recover_interrupted("r", 60.0, restarted=False) == ([], [], [])
     time.sleep(0.8)
     taken: list[tuple[list[str], list[str], list[str]]] = []
     racers = [threading.Thread(target=lambda x=x: taken.append(x.recover_interrupted("r", 0.5, False))) for x in (b, c)]
