@@ -18,16 +18,14 @@ from dlis_market.inference.moe import (
     upcycle,
 )
 
+from .reference import hf_generate
+
 
 def greedy(model, prompt: list[int], new: int) -> tuple[torch.Tensor, list[int]]:
-    ids, logits, tokens = list(prompt), [], []
-    with torch.no_grad():
-        for _ in range(new):
-            step = model(torch.tensor([ids])).logits[:, -1]
-            logits.append(step)
-            tokens.append(int(step.argmax(-1)))
-            ids.append(tokens[-1])
-    return torch.cat(logits), tokens
+    """Greedy tokens and per-step logits through transformers generate (KV cache: prefill, then one
+    token per step)."""
+    tokens, logits = hf_generate(model, prompt, new)
+    return torch.stack(logits), tokens
 
 
 def distribute(model, workers: list[str], replicas: int) -> tuple[dict[str, ExpertShard], list[RoutedMoE]]:
@@ -70,8 +68,8 @@ def test_experts_on_two_workers_equal_the_model_and_only_chosen_tokens_travel():
     got_logits, got = greedy(split, PROMPT, 5)
     assert got == want
     assert (got_logits - want_logits).abs().max() < 1e-5
-    # each of the 5 forwards (6..10 tokens, no cache here) sends every token to its top-2 experts only
-    tokens = sum(len(PROMPT) + i for i in range(5))
+    # the prefill (6 tokens) and 4 decode steps send each token to its top-2 experts only
+    tokens = len(PROMPT) + 4
     assert sum(b.rows_sent for b in blocks) == 2 * tokens * 2  # 2 layers x tokens x top-2
     served = sum(sum(s.served.values()) for s in shards.values())
     assert served == 2 * tokens * 2 and all(s.served for s in shards.values())  # both workers billed

@@ -15,6 +15,14 @@ from dlis_market.inference.tensor_parallel import (
     run_threads,
 )
 
+from .reference import hf_generate
+
+
+def whole(model: LlamaForCausalLM, prompt: list[int], new: int) -> tuple[list[int], torch.Tensor]:
+    """The unsplit model's greedy tokens and last-position logits (transformers generate)."""
+    tokens, logits = hf_generate(model, prompt, new)
+    return tokens, torch.stack(logits)
+
 
 def greedy_split(model: LlamaForCausalLM, k: int, prompt: list[int], new: int) -> tuple[torch.Tensor, list[int]]:
     """Prefill then ``new`` greedy steps through a k-member group; the last-position logits of every step."""
@@ -32,17 +40,6 @@ def greedy_split(model: LlamaForCausalLM, k: int, prompt: list[int], new: int) -
     return torch.cat(logits), tokens
 
 
-def greedy_whole(model: LlamaForCausalLM, prompt: list[int], new: int) -> tuple[torch.Tensor, list[int]]:
-    ids, logits, tokens = list(prompt), [], []
-    with torch.no_grad():
-        for _ in range(new):
-            step = model(torch.tensor([ids])).logits[:, -1]
-            logits.append(step)
-            tokens.append(int(step.argmax(-1)))
-            ids.append(tokens[-1])
-    return torch.cat(logits), tokens
-
-
 @pytest.mark.parametrize(("k", "heads", "kv"), [(2, 8, 4), (4, 8, 4), (4, 16, 4)])
 def test_random_llama_split_k_ways_is_exact(k, heads, kv):
     torch.manual_seed(k * 100 + heads)
@@ -50,7 +47,7 @@ def test_random_llama_split_k_ways_is_exact(k, heads, kv):
                       num_attention_heads=heads, num_key_value_heads=kv)  # fmt: skip
     model = LlamaForCausalLM(cfg).eval()
     prompt = [5, 17, 42, 3, 88, 9, 60]
-    want_logits, want = greedy_whole(model, prompt, 6)
+    want, want_logits = whole(model, prompt, 6)
     got_logits, got = greedy_split(model, k, prompt, 6)
     assert got == want
     assert (got_logits - want_logits).abs().max() < 1e-5
@@ -60,7 +57,7 @@ def test_smollm2_three_ways_is_exact(smollm2_dir: Path):
     model = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
     assert model.config.num_key_value_heads == 3
     prompt = [504, 3458, 282, 4649, 314]  # "The capital of France is"
-    want_logits, want = greedy_whole(model, prompt, 3)
+    want, want_logits = whole(model, prompt, 3)
     got_logits, got = greedy_split(model, 3, prompt, 3)
     assert got == want
     assert (got_logits - want_logits).abs().max() < 1e-5 * max(1.0, float(want_logits.abs().max()))
