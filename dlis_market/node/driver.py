@@ -486,7 +486,7 @@ class JobSession:
                     hop.peer_id, "close", {"session_id": self.session_id}, self.driver.settings.request_timeout_s
                 )
                 signed = receipts.from_wire(answer.get("receipt"))
-                node = self.driver._verified.get(hop.peer_id, hop.node)
+                node = self.driver.verified_node(hop.peer_id) or hop.node
                 receipts.verify_receipt(self.driver.market, signed, node)
                 r = signed.receipt
                 if r.job_id != self.spec.job_id or (r.start, r.end) != (hop.start, hop.end):
