@@ -66,3 +66,31 @@ class UnsupportedAdapterError(AdapterError):
 
 class AdapterNotAttachedError(AdapterError):
     """A session names an adapter that is not attached to the stage serving it."""
+
+
+class ZkStageError(InferenceError):
+    """Proving a stage call with EZKL failed."""
+
+
+class ZkSetupError(ZkStageError):
+    """Exporting, calibrating, compiling or setting up a stage's circuit failed."""
+
+
+class ZkProveError(ZkStageError):
+    """A witness or proof for one stage call could not be made."""
+
+
+class SecretSharingError(InferenceError):
+    """Inputs a secret-shared computation cannot carry (overflow, mismatched shares)."""
+
+
+class TensorParallelError(InferenceError):
+    """A model or group that cannot be split k ways (heads or width not divisible, ranks missing)."""
+
+
+class MoEError(InferenceError):
+    """An MoE layer that cannot be served: no live replica of an expert, a placement without room."""
+
+
+class ExpertUnavailableError(MoEError):
+    """An expert worker did not answer (gone, overloaded): the router tries the next replica."""

@@ -30,15 +30,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from dlis_market.inference.errors import InferenceError
-
-
-class MoEError(InferenceError):
-    """An MoE layer that cannot be served: no live replica of an expert, a placement without room."""
-
-
-class ExpertUnavailableError(MoEError):
-    """An expert worker did not answer (gone, overloaded): the router tries the next replica."""
+from dlis_market.inference.errors import ExpertUnavailableError, MoEError
 
 
 @dataclass(frozen=True)

@@ -32,13 +32,9 @@ import numpy as np
 import torch
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 
-from dlis_market.inference.errors import InferenceError
+from dlis_market.inference.errors import SecretSharingError
 
 RING_BITS = 64
-
-
-class SecretSharingError(InferenceError):
-    """Inputs a secret-shared computation cannot carry (overflow, mismatched shares)."""
 
 
 def _random_ring(shape: tuple[int, ...]) -> torch.Tensor:

@@ -34,11 +34,7 @@ import torch
 from transformers import DynamicCache, LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
 
-from dlis_market.inference.errors import InferenceError
-
-
-class TensorParallelError(InferenceError):
-    """A model or group that cannot be split k ways (heads or width not divisible, ranks missing)."""
+from dlis_market.inference.errors import TensorParallelError
 
 
 class AllReduce(Protocol):

@@ -34,19 +34,7 @@ import ezkl
 import torch
 from tqdm import tqdm
 
-from dlis_market.errors import InferenceError
-
-
-class ZkStageError(InferenceError):
-    """Proving a stage call with EZKL failed."""
-
-
-class ZkSetupError(ZkStageError):
-    """Exporting, calibrating, compiling or setting up a stage's circuit failed."""
-
-
-class ZkProveError(ZkStageError):
-    """A witness or proof for one stage call could not be made."""
+from dlis_market.inference.errors import ZkProveError, ZkSetupError
 
 
 @dataclass(frozen=True)
