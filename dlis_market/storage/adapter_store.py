@@ -18,10 +18,11 @@ import asyncio
 import hashlib
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from dlis_market.storage.client import KuboClient
 from dlis_market.storage.errors import ManifestError, ShardIntegrityError
@@ -41,10 +42,13 @@ class AdapterFile(_Frozen):
     cid: str | None = None  # set once published
 
 
+ADAPTER_ID = r"^[0-9a-f]{64}$"
+
+
 class AdapterRecord(_Frozen):
     """One adapter: what it is for, what it changes, its files; ``cid`` once published."""
 
-    adapter_id: str  # sha256 over the canonical files
+    adapter_id: str = Field(pattern=ADAPTER_ID)  # sha256 over the canonical files (names the record's file)
     name: str
     base_model: str  # the base manifest's model_name
     base_manifest_sha256: str  # sha256 of the base's manifest.json: the exact base it was checked against
@@ -113,7 +117,7 @@ async def fetch_adapter(
         raise ManifestError(f"{cid} is not an adapter index ({exc}); check the CID") from exc
     await asyncio.to_thread(out_dir.mkdir, parents=True, exist_ok=True)
     for entry in record.files:
-        if entry.cid is None or "/" in entry.path or entry.path.startswith("."):
+        if entry.cid is None or not entry.path or "/" in entry.path or "\\" in entry.path or entry.path.startswith("."):
             raise ManifestError(f"adapter index {cid} lists {entry.path!r} without a CID or outside its folder")
         data = await client.cat_bytes(entry.cid, timeout_s=timeout_s, max_size=max_size)
         digest = hashlib.sha256(data).hexdigest()
@@ -141,6 +145,8 @@ class AdapterStore:
         return path
 
     def get(self, adapter_id: str) -> AdapterRecord | None:
+        if not re.fullmatch(ADAPTER_ID, adapter_id.lower()):
+            raise ManifestError(f"{adapter_id!r} is not an adapter id (64 hex digits, the sha256 `adapter list` shows)")
         path = self.root / f"{adapter_id.lower()}.json"
         return self._read(path) if path.is_file() else None
 
