@@ -33,12 +33,12 @@ from collections import Counter
 from pathlib import Path
 
 import httpx
-from sqlalchemy import create_engine, text
+from sqlalchemy import create_engine, text, update
 from transformers import AutoTokenizer
 
 from dlis_market.broker.backend import SignedStageReceipt
 from dlis_market.broker.cluster import ClusterMember
-from dlis_market.broker.ledger import JobRow, Ledger, NewJob, database_url
+from dlis_market.broker.ledger import InstanceRow, JobRow, Ledger, NewJob, database_url
 from dlis_market.chain.anvil import free_port
 from dlis_market.chain.job_market import JobAuthorization, Receipt, sign_authorization, sign_receipt
 from dlis_market.protocol.routes import RouteHop
@@ -372,9 +372,17 @@ def test_peer_ledgers_share_the_settle_epoch_one_lease_and_each_orphan_once(pg_u
     a.create_job(orphan)
     # a beat moments ago (it left after its last beat): not stale by a minute's measure
     assert b.recover_interrupted("r", 60.0, restarted=False) == ([], [], [])
-    time.sleep(0.8)
+    # a's last beat an hour back: stale by a minute's measure, while b and c (beating every 0.1 s)
+    # stay fresh by it however busy the machine is (with 0.5 s, a stalled heartbeat thread let
+    # both racers take the job, one from the other)
+    with a.session() as s:
+        s.execute(
+            update(InstanceRow).where(InstanceRow.id == a.instance).values(heartbeat_at=InstanceRow.heartbeat_at - 3600)
+        )
     taken: list[tuple[list[str], list[str], list[str]]] = []
-    racers = [threading.Thread(target=lambda x=x: taken.append(x.recover_interrupted("r", 0.5, False))) for x in (b, c)]
+    racers = [
+        threading.Thread(target=lambda x=x: taken.append(x.recover_interrupted("r", 60.0, False))) for x in (b, c)
+    ]
     for t in racers:
         t.start()
     for t in racers:
