@@ -68,6 +68,7 @@ from dlis_market.node.routing import plan_route
 from dlis_market.node.transport import ChannelPool, start_dht
 from dlis_market.protocol.pricing import route_bound, stage_charge
 from dlis_market.protocol.routes import Replan, RouteHop
+from dlis_market.protocol.spans import SpanRecord
 from dlis_market.protocol.tickets import SessionTicket, sign_ticket
 from dlis_market.settings import NodeSettings
 
@@ -180,14 +181,14 @@ class PipelineDriver:
 
     # ------------------------------------------------------------------ discovery, bans, trust
 
-    async def discover(self, model: str) -> list[dht_records.SpanRecord]:
+    async def discover(self, model: str) -> list[SpanRecord]:
         """Current signed announcements of ``model``; with a ``node_check``, only those of nodes
         registered on chain under the announced peer id."""
         spans = await asyncio.to_thread(self._discover, model)
         self.saw(spans)
         return spans
 
-    def _discover(self, model: str) -> list[dht_records.SpanRecord]:
+    def _discover(self, model: str) -> list[SpanRecord]:
         spans = dht_records.fetch_spans(self.dht, model, self.registry, self._signers)
         if self.node_check is None:
             return spans
@@ -199,7 +200,7 @@ class PipelineDriver:
                 log.info("ignoring span of %s: node %s is not registered under that peer id", s.peer_id, s.node_address)
         return out
 
-    def saw(self, spans: Sequence[dht_records.SpanRecord]) -> None:
+    def saw(self, spans: Sequence[SpanRecord]) -> None:
         """Note each peer's start time; a peer banned before a restart is forgiven."""
         for s in spans:
             self._started[s.peer_id] = max(self._started.get(s.peer_id, 0.0), s.started_at)

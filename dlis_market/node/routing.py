@@ -13,9 +13,9 @@ from __future__ import annotations
 import heapq
 from collections.abc import Collection, Sequence
 
-from dlis_market.node.dht_records import SpanRecord
 from dlis_market.node.errors import NoRouteError
 from dlis_market.protocol.routes import RouteHop
+from dlis_market.protocol.spans import SpanRecord
 from dlis_market.types import LayerRange
 
 DEFAULT_HOP_S = 0.001

@@ -60,6 +60,7 @@ from dlis_market.node.transcripts import Transcript, TranscriptRequest, Transcri
 from dlis_market.node.transport import ChannelPool, start_dht
 from dlis_market.protocol import tickets
 from dlis_market.protocol.errors import TicketError
+from dlis_market.protocol.spans import SpanRecord
 from dlis_market.settings import Settings
 from dlis_market.types import LayerRange
 
@@ -202,8 +203,8 @@ class Worker:
         measured = self.profile.throughput(self.stage.layers.size)
         return measured * byzantine.OVERSTATE if self.node.byzantine > 0 else measured
 
-    def record(self) -> dht_records.SpanRecord:
-        return dht_records.SpanRecord(
+    def record(self) -> SpanRecord:
+        return SpanRecord(
             model=self.stage.manifest.model_name,
             start=self.stage.layers.start,
             end=self.stage.layers.end,
@@ -217,7 +218,7 @@ class Worker:
             started_at=self.started_at,
         )
 
-    def _announce(self, record: dht_records.SpanRecord, withdraw: bool = False) -> bool:
+    def _announce(self, record: SpanRecord, withdraw: bool = False) -> bool:
         do = dht_records.withdraw if withdraw else dht_records.announce
         key = bytes(self.identity.account.key)
         return do(self.dht, record, self.node.announce_ttl_s, key, self.registry, self.validator)

@@ -32,6 +32,7 @@ from dlis_market.inference.shard_export import export_shards
 from dlis_market.node import dht_records
 from dlis_market.node.server import READY_PREFIX
 from dlis_market.node.transport import start_dht
+from dlis_market.protocol.spans import SpanRecord
 from dlis_market.settings import NodeSettings
 from dlis_market.types import LayerRange, model_id
 
@@ -144,7 +145,7 @@ class Swarm:
 
     def wait_spans(
         self, model: str, count: int, timeout_s: float = 60.0, registry: str | None = None, chain_id: int = 31337
-    ) -> list[dht_records.SpanRecord]:
+    ) -> list[SpanRecord]:
         """Block until the bootstrap DHT sees ``count`` announcements of ``model`` (signed under the
         NodeRegistry domain at ``registry``, default the dev one of workers started without a chain)."""
         from dlis_market.node.attestation import registry_domain
@@ -152,7 +153,7 @@ class Swarm:
         domain = dev_registry_domain() if registry is None else registry_domain(chain_id, registry)
         assert self.bootstrap is not None
         deadline = time.monotonic() + timeout_s
-        spans: list[dht_records.SpanRecord] = []
+        spans: list[SpanRecord] = []
         while time.monotonic() < deadline:
             spans = dht_records.fetch_spans(self.bootstrap, model, domain)
             if len(spans) >= count:

@@ -16,10 +16,11 @@ from transformers import AutoModelForCausalLM
 
 from dlis_market.chain.job_market import receipt_signer
 from dlis_market.inference.messages import StageInput, encode
-from dlis_market.node import dht_records, identity
+from dlis_market.node import identity
 from dlis_market.node.driver import JobSpec, PipelineDriver
 from dlis_market.node.errors import NoRouteError
 from dlis_market.node.protocol import PROTOCOL_NAME, pack_frame
+from dlis_market.protocol.spans import SpanRecord
 
 PROMPT = [1, 2, 3, 4, 5]
 NEW = 12
@@ -153,7 +154,7 @@ def test_a_range_the_worker_does_not_serve_is_refused_and_routed_around(tiny_swa
             honest = next(s for s in await driver.discover(MODEL) if s.peer_id == liar.peer_id)
             lie = honest.model_copy(update={"start": 4, "end": 6, "throughput": 1e9})
 
-            async def lying_swarm(model: str) -> list[dht_records.SpanRecord]:
+            async def lying_swarm(model: str) -> list[SpanRecord]:
                 return [*real, lie]
 
             driver.discover = lying_swarm  # type: ignore[method-assign]

@@ -25,12 +25,13 @@ from dlis_market.node.protocol import Channel, OpenBody, pack_frame, parse_body,
 from dlis_market.node.routing import choose_range, missing_layers, plan_route
 from dlis_market.node.sessions import QueuedStep, plan_batches
 from dlis_market.protocol.pricing import route_bound
+from dlis_market.protocol.spans import SpanRecord
 from dlis_market.types import LayerRange
 
 ZERO = "0x0000000000000000000000000000000000000000"
 
 
-def span(peer: str, start: int, end: int, throughput: float = 10.0, **kw: Any) -> dht_records.SpanRecord:
+def span(peer: str, start: int, end: int, throughput: float = 10.0, **kw: Any) -> SpanRecord:
     fields: dict[str, Any] = {
         "model": "m",
         "start": start,
@@ -44,7 +45,7 @@ def span(peer: str, start: int, end: int, throughput: float = 10.0, **kw: Any) -
         "attestation_hash": "0x",
     }
     fields.update(kw)
-    return dht_records.SpanRecord(**fields)
+    return SpanRecord(**fields)
 
 
 # ---------------------------------------------------------------------- protocol
@@ -167,7 +168,7 @@ def test_records_drop_malformed_offline_and_misfiled_entries(tmp_path: Path) -> 
             b"junk": V({"model": "m"}),
         }
     )
-    assert dht_records.parse_records("m", raw, domain) == [dht_records.SpanRecord.model_validate(good.value["record"])]
+    assert dht_records.parse_records("m", raw, domain) == [SpanRecord.model_validate(good.value["record"])]
     assert dht_records.parse_records("other", raw, domain) == []
     assert dht_records.parse_records("m", None, domain) == []
 
