@@ -9,6 +9,7 @@ paths differ between them (see ``dlis_market.inference.quantization``). Every be
 from __future__ import annotations
 
 import importlib
+import json
 import os
 import platform
 import sys
@@ -70,7 +71,14 @@ def machine_info() -> dict[str, Any]:
     }
 
 
-if __name__ == "__main__":
-    import json
+def write_result(result: dict[str, Any], out: Path) -> None:
+    """A bench's closing lines: record the load average and the machine, write the JSON, say where."""
+    result["loadavg"] = os.getloadavg()
+    result["machine"] = machine_info()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"load {result['loadavg']}; wrote {out}")
 
+
+if __name__ == "__main__":
     print(json.dumps(machine_info(), indent=2))

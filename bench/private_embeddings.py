@@ -21,14 +21,12 @@ against fp32, and writes JSON.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
-from machine_info import machine_info  # type: ignore[import-not-found]  (bench/ is on sys.path)
+from machine_info import write_result  # type: ignore[import-not-found]  (bench/ is on sys.path)
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from dlis_market.inference.importer import import_model
@@ -128,11 +126,7 @@ def main() -> None:
         print(f"CKKS: k_proj one token {ck['matmul_s']:.1f} s, q/k/v ~{ck['qkv_s_per_token_scaled']:.0f} s/token "
               f"({ck['qkv_vs_plaintext_time']:.0f}x plaintext), {ck['bytes_in']} B in, {ck['bytes_out']} B out "
               f"(k_proj), max error {ck['max_abs_err']:.1e}")  # fmt: skip
-    result["loadavg"] = os.getloadavg()
-    result["machine"] = machine_info()
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"load {result['loadavg']}; wrote {args.out}")
+    write_result(result, args.out)
 
 
 if __name__ == "__main__":

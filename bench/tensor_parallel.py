@@ -18,15 +18,13 @@ checks that all three produce the same tokens. Writes JSON.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.multiprocessing as mp
-from machine_info import machine_info  # type: ignore[import-not-found]  (bench/ is on sys.path)
+from machine_info import write_result  # type: ignore[import-not-found]  (bench/ is on sys.path)
 
 PROMPT = "The history of the printing press begins"
 
@@ -143,11 +141,7 @@ def main() -> None:
         print(f"{mode:12s} k={k}: {r['decode_tok_s']:.2f} tok/s ({r['vs_one_process']:.2f}x one process), "
               f"{r['bytes_sent_per_token_per_process'] / 1024:.1f} KiB sent per token per process, "
               f"same tokens: {r['same_tokens_as_one_process']}")  # fmt: skip
-    result["loadavg"] = os.getloadavg()
-    result["machine"] = machine_info()
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"load {result['loadavg']}; wrote {args.out}")
+    write_result(result, args.out)
 
 
 if __name__ == "__main__":
