@@ -13,7 +13,6 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 from dlis_market.protocol.spans import SpanRecord
-from dlis_market.types import LayerRange
 
 
 @dataclass(frozen=True)
@@ -25,10 +24,6 @@ class RouteHop:
     start: int
     end: int
     price_per_token: int
-
-    @property
-    def layers(self) -> LayerRange:
-        return LayerRange(start=self.start, end=self.end)
 
     @classmethod
     def of(cls, span: SpanRecord) -> RouteHop:
