@@ -141,6 +141,7 @@ class NodeSettings(_Section):
     signed_receipts: int = 100_000
     transcript_retain_bytes: int = 256 << 20
     byzantine: float = 0.0  # TEST ONLY: fraction of sessions whose outputs this worker corrupts
+    byzantine_commits_computed: bool = False  # TEST ONLY: fingerprint what it computed, not what it sent
     # Paid sessions only (protocol/tickets.py): a worker opens a session on a ticket signed by an
     # account holding BROKER_ROLE on market_address (checked on chain, cached broker_cache_s), or by
     # one of trusted_brokers; with neither a market nor trusted brokers (a dev swarm with no chain)
@@ -193,6 +194,10 @@ class BrokerSettings(_Section):
     # worker and the evidence sent to the oracle (needs oracle_url; the broker account must be one
     # of the oracle's spot_check_runners). The sampling secret never leaves the broker.
     spot_check_fraction: float = Field(default=0.02, ge=0.0, le=1.0)
+    # Of the other calls, this fraction is first validated from the stage's signed fingerprint with
+    # one prefill on a replica (a rejection escalates to the re-execution above): about 1/7 to 1/19
+    # of a re-execution's compute (bench/spot_check_detection.py), so many more calls are checked.
+    fingerprint_check_fraction: float = Field(default=0.1, ge=0.0, le=1.0)
     # Requests from clients: bodies over this are refused (413) before they are read or parsed.
     max_request_bytes: int = Field(default=1 << 20, ge=1024)
     # A retried request with the same Idempotency-Key (or, without one, the same client and body)

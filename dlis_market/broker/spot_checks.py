@@ -23,6 +23,15 @@ A stage that does not hand over a transcript the check needs (it refuses, droppe
 cannot be slashed (there is no evidence), but the broker signs a :class:`SpotCheckFailure` and the
 oracle counts a failed verification against that node's reputation.
 
+**Fingerprint checks** come first where a second sampler draws more calls
+(``broker.fingerprint_check_fraction``, the same secret under another label): every stage signs
+with its receipt a fingerprint of the activations of its call (``node/receipts.py``), and a
+replica validates the call from it with one prefill instead of a decode per token
+(:func:`dlis_market.node.replay.check_on`), after the runner checked, for a stage that sends hidden
+states, that the fingerprint is exactly that of the rows it sent. A rejected (or false)
+fingerprint escalates to the full re-execution above, whose evidence the oracle judges; an
+accepted one is counted as ``pass:fingerprint`` and sent nowhere.
+
 Checks run in the background, at most ``concurrency`` at a time, and never delay the job.
 """
 
@@ -30,6 +39,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import logging
 import random
@@ -40,15 +50,18 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import httpx
+from eth_utils import keccak
 
 from dlis_market.chain.typed_data import Domain
 from dlis_market.errors import DlisError
+from dlis_market.inference.fingerprint_check import commits_to
 from dlis_market.node.driver import JobSession, JobSpec, PipelineDriver, StageReceipt
 from dlis_market.node.errors import PeerUnreachableError, ProtocolError, RemoteError
 from dlis_market.node.replay import (
     Layout,
     StageRows,
     TranscriptMalformedError,
+    check_on,
     checked,
     fetch_transcript,
     replay,
@@ -56,6 +69,7 @@ from dlis_market.node.replay import (
     token_steps,
 )
 from dlis_market.node.transcripts import Transcript
+from dlis_market.protocol.errors import FingerprintError
 from dlis_market.protocol.oracle_client import (
     FAILURE_PATH,
     SPOT_CHECK_DUPLICATES,
@@ -202,9 +216,11 @@ class SpotChecker:
         concurrency: int = 2,
         rng: random.Random | None = None,
         eligible: Callable[[str], bool] | None = None,
+        fingerprints: SpotCheckSampler | None = None,
     ) -> None:
         self.driver = driver
-        self.sampler = sampler
+        self.sampler = sampler  # calls re-executed in full
+        self.fingerprints = fingerprints  # further calls validated from their fingerprint first
         self.runner_key = runner_key
         self.oracle_domain = oracle_domain
         self.sink = sink
@@ -222,17 +238,29 @@ class SpotChecker:
     def secret(home: Path) -> bytes:
         return load_or_create_secret(home / "broker" / "spot_check_secret")
 
+    @staticmethod
+    def fingerprint_secret(secret: bytes) -> bytes:
+        """The fingerprint sampler's key, derived from the broker's: its draws are independent of
+        the re-execution sampler's and just as unpredictable to workers."""
+        return bytes(keccak(b"dlis fingerprint checks" + secret))
+
     def schedule(self, finished: FinishedSession | None) -> list[int]:
         """Start checking the drawn stages of ``finished`` in the background; their start layers."""
         if finished is None:
             self.counts["skipped:failover"] += 1
             return []
-        picked = [k for k, hop in enumerate(finished.route) if self.sampler.selected(finished.spec.job_id, hop.start)]
-        if picked:
-            task = asyncio.create_task(self.check(finished, picked))
+        job = finished.spec.job_id
+        picked = [k for k, hop in enumerate(finished.route) if self.sampler.selected(job, hop.start)]
+        cheap = [
+            k
+            for k, hop in enumerate(finished.route)
+            if k not in picked and self.fingerprints is not None and self.fingerprints.selected(job, hop.start)
+        ]
+        if picked or cheap:
+            task = asyncio.create_task(self.check(finished, picked, cheap))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
-        return [finished.route[k].start for k in picked]
+        return sorted(finished.route[k].start for k in picked + cheap)
 
     async def drain(self) -> None:
         """Wait for every scheduled check (tests and benchmarks)."""
@@ -247,12 +275,17 @@ class SpotChecker:
         if isinstance(self.sink, OracleSink):  # what the oracle has not taken stays in the outbox file
             await self.sink.close()
 
-    async def check(self, finished: FinishedSession, stages: Sequence[int]) -> list[CheckResult]:
+    async def check(
+        self, finished: FinishedSession, stages: Sequence[int], by_fingerprint: Sequence[int] = ()
+    ) -> list[CheckResult]:
+        """Check ``stages`` (indices into the route) by re-execution and ``by_fingerprint`` from
+        their fingerprints first; the results in route order."""
+        runs = sorted([(k, self.check_stage) for k in stages] + [(k, self.check_fingerprint) for k in by_fingerprint])
         out = []
-        for k in stages:
+        for k, run in runs:
             async with self._slots:
                 try:
-                    result = await self.check_stage(finished, k)
+                    result = await run(finished, k)
                 except Exception as exc:  # one check's failure must not end the others (logged below)
                     if not isinstance(exc, DlisError | httpx.HTTPError | ValueError | TimeoutError):
                         log.exception("spot check of stage %d of job 0x%s crashed", k, finished.spec.job_id.hex())
@@ -315,14 +348,13 @@ class SpotChecker:
         except (PeerUnreachableError, ProtocolError) as exc:
             raise Withheld(hop, str(exc)) from exc
 
-    async def check_stage(self, f: FinishedSession, k: int) -> CheckResult:
+    async def _call(self, f: FinishedSession, k: int) -> tuple[StageRows, StageRows] | CheckResult:
+        """The call's inputs and outputs, each checked against the signed receipts; or the result
+        when a stage withheld them (reported to the oracle) or they are too large to check."""
         hop = f.route[k]
         job = "0x" + f.spec.job_id.hex()
-        accused = f.receipts[hop.start]
-        last = k == len(f.route) - 1
         try:
-            inputs = await self._inputs(f, k)
-            outputs = await self._outputs(f, k)
+            return await self._inputs(f, k), await self._outputs(f, k)
         except Withheld as exc:  # no evidence to slash on; a failed verification for whoever withheld
             failure = SpotCheckFailure(
                 node=exc.hop.node, job_id=job, start=exc.hop.start, end=exc.hop.end, detail=str(exc)[:500]
@@ -331,6 +363,9 @@ class SpotChecker:
             return CheckResult(job, hop.start, hop.end, hop.node, "withheld", f"{exc}; oracle: {answer}")
         except TooLarge as exc:
             return CheckResult(job, hop.start, hop.end, hop.node, "skipped:too-large", str(exc))
+
+    async def _replicas(self, f: FinishedSession, hop: RouteHop) -> list[RouteHop]:
+        """Other staked nodes serving exactly ``hop``'s range, in random order."""
         spans = await self.driver.discover(f.spec.model)
         banned = self.driver.banned()
         replicas = [
@@ -342,10 +377,59 @@ class SpotChecker:
             and s.peer_id not in banned
             and self.eligible(s.node_address)
         ]
+        self.rng.shuffle(replicas)
+        return replicas
+
+    async def check_fingerprint(self, f: FinishedSession, k: int) -> CheckResult:
+        """Validate call ``k`` from its signed fingerprint with one prefill on a replica; a
+        fingerprint that is rejected, or is not that of the rows sent, escalates to :meth:`check_stage`."""
+        hop = f.route[k]
+        job = "0x" + f.spec.job_id.hex()
+        accused = f.receipts[hop.start]
+        last = k == len(f.route) - 1
+        call = await self._call(f, k)
+        if isinstance(call, CheckResult):
+            return call
+        inputs, outputs = call
+        if not last:
+            sent = [s.hidden.reshape(-1, s.hidden.shape[-1]) for s in outputs.inputs if s.hidden is not None]
+            try:
+                honest_commitment = commits_to(accused.fingerprint, sent)
+            except FingerprintError:
+                honest_commitment = False
+            if not honest_commitment:
+                return await self._escalate(f, k, "its signed fingerprint is not that of the rows it sent")
+        replicas = await self._replicas(f, hop)
         if not replicas:
             return CheckResult(job, hop.start, hop.end, hop.node, "skipped:no-replica",
                                "no other node serves this range")  # fmt: skip
-        self.rng.shuffle(replicas)
+        generated = f.generated if last else ()
+        answer = await check_on(self.driver, replicas[0], f.spec.model, f.spec.job_id, inputs.inputs,
+                                accused.fingerprint, generated, f.spec.sampling)  # fmt: skip
+        if not answer.accepted:
+            return await self._escalate(f, k, f"fingerprint rejected by {answer.node_address}: {answer.reason}")
+        detail = (f"{answer.reason} (margin {answer.margin:.2f}, {answer.tokens_checked} tokens re-derived, "
+                  f"prefill {answer.prefill_s * 1000:.0f} ms)")  # fmt: skip
+        return CheckResult(job, hop.start, hop.end, hop.node, "pass:fingerprint", detail, None, answer.node_address)
+
+    async def _escalate(self, f: FinishedSession, k: int, why: str) -> CheckResult:
+        result = await self.check_stage(f, k)
+        return dataclasses.replace(result, detail=f"{why}; re-executed: {result.detail}")
+
+    async def check_stage(self, f: FinishedSession, k: int) -> CheckResult:
+        """Re-execute call ``k`` on a replica (a referee on a mismatch) and send the evidence."""
+        hop = f.route[k]
+        job = "0x" + f.spec.job_id.hex()
+        accused = f.receipts[hop.start]
+        last = k == len(f.route) - 1
+        call = await self._call(f, k)
+        if isinstance(call, CheckResult):
+            return call
+        inputs, outputs = call
+        replicas = await self._replicas(f, hop)
+        if not replicas:
+            return CheckResult(job, hop.start, hop.end, hop.node, "skipped:no-replica",
+                               "no other node serves this range")  # fmt: skip
         max_length = len(f.spec.prompt_ids) + f.spec.max_new_tokens
         run = [f.spec.model, f.spec.job_id, inputs.inputs, max_length, f.spec.sampling, last]
         checker_rows, checker_receipt = await replay(self.driver, replicas[0], *run)  # type: ignore[arg-type]

@@ -164,6 +164,14 @@ STAGE_PROOF = [
     ("instancesHash", "bytes32"),
     ("vkHash", "bytes32"),
 ]
+# A node's commitment to the activations of the stage call its receipt bills
+# (dlis_market/protocol/fingerprints.py, node/receipts.py): ``receiptDigest`` as in StageProof,
+# ``fingerprintHash`` sha256 of the fingerprint bytes. Signed under the JobMarket domain; checked
+# by the driver with every receipt and by the spot-check runner against a replica's prefill.
+STAGE_FINGERPRINT = [
+    ("receiptDigest", "bytes32"),
+    ("fingerprintHash", "bytes32"),
+]
 # What the broker measured a node do for one job (dlis_market/oracle/observations.py).
 STAGE_OBSERVATION = [
     ("node", "address"),
@@ -191,6 +199,7 @@ TYPES: dict[str, list[tuple[str, str]]] = {
     "SpotCheckFailure": SPOT_CHECK_FAILURE,
     "StageObservation": STAGE_OBSERVATION,
     "StageProof": STAGE_PROOF,
+    "StageFingerprint": STAGE_FINGERPRINT,
 }
 EIP712_DOMAIN = [
     ("name", "string"),
@@ -284,6 +293,8 @@ def recover_typed(domain: Domain, primary: str, message: dict[str, Any], signatu
     """The address that signed ``message`` (checksummed). A forged signature recovers another
     address; one that recovers no key at all (e.g. r = s = 0) raises ValueError, like any other
     malformed signature, so callers refuse it with one ``except ValueError``."""
+    if len(signature) != 65:  # eth_keys raises its own ValidationError (no ValueError) for these
+        raise ValueError(f"a signature is 65 bytes (r, s, v), got {len(signature)}")
     try:
         return str(Account.recover_message(_signable(domain, primary, message), signature=signature))
     except BadSignature as exc:

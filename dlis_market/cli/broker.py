@@ -87,22 +87,27 @@ def oracle_reporting(
     observer = JobObserver(
         bytes(broker.key), domain, OracleObservationSink(b.oracle_url, outbox, settings.outbox.timeout_s)
     )
-    if b.spot_check_fraction <= 0:
+    if b.spot_check_fraction <= 0 and b.fingerprint_check_fraction <= 0:
         outbox.start()
         return None, observer
     sink = OracleSink(b.oracle_url, outbox, settings.outbox.timeout_s)
     sink.start()
+    secret = SpotChecker.secret(settings.home)
     checker = SpotChecker(
         driver,
-        SpotCheckSampler(b.spot_check_fraction, SpotChecker.secret(settings.home)),
+        SpotCheckSampler(b.spot_check_fraction, secret),
         bytes(broker.key),
         domain,
         sink,
         lambda model: model_shape(catalog.get(model)),
         eligible=lambda node: standing(node).routable,
+        fingerprints=SpotCheckSampler(b.fingerprint_check_fraction, SpotChecker.fingerprint_secret(secret)),
     )
     checker.on_result = lambda r: metrics.spot_checks.labels(r.outcome.split(":")[0]).inc()
-    console.print(f"spot-checking {b.spot_check_fraction:.1%} of stage calls; evidence to {b.oracle_url}")
+    console.print(
+        f"spot-checking {b.spot_check_fraction:.1%} of stage calls by re-execution and "
+        f"{b.fingerprint_check_fraction:.1%} more from their fingerprints; evidence to {b.oracle_url}"
+    )
     return checker, observer
 
 

@@ -17,8 +17,9 @@ and for a stage that sends hidden states :func:`commits_to` (the commitment is t
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -75,15 +76,18 @@ class FingerprintRecorder:
         self.stage = stage
         self.topk, self.chunk_tokens = topk, chunk_tokens
         self._captured: list[torch.Tensor] = []
+        self._paused = False
         self._builders: dict[str, FingerprintBuilder] = {}
         last_layer = stage.family.get_layers(stage.model)[-1]
         self._hook = last_layer.register_forward_hook(self._capture)
 
     def _capture(self, _module: Any, _args: Any, output: Any) -> None:
-        self._captured.append(first_output(output).detach())
+        if not self._paused:
+            self._captured.append(first_output(output).detach())
 
-    def observe(self, inp: StageInput) -> None:
-        """Add the rows the last forward (of ``inp``) produced to each session's fingerprint."""
+    def rows(self, inp: StageInput) -> list[tuple[str, torch.Tensor]]:
+        """The rows the last forward (of ``inp``) produced, per session in batch order: what a
+        caller that keeps its own builders (the worker keeps one per session) feeds them."""
         captured, self._captured = self._captured, []
         groups: dict[int, list[int]] = {}
         for row, pos in enumerate(inp.positions):
@@ -93,11 +97,25 @@ class FingerprintRecorder:
                 f"{len(captured)} layer outputs captured for {len(groups)} forward groups: call observe() "
                 "once right after each stage.forward"
             )
-        for rows, out in zip(groups.values(), captured, strict=True):
+        out = []
+        for rows, layer_out in zip(groups.values(), captured, strict=True):
             for i, r in enumerate(rows):
-                sid = inp.session_ids[r]
-                builder = self._builders.setdefault(sid, FingerprintBuilder(self.topk, self.chunk_tokens))
-                builder.add(out[i, -inp.num_tokens :].float().cpu())
+                out.append((inp.session_ids[r], layer_out[i, -inp.num_tokens :].float().cpu()))
+        return out
+
+    def observe(self, inp: StageInput) -> None:
+        """Add the rows the last forward (of ``inp``) produced to each session's fingerprint."""
+        for sid, rows in self.rows(inp):
+            self._builders.setdefault(sid, FingerprintBuilder(self.topk, self.chunk_tokens)).add(rows)
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Forwards inside are not recorded (a check's prefill on the same stage)."""
+        self._paused = True
+        try:
+            yield
+        finally:
+            self._paused = False
 
     def finish(self, session_id: str) -> bytes:
         """The session's fingerprint bytes; forgets the session."""

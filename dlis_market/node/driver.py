@@ -112,6 +112,7 @@ class StageReceipt:
     peer_id: str
     session_id: str
     signed: SignedReceipt
+    fingerprint: bytes = b""  # the call's activation fingerprint the node signed (empty: 0 tokens)
 
 
 def check_bill(hop: RouteHop, tokens: int, amount: int, sent_tokens: int) -> None:
@@ -493,7 +494,12 @@ class JobSession:
                 if r.job_id != self.spec.job_id or (r.start, r.end) != (hop.start, hop.end):
                     raise ReceiptError(f"receipt of {hop.peer_id} names another job or range")
                 check_bill(hop, r.tokens, r.amount, self.sent_tokens)
-                self.receipts.append(StageReceipt(hop.peer_id, self.session_id, signed))
+                fingerprint = b""
+                if r.tokens:  # every call served is committed to; a bill without it is refused
+                    commitment = receipts.Commitment.from_wire(answer)
+                    receipts.verify_commitment(self.driver.market, r, commitment, node)
+                    fingerprint = commitment.fingerprint
+                self.receipts.append(StageReceipt(hop.peer_id, self.session_id, signed, fingerprint))
                 self.driver.succeeded(hop.peer_id)
             except (NodeError, ValueError) as exc:  # a dead or lying stage: no receipt, no payment
                 log.warning("no valid receipt from %s for %s: %s", hop.peer_id, self.session_id, exc)

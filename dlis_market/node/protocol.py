@@ -10,8 +10,10 @@ Ops (bodies are the ``*Body`` models below; ``step`` carries an ``inference.mess
 ``open``, ``step``, ``close``, ``info``, ``transcript`` (client -> stage; a closed session's
 inputs, for spot checks: ``node/transcripts.py``), ``receipts`` (a vanished opener's kept
 receipts), ``batch_receipt`` (broker -> stage: sign one Merkle ``BatchReceipt`` over receipts the
-stage signed, ``node/receipts.py`` ``sign_batch``), ``tokens`` and ``fail`` (stage -> the session's
-caller; a stage whose next peer is the caller itself sends ``step``), ``reply``/``error`` (answers).
+stage signed, ``node/receipts.py`` ``sign_batch``), ``fingerprint_check`` (broker -> replica:
+validate another stage's call with one prefill, ``node/call_checks.py``), ``tokens`` and
+``fail`` (stage -> the session's caller; a stage whose next peer is the caller itself sends
+``step``), ``reply``/``error`` (answers).
 """
 
 from __future__ import annotations
@@ -38,7 +40,20 @@ PROTOCOL_NAME = "/dlis/stage/1"
 PROTOCOL_VERSION = 1
 MAX_CONTROL_BYTES = 1 << 20  # frames other than step/tokens
 OPS = frozenset(
-    {"open", "step", "close", "info", "transcript", "receipts", "batch_receipt", "tokens", "fail", "reply", "error"}
+    {
+        "open",
+        "step",
+        "close",
+        "info",
+        "transcript",
+        "receipts",
+        "batch_receipt",
+        "fingerprint_check",
+        "tokens",
+        "fail",
+        "reply",
+        "error",
+    }
 )
 
 

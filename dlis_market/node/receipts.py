@@ -9,6 +9,11 @@ Every receipt a node signs is also kept by its leaf (its EIP-712 struct hash) in
 :class:`SignedReceipts`, with the broker whose ticket opened the session: for Merkle settlement
 the broker asks the node to sign one ``BatchReceipt`` over the root of its receipts in a batch
 (:func:`sign_batch`), and the node signs a root only over leaves it signed itself, for that broker.
+
+With every receipt the node also commits to the activations of the call (:class:`Commitment`: the
+call's fingerprint, :mod:`dlis_market.protocol.fingerprints`, and an EIP-712 ``StageFingerprint``
+binding its sha256 to the receipt's digest): a spot check validates a call from it with one
+prefill on a replica instead of a full decode. :func:`verify_commitment` is the driver's check.
 """
 
 from __future__ import annotations
@@ -31,8 +36,10 @@ from dlis_market.chain.job_market import (
     sign_batch_receipt,
     sign_receipt,
 )
-from dlis_market.chain.typed_data import CompactSignature, Domain
+from dlis_market.chain.typed_data import CompactSignature, Domain, recover_typed, sign_typed, typed_digest
 from dlis_market.node.errors import ReceiptError
+from dlis_market.protocol.errors import FingerprintError
+from dlis_market.protocol.fingerprints import Fingerprint
 from dlis_market.protocol.pricing import stage_charge
 
 MAX_UINT32 = 2**32 - 1
@@ -71,6 +78,68 @@ class ReceiptLedger:
 def sign(ledger: ReceiptLedger, key: bytes, domain: Domain) -> SignedReceipt:
     receipt = ledger.receipt()
     return SignedReceipt(receipt, sign_receipt(key, domain, receipt))
+
+
+@dataclass(frozen=True)
+class Commitment:
+    """A stage call's activation fingerprint and its node's ``StageFingerprint`` signature."""
+
+    fingerprint: bytes
+    signature: bytes
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"fingerprint": self.fingerprint, "fingerprint_signature": self.signature}
+
+    @classmethod
+    def from_wire(cls, raw: Any) -> Commitment:
+        try:
+            fingerprint, signature = bytes(raw["fingerprint"]), bytes(raw["fingerprint_signature"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ReceiptError(
+                f"stage answer carries no activation fingerprint ({exc!r} missing or malformed): every stage call "
+                "commits to its outputs with its receipt; this stage runs an old or altered worker, refuse its bill"
+            ) from exc
+        return cls(fingerprint, signature)
+
+
+def _commitment_message(domain: Domain, receipt: Receipt, fingerprint: bytes) -> dict[str, Any]:
+    return {
+        "receiptDigest": typed_digest(domain, "Receipt", receipt.message()),
+        "fingerprintHash": hashlib.sha256(fingerprint).digest(),
+    }
+
+
+def commit(key: bytes, domain: Domain, receipt: Receipt, fingerprint: bytes) -> Commitment:
+    """The node's commitment to the fingerprint of the call ``receipt`` bills."""
+    message = _commitment_message(domain, receipt, fingerprint)
+    return Commitment(fingerprint, sign_typed(key, domain, "StageFingerprint", message).signature)
+
+
+def verify_commitment(domain: Domain, receipt: Receipt, commitment: Commitment, node_address: str) -> Fingerprint:
+    """The parsed fingerprint, if ``node_address`` signed it for exactly ``receipt`` and it covers
+    the receipt's tokens; ReceiptError otherwise (the bill is refused like a forged receipt)."""
+    try:
+        signer = recover_typed(
+            domain, "StageFingerprint", _commitment_message(domain, receipt, commitment.fingerprint),
+            commitment.signature,
+        )  # fmt: skip
+    except (ValueError, TypeError) as exc:
+        raise ReceiptError(f"fingerprint signature does not parse ({exc})") from exc
+    if signer.lower() != node_address.lower():
+        raise ReceiptError(
+            f"the fingerprint of layers [{receipt.start}, {receipt.end}) is signed by {signer}, not by the stage's "
+            f"node key {node_address}, or was signed for another receipt: forged or altered; refuse the bill"
+        )
+    try:
+        fp = Fingerprint.from_bytes(commitment.fingerprint)
+    except FingerprintError as exc:
+        raise ReceiptError(f"the stage signed fingerprint bytes that do not parse: {exc}") from exc
+    if fp.num_tokens != receipt.tokens:
+        raise ReceiptError(
+            f"the fingerprint covers {fp.num_tokens} tokens but the receipt bills {receipt.tokens}: a commitment must "
+            "cover every position the stage was paid for"
+        )
+    return fp
 
 
 def to_wire(signed: SignedReceipt) -> dict[str, Any]:

@@ -11,6 +11,8 @@ feeds it the same steps one by one with this driver as its next peer, collects i
 its signed receipt. A replica could tell a replay from a job (the job has finished; a middle
 stage's next peer is the broker), so checkers are staked nodes whose own calls are checked too,
 and the oracle can require a referee of a third operator.
+:func:`check_on` is the cheap look that comes first: a replica validates the call from the
+accused's signed fingerprint with one prefill (``node/call_checks.py``).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from dlis_market.chain.job_market import SignedReceipt
 from dlis_market.inference.messages import StageInput, dtype_name, dtype_of, encode
 from dlis_market.inference.sampling import SamplingParams, TokenLogprob
 from dlis_market.node import receipts
+from dlis_market.node.call_checks import FingerprintCheckAnswer, check_body, parse_answer
 from dlis_market.node.driver import PipelineDriver
 from dlis_market.node.errors import NodeError, ReceiptError, StageFailedError
 from dlis_market.node.protocol import OpenBody, SamplingUnsupportedError, parse_body
@@ -206,3 +209,25 @@ async def replay(
             f"0x{result.sha256().hex()}"
         )
     return result, signed
+
+
+async def check_on(
+    driver: PipelineDriver,
+    replica: RouteHop,
+    model: str,
+    job_id: bytes,
+    steps: list[StageInput],
+    fingerprint: bytes,
+    generated: Sequence[int],
+    sampling: SamplingParams,
+) -> FingerprintCheckAnswer:
+    """Have ``replica`` validate a call (its inputs ``steps``, the accused's ``fingerprint`` and,
+    at the last stage, the ``generated`` tokens) with one prefill; its answer."""
+    node = await driver.verify_peer(replica)
+    ticket = driver.ticket(job_id, model, replica)
+    body = check_body(replica, model, job_id, ticket, steps, fingerprint, list(generated), sampling)
+    raw = await driver.pool.request(replica.peer_id, "fingerprint_check", body, driver.settings.request_timeout_s)
+    answer = parse_answer(raw)
+    if answer.node_address.lower() != node.lower():
+        raise ReceiptError(f"replica {replica.peer_id} answered as {answer.node_address}, not as its node {node}")
+    return answer

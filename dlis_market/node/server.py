@@ -6,6 +6,10 @@ attestation report, accept streams, announce; then print one ``DLIS_NODE_READY {
 Steps are pushed: a stage forwards its output straight to the next peer of the session's route
 and the last stage sends the sampled tokens to the session's caller (``reply_to``).
 
+Every call is committed to: at close, with its receipt, the stage signs a fingerprint of the
+activations of the session (the rows it sent; at the last stage the hidden states its head read),
+and it answers ``fingerprint_check`` requests for other stages' calls (:mod:`.call_checks`).
+
 Why one module of this size: every handler (open, step, close, receipts, batch_receipt, transcript) reads and
 changes the same live state of one worker (its sessions, the compute queue and batch, the peers
 that opened sessions, the signing key); the stage runtime is :mod:`dlis_market.inference.stage`,
@@ -30,11 +34,12 @@ import torch
 from dlis_market.chain.job_market import market_domain
 from dlis_market.errors import DlisError
 from dlis_market.inference.errors import ContextLengthError, SessionError
+from dlis_market.inference.fingerprint_check import FingerprintRecorder
 from dlis_market.inference.manifest import MANIFEST_NAME, load_manifest, sha256_file
 from dlis_market.inference.messages import StageInput, StageOutput, decode, encode
 from dlis_market.inference.stage import SampledOutput, Stage
 from dlis_market.lifetime import IdentityLock, start_reaper
-from dlis_market.node import attestation, byzantine, dht_records, identity, profiler, receipts
+from dlis_market.node import attestation, byzantine, call_checks, dht_records, identity, profiler, receipts
 from dlis_market.node.brokers import BrokerCheck
 from dlis_market.node.errors import CapacityError, NodeError, ProtocolError
 from dlis_market.node.metrics import WorkerMetrics, kv_capacity_bytes
@@ -59,7 +64,7 @@ from dlis_market.node.telemetry import WorkerTelemetry
 from dlis_market.node.transcripts import Transcript, TranscriptRequest, TranscriptStore
 from dlis_market.node.transport import ChannelPool, start_dht
 from dlis_market.protocol import tickets
-from dlis_market.protocol.errors import TicketError
+from dlis_market.protocol.errors import FingerprintError, TicketError
 from dlis_market.protocol.spans import SpanRecord
 from dlis_market.settings import Settings
 from dlis_market.types import LayerRange
@@ -101,6 +106,10 @@ class Worker:
         self.brokers = BrokerCheck(config.settings)
         self.registry = attestation.registry_domain(self.node.chain_id, self.node.registry_address)
         self.started_at = time.time()
+        # one forward at a time on the stage: the compute loop's passes and the prefills of
+        # fingerprint checks (the last stage's recorder must see only its sessions' passes)
+        self.compute = asyncio.Lock()
+        self.recorder: FingerprintRecorder | None = None
 
     # ------------------------------------------------------------------ start / stop
 
@@ -145,6 +154,8 @@ class Worker:
         self.profile = await asyncio.to_thread(
             profiler.cached_profile, self.config.identity_dir, self.stage, self.config.reprofile
         )
+        if self.stage.is_last:  # commits to the hidden states its head reads (it sends tokens); after profiling
+            self.recorder = FingerprintRecorder(self.stage)
         entry = self.stage.entry
         report = attestation.AttestationReport(
             peer_id=self.peer_id,
@@ -268,6 +279,8 @@ class Worker:
             elif op == "transcript":
                 req = parse_body(TranscriptRequest, body)
                 answer = self.transcripts.get(req.session_id, channel.peer).to_wire()
+            elif op == "fingerprint_check":
+                answer = await self._fingerprint_check(channel.peer, parse_body(call_checks.FingerprintCheckBody, body))
             elif op == "info":
                 answer = {"attestation": self.attestation.model_dump(), "record": self.record().model_dump()}
             elif op == "error":
@@ -285,11 +298,11 @@ class Worker:
             except ProtocolError as exc:  # e.g. a transcript over the frame limit: say so, keep the stream
                 await channel.send("error", {"message": str(exc), "code": "too_large"}, rid)
 
-    async def _check_ticket(self, sender: str, req: OpenBody) -> str:
-        """The broker that signed a current ticket for exactly this session; TicketError otherwise."""
+    async def _check_ticket(self, sender: str, ticket: dict[str, Any] | None, job_id: bytes) -> str:
+        """The broker that signed a current ticket for exactly this job on this stage; TicketError otherwise."""
         served = self.stage.layers
         signer = tickets.check_ticket(
-            self.domain, tickets.parse_ticket(req.ticket), job_id=req.job_id, model=self.stage.manifest.model_name,
+            self.domain, tickets.parse_ticket(ticket), job_id=job_id, model=self.stage.manifest.model_name,
             start=served.start, end=served.end, min_price=self.node.price_per_token, opener=sender,
         )  # fmt: skip
         known = self.brokers.cached(signer)
@@ -302,18 +315,22 @@ class Worker:
             )
         return signer
 
+    def _check_served(self, model: str, start: int, end: int, job_id: bytes) -> None:
+        served = self.stage.layers
+        if model != self.stage.manifest.model_name or (start, end) != (served.start, served.end):
+            raise NodeError(
+                f"this node serves {self.stage.manifest.model_name!r} layers {served}, not {model!r} "
+                f"[{start}, {end}); its DHT record is stale or forged, route around it"
+            )
+        if len(job_id) != 32:
+            raise ProtocolError(f"job id must be 32 bytes, got {len(job_id)}")
+
     async def _open(self, sender: str, req: OpenBody) -> dict[str, Any]:
         served = self.stage.layers
-        if req.model != self.stage.manifest.model_name or (req.start, req.end) != (served.start, served.end):
-            raise NodeError(
-                f"this node serves {self.stage.manifest.model_name!r} layers {served}, not {req.model!r} "
-                f"[{req.start}, {req.end}); its DHT record is stale or forged, route around it"
-            )
-        if len(req.job_id) != 32:
-            raise ProtocolError(f"job id must be 32 bytes, got {len(req.job_id)}")
+        self._check_served(req.model, req.start, req.end, req.job_id)
         if (req.next_peer is None) != self.stage.is_last:
             raise NodeError(f"stage {served} {'is' if self.stage.is_last else 'is not'} the last stage of the model")
-        broker = await self._check_ticket(sender, req)
+        broker = await self._check_ticket(sender, req.ticket, req.job_id)
         # checked after the (possibly awaited) ticket check, with no await until the session is in
         if req.session_id in self.sessions or req.session_id in self.transcripts:
             # a reused id would replace the kept transcript of the first session (its opener's data)
@@ -381,7 +398,29 @@ class Worker:
                      req.session_id, transcript.nbytes)  # fmt: skip
         self.telemetry.recorder.on_session_closed(session.ledger.job_id, True, session.ledger.tokens)
         signed = self._sign(session.ledger)
-        return {"receipt": receipts.to_wire(signed), "node_address": self.identity.address}
+        answer = {"receipt": receipts.to_wire(signed), "node_address": self.identity.address}
+        if session.ledger.tokens:  # the call's commitment: what a fingerprint check validates
+            fingerprint = session.fingerprint.finish().to_bytes()
+            key = bytes(self.identity.account.key)
+            answer |= receipts.commit(key, self.domain, signed.receipt, fingerprint).to_wire()
+        return answer
+
+    async def _fingerprint_check(self, sender: str, req: call_checks.FingerprintCheckBody) -> dict[str, Any]:
+        """Validate another stage's call of a job from its fingerprint with one prefill (a spot
+        check's cheap first look, asked by a broker holding a ticket for the job on this range)."""
+        self._check_served(req.model, req.start, req.end, req.job_id)
+        await self._check_ticket(sender, req.ticket, req.job_id)
+        max_tokens = min(
+            self.stage.sessions.max_session_tokens,
+            int(getattr(self.stage.config, "max_position_embeddings", self.stage.sessions.max_session_tokens)),
+        )
+        args = (self.stage, self.recorder, req, self.node.max_message_bytes, max_tokens)
+        try:
+            async with self.compute:
+                check = await asyncio.to_thread(call_checks.run_check, *args)
+        except FingerprintError as exc:  # bytes that are no fingerprint of this call: the runner's to judge
+            raise ProtocolError(f"fingerprint check: {exc}") from exc
+        return call_checks.FingerprintCheckAnswer.of(check, self.identity.address).model_dump()
 
     def _sign(self, ledger: receipts.ReceiptLedger) -> receipts.SignedReceipt:
         """Sign a session's receipt and keep its leaf, for the broker that opened it to settle it
@@ -390,6 +429,16 @@ class Worker:
         if ledger.broker is not None:
             self.signed.put(signed, ledger.broker)
         return signed
+
+    def _forward(self, inp: StageInput) -> tuple[StageOutput, list[tuple[str, torch.Tensor]]]:
+        """One pass of the stage and, at the last stage, each session's rows its head read."""
+        try:
+            out = self.stage.forward(inp)
+        except BaseException:
+            if self.recorder is not None:
+                self.recorder.abandon(inp)
+            raise
+        return out, self.recorder.rows(inp) if self.recorder is not None else []
 
     def _enqueue(self, channel: Channel, req: StepBody) -> None:
         msg = decode(req.input, self.node.max_message_bytes)
@@ -477,7 +526,8 @@ class Worker:
         began = time.perf_counter()
         try:
             with self.metrics.step_seconds.labels(phase).time():
-                out = await asyncio.to_thread(self.stage.forward, inp)
+                async with self.compute:
+                    out, head_rows = await asyncio.to_thread(self._forward, inp)
         except DlisError as exc:  # the stage closed those sessions; their callers reopen and replay
             for step in batch.steps:
                 self._report(step, list(step.inp.session_ids), str(exc), self.peer_id)
@@ -488,8 +538,14 @@ class Worker:
                     self.telemetry.recorder.on_session_closed(dropped.ledger.job_id, False, dropped.ledger.tokens)
             return
         self.telemetry.recorder.on_step(phase, inp.num_tokens * len(inp.session_ids), time.perf_counter() - began)
+        computed = out
         if self.node.byzantine > 0:  # TEST ONLY (node/byzantine.py)
             out = byzantine.corrupt(out, self.node.byzantine, int(self.stage.config.vocab_size))
+        # what each session's fingerprint commits to: the rows sent (the head's inputs at the last stage)
+        committed = computed if self.node.byzantine_commits_computed else out
+        for sid, head_in in head_rows:
+            if (session := self.sessions.get(sid)) is not None:
+                session.fingerprint.add(head_in)
         for i, sid in enumerate(inp.session_ids):
             transcript = self.live_transcripts.get(sid)
             if transcript is not None:
@@ -502,6 +558,8 @@ class Worker:
                 session = self.sessions.get(sid)
                 if session is not None and data is not None:  # None: closed while it ran
                     session.ledger.record(step.inp.num_tokens, row_bytes(data[i]))
+                    if committed.hidden is not None:
+                        session.fingerprint.add(committed.hidden[i])
             self._spawn(self._deliver(step, out, idx))
 
     async def _deliver(self, step: QueuedStep, out: StageOutput, idx: list[int]) -> None:

@@ -19,6 +19,7 @@ import torch
 from dlis_market.errors import DlisError
 from dlis_market.inference.messages import StageInput
 from dlis_market.node.receipts import ReceiptLedger
+from dlis_market.protocol.fingerprints import FingerprintBuilder
 
 
 @dataclass
@@ -28,6 +29,7 @@ class WorkerSession:
     next_peer: str | None  # None at the last stage
     opened_by: str
     ledger: ReceiptLedger
+    fingerprint: FingerprintBuilder = field(default_factory=FingerprintBuilder)  # signed at close
 
 
 @dataclass

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from eth_account import Account
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -24,11 +25,15 @@ from node_helpers import MODEL, Swarm, _wait_ready, driver_settings, run_pinned_
 
 from dlis_market.broker.spot_checks import FinishedSession, SpotChecker
 from dlis_market.chain.typed_data import Domain
+from dlis_market.inference.messages import StageInput
+from dlis_market.inference.sampling import SamplingParams
+from dlis_market.node.call_checks import check_body
 from dlis_market.node.driver import PipelineDriver
 from dlis_market.node.errors import RemoteError
 from dlis_market.node.protocol import OpenBody
 from dlis_market.oracle.errors import EvidenceRefusedError
 from dlis_market.oracle.verification import NodeInfo, check_evidence
+from dlis_market.protocol.fingerprints import Fingerprint
 from dlis_market.protocol.routes import RouteHop
 from dlis_market.protocol.spot_checks import SpotCheckEvidence, SpotCheckFailure, SpotCheckSampler
 
@@ -79,7 +84,7 @@ def swarm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
         }
         for w in launched.values():
             w.info = _wait_ready(w.proc, 240, w.log_path)
-        yield {"swarm": sw, "workers": launched}
+        yield {"swarm": sw, "workers": launched, "shards": shards}
 
 
 def hop(w: Any) -> RouteHop:
@@ -197,6 +202,87 @@ def test_a_stage_that_keeps_no_transcript_gets_a_signed_failed_verification(swar
                 (w["w"].info["node_address"], 4, "0x" + finished.spec.job_id.hex())
             }
             assert sink.verdicts == []
+        finally:
+            await driver.close()
+
+    asyncio.run(run())
+
+
+def test_every_call_is_committed_and_fingerprint_checks_catch_the_cheater_with_one_prefill(
+    swarm: dict[str, Any],
+) -> None:
+    """Each receipt comes with the node's signed fingerprint of the call; a fingerprint check
+    (one prefill on a replica) passes honest calls and escalates the cheater's to evidence."""
+    w = swarm["workers"]
+
+    async def run() -> None:
+        driver = await PipelineDriver.create(swarm["swarm"].initial_peers, driver_settings())
+        try:
+            await wait_for_spans(driver, MODEL, 6)
+            sink = EvidenceChecker(driver.market)
+            checker = SpotChecker(driver, SpotCheckSampler(0.0, b"k"), bytes(RUNNER.key), ORACLE_DOMAIN, sink,
+                                  lambda _model: ("fp32", 32), fingerprints=SpotCheckSampler(1.0, b"f"))  # fmt: skip
+            finished, _ = await run_job(driver, [hop(w["a"]), hop(w["m"]), hop(w["c"])])
+            for k, h in enumerate(finished.route):
+                r = finished.receipts[h.start]
+                fp = Fingerprint.from_bytes(r.fingerprint)
+                assert (fp.num_tokens, fp.hidden_size) == (r.signed.receipt.tokens, 32), k
+            assert checker.schedule(finished) == [0, 2, 4]  # every call drawn, all by the fingerprint sampler
+            await checker.drain()
+            by_start = {r.start: r for r in checker.results}
+            assert by_start[0].outcome == "skipped:no-replica"
+            # the cheater's fingerprint is that of the noise it sent: the replica's prefill rejects it
+            # and the full re-execution that follows gives the oracle its evidence
+            assert by_start[2].outcome == "slashed", by_start[2]
+            assert by_start[2].detail.startswith("fingerprint rejected by"), by_start[2].detail
+            # c ran (honestly) on the cheater's states: one prefill on c2 over the same inputs agrees
+            assert by_start[4].outcome == "pass:fingerprint", by_start[4]
+            assert by_start[4].checker in {w["c2"].info["node_address"], w["w"].info["node_address"]}
+            assert [v.accused_node for v in sink.verdicts] == [w["m"].info["node_address"]]
+
+            # honest calls at the last stage, tokens re-derived from the prefill's logits: no accusation
+            checker.results.clear()
+            for i in range(4):
+                prompt = [(11 * i + j) % 90 + 1 for j in range(3 + i)]
+                route = [hop(w["a"]), hop(w["m2"]), hop(w["c2" if i % 2 else "c"])]
+                finished, _ = await run_job(driver, route, new=2 + i, prompt=prompt)
+                results = await checker.check(finished, [], [2])
+                assert [r.outcome for r in results] == ["pass:fingerprint"], results
+                assert f"{finished.generated.__len__()} tokens re-derived" in results[0].detail
+            assert len(sink.verdicts) == 1
+
+            # a check is a broker's request: without a ticket for the job the replica spends nothing
+            states = [StageInput(("s",), (0,), 0, hidden=torch.zeros(1, 3, 32))]
+            body = check_body(hop(w["c2"]), MODEL, finished.spec.job_id, {}, states, b"", [], SamplingParams())
+            with pytest.raises(RemoteError, match="ticket"):
+                await driver.pool.request(w["c2"].peer_id, "fingerprint_check", body, 10)
+        finally:
+            await driver.close()
+
+    asyncio.run(run())
+
+
+def test_a_fingerprint_of_other_rows_than_those_sent_is_caught(swarm: dict[str, Any]) -> None:
+    """A cheater that fingerprints honest states but sends others would pass a prefill check; the
+    runner recomputes the fingerprint of the rows the next stage received, and escalates."""
+    w = swarm["workers"]
+    env = {"DLIS_NODE__BYZANTINE_COMMITS_COMPUTED": "true"}
+    liar = swarm["swarm"].launch(swarm["shards"], "2:4", "liar", "--byzantine", env=env)
+    liar.info = _wait_ready(liar.proc, 240, liar.log_path)
+
+    async def run() -> None:
+        driver = await PipelineDriver.create(swarm["swarm"].initial_peers, driver_settings())
+        try:
+            await wait_for_spans(driver, MODEL, 7)
+            sink = EvidenceChecker(driver.market)
+            honest = lambda node: node in {w["m2"].info["node_address"], w["c2"].info["node_address"]}  # noqa: E731
+            checker = SpotChecker(driver, SpotCheckSampler(0.0, b"k"), bytes(RUNNER.key), ORACLE_DOMAIN, sink,
+                                  lambda _model: ("fp32", 32), eligible=honest)  # fmt: skip
+            finished, _ = await run_job(driver, [hop(w["a"]), hop(liar), hop(w["c"])])
+            [result] = await checker.check(finished, [], [1])
+            assert result.outcome == "slashed", result
+            assert result.detail.startswith("its signed fingerprint is not that of the rows it sent"), result.detail
+            assert [v.accused_node for v in sink.verdicts] == [liar.info["node_address"]]
         finally:
             await driver.close()
 
