@@ -16,7 +16,12 @@ drawn calls of [10, 20) on a replica and judges the evidence with the oracle's o
   the share of drawn checks that caught it (detection given a check) and per job (detection rate).
 * **Baseline**: the sampling model. A call is drawn with probability f, so per job the detection
   rate should be f and jobs to detection geometric with mean 1/f; ratios are measured / model.
-* **Cost**: wall time of one check (transcripts + replay + comparison) against the job's.
+* **Cost**: wall time of one check (transcripts + replay + comparison) against the job's, and of
+  one fingerprint check (transcripts + one prefill on the replica) of the same call.
+* **Fingerprint checks** (``--modes replay,fingerprint``): the byzantine phase again with calls
+  drawn for a fingerprint check (a rejection escalates to the re-execution); and detection per
+  job before (re-execution of ``--budget`` of calls) and after (the same compute spent on
+  fingerprint checks: ``budget x`` the measured cost ratio of calls).
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests" / "integration" / "node"))
 
 from eth_account import Account  # noqa: E402
+from machine_info import write_result  # noqa: E402
 from node_helpers import Swarm, _wait_ready, driver_settings, run_pinned_job, wait_for_spans  # noqa: E402
 
 from dlis_market.broker.spot_checks import SpotChecker  # noqa: E402
@@ -96,6 +102,32 @@ async def job(
     return finished, time.perf_counter() - t
 
 
+def same_cost(honest: dict[str, Any], rows: list[dict[str, Any]], budget: float) -> dict[str, Any]:
+    """Detection per job of a cheating stage before (``budget`` of calls re-executed) and after
+    (the same compute spent on fingerprint checks), from the measured cost ratio and each mode's
+    measured detection given a check."""
+
+    def given_check(mode: str) -> float:
+        drawn = sum(r["drawn"] for r in rows if r["mode"] == mode)
+        return sum(r["caught"] for r in rows if r["mode"] == mode) / drawn if drawn else 0.0
+
+    ratio = honest["replay_over_fingerprint_cost"]
+    after_fraction = min(1.0, budget * ratio)
+    before = budget * given_check("replay")
+    after = after_fraction * given_check("fingerprint")
+    return {
+        "budget_replay_fraction": budget,
+        "replay_over_fingerprint_cost": ratio,
+        "fingerprint_fraction_at_same_cost": after_fraction,
+        "detection_given_check": {"replay": given_check("replay"), "fingerprint": given_check("fingerprint")},
+        "detection_per_job_before": before,
+        "detection_per_job_after": after,
+        "ratio_after_over_before": after / before if before else None,
+        "jobs_to_detection_before": 1 / before if before else None,
+        "jobs_to_detection_after": 1 / after if after else None,
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--fractions", default="0.05,0.1,0.25,0.5,1")
@@ -103,6 +135,8 @@ def main() -> None:
     ap.add_argument("--cap", type=float, default=6.0, help="give up a trial after cap / f jobs")
     ap.add_argument("--honest-jobs", type=int, default=30)
     ap.add_argument("--new-tokens", type=int, default=8)
+    ap.add_argument("--modes", default="replay,fingerprint", help="how drawn calls are checked")
+    ap.add_argument("--budget", type=float, default=0.02, help="re-executed fraction the 'before' spends")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "spot_check_detection.json")
     args = ap.parse_args()
     fractions = [float(x) for x in args.fractions.split(",")]
@@ -135,15 +169,17 @@ def main() -> None:
                     await wait_for_spans(driver, manifest.model_name, 5)
                     rules = OracleRules(driver.market)
 
-                    def checker(fraction: float, eligible: Any) -> SpotChecker:
-                        return SpotChecker(driver, SpotCheckSampler(fraction, secrets.token_bytes(32)),
-                                           bytes(RUNNER.key), ORACLE, rules, lambda _m: ("bf16", 576),
-                                           eligible=eligible)  # fmt: skip
+                    def checker(fraction: float, eligible: Any, mode: str = "replay") -> SpotChecker:
+                        fp = SpotCheckSampler(fraction, secrets.token_bytes(32)) if mode == "fingerprint" else None
+                        replay = SpotCheckSampler(fraction if mode == "replay" else 0.0, secrets.token_bytes(32))
+                        return SpotChecker(driver, replay, bytes(RUNNER.key), ORACLE, rules, lambda _m: ("bf16", 576),
+                                           eligible=eligible, fingerprints=fp)  # fmt: skip
 
                     # honest: h1 checked on h2 (the cheater is not eligible as a checker)
                     honest = checker(1.0, lambda n: n != byz_node)
                     route = [hop(ws["a"]), hop(ws["h1"]), hop(ws["c"])]
-                    diffs, job_s, check_s = [], [], []
+                    diffs, job_s, check_s, fp_s = [], [], [], []
+                    fp_outcomes: Counter[str] = Counter()
                     for i in range(args.honest_jobs):
                         finished, took = await job(driver, manifest.model_name, route, prompts[i % 4], args.new_tokens)
                         t = time.perf_counter()
@@ -151,6 +187,11 @@ def main() -> None:
                         check_s.append(time.perf_counter() - t)
                         job_s.append(took)
                         diffs.append(out[0].rel_diff if out[0].rel_diff is not None else float("nan"))
+                        if "fingerprint" in args.modes:
+                            t = time.perf_counter()
+                            fp_out = await honest.check(finished, [], [1])
+                            fp_s.append(time.perf_counter() - t)
+                            fp_outcomes[fp_out[0].outcome] += 1
                     results["honest"] = {
                         "jobs": args.honest_jobs,
                         "checked": sum(honest.counts.values()),
@@ -163,18 +204,24 @@ def main() -> None:
                         "check_s_median": statistics.median(check_s),
                         "check_cost_ratio": statistics.median(check_s) / statistics.median(job_s),
                     }
+                    if fp_s:
+                        results["honest"] |= {
+                            "fingerprint_outcomes": dict(fp_outcomes),
+                            "fingerprint_check_s_median": statistics.median(fp_s),
+                            "replay_over_fingerprint_cost": statistics.median(check_s) / statistics.median(fp_s),
+                        }
                     print(json.dumps({"honest": results["honest"]}), flush=True)
 
                     # byzantine: jobs through the cheater until the first accepted evidence
                     route = [hop(ws["a"]), hop(ws["byz"]), hop(ws["c"])]
                     rows = []
-                    for f in fractions:
+                    for mode, f in [(m, f) for m in args.modes.split(",") for f in fractions]:
                         to_detect, drawn, caught, jobs = [], 0, 0, 0
                         outcomes: Counter[str] = Counter()
                         cap = max(1, round(args.cap / f))
                         for _ in range(args.trials):
                             rules.accused.clear()
-                            chk = checker(f, lambda n: n != byz_node)
+                            chk = checker(f, lambda n: n != byz_node, mode)
                             for j in range(1, cap + 1):
                                 finished, _ = await job(driver, manifest.model_name, route, prompts[j % 4], 4)
                                 jobs += 1
@@ -189,6 +236,7 @@ def main() -> None:
                                     to_detect.append(j)
                                     break
                         row = {
+                            "mode": mode,
                             "fraction": f,
                             "trials": args.trials,
                             "jobs": jobs,
@@ -198,6 +246,8 @@ def main() -> None:
                             "detection_rate_per_job": caught / jobs,
                             "model_detection_rate": f,
                             "detection_given_check": caught / drawn if drawn else None,
+                            "drawn": drawn,
+                            "caught": caught,
                             "outcomes_of_drawn_checks": dict(outcomes),
                         }
                         if to_detect:
@@ -206,13 +256,15 @@ def main() -> None:
                         rows.append(row)
                         print(json.dumps(row), flush=True)
                     results["byzantine"] = rows
+                    if fp_s:
+                        results["same_cost"] = same_cost(results["honest"], rows, args.budget)
+                        print(json.dumps({"same_cost": results["same_cost"]}), flush=True)
                 finally:
                     await driver.close()
 
             asyncio.run(run())
-    text = json.dumps(results, indent=2)
-    print(text)
-    args.out.write_text(text + "\n")
+    print(json.dumps(results, indent=2))
+    write_result(results, args.out)
 
 
 if __name__ == "__main__":

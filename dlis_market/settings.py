@@ -194,10 +194,11 @@ class BrokerSettings(_Section):
     # worker and the evidence sent to the oracle (needs oracle_url; the broker account must be one
     # of the oracle's spot_check_runners). The sampling secret never leaves the broker.
     spot_check_fraction: float = Field(default=0.02, ge=0.0, le=1.0)
-    # Of the other calls, this fraction is first validated from the stage's signed fingerprint with
-    # one prefill on a replica (a rejection escalates to the re-execution above): about 1/7 to 1/19
-    # of a re-execution's compute (bench/spot_check_detection.py), so many more calls are checked.
-    fingerprint_check_fraction: float = Field(default=0.1, ge=0.0, le=1.0)
+    # Of the other calls, this fraction is validated from the stage's signed fingerprint with one
+    # prefill on a replica (a rejection escalates to the re-execution above). A check costs 1/4 of a
+    # re-execution for 8-token answers, 1/10.7 for 32 (bench/spot_check_detection.py): 0.08 spends
+    # what the 2% re-executions spend again and checks 5x as many calls per job in all.
+    fingerprint_check_fraction: float = Field(default=0.08, ge=0.0, le=1.0)
     # Requests from clients: bodies over this are refused (413) before they are read or parsed.
     max_request_bytes: int = Field(default=1 << 20, ge=1024)
     # A retried request with the same Idempotency-Key (or, without one, the same client and body)

@@ -121,6 +121,26 @@ class CheckResult:
     checker: str | None = None
 
 
+@dataclass(frozen=True)
+class Call:
+    """A drawn stage call ready to check: its inputs and outputs (checked against the signed
+    receipts) and the replicas that may re-run it."""
+
+    hop: RouteHop
+    job: str  # 0x job id
+    accused: StageReceipt
+    last: bool
+    inputs: StageRows
+    outputs: StageRows
+    replicas: list[RouteHop]
+
+    def result(
+        self, outcome: str, detail: str, rel_diff: float | None = None, checker: str | None = None
+    ) -> CheckResult:
+        h = self.hop
+        return CheckResult(self.job, h.start, h.end, h.node, outcome, detail, rel_diff, checker)
+
+
 class EvidenceSink(Protocol):
     async def submit(self, evidence: SpotCheckEvidence) -> dict[str, Any]: ...
 
@@ -348,13 +368,14 @@ class SpotChecker:
         except (PeerUnreachableError, ProtocolError) as exc:
             raise Withheld(hop, str(exc)) from exc
 
-    async def _call(self, f: FinishedSession, k: int) -> tuple[StageRows, StageRows] | CheckResult:
-        """The call's inputs and outputs, each checked against the signed receipts; or the result
-        when a stage withheld them (reported to the oracle) or they are too large to check."""
+    async def _prepare(self, f: FinishedSession, k: int) -> Call | CheckResult:
+        """Call ``k``'s inputs and outputs, each checked against the signed receipts, and its
+        replicas; or the result when a stage withheld them (reported to the oracle), they are too
+        large to check, or no other node serves the range."""
         hop = f.route[k]
         job = "0x" + f.spec.job_id.hex()
         try:
-            return await self._inputs(f, k), await self._outputs(f, k)
+            inputs, outputs = await self._inputs(f, k), await self._outputs(f, k)
         except Withheld as exc:  # no evidence to slash on; a failed verification for whoever withheld
             failure = SpotCheckFailure(
                 node=exc.hop.node, job_id=job, start=exc.hop.start, end=exc.hop.end, detail=str(exc)[:500]
@@ -363,6 +384,12 @@ class SpotChecker:
             return CheckResult(job, hop.start, hop.end, hop.node, "withheld", f"{exc}; oracle: {answer}")
         except TooLarge as exc:
             return CheckResult(job, hop.start, hop.end, hop.node, "skipped:too-large", str(exc))
+        replicas = await self._replicas(f, hop)
+        if not replicas:
+            return CheckResult(job, hop.start, hop.end, hop.node, "skipped:no-replica",
+                               "no other node serves this range")  # fmt: skip
+        last = k == len(f.route) - 1
+        return Call(hop, job, f.receipts[hop.start], last, inputs, outputs, replicas)
 
     async def _replicas(self, f: FinishedSession, hop: RouteHop) -> list[RouteHop]:
         """Other staked nodes serving exactly ``hop``'s range, in random order."""
@@ -383,34 +410,25 @@ class SpotChecker:
     async def check_fingerprint(self, f: FinishedSession, k: int) -> CheckResult:
         """Validate call ``k`` from its signed fingerprint with one prefill on a replica; a
         fingerprint that is rejected, or is not that of the rows sent, escalates to :meth:`check_stage`."""
-        hop = f.route[k]
-        job = "0x" + f.spec.job_id.hex()
-        accused = f.receipts[hop.start]
-        last = k == len(f.route) - 1
-        call = await self._call(f, k)
-        if isinstance(call, CheckResult):
-            return call
-        inputs, outputs = call
-        if not last:
-            sent = [s.hidden.reshape(-1, s.hidden.shape[-1]) for s in outputs.inputs if s.hidden is not None]
+        c = await self._prepare(f, k)
+        if isinstance(c, CheckResult):
+            return c
+        if not c.last:
+            sent = [s.hidden.reshape(-1, s.hidden.shape[-1]) for s in c.outputs.inputs if s.hidden is not None]
             try:
-                honest_commitment = commits_to(accused.fingerprint, sent)
+                honest_commitment = commits_to(c.accused.fingerprint, sent)
             except FingerprintError:
                 honest_commitment = False
             if not honest_commitment:
                 return await self._escalate(f, k, "its signed fingerprint is not that of the rows it sent")
-        replicas = await self._replicas(f, hop)
-        if not replicas:
-            return CheckResult(job, hop.start, hop.end, hop.node, "skipped:no-replica",
-                               "no other node serves this range")  # fmt: skip
-        generated = f.generated if last else ()
-        answer = await check_on(self.driver, replicas[0], f.spec.model, f.spec.job_id, inputs.inputs,
-                                accused.fingerprint, generated, f.spec.sampling)  # fmt: skip
+        generated = f.generated if c.last else ()
+        answer = await check_on(self.driver, c.replicas[0], f.spec.model, f.spec.job_id, c.inputs.inputs,
+                                c.accused.fingerprint, generated, f.spec.sampling)  # fmt: skip
         if not answer.accepted:
             return await self._escalate(f, k, f"fingerprint rejected by {answer.node_address}: {answer.reason}")
-        detail = (f"{answer.reason} (margin {answer.margin:.2f}, {answer.tokens_checked} tokens re-derived, "
-                  f"prefill {answer.prefill_s * 1000:.0f} ms)")  # fmt: skip
-        return CheckResult(job, hop.start, hop.end, hop.node, "pass:fingerprint", detail, None, answer.node_address)
+        tokens = f", {answer.tokens_checked} tokens re-derived" if c.last else ""
+        detail = f"{answer.reason} (margin {answer.margin:.2f}{tokens}, prefill {answer.prefill_s * 1000:.0f} ms)"
+        return c.result("pass:fingerprint", detail, checker=answer.node_address)
 
     async def _escalate(self, f: FinishedSession, k: int, why: str) -> CheckResult:
         result = await self.check_stage(f, k)
@@ -418,25 +436,17 @@ class SpotChecker:
 
     async def check_stage(self, f: FinishedSession, k: int) -> CheckResult:
         """Re-execute call ``k`` on a replica (a referee on a mismatch) and send the evidence."""
-        hop = f.route[k]
-        job = "0x" + f.spec.job_id.hex()
-        accused = f.receipts[hop.start]
-        last = k == len(f.route) - 1
-        call = await self._call(f, k)
-        if isinstance(call, CheckResult):
-            return call
-        inputs, outputs = call
-        replicas = await self._replicas(f, hop)
-        if not replicas:
-            return CheckResult(job, hop.start, hop.end, hop.node, "skipped:no-replica",
-                               "no other node serves this range")  # fmt: skip
+        c = await self._prepare(f, k)
+        if isinstance(c, CheckResult):
+            return c
+        inputs, outputs, replicas, last = c.inputs, c.outputs, c.replicas, c.last
         max_length = len(f.spec.prompt_ids) + f.spec.max_new_tokens
         run = [f.spec.model, f.spec.job_id, inputs.inputs, max_length, f.spec.sampling, last]
         checker_rows, checker_receipt = await replay(self.driver, replicas[0], *run)  # type: ignore[arg-type]
         if (checker_rows.dtype, len(checker_rows.data)) != (outputs.dtype, len(outputs.data)):
             why = (f"checker {replicas[0].node} output {len(checker_rows.data)} bytes of {checker_rows.dtype},"
                    f" not {len(outputs.data)} of {outputs.dtype}: not used")  # fmt: skip
-            return CheckResult(job, hop.start, hop.end, hop.node, "error", why)
+            return c.result("error", why)
         shard_dtype = "ids" if last else self.model_shape(f.spec.model)[0]
         accused_out = decode_output(outputs.data, outputs.dtype)
         checker_out = decode_output(checker_rows.data, checker_rows.dtype)
@@ -447,7 +457,7 @@ class SpotChecker:
             if (referee[0].dtype, len(referee[0].data)) != (outputs.dtype, len(outputs.data)):
                 referee = None  # does not fit the call: evidence without a referee
         evidence = build_evidence(
-            accused.signed,
+            c.accused.signed,
             checker_receipt,
             outputs.data,
             checker_rows.data,
@@ -462,7 +472,4 @@ class SpotChecker:
             row_width=outputs.width,
         )
         answer = await self.sink.submit(evidence)
-        return CheckResult(
-            job, hop.start, hop.end, hop.node, str(answer.get("outcome")), str(answer.get("detail", "")),
-            cmp.rel_diff, replicas[0].node,
-        )  # fmt: skip
+        return c.result(str(answer.get("outcome")), str(answer.get("detail", "")), cmp.rel_diff, replicas[0].node)

@@ -32,7 +32,6 @@ from dlis_market.chain.job_market import (
     SignedReceipt,
     merkle_root,
     receipt_leaf,
-    receipt_signer,
     sign_batch_receipt,
     sign_receipt,
 )
@@ -118,18 +117,9 @@ def commit(key: bytes, domain: Domain, receipt: Receipt, fingerprint: bytes) -> 
 def verify_commitment(domain: Domain, receipt: Receipt, commitment: Commitment, node_address: str) -> Fingerprint:
     """The parsed fingerprint, if ``node_address`` signed it for exactly ``receipt`` and it covers
     the receipt's tokens; ReceiptError otherwise (the bill is refused like a forged receipt)."""
-    try:
-        signer = recover_typed(
-            domain, "StageFingerprint", _commitment_message(domain, receipt, commitment.fingerprint),
-            commitment.signature,
-        )  # fmt: skip
-    except (ValueError, TypeError) as exc:
-        raise ReceiptError(f"fingerprint signature does not parse ({exc})") from exc
-    if signer.lower() != node_address.lower():
-        raise ReceiptError(
-            f"the fingerprint of layers [{receipt.start}, {receipt.end}) is signed by {signer}, not by the stage's "
-            f"node key {node_address}, or was signed for another receipt: forged or altered; refuse the bill"
-        )
+    message = _commitment_message(domain, receipt, commitment.fingerprint)
+    what = f"the fingerprint of layers [{receipt.start}, {receipt.end}) (or it was signed for another receipt)"
+    _require_signer(domain, "StageFingerprint", message, commitment.signature, node_address, what)
     try:
         fp = Fingerprint.from_bytes(commitment.fingerprint)
     except FingerprintError as exc:
@@ -176,14 +166,21 @@ def from_wire(raw: Any) -> SignedReceipt:
 
 def verify_receipt(domain: Domain, signed: SignedReceipt, node_address: str) -> None:
     """Raise ReceiptError unless ``node_address`` signed exactly this receipt under ``domain``."""
+    r = signed.receipt
+    what = f"receipt for layers [{r.start}, {r.end})"
+    _require_signer(domain, "Receipt", r.message(), signed.signature.signature, node_address, what)
+
+
+def _require_signer(
+    domain: Domain, primary: str, message: dict[str, Any], signature: bytes, node_address: str, what: str
+) -> None:
     try:
-        signer = receipt_signer(domain, signed.receipt, signed.signature.signature)
+        signer = recover_typed(domain, primary, message, signature)
     except (ValueError, TypeError) as exc:
-        raise ReceiptError(f"receipt signature does not parse ({exc})") from exc
+        raise ReceiptError(f"{what}: signature does not parse ({exc})") from exc
     if signer.lower() != node_address.lower():
         raise ReceiptError(
-            f"receipt for layers [{signed.receipt.start}, {signed.receipt.end}) is signed by {signer}, "
-            f"not by the stage's node key {node_address}: forged or altered; refuse it"
+            f"{what} is signed by {signer}, not by the stage's node key {node_address}: forged or altered; refuse it"
         )
 
 
