@@ -150,6 +150,8 @@ class NodeSettings(_Section):
     broker_cache_s: float = 60.0
     ticket_ttl_s: float = 600.0  # lifetime of the tickets a driver issues
     max_sessions_per_opener: int = 8
+    # LoRA adapters attached at once (node/adapters.py): fetched by CID on a session's first use
+    max_adapters: int = Field(default=8, ge=1)
     transcript_bytes_per_opener: int = 64 << 20
     # Telemetry not yet taken by the oracle waits here (protocol/outbox.py); any SQLAlchemy URL.
     # None: a SQLite file outbox.db in the worker's identity folder.

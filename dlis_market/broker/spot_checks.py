@@ -423,7 +423,7 @@ class SpotChecker:
                 return await self._escalate(f, k, "its signed fingerprint is not that of the rows it sent")
         generated = f.generated if c.last else ()
         answer = await check_on(self.driver, c.replicas[0], f.spec.model, f.spec.job_id, c.inputs.inputs,
-                                c.accused.fingerprint, generated, f.spec.sampling)  # fmt: skip
+                                c.accused.fingerprint, generated, f.spec.sampling, f.spec.adapter)  # fmt: skip
         if not answer.accepted:
             return await self._escalate(f, k, f"fingerprint rejected by {answer.node_address}: {answer.reason}")
         tokens = f", {answer.tokens_checked} tokens re-derived" if c.last else ""
@@ -441,7 +441,7 @@ class SpotChecker:
             return c
         inputs, outputs, replicas, last = c.inputs, c.outputs, c.replicas, c.last
         max_length = len(f.spec.prompt_ids) + f.spec.max_new_tokens
-        run = [f.spec.model, f.spec.job_id, inputs.inputs, max_length, f.spec.sampling, last]
+        run = [f.spec.model, f.spec.job_id, inputs.inputs, max_length, f.spec.sampling, last, f.spec.adapter]
         checker_rows, checker_receipt = await replay(self.driver, replicas[0], *run)  # type: ignore[arg-type]
         if (checker_rows.dtype, len(checker_rows.data)) != (outputs.dtype, len(outputs.data)):
             why = (f"checker {replicas[0].node} output {len(checker_rows.data)} bytes of {checker_rows.dtype},"

@@ -16,6 +16,7 @@ a stranger cannot make a worker spend prefills.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
@@ -27,6 +28,7 @@ from dlis_market.inference.sampling import SamplingParams
 from dlis_market.inference.stage import Stage
 from dlis_market.node.errors import ProtocolError
 from dlis_market.node.protocol import parse_body
+from dlis_market.protocol.adapters import AdapterRef
 from dlis_market.protocol.fingerprint_thresholds import thresholds_for
 from dlis_market.protocol.routes import RouteHop
 from dlis_market.types import WireModel
@@ -44,6 +46,7 @@ class FingerprintCheckBody(WireModel):
     fingerprint: bytes  # what the accused signed (node.receipts.Commitment)
     generated: list[int] = Field(default_factory=list)  # last stage: the tokens the call returned
     sampling: dict[str, Any] = Field(default_factory=dict)  # SamplingParams of the session
+    adapter: dict[str, Any] | None = None  # protocol.adapters.AdapterRef the call applied
 
 
 class FingerprintCheckAnswer(WireModel):
@@ -73,7 +76,12 @@ def call_inputs(steps: list[StageInput]) -> torch.Tensor:
 
 
 def run_check(
-    stage: Stage, recorder: FingerprintRecorder | None, req: FingerprintCheckBody, max_bytes: int, max_tokens: int
+    stage: Stage,
+    recorder: FingerprintRecorder | None,
+    req: FingerprintCheckBody,
+    max_bytes: int,
+    max_tokens: int,
+    applied: contextlib.AbstractContextManager[None] | None = None,
 ) -> CallCheck:
     """The replica's side (blocking: run it in a thread, never beside the stage's own forward).
     ProtocolError for inputs that do not fit this stage; FingerprintError for fingerprint bytes
@@ -97,9 +105,9 @@ def run_check(
     except ValueError as exc:
         raise ProtocolError(f"malformed sampling: {exc}") from exc
     thresholds = thresholds_for(stage.manifest.dtype)
-    if recorder is None:
-        return check_call(stage, data, req.fingerprint, thresholds, req.generated, sampling)
-    with recorder.paused():  # the prefill runs through the recorded layer: not a session's rows
+    # the prefill runs through the recorded layer: not a session's rows; with the call's adapter
+    paused = recorder.paused() if recorder is not None else contextlib.nullcontext()
+    with paused, applied or contextlib.nullcontext():
         return check_call(stage, data, req.fingerprint, thresholds, req.generated, sampling)
 
 
@@ -112,6 +120,7 @@ def check_body(
     fingerprint: bytes,
     generated: list[int],
     sampling: SamplingParams,
+    adapter: AdapterRef | None = None,
 ) -> dict[str, Any]:
     """The request a runner sends to ``hop`` (a replica) to check one call."""
     inputs = call_inputs(steps)
@@ -124,6 +133,7 @@ def check_body(
         model=model, start=hop.start, end=hop.end, job_id=job_id, ticket=ticket, inputs=encode(msg),
         fingerprint=fingerprint, generated=list(generated),
         sampling=sampling.model_copy(update={"logprobs": None}).model_dump(),
+        adapter=adapter.model_dump() if adapter is not None else None,
     )  # fmt: skip
     return body.model_dump()
 

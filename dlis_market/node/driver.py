@@ -66,6 +66,7 @@ from dlis_market.node.protocol import (
 )
 from dlis_market.node.routing import plan_route
 from dlis_market.node.transport import ChannelPool, start_dht
+from dlis_market.protocol.adapters import AdapterRef
 from dlis_market.protocol.pricing import route_bound, stage_charge
 from dlis_market.protocol.routes import Replan, RouteHop
 from dlis_market.protocol.spans import SpanRecord
@@ -89,6 +90,8 @@ class JobSpec:
     # The broker's router: (current route, peers to avoid) -> a new route under the job's policy
     # (stake, reputation, privacy, latency, max cost). None: the driver's own throughput routing.
     replan: Replan | None = None
+    # A LoRA adapter every stage applies (protocol/adapters.py): sessions name it, receipts its model id
+    adapter: AdapterRef | None = None
 
 
 NodeCheck = Callable[[str, str], bool]  # (node address, peer id) -> registered on chain under that peer id
@@ -97,7 +100,9 @@ NodeCheck = Callable[[str, str], bool]  # (node address, peer id) -> registered 
 # the stage for this plan, but do not ban it; a ban is for a peer's own fault.
 # A last stage that cannot apply the job's sampling (a worker that predates penalties or logprobs)
 # is routed around the same way.
-NOT_A_FAULT = frozenset({"CapacityError", "TicketError", "SamplingUnsupportedError"})
+# An adapter a worker refuses (not what the chain records, or its files do not check out) is the
+# job's fault, not the worker's.
+NOT_A_FAULT = frozenset({"CapacityError", "TicketError", "SamplingUnsupportedError", "AdapterRefusedError"})
 
 
 @dataclass
@@ -454,6 +459,7 @@ class JobSession:
             self.spec.sampling, last, session_id=self.session_id, model=self.spec.model, start=hop.start,
             end=hop.end, max_length=self.max_length, job_id=self.spec.job_id, reply_to=self.driver.peer_id,
             next_peer=next_peer, ticket=self.driver.ticket(self.spec.job_id, self.spec.model, hop),
+            adapter=self.spec.adapter.model_dump() if self.spec.adapter is not None else None,
         )  # fmt: skip
         need = self.spec.sampling.features if last else frozenset()
         timeout = self.driver.settings.request_timeout_s

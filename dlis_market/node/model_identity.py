@@ -11,8 +11,10 @@ dev swarm without a chain) names the zero publisher's id: its receipts cannot se
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from web3 import Web3
+from web3.exceptions import ContractLogicError
 
 from dlis_market.chain.client import connect_web3
 from dlis_market.chain.deploy import load_artifact
@@ -28,11 +30,33 @@ class ServedModelId:
     how: str  # "configured", "chain" or "no chain"
 
 
-def publishers_of(settings: Settings, name: str, manifest_sha256: str) -> list[str]:
-    """Accounts whose latest on-chain version of ``name`` is exactly this manifest."""
+@dataclass(frozen=True)
+class RegisteredModel:
+    """The latest version NodeRegistry records for a model id."""
+
+    manifest_sha256: str  # hex
+    manifest_cid: str
+    num_layers: int
+
+
+def _registry(settings: Settings) -> Any:
     w3 = connect_web3(settings.chain.rpc_url, 10.0)
     abi = load_artifact("NodeRegistry")["abi"]
-    registry = w3.eth.contract(address=Web3.to_checksum_address(settings.node.registry_address), abi=abi)
+    return w3.eth.contract(address=Web3.to_checksum_address(settings.node.registry_address), abi=abi)
+
+
+def registered_model(settings: Settings, mid: bytes) -> RegisteredModel | None:
+    """What the chain records for model id ``mid`` (None when nobody published it)."""
+    try:
+        _publisher, layers, _version, _updated, sha, cid = _registry(settings).functions.getModel(mid).call()
+    except ContractLogicError:  # NodeRegistryUnknownModel
+        return None
+    return RegisteredModel(bytes(sha).hex(), str(cid), int(layers))
+
+
+def publishers_of(settings: Settings, name: str, manifest_sha256: str) -> list[str]:
+    """Accounts whose latest on-chain version of ``name`` is exactly this manifest."""
+    registry = _registry(settings)
     found: list[str] = []
     for mid in registry.functions.modelIds().call():
         publisher, _layers, _version, _updated, sha, _cid = registry.functions.getModel(mid).call()

@@ -90,6 +90,7 @@ class OpenBody(WireModel):
     bias_tokens: list[int] = Field(default_factory=list)  # logit_bias as two lists (msgpack map keys are strings only)
     bias_values: list[float] = Field(default_factory=list)
     logprobs: int | None = None  # top log probabilities to return with each token; None: none
+    adapter: dict[str, Any] | None = None  # protocol.adapters.AdapterRef: the LoRA adapter the session applies
 
     @classmethod
     def build(cls, sampling: SamplingParams, last: bool, **fields: Any) -> OpenBody:

@@ -36,6 +36,7 @@ from dlis_market.node.errors import NodeError, ReceiptError, StageFailedError
 from dlis_market.node.protocol import OpenBody, SamplingUnsupportedError, parse_body
 from dlis_market.node.sessions import row_bytes
 from dlis_market.node.transcripts import Transcript, TranscriptBody
+from dlis_market.protocol.adapters import AdapterRef
 from dlis_market.protocol.routes import RouteHop
 
 
@@ -149,6 +150,7 @@ async def replay(
     max_length: int,
     sampling: SamplingParams,
     last: bool,
+    adapter: AdapterRef | None = None,
 ) -> tuple[StageRows, SignedReceipt]:
     """Run ``steps`` on ``replica`` in a fresh session of ``job_id``; its outputs and receipt."""
     node = await driver.verify_peer(replica)
@@ -159,7 +161,7 @@ async def replay(
     body = OpenBody.build(
         s, last, session_id=sid, model=model, start=replica.start, end=replica.end, max_length=max_length,
         job_id=job_id, reply_to=driver.peer_id, next_peer=None if last else driver.peer_id,
-        ticket=driver.ticket(job_id, model, replica),
+        ticket=driver.ticket(job_id, model, replica), adapter=adapter.model_dump() if adapter is not None else None,
     )  # fmt: skip
     timeout = driver.settings.request_timeout_s
     answer = await driver.pool.request(replica.peer_id, "open", body.wire(), timeout)
@@ -220,12 +222,13 @@ async def check_on(
     fingerprint: bytes,
     generated: Sequence[int],
     sampling: SamplingParams,
+    adapter: AdapterRef | None = None,
 ) -> FingerprintCheckAnswer:
     """Have ``replica`` validate a call (its inputs ``steps``, the accused's ``fingerprint`` and,
     at the last stage, the ``generated`` tokens) with one prefill; its answer."""
     node = await driver.verify_peer(replica)
     ticket = driver.ticket(job_id, model, replica)
-    body = check_body(replica, model, job_id, ticket, steps, fingerprint, list(generated), sampling)
+    body = check_body(replica, model, job_id, ticket, steps, fingerprint, list(generated), sampling, adapter)
     raw = await driver.pool.request(replica.peer_id, "fingerprint_check", body, driver.settings.request_timeout_s)
     answer = parse_answer(raw)
     if answer.node_address.lower() != node.lower():

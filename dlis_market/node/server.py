@@ -40,10 +40,11 @@ from dlis_market.inference.messages import StageInput, StageOutput, decode, enco
 from dlis_market.inference.stage import SampledOutput, Stage
 from dlis_market.lifetime import IdentityLock, start_reaper
 from dlis_market.node import attestation, byzantine, call_checks, dht_records, identity, profiler, receipts
+from dlis_market.node.adapters import WorkerAdapters
 from dlis_market.node.brokers import BrokerCheck
 from dlis_market.node.errors import CapacityError, NodeError, ProtocolError
 from dlis_market.node.metrics import WorkerMetrics, kv_capacity_bytes
-from dlis_market.node.model_identity import resolve_model_id
+from dlis_market.node.model_identity import registered_model, resolve_model_id
 from dlis_market.node.protocol import (
     SUPPORTED_SAMPLING,
     BatchReceiptBody,
@@ -64,6 +65,7 @@ from dlis_market.node.telemetry import WorkerTelemetry
 from dlis_market.node.transcripts import Transcript, TranscriptRequest, TranscriptStore
 from dlis_market.node.transport import ChannelPool, start_dht
 from dlis_market.protocol import tickets
+from dlis_market.protocol.adapters import AdapterRef, split_model
 from dlis_market.protocol.errors import FingerprintError, TicketError
 from dlis_market.protocol.spans import SpanRecord
 from dlis_market.settings import Settings
@@ -154,6 +156,11 @@ class Worker:
         self.profile = await asyncio.to_thread(
             profiler.cached_profile, self.config.identity_dir, self.stage, self.config.reprofile
         )
+        has_chain = int(self.node.registry_address, 16) != 0
+        self.adapters = WorkerAdapters(
+            self.settings, self.stage, manifest_sha, (lambda mid: registered_model(self.settings, mid)) if has_chain
+            else None, lambda aid: any(s.adapter_id == aid for s in self.sessions.values()),
+        )  # fmt: skip
         if self.stage.is_last:  # commits to the hidden states its head reads (it sends tokens); after profiling
             self.recorder = FingerprintRecorder(self.stage)
         entry = self.stage.entry
@@ -331,6 +338,7 @@ class Worker:
         if (req.next_peer is None) != self.stage.is_last:
             raise NodeError(f"stage {served} {'is' if self.stage.is_last else 'is not'} the last stage of the model")
         broker = await self._check_ticket(sender, req.ticket, req.job_id)
+        adapter = await self._adapter(req.adapter)
         # checked after the (possibly awaited) ticket check, with no await until the session is in
         if req.session_id in self.sessions or req.session_id in self.transcripts:
             # a reused id would replace the kept transcript of the first session (its opener's data)
@@ -352,17 +360,35 @@ class Worker:
                 "or retry when one closes"
             )
         try:
-            self.stage.open_session(req.session_id, req.max_length, sampling)
+            self.stage.open_session(
+                req.session_id, req.max_length, sampling, adapter.adapter_id if adapter is not None else None
+            )
         except ContextLengthError as exc:  # the job does not fit this stage: not the stage's fault
             raise CapacityError(str(exc)) from exc
+        # an adapter's receipts name its own model id (the job is authorized and settled under it)
+        model_id = adapter.model_id if adapter is not None else self.served_id.model_id
         ledger = receipts.ReceiptLedger(
-            req.job_id, self.served_id.model_id, served.start, served.end, self.node.price_per_token, broker=broker
+            req.job_id, model_id, served.start, served.end, self.node.price_per_token, broker=broker
         )
-        self.sessions[req.session_id] = WorkerSession(req.session_id, req.reply_to, req.next_peer, sender, ledger)
+        self.sessions[req.session_id] = WorkerSession(
+            req.session_id, req.reply_to, req.next_peer, sender, ledger,
+            adapter_id=adapter.adapter_id if adapter is not None else None,
+        )  # fmt: skip
         self.live_transcripts[req.session_id] = Transcript(req.session_id, req.job_id, sender)
         # The sampling features this worker applies (the last stage's); a driver refuses a worker
         # whose answer lacks one its job needs instead of silently serving without it.
         return OpenAnswer(session_id=req.session_id, sampling=SUPPORTED_SAMPLING).model_dump()
+
+    async def _adapter(self, raw: dict[str, Any] | None) -> AdapterRef | None:
+        """The session's adapter, attached (fetched and checked on first use); None: the base model."""
+        if raw is None:
+            return None
+        ref = parse_body(AdapterRef, raw)
+        base, _ = split_model(ref.name)
+        if base != self.stage.manifest.model_name:
+            raise NodeError(f"adapter {ref.name} is over {base!r}; this node serves {self.stage.manifest.model_name!r}")
+        await self.adapters.ensure(ref, self.compute)
+        return ref
 
     def _drop_session(self, sid: str) -> None:
         """Forget a session nobody will close (abandoned, failed): no transcript; if it served
@@ -414,7 +440,9 @@ class Worker:
             self.stage.sessions.max_session_tokens,
             int(getattr(self.stage.config, "max_position_embeddings", self.stage.sessions.max_session_tokens)),
         )
-        args = (self.stage, self.recorder, req, self.node.max_message_bytes, max_tokens)
+        adapter = await self._adapter(req.adapter)
+        applied = self.adapters.applied(adapter.adapter_id if adapter is not None else None)
+        args = (self.stage, self.recorder, req, self.node.max_message_bytes, max_tokens, applied)
         try:
             async with self.compute:
                 check = await asyncio.to_thread(call_checks.run_check, *args)

@@ -30,6 +30,7 @@ class WorkerSession:
     opened_by: str
     ledger: ReceiptLedger
     fingerprint: FingerprintBuilder = field(default_factory=FingerprintBuilder)  # signed at close
+    adapter_id: str | None = None  # the LoRA adapter it applies (node/adapters.py)
 
 
 @dataclass

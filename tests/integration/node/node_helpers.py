@@ -321,14 +321,14 @@ def paid_job(market: Any, port: int, client: Any, model: str, prompt: str, max_t
 
 
 async def run_pinned_job(
-    driver: Any, model: str, route: list[Any], prompt: list[int], new: int
+    driver: Any, model: str, route: list[Any], prompt: list[int], new: int, adapter: Any = None
 ) -> tuple[Any, list[int]]:
     """One job on exactly ``route`` (driver-side, no broker): its FinishedSession (what a spot check
     needs) and its tokens. Fails if the job failed over or a receipt was refused."""
     from dlis_market.broker.spot_checks import FinishedSession
     from dlis_market.node.driver import JobSession, JobSpec
 
-    session = JobSession(driver, JobSpec(model=model, prompt_ids=prompt, max_new_tokens=new))
+    session = JobSession(driver, JobSpec(model=model, prompt_ids=prompt, max_new_tokens=new, adapter=adapter))
     session.route = list(route)
     await session.establish()
     tokens = [t async for t in session.tokens()]
