@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -11,16 +12,44 @@ from dlis_market.cli.context import (
     U256,
     JsonOpt,
     PasswordFileOpt,
+    Shown,
     console,
     emit,
     handle_errors,
     password_for,
     read_password_file,
-    resolve_address,
+    show_address,
     state,
 )
 
+if TYPE_CHECKING:
+    from dlis_market.chain.accounts import Keystore, KeystoreEntry
+    from dlis_market.chain.client import ChainClient
+
 app = typer.Typer(help="Create, import, list and inspect encrypted accounts.", no_args_is_help=True)
+
+
+def _store_key(
+    ctx: typer.Context,
+    name: str,
+    password_file: Path | None,
+    as_json: bool,
+    store: Callable[[Keystore, str, int], KeystoreEntry],
+    said: str,
+) -> None:
+    """``new`` and ``import``: the new account's password (asked twice), then ``store`` writes the
+    key under it (keystore, password, scrypt N); ``said`` is the report, formatted with its fields."""
+    from dlis_market.chain.accounts import Keystore
+
+    st = state(ctx)
+    with handle_errors(as_json):
+        pw = password_for(name, read_password_file(password_file) or st.settings.chain.keystore_password, confirm=True)
+        entry = store(Keystore(st.settings.keystore_dir), pw, st.settings.chain.keystore_scrypt_n)
+        emit(
+            {"name": entry.name, "address": entry.address, "path": str(entry.path)},
+            as_json,
+            lambda d: console.print(said.format(**d)),
+        )
 
 
 @app.command()
@@ -31,17 +60,8 @@ def new(
     as_json: JsonOpt = False,
 ) -> None:
     """Create a new secp256k1 key, encrypted (scrypt) in $DLIS_HOME/keystore/NAME.json."""
-    from dlis_market.chain.accounts import Keystore
-
-    st = state(ctx)
-    with handle_errors(as_json):
-        pw = password_for(name, read_password_file(password_file) or st.settings.chain.keystore_password, confirm=True)
-        entry = Keystore(st.settings.keystore_dir).create(name, pw, st.settings.chain.keystore_scrypt_n)
-        emit(
-            {"name": entry.name, "address": entry.address, "path": str(entry.path)},
-            as_json,
-            lambda d: console.print(f"created {d['name']}: {d['address']} ({d['path']})"),
-        )
+    said = "created {name}: {address} ({path})"
+    _store_key(ctx, name, password_file, as_json, lambda ks, pw, n: ks.create(name, pw, n), said)
 
 
 @app.command("import")
@@ -55,18 +75,11 @@ def import_(
     as_json: JsonOpt = False,
 ) -> None:
     """Import an existing private key into an encrypted keystore."""
-    from dlis_market.chain.accounts import Keystore
 
-    st = state(ctx)
-    with handle_errors(as_json):
-        pw = password_for(name, read_password_file(password_file) or st.settings.chain.keystore_password, confirm=True)
-        key = private_key_file.read_text().strip()
-        entry = Keystore(st.settings.keystore_dir).import_key(name, key, pw, st.settings.chain.keystore_scrypt_n)
-        emit(
-            {"name": entry.name, "address": entry.address, "path": str(entry.path)},
-            as_json,
-            lambda d: console.print(f"imported {d['name']}: {d['address']}"),
-        )
+    def store(ks: Keystore, pw: str, n: int) -> KeystoreEntry:
+        return ks.import_key(name, private_key_file.read_text().strip(), pw, n)
+
+    _store_key(ctx, name, password_file, as_json, store, "imported {name}: {address}")
 
 
 @app.command("list")
@@ -95,15 +108,11 @@ def balance(
     """ETH, DLIS, stake, escrow and claimable earnings of an account."""
     from web3 import Web3
 
-    from dlis_market.chain.client import ChainClient
     from dlis_market.chain.dlis_token import DLISToken, fmt_units
     from dlis_market.chain.job_market import JobMarket
     from dlis_market.chain.staking_manager import StakingManager
 
-    st = state(ctx)
-    with handle_errors(as_json):
-        address = resolve_address(st, who)
-        client = ChainClient(st.settings)
+    def read(client: ChainClient, address: str) -> Shown:
         stake = StakingManager(client).info(address)
         market = JobMarket(client)
         data: dict[str, Any] = {
@@ -123,4 +132,6 @@ def balance(
             for key in ("dlis", "stake_active", "stake_unbonding", "escrow", "claimable"):
                 console.print(f"  {key:10s} {fmt_units(d[key])} DLIS")
 
-        emit(data, as_json, human)
+        return data, human
+
+    show_address(ctx, who, as_json, read)

@@ -22,7 +22,11 @@ if TYPE_CHECKING:
     from eth_account.signers.local import LocalAccount
     from rich.progress import Progress
 
+    from dlis_market.chain.client import ChainClient
+
 T = TypeVar("T")
+# What a read-only command prints: its data, and how to print that for a human (see emit).
+Shown = tuple[Any, Callable[[Any], None]]
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")]
 BrokerUrlOpt = Annotated[str | None, typer.Option(help="Broker URL (default http://127.0.0.1:<broker.port>).")]
@@ -157,6 +161,18 @@ def resolve_address(st: CliState, who: str) -> str:
     if not match:
         raise AccountError(f"{who!r} is neither an address nor an account in {st.settings.keystore_dir}")
     return match[0].address
+
+
+def show_address(ctx: typer.Context, who: str, as_json: bool, read: Callable[[ChainClient, str], Shown]) -> None:
+    """A command that only reads the chain about one address (``who``: an address or an account
+    name): ``read`` answers, for the resolved address, what to print."""
+    from dlis_market.chain.client import ChainClient
+
+    st = state(ctx)
+    with handle_errors(as_json):
+        address = resolve_address(st, who)
+        data, human = read(ChainClient(st.settings), address)
+        emit(data, as_json, human)
 
 
 def parse_amount(amount: str) -> int:

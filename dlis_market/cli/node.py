@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -10,16 +12,23 @@ from dlis_market.cli.context import (
     U256,
     JsonOpt,
     PasswordFileOpt,
+    Shown,
     console,
     emit,
     handle_errors,
     parse_amount,
     read_password_file,
     resolve_address,
+    show_address,
     state,
     unlock,
     utc,
 )
+
+if TYPE_CHECKING:
+    from eth_account.signers.local import LocalAccount
+
+    from dlis_market.chain.client import ChainClient
 
 app = typer.Typer(help="Stake, register and manage worker nodes as an operator.", no_args_is_help=True)
 
@@ -32,6 +41,30 @@ def _tx(receipt: Any) -> str:
     return "0x" + bytes(receipt["transactionHash"]).hex()
 
 
+# What ``send`` answers: the transaction's receipt, the fields to report, how to print them.
+Sent = tuple[Any, dict[str, Any], Callable[[dict[str, Any]], None]]
+
+
+def _operator_tx(
+    ctx: typer.Context,
+    account: str,
+    password_file: Path | None,
+    as_json: bool,
+    send: Callable[[ChainClient, LocalAccount, int], Sent],
+    amount: str | None = None,
+) -> None:
+    """One transaction of the operator: the typed DLIS ``amount`` checked first (before anything is
+    unlocked), then ``send`` it as the unlocked account; the report carries the operator and tx."""
+    from dlis_market.chain.client import ChainClient
+
+    st = state(ctx)
+    with handle_errors(as_json):
+        units = parse_amount(amount) if amount is not None else 0
+        op = unlock(st, account, read_password_file(password_file))
+        receipt, data, human = send(ChainClient(st.settings), op, units)
+        emit({"operator": op.address, **data, "tx": _tx(receipt)}, as_json, human)
+
+
 @app.command()
 def stake(
     ctx: typer.Context,
@@ -41,31 +74,7 @@ def stake(
     as_json: JsonOpt = False,
 ) -> None:
     """Lock DLIS as stake (approves the StakingManager first if needed)."""
-    from dlis_market.chain.client import ChainClient
-    from dlis_market.chain.dlis_token import fmt_units
-    from dlis_market.chain.staking_manager import StakingManager
-
-    st = state(ctx)
-    with handle_errors(as_json):
-        units = parse_amount(amount)
-        op = unlock(st, account, read_password_file(password_file))
-        staking = StakingManager(ChainClient(st.settings))
-        receipt = staking.stake(op, units)
-        info = staking.info(op.address)
-        emit(
-            {
-                "operator": op.address,
-                "staked": U256(units),
-                "active": U256(info.active),
-                "routable": info.is_active,
-                "tx": _tx(receipt),
-            },
-            as_json,
-            lambda d: console.print(
-                f"staked {amount} DLIS; active stake {fmt_units(d['active'])} DLIS "
-                f"(minimum {fmt_units(info.min_stake)}) tx {d['tx']}"
-            ),
-        )
+    _change_stake(ctx, amount, account, password_file, as_json, unbond=False)
 
 
 @app.command()
@@ -77,26 +86,37 @@ def unstake(
     as_json: JsonOpt = False,
 ) -> None:
     """Start unbonding stake; withdraw it with `dlis node withdraw` after the unbonding period."""
-    from dlis_market.chain.client import ChainClient
+    _change_stake(ctx, amount, account, password_file, as_json, unbond=True)
+
+
+def _change_stake(
+    ctx: typer.Context, amount: str, account: str, password_file: Path | None, as_json: bool, *, unbond: bool
+) -> None:
+    """``stake`` and ``unstake``: one StakingManager call for ``amount``, reported with the stake
+    as it stands after it."""
+    from dlis_market.chain.dlis_token import fmt_units
     from dlis_market.chain.staking_manager import StakingManager
 
-    st = state(ctx)
-    with handle_errors(as_json):
-        units = parse_amount(amount)
-        op = unlock(st, account, read_password_file(password_file))
-        staking = StakingManager(ChainClient(st.settings))
-        receipt = staking.request_unstake(op, units)
+    def send(client: ChainClient, op: LocalAccount, units: int) -> Sent:
+        staking = StakingManager(client)
+        receipt = (staking.request_unstake if unbond else staking.stake)(op, units)
         info = staking.info(op.address)
-        emit(
-            {
-                "operator": op.address,
-                "unbonding": U256(info.unbonding),
-                "release_time": info.release_time,
-                "tx": _tx(receipt),
-            },
-            as_json,
-            lambda d: console.print(f"unbonding {amount} DLIS; withdrawable after {utc(d['release_time'])} UTC"),
+        if unbond:
+            return (
+                receipt,
+                {"unbonding": U256(info.unbonding), "release_time": info.release_time},
+                lambda d: console.print(f"unbonding {amount} DLIS; withdrawable after {utc(d['release_time'])} UTC"),
+            )
+        return (
+            receipt,
+            {"staked": U256(units), "active": U256(info.active), "routable": info.is_active},
+            lambda d: console.print(
+                f"staked {amount} DLIS; active stake {fmt_units(d['active'])} DLIS "
+                f"(minimum {fmt_units(info.min_stake)}) tx {d['tx']}"
+            ),
         )
+
+    _operator_tx(ctx, account, password_file, as_json, send, amount)
 
 
 @app.command()
@@ -104,21 +124,19 @@ def withdraw(
     ctx: typer.Context, account: AccountOpt, password_file: PasswordFileOpt = None, as_json: JsonOpt = False
 ) -> None:
     """Withdraw stake whose unbonding period has passed."""
-    from dlis_market.chain.client import ChainClient
     from dlis_market.chain.dlis_token import fmt_units
     from dlis_market.chain.staking_manager import StakingManager
 
-    st = state(ctx)
-    with handle_errors(as_json):
-        op = unlock(st, account, read_password_file(password_file))
-        staking = StakingManager(ChainClient(st.settings))
+    def send(client: ChainClient, op: LocalAccount, _: int) -> Sent:
+        staking = StakingManager(client)
         amount = staking.info(op.address).unbonding
-        receipt = staking.withdraw(op)
-        emit(
-            {"operator": op.address, "withdrawn": U256(amount), "tx": _tx(receipt)},
-            as_json,
+        return (
+            staking.withdraw(op),
+            {"withdrawn": U256(amount)},
             lambda d: console.print(f"withdrew {fmt_units(d['withdrawn'])} DLIS of stake, tx {d['tx']}"),
         )
+
+    _operator_tx(ctx, account, password_file, as_json, send)
 
 
 @app.command()
@@ -250,15 +268,11 @@ def status(
     as_json: JsonOpt = False,
 ) -> None:
     """Stake, unbonding, nodes and their routability for an operator (or one node)."""
-    from dlis_market.chain.client import ChainClient
     from dlis_market.chain.dlis_token import fmt_units
     from dlis_market.chain.job_market import JobMarket
     from dlis_market.chain.node_registry import NodeRegistry
 
-    st = state(ctx)
-    with handle_errors(as_json):
-        address = resolve_address(st, who)
-        client = ChainClient(st.settings)
+    def read(client: ChainClient, address: str) -> Shown:
         registry = NodeRegistry(client)
         node = registry.get(address)
         operator = node.operator if node else address
@@ -295,7 +309,9 @@ def status(
             for n in d["nodes"]:
                 console.print(f"  node {n['node']} peer {n['peer_id']} routable={n['routable']}")
 
-        emit(data, as_json, human)
+        return data, human
+
+    show_address(ctx, who, as_json, read)
 
 
 @app.command()
@@ -303,21 +319,19 @@ def claim(
     ctx: typer.Context, account: AccountOpt, password_file: PasswordFileOpt = None, as_json: JsonOpt = False
 ) -> None:
     """Pay out the earnings JobMarket credited to your operator account."""
-    from dlis_market.chain.client import ChainClient
     from dlis_market.chain.dlis_token import fmt_units
     from dlis_market.chain.job_market import JobMarket
 
-    st = state(ctx)
-    with handle_errors(as_json):
-        op = unlock(st, account, read_password_file(password_file))
-        market = JobMarket(ChainClient(st.settings))
+    def send(client: ChainClient, op: LocalAccount, _: int) -> Sent:
+        market = JobMarket(client)
         amount = market.claimable_of(op.address)
-        receipt = market.claim(op)
-        emit(
-            {"operator": op.address, "claimed": U256(amount), "tx": _tx(receipt)},
-            as_json,
+        return (
+            market.claim(op),
+            {"claimed": U256(amount)},
             lambda d: console.print(f"claimed {fmt_units(d['claimed'])} DLIS, tx {d['tx']}"),
         )
+
+    _operator_tx(ctx, account, password_file, as_json, send)
 
 
 @app.command()
@@ -327,14 +341,11 @@ def earnings(
     as_json: JsonOpt = False,
 ) -> None:
     """What JobMarket paid an operator: credited per settlement batch, claimed, still claimable."""
-    from dlis_market.chain.client import ChainClient
     from dlis_market.chain.dlis_token import fmt_units
     from dlis_market.chain.job_market import JobMarket
 
-    st = state(ctx)
-    with handle_errors(as_json):
-        operator = resolve_address(st, who)
-        market = JobMarket(ChainClient(st.settings))
+    def read(client: ChainClient, operator: str) -> Shown:
+        market = JobMarket(client)
         start = market.client.deployment.contracts["JobMarket"].block
         ev = market.contract.events
         credited = ev.PaymentCredited.get_logs(from_block=start, argument_filters={"payee": operator})
@@ -364,4 +375,6 @@ def earnings(
             for c in d["credits"]:
                 console.print(f"  block {c['block']}  node {c['node']}  +{fmt_units(c['amount'])} DLIS  tx {c['tx']}")
 
-        emit(data, as_json, human)
+        return data, human
+
+    show_address(ctx, who, as_json, read)

@@ -132,12 +132,7 @@ class MarketDecoder:
         entry = self.functions.get((name, raw[:4]))
         if entry is None:
             return None
-        inputs = entry.item.get("inputs", [])
-        values = abi_decode(entry.types, raw[4:])
-        args = {
-            i.get("name") or f"arg{k}": normalize(i, v) for k, (i, v) in enumerate(zip(inputs, values, strict=True))
-        }
-        return DecodedCall(name, entry.item["name"], entry.signature, args)
+        return DecodedCall(name, entry.item["name"], entry.signature, _decode_args(entry, raw[4:]))
 
     def decode_log(self, log: dict[str, Any]) -> DecodedEvent | None:
         """Decode one log (JSON-RPC shape: address, topics, data). Market contracts' logs are
@@ -190,12 +185,14 @@ class MarketDecoder:
         entry = self.errors.get(raw[:4])
         if entry is None:
             return None
-        inputs = entry.item.get("inputs", [])
-        values = abi_decode(entry.types, raw[4:])
-        args = {
-            i.get("name") or f"arg{k}": normalize(i, v) for k, (i, v) in enumerate(zip(inputs, values, strict=True))
-        }
-        return DecodedError(entry.contract, entry.item["name"], args)
+        return DecodedError(entry.contract, entry.item["name"], _decode_args(entry, raw[4:]))
+
+
+def _decode_args(entry: _Abi, data: bytes) -> dict[str, Any]:
+    """A call's or custom error's arguments by name (``argN`` for unnamed ones)."""
+    inputs = entry.item.get("inputs", [])
+    values = abi_decode(entry.types, data)
+    return {i.get("name") or f"arg{k}": normalize(i, v) for k, (i, v) in enumerate(zip(inputs, values, strict=True))}
 
 
 def _int(value: Any) -> int | None:

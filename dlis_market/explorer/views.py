@@ -139,10 +139,7 @@ class NodeView:
 
 
 def node_views(ex: Explorer) -> list[NodeView]:
-    out = []
-    for rec in ex.registry.all_nodes():
-        out.append(_node_view(ex, rec))
-    return out
+    return [_node_view(ex, rec) for rec in ex.registry.all_nodes()]
 
 
 def _node_view(ex: Explorer, rec: NodeRecord) -> NodeView:

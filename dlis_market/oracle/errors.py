@@ -24,3 +24,7 @@ class ProofNotFoundError(OracleError):
 
 class OracleRoleMissingError(OracleError):
     """The oracle account lacks ORACLE_ROLE or SLASHER_ROLE."""
+
+
+class StoreError(OracleError):
+    """The oracle's database refused an operation (a value that does not fit, a bad state)."""

@@ -20,7 +20,7 @@ Refusals are RFC 9457 problem JSON whose ``reason`` member is the machine-readab
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
@@ -161,21 +161,21 @@ def create_app(service: OracleService) -> FastAPI:
         slug = f"evidence-{exc.reason.replace('_', '-')}"
         return problem(422, slug, "Evidence refused", str(exc), str(request.url.path), reason=exc.reason)
 
-    def evidence_oversized(request: Request, limit: int) -> JSONResponse:
-        return problem(
-            413, "evidence-oversized", "Evidence refused",
-            f"body over {limit} bytes (oracle evidence_max_bytes); check a shorter call", str(request.url.path),
-            reason="oversized",
-        )  # fmt: skip
+    async def evidence_intake(request: Request, limit: int, handle: Callable[[bytes], dict[str, Any]]) -> Any:
+        """A stranger's body read up to ``limit`` bytes, then ``handle``d in the thread pool
+        (parsing megabytes of hex and chain calls: off the event loop)."""
+        body = await read_bounded(request, limit)
+        if body is None:
+            return problem(
+                413, "evidence-oversized", "Evidence refused",
+                f"body over {limit} bytes (oracle evidence_max_bytes); check a shorter call", str(request.url.path),
+                reason="oversized",
+            )  # fmt: skip
+        return await run_in_threadpool(handle, body)
 
     @app.post("/v1/spot-checks")
     async def spot_check(request: Request) -> Any:
-        limit = service.config.evidence_max_bytes
-        body = await read_bounded(request, limit)
-        if body is None:
-            return evidence_oversized(request, limit)
-
-        def verdict() -> dict[str, Any]:  # parsing megabytes of hex and chain calls: off the event loop
+        def verdict(body: bytes) -> dict[str, Any]:
             outcome = service.report_spot_check(parse_body(SpotCheckEvidence, body))
             return {
                 "outcome": outcome.outcome,
@@ -183,33 +183,23 @@ def create_app(service: OracleService) -> FastAPI:
                 "slash": outcome.slash.as_dict() if outcome.slash else None,
             }
 
-        return await run_in_threadpool(verdict)
+        return await evidence_intake(request, service.config.evidence_max_bytes, verdict)
 
     @app.post("/v1/spot-checks/failures")
     async def spot_check_failure(request: Request) -> Any:
-        limit = min(service.config.evidence_max_bytes, FAILURE_MAX_BYTES)
-        body = await read_bounded(request, limit)
-        if body is None:
-            return evidence_oversized(request, limit)
-
-        def record() -> dict[str, Any]:
+        def record(body: bytes) -> dict[str, Any]:
             failure = parse_body(SpotCheckFailure, body)
             return {"recorded": service.report_failure(failure), "node": failure.node}
 
-        return await run_in_threadpool(record)
+        return await evidence_intake(request, min(service.config.evidence_max_bytes, FAILURE_MAX_BYTES), record)
 
     @app.post("/v1/observations")
     async def observations(request: Request) -> Any:
-        limit = min(service.config.evidence_max_bytes, OBSERVATIONS_MAX_BYTES)
-        body = await read_bounded(request, limit)
-        if body is None:
-            return evidence_oversized(request, limit)
-
-        def record() -> dict[str, Any]:
+        def record(body: bytes) -> dict[str, Any]:
             batch = parse_body(ObservationBatch, body)
             return {"recorded": service.report_observations(batch), "of": len(batch.observations)}
 
-        return await run_in_threadpool(record)
+        return await evidence_intake(request, min(service.config.evidence_max_bytes, OBSERVATIONS_MAX_BYTES), record)
 
     @app.get("/v1/aggregates")
     def aggregates_latest(request: Request) -> Any:

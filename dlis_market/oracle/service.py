@@ -1,5 +1,9 @@
 """The oracle process: telemetry intake, epoch closing, reputation posting, spot-check evidence.
 
+Why one module past 400 lines: each intake (telemetry, spot check, failure, observations) and each
+epoch step changes the same in-memory views under one lock and one store transaction; the pure
+parts named below and the store are their own modules.
+
 I/O lives here around the pure parts (:func:`summarize_epoch`, :func:`score_reputation`,
 :func:`release_aggregates`, :func:`check_evidence`, the dropout model). One epoch is
 ``[k * epoch_s, (k + 1) * epoch_s)`` of unix time and is posted on chain as epoch ``k``:
@@ -20,10 +24,6 @@ spend. In memory are only views of it for the epochs not yet posted, rebuilt at 
 unfinished slashes and epochs are reconciled with the chain. Which
 stage calls get checked is the runner's choice (the broker's :mod:`dlis_market.broker.spot_checks`,
 with a secret only it holds).
-
-Why one module of this size: each intake (telemetry, spot check, failure, observations) and each
-epoch step changes the same in-memory views under one lock and one store transaction; the pure
-parts named above and the store are their own modules.
 """
 
 from __future__ import annotations

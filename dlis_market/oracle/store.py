@@ -1,5 +1,8 @@
 """The oracle's state in one transactional database (SQLAlchemy; SQLite under ``state_dir`` by default).
 
+Why one module past 400 lines: every intake's transaction is a method here, so that "all of it
+or none of it" is read in one file; the tables they write are declared in :mod:`tables`.
+
 Every intake is one transaction, so a crash at any point leaves all of it or none of it:
 
 * a telemetry report: one row, which is also its node's highest accepted seq (replays stay
@@ -15,43 +18,42 @@ Every intake is one transaction, so a crash at any point leaves all of it or non
   figure is unique: the same epoch can never be charged twice). On restart an intent is reconciled
   with the root the chain holds for the epoch.
 
-Nothing here talks to the chain; :mod:`service` does, around these transactions. seq values are
-uint64, wider than SQL integers: stored as zero-padded decimal strings (:class:`Uint64`).
-
-Why one module of this size: one schema, and every intake's transaction is a method here, so
-that "all of it or none of it" is read in one file; the rows are small declarations.
+Nothing here talks to the chain; :mod:`service` does, around these transactions.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import TypeVar
 
 from pydantic import TypeAdapter
-from sqlalchemy import (
-    Float,
-    String,
-    Text,
-    TypeDecorator,
-    UniqueConstraint,
-    func,
-    insert,
-    select,
-)
+from sqlalchemy import func, insert, select
 from sqlalchemy.engine import Engine
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+from sqlalchemy.orm import Session, sessionmaker
 
 from dlis_market.db import open_engine
-from dlis_market.errors import OracleError
 from dlis_market.oracle.epochs import EpochRecord, Proof
-from dlis_market.oracle.errors import ProofNotFoundError
+from dlis_market.oracle.errors import ProofNotFoundError, StoreError
 from dlis_market.oracle.privacy import Aggregates, BudgetAccountant, NodeContribution
+from dlis_market.oracle.tables import (
+    AggregatesRow,
+    Base,
+    CheckRow,
+    CountedRow,
+    EpochRow,
+    EpochStatus,
+    ObservationRow,
+    ReleaseRow,
+    ReportRow,
+    SlashRow,
+    SlashStatus,
+    SpentRow,
+)
 from dlis_market.oracle.telemetry import ReceivedTelemetry
 from dlis_market.protocol.observations import StageObservation
 from dlis_market.protocol.telemetry import SignedTelemetry
@@ -61,146 +63,8 @@ DB_FILE = "oracle.db"
 CONTRIBUTIONS = TypeAdapter(dict[str, NodeContribution])
 RELEASES_KEPT = 1000  # the accountant's in-memory log of releases (all stay in the table)
 
-
-class StoreError(OracleError):
-    """The oracle's database refused an operation (a value that does not fit, a bad state)."""
-
-
-class EpochStatus(StrEnum):
-    """``posting``: recorded, ``postEpoch`` sent or about to be; ``posted``: the chain holds its root
-    and the aggregates were released; ``abandoned``: the chain holds another root for it."""
-
-    POSTING = "posting"
-    POSTED = "posted"
-    ABANDONED = "abandoned"
-
-
-class SlashStatus(StrEnum):
-    """``intended``: verified, ``StakingManager.slash`` sent or about to be; ``done``: the chain used
-    the evidence; ``failed``: the chain refused the slash (the reason is kept)."""
-
-    INTENDED = "intended"
-    DONE = "done"
-    FAILED = "failed"
-
-
-class Uint64(TypeDecorator[int]):
-    """uint64 stored exactly as a 20-digit zero-padded decimal string (sorts as the number)."""
-
-    impl = String(20)
-    cache_ok = True
-
-    def process_bind_param(self, value: int | None, dialect: Any) -> str | None:
-        if value is None:
-            return None
-        if value < 0 or value >= 2**64:
-            raise StoreError(f"{value} does not fit uint64")
-        return f"{int(value):020d}"
-
-    def process_result_value(self, value: str | None, dialect: Any) -> int | None:
-        return None if value is None else int(value)
-
-
-class Base(DeclarativeBase):
-    pass
-
-
-class ReportRow(Base):
-    """An accepted telemetry report, in the epoch it arrived in."""
-
-    __tablename__ = "telemetry_reports"
-    __table_args__ = (UniqueConstraint("node", "seq"),)
-
-    id: Mapped[int] = mapped_column(primary_key=True)
-    epoch: Mapped[int] = mapped_column(index=True)
-    node: Mapped[str] = mapped_column(String(42))
-    seq: Mapped[int] = mapped_column(Uint64)
-    received_at: Mapped[float] = mapped_column(Float)
-    telemetry: Mapped[str] = mapped_column(Text)  # SignedTelemetry JSON
-
-
-class CountedRow(Base):
-    """A check, failure statement or observation already counted (sha256 of its key, 32 hex)."""
-
-    __tablename__ = "counted"
-
-    digest: Mapped[str] = mapped_column(String(32), primary_key=True)
-
-
-class CheckRow(Base):
-    """One verification result of a node in an epoch."""
-
-    __tablename__ = "check_results"
-
-    id: Mapped[int] = mapped_column(primary_key=True)
-    epoch: Mapped[int] = mapped_column(index=True)
-    node: Mapped[str] = mapped_column(String(42))
-    passed: Mapped[bool]
-
-
-class ObservationRow(Base):
-    """A broker's signed observation, in the epoch it arrived in."""
-
-    __tablename__ = "observations"
-
-    id: Mapped[int] = mapped_column(primary_key=True)
-    epoch: Mapped[int] = mapped_column(index=True)
-    observation: Mapped[str] = mapped_column(Text)  # StageObservation JSON
-
-
-class EpochRow(Base):
-    __tablename__ = "epochs"
-
-    epoch: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
-    status: Mapped[str] = mapped_column(String(16), index=True)  # an EpochStatus
-    root: Mapped[str] = mapped_column(String(66))
-    record: Mapped[str] = mapped_column(Text)  # EpochRecord JSON (tx filled once posted)
-    contributions: Mapped[str] = mapped_column(Text)  # {node: NodeContribution}: the DP inputs
-
-
-class AggregatesRow(Base):
-    __tablename__ = "aggregates"
-
-    epoch: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
-    aggregates: Mapped[str] = mapped_column(Text)  # Aggregates JSON
-
-
-class SpentRow(Base):
-    """Privacy budget a node spent in a window of ``dp_budget_window_epochs`` epochs."""
-
-    __tablename__ = "privacy_spent"
-
-    window: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
-    node: Mapped[str] = mapped_column(String(42), primary_key=True)
-    spent: Mapped[float] = mapped_column(Float)
-
-
-class ReleaseRow(Base):
-    """One released figure of one epoch: unique, so an epoch is never charged twice."""
-
-    __tablename__ = "privacy_releases"
-    __table_args__ = (UniqueConstraint("epoch", "figure"),)
-
-    id: Mapped[int] = mapped_column(primary_key=True)
-    epoch: Mapped[int]
-    figure: Mapped[str] = mapped_column(String(32))
-    epsilon: Mapped[float] = mapped_column(Float)
-    nodes: Mapped[int]
-
-
-class SlashRow(Base):
-    __tablename__ = "slashes"
-
-    evidence_hash: Mapped[str] = mapped_column(String(66), primary_key=True)
-    status: Mapped[str] = mapped_column(String(16), index=True)  # a SlashStatus
-    epoch: Mapped[int]  # the results it yields count in this epoch (that of the evidence's arrival)
-    accused_node: Mapped[str] = mapped_column(String(42))
-    checker_node: Mapped[str] = mapped_column(String(42))
-    operator: Mapped[str] = mapped_column(String(42))
-    reporter: Mapped[str] = mapped_column(String(42))
-    amount: Mapped[str] = mapped_column(String(80))  # token units asked for (uint256, decimal)
-    evidence: Mapped[str] = mapped_column(Text)  # SpotCheckEvidence JSON: anyone may audit a slash
-    outcome: Mapped[str | None] = mapped_column(Text, default=None)  # result JSON, or why the chain refused
+R = TypeVar("R", SlashRow, EpochRow)
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -370,30 +234,39 @@ class OracleStore:
 
     # ------------------------------------------------------------------ slashes
 
+    def _intend(self, new: R, key: object, resume: Callable[[R], T], fresh: T) -> T:
+        """Record the intent row ``new`` before its chain call is sent, durably, and answer
+        ``fresh``; when a row with ``key`` is recorded already, ``resume(row)`` instead (it raises
+        when that intent may not be taken up again)."""
+        with self.durable_session() as s:
+            row = s.get(type(new), key)
+            if row is not None:
+                return resume(row)
+            s.add(new)
+        return fresh
+
     def intend_slash(self, intent: SlashIntent, evidence_json: str) -> SlashIntent:
         """Record a verified slash before it is sent; the intent already recorded for the same
         evidence when there is one (a retry finishes that one; one the chain refused is retried)."""
-        with self.durable_session() as s:
-            row = s.get(SlashRow, intent.evidence_hash)
-            if row is not None:
-                if row.status == SlashStatus.DONE:
-                    raise StoreError(f"slash {intent.evidence_hash} is already done: {row.outcome}")
-                row.status = SlashStatus.INTENDED
-                return _intent(row)
-            s.add(
-                SlashRow(
-                    evidence_hash=intent.evidence_hash,
-                    status=SlashStatus.INTENDED,
-                    epoch=intent.epoch,
-                    accused_node=intent.accused_node,
-                    checker_node=intent.checker_node,
-                    operator=intent.operator,
-                    reporter=intent.reporter,
-                    amount=str(intent.amount),
-                    evidence=evidence_json,
-                )
-            )
-        return intent
+
+        def resume(row: SlashRow) -> SlashIntent:
+            if row.status == SlashStatus.DONE:
+                raise StoreError(f"slash {intent.evidence_hash} is already done: {row.outcome}")
+            row.status = SlashStatus.INTENDED
+            return _intent(row)
+
+        new = SlashRow(
+            evidence_hash=intent.evidence_hash,
+            status=SlashStatus.INTENDED,
+            epoch=intent.epoch,
+            accused_node=intent.accused_node,
+            checker_node=intent.checker_node,
+            operator=intent.operator,
+            reporter=intent.reporter,
+            amount=str(intent.amount),
+            evidence=evidence_json,
+        )
+        return self._intend(new, intent.evidence_hash, resume, intent)
 
     def open_slashes(self) -> list[SlashIntent]:
         with self.session() as s:
@@ -443,22 +316,20 @@ class OracleStore:
     def intend_epoch(self, record: EpochRecord, contributions: dict[str, NodeContribution]) -> EpochIntent:
         """Record what will be posted for ``record.epoch`` before it is sent; the intent already
         recorded for that epoch when there is one (the same root is posted again, never another)."""
-        with self.durable_session() as s:
-            row = s.get(EpochRow, record.epoch)
-            if row is not None:
-                if row.status != EpochStatus.POSTING:
-                    raise StoreError(f"epoch {record.epoch} is already {row.status}; it is not posted again")
-                return _epoch_intent(row)
-            s.add(
-                EpochRow(
-                    epoch=record.epoch,
-                    status=EpochStatus.POSTING,
-                    root=record.root,
-                    record=record.model_dump_json(),
-                    contributions=CONTRIBUTIONS.dump_json(contributions).decode(),
-                )
-            )
-        return EpochIntent(record, contributions)
+
+        def resume(row: EpochRow) -> EpochIntent:
+            if row.status != EpochStatus.POSTING:
+                raise StoreError(f"epoch {record.epoch} is already {row.status}; it is not posted again")
+            return _epoch_intent(row)
+
+        new = EpochRow(
+            epoch=record.epoch,
+            status=EpochStatus.POSTING,
+            root=record.root,
+            record=record.model_dump_json(),
+            contributions=CONTRIBUTIONS.dump_json(contributions).decode(),
+        )
+        return self._intend(new, record.epoch, resume, EpochIntent(record, contributions))
 
     def epoch_intent(self, epoch: int) -> EpochIntent | None:
         with self.session() as s:

@@ -16,11 +16,12 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any, Self, TypeVar
 
 import aiohttp
 
 from dlis_market.storage.errors import ContentTimeoutError, KuboApiError, KuboUnreachableError
+from dlis_market.storage.manifest_files import file_range
 from dlis_market.types import Cid
 
 log = logging.getLogger(__name__)
@@ -54,26 +55,16 @@ def _duration(seconds: float) -> str:
     return f"{max(1, round(seconds * 1000))}ms"
 
 
-class KuboClient:
-    """``async with KuboClient(url) as kubo: cid = (await kubo.add_file(p)).cid``."""
+class HttpSessionClient:
+    """An HTTP client of one base URL whose aiohttp session lives for an ``async with`` block
+    (:class:`KuboClient`, and the gateway client of :mod:`.gateway_client`)."""
 
-    def __init__(
-        self,
-        url: str,
-        *,
-        timeout_s: float = 60.0,
-        retries: int = 3,
-        backoff_s: float = 0.5,
-        max_backoff_s: float = 8.0,
-    ) -> None:
+    def __init__(self, url: str, *, timeout_s: float) -> None:
         self.url = url.rstrip("/")
         self.timeout_s = timeout_s
-        self.retries = retries
-        self.backoff_s = backoff_s
-        self.max_backoff_s = max_backoff_s
         self._session: aiohttp.ClientSession | None = None
 
-    async def __aenter__(self) -> KuboClient:
+    async def __aenter__(self) -> Self:
         self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None))
         return self
 
@@ -90,8 +81,26 @@ class KuboClient:
     @property
     def session(self) -> aiohttp.ClientSession:
         if self._session is None:
-            raise RuntimeError("KuboClient used outside 'async with'")
+            raise RuntimeError(f"{type(self).__name__} used outside 'async with'")
         return self._session
+
+
+class KuboClient(HttpSessionClient):
+    """``async with KuboClient(url) as kubo: cid = (await kubo.add_file(p)).cid``."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        timeout_s: float = 60.0,
+        retries: int = 3,
+        backoff_s: float = 0.5,
+        max_backoff_s: float = 8.0,
+    ) -> None:
+        super().__init__(url, timeout_s=timeout_s)
+        self.retries = retries
+        self.backoff_s = backoff_s
+        self.max_backoff_s = max_backoff_s
 
     # ------------------------------------------------------------------ plumbing
 
@@ -185,15 +194,8 @@ class KuboClient:
         filename = name or path.name
 
         async def body() -> AsyncIterator[bytes]:
-            with path.open("rb") as src:
-                src.seek(offset)
-                left = end - offset
-                while left > 0:
-                    chunk = src.read(min(_CHUNK, left))
-                    if not chunk:
-                        break
-                    left -= len(chunk)
-                    yield chunk
+            for chunk in file_range(path, offset, end, _CHUNK):
+                yield chunk
 
         async def attempt() -> AddResult:
             with aiohttp.MultipartWriter("form-data") as form:

@@ -18,11 +18,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
-from types import TracebackType
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
 
 import aiohttp
 
+from dlis_market.storage.client import HttpSessionClient
 from dlis_market.storage.errors import ContentTimeoutError, GatewayError, ProviderError, ShardIntegrityError
 from dlis_market.storage.ipld import MAX_BLOCK, Cid, IpldError, check_block, check_car_header, decode_file_node
 
@@ -35,30 +36,11 @@ _MAX_HEADER = 64 << 10
 _YIELD = 1 << 20  # hand file bytes on in chunks of about this size
 
 
-class GatewayClient:
+class GatewayClient(HttpSessionClient):
     """``async with GatewayClient(url) as gw: stream = await gw.open_cat(cid, timeout_s=30)``."""
 
     def __init__(self, url: str, *, timeout_s: float = 60.0) -> None:
-        self.url = url.rstrip("/")
-        self.timeout_s = timeout_s
-        self._session: aiohttp.ClientSession | None = None
-
-    async def __aenter__(self) -> GatewayClient:
-        self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None))
-        return self
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
-
-    @property
-    def session(self) -> aiohttp.ClientSession:
-        if self._session is None:
-            raise RuntimeError("GatewayClient used outside 'async with'")
-        return self._session
+        super().__init__(url, timeout_s=timeout_s)
 
     async def probe(self, timeout_s: float = PROBE_TIMEOUT_S) -> None:
         """Check that :attr:`url` is a trustless gateway and not a Kubo RPC API.
@@ -153,13 +135,11 @@ class CarFileStream:
         self._timeout_s = timeout_s
         self._url = url
 
-    async def _read(self, n: int) -> bytes:
+    @contextmanager
+    def _mid_car(self) -> Iterator[None]:
+        """A lost connection or a stall while reading the body, as the caller's errors."""
         try:
-            return await self._response.content.readexactly(n)
-        except asyncio.IncompleteReadError as exc:
-            raise GatewayError(
-                f"the CAR of {self.root} from {self._url} was cut off ({len(exc.partial)} of {n} bytes of a section)"
-            ) from None
+            yield
         except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
             raise GatewayError(f"the CAR of {self.root} from {self._url} was cut off: {exc}") from exc
         except TimeoutError:
@@ -167,16 +147,20 @@ class CarFileStream:
                 f"{self.root}: the gateway at {self._url} stalled for {self._timeout_s:.0f}s mid-CAR"
             ) from None
 
+    async def _read(self, n: int) -> bytes:
+        with self._mid_car():
+            try:
+                return await self._response.content.readexactly(n)
+            except asyncio.IncompleteReadError as exc:
+                raise GatewayError(
+                    f"the CAR of {self.root} from {self._url} was cut off ({len(exc.partial)} of {n} bytes of a "
+                    "section)"
+                ) from None
+
     async def _read_first(self) -> bytes:
         """One byte, or b"" at the end of the body."""
-        try:
+        with self._mid_car():
             return await self._response.content.read(1)
-        except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
-            raise GatewayError(f"the CAR of {self.root} from {self._url} was cut off: {exc}") from exc
-        except TimeoutError:
-            raise ContentTimeoutError(
-                f"{self.root}: the gateway at {self._url} stalled for {self._timeout_s:.0f}s mid-CAR"
-            ) from None
 
     async def _varint(self, *, eof_ok: bool) -> int | None:
         value = shift = 0

@@ -81,6 +81,17 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+def file_range(path: Path, start: int, end: int, chunk: int = 1 << 20) -> Iterator[bytes]:
+    """The bytes of ``path`` from ``start`` to ``end`` (or to where the file ends first), in chunks
+    of at most ``chunk`` bytes."""
+    with path.open("rb") as src:
+        src.seek(start)
+        left = end - start
+        while left > 0 and (block := src.read(min(chunk, left))):
+            left -= len(block)
+            yield block
+
+
 def _entries(node: Any) -> Iterator[dict[str, Any]]:
     if isinstance(node, dict):
         if {"path", "size", "sha256"} <= node.keys():

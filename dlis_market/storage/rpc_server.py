@@ -25,6 +25,7 @@ from aiohttp import BodyPartReader, web
 
 from dlis_market.storage.errors import ContentTimeoutError, DaemonError
 from dlis_market.storage.kubo_process import KuboProcess
+from dlis_market.storage.manifest_files import file_range
 
 KUBO_VERSION = "0.22.0"
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h)")
@@ -171,15 +172,8 @@ class RpcServer:
                 }
             )
             await response.prepare(request)
-            with spool.open("rb") as src:
-                src.seek(start)
-                remaining = end - start
-                while remaining > 0:
-                    chunk = src.read(min(_CHUNK, remaining))
-                    if not chunk:
-                        break
-                    remaining -= len(chunk)
-                    await response.write(chunk)
+            for chunk in file_range(spool, start, end, _CHUNK):
+                await response.write(chunk)
             await response.write_eof()
             return response
         finally:

@@ -10,14 +10,41 @@ from __future__ import annotations
 
 import copy
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 from transformers.cache_utils import Cache
+from transformers.masking_utils import create_causal_mask
 
 from dlis_market.types import LayerRange
+
+
+@dataclass(frozen=True)
+class StageInputs:
+    """What every family's layer loop starts from. The causal masks are built from it before the
+    layers update the cache, exactly as the transformers models' own ``forward`` does."""
+
+    hidden: torch.Tensor
+    position_ids: torch.Tensor
+    cache: Cache
+    config: PretrainedConfig
+    attention_mask: torch.Tensor | None
+
+    def mask_inputs(self) -> dict[str, Any]:
+        """Keyword arguments of transformers' ``create_*_causal_mask`` builders."""
+        return {
+            "config": self.config,
+            "inputs_embeds": self.hidden,
+            "attention_mask": self.attention_mask,
+            "cache": self.cache,
+            "position_ids": self.position_ids,
+        }
+
+    def causal_mask(self) -> Any:
+        return create_causal_mask(**self.mask_inputs())
 
 
 class Family(ABC):
@@ -40,7 +67,6 @@ class Family(ABC):
     def embed(self, model: Any, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
         """Token ids ``[B, T]`` -> hidden states ``[B, T, H]`` (first stage only)."""
 
-    @abstractmethod
     def run_layers(
         self,
         model: Any,
@@ -55,6 +81,11 @@ class Family(ABC):
         ``attention_mask`` (``[B, cached + T]``, False = padding) marks the cache slots each row may
         attend to, for rows of a batch whose caches were padded to one length; None: all of them.
         """
+        return self.layer_loop(model, StageInputs(hidden, position_ids, cache, config, attention_mask))
+
+    @abstractmethod
+    def layer_loop(self, model: Any, x: StageInputs) -> torch.Tensor:
+        """The family's own loop over the stage's layers (what :meth:`run_layers` runs)."""
 
     @abstractmethod
     def head(self, model: Any, hidden: torch.Tensor) -> torch.Tensor:

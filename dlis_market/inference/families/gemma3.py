@@ -5,11 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from transformers import Gemma3ForCausalLM, PretrainedConfig, PreTrainedModel
-from transformers.cache_utils import Cache
-from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+from transformers import Gemma3ForCausalLM, PreTrainedModel
+from transformers.masking_utils import create_sliding_window_causal_mask
 
-from dlis_market.inference.families.base import first_output
+from dlis_market.inference.families.base import StageInputs, first_output
 from dlis_market.inference.families.llama import LlamaFamily
 
 
@@ -22,35 +21,22 @@ class Gemma3Family(LlamaFamily):
     def model_class(self) -> type[PreTrainedModel]:
         return Gemma3ForCausalLM
 
-    def run_layers(
-        self,
-        model: Any,
-        hidden: torch.Tensor,
-        position_ids: torch.Tensor,
-        cache: Cache,
-        config: PretrainedConfig,
-        attention_mask: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        kwargs = {
-            "config": config,
-            "inputs_embeds": hidden,
-            "attention_mask": attention_mask,
-            "cache": cache,
-            "position_ids": position_ids,
-        }
+    def layer_loop(self, model: Any, x: StageInputs) -> torch.Tensor:
         masks = {
-            "full_attention": create_causal_mask(**kwargs),
-            "sliding_attention": create_sliding_window_causal_mask(**kwargs),
+            "full_attention": x.causal_mask(),
+            "sliding_attention": create_sliding_window_causal_mask(**x.mask_inputs()),
         }
-        rotary = {kind: model.model.rotary_emb(hidden, position_ids, kind) for kind in set(config.layer_types)}
-        for kind, layer in zip(config.layer_types, model.model.layers, strict=True):
+        layer_types = x.config.layer_types
+        rotary = {kind: model.model.rotary_emb(x.hidden, x.position_ids, kind) for kind in set(layer_types)}
+        hidden = x.hidden
+        for kind, layer in zip(layer_types, model.model.layers, strict=True):
             hidden = first_output(
                 layer(
                     hidden,
                     position_embeddings=rotary[kind],
                     attention_mask=masks[kind],
-                    position_ids=position_ids,
-                    cache=cache,
+                    position_ids=x.position_ids,
+                    cache=x.cache,
                 )
             )
         return hidden

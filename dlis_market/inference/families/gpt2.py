@@ -6,10 +6,8 @@ from typing import Any
 
 import torch
 from transformers import GPT2LMHeadModel, PretrainedConfig, PreTrainedModel
-from transformers.cache_utils import Cache
-from transformers.masking_utils import create_causal_mask
 
-from dlis_market.inference.families.base import Family, first_output
+from dlis_market.inference.families.base import Family, StageInputs, first_output
 
 
 class GPT2Family(Family):
@@ -33,20 +31,11 @@ class GPT2Family(Family):
         out: torch.Tensor = t.drop(t.wte(input_ids) + t.wpe(position_ids))
         return out
 
-    def run_layers(
-        self,
-        model: Any,
-        hidden: torch.Tensor,
-        position_ids: torch.Tensor,
-        cache: Cache,
-        config: PretrainedConfig,
-        attention_mask: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        mask = create_causal_mask(
-            config=config, inputs_embeds=hidden, attention_mask=attention_mask, cache=cache, position_ids=position_ids
-        )
+    def layer_loop(self, model: Any, x: StageInputs) -> torch.Tensor:
+        mask = x.causal_mask()
+        hidden = x.hidden
         for block in model.transformer.h:
-            hidden = first_output(block(hidden, cache, mask, None, use_cache=True, position_ids=position_ids))
+            hidden = first_output(block(hidden, x.cache, mask, None, use_cache=True, position_ids=x.position_ids))
         return hidden
 
     def head(self, model: Any, hidden: torch.Tensor) -> torch.Tensor:

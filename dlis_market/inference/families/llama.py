@@ -5,11 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from transformers import LlamaForCausalLM, PretrainedConfig, PreTrainedModel
-from transformers.cache_utils import Cache
-from transformers.masking_utils import create_causal_mask
+from transformers import LlamaForCausalLM, PreTrainedModel
 
-from dlis_market.inference.families.base import Family, first_output
+from dlis_market.inference.families.base import Family, StageInputs, first_output
 
 
 class LlamaFamily(Family):
@@ -27,27 +25,17 @@ class LlamaFamily(Family):
         out: torch.Tensor = model.model.embed_tokens(input_ids)
         return out
 
-    def run_layers(
-        self,
-        model: Any,
-        hidden: torch.Tensor,
-        position_ids: torch.Tensor,
-        cache: Cache,
-        config: PretrainedConfig,
-        attention_mask: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        # Mask before the layers update the cache, exactly as LlamaModel.forward does.
-        mask = create_causal_mask(
-            config=config, inputs_embeds=hidden, attention_mask=attention_mask, cache=cache, position_ids=position_ids
-        )
-        rotary = model.model.rotary_emb(hidden, position_ids=position_ids)
+    def layer_loop(self, model: Any, x: StageInputs) -> torch.Tensor:
+        mask = x.causal_mask()
+        rotary = model.model.rotary_emb(x.hidden, position_ids=x.position_ids)
+        hidden = x.hidden
         for layer in model.model.layers:
             hidden = first_output(
                 layer(
                     hidden,
                     attention_mask=mask,
-                    position_ids=position_ids,
-                    cache=cache,
+                    position_ids=x.position_ids,
+                    cache=x.cache,
                     use_cache=True,
                     position_embeddings=rotary,
                 )
