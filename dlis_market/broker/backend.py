@@ -14,6 +14,7 @@ from typing import Protocol, runtime_checkable
 
 from dlis_market.chain.job_market import SignedReceipt
 from dlis_market.inference.sampling import SamplingParams, TokenLogprob
+from dlis_market.protocol.adapters import AdapterRef
 from dlis_market.protocol.routes import Replan, RouteHop
 from dlis_market.protocol.spans import SpanRecord
 
@@ -41,6 +42,7 @@ class BackendJob:
     # The broker's router for failovers: (current route, peers to avoid) -> a new route under the
     # job's policy and max cost. None: the backend's own routing.
     replan: Replan | None = None
+    adapter: AdapterRef | None = None  # a LoRA adapter every stage applies (protocol/adapters.py)
 
     @property
     def sampling(self) -> SamplingParams:

@@ -3,10 +3,16 @@
 With a chain registry, a model is served only when its local manifest is the one the chain
 records for its model id (same manifest sha256 and layer count): jobs of a squatted or re-pointed
 model id would be routed over shards the chain does not vouch for, or fail to settle.
+
+A LoRA adapter is served under ``"<base>:<adapter>"`` (:mod:`dlis_market.protocol.adapters`):
+the chain record of that name in the publisher's namespace gives its CID and id; the job routes
+over the base's workers and is authorized and settled under the adapter's model id.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -14,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 from dlis_market.broker.problems import prompt_too_long, unknown_model
 from dlis_market.errors import BrokerError
 from dlis_market.inference.manifest import MANIFEST_NAME, Manifest, load_manifest, sha256_file
+from dlis_market.protocol.adapters import AdapterRef, split_model
 from dlis_market.types import model_id
 
 if TYPE_CHECKING:
@@ -53,6 +60,12 @@ class ServedModel:
     manifest: Manifest
     shard_dir: Path
     tokenizer: Any
+    adapter: AdapterRef | None = None  # a LoRA adapter over the base model (name "base:adapter")
+
+    @property
+    def base(self) -> str:
+        """The model whose workers serve the job (the name itself unless it is an adapter)."""
+        return self.manifest.model_name
 
     @property
     def context_length(self) -> int:
@@ -88,9 +101,17 @@ class ServedModel:
         return str(self.tokenizer.decode(ids, skip_special_tokens=True))
 
 
+ADAPTER_CACHE_S = 30.0  # a re-published adapter (a new version on chain) is seen within this
+
+
 class ModelCatalog:
-    def __init__(self, models: dict[str, ServedModel]):
+    def __init__(
+        self, models: dict[str, ServedModel], publisher: str | None = None, registry: NodeRegistry | None = None
+    ):
         self.models = models
+        self.publisher = publisher
+        self.registry = registry
+        self._adapters: dict[str, tuple[float, ServedModel]] = {}
 
     @classmethod
     def from_shard_dirs(cls, dirs: list[Path], publisher: str, registry: NodeRegistry | None = None) -> ModelCatalog:
@@ -107,10 +128,32 @@ class ModelCatalog:
             tok = AutoTokenizer.from_pretrained(str(d))
             mid = model_id(manifest.model_name, publisher)
             models[manifest.model_name] = ServedModel(manifest.model_name, mid, manifest, d, tok)
-        return cls(models)
+        return cls(models, publisher, registry)
 
     def get(self, name: str) -> ServedModel:
-        model = self.models.get(name)
+        model = self.find(name)
         if model is None:
             raise unknown_model(name, sorted(self.models))
         return model
+
+    def find(self, name: str) -> ServedModel | None:
+        """A served model, or an adapter over one that the chain records; None otherwise."""
+        model = self.models.get(name)
+        if model is not None:
+            return model
+        base_name, adapter = split_model(name)
+        base = self.models.get(base_name)
+        if adapter is None or base is None or self.registry is None or self.publisher is None:
+            return None
+        hit = self._adapters.get(name)
+        if hit is not None and time.monotonic() - hit[0] < ADAPTER_CACHE_S:
+            return hit[1]
+        mid = model_id(name, self.publisher)
+        record = self.registry.get_model(bytes.fromhex(mid[2:]))
+        if record is None or record.num_layers != base.num_layers:
+            return None  # not published (or not over this base's layers): unknown
+        ref = AdapterRef(name=name, model_id=record.model_id, cid=record.manifest_cid,
+                         adapter_id=record.manifest_sha256.hex())  # fmt: skip
+        served = dataclasses.replace(base, name=name, model_id=mid, adapter=ref)
+        self._adapters[name] = (time.monotonic(), served)
+        return served

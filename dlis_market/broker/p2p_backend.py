@@ -216,6 +216,7 @@ class P2PBackend:
             num_layers=job.num_layers,
             fee_bps=job.fee_bps,
             replan=job.replan,
+            adapter=job.adapter,
         )
         session = JobSession(self.driver, spec)
         if job.route:

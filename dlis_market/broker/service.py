@@ -192,7 +192,7 @@ class BrokerService:
         with a ``deadline`` (an admitted request) wait for a job to end and plan again, else (or
         past it) :class:`Overloaded`."""
         while True:
-            offers = await self.backend.offers(served.name)
+            offers = await self.backend.offers(served.base)
             if not offers:
                 raise no_route(f"no worker announces any layer of {served.name} ({served.num_layers} layers)")
             opened = self._opened.copy()
@@ -625,7 +625,8 @@ class BrokerService:
         policy = req.policy.model_copy(update={"max_cost": limit})
         return BackendJob(
             job_id=bytes.fromhex(job_id[2:]),
-            model=served.name,
+            model=served.base,  # the workers' model; an adapter rides along and names the receipts
+            adapter=served.adapter,
             prompt_ids=ids,
             max_new_tokens=req.max_tokens,
             max_cost=vauth.auth.max_cost,
@@ -658,7 +659,7 @@ class BrokerService:
             gaps = [(h.start, h.end) for h in route if h.peer_id in avoid]
             offers = [
                 o
-                for o in await self.backend.offers(served.name)
+                for o in await self.backend.offers(served.base)
                 if o.peer_id not in avoid
                 and ((o.peer_id, o.start, o.end) in kept or any(a <= o.start and o.end <= b for a, b in gaps))
             ]
@@ -890,7 +891,7 @@ class BrokerService:
         it (``InferenceBackend.unclaimed``): one per layer range, each billing at most the job's
         length. False (and the job failed, its escrow released) when they do not cover the model."""
         row = await asyncio.to_thread(self.ledger.get_job, job_id)
-        served = self.catalog.models.get(row.model) if row is not None else None
+        served = self.catalog.find(row.model) if row is not None else None
         reason = INTERRUPTED + "; the stages kept no complete set of receipts, so nothing is charged"
         if row is None or served is None:
             await asyncio.to_thread(self.ledger.fail_job, job_id, reason)
@@ -902,7 +903,7 @@ class BrokerService:
         try:
             async with asyncio.timeout(self.settings.broker.reclaim_timeout_s):
                 ids = await self.tokenize(served, request.get("prompt"), request.get("messages"), max_new)
-                peers += [o.peer_id for o in await self.backend.offers(served.name) if o.peer_id not in peers]
+                peers += [o.peer_id for o in await self.backend.offers(served.base) if o.peer_id not in peers]
                 found = await self.backend.unclaimed(bytes.fromhex(job_id[2:]), peers)
         except (TimeoutError, DlisError) as exc:
             log.warning("job %s: could not reclaim its receipts (%s)", job_id, exc)

@@ -1,9 +1,9 @@
 """`dlis model adapter publish|list`: LoRA adapters checked against their base, on IPFS, recorded.
 
 ``publish`` checks a PEFT LoRA folder against a base shard set (shapes, target modules, layer
-indices), adds and pins its files on IPFS with the same Kubo session as `dlis model publish`, and
-records it in the local adapter store (``HOME/adapters``): NodeRegistry has no place for an adapter
-without a contract change (see :mod:`dlis_market.storage.adapter_store`).
+indices), adds and pins its files on IPFS with the same Kubo session as `dlis model publish`,
+records it in the local adapter store (``HOME/adapters``) and registers it in NodeRegistry as the
+model ``"<base>:<name>"`` (:mod:`dlis_market.protocol.adapters`): jobs then name it like a model.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import typer
 from rich.table import Table
 
 from dlis_market.cli.context import JsonOpt, console, emit, handle_errors, state
+from dlis_market.protocol.adapters import SEPARATOR, adapter_model_name
 from dlis_market.settings import Settings
 
 app = typer.Typer(help="LoRA adapters served on the fly over a base model.", no_args_is_help=True)
@@ -73,9 +74,16 @@ def publish_cmd(
     base: Annotated[Path, typer.Option("--base", help="The base model's shard folder (made by `dlis model shard`).")],
     name: Annotated[str | None, typer.Option(help="Adapter name (default: the folder's name).")] = None,
     kubo_url: Annotated[str | None, typer.Option(help="Kubo RPC URL (env DLIS_STORAGE__KUBO_API_URL).")] = None,
+    register: Annotated[
+        bool,
+        typer.Option(
+            "--register/--no-register",
+            help="Register it in NodeRegistry as model BASE:NAME from chain.publisher_account, so jobs can name it.",
+        ),
+    ] = True,
     as_json: JsonOpt = False,
 ) -> None:
-    """Check the adapter against its base, add and pin it on IPFS, record it locally."""
+    """Check the adapter against its base, add and pin it on IPFS, record it locally and register it on chain."""
     from dlis_market.storage.adapter_store import AdapterStore, publish_adapter
     from dlis_market.storage.session import kubo_session
 
@@ -85,6 +93,8 @@ def publish_cmd(
             update={"storage": settings.storage.model_copy(update={"kubo_api_url": kubo_url})}
         )
     with handle_errors(as_json):
+        if name is not None and SEPARATOR in name:
+            raise typer.BadParameter(f"an adapter name cannot hold {SEPARATOR!r} (jobs name it BASE{SEPARATOR}NAME)")
         record = check_adapter(adapter_dir, base, name)
 
         async def run() -> Any:
@@ -93,8 +103,22 @@ def publish_cmd(
 
         published = asyncio.run(run())
         path = AdapterStore(adapter_root(settings)).put(published)
-    out = {**_row(published), "record": str(path), "registered_on_chain": False}
-    emit(out, as_json, lambda d: console.print(f"{d['cid']}\nadapter {d['adapter_id']} ({d['bytes']} bytes) -> {path}"))
+        model = adapter_model_name(published.base_model, published.name)
+        if register:
+            from dlis_market.cli.model_chain import register_published
+            from dlis_market.storage.publish import ModelRegistration
+            from dlis_market.types import Cid
+
+            reg = ModelRegistration(Cid(str(published.cid)), published.adapter_id, published.base_num_layers, model)
+            register_published(settings, reg)
+    out = {**_row(published), "record": str(path), "model": model, "registered_on_chain": register}
+
+    def human(d: dict[str, Any]) -> None:
+        console.print(f"{d['cid']}\nadapter {d['adapter_id']} ({d['bytes']} bytes) -> {path}")
+        if d["registered_on_chain"]:
+            console.print(f"registered on chain: jobs name it as model {model!r}")
+
+    emit(out, as_json, human)
 
 
 @app.command("list")

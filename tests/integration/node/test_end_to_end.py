@@ -4,7 +4,9 @@ three workers that fetch their shards by CID and are staked and registered throu
 `dlis broker start`. A client pays for a job over HTTP; the broker is restarted between the job
 and its settlement; the chain then shows exactly the receipts paid once (through the Merkle path:
 each worker signs one batch receipt on the restarted broker's request), the protocol fee, and the
-client's escrow down by exactly the cost; the answer equals local generation."""
+client's escrow down by exactly the cost; the answer equals local generation. A LoRA adapter
+published and registered through the CLI is then named by a second job as ``smollm2-135m:NAME``:
+the same workers fetch it by CID and apply it, and that job settles under the adapter's model id."""
 
 from __future__ import annotations
 
@@ -19,10 +21,12 @@ from node_helpers import PASSWORD, Swarm, _wait_ready, cli, paid_job, start_brok
 from transformers import AutoTokenizer
 
 from dlis_market.chain.anvil import free_port
+from dlis_market.inference.adapter_training import train_tiny_adapter
+from dlis_market.inference.importer import import_model
 from dlis_market.inference.pipeline import LocalPipeline
 from dlis_market.storage.daemon import DaemonConfig, EmbeddedDaemon
 from dlis_market.types import model_id
-from tests.integration.conftest import DEV_PUBLISHER
+from tests.integration.conftest import CACHE, DEV_PUBLISHER
 
 UNIT = 10**18
 MODEL = "smollm2-135m"
@@ -105,6 +109,28 @@ def test_paid_job_end_to_end_with_broker_restart(market, smollm2_shards: Path, t
                 assert 'dlis_worker_stage_step_seconds_count{phase="decode"}' in text
                 assert "dlis_worker_dht_peers" in text and "dlis_worker_kv_cache_capacity_bytes" in text
 
+            # a LoRA adapter, published and registered through the CLI, is a model jobs can name
+            adapter = tmp_path / "pirate"
+            adapter_id = train_tiny_adapter(
+                import_model(MODEL, CACHE / "models", CACHE / "cache"), adapter, r=4, seed=1
+            )
+            pub_env = {**base_env, "DLIS_STORAGE__KUBO_API_URL": ipfs.info.api_url}
+            out = cli(pub_env, "model", "adapter", "publish", str(adapter), "--base", str(smollm2_shards), "--json")
+            published = json.loads(out[out.index("{") :])  # the command prints one JSON object
+            assert published["model"] == f"{MODEL}:pirate" and published["registered_on_chain"]
+            adapter_mid = bytes.fromhex(model_id(f"{MODEL}:pirate", DEV_PUBLISHER)[2:])
+            assert market.registry().get_model(adapter_mid).manifest_cid == published["cid"]
+            client2 = market.new_funded_account(50 * UNIT)
+            jm.deposit(client2, 10 * UNIT)
+            escrow2 = jm.escrow_of(client2.address)
+            tuned = paid_job(market, port, client2, f"{MODEL}:pirate", PROMPT, 8)
+            aid = local.attach_adapter(adapter, expected_sha256=adapter_id)
+            with_adapter = local.generate_ids([tok(PROMPT)["input_ids"]], max_new_tokens=8, adapters=[aid])[0]
+            assert tuned["answer"] == tok.decode(with_adapter.token_ids, skip_special_tokens=True)
+            assert tuned["answer"] != job["answer"]  # the adapter changes what the model says
+            for w in workers:  # each fetched it by CID on its first session with it
+                assert "attached adapter smollm2-135m:pirate" in w.log_path.read_text()
+
             # broker stops before settling; nothing moved on chain yet
             stop(brokers.pop())
             assert jm.escrow_of(client.address) == escrow0
@@ -116,15 +142,23 @@ def test_paid_job_end_to_end_with_broker_restart(market, smollm2_shards: Path, t
                     break
                 assert time.monotonic() < deadline, job
                 time.sleep(1)
+            while (tuned := httpx.get(f"http://127.0.0.1:{port}/v1/jobs/{tuned['id']}", timeout=30).json())[
+                "status"
+            ] != "settled":
+                assert time.monotonic() < deadline, tuned
+                time.sleep(1)
             time.sleep(3)  # a few more settlement passes: nothing may be paid twice
+            # the adapter job settled under the adapter's model id, for exactly its receipts
+            assert jm.escrow_of(client2.address) == escrow2 - int(tuned["cost"]) - int(tuned["fee"])
+            assert int(tuned["cost"]) == sum(int(r["amount"]) for r in tuned["receipts"]) > 0
 
             cost, fee = int(job["cost"]), int(job["fee"])
             assert cost == sum(int(r["amount"]) for r in job["receipts"]) > 0
             assert fee == cost * jm.fee_bps() // 10_000
             assert jm.escrow_of(client.address) == escrow0 - cost - fee
-            assert jm.claimable_of(dep.treasury) == treasury0 + fee
-            for op, r in zip(operators, job["receipts"], strict=True):
-                assert jm.claimable_of(op.address) == int(r["amount"])
+            assert jm.claimable_of(dep.treasury) == treasury0 + fee + int(tuned["fee"])
+            for op, r, t in zip(operators, job["receipts"], tuned["receipts"], strict=True):
+                assert jm.claimable_of(op.address) == int(r["amount"]) + int(t["amount"])
             assert job["settlement"]["tx_hash"].startswith("0x")
             # settled through the Merkle path: the restarted broker asked each worker over libp2p to
             # sign one batch receipt over the receipts it signed (no per-stage signature checked)
@@ -133,7 +167,8 @@ def test_paid_job_end_to_end_with_broker_restart(market, smollm2_shards: Path, t
             assert fn.fn_name == "settleBatchMerkle"
             before = token.balance_of(operators[0].address)
             jm.claim(operators[0])
-            assert token.balance_of(operators[0].address) == before + int(job["receipts"][0]["amount"])
+            owed = int(job["receipts"][0]["amount"]) + int(tuned["receipts"][0]["amount"])
+            assert token.balance_of(operators[0].address) == before + owed
     finally:
         for b in brokers:
             stop(b)

@@ -47,12 +47,13 @@ def test_publish_then_list_adapters(kubo_nodes: NodeFactory, tmp_path: Path) -> 
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout) == []
 
-    args = ["model", "adapter", "publish", str(adapter), "--base", str(tmp_path / "shards"), "--json"]
+    args = ["model", "adapter", "publish", str(adapter), "--base", str(tmp_path / "shards"), "--json", "--no-register"]
     result = runner.invoke(app, args, env=env)
     assert result.exit_code == 0, result.output
     out = json.loads(result.stdout)
     assert out["adapter_id"] == adapter_id == adapter_sha256(adapter)
     assert out["base_model"] == "tiny" and out["r"] == 4 and out["layers"] == [0, 1]
+    assert out["model"] == "tiny:pirate" and out["registered_on_chain"] is False  # no chain here
     # The CID is the published index: it lists each file's CID, and those hold the files' bytes.
     index = json.loads(asyncio.run(_cat(node.info.api_url, out["cid"])))
     assert index["adapter_id"] == adapter_id and "cid" not in index
