@@ -18,6 +18,11 @@ Processes (simulated seconds; metrics count ``[0, hours)``, jobs that arrived by
   back to the broker and ``pass_ms``; then closes (``close_ms``: receipts). When a hop drops, it
   fails over through ``plan_route`` again without the failed peer, replaying what was generated,
   at most ``max_failovers`` times (the driver's rule). Only the final route is paid (README).
+* **batched stage model** (``stage_model: batched``, :mod:`.passes`): instead of a per-session
+  slowdown, every peer runs one forward pass at a time over its queued steps, merged as the
+  worker merges them; the broker opens one job's sessions at a time; a spot check re-runs the
+  call on the replica; peers (and the broker's work) on one host share its cores; the speed
+  spread is the host's over time (``speed_period_s``) plus each pass's jitter (``pass_cv``).
 * **spot checks**: after a job that ran on one route, each stage call ``(job id, start)`` drawn by
   the real :class:`~dlis_market.protocol.spot_checks.SpotCheckSampler` is re-run on a replica of
   the same span (none online: not checked); a session a byzantine peer corrupted
@@ -27,10 +32,11 @@ Processes (simulated seconds; metrics count ``[0, hours)``, jobs that arrived by
 * **reputation**: every ``epoch_s`` the oracle's :func:`~dlis_market.oracle.reputation.score_reputation`
   scores each peer from the epoch's uptime, observed sessions and throughput, checks and stake.
 
-Not modelled: per-message jitter (only a per-job speed spread, ``job_speed_cv``), CPU shared
-between workers on one machine beyond the measured batching curve, correlated outages, the
-precursor misses of phones before a drop, a byzantine worker's overstated throughput, the
-checker's own compute, gas prices.
+Not modelled: per-message jitter (only a per-job speed spread, ``job_speed_cv``, and in the
+batched model ``pass_cv``), CPU shared between workers on one machine in the chunked model
+beyond the measured batching curve, correlated outages, the precursor misses of phones before a
+drop, a byzantine worker's overstated throughput, the checker's own compute in the chunked
+model, gas prices.
 
 Why one module of this size: the SimPy processes (churn, risk, clients, jobs, settlement) share
 one simulation clock and the peers' live state; the market rules they call are the project's own
@@ -57,6 +63,7 @@ from dlis_market.oracle.reputation import NodeEpochStats, score_reputation
 from dlis_market.protocol.spot_checks import SpotCheckSampler
 from dlis_market.sim.economics import Ledger, slash
 from dlis_market.sim.network import PeerSpec, PeerTable
+from dlis_market.sim.passes import BatchedStages, Step
 from dlis_market.sim.profiles import batch_gas, slowdown
 from dlis_market.sim.scenario import ClientClass, Market, Scenario
 from dlis_market.types import ZERO_ADDRESS, model_id
@@ -111,6 +118,7 @@ class PeerStats:
 class _Attempt:
     peers: list[int]
     failed_by: int | None = None
+    step: Step | None = None  # the batched model's step it waits for
 
 
 @dataclass
@@ -148,7 +156,7 @@ def build_peers(scenario: Scenario, market: Market, seed: int) -> list[PeerSpec]
         prof = g.device_profile(devices)
         price = g.price_per_token if g.price_per_token is not None else prof.price_per_token_layer * g.layers.size
         stake = g.stake if g.stake is not None else market.min_stake
-        specs += [PeerSpec(g.device, prof, g.layers, price, stake, g.byzantine) for _ in range(g.count)]
+        specs += [PeerSpec(g.device, prof, g.layers, price, stake, g.byzantine, g.host) for _ in range(g.count)]
     pop = scenario.population
     if pop is not None and pop.count:
         rng = np.random.default_rng([seed, 7])
@@ -205,6 +213,7 @@ class Simulation:
         self.drained = self.env.event()
         secret = hashlib.sha256(f"sim-spot-check-secret:{seed}".encode()).digest()
         self.sampler = SpotCheckSampler(market.check_fraction, secret)
+        self.stages = BatchedStages(self.env, scenario, self.table, seed) if scenario.stage_model == "batched" else None
 
     # ------------------------------------------------------------------ churn and risk
 
@@ -371,11 +380,18 @@ class Simulation:
                 self.sessions[i][id(attempt)] = attempt
             step_ms, chunk_at = 0.0, self.env.now
             try:
-                prefill = over.open_ms + self._pass_ms(peers, route, request.prompt_tokens)
-                yield self.env.timeout(speed * prefill / 1000.0)
+                if self.stages is not None:
+                    yield from self.stages.open(over.open_ms)
+                    yield from self.stages.run_pass(attempt, request.prompt_tokens)
+                else:
+                    prefill = over.open_ms + self._pass_ms(peers, route, request.prompt_tokens)
+                    yield self.env.timeout(speed * prefill / 1000.0)
                 done = min(done + 1, client.max_new_tokens)  # the prefill's logits give the next token
                 if math.isnan(rec.first_token):
                     rec.first_token = self.env.now
+                while self.stages is not None and done < client.max_new_tokens:
+                    yield from self.stages.run_pass(attempt, 1)
+                    done += 1
                 while done < client.max_new_tokens:
                     n = min(self.sc.decode_chunk_tokens, client.max_new_tokens - done)
                     step_ms, chunk_at = speed * self._pass_ms(peers, route), self.env.now
@@ -383,6 +399,8 @@ class Simulation:
                     done += n
                     step_ms = 0.0
             except simpy.Interrupt as intr:
+                if attempt.step is not None:  # its stage's loop drops the queued step
+                    attempt.step.cancelled = True
                 if step_ms > 0:
                     done += min(int((self.env.now - chunk_at) * 1000.0 / step_ms), client.max_new_tokens - done)
                 failed = attempt.failed_by if attempt.failed_by is not None else int(str(intr.cause))
@@ -395,7 +413,9 @@ class Simulation:
                     return
                 continue
             self._release(attempt, started, route, tokens=total, ok=True)
-            if over.close_ms > 0:
+            if over.close_ms > 0 and self.stages is not None:
+                yield from self.stages.broker_work(over.close_ms)
+            elif over.close_ms > 0:
                 yield self.env.timeout(speed * over.close_ms / 1000.0)
             rec.tokens, rec.new_tokens, rec.hops, rec.route = total, client.max_new_tokens, len(peers), tuple(peers)
             self._complete(rec, job_id, route, peers, total)
@@ -432,6 +452,8 @@ class Simulation:
             if rec.failovers == 0 and self.sampler.selected(job_id, hop.layers.start):
                 self.checks_drawn += 1
                 if self._has_replica(i):
+                    if self.stages is not None:  # the replica re-runs the session: compute on its stage
+                        self.env.process(self.stages.replay(i, rec.tokens - rec.new_tokens, rec.new_tokens))
                     caught = bad
                     if bad:
                         self._slash(i)
@@ -568,6 +590,7 @@ class Simulation:
             wall_s=time.perf_counter() - t0,
             stakes_start=stakes_start,
             stakes_end=sum(self.table.stakes),
+            extra={"passes": [vars(s.log) for s in self.stages.servers]} if self.stages is not None else {},
         )
 
 

@@ -42,6 +42,7 @@ class PeerSpec:
     price_per_token: int  # for its whole span, as a worker announces it
     stake: int
     byzantine: float
+    host: str | None = None  # the scenario's host it shares CPU on
 
 
 @dataclass

@@ -54,6 +54,7 @@ class DeviceProfile(BaseModel):
     link_latency_ms: float = Field(ge=0)  # one way, to reach this peer
     bandwidth_bytes_per_s: float = Field(gt=0)
     max_sessions: int = Field(ge=1)  # free KV slots when idle
+    threads: int = Field(default=1, ge=1)  # CPU threads one forward pass keeps busy (a shared host's share)
     memory_bytes: int = Field(ge=0)  # free for KV cache (the scheduler's memory check)
     hazard_per_slot: float = Field(ge=0, le=1)  # probability of going offline per heartbeat slot
     mean_down_slots: float = Field(gt=0)  # mean outage length, in heartbeat slots
@@ -158,6 +159,27 @@ def slowdowns(sessions: np.ndarray) -> np.ndarray:
     """:func:`slowdown` of every entry of ``sessions`` (vectorised, same figures)."""
     n = np.maximum(sessions, 1).astype(np.float64)
     return n / np.interp(n, _BATCH_SESSIONS, _BATCH_GAIN)
+
+
+# One forward pass of a stage over b sessions at once, relative to one session alone (the
+# "batched" stage model, see :mod:`.passes`): the worker merges queued steps of the same token
+# count into one pass (node/sessions.py plan_batches). Measured on the real Stage
+# (bench/sim_calibration.py batch_costs: SmolLM2-135M layers [10, 20) bf16, 1 thread, prompt 32;
+# medians, load average 0.9): decode steps of 1 / 2 / 3 / 4 / 8 sessions cost 1 / 1.05 / 1.11 /
+# 1.18 / 1.40 of one; prefills of 1 / 2 / 3 / 4 / 8 prompts 1 / 1.51 / 2.03 / 2.52 / 4.47 of one.
+# Linear between the points and beyond the last two.
+BATCH_DECODE_COST = {1: 1.0, 2: 1.047, 3: 1.113, 4: 1.177, 8: 1.400}
+BATCH_PREFILL_COST = {1: 1.0, 2: 1.509, 3: 2.027, 4: 2.520, 8: 4.467}
+
+
+def batch_cost(curve: dict[int, float], sessions: int) -> float:
+    """A pass over ``sessions`` sessions relative to one alone, on a measured ``curve``."""
+    xs = sorted(curve)
+    if sessions <= xs[0] or len(xs) == 1:
+        return curve[xs[0]]
+    i = min(bisect.bisect_left(xs, sessions), len(xs) - 1)
+    x0, x1 = xs[i - 1], xs[i]
+    return curve[x0] + (curve[x1] - curve[x0]) * (sessions - x0) / (x1 - x0)
 
 
 # Settlement gas, bench/gas_report.py on the real contracts (README): a batch of 10 3-stage jobs

@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from dlis_market.settings import Settings
 from dlis_market.sim.errors import ScenarioError
-from dlis_market.sim.profiles import DEVICES, PREFILL_RATIO, DeviceProfile
+from dlis_market.sim.profiles import BATCH_DECODE_COST, BATCH_PREFILL_COST, DEVICES, PREFILL_RATIO, DeviceProfile
 from dlis_market.types import LayerRange
 
 UNIT = 10**18
@@ -49,6 +49,8 @@ class PeerGroup(_Model):
     # This group's own figures over its device class's, e.g. {compute_ms_per_layer: 1.52} as one
     # real worker measured itself (bench/sim_calibration.py writes such groups).
     profile: dict[str, float | int] = Field(default_factory=dict)
+    # the machine it runs on (a key of the scenario's ``hosts``): peers on one host share its cores
+    host: str | None = None
 
     @field_validator("layers", mode="before")
     @classmethod
@@ -111,6 +113,16 @@ class Overheads(_Model):
     open_ms: float = Field(default=0.0, ge=0)
     close_ms: float = Field(default=0.0, ge=0)
     pass_ms: float = Field(default=0.0, ge=0)
+
+
+class Host(_Model):
+    """A machine several peers run on (``make demo`` runs all its workers on one): while passes of
+    its peers run at once they share ``cores`` with ``background_threads`` runnable threads of
+    other programs, each pass at ``cores / (background + threads of the running passes)`` of its
+    own speed when that is below 1 (processor sharing, the way the kernel shares CPU time)."""
+
+    cores: float = Field(gt=0)
+    background_threads: float = Field(default=0.0, ge=0)
 
 
 class MarketRules(_Model):
@@ -183,11 +195,37 @@ class Scenario(_Model):
     # as broker/planning.py builds offers from announced throughput today)
     offers_track_load: bool = True
     overheads: Overheads = Field(default_factory=Overheads)
+    # How stage compute is timed. "chunked": each session's passes cost the stage's time under its
+    # current load (the measured slowdown curve), re-read every decode_chunk_tokens: cheap, for
+    # large networks. "batched": each peer runs one forward pass at a time over the steps queued
+    # for it, as the worker does (node/server.py): steps of the same token count merge into one
+    # pass of at most max_batch_sessions, after waiting up to batch_wait_ms for the other open
+    # sessions' steps (the settings' defaults); a pass costs batch_*_cost of one session's (the
+    # real Stage's measured curves); the broker opens one job's sessions at a time; a spot check
+    # re-runs the checked call on a replica, step by step; peers (and the broker's open and close
+    # work, broker_host) on one host share its cores (hosts); job_speed_cv is the host's speed, redrawn every
+    # speed_period_s, which every job running then shares. One event per token and stage.
+    stage_model: Literal["chunked", "batched"] = "chunked"
+    hosts: dict[str, Host] = Field(default_factory=dict)
+    broker_host: str | None = None  # the host the broker's open and close work runs on
+    batch_decode_cost: dict[int, float] = Field(default_factory=lambda: dict(BATCH_DECODE_COST))
+    batch_prefill_cost: dict[int, float] = Field(default_factory=lambda: dict(BATCH_PREFILL_COST))
+    batch_wait_ms: float = Field(default=4.0, ge=0)
+    max_batch_sessions: int = Field(default=16, ge=1)
+    speed_period_s: float = Field(default=1.0, gt=0)
+    pass_cv: float = Field(default=0.0, ge=0)  # batched: each stage pass's own jitter (lognormal, mean 1)
 
     @model_validator(mode="after")
     def _check(self) -> Scenario:
         known = self.device_table()
+        for curve in (self.batch_decode_cost, self.batch_prefill_cost):
+            if curve.get(1) != 1.0 or any(k < 1 or v <= 0 for k, v in curve.items()):
+                raise ValueError(f"a batch cost curve maps sessions >= 1 to costs > 0 with 1: 1.0, got {curve}")
+        if self.broker_host is not None and self.broker_host not in self.hosts:
+            raise ValueError(f"broker_host {self.broker_host!r} is not in hosts")
         for g in self.peers:
+            if g.host is not None and g.host not in self.hosts:
+                raise ValueError(f"peer group {g.device} {g.layers} runs on host {g.host!r}, not in hosts")
             if g.device not in known:
                 raise ValueError(f"peer group uses device {g.device!r}; known: {', '.join(sorted(known))}")
             if g.layers.end > self.model.num_layers:

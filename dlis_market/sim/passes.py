@@ -1,0 +1,289 @@
+"""The "batched" stage model: each peer's forward passes, one at a time, over its queued steps.
+
+Why: a real worker does not give each session its own compute. Its compute loop
+(``node/server.py``) takes every step queued while it was busy, waits up to ``batch_wait_ms``
+for the other open sessions' steps, merges the steps of the same token count into one forward
+pass (``node/sessions.py`` ``plan_batches``) and runs those passes one after another. So
+concurrent decode sessions share a pass that costs little more than one (the measured batch
+curve), a prefill that arrives while a decode pass runs waits for it, and simultaneous prefills
+merge. ``make demo`` also runs every worker on one machine: passes of different workers that run
+at the same time share its cores, the way the kernel shares CPU time between runnable threads.
+
+:class:`HostCpu` is that sharing (processor sharing with the host's background load);
+:class:`StageServer` is one peer's compute loop; :class:`BatchedStages` holds them for one run,
+with the broker's side (sessions opened one job at a time, its work on its host) and the speed
+spread. The job process in :mod:`.engine` sends each pass through the route's servers hop by hop.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable, Generator
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+import simpy
+
+from dlis_market.sim.network import PeerTable
+from dlis_market.sim.profiles import batch_cost
+from dlis_market.sim.scenario import Scenario
+
+
+@dataclass
+class _Work:
+    left_ms: float  # at full speed
+    threads: int
+    done: simpy.Event
+
+
+class HostCpu:
+    """``cores`` shared by the passes running on a host and ``background`` other runnable threads:
+    while the running passes keep ``n`` threads busy, each runs at ``min(1, cores / (background +
+    n))`` of its full speed (every runnable thread gets an equal share of the cores)."""
+
+    def __init__(self, env: simpy.Environment, cores: float, background: float) -> None:
+        self.env, self.cores, self.background = env, cores, background
+        self.running: list[_Work] = []
+        self.since = env.now
+        self.generation = 0
+
+    def speed(self) -> float:
+        demand = self.background + sum(w.threads for w in self.running)
+        return 1.0 if demand <= self.cores else self.cores / demand
+
+    def run(self, work_ms: float, threads: int) -> simpy.Event:
+        """An event that fires when ``work_ms`` of full-speed compute is done on this host."""
+        self._advance()
+        work = _Work(work_ms, threads, self.env.event())
+        self.running.append(work)
+        self._schedule()
+        return work.done
+
+    def _advance(self) -> None:
+        elapsed_ms = 1000.0 * (self.env.now - self.since) * self.speed()
+        for w in self.running:
+            w.left_ms -= elapsed_ms
+        self.since = self.env.now
+
+    def _schedule(self) -> None:
+        self.generation += 1
+        if self.running:
+            left = min(w.left_ms for w in self.running)
+            self.env.process(self._wake(self.generation, max(left, 0.0) / self.speed() / 1000.0))
+
+    def _wake(self, generation: int, after_s: float) -> Generator[simpy.Event, Any, None]:
+        yield self.env.timeout(after_s)
+        if generation != self.generation:  # the running set changed since: a later wake-up rules
+            return
+        self._advance()
+        finished = [w for w in self.running if w.left_ms <= 1e-9]
+        self.running = [w for w in self.running if w.left_ms > 1e-9]
+        for w in finished:
+            w.done.succeed()
+        self._schedule()
+
+
+@dataclass
+class Step:
+    """One session's input at one stage: ``tokens`` per session (1: a decode step)."""
+
+    session: int
+    tokens: int
+    done: simpy.Event
+    cancelled: bool = False  # its job failed over meanwhile: the pass skips it
+
+
+@dataclass
+class PassLog:
+    """What one server ran: passes and the session-steps in them, by phase."""
+
+    decode_passes: int = 0
+    decode_steps: int = 0
+    prefill_passes: int = 0
+    prefill_steps: int = 0
+    busy_s: float = 0.0
+
+
+@dataclass
+class StageServer:
+    """One peer's compute loop. ``pass_ms(tokens, sessions)`` is a pass's full-speed compute time
+    (the peer's per-layer time, layers, prefill ratio, batch curve and the host's speed factor);
+    ``open_sessions()`` how many sessions it holds (whose steps the loop waits for)."""
+
+    env: simpy.Environment
+    pass_ms: Callable[[int, int], float]
+    open_sessions: Callable[[], int]
+    host: HostCpu | None
+    threads: int
+    batch_wait_s: float
+    max_batch: int
+    queue: list[Step] = field(default_factory=list)
+    log: PassLog = field(default_factory=PassLog)
+
+    def __post_init__(self) -> None:
+        self.wake = self.env.event()
+        self.env.process(self._loop())
+
+    def submit(self, session: int, tokens: int) -> Step:
+        step = Step(session, tokens, self.env.event())
+        self.queue.append(step)
+        if not self.wake.triggered:
+            self.wake.succeed()
+        return step
+
+    def _loop(self) -> Generator[simpy.Event, Any, None]:
+        while True:
+            self.queue = [s for s in self.queue if not s.cancelled]
+            if not self.queue:
+                self.wake = self.env.event()
+                yield self.wake
+                continue
+            yield from self._gather()
+            taken: dict[int, list[Step]] = {}  # token count -> steps, in order of arrival
+            seen: set[int] = set()
+            deferred = []
+            for s in self.queue:
+                if s.cancelled:
+                    continue
+                if s.session in seen or len(seen) >= self.max_batch:
+                    deferred.append(s)
+                    continue
+                seen.add(s.session)
+                taken.setdefault(s.tokens, []).append(s)
+            self.queue = deferred
+            for tokens, steps in taken.items():
+                yield from self._run(tokens, steps)
+
+    def _gather(self) -> Generator[simpy.Event, Any, None]:
+        """node/server.py ``_gather``: wait for the steps of open sessions not queued yet."""
+        if self.batch_wait_s <= 0:
+            return
+        deadline = self.env.now + self.batch_wait_s
+        while len({s.session for s in self.queue}) < min(self.open_sessions(), self.max_batch):
+            left = deadline - self.env.now
+            if left <= 0:
+                return
+            self.wake = self.env.event()
+            yield self.wake | self.env.timeout(left)
+
+    def _run(self, tokens: int, steps: list[Step]) -> Generator[simpy.Event, Any, None]:
+        began = self.env.now
+        work = self.pass_ms(tokens, len(steps))
+        if self.host is None:
+            yield self.env.timeout(work / 1000.0)
+        else:
+            yield self.host.run(work, self.threads)
+        self.log.busy_s += self.env.now - began
+        if tokens == 1:
+            self.log.decode_passes += 1
+            self.log.decode_steps += len(steps)
+        else:
+            self.log.prefill_passes += 1
+            self.log.prefill_steps += len(steps)
+        for s in steps:
+            if not s.cancelled:
+                s.done.succeed()
+
+
+def pass_cost(tokens: int, sessions: int, prefill_ratio: float, decode: dict[int, float],
+              prefill: dict[int, float]) -> float:  # fmt: skip
+    """One pass over ``sessions`` sessions of ``tokens`` each, in decode steps of one session."""
+    if tokens == 1:
+        return batch_cost(decode, sessions)
+    return prefill_ratio * tokens * batch_cost(prefill, sessions)
+
+
+def lognormal(rng: np.random.Generator, cv: float) -> float:
+    """A draw of mean 1 and coefficient of variation ``cv`` (1.0 if 0)."""
+    if cv <= 0:
+        return 1.0
+    sigma = math.sqrt(math.log1p(cv * cv))
+    return float(rng.lognormal(-sigma * sigma / 2, sigma))
+
+
+class HoldsStep(Protocol):
+    peers: list[int]
+    step: Step | None
+
+
+class BatchedStages:
+    """One run's stage servers, hosts and broker side under the batched model."""
+
+    def __init__(self, env: simpy.Environment, sc: Scenario, table: PeerTable, seed: int) -> None:
+        self.env, self.sc, self.table, self.seed = env, sc, table, seed
+        hosts = {name: HostCpu(env, h.cores, h.background_threads) for name, h in sc.hosts.items()}
+        self.broker_opens = simpy.Resource(env, capacity=1)  # the broker opens one job's sessions at a time
+        self.broker_host = hosts[sc.broker_host] if sc.broker_host is not None else None
+        self.offset = float(np.random.default_rng([seed, 4]).uniform(0, sc.speed_period_s))
+        self.speeds: dict[int, float] = {}
+        self.jitter = np.random.default_rng([seed, 5])
+        self.servers = [
+            StageServer(env, functools.partial(self._pass_ms, i), functools.partial(self._open_sessions, i),
+                        hosts[spec.host] if spec.host is not None else None, spec.profile.threads,
+                        sc.batch_wait_ms / 1000.0, sc.max_batch_sessions)
+            for i, spec in enumerate(table.specs)
+        ]  # fmt: skip
+
+    def _pass_ms(self, peer: int, tokens: int, sessions: int) -> float:
+        sc = self.sc
+        c = pass_cost(tokens, sessions, sc.prefill_ratio, sc.batch_decode_cost, sc.batch_prefill_cost)
+        base = float(self.table.compute[peer]) * int(self.table.size[peer])
+        return base * c * self.speed_now() * lognormal(self.jitter, sc.pass_cv)
+
+    def _open_sessions(self, peer: int) -> int:
+        return int(self.table.sessions[peer])
+
+    def speed_now(self) -> float:
+        """The machine's speed now: ``job_speed_cv``'s lognormal, redrawn every ``speed_period_s``
+        (every job running in one period shares it: the load of other programs comes and goes)."""
+        window = int((self.env.now + self.offset) // self.sc.speed_period_s)
+        got = self.speeds.get(window)
+        if got is None:
+            rng = np.random.default_rng([self.seed, 3, window & 0xFFFFFFFF])
+            got = self.speeds[window] = lognormal(rng, self.sc.job_speed_cv)
+        return got
+
+    def broker_work(self, ms: float) -> Generator[simpy.Event, Any, None]:
+        """The broker's own work (opening, closing sessions, a pass's messaging): on its host it
+        shares the cores with the stages' passes (one thread: its event loop)."""
+        if self.broker_host is None:
+            yield self.env.timeout(self.speed_now() * ms / 1000.0)
+        else:
+            yield self.broker_host.run(self.speed_now() * ms, 1)
+
+    def open(self, ms: float) -> Generator[simpy.Event, Any, None]:
+        with self.broker_opens.request() as turn:
+            yield turn
+            yield from self.broker_work(ms)
+
+    def run_pass(self, job: HoldsStep, tokens: int) -> Generator[simpy.Event, Any, None]:
+        """One pass through the route's stage servers: each hop's link, then its queue and pass;
+        the last stage's answer back to the broker, and the broker's messaging (``pass_ms``)."""
+        t = self.table
+        size = t.activation_bytes_per_token * tokens
+        for i in job.peers:
+            yield self.env.timeout((t.latency[i] + 1000.0 * size / t.bandwidth[i]) / 1000.0)
+            job.step = self.servers[i].submit(id(job), tokens)
+            yield job.step.done
+        job.step = None
+        yield self.env.timeout(t.latency[job.peers[-1]] / 1000.0)
+        if self.sc.overheads.pass_ms > 0:
+            yield from self.broker_work(self.sc.overheads.pass_ms)
+
+    def replay(self, peer: int, prompt: int, new: int) -> Generator[simpy.Event, Any, None]:
+        """A spot check's re-run of ``peer``'s call on a replica (node/replay.py): a fresh session,
+        its prefill, then its decode steps one at a time, each from the broker and back."""
+        t = self.table
+        members = t.spans[(int(t.start[peer]), int(t.end[peer]))]
+        replica = int(members[t.up[members] & t.stake_ok[members] & (members != peer)][0])
+        link = 2 * float(t.latency[replica]) / 1000.0
+        key = object()  # the replay's own session
+        t.sessions[replica] += 1
+        try:
+            for tokens in [prompt] + [1] * max(new - 1, 0):
+                yield self.env.timeout(link)
+                yield self.servers[replica].submit(id(key), tokens).done
+        finally:
+            t.sessions[replica] -= 1
