@@ -1,12 +1,15 @@
 """Gas report of the market contracts on a real Anvil.
 
-Measures register, stake, and settling 3-stage jobs alone and in batches of 10 and 50, through both
+Measures register, stake, and settling 3-stage jobs alone and in batches of 10 and 50, through the
 settlement paths in the same run:
   * per-receipt (``settleBatch``): every stage signs its own receipt;
   * Merkle (``settleBatchMerkle``): every node signs one batch receipt over the Merkle root of its
     stages; the contract rebuilds the roots from the jobs' leaves;
-and two baselines: each job settled in its own transaction (batch of one), and three plain ERC-20
-pushes to the operators (no signatures checked, no escrow, no replay protection). Also redeeming a
+  * solo (``settleJob``, one job alone): the per-stage receipts, stages packed one word each, the
+    nodes and model looked up in one registry call, no batch id stored;
+and two baselines: each job settled in its own transaction (a batch of one through the batch
+paths), and three plain ERC-20 pushes to the operators (no signatures checked, no escrow, no
+replay protection). Also redeeming a
 probabilistic payment ticket, and what tickets cost per job and how much they make an operator's
 daily income vary, at the demo's prices (binomial model, checked against a seeded simulation).
 With ``--breakdown`` it traces the settlements (debug_traceCall) and splits gas into calldata,
@@ -44,6 +47,7 @@ from dlis_market.chain.job_market import (
     SignedReceipt,
     batch_receipts,
     merkle_batch_args,
+    pack_stage,
     rand_commitment,
     sign_authorization,
     sign_batch_receipt,
@@ -81,6 +85,14 @@ def _merkle(
     receipts = batch_receipts(m.broker.address, batch_id, mjobs)
     signed = {n: SignedBatchReceipt(b, sign_batch_receipt(keys[n], dom, b)) for n, b in receipts.items()}
     return mjobs, signed
+
+
+def _solo(job: SignedJob) -> tuple[Any, ...]:
+    """``settleJob``'s argument: the job's ``settleBatch`` tuple with each stage packed as
+    (``pack_stage(0, receipt)``, output hash, r, vs)."""
+    a, sig = job.authorization, job.signature
+    stages = [(pack_stage(0, r.receipt), r.receipt.output_hash, r.signature.r, r.signature.vs) for r in job.receipts]
+    return (a.client, a.model_id, a.max_cost, a.nonce, a.deadline, sig.r, sig.vs, stages)
 
 
 def _breakdown(m: LocalMarket, fn: Any) -> dict[str, int]:
@@ -163,8 +175,15 @@ def measure(m: LocalMarket, breakdown: bool = False) -> dict[str, Any]:
             )
         return int(market.settle_batch_merkle(m.broker, bid, mjobs, signed)["gasUsed"])
 
+    def solo(jobs: list[SignedJob], tag: str | None) -> int:
+        (job,) = jobs
+        fn = market.contract.functions.settleJob(_solo(job))
+        if tag:
+            traces[tag] = _breakdown(m, fn)
+        return int(market.client.transact(m.broker, fn)["gasUsed"])
+
     # alone: the least of three (the first pays for a fresh nonce word)
-    for name, settle in (("", per_receipt), ("merkle_", merkle)):
+    for name, settle in (("", per_receipt), ("merkle_", merkle), ("solo_", solo)):
         results[f"settle_{name}1_job"] = min(
             settle(jobs_of(1), f"{name or 'per_receipt_'}1" if breakdown and i == 2 else None) for i in range(3)
         )
@@ -211,8 +230,8 @@ def _ticket_gas(m: LocalMarket, client: Any, node: Any) -> int:
 
 def _per_job_breakdown(traces: dict[str, dict[str, int]]) -> dict[str, Any]:
     """Per path: gas by category of a job alone, and per job in a batch of 50 (the average and the
-    marginal cost of one more job, (batch 50 - batch 10) / 40)."""
-    out: dict[str, Any] = {}
+    marginal cost of one more job, (batch 50 - batch 10) / 40); settleJob only alone."""
+    out: dict[str, Any] = {"solo": {"alone": traces["solo_1"]}}
     for path in ("per_receipt_", "merkle_"):
         t1, t10, t50 = traces[f"{path}1"], traces[f"{path}10"], traces[f"{path}50"]
         keys = sorted(set(t1) | set(t10) | set(t50))
@@ -262,7 +281,11 @@ def main() -> None:
         r = measure(m, breakdown=args.breakdown)
     breakdown = r.pop("breakdown", None)
     single = r["settle_1_job"]
+    solo = r["settle_solo_1_job"]
     ratios = {
+        "solo_vs_per_receipt_alone": solo / single,
+        "solo_vs_merkle_alone": solo / r["settle_merkle_1_job"],
+        "solo_vs_push": solo / r["baseline_push_3_transfers"],
         "batch_10_per_job_vs_single": r["settle_batch_10_per_job"] / single,
         "batch_50_per_job_vs_single": r["settle_batch_50_per_job"] / single,
         "batch_50_per_job_vs_push": r["settle_batch_50_per_job"] / r["baseline_push_3_transfers"],
@@ -274,7 +297,7 @@ def main() -> None:
     tickets = ticket_model(r["redeem_ticket"])
     targets = {
         "merkle_batch_50_per_job": [r["settle_merkle_batch_50_per_job"], TARGET_BATCH_50],
-        "best_alone": [min(single, r["settle_merkle_1_job"]), TARGET_ALONE],
+        "best_alone": [min(single, r["settle_merkle_1_job"], solo), TARGET_ALONE],
     }
     report = {
         "gas": r,
@@ -304,8 +327,9 @@ def main() -> None:
     if breakdown:
         for path, parts in breakdown.items():
             print(f"breakdown {path}: per job in a batch of 50 (marginal) | alone")
+            marginal = parts.get("batch_50_marginal_per_job", {})
             for k in sorted(parts["alone"], key=lambda k: -parts["alone"][k]):
-                print(f"  {k:36s} {parts['batch_50_marginal_per_job'].get(k, 0):9,d} | {parts['alone'][k]:9,d}")
+                print(f"  {k:36s} {marginal.get(k, 0):9,d} | {parts['alone'][k]:9,d}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))
     print(f"wrote {args.out}")

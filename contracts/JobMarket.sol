@@ -10,7 +10,8 @@ import {SafeCast} from "@openzeppelin/contracts/utils/math/SafeCast.sol";
 import {Hashes} from "@openzeppelin/contracts/utils/cryptography/Hashes.sol";
 import {EIP712} from "@openzeppelin/contracts/utils/cryptography/EIP712.sol";
 import {ECDSA} from "@openzeppelin/contracts/utils/cryptography/ECDSA.sol";
-import {INodeRegistry} from "./interfaces/INodeRegistry.sol";
+import {MessageHashUtils} from "@openzeppelin/contracts/utils/cryptography/MessageHashUtils.sol";
+import {INodeRegistry, ROUTABLE_BIT} from "./interfaces/INodeRegistry.sol";
 
 /// @title JobMarket
 /// @notice Client escrow and batched per-job settlement of inference work.
@@ -50,6 +51,11 @@ import {INodeRegistry} from "./interfaces/INodeRegistry.sol";
 ///      authorization's deadline and max cost.
 ///      Gas: signatures use EIP-2098 compact form (r, vs); node lookups and payee credits are
 ///      aggregated per batch in memory so each distinct payee costs one storage write per batch.
+///      `settleJob` settles one job alone at the least gas: stages packed one word each, all its
+///      nodes and its model looked up in one registry call, one credit per paid stage. Protocol
+///      fees are credited to the treasury in the slot that holds the escrow total and fee rate
+///      (every settlement writes it anyway), and the claimable total is derived (everything held
+///      minus escrow), so no settlement writes a total or a treasury balance of its own.
 ///      `settleBatchMerkle` settles the same jobs with one signature per node per batch instead of
 ///      one per stage: each node signs a `BatchReceipt` over the Merkle root of its stages' receipt
 ///      leaves, which the contract rebuilds from the jobs in calldata (stages packed one word
@@ -117,9 +123,13 @@ contract JobMarket is AccessControl, ReentrancyGuardTransient, EIP712 {
         uint64 readyAt;
     }
 
+    /// @dev The one slot every settlement reads and writes: the escrow total, the protocol fees
+    ///      credited to the current treasury and not yet claimed (so a settlement's fee costs no
+    ///      write of its own), and the fee rate. 120 bits hold over 10**18 tokens of 18 decimals.
     struct Totals {
-        uint128 escrow;
-        uint128 claimable;
+        uint120 escrow;
+        uint120 fees;
+        uint16 feeBps;
     }
 
     /// @notice One stage of a job settled by `settleBatchMerkle`: the fields of its `Receipt`
@@ -143,6 +153,30 @@ contract JobMarket is AccessControl, ReentrancyGuardTransient, EIP712 {
         bytes32 r;
         bytes32 vs;
         MerkleStage[] stages;
+    }
+
+    /// @notice One stage of a `settleJob` job: the fields of its `Receipt` packed in one word as
+    ///         in `MerkleStage` (bits 223-192 start, 191-160 end, 159-128 tokens, 127-0 amount;
+    ///         bits 255-224 unused), its output hash, and the stage node's compact signature
+    ///         (r, vs) over that `Receipt` (the same signature `settleBatch` takes).
+    struct SignedStage {
+        uint256 packed;
+        bytes32 outputHash;
+        bytes32 r;
+        bytes32 vs;
+    }
+
+    /// @notice The job of a `settleJob` call: the client's authorization, its signature and the
+    ///         stages in layer order.
+    struct SingleJob {
+        address client;
+        bytes32 modelId;
+        uint256 maxCost;
+        uint256 nonce;
+        uint256 deadline;
+        bytes32 r;
+        bytes32 vs;
+        SignedStage[] stages;
     }
 
     /// @notice A node's one signature for a whole batch: an EIP-712 `BatchReceipt` over the Merkle
@@ -189,7 +223,6 @@ contract JobMarket is AccessControl, ReentrancyGuardTransient, EIP712 {
     uint64 private immutable _withdrawWindow;
     uint64 private immutable _maxAuthorizationLifetime;
     address private _treasury;
-    uint16 private _feeBps;
 
     mapping(address client => mapping(address broker => uint256)) private _escrow;
     mapping(address client => mapping(address broker => PendingWithdrawal)) private _withdrawals;
@@ -198,8 +231,12 @@ contract JobMarket is AccessControl, ReentrancyGuardTransient, EIP712 {
     mapping(address client => mapping(address spender => Spender)) private _spenders;
     mapping(address broker => mapping(bytes32 batchId => bool)) private _batchSettled;
     mapping(bytes32 ticketHash => bool) private _ticketRedeemed;
-    /// @dev Both sums in one slot (every settlement updates both).
+    /// @dev Escrow total, treasury fees and fee rate in one slot (see `Totals`).
     Totals private _totals;
+    /// @dev Everything the contract owes: escrow plus credited earnings. Settlement moves money
+    ///      between the two without changing it, so the claimable total is `_held - escrow`
+    ///      and settling writes no total of its own.
+    uint256 private _held;
 
     /// @notice Tokens were added to a client's escrow held for `broker`; `escrow` is that part now.
     event Deposited(address indexed client, address indexed broker, address from, uint256 amount, uint256 escrow);
@@ -314,7 +351,7 @@ contract JobMarket is AccessControl, ReentrancyGuardTransient, EIP712 {
         _token = token_;
         _registry = registry_;
         _treasury = treasury_;
-        _feeBps = feeBps_;
+        _totals.feeBps = feeBps_;
         if (withdrawWindow_ == 0) revert JobMarketInvalidWithdrawWindow(withdrawWindow_);
         if (maxAuthorizationLifetime_ == 0 || maxAuthorizationLifetime_ >= withdrawDelay_) {
             revert JobMarketInvalidAuthorizationLifetime(maxAuthorizationLifetime_, withdrawDelay_);
@@ -371,7 +408,8 @@ contract JobMarket is AccessControl, ReentrancyGuardTransient, EIP712 {
         uint256 amount = w.amount < available ? w.amount : available;
         delete _withdrawals[msg.sender][broker];
         _escrow[msg.sender][broker] = available - amount;
-        _totals.escrow -= uint128(amount); // amount <= this escrow <= the total
+        _totals.escrow -= uint120(amount); // amount <= this escrow <= the total
+        _held -= amount;
         emit Withdrawn(msg.sender, broker, amount);
         if (amount > 0) _token.safeTransfer(msg.sender, amount);
     }
@@ -425,11 +463,11 @@ contract JobMarket is AccessControl, ReentrancyGuardTransient, EIP712 {
         Payees memory payees =
             Payees(new address[](receiptCount), new address[](receiptCount), new uint256[](receiptCount), 0, 0, 0);
 
-        uint16 feeBps = _feeBps;
+        Totals memory totals = _totals;
         uint256 paid = 0;
         uint256 fees = 0;
         for (uint256 i = 0; i < jobs.length; ++i) {
-            (uint256 cost, uint256 fee) = _settleJob(i, jobs[i], feeBps, payees);
+            (uint256 cost, uint256 fee) = _settleJob(i, jobs[i], totals.feeBps, payees);
             paid += cost;
             fees += fee;
         }
@@ -439,8 +477,7 @@ contract JobMarket is AccessControl, ReentrancyGuardTransient, EIP712 {
             _claimable[operator] += payees.owed[k];
             emit PaymentCredited(operator, payees.nodes[k], batchId, payees.owed[k]);
         }
-        if (fees > 0) _claimable[_treasury] += fees;
-        _moveToClaimable(paid + fees);
+        _moveToClaimable(totals, paid, fees);
         emit BatchSettled(batchId, msg.sender, jobs.length, paid, fees);
     }
 
@@ -466,19 +503,47 @@ contract JobMarket is AccessControl, ReentrancyGuardTransient, EIP712 {
         nonReentrant
     {
         if (jobs.length == 0) revert JobMarketEmptyBatch();
-        Tally memory tally = _openTally(nodes);
-        uint16 feeBps = _feeBps;
+        Tally memory tally = _openTally(nodes, jobs[0].modelId);
+        Totals memory totals = _totals;
         uint256 paid = 0;
         uint256 fees = 0;
         for (uint256 i = 0; i < jobs.length; ++i) {
-            (uint256 cost, uint256 fee) = _settleMerkleJob(i, jobs[i], feeBps, nodes, tally);
+            (uint256 cost, uint256 fee) = _settleMerkleJob(i, jobs[i], totals.feeBps, nodes, tally);
             paid += cost;
             fees += fee;
         }
         _closeTally(batchId, nodes, tally);
-        if (fees > 0) _claimable[_treasury] += fees;
-        _moveToClaimable(paid + fees);
+        _moveToClaimable(totals, paid, fees);
         emit BatchSettled(batchId, msg.sender, jobs.length, paid, fees);
+    }
+
+    /// @notice Settle one job alone: the cheapest path for a single job. The same checks,
+    ///         payments and events as `settleBatch` with a batch of one (the client's
+    ///         authorization: signature, nonce, deadline and lifetime; every stage's `Receipt`
+    ///         signed by a registered node; coverage of the model's layers [0, numLayers);
+    ///         receipts + fee <= maxCost; escrow held for the caller; no self-dealing; receipts
+    ///         of registered nodes that are not routable forfeited with `ReceiptForfeited`), with
+    ///         the stages packed one word each (see `SignedStage`; amounts < 2**128), the nodes and
+    ///         the model looked up in one registry call, and no batch id taken or stored: the
+    ///         batch id of a job settled alone is `soloBatchId(jobId)` = keccak256(jobId) (what
+    ///         the broker's ledger names a batch of that one job), carried by its
+    ///         `PaymentCredited` events. As in `settleBatchMerkle`, the job's nonce is the replay
+    ///         guard (a replay reverts `JobMarketJobAlreadySettled`) and `batchSettled` stays
+    ///         false; there is no batch, so no `BatchSettled`: the job's `JobSettled` event (from
+    ///         this broker's transaction) is the record. Errors name job index 0. Each paid stage
+    ///         credits its node's operator (`PaymentCredited`, one per stage).
+    /// @param job the job: the client's authorization and its signature, the signed stages
+    function settleJob(SingleJob calldata job) external onlyRole(BROKER_ROLE) nonReentrant {
+        address client = job.client;
+        Totals memory totals = _totals;
+        bytes32 domain = _domainSeparatorV4(); // for all of the job's digests
+        (bytes32 jobId, address signer) = _consumeAuthorization(
+            0, client, job.modelId, job.maxCost, job.nonce, job.deadline, job.r, job.vs, domain
+        );
+        bytes32 batchId = soloBatchId(jobId);
+        uint256 cost = _payStages(batchId, job.stages, job.modelId, jobId, domain);
+        uint256 fee = _bill(0, client, signer, job.maxCost, jobId, cost, totals.feeBps);
+        _moveToClaimable(totals, cost, fee);
     }
 
     /// @notice Redeem a winning probabilistic payment ticket: credits `faceValue` to the operator
@@ -519,7 +584,7 @@ contract JobMarket is AccessControl, ReentrancyGuardTransient, EIP712 {
         if (revealed != t.recipientRandHash) {
             revert JobMarketTicketRandMismatch(ticketHash, t.recipientRandHash, revealed);
         }
-        address signer = ECDSA.recover(ticketHash, r, vs);
+        address signer = _recover(ticketHash, r, vs);
         if (signer != t.client && _spenders[t.client][signer].expiry == 0) {
             revert JobMarketInvalidTicketSignature(ticketHash, t.client, signer);
         }
@@ -531,7 +596,8 @@ contract JobMarket is AccessControl, ReentrancyGuardTransient, EIP712 {
         if (t.recipient == t.broker || operator == t.broker) {
             revert JobMarketTicketSelfDealing(ticketHash, t.recipient, operator);
         }
-        uint256 fee = (t.faceValue * _feeBps) / _BPS;
+        Totals memory totals = _totals;
+        uint256 fee = (t.faceValue * totals.feeBps) / _BPS;
         uint256 total = t.faceValue + fee;
         if (signer != t.client) {
             Spender storage sp = _spenders[t.client][signer];
@@ -546,17 +612,23 @@ contract JobMarket is AccessControl, ReentrancyGuardTransient, EIP712 {
         _ticketRedeemed[ticketHash] = true;
         part[t.broker] = escrow - total;
         _claimable[operator] += t.faceValue;
-        if (fee > 0) _claimable[_treasury] += fee;
-        _moveToClaimable(total);
+        _moveToClaimable(totals, t.faceValue, fee);
         emit TicketRedeemed(ticketHash, t.client, t.recipient, t.broker, operator, t.faceValue, fee);
     }
 
     /// @notice Pay out everything credited to the caller (node earnings, protocol fees).
     function claim() external nonReentrant {
         uint256 amount = _claimable[msg.sender];
+        if (msg.sender == _treasury) {
+            uint256 fees = _totals.fees;
+            if (fees > 0) {
+                amount += fees;
+                _totals.fees = 0;
+            }
+        }
         if (amount == 0) revert JobMarketNothingToClaim(msg.sender);
         _claimable[msg.sender] = 0;
-        _totals.claimable -= uint128(amount); // amount <= the total
+        _held -= amount; // amount <= what is owed
         emit Claimed(msg.sender, amount);
         _token.safeTransfer(msg.sender, amount);
     }
@@ -565,7 +637,10 @@ contract JobMarket is AccessControl, ReentrancyGuardTransient, EIP712 {
     function setFee(uint16 feeBps_, address treasury_) external onlyRole(DEFAULT_ADMIN_ROLE) {
         if (feeBps_ > _MAX_FEE_BPS) revert JobMarketInvalidFee(feeBps_, _MAX_FEE_BPS);
         if (treasury_ == address(0)) revert JobMarketZeroAddress();
-        _feeBps = feeBps_;
+        Totals memory totals = _totals;
+        // the fees credited so far stay the old treasury's (as if credited to its balance then)
+        if (totals.fees > 0) _claimable[_treasury] += totals.fees;
+        _totals = Totals(totals.escrow, 0, feeBps_);
         _treasury = treasury_;
         emit FeeChanged(feeBps_, treasury_);
     }
@@ -579,6 +654,15 @@ contract JobMarket is AccessControl, ReentrancyGuardTransient, EIP712 {
             mstore(0x00, and(client, 0xffffffffffffffffffffffffffffffffffffffff))
             mstore(0x20, nonce)
             id := keccak256(0x00, 0x40)
+        }
+    }
+
+    /// @notice The batch id that `settleJob`'s `PaymentCredited` events carry for the job `jobId`
+    ///         settled alone: keccak256(jobId), what the broker's ledger names a batch of one job.
+    function soloBatchId(bytes32 jobId) public pure returns (bytes32 id) {
+        assembly ("memory-safe") {
+            mstore(0x00, jobId)
+            id := keccak256(0x00, 0x20)
         }
     }
 
@@ -622,7 +706,9 @@ contract JobMarket is AccessControl, ReentrancyGuardTransient, EIP712 {
 
     /// @notice Earnings credited to `account` and not yet claimed.
     function claimableOf(address account) external view returns (uint256) {
-        return _claimable[account];
+        uint256 amount = _claimable[account];
+        if (account == _treasury) amount += _totals.fees;
+        return amount;
     }
 
     /// @notice Sum of all escrow balances.
@@ -632,12 +718,12 @@ contract JobMarket is AccessControl, ReentrancyGuardTransient, EIP712 {
 
     /// @notice Sum of all credited, unclaimed earnings.
     function totalClaimable() external view returns (uint256) {
-        return _totals.claimable;
+        return _held - _totals.escrow;
     }
 
     /// @notice Protocol fee in basis points, charged to the client on top of the receipts.
     function feeBps() external view returns (uint16) {
-        return _feeBps;
+        return _totals.feeBps;
     }
 
     /// @notice Receiver of protocol fees.
@@ -688,7 +774,8 @@ contract JobMarket is AccessControl, ReentrancyGuardTransient, EIP712 {
         if (!hasRole(BROKER_ROLE, broker)) revert JobMarketNotBroker(broker);
         uint256 escrow = _escrow[client][broker] + amount;
         _escrow[client][broker] = escrow;
-        _totals.escrow += SafeCast.toUint128(amount);
+        _totals.escrow += SafeCast.toUint120(amount);
+        _held += amount;
         emit Deposited(client, broker, msg.sender, amount, escrow);
         _token.safeTransferFrom(client, address(this), amount);
     }
@@ -697,13 +784,11 @@ contract JobMarket is AccessControl, ReentrancyGuardTransient, EIP712 {
         private
         returns (uint256 cost, uint256 fee)
     {
-        (bytes32 jobId, address signer) =
-            _consumeAuthorization(index, job.client, job.modelId, job.maxCost, job.nonce, job.deadline, job.r, job.vs);
+        (bytes32 jobId, address signer) = _consumeAuthorization(
+            index, job.client, job.modelId, job.maxCost, job.nonce, job.deadline, job.r, job.vs, _domainSeparatorV4()
+        );
         cost = _checkReceipts(index, job, jobId, payees);
-        fee = (cost * feeBps) / _BPS;
-        if (signer != job.client) _spend(index, job.client, signer, cost + fee);
-        _charge(index, job.client, job.maxCost, cost + fee);
-        emit JobSettled(jobId, job.client, cost, fee);
+        fee = _bill(index, job.client, signer, job.maxCost, jobId, cost, feeBps);
     }
 
     /// @dev Checks deadline and signature (the client's, or a spender's with a standing
@@ -719,7 +804,8 @@ contract JobMarket is AccessControl, ReentrancyGuardTransient, EIP712 {
         uint256 nonce,
         uint256 deadline,
         bytes32 r,
-        bytes32 vs
+        bytes32 vs,
+        bytes32 domain
     ) private returns (bytes32, address) {
         if (block.timestamp > deadline) revert JobMarketAuthorizationExpired(index, deadline, block.timestamp);
         uint256 maxDeadline = block.timestamp + _maxAuthorizationLifetime;
@@ -739,8 +825,8 @@ contract JobMarket is AccessControl, ReentrancyGuardTransient, EIP712 {
             mstore(add(p, 0xc0), deadline)
             structHash := keccak256(p, 0xe0)
         }
-        bytes32 authHash = _hashTypedDataV4(structHash);
-        address signer = ECDSA.recover(authHash, r, vs);
+        bytes32 authHash = MessageHashUtils.toTypedDataHash(domain, structHash);
+        address signer = _recover(authHash, r, vs);
         if (signer != client && _spenders[client][signer].expiry == 0) {
             revert JobMarketInvalidClientSignature(index, client, signer);
         }
@@ -750,6 +836,22 @@ contract JobMarket is AccessControl, ReentrancyGuardTransient, EIP712 {
         if (word & bit != 0) revert JobMarketJobAlreadySettled(index, client, nonce);
         bitmap[nonce >> 8] = word | bit;
         return (jobIdOf(client, nonce), signer);
+    }
+
+    /// @dev Charges the client (or its spender) cost + fee and records the job.
+    function _bill(
+        uint256 index,
+        address client,
+        address signer,
+        uint256 maxCost,
+        bytes32 jobId,
+        uint256 cost,
+        uint16 feeBps
+    ) private returns (uint256 fee) {
+        fee = (cost * feeBps) / _BPS;
+        if (signer != client) _spend(index, client, signer, cost + fee);
+        _charge(index, client, maxCost, cost + fee);
+        emit JobSettled(jobId, client, cost, fee);
     }
 
     /// @dev Draws `total` from a spender's standing authorization.
@@ -770,11 +872,19 @@ contract JobMarket is AccessControl, ReentrancyGuardTransient, EIP712 {
         part[msg.sender] = escrow - total;
     }
 
-    /// @dev Moves `amount` (settled, fees included) from the escrow total to the claimable total;
-    ///         amount <= what was debited from escrow parts, so both casts are exact.
-    function _moveToClaimable(uint256 amount) private {
-        Totals memory t = _totals;
-        _totals = Totals(t.escrow - uint128(amount), t.claimable + uint128(amount));
+    /// @dev Takes `paid` (credited to operators) + `fees` (credited to the treasury) off the
+    ///      escrow total `t` read before settling and writes the slot once. paid + fees <= what was
+    ///      debited from escrow parts <= the escrow total, so the casts are exact and the claimable
+    ///      total (`_held - escrow`) grows by exactly paid + fees.
+    function _moveToClaimable(Totals memory t, uint256 paid, uint256 fees) private {
+        uint256 escrow = t.escrow - (paid + fees);
+        uint256 feeTotal = SafeCast.toUint120(t.fees + fees); // fees owed, backed by tokens held
+        uint256 feeBps_ = t.feeBps;
+        assembly ("memory-safe") {
+            // one SSTORE of the whole slot (assigning the struct stores it field by field): escrow
+            // in bits 0-119, fees 120-239, feeBps 240-255, as `Totals` lays them out
+            sstore(_totals.slot, or(escrow, or(shl(120, feeTotal), shl(240, feeBps_))))
+        }
     }
 
     /// @dev Checks ranges, coverage and signatures; returns what the client pays for receipts
@@ -783,7 +893,8 @@ contract JobMarket is AccessControl, ReentrancyGuardTransient, EIP712 {
         private
         returns (uint256 cost)
     {
-        uint256 n = job.receipts.length;
+        StageReceipt[] calldata receipts = job.receipts; // decoded once, not per access
+        uint256 n = receipts.length;
         if (n == 0) revert JobMarketNoReceipts(index);
         uint32 numLayers;
         if (job.modelId == payees.lastModel && payees.lastModelLayers != 0) {
@@ -796,17 +907,12 @@ contract JobMarket is AccessControl, ReentrancyGuardTransient, EIP712 {
         }
         uint32 coveredTo = 0;
         for (uint256 j = 0; j < n; ++j) {
-            StageReceipt calldata rc = job.receipts[j];
+            StageReceipt calldata rc = receipts[j];
             if (rc.start != coveredTo || rc.end <= rc.start || rc.end > numLayers) {
                 revert JobMarketInvalidRange(index, j, rc.start, rc.end, coveredTo);
             }
             coveredTo = rc.end;
-            bytes32 digest = _hashTypedDataV4(
-                keccak256(
-                    abi.encode(RECEIPT_TYPEHASH, jobId, job.modelId, rc.start, rc.end, rc.tokens, rc.outputHash, rc.amount)
-                )
-            );
-            address node = ECDSA.recover(digest, rc.r, rc.vs);
+            address node = _recover(_hashTypedDataV4(_receiptHash(jobId, job.modelId, rc)), rc.r, rc.vs);
             if (_credit(payees, node, rc.amount, index, j)) {
                 cost += rc.amount;
             } else {
@@ -843,6 +949,82 @@ contract JobMarket is AccessControl, ReentrancyGuardTransient, EIP712 {
         return true;
     }
 
+    /// @dev `ECDSA.recover(digest, r, vs)` for an EIP-2098 compact signature, with its checks and
+    ///      errors (s in the lower half order, else `ECDSAInvalidSignatureS`, malleable; no signer,
+    ///      else `ECDSAInvalidSignature`), calling the ecrecover precompile on scratch memory
+    ///      instead of through OpenZeppelin's error-enum plumbing: it runs four times per job.
+    function _recover(bytes32 digest, bytes32 r, bytes32 vs) private view returns (address signer) {
+        bytes32 s = vs & bytes32(0x7fffffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff);
+        if (uint256(s) > 0x7FFFFFFFFFFFFFFFFFFFFFFFFFFFFFFF5D576E7357A4501DDFE92F46681B20A0) {
+            revert ECDSA.ECDSAInvalidSignatureS(s);
+        }
+        assembly ("memory-safe") {
+            let p := mload(0x40) // past the free memory pointer: not allocated, only read back below
+            mstore(p, digest)
+            mstore(add(p, 0x20), add(shr(255, vs), 27)) // v from the top bit of vs
+            mstore(add(p, 0x40), r)
+            mstore(add(p, 0x60), s)
+            mstore(0x00, 0) // the precompile writes nothing for an invalid signature
+            pop(staticcall(gas(), 0x01, p, 0x80, 0x00, 0x20))
+            signer := mload(0x00)
+        }
+        if (signer == address(0)) revert ECDSA.ECDSAInvalidSignature();
+    }
+
+    /// @dev `_checkReceipts` of `settleJob`, crediting as it goes: recovers every stage's signer,
+    ///      looks them and the model up in one registry call, then per stage checks range,
+    ///      registration and self-dealing and credits the operator (`PaymentCredited`, one per paid
+    ///      stage) or forfeits the receipt; finally checks coverage. Returns what the client pays.
+    ///      No external call follows the registry's (a view), and any failed check reverts all.
+    function _payStages(
+        bytes32 batchId,
+        SignedStage[] calldata stages,
+        bytes32 modelId,
+        bytes32 jobId,
+        bytes32 domain
+    ) private returns (uint256 cost) {
+        uint256 n = stages.length;
+        if (n == 0) revert JobMarketNoReceipts(0);
+        address[] memory nodes = new address[](n);
+        for (uint256 j = 0; j < n; ++j) {
+            SignedStage calldata st = stages[j];
+            bytes32 leaf = _receiptLeaf(jobId, modelId, st.packed, st.outputHash);
+            bytes32 digest = MessageHashUtils.toTypedDataHash(domain, leaf);
+            nodes[j] = _recover(digest, st.r, st.vs);
+        }
+        (uint32 numLayers, uint256[] memory info) = _registry.settlementInfoOf(modelId, nodes);
+        if (numLayers == 0) revert JobMarketUnknownModel(0, modelId);
+        uint32 coveredTo = 0;
+        for (uint256 j = 0; j < n; ++j) {
+            uint256 w = stages[j].packed;
+            uint32 start = uint32(w >> 192);
+            uint32 end = uint32(w >> 160);
+            if (start != coveredTo || end <= start || end > numLayers) {
+                revert JobMarketInvalidRange(0, j, start, end, coveredTo);
+            }
+            coveredTo = end;
+            address node = nodes[j];
+            uint256 entry = info[j];
+            address operator = address(uint160(entry));
+            if (operator == address(0)) revert JobMarketNodeNotRoutable(0, j, node);
+            if (node == msg.sender || operator == msg.sender) revert JobMarketSelfDealing(0, j, node, operator);
+            uint256 amount = uint128(w);
+            if (entry & ROUTABLE_BIT == 0) {
+                emit ReceiptForfeited(jobId, node, amount);
+                continue;
+            }
+            // amounts are below 2**128 and a job has far fewer than 2**128 stages: no overflow
+            unchecked {
+                cost += amount;
+            }
+            if (amount == 0) continue;
+            _claimable[operator] += amount;
+            emit PaymentCredited(operator, node, batchId, amount);
+        }
+        if (coveredTo != numLayers) revert JobMarketIncompleteCoverage(0, coveredTo, numLayers);
+    }
+
+
     /// @dev Per-batch memory state of `settleBatchMerkle`, one entry per `nodes` index: the
     ///      node's operator (zero when its receipts are forfeited), its leaves so far (sized by the
     ///      signed count), how many were filled and their amounts' sum; plus the last model's layers.
@@ -855,16 +1037,23 @@ contract JobMarket is AccessControl, ReentrancyGuardTransient, EIP712 {
         uint32 lastModelLayers;
     }
 
-    /// @dev Looks every batch node up once (registered, not the caller, not listed twice).
-    function _openTally(NodeBatch[] calldata nodes) private view returns (Tally memory tally) {
+    /// @dev Looks every batch node (registered, not the caller, not listed twice) and the first
+    ///      job's model up, in one registry call.
+    function _openTally(NodeBatch[] calldata nodes, bytes32 firstModel) private view returns (Tally memory tally) {
         uint256 k = nodes.length;
-        tally = Tally(new address[](k), new bytes32[][](k), new uint256[](k), new uint256[](k), 0, 0);
+        address[] memory keys = new address[](k);
         for (uint256 i = 0; i < k; ++i) {
-            address node = nodes[i].node;
+            keys[i] = nodes[i].node;
+        }
+        (uint32 numLayers, uint256[] memory info) = _registry.settlementInfoOf(firstModel, keys);
+        tally = Tally(new address[](k), new bytes32[][](k), new uint256[](k), new uint256[](k), firstModel, numLayers);
+        for (uint256 i = 0; i < k; ++i) {
+            address node = keys[i];
             for (uint256 j = 0; j < i; ++j) {
-                if (nodes[j].node == node) revert JobMarketDuplicateBatchNode(i, node);
+                if (keys[j] == node) revert JobMarketDuplicateBatchNode(i, node);
             }
-            (address operator, bool routable) = _registry.settlementInfo(node);
+            address operator = address(uint160(info[i]));
+            bool routable = info[i] & ROUTABLE_BIT != 0;
             if (operator == address(0)) revert JobMarketBatchNodeNotRegistered(i, node);
             if (node == msg.sender || operator == msg.sender) revert JobMarketBatchSelfDealing(i, node, operator);
             if (routable) tally.operators[i] = operator;
@@ -879,8 +1068,9 @@ contract JobMarket is AccessControl, ReentrancyGuardTransient, EIP712 {
         NodeBatch[] calldata nodes,
         Tally memory tally
     ) private returns (uint256 cost, uint256 fee) {
-        (bytes32 jobId, address signer) =
-            _consumeAuthorization(index, job.client, job.modelId, job.maxCost, job.nonce, job.deadline, job.r, job.vs);
+        (bytes32 jobId, address signer) = _consumeAuthorization(
+            index, job.client, job.modelId, job.maxCost, job.nonce, job.deadline, job.r, job.vs, _domainSeparatorV4()
+        );
         uint256 n = job.stages.length;
         if (n == 0) revert JobMarketNoReceipts(index);
         uint32 numLayers = tally.lastModelLayers;
@@ -920,10 +1110,7 @@ contract JobMarket is AccessControl, ReentrancyGuardTransient, EIP712 {
             }
         }
         if (coveredTo != numLayers) revert JobMarketIncompleteCoverage(index, coveredTo, numLayers);
-        fee = (cost * feeBps) / _BPS;
-        if (signer != job.client) _spend(index, job.client, signer, cost + fee);
-        _charge(index, job.client, job.maxCost, cost + fee);
-        emit JobSettled(jobId, job.client, cost, fee);
+        fee = _bill(index, job.client, signer, job.maxCost, jobId, cost, feeBps);
     }
 
     /// @dev Checks each node's count, total, root and signature, then credits its operator once.
@@ -939,12 +1126,35 @@ contract JobMarket is AccessControl, ReentrancyGuardTransient, EIP712 {
             bytes32 digest = _hashTypedDataV4(
                 keccak256(abi.encode(BATCH_RECEIPT_TYPEHASH, nb.node, msg.sender, batchId, root, sum, nb.count))
             );
-            address recovered = ECDSA.recover(digest, nb.r, nb.vs);
+            address recovered = _recover(digest, nb.r, nb.vs);
             if (recovered != nb.node) revert JobMarketInvalidBatchSignature(i, nb.node, recovered);
             address operator = tally.operators[i];
             if (operator == address(0) || sum == 0) continue; // forfeited (or nothing owed)
             _claimable[operator] += sum;
             emit PaymentCredited(operator, nb.node, batchId, sum);
+        }
+    }
+
+    /// @dev EIP-712 struct hash of a stage's `Receipt`, hashed in scratch memory past the free
+    ///      memory pointer (no allocation per receipt).
+    function _receiptHash(bytes32 jobId, bytes32 modelId, StageReceipt calldata rc) private pure returns (bytes32 h) {
+        bytes32 typeHash = RECEIPT_TYPEHASH;
+        uint32 start = rc.start;
+        uint32 end = rc.end;
+        uint32 tokens = rc.tokens;
+        bytes32 outputHash = rc.outputHash;
+        uint256 amount = rc.amount;
+        assembly ("memory-safe") {
+            let p := mload(0x40)
+            mstore(p, typeHash)
+            mstore(add(p, 0x20), jobId)
+            mstore(add(p, 0x40), modelId)
+            mstore(add(p, 0x60), start)
+            mstore(add(p, 0x80), end)
+            mstore(add(p, 0xa0), tokens)
+            mstore(add(p, 0xc0), outputHash)
+            mstore(add(p, 0xe0), amount)
+            h := keccak256(p, 0x100)
         }
     }
 

@@ -5,7 +5,7 @@ import {EIP712} from "@openzeppelin/contracts/utils/cryptography/EIP712.sol";
 import {ECDSA} from "@openzeppelin/contracts/utils/cryptography/ECDSA.sol";
 import {EnumerableSet} from "@openzeppelin/contracts/utils/structs/EnumerableSet.sol";
 import {IStakingManager} from "./interfaces/IStakingManager.sol";
-import {INodeRegistry} from "./interfaces/INodeRegistry.sol";
+import {INodeRegistry, ROUTABLE_BIT} from "./interfaces/INodeRegistry.sol";
 
 /// @title NodeRegistry
 /// @notice Who may serve: worker nodes bound to staked operators, and the models they serve.
@@ -46,6 +46,19 @@ contract NodeRegistry is INodeRegistry, EIP712 {
         string endpoint;
     }
 
+    /// @dev How a node is stored: the `Node` fields, with `active` packed next to `operator` so
+    ///      settlement's per-node check (`settlementInfo`, `settlementInfoOf`) reads one slot.
+    struct NodeRecord {
+        address operator;
+        bool active;
+        uint64 registeredAt;
+        uint64 updatedAt;
+        bytes32 attestationHash;
+        Capability capability;
+        string peerId;
+        string endpoint;
+    }
+
     /// @notice What an operator submits to register a node.
     struct NodeRegistration {
         address node;
@@ -66,7 +79,7 @@ contract NodeRegistry is INodeRegistry, EIP712 {
     }
 
     IStakingManager private immutable _staking;
-    mapping(address node => Node) private _nodes;
+    mapping(address node => NodeRecord) private _nodes;
     mapping(address operator => EnumerableSet.AddressSet) private _operatorNodes;
     EnumerableSet.AddressSet private _allNodes;
     mapping(bytes32 modelId => Model) private _models;
@@ -123,7 +136,7 @@ contract NodeRegistry is INodeRegistry, EIP712 {
         if (bytes(reg.endpoint).length == 0) revert NodeRegistryEmptyField("endpoint");
         if (!_staking.isActive(msg.sender)) revert NodeRegistryOperatorNotStaked(msg.sender);
         _checkBinding(reg.node, reg.peerId, deadline, bindingSignature);
-        Node storage n = _nodes[reg.node];
+        NodeRecord storage n = _nodes[reg.node];
         if (n.active) revert NodeRegistryAlreadyRegistered(reg.node, n.operator);
         address previousOperator = n.operator;
         if (previousOperator != address(0) && previousOperator != msg.sender) {
@@ -146,7 +159,7 @@ contract NodeRegistry is INodeRegistry, EIP712 {
     function updateNode(address node, string calldata endpoint, Capability calldata capability, bytes32 attestationHash)
         external
     {
-        Node storage n = _ownedActiveNode(node);
+        NodeRecord storage n = _ownedActiveNode(node);
         if (bytes(endpoint).length == 0) revert NodeRegistryEmptyField("endpoint");
         n.endpoint = endpoint;
         n.capability = capability;
@@ -157,7 +170,7 @@ contract NodeRegistry is INodeRegistry, EIP712 {
 
     /// @notice Remove a node from routing. Operator only. The record stays readable.
     function deregisterNode(address node) external {
-        Node storage n = _ownedActiveNode(node);
+        NodeRecord storage n = _ownedActiveNode(node);
         n.active = false;
         n.updatedAt = uint64(block.timestamp);
         emit NodeDeregistered(node, msg.sender);
@@ -212,9 +225,45 @@ contract NodeRegistry is INodeRegistry, EIP712 {
 
     /// @inheritdoc INodeRegistry
     function settlementInfo(address node) external view returns (address operator, bool routable) {
-        Node storage n = _nodes[node];
+        NodeRecord storage n = _nodes[node];
         operator = n.operator;
         routable = n.active && _staking.isActive(operator);
+    }
+
+    /// @inheritdoc INodeRegistry
+    function settlementInfoOf(bytes32 modelId, address[] calldata nodes)
+        external
+        view
+        returns (uint32 numLayers, uint256[] memory info)
+    {
+        numLayers = _models[modelId].numLayers;
+        uint256 n = nodes.length;
+        if (n > 256) {
+            // more keys than one staking mask holds: each operator's stake checked on its own
+            info = new uint256[](n);
+            for (uint256 i = 0; i < n; ++i) {
+                NodeRecord storage r = _nodes[nodes[i]];
+                address operator = r.operator;
+                info[i] = (r.active && _staking.isActive(operator) ? ROUTABLE_BIT : 0) | uint160(operator);
+            }
+            return (numLayers, info);
+        }
+        address[] memory operators = new address[](n);
+        uint256 activeNodes = 0; // bit i: node i is registered and not deregistered
+        for (uint256 i = 0; i < n; ++i) {
+            NodeRecord storage r = _nodes[nodes[i]];
+            operators[i] = r.operator;
+            if (r.active) activeNodes |= 1 << i;
+        }
+        uint256 routable = activeNodes & _staking.areActive(operators); // one staking call for all
+        assembly ("memory-safe") {
+            // the operators become the entries: same memory layout (length, then one word each),
+            // each entry gets its routable bit
+            info := operators
+        }
+        for (uint256 i = 0; i < n; ++i) {
+            info[i] |= ((routable >> i) & 1) << 160;
+        }
     }
 
     /// @inheritdoc INodeRegistry
@@ -224,15 +273,17 @@ contract NodeRegistry is INodeRegistry, EIP712 {
 
     /// @notice True when the node is registered and its operator meets the minimum stake.
     function isRoutable(address node) public view returns (bool) {
-        Node storage n = _nodes[node];
+        NodeRecord storage n = _nodes[node];
         return n.active && _staking.isActive(n.operator);
     }
 
     /// @notice Full record of a node (reverts for a key that was never registered).
     function getNode(address node) external view returns (Node memory) {
-        Node memory n = _nodes[node];
-        if (n.operator == address(0)) revert NodeRegistryUnknownNode(node);
-        return n;
+        NodeRecord storage r = _nodes[node];
+        if (r.operator == address(0)) revert NodeRegistryUnknownNode(node);
+        return Node(
+            r.operator, r.registeredAt, r.updatedAt, r.active, r.attestationHash, r.capability, r.peerId, r.endpoint
+        );
     }
 
     /// @notice Signing addresses of the nodes an operator has registered.
@@ -286,7 +337,7 @@ contract NodeRegistry is INodeRegistry, EIP712 {
         }
     }
 
-    function _ownedActiveNode(address node) private view returns (Node storage n) {
+    function _ownedActiveNode(address node) private view returns (NodeRecord storage n) {
         n = _nodes[node];
         if (!n.active) revert NodeRegistryUnknownNode(node);
         if (n.operator != msg.sender) revert NodeRegistryNotOperator(node, msg.sender);

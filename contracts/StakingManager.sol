@@ -71,6 +71,7 @@ contract StakingManager is IStakingManager, AccessControl, ReentrancyGuard {
     error StakingManagerNothingToSlash(address operator);
     error StakingManagerNothingToClaim(address account);
     error StakingManagerInvalidBps(uint16 bps);
+    error StakingManagerTooManyOperators(uint256 count, uint256 max);
 
     /// @param token_ the staking token
     /// @param admin receives DEFAULT_ADMIN_ROLE
@@ -207,6 +208,17 @@ contract StakingManager is IStakingManager, AccessControl, ReentrancyGuard {
     /// @inheritdoc IStakingManager
     function isActive(address operator) external view returns (bool) {
         return _minStake > 0 ? _active[operator] >= _minStake : _active[operator] > 0;
+    }
+
+    /// @inheritdoc IStakingManager
+    function areActive(address[] calldata operators) external view returns (uint256 mask) {
+        uint256 n = operators.length;
+        if (n > 256) revert StakingManagerTooManyOperators(n, 256);
+        uint256 minStake = _minStake;
+        for (uint256 i = 0; i < n; ++i) {
+            uint256 stake = _active[operators[i]];
+            if (minStake > 0 ? stake >= minStake : stake > 0) mask |= 1 << i;
+        }
     }
 
     /// @notice Stake in unbonding and the time it can be withdrawn.

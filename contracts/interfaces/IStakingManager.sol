@@ -9,4 +9,8 @@ interface IStakingManager {
 
     /// @notice True when the operator's active stake is at least the minimum stake.
     function isActive(address operator) external view returns (bool);
+
+    /// @notice `isActive` of up to 256 operators in one call: bit i of `mask` is
+    ///         `isActive(operators[i])` (the registry checks all the nodes of a job at once).
+    function areActive(address[] calldata operators) external view returns (uint256 mask);
 }

@@ -568,6 +568,20 @@ def two_stage(market, client, broker, nonce: int, a: int = 3 * UNIT, b: int = 2 
     return make_job(market, client, broker, nonce, [(NODES[0], 0, 12, a), (NODES[1], 12, MODEL_LAYERS, b)], **kw)
 
 
+def solo(job: SignedJob | tuple) -> tuple:
+    """``settleJob``'s argument for a job (or its ``settleBatch`` tuple, possibly tampered with):
+    each stage as (packed start/end/tokens/amount, output hash, r, vs), the packing of
+    ``JobMarket.SignedStage`` (bits 223-192 start, 191-160 end, 159-128 tokens, 127-0 amount)."""
+    t = job.as_tuple() if isinstance(job, SignedJob) else job
+    stages = [(s << 192 | e << 160 | tok << 128 | amt, out, r, vs) for s, e, tok, amt, out, r, vs in t[7]]
+    return (*t[:7], stages)
+
+
+def settle_solo(market, broker, job: SignedJob | tuple):
+    """Settle one job alone through ``settleJob``."""
+    return market.settleJob(solo(job), {"from": broker})
+
+
 def batch_id(tag: str) -> bytes:
     return keccak(text=f"batch-{tag}")
 

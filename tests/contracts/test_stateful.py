@@ -3,7 +3,8 @@
 Random sequences of staking, unstaking, withdrawals, slashes, deposits, escrow withdrawals (not
 ready, ready, expired), settlement batches (valid, forged, replayed, over budget, under-escrowed,
 with unroutable nodes whose receipts are forfeited), the same batches through settleBatchMerkle
-(one batch receipt per node; forged totals, roots and node keys), claims and time jumps. Two brokers settle
+(one batch receipt per node; forged totals, roots and node keys), single jobs through settleJob,
+claims and time jumps. Two brokers settle
 (roles["broker"] and roles["stranger"], both with BROKER_ROLE) and each client holds a part of its
 escrow for each, so deposits, withdrawal requests and charges are fuzzed per (client, broker). A
 Python model predicts every outcome (success, or the exact custom error); after every step the
@@ -53,6 +54,7 @@ from conftest import (
     read_many,
     resign,
     sign_batch,
+    solo,
 )
 from eth_utils import keccak
 from hypothesis import strategies as st
@@ -488,6 +490,34 @@ class MarketMachine:
             self._ok(exc)
             ev = tx.events["BatchSettled"][0]
             assert (ev["jobs"], ev["broker"]) == (n_jobs, settler)
+            self.model = model
+
+    def rule_settle_solo(
+        self,
+        client="st_client",
+        broker="st_broker",
+        nonce="st_nonce",
+        a="st_amount",
+        b="st_amount",
+        shape="st_shape",
+        forgery="st_forgery",
+        budget="st_budget",
+    ):
+        """One job through settleJob (settled alone): the outcome predicted as for a batch of one
+        (every forgery, replay, budget, escrow and forfeit), no BatchSettled, nothing recorded
+        under a batch id."""
+        t, stages, _cost, _total, max_cost, _job = self._build(client, broker, nonce, a, b, shape, forgery, budget)
+        model = copy.deepcopy(self.model)
+        expected = self._predict(model, 0, client, broker, nonce, stages, max_cost, forgery)
+        settler = self.roles[broker]
+        others_before = self._parts_of(_other_broker(broker))
+        tx, exc = self._attempt(self.d.market.settleJob, solo(t), {"from": settler})
+        assert self._parts_of(_other_broker(broker)) == others_before
+        if expected:
+            self._expect(exc, expected[0], *expected[1])
+        else:
+            self._ok(exc)
+            assert "BatchSettled" not in tx.events
             self.model = model
 
     def _parts_of(self, broker) -> list[int]:
