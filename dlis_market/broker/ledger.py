@@ -1,9 +1,8 @@
 """The broker's ledger: jobs, authorizations, receipts and settlement batches in a real database.
 
-SQLite by default (a file under ``$DLIS_HOME``); any SQLAlchemy URL works. Token amounts and
-nonces are uint256 on chain, wider than SQL integers, so they are stored as decimal strings
-(:class:`Uint256`) and read back as Python ints. A job's completion and its receipts are written
-in one transaction, and a batch row is committed before its transaction is sent, so a crash at any
+SQLite by default (a file under ``$DLIS_HOME``); any SQLAlchemy URL works. The tables and the
+uint256 column type are :mod:`.ledger_schema` (re-exported here). A job's completion and its
+receipts are written in one transaction, and a batch row is committed before its transaction is sent, so a crash at any
 point loses no receipt and can never pay a job twice (JobMarket refuses a used nonce or batch id).
 
 Several broker processes may share one PostgreSQL ledger (:mod:`.cluster`): each job names the
@@ -11,9 +10,11 @@ process that runs it (``owner``, a heartbeating instance), an admission's open-j
 write hold a per-client transaction lock, and the settle epoch lives in the database, so what one
 process guarantees alone holds across all of them. On SQLite (one process) none of that applies.
 
-Why one module of this size: every table, and every multi-row transaction over them (admit, record
-a job with its receipts, open and close a batch, the group commit), is here, so what "one
-transaction" covers is read in one place; the service and the settler only call these methods.
+Why one module of this size: every transaction over the ledger's tables (admit, record a job with
+its receipts, reclaim after a crash, open and close a batch, the group commit, API keys and
+idempotency keys) is a method of one :class:`Ledger` that holds the engine, the shared-ledger
+locks and the settle epoch, so what "one transaction" covers is read in one place; the service and
+the settler only call these methods. The tables are in :mod:`.ledger_schema`.
 """
 
 from __future__ import annotations
@@ -22,34 +23,32 @@ import json
 import math
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
-from enum import StrEnum
 from typing import Any, Literal, TypeVar
 
 from eth_utils import keccak
-from sqlalchemy import (
-    BigInteger,
-    ForeignKey,
-    String,
-    Text,
-    TypeDecorator,
-    UniqueConstraint,
-    delete,
-    func,
-    insert,
-    inspect,
-    select,
-    text,
-    update,
-)
+from sqlalchemy import delete, func, insert, inspect, select, text, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship, sessionmaker
+from sqlalchemy.orm import Session, sessionmaker
 
+from dlis_market.broker.ledger_schema import (
+    ApiKeyRequestRow,
+    ApiKeyRow,
+    Base,
+    BatchRow,
+    CounterRow,
+    IdempotencyRow,
+    InstanceRow,
+    JobRow,
+    JobStatus,
+    LedgerError,
+    NewJob,
+    NewReceipt,
+    ReceiptRow,
+)
 from dlis_market.db import open_engine
-from dlis_market.errors import BrokerError
 from dlis_market.protocol.pricing import fee_on
 from dlis_market.settings import Settings
 
@@ -63,196 +62,20 @@ SETTLE_EPOCH = "settle_epoch"
 OPEN_STATUSES = ("queued", "running", "completed")
 
 
-class LedgerError(BrokerError):
-    """The ledger refused an operation (duplicate job, unknown job, bad state)."""
-
-
-class JobStatus(StrEnum):
-    """A job's life: queued -> running -> completed -> settled; or failed (nothing is owed: it never
-    completed), or unpayable (completed, but JobMarket would not pay its receipts: the reason and
-    its evidence are in ``error``, the receipts are kept)."""
-
-    QUEUED = "queued"
-    RUNNING = "running"
-    COMPLETED = "completed"
-    FAILED = "failed"
-    UNPAYABLE = "unpayable"
-    SETTLED = "settled"
-
-
-class Uint256(TypeDecorator[int]):
-    """uint256 stored exactly as a decimal string."""
-
-    impl = String(80)
-    cache_ok = True
-
-    def process_bind_param(self, value: int | None, dialect: Any) -> str | None:
-        if value is None:
-            return None
-        if value < 0 or value >= 2**256:
-            raise LedgerError(f"{value} does not fit uint256")
-        return str(int(value))
-
-    def process_result_value(self, value: str | None, dialect: Any) -> int | None:
-        return None if value is None else int(value)
-
-
-class Base(DeclarativeBase):
-    pass
-
-
-class JobRow(Base):
-    __tablename__ = "jobs"
-
-    id: Mapped[str] = mapped_column(String(66), primary_key=True)  # 0x + keccak(client, nonce)
-    client: Mapped[str] = mapped_column(String(42), index=True)
-    nonce: Mapped[int] = mapped_column(Uint256)
-    model: Mapped[str] = mapped_column(String(128))
-    model_id: Mapped[str] = mapped_column(String(66))
-    status: Mapped[str] = mapped_column(String(16), index=True)  # a JobStatus
-    request_json: Mapped[str] = mapped_column(Text)
-    max_cost: Mapped[int] = mapped_column(Uint256)
-    deadline: Mapped[int] = mapped_column(BigInteger)  # unix seconds: past 2038 on PostgreSQL too
-    auth_signature: Mapped[str] = mapped_column(String(132))
-    route_json: Mapped[str | None] = mapped_column(Text, default=None)
-    answer: Mapped[str | None] = mapped_column(Text, default=None)
-    token_ids_json: Mapped[str | None] = mapped_column(Text, default=None)
-    prompt_tokens: Mapped[int] = mapped_column(default=0)
-    completion_tokens: Mapped[int] = mapped_column(default=0)
-    cost: Mapped[int | None] = mapped_column(Uint256, default=None)
-    fee: Mapped[int | None] = mapped_column(Uint256, default=None)
-    fallback: Mapped[bool] = mapped_column(default=False)
-    ttft_ms: Mapped[float | None] = mapped_column(default=None)
-    latency_ms: Mapped[float | None] = mapped_column(default=None)
-    error: Mapped[str | None] = mapped_column(Text, default=None)
-    batch_id: Mapped[str | None] = mapped_column(ForeignKey("batches.id"), default=None, index=True)
-    owner: Mapped[str | None] = mapped_column(String(64), default=None, index=True)  # broker instance running it
-    created_at: Mapped[float] = mapped_column(default=time.time)
-    updated_at: Mapped[float] = mapped_column(default=time.time, onupdate=time.time)
-
-    receipts: Mapped[list[ReceiptRow]] = relationship(order_by="ReceiptRow.stage", cascade="all, delete-orphan")
-
-
-class ReceiptRow(Base):
-    __tablename__ = "receipts"
-    __table_args__ = (UniqueConstraint("job_id", "stage"),)
-
-    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=True)
-    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id"), index=True)
-    stage: Mapped[int]
-    node: Mapped[str] = mapped_column(String(42), index=True)
-    start: Mapped[int]
-    end: Mapped[int]
-    tokens: Mapped[int]
-    output_hash: Mapped[str] = mapped_column(String(66))
-    amount: Mapped[int] = mapped_column(Uint256)
-    signature: Mapped[str] = mapped_column(String(132))
-
-
-class BatchRow(Base):
-    __tablename__ = "batches"
-
-    id: Mapped[str] = mapped_column(String(66), primary_key=True)
-    status: Mapped[str] = mapped_column(String(16), index=True)  # pending settled failed
-    tx_hash: Mapped[str | None] = mapped_column(String(66), default=None)
-    block: Mapped[int | None] = mapped_column(BigInteger, default=None)
-    error: Mapped[str | None] = mapped_column(Text, default=None)
-    attempts: Mapped[int] = mapped_column(default=0)
-    created_at: Mapped[float] = mapped_column(default=time.time)
-    updated_at: Mapped[float] = mapped_column(default=time.time, onupdate=time.time)
-
-
-class InstanceRow(Base):
-    """A broker process on a shared ledger and its last heartbeat (database clock, epoch seconds)."""
-
-    __tablename__ = "broker_instances"
-
-    id: Mapped[str] = mapped_column(String(64), primary_key=True)
-    started_at: Mapped[float]
-    heartbeat_at: Mapped[float] = mapped_column(index=True)
-
-
-class CounterRow(Base):
-    """Named counters every process of a shared ledger sees (the settle epoch)."""
-
-    __tablename__ = "counters"
-
-    name: Mapped[str] = mapped_column(String(32), primary_key=True)
-    value: Mapped[int] = mapped_column(default=0)
-
-
-class ApiKeyRow(Base):
-    __tablename__ = "api_keys"
-
-    key_hash: Mapped[str] = mapped_column(String(66), primary_key=True)
-    client: Mapped[str] = mapped_column(String(42))
-    cap: Mapped[int] = mapped_column(Uint256)
-    spent: Mapped[int] = mapped_column(Uint256, default=0)
-    expires_at: Mapped[int] = mapped_column(BigInteger)
-    signer_key: Mapped[str] = mapped_column(Text)  # encrypted keyfile JSON of the client's signing key
-    created_at: Mapped[float] = mapped_column(default=time.time)
-
-
-class ApiKeyRequestRow(Base):
-    """A signed ``ApiKeyRequest`` the broker has answered, by its EIP-712 digest: the same request
-    sent again is refused, not answered with a second key."""
-
-    __tablename__ = "api_key_requests"
-
-    digest: Mapped[str] = mapped_column(String(66), primary_key=True)
-    client: Mapped[str] = mapped_column(String(42), index=True)
-    created_at: Mapped[float] = mapped_column(default=time.time)
-
-
-class IdempotencyRow(Base):
-    """A request that admitted a job, by its idempotency key: a retry gets the same job."""
-
-    __tablename__ = "idempotency"
-
-    scope: Mapped[str] = mapped_column(String(66), primary_key=True)  # client address or API key hash
-    key: Mapped[str] = mapped_column(String(256), primary_key=True)
-    body_hash: Mapped[str] = mapped_column(String(66))
-    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id"))
-    created_at: Mapped[float] = mapped_column(default=time.time, index=True)
-
-
-@dataclass(frozen=True)
-class NewJob:
-    """A job as admission writes it. With a ``route`` it is written as running on that route (its
-    backend session opens next; after a crash its stages are asked for receipts), else queued."""
-
-    id: str
-    client: str
-    nonce: int
-    model: str
-    model_id: str
-    request: dict[str, Any]
-    max_cost: int
-    deadline: int
-    auth_signature: str
-    route: list[dict[str, Any]] | None = None
-    fallback: bool = False
-    owner: str | None = None  # the broker instance that runs it (Ledger.instance)
-
-
-@dataclass(frozen=True)
-class NewReceipt:
-    stage: int
-    node: str
-    start: int
-    end: int
-    tokens: int
-    output_hash: str
-    amount: int
-    signature: str
-
-
 def db_now(s: Session) -> float:
     """The database's clock in epoch seconds (PostgreSQL), so processes on several machines agree
     on heartbeat ages; this machine's clock elsewhere."""
     if s.get_bind().dialect.name == "postgresql":
         return float(s.scalar(text("SELECT extract(epoch FROM clock_timestamp())::float8")) or 0.0)
     return time.time()
+
+
+def _with_receipts(rows: Iterable[JobRow]) -> list[JobRow]:
+    """The jobs with their receipts loaded, so they can be read after their session closes."""
+    out = list(rows)
+    for r in out:
+        _ = r.receipts
+    return out
 
 
 def batch_id_for(job_ids: Sequence[str]) -> str:
@@ -349,8 +172,9 @@ class Ledger:
     @staticmethod
     def add_job(s: Session, job: NewJob) -> JobRow:
         """Write a new job in session ``s`` (a :class:`LedgerError` when its id exists)."""
+        taken = f"job {job.id} (client {job.client}, nonce {job.nonce}) already exists; use a new nonce"
         if s.get(JobRow, job.id) is not None:
-            raise LedgerError(f"job {job.id} (client {job.client}, nonce {job.nonce}) already exists; use a new nonce")
+            raise LedgerError(taken)
         row = JobRow(
             id=job.id,
             client=job.client,
@@ -371,24 +195,17 @@ class Ledger:
         try:
             s.flush()
         except IntegrityError as exc:  # written by another process meanwhile
-            raise LedgerError(
-                f"job {job.id} (client {job.client}, nonce {job.nonce}) already exists; use a new nonce"
-            ) from exc
+            raise LedgerError(taken) from exc
         return row
 
     def get_job(self, job_id: str) -> JobRow | None:
         with self.session() as s:
             row = s.get(JobRow, job_id)
-            if row is not None:
-                _ = row.receipts  # load before the session closes
-            return row
+            return None if row is None else _with_receipts([row])[0]
 
     def recent_jobs(self, limit: int = 50) -> list[JobRow]:
         with self.session() as s:
-            rows = list(s.scalars(select(JobRow).order_by(JobRow.created_at.desc()).limit(limit)))
-            for r in rows:
-                _ = r.receipts
-            return rows
+            return _with_receipts(s.scalars(select(JobRow).order_by(JobRow.created_at.desc()).limit(limit)))
 
     def mark_running(self, job_id: str, route: Any, fallback: bool) -> None:
         with self.session() as s:
@@ -531,11 +348,7 @@ class Ledger:
             q = select(JobRow).where(JobRow.status == JobStatus.COMPLETED, JobRow.batch_id.is_(None))
             if exclude:
                 q = q.where(JobRow.id.not_in(list(exclude)))
-            q = q.order_by(JobRow.created_at).limit(limit)
-            rows = list(s.scalars(q))
-            for r in rows:
-                _ = r.receipts
-            return rows
+            return _with_receipts(s.scalars(q.order_by(JobRow.created_at).limit(limit)))
 
     def create_batch(self, job_ids: Sequence[str]) -> str:
         """Assign jobs to a new pending batch (committed before anything is sent)."""
@@ -556,10 +369,9 @@ class Ledger:
 
     def batch_jobs(self, batch_id: str) -> list[JobRow]:
         with self.session() as s:
-            rows = list(s.scalars(select(JobRow).where(JobRow.batch_id == batch_id).order_by(JobRow.created_at)))
-            for r in rows:
-                _ = r.receipts
-            return rows
+            return _with_receipts(
+                s.scalars(select(JobRow).where(JobRow.batch_id == batch_id).order_by(JobRow.created_at))
+            )
 
     def note_attempt(self, batch_id: str) -> None:
         with self.session() as s:

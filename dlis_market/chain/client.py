@@ -39,10 +39,11 @@ class _ErrorAbi:
     input_types: list[str]
 
 
-def _abi_type(inp: dict[str, Any]) -> str:
+def abi_type(inp: dict[str, Any]) -> str:
+    """Canonical ABI type of an input (tuples spelled out, as in selectors)."""
     t = str(inp["type"])
     if t.startswith("tuple"):
-        inner = ",".join(_abi_type(c) for c in inp["components"])
+        inner = ",".join(abi_type(c) for c in inp["components"])
         return f"({inner}){t[5:]}"
     return t
 
@@ -78,7 +79,7 @@ class ChainClient:
             for item in info.abi:
                 if item.get("type") != "error":
                     continue
-                types = [_abi_type(i) for i in item.get("inputs", [])]
+                types = [abi_type(i) for i in item.get("inputs", [])]
                 selector = keccak(text=f"{item['name']}({','.join(types)})")[:4]
                 names = [i.get("name") or f"arg{k}" for k, i in enumerate(item.get("inputs", []))]
                 self._errors.setdefault(selector, _ErrorAbi(name, item["name"], names, types))

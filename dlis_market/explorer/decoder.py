@@ -13,16 +13,8 @@ from typing import Any
 from eth_abi import decode as abi_decode
 from eth_utils import keccak, to_checksum_address
 
+from dlis_market.chain.client import abi_type
 from dlis_market.chain.deployment import Deployment
-
-
-def abi_type(inp: dict[str, Any]) -> str:
-    """Canonical ABI type of an input (tuples spelled out, as in selectors)."""
-    t = str(inp["type"])
-    if t.startswith("tuple"):
-        inner = ",".join(abi_type(c) for c in inp["components"])
-        return f"({inner}){t[5:]}"
-    return t
 
 
 def signature(item: dict[str, Any]) -> str:

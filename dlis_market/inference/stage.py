@@ -5,7 +5,7 @@ meta device (buffers such as rotary frequencies are real) and assigns only this 
 layers outside the range are dropped, so resident memory scales with the range. Nothing is kept
 if any check fails.
 
-**Device.** ``device`` (``auto``, ``cpu``, ``cuda``; :func:`resolve_device`) holds the weights, the
+**Device.** ``device`` (``auto``, ``cpu``, ``cuda``; :func:`.device.resolve_device`) holds the weights, the
 KV caches and the activations: the stage's tensors move there once the checks above pass
 (bitsandbytes int8 / nf4 weights are made there directly, so their CUDA kernels run on them),
 and inputs from the wire are moved there on arrival. Outputs come back to the CPU, where they
@@ -14,8 +14,9 @@ CPU stage's for the same values); ``forward(..., keep_on_device=True)`` keeps hi
 the device for the next stage of a :class:`~dlis_market.inference.pipeline.LocalPipeline`.
 Sampling runs on the CPU, so a seed gives the same tokens for the same logits on any device.
 
-Why one module of this size: loading, sessions and the batched forward share the stage's model,
-caches and adapter hooks; the family specifics, KV cache, sampling and adapters live elsewhere.
+Loading, sessions and the batched forward share the stage's model, caches and adapter hooks, so
+they are one class; choosing and moving to the device (:mod:`.device`), the family specifics, KV
+cache, sampling and adapters live elsewhere.
 """
 
 from __future__ import annotations
@@ -30,8 +31,8 @@ from torch import nn
 from transformers import CONFIG_MAPPING, PretrainedConfig
 from transformers.cache_utils import DynamicCache
 
-from dlis_market.errors import InferenceError
 from dlis_market.inference.adapter_serving import StageAdapters
+from dlis_market.inference.device import move_to, resolve_device
 from dlis_market.inference.errors import (
     ContextLengthError,
     ManifestError,
@@ -57,37 +58,6 @@ from dlis_market.inference.shard_reader import read_shard
 from dlis_market.settings import InferenceSettings
 from dlis_market.types import LayerRange
 
-DEVICES = ("auto", "cpu", "cuda")
-
-
-class DeviceUnavailableError(InferenceError):
-    """The device asked for (``--device cuda``) is not on this machine, or is not a known name."""
-
-
-def resolve_device(device: str | torch.device) -> torch.device:
-    """``auto`` -> cuda if torch sees a CUDA device, else cpu; ``cpu``; ``cuda`` (the current CUDA device).
-
-    A ``torch.device`` is taken as it is (tests run stages on ``meta``). Any other name, or
-    ``cuda`` on a machine without one, raises :class:`DeviceUnavailableError` before anything loads.
-    """
-    if isinstance(device, torch.device):
-        return device
-    if device == "auto":
-        return resolve_device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cpu":
-        return torch.device("cpu")
-    if device == "cuda":
-        if not torch.cuda.is_available():
-            raise DeviceUnavailableError(
-                f"--device cuda: torch {torch.__version__} sees no CUDA device on this machine "
-                f"(built for CUDA {torch.version.cuda or 'none: a CPU-only build'}); use --device cpu (or auto), "
-                "or run on a machine with an NVIDIA GPU and a CUDA build of torch"
-            )
-        return torch.device("cuda", torch.cuda.current_device())
-    raise DeviceUnavailableError(
-        f"--device {device!r} is not a device a stage runs on; use one of {', '.join(DEVICES)}"
-    )
-
 
 def config_from_manifest(manifest: Manifest) -> PretrainedConfig:
     try:
@@ -98,26 +68,6 @@ def config_from_manifest(manifest: Manifest) -> PretrainedConfig:
             "re-export the shards"
         ) from exc
     return config
-
-
-def _move_to(model: nn.Module, device: torch.device) -> None:
-    """Move the loaded parameters and the buffers of ``model`` to ``device``, in place.
-
-    Meta tensors (the layers and pieces this stage does not hold) stay meta. A tensor shared by
-    two modules (a head tied to the embeddings) stays one tensor. bitsandbytes weights are on the
-    device already (:func:`install_quantized`).
-    """
-    moved: dict[int, torch.Tensor] = {}
-    for module in model.modules():
-        for store in (module._parameters, module._buffers):
-            for key, tensor in store.items():
-                if tensor is None or tensor.is_meta or tensor.device == device:
-                    continue
-                if id(tensor) not in moved:
-                    copy = tensor.detach().to(device)
-                    is_param = isinstance(tensor, nn.Parameter)
-                    moved[id(tensor)] = nn.Parameter(copy, requires_grad=False) if is_param else copy
-                store[key] = moved[id(tensor)]  # type: ignore[assignment]
 
 
 @dataclass(frozen=True)
@@ -252,7 +202,7 @@ class Stage:
                 f"shard {entry.file.path} lacks {len(missing)} tensors its stage needs (e.g. {missing[0]}); "
                 "re-export the shards"
             )
-        _move_to(model, device)
+        move_to(model, device)
         return model
 
     def resident_bytes(self) -> int:

@@ -45,7 +45,7 @@ def body_hash(body: BaseModel, kind: str = "") -> str:
     return "0x" + hashlib.sha256(f"{kind}\n{body.model_dump_json()}".encode()).hexdigest()
 
 
-async def _disconnected(request: Request) -> None:
+async def disconnected(request: Request) -> None:
     """Returns when the client goes away (the body was read already, so only that can arrive)."""
     while (await request.receive())["type"] != "http.disconnect":
         pass
@@ -57,7 +57,7 @@ async def wait_attached(service: BrokerService, job_id: str, request: Request) -
     problem that nobody reads (the handler ends instead of waiting on)."""
     async with service.attached(job_id):
         waiting = asyncio.ensure_future(service.wait(job_id))
-        gone = asyncio.ensure_future(_disconnected(request))
+        gone = asyncio.ensure_future(disconnected(request))
         try:
             await asyncio.wait({waiting, gone}, return_when=asyncio.FIRST_COMPLETED)
         finally:

@@ -15,228 +15,50 @@ log-softmax of the logits before logit bias, penalties, temperature and top-p, a
 (``logprobs_mode="raw_logprobs"``). They travel with each token and are returned in OpenAI's
 shapes, with the tokens up to the one that completed a stop string.
 
-Why one module of this size: admitting a request's choices, following their token streams (stop
-strings, log probabilities) and answering whole or streamed share each choice's live state
-(:class:`Choice`); what a client may send is :mod:`dlis_market.broker.openai_requests`.
+Here: following each choice's token stream (stop strings, log probabilities) and answering whole
+or streamed. What a client may send is :mod:`dlis_market.broker.openai_requests`; admitting a
+request's jobs :mod:`.openai_admission`; each choice's state and the answer's shapes
+:mod:`.openai_answers`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import json
-import secrets
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Header, Request
 from fastapi.responses import StreamingResponse
 
-from dlis_market.broker.apikeys import ApiKeyAccount, resolve_api_key
-from dlis_market.broker.auth import signing_deadline
 from dlis_market.broker.catalog import ServedModel
 from dlis_market.broker.deps import ServiceDep
 from dlis_market.broker.detokenize import StopMatcher
 from dlis_market.broker.errors import InvalidRequest, client_left, job_failed
-from dlis_market.broker.job_types import Idempotency, PricedJob
 from dlis_market.broker.openai_requests import (
     MAX_CHOICES,
     ChatCompletionRequest,
     CompletionRequest,
     OpenAIRequest,
 )
-from dlis_market.broker.routes.jobs import IdempotencyHeader, _disconnected, body_hash
-from dlis_market.broker.schemas import Authorization, ChatMessage, JobCreate, Policy, Sampling
+from dlis_market.broker.routes.jobs import IdempotencyHeader, disconnected
+from dlis_market.broker.routes.openai_admission import JobInput, Retry, admit_all
+from dlis_market.broker.routes.openai_answers import (
+    Answer,
+    Choice,
+    TokenLogprobs,
+    TokenTexts,
+    finish_reason,
+    system_fingerprint,
+    usage_of,
+)
+from dlis_market.broker.schemas import ChatMessage
 from dlis_market.broker.service import BrokerService
-from dlis_market.chain.job_market import JobAuthorization, sign_authorization
-from dlis_market.inference.manifest import MANIFEST_NAME, sha256_file
+from dlis_market.inference.manifest import MANIFEST_NAME
 
 router = APIRouter(prefix="/v1", tags=["openai"])
-
-
-@dataclass(frozen=True)
-class Retry:
-    """What marks a request as a retry: an ``Idempotency-Key`` header, or the official openai
-    client's ``x-stainless-retry-count`` above 0 (it sends no Idempotency-Key of its own)."""
-
-    key: str | None
-    count: int
-
-
-@dataclass(frozen=True)
-class JobInput:
-    """One job of a request: its prompt (or messages) and sampling."""
-
-    prompt: str | None
-    messages: list[ChatMessage] | None
-    sampling: Sampling
-
-
-@functools.cache
-def _byte_decoder() -> dict[str, int]:
-    """GPT-2's byte-level BPE alphabet, char -> byte (the inverse of its ``bytes_to_unicode``)."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    chars, extra = list(printable), 0
-    for b in range(256):
-        if b not in printable:
-            printable.append(b)
-            chars.append(256 + extra)
-            extra += 1
-    return {chr(c): b for b, c in zip(printable, chars, strict=True)}
-
-
-class TokenTexts:
-    """Token ids as OpenAI's logprob entries show them: the token's text and its raw bytes (a
-    byte-level BPE token that is part of a character has its own bytes; its text then holds the
-    replacement character, as OpenAI's)."""
-
-    def __init__(self, tokenizer: Any) -> None:
-        self.tok = tokenizer
-        backend = getattr(tokenizer, "backend_tokenizer", None)
-        self.byte_level = backend is not None and type(backend.decoder).__name__ == "ByteLevel"
-        self._cache: dict[int, tuple[str, list[int]]] = {}
-
-    def of(self, token: int) -> tuple[str, list[int]]:
-        hit = self._cache.get(token)
-        if hit is None:
-            raw: bytes | None = None
-            if self.byte_level:
-                piece = str(self.tok.convert_ids_to_tokens(token))
-                table = _byte_decoder()
-                raw = bytes(table[c] for c in piece) if all(c in table for c in piece) else None
-            text = raw.decode("utf-8", errors="replace") if raw is not None else str(self.tok.decode([token]))
-            hit = self._cache[token] = (text, list(raw if raw is not None else text.encode()))
-        return hit
-
-
-@dataclass(frozen=True)
-class TokenLogprobs:
-    """One generated token's log probabilities as the job's token event carried them, and where
-    its text starts in the choice's text (completions' ``text_offset``)."""
-
-    token: int
-    logprob: float
-    top: list[tuple[int, float]]
-    offset: int
-
-
-@dataclass
-class Choice:
-    """One choice of the answer: its job and what was read of it so far."""
-
-    index: int
-    job_id: str
-    echo: str = ""  # the prompt, for completions with ``echo``
-    matcher: StopMatcher = field(default_factory=StopMatcher)
-    text: str = ""  # streamed so far
-    answer: str = ""  # the whole text, once the job ended
-    finish: str | None = None
-    error: str | None = None
-    row: Any = None
-    logprobs: list[TokenLogprobs] = field(default_factory=list)  # every token's, when asked
-    pending: list[TokenLogprobs] = field(default_factory=list)  # not yet sent with a chunk
-    read: int = 0  # characters of the job's text read so far (before stop strings are cut)
-
-    def take(self) -> list[TokenLogprobs]:
-        out, self.pending = self.pending, []
-        return out
-
-
-async def _admit(
-    service: BrokerService,
-    authorization: str | None,
-    job: JobInput,
-    body: OpenAIRequest,
-    kind: str,
-    retry: Retry,
-    part: int,
-) -> str:
-    """Price one job once, sign its authorization with the API key's spender for exactly that
-    bound, and admit it on the same route.
-
-    Idempotency: with an ``Idempotency-Key``, a request with that key and body from the same API
-    key within the window gets the first one's jobs. Without one, the key is derived from the API
-    key and the body's hash, and only a request the client marks as a retry
-    (``x-stainless-retry-count`` > 0) reuses the jobs: two deliberate identical requests still run
-    twice. ``part``: the job's place among the request's jobs (``n`` x prompts), part of its key."""
-    now = await asyncio.to_thread(service.market.client.timestamp)
-    account = await asyncio.to_thread(resolve_api_key, service.ledger, authorization, now)
-    digest = body_hash(body, kind)
-    key = retry.key or f"request:{digest}"
-    idem = Idempotency(
-        key if part == 0 else f"{key}#{part}", digest, account.key_hash, replay=retry.key is not None or retry.count > 0
-    )
-    if idem.replay and (prior := await service.admitted_before(idem)) is not None:
-        return prior.id
-    msgs = [m.model_dump() for m in job.messages] if job.messages is not None else None
-    lifetime = await asyncio.to_thread(service.max_authorization_lifetime)
-    priced = await service.price(body.model, job.prompt, msgs, body.limit(), Policy(), admit=True)
-    # From here a job slot is held: submit releases it whatever happens, so nothing is awaited
-    # between pricing and submit.
-    try:
-        req = _signed_request(service, account, body, job, priced, now, lifetime)
-    except BaseException:
-        service.abandon(priced)
-        raise
-    row = await service.submit(req, spender=account.spender.address, priced=priced, idempotency=idem)
-    return row.id
-
-
-def _signed_request(
-    service: BrokerService,
-    account: ApiKeyAccount,
-    body: OpenAIRequest,
-    job: JobInput,
-    priced: PricedJob,
-    now: int,
-    lifetime: int,
-) -> JobCreate:
-    """The native job request the API key's spender signs for a priced OpenAI-style request."""
-    auth = JobAuthorization(
-        client=account.client,
-        broker=service.broker.address,
-        model_id=bytes.fromhex(priced.served.model_id[2:]),
-        max_cost=priced.total,
-        nonce=secrets.randbits(255),
-        deadline=signing_deadline(now, lifetime),
-    )
-    sig = sign_authorization(account.spender.key, service.market.domain(), auth)
-    return JobCreate(
-        model=body.model,
-        prompt=job.prompt,
-        messages=job.messages,
-        max_tokens=body.limit(),
-        sampling=job.sampling,
-        authorization=Authorization(
-            client=account.client, nonce=auth.nonce, max_cost=auth.max_cost, deadline=auth.deadline, signature=sig.hex()
-        ),
-    )
-
-
-async def _admit_all(
-    service: BrokerService,
-    authorization: str | None,
-    body: OpenAIRequest,
-    kind: str,
-    retry: Retry,
-    jobs: list[JobInput],
-) -> list[str]:
-    """Admit every job of a request, in order; when one is refused, the ones already admitted are
-    ended (they cost what their stages served by then) and the refusal is raised."""
-    ids: list[str] = []
-    try:
-        for part, job in enumerate(jobs):
-            ids.append(await _admit(service, authorization, job, body, kind, retry, part))
-    except BaseException:
-        for job_id in ids:
-            service.end_early(job_id, "another choice of the same request was refused")
-        raise
-    return ids
-
 
 Emit = Callable[[Choice, str, list[TokenLogprobs]], None]
 
@@ -284,80 +106,7 @@ async def _follow(service: BrokerService, choice: Choice, limit: int, eos: tuple
     # The recorded answer cut at the stop: the same text as the pieces, and the whole of it even
     # when this request attached to the job after its token events were dropped (a late retry).
     choice.answer, stopped = StopMatcher(choice.matcher.stops).cut(row.answer or "")
-    choice.finish = "stop" if stopped else _finish_reason(row, eos, limit)
-
-
-def _finish_reason(row: Any, eos: tuple[int, ...], limit: int) -> str:
-    ids = json.loads(row.token_ids_json or "[]")
-    return "stop" if (ids and ids[-1] in eos) or len(ids) < limit else "length"
-
-
-def _usage(choices: list[Choice]) -> dict[str, int]:
-    """Tokens of every job of the answer (each was run and is paid): what the client is charged for."""
-    prompt = sum(c.row.prompt_tokens for c in choices if c.row is not None)
-    completion = sum(c.row.completion_tokens for c in choices if c.row is not None)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
-
-
-@functools.lru_cache(maxsize=64)
-def _fingerprint(manifest: Path, mtime_ns: int) -> str:
-    """The served weights, as OpenAI's ``system_fingerprint``: changes when the shards do."""
-    return "fp_" + sha256_file(manifest)[:12]
-
-
-def system_fingerprint(served: ServedModel) -> str:
-    path = served.shard_dir / MANIFEST_NAME
-    return _fingerprint(path, path.stat().st_mtime_ns)
-
-
-@dataclass(frozen=True)
-class Answer:
-    """What the response of a request is made of, whatever its kind."""
-
-    kind: Literal["chat", "text"]
-    model: str
-    fingerprint: str
-    created: int
-    limit: int
-    eos: tuple[int, ...]
-    texts: TokenTexts | None = None  # set when the request asked for log probabilities
-
-    def logprobs(self, entries: list[TokenLogprobs]) -> dict[str, Any] | None:
-        """OpenAI's ``logprobs`` object of a choice (or a chunk) for these tokens; None when not asked."""
-        texts = self.texts
-        if texts is None:
-            return None
-        if self.kind == "chat":
-
-            def one(token: int, logprob: float) -> dict[str, Any]:
-                text, raw = texts.of(token)
-                return {"token": text, "logprob": logprob, "bytes": raw}
-
-            content = [{**one(e.token, e.logprob), "top_logprobs": [one(t, v) for t, v in e.top]} for e in entries]
-            return {"content": content, "refusal": None}
-        # completions: the top tokens and the sampled one (as vLLM), text -> log probability
-        tops = []
-        for e in entries:
-            top = {texts.of(t)[0]: v for t, v in e.top}
-            top.setdefault(texts.of(e.token)[0], e.logprob)
-            tops.append(top)
-        return {
-            "tokens": [texts.of(e.token)[0] for e in entries],
-            "token_logprobs": [e.logprob for e in entries],
-            "top_logprobs": tops,
-            "text_offset": [e.offset for e in entries],
-        }
-
-    @property
-    def object(self) -> str:
-        return "chat.completion" if self.kind == "chat" else "text_completion"
-
-    def id_of(self, job_id: str) -> str:
-        return ("chatcmpl-" if self.kind == "chat" else "cmpl-") + job_id[2:26]
-
-    def head(self, choices: list[Choice]) -> dict[str, Any]:
-        return {"id": self.id_of(choices[0].job_id), "created": self.created, "model": self.model,
-                "system_fingerprint": self.fingerprint}  # fmt: skip
+    choice.finish = "stop" if stopped else finish_reason(row, eos, limit)
 
 
 def _check_bias(body: OpenAIRequest, served: ServedModel) -> None:
@@ -391,7 +140,7 @@ async def _complete(
     pairs = [(prompt, messages) for prompt, messages in inputs for _ in range(body.n)]
     seeds = body.seeds(len(pairs))
     jobs = [JobInput(p, m, body.sampling(seed)) for (p, m), seed in zip(pairs, seeds, strict=True)]
-    job_ids = await _admit_all(service, authorization, body, kind, retry, jobs)
+    job_ids = await admit_all(service, authorization, body, kind, retry, jobs)
     stops = body.stop if isinstance(body.stop, list) else []
     choices = [
         Choice(i, job_id, echo=(job.prompt or "") if echo else "", matcher=StopMatcher(stops))
@@ -427,7 +176,7 @@ async def _complete(
         **answer.head(choices),
         "object": answer.object,
         "choices": out,
-        "usage": _usage(choices),
+        "usage": usage_of(choices),
         "dlis": {
             "job_id": choices[0].job_id,
             "cost": str(sum(r.cost or 0 for r in rows)),
@@ -445,7 +194,7 @@ async def _wait_all(service: BrokerService, request: Request, answer: Answer, ch
         asyncio.create_task(_follow(service, c, answer.limit, answer.eos, lambda _c, _p, _l: None)) for c in choices
     ]
     everything = asyncio.gather(*tasks)
-    gone = asyncio.ensure_future(_disconnected(request))
+    gone = asyncio.ensure_future(disconnected(request))
     try:
         waiting: set[asyncio.Future[Any]] = {everything, gone}
         await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
@@ -481,7 +230,7 @@ def _stream(service: BrokerService, answer: Answer, choices: list[Choice], inclu
                 item["text"] = text or ""
             payload["choices"] = [item]
         if include_usage:  # null on every chunk but the last, as OpenAI sends it
-            payload["usage"] = _usage(choices) if choice is None else None
+            payload["usage"] = usage_of(choices) if choice is None else None
         return f"data: {json.dumps(payload)}\n\n".encode()
 
     async def body() -> AsyncIterator[bytes]:

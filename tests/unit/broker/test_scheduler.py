@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import pulp
 import pytest
 
-from dlis_market.broker import scheduler
+from dlis_market.broker import route_solvers
 from dlis_market.broker.network_state import FallbackPool, NetworkState, NodeOffer, Policy, Route, RouteRequest
 from dlis_market.broker.scheduler import NoRouteError, network_capacity, plan_route
 from dlis_market.types import LayerRange, ModelId, NodeId, PeerId, model_id
@@ -173,13 +173,13 @@ def random_policy(seed: int, routes: list[Candidate]) -> Policy:
 @pytest.mark.parametrize("solver", ["ilp", "greedy"])
 def test_matches_brute_force_on_small_instances(solver: str, monkeypatch: pytest.MonkeyPatch) -> None:
     cbc_calls = []
-    real_ilp = scheduler._ilp
+    real_ilp = route_solvers.ilp
 
     def counting_ilp(*args: object, **kwargs: object) -> object:
         cbc_calls.append(1)
         return real_ilp(*args, **kwargs)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(scheduler, "_ilp", counting_ilp)
+    monkeypatch.setattr(route_solvers, "ilp", counting_ilp)
     solved = infeasible = missed = 0
     for seed in range(60):
         state, request = random_instance(seed)
@@ -399,13 +399,13 @@ def test_solver_failure_falls_back_to_greedy(monkeypatch: pytest.MonkeyPatch) ->
 
 
 def test_time_limited_incumbent_is_used_but_not_called_optimal(monkeypatch: pytest.MonkeyPatch) -> None:
-    real_ilp = scheduler._ilp
+    real_ilp = route_solvers.ilp
 
     def stopped_at_limit(*args: object, **kwargs: object) -> object:
         _, path = real_ilp(*args, **kwargs)  # type: ignore[arg-type]
         return "feasible", path  # as CBC reports a time-limit stop with an incumbent
 
-    monkeypatch.setattr(scheduler, "_ilp", stopped_at_limit)
+    monkeypatch.setattr(route_solvers, "ilp", stopped_at_limit)
     route = plan_route(fast_slow_network(), REQ, Policy(max_cost=1100))
     assert route.solver == "ilp" and not route.optimal and route.cost == 1100  # better than greedy's S0, S1
 

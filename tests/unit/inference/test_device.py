@@ -18,10 +18,11 @@ from typer.testing import CliRunner
 from dlis_market.cli import model as model_cli
 from dlis_market.cli import worker as worker_cli
 from dlis_market.errors import ConfigError
+from dlis_market.inference.device import DeviceUnavailableError, resolve_device
 from dlis_market.inference.messages import StageInput
 from dlis_market.inference.pipeline import LocalPipeline
 from dlis_market.inference.shard_export import export_shards
-from dlis_market.inference.stage import DeviceUnavailableError, Stage, resolve_device
+from dlis_market.inference.stage import Stage
 from dlis_market.settings import Settings
 
 runner = CliRunner()
