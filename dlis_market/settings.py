@@ -288,6 +288,19 @@ class LogSettings(_Section):
     format: Literal["text", "json"] = "text"  # json: one object per line (ts, level, logger, message, ...)
 
 
+class ZkSettings(_Section):
+    """Zero-knowledge proofs of the last stage's head for jobs that ask (``proof: zk``; inference/zk_stage.py)."""
+
+    # Folder of the trusted KZG SRS files (kzg<logrows>.srs) from the oracle or a ceremony, shared by
+    # provers and verifiers; None: each process makes its own (a dev market only: proofs then verify
+    # only where the same folder is used, and whoever made it could forge them).
+    srs_dir: Path | None = None
+    cache_dir: Path | None = None  # set-up circuits and keys; None: HOME/zk
+    # Heads (hidden x vocabulary) above this many weights are refused: a 32 x 96 head already takes
+    # ~16 s to prove on 2 cores (bench/zk_stage.py), SmolLM2's 576 x 49152 would take hours.
+    max_head_params: int = Field(default=4096, ge=1)
+
+
 class Settings(_Section):
     """Everything a dlis process can be configured with."""
 
@@ -300,6 +313,7 @@ class Settings(_Section):
     oracle: OracleSettings = Field(default_factory=OracleSettings)
     outbox: OutboxSettings = Field(default_factory=OutboxSettings)
     log: LogSettings = Field(default_factory=LogSettings)
+    zk: ZkSettings = Field(default_factory=ZkSettings)
 
     # ---------------------------------------------------------------- derived paths
 
@@ -314,6 +328,10 @@ class Settings(_Section):
     @property
     def models_dir(self) -> Path:
         return self.home / "models"
+
+    @property
+    def zk_cache_dir(self) -> Path:
+        return self.zk.cache_dir or self.home / "zk"
 
     @property
     def chain_dir(self) -> Path:

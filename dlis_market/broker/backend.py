@@ -8,9 +8,9 @@ batch receipt each through a :class:`BatchSigner`, which a backend provides (:cl
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, runtime_checkable
 
 from dlis_market.chain.job_market import SignedReceipt
 from dlis_market.inference.sampling import SamplingParams, TokenLogprob
@@ -43,6 +43,10 @@ class BackendJob:
     # job's policy and max cost. None: the backend's own routing.
     replan: Replan | None = None
     adapter: AdapterRef | None = None  # a LoRA adapter every stage applies (protocol/adapters.py)
+    proof: Literal["zk"] | None = None  # the last stage proves its head (broker/zk_proofs.py)
+    # Checks the last stage's proof (its StageReceipt, the node, prompt ids, generated ids) before
+    # the answer is accepted; raises to fail the job. None: the job asked for no proof.
+    check_proof: Callable[[Any, str, Sequence[int], Sequence[int]], Awaitable[None]] | None = None
 
     @property
     def sampling(self) -> SamplingParams:

@@ -114,6 +114,15 @@ def empty_prompt() -> InvalidRequest:
     )
 
 
+def proof_unsupported(model: str, why: str) -> InvalidRequest:
+    return InvalidRequest(
+        f"model {model} cannot be proven: {why}; submit the job without `proof`",
+        kind="proof-unsupported",
+        title="No proof for this model",
+        model=model,
+    )
+
+
 def idempotency_key_reused(key: str, window_s: float) -> InvalidRequest:
     return InvalidRequest(
         f"Idempotency-Key {key[:64]!r} was used for a different request within the last {window_s:.0f} s; "

@@ -12,7 +12,7 @@ import asyncio
 import concurrent.futures
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING
 
 from dlis_market.broker.backend import (
@@ -27,7 +27,7 @@ from dlis_market.chain.job_market import receipt_signer
 from dlis_market.errors import BrokerError
 from dlis_market.inference.sampling import TokenLogprob
 from dlis_market.node import receipts
-from dlis_market.node.driver import JobSession, JobSpec, PipelineDriver
+from dlis_market.node.driver import JobSession, JobSpec, PipelineDriver, StageReceipt
 from dlis_market.node.errors import NodeError
 from dlis_market.node.protocol import BatchReceiptAnswer, parse_body
 from dlis_market.protocol.routes import RouteHop
@@ -83,6 +83,7 @@ class P2PJobStream:
         self.routed_tps = routed_tps or {}
         self.first_route = list(session.route)
         self.started = time.perf_counter()
+        self.check_proof: Callable[[StageReceipt, str, Sequence[int], Sequence[int]], Awaitable[None]] | None = None
         self._reports = reports if reports is not None else set()
 
     def tokens(self) -> AsyncIterator[int | TokenLogprob]:
@@ -100,6 +101,12 @@ class P2PJobStream:
     async def finish(self) -> tuple[list[RouteHop], list[SignedStageReceipt]]:
         hops = list(self.session.route)
         got = await self.session.close()
+        if self.check_proof is not None:  # the answer counts only with its proof (raises otherwise)
+            last = next((r for r in got if r.proof is not None), None)
+            if last is None:
+                raise BrokerError("the job asked for a proof and its last stage gave no valid receipt")
+            node = receipt_signer(self.driver.market, last.signed.receipt, last.signed.signature.signature)
+            await self.check_proof(last, node, self.session.spec.prompt_ids, self.session.generated)
         if self.checker is not None:  # receipts are signed: draw stage calls to re-execute elsewhere
             self.checker.schedule(FinishedSession.of(self.session, hops))
         if self.observer is not None:  # what each stage did, signed by us, for the oracle's reputation
@@ -217,12 +224,15 @@ class P2PBackend:
             fee_bps=job.fee_bps,
             replan=job.replan,
             adapter=job.adapter,
+            proof=job.proof,
         )
         session = JobSession(self.driver, spec)
         if job.route:
             session.route = list(job.route)
         await session.establish()
-        return P2PJobStream(self.driver, session, self.checker, self.observer, dict(self._throughput), self._reports)
+        stream = P2PJobStream(self.driver, session, self.checker, self.observer, dict(self._throughput), self._reports)
+        stream.check_proof = job.check_proof
+        return stream
 
     def batch_signer(self, timeout_s: float) -> P2PBatchSigner:
         """Merkle settlement's node-signing step over this backend's driver; build it inside the

@@ -23,6 +23,7 @@ from dlis_market.broker.errors import (  # re-exported: modules outside the brok
     insufficient_escrow,
     no_route,
     prompt_too_long,
+    proof_unsupported,
     request_too_large,
     unknown_model,
 )
@@ -39,6 +40,7 @@ __all__ = [
     "openai_status",
     "problem_body",
     "prompt_too_long",
+    "proof_unsupported",
     "request_too_large",
     "status_of",
     "unknown_model",

@@ -96,6 +96,9 @@ class JobCreate(_In):
     policy: Policy = Field(default_factory=Policy)
     authorization: Authorization
     stream: bool = False
+    # "zk": the last stage proves its head's step to the tokens (halo2); the job completes only with
+    # a proof that verifies. For small fp32 Llama models only (zk.max_head_params).
+    proof: Literal["zk"] | None = None
 
     @model_validator(mode="after")
     def _one_input(self) -> JobCreate:

@@ -33,7 +33,7 @@ import logging
 import math
 import time
 from collections import Counter, deque
-from collections.abc import AsyncGenerator, AsyncIterator, Coroutine, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -63,6 +63,7 @@ from dlis_market.broker.errors import (
     no_route,
     nonce_used,
     prompt_bytes_too_long,
+    proof_unsupported,
     unknown_job,
 )
 from dlis_market.broker.job_types import (
@@ -78,9 +79,12 @@ from dlis_market.broker.ledger import JobRow, Ledger, LedgerError, NewJob, NewRe
 from dlis_market.broker.metrics import BrokerMetrics
 from dlis_market.broker.schemas import JobCreate, Policy, Quote
 from dlis_market.broker.settlement import Settler
+from dlis_market.broker.zk_proofs import HeadProofs
 from dlis_market.chain.job_market import JobMarket
 from dlis_market.errors import BrokerError, DlisError
 from dlis_market.inference.sampling import TokenLogprob
+from dlis_market.inference.zk_stage import head_unsupported
+from dlis_market.node.driver import StageReceipt
 from dlis_market.protocol.pricing import fee_on, route_bound
 from dlis_market.protocol.routes import Replan, RouteHop
 from dlis_market.settings import Settings
@@ -165,6 +169,7 @@ class BrokerService:
         self._watchers: dict[str, int] = {}  # job id -> requests waiting on it now
         self._orphaned: dict[str, asyncio.TimerHandle] = {}  # job id -> its pending cancellation
         self._end_reasons: dict[str, str] = {}  # job id -> why end_early ended it (for its ledger note)
+        self._proofs = HeadProofs(settings)  # checks zk jobs' head proofs (broker/zk_proofs.py)
         b = settings.broker
         self.admission = AdmissionQueue(b.max_concurrent_jobs, b.admission_queue_max, b.admission_wait_s)
         self._reserved: Counter[str] = Counter()  # peer id -> KV slots planned for, session not yet open
@@ -426,6 +431,8 @@ class BrokerService:
         """The checks and the ledger write of :meth:`submit`: the job, and its run (None for a
         retry of a job already admitted). Tickets taken here are appended to ``held``."""
         served = priced.served if priced is not None else self.catalog.get(req.model)
+        if req.proof is not None:
+            self._check_provable(served)
         given = req.authorization
         epoch = await self._epoch()  # before the escrow is read (see _commit)
         snap = await self.chain.admission(given.client, given.nonce, self.broker.address, spender)
@@ -644,7 +651,29 @@ class BrokerService:
             route=route.hops,
             fee_bps=fee_bps,
             replan=self._replanner(served, policy, len(ids), req.max_tokens, fee_bps),
+            proof=req.proof,
+            check_proof=self._proof_check(job_id, served) if req.proof is not None else None,
         )
+
+    def _check_provable(self, served: ServedModel) -> None:
+        """Refuse a proof for a model whose head cannot be proven here (InvalidRequest)."""
+        why = head_unsupported(served.manifest, self.settings.zk.max_head_params)
+        last = served.manifest.stages[-1]
+        if why is None and not (served.shard_dir / last.file.path).is_file():
+            why = f"this broker holds no weights of the last stage ({last.file.path}) to check proofs with"
+        if why is not None:
+            raise proof_unsupported(served.name, why)
+
+    def _proof_check(self, job_id: str, served: ServedModel) -> Callable[..., Awaitable[None]]:
+        """The backend's check of the last stage's proof before the answer is accepted: a refused
+        proof fails the job (ZkProofRefusedError), so a completed zk job is a proven one."""
+
+        async def check(receipt: StageReceipt, node: str, prompt: Sequence[int], generated: Sequence[int]) -> None:
+            args = (served.shard_dir, receipt, node, self.market.domain(), len(prompt), list(generated))
+            account = await asyncio.to_thread(self._proofs.check, *args)
+            log.info("job %s: %s", job_id, account, extra={"job_id": job_id})
+
+        return check
 
     def _replanner(
         self, served: ServedModel, policy: Policy, prompt_tokens: int, max_tokens: int, fee_bps: int

@@ -131,6 +131,13 @@ def submit(
     chat: Annotated[bool, typer.Option(help="Send the prompt as a user message (model's chat template).")] = False,
     max_cost: Annotated[str | None, typer.Option(help="Most DLIS you authorize (default: the broker's quote).")] = None,
     privacy: Annotated[str, typer.Option(help="low|high (high: attested nodes only).")] = "low",
+    proof: Annotated[
+        str | None,
+        typer.Option(
+            help="zk: the last stage proves (halo2) that its head picked each token from the activations it "
+            "committed to; the job completes only if the proof verifies. Small fp32 Llama models only."
+        ),
+    ] = None,
     broker_url: BrokerUrlOpt = None,
     password_file: PasswordFileOpt = None,
     as_json: JsonOpt = False,
@@ -170,6 +177,8 @@ def submit(
             "deadline": auth.deadline,
             "signature": sig.hex(),
         }
+        if proof is not None:
+            body["proof"] = proof
         job = call_broker("POST", f"{url}/v1/jobs", json=body)
 
         def human(j: dict[str, Any]) -> None:

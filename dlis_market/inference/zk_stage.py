@@ -186,6 +186,59 @@ def _srs(folder: Path, logrows: int, generate: bool) -> Path:
     return path
 
 
+# The public calibration input of a head circuit: a verifier must set up exactly the prover's
+# circuit from the public weights, so the sample is fixed (not the call's activations). Normal
+# rows of this spread, plus one row at +-HEAD_SAMPLE_PEAK, bound the range real hidden states of
+# the small models proofs are offered for stay in (RMSNorm rescales them anyway).
+HEAD_SAMPLE_STD = 4.0
+HEAD_SAMPLE_PEAK = 24.0
+
+
+def head_sample(rows: int, hidden: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(0)
+    sample = torch.randn(rows, hidden, generator=gen) * HEAD_SAMPLE_STD
+    sample[0, ::2], sample[0, 1::2] = HEAD_SAMPLE_PEAK, -HEAD_SAMPLE_PEAK
+    return sample
+
+
+def head_unsupported(manifest: Any, max_params: int) -> str | None:
+    """Why jobs of this model cannot ask for a proof of the head (None: they can)."""
+    cfg = manifest.config
+    params = int(cfg.get("hidden_size", 0)) * int(cfg.get("vocab_size", 0))
+    if manifest.model_type != "llama":
+        return f"stage proofs cover the Llama head (RMSNorm + lm_head); {manifest.model_name} is {manifest.model_type}"
+    if manifest.dtype != "fp32":
+        return f"stage proofs are of fp32 heads; {manifest.model_name} is sharded in {manifest.dtype}"
+    if params > max_params:
+        return (
+            f"{manifest.model_name}'s head has {params} weights, over zk.max_head_params = {max_params}: proving it "
+            "would take far too long (a 32 x 96 head takes ~16 s)"
+        )
+    return None
+
+
+def head_circuit(
+    model: Any, rows: int, cache_dir: Path, srs_dir: Path | None, progress: bool = False
+) -> ZkStageCircuit:
+    """The circuit of ``model``'s final norm + LM head over ``rows`` rows, set up (or read from
+    ``cache_dir``) exactly as every prover and verifier of these weights sets it up."""
+    head = FinalHead.of(model)
+    sample = head_sample(rows, int(model.config.hidden_size))
+    return prepare_circuit(head, sample, cache_dir, progress=progress, srs_dir=srs_dir)
+
+
+def _canonical(settings_path: Path) -> None:
+    """Settings every party derives alike: EZKL writes its range checks in set order (which varies
+    from run to run, and the circuit's layout and keys with it) and a timestamp. A verifier that
+    sets the circuit up itself must get the prover's verification key bit for bit."""
+    settings = json.loads(settings_path.read_text())
+    for field in ("required_range_checks", "required_lookups"):
+        if isinstance(settings.get(field), list):
+            settings[field] = sorted(settings[field], key=json.dumps)
+    settings["timestamp"] = 0
+    settings_path.write_text(json.dumps(settings))
+
+
 def prepare_circuit(
     module: torch.nn.Module,
     sample: torch.Tensor,
@@ -206,7 +259,8 @@ def prepare_circuit(
     try:
         onnx_path = work / "model.onnx"
         export_onnx(module, sample, onnx_path)
-        ident = json.dumps({"config": asdict(config), "input_shape": list(sample.shape), "ezkl": version("ezkl")})
+        what = {"config": asdict(config), "input_shape": list(sample.shape), "ezkl": version("ezkl")}
+        ident = json.dumps({**what, "settings": "canonical"})  # see _canonical
         key = hashlib.sha256(onnx_path.read_bytes() + ident.encode()).hexdigest()[:24]
         final = cache_dir / key
         if (final / "pk.key").exists():
@@ -241,6 +295,7 @@ def prepare_circuit(
                     max_logrows=config.max_logrows,
                 ),
             )
+            _canonical(circuit.settings_path)
             _step(
                 bar,
                 "compile",

@@ -34,7 +34,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import hivemind
 import torch
@@ -71,6 +71,7 @@ from dlis_market.protocol.pricing import route_bound, stage_charge
 from dlis_market.protocol.routes import Replan, RouteHop
 from dlis_market.protocol.spans import SpanRecord
 from dlis_market.protocol.tickets import SessionTicket, sign_ticket
+from dlis_market.protocol.zk_claims import ZkClaim
 from dlis_market.settings import NodeSettings
 
 log = logging.getLogger(__name__)
@@ -92,6 +93,7 @@ class JobSpec:
     replan: Replan | None = None
     # A LoRA adapter every stage applies (protocol/adapters.py): sessions name it, receipts its model id
     adapter: AdapterRef | None = None
+    proof: Literal["zk"] | None = None  # the last stage proves its head's calls (checked by the broker)
 
 
 NodeCheck = Callable[[str, str], bool]  # (node address, peer id) -> registered on chain under that peer id
@@ -102,7 +104,9 @@ NodeCheck = Callable[[str, str], bool]  # (node address, peer id) -> registered 
 # is routed around the same way.
 # An adapter a worker refuses (not what the chain records, or its files do not check out) is the
 # job's fault, not the worker's.
-NOT_A_FAULT = frozenset({"CapacityError", "TicketError", "SamplingUnsupportedError", "AdapterRefusedError"})
+NOT_A_FAULT = frozenset(
+    {"CapacityError", "TicketError", "SamplingUnsupportedError", "AdapterRefusedError", "ZkUnsupportedError"}
+)
 
 
 @dataclass
@@ -118,6 +122,7 @@ class StageReceipt:
     session_id: str
     signed: SignedReceipt
     fingerprint: bytes = b""  # the call's activation fingerprint the node signed (empty: 0 tokens)
+    proof: ZkClaim | None = None  # the last stage's proof of its head, when the job asked for one
 
 
 def check_bill(hop: RouteHop, tokens: int, amount: int, sent_tokens: int) -> None:
@@ -460,6 +465,7 @@ class JobSession:
             end=hop.end, max_length=self.max_length, job_id=self.spec.job_id, reply_to=self.driver.peer_id,
             next_peer=next_peer, ticket=self.driver.ticket(self.spec.job_id, self.spec.model, hop),
             adapter=self.spec.adapter.model_dump() if self.spec.adapter is not None else None,
+            proof=self.spec.proof if last else None,
         )  # fmt: skip
         need = self.spec.sampling.features if last else frozenset()
         timeout = self.driver.settings.request_timeout_s
@@ -505,7 +511,9 @@ class JobSession:
                     commitment = receipts.Commitment.from_wire(answer)
                     receipts.verify_commitment(self.driver.market, r, commitment, node)
                     fingerprint = commitment.fingerprint
-                self.receipts.append(StageReceipt(hop.peer_id, self.session_id, signed, fingerprint))
+                last = bool(self.route) and hop.end == self.route[-1].end
+                proof = ZkClaim.from_wire(answer) if self.spec.proof is not None and last else None
+                self.receipts.append(StageReceipt(hop.peer_id, self.session_id, signed, fingerprint, proof))
                 self.driver.succeeded(hop.peer_id)
             except (NodeError, ValueError) as exc:  # a dead or lying stage: no receipt, no payment
                 log.warning("no valid receipt from %s for %s: %s", hop.peer_id, self.session_id, exc)

@@ -60,3 +60,8 @@ class ReceiptError(NodeError):
 
 class IdentityError(NodeError):
     """The node identity (libp2p key + signing key) cannot be created or unlocked."""
+
+
+class ZkUnsupportedError(NodeError):
+    """A session asks for a proof this stage cannot make (not the last stage, or a head too large
+    or of another architecture or dtype): the job's fault, not the stage's."""

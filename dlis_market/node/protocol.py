@@ -23,7 +23,7 @@ import contextlib
 import itertools
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import msgpack
 from pydantic import Field, ValidationError
@@ -91,6 +91,7 @@ class OpenBody(WireModel):
     bias_values: list[float] = Field(default_factory=list)
     logprobs: int | None = None  # top log probabilities to return with each token; None: none
     adapter: dict[str, Any] | None = None  # protocol.adapters.AdapterRef: the LoRA adapter the session applies
+    proof: Literal["zk"] | None = None  # last stage: prove its head's calls (inference/zk_stage.py) at close
 
     @classmethod
     def build(cls, sampling: SamplingParams, last: bool, **fields: Any) -> OpenBody:

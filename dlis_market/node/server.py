@@ -30,19 +30,21 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from eth_utils import keccak
 
 from dlis_market.chain.job_market import market_domain
 from dlis_market.errors import DlisError
-from dlis_market.inference.errors import ContextLengthError, SessionError
+from dlis_market.inference.errors import ContextLengthError, SessionError, ZkStageError
 from dlis_market.inference.fingerprint_check import FingerprintRecorder
 from dlis_market.inference.manifest import MANIFEST_NAME, load_manifest, sha256_file
 from dlis_market.inference.messages import StageInput, StageOutput, decode, encode
 from dlis_market.inference.stage import SampledOutput, Stage
+from dlis_market.inference.zk_stage import head_circuit, head_unsupported, prove_stage
 from dlis_market.lifetime import IdentityLock, start_reaper
 from dlis_market.node import attestation, byzantine, call_checks, dht_records, identity, profiler, receipts
 from dlis_market.node.adapters import WorkerAdapters
 from dlis_market.node.brokers import BrokerCheck
-from dlis_market.node.errors import CapacityError, NodeError, ProtocolError
+from dlis_market.node.errors import CapacityError, NodeError, ProtocolError, ZkUnsupportedError
 from dlis_market.node.metrics import WorkerMetrics, kv_capacity_bytes
 from dlis_market.node.model_identity import registered_model, resolve_model_id
 from dlis_market.node.protocol import (
@@ -68,6 +70,7 @@ from dlis_market.protocol import tickets
 from dlis_market.protocol.adapters import AdapterRef, split_model
 from dlis_market.protocol.errors import FingerprintError, TicketError
 from dlis_market.protocol.spans import SpanRecord
+from dlis_market.protocol.zk_claims import sign_stage_proof
 from dlis_market.settings import Settings
 from dlis_market.types import LayerRange
 
@@ -273,7 +276,7 @@ class Worker:
             if op == "open":
                 answer = await self._open(channel.peer, parse_body(OpenBody, body))
             elif op == "close":
-                answer = self._close(channel.peer, parse_body(CloseBody, body))
+                answer = await self._close(channel.peer, parse_body(CloseBody, body))
             elif op == "receipts":
                 job = parse_body(ReceiptsBody, body).job_id
                 answer = {"receipts": self.unclaimed.get(job), "node_address": self.identity.address}
@@ -338,6 +341,11 @@ class Worker:
         if (req.next_peer is None) != self.stage.is_last:
             raise NodeError(f"stage {served} {'is' if self.stage.is_last else 'is not'} the last stage of the model")
         broker = await self._check_ticket(sender, req.ticket, req.job_id)
+        if req.proof == "zk":
+            why = "not the last stage" if not self.stage.is_last else None
+            why = why or head_unsupported(self.stage.manifest, self.settings.zk.max_head_params)
+            if why is not None:
+                raise ZkUnsupportedError(f"no proof of this stage's calls: {why}")
         adapter = await self._adapter(req.adapter)
         # checked after the (possibly awaited) ticket check, with no await until the session is in
         if req.session_id in self.sessions or req.session_id in self.transcripts:
@@ -373,6 +381,7 @@ class Worker:
         self.sessions[req.session_id] = WorkerSession(
             req.session_id, req.reply_to, req.next_peer, sender, ledger,
             adapter_id=adapter.adapter_id if adapter is not None else None,
+            head_rows=[] if req.proof == "zk" else None,
         )  # fmt: skip
         self.live_transcripts[req.session_id] = Transcript(req.session_id, req.job_id, sender)
         # The sampling features this worker applies (the last stage's); a driver refuses a worker
@@ -410,7 +419,7 @@ class Worker:
         if gone:
             log.info("peer %s went away: closed its %d open sessions", peer, len(gone))
 
-    def _close(self, sender: str, req: CloseBody) -> dict[str, Any]:
+    async def _close(self, sender: str, req: CloseBody) -> dict[str, Any]:
         session = self.sessions.get(req.session_id)
         if session is None:
             raise NodeError(f"session {req.session_id!r} is not open on this node (closed, expired or never opened)")
@@ -429,7 +438,30 @@ class Worker:
             fingerprint = session.fingerprint.finish().to_bytes()
             key = bytes(self.identity.account.key)
             answer |= receipts.commit(key, self.domain, signed.receipt, fingerprint).to_wire()
+        if session.head_rows:
+            answer |= await asyncio.to_thread(self._prove, signed.receipt, session.head_rows)
         return answer
+
+    def _prove(self, receipt: receipts.Receipt, head_rows: list[torch.Tensor]) -> dict[str, Any]:
+        """A zk session's proof of its head: the row each token was sampled from (the last of each
+        step) through the final norm + LM head, signed for the receipt; with every row the head
+        read (what the fingerprint commits to), so a verifier can tie the proof to the commitment."""
+        rows = torch.cat(head_rows).float()
+        x = torch.stack([step[-1] for step in head_rows]).float()
+        zk = self.settings.zk
+        began = time.perf_counter()
+        try:
+            circuit = head_circuit(self.stage.model, x.shape[0], self.settings.zk_cache_dir, zk.srs_dir)
+            proof = prove_stage(circuit, x, progress=False)
+        except ZkStageError as exc:  # no proof: the opener's job fails, nothing is forged
+            log.warning("could not prove the head of a zk session: %s", exc)
+            return {"proof_error": str(exc)[:500]}
+        vk_hash = bytes(keccak(circuit.vk_path.read_bytes()))
+        signature = sign_stage_proof(bytes(self.identity.account.key), self.domain, receipt, proof.proof, vk_hash)
+        return {
+            "proof": proof.proof, "proof_signature": signature, "proof_rows": rows.numpy().tobytes(),
+            "prove_ms": round((time.perf_counter() - began) * 1000),
+        }  # fmt: skip
 
     async def _fingerprint_check(self, sender: str, req: call_checks.FingerprintCheckBody) -> dict[str, Any]:
         """Validate another stage's call of a job from its fingerprint with one prefill (a spot
@@ -574,6 +606,8 @@ class Worker:
         for sid, head_in in head_rows:
             if (session := self.sessions.get(sid)) is not None:
                 session.fingerprint.add(head_in)
+                if session.head_rows is not None:
+                    session.head_rows.append(head_in)
         for i, sid in enumerate(inp.session_ids):
             transcript = self.live_transcripts.get(sid)
             if transcript is not None:

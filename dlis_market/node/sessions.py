@@ -31,6 +31,7 @@ class WorkerSession:
     ledger: ReceiptLedger
     fingerprint: FingerprintBuilder = field(default_factory=FingerprintBuilder)  # signed at close
     adapter_id: str | None = None  # the LoRA adapter it applies (node/adapters.py)
+    head_rows: list[torch.Tensor] | None = None  # a zk session: the head's input rows per step, proven at close
 
 
 @dataclass

@@ -44,14 +44,17 @@ from eth_keys.exceptions import ValidationError as KeyValidationError
 from eth_utils import keccak
 
 from dlis_market.chain.job_market import Receipt, SignedReceipt, receipt_signer
-from dlis_market.chain.typed_data import Domain, recover_typed, sign_typed, typed_digest
+from dlis_market.chain.typed_data import Domain, recover_typed
 from dlis_market.errors import OracleError
-
-# The BN254 scalar field: instances are its elements; those above R/2 stand for negative values.
-BN254_R = 21888242871839275222246405745257275088548364400416034343698204186575808495617
-# A proof of a 576-wide layer is ~200 KB; a logits row of a 49152 vocabulary adds ~3 MB of
-# instances as JSON. Anything larger is refused before parsing.
-MAX_PROOF_BYTES = 16 * 1024 * 1024
+from dlis_market.protocol.errors import ProofFormatError
+from dlis_market.protocol.zk_claims import (  # noqa: F401  (re-exported: the verifier's API)
+    BN254_R,
+    MAX_PROOF_BYTES,
+    claim_message,
+    instances_hash,
+    proof_instances,
+    sign_stage_proof,
+)
 
 
 class ZkProofRefusedError(OracleError):
@@ -110,25 +113,6 @@ class StageVerifyingKey:
             )
 
 
-def proof_instances(proof: bytes) -> list[bytes]:
-    """The proof's public instances, flattened in order, each as a 32-byte big-endian word."""
-    if len(proof) > MAX_PROOF_BYTES:
-        raise ZkProofRefusedError("malformed", f"proof is {len(proof)} bytes, over the {MAX_PROOF_BYTES} accepted")
-    try:
-        columns = json.loads(proof)["instances"]
-        words = [bytes.fromhex(str(felt))[::-1] for column in columns for felt in column]  # EZKL writes little endian
-    except (ValueError, KeyError, TypeError) as exc:
-        raise ZkProofRefusedError("malformed", f"proof is not an EZKL proof JSON with instances ({exc})") from exc
-    for i, word in enumerate(words):
-        if len(word) != 32 or int.from_bytes(word, "big") >= BN254_R:
-            raise ZkProofRefusedError("malformed", f"instance {i} is not a BN254 field element (0x{word.hex()})")
-    return words
-
-
-def instances_hash(instances: list[bytes]) -> bytes:
-    return bytes(keccak(b"".join(instances)))
-
-
 def felt_value(word: bytes) -> int:
     """A field element as the signed integer it encodes."""
     v = int.from_bytes(word, "big")
@@ -141,17 +125,6 @@ def input_commitment(rows: np.ndarray, input_scale: int) -> bytes:
     felts = [ezkl.float_to_felt(float(v), input_scale, ezkl.PyInputType.F32) for v in np.ravel(rows)]
     (digest,) = ezkl.poseidon_hash(felts)
     return bytes.fromhex(digest)[::-1]
-
-
-def _claim(domain: Domain, receipt: Receipt, instances_digest: bytes, vk_hash: bytes) -> dict[str, Any]:
-    receipt_digest = typed_digest(domain, "Receipt", receipt.message())
-    return {"receiptDigest": receipt_digest, "instancesHash": instances_digest, "vkHash": vk_hash}
-
-
-def sign_stage_proof(private_key: bytes | str, domain: Domain, receipt: Receipt, proof: bytes, vk_hash: bytes) -> bytes:
-    """The worker's 65-byte signature binding ``proof`` to its ``receipt`` (see the module doc)."""
-    claim = _claim(domain, receipt, instances_hash(proof_instances(proof)), vk_hash)
-    return sign_typed(private_key, domain, "StageProof", claim).signature
 
 
 @dataclass(frozen=True)
@@ -242,7 +215,10 @@ def verify_stage_proof(
     halo2 verification runs in this process). ``output``: the bytes the receipt's outputHash is
     sha256 of; without them the output binding (3. in the module doc) is not checked."""
     key.check_visibility()
-    instances = proof_instances(proof)
+    try:
+        instances = proof_instances(proof)
+    except ProofFormatError as exc:
+        raise ZkProofRefusedError("malformed", str(exc)) from exc
     n_out = int(np.prod(key.output_shape))
     if len(instances) != 1 + n_out:
         raise ZkProofRefusedError(
@@ -256,7 +232,7 @@ def verify_stage_proof(
     if receipt_by.lower() != node.lower():
         raise ZkProofRefusedError("bad_signature", f"the receipt is signed by {receipt_by}, not by {node}")
     digest = instances_hash(instances)
-    claim_by = _signer(domain, _claim(domain, receipt, digest, key.vk_hash), claim_signature)
+    claim_by = _signer(domain, claim_message(domain, receipt, digest, key.vk_hash), claim_signature)
     if claim_by.lower() != node.lower():
         raise ZkProofRefusedError(
             "not_bound",

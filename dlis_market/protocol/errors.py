@@ -43,3 +43,7 @@ class TelemetryRefusedError(OracleError):
     def __init__(self, reason: str, message: str) -> None:
         super().__init__(message)
         self.reason = reason
+
+
+class ProofFormatError(SignedMessageError):
+    """Bytes that are not an EZKL proof JSON with BN254 instances (protocol/zk_claims.py)."""

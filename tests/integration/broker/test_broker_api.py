@@ -141,6 +141,10 @@ def test_refusals_are_problem_json_and_change_nothing(api):
     two = {"prompt": "a", "messages": [{"role": "user", "content": "a"}]}
     status, prob = post({"model": MODEL, **two, "authorization": authorization(market, client)})
     assert status == 422 and "exactly one" in prob["detail"]
+    # a proof of SmolLM2's head (576 x 49152, bf16) is not on offer: refused before anything runs
+    status, prob = post({**base, "proof": "zk", "authorization": authorization(market, client)})
+    assert status == 422 and prob["type"].endswith("proof-unsupported"), prob
+    assert "zk.max_head_params" in prob["detail"] or "fp32" in prob["detail"]
     assert not backend.jobs and service.ledger.recent_jobs() == []
 
     auth = authorization(market, client, nonce=77)

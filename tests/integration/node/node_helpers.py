@@ -40,10 +40,10 @@ PASSWORD = "node-test-password"
 MODEL = "tiny-llama"
 
 
-def make_tiny_llama(path: Path, layers: int = 6, seed: int = 1234, vocab_size: int = 96) -> Path:
+def make_tiny_llama(path: Path, layers: int = 6, seed: int = 1234, vocab_size: int = 96, hidden: int = 32) -> Path:
     config = LlamaConfig(
         vocab_size=vocab_size,
-        hidden_size=32,
+        hidden_size=hidden,
         intermediate_size=64,
         num_hidden_layers=layers,
         num_attention_heads=4,
@@ -321,14 +321,15 @@ def paid_job(market: Any, port: int, client: Any, model: str, prompt: str, max_t
 
 
 async def run_pinned_job(
-    driver: Any, model: str, route: list[Any], prompt: list[int], new: int, adapter: Any = None
+    driver: Any, model: str, route: list[Any], prompt: list[int], new: int, adapter: Any = None, proof: Any = None
 ) -> tuple[Any, list[int]]:
     """One job on exactly ``route`` (driver-side, no broker): its FinishedSession (what a spot check
     needs) and its tokens. Fails if the job failed over or a receipt was refused."""
     from dlis_market.broker.spot_checks import FinishedSession
     from dlis_market.node.driver import JobSession, JobSpec
 
-    session = JobSession(driver, JobSpec(model=model, prompt_ids=prompt, max_new_tokens=new, adapter=adapter))
+    spec = JobSpec(model=model, prompt_ids=prompt, max_new_tokens=new, adapter=adapter, proof=proof)
+    session = JobSession(driver, spec)
     session.route = list(route)
     await session.establish()
     tokens = [t async for t in session.tokens()]

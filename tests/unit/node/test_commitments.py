@@ -51,7 +51,7 @@ def test_bills_without_a_true_commitment_are_refused() -> None:
     with pytest.raises(ReceiptError, match="not by the stage's node key"):
         receipts.verify_commitment(DOMAIN, signed.receipt, stranger, NODE.address)
     other, _ = served(7, [7])  # a commitment made for another receipt (another job) is not this one's
-    with pytest.raises(ReceiptError, match="signed for another receipt.*forged or altered"):
+    with pytest.raises(ReceiptError, match=r"signed for another receipt.*forged or altered"):
         receipts.verify_commitment(DOMAIN, other.receipt, commitment, NODE.address)
     tampered = dataclasses.replace(commitment, fingerprint=fingerprint[:-2] + bytes([fingerprint[-2] ^ 1, 0]))
     with pytest.raises(ReceiptError, match="forged or altered"):
