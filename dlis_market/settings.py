@@ -6,6 +6,10 @@ Values come from, in increasing priority: defaults here, environment variables w
 
 ``pydantic-settings`` is not used because its python-dotenv requirement conflicts with the exact
 pin of eth-brownie; this module is the small part of it the project needs.
+
+Why one module of this size: it is the one settings object the whole project is configured
+through (each section a process's knobs, each field with the comment that explains it), so that
+every default and every environment variable can be read in one place.
 """
 
 from __future__ import annotations

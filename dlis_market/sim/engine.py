@@ -1,5 +1,10 @@
 """The SimPy process model: peers that churn, clients that send jobs, and the market around them.
 
+Why one module of this size: the processes below share one simulated world (peers' state, the
+network the scheduler reads, the ledger of jobs and their metrics) and interrupt each other (a
+churning peer fails the sessions it holds); the batched stage model and the economics are apart
+(:mod:`.passes`, :mod:`.economics`).
+
 Processes (simulated seconds; metrics count ``[0, hours)``, jobs that arrived by then finish):
 
 * **churn**, one per peer: online for an exponential time of mean ``heartbeat_s / hazard``, then
