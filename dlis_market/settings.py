@@ -119,6 +119,9 @@ class NodeSettings(_Section):
     # sessions at different positions share one forward pass (0: run what is queued at once).
     batch_wait_ms: float = Field(default=4.0, ge=0.0, le=100.0)
     request_timeout_s: float = 30.0
+    # closing a zk job's last stage: it proves its head then (a 16 x 32 head, 8 tokens: ~12 s, plus a
+    # one-time setup per token count of ~16 s on 2 idle cores)
+    proof_timeout_s: float = 300.0
     step_timeout_s: float = 60.0  # no token for a step within this: the route is probed
     ban_base_s: float = 5.0  # first ban of a failing peer; doubles per failure
     ban_max_s: float = 300.0

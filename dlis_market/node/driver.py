@@ -494,11 +494,12 @@ class JobSession:
             )
 
     async def _close_hops(self, hops: Sequence[RouteHop]) -> None:
+        settings = self.driver.settings
         for hop in hops:
+            proves = self.spec.proof is not None and bool(self.route) and hop.end == self.route[-1].end
+            timeout = settings.proof_timeout_s if proves else settings.request_timeout_s
             try:
-                answer = await self.driver.pool.request(
-                    hop.peer_id, "close", {"session_id": self.session_id}, self.driver.settings.request_timeout_s
-                )
+                answer = await self.driver.pool.request(hop.peer_id, "close", {"session_id": self.session_id}, timeout)
                 signed = receipts.from_wire(answer.get("receipt"))
                 node = self.driver.verified_node(hop.peer_id) or hop.node
                 receipts.verify_receipt(self.driver.market, signed, node)
@@ -511,8 +512,7 @@ class JobSession:
                     commitment = receipts.Commitment.from_wire(answer)
                     receipts.verify_commitment(self.driver.market, r, commitment, node)
                     fingerprint = commitment.fingerprint
-                last = bool(self.route) and hop.end == self.route[-1].end
-                proof = ZkClaim.from_wire(answer) if self.spec.proof is not None and last else None
+                proof = ZkClaim.from_wire(answer) if proves else None
                 self.receipts.append(StageReceipt(hop.peer_id, self.session_id, signed, fingerprint, proof))
                 self.driver.succeeded(hop.peer_id)
             except (NodeError, ValueError) as exc:  # a dead or lying stage: no receipt, no payment

@@ -439,20 +439,25 @@ class Worker:
             key = bytes(self.identity.account.key)
             answer |= receipts.commit(key, self.domain, signed.receipt, fingerprint).to_wire()
         if session.head_rows:
-            answer |= await asyncio.to_thread(self._prove, signed.receipt, session.head_rows)
+            answer |= await self._prove(signed.receipt, session.head_rows)
         return answer
 
-    def _prove(self, receipt: receipts.Receipt, head_rows: list[torch.Tensor]) -> dict[str, Any]:
+    async def _prove(self, receipt: receipts.Receipt, head_rows: list[torch.Tensor]) -> dict[str, Any]:
         """A zk session's proof of its head: the row each token was sampled from (the last of each
         step) through the final norm + LM head, signed for the receipt; with every row the head
-        read (what the fingerprint commits to), so a verifier can tie the proof to the commitment."""
+        read (what the fingerprint commits to), so a verifier can tie the proof to the commitment.
+        The circuit's setup traces the stage's own head modules: under the compute lock, never
+        beside a forward pass; proving (EZKL alone) runs beside the stage's work."""
         rows = torch.cat(head_rows).float()
         x = torch.stack([step[-1] for step in head_rows]).float()
         zk = self.settings.zk
         began = time.perf_counter()
         try:
-            circuit = head_circuit(self.stage.model, x.shape[0], self.settings.zk_cache_dir, zk.srs_dir)
-            proof = prove_stage(circuit, x, progress=False)
+            async with self.compute:
+                circuit = await asyncio.to_thread(
+                    head_circuit, self.stage.model, x.shape[0], self.settings.zk_cache_dir, zk.srs_dir
+                )
+            proof = await asyncio.to_thread(prove_stage, circuit, x, False)
         except ZkStageError as exc:  # no proof: the opener's job fails, nothing is forged
             log.warning("could not prove the head of a zk session: %s", exc)
             return {"proof_error": str(exc)[:500]}
