@@ -6,7 +6,8 @@ settlement paths in the same run:
   * Merkle (``settleBatchMerkle``): every node signs one batch receipt over the Merkle root of its
     stages; the contract rebuilds the roots from the jobs' leaves;
   * solo (``settleJob``, one job alone): the per-stage receipts, stages packed one word each, the
-    nodes and model looked up in one registry call, no batch id stored;
+    nodes and model looked up in one registry call, no batch id stored; sent through the binding's
+    ``JobMarket.settle_job``, the call the broker makes for a batch of one job;
 and two baselines: each job settled in its own transaction (a batch of one through the batch
 paths), and three plain ERC-20 pushes to the operators (no signatures checked, no escrow, no
 replay protection). Also redeeming a
@@ -47,12 +48,12 @@ from dlis_market.chain.job_market import (
     SignedReceipt,
     batch_receipts,
     merkle_batch_args,
-    pack_stage,
     rand_commitment,
     sign_authorization,
     sign_batch_receipt,
     sign_payment_ticket,
     sign_receipt,
+    single_job_args,
     win_threshold,
 )
 
@@ -85,14 +86,6 @@ def _merkle(
     receipts = batch_receipts(m.broker.address, batch_id, mjobs)
     signed = {n: SignedBatchReceipt(b, sign_batch_receipt(keys[n], dom, b)) for n, b in receipts.items()}
     return mjobs, signed
-
-
-def _solo(job: SignedJob) -> tuple[Any, ...]:
-    """``settleJob``'s argument: the job's ``settleBatch`` tuple with each stage packed as
-    (``pack_stage(0, receipt)``, output hash, r, vs)."""
-    a, sig = job.authorization, job.signature
-    stages = [(pack_stage(0, r.receipt), r.receipt.output_hash, r.signature.r, r.signature.vs) for r in job.receipts]
-    return (a.client, a.model_id, a.max_cost, a.nonce, a.deadline, sig.r, sig.vs, stages)
 
 
 def _breakdown(m: LocalMarket, fn: Any) -> dict[str, int]:
@@ -177,10 +170,9 @@ def measure(m: LocalMarket, breakdown: bool = False) -> dict[str, Any]:
 
     def solo(jobs: list[SignedJob], tag: str | None) -> int:
         (job,) = jobs
-        fn = market.contract.functions.settleJob(_solo(job))
         if tag:
-            traces[tag] = _breakdown(m, fn)
-        return int(market.client.transact(m.broker, fn)["gasUsed"])
+            traces[tag] = _breakdown(m, market.contract.functions.settleJob(single_job_args(job)))
+        return int(market.settle_job(m.broker, job)["gasUsed"])
 
     # alone: the least of three (the first pays for a fresh nonce word)
     for name, settle in (("", per_receipt), ("merkle_", merkle), ("solo_", solo)):

@@ -1,19 +1,25 @@
 """Batched on-chain settlement of completed jobs, idempotent across crashes and restarts.
 
-Two paths: Merkle (``JobMarket.settleBatchMerkle``, ~23k gas per 3-stage job in a batch of 50):
+Three paths: Merkle (``JobMarket.settleBatchMerkle``, ~23k gas per 3-stage job in a batch of 50):
 each node of the batch is asked, all at once through the :class:`BatchSigner`, to sign one
 ``BatchReceipt`` over the Merkle root of its receipts in the batch; per receipt
-(``settleBatch``, ~40k gas per job): every stage's own receipt signature. Jobs whose every node
-signed go Merkle; the jobs of a node that did not answer in time, refused, or signed something
-else move to a batch of their own, settled per receipt in the same pass.
+(``settleBatch``, ~40k gas per job): every stage's own receipt signature; and one job alone
+(``settleJob``, ~120k gas, the least for a single job): its stages' own receipt signatures too, so
+no node is asked anything. Jobs whose every node signed go Merkle; the jobs of a node that did not
+answer in time, refused, or signed something else move to a batch of their own, settled per
+receipt in the same pass. Whenever exactly one job is left to send (a batch of one, a split-off or
+what remains after refused jobs), it goes through ``settleJob`` unless a stage bills 2**128 units
+or more (then ``settleBatch``).
 
 One pass (:meth:`Settler.settle_once`):
 1. Finish open batches first. A batch row is committed *before* its transaction is sent, so after
-   a crash it is still open: if JobMarket already shows it settled (``batchSettled`` for the
-   per-receipt path; for the Merkle path, which records no batch id, its first job's nonce used
-   and a ``BatchSettled`` event of this broker with the batch id), it is marked settled (tx from
-   that event); otherwise it is sent again. JobMarket refuses a used per-receipt batch id and
-   every used (client, nonce), so nothing is ever paid twice.
+   a crash it is still open: if JobMarket already shows it settled (for a batch of one job, which
+   ``settleJob`` settles without recording a batch id or emitting ``BatchSettled``: the job's
+   ``JobSettled`` event in a transaction from this broker; ``batchSettled`` for the per-receipt
+   path; for the Merkle path, which records no batch id, its first job's nonce used and a
+   ``BatchSettled`` event of this broker with the batch id), it is marked settled with that
+   transaction (and what it forfeited); otherwise it is sent again. JobMarket refuses a used
+   per-receipt batch id and every used (client, nonce), so nothing is ever paid twice.
 2. Group completed, unbatched jobs into a new batch and send it. Before a job joins a batch:
    its client's escrow must cover it (with the batch's earlier jobs of that client), or it is
    marked unpayable with the evidence (escrow at that block, what it owes) and the rest go on; a
@@ -110,6 +116,7 @@ class SettleResult:
     failed_jobs: list[str]  # marked unpayable in this pass
     held_jobs: list[str] = field(default_factory=list)  # waiting for a stage to be routable again
     merkle_batches: list[str] = field(default_factory=list)  # of settled_batches, those settled by Merkle root
+    solo_batches: list[str] = field(default_factory=list)  # of settled_batches, one job alone by settleJob
     # node -> why it signed no batch receipt this pass (its jobs settled per receipt)
     unsigned_nodes: dict[str, str] = field(default_factory=dict)
 
@@ -211,8 +218,9 @@ class Settler:
     def _finish(self, batch_id: str, result: SettleResult, merkle: bool = True) -> None:
         bid = _b(batch_id)
         jobs = self.ledger.batch_jobs(batch_id)
-        if self._settled_on_chain(bid, jobs):  # sent before a crash: record it (and what it forfeited)
-            tx, block = self._find_settlement(bid)
+        found = self._on_chain_settlement(bid, jobs)
+        if found is not None:  # sent before a crash: record it (and what it forfeited)
+            tx, block = found
             receipt = self.market.client.w3.eth.get_transaction_receipt(HexStr(tx)) if tx else None
             self._record(batch_id, tx, block, receipt, result)
             return
@@ -225,16 +233,23 @@ class Settler:
                 return
         self._settle_receipts(batch_id, jobs, result)
 
-    def _settled_on_chain(self, batch_id: bytes, jobs: list[JobRow]) -> bool:
-        """Whether this broker already settled the batch: ``batchSettled`` (per-receipt path), or
-        (Merkle path, no batch id on chain) its first job's nonce is used and a ``BatchSettled``
-        event of this broker names the batch id. A nonce used by another settlement (a client that
-        signed the nonce twice) is not ours: the simulation then refuses that job by name."""
+    def _on_chain_settlement(self, batch_id: bytes, jobs: list[JobRow]) -> tuple[str | None, int | None] | None:
+        """(tx, block) of this broker's settlement of the batch if it already landed, else None:
+        for one job (``settleJob`` records no batch id), its ``JobSettled`` event sent by this
+        broker; ``batchSettled`` (per-receipt path); or (Merkle path, no batch id on chain) its
+        first job's nonce is used and a ``BatchSettled`` event of this broker names the batch id.
+        A nonce used by another settlement (a client that signed the nonce twice) is not ours: the
+        simulation then refuses that job by name."""
+        if len(jobs) == 1:
+            found = self._find_job_settlement(jobs[0])
+            if found is not None:
+                return found
         if self.market.batch_settled(self.broker.address, batch_id):
-            return True
+            return self._find_settlement(batch_id)
         if not jobs or not self.market.nonce_used(Web3.to_checksum_address(jobs[0].client), jobs[0].nonce):
-            return False
-        return self._find_settlement(batch_id)[0] is not None
+            return None
+        tx, block = self._find_settlement(batch_id)
+        return None if tx is None else (tx, block)
 
     def _record(
         self, batch_id: str, tx: str | None, block: int | None, receipt: TxReceipt | None, result: SettleResult
@@ -255,12 +270,18 @@ class Settler:
         result.failed_jobs.append(bad.id)
 
     def _settle_receipts(self, batch_id: str, jobs: list[JobRow], result: SettleResult) -> None:
-        """Per-receipt path (``settleBatch``): every stage's own signature."""
+        """Per-receipt path, every stage's own signature: ``settleBatch``, or ``settleJob`` when one
+        job is left (its stages fit the packed word)."""
         bid = _b(batch_id)
         while jobs:
             self.ledger.note_attempt(batch_id)
+            solo = len(jobs) == 1 and self._packable(jobs[0])
             try:
-                receipt = self.market.settle_batch(self.broker, bid, [signed_job(j, self.broker.address) for j in jobs])
+                if solo:
+                    receipt = self.market.settle_job(self.broker, signed_job(jobs[0], self.broker.address))
+                else:
+                    built = [signed_job(j, self.broker.address) for j in jobs]
+                    receipt = self.market.settle_batch(self.broker, bid, built)
             except ContractRevertError as exc:
                 if exc.error == "JobMarketBatchAlreadySettled":
                     tx, block = self._find_settlement(bid)
@@ -276,6 +297,9 @@ class Settler:
                 self.ledger.release_batch(batch_id, str(exc))
                 raise
             tx = "0x" + bytes(receipt["transactionHash"]).hex()
+            if solo:
+                log.info("batch %s: job %s settled alone by settleJob, tx %s", batch_id, jobs[0].id, tx)
+                result.solo_batches.append(batch_id)
             self._record(batch_id, tx, int(receipt["blockNumber"]), receipt, result)
             return
         self.ledger.release_batch(batch_id, "no settleable jobs left in the batch")
@@ -285,7 +309,8 @@ class Settler:
     ) -> list[JobRow]:
         """Merkle path: settle the jobs whose every node signs its batch receipt; the others move to
         batches of their own (appended to ``splits``, for the per-receipt path). Returns the jobs
-        left in ``batch_id`` for the per-receipt path: all of them when no node signed, else none."""
+        left in ``batch_id`` for the per-receipt path: all of them when no node signed, the one
+        job left alone (``settleJob`` needs no batch receipt), else none."""
         bid = _b(batch_id)
         built = {j.id: signed_job(j, self.broker.address) for j in jobs}
         signed: dict[BatchReceipt, SignedBatchReceipt] = {}  # kept across retries: unchanged roots are not re-asked
@@ -295,13 +320,16 @@ class Settler:
             if until > now:
                 left_out.setdefault(node, f"{why} (not asked again for {until - now:.0f} s)")
         while jobs:
+            if len(jobs) == 1:
+                return jobs  # one job alone: settleJob on its receipts' own signatures, cheaper
             mjobs = [j for j in jobs if self._merkle_eligible(j, left_out)]
             if not mjobs:
                 return jobs  # no node signed: the whole batch per receipt, under its own id
             rows = {j.id: merkle_job(j, built[j.id]) for j in mjobs}
             expected = batch_receipts(self.broker.address, bid, [rows[j.id] for j in mjobs])
             missing = [n for n, r in expected.items() if r not in signed]
-            if missing and self._collect(signer, bid, expected, missing, mjobs, built, signed, left_out):
+            ask = len(mjobs) > 1 and missing  # one job would go alone (settleJob): no batch receipt to ask for
+            if ask and self._collect(signer, bid, expected, missing, mjobs, built, signed, left_out):
                 continue  # a node gave no valid signature: its jobs leave, the others' roots change
             if len(mjobs) < len(jobs):
                 rest = [j for j in jobs if j not in mjobs]
@@ -313,6 +341,8 @@ class Settler:
                 )  # fmt: skip
                 splits.append(split)
                 jobs = mjobs
+                if len(jobs) == 1:
+                    return jobs  # alone now: settleJob, no batch receipt needed
             self.ledger.note_attempt(batch_id)
             try:
                 receipt = self.market.settle_batch_merkle(
@@ -346,11 +376,14 @@ class Settler:
         return []
 
     @staticmethod
-    def _merkle_eligible(job: JobRow, left_out: dict[str, str]) -> bool:
+    def _packable(job: JobRow) -> bool:
+        """Every stage's amount fits a packed stage word (``settleJob``, ``settleBatchMerkle``)."""
+        return bool(job.receipts) and all(r.amount < 2**128 for r in job.receipts)
+
+    @classmethod
+    def _merkle_eligible(cls, job: JobRow, left_out: dict[str, str]) -> bool:
         """Every stage's node signs (so far) and every amount fits a packed Merkle stage."""
-        return bool(job.receipts) and all(
-            Web3.to_checksum_address(r.node) not in left_out and r.amount < 2**128 for r in job.receipts
-        )
+        return cls._packable(job) and all(Web3.to_checksum_address(r.node) not in left_out for r in job.receipts)
 
     def _collect(
         self,
@@ -411,6 +444,19 @@ class Settler:
             self._unsigned.setdefault(node, (now + UNSIGNED_RETRY_S, why))
         left_out.update(gone)
         return bool(gone)
+
+    def _find_job_settlement(self, job: JobRow) -> tuple[str, int] | None:
+        """(tx, block) of the ``JobSettled`` event of ``job`` in a transaction this broker sent,
+        once its nonce is used (the check that costs no log scan)."""
+        if not self.market.nonce_used(Web3.to_checksum_address(job.client), job.nonce):
+            return None
+        w3 = self.market.client.w3
+        start = self.market.client.deployment.contracts["JobMarket"].block
+        logs = self.market.contract.events.JobSettled.get_logs(from_block=start, argument_filters={"jobId": _b(job.id)})
+        for ev in logs:
+            if w3.eth.get_transaction(ev["transactionHash"])["from"].lower() == self.broker.address.lower():
+                return "0x" + bytes(ev["transactionHash"]).hex(), int(ev["blockNumber"])
+        return None
 
     def _find_settlement(self, batch_id: bytes) -> tuple[str | None, int | None]:
         """The transaction and block of this broker's ``BatchSettled`` event with ``batch_id``."""

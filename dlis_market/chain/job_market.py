@@ -1,8 +1,9 @@
 """Binding of contracts/JobMarket.sol: escrow, signed authorizations and receipts, batched settlement.
 
-Two settlement paths: ``settle_batch`` (every stage signs its own ``Receipt``) and
+Three settlement paths: ``settle_batch`` (every stage signs its own ``Receipt``),
 ``settle_batch_merkle`` (every node signs one ``BatchReceipt`` over the Merkle root of its stages'
-receipt leaves), plus probabilistic payment tickets (``redeem_winning_ticket``).
+receipt leaves) and ``settle_job`` (one job alone on its stages' own receipts, the least gas for a
+single job), plus probabilistic payment tickets (``redeem_winning_ticket``).
 
 What the contract hashes and checks is built next door, each part against the contract's own
 encoding: the job's EIP-712 messages in :mod:`.market_messages`, the Merkle batch receipts and
@@ -46,6 +47,8 @@ from dlis_market.chain.merkle_batch import (
     pack_stage,
     receipt_leaf,
     sign_batch_receipt,
+    single_job_args,
+    solo_batch_id,
     verify_merkle_proof,
 )
 from dlis_market.chain.payment_tickets import (
@@ -86,6 +89,8 @@ __all__ = [
     "sign_batch_receipt",
     "sign_payment_ticket",
     "sign_receipt",
+    "single_job_args",
+    "solo_batch_id",
     "ticket_hash",
     "ticket_wins",
     "verify_merkle_proof",
@@ -217,6 +222,17 @@ class JobMarket:
         nodes, job_tuples = merkle_batch_args(jobs, signed)
         fn = self.contract.functions.settleBatchMerkle(batch_id, nodes, job_tuples)
         return self.client.transact(broker, fn)
+
+    def settle_job(self, broker: LocalAccount, job: SignedJob) -> TxReceipt:
+        """Settle one job alone (``settleJob``) on its stages' own receipt signatures; same escrow
+        preflight as :meth:`settle_batch`, and a stage billing 2**128 units or more is refused
+        before sending (use :meth:`settle_batch`). No batch id is taken or stored: the stages are
+        credited under :func:`solo_batch_id` of the job id, ``batchSettled`` stays false and no
+        ``BatchSettled`` is emitted (the job's ``JobSettled`` event is its record). Reverts name
+        ``jobIndex`` 0."""
+        args = single_job_args(job)
+        self._preflight_batch(broker.address, [job])
+        return self.client.transact(broker, self.contract.functions.settleJob(args))
 
     def redeem_winning_ticket(
         self, sender: LocalAccount, ticket: PaymentTicket, signature: CompactSignature, recipient_rand: int

@@ -4,8 +4,9 @@
 The leaves, the tree (:func:`merkle_root`, OpenZeppelin's commutative hashing, an odd last element
 carried up) and the packed stage words are built here exactly as the contract rebuilds them;
 tests/integration/chain/test_merkle_settlement.py and tests/contracts/test_market_merkle.py check
-them against it. The binding that sends a batch is :mod:`dlis_market.chain.job_market`, which
-re-exports these names.
+them against it. The one-word stage packing is shared with ``JobMarket.settleJob`` (one job alone,
+on its stages' own receipt signatures): :func:`single_job_args`. The binding that sends a batch is
+:mod:`dlis_market.chain.job_market`, which re-exports these names.
 """
 
 from __future__ import annotations
@@ -170,6 +171,25 @@ def pack_stage(node_index: int, receipt: Receipt) -> int:
             f"got amount {r.amount}, node index {node_index}: settle this job with settle_batch"
         )
     return node_index << 224 | r.start << 192 | r.end << 160 | r.tokens << 128 | r.amount
+
+
+def solo_batch_id(job_id: bytes) -> bytes:
+    """``JobMarket.soloBatchId``: the batch id ``settleJob`` credits a job's stages under (nothing
+    stored on chain); the broker ledger's id of a batch holding only this job (``batch_id_for``)."""
+    return bytes(keccak(job_id))
+
+
+def single_job_args(job: SignedJob) -> tuple[Any, ...]:
+    """``settleJob``'s argument: the authorization as ``settleBatch`` takes it, each stage as
+    (packed start/end/tokens/amount, output hash, its node's receipt signature r, vs)."""
+    for i, s in enumerate(job.receipts):
+        if s.receipt.amount >= 2**128:
+            raise PreflightError(
+                f"settleJob packs each stage's amount below 2**128 token units, but stage {i} bills "
+                f"{s.receipt.amount}: settle this job with settle_batch (per-receipt)"
+            )
+    stages = [(pack_stage(0, s.receipt), s.receipt.output_hash, s.signature.r, s.signature.vs) for s in job.receipts]
+    return (*job.as_tuple()[:7], stages)
 
 
 def merkle_batch_args(

@@ -1,7 +1,9 @@
 """Settlement from the ledger to JobMarket on a real Anvil: exact amounts, crash recovery, no double pay.
 
-The settler goes through the Merkle path (one batch receipt signed per node, by the nodes' real
-keys: ``LocalBatchSigner``) and falls back per receipt for the jobs of nodes that do not sign."""
+The settler settles a job alone through ``settleJob`` (its receipts' own signatures, no node asked
+to sign anything), batches of two or more through the Merkle path (one batch receipt signed per
+node, by the nodes' real keys: ``LocalBatchSigner``), and falls back per receipt for the jobs of
+nodes that do not sign."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ import secrets
 
 import pytest
 from eth_account import Account
+from eth_utils import keccak
 
 from dlis_market.broker.ledger import Ledger, NewJob, NewReceipt
 from dlis_market.broker.settlement import Settler, merkle_job, signed_job
@@ -116,6 +119,72 @@ def test_settles_exactly_the_receipts(setup, path):
     assert merkle_settler(market, ledger, nodes).settle_once().settled_batches == []  # nothing left
 
 
+def test_single_job_settles_alone_through_settle_job(setup):
+    """A batch of one job goes through ``settleJob``: no node is asked for a batch receipt, the
+    client pays exactly its receipts plus the fee, each operator gets its receipt, and the ledger's
+    batch id is the one JobMarket credits under (``soloBatchId(jobId)``). Warm, it costs <= 120k gas."""
+    market, ops, nodes, client, ledger = setup
+    jm = market.market()
+    treasury = market.client.deployment.treasury
+    settler = merkle_settler(market, ledger, nodes)
+    gas = []
+    for nonce in (200, 201):  # the second one warm: operators, nonce word and treasury already written
+        jid = add_completed_job(market, ledger, client, nodes, nonce)
+        escrow0, treasury0 = jm.escrow_of(client.address), jm.claimable_of(treasury)
+        claim0 = [jm.claimable_of(o.address) for o in ops]
+        result = settler.settle_once()
+        assert result.settled_batches == result.solo_batches == [ledger.get_job(jid).batch_id]
+        assert result.merkle_batches == [] and not result.failed_jobs and settler.signer.asked == []
+        batch = ledger.get_batch(result.settled_batches[0])
+        assert batch.status == "settled" and method_of(jm, batch.tx_hash) == "settleJob"
+        assert batch.id == "0x" + keccak(bytes.fromhex(jid[2:])).hex()
+        assert jm.contract.functions.soloBatchId(bytes.fromhex(jid[2:])).call() == bytes.fromhex(batch.id[2:])
+        row = ledger.get_job(jid)
+        cost = 3 * (UNIT // 50)
+        assert row.status == "settled" and row.cost == cost and row.fee == jm.fee_for(cost) and not row.error
+        assert escrow0 - jm.escrow_of(client.address) == cost + jm.fee_for(cost)
+        assert jm.claimable_of(treasury) - treasury0 == jm.fee_for(cost)
+        assert [jm.claimable_of(o.address) - c for o, c in zip(ops, claim0, strict=True)] == [UNIT // 50] * 3
+        receipt = jm.client.w3.eth.get_transaction_receipt(batch.tx_hash)
+        credited = jm.contract.events.PaymentCredited().process_receipt(receipt)
+        assert {"0x" + bytes(e["args"]["batchId"]).hex() for e in credited} == {batch.id}
+        gas.append(int(receipt["gasUsed"]))
+    print(f"broker settleJob gas: first {gas[0]}, warm {gas[1]}")
+    assert gas[1] <= 120_000, gas
+    assert settler.settle_once().settled_batches == []
+
+
+def test_single_job_crash_after_send_is_recovered_with_its_forfeit(setup):
+    """The broker committed a one-job batch, sent ``settleJob`` and died before recording it.
+    JobMarket keeps no batch id for it (``batchSettled`` is false, no ``BatchSettled`` event): the
+    restarted broker finds the job's ``JobSettled`` event of its own transaction, marks the job
+    settled (not unpayable: a resend would hit ``JobMarketJobAlreadySettled``) with that
+    transaction, books the stage JobMarket forfeited, and pays nothing twice."""
+    market, ops, nodes, client, ledger = setup
+    jm, staking = market.market(), market.staking()
+    jid = add_completed_job(market, ledger, client, nodes, 210)
+    staking.request_unstake(ops[0], staking.min_stake())  # stage 0 not routable: forfeited at settlement
+    (job,) = ledger.unsettled_jobs(50)
+    batch_id = ledger.create_batch([job.id])
+    sent = jm.settle_job(market.broker, signed_job(job, market.broker.address))
+    tx = "0x" + bytes(sent["transactionHash"]).hex()
+    assert not jm.batch_settled(market.broker.address, bytes.fromhex(batch_id[2:]))
+    assert jm.contract.events.BatchSettled().process_receipt(sent) == ()
+    escrow, paid = jm.escrow_of(client.address), [jm.claimable_of(o.address) for o in ops]
+    assert paid == [0, UNIT // 50, UNIT // 50]
+
+    restarted = merkle_settler(market, Ledger(ledger.url), nodes)
+    result = restarted.settle_once()
+    assert result.settled_batches == [batch_id] and not result.failed_jobs
+    batch = ledger.get_batch(batch_id)
+    assert batch.status == "settled" and batch.tx_hash == tx and batch.block == sent["blockNumber"]
+    row = ledger.get_job(jid)
+    assert row.status == "settled" and row.cost == 2 * UNIT // 50 and row.fee == jm.fee_for(row.cost)
+    assert "forfeited" in row.error and nodes[0].address in row.error
+    assert jm.escrow_of(client.address) == escrow and [jm.claimable_of(o.address) for o in ops] == paid
+    assert restarted.signer.asked == [] and restarted.settle_once().settled_batches == []
+
+
 def test_crash_after_send_is_recovered_without_paying_twice(setup, tmp_path):
     market, ops, nodes, client, ledger = setup
     jm = market.market()
@@ -139,7 +208,7 @@ def test_crash_before_send_settles_once_after_restart(setup):
     add_completed_job(market, ledger, client, nodes, 20)
     batch_id = ledger.create_batch([j.id for j in ledger.unsettled_jobs(50)])  # committed, never sent
     restarted = merkle_settler(market, Ledger(ledger.url), nodes)
-    assert restarted.settle_once().merkle_batches == [batch_id]
+    assert restarted.settle_once().solo_batches == [batch_id]  # one job: settleJob
     assert jm.claimable_of(ops[1].address) == UNIT // 50
     assert restarted.settle_once().settled_batches == []
     assert jm.claimable_of(ops[1].address) == UNIT // 50
@@ -150,15 +219,33 @@ def test_invalid_job_is_dropped_and_the_rest_settle(setup):
     jm = market.market()
     good = add_completed_job(market, ledger, client, nodes, 30)
     forged = add_completed_job(market, ledger, client, nodes, 31, signer=Account.create())
+    good2 = add_completed_job(market, ledger, client, nodes, 32)
     signer = LocalBatchSigner(nodes, jm.domain())
     result = Settler(ledger, jm, market.broker, signer=signer).settle_once()
     assert result.failed_jobs == [forged] and result.merkle_batches == result.settled_batches
     # the nodes signed again over the batch without the forged job (their roots changed)
     assert [n for _, n, _ in signer.asked] == [n.address for n in nodes] * 2
-    assert [count for _, _, count in signer.asked] == [2, 2, 2, 1, 1, 1]
+    assert [count for _, _, count in signer.asked] == [3, 3, 3, 2, 2, 2]
     assert "JobMarketInvalidClientSignature" in ledger.get_job(forged).error
-    assert ledger.get_job(good).status == "settled"
-    assert jm.claimable_of(ops[2].address) == UNIT // 50
+    assert ledger.get_job(good).status == ledger.get_job(good2).status == "settled"
+    assert jm.claimable_of(ops[2].address) == 2 * UNIT // 50
+
+
+def test_invalid_job_leaving_one_sends_it_alone(setup):
+    """A batch of two whose one job is refused: the other is left alone, so it settles through
+    settleJob on its receipts' own signatures (its nodes are not asked to sign again)."""
+    market, ops, nodes, client, ledger = setup
+    jm = market.market()
+    good = add_completed_job(market, ledger, client, nodes, 35)
+    forged = add_completed_job(market, ledger, client, nodes, 36, signer=Account.create())
+    signer = LocalBatchSigner(nodes, jm.domain())
+    result = Settler(ledger, jm, market.broker, signer=signer).settle_once()
+    assert result.failed_jobs == [forged] and result.solo_batches == result.settled_batches
+    assert result.merkle_batches == [] and [count for _, _, count in signer.asked] == [2, 2, 2]
+    assert "JobMarketInvalidClientSignature" in ledger.get_job(forged).error
+    row = ledger.get_job(good)
+    assert row.status == "settled" and method_of(jm, ledger.get_batch(row.batch_id).tx_hash) == "settleJob"
+    assert [jm.claimable_of(o.address) for o in ops] == [UNIT // 50] * 3
 
 
 def test_unroutable_stage_is_held_back_then_settled(setup):
@@ -178,7 +265,7 @@ def test_unroutable_stage_is_held_back_then_settled(setup):
         assert result.held_jobs == [jid] and result.settled_batches == [] and not result.failed_jobs
         assert ledger.get_job(jid).status == "completed"
     staking.stake(ops[0], stake)
-    assert settler.settle_once().settled_batches
+    assert settler.settle_once().solo_batches
     assert ledger.get_job(jid).status == "settled"
     assert jm.claimable_of(ops[0].address) == UNIT // 50
 
@@ -187,7 +274,7 @@ def test_unroutable_stage_is_held_back_then_settled(setup):
     assert settler.settle_once().held_jobs == [late]
     market.increase_time(ledger.get_job(late).deadline - market.client.timestamp() - SETTLE_DEADLINE_MARGIN_S + 5)
     result = settler.settle_once()
-    assert result.settled_batches and result.held_jobs == [] and result.merkle_batches == result.settled_batches
+    assert result.settled_batches and result.held_jobs == [] and result.solo_batches == result.settled_batches
     row = ledger.get_job(late)
     assert row.status == "settled" and row.cost == 2 * UNIT // 50 and "forfeited" in row.error
     assert row.fee == jm.fee_for(row.cost)
@@ -203,7 +290,7 @@ def test_node_earnings_cli_reads_the_chain(setup):
     market, ops, nodes, client, ledger = setup
     jm = market.market()
     add_completed_job(market, ledger, client, nodes, 50)
-    assert merkle_settler(market, ledger, nodes).settle_once().merkle_batches
+    assert merkle_settler(market, ledger, nodes).settle_once().solo_batches
     jm.claim(ops[0])
     env = {"DLIS_HOME": str(market.settings.home), "DLIS_CHAIN__RPC_URL": market.settings.chain.rpc_url}
     res = CliRunner().invoke(app, ["node", "earnings", ops[0].address, "--json"], env=env)
@@ -270,7 +357,8 @@ def test_silent_node_sends_its_jobs_per_receipt_and_all_settle_once(setup):
     asked = len(settler.signer.asked)
     later = add_completed_job(market, ledger, client, via3, 74)
     result = settler.settle_once()
-    assert result.merkle_batches == [] and ledger.get_job(later).status == "settled"
+    assert result.merkle_batches == [] and result.solo_batches == result.settled_batches
+    assert ledger.get_job(later).status == "settled"
     assert "not asked again" in result.unsigned_nodes[node3.address]
     assert settler.signer.asked[asked:] == []  # no node waited on for a batch that cannot go Merkle
 
@@ -278,13 +366,13 @@ def test_silent_node_sends_its_jobs_per_receipt_and_all_settle_once(setup):
 def test_no_node_answering_settles_the_whole_batch_per_receipt(setup):
     market, ops, nodes, client, ledger = setup
     jm = market.market()
-    jid = add_completed_job(market, ledger, client, nodes, 80)
+    jids = [add_completed_job(market, ledger, client, nodes, n) for n in (80, 81)]
     result = merkle_settler(market, ledger, nodes, silent=[n.address for n in nodes]).settle_once()
-    assert result.merkle_batches == [] and len(result.settled_batches) == 1
+    assert result.merkle_batches == result.solo_batches == [] and len(result.settled_batches) == 1
     batch = ledger.get_batch(result.settled_batches[0])
-    assert ledger.get_job(jid).batch_id == batch.id  # under its own id, not split
+    assert [ledger.get_job(j).batch_id for j in jids] == [batch.id] * 2  # under its own id, not split
     assert method_of(jm, batch.tx_hash) == "settleBatch"
-    assert [jm.claimable_of(o.address) for o in ops] == [UNIT // 50] * 3
+    assert [jm.claimable_of(o.address) for o in ops] == [2 * UNIT // 50] * 3
 
 
 def test_node_signing_another_total_is_left_out(setup):
@@ -293,11 +381,12 @@ def test_node_signing_another_total_is_left_out(setup):
     receipts' amounts) and the liar gets nothing more."""
     market, ops, nodes, client, ledger = setup
     jm = market.market()
-    add_completed_job(market, ledger, client, nodes, 90)
+    for n in (90, 91):
+        add_completed_job(market, ledger, client, nodes, n)
     result = merkle_settler(market, ledger, nodes, liars=[nodes[1].address]).settle_once()
     assert nodes[1].address in result.unsigned_nodes and "recovers to" in result.unsigned_nodes[nodes[1].address]
     assert result.merkle_batches == [] and len(result.settled_batches) == 1
-    assert [jm.claimable_of(o.address) for o in ops] == [UNIT // 50] * 3
+    assert [jm.claimable_of(o.address) for o in ops] == [2 * UNIT // 50] * 3
 
 
 def test_merkle_crash_after_send_is_recovered_without_paying_twice(setup):
