@@ -112,7 +112,9 @@ def test_pages_show_job_route_settlement_and_balances(settled_job, chromium, art
         assert page.locator("tr.receipt").count() == 3
         rows = page.locator("tr.event")
         events = [rows.nth(i).get_attribute("data-event") for i in range(rows.count())]
-        assert events.count("PaymentCredited") == 3 and "JobSettled" in events and "BatchSettled" in events
+        # a job alone settles through settleJob: its JobSettled is the record (no BatchSettled)
+        assert events.count("PaymentCredited") == 3 and events.count("JobSettled") == 1
+        assert "BatchSettled" not in events
         # amounts in DLIS, the exact units on hover
         cost = page.locator("tr.event[data-event='JobSettled'] span.amount").first
         assert cost.inner_text() == fmt_units(int(job["cost"]))
@@ -134,14 +136,14 @@ def test_pages_show_job_route_settlement_and_balances(settled_job, chromium, art
         page.locator("#settlement-tx a").click()
         page.wait_for_url(re.compile(r"/explorer/tx/"))
         assert page.locator("#tx-hash").inner_text() == tx_hash
-        assert "JobMarket.settleBatch" in page.inner_text("body")
+        assert "JobMarket.settleJob" in page.inner_text("body")
         assert "success" in page.inner_text("table.summary")
         _shot(page, artifacts, "tx")
 
         # Explorer index: the settlement among the latest blocks and market events
         page.goto(srv.url + "/explorer")
         assert page.locator(f"a[href='/explorer/tx/{tx_hash}']").count() >= 1
-        assert page.locator("tr.event[data-event='BatchSettled']").count() == 1
+        assert page.locator("tr.event[data-event='JobSettled']").count() == 1
         assert page.locator("tr.event[data-event='EpochPosted']").count() == 1
         _shot(page, artifacts, "explorer")
         # paged: past the last page nothing is listed and the way back is offered
@@ -164,7 +166,7 @@ def test_pages_show_job_route_settlement_and_balances(settled_job, chromium, art
 
         # Block page of the settlement
         page.goto(srv.url + f"/explorer/block/{job['settlement']['block']}")
-        assert tx_hash in page.inner_text("body") and "JobMarket.settleBatch" in page.inner_text("body")
+        assert tx_hash in page.inner_text("body") and "JobMarket.settleJob" in page.inner_text("body")
         _shot(page, artifacts, "block")
 
         page.goto(srv.url + "/explorer/tx/0x" + "ab" * 32)
