@@ -136,6 +136,12 @@ class ModelCatalog:
             raise unknown_model(name, sorted(self.models))
         return model
 
+    @property
+    def adapter_names(self) -> list[str]:
+        """The adapters resolved so far (named by a job, or offered at start): what /v1/models lists
+        besides the base models (the chain holds name hashes only, so adapters cannot be enumerated)."""
+        return sorted(self._adapters)
+
     def find(self, name: str) -> ServedModel | None:
         """A served model, or an adapter over one that the chain records; None otherwise."""
         model = self.models.get(name)

@@ -142,8 +142,11 @@ def start(
     from dlis_market.chain.errors import PreflightError
     from dlis_market.chain.job_market import JobMarket
     from dlis_market.chain.node_registry import NodeRegistry
+    from dlis_market.cli.model_adapter import adapter_root
     from dlis_market.lifetime import start_reaper
     from dlis_market.logs import configure_logging
+    from dlis_market.protocol.adapters import adapter_model_name
+    from dlis_market.storage.adapter_store import AdapterStore
 
     st = state(ctx)
     with handle_errors():
@@ -159,6 +162,8 @@ def start(
                 f"account ({client.deployment.broker}) or have the admin grant the role"
             )
         catalog = ModelCatalog.from_shard_dirs(model_dir, client.model_publisher(), registry=NodeRegistry(client))
+        for adapter in AdapterStore(adapter_root(settings)).list():  # those published from here and registered
+            catalog.find(adapter_model_name(adapter.base_model, adapter.name))
         graph = build_graph(settings, client, broker, catalog)
         node_settings = node_settings_for_chain(settings, client)
         peers = list(initial_peer or settings.node.initial_peers)

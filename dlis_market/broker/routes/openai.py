@@ -283,8 +283,11 @@ def _model_card(served: ServedModel) -> dict[str, Any]:
 
 @router.get("/models")
 async def list_models(service: ServiceDep) -> dict[str, Any]:
-    """Models this broker serves (OpenAI list shape)."""
-    return {"object": "list", "data": [_model_card(service.catalog.models[n]) for n in sorted(service.catalog.models)]}
+    """Models this broker serves, and the adapters over them it knows of (OpenAI list shape)."""
+    catalog = service.catalog
+    served = [catalog.models[n] for n in sorted(catalog.models)]
+    adapters = [a for n in catalog.adapter_names if (a := catalog.find(n)) is not None]
+    return {"object": "list", "data": [_model_card(m) for m in served + adapters]}
 
 
 @router.get("/models/{model_id:path}")

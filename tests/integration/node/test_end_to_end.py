@@ -128,6 +128,8 @@ def test_paid_job_end_to_end_with_broker_restart(market, smollm2_shards: Path, t
             with_adapter = local.generate_ids([tok(PROMPT)["input_ids"]], max_new_tokens=8, adapters=[aid])[0]
             assert tuned["answer"] == tok.decode(with_adapter.token_ids, skip_special_tokens=True)
             assert tuned["answer"] != job["answer"]  # the adapter changes what the model says
+            listed = httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=30).json()["data"]
+            assert [m["id"] for m in listed] == [MODEL, f"{MODEL}:pirate"]
             for w in workers:  # each fetched it by CID on its first session with it
                 assert "attached adapter smollm2-135m:pirate" in w.log_path.read_text()
 
