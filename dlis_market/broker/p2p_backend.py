@@ -75,6 +75,7 @@ class P2PJobStream:
         observer: JobObserver | None = None,
         routed_tps: dict[str, float] | None = None,
         reports: set[asyncio.Task[None]] | None = None,
+        check_proof: Callable[[StageReceipt, str, Sequence[int], Sequence[int]], Awaitable[None]] | None = None,
     ):
         self.driver = driver
         self.session = session
@@ -83,7 +84,7 @@ class P2PJobStream:
         self.routed_tps = routed_tps or {}
         self.first_route = list(session.route)
         self.started = time.perf_counter()
-        self.check_proof: Callable[[StageReceipt, str, Sequence[int], Sequence[int]], Awaitable[None]] | None = None
+        self.check_proof = check_proof  # the service's check of a zk job's proof (None: no proof asked)
         self._reports = reports if reports is not None else set()
 
     def tokens(self) -> AsyncIterator[int | TokenLogprob]:
@@ -230,9 +231,9 @@ class P2PBackend:
         if job.route:
             session.route = list(job.route)
         await session.establish()
-        stream = P2PJobStream(self.driver, session, self.checker, self.observer, dict(self._throughput), self._reports)
-        stream.check_proof = job.check_proof
-        return stream
+        return P2PJobStream(
+            self.driver, session, self.checker, self.observer, dict(self._throughput), self._reports, job.check_proof
+        )
 
     def batch_signer(self, timeout_s: float) -> P2PBatchSigner:
         """Merkle settlement's node-signing step over this backend's driver; build it inside the

@@ -354,25 +354,28 @@ class SpotChecker:
             except FingerprintError:
                 honest_commitment = False
             if not honest_commitment:
-                return await self._escalate(f, k, "its signed fingerprint is not that of the rows it sent")
+                return await self._escalate(f, c, "its signed fingerprint is not that of the rows it sent")
         generated = f.generated if c.last else ()
         answer = await check_on(self.driver, c.replicas[0], f.spec.model, f.spec.job_id, c.inputs.inputs,
                                 c.accused.fingerprint, generated, f.spec.sampling, f.spec.adapter)  # fmt: skip
         if not answer.accepted:
-            return await self._escalate(f, k, f"fingerprint rejected by {answer.node_address}: {answer.reason}")
+            return await self._escalate(f, c, f"fingerprint rejected by {answer.node_address}: {answer.reason}")
         tokens = f", {answer.tokens_checked} tokens re-derived" if c.last else ""
         detail = f"{answer.reason} (margin {answer.margin:.2f}{tokens}, prefill {answer.prefill_s * 1000:.0f} ms)"
         return c.result("pass:fingerprint", detail, checker=answer.node_address)
 
-    async def _escalate(self, f: FinishedSession, k: int, why: str) -> CheckResult:
-        result = await self.check_stage(f, k)
+    async def _escalate(self, f: FinishedSession, c: Call, why: str) -> CheckResult:
+        """Re-execute a call whose fingerprint did not check, with the inputs, outputs and replicas
+        the fingerprint check already gathered."""
+        result = await self._re_execute(f, c)
         return dataclasses.replace(result, detail=f"{why}; re-executed: {result.detail}")
 
     async def check_stage(self, f: FinishedSession, k: int) -> CheckResult:
         """Re-execute call ``k`` on a replica (a referee on a mismatch) and send the evidence."""
         c = await self._prepare(f, k)
-        if isinstance(c, CheckResult):
-            return c
+        return c if isinstance(c, CheckResult) else await self._re_execute(f, c)
+
+    async def _re_execute(self, f: FinishedSession, c: Call) -> CheckResult:
         inputs, outputs, replicas, last = c.inputs, c.outputs, c.replicas, c.last
         max_length = len(f.spec.prompt_ids) + f.spec.max_new_tokens
         run = [f.spec.model, f.spec.job_id, inputs.inputs, max_length, f.spec.sampling, last, f.spec.adapter]
