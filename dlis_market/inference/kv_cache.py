@@ -59,6 +59,14 @@ class SessionStore:
     def __len__(self) -> int:
         return len(self._sessions)
 
+    @property
+    def token_limit(self) -> int:
+        """Most tokens one session (or one checked call) may span: the model's context and
+        ``inference.max_session_tokens``."""
+        return min(
+            self.max_session_tokens, int(getattr(self._config, "max_position_embeddings", self.max_session_tokens))
+        )
+
     def __contains__(self, session_id: object) -> bool:
         return session_id in self._sessions
 
@@ -70,7 +78,7 @@ class SessionStore:
                 f"stage already holds {len(self._sessions)} sessions (limit {self.max_sessions}); close or "
                 "evict idle ones, or raise inference.max_sessions"
             )
-        limit = min(self.max_session_tokens, int(getattr(self._config, "max_position_embeddings", max_length)))
+        limit = self.token_limit
         if not 0 < max_length <= limit:
             raise ContextLengthError(
                 f"session {session_id!r} asks for {max_length} tokens; this stage allows 1..{limit} "

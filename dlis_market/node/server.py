@@ -473,12 +473,9 @@ class Worker:
         check's cheap first look, asked by a broker holding a ticket for the job on this range)."""
         self._check_served(req.model, req.start, req.end, req.job_id)
         await self._check_ticket(sender, req.ticket, req.job_id)
-        max_tokens = min(
-            self.stage.sessions.max_session_tokens,
-            int(getattr(self.stage.config, "max_position_embeddings", self.stage.sessions.max_session_tokens)),
-        )
         adapter = await self._adapter(req.adapter)
         applied = self.adapters.applied(adapter.adapter_id if adapter is not None else None)
+        max_tokens = self.stage.sessions.token_limit
         args = (self.stage, self.recorder, req, self.node.max_message_bytes, max_tokens, applied)
         try:
             async with self.compute:
