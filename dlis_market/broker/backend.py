@@ -10,13 +10,17 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol, runtime_checkable
+from typing import Literal, Protocol, runtime_checkable
 
 from dlis_market.chain.job_market import SignedReceipt
 from dlis_market.inference.sampling import SamplingParams, TokenLogprob
 from dlis_market.protocol.adapters import AdapterRef
+from dlis_market.protocol.receipts import StageReceipt
 from dlis_market.protocol.routes import Replan, RouteHop
 from dlis_market.protocol.spans import SpanRecord
+
+# The service's check of a proven job's last receipt, given the prompt and the generated ids.
+ProofCheck = Callable[[StageReceipt, Sequence[int], Sequence[int]], Awaitable[None]]
 
 
 @dataclass(frozen=True)
@@ -44,9 +48,9 @@ class BackendJob:
     replan: Replan | None = None
     adapter: AdapterRef | None = None  # a LoRA adapter every stage applies (protocol/adapters.py)
     proof: Literal["zk"] | None = None  # the last stage proves its head (broker/zk_proofs.py)
-    # Checks the last stage's proof (its StageReceipt, the node, prompt ids, generated ids) before
-    # the answer is accepted; raises to fail the job. None: the job asked for no proof.
-    check_proof: Callable[[Any, str, Sequence[int], Sequence[int]], Awaitable[None]] | None = None
+    # Checks the last stage's proof before the answer is accepted; raises to fail the job. None:
+    # the job asked for no proof.
+    check_proof: ProofCheck | None = None
 
     @property
     def sampling(self) -> SamplingParams:
@@ -58,24 +62,15 @@ class BackendJob:
         )  # fmt: skip
 
 
-@dataclass(frozen=True)
-class SignedStageReceipt:
-    node: str
-    start: int
-    end: int
-    tokens: int
-    output_hash: bytes
-    amount: int
-    signature: bytes
-
-
 class JobStream(Protocol):
     def tokens(self) -> AsyncIterator[int | TokenLogprob]:
         """The generated tokens: ids, or (when the job asked for ``logprobs``) each token with its
         log probabilities; a stream that sends bare ids for such a job fails it."""
         ...
 
-    async def finish(self) -> tuple[list[RouteHop], list[SignedStageReceipt]]: ...
+    async def finish(self) -> tuple[list[RouteHop], list[StageReceipt]]:
+        """The final route and the stages' receipts, each checked against the node that signed it."""
+        ...
 
 
 class InferenceBackend(Protocol):
@@ -86,9 +81,9 @@ class InferenceBackend(Protocol):
 
     async def start(self, job: BackendJob) -> JobStream: ...
 
-    async def unclaimed(self, job_id: bytes, peers: Sequence[str]) -> list[tuple[str, SignedStageReceipt]]:
-        """(peer id, receipt) of every stage receipt ``peers`` kept for ``job_id`` because the
-        job's opener (a previous broker process) vanished before closing its sessions."""
+    async def unclaimed(self, job_id: bytes, peers: Sequence[str]) -> list[StageReceipt]:
+        """Every stage receipt ``peers`` kept for ``job_id`` because the job's opener (a previous
+        broker process) vanished before closing its sessions, with the peer it came from."""
         ...
 
     async def close(self) -> None: ...

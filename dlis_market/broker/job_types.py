@@ -8,10 +8,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from dlis_market.broker.backend import SignedStageReceipt
 from dlis_market.broker.catalog import ServedModel
 from dlis_market.broker.errors import incomplete_receipts
 from dlis_market.broker.schemas import Policy
+from dlis_market.protocol.receipts import StageReceipt
 from dlis_market.protocol.routes import RouteHop
 from dlis_market.protocol.spans import SpanRecord
 
@@ -76,13 +76,13 @@ def covers(offers: list[SpanRecord], num_layers: int) -> bool:
     return at >= num_layers
 
 
-def covering_receipts(receipts: list[SignedStageReceipt], num_layers: int) -> list[SignedStageReceipt]:
+def covering_receipts(receipts: list[StageReceipt], num_layers: int) -> list[StageReceipt]:
     """The receipts of the final route, tiling [0, num_layers) in order (a replaced stage's
     partial receipt is dropped: JobMarket pays one receipt per layer range)."""
-    by_start: dict[int, SignedStageReceipt] = {}
+    by_start: dict[int, StageReceipt] = {}
     for r in receipts:  # later receipts (after a failover) replace earlier ones for the same start
         by_start[r.start] = r
-    out: list[SignedStageReceipt] = []
+    out: list[StageReceipt] = []
     at = 0
     while at < num_layers:
         nxt = by_start.get(at)

@@ -38,6 +38,7 @@ from dlis_market.broker.ledger_schema import (
     ApiKeyRow,
     Base,
     BatchRow,
+    BatchStatus,
     CounterRow,
     IdempotencyRow,
     InstanceRow,
@@ -45,11 +46,11 @@ from dlis_market.broker.ledger_schema import (
     JobStatus,
     LedgerError,
     NewJob,
-    NewReceipt,
     ReceiptRow,
 )
 from dlis_market.db import open_engine
 from dlis_market.protocol.pricing import fee_on
+from dlis_market.protocol.receipts import StageReceipt
 from dlis_market.settings import Settings
 
 T = TypeVar("T")
@@ -228,7 +229,7 @@ class Ledger:
         answer: str,
         token_ids: Sequence[int],
         prompt_tokens: int,
-        receipts: Sequence[NewReceipt],
+        receipts: Sequence[StageReceipt],
         cost: int,
         fee: int,
         ttft_ms: float,
@@ -252,8 +253,8 @@ class Ledger:
         row.ttft_ms, row.latency_ms = ttft_ms, latency_ms
         if route is not None:
             row.route_json = json.dumps(route)
-        for r in receipts:
-            row.receipts.append(ReceiptRow(job_id=job_id, **r.__dict__))
+        for stage, r in enumerate(receipts):
+            row.receipts.append(ReceiptRow.of(job_id, stage, r))
         s.flush()
         return row
 
@@ -356,16 +357,17 @@ class Ledger:
         with self.session() as s:
             existing = s.get(BatchRow, batch)
             if existing is None:
-                s.add(BatchRow(id=batch, status="pending"))
-            elif existing.status == "failed":  # never settled on chain, so the id is still free there
-                existing.status, existing.error = "pending", None
+                s.add(BatchRow(id=batch, status=BatchStatus.PENDING))
+            elif existing.status == BatchStatus.FAILED:  # never settled on chain, so the id is still free there
+                existing.status, existing.error = BatchStatus.PENDING, None
             for jid in job_ids:
                 self._job(s, jid).batch_id = batch
         return batch
 
     def open_batches(self) -> list[BatchRow]:
         with self.session() as s:
-            return list(s.scalars(select(BatchRow).where(BatchRow.status == "pending").order_by(BatchRow.created_at)))
+            pending = select(BatchRow).where(BatchRow.status == BatchStatus.PENDING)
+            return list(s.scalars(pending.order_by(BatchRow.created_at)))
 
     def batch_jobs(self, batch_id: str) -> list[JobRow]:
         with self.session() as s:
@@ -386,7 +388,7 @@ class Ledger:
                 b = s.get(BatchRow, batch_id)
                 if b is None:
                     raise LedgerError(f"unknown batch {batch_id}")
-                b.status, b.tx_hash, b.block = "settled", tx_hash, block
+                b.status, b.tx_hash, b.block = BatchStatus.SETTLED, tx_hash, block
                 for row in s.scalars(select(JobRow).where(JobRow.batch_id == batch_id)):
                     row.status = JobStatus.SETTLED
                 if self.shared:  # committed with the statuses: every process's admissions see both at once
@@ -412,7 +414,7 @@ class Ledger:
             b = s.get(BatchRow, batch_id)
             if b is None:
                 raise LedgerError(f"unknown batch {batch_id}")
-            b.status, b.error = "failed", error
+            b.status, b.error = BatchStatus.FAILED, error
             for row in s.scalars(select(JobRow).where(JobRow.batch_id == batch_id)):
                 row.batch_id = None
 

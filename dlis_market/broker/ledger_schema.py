@@ -1,5 +1,6 @@
 """What the broker's ledger stores: its tables, the uint256 column type, job statuses, and the
-records admission and completion write (:class:`NewJob`, :class:`NewReceipt`).
+records admission writes (:class:`NewJob`). A receipt row is made from the protocol's
+:class:`~dlis_market.protocol.receipts.StageReceipt` and turned back into the chain's receipt here.
 
 Token amounts and nonces are uint256 on chain, wider than SQL integers, so they are stored as
 decimal strings (:class:`Uint256`) and read back as Python ints. The transactions over these
@@ -16,7 +17,10 @@ from typing import Any
 from sqlalchemy import BigInteger, ForeignKey, String, Text, TypeDecorator, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
+from dlis_market.chain.market_messages import Receipt, SignedReceipt
+from dlis_market.chain.typed_data import CompactSignature
 from dlis_market.errors import BrokerError
+from dlis_market.protocol.receipts import StageReceipt
 
 
 class LedgerError(BrokerError):
@@ -34,6 +38,15 @@ class JobStatus(StrEnum):
     FAILED = "failed"
     UNPAYABLE = "unpayable"
     SETTLED = "settled"
+
+
+class BatchStatus(StrEnum):
+    """A settlement batch: pending until its transaction is mined (settled) or refused for good
+    (failed: its jobs go back to be batched again under a new id)."""
+
+    PENDING = "pending"
+    SETTLED = "settled"
+    FAILED = "failed"
 
 
 class Uint256(TypeDecorator[int]):
@@ -104,12 +117,27 @@ class ReceiptRow(Base):
     amount: Mapped[int] = mapped_column(Uint256)
     signature: Mapped[str] = mapped_column(String(132))
 
+    @classmethod
+    def of(cls, job_id: str, stage: int, r: StageReceipt) -> ReceiptRow:
+        """The row of stage ``stage`` (its index in the route) of job ``job_id``."""
+        return cls(
+            job_id=job_id, stage=stage, node=r.node, start=r.start, end=r.end, tokens=r.tokens,
+            output_hash="0x" + r.output_hash.hex(), amount=r.amount, signature="0x" + r.signature.hex(),
+        )  # fmt: skip
+
+    def signed(self, job_id: bytes, model_id: bytes) -> SignedReceipt:
+        """The chain's signed receipt this row recorded (the job's id and model are its job's)."""
+        receipt = Receipt(
+            job_id, model_id, self.start, self.end, self.tokens, bytes.fromhex(self.output_hash[2:]), self.amount
+        )
+        return SignedReceipt(receipt, CompactSignature.from_bytes(bytes.fromhex(self.signature[2:])))
+
 
 class BatchRow(Base):
     __tablename__ = "batches"
 
     id: Mapped[str] = mapped_column(String(66), primary_key=True)
-    status: Mapped[str] = mapped_column(String(16), index=True)  # pending settled failed
+    status: Mapped[str] = mapped_column(String(16), index=True)  # a BatchStatus
     tx_hash: Mapped[str | None] = mapped_column(String(66), default=None)
     block: Mapped[int | None] = mapped_column(BigInteger, default=None)
     error: Mapped[str | None] = mapped_column(Text, default=None)
@@ -189,15 +217,3 @@ class NewJob:
     route: list[dict[str, Any]] | None = None
     fallback: bool = False
     owner: str | None = None  # the broker instance that runs it (Ledger.instance)
-
-
-@dataclass(frozen=True)
-class NewReceipt:
-    stage: int
-    node: str
-    start: int
-    end: int
-    tokens: int
-    output_hash: str
-    amount: int
-    signature: str

@@ -28,7 +28,7 @@ from dlis_market.chain.typed_data import Domain
 from dlis_market.errors import DlisError
 from dlis_market.protocol.observations import MAX_OBSERVATIONS, ObservationBatch, StageObservation
 from dlis_market.protocol.oracle_client import OBSERVATIONS_PATH, OracleReceiver
-from dlis_market.protocol.outbox import Outbox, Verdict
+from dlis_market.protocol.outbox import DeliveryStatus, Outbox, Verdict
 from dlis_market.protocol.routes import RouteHop
 
 log = logging.getLogger(__name__)
@@ -94,7 +94,7 @@ class OracleObservationSink:
         # signatures are deterministic, so the same observations make the same body and the same key
         delivery = await self.outbox.send(OBSERVATIONS_KIND, hashlib.sha256(body).hexdigest(), body)
         answer = delivery.answer
-        if delivery.status == "queued" or answer is None:
+        if delivery.status is DeliveryStatus.QUEUED or answer is None:
             return {"queued": answer.detail if answer else "earlier batches are waiting for the oracle"}
         if answer.verdict is Verdict.REFUSED:
             return {"refused": answer.body.get("reason", answer.status), "detail": answer.detail}

@@ -12,24 +12,24 @@ import asyncio
 import concurrent.futures
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import TYPE_CHECKING
 
 from dlis_market.broker.backend import (
     BackendJob,
     BatchSignatures,
     BatchSigningRequest,
-    SignedStageReceipt,
+    ProofCheck,
 )
 from dlis_market.broker.observations import JobObserver, observe_job
 from dlis_market.broker.spot_checks import FinishedSession, SpotChecker
-from dlis_market.chain.job_market import receipt_signer
 from dlis_market.errors import BrokerError
 from dlis_market.inference.sampling import TokenLogprob
 from dlis_market.node import receipts
-from dlis_market.node.driver import JobSession, JobSpec, PipelineDriver, StageReceipt
+from dlis_market.node.driver import JobSession, JobSpec, PipelineDriver
 from dlis_market.node.errors import NodeError
 from dlis_market.node.protocol import BatchReceiptAnswer, parse_body
+from dlis_market.protocol.receipts import StageReceipt
 from dlis_market.protocol.routes import RouteHop
 from dlis_market.protocol.spans import SpanRecord
 from dlis_market.settings import NodeSettings
@@ -75,7 +75,7 @@ class P2PJobStream:
         observer: JobObserver | None = None,
         routed_tps: dict[str, float] | None = None,
         reports: set[asyncio.Task[None]] | None = None,
-        check_proof: Callable[[StageReceipt, str, Sequence[int], Sequence[int]], Awaitable[None]] | None = None,
+        check_proof: ProofCheck | None = None,
     ):
         self.driver = driver
         self.session = session
@@ -99,15 +99,14 @@ class P2PJobStream:
         finally:
             await tokens.aclose()  # type: ignore[attr-defined]
 
-    async def finish(self) -> tuple[list[RouteHop], list[SignedStageReceipt]]:
+    async def finish(self) -> tuple[list[RouteHop], list[StageReceipt]]:
         hops = list(self.session.route)
         got = await self.session.close()
         if self.check_proof is not None:  # the answer counts only with its proof (raises otherwise)
             last = next((r for r in got if r.proof is not None), None)
             if last is None:
                 raise BrokerError("the job asked for a proof and its last stage gave no valid receipt")
-            node = receipt_signer(self.driver.market, last.signed.receipt, last.signed.signature.signature)
-            await self.check_proof(last, node, self.session.spec.prompt_ids, self.session.generated)
+            await self.check_proof(last, self.session.spec.prompt_ids, self.session.generated)
         if self.checker is not None:  # receipts are signed: draw stage calls to re-execute elsewhere
             self.checker.schedule(FinishedSession.of(self.session, hops))
         if self.observer is not None:  # what each stage did, signed by us, for the oracle's reputation
@@ -123,12 +122,7 @@ class P2PJobStream:
             task = asyncio.create_task(self.observer.report(observations))  # never delays the job
             self._reports.add(task)
             task.add_done_callback(self._reports.discard)
-        out = []
-        for r in got:
-            rc, sig = r.signed.receipt, r.signed.signature
-            node = receipt_signer(self.driver.market, rc, sig.signature)
-            out.append(SignedStageReceipt(node, rc.start, rc.end, rc.tokens, rc.output_hash, rc.amount, sig.signature))
-        return hops, out
+        return hops, got
 
 
 class P2PBatchSigner:
@@ -247,20 +241,14 @@ class P2PBackend:
             ) from exc
         return P2PBatchSigner(self.driver, loop, timeout_s)
 
-    async def unclaimed(self, job_id: bytes, peers: Sequence[str]) -> list[tuple[str, SignedStageReceipt]]:
-        async def ask(peer: str) -> list[tuple[str, SignedStageReceipt]]:
+    async def unclaimed(self, job_id: bytes, peers: Sequence[str]) -> list[StageReceipt]:
+        async def ask(peer: str) -> list[StageReceipt]:
             try:
                 got = await self.driver.unclaimed_receipts(peer, job_id)
             except (NodeError, ValueError) as exc:  # gone, or lying: nothing from it
                 log.info("no unclaimed receipts of job %s from %s: %s", job_id.hex()[:16], peer, exc)
                 return []
-            out = []
-            for signed in got:
-                r = signed.receipt
-                node = receipt_signer(self.driver.market, r, signed.signature.signature)
-                sig = signed.signature.signature
-                out.append((peer, SignedStageReceipt(node, r.start, r.end, r.tokens, r.output_hash, r.amount, sig)))
-            return out
+            return got
 
         # all at once: a dead peer of the old route costs one request timeout, not one each
         answers = await asyncio.gather(*(ask(p) for p in dict.fromkeys(peers)))

@@ -11,6 +11,8 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer, field_validator, model_validator
 from web3 import Web3
 
+from dlis_market.broker.ledger_schema import BatchStatus, JobStatus
+
 
 def _to_uint(value: Any) -> int:
     if isinstance(value, bool):
@@ -160,14 +162,14 @@ class ReceiptPublic(BaseModel):
 
 class SettlementPublic(BaseModel):
     batch_id: str | None
-    status: str | None
+    status: BatchStatus | None
     tx_hash: str | None
     block: int | None
 
 
 class JobPublic(BaseModel):
     id: str
-    status: str
+    status: JobStatus
     model: str
     client: str
     nonce: Uint

@@ -47,7 +47,6 @@ from dlis_market.broker.backend import (
     BackendJob,
     InferenceBackend,
     JobStream,
-    SignedStageReceipt,
 )
 from dlis_market.broker.catalog import ModelCatalog, ServedModel
 from dlis_market.broker.cluster import ClusterMember
@@ -75,7 +74,7 @@ from dlis_market.broker.job_types import (
     covering_receipts,
     covers,
 )
-from dlis_market.broker.ledger import JobRow, Ledger, LedgerError, NewJob, NewReceipt
+from dlis_market.broker.ledger import JobRow, Ledger, LedgerError, NewJob
 from dlis_market.broker.metrics import BrokerMetrics
 from dlis_market.broker.schemas import JobCreate, Policy, Quote
 from dlis_market.broker.settlement import Settler
@@ -84,8 +83,8 @@ from dlis_market.chain.job_market import JobMarket
 from dlis_market.errors import BrokerError, DlisError
 from dlis_market.inference.sampling import TokenLogprob
 from dlis_market.inference.zk_stage import head_unsupported
-from dlis_market.node.driver import StageReceipt
 from dlis_market.protocol.pricing import fee_on, route_bound
+from dlis_market.protocol.receipts import StageReceipt
 from dlis_market.protocol.routes import Replan, RouteHop
 from dlis_market.settings import Settings
 
@@ -668,8 +667,8 @@ class BrokerService:
         """The backend's check of the last stage's proof before the answer is accepted: a refused
         proof fails the job (ZkProofRefusedError), so a completed zk job is a proven one."""
 
-        async def check(receipt: StageReceipt, node: str, prompt: Sequence[int], generated: Sequence[int]) -> None:
-            args = (served.shard_dir, receipt, node, self.market.domain(), len(prompt), list(generated))
+        async def check(receipt: StageReceipt, prompt: Sequence[int], generated: Sequence[int]) -> None:
+            args = (served.shard_dir, receipt, self.market.domain(), len(prompt), list(generated))
             account = await asyncio.to_thread(self._proofs.check, *args)
             log.info("job %s: %s", job_id, account, extra={"job_id": job_id})
 
@@ -769,7 +768,7 @@ class BrokerService:
         out: list[int],
         text: str,
         final_route: list[RouteHop],
-        receipts: list[SignedStageReceipt],
+        receipts: list[StageReceipt],
         ttft: float | None,
         started: float,
         note: str | None = None,
@@ -784,12 +783,7 @@ class BrokerService:
             answer=text,
             token_ids=out,
             prompt_tokens=len(ids),
-            receipts=[
-                NewReceipt(
-                    i, r.node, r.start, r.end, r.tokens, "0x" + r.output_hash.hex(), r.amount, "0x" + r.signature.hex()
-                )
-                for i, r in enumerate(covering)
-            ],
+            receipts=covering,
             cost=cost,
             fee=fee,
             ttft_ms=ttft or 0.0,
@@ -928,7 +922,7 @@ class BrokerService:
         request = json.loads(row.request_json)
         max_new = int(request.get("max_tokens") or 0)
         peers = [str(h["peer_id"]) for h in json.loads(row.route_json or "[]")]
-        found: list[tuple[str, SignedStageReceipt]] = []
+        found: list[StageReceipt] = []
         try:
             async with asyncio.timeout(self.settings.broker.reclaim_timeout_s):
                 ids = await self.tokenize(served, request.get("prompt"), request.get("messages"), max_new)
@@ -938,14 +932,13 @@ class BrokerService:
             log.warning("job %s: could not reclaim its receipts (%s)", job_id, exc)
             ids = []
         limit = len(ids) + max_new
-        usable = sorted(((p, r) for p, r in found if 0 < r.tokens <= limit), key=lambda pr: pr[1].tokens)
+        usable = sorted((r for r in found if 0 < r.tokens <= limit), key=lambda r: r.tokens)
         try:
-            covering = covering_receipts([r for _, r in usable], served.num_layers)
+            covering = covering_receipts(usable, served.num_layers)
         except UpstreamFailed:
             await asyncio.to_thread(self.ledger.fail_job, job_id, reason)
             return False
-        peer_of = {(r.node, r.start): p for p, r in usable}
-        route = [RouteHop(peer_of[(r.node, r.start)], r.node, r.start, r.end, 0) for r in covering]
+        route = [RouteHop(r.peer_id, r.node, r.start, r.end, 0) for r in covering]
         note = INTERRUPTED + f"; settled for the {max(r.tokens for r in covering)} tokens its stages served"
         await self._record(job_id, served, ids, [], "", route, covering, None, time.perf_counter(), note=note)
         log.warning("job %s: %s", job_id, note)

@@ -60,7 +60,6 @@ from dlis_market.chain.job_market import (
     JobAuthorization,
     JobMarket,
     MerkleJob,
-    Receipt,
     SignedBatchReceipt,
     SignedJob,
     SignedReceipt,
@@ -93,13 +92,7 @@ def signed_job(row: JobRow, broker: str) -> SignedJob:
         nonce=row.nonce,
         deadline=row.deadline,
     )
-    receipts = [
-        SignedReceipt(
-            Receipt(_b(row.id), _b(row.model_id), r.start, r.end, r.tokens, _b(r.output_hash), r.amount),
-            CompactSignature.from_bytes(_b(r.signature)),
-        )
-        for r in row.receipts
-    ]
+    receipts = [r.signed(_b(row.id), _b(row.model_id)) for r in row.receipts]
     return SignedJob(auth, CompactSignature.from_bytes(_b(row.auth_signature)), receipts)
 
 

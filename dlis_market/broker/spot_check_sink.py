@@ -17,7 +17,7 @@ from dlis_market.protocol.oracle_client import (
     SPOT_CHECK_PATH,
     OracleReceiver,
 )
-from dlis_market.protocol.outbox import Answer, Delivery, Message, Outbox, Verdict
+from dlis_market.protocol.outbox import Answer, Delivery, DeliveryStatus, Message, Outbox, Verdict
 from dlis_market.protocol.spot_checks import SpotCheckEvidence, SpotCheckFailure
 
 log = logging.getLogger(__name__)
@@ -29,7 +29,7 @@ FAILURE_KIND = "spot-check-failure"
 def answer_dict(delivery: Delivery) -> dict[str, Any]:
     """The oracle's answer as :class:`CheckResult` reads it (``outcome`` and ``detail``)."""
     answer = delivery.answer
-    if delivery.status == "queued" or answer is None:
+    if delivery.status is DeliveryStatus.QUEUED or answer is None:
         why = answer.detail if answer is not None else "earlier messages are waiting for the oracle"
         return {"outcome": "queued", "detail": f"kept in the outbox until the oracle takes it ({why})"}
     if answer.verdict is Verdict.DELIVERED:

@@ -31,9 +31,9 @@ from dlis_market.inference.fingerprint_check import commits_to
 from dlis_market.inference.manifest import load_manifest
 from dlis_market.inference.stage import Stage
 from dlis_market.inference.zk_stage import head_circuit
-from dlis_market.node.driver import StageReceipt
 from dlis_market.oracle.zk_verify import StageVerifyingKey, ZkProofRefusedError, input_commitment, verify_stage_proof
 from dlis_market.protocol.errors import FingerprintError
+from dlis_market.protocol.receipts import StageReceipt
 from dlis_market.settings import Settings
 
 
@@ -55,7 +55,6 @@ class HeadProofs:
         self,
         shard_dir: Path,
         receipt: StageReceipt,
-        node: str,
         domain: Domain,
         prompt_tokens: int,
         generated: Sequence[int],
@@ -92,7 +91,7 @@ class HeadProofs:
         circuit = head_circuit(head.model, x.shape[0], self.settings.zk_cache_dir, self.settings.zk.srs_dir)
         key = StageVerifyingKey(circuit.settings_path, circuit.vk_path, circuit.srs_path)
         verified = verify_stage_proof(
-            proof=claim.proof, claim_signature=claim.signature, signed_receipt=receipt.signed, node=node,
+            proof=claim.proof, claim_signature=claim.signature, signed_receipt=receipt.signed, node=receipt.node,
             domain=domain, key=key, expected_input_commitment=input_commitment(x, key.input_scale),
             output=np.asarray(generated, dtype="<i8").tobytes(), output_dtype="int64",
         )  # fmt: skip

@@ -38,8 +38,9 @@ from typing import Any, Literal
 
 import hivemind
 import torch
+from eth_utils import to_checksum_address
 
-from dlis_market.chain.job_market import SignedReceipt, market_domain
+from dlis_market.chain.job_market import market_domain
 from dlis_market.inference.errors import MessageError
 from dlis_market.inference.messages import StageInput, decode, encode
 from dlis_market.inference.sampling import SamplingParams, TokenLogprob
@@ -68,6 +69,7 @@ from dlis_market.node.routing import plan_route
 from dlis_market.node.transport import ChannelPool, start_dht
 from dlis_market.protocol.adapters import AdapterRef
 from dlis_market.protocol.pricing import route_bound, stage_charge
+from dlis_market.protocol.receipts import StageReceipt
 from dlis_market.protocol.routes import Replan, RouteHop
 from dlis_market.protocol.spans import SpanRecord
 from dlis_market.protocol.tickets import SessionTicket, sign_ticket
@@ -114,15 +116,6 @@ class Ban:
     until: float  # time.monotonic()
     count: int  # bans so far without a success in between: the backoff exponent
     started_at: float  # the peer's signed start time when banned; a newer one (a restart) lifts it
-
-
-@dataclass(frozen=True)
-class StageReceipt:
-    peer_id: str
-    session_id: str
-    signed: SignedReceipt
-    fingerprint: bytes = b""  # the call's activation fingerprint the node signed (empty: 0 tokens)
-    proof: ZkClaim | None = None  # the last stage's proof of its head, when the job asked for one
 
 
 def check_bill(hop: RouteHop, tokens: int, amount: int, sent_tokens: int) -> None:
@@ -247,18 +240,19 @@ class PipelineDriver:
         )  # fmt: skip
         return sign_ticket(self.broker_key, self.market, ticket).model_dump()
 
-    async def unclaimed_receipts(self, peer: str, job_id: bytes) -> list[receipts.SignedReceipt]:
+    async def unclaimed_receipts(self, peer: str, job_id: bytes) -> list[StageReceipt]:
         """The receipts ``peer`` signed for ``job_id``'s sessions whose opener vanished (a broker
-        killed mid-job), each checked: this job, a valid signature (its signer is returned as
-        ``receipt_signer``; the caller matches it to the node it expects)."""
+        killed mid-job), each checked: this job, signed by the node address the peer names (the
+        caller matches that node to the route it expects)."""
         answer = await self.pool.request(peer, "receipts", {"job_id": job_id}, self.settings.request_timeout_s)
+        node = str(answer.get("node_address", ""))
         out = []
         for raw in answer.get("receipts") or []:
             signed = receipts.from_wire(raw)
             if signed.receipt.job_id != job_id:
                 raise ReceiptError(f"{peer} answered a receipt of another job for {job_id.hex()[:16]}..")
-            receipts.verify_receipt(self.market, signed, str(answer.get("node_address", "")))
-            out.append(signed)
+            receipts.verify_receipt(self.market, signed, node)
+            out.append(StageReceipt(to_checksum_address(node), signed, peer))
         return out
 
     def verified_node(self, peer_id: str) -> str | None:
@@ -513,7 +507,8 @@ class JobSession:
                     receipts.verify_commitment(self.driver.market, r, commitment, node)
                     fingerprint = commitment.fingerprint
                 proof = ZkClaim.from_wire(answer) if proves else None
-                self.receipts.append(StageReceipt(hop.peer_id, self.session_id, signed, fingerprint, proof))
+                signer = to_checksum_address(node)
+                self.receipts.append(StageReceipt(signer, signed, hop.peer_id, self.session_id, fingerprint, proof))
                 self.driver.succeeded(hop.peer_id)
             except (NodeError, ValueError) as exc:  # a dead or lying stage: no receipt, no payment
                 log.warning("no valid receipt from %s for %s: %s", hop.peer_id, self.session_id, exc)

@@ -42,7 +42,7 @@ from dlis_market.protocol.oracle_client import (
     TelemetrySender,
     post_blob,
 )
-from dlis_market.protocol.outbox import Answer, Message, Outbox, Verdict, sqlite_url
+from dlis_market.protocol.outbox import Answer, DeliveryStatus, Message, Outbox, Verdict, sqlite_url
 from dlis_market.protocol.telemetry import (
     MAX_JOBS,
     MAX_LATENCIES,
@@ -314,7 +314,7 @@ class WorkerTelemetry:
         if delivery.done:
             return ""
         detail = delivery.answer.detail if delivery.answer else "earlier reports are waiting for the oracle"
-        if delivery.status == "dead":  # detail: "<status> <reason>: <the oracle's detail>"
+        if delivery.status is DeliveryStatus.DEAD:  # detail: "<status> <reason>: <the oracle's detail>"
             head, _, rest = detail.partition(": ")
             return f"oracle refused it ({head}): {rest}"
         return (f"cannot deliver to {self.oracle_url}{TELEMETRY_PATH} now: {detail} (kept in the outbox and "

@@ -35,7 +35,8 @@ from dlis_market.chain.job_market import Receipt, receipt_signer
 from dlis_market.chain.typed_data import Domain
 from dlis_market.oracle.errors import EvidenceRefusedError
 from dlis_market.protocol.outputs import Comparison, compare_outputs, decode_output
-from dlis_market.protocol.spot_checks import ReceiptWire, SpotCheckEvidence, StageOutputBlob
+from dlis_market.protocol.receipts import ReceiptWire
+from dlis_market.protocol.spot_checks import SpotCheckEvidence, StageOutputBlob
 
 EVIDENCE_TAG = keccak(text="DLIS SpotCheck v1")
 

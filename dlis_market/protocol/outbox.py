@@ -103,6 +103,15 @@ class State(StrEnum):
     DEAD = "dead"
 
 
+class DeliveryStatus(StrEnum):
+    """What :meth:`Outbox.send` achieved for a message right away."""
+
+    DELIVERED = "delivered"
+    DUPLICATE = "duplicate"  # delivered before (the receiver or this outbox knew it)
+    DEAD = "dead"  # refused for good: never sent again
+    QUEUED = "queued"  # not yet: the loop delivers it later
+
+
 class _Base(DeclarativeBase):
     pass
 
@@ -151,12 +160,12 @@ class Delivery:
 
     kind: str
     key: str
-    status: str  # delivered | duplicate | dead | queued
+    status: DeliveryStatus
     answer: Answer | None = None
 
     @property
     def done(self) -> bool:
-        return self.status in ("delivered", "duplicate")
+        return self.status in (DeliveryStatus.DELIVERED, DeliveryStatus.DUPLICATE)
 
 
 @dataclass(frozen=True)
@@ -337,16 +346,16 @@ class Outbox:
             if not await self.put(kind, key, body):
                 known = await asyncio.to_thread(self._find, kind, key)
                 if known is None:  # queued before and already delivered (by the loop or another send)
-                    return Delivery(kind, key, "duplicate", Answer(Verdict.DUPLICATE, "already delivered"))
+                    return Delivery(kind, key, DeliveryStatus.DUPLICATE, Answer(Verdict.DUPLICATE, "already delivered"))
                 if known.state is State.DEAD:  # refused for good before: not sent again
-                    return Delivery(kind, key, "dead", Answer(Verdict.REFUSED, known.last_error))
+                    return Delivery(kind, key, DeliveryStatus.DEAD, Answer(Verdict.REFUSED, known.last_error))
             answers = await self._deliver_due(kind, route)
         for message, answer in answers:
             if message.key == key:
-                status = {Verdict.DELIVERED: "delivered", Verdict.DUPLICATE: "duplicate",
-                          Verdict.REFUSED: "dead"}.get(answer.verdict, "queued")  # fmt: skip
+                status = {Verdict.DELIVERED: DeliveryStatus.DELIVERED, Verdict.DUPLICATE: DeliveryStatus.DUPLICATE,
+                          Verdict.REFUSED: DeliveryStatus.DEAD}.get(answer.verdict, DeliveryStatus.QUEUED)  # fmt: skip
                 return Delivery(kind, key, status, answer)
-        return Delivery(kind, key, "queued")
+        return Delivery(kind, key, DeliveryStatus.QUEUED)
 
     async def deliver_kind(self, kind: str) -> list[tuple[Message, Answer]]:
         """Deliver the due rows of ``kind`` in order until the receiver cannot take one; the answers."""

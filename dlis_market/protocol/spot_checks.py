@@ -25,13 +25,13 @@ from eth_keys.exceptions import ValidationError as KeyValidationError
 from eth_utils import keccak
 from pydantic import Field
 
-from dlis_market.chain.job_market import Receipt, SignedReceipt, receipt_signer
-from dlis_market.chain.typed_data import CompactSignature, Domain, recover_typed, sign_typed
+from dlis_market.chain.job_market import SignedReceipt, receipt_signer
+from dlis_market.chain.typed_data import Domain, recover_typed, sign_typed
 from dlis_market.protocol.errors import SpotCheckSecretError
 from dlis_market.protocol.outputs import ElementDtype, ShardDtype
+from dlis_market.protocol.receipts import Hex32, ReceiptWire
 from dlis_market.types import ZERO_ADDRESS, WireModel
 
-Hex32 = Field(pattern=r"^0x[0-9a-fA-F]{64}$")
 SECRET_BYTES = 32
 
 
@@ -77,47 +77,6 @@ def load_or_create_secret(path: Path) -> bytes:
             "delete it to draw a new one (the calls selected so far change)"
         )
     return secret
-
-
-class ReceiptWire(WireModel):
-    """A signed JobMarket ``Receipt`` as JSON (hex for bytes, decimal string for the amount)."""
-
-    job_id: str = Hex32
-    model_id: str = Hex32
-    start: int = Field(ge=0, lt=2**32)
-    end: int = Field(ge=1, lt=2**32)
-    tokens: int = Field(ge=0, lt=2**32)
-    output_hash: str = Hex32
-    amount: str = Field(pattern=r"^[0-9]{1,78}$")
-    signature: str = Field(pattern=r"^0x[0-9a-fA-F]{130}$")
-
-    @classmethod
-    def from_signed(cls, signed: SignedReceipt) -> ReceiptWire:
-        r = signed.receipt
-        return cls(
-            job_id="0x" + r.job_id.hex(),
-            model_id="0x" + r.model_id.hex(),
-            start=r.start,
-            end=r.end,
-            tokens=r.tokens,
-            output_hash="0x" + r.output_hash.hex(),
-            amount=str(r.amount),
-            signature=signed.signature.hex(),
-        )
-
-    def receipt(self) -> Receipt:
-        return Receipt(
-            job_id=bytes.fromhex(self.job_id[2:]),
-            model_id=bytes.fromhex(self.model_id[2:]),
-            start=self.start,
-            end=self.end,
-            tokens=self.tokens,
-            output_hash=bytes.fromhex(self.output_hash[2:]),
-            amount=int(self.amount),
-        )
-
-    def signed(self) -> SignedReceipt:
-        return SignedReceipt(self.receipt(), CompactSignature.from_bytes(bytes.fromhex(self.signature[2:])))
 
 
 class StageOutputBlob(WireModel):

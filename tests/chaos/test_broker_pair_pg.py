@@ -36,11 +36,11 @@ import httpx
 from sqlalchemy import create_engine, text, update
 from transformers import AutoTokenizer
 
-from dlis_market.broker.backend import SignedStageReceipt
 from dlis_market.broker.cluster import ClusterMember
 from dlis_market.broker.ledger import InstanceRow, JobRow, Ledger, NewJob, database_url
 from dlis_market.chain.anvil import free_port
-from dlis_market.chain.job_market import JobAuthorization, Receipt, sign_authorization, sign_receipt
+from dlis_market.chain.job_market import JobAuthorization, Receipt, SignedReceipt, sign_authorization, sign_receipt
+from dlis_market.protocol.receipts import StageReceipt
 from dlis_market.protocol.routes import RouteHop
 from dlis_market.protocol.spans import SpanRecord
 from dlis_market.settings import Settings
@@ -65,13 +65,12 @@ class PairBackend(broker_suite.ScriptedBackend):
         self.kept = kept
         self.delay_s = delay_s
 
-    def _receipts(self, job_id: bytes, model: str, tokens: int) -> list[tuple[str, SignedStageReceipt]]:
+    def _receipts(self, job_id: bytes, model: str, tokens: int) -> list[StageReceipt]:
         out = []
         for i, ((s, e), node) in enumerate(zip(broker_suite.SPANS, self.nodes, strict=True)):
             mid = bytes.fromhex(model_id(model, broker_suite.DEV_PUBLISHER)[2:])
             r = Receipt(job_id, mid, s, e, tokens, secrets.token_bytes(32), broker_suite.PRICE * tokens)
-            sig = sign_receipt(node.key, self.domain, r).signature
-            out.append((f"peer{i}", SignedStageReceipt(node.address, s, e, tokens, r.output_hash, r.amount, sig)))
+            out.append(StageReceipt(node.address, SignedReceipt(r, sign_receipt(node.key, self.domain, r)), f"peer{i}"))
         return out
 
     async def offers(self, model: str) -> list[SpanRecord]:  # room for every job these tests run at once
@@ -95,9 +94,9 @@ class PairBackend(broker_suite.ScriptedBackend):
 
             async def finish(self):
                 kept.unlink(missing_ok=True)  # handed to this broker: no longer kept
-                pairs = backend._receipts(job.job_id, job.model, served)
-                route = [RouteHop(p, r.node, r.start, r.end, broker_suite.PRICE) for p, r in pairs]
-                return route, [r for _, r in pairs]
+                receipts = backend._receipts(job.job_id, job.model, served)
+                route = [RouteHop(r.peer_id, r.node, r.start, r.end, broker_suite.PRICE) for r in receipts]
+                return route, receipts
 
         return Stream()
 

@@ -17,9 +17,9 @@ import openai
 
 from dlis_market.broker.apikeys import create_api_key
 from dlis_market.broker.app import create_app
-from dlis_market.broker.backend import SignedStageReceipt
 from dlis_market.broker.service import BrokerService
-from dlis_market.chain.job_market import JobAuthorization, Receipt, sign_authorization, sign_receipt
+from dlis_market.chain.job_market import JobAuthorization, Receipt, SignedReceipt, sign_authorization, sign_receipt
+from dlis_market.protocol.receipts import StageReceipt
 from dlis_market.protocol.routes import RouteHop
 from dlis_market.types import model_id
 from tests.integration.broker import conftest as broker_suite
@@ -77,8 +77,7 @@ def signed_route(backend, job, tokens: int):
             secrets.token_bytes(32),
             amount,
         )
-        sig = sign_receipt(node.key, backend.domain, r)
-        receipts.append(SignedStageReceipt(node.address, s, e, tokens, r.output_hash, amount, sig.signature))
+        receipts.append(StageReceipt(node.address, SignedReceipt(r, sign_receipt(node.key, backend.domain, r))))
         route.append(RouteHop(f"peer{i}", node.address, s, e, broker_suite.PRICE))
     return route, receipts
 

@@ -21,11 +21,12 @@ from typing import Any
 from dlis_market.broker.observations import JobObserver, OracleObservationSink, observe_job
 from dlis_market.broker.spot_checks import FinishedSession, OracleSink, SpotChecker
 from dlis_market.chain.anvil import free_port
-from dlis_market.node.driver import JobSpec, StageReceipt
+from dlis_market.node.driver import JobSpec
 from dlis_market.node.errors import PeerUnreachableError
 from dlis_market.node.telemetry import TelemetryRecorder, WorkerTelemetry
 from dlis_market.oracle.service import OracleService
 from dlis_market.protocol.outbox import Outbox, sqlite_url
+from dlis_market.protocol.receipts import StageReceipt
 from dlis_market.protocol.routes import RouteHop
 from dlis_market.protocol.spot_checks import SpotCheckSampler
 from dlis_market.protocol.telemetry import decode_telemetry
@@ -95,8 +96,8 @@ def test_messages_survive_an_oracle_outage_and_sender_restarts(market, tmp_path:
     route = (RouteHop("peer-a", accused.address, 0, 4, 1), RouteHop("peer-b", checker_node.address, 4, 8, 1))
     data = reference_output().astype("<f4").tobytes()
     receipts = {
-        0: StageReceipt("peer-a", "s1", signed_receipt(accused, market_domain, data)),
-        4: StageReceipt("peer-b", "s1", signed_receipt(checker_node, market_domain, data)),
+        0: StageReceipt(accused.address, signed_receipt(accused, market_domain, data), "peer-a", "s1"),
+        4: StageReceipt(checker_node.address, signed_receipt(checker_node, market_domain, data), "peer-b", "s1"),
     }
     finished = FinishedSession(JobSpec("m", [1, 2, 3], 4, job_id=JOB), "s1", route, receipts, (5, 6, 7, 8))
     out = reference_output()

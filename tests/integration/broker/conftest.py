@@ -16,7 +16,6 @@ from dlis_market.broker.backend import (
     BackendJob,
     BatchSignatures,
     BatchSigningRequest,
-    SignedStageReceipt,
 )
 from dlis_market.broker.bootstrap import build_graph
 from dlis_market.broker.catalog import ModelCatalog
@@ -24,12 +23,14 @@ from dlis_market.broker.ledger import Ledger
 from dlis_market.chain.job_market import (
     BatchReceipt,
     Receipt,
+    SignedReceipt,
     merkle_root,
     receipt_leaf,
     receipt_signer,
     sign_batch_receipt,
     sign_receipt,
 )
+from dlis_market.protocol.receipts import StageReceipt
 from dlis_market.protocol.routes import RouteHop
 from dlis_market.protocol.spans import SpanRecord
 from tests.integration.conftest import DEV_PUBLISHER
@@ -132,7 +133,7 @@ class ScriptedBackend:
                         PRICE * n,
                     )
                     sig = sign_receipt(node.key, backend.domain, r)
-                    receipts.append(SignedStageReceipt(node.address, s, e, n, r.output_hash, r.amount, sig.signature))
+                    receipts.append(StageReceipt(node.address, SignedReceipt(r, sig)))
                 route = [
                     RouteHop(f"peer{i}", nd.address, s, e, PRICE)
                     for i, ((s, e), nd) in enumerate(zip(SPANS, backend.nodes, strict=True))

@@ -13,17 +13,19 @@ import pytest
 from eth_account import Account
 from eth_utils import keccak
 
-from dlis_market.broker.ledger import Ledger, NewJob, NewReceipt
+from dlis_market.broker.ledger import Ledger, NewJob
 from dlis_market.broker.settlement import Settler, merkle_job, signed_job
 from dlis_market.chain.job_market import (
     JobAuthorization,
     Receipt,
     SignedBatchReceipt,
+    SignedReceipt,
     batch_receipts,
     sign_authorization,
     sign_batch_receipt,
     sign_receipt,
 )
+from dlis_market.protocol.receipts import StageReceipt
 from dlis_market.types import model_id
 from tests.integration.broker.conftest import LocalBatchSigner
 from tests.integration.conftest import DEV_PUBLISHER
@@ -77,10 +79,10 @@ def add_completed_job(market, ledger, client, nodes, nonce, amount=UNIT // 50, s
         )
     )
     receipts = []
-    for i, ((start, end), node) in enumerate(zip(SPANS, nodes, strict=True)):
+    for (start, end), node in zip(SPANS, nodes, strict=True):
         r = Receipt(auth.job_id, MID, start, end, 8, secrets.token_bytes(32), amount)
         rs = sign_receipt(node.key, dom, r)
-        receipts.append(NewReceipt(i, node.address, start, end, 8, "0x" + r.output_hash.hex(), amount, rs.hex()))
+        receipts.append(StageReceipt(node.address, SignedReceipt(r, rs)))
     cost = 3 * amount
     ledger.complete_job(
         jid,

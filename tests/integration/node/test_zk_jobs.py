@@ -79,9 +79,9 @@ def last_stage(finished: Any, **changes: Any) -> Any:
 
 def check(world: dict[str, Any], driver: PipelineDriver, finished: Any) -> str:
     last = finished.receipts[1]
-    node = receipt_signer(driver.market, last.signed.receipt, last.signed.signature.signature)
+    assert last.node == receipt_signer(driver.market, last.signed.receipt, last.signed.signature.signature)
     proofs = HeadProofs(world["settings"])
-    return proofs.check(world["shards"], last, node, driver.market, len(PROMPT), list(finished.generated))
+    return proofs.check(world["shards"], last, driver.market, len(PROMPT), list(finished.generated))
 
 
 def test_a_proven_job_and_the_ways_to_pass_off_an_unproven_answer(world: dict[str, Any]) -> None:
@@ -149,8 +149,8 @@ def test_the_broker_backend_accepts_an_answer_only_with_its_verified_proof(world
         proofs = HeadProofs(world["settings"])
         checked: list[str] = []
 
-        async def check_proof(receipt: Any, node: str, prompt: Any, generated: Any) -> None:
-            args = (world["shards"], receipt, node, driver.market, len(prompt), list(generated))
+        async def check_proof(receipt: Any, prompt: Any, generated: Any) -> None:
+            args = (world["shards"], receipt, driver.market, len(prompt), list(generated))
             checked.append(await asyncio.to_thread(proofs.check, *args))
 
         try:

@@ -10,7 +10,8 @@ from dlis_market.oracle.errors import EvidenceRefusedError
 from dlis_market.oracle.merkle import MerkleTree, leaf_hash
 from dlis_market.oracle.slashing import Slasher
 from dlis_market.oracle.store import DB_FILE, OracleStore
-from dlis_market.protocol.spot_checks import ReceiptWire, SpotCheckEvidence
+from dlis_market.protocol.receipts import ReceiptWire
+from dlis_market.protocol.spot_checks import SpotCheckEvidence
 from dlis_market.protocol.telemetry import oracle_domain
 
 # one copy of the evidence builder, shared with the unit tests (pytest runs as `python -m pytest` from the root)

@@ -15,7 +15,8 @@ from dlis_market.oracle.errors import EvidenceRefusedError
 from dlis_market.oracle.verification import NodeInfo, check_evidence, evidence_hash
 from dlis_market.protocol.errors import SpotCheckSecretError
 from dlis_market.protocol.outputs import compare_outputs, decode_output
-from dlis_market.protocol.spot_checks import ReceiptWire, SpotCheckSampler, StageOutputBlob, load_or_create_secret
+from dlis_market.protocol.receipts import ReceiptWire
+from dlis_market.protocol.spot_checks import SpotCheckSampler, StageOutputBlob, load_or_create_secret
 
 from .evidence_helpers import RUNNER, make_evidence, reference_output, signed_receipt
 
