@@ -121,8 +121,7 @@ class DhtTelemetryRelay:
             if signed is not None and exc.reason in ("duplicate", "superseded"):
                 # its seq was above the node's last one a moment ago: the same (or a newer) report
                 # was accepted over HTTP in between. A copy, not a refusal: take the count back.
-                with self.service._lock:  # the intake counts under this lock
-                    self.service.intake.counts[exc.reason] -= 1
+                self.service.uncount_refusal(exc.reason)
                 return "duplicate"
             log.info("telemetry from the DHT (subkey %s) refused: %s", subkey, exc)
             return "refused"

@@ -189,6 +189,12 @@ class OracleService:
             self._keep(received)
         return signed
 
+    def uncount_refusal(self, reason: str) -> None:
+        """Take back one refusal counted for ``reason``: the report was a copy of one accepted
+        meanwhile (the same report relayed over the DHT after it came in over HTTP)."""
+        with self._lock:  # the intake counts under this lock
+            self.intake.counts[reason] -= 1
+
     def _keep(self, received: ReceivedTelemetry) -> None:
         node = received.telemetry.report.node
         self._pending.append(received)
