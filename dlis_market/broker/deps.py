@@ -9,7 +9,8 @@ from fastapi import Depends, Request
 from dlis_market.broker.service import BrokerService
 
 
-def get_service(request: Request) -> BrokerService:
+async def get_service(request: Request) -> BrokerService:
+    # async: FastAPI runs a plain ``def`` dependency in its thread pool, one thread hop per request
     service: BrokerService = request.app.state.service
     return service
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -48,21 +49,37 @@ RiskLookup = Callable[[str], float]
 
 
 class CachedStanding:
-    """Chain lookups of a node's standing, cached for ``ttl_s`` (routing runs per job)."""
+    """Chain lookups of a node's standing, cached for ``ttl_s`` (routing runs per job, in worker
+    threads). One read per node at a time: callers that find no value wait for the one read under
+    way; once a value expires, one caller refreshes it and the others keep the last value
+    meanwhile, so a refresh never costs a burst of chain reads or stalls the jobs planned then."""
 
     def __init__(self, lookup: StandingLookup, ttl_s: float = 10.0):
         self.lookup = lookup
         self.ttl_s = ttl_s
         self._cache: dict[str, tuple[float, NodeStanding]] = {}
+        self._reads: dict[str, threading.Lock] = {}
+        self._guard = threading.Lock()
 
     def __call__(self, node: str) -> NodeStanding:
         hit = self._cache.get(node)
-        now = time.monotonic()
-        if hit is not None and now - hit[0] < self.ttl_s:
+        if hit is not None and time.monotonic() - hit[0] < self.ttl_s:
             return hit[1]
-        value = self.lookup(node)
-        self._cache[node] = (now, value)
-        return value
+        with self._guard:
+            read = self._reads.setdefault(node, threading.Lock())
+        if hit is not None and not read.acquire(blocking=False):
+            return hit[1]  # expired, and another caller is reading it again now
+        if hit is None:
+            read.acquire()
+        try:
+            again = self._cache.get(node)
+            if again is not None and again is not hit:
+                return again[1]  # read meanwhile, by the caller we waited for
+            value = self.lookup(node)
+            self._cache[node] = (time.monotonic(), value)
+            return value
+        finally:
+            read.release()
 
 
 def chain_standing(registry: NodeRegistry, reputation: ReputationOracle) -> StandingLookup:
