@@ -13,7 +13,7 @@ from dlis_market.broker.errors import incomplete_receipts
 from dlis_market.broker.schemas import Policy
 from dlis_market.protocol.receipts import StageReceipt
 from dlis_market.protocol.routes import RouteHop
-from dlis_market.protocol.spans import SpanRecord
+from dlis_market.protocol.spans import SpanRecord, missing_layers
 
 
 @dataclass(frozen=True)
@@ -68,12 +68,7 @@ Planner = Callable[[list[SpanRecord], ServedModel, Policy, int, int, int], Plann
 
 def covers(offers: list[SpanRecord], num_layers: int) -> bool:
     """Whether the offers' spans together cover layers [0, num_layers)."""
-    at = 0
-    for o in sorted(offers, key=lambda o: o.start):
-        if o.start > at:
-            break
-        at = max(at, o.end)
-    return at >= num_layers
+    return not missing_layers(offers, 0, num_layers)
 
 
 def covering_receipts(receipts: list[StageReceipt], num_layers: int) -> list[StageReceipt]:

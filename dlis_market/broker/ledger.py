@@ -32,6 +32,7 @@ from sqlalchemy import delete, func, insert, inspect, select, text, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm.attributes import set_committed_value
 
 from dlis_market.broker.ledger_schema import (
     ApiKeyRequestRow,
@@ -172,10 +173,9 @@ class Ledger:
 
     @staticmethod
     def add_job(s: Session, job: NewJob) -> JobRow:
-        """Write a new job in session ``s`` (a :class:`LedgerError` when its id exists)."""
+        """Write a new job in session ``s`` (a :class:`LedgerError` when its id exists: the insert
+        fails on the primary key, and ``s`` must be rolled back; admission looks the id up first)."""
         taken = f"job {job.id} (client {job.client}, nonce {job.nonce}) already exists; use a new nonce"
-        if s.get(JobRow, job.id) is not None:
-            raise LedgerError(taken)
         row = JobRow(
             id=job.id,
             client=job.client,
@@ -253,8 +253,11 @@ class Ledger:
         row.ttft_ms, row.latency_ms = ttft_ms, latency_ms
         if route is not None:
             row.route_json = json.dumps(route)
-        for stage, r in enumerate(receipts):
-            row.receipts.append(ReceiptRow.of(job_id, stage, r))
+        # A queued or running job has no receipts yet (they are written here, once): the collection
+        # is set as loaded instead of read back from the database before appending to it.
+        written = [ReceiptRow.of(job_id, stage, r) for stage, r in enumerate(receipts)]
+        s.add_all(written)
+        set_committed_value(row, "receipts", written)
         s.flush()
         return row
 

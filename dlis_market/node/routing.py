@@ -15,27 +15,10 @@ from collections.abc import Collection, Sequence
 
 from dlis_market.node.errors import NoRouteError
 from dlis_market.protocol.routes import RouteHop
-from dlis_market.protocol.spans import SpanRecord
+from dlis_market.protocol.spans import SpanRecord, missing_layers
 from dlis_market.types import LayerRange
 
 DEFAULT_HOP_S = 0.001
-
-
-def missing_layers(spans: Sequence[SpanRecord], start: int, end: int) -> list[tuple[int, int]]:
-    """Sub-ranges of ``[start, end)`` that no span covers, merged."""
-    covered = [False] * (end - start)
-    for s in spans:
-        for layer in range(max(s.start, start), min(s.end, end)):
-            covered[layer - start] = True
-    gaps: list[tuple[int, int]] = []
-    for i, ok in enumerate(covered):
-        if ok:
-            continue
-        if gaps and gaps[-1][1] == start + i:
-            gaps[-1] = (gaps[-1][0], start + i + 1)
-        else:
-            gaps.append((start + i, start + i + 1))
-    return gaps
 
 
 def usable(spans: Sequence[SpanRecord], banned: Collection[str]) -> list[SpanRecord]:

@@ -9,6 +9,7 @@ price, free slots, liveness, when the worker (re)started, when it announced, whe
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from pydantic import ValidationError
@@ -142,3 +143,23 @@ def check_span(domain: Domain, signed: SignedSpan, now: float, cache: SignerCach
             f"span record of {r.peer_id} names node {r.node_address} but is signed by {signer}: forged"
         )
     return r
+
+
+def missing_layers(spans: Sequence[SpanRecord], start: int, end: int) -> list[tuple[int, int]]:
+    """Sub-ranges of ``[start, end)`` that no span covers, merged, in order (the driver's "no
+    route" message names them; the broker asks whether there are none)."""
+    gaps: list[tuple[int, int]] = []
+    at = start
+    for s in sorted(spans, key=lambda s: s.start):
+        if s.end <= at:
+            continue
+        if s.start >= end:
+            break
+        if s.start > at:
+            gaps.append((at, s.start))
+        at = max(at, s.end)
+        if at >= end:
+            return gaps
+    if at < end:
+        gaps.append((at, end))
+    return gaps

@@ -22,7 +22,7 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
 
 from dlis_market.broker.apikeys import resolve_api_key
-from dlis_market.broker.auth import verify_job_read
+from dlis_market.broker.auth import recover_authorization, verify_job_read
 from dlis_market.broker.deps import ServiceDep
 from dlis_market.broker.errors import client_left, not_your_job, unknown_job
 from dlis_market.broker.job_types import Idempotency
@@ -30,7 +30,6 @@ from dlis_market.broker.ledger import JobRow, Ledger
 from dlis_market.broker.schemas import JobCreate, JobPublic, Quote, QuoteRequest, ReceiptPublic, SettlementPublic
 from dlis_market.broker.service import BrokerService
 from dlis_market.broker.settlement import signed_job
-from dlis_market.chain.job_market import authorization_signer
 
 router = APIRouter(prefix="/v1", tags=["jobs"])
 
@@ -84,7 +83,7 @@ async def client_reads(service: BrokerService, row: JobRow, read: str | None, au
     if authorization:
         account = await asyncio.to_thread(resolve_api_key, service.ledger, authorization, int(time.time()))
         signed = signed_job(row, service.broker.address)
-        signer = authorization_signer(service.market.domain(), signed.authorization, signed.signature.signature)
+        signer = recover_authorization(service.market.domain(), signed.authorization, signed.signature.signature)
         if account.client != row.client or account.spender.address != signer:
             raise not_your_job("this API key did not run this job")
         return True

@@ -22,10 +22,10 @@ from dlis_market.node import attestation, dht_records, identity, receipts
 from dlis_market.node.errors import AttestationError, IdentityError, NoRouteError, ProtocolError, ReceiptError
 from dlis_market.node.profiler import HardwareProfile
 from dlis_market.node.protocol import Channel, OpenBody, pack_frame, parse_body, unpack_frame
-from dlis_market.node.routing import choose_range, missing_layers, plan_route
+from dlis_market.node.routing import choose_range, plan_route
 from dlis_market.node.sessions import QueuedStep, plan_batches
 from dlis_market.protocol.pricing import route_bound
-from dlis_market.protocol.spans import SpanRecord
+from dlis_market.protocol.spans import SpanRecord, missing_layers
 from dlis_market.types import LayerRange
 
 ZERO = "0x0000000000000000000000000000000000000000"
@@ -116,6 +116,27 @@ def test_no_route_names_the_missing_layers() -> None:
     assert missing_layers(spans, 0, 8) == [(6, 8)]
     with pytest.raises(NoRouteError, match="no chain"):
         plan_route([span("a", 0, 3), span("b", 2, 6)], 0, 6)
+
+
+def test_missing_layers_agrees_with_a_layer_by_layer_count() -> None:
+    """The one gap finder (driver's no-route message, broker's coverage check) against brute force."""
+    import random
+
+    rng = random.Random(7)
+    for _ in range(300):
+        starts = rng.sample(range(12), rng.randint(0, 5))
+        spans = [span(f"p{i}", a, a + rng.randint(1, 5)) for i, a in enumerate(starts)]
+        start, end = sorted(rng.sample(range(14), 2))
+        covered = {layer for s in spans for layer in range(s.start, s.end)}
+        gaps: list[tuple[int, int]] = []
+        for layer in range(start, end):
+            if layer in covered:
+                continue
+            if gaps and gaps[-1][1] == layer:
+                gaps[-1] = (gaps[-1][0], layer + 1)
+            else:
+                gaps.append((layer, layer + 1))
+        assert missing_layers(spans, start, end) == gaps, (spans, start, end)
 
 
 def test_auto_range_picks_the_least_served_candidate() -> None:
