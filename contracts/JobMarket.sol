@@ -908,10 +908,7 @@ contract JobMarket is AccessControl, ReentrancyGuardTransient, EIP712 {
         uint32 coveredTo = 0;
         for (uint256 j = 0; j < n; ++j) {
             StageReceipt calldata rc = receipts[j];
-            if (rc.start != coveredTo || rc.end <= rc.start || rc.end > numLayers) {
-                revert JobMarketInvalidRange(index, j, rc.start, rc.end, coveredTo);
-            }
-            coveredTo = rc.end;
+            coveredTo = _nextStage(index, j, rc.start, rc.end, coveredTo, numLayers);
             address node = _recover(_hashTypedDataV4(_receiptHash(jobId, job.modelId, rc)), rc.r, rc.vs);
             if (_credit(payees, node, rc.amount, index, j)) {
                 cost += rc.amount;
@@ -919,6 +916,25 @@ contract JobMarket is AccessControl, ReentrancyGuardTransient, EIP712 {
                 emit ReceiptForfeited(jobId, node, rc.amount);
             }
         }
+        _requireCovered(index, coveredTo, numLayers);
+    }
+
+    /// @dev The coverage rule every settlement path applies to a job's stages, in order: stage `j`
+    ///      starts where the previous one ended (layer 0 for the first), is not empty and ends
+    ///      within the model's `numLayers`. Returns where it ends.
+    function _nextStage(uint256 index, uint256 j, uint32 start, uint32 end, uint32 coveredTo, uint32 numLayers)
+        private
+        pure
+        returns (uint32)
+    {
+        if (start != coveredTo || end <= start || end > numLayers) {
+            revert JobMarketInvalidRange(index, j, start, end, coveredTo);
+        }
+        return end;
+    }
+
+    /// @dev After the last stage: the stages together cover every layer [0, numLayers).
+    function _requireCovered(uint256 index, uint32 coveredTo, uint32 numLayers) private pure {
         if (coveredTo != numLayers) revert JobMarketIncompleteCoverage(index, coveredTo, numLayers);
     }
 
@@ -999,10 +1015,7 @@ contract JobMarket is AccessControl, ReentrancyGuardTransient, EIP712 {
             uint256 w = stages[j].packed;
             uint32 start = uint32(w >> 192);
             uint32 end = uint32(w >> 160);
-            if (start != coveredTo || end <= start || end > numLayers) {
-                revert JobMarketInvalidRange(0, j, start, end, coveredTo);
-            }
-            coveredTo = end;
+            coveredTo = _nextStage(0, j, start, end, coveredTo, numLayers);
             address node = nodes[j];
             uint256 entry = info[j];
             address operator = address(uint160(entry));
@@ -1021,7 +1034,7 @@ contract JobMarket is AccessControl, ReentrancyGuardTransient, EIP712 {
             _claimable[operator] += amount;
             emit PaymentCredited(operator, node, batchId, amount);
         }
-        if (coveredTo != numLayers) revert JobMarketIncompleteCoverage(0, coveredTo, numLayers);
+        _requireCovered(0, coveredTo, numLayers);
     }
 
 
@@ -1087,10 +1100,7 @@ contract JobMarket is AccessControl, ReentrancyGuardTransient, EIP712 {
             uint256 w = st.packed;
             uint32 start = uint32(w >> 192);
             uint32 end = uint32(w >> 160);
-            if (start != coveredTo || end <= start || end > numLayers) {
-                revert JobMarketInvalidRange(index, j, start, end, coveredTo);
-            }
-            coveredTo = end;
+            coveredTo = _nextStage(index, j, start, end, coveredTo, numLayers);
             uint256 k = w >> 224;
             if (k >= nodes.length) revert JobMarketUnknownBatchNode(index, j, k, nodes.length);
             uint256 amount = uint128(w);
@@ -1109,7 +1119,7 @@ contract JobMarket is AccessControl, ReentrancyGuardTransient, EIP712 {
                 }
             }
         }
-        if (coveredTo != numLayers) revert JobMarketIncompleteCoverage(index, coveredTo, numLayers);
+        _requireCovered(index, coveredTo, numLayers);
         fee = _bill(index, job.client, signer, job.maxCost, jobId, cost, feeBps);
     }
 
