@@ -3,7 +3,8 @@
 Deploys the market on Anvil in its OP-stack mode (`anvil --optimism`, via
 ``local_market(optimism=True)``) and settles batches of 3-stage jobs on both paths of
 bench/gas_report.py (same job and Merkle builders): per-receipt ``settleBatch`` and Merkle
-``settleBatchMerkle``, batches of 1, 10, 50 and 100. From each settlement it keeps the L2 gas
+``settleBatchMerkle``, batches of 1, 10, 50 and 100, and a job alone through ``settleJob`` (the
+broker's call for a batch of one). From each settlement it keeps the L2 gas
 used and the signed transaction as sent (``eth_getRawTransactionByHash``), and looks in the
 receipt for the L1 data fee fields an OP node adds (l1Fee, l1GasUsed, l1GasPrice,
 l1BaseFeeScalar, l1BlobBaseFee, l1BlobBaseFeeScalar).
@@ -49,9 +50,13 @@ from machine_info import machine_info
 
 from dlis_market.chain.devnet import LocalMarket, local_market
 from dlis_market.chain.job_market import merkle_batch_args
+from dlis_market.sim.profiles import batch_gas
 
 GWEI = 10**9
 SIZES = (1, 10, 50, 100)
+# the broker's paths: a job alone through settleJob, a batch through settleBatchMerkle; per-receipt
+# settleBatch (every stage's own signature) for comparison
+PATHS = ("solo", "per_receipt", "merkle")
 FIT_SIZES = (1, 10, 50, 100, 200, 500, 1000)
 L2_BLOCK_S = 2.0  # OP-stack block time
 L2_BLOCK_GAS = 30_000_000  # a block gas limit OP-stack chains use (for the block-space share)
@@ -158,13 +163,17 @@ def settle_batches(m: LocalMarket) -> tuple[list[dict[str, Any]], dict[str, Any]
     # one warm-up settlement per path first (kept out): the first pays for storage words later
     # batches find written (as bench/gas_report.py keeps the least of three single-job settlements)
     for size in (0, *SIZES):
-        for path in ("per_receipt", "merkle"):
+        for path in PATHS:
+            if path == "solo" and size > 1:  # settleJob takes one job
+                continue
             jobs = []
             for _ in range(max(size, 1)):
                 nonce += 1
                 jobs.append(_job(m, client, nodes, model, nonce))
             bid = secrets.token_bytes(32)
-            if path == "per_receipt":
+            if path == "solo":
+                rc = market.settle_job(m.broker, jobs[0])
+            elif path == "per_receipt":
                 rc = market.settle_batch(m.broker, bid, jobs)
             else:
                 mjobs, signed = _merkle(m, jobs, keys, bid)
@@ -221,13 +230,23 @@ def main() -> None:
     for r in rows:
         print(f"{r['path']:12s} {r['jobs']:5d} {r['gas']:10d} {r['gas'] / r['jobs']:8.0f} {r['tx_bytes']:9d} "
               f"{r['fastlz_bytes']:7d} {r['fastlz_bytes'] / r['jobs']:10.1f}")  # fmt: skip
+    # the simulator's settlement gas (sim/profiles.py batch_gas: settleJob alone, Merkle batches)
+    # against these measured paths, so `dlis sim` charges what the contracts cost
+    sim_check = []
+    for r in rows:
+        if (r["path"], r["jobs"] > 1) in (("solo", False), ("merkle", True)):
+            sim_check.append({"path": r["path"], "jobs": r["jobs"], "measured": r["gas"], "sim": batch_gas(r["jobs"]),
+                              "ratio": batch_gas(r["jobs"]) / r["gas"]})  # fmt: skip
+    print("\nsimulator's batch_gas vs measured: " + ", ".join(
+        f"{c['path']} {c['jobs']}: {c['sim']:,} / {c['measured']:,} = {c['ratio']:.3f}"
+        for c in sim_check))  # fmt: skip
     for r in rows:
         r["cost"] = {name: costs(r["gas"], r["fastlz_bytes"], r["jobs"], p, scalars) for name, p in PRICES.items()}
     fits = {path: {k: fit(rows, path, k) for k in ("gas", "fastlz_bytes")} for path in ("per_receipt", "merkle")}
     table = []
-    for path in ("per_receipt", "merkle"):
-        (g0, g1), (b0, b1) = fits[path]["gas"], fits[path]["fastlz_bytes"]
-        for n in FIT_SIZES:
+    for path in PATHS:
+        (g0, g1), (b0, b1) = (fits[path]["gas"], fits[path]["fastlz_bytes"]) if path in fits else ((0, 0), (0, 0))
+        for n in (1,) if path == "solo" else FIT_SIZES:
             got = next((r for r in rows if r["path"] == path and r["jobs"] == n), None)
             gas, lz = (got["gas"], got["fastlz_bytes"]) if got else (g0 + g1 * n, b0 + b1 * n)
             c = {name: costs(gas, lz, n, p, scalars) for name, p in PRICES.items()}
@@ -269,7 +288,7 @@ def main() -> None:
         "formula_source": "https://docs.base.org/base-chain/specs/upgrades/fjord/exec-engine",
         "scalars": {"base_fee_scalar": scalars[0], "blob_fee_scalar": scalars[1]}, "prices": PRICES,
         "eth_usd": args.eth_usd, "jobs_per_day": args.jobs_per_day, "l2_block_s": L2_BLOCK_S,
-        "measured": rows, "fits": fits, "table": table,
+        "measured": rows, "fits": fits, "table": table, "sim_batch_gas": sim_check,
     }  # fmt: skip
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")

@@ -1,6 +1,6 @@
 """Calibrate `dlis sim` on `make demo`'s network: the same 4 workers run for real, then simulated.
 
-Real run (bounded, about 5 minutes with the demo already built in --home):
+Real run (bounded, about 10 minutes with the demo already built in --home):
   * starts a second copy of `scripts/demo.sh` on its own ports and DLIS_HOME (workers with a
     Prometheus port each), or uses one that runs (--reuse); stops it at the end unless --keep;
   * reads what the workers measured about themselves: the profiler's per-layer time at their
@@ -8,12 +8,19 @@ Real run (bounded, about 5 minutes with the demo already built in --home):
     run their own forward-pass timer (`dlis_worker_stage_step_seconds{phase}`, prefill and decode);
   * measures the loopback link to each worker: `info` round trips from a libp2p driver / 2;
   * sends paid jobs through the broker's HTTP API, streamed, one prompt of 32 tokens and 32 new
-    tokens (the demo scenario's client), in closed loops of 1, 2 and 4 users (16 jobs each after 2
-    warm-up jobs; the three take turns in 4 rounds of 4 jobs, so that each sees the same mix of the
-    shared machine's load), and records the broker's latency_ms / ttft_ms and the client's times
-    (every token's); after each loop it waits until no worker runs a pass (the spot checks'
-    re-runs of its last jobs), so that every loop starts on an idle network as a simulated round
-    does; it reads the processes' CPU seconds (/proc) around each loop;
+    tokens (the demo scenario's client), in closed loops of 1, 2 and 4 users (24, 24 and 48 jobs,
+    after two warm-up jobs per user at each concurrency: the first merged passes of each batch size
+    are slow; the three take turns in 6 rounds, so that each sees the same mix of the shared
+    machine's load), and records the broker's latency_ms / ttft_ms and the client's times (every
+    token's); after each loop it waits until no worker runs a pass (the spot checks' re-runs of its
+    last jobs), so that every loop starts on an idle network as a simulated round does; it reads
+    the processes' CPU seconds (/proc) around each loop, and samples the runnable threads of every
+    session (RunQueue): with autogroup the kernel shares the cores between sessions first, so what
+    the demo gets is its session's share, which other programs' work moves from round to round
+    (the main cause of the real figures' spread: a sequential job took 2.6 s in one round, 5.7 s
+    in another);
+  * splits the rounds into two repeats (even and odd rounds) and reports each figure's spread
+    between them: what the real side itself reproduces, so what a sim can be held to;
   * measures the stage's batch curve: a forward pass over 1..8 sessions (decode, and prefill of
     the 32-token prompt) relative to one, on the real Stage in this process, 1 thread.
 
@@ -25,22 +32,26 @@ show beyond those; the job-to-job spread (job_speed_cv) is the latencies' coeffi
 The broker routes on the figures the workers announced (their profilers'), without load, so the
 calibrated scenario offers those (advertised_ms_per_layer, offers_track_load: false). The
 calibrated scenario uses the batched stage model (sim/passes.py): the measured batch curves; one
-host with this machine's cores, its background = the CPU other programs used during the
-sequential phase (the machine's busy time less the demo's, in cores); threads per worker from its
-profile; the measured compute and broker costs converted to full speed by the share of the cores
-they had in the sequential phase (that background and the spot checks' re-runs beside them,
-host_share); speed_period_s = the median sequential job latency (the span job_speed_cv was
-measured over); pass_cv = the token gaps' spread within a job x sqrt(stages). Written to
-dlis_market/sim/scenarios/demo_calibrated.yaml.
+host whose cores are the demo session's share of the machine (RunQueue, mean of the sequential
+rounds), no background threads; threads per worker from its profile; the measured compute and
+broker costs converted to full speed by the share each had, round by round (worker_share,
+broker_share; with the spot checks' re-runs beside them, host_share); job_speed_cv = the jobs'
+spread within a round (the rounds' shares are simulated themselves); speed_period_s = the median
+sequential job latency; pass_cv = the token gaps' spread within a job x sqrt(stages);
+message_jitter_ms = the `info` round trips / 2 while the sequential jobs ran (LinkProbe), beyond
+the idle median. Without autogroup: the machine's cores and a background = the CPU other programs
+used. Written to dlis_market/sim/scenarios/demo_calibrated.yaml.
 
-Simulation: that scenario with the same closed loops (one run per real round, 5 times over,
-pooled); p50/p90/p99 of job latency and time to first token (the broker's clocks: from the job
-running), sim / real ratios, and whether each is within 15 %, per figure and quantile, for 1, 2
-and 4 users; the workers' decode sessions per pass, real (their counters) and simulated. The
+Simulation: that scenario with the same closed loops (one run per real round with that round's
+share of the cores, 5 times over, pooled); p50/p90/p99 of job latency and time to first token
+(the broker's clocks: from the job running), sim / real ratios, and whether each is within 15 %,
+per figure and quantile, for 1, 2 and 4 users; the workers' decode sessions per pass, real (their
+counters) and simulated. The
 same is printed for the old chunked stage model on the same figures ("chunked"), the workers'
 profiler figures alone and the shipped demo.yaml (assumed device figures).
 
-    .venv/bin/python bench/sim_calibration.py [--reuse] [--keep] [--home DIR] [--phases 1:16,2:16,4:16] [--rounds 4]
+    .venv/bin/python bench/sim_calibration.py [--reuse] [--keep] [--home DIR] [--phases 1:24,2:24,4:48] [--rounds 6]
+    .venv/bin/python bench/sim_calibration.py --from-json bench/results/sim_calibration.json  # the model only
 """
 
 from __future__ import annotations
@@ -186,8 +197,74 @@ def cpu_seconds(home: Path) -> dict[str, float]:
     return out
 
 
-def hop_latency(home: Path, ws: list[dict[str, Any]], repeats: int = 30) -> list[float]:
-    """One-way loopback latency to each worker: median `info` round trip over libp2p / 2."""
+def group_share(cores: float, others: list[int]) -> float:
+    """The cores one more scheduling group that wants them all gets beside groups running
+    ``others`` runnable threads each (CFS with autogroup: a fair share per group, each group at most
+    its own demand; the leftover of modest groups goes to the rest)."""
+    left, n = cores, len(others) + 1
+    for d in sorted(min(float(x), cores) for x in others):
+        if d >= left / n:
+            break
+        left, n = left - d, n - 1
+    return left / n
+
+
+class RunQueue(threading.Thread):
+    """Samples the machine's runnable threads by scheduling group while a loop runs. The kernel
+    here schedules with autogroup (/proc/sys/kernel/sched_autogroup_enabled): CPU time is shared
+    fairly between sessions first, then between a session's threads. The demo's processes are one
+    session, so what they get is a group's share (``group_share``) of the cores, whatever their own
+    thread count: the sim's host for them is that many cores with no background threads."""
+
+    def __init__(self, home: Path, every_s: float = 0.2) -> None:
+        super().__init__(daemon=True)
+        self.every_s, self.stop = every_s, threading.Event()
+        self.ours = {_autogroup(int(f.read_text())) for f in (home / "run").glob("*.pid")} | {_autogroup(os.getpid())}
+        self.enabled = Path("/proc/sys/kernel/sched_autogroup_enabled").read_text().strip() == "1"
+        self.samples: list[tuple[float, int, int]] = []  # (our group's share, others' threads, ours)
+
+    def run(self) -> None:
+        cores = float(os.cpu_count() or 1)
+        me = os.getpid()
+        while not self.stop.wait(self.every_s):
+            groups: dict[str, int] = {}
+            for d in Path("/proc").iterdir():
+                if not d.name.isdigit() or int(d.name) == me:
+                    continue
+                try:
+                    running = sum(1 for t in (d / "task").iterdir()
+                                  if (t / "stat").read_text().rsplit(")", 1)[1].split()[0] == "R")  # fmt: skip
+                    if running:
+                        g = _autogroup(int(d.name)) if self.enabled else d.name
+                        groups[g] = groups.get(g, 0) + running
+                except OSError:  # gone meanwhile
+                    continue
+            others = [v for g, v in groups.items() if g not in self.ours]
+            ours = sum(v for g, v in groups.items() if g in self.ours)
+            share = group_share(cores, others) if self.enabled else cores / (1 + sum(others))
+            self.samples.append((share, sum(others), ours))
+
+    def result(self) -> dict[str, float]:
+        self.stop.set()
+        self.join()
+        xs = self.samples or [(float(os.cpu_count() or 1), 0, 0)]
+        return {"group_cores": statistics.mean(x[0] for x in xs), "other_threads": statistics.mean(x[1] for x in xs),
+                "demo_threads": statistics.mean(x[2] for x in xs), "samples": len(self.samples)}  # fmt: skip
+
+
+def _autogroup(pid: int) -> str:
+    """The process's autogroup; a kernel thread (none) is scheduled on its own."""
+    try:
+        return Path(f"/proc/{pid}/autogroup").read_text().split()[0]
+    except (OSError, IndexError):
+        return f"pid-{pid}"
+
+
+def hop_latency(home: Path, ws: list[dict[str, Any]], repeats: int = 30,
+                samples: list[list[float]] | None = None) -> list[float]:  # fmt: skip
+    """One-way loopback latency to each worker: median `info` round trip over libp2p / 2; the
+    round trips themselves (ms) go to ``samples``."""
+    samples = [] if samples is None else samples
     import asyncio
 
     from dlis_market.chain.accounts import dev_accounts
@@ -212,11 +289,68 @@ def hop_latency(home: Path, ws: list[dict[str, Any]], repeats: int = 30) -> list
                     await driver.pool.request(w["peer_id"], "info", {}, 10)
                     rtts.append(time.perf_counter() - t)
                 out.append(statistics.median(rtts) * 1000 / 2)
+                samples.append([round(x * 1000, 4) for x in rtts])
             return out
         finally:
             await driver.close()
 
     return asyncio.run(run())
+
+
+class LinkProbe(threading.Thread):
+    """`info` round trips to each worker, one every ``every_s``, while the sequential loop runs:
+    what a message takes while the workers compute (a worker's event loop waits for the GIL its
+    forward pass holds, the demo's session is short of cores), beyond the idle median. Sessions
+    that one pass answered reach the next stage apart by such delays (message_jitter_ms)."""
+
+    def __init__(self, home: Path, ws: list[dict[str, Any]], every_s: float = 0.1) -> None:
+        super().__init__(daemon=True)
+        self.home, self.ws, self.every_s = home, ws, every_s
+        self.stop, self.ready = threading.Event(), threading.Event()
+        self.rtts: list[list[float]] = [[] for _ in ws]
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        import asyncio
+
+        from dlis_market.chain.accounts import dev_accounts
+        from dlis_market.node.driver import PipelineDriver
+        from dlis_market.settings import NodeSettings
+
+        dep = json.loads((self.home / "deployments" / "31337.json").read_text())["contracts"]
+        w0 = self.ws[0]
+        boot = w0["maddr"] if "/p2p/" in w0["maddr"] else f"{w0['maddr']}/p2p/{w0['peer_id']}"
+
+        async def probe() -> None:
+            st = NodeSettings(chain_id=31337, market_address=dep["JobMarket"]["address"],
+                              registry_address=dep["NodeRegistry"]["address"])  # fmt: skip
+            key = bytes(dev_accounts(Settings.load().chain.dev_mnemonic)[8].key)
+            driver = await PipelineDriver.create([boot], st, key)
+            try:
+                for w in self.ws:
+                    await driver.pool.request(w["peer_id"], "info", {}, 10)
+                self.ready.set()
+                while not self.stop.is_set():
+                    for k, w in enumerate(self.ws):
+                        t = time.perf_counter()
+                        await driver.pool.request(w["peer_id"], "info", {}, 10)
+                        self.rtts[k].append(round((time.perf_counter() - t) * 1000, 4))
+                        await asyncio.sleep(self.every_s)
+            finally:
+                await driver.close()
+
+        try:
+            asyncio.run(probe())
+        except BaseException as exc:  # reported by result()
+            self.error = exc
+            self.ready.set()
+
+    def result(self) -> list[list[float]]:
+        self.stop.set()
+        self.join(30)
+        if self.error is not None:
+            raise SystemExit(f"the link probe failed: {self.error!r}")
+        return self.rtts
 
 
 # ---------------------------------------------------------------------- paid jobs
@@ -439,15 +573,47 @@ def batched_figures(ws: list[dict[str, Any]], seq: dict[str, Any], curve: dict[s
     # route's passes (independent, of similar size)
     rel = [g / statistics.mean(j["gaps_ms"]) for j in seq["jobs"] for g in j["gaps_ms"]]
     hops = statistics.median(len(j["route"]) for j in seq["jobs"])
+    # with autogroup the demo's processes get their session's share of the cores, whatever the
+    # other sessions' thread counts (RunQueue): the host is that share, with no background threads
+    rounds = [r for r in seq.get("rounds", []) if "group_cores" in r]
+    if rounds:
+        # measured time x the share the pass had in its round = its work at full speed; so per worker
+        # the share averaged over its pass time, per round (the share moves a lot between rounds)
+        worker_share = []
+        for k, w in enumerate(ws):
+            busy = [(r["steps"][k].get("decode_sum", 0.0) + r["steps"][k].get("prefill_sum", 0.0), r) for r in rounds]
+            total = sum(b for b, _ in busy)
+            worker_share.append(sum(b * host_share(round_share(r), checks, w["threads"]) for b, r in busy) / total
+                                if total else 1.0)  # fmt: skip
+        walls = sum(r["wall_s"] for r in rounds)
+        broker_share = sum(r["wall_s"] * host_share(round_share(r), checks, 1) for r in rounds) / walls
+        # the jobs' spread within a round: the spread between rounds is the shares' (simulated per round)
+        within = []
+        for r in rounds:
+            lat = [j["latency_ms"] for j in seq["jobs"][r["first"] : r["first"] + r["jobs"]]]
+            within += [x / statistics.mean(lat) for x in lat]
+        return {**curve, "background": 0.0, "host_cores": statistics.mean(round_share(r) for r in rounds),
+                "worker_share": worker_share, "broker_share": broker_share, "job_speed_cv": statistics.stdev(within),
+                "checks_threads": checks,
+                "other_cores": max(0.0, cpu["machine"] - demo) / wall, "demo_cores": demo / wall,
+                "step_cv": statistics.stdev(rel), "pass_cv": statistics.stdev(rel) * hops**0.5,
+                "speed_period_s": statistics.median(j["latency_ms"] for j in seq["jobs"]) / 1000}  # fmt: skip
     return {**curve, "background": max(0.0, cpu["machine"] - demo) / wall, "checks_threads": checks,
+            "host_cores": float(os.cpu_count() or 1),
             "demo_cores": demo / wall, "step_cv": statistics.stdev(rel), "pass_cv": statistics.stdev(rel) * hops**0.5,
             "speed_period_s": statistics.median(j["latency_ms"] for j in seq["jobs"]) / 1000}  # fmt: skip
 
 
-def host_share(background: float, threads: int) -> float:
-    """The share of its full speed a pass of ``threads`` threads got alone on this machine under
+def round_share(r: dict[str, Any]) -> float:
+    """The cores the demo's session had in round ``r``: its fair share beside the other sessions'
+    runnable threads (RunQueue), and at least the CPU its processes used (/proc)."""
+    used = sum(v for k, v in r["cpu_s"].items() if k != "machine") / r["wall_s"]
+    return max(r["group_cores"], used)
+
+
+def host_share(cores: float, background: float, threads: int) -> float:
+    """The share of its full speed a pass of ``threads`` threads got alone on ``cores`` under
     ``background`` runnable threads (the sim's HostCpu rule): measured times x this = full speed."""
-    cores = os.cpu_count() or 1
     return min(1.0, cores / (background + threads))
 
 
@@ -471,7 +637,8 @@ def scenario_data(
                 "link_latency_ms": round(links[k], 4), "bandwidth_bytes_per_s": 1e9, "hazard_per_slot": 0.0,
                 "max_sessions": SESSIONS}  # fmt: skip
         if batched is not None:  # full-speed compute on a host shared by the four workers
-            share = host_share(batched["background"] + batched["checks_threads"], w["threads"])
+            share = batched["worker_share"][k] if "worker_share" in batched else host_share(
+                batched["host_cores"], batched["background"] + batched["checks_threads"], w["threads"])  # fmt: skip
             prof["compute_ms_per_layer"] = round(ms_per_layer[k] * share, 4)
             prof["threads"] = w["threads"]
             g = {**g, "host": "demo"}
@@ -487,16 +654,26 @@ def scenario_data(
         data["overheads"] = {k: round(v, 3) for k, v in cal["overheads"].items()}
     if batched is not None:
         data["stage_model"] = "batched"
-        data["hosts"] = {"demo": {"cores": os.cpu_count() or 1, "background_threads": batched["background"]}}
+        data["hosts"] = {"demo": {"cores": round(batched["host_cores"], 4),
+                                  "background_threads": batched["background"]}}  # fmt: skip
         data["broker_host"] = "demo"
         if cal is not None:  # the broker's work and messaging, measured under that load too
-            share = host_share(batched["background"] + batched["checks_threads"], 1)
-            for k in ("open_ms", "close_ms", "pass_ms"):
-                data["overheads"][k] = round(data["overheads"][k] * share, 3)
+            share = batched.get("broker_share") or host_share(
+                batched["host_cores"], batched["background"] + batched["checks_threads"], 1)  # fmt: skip
+            for cost in ("open_ms", "close_ms", "pass_ms"):
+                data["overheads"][cost] = round(data["overheads"][cost] * share, 3)
         data["batch_decode_cost"] = batched["decode"]
         data["batch_prefill_cost"] = batched["prefill"]
         data["speed_period_s"] = round(batched["speed_period_s"], 3)
         data["pass_cv"] = round(batched["pass_cv"], 4)
+        if "job_speed_cv" in batched:  # within a round (the rounds' own shares are simulated)
+            data["job_speed_cv"] = round(batched["job_speed_cv"], 4)
+        # each message's delay beyond its link's idle median: the `info` round trips / 2 while the
+        # sequential jobs ran (LinkProbe; idle ones if none), per worker
+        jitter = [max(0.0, x / 2 - statistics.median(w["info_rtt_ms"]) / 2)
+                  for w in ws for x in w.get("busy_info_rtt_ms", w.get("info_rtt_ms", []))]  # fmt: skip
+        if jitter:
+            data["message_jitter_ms"] = sorted(round(x, 4) for x in jitter)
     return data
 
 
@@ -508,11 +685,15 @@ def write_calibrated(data: dict[str, Any], ws: list[dict[str, Any]], load: str) 
         "# (none in a bench run). prefill_ratio: the workers' prefill / decode passes. overheads: what the\n"
         "# broker's and the client's clocks show beyond the stages and links (see Overheads in scenario.py).\n"
         "# stage_model batched (sim/passes.py): batch_*_cost measured on the real Stage in-process\n"
-        "# (batch_costs); host = this machine's cores, background = the CPU other programs used during the\n"
-        "# sequential phase (cores busy); compute and the broker's open/close/pass costs = the measured\n"
+        "# (batch_costs); host = the cores the demo's session gets as one scheduling group (autogroup;\n"
+        "# RunQueue: its fair share beside the other sessions' runnable threads, sampled during the\n"
+        "# sequential phase; the comparison runs each round with that round's share), no background\n"
+        "# threads (without autogroup: this machine's cores, background = the CPU other programs used\n"
+        "# during the sequential phase); compute and the broker's open/close/pass costs = the measured\n"
         "# times x the share of the cores they had then (host_share: that background and the spot checks'\n"
         "# re-runs beside them); speed_period_s = the median sequential job latency (job_speed_cv's span);\n"
-        "# pass_cv = the spread of a job's token gaps x sqrt(stages).\n"
+        "# pass_cv = the spread of a job's token gaps x sqrt(stages); message_jitter_ms = the `info` round\n"
+        "# trips / 2 beyond their median, per worker.\n"
         "# The profilers' own figures at start (ms/layer): "
         + ", ".join(f"w{w['worker']} {w['profiler_ms_per_layer']:.2f}" for w in ws)
         + "\n"
@@ -527,21 +708,30 @@ def pcts(xs: list[float]) -> dict[str, float]:
     return {f"p{q}": float(np.percentile(xs, q)) for q in (50, 90, 99)}
 
 
-def simulated(sc: Scenario, users: int, jobs: int, prompt: int, new: int, rounds: int) -> dict[str, Any]:
+def simulated(sc: Scenario, users: int, jobs: int, prompt: int, new: int, shares: list[float | None]) -> dict[str, Any]:
+    """One run per real round, SEEDS times over, pooled; a round's measured group share of the cores
+    (``shares``, None: not measured) is the demo host's cores in its runs."""
     data = sc.model_dump(mode="json")
     data["clients"] = [{"name": "bench", "concurrency": users, "jobs": jobs, "prompt_tokens": prompt,
                         "max_new_tokens": new}]  # fmt: skip
-    s = parse_scenario(data, "calibration phase")
+    runs = []
+    for share in shares:
+        d = json.loads(json.dumps(data))
+        if share is not None and "demo" in d.get("hosts", {}):
+            d["hosts"]["demo"]["cores"] = share
+        runs.append(parse_scenario(d, "calibration phase"))
+    s = runs[0]
     market = Market.of(s.market, Settings.load(environ={}))
     ok, sent = [], 0
-    steps = [[0, 0] for _ in range(sum(g.count for g in s.peers))]  # per peer: decode steps, passes
-    for seed in range(rounds * SEEDS):  # pooled: one run per real round, SEEDS times over
-        r = simulate(s, market, seed=seed)
+    steps = [[0, 0, 0.0] for _ in range(sum(g.count for g in s.peers))]  # per peer: decode steps, passes, time
+    for seed in range(len(runs) * SEEDS):
+        r = simulate(runs[seed % len(runs)], market, seed=seed)
         ok += [j for j in r.jobs if j.status == "ok"]  # the shipped devices churn: a job may fail
         sent += len(r.jobs)
         for k, log in enumerate(r.extra.get("passes", [])):
             steps[k][0] += log["decode_steps"]
             steps[k][1] += log["decode_passes"]
+            steps[k][2] += log.get("decode_busy_s", 0.0)
     close = s.overheads.close_ms
     return {
         "latency_ms": pcts([1000 * (j.finished - j.started) for j in ok]),
@@ -550,7 +740,8 @@ def simulated(sc: Scenario, users: int, jobs: int, prompt: int, new: int, rounds
         "decode_ms_per_token": pcts([(1000 * (j.finished - j.first_token) - close) / max(new - 1, 1) for j in ok]),
         "routes": _count(" -> ".join(f"w{i + 1}" for i in j.route) for j in ok),
         "completed": f"{len(ok)} of {sent}",
-        "batch": [round(a / b, 3) if b else None for a, b in steps],  # decode session-steps per pass
+        "batch": [round(a / b, 3) if b else None for a, b, _ in steps],  # decode session-steps per pass
+        "decode_pass_ms": [1000 * t / b if b else None for _, b, t in steps],  # a decode pass's mean duration
     }
 
 
@@ -570,14 +761,66 @@ def real_figures(jobs: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
     }
 
 
+def sessions_per_pass(ws: list[dict[str, Any]], steps: list[dict[str, float]], jobs: list[dict[str, Any]],
+                      new: int) -> list[float | None]:  # fmt: skip
+    """The workers' own counters: decode session-steps per forward pass (their batching) on the
+    route's workers (a worker off the route only re-ran spot checks, one session at a time)."""
+    out: list[float | None] = []
+    for k, st in enumerate(steps):
+        served = sum(1 for j in jobs if ws[k]["peer_id"] in j["route"]) * (new - 1)
+        n = st.get("decode_count", 0.0)
+        out.append(round(served / n, 3) if served and n else None)
+    return out
+
+
+def repeat_spread(ws: list[dict[str, Any]], ph: dict[str, Any], new: int) -> dict[str, Any]:
+    """The real side measured twice: the even and the odd rounds as two repeats (each saw the
+    same mix of the machine's load, the phases taking turns), each figure's spread between them
+    (|a - b| / their mean): how far two real runs of this size disagree, the sim's best possible
+    match. Per round too: its latency, token time, batching and the machine's other load."""
+    halves: list[list[dict[str, Any]]] = [[], []]
+    per_round = []
+    for r in ph["rounds"]:
+        jobs = ph["jobs"][r["first"] : r["first"] + r["jobs"]]
+        halves[r["round"] % 2] += jobs
+        demo = sum(v for k, v in r["cpu_s"].items() if k != "machine")
+        batch = [b for b in sessions_per_pass(ws, r["steps"], jobs, new) if b is not None]
+        per_round.append({
+            "round": r["round"], "latency_p50_ms": statistics.median(j["latency_ms"] for j in jobs),
+            "decode_ms_per_token_p50": statistics.median(
+                (j["last_ms"] - j["first_ms"]) / max(j["new_tokens"] - 1, 1) for j in jobs),
+            "sessions_per_pass": round(statistics.mean(batch), 3) if batch else None,
+            "other_cores": round(max(0.0, r["cpu_s"].get("machine", 0.0) - demo) / r["wall_s"], 3),
+            "demo_cores": round(demo / r["wall_s"], 3), "loadavg": r["loadavg"],
+        })  # fmt: skip
+    a, b = real_figures(halves[0]), real_figures(halves[1])
+    spread = {m: {q: abs(a[m][q] - b[m][q]) / ((a[m][q] + b[m][q]) / 2) for q in a[m]} for m in a}
+    return {"a": a, "b": b, "spread": spread, "rounds": per_round}
+
+
+def within_summary(rows: list[dict[str, Any]]) -> dict[str, dict[str, int]]:
+    """Per variant: the latency and ttft figures within TARGET of the real ones, in all and among
+    those the real side itself reproduces within TARGET (its two repeats agree)."""
+    out = {}
+    for name in rows[0]["within_target"]:
+        cells = [(ok, row["repeats"]["spread"][m][q] <= TARGET) for row in rows
+                 for m, qs in row["within_target"][name].items() for q, ok in qs.items()]  # fmt: skip
+        out[name] = {"figures": len(cells), "within": sum(ok for ok, _ in cells),
+                     "stable": sum(st for _, st in cells),
+                     "within_stable": sum(ok and st for ok, st in cells)}  # fmt: skip
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--home", type=Path, default=Path("/tmp/dlis-sim-calibration"), help="the demo copy's DLIS_HOME")
     ap.add_argument("--reuse", action="store_true", help="a demo copy already runs in --home (with worker metrics)")
     ap.add_argument("--keep", action="store_true", help="leave the demo copy running")
-    ap.add_argument("--phases", default="1:16,2:16,4:16", help="USERS:JOBS closed loops; the first calibrates")
-    ap.add_argument("--rounds", type=int, default=4, help="the phases take turns this many times, JOBS/ROUNDS each")
+    ap.add_argument("--phases", default="1:24,2:24,4:48", help="USERS:JOBS closed loops; the first calibrates")
+    ap.add_argument("--rounds", type=int, default=6, help="the phases take turns this many times, JOBS/ROUNDS each")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "sim_calibration.json")
+    ap.add_argument("--from-json", type=Path, default=None,
+                    help="re-run the calibration and simulation on an earlier run's real side (its --out)")  # fmt: skip
     args = ap.parse_args()
     phases = [tuple(int(x) for x in p.split(":")) for p in args.phases.split(",")]
     if phases[0][0] != 1 or any(n % args.rounds or n < args.rounds for _, n in phases):
@@ -585,24 +828,52 @@ def main() -> None:
                          f"{args.rounds}; got {args.phases}")  # fmt: skip
     t_start, load_before = time.perf_counter(), Path("/proc/loadavg").read_text().split()[:3]
     url, rpc = f"http://127.0.0.1:{PORTS['DEMO_BROKER_PORT']}", f"http://127.0.0.1:{PORTS['DEMO_PORT']}"
+    if args.from_json is not None:  # the real side of an earlier run: the model again, no new measurement
+        prev = json.loads(args.from_json.read_text())
+        ws, links = prev["workers"], prev["calibration"]["link_ms"]
+        real: list[dict[str, Any]] = prev["real_jobs"]
+        load_before, load_after, real_s = prev["load_before"], prev["load_after"], prev["real_run_s"]
+        for ph in real:  # a file written before rounds were kept: equal chunks, their counters unknown
+            m = len(ph["jobs"]) // args.rounds
+            ph.setdefault("rounds", [{"round": k, "first": k * m, "jobs": m, "wall_s": 1.0, "loadavg": ["?"],
+                                      "cpu_s": {}, "steps": [{} for _ in ws]} for k in range(args.rounds)])  # fmt: skip
+        args.rounds = len(real[0]["rounds"])
+        curve = {k: prev["batched"][k] for k in ("decode_ms_b1", "prefill_ms_b1")}
+        curve |= {k: {int(b): v for b, v in prev["batched"][k].items()} for k in ("decode", "prefill")}
+        compare(args, ws, links, real, curve, load_before, load_after, real_s, t_start)
+        return
     try:  # a demo copy that failed half-way is stopped too
         if not args.reuse:
             print(f"starting the demo copy in {args.home} (scripts/demo.sh, ports {', '.join(PORTS.values())}) ...")
             demo(args.home)
         t_real = time.perf_counter()
         ws = workers(args.home)
-        links = hop_latency(args.home, ws)
+        rtts: list[list[float]] = []
+        links = hop_latency(args.home, ws, samples=rtts)
+        for w, xs in zip(ws, rtts, strict=True):
+            w["info_rtt_ms"] = xs
         client = Client(url, rpc)
-        closed_loop(client, 1, 2)  # warm-up: first sessions, caches
-        settle(ws)
+        # warm-up at every concurrency: the first sessions, caches and each batch size's first
+        # merged forward pass (a new tensor shape) are slower than the rest; none of them is measured
+        for users, _ in phases:
+            closed_loop(client, users, 2 * users)
+            settle(ws)
         # the phases take turns, round after round: each sees the same mix of the machine's load
-        real: list[dict[str, Any]] = [
-            {"users": u, "jobs": [], "wall_s": 0.0, "steps": None, "cpu_s": {}} for u, _ in phases
-        ]
+        real = [{"users": u, "jobs": [], "wall_s": 0.0, "steps": None, "cpu_s": {}, "rounds": []} for u, _ in phases]
         for rnd in range(args.rounds):
             for ph, (users, n) in zip(real, phases, strict=True):
                 before, cpu0 = step_counters(ws), cpu_seconds(args.home)
+                rq = RunQueue(args.home)
+                rq.start()
+                probe = LinkProbe(args.home, ws) if users == 1 else None
+                if probe is not None:
+                    probe.start()
+                    probe.ready.wait(60)
                 jobs, wall = closed_loop(client, users, n // args.rounds)
+                runq = rq.result()
+                if probe is not None:
+                    for w, xs in zip(ws, probe.result(), strict=True):
+                        w.setdefault("busy_info_rtt_ms", []).extend(xs)
                 after, cpu1 = step_counters(ws), cpu_seconds(args.home)
                 ph["settle_s"] = ph.get("settle_s", 0.0) + settle(ws)
                 ph["cpu_s"] = {k: ph["cpu_s"].get(k, 0.0) + cpu1.get(k, 0.0) - cpu0.get(k, 0.0) for k in cpu1}
@@ -610,17 +881,33 @@ def main() -> None:
                 ph["steps"] = delta if ph["steps"] is None else [
                     {k: d.get(k, 0.0) + s.get(k, 0.0) for k in d | s} for d, s in zip(delta, ph["steps"], strict=True)
                 ]  # fmt: skip
-                ph["jobs"] += broker_records(url, jobs)
+                recs = broker_records(url, jobs)
+                ph["rounds"].append({"round": rnd, "first": len(ph["jobs"]), "jobs": len(recs), "wall_s": wall,
+                                     "loadavg": Path("/proc/loadavg").read_text().split()[:3],
+                                     "cpu_s": {k: cpu1.get(k, 0.0) - cpu0.get(k, 0.0) for k in cpu1},
+                                     "steps": delta, **runq})  # fmt: skip
+                ph["jobs"] += recs
                 ph["wall_s"] += wall
-                print(f"real, round {rnd + 1}: {len(jobs)} jobs by {users} user(s) in {wall:.1f} s")
+                print(f"real, round {rnd + 1}: {len(jobs)} jobs by {users} user(s) in {wall:.1f} s, "
+                      f"latency p50 {statistics.median(j['latency_ms'] for j in recs):.0f} ms, "
+                      f"load {' '.join(ph['rounds'][-1]['loadavg'])}, the demo's group share "
+                      f"{runq['group_cores']:.2f} cores ({runq['other_threads']:.1f} threads of other sessions "
+                      f"runnable)")  # fmt: skip
         real_s = time.perf_counter() - t_real
     finally:
         if not args.keep:
             demo(args.home, "stop", timeout_s=120)
     load_after = Path("/proc/loadavg").read_text().split()[:3]
-    cal = calibrate(ws, links, real[0]["steps"], real[0]["jobs"])
     print("measuring the stage's batch curve (real Stage, in this process) ...")
     curve = batch_costs(args.home / "shards" / MODEL)
+    compare(args, ws, links, real, curve, load_before, load_after, real_s, t_start)
+
+
+def compare(args: argparse.Namespace, ws: list[dict[str, Any]], links: list[float], real: list[dict[str, Any]],
+            curve: dict[str, Any], load_before: list[str], load_after: list[str], real_s: float,
+            t_start: float) -> None:  # fmt: skip
+    """Calibrate from the real side, write the scenario, simulate every variant, print, write JSON."""
+    cal = calibrate(ws, links, real[0]["steps"], real[0]["jobs"])
     batched = batched_figures(ws, real[0], curve)
     data = scenario_data(ws, cal["ms_per_layer"], links, cal, batched)
     write_calibrated(data, ws, " ".join(load_before))
@@ -639,21 +926,17 @@ def main() -> None:
         prompt = int(statistics.median(j["prompt_tokens"] for j in jobs))
         new = int(statistics.median(j["new_tokens"] for j in jobs))
         fig = real_figures(jobs)
-        sims = {name: simulated(sc, ph["users"], len(jobs) // args.rounds, prompt, new, args.rounds)
+        shares = [round_share(r) if "group_cores" in r else None for r in ph["rounds"]]
+        sims = {name: simulated(sc, ph["users"], len(jobs) // args.rounds, prompt, new, shares)
                 for name, sc in variants.items()}  # fmt: skip
         ratios = {name: {m: {q: s[m][q] / fig[m][q] for q in fig[m]} for m in fig} for name, s in sims.items()}
-        # the workers' own counters: decode session-steps per forward pass (their batching) on the
-        # route's workers (a worker off the route only re-ran spot checks, one session at a time)
-        real_batch = []
-        for k, st in enumerate(ph["steps"]):
-            served = sum(1 for j in jobs if ws[k]["peer_id"] in j["route"]) * (new - 1)
-            n = st.get("decode_count", 0.0)
-            real_batch.append(round(served / n, 3) if served and n else None)
+        real_batch = sessions_per_pass(ws, ph["steps"], jobs, new)
+        rep = repeat_spread(ws, ph, new)
         worker_of = {w["peer_id"]: w["worker"] for w in ws}
         routes = _count(" -> ".join(f"w{worker_of[p]}" for p in j["route"]) for j in jobs)
         rows.append({"users": ph["users"], "jobs": len(jobs), "prompt_tokens": prompt, "new_tokens": new,
                      "wall_s": ph["wall_s"], "routes": routes, "real": fig, "sim": sims, "ratio": ratios,
-                     "real_batch": real_batch, "cpu_s": ph["cpu_s"],
+                     "real_batch": real_batch, "cpu_s": ph["cpu_s"], "repeats": rep,
                      "within_target": {name: {m: {q: abs(v - 1) <= TARGET for q, v in ratios[name][m].items()}
                                               for m in ("latency_ms", "ttft_ms")} for name in ratios}})  # fmt: skip
     print(f"\nload average before {' '.join(load_before)}, after {' '.join(load_after)}; real run {real_s:.0f} s")
@@ -665,20 +948,33 @@ def main() -> None:
     o = cal["overheads"]
     print(
         f"stage batch curve (pass of b sessions / one): decode {curve['decode']}, prefill {curve['prefill']}; "
-        f"host: {os.cpu_count()} cores, other programs {batched['background']:.2f} cores busy, spot-check re-runs "
-        f"{batched['checks_threads']:.2f}, the demo {batched['demo_cores']:.2f} (sequential phase); token gap cv "
-        f"{batched['step_cv']:.3f}, per stage pass {batched['pass_cv']:.3f}"
+        f"host: {batched['host_cores']:.2f} cores (the demo session's share, mean of the sequential rounds; "
+        f"{os.cpu_count()} on the machine), background {batched['background']:.2f} threads, spot-check re-runs "
+        f"{batched['checks_threads']:.2f}, the demo {batched['demo_cores']:.2f} cores busy (sequential phase); "
+        f"token gap cv {batched['step_cv']:.3f}, per stage pass {batched['pass_cv']:.3f}"
     )
+    if "worker_share" in batched:
+        print(f"full speed = measured x share per worker {[round(x, 3) for x in batched['worker_share']]}, broker "
+              f"{batched['broker_share']:.3f}; job spread within a round {batched['job_speed_cv']:.3f} "
+              f"(over all rounds {cal['job_speed_cv']:.3f})")  # fmt: skip
     print(f"prefill ratio {cal['prefill_ratio']:.4f}; broker: admit {o['admit_ms']:.1f} ms, "
           f"open {o['open_ms']:.1f} ms, close {o['close_ms']:.1f} ms, per pass {o['pass_ms']:.2f} ms")  # fmt: skip
-    print(f"\n{'users':>5s} {'figure':10s} {'q':>4s} {'real ms':>9s} {'calibrated':>11s} {'ratio':>6s}"
-          f" {'chunked':>9s} {'ratio':>6s} {'profiler':>9s} {'ratio':>6s}")  # fmt: skip
+    print(f"\n{'users':>5s} {'figure':10s} {'q':>4s} {'real ms':>9s} {'rep A':>7s} {'rep B':>7s}"
+          f" {'spread':>6s} {'calibrated':>11s} {'ratio':>6s} {'chunked':>9s} {'ratio':>6s}"
+          f" {'profiler':>9s} {'ratio':>6s}")  # fmt: skip
     for row in rows:
+        rep = row["repeats"]
         for m in ("latency_ms", "ttft_ms", "decode_ms_per_token"):
             for q in ("p50", "p90", "p99"):
                 cells = " ".join(f"{row['sim'][v][m][q]:9.0f} {row['ratio'][v][m][q]:6.2f}"
                                  for v in ("calibrated", "chunked", "profiler_only"))  # fmt: skip
-                print(f"{row['users']:5d} {m.removesuffix('_ms')[:10]:10s} {q:>4s} {row['real'][m][q]:9.0f}  {cells}")
+                print(f"{row['users']:5d} {m.removesuffix('_ms')[:10]:10s} {q:>4s} {row['real'][m][q]:9.0f} "
+                      f"{rep['a'][m][q]:7.0f} {rep['b'][m][q]:7.0f} {rep['spread'][m][q]:6.2f}  {cells}")  # fmt: skip
+        for r in rep["rounds"]:
+            print(f"      round {r['round'] + 1}: latency p50 {r['latency_p50_ms']:.0f} ms, token "
+                  f"{r['decode_ms_per_token_p50']:.0f} ms, sessions/pass {r['sessions_per_pass']}, other programs "
+                  f"{r['other_cores']:.2f} cores, demo {r['demo_cores']:.2f}, "
+                  f"load {' '.join(r['loadavg'])}")  # fmt: skip
         ok = row["within_target"]["calibrated"]
         print(
             f"      within {TARGET:.0%} (calibrated): "
@@ -689,13 +985,19 @@ def main() -> None:
         print(f"      cores busy (CPU s / wall s): {busy}")
         print(f"      routes real {row['routes']}, "
               f"calibrated sim {row['sim']['calibrated']['routes']}")  # fmt: skip
+    summary = within_summary(rows)
+    for name, got in summary.items():
+        print(f"within {TARGET:.0%} of real (latency and ttft, p50/p90/p99): {name} {got['within']} of "
+              f"{got['figures']}; of the {got['stable']} figures whose two real repeats agree within "
+              f"{TARGET:.0%}: {got['within_stable']}")  # fmt: skip
     report = {
-        "machine": machine_info(), "load_before": load_before, "load_after": load_after,
+        "machine": machine_info(), "summary": summary, "load_before": load_before, "load_after": load_after,
         "wall_s": time.perf_counter() - t_start, "real_run_s": real_s, "target": TARGET,
         "prompt": PROMPT, "max_tokens": MAX_TOKENS, "workers": ws, "calibration": cal,
         "scenario": str(CALIBRATED.relative_to(ROOT)), "phases": rows, "batched": batched,
         "real_jobs": [{"users": ph["users"], "jobs": ph["jobs"], "steps": ph["steps"], "cpu_s": ph["cpu_s"],
-                       "wall_s": ph["wall_s"], "settle_s": ph.get("settle_s", 0.0)} for ph in real],
+                       "wall_s": ph["wall_s"], "settle_s": ph.get("settle_s", 0.0), "rounds": ph["rounds"]}
+                      for ph in real],
     }  # fmt: skip
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")

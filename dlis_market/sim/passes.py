@@ -12,7 +12,11 @@ at the same time share its cores, the way the kernel shares CPU time between run
 :class:`HostCpu` is that sharing (processor sharing with the host's background load);
 :class:`StageServer` is one peer's compute loop; :class:`BatchedStages` holds them for one run,
 with the broker's side (sessions opened one job at a time, its work on its host) and the speed
-spread. The job process in :mod:`.engine` sends each pass through the route's servers hop by hop.
+spread. Each session's messages take the link's latency plus a draw of the measured delays
+(``message_jitter_ms``): sessions that one pass answered reach the next stage a little apart, and
+beyond ``batch_wait_ms`` they split, as real ones do (a merged pair of real sessions stays within
+0-5 ms of each other, and now and then splits).
+The job process in :mod:`.engine` sends each pass through the route's servers hop by hop.
 """
 
 from __future__ import annotations
@@ -104,6 +108,7 @@ class PassLog:
     prefill_passes: int = 0
     prefill_steps: int = 0
     busy_s: float = 0.0
+    decode_busy_s: float = 0.0  # a decode pass's mean duration (host sharing included) = this / decode_passes
 
 
 @dataclass
@@ -177,6 +182,7 @@ class StageServer:
             yield self.host.run(work, self.threads)
         self.log.busy_s += self.env.now - began
         if tokens == 1:
+            self.log.decode_busy_s += self.env.now - began
             self.log.decode_passes += 1
             self.log.decode_steps += len(steps)
         else:
@@ -219,6 +225,8 @@ class BatchedStages:
         self.offset = float(np.random.default_rng([seed, 4]).uniform(0, sc.speed_period_s))
         self.speeds: dict[int, float] = {}
         self.jitter = np.random.default_rng([seed, 5])
+        self.messages = np.random.default_rng([seed, 6])
+        self.message_jitter = np.asarray(sc.message_jitter_ms, dtype=float)
         self.servers = [
             StageServer(env, functools.partial(self._pass_ms, i), functools.partial(self._open_sessions, i),
                         hosts[spec.host] if spec.host is not None else None, spec.profile.threads,
@@ -264,13 +272,19 @@ class BatchedStages:
         t = self.table
         size = t.activation_bytes_per_token * tokens
         for i in job.peers:
-            yield self.env.timeout((t.latency[i] + 1000.0 * size / t.bandwidth[i]) / 1000.0)
+            yield self.env.timeout((t.latency[i] + 1000.0 * size / t.bandwidth[i] + self._message_jitter()) / 1000.0)
             job.step = self.servers[i].submit(id(job), tokens)
             yield job.step.done
         job.step = None
-        yield self.env.timeout(t.latency[job.peers[-1]] / 1000.0)
+        yield self.env.timeout((t.latency[job.peers[-1]] + self._message_jitter()) / 1000.0)
         if self.sc.overheads.pass_ms > 0:
             yield from self.broker_work(self.sc.overheads.pass_ms)
+
+    def _message_jitter(self) -> float:
+        """One message's delay beyond its link's latency (ms): a draw of the measured ones."""
+        if not self.message_jitter.size:
+            return 0.0
+        return float(self.message_jitter[self.messages.integers(self.message_jitter.size)])
 
     def replay(self, peer: int, prompt: int, new: int) -> Generator[simpy.Event, Any, None]:
         """A spot check's re-run of ``peer``'s call on a replica (node/replay.py): a fresh session,

@@ -9,6 +9,7 @@ reputation epoch and heartbeat; so the simulation runs the parameters a deployme
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any, Literal
 
@@ -119,7 +120,10 @@ class Host(_Model):
     """A machine several peers run on (``make demo`` runs all its workers on one): while passes of
     its peers run at once they share ``cores`` with ``background_threads`` runnable threads of
     other programs, each pass at ``cores / (background + threads of the running passes)`` of its
-    own speed when that is below 1 (processor sharing, the way the kernel shares CPU time)."""
+    own speed when that is below 1 (processor sharing, the way the kernel shares CPU time). Where the
+    kernel groups threads by session (Linux autogroup), the peers' processes started together are
+    one group that gets a fair share of the machine beside the other sessions, whatever its thread
+    count: then ``cores`` is that share (bench/sim_calibration.py measures it) and the background 0."""
 
     cores: float = Field(gt=0)
     background_threads: float = Field(default=0.0, ge=0)
@@ -214,6 +218,10 @@ class Scenario(_Model):
     max_batch_sessions: int = Field(default=16, ge=1)
     speed_period_s: float = Field(default=1.0, gt=0)
     pass_cv: float = Field(default=0.0, ge=0)  # batched: each stage pass's own jitter (lognormal, mean 1)
+    # batched: measured one-way message delays beyond their median (ms); each session's message on
+    # each hop adds one drawn at random, so sessions a pass answered together reach the next stage a
+    # little apart, the way two real messages do (empty: every message takes the link's latency)
+    message_jitter_ms: list[float] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _check(self) -> Scenario:
@@ -221,6 +229,8 @@ class Scenario(_Model):
         for curve in (self.batch_decode_cost, self.batch_prefill_cost):
             if curve.get(1) != 1.0 or any(k < 1 or v <= 0 for k, v in curve.items()):
                 raise ValueError(f"a batch cost curve maps sessions >= 1 to costs > 0 with 1: 1.0, got {curve}")
+        if any(x < 0 or not math.isfinite(x) for x in self.message_jitter_ms):
+            raise ValueError(f"message_jitter_ms holds delays >= 0 ms, got {self.message_jitter_ms}")
         if self.broker_host is not None and self.broker_host not in self.hosts:
             raise ValueError(f"broker_host {self.broker_host!r} is not in hosts")
         for g in self.peers:

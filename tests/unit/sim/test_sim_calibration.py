@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -28,27 +29,36 @@ def test_calibrated_demo_scenario_carries_the_measured_figures(
     devices = sc.device_table()
     host = sc.hosts["demo"]
     assert sc.stage_model == "batched" and sc.broker_host == "demo"
-    assert host.background_threads == pytest.approx(batched["background"])
-    beside = batched["background"] + batched["checks_threads"]
-
-    def share(threads: int) -> float:  # the measured figures ran under that load; the sim's are at full speed
-        return min(1.0, host.cores / (beside + threads))
-
+    # the demo's session is one scheduling group (autogroup): the host is its measured share of the
+    # cores, no background threads; the measured times ran at each round's share, the sim's are at
+    # full speed (worker_share: the share averaged over each worker's pass time, per round)
+    assert host.background_threads == 0.0 == batched["background"]
+    assert host.cores == pytest.approx(batched["host_cores"], abs=1e-4)
+    assert all(0 < x <= 1 for x in batched["worker_share"]) and 0 < batched["broker_share"] <= 1
     assert [(g.layers.start, g.layers.end) for g in sc.peers] == [(w["start"], w["end"]) for w in workers]
-    for g, w, ms, link in zip(sc.peers, workers, cal["ms_per_layer"], cal["link_ms"], strict=True):
+    for g, w, ms, link, share in zip(sc.peers, workers, cal["ms_per_layer"], cal["link_ms"], batched["worker_share"],
+                                     strict=True):  # fmt: skip
         prof = g.device_profile(devices)
         assert g.host == "demo" and prof.threads == w["threads"]
-        assert prof.compute_ms_per_layer == pytest.approx(ms * share(w["threads"]), abs=1e-4), (g.device, g.layers)
+        assert prof.compute_ms_per_layer == pytest.approx(ms * share, abs=1e-4), (g.device, g.layers)
         assert prof.advertised_ms_per_layer == pytest.approx(w["profiler_ms_per_layer"], abs=1e-4)
         assert prof.link_latency_ms == pytest.approx(link, abs=1e-4)
         assert prof.hazard_per_slot == 0.0
     assert sc.prefill_ratio == pytest.approx(cal["prefill_ratio"], abs=1e-5)
     for name, value in cal["overheads"].items():
-        full = value if name == "admit_ms" else value * share(1)  # admission runs before the job's clock
+        full = value if name == "admit_ms" else value * batched["broker_share"]  # admission: before the job's clock
         assert getattr(sc.overheads, name) == pytest.approx(full, abs=1e-3), name
     assert sc.batch_decode_cost == pytest.approx({int(k): v for k, v in batched["decode"].items()})
     assert sc.batch_prefill_cost == pytest.approx({int(k): v for k, v in batched["prefill"].items()})
     assert sc.pass_cv == pytest.approx(batched["pass_cv"], abs=1e-4)
+    assert sc.job_speed_cv == pytest.approx(batched["job_speed_cv"], abs=1e-4)  # within a round
+    # each message's measured delay beyond its link's median: `info` round trips / 2
+    jitter = sorted(
+        max(0.0, x / 2 - statistics.median(w["info_rtt_ms"]) / 2)
+        for w in workers
+        for x in w.get("busy_info_rtt_ms", w["info_rtt_ms"])  # while the sequential jobs ran
+    )
+    assert sc.message_jitter_ms == pytest.approx(jitter, abs=1e-4)
     assert sc.offers_track_load is False
 
 

@@ -10,6 +10,7 @@ import simpy
 
 from dlis_market.settings import Settings
 from dlis_market.sim.engine import SimResult, simulate
+from dlis_market.sim.errors import ScenarioError
 from dlis_market.sim.passes import HostCpu
 from dlis_market.sim.scenario import Market, parse_scenario
 
@@ -47,8 +48,9 @@ def test_concurrent_sessions_share_one_decode_pass_per_step() -> None:
     assert _decode_ms(four) == pytest.approx([8 * 30.0 * 1.18] * 4)
     busy = (30 * 2.52 + 8 * 30 * 1.18) / 1000  # one prefill of 4 prompts (the default curve), 8 decodes
     assert four.extra["passes"][0] == pytest.approx(
-        {"decode_passes": 8, "decode_steps": 32, "prefill_passes": 1, "prefill_steps": 4, "busy_s": busy}
-    )
+        {"decode_passes": 8, "decode_steps": 32, "prefill_passes": 1, "prefill_steps": 4, "busy_s": busy,
+         "decode_busy_s": 8 * 30 * 1.18 / 1000}
+    )  # fmt: skip
     chunked = _run({**_scenario(4), "stage_model": "chunked"})  # the old model: each session slowed down
     assert min(_decode_ms(chunked)) > 1.5 * alone
 
@@ -61,6 +63,20 @@ def test_simultaneous_starts_open_one_at_a_time_at_the_broker() -> None:
     assert ttft == pytest.approx([80.0, 130.0, 180.0, 230.0])
     old = _run({**data, "stage_model": "chunked"})  # every job opened at once: none waits 130 ms
     assert max(1000 * (j.first_token - j.started) for j in old.jobs) < 130.0
+
+
+def test_message_delays_split_sessions_a_pass_answered_together() -> None:
+    # measured messages are not all equally fast: a session whose step comes more than the worker's
+    # batch_wait_ms after the other's misses the pass, and the two run apart from then on
+    def per_pass(jitter: list[float]) -> float:
+        log = _run(_scenario(2, new=30, message_jitter_ms=jitter, batch_wait_ms=4.0)).extra["passes"][0]
+        return log["decode_steps"] / log["decode_passes"]
+
+    assert per_pass([]) == pytest.approx(2.0)
+    assert per_pass([0.0, 1.0]) == pytest.approx(2.0)  # within the wait: still one pass
+    assert per_pass([0.0, 10.0]) < 1.3  # half the messages 10 ms late: most passes run one session
+    with pytest.raises(ScenarioError, match="message_jitter_ms"):
+        parse_scenario(_scenario(1, message_jitter_ms=[-1.0]))
 
 
 def test_peers_on_one_host_share_its_cores() -> None:
@@ -93,6 +109,22 @@ def test_host_shares_cores_with_its_background_and_running_passes() -> None:
     assert done == pytest.approx({"a": 50.0, "b": 50.0})
 
 
+def test_a_host_of_a_group_share_slows_even_a_lone_pass() -> None:
+    # with autogroup the demo's session gets its share of the cores (bench/sim_calibration.py
+    # RunQueue), less than one core under other sessions' load: the host is that share
+    env = simpy.Environment()
+    host = HostCpu(env, cores=0.65, background=0.0)
+    done: list[float] = []
+
+    def work(ms: float) -> Any:
+        yield host.run(ms, 1)
+        done.append(1000 * env.now)
+
+    env.process(work(26.0))
+    env.run()
+    assert done == pytest.approx([40.0])
+
+
 def test_a_batch_cost_curve_must_start_at_one_session_costing_one() -> None:
     with pytest.raises(Exception, match="batch cost curve"):
         parse_scenario(_scenario(1, batch_decode_cost={1: 1.2, 4: 1.5}))
@@ -113,5 +145,5 @@ def test_a_spot_check_reruns_the_call_on_the_replica() -> None:
     assert [j.route for j in r.jobs] == [(0,), (0,)]
     checked = r.extra["passes"][1]
     assert checked == pytest.approx({"decode_passes": 8, "decode_steps": 8, "prefill_passes": 1, "prefill_steps": 1,
-                                     "busy_s": 0.135})  # fmt: skip
+                                     "busy_s": 0.135, "decode_busy_s": 0.12})  # fmt: skip
     assert _run({**data, "stage_model": "chunked"}).extra == {}  # the chunked model books checks only
