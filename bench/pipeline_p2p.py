@@ -1,7 +1,7 @@
 """Benchmark: a 3-worker loopback P2P pipeline vs single-process generation, in the same run.
 
     .venv/bin/python bench/pipeline_p2p.py [--dtype bf16] [--new-tokens 32] [--sessions 1,4,8]
-        [--prompts same|mixed] [--out bench/results/pipeline_p2p.json]
+        [--prompts same|mixed] [--batch-wait-ms MS] [--no-exact] [--out bench/results/pipeline_p2p.json]
 
 Imports SmolLM2-135M (cached), exports it as 3 shards, starts 3 workers as separate processes
 (``python -m dlis_market.cli.worker start``) on 127.0.0.1, then for each concurrency level runs
@@ -11,6 +11,12 @@ wall time, prefill included), time to first token, and the per-hop latency (half
 of a small request on an open stream), and per worker, from its /metrics, how many sessions each
 decode forward call carried and the share of the wall time it spent computing. Workers are killed
 at the end, whatever happens.
+
+Where the time goes: the CPU milliseconds per generated token of every process of each worker's
+process group (its Python, its p2pd, its DHT process) and of the client (driver, its p2pd) over
+the P2P runs, next to the single process's (``cpu_ms_per_token``), read from /proc. And whether
+each session generated exactly what its prompt generates alone in one process
+(``sessions_not_as_alone``: 0 is the claim).
 
 ``--prompts same`` cuts every prompt to the shortest one, so sessions can sit at the same
 position; ``mixed`` keeps their own lengths (5-9 tokens), so they never do. The JSON records the
@@ -65,31 +71,78 @@ PROMPTS = [
 
 
 def local_run(pipe: LocalPipeline, prompts: list[list[int]], new: int) -> dict[str, float]:
-    t = time.perf_counter()
+    t, cpu = time.perf_counter(), time.process_time()
     gens = pipe.generate_ids(prompts, new)
-    wall = time.perf_counter() - t
+    wall, cpu = time.perf_counter() - t, time.process_time() - cpu
     tokens = sum(len(g.token_ids) for g in gens)
-    return {"tokens_per_s": tokens / wall, "ttft_s": statistics.mean(g.ttft_s for g in gens), "wall_s": wall}
+    return {
+        "tokens_per_s": tokens / wall,
+        "ttft_s": statistics.mean(g.ttft_s for g in gens),
+        "wall_s": wall,
+        "cpu_ms_per_token": cpu * 1000 / tokens,
+    }
 
 
-async def p2p_run(driver: PipelineDriver, model: str, prompts: list[list[int]], new: int) -> dict[str, float]:
-    async def one(prompt: list[int]) -> tuple[int, float]:
+async def p2p_run(
+    driver: PipelineDriver, model: str, prompts: list[list[int]], new: int, outputs: list[list[int]] | None = None
+) -> dict[str, float]:
+    """``outputs``, when given, gets each session's generated ids (to compare with the session alone)."""
+
+    async def one(prompt: list[int]) -> tuple[list[int], float]:
         session: JobSession = await driver.open_job(JobSpec(model=model, prompt_ids=prompt, max_new_tokens=new))
         started = time.perf_counter()
         first = 0.0
-        count = 0
-        async for _ in session.tokens():
-            count += 1
-            if count == 1:
+        ids: list[int] = []
+        async for token in session.tokens():
+            ids.append(token)
+            if len(ids) == 1:
                 first = time.perf_counter() - started
         await session.close()
-        return count, first
+        return ids, first
 
     t = time.perf_counter()
     results = await asyncio.gather(*(one(p) for p in prompts))
     wall = time.perf_counter() - t
-    tokens = sum(c for c, _ in results)
+    if outputs is not None:
+        outputs.extend(ids for ids, _ in results)
+    tokens = sum(len(ids) for ids, _ in results)
     return {"tokens_per_s": tokens / wall, "ttft_s": statistics.mean(f for _, f in results), "wall_s": wall}
+
+
+def _stat(pid: str) -> tuple[int, str, float] | None:
+    """(process group, command name, CPU seconds) of one process, from /proc (None: it is gone)."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:  # exited between the listing and the read
+        return None
+    comm = text[text.index("(") + 1 : text.rindex(")")]
+    fields = text[text.rindex(")") + 2 :].split()
+    ticks = os.sysconf("SC_CLK_TCK")
+    return int(fields[2]), comm, (int(fields[11]) + int(fields[12])) / ticks
+
+
+def group_cpu(groups: dict[str, int]) -> dict[str, dict[str, float]]:
+    """CPU seconds used so far, per named process group and command (python, p2pd...).
+
+    The workers run in process groups of their own (with their DHT process and p2pd); the bench's
+    group holds the driver, its DHT process and p2pd, and the single-process baseline.
+    """
+    names = {pgid: name for name, pgid in groups.items()}
+    out: dict[str, dict[str, float]] = {name: {} for name in groups}
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit() or (st := _stat(pid)) is None or st[0] not in names:
+            continue
+        per = out[names[st[0]]]
+        per[st[1]] = per.get(st[1], 0.0) + st[2]
+    return out
+
+
+def cpu_per_token(before: dict[str, dict[str, float]], after: dict[str, dict[str, float]], tokens: int) -> Any:
+    """CPU milliseconds per generated token, per process group and command, between two samples."""
+    return {
+        g: {c: round((s - before[g].get(c, 0.0)) * 1000 / tokens, 2) for c, s in per.items()}
+        for g, per in after.items()
+    }
 
 
 def step_counters(metrics_url: str) -> dict[str, float]:
@@ -148,6 +201,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2, help="alternating runs per level; the best is kept")
     ap.add_argument("--prompts", default="same", choices=["same", "mixed"], help="cut to one length, or keep each")
     ap.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+    ap.add_argument("--batch-wait-ms", type=float, default=None, help="workers' node.batch_wait_ms (default: theirs)")
+    ap.add_argument("--no-exact", action="store_true", help="skip comparing each session with its prompt alone")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     levels = [int(x) for x in args.sessions.split(",")]
@@ -178,11 +233,21 @@ def main() -> None:
         ranges = [f"{s.layers.start}:{s.layers.end}" for s in manifest.stages]
         # A free metrics port per worker: the bench reads each stage's forward calls from it.
         env = {"OMP_WAIT_POLICY": os.environ["OMP_WAIT_POLICY"], "DLIS_NODE__METRICS_PORT": "0"}
+        if args.batch_wait_ms is not None:
+            env["DLIS_NODE__BATCH_WAIT_MS"] = str(args.batch_wait_ms)
+        results["batch_wait_ms"] = args.batch_wait_ms
         results["omp_wait_policy"] = env["OMP_WAIT_POLICY"]
         with Swarm(Path(tmp) / "swarm", threads=args.threads, env=env) as swarm:
             workers = swarm.start_workers([(Path(tmp) / "shards", r, f"w{i}") for i, r in enumerate(ranges)])
             pipe = LocalPipeline.load(Path(tmp) / "shards")
             local_run(pipe, prompts[:1], 4)  # warm-up
+            # each prompt alone, in one process: what every P2P session must generate, batched or not
+            alone = (
+                {}
+                if args.no_exact
+                else {tuple(p): pipe.generate_ids([p], args.new_tokens)[0].token_ids for p in prompts}
+            )
+            groups = {f"worker{i}": w.proc.pid for i, w in enumerate(workers)} | {"client": os.getpgrp()}
 
             async def p2p_all() -> None:
                 driver = await PipelineDriver.create(swarm.initial_peers, driver_settings())
@@ -196,9 +261,20 @@ def main() -> None:
                         runs_local, runs_p2p = [], []
                         urls = [str(w.info["metrics_url"]) for w in workers]
                         counters = [step_counters(u) for u in urls]
+                        cpu: dict[str, dict[str, float]] = {}
+                        mismatched = 0
                         for _ in range(args.repeats):
                             runs_local.append(local_run(pipe, batch, args.new_tokens))
-                            runs_p2p.append(await p2p_run(driver, manifest.model_name, batch, args.new_tokens))
+                            outputs: list[list[int]] = []
+                            before = group_cpu(groups)
+                            runs_p2p.append(await p2p_run(driver, manifest.model_name, batch, args.new_tokens, outputs))
+                            used = cpu_per_token(before, group_cpu(groups), sum(len(o) for o in outputs))
+                            for g, per in used.items():  # summed over the repeats, averaged below
+                                for c, ms in per.items():
+                                    cpu.setdefault(g, {})[c] = cpu.get(g, {}).get(c, 0.0) + ms / args.repeats
+                            mismatched += sum(
+                                alone and o != alone[tuple(p)] for o, p in zip(outputs, batch, strict=True)
+                            )
                         local = max(runs_local, key=lambda r: r["tokens_per_s"])
                         p2p = max(runs_p2p, key=lambda r: r["tokens_per_s"])
                         one = results.get("sessions_1")
@@ -213,6 +289,15 @@ def main() -> None:
                             "p2p_3_workers": p2p,
                             "ratio": p2p["tokens_per_s"] / local["tokens_per_s"],
                             "p2p_workers": load,
+                            # CPU ms per generated token of every process (python, p2pd, ...) of each
+                            # worker and of the client, over the P2P runs; the baseline's is in single_process
+                            "p2p_cpu_ms_per_token": {
+                                g: {c: round(v, 2) for c, v in per.items()} for g, per in cpu.items()
+                            },
+                            "p2p_cpu_ms_per_token_total": round(
+                                sum(v for per in cpu.values() for v in per.values()), 2
+                            ),
+                            "sessions_not_as_alone": None if not alone else mismatched,
                             "p2p_vs_1_session": (
                                 p2p["tokens_per_s"] / one["p2p_3_workers"]["tokens_per_s"] if one else 1.0
                             ),

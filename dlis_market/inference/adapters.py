@@ -36,7 +36,7 @@ from dlis_market.inference.errors import (
     UnsupportedAdapterError,
 )
 from dlis_market.inference.families import Family, family_for
-from dlis_market.inference.manifest import Manifest
+from dlis_market.inference.manifest import Manifest, config_from_manifest
 from dlis_market.types import LayerRange
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -170,8 +170,6 @@ class LoraAdapter:
 
 def _base_model(manifest: Manifest) -> tuple[Family, nn.Module]:
     """The base model's family and its modules on the meta device (shapes only, no memory)."""
-    from dlis_market.inference.stage import config_from_manifest  # stage imports this module
-
     config = config_from_manifest(manifest)
     family = family_for(config)
     with init_empty_weights(include_buffers=True):

@@ -172,6 +172,36 @@ AttentionInterface.register(RAGGED_SDPA, ragged_sdpa_attention)
 AttentionMaskInterface.register(RAGGED_SDPA, sdpa_mask)
 
 
+class RowStableLinear(nn.Linear):
+    """``nn.Linear`` whose lone row goes through the kernel a batch's rows take.
+
+    On CPU, bf16/fp32 matmuls of one row take a matrix-vector kernel that rounds differently from
+    the matrix-matrix kernel of two or more rows once the inner dimension is large (SmolLM2's
+    ``down_proj``, K = 1536: 7 of 64 rows differ from their batched result; K = 576: none). A
+    session decoding alone would then drift from the same session batched with others, so its
+    tokens would depend on who else is served. A lone row is computed as a batch of two (the row
+    and a stride-0 view of it), which every batch size of two or more agrees with bit for bit.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        width = x.shape[-1]
+        if x.numel() != width:
+            return super().forward(x)
+        out = nn.functional.linear(x.reshape(1, width).expand(2, width), self.weight, self.bias)[:1]
+        return out.reshape(*x.shape[:-1], out.shape[-1])
+
+
+def stabilise_rows(model: nn.Module, prefix: str) -> int:
+    """Make every plain ``nn.Linear`` under ``prefix`` a :class:`RowStableLinear` (same weights,
+    same module); quantized linears keep their own kernels. Returns how many were changed."""
+    changed = 0
+    for name, module in model.named_modules():
+        if name.startswith(prefix) and type(module) is nn.Linear:
+            module.__class__ = RowStableLinear
+            changed += 1
+    return changed
+
+
 def can_pad(config: PretrainedConfig) -> bool:
     """True when caches of ``config`` are plain full-attention layers, so rows may be padded."""
     return all(type(layer) is DynamicLayer for layer in DynamicCache(config=config).layers)

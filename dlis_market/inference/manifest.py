@@ -12,12 +12,15 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from dlis_market.inference.errors import ManifestError, ShardIntegrityError, StageMismatchError
 from dlis_market.types import LayerRange
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
 
 # Files a shard folder carries besides the shards, copied from the model folder when present.
 TOKENIZER_FILES = (
@@ -169,3 +172,17 @@ def load_manifest(shard_dir: Path) -> Manifest:
             "Re-export the shards into an empty folder"
         )
     return manifest
+
+
+def config_from_manifest(manifest: Manifest) -> PretrainedConfig:
+    """The transformers config the shards were exported from (imports transformers)."""
+    from transformers import CONFIG_MAPPING
+
+    try:
+        config = CONFIG_MAPPING[manifest.model_type].from_dict(dict(manifest.config))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ManifestError(
+            f"config for model_type {manifest.model_type!r} in the manifest cannot be built ({exc}); "
+            "re-export the shards"
+        ) from exc
+    return config

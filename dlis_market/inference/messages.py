@@ -178,6 +178,23 @@ def decode(blob: bytes, max_bytes: int = MAX_MESSAGE_BYTES) -> StageInput | Stag
     )
 
 
+def split_input(msg: StageInput) -> list[StageInput]:
+    """One input per session of ``msg`` (the same message when it carries one), rows as views."""
+    if len(msg.session_ids) == 1:
+        return [msg]
+    return [
+        StageInput(
+            (sid,),
+            (pos,),
+            msg.step,
+            token_ids=None if msg.token_ids is None else msg.token_ids[i : i + 1],
+            hidden=None if msg.hidden is None else msg.hidden[i : i + 1],
+            want_logits=msg.want_logits,
+        )
+        for i, (sid, pos) in enumerate(zip(msg.session_ids, msg.positions, strict=True))
+    ]
+
+
 def bytes_per_token(msg: StageInput | StageOutput) -> float:
     """Serialised size divided by the number of tokens it carries (sessions x positions)."""
     data = msg.token_ids if msg.token_ids is not None else msg.hidden

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from accelerate import init_empty_weights
 from torch import nn
-from transformers import CONFIG_MAPPING, PretrainedConfig
+from transformers import PretrainedConfig
 from transformers.cache_utils import DynamicCache
 
 from dlis_market.inference.adapter_serving import StageAdapters
@@ -48,26 +48,16 @@ from dlis_market.inference.kv_cache import (
     can_pad,
     padding_mask,
     split_cache,
+    stabilise_rows,
     stack_caches,
 )
-from dlis_market.inference.manifest import Manifest, StageEntry, load_manifest
+from dlis_market.inference.manifest import Manifest, StageEntry, config_from_manifest, load_manifest
 from dlis_market.inference.messages import StageInput, StageOutput
 from dlis_market.inference.quantization import compute_dtype, install_quantized, is_quantized_param
 from dlis_market.inference.sampling import SamplingParams, TokenLogprob, sample_with_logprob
 from dlis_market.inference.shard_reader import read_shard
 from dlis_market.settings import InferenceSettings
 from dlis_market.types import LayerRange
-
-
-def config_from_manifest(manifest: Manifest) -> PretrainedConfig:
-    try:
-        config = CONFIG_MAPPING[manifest.model_type].from_dict(dict(manifest.config))
-    except (KeyError, TypeError, ValueError) as exc:
-        raise ManifestError(
-            f"config for model_type {manifest.model_type!r} in the manifest cannot be built ({exc}); "
-            "re-export the shards"
-        ) from exc
-    return config
 
 
 @dataclass(frozen=True)
@@ -187,6 +177,8 @@ class Stage:
             head = model.get_submodule(family.head_weight.rsplit(".", 1)[0])
             head.weight = model.get_submodule(family.embed_weight.rsplit(".", 1)[0]).weight
         family.keep_layers(model, entry.layers)
+        # a session's rows give the same numbers alone as batched with others (kv_cache.RowStableLinear)
+        stabilise_rows(model, family.layers_path + ".")
         prefixes = [family.layers_path + "."]
         if entry.has_embeddings:
             prefixes += family.first_stage_prefixes
@@ -260,7 +252,10 @@ class Stage:
 
     # ------------------------------------------------------------------ forward
 
-    def _check_input(self, inp: StageInput) -> list[Session]:
+    def check_input(self, inp: StageInput) -> list[Session]:
+        """The sessions ``inp`` names, or a refusal of an input this stage cannot run (wrong kind
+        of data, shapes, unknown or misplaced sessions); changes nothing (the worker checks a step
+        with it before queueing it)."""
         data = inp.token_ids if self.is_first else inp.hidden
         if data is None:
             want = "token_ids" if self.is_first else "hidden states"
@@ -300,9 +295,9 @@ class Stage:
         The input may be on any device; outputs are on the CPU, or hidden states stay on
         :attr:`device` with ``keep_on_device`` (for a next stage in this process).
         """
-        sessions = self._check_input(inp)
+        sessions = self.check_input(inp)
         data = inp.token_ids if self.is_first else inp.hidden
-        if data is None:  # _check_input raised already; this narrows the type
+        if data is None:  # check_input raised already; this narrows the type
             raise StageMismatchError(f"stage {self.layers} got an input without data")
         data = data.to(self.device)
         groups: dict[int, list[int]] = {}

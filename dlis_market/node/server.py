@@ -37,7 +37,7 @@ from dlis_market.errors import DlisError
 from dlis_market.inference.errors import ContextLengthError, SessionError, ZkStageError
 from dlis_market.inference.fingerprint_check import FingerprintRecorder
 from dlis_market.inference.manifest import MANIFEST_NAME, load_manifest, sha256_file
-from dlis_market.inference.messages import StageInput, StageOutput, decode, encode
+from dlis_market.inference.messages import StageInput, StageOutput, decode, encode, split_input
 from dlis_market.inference.stage import SampledOutput, Stage
 from dlis_market.inference.zk_stage import head_circuit, head_unsupported, prove_stage
 from dlis_market.lifetime import IdentityLock, start_reaper
@@ -63,19 +63,22 @@ from dlis_market.node.protocol import (
 )
 from dlis_market.node.routing import choose_range
 from dlis_market.node.sessions import Batch, QueuedStep, WorkerSession, plan_batches, row_bytes
-from dlis_market.node.telemetry import WorkerTelemetry
+from dlis_market.node.telemetry import TelemetryRecorder, WorkerTelemetry
 from dlis_market.node.transcripts import Transcript, TranscriptRequest, TranscriptStore
 from dlis_market.node.transport import ChannelPool, start_dht
 from dlis_market.protocol import tickets
 from dlis_market.protocol.adapters import AdapterRef, split_model
 from dlis_market.protocol.errors import FingerprintError, TicketError
+from dlis_market.protocol.outbox import Outbox, sqlite_url
 from dlis_market.protocol.spans import SpanRecord
 from dlis_market.protocol.zk_claims import sign_stage_proof
 from dlis_market.settings import Settings
-from dlis_market.types import LayerRange
+from dlis_market.types import ZERO_ADDRESS, LayerRange
 
 log = logging.getLogger(__name__)
 READY_PREFIX = "DLIS_NODE_READY "
+# how long a stage after the first waits for the rest of a pass's rows (see Worker._gather)
+_RELAY_WAIT_S = 0.004
 
 
 @dataclass
@@ -115,6 +118,8 @@ class Worker:
         # fingerprint checks (the last stage's recorder must see only its sessions' passes)
         self.compute = asyncio.Lock()
         self.recorder: FingerprintRecorder | None = None
+        # sessions waited for in vain (_gather): not waited for again until they run in step with others
+        self._late: set[str] = set()
 
     # ------------------------------------------------------------------ start / stop
 
@@ -189,7 +194,7 @@ class Worker:
         await self.pool.serve()
         self._tasks = [asyncio.create_task(self._compute_loop()), asyncio.create_task(self._announce_loop())]
         metrics_url = self._start_metrics()
-        self.telemetry = WorkerTelemetry.for_worker(self)  # signed reports: DHT + oracle (node/telemetry.py)
+        self.telemetry = self._telemetry()  # signed reports: DHT + oracle (node/telemetry.py)
         self._tasks.append(asyncio.create_task(self.telemetry.run(self.stop)))
         return {
             "peer_id": self.peer_id,
@@ -510,7 +515,40 @@ class Worker:
         def on_error(text: str) -> None:
             self._spawn(channel.send("error", {"message": text, "code": "step"}))
 
-        self.queue.put_nowait(QueuedStep(msg, req.reply_to, channel.peer, on_error))
+        # A previous stage sends the rows of a whole pass in one message (_deliver); each session
+        # queues alone, so that one closed or misplaced session is refused without the others.
+        for one in split_input(msg):
+            self.queue.put_nowait(QueuedStep(one, req.reply_to, channel.peer, on_error))
+
+    def _telemetry(self) -> WorkerTelemetry:
+        """This worker's signed telemetry: what it serves and measured, to the DHT and, when an
+        oracle and a ReputationOracle are configured, through an outbox in its identity folder."""
+        node, stage, profile = self.node, self.stage, self.profile
+        recorder = TelemetryRecorder(
+            served=stage.layers,
+            advertised_tps=profile.throughput(stage.layers.size),
+            free_kv_slots=lambda: stage.sessions.max_sessions - len(stage.sessions),
+            gflops=profile.gemm_flops / 1e9,
+            memory_mib=profile.free_memory >> 20,
+        )
+        box = self.settings.outbox
+        outbox = None
+        if node.oracle_url and node.reputation_address.lower() != ZERO_ADDRESS:
+            url = node.outbox_url or sqlite_url(self.config.identity_dir / "outbox.db")
+            outbox = Outbox.from_settings(url, box)
+        return WorkerTelemetry(
+            recorder,
+            node_key=bytes(self.identity.account.key),
+            node_address=self.identity.address,
+            chain_id=node.chain_id,
+            reputation_address=node.reputation_address,
+            dht=self.dht,
+            interval_s=node.telemetry_interval_s,
+            oracle_url=node.oracle_url,
+            outbox=outbox,
+            keep_unsent=box.telemetry_keep,
+            post_timeout_s=box.timeout_s,
+        )
 
     # ------------------------------------------------------------------ compute
 
@@ -530,7 +568,7 @@ class Worker:
         for sid in inp.session_ids:
             if sid not in self.sessions:
                 raise NodeError(f"session {sid!r} is not open on this node; open it and replay its tokens")
-        self.stage._check_input(inp)  # the stage's own validation, without side effects
+        self.stage.check_input(inp)  # the stage's own validation, without side effects
 
     async def _compute_loop(self) -> None:
         pending: deque[QueuedStep] = deque()
@@ -561,29 +599,58 @@ class Worker:
             for batch in batches:
                 await self._run(batch)
 
+    def _awaited(self, queued: set[str]) -> set[str]:
+        """Open sessions whose next step is due here and not queued: prefilled (a prompt runs in a
+        pass of its own token count anyway), not at their last position (the driver feeds every
+        token but the last, so such a session sends no more steps), and not late."""
+        if len(self._late) > len(self.sessions):  # forget closed sessions
+            self._late &= self.sessions.keys()
+        store = self.stage.sessions
+        due = set()
+        for sid in self.sessions:
+            if sid in queued or sid in self._late or sid not in store:
+                continue
+            session = store.get(sid)
+            if 0 < session.length < session.max_length - 1:
+                due.add(sid)
+        return due
+
     async def _gather(self, pending: deque[QueuedStep]) -> None:
-        """Wait up to ``node.batch_wait_ms`` for the steps of open sessions not queued yet, so that
-        sessions at different positions run in one forward pass (continuous batching across the
-        pipeline: their steps arrive from the previous stage a little apart). A lone session, or a
-        queue that already holds every open session, runs at once."""
+        """Wait for the steps of open sessions that are due here, so that sessions at different
+        positions run in one forward pass (continuous batching across the pipeline).
+
+        The first stage waits up to ``node.batch_wait_ms``: the driver pushes each session's step
+        on its own, and sessions that started apart (prompts of other lengths prefill in passes of
+        their own) come round as separate groups; waiting for the other group, when it comes
+        within the wait, merges them for the rest of the generation, and on 2 shared cores a pass
+        of 8 rows costs far less than two of 4. Later stages get a pass's rows in one message
+        (:meth:`_deliver`), so they wait at most ``_RELAY_WAIT_S`` for jitter: a long wait there,
+        while the first stage holds back the group this stage waits for, would stall both. A
+        session waited for in vain is late: not waited for again until it runs in one pass with
+        sessions that are not (a slow caller costs one wait, not one per step)."""
         wait_s = self.node.batch_wait_ms / 1000
+        if not self.stage.is_first:
+            wait_s = min(wait_s, _RELAY_WAIT_S)
         if wait_s <= 0:
             return
         deadline = time.monotonic() + wait_s
         queued = {sid for step in pending for sid in step.inp.session_ids}
-        while len(queued) < min(len(self.sessions), self.node.max_batch_sessions):
+        while len(queued) < self.node.max_batch_sessions and (due := self._awaited(queued)):
             left = deadline - time.monotonic()
-            if left <= 0:
-                return
             try:
+                if left <= 0:
+                    raise TimeoutError
                 step = await asyncio.wait_for(self.queue.get(), left)
             except TimeoutError:
+                self._late |= due
                 return
             pending.append(step)
             queued.update(step.inp.session_ids)
 
     async def _run(self, batch: Batch) -> None:
         inp = batch.merged()
+        if not self._late.issuperset(inp.session_ids):  # back in step with the others
+            self._late.difference_update(inp.session_ids)
         phase = "prefill" if inp.num_tokens > 1 else "decode"  # tokens per session in this pass
         began = time.perf_counter()
         try:
@@ -615,50 +682,66 @@ class Worker:
             if transcript is not None:
                 transcript.record(inp, i)
         rows = {sid: i for i, sid in enumerate(out.session_ids)}
+        data = out.hidden if out.hidden is not None else out.token_ids
         for step in batch.steps:
-            idx = [rows[sid] for sid in step.inp.session_ids]
-            for sid, i in zip(step.inp.session_ids, idx, strict=True):
-                data = out.hidden if out.hidden is not None else out.token_ids
+            for sid in step.inp.session_ids:
                 session = self.sessions.get(sid)
                 if session is not None and data is not None:  # None: closed while it ran
-                    session.ledger.record(step.inp.num_tokens, row_bytes(data[i]))
+                    session.ledger.record(step.inp.num_tokens, row_bytes(data[rows[sid]]))
                     if committed.hidden is not None:
-                        session.fingerprint.add(committed.hidden[i])
-            self._spawn(self._deliver(step, out, idx))
+                        session.fingerprint.add(committed.hidden[rows[sid]])
+        self._spawn(self._deliver(batch.steps, out, rows))
 
-    async def _deliver(self, step: QueuedStep, out: StageOutput, idx: list[int]) -> None:
-        sids = list(step.inp.session_ids)
-        if out.token_ids is not None:
-            body: dict[str, Any] = {
-                "sessions": sids,
-                "step": out.step,
-                "token_ids": [int(out.token_ids[i]) for i in idx],
-            }
-            lps = out.logprobs if isinstance(out, SampledOutput) and out.logprobs else ()
-            if lps and any(lps[i] is not None for i in idx):  # only sessions that asked: older drivers never see it
-                body["logprobs"] = [None if (lp := lps[i]) is None else WireLogprob.of(lp).model_dump() for i in idx]
-            await self.pool.send(step.reply_to, "tokens", body)
-            return
-        assert out.hidden is not None  # non-last stages always return hidden states
-        by_next: dict[str, list[int]] = {}
-        for sid, i in zip(sids, idx, strict=True):
-            session = self.sessions.get(sid)
-            if session is None:
-                continue  # closed while it ran: nobody waits for it
-            next_peer = session.next_peer or step.reply_to
-            by_next.setdefault(next_peer, []).append(i)
-        for next_peer, rows in by_next.items():
+    async def _deliver(self, steps: list[QueuedStep], out: StageOutput, rows: dict[str, int]) -> None:
+        """Send a pass's outputs on, one message per destination (next stage or caller) rather
+        than one per session: each message costs both ends' event loops and p2pd a round of work,
+        and the next stage gets the pass's rows at once instead of waiting for them."""
+        to: dict[tuple[str, str, bool], list[tuple[QueuedStep, int]]] = {}
+        for step in steps:
+            for sid in step.inp.session_ids:
+                dest = step.reply_to
+                if out.token_ids is None:
+                    session = self.sessions.get(sid)
+                    if session is None:
+                        continue  # closed while it ran: nobody waits for it
+                    dest = session.next_peer or step.reply_to
+                to.setdefault((dest, step.reply_to, step.inp.want_logits), []).append((step, rows[sid]))
+        for (dest, reply_to, want_logits), members in to.items():
+            idx = [i for _, i in members]
+            sids = [out.session_ids[i] for i in idx]
+            if out.token_ids is not None:
+                body: dict[str, Any] = {
+                    "sessions": sids,
+                    "step": out.step,
+                    "token_ids": [int(out.token_ids[i]) for i in idx],
+                }
+                lps = out.logprobs if isinstance(out, SampledOutput) and out.logprobs else ()
+                if lps and any(lps[i] is not None for i in idx):  # only sessions that asked: older drivers never see it
+                    body["logprobs"] = [
+                        None if (lp := lps[i]) is None else WireLogprob.of(lp).model_dump() for i in idx
+                    ]
+                try:
+                    await self.pool.send(dest, "tokens", body)
+                except NodeError as exc:  # the caller went away: its sessions end with it; send the others'
+                    log.info("could not deliver tokens to %s: %s", dest, exc)
+                continue
+            assert out.hidden is not None  # non-last stages always return hidden states
             nxt = StageInput(
-                tuple(out.session_ids[i] for i in rows),
-                tuple(out.positions[i] for i in rows),
+                tuple(sids),
+                tuple(out.positions[i] for i in idx),
                 out.step,
-                hidden=out.hidden[rows],
-                want_logits=step.inp.want_logits,
+                hidden=out.hidden[idx],
+                want_logits=want_logits,
             )
             try:
-                await self.pool.send(next_peer, "step", {"input": encode(nxt), "reply_to": step.reply_to})
+                await self.pool.send(dest, "step", {"input": encode(nxt), "reply_to": reply_to})
             except NodeError as exc:
-                self._report(step, list(nxt.session_ids), f"next stage unreachable: {exc}", next_peer)
+                reported: set[int] = set()  # each step once (QueuedStep is unhashable)
+                for step, _ in members:
+                    if id(step) not in reported:
+                        reported.add(id(step))
+                        failed = [sid for sid in step.inp.session_ids if sid in sids]
+                        self._report(step, failed, f"next stage unreachable: {exc}", dest)
 
     def _report(self, step: QueuedStep, sids: list[str], reason: str, failed_peer: str) -> None:
         if step.on_error is not None:

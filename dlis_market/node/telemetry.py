@@ -27,7 +27,6 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 import aiohttp
 import hivemind
@@ -42,7 +41,7 @@ from dlis_market.protocol.oracle_client import (
     TelemetrySender,
     post_blob,
 )
-from dlis_market.protocol.outbox import Answer, DeliveryStatus, Message, Outbox, Verdict, sqlite_url
+from dlis_market.protocol.outbox import Answer, DeliveryStatus, Message, Outbox, Verdict
 from dlis_market.protocol.telemetry import (
     MAX_JOBS,
     MAX_LATENCIES,
@@ -53,9 +52,6 @@ from dlis_market.protocol.telemetry import (
     oracle_domain,
 )
 from dlis_market.types import ZERO_ADDRESS, LayerRange
-
-if TYPE_CHECKING:
-    from dlis_market.node.server import Worker
 
 log = logging.getLogger(__name__)
 
@@ -215,36 +211,6 @@ class WorkerTelemetry:
             # telemetry_max_age_s (120 s) as stale, and one below a seq it already took as superseded:
             # only the newest few unsent reports are worth keeping, older ones are dropped.
             self.outbox.register(TELEMETRY_KIND, receiver, keep_latest=keep_unsent, on_answer=self._answered)
-
-    @classmethod
-    def for_worker(cls, worker: Worker) -> WorkerTelemetry:
-        """The telemetry of a started :class:`~dlis_market.node.server.Worker`."""
-        node, stage, profile = worker.node, worker.stage, worker.profile
-        recorder = TelemetryRecorder(
-            served=stage.layers,
-            advertised_tps=profile.throughput(stage.layers.size),
-            free_kv_slots=lambda: stage.sessions.max_sessions - len(stage.sessions),
-            gflops=profile.gemm_flops / 1e9,
-            memory_mib=profile.free_memory >> 20,
-        )
-        box = worker.settings.outbox
-        outbox = None
-        if node.oracle_url and node.reputation_address.lower() != ZERO_ADDRESS:
-            url = node.outbox_url or sqlite_url(worker.config.identity_dir / "outbox.db")
-            outbox = Outbox.from_settings(url, box)
-        return cls(
-            recorder,
-            node_key=bytes(worker.identity.account.key),
-            node_address=worker.identity.address,
-            chain_id=node.chain_id,
-            reputation_address=node.reputation_address,
-            dht=worker.dht,
-            interval_s=node.telemetry_interval_s,
-            oracle_url=node.oracle_url,
-            outbox=outbox,
-            keep_unsent=box.telemetry_keep,
-            post_timeout_s=box.timeout_s,
-        )
 
     async def run(self, stop: asyncio.Event) -> None:
         """Report soon after start, then every interval, until ``stop`` (or cancellation)."""

@@ -62,7 +62,7 @@ def _settings(market, tmp_path: Path) -> Settings:  # type: ignore[no-untyped-de
 
 
 def _telemetry(settings: Settings, node, outbox: Outbox, url: str, reputation: str) -> WorkerTelemetry:  # type: ignore[no-untyped-def]
-    """As ``WorkerTelemetry.for_worker`` builds it: the outbox file in the worker's identity folder."""
+    """As ``Worker._telemetry`` builds it: the outbox file in the worker's identity folder."""
     recorder = TelemetryRecorder(served=None, advertised_tps=5.0, free_kv_slots=lambda: 1)
     return WorkerTelemetry(
         recorder, node_key=bytes(node.key), node_address=node.address, chain_id=settings.node.chain_id,
