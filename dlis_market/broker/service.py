@@ -85,7 +85,7 @@ from dlis_market.inference.sampling import TokenLogprob
 from dlis_market.inference.zk_stage import head_unsupported
 from dlis_market.protocol.pricing import fee_on, route_bound
 from dlis_market.protocol.receipts import StageReceipt
-from dlis_market.protocol.routes import Replan, RouteHop
+from dlis_market.protocol.routes import Replan, RouteHop, route_record
 from dlis_market.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -337,7 +337,7 @@ class BrokerService:
             model_id=p.served.model_id,
             prompt_tokens=len(p.prompt_ids),
             max_tokens=max_tokens,
-            route=[{"node": h.node, "peer_id": h.peer_id, "start": h.start, "end": h.end} for h in p.route.hops],
+            route=route_record(p.route.hops),
             fallback=p.route.fallback,
             cost=p.cost,
             fee=p.fee,
@@ -479,7 +479,7 @@ class BrokerService:
             max_cost=vauth.auth.max_cost,
             deadline=vauth.auth.deadline,
             auth_signature="0x" + vauth.signature.hex(),
-            route=[{"node": h.node, "peer_id": h.peer_id, "start": h.start, "end": h.end} for h in priced.route.hops],
+            route=route_record(priced.route.hops),
             fallback=priced.route.fallback,
             owner=self.ledger.instance,
         )
@@ -788,7 +788,7 @@ class BrokerService:
             fee=fee,
             ttft_ms=ttft or 0.0,
             latency_ms=(time.perf_counter() - started) * 1000,
-            route=[{"node": h.node, "peer_id": h.peer_id, "start": h.start, "end": h.end} for h in final_route],
+            route=route_record(final_route),
             note=note,
         )
         row: JobRow = await self._writes.submit(complete)

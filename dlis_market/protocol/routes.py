@@ -31,6 +31,11 @@ class RouteHop:
         return cls(span.peer_id, span.node_address, span.start, span.end, span.price_per_token)
 
 
+def route_record(hops: Sequence[RouteHop]) -> list[dict[str, str | int]]:
+    """A route as the broker's ledger and API keep it (JSON): each hop's node, peer and layers."""
+    return [{"node": h.node, "peer_id": h.peer_id, "start": h.start, "end": h.end} for h in hops]
+
+
 # The broker's router for failovers, as the driver calls it: (the route so far, peer ids to avoid)
 # -> a new route under the job's policy and max cost (dlis_market/broker/service.py).
 Replan = Callable[[Sequence[RouteHop], frozenset[str]], Awaitable[Sequence[RouteHop]]]
