@@ -16,8 +16,8 @@ from dataclasses import dataclass
 
 from pydantic import Field
 
-from dlis_market.chain.market_messages import Receipt, SignedReceipt, receipt_signer
-from dlis_market.chain.typed_data import CompactSignature, Domain
+from dlis_market.chain.market_messages import Receipt, SignedReceipt
+from dlis_market.chain.typed_data import CompactSignature
 from dlis_market.protocol.zk_claims import ZkClaim
 from dlis_market.types import WireModel
 
@@ -34,15 +34,6 @@ class StageReceipt:
     session_id: str = ""
     fingerprint: bytes = b""  # the call's activation fingerprint the node signed (empty: 0 tokens)
     proof: ZkClaim | None = None  # the last stage's proof of its head, when the job asked for one
-
-    @classmethod
-    def recovered(cls, domain: Domain, signed: SignedReceipt, peer_id: str = "") -> StageReceipt:
-        """The receipt with its signer recovered under ``domain`` (ValueError on a bad signature)."""
-        return cls(receipt_signer(domain, signed.receipt, signed.signature.signature), signed, peer_id)
-
-    @property
-    def receipt(self) -> Receipt:
-        return self.signed.receipt
 
     @property
     def start(self) -> int:
