@@ -568,6 +568,25 @@ def two_stage(market, client, broker, nonce: int, a: int = 3 * UNIT, b: int = 2 
     return make_job(market, client, broker, nonce, [(NODES[0], 0, 12, a), (NODES[1], 12, MODEL_LAYERS, b)], **kw)
 
 
+def three_stage(market, client, broker, nonce: int, amounts: tuple[int, int, int], **kw) -> SignedJob:
+    """NODES[0] (op1) [0,10), NODES[1] (op2) [10,20), NODES[2] (op2) [20,30), billing ``amounts``."""
+    a, b, c = amounts
+    stages = [(NODES[0], 0, 10, a), (NODES[1], 10, 20, b), (NODES[2], 20, MODEL_LAYERS, c)]
+    return make_job(market, client, broker, nonce, stages, **kw)
+
+
+def settlement_state(market, token, roles, nonces: int = 0) -> list:
+    """Everything settlement may touch: both clients' escrow, the claimables of op1, op2, the
+    treasury and the broker, the market's totals and balance; with ``nonces``, whether each
+    client's nonces 0..nonces-1 are used."""
+    r = roles
+    calls = [(market, "escrowOf", (r[c].address, r["broker"].address)) for c in ("client1", "client2")]
+    calls += [(market, "claimableOf", (r[a].address,)) for a in ("op1", "op2", "treasury", "broker")]
+    calls += [(market, "totalEscrow", ()), (market, "totalClaimable", ()), (token, "balanceOf", (market.address,))]
+    calls += [(market, "nonceUsed", (r[c].address, n)) for c in ("client1", "client2") for n in range(nonces)]
+    return read_many(calls)
+
+
 def solo(job: SignedJob | tuple) -> tuple:
     """``settleJob``'s argument for a job (or its ``settleBatch`` tuple, possibly tampered with):
     each stage as (packed start/end/tokens/amount, output hash, r, vs), the packing of

@@ -20,16 +20,17 @@ from conftest import (
     batch_id,
     make_job,
     merkle_jobs,
-    read_many,
     register,
     resign,
     reverts,
     settle,
     settle_merkle,
+    settlement_state,
     sign_batch,
     stake,
     two_stage,
 )
+from conftest import three_stage as conftest_three_stage
 from eth_utils import keccak
 
 from dlis_market.chain.job_market import (
@@ -54,19 +55,11 @@ def isolation(fn_isolation):
 
 
 def three_stage(market, client, broker, nonce: int, a: int = A, **kw):
-    """NODES[0] (op1) [0,10), NODES[1] (op2) [10,20), NODES[2] (op2) [20,30)."""
-    stages = [(NODES[0], 0, 10, a), (NODES[1], 10, 20, a + 1), (NODES[2], 20, MODEL_LAYERS, a + 2)]
-    return make_job(market, client, broker, nonce, stages, **kw)
+    return conftest_three_stage(market, client, broker, nonce, (a, a + 1, a + 2), **kw)
 
 
 def state(market, token, roles) -> list:
-    """Everything settlement may touch: escrow parts, claimables, totals, nonces 0..9, balances."""
-    r = roles
-    calls = [(market, "escrowOf", (r[c].address, r["broker"].address)) for c in ("client1", "client2")]
-    calls += [(market, "claimableOf", (r[a].address,)) for a in ("op1", "op2", "treasury", "broker")]
-    calls += [(market, "totalEscrow", ()), (market, "totalClaimable", ()), (token, "balanceOf", (market.address,))]
-    calls += [(market, "nonceUsed", (r[c].address, n)) for c in ("client1", "client2") for n in range(10)]
-    return read_many(calls)
+    return settlement_state(market, token, roles, nonces=10)
 
 
 # ----------------------------------------------------------------------------- exact accounting

@@ -22,15 +22,16 @@ from conftest import (
     key_of,
     make_job,
     past,
-    read_many,
     register,
     reverts,
     settle,
     settle_solo,
+    settlement_state,
     solo,
     stake,
     two_stage,
 )
+from conftest import three_stage as conftest_three_stage
 from eth_utils import keccak
 
 from dlis_market.broker.ledger import batch_id_for
@@ -48,17 +49,11 @@ def isolation(fn_isolation):
 
 
 def three_stage(market, client, broker, nonce: int, **kw):
-    """NODES[0] (op1) [0,10), NODES[1] (op2) [10,20), NODES[2] (op2) [20,30)."""
-    stages = [(NODES[0], 0, 10, A), (NODES[1], 10, 20, B), (NODES[2], 20, MODEL_LAYERS, UNIT)]
-    return make_job(market, client, broker, nonce, stages, **kw)
+    return conftest_three_stage(market, client, broker, nonce, (A, B, UNIT), **kw)
 
 
 def state(market, token, roles) -> list:
-    r = roles
-    calls = [(market, "escrowOf", (r[c].address, r["broker"].address)) for c in ("client1", "client2")]
-    calls += [(market, "claimableOf", (r[a].address,)) for a in ("op1", "op2", "treasury", "broker")]
-    calls += [(market, "totalEscrow", ()), (market, "totalClaimable", ()), (token, "balanceOf", (market.address,))]
-    return read_many(calls)
+    return settlement_state(market, token, roles)
 
 
 def delta(before: list, after: list) -> list:
