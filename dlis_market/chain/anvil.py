@@ -45,6 +45,13 @@ def port_open(host: str, port: int) -> bool:
         return s.connect_ex((host, port)) == 0
 
 
+# Keep the last 256 block states in memory and none on disk. By default Anvil moves older states to
+# ~/.foundry/anvil/tmp and never deletes them: ~115 MB per 1,000 blocks, which filled the disk of a
+# full test run. Nothing here reads state older than `latest`; evm_snapshot/evm_revert still reach
+# any depth (tests/integration/chain/test_anvil_disk.py checks both).
+HISTORY_FLAGS = ("--prune-history", "256")
+
+
 @dataclass
 class AnvilProcess:
     """One Anvil process bound to 127.0.0.1."""
@@ -72,6 +79,7 @@ class AnvilProcess:
             "--block-base-fee-per-gas", "0",
             "--gas-limit", "30000000",
             "--accounts", "10",
+            *HISTORY_FLAGS,
             "--silent",
         ]  # fmt: skip
         if self.state_file is not None:

@@ -112,17 +112,22 @@ def pytest_configure(config):
 def _own_port() -> None:
     """Give the test chain a free port before brownie connects (it launches Anvil on the
     development network's port, but attaches to whatever already listens there, e.g. a demo's
-    Anvil on 8545). DLIS_BROWNIE_PORT pins it. Changes only this process's brownie settings."""
+    Anvil on 8545), and the history flags that keep its old states off the disk.
+    DLIS_BROWNIE_PORT pins the port. Changes only this process's brownie settings."""
     import os
 
     from brownie._config import CONFIG
 
-    from dlis_market.chain.anvil import free_port
+    from dlis_market.chain.anvil import HISTORY_FLAGS, free_port
 
     for network in ("development",):
-        settings = CONFIG.networks.get(network, {}).get("cmd_settings")
+        net = CONFIG.networks.get(network, {})
+        settings = net.get("cmd_settings")
         if isinstance(settings, dict):
             settings["port"] = int(os.environ.get("DLIS_BROWNIE_PORT") or free_port())
+        # brownie has no setting for Anvil's history flags; its launcher splits `cmd` on spaces
+        if net.get("cmd") == "anvil":
+            net["cmd"] = " ".join(("anvil", *HISTORY_FLAGS))
 
 
 @pytest.fixture(scope="session", autouse=True)
