@@ -187,38 +187,45 @@ class OneTokenBackend:
                 for i, ((s, e), n) in enumerate(zip(SPANS, self.nodes, strict=True))]  # fmt: skip
 
     async def start(self, job: Any) -> Any:
-        from dlis_market.chain.market_messages import Receipt, SignedReceipt
-        from dlis_market.chain.typed_data import CompactSignature
-        from dlis_market.protocol.receipts import StageReceipt
-        from dlis_market.protocol.routes import RouteHop
-
-        backend = self
-
-        class Stream:
-            async def _gen(self) -> Any:
-                yield 504  # one token
-
-            def tokens(self) -> Any:
-                return self._gen()
-
-            async def finish(self) -> Any:
-                n = len(job.prompt_ids) + 1
-                sig = CompactSignature.from_bytes(b"\x01" * 65)  # never checked: the bench measures admission
-                receipts = [StageReceipt(nd, SignedReceipt(Receipt(job.job_id, b"\x00" * 32, s, e, n, b"\x02" * 32,
-                                                                   PRICE * n), sig))
-                            for (s, e), nd in zip(SPANS, backend.nodes, strict=True)]  # fmt: skip
-                route = [RouteHop(f"peer{i}", nd, s, e, PRICE) for i, ((s, e), nd) in
-                         enumerate(zip(SPANS, backend.nodes, strict=True))]  # fmt: skip
-                backend.finished += 1
-                return route, receipts
-
-        return Stream()
+        return OneTokenStream(self, job)
 
     async def unclaimed(self, job_id: bytes, peers: Any) -> list[Any]:
         return []
 
     async def close(self) -> None:
         pass
+
+
+class OneTokenStream:
+    """A job's stream on :class:`OneTokenBackend` (a module-level class: the bench must not charge
+    the broker for building a class per job)."""
+
+    def __init__(self, backend: OneTokenBackend, job: Any):
+        self.backend = backend
+        self.job = job
+
+    async def _gen(self) -> Any:
+        yield 504  # one token
+
+    def tokens(self) -> Any:
+        return self._gen()
+
+    async def finish(self) -> Any:
+        from dlis_market.chain.market_messages import Receipt, SignedReceipt
+        from dlis_market.chain.typed_data import CompactSignature
+        from dlis_market.protocol.receipts import StageReceipt
+        from dlis_market.protocol.routes import RouteHop
+
+        job, nodes = self.job, self.backend.nodes
+        n = len(job.prompt_ids) + 1
+        sig = CompactSignature.from_bytes(b"\x01" * 65)  # never checked: the bench measures admission
+        receipts = [StageReceipt(nd, SignedReceipt(Receipt(job.job_id, b"\x00" * 32, s, e, n, b"\x02" * 32,
+                                                           PRICE * n), sig))
+                    for (s, e), nd in zip(SPANS, nodes, strict=True)]  # fmt: skip
+        route = [RouteHop(f"peer{i}", nd, s, e, PRICE) for i, ((s, e), nd) in
+                 enumerate(zip(SPANS, nodes, strict=True))]  # fmt: skip
+        self.backend.finished += 1
+        return route, receipts
 
 
 class RssSampler:

@@ -84,12 +84,24 @@ class ServedModel:
     def encode_prompt(self, prompt: str | None, messages: list[dict[str, str]] | None) -> list[int]:
         if messages is not None:
             if getattr(self.tokenizer, "chat_template", None):
-                ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-                if hasattr(ids, "keys"):  # transformers may return a BatchEncoding
-                    ids = ids["input_ids"]
-                return [int(i) for i in ids]
+                text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+                return self._encode(str(text), special_tokens=False)  # as apply_chat_template(tokenize=True)
             prompt = "\n".join(f"{m['role']}: {m['content']}" for m in messages) + "\nassistant:"
-        return [int(i) for i in self.tokenizer(prompt or "")["input_ids"]]
+        return self._encode(prompt or "", special_tokens=True)
+
+    def _encode(self, text: str, special_tokens: bool) -> list[int]:
+        """``text``'s token ids, as ``tokenizer(text, add_special_tokens=...)`` gives them.
+
+        A fast tokenizer's Rust core is called directly (``backend_tokenizer.encode``): transformers'
+        wrapper goes through ``encode_batch``, which costs ~2.5x as much for a short prompt and
+        releases the GIL, so on a busy broker the event loop then waits for it behind the ledger's
+        threads (bench/broker_admission.py). The wrapper is used when the core would truncate or
+        pad, which the wrapper turns off first; tests/unit/broker/test_catalog_encode.py holds
+        both equal."""
+        core = getattr(self.tokenizer, "backend_tokenizer", None)
+        if core is not None and core.truncation is None and core.padding is None:
+            return list(core.encode(text, add_special_tokens=special_tokens).ids)
+        return [int(i) for i in self.tokenizer(text, add_special_tokens=special_tokens)["input_ids"]]
 
     def check_length(self, prompt_tokens: int, max_tokens: int) -> None:
         if prompt_tokens == 0:
