@@ -258,7 +258,6 @@ class Ledger:
         written = [ReceiptRow.of(job_id, stage, r) for stage, r in enumerate(receipts)]
         s.add_all(written)
         set_committed_value(row, "receipts", written)
-        s.flush()
         return row
 
     def fail_job(self, job_id: str, error: str) -> bool:
