@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import gc
 import json
 import os
 import secrets
@@ -39,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from dlis_market.chain.anvil import free_port
+from dlis_market.lifetime import freeze_startup_heap
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
@@ -365,7 +365,7 @@ def main() -> None:
             "domain": {"name": d.name, "version": d.version, "chain_id": d.chain_id,
                        "verifying_contract": d.verifying_contract},
         }  # fmt: skip
-        gc.collect()
+        freeze_startup_heap()  # as `dlis broker start` does before it serves
         sampler = RssSampler(backend)
         sampler.thread.start()
         load0 = os.getloadavg()

@@ -6,12 +6,15 @@
 - :class:`IdentityLock` holds an exclusive ``flock`` on the identity folder for the process's
   lifetime, so a second process on the same identity refuses to start; the kernel releases the
   lock when the holder dies, so a restart after a crash starts at once.
+- :func:`freeze_startup_heap` moves what a server built at startup out of the garbage
+  collector's reach once it is ready to serve.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import gc
 import os
 import subprocess
 import sys
@@ -33,6 +36,18 @@ def start_reaper() -> subprocess.Popen[bytes]:
         stdin=subprocess.DEVNULL,
         close_fds=True,
     )
+
+
+def freeze_startup_heap() -> int:
+    """Collect once, then exempt every object alive now from later collections (``gc.freeze``);
+    returns how many were frozen. Call when a server is ready to serve: torch, transformers,
+    SQLAlchemy and web3 leave ~600,000 tracked objects that every full collection would walk
+    again. In bench/broker_admission.py (4,000 jobs) collections took 3.2 s of broker time
+    without it and 1.2 s with it. Objects made later are collected as usual."""
+    gc.collect()
+    frozen = len(gc.get_objects())
+    gc.freeze()
+    return frozen
 
 
 class IdentityLock:

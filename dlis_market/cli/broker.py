@@ -143,7 +143,7 @@ def start(
     from dlis_market.chain.job_market import JobMarket
     from dlis_market.chain.node_registry import NodeRegistry
     from dlis_market.cli.model_adapter import adapter_root
-    from dlis_market.lifetime import start_reaper
+    from dlis_market.lifetime import freeze_startup_heap, start_reaper
     from dlis_market.logs import configure_logging
     from dlis_market.protocol.adapters import adapter_model_name
     from dlis_market.storage.adapter_store import AdapterStore
@@ -181,6 +181,7 @@ def start(
                     create_app(service), host=settings.broker.host, port=port or settings.broker.port, log_config=None
                 )
             )
+            freeze_startup_heap()
             await server.serve()
 
         console.print(f"broker {broker.address} serving {', '.join(catalog.models)} on {settings.broker.host}")

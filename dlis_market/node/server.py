@@ -40,7 +40,7 @@ from dlis_market.inference.manifest import MANIFEST_NAME, load_manifest, sha256_
 from dlis_market.inference.messages import StageInput, StageOutput, decode, encode, split_input
 from dlis_market.inference.stage import SampledOutput, Stage
 from dlis_market.inference.zk_stage import head_circuit, head_unsupported, prove_stage
-from dlis_market.lifetime import IdentityLock, start_reaper
+from dlis_market.lifetime import IdentityLock, freeze_startup_heap, start_reaper
 from dlis_market.node import attestation, byzantine, call_checks, dht_records, identity, profiler, receipts
 from dlis_market.node.adapters import WorkerAdapters
 from dlis_market.node.brokers import BrokerCheck
@@ -754,6 +754,7 @@ async def serve_forever(config: WorkerConfig) -> None:
     start_reaper()  # the DHT process and p2pd die with us, even on SIGKILL
     worker = Worker(config)
     info = await worker.start()
+    freeze_startup_heap()  # the model, torch and hivemind, loaded once
     print(READY_PREFIX + json.dumps(info), flush=True)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
