@@ -273,7 +273,7 @@ def main() -> None:
                                 for c, ms in per.items():
                                     cpu.setdefault(g, {})[c] = cpu.get(g, {}).get(c, 0.0) + ms / args.repeats
                             mismatched += sum(
-                                alone and o != alone[tuple(p)] for o, p in zip(outputs, batch, strict=True)
+                                bool(alone) and o != alone[tuple(p)] for o, p in zip(outputs, batch, strict=True)
                             )
                         local = max(runs_local, key=lambda r: r["tokens_per_s"])
                         p2p = max(runs_p2p, key=lambda r: r["tokens_per_s"])
