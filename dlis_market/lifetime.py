@@ -45,9 +45,8 @@ def freeze_startup_heap() -> int:
     again. In bench/broker_admission.py (4,000 jobs) collections took 3.2 s of broker time
     without it and 1.2 s with it. Objects made later are collected as usual."""
     gc.collect()
-    frozen = len(gc.get_objects())
     gc.freeze()
-    return frozen
+    return gc.get_freeze_count()
 
 
 class IdentityLock:

@@ -4,7 +4,6 @@ the fast path calls the Rust core directly, and must not differ from the wrapper
 
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -12,9 +11,6 @@ import pytest
 from transformers import AutoTokenizer
 
 from dlis_market.broker.catalog import ServedModel
-from dlis_market.inference.importer import import_model
-
-CACHE = Path(tempfile.gettempdir()) / "dlis-test-cache" / "v1"
 
 PROMPTS = [
     "The capital of France is",
@@ -39,9 +35,8 @@ CHATS = [
 
 
 @pytest.fixture(scope="module")
-def tokenizer() -> Any:
-    folder = import_model("smollm2-135m", CACHE / "models", CACHE / "cache")
-    return AutoTokenizer.from_pretrained(str(folder))
+def tokenizer(smollm2_dir: Path) -> Any:
+    return AutoTokenizer.from_pretrained(str(smollm2_dir))
 
 
 def _served(tokenizer: Any) -> ServedModel:

@@ -1,8 +1,7 @@
-"""Fixtures: tiny random models of each family, and the real SmolLM2 imported once into a cache."""
+"""Fixtures: tiny random models of each family (the real SmolLM2 is in tests/unit/conftest.py)."""
 
 from __future__ import annotations
 
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -10,12 +9,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from dlis_market.inference.importer import import_model
-
 from .reference import tiny_configs
-
-# Bump when the import format changes so stale caches are not reused.
-SMOLLM2_CACHE = Path(tempfile.gettempdir()) / "dlis-test-cache" / "v1"
 
 
 @pytest.fixture(scope="session")
@@ -37,9 +31,3 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], 
         return made[family]
 
     return make
-
-
-@pytest.fixture(scope="session")
-def smollm2_dir() -> Path:
-    """The real SmolLM2-135M-Instruct as an HF folder (imported once, then reused across runs)."""
-    return import_model("smollm2-135m", SMOLLM2_CACHE / "models", SMOLLM2_CACHE / "cache")
