@@ -29,6 +29,16 @@ def _bytes_under(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
 
 
+def _balance_once_mined(url: str, expected: int) -> int:
+    """Anvil answers eth_sendTransaction before it mines the block, so read until it shows."""
+    deadline = time.monotonic() + 60
+    while True:
+        balance = int(_rpc(url, "eth_getBalance", [SINK, "latest"]), 16)
+        if balance >= expected or time.monotonic() > deadline:
+            return balance
+        time.sleep(0.05)
+
+
 def test_a_thousand_blocks_leave_no_state_on_disk_and_old_snapshots_revert(tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path))  # Anvil's state cache lives under ~/.foundry
     anvil = AnvilProcess(port=free_port()).start()
@@ -38,10 +48,7 @@ def test_a_thousand_blocks_leave_no_state_on_disk_and_old_snapshots_revert(tmp_p
         snapshot = _rpc(url, "evm_snapshot", [])
         for _ in range(1200):  # one state-changing block each, as a busy market's blocks are
             _rpc(url, "eth_sendTransaction", [{"from": sender, "to": SINK, "value": hex(1)}])
-        deadline = time.monotonic() + 60  # automining trails the last answer by a few blocks
-        while int(_rpc(url, "eth_getBalance", [SINK, "latest"]), 16) < 1200 and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert int(_rpc(url, "eth_getBalance", [SINK, "latest"]), 16) == 1200
+        assert _balance_once_mined(url, 1200) == 1200
         assert int(_rpc(url, "eth_blockNumber", []), 16) >= 1000
 
         cache = tmp_path / ".foundry" / "anvil" / "tmp"
@@ -52,6 +59,6 @@ def test_a_thousand_blocks_leave_no_state_on_disk_and_old_snapshots_revert(tmp_p
         assert int(_rpc(url, "eth_blockNumber", []), 16) == 0
         assert int(_rpc(url, "eth_getBalance", [SINK, "latest"]), 16) == 0
         _rpc(url, "eth_sendTransaction", [{"from": sender, "to": SINK, "value": hex(5)}])
-        assert int(_rpc(url, "eth_getBalance", [SINK, "latest"]), 16) == 5
+        assert _balance_once_mined(url, 5) == 5
     finally:
         anvil.stop()
