@@ -202,7 +202,7 @@ class P2PBackend:
         return cls(await PipelineDriver.create(initial_peers, settings, broker_key, node_check))
 
     async def offers(self, model: str) -> list[SpanRecord]:
-        spans = await self.driver.discover(model)
+        spans = await self.driver.discover(model, self.driver.settings.discovery_max_age_s)
         self._throughput.update({s.peer_id: s.throughput for s in spans})
         return [s for s in spans if s.online and s.peer_id not in self.driver.banned()]
 

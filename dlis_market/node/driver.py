@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import secrets
 import time
@@ -150,6 +151,9 @@ class PipelineDriver:
         self._waiters: dict[str, tuple[asyncio.Future[Any], frozenset[str]]] = {}
         self._bans: dict[str, Ban] = {}
         self._signers = dht_records.SignerCache()  # verified span signatures (discovery runs per job)
+        # model -> (when the lookup started, its spans) of the newest lookup, and the one in flight
+        self._discovered: dict[str, tuple[float, list[SpanRecord]]] = {}
+        self._discovering: dict[str, tuple[float, asyncio.Future[list[SpanRecord]]]] = {}
         self._started: dict[str, float] = {}  # peer id -> started_at of its latest signed record
         self._verified: dict[str, str] = {}  # peer id -> node address from its verified attestation
         # Tickets are signed with the broker's account key (BROKER_ROLE); without one (a dev swarm with
@@ -185,12 +189,37 @@ class PipelineDriver:
 
     # ------------------------------------------------------------------ discovery, bans, trust
 
-    async def discover(self, model: str) -> list[SpanRecord]:
+    async def discover(self, model: str, max_age_s: float = 0.0) -> list[SpanRecord]:
         """Current signed announcements of ``model``; with a ``node_check``, only those of nodes
-        registered on chain under the announced peer id."""
-        spans = await asyncio.to_thread(self._discover, model)
+        registered on chain under the announced peer id.
+
+        ``max_age_s`` > 0: a lookup started at most that long ago serves (one in flight is joined
+        rather than repeated), so a burst of jobs shares one DHT lookup. 0 (a failover, a check):
+        a lookup of its own."""
+        now = time.monotonic()
+        if max_age_s > 0:
+            cached = self._discovered.get(model)
+            if cached is not None and now - cached[0] <= max_age_s:
+                return list(cached[1])
+            running = self._discovering.get(model)
+            if running is not None and now - running[0] <= max_age_s:
+                return list(await asyncio.shield(running[1]))
+        lookup = asyncio.ensure_future(asyncio.to_thread(self._discover, model))
+        lookup.add_done_callback(functools.partial(self._looked_up, model, now))
+        self._discovering[model] = (now, lookup)
+        spans = await asyncio.shield(lookup)  # a caller that leaves does not cancel it for the others
         self.saw(spans)
-        return spans
+        return list(spans)
+
+    def _looked_up(self, model: str, started: float, lookup: asyncio.Future[list[SpanRecord]]) -> None:
+        """A lookup ended: it is no longer in flight, and its answer (unless a newer lookup's is
+        kept already) is what later jobs may reuse. A failure is kept for nobody."""
+        if self._discovering.get(model, (0.0, None))[1] is lookup:
+            del self._discovering[model]
+        if lookup.cancelled() or lookup.exception() is not None:
+            return
+        if model not in self._discovered or self._discovered[model][0] <= started:
+            self._discovered[model] = (started, lookup.result())
 
     def _discover(self, model: str) -> list[SpanRecord]:
         spans = dht_records.fetch_spans(self.dht, model, self.registry, self._signers)
