@@ -6,10 +6,12 @@ Then, on the same workers:
   * time to first token: a streamed paid job through the broker's HTTP API (request sent ->
     first token event) vs the pipeline driver opening a session and yielding its first token;
   * job submissions per second: paid one-token jobs submitted back to back through the API vs
-    one-token jobs run directly with the driver.
-Prints ratios and writes JSON (default bench/results/broker_overhead.json).
+    one-token jobs run directly with the driver (which looks the route up on the DHT for each
+    job, as a `dlis` client driving the pipeline does).
+The two sides alternate in rounds, so drift of a shared machine moves both alike. Prints ratios
+and writes JSON with every job's time (default bench/results/broker_overhead.json).
 
-    .venv/bin/python bench/broker_overhead.py [--jobs 20] [--out FILE]
+    .venv/bin/python bench/broker_overhead.py [--jobs 40] [--rounds 4] [--out FILE]
 """
 
 from __future__ import annotations
@@ -68,7 +70,8 @@ def wait_ready(proc: subprocess.Popen[bytes], out: Path, log: Path, timeout_s: f
 
 def start_workers(m: LocalMarket, shards: Path, root: Path) -> tuple[list[subprocess.Popen[bytes]], list[str]]:
     dep = m.client.deployment
-    procs, peers = [], []
+    procs: list[subprocess.Popen[bytes]] = []
+    peers: list[str] = []
     for i, (a, b) in enumerate(((0, 10), (10, 20), (20, 30))):
         home = root / f"w{i}"
         (home / "deployments").mkdir(parents=True)
@@ -113,63 +116,88 @@ def authorization(m: LocalMarket, client: Any, max_cost: int) -> dict[str, Any]:
             "signature": sig.hex()}  # fmt: skip
 
 
-async def direct(peers: list[str], m: LocalMarket, prompt_ids: list[int], jobs: int) -> dict[str, float]:
+async def compare(
+    peers: list[str], m: LocalMarket, prompt_ids: list[int], url: str, client: Any, jobs: int, rounds: int
+) -> tuple[dict[str, float], dict[str, float]]:
+    """The same measurements on both sides, interleaved (direct, broker, direct, ...) so that a
+    machine that speeds up or slows down during the run moves both alike."""
     dep = m.client.deployment
     settings = NodeSettings(chain_id=31337, market_address=dep.address_of("JobMarket"),
                             registry_address=dep.address_of("NodeRegistry"))  # fmt: skip
     driver = await PipelineDriver.create(peers, settings, bytes(m.broker.key))  # tickets: the broker's key
+    http = httpx.AsyncClient(base_url=url, timeout=300)
     try:
         for _ in range(240):  # announcements reach the DHT asynchronously
             if len(await driver.discover(MODEL)) >= 3:
                 break
             await asyncio.sleep(0.5)
-        ttfts = []
+        ttft_direct, ttft_broker = [], []
         for _ in range(5):
             t0 = time.perf_counter()
             session = await driver.open_job(JobSpec(MODEL, prompt_ids, 4, num_layers=30))
             async for _tok in session.tokens():
-                ttfts.append(time.perf_counter() - t0)
+                ttft_direct.append(time.perf_counter() - t0)
                 break
             await session.close()
-        t0 = time.perf_counter()
-        for _ in range(jobs):
-            await driver.generate(JobSpec(MODEL, prompt_ids, 1, num_layers=30))
-        rate = jobs / (time.perf_counter() - t0)
-        return {"ttft_ms": statistics.median(ttfts) * 1000, "jobs_per_s": rate}
-    finally:
-        await driver.close()
-
-
-def through_broker(url: str, m: LocalMarket, client: Any, jobs: int) -> dict[str, float]:
-    ttfts = []
-    with httpx.Client(base_url=url, timeout=300) as http:
-        for _ in range(5):
-            body = {
-                "model": MODEL,
-                "prompt": PROMPT,
-                "max_tokens": 4,
-                "stream": True,
-                "authorization": authorization(m, client, UNIT),
-            }
+            body = {"model": MODEL, "prompt": PROMPT, "max_tokens": 4, "stream": True,
+                    "authorization": authorization(m, client, UNIT)}  # fmt: skip
             t0 = time.perf_counter()
             first: float | None = None
-            with http.stream("POST", "/v1/jobs", json=body) as res:
-                for line in res.iter_lines():
+            async with http.stream("POST", "/v1/jobs", json=body) as res:
+                async for line in res.aiter_lines():
                     if first is None and line.startswith("event: token"):
                         first = time.perf_counter() - t0
             assert first is not None, "the broker streamed no token"
-            ttfts.append(first)
-        t0 = time.perf_counter()
-        for _ in range(jobs):
-            body = {"model": MODEL, "prompt": PROMPT, "max_tokens": 1, "authorization": authorization(m, client, UNIT)}
-            assert http.post("/v1/jobs", json=body).status_code == 201
-        rate = jobs / (time.perf_counter() - t0)
-    return {"ttft_ms": statistics.median(ttfts) * 1000, "jobs_per_s": rate}
+            ttft_broker.append(first)
+        bodies = [
+            {"model": MODEL, "prompt": PROMPT, "max_tokens": 1, "authorization": authorization(m, client, UNIT)}
+            for _ in range(jobs)
+        ]
+        direct_ms: list[float] = []
+        requests_ms: list[float] = []
+        rows: list[dict[str, Any]] = []
+        per_round = max(1, jobs // rounds)
+        while len(direct_ms) < jobs:
+            for _ in range(min(per_round, jobs - len(direct_ms))):
+                t1 = time.perf_counter()
+                await driver.generate(JobSpec(MODEL, prompt_ids, 1, num_layers=30))
+                direct_ms.append((time.perf_counter() - t1) * 1000)
+            for body in bodies[len(rows) : len(direct_ms)]:
+                t1 = time.perf_counter()
+                res = await http.post("/v1/jobs", json=body)
+                requests_ms.append((time.perf_counter() - t1) * 1000)
+                assert res.status_code == 201, res.text
+                rows.append(res.json())
+    finally:
+        await http.aclose()
+        await driver.close()
+    # Where a job's time goes: the client's whole request vs the broker's run of it (backend
+    # start to the recorded row); the rest is HTTP, authorization, admission and planning.
+    run_ms = [float(r["latency_ms"]) for r in rows]
+    base = {
+        "ttft_ms": statistics.median(ttft_direct) * 1000,
+        "jobs_per_s": jobs / (sum(direct_ms) / 1000),
+        "job_ms_p50": statistics.median(direct_ms),
+        "job_ms_mean": statistics.fmean(direct_ms),
+        "job_ms": [round(x, 2) for x in direct_ms],
+    }
+    ours = {
+        "ttft_ms": statistics.median(ttft_broker) * 1000,
+        "jobs_per_s": jobs / (sum(requests_ms) / 1000),
+        "request_ms_p50": statistics.median(requests_ms),
+        "request_ms_mean": statistics.fmean(requests_ms),
+        "request_ms": [round(x, 2) for x in requests_ms],
+        "run_ms": [round(x, 2) for x in run_ms],
+        "run_ms_p50": statistics.median(run_ms),
+        "outside_run_ms_p50": statistics.median(a - b for a, b in zip(requests_ms, run_ms, strict=True)),
+    }
+    return base, ours
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--jobs", type=int, default=20)
+    parser.add_argument("--jobs", type=int, default=40, help="one-token jobs on each side")
+    parser.add_argument("--rounds", type=int, default=4, help="direct and broker jobs alternate in this many rounds")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "broker_overhead.json")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp, local_market(Path(tmp) / "home") as m:
@@ -212,8 +240,7 @@ def main() -> None:
                     time.sleep(0.5)
             client = m.new_funded_account(1000 * UNIT)
             m.market().deposit(client, 500 * UNIT)
-            base = asyncio.run(direct(peers, m, prompt_ids, args.jobs))
-            ours = through_broker(url, m, client, args.jobs)
+            base, ours = asyncio.run(compare(peers, m, prompt_ids, url, client, args.jobs, args.rounds))
         finally:
             for p in [*procs, broker]:
                 if p is not None and p.poll() is None:
@@ -224,6 +251,7 @@ def main() -> None:
                         os.killpg(p.pid, signal.SIGKILL)
     report = {
         "jobs": args.jobs,
+        "rounds": args.rounds,
         "direct_driver": base,
         "broker": ours,
         "ratios": {
@@ -237,6 +265,11 @@ def main() -> None:
     print(f"{'time to first token (ms)':28s} {base['ttft_ms']:14.1f} {ours['ttft_ms']:12.1f} {ttft:8.2f}")
     rate = r["jobs_per_s_broker_vs_direct"]
     print(f"{'one-token jobs per second':28s} {base['jobs_per_s']:14.2f} {ours['jobs_per_s']:12.2f} {rate:8.2f}")
+    print(
+        f"a one-token job (p50): direct {base['job_ms_p50']:.1f} ms; via the broker {ours['request_ms_p50']:.1f} ms, "
+        f"of which the broker's run {ours['run_ms_p50']:.1f} ms and HTTP + admission + planning "
+        f"{ours['outside_run_ms_p50']:.1f} ms"
+    )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))
     print(f"wrote {args.out}")
