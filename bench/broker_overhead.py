@@ -116,9 +116,21 @@ def authorization(m: LocalMarket, client: Any, max_cost: int) -> dict[str, Any]:
             "signature": sig.hex()}  # fmt: skip
 
 
+def _side(ttfts: list[float], each_ms: list[float], name: str) -> dict[str, Any]:
+    """One side's figures: median time to first token, jobs/s over the time its jobs took, and
+    every job's time (``{name}_ms``)."""
+    return {
+        "ttft_ms": statistics.median(ttfts) * 1000,
+        "jobs_per_s": len(each_ms) / (sum(each_ms) / 1000),
+        f"{name}_ms_p50": statistics.median(each_ms),
+        f"{name}_ms_mean": statistics.fmean(each_ms),
+        f"{name}_ms": [round(x, 2) for x in each_ms],
+    }
+
+
 async def compare(
     peers: list[str], m: LocalMarket, prompt_ids: list[int], url: str, client: Any, jobs: int, rounds: int
-) -> tuple[dict[str, float], dict[str, float]]:
+) -> tuple[dict[str, Any], dict[str, Any]]:
     """The same measurements on both sides, interleaved (direct, broker, direct, ...) so that a
     machine that speeds up or slows down during the run moves both alike."""
     dep = m.client.deployment
@@ -174,19 +186,8 @@ async def compare(
     # Where a job's time goes: the client's whole request vs the broker's run of it (backend
     # start to the recorded row); the rest is HTTP, authorization, admission and planning.
     run_ms = [float(r["latency_ms"]) for r in rows]
-    base = {
-        "ttft_ms": statistics.median(ttft_direct) * 1000,
-        "jobs_per_s": jobs / (sum(direct_ms) / 1000),
-        "job_ms_p50": statistics.median(direct_ms),
-        "job_ms_mean": statistics.fmean(direct_ms),
-        "job_ms": [round(x, 2) for x in direct_ms],
-    }
-    ours = {
-        "ttft_ms": statistics.median(ttft_broker) * 1000,
-        "jobs_per_s": jobs / (sum(requests_ms) / 1000),
-        "request_ms_p50": statistics.median(requests_ms),
-        "request_ms_mean": statistics.fmean(requests_ms),
-        "request_ms": [round(x, 2) for x in requests_ms],
+    base = _side(ttft_direct, direct_ms, "job")
+    ours = _side(ttft_broker, requests_ms, "request") | {
         "run_ms": [round(x, 2) for x in run_ms],
         "run_ms_p50": statistics.median(run_ms),
         "outside_run_ms_p50": statistics.median(a - b for a, b in zip(requests_ms, run_ms, strict=True)),
