@@ -124,13 +124,13 @@ class NodeSettings(_Section):
     proof_timeout_s: float = 300.0
     step_timeout_s: float = 60.0  # no token for a step within this: the route is probed
     ban_base_s: float = 5.0  # first ban of a failing peer; doubles per failure
+    ban_max_s: float = 300.0
     # How old a discovery (the DHT's signed span records) the broker may plan a new job on: jobs
     # arriving within it share one DHT lookup (~7 ms each on loopback, more under load). Workers
-    # re-announce far less often, and a broker subtracts its own reservations, so routing sees no
-    # staler slots. The driver's own failover looks again; a broker's replan leaves the failed
-    # peers out of what it reuses. 0: every job looks up afresh.
+    # re-announce every announce_every_s (10 s) and a broker subtracts its own reservations, so
+    # routing sees no staler slots. The driver's own failover looks again; a broker's replan
+    # leaves the failed peers out of what it reuses. 0: every job looks up afresh.
     discovery_max_age_s: float = Field(default=1.0, ge=0.0, le=30.0)
-    ban_max_s: float = 300.0
     max_failovers: int = 3  # per session
     attestation_max_age_s: float = 7 * 24 * 3600
     registry_address: str = "0x0000000000000000000000000000000000000000"  # NodeRegistry (attestations)
