@@ -151,9 +151,8 @@ class PipelineDriver:
         self._waiters: dict[str, tuple[asyncio.Future[Any], frozenset[str]]] = {}
         self._bans: dict[str, Ban] = {}
         self._signers = dht_records.SignerCache()  # verified span signatures (discovery runs per job)
-        # model -> (when the lookup started, its spans) of the newest lookup, and the one in flight
-        self._discovered: dict[str, tuple[float, list[SpanRecord]]] = {}
-        self._discovering: dict[str, tuple[float, asyncio.Future[list[SpanRecord]]]] = {}
+        # model -> (when it started, the newest DHT lookup of its spans: done or in flight)
+        self._lookups: dict[str, tuple[float, asyncio.Future[list[SpanRecord]]]] = {}
         self._started: dict[str, float] = {}  # peer id -> started_at of its latest signed record
         self._verified: dict[str, str] = {}  # peer id -> node address from its verified attestation
         # Tickets are signed with the broker's account key (BROKER_ROLE); without one (a dev swarm with
@@ -197,29 +196,20 @@ class PipelineDriver:
         rather than repeated), so a burst of jobs shares one DHT lookup. 0 (a failover, a check):
         a lookup of its own."""
         now = time.monotonic()
-        if max_age_s > 0:
-            cached = self._discovered.get(model)
-            if cached is not None and now - cached[0] <= max_age_s:
-                return list(cached[1])
-            running = self._discovering.get(model)
-            if running is not None and now - running[0] <= max_age_s:
-                return list(await asyncio.shield(running[1]))
+        last = self._lookups.get(model)
+        if max_age_s > 0 and last is not None and now - last[0] <= max_age_s:
+            return list(await asyncio.shield(last[1]))  # done, or in flight: joined
         lookup = asyncio.ensure_future(asyncio.to_thread(self._discover, model))
-        lookup.add_done_callback(functools.partial(self._looked_up, model, now))
-        self._discovering[model] = (now, lookup)
+        lookup.add_done_callback(functools.partial(self._forget_failed, model))
+        self._lookups[model] = (now, lookup)
         spans = await asyncio.shield(lookup)  # a caller that leaves does not cancel it for the others
         self.saw(spans)
         return list(spans)
 
-    def _looked_up(self, model: str, started: float, lookup: asyncio.Future[list[SpanRecord]]) -> None:
-        """A lookup ended: it is no longer in flight, and its answer (unless a newer lookup's is
-        kept already) is what later jobs may reuse. A failure is kept for nobody."""
-        if self._discovering.get(model, (0.0, None))[1] is lookup:
-            del self._discovering[model]
-        if lookup.cancelled() or lookup.exception() is not None:
-            return
-        if model not in self._discovered or self._discovered[model][0] <= started:
-            self._discovered[model] = (started, lookup.result())
+    def _forget_failed(self, model: str, lookup: asyncio.Future[list[SpanRecord]]) -> None:
+        """A failed lookup fails those waiting on it and is kept for nobody."""
+        if (lookup.cancelled() or lookup.exception() is not None) and self._lookups.get(model, (0, None))[1] is lookup:
+            del self._lookups[model]
 
     def _discover(self, model: str) -> list[SpanRecord]:
         spans = dht_records.fetch_spans(self.dht, model, self.registry, self._signers)
