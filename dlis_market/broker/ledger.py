@@ -25,14 +25,13 @@ import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, TypeVar, cast
 
 from eth_utils import keccak
-from sqlalchemy import delete, func, insert, inspect, select, text, update
+from sqlalchemy import Table, bindparam, delete, func, insert, inspect, select, text, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
-from sqlalchemy.orm.attributes import set_committed_value
 
 from dlis_market.broker.ledger_schema import (
     ApiKeyRequestRow,
@@ -62,6 +61,20 @@ LOCK_SETTLER = 3  # the one settling process (second key: hashtext of the broker
 SETTLE_EPOCH = "settle_epoch"
 # Statuses whose jobs still hold escrow: max cost while queued or running, cost + fee once completed.
 OPEN_STATUSES = ("queued", "running", "completed")
+# The hot path's statements (admission's open-jobs read and job insert, a job's completion) run
+# as Core statements built once: through the session's unit of work they cost the broker ~1.2 ms
+# of CPU per job more (measured over 4,000 jobs, 8 per transaction).
+JOBS = cast(Table, JobRow.__table__)
+RECEIPTS = cast(Table, ReceiptRow.__table__)
+_STATUS = select(JOBS.c.status).where(JOBS.c.id == bindparam("job_id"))
+_OPEN_JOBS = select(JOBS.c.status, JOBS.c.max_cost, JOBS.c.cost, JOBS.c.fee).where(
+    JOBS.c.client == bindparam("client"), JOBS.c.status.in_(OPEN_STATUSES)
+)
+_COMPLETE = (
+    update(JOBS)
+    .where(JOBS.c.id == bindparam("job_id"), JOBS.c.status.in_((JobStatus.QUEUED, JobStatus.RUNNING)))
+    .returning(*JOBS.c)
+)
 
 
 def db_now(s: Session) -> float:
@@ -174,30 +187,37 @@ class Ledger:
     @staticmethod
     def add_job(s: Session, job: NewJob) -> JobRow:
         """Write a new job in session ``s`` (a :class:`LedgerError` when its id exists: the insert
-        fails on the primary key, and ``s`` must be rolled back; admission looks the id up first)."""
+        fails on the primary key, and ``s`` must be rolled back; admission looks the id up first).
+        The row is inserted with one Core statement, not through the session's unit of work (the
+        ORM's flush was most of admission's ledger cost); the returned row is not in ``s``."""
         taken = f"job {job.id} (client {job.client}, nonce {job.nonce}) already exists; use a new nonce"
-        row = JobRow(
-            id=job.id,
-            client=job.client,
-            nonce=job.nonce,
-            model=job.model,
-            model_id=job.model_id,
-            status=JobStatus.QUEUED if job.route is None else JobStatus.RUNNING,
-            request_json=json.dumps(job.request, sort_keys=True),
-            max_cost=job.max_cost,
-            deadline=job.deadline,
-            auth_signature=job.auth_signature,
-            route_json=None if job.route is None else json.dumps(job.route),
-            fallback=job.fallback,
-            owner=job.owner,
-            receipts=[],
-        )
-        s.add(row)
+        now = time.time()
+        values: dict[str, Any] = {
+            "id": job.id,
+            "client": job.client,
+            "nonce": job.nonce,
+            "model": job.model,
+            "model_id": job.model_id,
+            "status": JobStatus.QUEUED if job.route is None else JobStatus.RUNNING,
+            "request_json": json.dumps(job.request, sort_keys=True),
+            "max_cost": job.max_cost,
+            "deadline": job.deadline,
+            "auth_signature": job.auth_signature,
+            "route_json": None if job.route is None else json.dumps(job.route),
+            "fallback": job.fallback,
+            "owner": job.owner,
+            "created_at": now,
+            "updated_at": now,
+            # the rest as a new job has them (the returned row holds every column)
+            **dict.fromkeys(("answer", "token_ids_json", "cost", "fee", "ttft_ms", "latency_ms", "error", "batch_id")),
+            "prompt_tokens": 0,
+            "completion_tokens": 0,
+        }
         try:
-            s.flush()
+            s.connection().execute(insert(JOBS), [values])
         except IntegrityError as exc:  # written by another process meanwhile
             raise LedgerError(taken) from exc
-        return row
+        return JobRow(**values, receipts=[])
 
     def get_job(self, job_id: str) -> JobRow | None:
         with self.session() as s:
@@ -240,25 +260,36 @@ class Ledger:
         """Record the answer and every receipt in session ``s`` (``note``: why it ended early, if
         it did). Returns the job as recorded, receipts loaded. A job that already ended (another
         process reclaimed and recorded it) is a :class:`LedgerError`: its receipts are written once."""
-        row = cls._job(s, job_id)
-        if row.status not in (JobStatus.QUEUED, JobStatus.RUNNING):
-            raise LedgerError(f"job {job_id} is {row.status} already; its answer and receipts were recorded before")
-        row.status = JobStatus.COMPLETED
-        row.error = note
-        row.answer = answer
-        row.token_ids_json = json.dumps(list(token_ids))
-        row.prompt_tokens = prompt_tokens
-        row.completion_tokens = len(token_ids)
-        row.cost, row.fee = cost, fee
-        row.ttft_ms, row.latency_ms = ttft_ms, latency_ms
+        changes: dict[str, Any] = {
+            "status": JobStatus.COMPLETED,
+            "error": note,
+            "answer": answer,
+            "token_ids_json": json.dumps(list(token_ids)),
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": len(token_ids),
+            "cost": cost,
+            "fee": fee,
+            "ttft_ms": ttft_ms,
+            "latency_ms": latency_ms,
+            "updated_at": time.time(),
+        }
         if route is not None:
-            row.route_json = json.dumps(route)
-        # A queued or running job has no receipts yet (they are written here, once): the collection
-        # is set as loaded instead of read back from the database before appending to it.
+            changes["route_json"] = json.dumps(route)
+        # Core statements, not the unit of work (see add_job). The status condition makes the
+        # update the check: a peer process that recorded the job since wins, and this one writes
+        # nothing (PostgreSQL re-reads the row's status once the peer's lock is gone).
+        conn = s.connection()
+        recorded = conn.execute(_COMPLETE, {"job_id": job_id, **changes}).mappings().first()
+        if recorded is None:
+            status = conn.execute(_STATUS, {"job_id": job_id}).scalar()
+            if status is None:
+                raise LedgerError(f"unknown job {job_id}")
+            raise LedgerError(f"job {job_id} is {status} already; its answer and receipts were recorded before")
+        # A queued or running job has no receipts yet (they are written here, once).
         written = [ReceiptRow.of(job_id, stage, r) for stage, r in enumerate(receipts)]
-        s.add_all(written)
-        set_committed_value(row, "receipts", written)
-        return row
+        if written:
+            conn.execute(insert(RECEIPTS), [w.column_values() for w in written])
+        return JobRow(**recorded, receipts=written)
 
     def fail_job(self, job_id: str, error: str) -> bool:
         """Fail a queued or running job (its escrow is released). False, and nothing changed, when
@@ -334,14 +365,19 @@ class Ledger:
 
     @staticmethod
     def committed_in(s: Session, client: str) -> int:
-        """:meth:`committed_escrow` in session ``s`` (jobs it added count too)."""
-        q = select(JobRow.status, JobRow.max_cost, JobRow.cost, JobRow.fee).where(
-            JobRow.client == client, JobRow.status.in_(OPEN_STATUSES)
-        )
+        """:meth:`committed_escrow` in session ``s`` (jobs it added or changed count too: what the
+        session holds unwritten is flushed before the read)."""
+        if s.new or s.dirty or s.deleted:
+            s.flush()
         total = 0
-        for status, max_cost, cost, fee in s.execute(q):
+        for status, max_cost, cost, fee in s.connection().execute(_OPEN_JOBS, {"client": client}):
             total += (cost or 0) + (fee or 0) if status == JobStatus.COMPLETED else max_cost
         return total
+
+    @staticmethod
+    def has_job(s: Session, job_id: str) -> bool:
+        """Whether a job of this id is in the ledger (in session ``s``)."""
+        return s.connection().execute(_STATUS, {"job_id": job_id}).first() is not None
 
     # ------------------------------------------------------------------ settlement
 

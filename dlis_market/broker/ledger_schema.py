@@ -125,12 +125,19 @@ class ReceiptRow(Base):
             output_hash="0x" + r.output_hash.hex(), amount=r.amount, signature="0x" + r.signature.hex(),
         )  # fmt: skip
 
+    def column_values(self) -> dict[str, Any]:
+        """This row's columns as a Core insert takes them (the database numbers ``id``)."""
+        return {c.key: getattr(self, c.key) for c in RECEIPT_COLUMNS}
+
     def signed(self, job_id: bytes, model_id: bytes) -> SignedReceipt:
         """The chain's signed receipt this row recorded (the job's id and model are its job's)."""
         receipt = Receipt(
             job_id, model_id, self.start, self.end, self.tokens, bytes.fromhex(self.output_hash[2:]), self.amount
         )
         return SignedReceipt(receipt, CompactSignature.from_bytes(bytes.fromhex(self.signature[2:])))
+
+
+RECEIPT_COLUMNS = [c for c in ReceiptRow.__table__.columns if c.key != "id"]
 
 
 class BatchRow(Base):

@@ -601,7 +601,7 @@ class BrokerService:
         """:meth:`_commit`'s step in the writer's session: the job, a refusal (nothing written), or
         STALE."""
         self.ledger.lock_client(s, new.client)  # until commit: a peer process's admission of this client waits
-        if s.get(JobRow, new.id) is not None:
+        if Ledger.has_job(s, new.id):
             return nonce_used(f"job {new.id} (client {new.client}, nonce {new.nonce}) already exists; use a new nonce")
         committed = Ledger.committed_in(s, new.client)
         if self.ledger.epoch_in(s) != epoch:  # read after the open jobs: see Ledger.settle_epoch
