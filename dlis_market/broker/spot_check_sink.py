@@ -1,4 +1,4 @@
-"""Where the spot-check runner's evidence and failure reports go: the oracle, through the broker's
+"""Where the spot-check runner's evidence, failure reports and fingerprint passes go: the oracle, through the broker's
 persisted outbox (``protocol/outbox.py``), so that nothing is lost while the oracle or its chain is
 down, across a broker restart too, and nothing is counted twice.
 
@@ -13,17 +13,19 @@ from typing import Any
 
 from dlis_market.protocol.oracle_client import (
     FAILURE_PATH,
+    FINGERPRINT_PASS_PATH,
     SPOT_CHECK_DUPLICATES,
     SPOT_CHECK_PATH,
     OracleReceiver,
 )
 from dlis_market.protocol.outbox import Answer, Delivery, DeliveryStatus, Message, Outbox, Verdict
-from dlis_market.protocol.spot_checks import SpotCheckEvidence, SpotCheckFailure
+from dlis_market.protocol.spot_checks import FingerprintCheckPass, RunnerStatement, SpotCheckEvidence, SpotCheckFailure
 
 log = logging.getLogger(__name__)
 
 EVIDENCE_KIND = "spot-check-evidence"
 FAILURE_KIND = "spot-check-failure"
+FINGERPRINT_PASS_KIND = "fingerprint-pass"
 
 
 def answer_dict(delivery: Delivery) -> dict[str, Any]:
@@ -40,8 +42,9 @@ def answer_dict(delivery: Delivery) -> dict[str, Any]:
 
 
 class OracleSink:
-    """Sends evidence to the oracle's ``POST /v1/spot-checks`` and failure reports to
-    ``/v1/spot-checks/failures`` through ``outbox``: persisted before the first try, retried while
+    """Sends evidence to the oracle's ``POST /v1/spot-checks``, failure reports to
+    ``/v1/spot-checks/failures`` and fingerprint passes to ``/v1/spot-checks/fingerprint-passes``
+    through ``outbox``: persisted before the first try, retried while
     the oracle is down or restarting, after a restart of the broker too (the oracle counts a
     message once, so a second delivery after a crash changes nothing). An answer is
     ``{"outcome": "pass" | "slashed" | "queued" | "duplicate" | "refused:<reason>", "detail": ...}``.
@@ -57,6 +60,8 @@ class OracleSink:
         outbox.register(EVIDENCE_KIND, evidence, on_answer=_log_late)
         failures = OracleReceiver(oracle_url, FAILURE_PATH, timeout_s=timeout_s)
         outbox.register(FAILURE_KIND, failures, on_answer=_log_late)
+        passes = OracleReceiver(oracle_url, FINGERPRINT_PASS_PATH, timeout_s=timeout_s)
+        outbox.register(FINGERPRINT_PASS_KIND, passes, on_answer=_log_late)
 
     def start(self) -> None:
         self.outbox.start()
@@ -70,8 +75,14 @@ class OracleSink:
         return await self._send(EVIDENCE_KIND, key, evidence.model_dump_json().encode())
 
     async def report_failure(self, failure: SpotCheckFailure) -> dict[str, Any]:
-        node, job, start = failure.key()
-        return await self._send(FAILURE_KIND, f"{node}:{job}:{start}", failure.model_dump_json().encode())
+        return await self._statement(FAILURE_KIND, failure)
+
+    async def report_fingerprint_pass(self, passed: FingerprintCheckPass) -> dict[str, Any]:
+        return await self._statement(FINGERPRINT_PASS_KIND, passed)
+
+    async def _statement(self, kind: str, statement: RunnerStatement) -> dict[str, Any]:
+        node, job, start = statement.key()
+        return await self._send(kind, f"{node}:{job}:{start}", statement.model_dump_json().encode())
 
     async def _send(self, kind: str, key: str, body: bytes) -> dict[str, Any]:
         self.outbox.start()  # idempotent: the loop retries whatever cannot go now

@@ -30,7 +30,8 @@ replica validates the call from it with one prefill instead of a decode per toke
 (:func:`dlis_market.node.replay.check_on`), after the runner checked, for a stage that sends hidden
 states, that the fingerprint is exactly that of the rows it sent. A rejected (or false)
 fingerprint escalates to the full re-execution above, whose evidence the oracle judges; an
-accepted one is counted as ``pass:fingerprint`` and sent nowhere.
+accepted one is ``pass:fingerprint``, and the runner's signed :class:`FingerprintCheckPass` goes
+to the oracle (through the same outbox), which counts it as a passed verification of the node.
 
 Checks run in the background, at most ``concurrency`` at a time, and never delay the job.
 """
@@ -80,6 +81,7 @@ from dlis_market.protocol.outputs import compare_outputs, decode_output
 from dlis_market.protocol.receipts import StageReceipt
 from dlis_market.protocol.routes import RouteHop
 from dlis_market.protocol.spot_checks import (
+    FingerprintCheckPass,
     SpotCheckEvidence,
     SpotCheckFailure,
     SpotCheckSampler,
@@ -145,6 +147,8 @@ class EvidenceSink(Protocol):
     async def submit(self, evidence: SpotCheckEvidence) -> dict[str, Any]: ...
 
     async def report_failure(self, failure: SpotCheckFailure) -> dict[str, Any]: ...
+
+    async def report_fingerprint_pass(self, passed: FingerprintCheckPass) -> dict[str, Any]: ...
 
 
 class TooLarge(DlisError):
@@ -363,6 +367,12 @@ class SpotChecker:
             return await self._escalate(f, c, f"fingerprint rejected by {answer.node_address}: {answer.reason}")
         tokens = f", {answer.tokens_checked} tokens re-derived" if c.last else ""
         detail = f"{answer.reason} (margin {answer.margin:.2f}{tokens}, prefill {answer.prefill_s * 1000:.0f} ms)"
+        passed = FingerprintCheckPass(
+            node=c.accused.node, checker=answer.node_address, job_id=c.job, start=c.hop.start, end=c.hop.end,
+            fingerprint_hash="0x" + hashlib.sha256(c.accused.fingerprint).hexdigest(), detail=detail[:500],
+        ).signed_by_runner(self.runner_key, self.oracle_domain)  # fmt: skip
+        credited = await self.sink.report_fingerprint_pass(passed)  # a passed verification for the node
+        detail += f"; oracle: {credited}"
         return c.result("pass:fingerprint", detail, checker=answer.node_address)
 
     async def _escalate(self, f: FinishedSession, c: Call, why: str) -> CheckResult:

@@ -155,6 +155,17 @@ SPOT_CHECK_FAILURE = [
     ("end", "uint32"),
     ("reason", "string"),
 ]
+# A spot-check runner's statement that a replica accepted ``node``'s call from its signed activation
+# fingerprint (one prefill): a passed verification for its reputation. ``fingerprintHash`` is the
+# sha256 the node signed in its StageFingerprint, so the pass is of exactly that commitment.
+FINGERPRINT_CHECK_PASS = [
+    ("node", "address"),
+    ("checker", "address"),
+    ("jobId", "bytes32"),
+    ("start", "uint32"),
+    ("end", "uint32"),
+    ("fingerprintHash", "bytes32"),
+]
 # A node's claim that a zero-knowledge proof is of the stage call its receipt bills
 # (dlis_market/oracle/zk_verify.py): ``receiptDigest`` is the receipt's EIP-712 digest under the
 # JobMarket domain, ``instancesHash`` keccak256 of the proof's public instances as 32-byte words,
@@ -197,6 +208,7 @@ TYPES: dict[str, list[tuple[str, str]]] = {
     "Telemetry": TELEMETRY,
     "SpotCheck": SPOT_CHECK,
     "SpotCheckFailure": SPOT_CHECK_FAILURE,
+    "FingerprintCheckPass": FINGERPRINT_CHECK_PASS,
     "StageObservation": STAGE_OBSERVATION,
     "StageProof": STAGE_PROOF,
     "StageFingerprint": STAGE_FINGERPRINT,

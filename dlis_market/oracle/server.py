@@ -1,19 +1,20 @@
 """The oracle's HTTP API (FastAPI, 127.0.0.1 by default).
 
-=========================================  ======================================================
-route                                      does
-=========================================  ======================================================
-``POST /v1/telemetry``                     body ``zstd(json(SignedTelemetry))``; 202 or a problem
-``POST /v1/spot-checks``                   JSON :class:`SpotCheckEvidence`: ``pass`` or ``slashed``
-``POST /v1/spot-checks/failures``          JSON :class:`SpotCheckFailure`: a failed verification
-``POST /v1/observations``                  JSON :class:`ObservationBatch`: the broker's job figures
-``GET /v1/aggregates[/{epoch}]``           the DP network figures (latest or of one epoch)
-``GET /v1/nodes``                          per node: reputation_bps, reputation_epoch, failure_risk
-``GET /v1/nodes/{node}``                   reputation (chain), failure risk, privacy account
-``GET /v1/risk``                           failure risk of every node heard from
-``GET /v1/proof/{node}/{epoch}``           Merkle proof of the node's leaf in that epoch
-``GET /metrics``                           Prometheus text format
-=========================================  ======================================================
+==========================================  =====================================================
+route                                       does
+==========================================  =====================================================
+``POST /v1/telemetry``                      body ``zstd(json(SignedTelemetry))``; 202 or a problem
+``POST /v1/spot-checks``                    JSON :class:`SpotCheckEvidence`: ``pass`` or ``slashed``
+``POST /v1/spot-checks/failures``           JSON :class:`SpotCheckFailure`: a failed verification
+``POST /v1/spot-checks/fingerprint-passes`` JSON :class:`FingerprintCheckPass`: a passed verification
+``POST /v1/observations``                   JSON :class:`ObservationBatch`: the broker's job figures
+``GET /v1/aggregates[/{epoch}]``            the DP network figures (latest or of one epoch)
+``GET /v1/nodes``                           per node: reputation_bps, reputation_epoch, failure_risk
+``GET /v1/nodes/{node}``                    reputation (chain), failure risk, privacy account
+``GET /v1/risk``                            failure risk of every node heard from
+``GET /v1/proof/{node}/{epoch}``            Merkle proof of the node's leaf in that epoch
+``GET /metrics``                            Prometheus text format
+==========================================  =====================================================
 
 Refusals are RFC 9457 problem JSON whose ``reason`` member is the machine-readable cause.
 """
@@ -37,11 +38,12 @@ from dlis_market.oracle.errors import EvidenceRefusedError, ProofNotFoundError
 from dlis_market.oracle.service import OracleService
 from dlis_market.protocol.errors import TelemetryRefusedError
 from dlis_market.protocol.observations import ObservationBatch
-from dlis_market.protocol.spot_checks import SpotCheckEvidence, SpotCheckFailure
+from dlis_market.protocol.spot_checks import FingerprintCheckPass, RunnerStatement, SpotCheckEvidence, SpotCheckFailure
 from dlis_market.types import PROBLEM_TYPE_BASE
 from dlis_market.web_docs import serve_docs
 
 M = TypeVar("M", bound=BaseModel)
+S = TypeVar("S", bound=RunnerStatement)
 
 TELEMETRY_STATUS = {
     "oversized": 413,
@@ -55,7 +57,7 @@ TELEMETRY_STATUS = {
 }
 
 
-FAILURE_MAX_BYTES = 16 << 10  # a SpotCheckFailure is a few hundred bytes
+STATEMENT_MAX_BYTES = 16 << 10  # a SpotCheckFailure or FingerprintCheckPass is a few hundred bytes
 OBSERVATIONS_MAX_BYTES = 128 << 10  # MAX_OBSERVATIONS signed observations of ~600 bytes
 
 
@@ -185,13 +187,21 @@ def create_app(service: OracleService) -> FastAPI:
 
         return await evidence_intake(request, service.config.evidence_max_bytes, verdict)
 
-    @app.post("/v1/spot-checks/failures")
-    async def spot_check_failure(request: Request) -> Any:
-        def record(body: bytes) -> dict[str, Any]:
-            failure = parse_body(SpotCheckFailure, body)
-            return {"recorded": service.report_failure(failure), "node": failure.node}
+    def runner_statement(path: str, kind: type[S], report: Callable[[S], bool]) -> None:
+        """``POST path``: a runner's signed statement about one call, counted once:
+        ``{"recorded": bool, "node": ...}``."""
 
-        return await evidence_intake(request, min(service.config.evidence_max_bytes, FAILURE_MAX_BYTES), record)
+        async def statement(request: Request) -> Any:
+            def record(body: bytes) -> dict[str, Any]:
+                said = parse_body(kind, body)
+                return {"recorded": report(said), "node": said.node}
+
+            return await evidence_intake(request, min(service.config.evidence_max_bytes, STATEMENT_MAX_BYTES), record)
+
+        app.post(path, name=kind.__name__)(statement)
+
+    runner_statement("/v1/spot-checks/failures", SpotCheckFailure, service.report_failure)
+    runner_statement("/v1/spot-checks/fingerprint-passes", FingerprintCheckPass, service.report_fingerprint_pass)
 
     @app.post("/v1/observations")
     async def observations(request: Request) -> Any:

@@ -60,7 +60,7 @@ from dlis_market.oracle.store import EpochIntent, EpochStatus, OracleStore, data
 from dlis_market.oracle.telemetry import ReceivedTelemetry, TelemetryIntake
 from dlis_market.oracle.verification import check_runner
 from dlis_market.protocol.observations import ObservationBatch, StageObservation
-from dlis_market.protocol.spot_checks import SpotCheckEvidence, SpotCheckFailure
+from dlis_market.protocol.spot_checks import FingerprintCheckPass, RunnerStatement, SpotCheckEvidence, SpotCheckFailure
 from dlis_market.protocol.telemetry import SignedTelemetry, oracle_domain
 from dlis_market.settings import Settings
 
@@ -268,19 +268,35 @@ class OracleService:
         Raises :class:`EvidenceRefusedError` (``unauthorized_runner``, nothing recorded) unless the
         statement is signed by one of the runners this oracle trusts.
         """
-        runner = failure.runner(self.domain)
-        if runner is None or runner.lower() not in {r.lower() for r in self.slasher.runners}:
-            raise EvidenceRefusedError(
-                "unauthorized_runner",
-                f"failure report is signed by {runner or '(no valid signature)'}, not by one of the "
-                f"{len(self.slasher.runners)} spot-check runners this oracle trusts (oracle spot_check_runners)",
-            )
+        self._check_runner(failure, "failure report")
         node, job, start = failure.key()
         if not self._count_checks(f"fail {node} {job} {start}", [(failure.node, False)]):
             return False
         log.warning("node %s failed a spot check of job %s [%d, %d): %s %s", failure.node, failure.job_id,
                     failure.start, failure.end, failure.reason, failure.detail)  # fmt: skip
         return True
+
+    def report_fingerprint_pass(self, passed: FingerprintCheckPass) -> bool:
+        """A trusted runner says a replica accepted ``passed.node``'s call from its signed
+        fingerprint: one passed verification for ``node`` (the checker is credited nothing). A call
+        is credited once however it was checked: the key is the one a re-executed pass counts
+        under. False when already counted.
+
+        Raises :class:`EvidenceRefusedError` (``unauthorized_runner``, nothing recorded) unless the
+        statement is signed by one of the runners this oracle trusts.
+        """
+        self._check_runner(passed, "fingerprint pass")
+        node, job, start = passed.key()
+        return self._count_checks(f"pass {node} {job} {start}", [(passed.node, True)])
+
+    def _check_runner(self, statement: RunnerStatement, what: str) -> None:
+        runner = statement.runner(self.domain)
+        if runner is None or runner.lower() not in {r.lower() for r in self.slasher.runners}:
+            raise EvidenceRefusedError(
+                "unauthorized_runner",
+                f"{what} is signed by {runner or '(no valid signature)'}, not by one of the "
+                f"{len(self.slasher.runners)} spot-check runners this oracle trusts (oracle spot_check_runners)",
+            )
 
     # ------------------------------------------------------------------ observations
 

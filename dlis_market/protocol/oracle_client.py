@@ -33,6 +33,7 @@ from dlis_market.types import NodeId
 # Routes of the oracle that take outbox rows, and how each says "I already have it".
 SPOT_CHECK_PATH = "/v1/spot-checks"  # a passed check posted again: 200 "pass", credited once
 FAILURE_PATH = "/v1/spot-checks/failures"  # posted again: 200 {"recorded": false}
+FINGERPRINT_PASS_PATH = "/v1/spot-checks/fingerprint-passes"  # posted again: 200 {"recorded": false}
 OBSERVATIONS_PATH = "/v1/observations"  # posted again: 200 {"recorded": 0}
 TELEMETRY_PATH = "/v1/telemetry"
 # evidence already used for a slash (422): the slash happened, the row is done

@@ -17,7 +17,7 @@ import hashlib
 import os
 import secrets
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal, Self
 
 from eth_account import Account
 from eth_keys.exceptions import BadSignature
@@ -174,39 +174,67 @@ def recover_runner(oracle_domain: Domain, primary: str, message: dict[str, Any],
         return None
 
 
-class SpotCheckFailure(WireModel):
-    """A runner's signed statement that ``node`` did not hand over what a drawn check needed (its
-    transcript of a session it served): no evidence to slash on, a failed verification for its
-    reputation (``POST /v1/spot-checks/failures``)."""
+class RunnerStatement(WireModel):
+    """A spot-check runner's signed statement about one stage call of ``node`` (typed data
+    :attr:`PRIMARY` in the oracle's domain). The oracle counts it only when a runner it trusts
+    signed exactly these fields (``detail`` is not signed: for the log only)."""
+
+    PRIMARY: ClassVar[str]
 
     node: str = Field(pattern=r"^0x[0-9a-fA-F]{40}$")
     job_id: str = Hex32
     start: int = Field(ge=0, lt=2**32)
     end: int = Field(ge=1, lt=2**32)
-    reason: Literal["transcript_withheld"] = "transcript_withheld"
-    detail: str = Field(default="", max_length=500)  # not signed: for the log only
+    detail: str = Field(default="", max_length=500)
     runner_signature: str = Field(default="", pattern=r"^(0x[0-9a-fA-F]{130})?$")
 
     def runner_message(self) -> dict[str, Any]:
-        """The signed fields (``detail`` is not signed)."""
-        return {
-            "node": self.node,
-            "jobId": bytes.fromhex(self.job_id[2:]),
-            "start": self.start,
-            "end": self.end,
-            "reason": self.reason,
-        }
+        """The signed fields."""
+        return {"node": self.node, "jobId": bytes.fromhex(self.job_id[2:]), "start": self.start, "end": self.end}
 
-    def signed_by_runner(self, runner_key: bytes | str, oracle_domain: Domain) -> SpotCheckFailure:
-        signature = sign_runner(runner_key, oracle_domain, "SpotCheckFailure", self.runner_message())
+    def signed_by_runner(self, runner_key: bytes | str, oracle_domain: Domain) -> Self:
+        signature = sign_runner(runner_key, oracle_domain, self.PRIMARY, self.runner_message())
         return self.model_copy(update={"runner_signature": signature})
 
     def runner(self, oracle_domain: Domain) -> str | None:
         """The address that signed it (None when unsigned or unrecoverable)."""
-        return recover_runner(oracle_domain, "SpotCheckFailure", self.runner_message(), self.runner_signature)
+        return recover_runner(oracle_domain, self.PRIMARY, self.runner_message(), self.runner_signature)
 
     def key(self) -> tuple[str, str, int]:
         return self.node.lower(), self.job_id.lower(), self.start
+
+
+class SpotCheckFailure(RunnerStatement):
+    """A runner's signed statement that ``node`` did not hand over what a drawn check needed (its
+    transcript of a session it served): no evidence to slash on, a failed verification for its
+    reputation (``POST /v1/spot-checks/failures``)."""
+
+    PRIMARY: ClassVar[str] = "SpotCheckFailure"
+
+    reason: Literal["transcript_withheld"] = "transcript_withheld"
+
+    def runner_message(self) -> dict[str, Any]:
+        return {**super().runner_message(), "reason": self.reason}
+
+
+class FingerprintCheckPass(RunnerStatement):
+    """A runner's signed statement that ``checker``, a replica of ``node``'s range, accepted the
+    call from the fingerprint ``node`` signed (sha256 ``fingerprint_hash``) with one prefill: a
+    passed verification for ``node``'s reputation (``POST /v1/spot-checks/fingerprint-passes``).
+    The oracle cannot re-check a prefill, so it takes the runner's word, as for a failure; the
+    checker is named for the record and credited nothing (accepting is not evidence of its work)."""
+
+    PRIMARY: ClassVar[str] = "FingerprintCheckPass"
+
+    checker: str = Field(pattern=r"^0x[0-9a-fA-F]{40}$")
+    fingerprint_hash: str = Hex32
+
+    def runner_message(self) -> dict[str, Any]:
+        return {
+            **super().runner_message(),
+            "checker": self.checker,
+            "fingerprintHash": bytes.fromhex(self.fingerprint_hash[2:]),
+        }
 
 
 def build_evidence(

@@ -1,8 +1,9 @@
 """The oracle is down while the broker's spot-check runner reports withheld transcripts, submits
-slash evidence and reports a job's observations, and while a worker reports telemetry; then both
-senders are restarted (new objects on the same outbox files) and the oracle comes up: every
-message is delivered and counted exactly once (one failed verification per node and call, one
-slash, one observation, each kept telemetry seq accepted once, no replays).
+slash evidence, reports a call passed by its fingerprint and reports a job's observations, and
+while a worker reports telemetry; then both senders are restarted (new objects on the same
+outbox files) and the oracle comes up: every message is delivered and counted exactly once (one
+failed verification per node and call, one slash, one fingerprint pass, one observation, each
+kept telemetry seq accepted once, no replays).
 
 Real parts: the oracle (``OracleService`` + its FastAPI app under uvicorn on 127.0.0.1, on Anvil
 with the market deployed), the broker's ``SpotChecker``, ``OracleSink``, ``JobObserver`` and the
@@ -28,7 +29,7 @@ from dlis_market.oracle.service import OracleService
 from dlis_market.protocol.outbox import Outbox, sqlite_url
 from dlis_market.protocol.receipts import StageReceipt
 from dlis_market.protocol.routes import RouteHop
-from dlis_market.protocol.spot_checks import SpotCheckSampler
+from dlis_market.protocol.spot_checks import FingerprintCheckPass, SpotCheckSampler
 from dlis_market.protocol.telemetry import decode_telemetry
 from dlis_market.settings import Settings
 from tests.integration.oracle.test_worker_telemetry import ThreadedOracle
@@ -117,6 +118,9 @@ def test_messages_survive_an_oracle_outage_and_sender_restarts(market, tmp_path:
         assert checker.schedule(finished) == [0, 4]
         await checker.drain()
         slash = await sink.submit(evidence)
+        passed = FingerprintCheckPass(node=worker_node.address, checker=checker_node.address, job_id="0x" + JOB.hex(),
+                                      start=8, end=12, fingerprint_hash="0x" + "ab" * 32)  # fmt: skip
+        fingerprint = await sink.report_fingerprint_pass(passed.signed_by_runner(market.oracle.key, service.domain))
         await observer.report(observe_job(JOB, route, 4, 0.5))
         worker_box = Outbox.from_settings(worker_url, settings.outbox)
         tel = _telemetry(settings, worker_node, worker_box, url, reputation)
@@ -124,16 +128,18 @@ def test_messages_survive_an_oracle_outage_and_sender_restarts(market, tmp_path:
         queued = {"broker": len(await box.pending()), "worker": len(await worker_box.pending())}
         await checker.close()  # the broker process stops: its outbox file keeps the rows
         await worker_box.close()  # ...and so does the worker's
-        return {"results": list(checker.results), "slash": slash, "observed": dict(observer.counts),
+        return {"results": list(checker.results), "slash": slash, "fingerprint": fingerprint,
+                "observed": dict(observer.counts),
                 "queued": queued, "blobs": blobs, "sent": tel.sent}  # fmt: skip
 
     down = asyncio.run(while_down())
     assert [r.outcome for r in down["results"]] == ["withheld", "withheld"]
     assert all("queued" in r.detail for r in down["results"]), down["results"]
     assert down["slash"]["outcome"] == "queued" and down["observed"] == {"queued": 2}
-    # two failure reports for the same node and call are one row; evidence; one observation batch;
-    # telemetry keeps only its newest two unsent reports (older ones would be stale to the oracle)
-    assert down["queued"] == {"broker": 3, "worker": 2} and down["sent"] == 0
+    assert down["fingerprint"]["outcome"] == "queued"
+    # two failure reports for the same node and call are one row; evidence; the fingerprint pass; one
+    # observation batch; telemetry keeps only its newest two unsent reports (older ones would be stale)
+    assert down["queued"] == {"broker": 4, "worker": 2} and down["sent"] == 0
     assert service._checks == {} and service.slashes == 0 and service.intake.counts["accepted"] == 0
 
     async def after_restart() -> tuple[float, int]:
@@ -154,7 +160,9 @@ def test_messages_survive_an_oracle_outage_and_sender_restarts(market, tmp_path:
     stake_before = market.staking().info(ops[0].address).active
     took, sent = asyncio.run(after_restart())
     epoch = service.epoch_of(time.time())
-    assert dict(service._checks[epoch]) == {checker_node.address: [1, 1], accused.address: [0, 1]}
+    assert dict(service._checks[epoch]) == {
+        checker_node.address: [1, 1], accused.address: [0, 1], worker_node.address: [1, 0]
+    }  # fmt: skip
     assert service.slashes == 1
     assert market.staking().info(ops[0].address).active == stake_before - service.config.slash_amount
     observed = [o for batch in service._observed.values() for o in batch]

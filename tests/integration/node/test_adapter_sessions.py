@@ -35,7 +35,7 @@ from dlis_market.node.errors import RemoteError
 from dlis_market.node.protocol import OpenBody
 from dlis_market.protocol.adapters import AdapterRef
 from dlis_market.protocol.routes import RouteHop
-from dlis_market.protocol.spot_checks import SpotCheckEvidence, SpotCheckFailure, SpotCheckSampler
+from dlis_market.protocol.spot_checks import FingerprintCheckPass, SpotCheckEvidence, SpotCheckFailure, SpotCheckSampler
 from dlis_market.storage.adapter_store import publish_adapter
 from dlis_market.storage.client import KuboClient
 from dlis_market.storage.daemon import DaemonConfig, EmbeddedDaemon
@@ -95,6 +95,7 @@ class Verdicts:
 
     def __init__(self) -> None:
         self.evidence: list[SpotCheckEvidence] = []
+        self.passes: list[FingerprintCheckPass] = []
 
     async def submit(self, evidence: SpotCheckEvidence) -> dict[str, Any]:
         self.evidence.append(evidence)
@@ -103,6 +104,10 @@ class Verdicts:
 
     async def report_failure(self, failure: SpotCheckFailure) -> dict[str, Any]:
         raise AssertionError(f"no stage should withhold anything here: {failure}")
+
+    async def report_fingerprint_pass(self, passed: FingerprintCheckPass) -> dict[str, Any]:
+        self.passes.append(passed)
+        return {"recorded": True}
 
 
 def test_a_job_names_an_adapter_and_every_stage_applies_it(world: dict[str, Any]) -> None:
@@ -135,7 +140,7 @@ def test_a_job_names_an_adapter_and_every_stage_applies_it(world: dict[str, Any]
                 replayed = await checker.check(finished, [1])
                 assert [r.outcome for r in replayed] == ["pass"], replayed
             assert differs >= 1  # the adapter changes what the model says
-            assert len(sink.evidence) == len(PROMPTS)
+            assert len(sink.evidence) == len(sink.passes) == len(PROMPTS)
         finally:
             await driver.close()
 

@@ -10,6 +10,7 @@ with every node counted as registered; the on-chain slash is tested in tests/int
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import secrets
 import sys
 from collections.abc import Iterator
@@ -35,7 +36,12 @@ from dlis_market.oracle.errors import EvidenceRefusedError
 from dlis_market.oracle.verification import NodeInfo, check_evidence
 from dlis_market.protocol.fingerprints import Fingerprint
 from dlis_market.protocol.routes import RouteHop
-from dlis_market.protocol.spot_checks import SpotCheckEvidence, SpotCheckFailure, SpotCheckSampler
+from dlis_market.protocol.spot_checks import (
+    FingerprintCheckPass,
+    SpotCheckEvidence,
+    SpotCheckFailure,
+    SpotCheckSampler,
+)
 
 PROMPT = [3, 1, 4, 1, 5, 9]
 RUNNER = Account.create()
@@ -50,6 +56,7 @@ class EvidenceChecker:
         self.require_referee = require_referee
         self.verdicts: list[Any] = []
         self.failures: list[SpotCheckFailure] = []
+        self.passes: list[FingerprintCheckPass] = []
 
     async def submit(self, evidence: SpotCheckEvidence) -> dict[str, Any]:
         lookup = lambda node: NodeInfo(operator=node, active=True)  # noqa: E731
@@ -65,6 +72,11 @@ class EvidenceChecker:
     async def report_failure(self, failure: SpotCheckFailure) -> dict[str, Any]:
         assert failure.runner(ORACLE_DOMAIN) == RUNNER.address  # signed by the runner, as the oracle requires
         self.failures.append(failure)
+        return {"recorded": True}
+
+    async def report_fingerprint_pass(self, passed: FingerprintCheckPass) -> dict[str, Any]:
+        assert passed.runner(ORACLE_DOMAIN) == RUNNER.address
+        self.passes.append(passed)
         return {"recorded": True}
 
 
@@ -239,6 +251,13 @@ def test_every_call_is_committed_and_fingerprint_checks_catch_the_cheater_with_o
             assert by_start[4].outcome == "pass:fingerprint", by_start[4]
             assert by_start[4].checker in {w["c2"].info["node_address"], w["w"].info["node_address"]}
             assert [v.accused_node for v in sink.verdicts] == [w["m"].info["node_address"]]
+            # the accepted call goes to the oracle as the runner's signed pass of c's commitment
+            c_fingerprint = finished.receipts[4].fingerprint
+            assert [(p.node, p.checker, p.job_id, p.start, p.end, p.fingerprint_hash) for p in sink.passes] == [
+                (w["c"].info["node_address"], by_start[4].checker, "0x" + finished.spec.job_id.hex(), 4, 6,
+                 "0x" + hashlib.sha256(c_fingerprint).hexdigest())
+            ]  # fmt: skip
+            assert by_start[4].detail.endswith("oracle: {'recorded': True}"), by_start[4].detail
 
             # honest calls at the last stage, tokens re-derived from the prefill's logits: no accusation
             checker.results.clear()
@@ -249,7 +268,7 @@ def test_every_call_is_committed_and_fingerprint_checks_catch_the_cheater_with_o
                 results = await checker.check(finished, [], [2])
                 assert [r.outcome for r in results] == ["pass:fingerprint"], results
                 assert f"{finished.generated.__len__()} tokens re-derived" in results[0].detail
-            assert len(sink.verdicts) == 1
+            assert len(sink.verdicts) == 1 and len(sink.passes) == 5
 
             # a check is a broker's request: without a ticket for the job the replica spends nothing
             states = [StageInput(("s",), (0,), 0, hidden=torch.zeros(1, 3, 32))]

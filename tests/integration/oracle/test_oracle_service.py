@@ -24,7 +24,7 @@ from dlis_market.oracle.server import create_app
 from dlis_market.oracle.service import OracleService
 from dlis_market.protocol.errors import TelemetryRefusedError
 from dlis_market.protocol.oracle_client import TelemetrySender
-from dlis_market.protocol.spot_checks import SpotCheckFailure
+from dlis_market.protocol.spot_checks import FingerprintCheckPass, SpotCheckFailure
 from dlis_market.protocol.telemetry import (
     SignedTelemetry,
     TelemetryMetrics,
@@ -36,7 +36,7 @@ from dlis_market.protocol.telemetry import (
 from dlis_market.settings import Settings
 
 # one copy of the evidence builder, shared with the unit tests (pytest runs as `python -m pytest` from the root)
-from tests.unit.oracle.evidence_helpers import make_evidence, reference_output
+from tests.unit.oracle.evidence_helpers import JOB, make_evidence, reference_output
 
 UNIT = 10**18
 EPOCH_S = 600
@@ -205,6 +205,46 @@ def test_spot_checks_over_http_slash_or_credit(market, setup) -> None:
     scores = {leaf.node: leaf.score_bps for leaf in record.leaves}
     assert scores[flaky.address] < scores[steady.address]
     assert "dlis_oracle_slashes_total 1.0" in http.get("/metrics").text
+
+
+def test_fingerprint_pass_credits_the_node_once_and_only_from_a_trusted_runner(market, setup) -> None:
+    """A replica accepted flaky's call from its signed fingerprint: the runner's signed statement
+    is one passed verification for flaky (its checker gets nothing for accepting); a statement
+    not signed by a trusted runner, or changed after signing, counts nothing."""
+    service, http, clock, steady, flaky, ops = setup
+    passed = FingerprintCheckPass(node=flaky.address, checker=steady.address, job_id="0x" + JOB.hex(), start=0,
+                                  end=10, fingerprint_hash="0x" + "ab" * 32, detail="margin 0.61")  # fmt: skip
+
+    def post(p: FingerprintCheckPass):  # type: ignore[no-untyped-def]
+        return http.post("/v1/spot-checks/fingerprint-passes", content=p.model_dump_json(),
+                         headers={"content-type": "application/json"})  # fmt: skip
+
+    epoch = service.epoch_of(clock.now)
+    signed = passed.signed_by_runner(market.oracle.key, service.domain)
+    forged = [
+        passed,  # unsigned
+        passed.signed_by_runner(flaky.key, service.domain),  # by the node itself
+        signed.model_copy(update={"node": steady.address}),  # moved to another node
+        signed.model_copy(update={"fingerprint_hash": "0x" + "cd" * 32}),  # another commitment
+        signed.model_copy(update={"checker": flaky.address}),
+    ]
+    for bad in forged:
+        refused = post(bad)
+        assert refused.status_code == 422 and refused.json()["reason"] == "unauthorized_runner", refused.text
+    assert dict(service._checks[epoch]) == {}
+    assert post(signed).json() == {"recorded": True, "node": flaky.address}
+    assert post(signed).json()["recorded"] is False  # the same call is counted once
+    assert dict(service._checks[epoch]) == {flaky.address: [1, 0]}  # [passed, failed]: the checker has none
+    # the call re-executed as well is not credited a second time (one key per call, however checked)
+    out = reference_output()
+    ev = make_evidence(flaky, steady, market.market().domain(), out, out, runner=market.oracle,
+                       oracle_domain=service.domain)  # fmt: skip
+    assert _check(http, ev).json()["outcome"] == "pass"
+    assert dict(service._checks[epoch]) == {flaky.address: [1, 0]}
+    # a restarted oracle remembers it
+    again = OracleService(service.settings, market.client, market.oracle, clock=clock, seed=0)
+    assert again.report_fingerprint_pass(signed) is False
+    assert dict(again._checks[epoch]) == {flaky.address: [1, 0]}
 
 
 def test_withheld_transcript_is_a_failed_verification_only_from_a_trusted_runner(market, setup) -> None:
