@@ -60,7 +60,12 @@ from dlis_market.oracle.errors import EvidenceRefusedError  # noqa: E402
 from dlis_market.oracle.verification import NodeInfo, check_evidence  # noqa: E402
 from dlis_market.protocol.outputs import TOLERANCES  # noqa: E402
 from dlis_market.protocol.routes import RouteHop  # noqa: E402
-from dlis_market.protocol.spot_checks import SpotCheckEvidence, SpotCheckFailure, SpotCheckSampler  # noqa: E402
+from dlis_market.protocol.spot_checks import (  # noqa: E402
+    FingerprintCheckPass,
+    SpotCheckEvidence,
+    SpotCheckFailure,
+    SpotCheckSampler,
+)
 
 CACHE = Path(tempfile.gettempdir()) / "dlis-test-cache" / "v1"
 PROMPTS = ["The capital of France is", "A haiku about autumn:", "To bake bread you need", "Python is a language that"]
@@ -88,6 +93,9 @@ class OracleRules:
 
     async def report_failure(self, failure: SpotCheckFailure) -> dict[str, Any]:
         return {"recorded": True}  # every worker here keeps its transcripts
+
+    async def report_fingerprint_pass(self, passed: FingerprintCheckPass) -> dict[str, Any]:
+        return {"recorded": True}
 
 
 def hop(w: Any) -> RouteHop:

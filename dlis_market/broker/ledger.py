@@ -70,11 +70,11 @@ _STATUS = select(JOBS.c.status).where(JOBS.c.id == bindparam("job_id"))
 _OPEN_JOBS = select(JOBS.c.status, JOBS.c.max_cost, JOBS.c.cost, JOBS.c.fee).where(
     JOBS.c.client == bindparam("client"), JOBS.c.status.in_(OPEN_STATUSES)
 )
-_COMPLETE = (
-    update(JOBS)
-    .where(JOBS.c.id == bindparam("job_id"), JOBS.c.status.in_((JobStatus.QUEUED, JobStatus.RUNNING)))
-    .returning(*JOBS.c)
+_ROW = select(JOBS).where(JOBS.c.id == bindparam("job_id"))
+_COMPLETE_OPEN = update(JOBS).where(
+    JOBS.c.id == bindparam("job_id"), JOBS.c.status.in_((JobStatus.QUEUED, JobStatus.RUNNING))
 )
+_COMPLETE = _COMPLETE_OPEN.returning(*JOBS.c)
 
 
 def db_now(s: Session) -> float:
@@ -279,7 +279,12 @@ class Ledger:
         # update the check: a peer process that recorded the job since wins, and this one writes
         # nothing (PostgreSQL re-reads the row's status once the peer's lock is gone).
         conn = s.connection()
-        recorded = conn.execute(_COMPLETE, {"job_id": job_id, **changes}).mappings().first()
+        params = {"job_id": job_id, **changes}
+        if conn.dialect.update_returning:
+            recorded = conn.execute(_COMPLETE, params).mappings().first()
+        else:  # SQLite before 3.35 has no RETURNING: the same conditional update, then the row
+            done = conn.execute(_COMPLETE_OPEN, params).rowcount == 1
+            recorded = conn.execute(_ROW, {"job_id": job_id}).mappings().first() if done else None
         if recorded is None:
             status = conn.execute(_STATUS, {"job_id": job_id}).scalar()
             if status is None:

@@ -26,6 +26,11 @@ log = logging.getLogger(__name__)
 EVIDENCE_KIND = "spot-check-evidence"
 FAILURE_KIND = "spot-check-failure"
 FINGERPRINT_PASS_KIND = "fingerprint-pass"
+# Passes are credit, not evidence, and frequent (every accepted fingerprint check): at most the
+# newest this many wait for the oracle or stay as dead letters when it refuses them (an oracle
+# without the route, or one that does not trust this runner), so they never fill the outbox that
+# slash evidence and failure reports need.
+FINGERPRINT_PASSES_KEPT = 1000
 
 
 def answer_dict(delivery: Delivery) -> dict[str, Any]:
@@ -61,7 +66,7 @@ class OracleSink:
         failures = OracleReceiver(oracle_url, FAILURE_PATH, timeout_s=timeout_s)
         outbox.register(FAILURE_KIND, failures, on_answer=_log_late)
         passes = OracleReceiver(oracle_url, FINGERPRINT_PASS_PATH, timeout_s=timeout_s)
-        outbox.register(FINGERPRINT_PASS_KIND, passes, on_answer=_log_late)
+        outbox.register(FINGERPRINT_PASS_KIND, passes, keep_latest=FINGERPRINT_PASSES_KEPT, on_answer=_log_late)
 
     def start(self) -> None:
         self.outbox.start()

@@ -77,6 +77,7 @@ from dlis_market.node.replay import (
 )
 from dlis_market.node.transcripts import Transcript
 from dlis_market.protocol.errors import FingerprintError
+from dlis_market.protocol.outbox import OutboxError
 from dlis_market.protocol.outputs import compare_outputs, decode_output
 from dlis_market.protocol.receipts import StageReceipt
 from dlis_market.protocol.routes import RouteHop
@@ -371,8 +372,10 @@ class SpotChecker:
             node=c.accused.node, checker=answer.node_address, job_id=c.job, start=c.hop.start, end=c.hop.end,
             fingerprint_hash="0x" + hashlib.sha256(c.accused.fingerprint).hexdigest(), detail=detail[:500],
         ).signed_by_runner(self.runner_key, self.oracle_domain)  # fmt: skip
-        credited = await self.sink.report_fingerprint_pass(passed)  # a passed verification for the node
-        detail += f"; oracle: {credited}"
+        try:  # a passed verification for the node; the check passed whether or not it can be sent
+            detail += f"; oracle: {await self.sink.report_fingerprint_pass(passed)}"
+        except OutboxError as exc:
+            detail += f"; not sent to the oracle: {exc}"
         return c.result("pass:fingerprint", detail, checker=answer.node_address)
 
     async def _escalate(self, f: FinishedSession, c: Call, why: str) -> CheckResult:

@@ -19,9 +19,12 @@ MAX_COST = 10**16
 SPANS = ((0, 10), (10, 20), (20, 30))
 
 
-@pytest.fixture()
-def ledger(tmp_path) -> Ledger:
-    return Ledger(f"sqlite:///{tmp_path / 'broker.db'}")
+@pytest.fixture(params=["returning", "no-returning"])
+def ledger(tmp_path, request) -> Ledger:
+    """Also as on a SQLite before 3.35, which has no UPDATE ... RETURNING."""
+    led = Ledger(f"sqlite:///{tmp_path / 'broker.db'}")
+    led.engine.dialect.update_returning = request.param == "returning"
+    return led
 
 
 def new_job(nonce: int, route: bool = True) -> NewJob:
