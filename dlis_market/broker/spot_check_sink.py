@@ -1,6 +1,6 @@
-"""Where the spot-check runner's evidence, failure reports and fingerprint passes go: the oracle, through the broker's
-persisted outbox (``protocol/outbox.py``), so that nothing is lost while the oracle or its chain is
-down, across a broker restart too, and nothing is counted twice.
+"""Where the spot-check runner's evidence, failure reports and fingerprint passes go: the oracle,
+through the broker's persisted outbox (``protocol/outbox.py``), so that nothing is lost while the
+oracle or its chain is down, across a broker restart too, and nothing is counted twice.
 
 Split from :mod:`dlis_market.broker.spot_checks` (which re-exports these names): the runner decides
 what to check and builds the evidence; this module only delivers it and reads the answers.
@@ -49,9 +49,9 @@ def answer_dict(delivery: Delivery) -> dict[str, Any]:
 class OracleSink:
     """Sends evidence to the oracle's ``POST /v1/spot-checks``, failure reports to
     ``/v1/spot-checks/failures`` and fingerprint passes to ``/v1/spot-checks/fingerprint-passes``
-    through ``outbox``: persisted before the first try, retried while
-    the oracle is down or restarting, after a restart of the broker too (the oracle counts a
-    message once, so a second delivery after a crash changes nothing). An answer is
+    through ``outbox``: persisted before the first try, retried while the oracle is down or
+    restarting, after a restart of the broker too (the oracle counts a message once, so a second
+    delivery after a crash changes nothing). An answer is
     ``{"outcome": "pass" | "slashed" | "queued" | "duplicate" | "refused:<reason>", "detail": ...}``.
 
     Call :meth:`start` when the broker starts (rows an earlier run left are delivered) and

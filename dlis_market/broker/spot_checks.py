@@ -64,6 +64,7 @@ from dlis_market.errors import DlisError
 from dlis_market.inference.fingerprint_check import commits_to
 from dlis_market.node.driver import JobSession, JobSpec, PipelineDriver
 from dlis_market.node.errors import PeerUnreachableError, ProtocolError, RemoteError
+from dlis_market.node.receipts import fingerprint_hash
 from dlis_market.node.replay import (
     Layout,
     StageRows,
@@ -370,7 +371,7 @@ class SpotChecker:
         detail = f"{answer.reason} (margin {answer.margin:.2f}{tokens}, prefill {answer.prefill_s * 1000:.0f} ms)"
         passed = FingerprintCheckPass(
             node=c.accused.node, checker=answer.node_address, job_id=c.job, start=c.hop.start, end=c.hop.end,
-            fingerprint_hash="0x" + hashlib.sha256(c.accused.fingerprint).hexdigest(), detail=detail[:500],
+            fingerprint_hash="0x" + fingerprint_hash(c.accused.fingerprint).hex(), detail=detail[:500],
         ).signed_by_runner(self.runner_key, self.oracle_domain)  # fmt: skip
         try:  # a passed verification for the node; the check passed whether or not it can be sent
             detail += f"; oracle: {await self.sink.report_fingerprint_pass(passed)}"

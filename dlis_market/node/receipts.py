@@ -101,10 +101,15 @@ class Commitment:
         return cls(fingerprint, signature)
 
 
+def fingerprint_hash(fingerprint: bytes) -> bytes:
+    """What a node's ``StageFingerprint`` signs of its fingerprint (and a runner's pass names)."""
+    return hashlib.sha256(fingerprint).digest()
+
+
 def _commitment_message(domain: Domain, receipt: Receipt, fingerprint: bytes) -> dict[str, Any]:
     return {
         "receiptDigest": typed_digest(domain, "Receipt", receipt.message()),
-        "fingerprintHash": hashlib.sha256(fingerprint).digest(),
+        "fingerprintHash": fingerprint_hash(fingerprint),
     }
 
 
