@@ -8,8 +8,8 @@ proof / proving key / verification key sizes and peak RSS. It prints prove/forwa
 verify/forward ratios, then fits power laws over the measured heads (rows vs parameters, prove
 time / proving key / RSS vs rows) and extrapolates to SmolLM2-135M (hidden 576, intermediate
 1536, vocab 49152): a fit over sizes two to four orders of magnitude smaller, not a measurement.
-No on-chain verifier: EZKL's ``create_evm_verifier`` renders the Solidity, then fetches a native
-solc from the internet to compile it, which this project never lets it do.
+On-chain verification (EZKL's verifier compiled by the project's solcjs) is measured by
+``bench/zk_onchain.py``.
 
     .venv/bin/python bench/zk_stage.py --layer 8x16x2 --out bench/results/zk_stage.json
 """

@@ -75,6 +75,9 @@ def deploy_market(deployer: Deployer, params: ChainSettings, roles: Roles) -> De
     deployer.transact(staking, "grantRole", deployer.call(staking, "SLASHER_ROLE"), roles.oracle)
     deployer.transact(reputation, "grantRole", deployer.call(reputation, "ORACLE_ROLE"), roles.oracle)
     deployer.transact(market, "grantRole", deployer.call(market, "BROKER_ROLE"), roles.broker)
+    # stage proofs: the oracle registers the circuits whose verifiers the chain may trust
+    proofs = deployer.deploy("StageProofRegistry", market.address, roles.deployer)
+    deployer.transact(proofs, "grantRole", deployer.call(proofs, "CIRCUIT_ADMIN_ROLE"), roles.oracle)
     return Deployment(
         chain_id=deployer.chain_id,
         deployer=roles.deployer,
@@ -87,6 +90,7 @@ def deploy_market(deployer: Deployer, params: ChainSettings, roles: Roles) -> De
             "NodeRegistry": registry,
             "ReputationOracle": reputation,
             "JobMarket": market,
+            "StageProofRegistry": proofs,
         },
     )
 

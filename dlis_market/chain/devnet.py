@@ -24,6 +24,7 @@ from dlis_market.chain.dlis_token import DLISToken
 from dlis_market.chain.job_market import JobMarket
 from dlis_market.chain.node_registry import Capability, DeviceClass, NodeRegistry
 from dlis_market.chain.reputation_oracle import ReputationOracle
+from dlis_market.chain.stage_proofs import StageProofRegistry
 from dlis_market.chain.staking_manager import StakingManager
 from dlis_market.settings import Settings
 
@@ -67,6 +68,9 @@ class LocalMarket:
 
     def reputation(self) -> ReputationOracle:
         return ReputationOracle(self.client)
+
+    def stage_proofs(self) -> StageProofRegistry:
+        return StageProofRegistry(self.client)
 
     def fund(self, to: str, amount: int) -> None:
         """Send DLIS from the deployer (which holds the initial supply)."""

@@ -89,4 +89,14 @@ REVERT_HINTS: dict[str, str] = {
     "ERC20InsufficientBalance": "the account holds fewer tokens than needed",
     "ERC20InsufficientAllowance": "approve the contract to spend enough tokens first",
     "AccessControlUnauthorizedAccount": "this account lacks the role needed for the call",
+    "StageProofRegistryAlreadyProven": "this receipt's proof is on record already; read it with proofOf",
+    "StageProofRegistryUnknownCircuit": "the oracle must register the circuit's verifier (registerCircuit) first",
+    "StageProofRegistryCircuitExists": "a verification key's verifier is registered once and never replaced",
+    "StageProofRegistryClaimNotBound": (
+        "the StageProof claim must be signed by the receipt's node, for this receipt, these instances and this key"
+    ),
+    "StageProofRegistryProofRejected": "the halo2 verifier refused the proof for these instances",
+    "StageProofRegistryOutputNotSigned": "send the exact token ids whose sha256 the receipt's outputHash is",
+    "StageProofRegistryTokenNotBest": "the billed token is not the best entry of its proven logits row",
+    "StageProofRegistryInstanceCount": "a proof's instances are one input commitment, then one logits row per token",
 }

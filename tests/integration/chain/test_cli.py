@@ -176,7 +176,8 @@ def test_chain_up_runs_brownie_deploy_and_persists_state(tmp_path):
             [str(Path(sys.executable).parent / "brownie"), "run", "dlis", "--network", f"dlis-anvil-{port}"],
             capture_output=True, text=True, cwd=REPO_ROOT, timeout=120, env={**os.environ, **env},
         )  # fmt: skip
-        assert "DLISToken, JobMarket, NodeRegistry, ReputationOracle, StakingManager" in console.stdout, (
+        names = "DLISToken, JobMarket, NodeRegistry, ReputationOracle, StageProofRegistry, StakingManager"
+        assert names in console.stdout, (
             console.stdout[-2000:] + console.stderr[-2000:]
         )
         runner.invoke(app, ["chain", "faucet", "0x000000000000000000000000000000000000dEaD", "7"], env=env)

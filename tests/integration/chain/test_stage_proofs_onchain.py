@@ -1,0 +1,242 @@
+"""Zero-knowledge proofs of a last stage checked and recorded on chain: a real EZKL (halo2) proof,
+its verifier rendered by EZKL and compiled by the project's solcjs, deployed on the test's Anvil
+next to the market, and every way of passing off a proof as another receipt's refused with the
+contract's typed error and nothing recorded.
+
+Cost (2 shared cores): one module fixture sets up a hidden-8 x vocab-16 head circuit for 2 tokens,
+proves once, renders and compiles its verifier (~6 s together); each test deploys the verifier
+(4.3M gas) on a fresh snapshot.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+import torch
+from eth_account import Account
+from eth_utils import keccak
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from dlis_market.chain import typed_data
+from dlis_market.chain.errors import ContractRevertError
+from dlis_market.chain.job_market import Receipt, SignedReceipt, sign_receipt
+from dlis_market.chain.stage_proofs import (
+    CompiledVerifier,
+    compile_verifier,
+    deploy_verifier,
+    evm_calldata,
+    render_verifier,
+)
+from dlis_market.chain.typed_data import sign_typed, typed_digest
+from dlis_market.explorer.views import Explorer, tx_view
+from dlis_market.inference.zk_stage import FinalHead, ZkStageCircuit, prepare_circuit, prove_stage
+from dlis_market.oracle.zk_verify import StageVerifyingKey, felt_value
+from dlis_market.protocol.zk_claims import claim_message, instances_hash, sign_stage_proof
+
+HIDDEN, VOCAB, TOKENS = 8, 16, 2
+NODE = Account.from_key(b"\x21" * 32)
+OTHER = Account.from_key(b"\x22" * 32)
+MODEL_ID = b"\x42" * 32
+
+
+@dataclass(frozen=True)
+class Circuit:
+    circuit: ZkStageCircuit
+    key: StageVerifyingKey
+    proof: bytes  # EZKL's proof JSON
+    tokens: list[int]  # the head's argmax per row: what an honest last stage bills
+    verifier: CompiledVerifier
+    vka: list[bytes]
+
+
+@pytest.fixture(scope="module")
+def head_circuit(tmp_path_factory: pytest.TempPathFactory) -> Circuit:
+    torch.manual_seed(5)
+    config = LlamaConfig(
+        hidden_size=HIDDEN, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+        vocab_size=VOCAB, max_position_embeddings=16,
+    )  # fmt: skip
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():  # spread the logits so each row's best is clear of quantization steps
+        model.lm_head.weight.normal_(0.0, 0.5)
+        model.model.norm.weight.uniform_(0.5, 1.5)
+    head = FinalHead.of(model)
+    x = torch.randn(1, TOKENS, HIDDEN, generator=torch.Generator().manual_seed(9))
+    cache = tmp_path_factory.mktemp("zk-onchain")
+    circuit = prepare_circuit(head, x, cache, progress=False)
+    proof = prove_stage(circuit, x, progress=False).proof
+    with torch.no_grad():
+        tokens = [int(t) for t in head(x).argmax(-1).flatten()]
+    key = StageVerifyingKey(circuit.settings_path, circuit.vk_path, circuit.srs_path)
+    rendered = render_verifier(circuit.vk_path, circuit.settings_path, circuit.srs_path, cache / "verifier")
+    return Circuit(circuit, key, proof, tokens, compile_verifier(rendered.sol), rendered.vka)
+
+
+def output_hash(tokens: list[int]) -> bytes:
+    return hashlib.sha256(np.asarray(tokens, dtype="<i8").tobytes()).digest()
+
+
+@dataclass
+class Onchain:
+    market: object
+    registry: object
+    domain: typed_data.Domain
+    verifier: str
+
+
+@pytest.fixture()
+def onchain(market, head_circuit: Circuit) -> Onchain:
+    deployed = deploy_verifier(market.client, market.deployer, head_circuit.verifier)
+    registry = market.stage_proofs()
+    tolerance = int(0.1 * 2**head_circuit.key.output_scale)
+    registry.register_circuit(
+        market.oracle, head_circuit.key.vk_hash, deployed["contractAddress"], head_circuit.vka, VOCAB, tolerance
+    )
+    return Onchain(market, registry, market.market().domain(), deployed["contractAddress"])
+
+
+def receipt(o: Onchain, tokens: list[int], key=NODE, job: bytes = b"\x07" * 32) -> SignedReceipt:
+    r = Receipt(job_id=job, model_id=MODEL_ID, start=1, end=2, tokens=len(tokens), output_hash=output_hash(tokens),
+                amount=10**15)  # fmt: skip
+    return SignedReceipt(r, sign_receipt(key.key, o.domain, r))
+
+
+def claim(o: Onchain, signed: SignedReceipt, instances: list[int], vk_hash: bytes, key=NODE) -> bytes:
+    words = [i.to_bytes(32, "big") for i in instances]
+    message = claim_message(o.domain, signed.receipt, instances_hash(words), vk_hash)
+    return sign_typed(key.key, o.domain, "StageProof", message).signature
+
+
+def refused(
+    o: Onchain, c: Circuit, error: str, signed: SignedReceipt, vk_hash: bytes, proof: bytes, instances: list[int],
+    sig: bytes, tokens: list[int], vka: list[bytes] | None = None,
+) -> ContractRevertError:  # fmt: skip
+    """The chain refuses the record with ``error`` and records nothing for ``signed``."""
+    with pytest.raises(ContractRevertError) as err:
+        o.registry.record(o.market.broker, signed, vk_hash, proof, instances, vka or c.vka, sig, tokens)
+    assert err.value.error == error, err.value
+    assert o.registry.proof_of(o.domain, signed) is None  # nothing recorded
+    return err.value
+
+
+def test_the_chain_checks_and_records_an_honest_proof_once(onchain: Onchain, head_circuit: Circuit) -> None:
+    o, c = onchain, head_circuit
+    signed = receipt(o, c.tokens)
+    sig = sign_stage_proof(NODE.key, o.domain, signed.receipt, c.proof, c.key.vk_hash)
+    assert o.registry.proof_of(o.domain, signed) is None
+    tx = o.registry.record_proof(o.market.broker, signed, c.key.vk_hash, c.proof, c.vka, sig, c.tokens)
+    record = o.registry.proof_of(o.domain, signed)
+    proof, instances = evm_calldata(c.proof)
+    assert record is not None and record.node == NODE.address and record.block == tx["blockNumber"]
+    assert record.vk_hash == c.key.vk_hash and record.input_commitment == instances[0]
+    # the explorer decodes the record and the circuit's registration
+    ex = Explorer(o.market.client)
+    (event,) = tx_view(ex, "0x" + bytes(tx["transactionHash"]).hex()).events
+    assert (event.contract, event.event) == ("StageProofRegistry", "StageProven")
+    assert event.args["node"] == NODE.address and event.args["jobId"] == "0x" + signed.receipt.job_id.hex()
+    assert {e.event for e in ex.market_logs() if e.contract == "StageProofRegistry"} >= {
+        "CircuitRegistered", "StageProven"
+    }  # fmt: skip
+    # the contract's digest is the one nodes sign
+    r = signed.receipt
+    assert bytes(o.registry.contract.functions.receiptDigest(
+        (r.job_id, r.model_id, r.start, r.end, r.tokens, r.output_hash, r.amount)).call()
+    ) == typed_digest(o.domain, "Receipt", r.message())  # fmt: skip
+    # replayed: refused, the record unchanged
+    with pytest.raises(ContractRevertError) as err:
+        o.registry.record(o.market.broker, signed, c.key.vk_hash, proof, instances, c.vka, sig, c.tokens)
+    assert err.value.error == "StageProofRegistryAlreadyProven"
+    assert o.registry.proof_of(o.domain, signed) == record
+
+
+def test_a_tampered_proof_or_instance_is_refused_by_the_halo2_verifier(onchain: Onchain, head_circuit: Circuit):
+    o, c = onchain, head_circuit
+    signed = receipt(o, c.tokens)
+    proof, instances = evm_calldata(c.proof)
+    flipped = bytearray(proof)
+    flipped[100] ^= 1
+    sig = claim(o, signed, instances, c.key.vk_hash)
+    refused(o, c, "StageProofRegistryProofRejected", signed, c.key.vk_hash, bytes(flipped), instances, sig, c.tokens)
+    # the node signs a claim over other logits (one step lower on a losing entry, so the billed
+    # tokens still win): the signatures hold, the proof does not prove these instances
+    other = list(instances)
+    loser = 1 + next(v for v in range(VOCAB) if v != c.tokens[0])
+    other[loser] = (other[loser] - 1) % typed_data_r()
+    sig = claim(o, signed, other, c.key.vk_hash)
+    refused(o, c, "StageProofRegistryProofRejected", signed, c.key.vk_hash, proof, other, sig, c.tokens)
+
+
+def typed_data_r() -> int:
+    from dlis_market.protocol.zk_claims import BN254_R
+
+    return BN254_R
+
+
+def test_a_proof_moved_to_another_receipt_or_signer_is_refused(onchain: Onchain, head_circuit: Circuit) -> None:
+    o, c = onchain, head_circuit
+    proof, instances = evm_calldata(c.proof)
+    signed = receipt(o, c.tokens)
+    # an honest claim for another job's receipt, submitted with this receipt
+    elsewhere = receipt(o, c.tokens, job=b"\x08" * 32)
+    moved = sign_stage_proof(NODE.key, o.domain, elsewhere.receipt, c.proof, c.key.vk_hash)
+    err = refused(o, c, "StageProofRegistryClaimNotBound", signed, c.key.vk_hash, proof, instances, moved, c.tokens)
+    assert err.error_args["receiptSigner"].lower() == NODE.address.lower()
+    # another key claims the node's receipt
+    stranger = claim(o, signed, instances, c.key.vk_hash, key=OTHER)
+    refused(o, c, "StageProofRegistryClaimNotBound", signed, c.key.vk_hash, proof, instances, stranger, c.tokens)
+    # the registered key's claim, with another circuit's VKA in calldata
+    sig = claim(o, signed, instances, c.key.vk_hash)
+    other_vka = [c.vka[0], bytes(32), *c.vka[2:]]
+    refused(o, c, "StageProofRegistryWrongVka", signed, c.key.vk_hash, proof, instances, sig, c.tokens, other_vka)
+    # a claim naming a circuit nobody registered
+    unknown = b"\x99" * 32
+    sig = claim(o, signed, instances, unknown)
+    refused(o, c, "StageProofRegistryUnknownCircuit", signed, unknown, proof, instances, sig, c.tokens)
+
+
+def test_tokens_the_proof_does_not_pick_are_refused(onchain: Onchain, head_circuit: Circuit) -> None:
+    o, c = onchain, head_circuit
+    proof, instances = evm_calldata(c.proof)
+    logits = [felt_value(i.to_bytes(32, "big")) for i in instances[1:]]
+    row = logits[:VOCAB]
+    worst = int(np.argmin(row))
+    assert max(row) - row[worst] > int(0.1 * 2**c.key.output_scale)  # well outside the tolerance
+    cheap = [worst, *c.tokens[1:]]
+    signed = receipt(o, cheap)  # the node signs a bill for a token its head did not pick
+    sig = claim(o, signed, instances, c.key.vk_hash)
+    err = refused(o, c, "StageProofRegistryTokenNotBest", signed, c.key.vk_hash, proof, instances, sig, cheap)
+    assert err.error_args["index"] == 0 and err.error_args["tokenId"] == worst
+    # the honest receipt, but other ids than its outputHash signs
+    honest = receipt(o, c.tokens)
+    sig = claim(o, honest, instances, c.key.vk_hash)
+    refused(o, c, "StageProofRegistryOutputNotSigned", honest, c.key.vk_hash, proof, instances, sig, cheap)
+    # fewer ids than the proof has rows
+    short = receipt(o, c.tokens[:1])
+    sig = claim(o, short, instances, c.key.vk_hash)
+    refused(o, c, "StageProofRegistryInstanceCount", short, c.key.vk_hash, proof, instances, sig, c.tokens[:1])
+
+
+def test_only_the_oracle_registers_circuits_and_never_replaces_one(onchain: Onchain, head_circuit: Circuit) -> None:
+    o, c = onchain, head_circuit
+    registry = o.registry
+    verifier, vocab, tolerance, vka_digest = registry.circuit_of(c.key.vk_hash)
+    assert (verifier, vocab, tolerance) == (o.verifier, VOCAB, int(0.1 * 2**c.key.output_scale))
+    assert vka_digest == keccak(b"".join(c.vka))
+    with pytest.raises(ContractRevertError) as err:
+        registry.register_circuit(o.market.broker, b"\x55" * 32, o.verifier, c.vka, VOCAB, 0)
+    assert err.value.error == "AccessControlUnauthorizedAccount"
+    with pytest.raises(ContractRevertError) as err:
+        registry.register_circuit(o.market.oracle, c.key.vk_hash, o.market.broker.address, c.vka, VOCAB, 0)
+    assert err.value.error == "StageProofRegistryCircuitExists"
+    assert registry.circuit_of(c.key.vk_hash)[0] == o.verifier
+    assert bytes(registry.contract.functions.STAGE_PROOF_TYPEHASH().call()) == typed_data.type_hash("StageProof")
+    assert bytes(registry.contract.functions.RECEIPT_TYPEHASH().call()) == typed_data.type_hash("Receipt")
+
+
+def test_the_verifier_is_built_offline_by_the_projects_compiler(head_circuit: Circuit) -> None:
+    v = head_circuit.verifier
+    assert 0 < v.runtime_size <= 24_576 and any(f.get("name") == "verifyProof" for f in v.abi)
+    assert len(head_circuit.vka) > 100 and all(len(w) == 32 for w in head_circuit.vka)
