@@ -177,9 +177,7 @@ def test_chain_up_runs_brownie_deploy_and_persists_state(tmp_path):
             capture_output=True, text=True, cwd=REPO_ROOT, timeout=120, env={**os.environ, **env},
         )  # fmt: skip
         names = "DLISToken, JobMarket, NodeRegistry, ReputationOracle, StageProofRegistry, StakingManager"
-        assert names in console.stdout, (
-            console.stdout[-2000:] + console.stderr[-2000:]
-        )
+        assert names in console.stdout, console.stdout[-2000:] + console.stderr[-2000:]
         runner.invoke(app, ["chain", "faucet", "0x000000000000000000000000000000000000dEaD", "7"], env=env)
 
         assert runner.invoke(app, ["chain", "down", "--port", str(port)], env=env).exit_code == 0
