@@ -6,6 +6,8 @@ All three in this run, greedy decode of the same prompt in fp32, each group as k
 - one process: every layer in one process (the baseline);
 - k-way TP (:mod:`dlis_market.inference.tensor_parallel`): every process holds 1/k of every layer
   and the group all-reduces twice per layer per token;
+- k-way TP with secure aggregation (``tp_secure``): the same, each member's partial sums masked
+  (fixed point mod 2^60 plus pairwise ChaCha20 masks) so no member sees another's;
 - k-stage pipeline: process r holds layers [r L/k, (r+1) L/k) whole and sends the hidden state to
   the next (what the market's workers do, here over gloo instead of libp2p).
 
@@ -46,8 +48,8 @@ def _worker(rank: int, mode: str, k: int, port: int, model_dir: str, ids: list[i
     layers = list(model.model.layers)
     n_layers = len(layers)
     member = None
-    if mode == "tp":
-        member = TensorParallelMember(layers, model.config, k, rank, group)
+    if mode in ("tp", "tp_secure"):
+        member = TensorParallelMember(layers, model.config, k, rank, group, secure_aggregation=mode == "tp_secure")
     else:
         from transformers import DynamicCache
 
@@ -63,8 +65,7 @@ def _worker(rank: int, mode: str, k: int, port: int, model_dir: str, ids: list[i
         for step in range(new + 1):
             if step == 1:
                 t_first = time.perf_counter()
-            if mode == "tp":
-                assert member is not None
+            if member is not None:
                 hidden = member.forward(model.model.embed_tokens(nxt))
             else:
                 n = nxt.shape[1]
@@ -82,14 +83,13 @@ def _worker(rank: int, mode: str, k: int, port: int, model_dir: str, ids: list[i
                     dist.send(hidden.contiguous(), dst=rank + 1)
                     sent += hidden.numel() * 4
             last = torch.zeros(1, dtype=torch.long)
-            if rank == k - 1 or (mode == "tp" and rank == 0):
+            if rank == k - 1 or (member is not None and rank == 0):
                 last[0] = int(model.lm_head(model.model.norm(hidden[:, -1:])).argmax(-1))
-            dist.broadcast(last, src=0 if mode == "tp" else k - 1)
+            dist.broadcast(last, src=0 if member is not None else k - 1)
             tokens.append(int(last[0]))
             nxt = last.view(1, 1)
     took = time.perf_counter() - t_first
-    if mode == "tp":
-        assert member is not None
+    if member is not None:
         sent = member.bytes_reduced  # the partial sums this member put into all-reduces
     if rank == 0:
         out.put({"tokens": tokens, "decode_tok_s": new / took, "ttft_s": t_first - t0, "bytes_sent_per_token": 0})
@@ -133,7 +133,7 @@ def main() -> None:
     result: dict[str, Any] = {"bench": "tensor_parallel", "model": "smollm2-135m", "k": args.k,
                               "new_tokens": args.new_tokens, "prompt_tokens": len(ids)}  # fmt: skip
     one = run("pipeline", 1, model_dir, ids, args.new_tokens)
-    for mode, k in (("one_process", 1), ("tp", args.k), ("pipeline", args.k)):
+    for mode, k in (("one_process", 1), ("tp", args.k), ("tp_secure", args.k), ("pipeline", args.k)):
         r = one if mode == "one_process" else run(mode, k, model_dir, ids, args.new_tokens)
         r["vs_one_process"] = r["decode_tok_s"] / one["decode_tok_s"]
         r["same_tokens_as_one_process"] = r["tokens"] == one["tokens"]
@@ -141,6 +141,8 @@ def main() -> None:
         print(f"{mode:12s} k={k}: {r['decode_tok_s']:.2f} tok/s ({r['vs_one_process']:.2f}x one process), "
               f"{r['bytes_sent_per_token_per_process'] / 1024:.1f} KiB sent per token per process, "
               f"same tokens: {r['same_tokens_as_one_process']}")  # fmt: skip
+    result["tp_secure_vs_tp"] = result["tp_secure"]["decode_tok_s"] / result["tp"]["decode_tok_s"]
+    print(f"secure aggregation costs TP {1 - result['tp_secure_vs_tp']:.0%} of its decode rate")
     write_result(result, args.out)
 
 

@@ -15,8 +15,10 @@ process, for tests). Gloo rather than the project's libp2p streams: an all-reduc
 layer per token (60 per token for SmolLM2's 30 layers), and gloo's ring all-reduce in C++ costs
 tens of microseconds on loopback where a message through the p2p daemon costs milliseconds.
 Gloo has no authentication: a group is formed only from workers the scheduler placed together
-over a private link, and it carries activations in the clear (secure aggregation,
-:mod:`dlis_market.inference.secret_sharing`, is the option that hides each member's part).
+over a private link. It carries each member's partial sums in the clear unless the group adds
+them with :class:`SecureAggregation` (``secure_aggregation=True``): pairwise masks that cancel in
+the sum, so a member (or anyone on the link) sees only uniformly random numbers from the others
+and learns nothing beyond the sum, which every member needs anyway.
 
 Norms, rotary embeddings and the residual stream are replicated: every member ends each layer
 with the same full hidden state, so the range's output is taken from any member. One session at
@@ -31,10 +33,13 @@ import threading
 from typing import Any, Protocol
 
 import torch
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from transformers import DynamicCache, LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
 
-from dlis_market.inference.errors import TensorParallelError
+from dlis_market.inference.errors import SecretSharingError, TensorParallelError
+from dlis_market.inference.secret_sharing import pair_key, pairwise_masks
 
 
 class AllReduce(Protocol):
@@ -101,15 +106,100 @@ def causal_mask(n: int, past: int, dtype: torch.dtype) -> torch.Tensor | None:
     return torch.zeros(n, past + n, dtype=dtype).masked_fill(blocked, torch.finfo(dtype).min)[None, None]
 
 
+# Masked partial sums are added as integers below 2^MASK_BITS: k of them sum below 2^63 (int64, what
+# gloo adds) for k <= 8, and the result is taken mod 2^MASK_BITS.
+MASK_BITS = 60
+MAX_SECURE_MEMBERS = 8
+
+
+class SecureAggregation:
+    """An all-reduce that hides each member's partial sum from everyone but the sum's readers.
+
+    Members agree on a pairwise secret with every other member (X25519, public keys passed through
+    the group itself once, on the first call). For each all-reduce a member encodes its partial
+    in fixed point (``frac_bits`` fraction bits) mod 2^60 and adds its mask: the sum, for every
+    other member ``j``, of a ChaCha20 stream keyed by their secret and the call's number, added
+    when ``j`` ranks above it and subtracted when below (:func:`secret_sharing.pairwise_masks`).
+    The masks of all members cancel, so the group's sum is the sum of the partials, to within
+    ``k * 2**-(frac_bits + 1)`` per element.
+
+    What each party learns: a member's contribution is uniform mod 2^60 to anyone who lacks one of
+    its pairwise secrets, so the others (and the link) learn only the sum; ``k - 1`` members that
+    pool their secrets learn the last one's partial (the sum minus theirs). The masks hide
+    partials from curious members, not from an active one: the key exchange is not signed here
+    (a member that rewrites others' public keys in the exchange can unmask them), and a member
+    can add anything to the sum. Costs 8 bytes per element on the link instead of 4 (fp32)."""
+
+    def __init__(self, inner: AllReduce, rank: int, k: int, frac_bits: int = 24):
+        if not 2 <= k <= MAX_SECURE_MEMBERS:
+            raise TensorParallelError(
+                f"secure aggregation needs 2 to {MAX_SECURE_MEMBERS} members (their masked sums must fit int64), "
+                f"got {k}"
+            )
+        self.inner, self.rank, self.k, self.frac_bits = inner, rank, k, frac_bits
+        self.calls = 0
+        self._secrets: dict[int, bytes] | None = None
+
+    def _agree(self) -> dict[int, bytes]:
+        """Pairwise secrets with every other member: each puts its public key in its row of a
+        [k, 32] table of zeros; the group's sum is every member's key."""
+        key = X25519PrivateKey.generate()
+        table = torch.zeros(self.k, 32, dtype=torch.int64)
+        table[self.rank] = torch.tensor(list(key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)))
+        keys = self.inner(table)
+        secrets: dict[int, bytes] = {}
+        for other in range(self.k):
+            if other == self.rank:
+                continue
+            row = keys[other].tolist()
+            if any(not 0 <= b <= 255 for b in row):
+                raise SecretSharingError(f"member {other}'s public key did not arrive intact in the exchange")
+            secrets[other] = key.exchange(X25519PublicKey.from_public_bytes(bytes(row)))
+        return secrets
+
+    def masked(self, partial: torch.Tensor) -> torch.Tensor:
+        """What this member hands to the group for ``partial``: its fixed-point encoding plus its
+        mask, mod 2^60 (int64). Each call uses fresh masks."""
+        if self._secrets is None:
+            self._secrets = self._agree()
+        modulus = 1 << MASK_BITS
+        scaled = partial.double() * 2.0**self.frac_bits
+        limit = 2.0 ** (MASK_BITS - 1) / self.k
+        peak = float(scaled.abs().max()) if scaled.numel() else 0.0
+        if peak >= limit:
+            raise SecretSharingError(
+                f"a partial sum of magnitude {peak / 2.0**self.frac_bits:.3g} does not fit {MASK_BITS}-bit secure "
+                f"aggregation at {self.frac_bits} fraction bits for {self.k} members: use fewer fraction bits"
+            )
+        label = b"tp-allreduce" + self.calls.to_bytes(8, "big")
+        self.calls += 1
+        keys = {j: pair_key(secret, self.rank, j, label) for j, secret in self._secrets.items()}
+        mask = pairwise_masks(self.rank, self.k, partial.numel(), keys).reshape(partial.shape)
+        return torch.remainder(torch.round(scaled).to(torch.int64) + mask, modulus)
+
+    def __call__(self, partial: torch.Tensor) -> torch.Tensor:
+        modulus = 1 << MASK_BITS
+        total = torch.remainder(self.inner(self.masked(partial)), modulus)
+        signed = torch.where(total >= modulus // 2, total - modulus, total)
+        return (signed.double() / 2.0**self.frac_bits).to(partial.dtype)
+
+
 class TensorParallelMember:
     """One member of a k-way group serving ``layers`` of a Llama model: its slices, its share of the
-    KV cache, and the all-reduce that joins it to the others."""
+    KV cache, and the all-reduce that joins it to the others (wrapped in :class:`SecureAggregation`
+    when ``secure_aggregation``)."""
 
-    def __init__(self, layers: list[Any], config: LlamaConfig, k: int, rank: int, all_reduce: AllReduce):
+    def __init__(
+        self, layers: list[Any], config: LlamaConfig, k: int, rank: int, all_reduce: AllReduce,
+        secure_aggregation: bool = False,
+    ) -> None:  # fmt: skip
         check_split(config, k)
         if not 0 <= rank < k:
             raise TensorParallelError(f"rank {rank} is not in a group of {k}")
+        if secure_aggregation:
+            all_reduce = SecureAggregation(all_reduce, rank, k)
         self.k, self.rank, self.all_reduce = k, rank, all_reduce
+        self.bytes_per_element = 8 if secure_aggregation else None
         self.config = member_config(config, k)
         self.layers = [slice_layer(layer, config, k, rank, i) for i, layer in enumerate(layers)]
         self.rotary = LlamaRotaryEmbedding(config=config)
@@ -141,7 +231,7 @@ class TensorParallelMember:
         return hidden
 
     def _reduce(self, partial: torch.Tensor) -> torch.Tensor:
-        self.bytes_reduced += partial.numel() * partial.element_size()
+        self.bytes_reduced += partial.numel() * (self.bytes_per_element or partial.element_size())
         return self.all_reduce(partial)
 
 
