@@ -177,11 +177,12 @@ class SecureAggregation:
         mask = pairwise_masks(self.rank, self.k, partial.numel(), keys).reshape(partial.shape)
         return torch.remainder(torch.round(scaled).to(torch.int64) + mask, modulus)
 
-    def __call__(self, partial: torch.Tensor) -> torch.Tensor:
+    def __call__(self, t: torch.Tensor) -> torch.Tensor:
+        """The group's sum of every member's ``t`` (this member's partial)."""
         modulus = 1 << MASK_BITS
-        total = torch.remainder(self.inner(self.masked(partial)), modulus)
+        total = torch.remainder(self.inner(self.masked(t)), modulus)
         signed = torch.where(total >= modulus // 2, total - modulus, total)
-        return (signed.double() / 2.0**self.frac_bits).to(partial.dtype)
+        return (signed.double() / 2.0**self.frac_bits).to(t.dtype)
 
 
 class TensorParallelMember:
