@@ -312,6 +312,11 @@ class ZkSettings(_Section):
     # Heads (hidden x vocabulary) above this many weights are refused: a 32 x 96 head already takes
     # ~16 s to prove on 2 cores (bench/zk_stage.py), SmolLM2's 576 x 49152 would take hours.
     max_head_params: int = Field(default=4096, ge=1)
+    # Record each verified head proof on chain too (StageProofRegistry; broker/zk_onchain.py): the
+    # chain checks it again and keeps it under the receipt's digest for anyone to audit. About 10x
+    # the gas of settling the job (bench/zk_onchain.py), so off unless an auditor needs it; the
+    # broker's account needs CIRCUIT_ADMIN_ROLE (deployment grants it) to register new circuits.
+    record_on_chain: bool = False
 
 
 class Settings(_Section):

@@ -78,11 +78,13 @@ from dlis_market.broker.ledger import JobRow, Ledger, LedgerError, NewJob
 from dlis_market.broker.metrics import BrokerMetrics
 from dlis_market.broker.schemas import JobCreate, Policy, Quote
 from dlis_market.broker.settlement import Settler
+from dlis_market.broker.zk_onchain import ProofRecorder
 from dlis_market.broker.zk_proofs import HeadProofs
 from dlis_market.chain.job_market import JobMarket
 from dlis_market.errors import BrokerError, DlisError
 from dlis_market.inference.sampling import TokenLogprob
 from dlis_market.inference.zk_stage import head_unsupported
+from dlis_market.protocol.outbox import OutboxError
 from dlis_market.protocol.pricing import fee_on, route_bound
 from dlis_market.protocol.receipts import StageReceipt
 from dlis_market.protocol.routes import Replan, RouteHop, route_record
@@ -169,6 +171,7 @@ class BrokerService:
         self._orphaned: dict[str, asyncio.TimerHandle] = {}  # job id -> its pending cancellation
         self._end_reasons: dict[str, str] = {}  # job id -> why end_early ended it (for its ledger note)
         self._proofs = HeadProofs(settings)  # checks zk jobs' head proofs (broker/zk_proofs.py)
+        self.proof_recorder: ProofRecorder | None = None  # records them on chain (zk.record_on_chain)
         b = settings.broker
         self.admission = AdmissionQueue(b.max_concurrent_jobs, b.admission_queue_max, b.admission_wait_s)
         self._reserved: Counter[str] = Counter()  # peer id -> KV slots planned for, session not yet open
@@ -669,8 +672,14 @@ class BrokerService:
 
         async def check(receipt: StageReceipt, prompt: Sequence[int], generated: Sequence[int]) -> None:
             args = (served.shard_dir, receipt, self.market.domain(), len(prompt), list(generated))
-            account = await asyncio.to_thread(self._proofs.check, *args)
-            log.info("job %s: %s", job_id, account, extra={"job_id": job_id})
+            checked = await asyncio.to_thread(self._proofs.verify, *args)
+            log.info("job %s: %s", job_id, checked.account, extra={"job_id": job_id})
+            if self.proof_recorder is not None:  # zk.record_on_chain: queued, never failing the job
+                try:
+                    await self.proof_recorder.submit(receipt, checked.key, list(generated))
+                except OutboxError as exc:
+                    log.warning("job %s: its proof is not queued for the chain: %s", job_id, exc,
+                                extra={"job_id": job_id})  # fmt: skip
 
         return check
 
@@ -962,5 +971,7 @@ class BrokerService:
     async def close(self) -> None:
         for t in list(self._tasks):
             t.cancel()
+        if self.proof_recorder is not None:
+            await self.proof_recorder.close()
         await self.backend.close()
         await asyncio.to_thread(self.cluster.leave)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +36,12 @@ from dlis_market.oracle.zk_verify import StageVerifyingKey, ZkProofRefusedError,
 from dlis_market.protocol.errors import FingerprintError
 from dlis_market.protocol.receipts import StageReceipt
 from dlis_market.settings import Settings
+
+
+@dataclass(frozen=True)
+class CheckedProof:
+    account: str  # one line for the job's log
+    key: StageVerifyingKey  # the circuit it verified against (what an on-chain record registers)
 
 
 class HeadProofs:
@@ -60,6 +67,17 @@ class HeadProofs:
         generated: Sequence[int],
     ) -> str:
         """A one-line account of the verified proof; :class:`ZkProofRefusedError` otherwise."""
+        return self.verify(shard_dir, receipt, domain, prompt_tokens, generated).account
+
+    def verify(
+        self,
+        shard_dir: Path,
+        receipt: StageReceipt,
+        domain: Domain,
+        prompt_tokens: int,
+        generated: Sequence[int],
+    ) -> CheckedProof:
+        """:meth:`check`, also naming the circuit the proof verified against."""
         claim = receipt.proof
         if claim is None or claim.error:
             why = claim.error if claim is not None else "the last stage sent none"
@@ -96,7 +114,8 @@ class HeadProofs:
             output=np.asarray(generated, dtype="<i8").tobytes(), output_dtype="int64",
         )  # fmt: skip
         took = time.perf_counter() - began
-        return (
+        account = (
             f"proof verified (zk, halo2 over {len(generated)} head calls; {len(claim.proof)} bytes, proved in "
             f"{claim.prove_ms} ms, checked in {took * 1000:.0f} ms of which halo2 {verified.verify_s * 1000:.0f} ms)"
         )
+        return CheckedProof(account, key)

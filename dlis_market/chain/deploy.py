@@ -75,9 +75,12 @@ def deploy_market(deployer: Deployer, params: ChainSettings, roles: Roles) -> De
     deployer.transact(staking, "grantRole", deployer.call(staking, "SLASHER_ROLE"), roles.oracle)
     deployer.transact(reputation, "grantRole", deployer.call(reputation, "ORACLE_ROLE"), roles.oracle)
     deployer.transact(market, "grantRole", deployer.call(market, "BROKER_ROLE"), roles.broker)
-    # stage proofs: the oracle registers the circuits whose verifiers the chain may trust
+    # stage proofs: the oracle registers the circuits whose keys the chain may trust, and so does the
+    # broker, which sets each head circuit up itself from the public weights (broker/zk_onchain.py)
     proofs = deployer.deploy("StageProofRegistry", market.address, roles.deployer)
-    deployer.transact(proofs, "grantRole", deployer.call(proofs, "CIRCUIT_ADMIN_ROLE"), roles.oracle)
+    circuit_admin = deployer.call(proofs, "CIRCUIT_ADMIN_ROLE")
+    deployer.transact(proofs, "grantRole", circuit_admin, roles.oracle)
+    deployer.transact(proofs, "grantRole", circuit_admin, roles.broker)
     return Deployment(
         chain_id=deployer.chain_id,
         deployer=roles.deployer,

@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from dlis_market.broker.observations import JobObserver
     from dlis_market.broker.planning import StandingLookup
     from dlis_market.broker.spot_checks import SpotChecker
+    from dlis_market.broker.zk_onchain import ProofRecorder
     from dlis_market.chain.client import ChainClient
     from dlis_market.node.driver import PipelineDriver
 
@@ -111,6 +112,21 @@ def oracle_reporting(
     return checker, observer
 
 
+def proof_recording(settings: Settings, client: ChainClient, broker: LocalAccount) -> ProofRecorder | None:
+    """With ``zk.record_on_chain``, a recorder of verified head proofs on chain, its outbox loop
+    started (called inside the broker's event loop; rows an earlier run left go out)."""
+    if not settings.zk.record_on_chain:
+        return None
+    from dlis_market.broker.zk_onchain import ProofRecorder
+    from dlis_market.protocol.outbox import Outbox, sqlite_url
+
+    outbox = Outbox.from_settings(sqlite_url(settings.home / "broker" / "zk-records.db"), settings.outbox)
+    recorder = ProofRecorder(client, broker, outbox, settings.zk_cache_dir)
+    recorder.start()
+    console.print("recording verified zk proofs on chain (StageProofRegistry; zk.record_on_chain)")
+    return recorder
+
+
 @app.command()
 def start(
     ctx: typer.Context,
@@ -176,6 +192,7 @@ def start(
             backend.checker, backend.observer = oracle_reporting(
                 settings, client, backend.driver, broker, catalog, service.metrics, graph.standing
             )
+            service.proof_recorder = proof_recording(settings, client, broker)
             server = uvicorn.Server(
                 uvicorn.Config(
                     create_app(service), host=settings.broker.host, port=port or settings.broker.port, log_config=None

@@ -15,10 +15,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import pytest
-import torch
 from eth_account import Account
 from eth_utils import keccak
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from dlis_market.chain import typed_data
 from dlis_market.chain.errors import ContractRevertError
@@ -32,11 +30,12 @@ from dlis_market.chain.stage_proofs import (
 )
 from dlis_market.chain.typed_data import sign_typed, typed_digest
 from dlis_market.explorer.views import Explorer, tx_view
-from dlis_market.inference.zk_stage import FinalHead, ZkStageCircuit, prepare_circuit, prove_stage
+from dlis_market.inference.zk_stage import ZkStageCircuit
 from dlis_market.oracle.zk_verify import StageVerifyingKey, felt_value
 from dlis_market.protocol.zk_claims import claim_message, instances_hash, sign_stage_proof
+from tests.integration.zk_helpers import VOCAB, proven_head
 
-HIDDEN, VOCAB, TOKENS = 8, 16, 2
+TOKENS = 2
 NODE = Account.from_key(b"\x21" * 32)
 OTHER = Account.from_key(b"\x22" * 32)
 MODEL_ID = b"\x42" * 32
@@ -54,25 +53,11 @@ class Circuit:
 
 @pytest.fixture(scope="module")
 def head_circuit(tmp_path_factory: pytest.TempPathFactory) -> Circuit:
-    torch.manual_seed(5)
-    config = LlamaConfig(
-        hidden_size=HIDDEN, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
-        vocab_size=VOCAB, max_position_embeddings=16,
-    )  # fmt: skip
-    model = LlamaForCausalLM(config)
-    with torch.no_grad():  # spread the logits so each row's best is clear of quantization steps
-        model.lm_head.weight.normal_(0.0, 0.5)
-        model.model.norm.weight.uniform_(0.5, 1.5)
-    head = FinalHead.of(model)
-    x = torch.randn(1, TOKENS, HIDDEN, generator=torch.Generator().manual_seed(9))
     cache = tmp_path_factory.mktemp("zk-onchain")
-    circuit = prepare_circuit(head, x, cache, progress=False)
-    proof = prove_stage(circuit, x, progress=False).proof
-    with torch.no_grad():
-        tokens = [int(t) for t in head(x).argmax(-1).flatten()]
-    key = StageVerifyingKey(circuit.settings_path, circuit.vk_path, circuit.srs_path)
-    rendered = render_verifier(circuit.vk_path, circuit.settings_path, circuit.srs_path, cache / "verifier")
-    return Circuit(circuit, key, proof, tokens, compile_verifier(rendered.sol), rendered.vka)
+    head = proven_head(cache, TOKENS)
+    c = head.circuit
+    rendered = render_verifier(c.vk_path, c.settings_path, c.srs_path, cache / "verifier")
+    return Circuit(c, head.key, head.proof, head.tokens, compile_verifier(rendered.sol), rendered.vka)
 
 
 def output_hash(tokens: list[int]) -> bytes:
@@ -219,14 +204,15 @@ def test_tokens_the_proof_does_not_pick_are_refused(onchain: Onchain, head_circu
     refused(o, c, "StageProofRegistryInstanceCount", short, c.key.vk_hash, proof, instances, sig, c.tokens[:1])
 
 
-def test_only_the_oracle_registers_circuits_and_never_replaces_one(onchain: Onchain, head_circuit: Circuit) -> None:
+def test_only_circuit_admins_register_circuits_and_never_replace_one(onchain: Onchain, head_circuit: Circuit) -> None:
     o, c = onchain, head_circuit
     registry = o.registry
     verifier, vocab, tolerance, vka_digest = registry.circuit_of(c.key.vk_hash)
     assert (verifier, vocab, tolerance) == (o.verifier, VOCAB, int(0.1 * 2**c.key.output_scale))
     assert vka_digest == keccak(b"".join(c.vka))
+    stranger = o.market.new_funded_account(0)  # the oracle and the broker are admins (deployment)
     with pytest.raises(ContractRevertError) as err:
-        registry.register_circuit(o.market.broker, b"\x55" * 32, o.verifier, c.vka, VOCAB, 0)
+        registry.register_circuit(stranger, b"\x55" * 32, o.verifier, c.vka, VOCAB, 0)
     assert err.value.error == "AccessControlUnauthorizedAccount"
     with pytest.raises(ContractRevertError) as err:
         registry.register_circuit(o.market.oracle, c.key.vk_hash, o.market.broker.address, c.vka, VOCAB, 0)
