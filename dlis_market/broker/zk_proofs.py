@@ -58,17 +58,6 @@ class HeadProofs:
             self._heads[shard_dir] = Stage.load(shard_dir, index=last)
         return self._heads[shard_dir]
 
-    def check(
-        self,
-        shard_dir: Path,
-        receipt: StageReceipt,
-        domain: Domain,
-        prompt_tokens: int,
-        generated: Sequence[int],
-    ) -> str:
-        """A one-line account of the verified proof; :class:`ZkProofRefusedError` otherwise."""
-        return self.verify(shard_dir, receipt, domain, prompt_tokens, generated).account
-
     def verify(
         self,
         shard_dir: Path,
@@ -77,7 +66,7 @@ class HeadProofs:
         prompt_tokens: int,
         generated: Sequence[int],
     ) -> CheckedProof:
-        """:meth:`check`, also naming the circuit the proof verified against."""
+        """The verified proof's one-line account and circuit; :class:`ZkProofRefusedError` otherwise."""
         claim = receipt.proof
         if claim is None or claim.error:
             why = claim.error if claim is not None else "the last stage sent none"

@@ -8,7 +8,9 @@ with the contract's reason. Real EZKL proof, the test's own Anvil, a SQLite outb
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import numpy as np
@@ -47,6 +49,17 @@ def recorder(market, tmp_path: Path) -> ProofRecorder:
     return ProofRecorder(market.client, market.broker, outbox, tmp_path / "zk-cache")
 
 
+@contextlib.asynccontextmanager
+async def running(market, tmp_path: Path) -> AsyncIterator[ProofRecorder]:
+    """A recorder whose outbox loop runs (what a broker with zk.record_on_chain starts), then stops."""
+    rec = recorder(market, tmp_path)
+    rec.start()
+    try:
+        yield rec
+    finally:
+        await rec.close()
+
+
 async def drained(rec: ProofRecorder, timeout_s: float = 60.0) -> None:
     deadline = asyncio.get_running_loop().time() + timeout_s
     while await rec.outbox.pending(RECORD_KIND):
@@ -67,17 +80,13 @@ def test_a_verified_proof_is_recorded_once_and_registers_its_circuit(market, hea
     receipt = stage_receipt(market, head, b"\x01" * 32)
 
     async def run() -> None:
-        rec = recorder(market, tmp_path)
-        rec.start()
-        try:
+        async with running(market, tmp_path) as rec:
             await rec.submit(receipt, head.key, head.tokens)
             await drained(rec)
             # delivered again (a crash between the chain's receipt and the row's delete): no second record
             await rec.submit(receipt, head.key, head.tokens)
             await drained(rec)
             assert await rec.outbox.dead_letters(RECORD_KIND) == []
-        finally:
-            await rec.close()
 
     asyncio.run(run())
     record = recorded(market, receipt)
@@ -106,12 +115,8 @@ def test_a_proof_queued_while_the_chain_is_down_is_recorded_after_a_restart(mark
             await rec.close()
 
     async def restarted() -> None:
-        rec = recorder(market, tmp_path)  # the same outbox file: the row an earlier run left
-        rec.start()
-        try:
+        async with running(market, tmp_path) as rec:  # the same outbox file: the row an earlier run left
             await drained(rec)
-        finally:
-            await rec.close()
 
     asyncio.run(chain_down())
     assert recorded(market, receipt) is None
@@ -123,14 +128,10 @@ def test_a_proof_the_chain_refuses_stays_a_dead_letter_with_the_reason(market, h
     receipt = stage_receipt(market, head, b"\x03" * 32, claim_key=STRANGER)  # the claim is not the node's
 
     async def run() -> list:
-        rec = recorder(market, tmp_path)
-        rec.start()
-        try:
+        async with running(market, tmp_path) as rec:
             await rec.submit(receipt, head.key, head.tokens)
             await drained(rec)
             return await rec.outbox.dead_letters(RECORD_KIND)
-        finally:
-            await rec.close()
 
     dead = asyncio.run(run())
     assert len(dead) == 1 and "StageProofRegistryClaimNotBound" in dead[0].last_error, dead

@@ -30,10 +30,9 @@ from dlis_market.chain.stage_proofs import (
 )
 from dlis_market.chain.typed_data import sign_typed, typed_digest
 from dlis_market.explorer.views import Explorer, tx_view
-from dlis_market.inference.zk_stage import ZkStageCircuit
-from dlis_market.oracle.zk_verify import StageVerifyingKey, felt_value
+from dlis_market.oracle.zk_verify import felt_value
 from dlis_market.protocol.zk_claims import claim_message, instances_hash, sign_stage_proof
-from tests.integration.zk_helpers import VOCAB, proven_head
+from tests.integration.zk_helpers import VOCAB, ProvenHead, proven_head
 
 TOKENS = 2
 NODE = Account.from_key(b"\x21" * 32)
@@ -42,11 +41,9 @@ MODEL_ID = b"\x42" * 32
 
 
 @dataclass(frozen=True)
-class Circuit:
-    circuit: ZkStageCircuit
-    key: StageVerifyingKey
-    proof: bytes  # EZKL's proof JSON
-    tokens: list[int]  # the head's argmax per row: what an honest last stage bills
+class Circuit(ProvenHead):
+    """The proven head with its verifier built and its VKA rendered."""
+
     verifier: CompiledVerifier
     vka: list[bytes]
 

@@ -81,7 +81,7 @@ def check(world: dict[str, Any], driver: PipelineDriver, finished: Any) -> str:
     last = finished.receipts[1]
     assert last.node == receipt_signer(driver.market, last.signed.receipt, last.signed.signature.signature)
     proofs = HeadProofs(world["settings"])
-    return proofs.check(world["shards"], last, driver.market, len(PROMPT), list(finished.generated))
+    return proofs.verify(world["shards"], last, driver.market, len(PROMPT), list(finished.generated)).account
 
 
 def test_a_proven_job_and_the_ways_to_pass_off_an_unproven_answer(world: dict[str, Any]) -> None:
@@ -151,7 +151,7 @@ def test_the_broker_backend_accepts_an_answer_only_with_its_verified_proof(world
 
         async def check_proof(receipt: Any, prompt: Any, generated: Any) -> None:
             args = (world["shards"], receipt, driver.market, len(prompt), list(generated))
-            checked.append(await asyncio.to_thread(proofs.check, *args))
+            checked.append((await asyncio.to_thread(proofs.verify, *args)).account)
 
         try:
             await wait_for_spans(driver, MODEL, 3)
