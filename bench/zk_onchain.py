@@ -32,18 +32,23 @@ from typing import Any
 
 import numpy as np
 import torch
-from eth_account import Account
 from machine_info import machine_info  # type: ignore[import-not-found]  (bench/ is on sys.path)
 
 from dlis_market.chain.devnet import local_market
 from dlis_market.chain.job_market import Receipt, SignedReceipt, sign_receipt
-from dlis_market.chain.stage_proofs import compile_verifier, deploy_verifier, evm_calldata, render_verifier
+from dlis_market.chain.stage_proofs import (
+    CircuitRegistration,
+    compile_verifier,
+    deploy_verifier,
+    evm_calldata,
+    render_verifier,
+)
 from dlis_market.inference.zk_stage import FinalHead, prepare_circuit, prove_stage
 from dlis_market.oracle.zk_verify import StageVerifyingKey, input_commitment, verify_stage_proof
 from dlis_market.protocol.zk_claims import sign_stage_proof
+from dlis_market.types import model_id, name_hash
 
 ROOT = Path(__file__).resolve().parents[1]
-NODE = Account.from_key(b"\x31" * 32)
 CALLDATA_GAS_PER_NONZERO, CALLDATA_GAS_PER_ZERO = 16, 4
 
 
@@ -77,8 +82,14 @@ def settle_job_gas() -> int | None:
     return int(value) if value else None
 
 
-def measure(market: Any, verifier: str, hidden: int, vocab: int, tokens: int, cache: Path, repeats: int) -> dict:
+def measure(
+    market: Any, verifier: str, node: Any, hidden: int, vocab: int, tokens: int, cache: Path, repeats: int
+) -> dict:
     h = head(hidden, vocab)
+    name = f"zk-bench-{hidden}x{vocab}-{tokens}"  # a 30-layer model per circuit: receipts bill layers [29, 30)
+    fn = market.registry().contract.functions.publishModel(name_hash(name), "QmBench", b"\x02" * 32, 30)
+    market.client.transact(market.deployer, fn)
+    model = bytes.fromhex(model_id(name, market.deployer.address)[2:])
     x = torch.randn(1, tokens, hidden, generator=torch.Generator().manual_seed(tokens))
     began = time.perf_counter()
     circuit = prepare_circuit(h, x, cache, progress=False)
@@ -92,18 +103,20 @@ def measure(market: Any, verifier: str, hidden: int, vocab: int, tokens: int, ca
     vka_s = time.perf_counter() - began
     registry = market.stage_proofs()
     tolerance = int(0.1 * 2**key.output_scale)
-    reg = registry.register_circuit(market.oracle, key.vk_hash, verifier, rendered.vka, vocab, tolerance)
+    reg = registry.register_circuit(
+        market.oracle, CircuitRegistration(key.vk_hash, verifier, rendered.vka, model, vocab, tolerance)
+    )
     domain = market.market().domain()
     output = np.asarray(ids, dtype="<i8").tobytes()
-    receipt = Receipt(b"\x07" * 32, b"\x42" * 32, 29, 30, tokens, hashlib.sha256(output).digest(), 10**15)
-    signed = SignedReceipt(receipt, sign_receipt(NODE.key, domain, receipt))
-    claim = sign_stage_proof(NODE.key, domain, receipt, proved.proof, key.vk_hash)
+    receipt = Receipt(b"\x07" * 32, model, 29, 30, tokens, hashlib.sha256(output).digest(), 10**15)
+    signed = SignedReceipt(receipt, sign_receipt(node.key, domain, receipt))
+    claim = sign_stage_proof(node.key, domain, receipt, proved.proof, key.vk_hash)
     commitment = input_commitment(x.numpy(), key.input_scale)
 
     off: list[float] = []
     for _ in range(repeats):
         began = time.perf_counter()
-        verify_stage_proof(proof=proved.proof, claim_signature=claim, signed_receipt=signed, node=NODE.address,
+        verify_stage_proof(proof=proved.proof, claim_signature=claim, signed_receipt=signed, node=node.address,
                            domain=domain, key=key, expected_input_commitment=commitment, output=output)  # fmt: skip
         off.append(time.perf_counter() - began)
 
@@ -119,7 +132,7 @@ def measure(market: Any, verifier: str, hidden: int, vocab: int, tokens: int, ca
         fn.call({"from": market.broker.address})
         on.append(time.perf_counter() - began)
     tx = registry.record(market.broker, signed, key.vk_hash, proof, instances, rendered.vka, claim, ids)
-    assert registry.proof_of(domain, signed) is not None
+    assert registry.proof_of(domain, signed, node.address) is not None
     data = bytes.fromhex(fn.build_transaction({"from": market.broker.address, "gas": 30_000_000})["data"][2:])
     vka_bytes = b"".join(rendered.vka)
     verifier_fn = market.client.w3.eth.contract(address=verifier, abi=VERIFY_ABI).functions.verifyProof(
@@ -173,10 +186,11 @@ def main() -> None:
             f"deployed for {deployed['gasUsed']:,} gas (once for every circuit)"
         )
         settle = settle_job_gas()
+        node = market.enroll_node(market.new_funded_account(2000 * 10**18))  # a routable last-stage node
         for spec in args.heads.split(","):
             hidden, vocab = (int(d) for d in spec.split("x"))
             for tokens in (int(t) for t in args.tokens.split(",")):
-                row = measure(market, verifier, hidden, vocab, tokens, cache, args.repeats)
+                row = measure(market, verifier, node, hidden, vocab, tokens, cache, args.repeats)
                 row["record_over_settle_job"] = row["record_gas"] / settle if settle else None
                 rows.append(row)
                 ratio = row["onchain_call_s"] / row["offchain_verify_s"]

@@ -5,6 +5,12 @@ import {AccessControl} from "@openzeppelin/contracts/access/AccessControl.sol";
 import {IERC5267} from "@openzeppelin/contracts/interfaces/IERC5267.sol";
 import {ECDSA} from "@openzeppelin/contracts/utils/cryptography/ECDSA.sol";
 import {MessageHashUtils} from "@openzeppelin/contracts/utils/cryptography/MessageHashUtils.sol";
+import {INodeRegistry} from "./interfaces/INodeRegistry.sol";
+
+/// @notice The JobMarket getter the registry reads its NodeRegistry from.
+interface IJobMarketRegistry {
+    function registry() external view returns (INodeRegistry);
+}
 
 /// @notice What EZKL's reusable halo2 verifier exposes: one contract verifies proofs of any circuit
 ///         whose verification key artifact (VKA) was registered with it. The registry reaches
@@ -19,24 +25,31 @@ interface IHalo2VerifierReusable {
 }
 
 /// @title StageProofRegistry
-/// @notice The on-chain record of zero-knowledge proofs of the last stage of paid jobs: that the
-///         node which signed a JobMarket receipt proved, with a halo2 proof this chain checked,
-///         that its final norm + LM head maps committed input rows to logits whose best entries
-///         are the tokens the receipt bills.
+/// @notice The on-chain record of zero-knowledge proofs of the last stage of paid jobs: that a
+///         routable node which signed a JobMarket receipt proved, with a halo2 proof this chain
+///         checked, that the head of the receipt's model maps some committed input rows to logits
+///         whose best entries are the tokens the receipt bills.
 /// @dev A proof is recorded only when all of these hold, checked here:
-///      1. the receipt (JobMarket EIP-712 `Receipt`) recovers to `node`;
+///      1. the receipt (JobMarket EIP-712 `Receipt`) recovers to `node`, a node NodeRegistry
+///         lists as routable (registered, staked), and it bills the model's last layers;
 ///      2. the node's EIP-712 `StageProof(receiptDigest, instancesHash, vkHash)` claim, in the
 ///         JobMarket's domain, recovers to the same node (the proof is bound to that receipt);
-///      3. the circuit `vkHash` is registered, `vka` is its registered verification key artifact,
-///         and the verifier accepts `proof` over `instances` with it;
+///      3. the circuit `vkHash` is registered for the receipt's model, `vka` is its registered
+///         verification key artifact, and the verifier accepts `proof` over `instances` with it;
 ///      4. sha256 of `tokenIds` as little-endian int64 is the receipt's `outputHash`, and for
 ///         each token its proven logit is within the circuit's `tolerance` of its row's best.
-///      Instance 0 (the Poseidon commitment to the input rows) is recorded, not checked: it ties
-///      the proof to the previous stage's signed output off chain (see oracle/zk_verify.py).
-///      Circuits are registered by CIRCUIT_ADMIN_ROLE (the oracle), who vouches that the VKA is the
-///      one of the key hashed to `vkHash`; recording is open to anyone holding the signatures. The
-///      VKA travels in calldata with each proof (~7-11 KB for a head circuit): storing it would
-///      cost more to read back than calldata costs.
+///      Records are kept per (receipt digest, node): another key signing the same receipt fields
+///      gets a record of its own and cannot block the node's. Readers match `node` against the
+///      receipt JobMarket settled.
+///      What it does not show: instance 0, the Poseidon commitment to the input rows, is recorded
+///      but not checked here. Only off chain, against the previous stage's signed output (see
+///      oracle/zk_verify.py), does it tie the proof to the job's activations: on its own a record
+///      says the public head picks these tokens from *some* input.
+///      Circuits are registered by CIRCUIT_ADMIN_ROLE, who vouches that the VKA is the one of the
+///      key hashed to `vkHash` for that model's head (keys are reproducible from the public
+///      weights and the SRS); each registration names its registrar. Recording is open to anyone
+///      holding the signatures. The VKA travels in calldata with each proof (~7-11 KB for a
+///      small head): storing it would cost more to read back than calldata costs.
 contract StageProofRegistry is AccessControl {
     /// @notice Role allowed to register circuits (verification keys and their verifiers).
     bytes32 public constant CIRCUIT_ADMIN_ROLE = keccak256("CIRCUIT_ADMIN_ROLE");
@@ -61,6 +74,8 @@ contract StageProofRegistry is AccessControl {
         uint32 vocab;
         uint64 tolerance;
         bytes32 vkaDigest;
+        bytes32 modelId;
+        address registrar;
     }
 
     /// @notice What was proven for a receipt.
@@ -85,15 +100,23 @@ contract StageProofRegistry is AccessControl {
 
     /// @notice The JobMarket whose receipts and domain the proofs are bound to.
     address public immutable market;
+    /// @notice The NodeRegistry of that market (nodes' standing, models' layer counts).
+    INodeRegistry public immutable nodeRegistry;
     bytes32 private immutable _hashedName;
     bytes32 private immutable _hashedVersion;
 
     mapping(bytes32 vkHash => Circuit) private _circuits;
-    mapping(bytes32 receiptDigest => ProofRecord) private _proofs;
+    mapping(bytes32 receiptAndNode => ProofRecord) private _proofs;
 
     /// @notice A circuit was registered.
     event CircuitRegistered(
-        bytes32 indexed vkHash, address indexed verifier, bytes32 vkaDigest, uint32 vocab, uint64 tolerance
+        bytes32 indexed vkHash,
+        bytes32 indexed modelId,
+        address indexed registrar,
+        address verifier,
+        bytes32 vkaDigest,
+        uint32 vocab,
+        uint64 tolerance
     );
     /// @notice A proof of the stage call billed by receipt `receiptDigest` was verified and recorded.
     event StageProven(
@@ -117,6 +140,11 @@ contract StageProofRegistry is AccessControl {
     error StageProofRegistryTokenNotBest(uint256 index, uint64 tokenId, int256 gap, uint64 tolerance);
     error StageProofRegistryProofRejected(bytes32 vkHash);
     error StageProofRegistryWrongVka(bytes32 vkHash, bytes32 expected, bytes32 given);
+    error StageProofRegistryUnknownModel(bytes32 modelId);
+    error StageProofRegistryNodeNotRoutable(address node);
+    error StageProofRegistryCircuitModelMismatch(bytes32 vkHash, bytes32 circuitModel, bytes32 receiptModel);
+    error StageProofRegistryNotLastStage(uint32 end, uint32 layers);
+    error StageProofRegistryInstanceOutOfField(uint256 index);
 
     /// @param market_ the JobMarket (its EIP-712 name and version are read once, ERC-5267)
     /// @param admin receives DEFAULT_ADMIN_ROLE (grants CIRCUIT_ADMIN_ROLE)
@@ -124,33 +152,37 @@ contract StageProofRegistry is AccessControl {
         if (market_ == address(0) || admin == address(0)) revert StageProofRegistryZeroAddress();
         (, string memory name, string memory version,,,,) = IERC5267(market_).eip712Domain();
         market = market_;
+        nodeRegistry = IJobMarketRegistry(market_).registry();
         _hashedName = keccak256(bytes(name));
         _hashedVersion = keccak256(bytes(version));
         _grantRole(DEFAULT_ADMIN_ROLE, admin);
     }
 
-    /// @notice Register the head circuit whose verification key hashes to `vkHash`, and its VKA
-    ///         with `verifier`.
+    /// @notice Register the head circuit of model `modelId` whose verification key hashes to
+    ///         `vkHash`, and its VKA with `verifier`.
     /// @dev A registration is permanent: a key's verifier cannot be swapped under recorded proofs.
     /// @param vkHash keccak256 of the verification key file (what node claims name)
     /// @param verifier EZKL's reusable verifier contract
     /// @param vka the key's verification key artifact (EZKL `create_evm_vka`), as 32-byte words
+    /// @param modelId the NodeRegistry model whose last stage's head the circuit is
     /// @param vocab width of each logits row the circuit outputs
     /// @param tolerance largest accepted gap below a row's best logit, in fixed-point units
     function registerCircuit(
         bytes32 vkHash,
         address verifier,
         bytes32[] calldata vka,
+        bytes32 modelId,
         uint32 vocab,
         uint64 tolerance
     ) external onlyRole(CIRCUIT_ADMIN_ROLE) {
         if (verifier == address(0)) revert StageProofRegistryZeroAddress();
         if (vocab == 0 || vka.length == 0) revert StageProofRegistryBadCircuit(vkHash, vocab);
+        if (nodeRegistry.modelLayers(modelId) == 0) revert StageProofRegistryUnknownModel(modelId);
         address existing = _circuits[vkHash].verifier;
         if (existing != address(0)) revert StageProofRegistryCircuitExists(vkHash, existing);
         bytes32 vkaDigest = keccak256(abi.encodePacked(vka));
-        _circuits[vkHash] = Circuit(verifier, vocab, tolerance, vkaDigest);
-        emit CircuitRegistered(vkHash, verifier, vkaDigest, vocab, tolerance);
+        _circuits[vkHash] = Circuit(verifier, vocab, tolerance, vkaDigest, modelId, msg.sender);
+        emit CircuitRegistered(vkHash, modelId, msg.sender, verifier, vkaDigest, vocab, tolerance);
         // the verifier refuses VKAs it has not seen; its registry is open, so this only adds ours
         bytes32 registered = IHalo2VerifierReusable(verifier).registerVka(vka);
         if (registered != vkaDigest) revert StageProofRegistryWrongVka(vkHash, vkaDigest, registered);
@@ -178,10 +210,17 @@ contract StageProofRegistry is AccessControl {
         bytes32 separator = _marketSeparator();
         bytes32 receiptDigest = MessageHashUtils.toTypedDataHash(separator, _receiptHash(receipt));
         node = ECDSA.recover(receiptDigest, receiptSignature);
-        ProofRecord storage record = _proofs[receiptDigest];
-        if (record.node != address(0)) revert StageProofRegistryAlreadyProven(receiptDigest, record.node);
+        (, bool routable) = nodeRegistry.settlementInfo(node);
+        if (!routable) revert StageProofRegistryNodeNotRoutable(node);
+        bytes32 slot = keccak256(abi.encode(receiptDigest, node));
+        if (_proofs[slot].node != address(0)) revert StageProofRegistryAlreadyProven(receiptDigest, node);
         Circuit memory circuit = _circuits[vkHash];
         if (circuit.verifier == address(0)) revert StageProofRegistryUnknownCircuit(vkHash);
+        if (receipt.modelId != circuit.modelId) {
+            revert StageProofRegistryCircuitModelMismatch(vkHash, circuit.modelId, receipt.modelId);
+        }
+        uint32 layers = nodeRegistry.modelLayers(receipt.modelId);
+        if (receipt.end != layers) revert StageProofRegistryNotLastStage(receipt.end, layers);
         bytes32 vkaDigest = keccak256(abi.encodePacked(vka));
         if (vkaDigest != circuit.vkaDigest) revert StageProofRegistryWrongVka(vkHash, circuit.vkaDigest, vkaDigest);
         bytes32 instancesHash = keccak256(abi.encodePacked(instances));
@@ -193,7 +232,7 @@ contract StageProofRegistry is AccessControl {
         _checkOutput(receipt.outputHash, instances, tokenIds, circuit);
         if (!_verifies(circuit.verifier, proof, instances, vka, vkaDigest)) revert StageProofRegistryProofRejected(vkHash);
 
-        _proofs[receiptDigest] = ProofRecord(node, uint64(block.number), vkHash, instancesHash, instances[0]);
+        _proofs[slot] = ProofRecord(node, uint64(block.number), vkHash, instancesHash, instances[0]);
         emit StageProven(receiptDigest, node, receipt.jobId, vkHash, instancesHash, instances[0]);
     }
 
@@ -202,9 +241,10 @@ contract StageProofRegistry is AccessControl {
         return _circuits[vkHash];
     }
 
-    /// @notice The proof recorded for the receipt with EIP-712 digest `receiptDigest` (node zero if none).
-    function proofOf(bytes32 receiptDigest) external view returns (ProofRecord memory) {
-        return _proofs[receiptDigest];
+    /// @notice The proof `node` recorded for its receipt with EIP-712 digest `receiptDigest`
+    ///         (node zero if none).
+    function proofOf(bytes32 receiptDigest, address node) external view returns (ProofRecord memory) {
+        return _proofs[keccak256(abi.encode(receiptDigest, node))];
     }
 
     /// @notice The EIP-712 digest of `receipt` under the JobMarket's domain (what nodes sign).
@@ -233,6 +273,9 @@ contract StageProofRegistry is AccessControl {
         uint256 vocab = circuit.vocab;
         if (n == 0 || instances.length != 1 + n * vocab) {
             revert StageProofRegistryInstanceCount(instances.length, n, circuit.vocab);
+        }
+        for (uint256 i = 0; i < instances.length; ++i) {
+            if (instances[i] >= _BN254_R) revert StageProofRegistryInstanceOutOfField(i);
         }
         bytes memory packed = new bytes(8 * n);
         for (uint256 t = 0; t < n; ++t) {

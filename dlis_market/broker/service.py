@@ -84,7 +84,6 @@ from dlis_market.chain.job_market import JobMarket
 from dlis_market.errors import BrokerError, DlisError
 from dlis_market.inference.sampling import TokenLogprob
 from dlis_market.inference.zk_stage import head_unsupported
-from dlis_market.protocol.outbox import OutboxError
 from dlis_market.protocol.pricing import fee_on, route_bound
 from dlis_market.protocol.receipts import StageReceipt
 from dlis_market.protocol.routes import Replan, RouteHop, route_record
@@ -677,7 +676,7 @@ class BrokerService:
             if self.proof_recorder is not None:  # zk.record_on_chain: queued, never failing the job
                 try:
                     await self.proof_recorder.submit(receipt, checked.key, list(generated))
-                except OutboxError as exc:
+                except Exception as exc:  # a full outbox or its database: the job stands
                     log.warning("job %s: its proof is not queued for the chain: %s", job_id, exc,
                                 extra={"job_id": job_id})  # fmt: skip
 

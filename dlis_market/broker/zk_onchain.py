@@ -1,7 +1,8 @@
 """Recording proven jobs' head proofs on chain (``zk.record_on_chain``; off by default).
 
 After the broker has verified a job's head proof (``broker/zk_proofs.py``), :class:`ProofRecorder`
-queues it in a persisted outbox; the outbox's loop hands it to ``StageProofRegistry.recordProof``,
+queues it in a persisted outbox (written, then the loop woken: the job does not wait); the outbox's
+loop hands it to ``StageProofRegistry.recordProof``,
 where the chain checks it again itself (contracts/StageProofRegistry.sol) and records it under the
 receipt's digest, with a ``StageProven`` event naming the job. The first proof of a circuit also
 registers the circuit: the broker deploys EZKL's reusable verifier once per chain (its address
@@ -10,13 +11,16 @@ CIRCUIT_ADMIN_ROLE it is granted at deployment (it set the circuit up itself fro
 weights, as for its own check).
 
 Delivery follows the outbox's rule: a proof leaves the queue only once the chain recorded it, or
-already has it (``AlreadyProven``: a second delivery after a crash changes nothing); a refusal by
-the contract is kept as a dead letter with its reason; an unreachable chain is retried with
-backoff, after a broker restart too. A job's answer never waits for the chain, and nothing the
-chain does fails a job: its proof was verified before it was queued.
+already has it (``AlreadyProven`` for this node: a second delivery after a crash changes nothing);
+a refusal by the contract, or a row that does not parse, is kept as a dead letter with its
+reason; anything else (the chain unreachable, a transaction not mined, a nonce taken, EZKL or
+solcjs failing to build the verifier) is retried with backoff, after a broker restart too. A
+job's answer never waits for the chain, and nothing the chain does fails a job: its proof was
+verified before it was queued. Transactions share the broker account's nonce sequence with
+settlement through ``ChainClient``'s send lock.
 
-Costs (``bench/zk_onchain.py``): 1.1-1.8M gas a proof for heads up to 16 x 32 and 4 tokens, about
-10x settling the job; the verifier 2.4M gas once per chain, each circuit 0.24-0.37M gas once.
+Costs (``bench/zk_onchain.py``): 1.1-1.9M gas a proof for heads up to 16 x 32 and 4 tokens, about
+10-15x settling the job; the verifier 2.4M gas once per chain, each circuit 0.28-0.38M gas once.
 """
 
 from __future__ import annotations
@@ -24,17 +28,18 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from eth_account.signers.local import LocalAccount
 from web3 import Web3
+from web3.types import TxReceipt
 
 from dlis_market.chain.client import ChainClient
 from dlis_market.chain.errors import ContractRevertError
 from dlis_market.chain.market_messages import Receipt, SignedReceipt
 from dlis_market.chain.stage_proofs import (
+    CircuitRegistration,
     StageProofRegistry,
     VerifierBuildError,
     compile_verifier,
@@ -44,7 +49,6 @@ from dlis_market.chain.stage_proofs import (
     render_verifier,
 )
 from dlis_market.chain.typed_data import CompactSignature
-from dlis_market.errors import DlisError
 from dlis_market.oracle.zk_verify import StageVerifyingKey
 from dlis_market.protocol.outbox import Answer, Message, Outbox, Verdict
 from dlis_market.protocol.receipts import StageReceipt
@@ -63,6 +67,7 @@ class ProofToRecord:
 
     job_id: str
     node: str
+    vk_hash: str  # of the key the broker verified the proof with (the key files may change later)
     receipt: dict[str, str | int]
     receipt_signature: str
     claim_signature: str
@@ -78,7 +83,7 @@ class ProofToRecord:
         if claim is None:
             raise ValueError("a receipt without a proof claim has nothing to record")
         return cls(
-            job_id=r.job_id.hex(), node=receipt.node,
+            job_id=r.job_id.hex(), node=receipt.node, vk_hash=key.vk_hash.hex(),
             receipt={"job_id": r.job_id.hex(), "model_id": r.model_id.hex(), "start": r.start, "end": r.end,
                      "tokens": r.tokens, "output_hash": r.output_hash.hex(), "amount": str(r.amount)},
             receipt_signature=receipt.signed.signature.signature.hex(), claim_signature=claim.signature.hex(),
@@ -111,7 +116,6 @@ class ProofRecorder:
         self.cache_dir = cache_dir
         self.registry = StageProofRegistry(client)
         self._verifier: str | None = None
-        self._chain = threading.Lock()  # one transaction sequence at a time (nonces)
         outbox.register(RECORD_KIND, self._deliver, on_answer=self._heard)
 
     def start(self) -> None:
@@ -121,9 +125,10 @@ class ProofRecorder:
         await self.outbox.close()
 
     async def submit(self, receipt: StageReceipt, key: StageVerifyingKey, generated: list[int]) -> None:
-        """Queue the verified proof of ``receipt`` (persisted before this returns) and try once."""
+        """Queue the verified proof of ``receipt``: persisted before this returns, delivered by the
+        outbox's loop (never here: a job does not wait for the chain)."""
         item = ProofToRecord.of(receipt, key, generated)
-        await self.outbox.send(RECORD_KIND, f"{item.node.lower()}:{item.job_id}", json.dumps(asdict(item)).encode())
+        await self.outbox.put(RECORD_KIND, f"{item.node.lower()}:{item.job_id}", json.dumps(asdict(item)).encode())
 
     @staticmethod
     def _heard(message: Message, answer: Answer) -> None:
@@ -133,53 +138,56 @@ class ProofRecorder:
     async def _deliver(self, body: bytes) -> Answer:
         try:
             item = ProofToRecord(**json.loads(body))
-        except (ValueError, TypeError) as exc:
-            return Answer(Verdict.REFUSED, f"not a queued proof: {exc}")
+            signed, vk_hash = item.signed_receipt(), bytes.fromhex(item.vk_hash)
+            claim = bytes.fromhex(item.claim_signature)
+            proof, instances = evm_calldata(item.proof.encode())
+        except (ValueError, TypeError, KeyError, VerifierBuildError) as exc:  # a row no delivery can fix
+            return Answer(Verdict.REFUSED, f"not a recordable proof: {exc}")
         try:
-            return await asyncio.to_thread(self._record, item)
+            tx = await asyncio.to_thread(self._record, item, signed, vk_hash, proof, instances, claim)
         except ContractRevertError as exc:
-            if exc.error == "StageProofRegistryAlreadyProven":
+            if exc.error == "StageProofRegistryAlreadyProven":  # keyed by (receipt, node): this node's record
                 return Answer(Verdict.DUPLICATE, str(exc))
             return Answer(Verdict.REFUSED, str(exc))
-        except VerifierBuildError as exc:  # the circuit's files are gone or EZKL cannot render them
-            return Answer(Verdict.REFUSED, str(exc))
-        except (DlisError, OSError, ValueError) as exc:  # the chain unreachable, a tx not mined: try later
+        except Exception as exc:
             return Answer(Verdict.RETRY, f"{type(exc).__name__}: {exc}")
-
-    def _record(self, item: ProofToRecord) -> Answer:
-        key = item.key()
-        proof, instances = evm_calldata(item.proof.encode())
-        with self._chain:
-            vka = self._circuit(key)
-            tx = self.registry.record(
-                self.account, item.signed_receipt(), key.vk_hash, proof, instances, vka,
-                bytes.fromhex(item.claim_signature), item.token_ids,
-            )  # fmt: skip
         log.info("zk proof of job %s recorded on chain in block %s (%s gas)", item.job_id, tx["blockNumber"],
                  tx["gasUsed"])  # fmt: skip
         return Answer(Verdict.DELIVERED, f"block {tx['blockNumber']}")
 
-    def _circuit(self, key: StageVerifyingKey) -> list[bytes]:
+    def _record(
+        self, item: ProofToRecord, signed: SignedReceipt, vk_hash: bytes, proof: bytes, instances: list[int],
+        claim: bytes,
+    ) -> TxReceipt:  # fmt: skip
+        vka = self._circuit(item.key(), vk_hash, signed.receipt.model_id)
+        return self.registry.record(self.account, signed, vk_hash, proof, instances, vka, claim, item.token_ids)
+
+    def _circuit(self, key: StageVerifyingKey, vk_hash: bytes, model_id: bytes) -> list[bytes]:
         """The circuit's VKA words, registering the circuit on chain first if it is not yet."""
-        vka_file = key.vk_path.parent / "vka.bin"
-        if not vka_file.exists():
-            render_verifier(key.vk_path, key.settings_path, key.srs_path, key.vk_path.parent / "evm")
-            (key.vk_path.parent / "evm" / "vka.bin").replace(vka_file)
-        vka = read_vka(vka_file)
-        verifier, _, _, _ = self.registry.circuit_of(key.vk_hash)
-        if int(verifier, 16) == 0:
-            vocab = key.output_shape[-1]
-            tolerance = int(TOLERANCE * 2**key.output_scale)
+        evm = key.vk_path.parent / "evm"
+        if not (evm / "vka.bin").exists():
+            render_verifier(key.vk_path, key.settings_path, key.srs_path, evm)
+        if key.vk_hash != vk_hash:
+            raise VerifierBuildError(
+                f"the key at {key.vk_path} hashes to 0x{key.vk_hash.hex()}, not the 0x{vk_hash.hex()} the proof was "
+                "verified with: the circuit was set up again since; its proof cannot be registered from these files"
+            )
+        vka = read_vka(evm / "vka.bin")
+        if self.registry.circuit_of(vk_hash) is None:
+            circuit = CircuitRegistration(
+                vk_hash, self._verifier_address(evm / "Verifier.sol"), vka, model_id, key.output_shape[-1],
+                int(TOLERANCE * 2**key.output_scale),
+            )  # fmt: skip
             try:
-                self.registry.register_circuit(self.account, key.vk_hash, self._verifier_address(key), vka, vocab,
-                                               tolerance)  # fmt: skip
+                self.registry.register_circuit(self.account, circuit)
             except ContractRevertError as exc:  # a peer broker registered it meanwhile
                 if exc.error != "StageProofRegistryCircuitExists":
                     raise
         return vka
 
-    def _verifier_address(self, key: StageVerifyingKey) -> str:
-        """EZKL's reusable verifier on this chain: deployed by this broker once, its address kept."""
+    def _verifier_address(self, sol: Path) -> str:
+        """EZKL's reusable verifier on this chain (the same for every circuit): deployed by this
+        broker once, its address kept in the zk cache."""
         if self._verifier is not None:
             return self._verifier
         w3 = self.client.w3
@@ -189,8 +197,7 @@ class ProofRecorder:
             if len(w3.eth.get_code(kept)) > 0:
                 self._verifier = kept
                 return kept
-        rendered = render_verifier(key.vk_path, key.settings_path, key.srs_path, self.cache_dir / "evm-verifier")
-        deployed = deploy_verifier(self.client, self.account, compile_verifier(rendered.sol))
+        deployed = deploy_verifier(self.client, self.account, compile_verifier(sol))
         address = str(deployed["contractAddress"])
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps({"address": address, "block": deployed["blockNumber"]}))

@@ -7,6 +7,7 @@ transaction is sent. Transactions are signed locally by an ``eth_account`` key.
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -18,7 +19,7 @@ from web3 import Web3
 from web3.contract import Contract
 from web3.contract.contract import ContractFunction
 from web3.exceptions import ContractCustomError, ContractLogicError, TimeExhausted
-from web3.types import RPCEndpoint, TxReceipt
+from web3.types import Nonce, RPCEndpoint, TxReceipt
 
 from dlis_market.chain.deployment import Deployment, read_deployment
 from dlis_market.chain.errors import (
@@ -67,6 +68,16 @@ def connect_web3(rpc_url: str, timeout_s: float = 30.0) -> Web3:
             "`dlis chain up` or pass --rpc-url / DLIS_CHAIN__RPC_URL"
         ) from exc
     return w3
+
+
+_SEND_LOCKS: dict[str, threading.Lock] = {}
+_SEND_LOCKS_GUARD = threading.Lock()
+
+
+def _send_lock(address: str) -> threading.Lock:
+    """This process's lock over one account's nonce sequence."""
+    with _SEND_LOCKS_GUARD:
+        return _SEND_LOCKS.setdefault(address.lower(), threading.Lock())
 
 
 class ChainClient:
@@ -152,7 +163,7 @@ class ChainClient:
         tx = fn.build_transaction(
             {
                 "from": sender,
-                "nonce": self.w3.eth.get_transaction_count(sender, "pending"),
+                "nonce": Nonce(0),  # set by send_raw, under the account's send lock
                 "gas": gas or int(estimate * 1.2) + 10_000,
                 "chainId": self.chain_id,
             }
@@ -160,8 +171,13 @@ class ChainClient:
         return self.send_raw(account, tx, fn.fn_name)
 
     def send_raw(self, account: LocalAccount, tx: Any, what: str) -> TxReceipt:
-        signed = account.sign_transaction(tx)
-        tx_hash = self.w3.eth.send_raw_transaction(signed.raw_transaction)
+        """Sign ``tx`` with the account's next nonce, send it and wait for its receipt. The nonce is
+        read, and the transaction sent, under a per-account lock of this process: threads that
+        send from one account (the broker's settler and its proof recorder) never take the same."""
+        with _send_lock(account.address):
+            tx = {**tx, "nonce": self.w3.eth.get_transaction_count(account.address, "pending")}
+            signed = account.sign_transaction(tx)
+            tx_hash = self.w3.eth.send_raw_transaction(signed.raw_transaction)
         try:
             receipt = self.w3.eth.wait_for_transaction_receipt(
                 tx_hash, timeout=self.settings.chain.tx_timeout_s, poll_latency=0.05
@@ -182,7 +198,7 @@ class ChainClient:
             "from": account.address,
             "to": Web3.to_checksum_address(to),
             "value": wei,
-            "nonce": self.w3.eth.get_transaction_count(account.address, "pending"),
+            "nonce": 0,  # set by send_raw
             "gas": 21_000,
             "gasPrice": self.w3.eth.gas_price,
             "chainId": self.chain_id,

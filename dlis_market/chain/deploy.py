@@ -17,7 +17,7 @@ from web3 import Web3
 from web3.types import TxParams
 
 from dlis_market.chain.anvil import REPO_ROOT
-from dlis_market.chain.deployment import DeployedContract, Deployment
+from dlis_market.chain.deployment import CONTRACT_NAMES, DeployedContract, Deployment
 from dlis_market.chain.errors import DeploymentNotFoundError, PreflightError
 from dlis_market.settings import ChainSettings
 
@@ -38,6 +38,10 @@ class Deployer(Protocol):
     def transact(self, contract: DeployedContract, fn: str, *args: Any) -> None: ...
 
     def call(self, contract: DeployedContract, fn: str, *args: Any) -> Any: ...
+
+
+# Every contract deploy_market deploys (readers require only deployment.CONTRACT_NAMES of them).
+DEPLOYED_CONTRACTS = (*CONTRACT_NAMES, "StageProofRegistry")
 
 
 def deploy_market(deployer: Deployer, params: ChainSettings, roles: Roles) -> Deployment:

@@ -181,7 +181,7 @@ def deploy_verifier(client: ChainClient, account: LocalAccount, verifier: Compil
     factory = client.w3.eth.contract(abi=verifier.abi, bytecode=verifier.bytecode)
     tx = dict(factory.constructor().build_transaction({"from": account.address, "gas": 0}))
     tx.pop("gas", None)
-    tx["nonce"] = client.w3.eth.get_transaction_count(account.address, "pending")
+    tx["nonce"] = 0  # set by send_raw, under the account's send lock
     tx["chainId"] = client.chain_id
     tx["gas"] = int(client.w3.eth.estimate_gas(cast(TxParams, tx)) * 1.1)
     return client.send_raw(account, tx, f"deploy {VERIFIER_CONTRACT}")
@@ -204,6 +204,29 @@ def evm_calldata(proof_json: bytes) -> tuple[bytes, list[int]]:
 
 
 @dataclass(frozen=True)
+class CircuitRegistration:
+    """What registers a head circuit: its key's hash, the verifier, the key's VKA words, the
+    model whose last stage's head it is, the logits row width and the tolerance (fixed point)."""
+
+    vk_hash: bytes
+    verifier: str
+    vka: list[bytes]
+    model_id: bytes
+    vocab: int
+    tolerance: int
+
+
+@dataclass(frozen=True)
+class RegisteredCircuit:
+    verifier: str
+    vocab: int
+    tolerance: int
+    vka_digest: bytes
+    model_id: bytes
+    registrar: str
+
+
+@dataclass(frozen=True)
 class ProofRecord:
     node: str
     block: int
@@ -219,21 +242,29 @@ class StageProofRegistry:
         if "StageProofRegistry" not in client.deployment.contracts:
             raise DeploymentNotFoundError(
                 f"the deployment of chain {client.chain_id} predates StageProofRegistry; redeploy "
-                "(`brownie run deploy`, or `dlis chain up` on a fresh local chain) to record proofs on chain"
+                "(`brownie run deploy`, or `dlis chain up --redeploy` on a local chain) to record proofs on chain"
             )
         self.client = client
         self.contract = client.contract("StageProofRegistry")
         self.address = self.contract.address
 
-    def register_circuit(
-        self, admin: LocalAccount, vk_hash: bytes, verifier: str, vka: list[bytes], vocab: int, tolerance: int
-    ) -> TxReceipt:
-        fn = self.contract.functions.registerCircuit(vk_hash, Web3.to_checksum_address(verifier), vka, vocab, tolerance)
+    def register_circuit(self, admin: LocalAccount, circuit: CircuitRegistration) -> TxReceipt:
+        c = circuit
+        fn = self.contract.functions.registerCircuit(
+            c.vk_hash, Web3.to_checksum_address(c.verifier), c.vka, c.model_id, c.vocab, c.tolerance
+        )
         return self.client.transact(admin, fn)
 
-    def circuit_of(self, vk_hash: bytes) -> tuple[str, int, int, bytes]:
-        verifier, vocab, tolerance, vka_digest = self.client.call(self.contract.functions.circuitOf(vk_hash))
-        return str(verifier), int(vocab), int(tolerance), bytes(vka_digest)
+    def circuit_of(self, vk_hash: bytes) -> RegisteredCircuit | None:
+        """The circuit registered under ``vk_hash``, or None."""
+        verifier, vocab, tolerance, vka_digest, model_id, registrar = self.client.call(
+            self.contract.functions.circuitOf(vk_hash)
+        )
+        if int(verifier, 16) == 0:
+            return None
+        return RegisteredCircuit(
+            str(verifier), int(vocab), int(tolerance), bytes(vka_digest), bytes(model_id), str(registrar)
+        )
 
     def record_proof(
         self,
@@ -269,10 +300,12 @@ class StageProofRegistry:
         )
         return self.client.transact(sender, fn)
 
-    def proof_of(self, domain: Domain, signed: SignedReceipt) -> ProofRecord | None:
-        """What is recorded for the receipt, or None."""
+    def proof_of(self, domain: Domain, signed: SignedReceipt, node: str) -> ProofRecord | None:
+        """What ``node`` recorded for the receipt, or None."""
         digest = typed_digest(domain, "Receipt", signed.receipt.message())
-        node, block, vk_hash, inst, commitment = self.client.call(self.contract.functions.proofOf(digest))
-        if int(node, 16) == 0:
+        recorded, block, vk_hash, inst, commitment = self.client.call(
+            self.contract.functions.proofOf(digest, Web3.to_checksum_address(node))
+        )
+        if int(recorded, 16) == 0:
             return None
-        return ProofRecord(str(node), int(block), bytes(vk_hash), bytes(inst), int(commitment))
+        return ProofRecord(str(recorded), int(block), bytes(vk_hash), bytes(inst), int(commitment))

@@ -28,7 +28,7 @@ def _shape(abi: list[dict[str, Any]]) -> set[tuple[Any, ...]]:
 def _deployed(settings: Any, w3: Web3) -> bool:
     from web3 import Web3
 
-    from dlis_market.chain.deploy import load_artifact
+    from dlis_market.chain.deploy import DEPLOYED_CONTRACTS, load_artifact
     from dlis_market.chain.deployment import read_deployment
     from dlis_market.chain.errors import DeploymentNotFoundError
 
@@ -37,6 +37,10 @@ def _deployed(settings: Any, w3: Web3) -> bool:
     except DeploymentNotFoundError:
         return False
     if not all(len(w3.eth.get_code(Web3.to_checksum_address(c.address))) > 0 for c in dep.contracts.values()):
+        return False
+    missing = [name for name in DEPLOYED_CONTRACTS if name not in dep.contracts]
+    if missing:  # deployed by an older checkout, before these contracts existed
+        err_console.print(f"the deployment here lacks {', '.join(missing)}: deploying again")
         return False
     # A chain kept from an older checkout holds contracts this build no longer speaks to.
     changed = [name for name, c in dep.contracts.items() if _shape(c.abi) != _shape(load_artifact(name)["abi"])]

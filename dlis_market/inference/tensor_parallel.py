@@ -16,9 +16,9 @@ layer per token (60 per token for SmolLM2's 30 layers), and gloo's ring all-redu
 tens of microseconds on loopback where a message through the p2p daemon costs milliseconds.
 Gloo has no authentication: a group is formed only from workers the scheduler placed together
 over a private link. It carries each member's partial sums in the clear unless the group adds
-them with :class:`SecureAggregation` (``secure_aggregation=True``): pairwise masks that cancel in
-the sum, so a member (or anyone on the link) sees only uniformly random numbers from the others
-and learns nothing beyond the sum, which every member needs anyway.
+them with :class:`SecureAggregation` (``secure_aggregation=True``, 3 to 8 members): pairwise masks
+that cancel in the sum, so a member (or anyone on the link) sees only uniformly random numbers
+from the others and learns nothing beyond the sum, which every member needs anyway.
 
 Norms, rotary embeddings and the residual stream are replicated: every member ends each layer
 with the same full hidden state, so the range's output is taken from any member. One session at
@@ -125,16 +125,19 @@ class SecureAggregation:
 
     What each party learns: a member's contribution is uniform mod 2^60 to anyone who lacks one of
     its pairwise secrets, so the others (and the link) learn only the sum; ``k - 1`` members that
-    pool their secrets learn the last one's partial (the sum minus theirs). The masks hide
-    partials from curious members, not from an active one: the key exchange is not signed here
-    (a member that rewrites others' public keys in the exchange can unmask them), and a member
-    can add anything to the sum. Costs 8 bytes per element on the link instead of 4 (fp32)."""
+    pool their secrets learn the last one's partial (the sum minus theirs). So a group needs at
+    least 3 members: with 2, each knows the sum and its own partial, hence the other's. The sum
+    itself is the layer's output, which every member needs and which, like any hidden state, can
+    be inverted toward the prompt: the masks hide each member's part, not the activations. They
+    hide it from curious members, not from an active one: the key exchange is not signed here (a
+    member that rewrites others' public keys in the exchange can unmask them), and a member can
+    add anything to the sum. Costs 8 bytes per element on the link instead of 4 (fp32)."""
 
     def __init__(self, inner: AllReduce, rank: int, k: int, frac_bits: int = 24):
-        if not 2 <= k <= MAX_SECURE_MEMBERS:
+        if not 3 <= k <= MAX_SECURE_MEMBERS:
             raise TensorParallelError(
-                f"secure aggregation needs 2 to {MAX_SECURE_MEMBERS} members (their masked sums must fit int64), "
-                f"got {k}"
+                f"secure aggregation needs 3 to {MAX_SECURE_MEMBERS} members, got {k}: with 2 each member learns "
+                "the other's partial from the sum and its own, and over 8 the masked sums overflow int64"
             )
         self.inner, self.rank, self.k, self.frac_bits = inner, rank, k, frac_bits
         self.calls = 0

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from eth_account import Account
+from eth_account.signers.local import LocalAccount
 from web3 import Web3
 
 from dlis_market.broker.zk_onchain import RECORD_KIND, ProofRecorder
@@ -24,9 +25,9 @@ from dlis_market.chain.typed_data import typed_digest
 from dlis_market.protocol.outbox import Outbox, sqlite_url
 from dlis_market.protocol.receipts import StageReceipt
 from dlis_market.protocol.zk_claims import ZkClaim, sign_stage_proof
+from dlis_market.types import model_id, name_hash
 from tests.integration.zk_helpers import ProvenHead, proven_head
 
-NODE = Account.from_key(b"\x41" * 32)
 STRANGER = Account.from_key(b"\x42" * 32)
 
 
@@ -35,13 +36,22 @@ def head(tmp_path_factory: pytest.TempPathFactory) -> ProvenHead:
     return proven_head(tmp_path_factory.mktemp("zk-records"), tokens=1)
 
 
-def stage_receipt(market, head: ProvenHead, job: bytes, claim_key=NODE) -> StageReceipt:
+@pytest.fixture()
+def node(market) -> LocalAccount:
+    """A registered, staked last-stage node of the 2-layer model "zk-head" (published here)."""
+    fn = market.registry().contract.functions.publishModel(name_hash("zk-head"), "QmHead", b"\x02" * 32, 2)
+    market.client.transact(market.deployer, fn)
+    return market.enroll_node(market.new_funded_account(500 * 10**18))
+
+
+def stage_receipt(market, head: ProvenHead, node: LocalAccount, job: bytes, claim_key=None) -> StageReceipt:
     domain = market.market().domain()
     output = np.asarray(head.tokens, dtype="<i8").tobytes()
-    r = Receipt(job, b"\x42" * 32, 1, 2, 6, hashlib.sha256(output).digest(), 10**15)
-    signed = SignedReceipt(r, sign_receipt(NODE.key, domain, r))
-    claim = sign_stage_proof(claim_key.key, domain, r, head.proof, head.key.vk_hash)
-    return StageReceipt(NODE.address, signed, proof=ZkClaim(head.proof, claim, b"", 1))
+    model = bytes.fromhex(model_id("zk-head", market.deployer.address)[2:])
+    r = Receipt(job, model, 1, 2, 6, hashlib.sha256(output).digest(), 10**15)
+    signed = SignedReceipt(r, sign_receipt(node.key, domain, r))
+    claim = sign_stage_proof((claim_key or node).key, domain, r, head.proof, head.key.vk_hash)
+    return StageReceipt(node.address, signed, proof=ZkClaim(head.proof, claim, b"", 1))
 
 
 def recorder(market, tmp_path: Path) -> ProofRecorder:
@@ -68,7 +78,7 @@ async def drained(rec: ProofRecorder, timeout_s: float = 60.0) -> None:
 
 
 def recorded(market, receipt: StageReceipt):
-    return market.stage_proofs().proof_of(market.market().domain(), receipt.signed)
+    return market.stage_proofs().proof_of(market.market().domain(), receipt.signed, receipt.node)
 
 
 def proven_events(market) -> list:
@@ -76,8 +86,8 @@ def proven_events(market) -> list:
     return list(registry.events.StageProven().get_logs(from_block=0))
 
 
-def test_a_verified_proof_is_recorded_once_and_registers_its_circuit(market, head: ProvenHead, tmp_path: Path):
-    receipt = stage_receipt(market, head, b"\x01" * 32)
+def test_a_verified_proof_is_recorded_once_and_registers_its_circuit(market, head, node, tmp_path: Path):
+    receipt = stage_receipt(market, head, node, b"\x01" * 32)
 
     async def run() -> None:
         async with running(market, tmp_path) as rec:
@@ -90,15 +100,15 @@ def test_a_verified_proof_is_recorded_once_and_registers_its_circuit(market, hea
 
     asyncio.run(run())
     record = recorded(market, receipt)
-    assert record is not None and record.node == NODE.address and record.vk_hash == head.key.vk_hash
+    assert record is not None and record.node == node.address and record.vk_hash == head.key.vk_hash
     assert len(proven_events(market)) == 1
-    verifier, vocab, _, _ = market.stage_proofs().circuit_of(head.key.vk_hash)
-    assert int(verifier, 16) != 0 and vocab == 16  # registered by the broker with the verifier it deployed
-    assert (head.key.vk_path.parent / "vka.bin").exists()
+    circuit = market.stage_proofs().circuit_of(head.key.vk_hash)  # registered by the broker, its verifier deployed
+    assert circuit is not None and circuit.vocab == 16 and circuit.registrar == market.broker.address
+    assert circuit.model_id == receipt.signed.receipt.model_id
 
 
-def test_a_proof_queued_while_the_chain_is_down_is_recorded_after_a_restart(market, head: ProvenHead, tmp_path):
-    receipt = stage_receipt(market, head, b"\x02" * 32)
+def test_a_proof_queued_while_the_chain_is_down_is_recorded_after_a_restart(market, head, node, tmp_path):
+    receipt = stage_receipt(market, head, node, b"\x02" * 32)
     live = market.client.w3.provider
 
     async def chain_down() -> None:
@@ -106,8 +116,8 @@ def test_a_proof_queued_while_the_chain_is_down_is_recorded_after_a_restart(mark
         market.client.w3.provider = Web3.HTTPProvider("http://127.0.0.1:9")  # nothing listens there
         try:
             rec.start()
-            await rec.submit(receipt, head.key, head.tokens)  # persisted, then one try that cannot reach the chain
-            await asyncio.sleep(0.6)  # a retry or two, also refused
+            await rec.submit(receipt, head.key, head.tokens)  # persisted; the loop's tries cannot reach the chain
+            await asyncio.sleep(0.6)
             pending = await rec.outbox.pending(RECORD_KIND)
             assert len(pending) == 1 and pending[0].attempts >= 1, pending
         finally:
@@ -124,8 +134,8 @@ def test_a_proof_queued_while_the_chain_is_down_is_recorded_after_a_restart(mark
     assert recorded(market, receipt) is not None
 
 
-def test_a_proof_the_chain_refuses_stays_a_dead_letter_with_the_reason(market, head: ProvenHead, tmp_path: Path):
-    receipt = stage_receipt(market, head, b"\x03" * 32, claim_key=STRANGER)  # the claim is not the node's
+def test_a_proof_the_chain_refuses_stays_a_dead_letter_with_the_reason(market, head, node, tmp_path: Path):
+    receipt = stage_receipt(market, head, node, b"\x03" * 32, claim_key=STRANGER)  # the claim is not the node's
 
     async def run() -> list:
         async with running(market, tmp_path) as rec:

@@ -45,8 +45,10 @@ def greedy_split(
     return torch.cat(logits), tokens
 
 
-@pytest.mark.parametrize("secure", [False, True], ids=["plain", "secure-aggregation"])
-@pytest.mark.parametrize(("k", "heads", "kv"), [(2, 8, 4), (4, 8, 4), (4, 16, 4)])
+@pytest.mark.parametrize(
+    ("k", "heads", "kv", "secure"),
+    [(2, 8, 4, False), (4, 8, 4, False), (4, 16, 4, False), (4, 8, 4, True), (4, 16, 4, True)],
+)
 def test_random_llama_split_k_ways_is_exact(k, heads, kv, secure):
     torch.manual_seed(k * 100 + heads)
     cfg = LlamaConfig(vocab_size=128, hidden_size=128, intermediate_size=256, num_hidden_layers=3,
@@ -68,6 +70,15 @@ def test_smollm2_three_ways_is_exact(smollm2_dir: Path, secure: bool):
     got_logits, got = greedy_split(model, 3, prompt, 3, secure)
     assert got == want
     assert (got_logits - want_logits).abs().max() < 1e-5 * max(1.0, float(want_logits.abs().max()))
+
+
+def test_secure_aggregation_needs_three_members():
+    """With two, each member would learn the other's partial from the sum and its own."""
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=2)  # fmt: skip
+    model = LlamaForCausalLM(cfg)
+    with pytest.raises(TensorParallelError, match="needs 3 to 8 members, got 2"):
+        TensorParallelMember(list(model.model.layers), cfg, 2, 0, lambda t: t, secure_aggregation=True)
 
 
 def test_splits_that_do_not_divide_are_refused():
@@ -100,15 +111,16 @@ def test_members_in_separate_processes_meet_over_gloo_on_loopback(tmp_path: Path
     from dlis_market.chain.anvil import free_port
 
     torch.manual_seed(7)
-    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2)  # fmt: skip
+    k = 3 if secure else 2  # masked sums need 3 members
+    cfg = LlamaConfig(vocab_size=64, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+                      num_attention_heads=6, num_key_value_heads=3 if secure else 2)  # fmt: skip
     model = LlamaForCausalLM(cfg).eval()
     model.save_pretrained(tmp_path)
     prompt = [3, 14, 15, 9, 2]
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_gloo_member, args=(r, 2, port, str(tmp_path), prompt, q, secure)) for r in range(2)]
+    procs = [ctx.Process(target=_gloo_member, args=(r, k, port, str(tmp_path), prompt, q, secure)) for r in range(k)]
     for p in procs:
         p.start()
     got = dict((r, (h, b)) for r, h, b in (q.get(timeout=120) for _ in procs))
@@ -117,7 +129,7 @@ def test_members_in_separate_processes_meet_over_gloo_on_loopback(tmp_path: Path
     with torch.no_grad():
         want = model.model(torch.tensor([prompt])).last_hidden_state
         got_final = model.model.norm(got[0][0])
-    assert torch.equal(got[0][0], got[1][0])
+    assert all(torch.equal(got[0][0], got[r][0]) for r in range(k))
     assert (got_final - want).abs().max() < 1e-5
     # two all-reduces per layer, each of the partial sums [1, tokens, hidden] in fp32 (masked: int64)
     assert got[0][1] == 2 * cfg.num_hidden_layers * len(prompt) * cfg.hidden_size * (8 if secure else 4)
@@ -183,6 +195,14 @@ def test_secure_aggregation_shows_members_only_masked_numbers_and_the_sum():
             clear = torch.remainder(torch.round(partial.double() * 2.0**24).to(torch.int64), modulus)
             assert (masked != clear).float().mean() > 0.99  # nothing of the partial shows through
             assert abs(float((masked >> 59).float().mean()) - 0.5) < 0.1  # top bit a fair coin, not a small value
+    # each all-reduce draws new masks: a member's two contributions differ by other than its partials do
+    step = torch.remainder(handed[0][2] - handed[0][1], modulus)
+    clear_step = torch.remainder(
+        torch.round(partials[0][1].double() * 2.0**24).to(torch.int64)
+        - torch.round(partials[0][0].double() * 2.0**24).to(torch.int64),
+        modulus,
+    )
+    assert (step != clear_step).float().mean() > 0.99
     # all four contributions sum to the four partials; any three sum to noise
     first = [handed[r][1] for r in range(k)]
     clear_sum = sum(p[0].double() for p in partials)
