@@ -49,6 +49,7 @@ from dlis_market.chain.stage_proofs import (
     render_verifier,
 )
 from dlis_market.chain.typed_data import CompactSignature
+from dlis_market.errors import ChainError
 from dlis_market.oracle.zk_verify import StageVerifyingKey
 from dlis_market.protocol.outbox import Answer, Message, Outbox, Verdict
 from dlis_market.protocol.receipts import StageReceipt
@@ -59,6 +60,10 @@ RECORD_KIND = "zk-record"
 # How far below its row's best logit a billed token's proven logit may sit, as the broker's own
 # check allows (oracle.zk_verify.verify_stage_proof's tolerance), in the circuit's fixed point.
 TOLERANCE = 0.1
+
+
+class UnrecordableProofError(ChainError):
+    """A queued proof that no later delivery can record (its circuit's files changed since)."""
 
 
 @dataclass(frozen=True)
@@ -149,6 +154,8 @@ class ProofRecorder:
             if exc.error == "StageProofRegistryAlreadyProven":  # keyed by (receipt, node): this node's record
                 return Answer(Verdict.DUPLICATE, str(exc))
             return Answer(Verdict.REFUSED, str(exc))
+        except UnrecordableProofError as exc:
+            return Answer(Verdict.REFUSED, str(exc))
         except Exception as exc:
             return Answer(Verdict.RETRY, f"{type(exc).__name__}: {exc}")
         log.info("zk proof of job %s recorded on chain in block %s (%s gas)", item.job_id, tx["blockNumber"],
@@ -164,14 +171,14 @@ class ProofRecorder:
 
     def _circuit(self, key: StageVerifyingKey, vk_hash: bytes, model_id: bytes) -> list[bytes]:
         """The circuit's VKA words, registering the circuit on chain first if it is not yet."""
-        evm = key.vk_path.parent / "evm"
-        if not (evm / "vka.bin").exists():
-            render_verifier(key.vk_path, key.settings_path, key.srs_path, evm)
         if key.vk_hash != vk_hash:
-            raise VerifierBuildError(
+            raise UnrecordableProofError(
                 f"the key at {key.vk_path} hashes to 0x{key.vk_hash.hex()}, not the 0x{vk_hash.hex()} the proof was "
                 "verified with: the circuit was set up again since; its proof cannot be registered from these files"
             )
+        evm = key.vk_path.parent / f"evm-{vk_hash.hex()[:16]}"  # named by the key it was rendered from
+        if not (evm / "vka.bin").exists():
+            render_verifier(key.vk_path, key.settings_path, key.srs_path, evm)
         vka = read_vka(evm / "vka.bin")
         if self.registry.circuit_of(vk_hash) is None:
             circuit = CircuitRegistration(

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from web3 import Web3
 from dlis_market.broker.zk_onchain import RECORD_KIND, ProofRecorder
 from dlis_market.chain.job_market import Receipt, SignedReceipt, sign_receipt
 from dlis_market.chain.typed_data import typed_digest
+from dlis_market.oracle.zk_verify import StageVerifyingKey
 from dlis_market.protocol.outbox import Outbox, sqlite_url
 from dlis_market.protocol.receipts import StageReceipt
 from dlis_market.protocol.zk_claims import ZkClaim, sign_stage_proof
@@ -148,3 +150,25 @@ def test_a_proof_the_chain_refuses_stays_a_dead_letter_with_the_reason(market, h
     assert recorded(market, receipt) is None
     digest = typed_digest(market.market().domain(), "Receipt", receipt.signed.receipt.message())
     assert all(bytes(e["args"]["receiptDigest"]) != digest for e in proven_events(market))
+
+
+def test_a_proof_whose_circuit_was_set_up_again_is_a_dead_letter(market, head, node, tmp_path: Path) -> None:
+    """The queued row names the key hash the proof was verified with; a circuit set up again since
+    (other key files) is never registered in its place."""
+    folder = tmp_path / "circuit"
+    shutil.copytree(head.key.vk_path.parent, folder)
+    key = StageVerifyingKey(folder / "settings.json", folder / "vk.key", head.key.srs_path)
+    assert key.vk_hash == head.key.vk_hash  # read now, as when the broker verified the proof
+    (folder / "vk.key").write_bytes(b"another set-up")
+    receipt = stage_receipt(market, head, node, b"\x04" * 32)
+
+    async def run() -> list:
+        async with running(market, tmp_path) as rec:
+            await rec.submit(receipt, key, head.tokens)
+            await drained(rec)
+            return await rec.outbox.dead_letters(RECORD_KIND)
+
+    dead = asyncio.run(run())
+    assert len(dead) == 1 and "set up again" in dead[0].last_error, dead
+    assert recorded(market, receipt) is None
+    assert market.stage_proofs().circuit_of(head.key.vk_hash) is None  # nothing registered from other files
