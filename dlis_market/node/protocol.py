@@ -11,7 +11,8 @@ Ops (bodies are the ``*Body`` models below; ``step`` carries an ``inference.mess
 inputs, for spot checks: ``node/transcripts.py``), ``receipts`` (a vanished opener's kept
 receipts), ``batch_receipt`` (broker -> stage: sign one Merkle ``BatchReceipt`` over receipts the
 stage signed, ``node/receipts.py`` ``sign_batch``), ``fingerprint_check`` (broker -> replica:
-validate another stage's call with one prefill, ``node/call_checks.py``), ``tokens`` and
+validate another stage's call with one prefill, ``node/call_checks.py``), ``share_linear`` (client
+-> a worker of its private layer: one projection of one share, ``node/shared_layers.py``), ``tokens`` and
 ``fail`` (stage -> the session's caller; a stage whose next peer is the caller itself sends
 ``step``), ``reply``/``error`` (answers).
 """
@@ -49,6 +50,7 @@ OPS = frozenset(
         "receipts",
         "batch_receipt",
         "fingerprint_check",
+        "share_linear",
         "tokens",
         "fail",
         "reply",

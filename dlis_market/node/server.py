@@ -63,6 +63,7 @@ from dlis_market.node.protocol import (
 )
 from dlis_market.node.routing import choose_range
 from dlis_market.node.sessions import Batch, QueuedStep, WorkerSession, plan_batches, row_bytes
+from dlis_market.node.shared_layers import SharedProjections, ShareLinearBody
 from dlis_market.node.telemetry import TelemetryRecorder, WorkerTelemetry
 from dlis_market.node.transcripts import Transcript, TranscriptRequest, TranscriptStore
 from dlis_market.node.transport import ChannelPool, start_dht
@@ -171,6 +172,7 @@ class Worker:
         )  # fmt: skip
         if self.stage.is_last:  # commits to the hidden states its head reads (it sends tokens); after profiling
             self.recorder = FingerprintRecorder(self.stage)
+        self.shared = SharedProjections(self.stage)  # a client's private layers on secret shares
         entry = self.stage.entry
         report = attestation.AttestationReport(
             peer_id=self.peer_id,
@@ -294,6 +296,8 @@ class Worker:
             elif op == "transcript":
                 req = parse_body(TranscriptRequest, body)
                 answer = self.transcripts.get(req.session_id, channel.peer).to_wire()
+            elif op == "share_linear":
+                answer = await self._share_linear(channel.peer, parse_body(ShareLinearBody, body))
             elif op == "fingerprint_check":
                 answer = await self._fingerprint_check(channel.peer, parse_body(call_checks.FingerprintCheckBody, body))
             elif op == "info":
@@ -472,6 +476,14 @@ class Worker:
             "proof": proof.proof, "proof_signature": signature, "proof_rows": rows.numpy().tobytes(),
             "prove_ms": round((time.perf_counter() - began) * 1000),
         }  # fmt: skip
+
+    async def _share_linear(self, sender: str, req: ShareLinearBody) -> dict[str, Any]:
+        """One projection of a client's private layer on one share of its activations (a ticket
+        of the job on this range, as for a session; node/shared_layers.py)."""
+        self._check_served(req.model, req.start, req.end, req.job_id)
+        await self._check_ticket(sender, req.ticket, req.job_id)
+        async with self.compute:
+            return await asyncio.to_thread(self.shared.apply, req)
 
     async def _fingerprint_check(self, sender: str, req: call_checks.FingerprintCheckBody) -> dict[str, Any]:
         """Validate another stage's call of a job from its fingerprint with one prefill (a spot

@@ -61,6 +61,16 @@ def make_tiny_llama(path: Path, layers: int = 6, seed: int = 1234, vocab_size: i
     return path
 
 
+def tiny_fp32_shards(root: Path, name: str, split: int, layers: int, **model: Any) -> tuple[Path, Path]:
+    """A tiny Llama (``make_tiny_llama``) under ``root/model`` and its two fp32 shards
+    ``[0, split)`` and ``[split, layers)`` under ``root/shards``, published as ``name``."""
+    model_dir = make_tiny_llama(root / "model", layers=layers, **model)
+    shards = root / "shards"
+    ranges = [LayerRange(start=0, end=split), LayerRange(start=split, end=layers)]
+    export_shards(model_dir, shards, ranges=ranges, dtype="fp32", name=name)
+    return model_dir, shards
+
+
 def tiny_shards(root: Path, ranges: list[tuple[int, int]], name: str = "tiny-llama", vocab_size: int = 96) -> Path:
     model_dir = make_tiny_llama(root / "model", layers=ranges[-1][1], vocab_size=vocab_size)
     out = root / "shards"

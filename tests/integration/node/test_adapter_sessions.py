@@ -23,13 +23,12 @@ from transformers import AutoModelForCausalLM
 
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).parents[1] / "storage"))
-from node_helpers import Swarm, _wait_ready, driver_settings, make_tiny_llama, run_pinned_job, wait_for_spans
+from node_helpers import Swarm, _wait_ready, driver_settings, run_pinned_job, tiny_fp32_shards, wait_for_spans
 
 from dlis_market.broker.spot_checks import SpotChecker
 from dlis_market.chain.typed_data import Domain
 from dlis_market.cli.model_adapter import check_adapter
 from dlis_market.inference.adapter_training import train_tiny_adapter
-from dlis_market.inference.shard_export import export_shards
 from dlis_market.node.driver import PipelineDriver
 from dlis_market.node.errors import RemoteError
 from dlis_market.node.protocol import OpenBody
@@ -39,7 +38,6 @@ from dlis_market.protocol.spot_checks import FingerprintCheckPass, SpotCheckEvid
 from dlis_market.storage.adapter_store import publish_adapter
 from dlis_market.storage.client import KuboClient
 from dlis_market.storage.daemon import DaemonConfig, EmbeddedDaemon
-from dlis_market.types import LayerRange
 
 MODEL = "tiny-lora"
 PROMPTS = [[3, 1, 4, 1, 5], [9, 2, 6], [5, 3, 5, 8, 9, 7]]
@@ -50,10 +48,7 @@ ADAPTER_MODEL_ID = b"\x0a" * 32  # no chain here: the id receipts must name
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     root = tmp_path_factory.mktemp("adapter-swarm")
-    model_dir = make_tiny_llama(root / "model", layers=4)
-    shards = root / "shards"
-    export_shards(model_dir, shards, ranges=[LayerRange(start=0, end=2), LayerRange(start=2, end=4)], dtype="fp32",
-                  name=MODEL)  # fmt: skip
+    model_dir, shards = tiny_fp32_shards(root, MODEL, split=2, layers=4)
     adapter_dir = root / "qv"
     train_tiny_adapter(model_dir, adapter_dir, r=4, steps=4, seed=3)
     ipfs = EmbeddedDaemon(DaemonConfig(repo=root / "ipfs", request_timeout_s=30))

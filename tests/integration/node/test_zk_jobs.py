@@ -22,13 +22,12 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from node_helpers import Swarm, _wait_ready, driver_settings, make_tiny_llama, run_pinned_job, wait_for_spans
+from node_helpers import Swarm, _wait_ready, driver_settings, run_pinned_job, tiny_fp32_shards, wait_for_spans
 
 from dlis_market.broker.backend import BackendJob
 from dlis_market.broker.p2p_backend import P2PBackend
 from dlis_market.broker.zk_proofs import HeadProofs
 from dlis_market.chain.job_market import receipt_signer
-from dlis_market.inference.shard_export import export_shards
 from dlis_market.inference.stage import Stage
 from dlis_market.inference.zk_stage import head_circuit
 from dlis_market.node.driver import PipelineDriver
@@ -37,7 +36,6 @@ from dlis_market.node.protocol import OpenBody
 from dlis_market.oracle.zk_verify import ZkProofRefusedError
 from dlis_market.protocol.routes import RouteHop
 from dlis_market.settings import Settings, ZkSettings
-from dlis_market.types import LayerRange
 
 MODEL = "tiny-zk"
 PROMPT = [3, 1, 4, 1, 5]
@@ -47,10 +45,7 @@ NEW = 3
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     root = tmp_path_factory.mktemp("zk-swarm")
-    model_dir = make_tiny_llama(root / "model", layers=2, vocab_size=32, hidden=16)
-    shards = root / "shards"
-    export_shards(model_dir, shards, ranges=[LayerRange(start=0, end=1), LayerRange(start=1, end=2)], dtype="fp32",
-                  name=MODEL)  # fmt: skip
+    _, shards = tiny_fp32_shards(root, MODEL, split=1, layers=2, vocab_size=32, hidden=16)
     # the verifier sets the circuit up first and makes the SRS every prover must use (the oracle's role)
     verifier_cache = root / "zk-verifier"
     head_circuit(Stage.load(shards, index=1).model, NEW, verifier_cache, None)

@@ -1,0 +1,177 @@
+"""A client's first layer on secret-shared activations: linear projections on two workers.
+
+The client keeps its prompt's embeddings from the workers that compute its first layer. It embeds
+the tokens itself and runs the layer's norms, rotary embedding, attention (with its own KV cache)
+and activation function; each of the layer's seven projections (q, k, v, o, gate, up, down) goes
+out as two additive shares over Z/2^64 (:mod:`dlis_market.inference.secret_sharing`), one to each
+of two workers that serve the layer (of different operators), over the ``share_linear`` op. Each
+worker multiplies its share by its fixed-point weights; the client adds the two answers.
+
+What each party learns, exactly:
+- each share worker: one uniformly random share per projection call, independent of the
+  activations (perfect secrecy, whatever its computing power), the call's shape (tokens x width)
+  and timing; the two workers' operators together (if they collude) learn the activations;
+- the stage that continues after the private layer: the hidden state after it, which (like any
+  hidden state) can be inverted toward the prompt; the private layer keeps the *embeddings*, and
+  the first layer's own activations, from the workers, not the prompt from every later stage.
+
+Fixed point: activations with :data:`X_BITS` fraction bits, weights with :data:`W_BITS`, so the
+answer is exact to about ``2**-X_BITS`` per input element times the weights, while ``|x @ W|``
+stays below ``2**(62 - X_BITS - W_BITS)`` (2^26: far above any activation of a trained model).
+
+- :class:`ShareLinearBody` / :class:`SharedProjections`: the worker's side (``node/server.py``);
+- :class:`PrivateLayers`: the client's side, the entry stage's first layer with its projections
+  replaced by remote ones (the stage's own code runs everything else).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+import numpy as np
+import torch
+from pydantic import Field
+from torch import nn
+from transformers import DynamicCache
+
+from dlis_market.inference.secret_sharing import FixedPoint, SharedLinear, reconstruct, share
+from dlis_market.inference.stage import Stage
+from dlis_market.node.errors import ProtocolError
+from dlis_market.types import WireModel
+
+# projection -> the layer submodule holding it (Llama family)
+PROJECTIONS = {
+    "q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
+    "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp",
+}  # fmt: skip
+X_BITS = 18
+W_BITS = 18
+CODEC = FixedPoint(X_BITS, W_BITS)
+# One share per frame stays well under the protocol's 1 MiB control-frame limit (node/protocol.py).
+SHARE_FRAME_BYTES = 512 * 1024
+
+
+class ShareLinearBody(WireModel):
+    """One share of a projection's input ``[rows, in]`` (int64 little endian, row major), for
+    layer ``layer`` of the worker's range ``[start, end)`` of ``model``, under a ticket of ``job_id``."""
+
+    model: str
+    start: int = Field(ge=0, lt=2**32)
+    end: int = Field(ge=1, lt=2**32)
+    job_id: bytes
+    ticket: dict[str, Any] | None = None
+    layer: int = Field(ge=0, lt=2**32)
+    projection: str
+    rows: int = Field(ge=1, le=1 << 16)
+    share: bytes
+
+
+def _weight(stage: Stage, layer: int, projection: str) -> torch.Tensor:
+    if projection not in PROJECTIONS:
+        raise ProtocolError(f"projection {projection!r} is not one of {', '.join(PROJECTIONS)}")
+    if not stage.layers.start <= layer < stage.layers.end:
+        raise ProtocolError(f"layer {layer} is not in this stage's range {stage.layers}")
+    block = stage.family.get_layers(stage.model)[layer - stage.layers.start]
+    module = getattr(getattr(block, PROJECTIONS[projection]), projection, None)
+    weight = getattr(module, "weight", None)
+    if not isinstance(weight, torch.Tensor) or not weight.is_floating_point():
+        raise ProtocolError(
+            f"layer {layer}'s {projection} is not a plain float linear here (quantized stages cannot serve "
+            "shares): serve the layer unquantized"
+        )
+    return weight
+
+
+class SharedProjections:
+    """A worker's projections in fixed point, made on first use per (layer, projection)."""
+
+    def __init__(self, stage: Stage) -> None:
+        self.stage = stage
+        self._linears: dict[tuple[int, str], SharedLinear] = {}
+
+    def apply(self, req: ShareLinearBody) -> dict[str, Any]:
+        key = (req.layer, req.projection)
+        if key not in self._linears:
+            self._linears[key] = SharedLinear(_weight(self.stage, req.layer, req.projection), CODEC)
+        linear = self._linears[key]
+        width = linear.w_ring_t.shape[0]
+        if len(req.share) != 8 * req.rows * width:
+            raise ProtocolError(
+                f"a share of {req.rows} rows of {width} int64 values is {8 * req.rows * width} bytes, "
+                f"got {len(req.share)}"
+            )
+        x = torch.from_numpy(np.frombuffer(req.share, dtype="<i8").copy()).reshape(req.rows, width)
+        out = linear.apply(x)
+        return {"out": out.numpy().astype("<i8").tobytes(), "cols": int(out.shape[1])}
+
+
+# (layer, projection, rows, share for worker A, share for worker B) -> (A's answer, B's, columns)
+Call = Callable[[int, str, int, bytes, bytes], Coroutine[Any, Any, tuple[bytes, bytes, int]]]
+
+
+class _RemoteLinear(nn.Module):
+    """A projection computed by the two share workers (see :class:`PrivateLayers`)."""
+
+    def __init__(self, owner: PrivateLayers, layer: int, projection: str, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.owner, self.layer, self.projection, self.dtype = owner, layer, projection, dtype
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.owner.project(self.layer, self.projection, x).to(self.dtype)
+
+
+class PrivateLayers:
+    """The client's side: ``entry`` (the stage of the shared layers, loaded locally for its
+    embeddings, norms and attention) with every projection of its layers computed on shares by
+    ``call`` (which sends the two shares to the two workers and returns their answers).
+
+    :meth:`forward` runs in a worker thread (torch calls the projections synchronously); the
+    shares go out through ``loop``, the event loop the P2P connections live on."""
+
+    def __init__(self, entry: Stage, call: Call, loop: asyncio.AbstractEventLoop, timeout_s: float = 60.0):
+        if not entry.is_first:
+            raise ProtocolError("the private layers start at the embeddings: load the model's first stage")
+        self.entry, self.call, self.loop, self.timeout_s = entry, call, loop, timeout_s
+        self.cache = DynamicCache()
+        self.position = 0
+        self.bytes_sent = 0  # share bytes to both workers
+        self.calls = 0
+        blocks = entry.family.get_layers(entry.model)
+        for i, block in enumerate(blocks):
+            for projection, parent in PROJECTIONS.items():
+                holder = getattr(block, parent)
+                weight = getattr(holder, projection).weight
+                setattr(holder, projection, _RemoteLinear(self, entry.layers.start + i, projection, weight.dtype))
+
+    def project(self, layer: int, projection: str, x: torch.Tensor) -> torch.Tensor:
+        """``x @ W.T`` of the layer's projection, computed on shares by the two workers (rows go
+        in chunks of at most :data:`SHARE_FRAME_BYTES` per share: a long prompt's prefill too)."""
+        rows = x.reshape(-1, x.shape[-1]).float()
+        per_frame = max(1, SHARE_FRAME_BYTES // (8 * rows.shape[1]))
+        outs = [self._project_rows(layer, projection, chunk) for chunk in rows.split(per_frame)]
+        return torch.cat(outs).reshape(*x.shape[:-1], outs[0].shape[-1])
+
+    def _project_rows(self, layer: int, projection: str, rows: torch.Tensor) -> torch.Tensor:
+        a, b = share(CODEC.encode_x(rows))
+        shares = (a.numpy().astype("<i8").tobytes(), b.numpy().astype("<i8").tobytes())
+        future = asyncio.run_coroutine_threadsafe(self.call(layer, projection, rows.shape[0], *shares), self.loop)
+        out_a, out_b, cols = future.result(self.timeout_s)
+        self.bytes_sent += 2 * len(shares[0])
+        self.calls += 1
+        ya = torch.from_numpy(np.frombuffer(out_a, dtype="<i8").copy()).reshape(rows.shape[0], cols)
+        yb = torch.from_numpy(np.frombuffer(out_b, dtype="<i8").copy()).reshape(rows.shape[0], cols)
+        return CODEC.decode(reconstruct(ya, yb))
+
+    @torch.no_grad()
+    def forward(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """Token ids ``[1, T]`` at the session's next positions -> the hidden state after the
+        shared layers ``[1, T, H]`` (what the next stage takes)."""
+        n = token_ids.shape[1]
+        position_ids = torch.arange(self.position, self.position + n).unsqueeze(0)
+        e = self.entry
+        hidden = e.family.embed(e.model, token_ids, position_ids)
+        hidden = e.family.run_layers(e.model, hidden, position_ids, self.cache, e.stage_config)
+        self.position += n
+        return hidden

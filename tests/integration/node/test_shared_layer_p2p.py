@@ -1,0 +1,106 @@
+"""A client's first layer on secret-shared activations (node/shared_layers.py), through real P2P
+workers: the client embeds its tokens and runs the layer's norms, attention and activation itself,
+and each of the layer's seven projections goes as two additive shares to two workers that serve
+layer 0. The hidden state after the layer equals the model's own within the fixed-point error, for
+a prefill and decode steps on the client's KV cache; a worker answers only under a ticket for the
+job, for the layers it serves.
+
+Tiny Llama (hidden 32, fp32): ``a`` and ``b`` serve [0, 1) (the share workers), ``c`` [1, 2).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+sys.path.insert(0, str(Path(__file__).parent))
+from node_helpers import Swarm, _wait_ready, driver_settings, tiny_fp32_shards, wait_for_spans
+
+from dlis_market.inference.stage import Stage
+from dlis_market.node.driver import PipelineDriver
+from dlis_market.node.errors import RemoteError
+from dlis_market.node.shared_layers import PrivateLayers, ShareLinearBody
+from dlis_market.protocol.routes import RouteHop
+
+MODEL = "tiny-private"
+PROMPT = [7, 3, 41, 12, 5]
+JOB = b"\x0b" * 32
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    root = tmp_path_factory.mktemp("shared-layer")
+    model_dir, shards = tiny_fp32_shards(root, MODEL, split=1, layers=2)
+    with Swarm(root / "swarm") as sw:
+        workers = {name: sw.launch(shards, layers, name) for name, layers in (("a", "0:1"), ("b", "0:1"), ("c", "1:2"))}
+        for w in workers.values():
+            w.info = _wait_ready(w.proc, 240, w.log_path)
+        yield {"swarm": sw, "workers": workers, "shards": shards, "model_dir": model_dir}
+
+
+def hop(w: Any) -> RouteHop:
+    return RouteHop(w.peer_id, w.info["node_address"], w.info["start"], w.info["end"], 10**12)
+
+
+def body(driver: PipelineDriver, w: Any, layer: int, projection: str, rows: int, share: bytes, job=JOB) -> dict:
+    return ShareLinearBody(
+        model=MODEL, start=w.info["start"], end=w.info["end"], job_id=job, ticket=driver.ticket(job, MODEL, hop(w)),
+        layer=layer, projection=projection, rows=rows, share=share,
+    ).model_dump()  # fmt: skip
+
+
+def test_the_first_layer_on_shares_equals_the_models_and_needs_a_ticket(world: dict[str, Any]) -> None:
+    a, b, c = (world["workers"][n] for n in ("a", "b", "c"))
+    model = AutoModelForCausalLM.from_pretrained(world["model_dir"], dtype=torch.float32).eval()
+
+    async def run() -> None:
+        driver = await PipelineDriver.create(world["swarm"].initial_peers, driver_settings())
+        try:
+            await wait_for_spans(driver, MODEL, 3)
+
+            async def call(layer: int, projection: str, rows: int, share_a: bytes, share_b: bytes):
+                got_a, got_b = await asyncio.gather(*(
+                    driver.pool.request(w.peer_id, "share_linear", body(driver, w, layer, projection, rows, x), 30)
+                    for w, x in ((a, share_a), (b, share_b))
+                ))  # fmt: skip
+                return bytes(got_a["out"]), bytes(got_b["out"]), int(got_a["cols"])
+
+            private = PrivateLayers(Stage.load(world["shards"], index=0), call, asyncio.get_running_loop())
+            ids, worst, took = list(PROMPT), 0.0, []
+            step = torch.tensor([ids])
+            for _ in range(4):  # the prompt, then three greedy steps on the client's KV cache
+                began = time.perf_counter()
+                got = await asyncio.to_thread(private.forward, step)
+                took.append(time.perf_counter() - began)
+                with torch.no_grad():
+                    out = model(torch.tensor([ids]), output_hidden_states=True)
+                want = out.hidden_states[1][:, -got.shape[1] :]  # after layer 0
+                worst = max(worst, float((got - want).abs().max()))
+                ids.append(int(out.logits[0, -1].argmax()))
+                step = torch.tensor([ids[-1:]])
+            assert worst < 1e-3, worst  # fixed point at 2^-18
+            print(f"private layer 0: worst error {worst:.2e}; prefill {took[0] * 1e3:.1f} ms, decode steps "
+                  f"{', '.join(f'{t * 1e3:.1f}' for t in took[1:])} ms; {private.bytes_sent} share bytes")  # fmt: skip
+            assert private.calls == 4 * 7  # seven projections per step, each to both workers
+            assert private.bytes_sent > 0
+
+            # no ticket: refused; a worker that does not serve layer 0: refused
+            unticketed = {**body(driver, a, 0, "q_proj", 1, bytes(8 * 32)), "ticket": None}
+            with pytest.raises(RemoteError):
+                await driver.pool.request(a.peer_id, "share_linear", unticketed, 30)
+            with pytest.raises(RemoteError, match="layer 0 is not in this stage's range"):
+                await driver.pool.request(c.peer_id, "share_linear", body(driver, c, 0, "q_proj", 1, bytes(8 * 32)), 30)
+            with pytest.raises(RemoteError, match="int64 values"):
+                await driver.pool.request(a.peer_id, "share_linear", body(driver, a, 0, "q_proj", 2, bytes(8 * 32)), 30)
+        finally:
+            await driver.close()
+
+    asyncio.run(run())
