@@ -28,10 +28,14 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
+import shutil
+import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from eth_account.signers.local import LocalAccount
+from eth_utils import keccak
 from web3 import Web3
 from web3.types import TxReceipt
 
@@ -171,14 +175,25 @@ class ProofRecorder:
 
     def _circuit(self, key: StageVerifyingKey, vk_hash: bytes, model_id: bytes) -> list[bytes]:
         """The circuit's VKA words, registering the circuit on chain first if it is not yet."""
-        if key.vk_hash != vk_hash:
+        try:
+            vk = key.vk_path.read_bytes()
+        except OSError as exc:
+            raise UnrecordableProofError(f"the circuit's key {key.vk_path} is gone ({exc})") from exc
+        if bytes(keccak(vk)) != vk_hash:
             raise UnrecordableProofError(
-                f"the key at {key.vk_path} hashes to 0x{key.vk_hash.hex()}, not the 0x{vk_hash.hex()} the proof was "
-                "verified with: the circuit was set up again since; its proof cannot be registered from these files"
+                f"the key at {key.vk_path} hashes to 0x{bytes(keccak(vk)).hex()}, not the 0x{vk_hash.hex()} the proof "
+                "was verified with: the circuit was set up again since; its proof cannot be registered from these files"
             )
         evm = key.vk_path.parent / f"evm-{vk_hash.hex()[:16]}"  # named by the key it was rendered from
         if not (evm / "vka.bin").exists():
-            render_verifier(key.vk_path, key.settings_path, key.srs_path, evm)
+            # rendered from the bytes just hashed (a set-up running meanwhile cannot swap them), then
+            # moved into place whole
+            with tempfile.TemporaryDirectory(dir=key.vk_path.parent, prefix=".evm-") as tmp:
+                frozen = Path(tmp) / "vk.key"
+                frozen.write_bytes(vk)
+                render_verifier(frozen, key.settings_path, key.srs_path, Path(tmp) / "evm")
+                shutil.rmtree(evm, ignore_errors=True)
+                os.replace(Path(tmp) / "evm", evm)
         vka = read_vka(evm / "vka.bin")
         if self.registry.circuit_of(vk_hash) is None:
             circuit = CircuitRegistration(

@@ -483,7 +483,12 @@ class Worker:
         self._check_served(req.model, req.start, req.end, req.job_id)
         await self._check_ticket(sender, req.ticket, req.job_id)
         async with self.compute:
-            return await asyncio.to_thread(self.shared.apply, req)
+            try:
+                return await asyncio.to_thread(self.shared.apply, req, sender)
+            except DlisError:
+                raise
+            except Exception as exc:  # answered as an error: the caller's stream and sessions stay
+                raise ProtocolError(f"share_linear failed here: {type(exc).__name__}: {exc}") from exc
 
     async def _fingerprint_check(self, sender: str, req: call_checks.FingerprintCheckBody) -> dict[str, Any]:
         """Validate another stage's call of a job from its fingerprint with one prefill (a spot

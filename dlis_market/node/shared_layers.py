@@ -27,6 +27,7 @@ stays below ``2**(62 - X_BITS - W_BITS)`` (2^26: far above any activation of a t
 from __future__ import annotations
 
 import asyncio
+from collections import OrderedDict
 from collections.abc import Callable, Coroutine
 from typing import Any
 
@@ -49,8 +50,12 @@ PROJECTIONS = {
 X_BITS = 18
 W_BITS = 18
 CODEC = FixedPoint(X_BITS, W_BITS)
-# One share per frame stays well under the protocol's 1 MiB control-frame limit (node/protocol.py).
+# A call carries at most this many bytes of share in, and of answer out: the client splits rows.
 SHARE_FRAME_BYTES = 512 * 1024
+# A job may ask a worker for at most this many projections' rows per layer and token of its
+# longest session (7 projections; the rest is slack for a replayed step).
+ROWS_PER_JOB_FACTOR = 8
+MAX_TRACKED_JOBS = 4096
 
 
 class ShareLinearBody(WireModel):
@@ -69,42 +74,66 @@ class ShareLinearBody(WireModel):
 
 
 def _weight(stage: Stage, layer: int, projection: str) -> torch.Tensor:
+    """The projection's weight, on CPU (int64 matmuls run there), of the entry stage's layers only."""
     if projection not in PROJECTIONS:
         raise ProtocolError(f"projection {projection!r} is not one of {', '.join(PROJECTIONS)}")
-    if not stage.layers.start <= layer < stage.layers.end:
-        raise ProtocolError(f"layer {layer} is not in this stage's range {stage.layers}")
+    if not stage.is_first or not stage.layers.start <= layer < stage.layers.end:
+        raise ProtocolError(
+            f"layer {layer} is not in this stage's range {stage.layers} of a model's first stage: shares are "
+            "served for the layers of the stage that holds the embeddings"
+        )
     block = stage.family.get_layers(stage.model)[layer - stage.layers.start]
-    module = getattr(getattr(block, PROJECTIONS[projection]), projection, None)
+    module = getattr(getattr(block, PROJECTIONS[projection], None), projection, None)
     weight = getattr(module, "weight", None)
     if not isinstance(weight, torch.Tensor) or not weight.is_floating_point():
         raise ProtocolError(
-            f"layer {layer}'s {projection} is not a plain float linear here (quantized stages cannot serve "
-            "shares): serve the layer unquantized"
+            f"layer {layer}'s {projection} is not a plain float linear here (quantized stages and families "
+            "without Llama projections cannot serve shares)"
         )
-    return weight
+    return weight.detach().cpu()
 
 
 class SharedProjections:
-    """A worker's projections in fixed point, made on first use per (layer, projection)."""
+    """A worker's projections in fixed point, made on first use per (layer, projection) of its
+    first-stage layers. Work is bounded per (job, caller): one share frame per call and, over a
+    job, the rows of :data:`ROWS_PER_JOB_FACTOR` projections of the stage's longest session."""
 
     def __init__(self, stage: Stage) -> None:
         self.stage = stage
         self._linears: dict[tuple[int, str], SharedLinear] = {}
+        self._rows: OrderedDict[tuple[bytes, str], int] = OrderedDict()  # (job, caller) -> rows served
 
-    def apply(self, req: ShareLinearBody) -> dict[str, Any]:
+    def apply(self, req: ShareLinearBody, caller: str) -> dict[str, Any]:
         key = (req.layer, req.projection)
         if key not in self._linears:
             self._linears[key] = SharedLinear(_weight(self.stage, req.layer, req.projection), CODEC)
         linear = self._linears[key]
-        width = linear.w_ring_t.shape[0]
+        width, cols = linear.w_ring_t.shape
         if len(req.share) != 8 * req.rows * width:
             raise ProtocolError(
                 f"a share of {req.rows} rows of {width} int64 values is {8 * req.rows * width} bytes, "
                 f"got {len(req.share)}"
             )
+        if 8 * req.rows * max(width, cols) > SHARE_FRAME_BYTES:
+            raise ProtocolError(
+                f"{req.rows} rows of {width} -> {cols} values exceed the {SHARE_FRAME_BYTES}-byte share frame: "
+                f"send at most {SHARE_FRAME_BYTES // (8 * max(width, cols))} rows a call"
+            )
+        tokens = self.stage.sessions.token_limit
+        budget = ROWS_PER_JOB_FACTOR * self.stage.layers.size * tokens
+        used = self._rows.pop((req.job_id, caller), 0) + req.rows
+        self._rows[(req.job_id, caller)] = used
+        while len(self._rows) > MAX_TRACKED_JOBS:
+            self._rows.popitem(last=False)
+        if used > budget:
+            raise ProtocolError(
+                f"job 0x{req.job_id.hex()[:16]}.. asked for {used} rows of shared projections here, over the "
+                f"{budget} its session could need ({ROWS_PER_JOB_FACTOR} projections x layers x "
+                f"{tokens} tokens)"
+            )
         x = torch.from_numpy(np.frombuffer(req.share, dtype="<i8").copy()).reshape(req.rows, width)
         out = linear.apply(x)
-        return {"out": out.numpy().astype("<i8").tobytes(), "cols": int(out.shape[1])}
+        return {"out": out.numpy().astype("<i8").tobytes(), "cols": int(cols)}
 
 
 # (layer, projection, rows, share for worker A, share for worker B) -> (A's answer, B's, columns)
@@ -112,27 +141,38 @@ Call = Callable[[int, str, int, bytes, bytes], Coroutine[Any, Any, tuple[bytes, 
 
 
 class _RemoteLinear(nn.Module):
-    """A projection computed by the two share workers (see :class:`PrivateLayers`)."""
+    """A projection computed by the two share workers (see :class:`PrivateLayers`); its bias, if
+    any, is added here."""
 
-    def __init__(self, owner: PrivateLayers, layer: int, projection: str, dtype: torch.dtype) -> None:
+    def __init__(self, owner: PrivateLayers, layer: int, projection: str, weight: torch.Tensor, bias: Any) -> None:
         super().__init__()
-        self.owner, self.layer, self.projection, self.dtype = owner, layer, projection, dtype
+        weight = weight.detach()
+        self.owner, self.layer, self.projection, self.dtype = owner, layer, projection, weight.dtype
+        self.cols, self.width = int(weight.shape[0]), int(weight.shape[1])
+        self.row_abs_sum = float(weight.float().abs().sum(dim=1).max())  # for the ring's headroom
+        self.bias = bias.detach().float() if isinstance(bias, torch.Tensor) else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.owner.project(self.layer, self.projection, x).to(self.dtype)
+        out = self.owner.project(self, x)
+        return (out if self.bias is None else out + self.bias).to(self.dtype)
 
 
 class PrivateLayers:
-    """The client's side: ``entry`` (the stage of the shared layers, loaded locally for its
-    embeddings, norms and attention) with every projection of its layers computed on shares by
-    ``call`` (which sends the two shares to the two workers and returns their answers).
+    """The client's side: ``entry`` (the model's first stage, loaded locally for its embeddings,
+    norms and attention) with every projection of its layers computed on shares by ``call``
+    (which sends the two shares to the two workers and returns their answers). All of the entry
+    stage's layers are computed this way: publish the model with a first stage of one layer to
+    keep the client's share of the work to one layer.
 
     :meth:`forward` runs in a worker thread (torch calls the projections synchronously); the
-    shares go out through ``loop``, the event loop the P2P connections live on."""
+    shares go out through ``loop``, the event loop the P2P connections live on. Workers are
+    trusted to compute, not to see: a worker that adds an error to its answer is not detected."""
 
     def __init__(self, entry: Stage, call: Call, loop: asyncio.AbstractEventLoop, timeout_s: float = 60.0):
         if not entry.is_first:
             raise ProtocolError("the private layers start at the embeddings: load the model's first stage")
+        if entry.device.type != "cpu":
+            raise ProtocolError(f"the client's private layers run on CPU (fixed point in int64), not {entry.device}")
         self.entry, self.call, self.loop, self.timeout_s = entry, call, loop, timeout_s
         self.cache = DynamicCache()
         self.position = 0
@@ -141,23 +181,51 @@ class PrivateLayers:
         blocks = entry.family.get_layers(entry.model)
         for i, block in enumerate(blocks):
             for projection, parent in PROJECTIONS.items():
-                holder = getattr(block, parent)
-                weight = getattr(holder, projection).weight
-                setattr(holder, projection, _RemoteLinear(self, entry.layers.start + i, projection, weight.dtype))
+                holder = getattr(block, parent, None)
+                original = getattr(holder, projection, None)
+                weight = getattr(original, "weight", None)
+                if not isinstance(weight, torch.Tensor) or not weight.is_floating_point():
+                    raise ProtocolError(
+                        f"layer {entry.layers.start + i}'s {projection} is not a plain float linear: the private "
+                        "layers need an unquantized Llama-family first stage"
+                    )
+                bias = getattr(original, "bias", None)
+                setattr(holder, projection, _RemoteLinear(self, entry.layers.start + i, projection, weight, bias))
 
-    def project(self, layer: int, projection: str, x: torch.Tensor) -> torch.Tensor:
+    def project(self, linear: _RemoteLinear, x: torch.Tensor) -> torch.Tensor:
         """``x @ W.T`` of the layer's projection, computed on shares by the two workers (rows go
-        in chunks of at most :data:`SHARE_FRAME_BYTES` per share: a long prompt's prefill too)."""
+        in frames of at most :data:`SHARE_FRAME_BYTES`, in and out: a long prompt's prefill too)."""
         rows = x.reshape(-1, x.shape[-1]).float()
-        per_frame = max(1, SHARE_FRAME_BYTES // (8 * rows.shape[1]))
-        outs = [self._project_rows(layer, projection, chunk) for chunk in rows.split(per_frame)]
-        return torch.cat(outs).reshape(*x.shape[:-1], outs[0].shape[-1])
+        if not bool(torch.isfinite(rows).all()):
+            raise ProtocolError(f"layer {linear.layer}'s {linear.projection} input is not finite")
+        CODEC.check_headroom(rows, linear.row_abs_sum)
+        per_frame = max(1, SHARE_FRAME_BYTES // (8 * max(linear.width, linear.cols)))
+        outs = [self._project_rows(linear, chunk) for chunk in rows.split(per_frame)]
+        return torch.cat(outs).reshape(*x.shape[:-1], linear.cols)
 
-    def _project_rows(self, layer: int, projection: str, rows: torch.Tensor) -> torch.Tensor:
+    def _project_rows(self, linear: _RemoteLinear, rows: torch.Tensor) -> torch.Tensor:
+        try:
+            on_loop = asyncio.get_running_loop() is self.loop
+        except RuntimeError:  # no loop in this thread: the worker thread forward() runs in
+            on_loop = False
+        if on_loop:
+            raise ProtocolError("PrivateLayers.forward blocks: run it in a worker thread (asyncio.to_thread)")
         a, b = share(CODEC.encode_x(rows))
         shares = (a.numpy().astype("<i8").tobytes(), b.numpy().astype("<i8").tobytes())
-        future = asyncio.run_coroutine_threadsafe(self.call(layer, projection, rows.shape[0], *shares), self.loop)
-        out_a, out_b, cols = future.result(self.timeout_s)
+        future = asyncio.run_coroutine_threadsafe(
+            self.call(linear.layer, linear.projection, rows.shape[0], *shares), self.loop
+        )
+        try:
+            out_a, out_b, cols = future.result(self.timeout_s)
+        except BaseException:
+            future.cancel()
+            raise
+        n = rows.shape[0] * linear.cols
+        if cols != linear.cols or len(out_a) != 8 * n or len(out_b) != 8 * n:
+            raise ProtocolError(
+                f"layer {linear.layer}'s {linear.projection}: the workers answered {len(out_a)} and {len(out_b)} "
+                f"bytes of {cols} columns, expected {8 * n} bytes of {linear.cols}"
+            )
         self.bytes_sent += 2 * len(shares[0])
         self.calls += 1
         ya = torch.from_numpy(np.frombuffer(out_a, dtype="<i8").copy()).reshape(rows.shape[0], cols)
@@ -167,11 +235,20 @@ class PrivateLayers:
     @torch.no_grad()
     def forward(self, token_ids: torch.Tensor) -> torch.Tensor:
         """Token ids ``[1, T]`` at the session's next positions -> the hidden state after the
-        shared layers ``[1, T, H]`` (what the next stage takes)."""
+        shared layers ``[1, T, H]`` (what the next stage takes). A failed call leaves the
+        session as it was: the KV cache is cut back to the positions before it."""
         n = token_ids.shape[1]
+        if n == 0:
+            raise ProtocolError("a step of the private layers needs at least one token")
         position_ids = torch.arange(self.position, self.position + n).unsqueeze(0)
         e = self.entry
-        hidden = e.family.embed(e.model, token_ids, position_ids)
-        hidden = e.family.run_layers(e.model, hidden, position_ids, self.cache, e.stage_config)
+        try:
+            hidden = e.family.embed(e.model, token_ids, position_ids)
+            hidden = e.family.run_layers(e.model, hidden, position_ids, self.cache, e.stage_config)
+        except BaseException:
+            extra = self.cache.get_seq_length() - self.position  # this step's keys and values, if stored
+            if extra > 0:
+                self.cache.crop(-extra)
+            raise
         self.position += n
         return hidden

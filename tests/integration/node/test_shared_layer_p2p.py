@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -66,7 +67,13 @@ def test_the_first_layer_on_shares_equals_the_models_and_needs_a_ticket(world: d
         try:
             await wait_for_spans(driver, MODEL, 3)
 
+            sent: list[tuple[str, bytes, bytes]] = []  # (projection, share to a, share to b) of every call
+            fail_at: list[int | None] = [None]  # the call number at which worker b is gone
+
             async def call(layer: int, projection: str, rows: int, share_a: bytes, share_b: bytes):
+                sent.append((projection, share_a, share_b))
+                if fail_at[0] == len(sent):
+                    raise RemoteError("worker b is gone", "gone")
                 got_a, got_b = await asyncio.gather(*(
                     driver.pool.request(w.peer_id, "share_linear", body(driver, w, layer, projection, rows, x), 30)
                     for w, x in ((a, share_a), (b, share_b))
@@ -76,7 +83,12 @@ def test_the_first_layer_on_shares_equals_the_models_and_needs_a_ticket(world: d
             private = PrivateLayers(Stage.load(world["shards"], index=0), call, asyncio.get_running_loop())
             ids, worst, took = list(PROMPT), 0.0, []
             step = torch.tensor([ids])
-            for _ in range(4):  # the prompt, then three greedy steps on the client's KV cache
+            for i in range(4):  # the prompt, then three greedy steps on the client's KV cache
+                if i == 2:  # q, k and v go out, o_proj fails: the cache is cut back and the step runs again
+                    calls_before, fail_at[0] = private.calls, len(sent) + 4
+                    with pytest.raises(RemoteError, match="gone"):
+                        await asyncio.to_thread(private.forward, step)
+                    assert private.position == len(ids) - 1 and private.calls == calls_before + 3
                 began = time.perf_counter()
                 got = await asyncio.to_thread(private.forward, step)
                 took.append(time.perf_counter() - began)
@@ -89,13 +101,31 @@ def test_the_first_layer_on_shares_equals_the_models_and_needs_a_ticket(world: d
             assert worst < 1e-3, worst  # fixed point at 2^-18
             print(f"private layer 0: worst error {worst:.2e}; prefill {took[0] * 1e3:.1f} ms, decode steps "
                   f"{', '.join(f'{t * 1e3:.1f}' for t in took[1:])} ms; {private.bytes_sent} share bytes")  # fmt: skip
-            assert private.calls == 4 * 7  # seven projections per step, each to both workers
-            assert private.bytes_sent > 0
+            assert private.calls == 4 * 7 + 3  # seven projections per step, each to both workers (+3 of the failed)
+            # what each worker received: uniform ring elements, fresh every call, never the activations. A
+            # fixed-point encoding of activations (|x| < 2^40) has bits 40-63 all equal to its sign bit;
+            # a uniform element has bit 50 differ from bit 63 half the time
+            for side in (1, 2):
+                words = np.concatenate([np.frombuffer(call[side], dtype="<u8") for call in sent])
+                mixed = ((words >> np.uint64(50)) & np.uint64(1)) != (words >> np.uint64(63))
+                assert abs(float(mixed.mean()) - 0.5) < 0.05, (side, float(mixed.mean()))
+            q_shares = [x for p, x, _ in sent if p == "q_proj"]
+            assert len(set(q_shares)) == len(q_shares)
+            for _, x, y in sent:  # the shares add up to the encoded activations, which neither equals
+                total = (np.frombuffer(x, dtype="<i8") + np.frombuffer(y, dtype="<i8")).astype("<i8")
+                assert np.abs(total).max() < 2**40 and total.tobytes() not in (x, y)
 
-            # no ticket: refused; a worker that does not serve layer 0: refused
+            # no ticket, or a ticket for another range: refused; a worker that does not serve layer 0: refused
             unticketed = {**body(driver, a, 0, "q_proj", 1, bytes(8 * 32)), "ticket": None}
-            with pytest.raises(RemoteError):
+            with pytest.raises(RemoteError, match="ticket"):
                 await driver.pool.request(a.peer_id, "share_linear", unticketed, 30)
+            elsewhere = {**body(driver, a, 0, "q_proj", 1, bytes(8 * 32)), "ticket": driver.ticket(JOB, MODEL, hop(c))}
+            with pytest.raises(RemoteError, match="ticket"):
+                await driver.pool.request(a.peer_id, "share_linear", elsewhere, 30)
+            with pytest.raises(RemoteError, match="not one of"):
+                await driver.pool.request(
+                    a.peer_id, "share_linear", body(driver, a, 0, "lm_head", 1, bytes(8 * 32)), 30
+                )
             with pytest.raises(RemoteError, match="layer 0 is not in this stage's range"):
                 await driver.pool.request(c.peer_id, "share_linear", body(driver, c, 0, "q_proj", 1, bytes(8 * 32)), 30)
             with pytest.raises(RemoteError, match="int64 values"):
