@@ -102,7 +102,7 @@ def measure(
     rendered = render_verifier(circuit.vk_path, circuit.settings_path, circuit.srs_path, cache / f"v-{circuit.key}")
     vka_s = time.perf_counter() - began
     registry = market.stage_proofs()
-    tolerance = int(0.1 * 2**key.output_scale)
+    tolerance = key.output_tolerance
     reg = registry.register_circuit(
         market.oracle, CircuitRegistration(key.vk_hash, verifier, rendered.vka, model, vocab, tolerance)
     )

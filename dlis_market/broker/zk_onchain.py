@@ -31,7 +31,6 @@ import logging
 import os
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from eth_account.signers.local import LocalAccount
@@ -41,7 +40,7 @@ from web3.types import TxReceipt
 
 from dlis_market.chain.client import ChainClient
 from dlis_market.chain.errors import ContractRevertError
-from dlis_market.chain.market_messages import Receipt, SignedReceipt
+from dlis_market.chain.market_messages import SignedReceipt
 from dlis_market.chain.stage_proofs import (
     CircuitRegistration,
     StageProofRegistry,
@@ -52,33 +51,28 @@ from dlis_market.chain.stage_proofs import (
     read_vka,
     render_verifier,
 )
-from dlis_market.chain.typed_data import CompactSignature
 from dlis_market.errors import ChainError
 from dlis_market.oracle.zk_verify import StageVerifyingKey
 from dlis_market.protocol.outbox import Answer, Message, Outbox, Verdict
-from dlis_market.protocol.receipts import StageReceipt
+from dlis_market.protocol.receipts import ReceiptWire, StageReceipt
+from dlis_market.types import WireModel
 
 log = logging.getLogger(__name__)
 
 RECORD_KIND = "zk-record"
-# How far below its row's best logit a billed token's proven logit may sit, as the broker's own
-# check allows (oracle.zk_verify.verify_stage_proof's tolerance), in the circuit's fixed point.
-TOLERANCE = 0.1
 
 
 class UnrecordableProofError(ChainError):
     """A queued proof that no later delivery can record (its circuit's files changed since)."""
 
 
-@dataclass(frozen=True)
-class ProofToRecord:
-    """One verified head proof as it waits in the outbox (JSON; byte fields in hex)."""
+class ProofToRecord(WireModel):
+    """One verified head proof as it waits in the outbox (JSON)."""
 
     job_id: str
     node: str
     vk_hash: str  # of the key the broker verified the proof with (the key files may change later)
-    receipt: dict[str, str | int]
-    receipt_signature: str
+    receipt: ReceiptWire
     claim_signature: str
     proof: str  # EZKL's proof JSON
     token_ids: list[int]
@@ -88,25 +82,15 @@ class ProofToRecord:
 
     @classmethod
     def of(cls, receipt: StageReceipt, key: StageVerifyingKey, generated: list[int]) -> ProofToRecord:
-        r, claim = receipt.signed.receipt, receipt.proof
+        claim = receipt.proof
         if claim is None:
             raise ValueError("a receipt without a proof claim has nothing to record")
         return cls(
-            job_id=r.job_id.hex(), node=receipt.node, vk_hash=key.vk_hash.hex(),
-            receipt={"job_id": r.job_id.hex(), "model_id": r.model_id.hex(), "start": r.start, "end": r.end,
-                     "tokens": r.tokens, "output_hash": r.output_hash.hex(), "amount": str(r.amount)},
-            receipt_signature=receipt.signed.signature.signature.hex(), claim_signature=claim.signature.hex(),
+            job_id=receipt.signed.receipt.job_id.hex(), node=receipt.node, vk_hash=key.vk_hash.hex(),
+            receipt=ReceiptWire.from_signed(receipt.signed), claim_signature=claim.signature.hex(),
             proof=claim.proof.decode(), token_ids=list(generated), vk_path=str(key.vk_path),
             settings_path=str(key.settings_path), srs_path=str(key.srs_path),
         )  # fmt: skip
-
-    def signed_receipt(self) -> SignedReceipt:
-        f = self.receipt
-        r = Receipt(
-            bytes.fromhex(str(f["job_id"])), bytes.fromhex(str(f["model_id"])), int(f["start"]), int(f["end"]),
-            int(f["tokens"]), bytes.fromhex(str(f["output_hash"])), int(f["amount"]),
-        )  # fmt: skip
-        return SignedReceipt(r, CompactSignature.from_bytes(bytes.fromhex(self.receipt_signature)))
 
     def key(self) -> StageVerifyingKey:
         return StageVerifyingKey(Path(self.settings_path), Path(self.vk_path), Path(self.srs_path))
@@ -137,7 +121,7 @@ class ProofRecorder:
         """Queue the verified proof of ``receipt``: persisted before this returns, delivered by the
         outbox's loop (never here: a job does not wait for the chain)."""
         item = ProofToRecord.of(receipt, key, generated)
-        await self.outbox.put(RECORD_KIND, f"{item.node.lower()}:{item.job_id}", json.dumps(asdict(item)).encode())
+        await self.outbox.put(RECORD_KIND, f"{item.node.lower()}:{item.job_id}", item.model_dump_json().encode())
 
     @staticmethod
     def _heard(message: Message, answer: Answer) -> None:
@@ -146,8 +130,8 @@ class ProofRecorder:
 
     async def _deliver(self, body: bytes) -> Answer:
         try:
-            item = ProofToRecord(**json.loads(body))
-            signed, vk_hash = item.signed_receipt(), bytes.fromhex(item.vk_hash)
+            item = ProofToRecord.model_validate_json(body)
+            signed, vk_hash = item.receipt.signed(), bytes.fromhex(item.vk_hash)
             claim = bytes.fromhex(item.claim_signature)
             proof, instances = evm_calldata(item.proof.encode())
         except (ValueError, TypeError, KeyError, VerifierBuildError) as exc:  # a row no delivery can fix
@@ -198,7 +182,7 @@ class ProofRecorder:
         if self.registry.circuit_of(vk_hash) is None:
             circuit = CircuitRegistration(
                 vk_hash, self._verifier_address(evm / "Verifier.sol"), vka, model_id, key.output_shape[-1],
-                int(TOLERANCE * 2**key.output_scale),
+                key.output_tolerance,
             )  # fmt: skip
             try:
                 self.registry.register_circuit(self.account, circuit)

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -69,8 +70,8 @@ def solcjs_version() -> str:
 
 def _svm_home(folder: Path) -> Path:
     """A home whose svm slot for EZKL's solc version is the project's solcjs (see the module doc)."""
-    node = subprocess.run(["which", "node"], capture_output=True, text=True, check=False).stdout.strip()
-    if not node:
+    node = shutil.which("node")
+    if node is None:
         raise VerifierBuildError("node is not on PATH; the Solidity compiler (npm solc) runs on it: run `make setup`")
     shim = REPO_ROOT / "scripts" / "toolchain" / "solc-shim.js"
     home = folder / "home"

@@ -56,6 +56,10 @@ from dlis_market.protocol.zk_claims import (  # noqa: F401  (re-exported: the ve
     sign_stage_proof,
 )
 
+# How far a receipt's output may sit from the proven one, in the output's own units: for token ids,
+# how far below its row's best logit the billed token's proven logit may be (quantization error).
+OUTPUT_TOLERANCE = 0.1
+
 
 class ZkProofRefusedError(OracleError):
     """A stage proof does not prove what its receipt claims. ``reason`` is one word for metrics."""
@@ -91,6 +95,11 @@ class StageVerifyingKey:
     @property
     def output_scale(self) -> int:
         return int(self.settings["model_output_scales"][0])
+
+    @property
+    def output_tolerance(self) -> int:
+        """:data:`OUTPUT_TOLERANCE` in the circuit's output fixed point (what the chain compares)."""
+        return int(OUTPUT_TOLERANCE * 2**self.output_scale)
 
     @property
     def output_shape(self) -> list[int]:
@@ -208,7 +217,7 @@ def verify_stage_proof(
     expected_input_commitment: bytes,
     output: bytes | None = None,
     output_dtype: Literal["int64", "float32"] = "int64",
-    tolerance: float = 0.1,
+    tolerance: float = OUTPUT_TOLERANCE,
 ) -> VerifiedStageProof:
     """Accept ``proof`` as ``node``'s proof of the stage call its receipt signs, or raise
     :class:`ZkProofRefusedError` naming the first binding that fails (cheap checks first; the
