@@ -9,7 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from dlis_market.broker.catalog import ServedModel
-from dlis_market.broker.errors import incomplete_receipts
+from dlis_market.broker.errors import UpstreamFailed, incomplete_receipts
 from dlis_market.broker.schemas import Policy
 from dlis_market.protocol.receipts import StageReceipt
 from dlis_market.protocol.routes import RouteHop
@@ -73,12 +73,28 @@ def covers(offers: list[SpanRecord], num_layers: int) -> bool:
 
 def covering_receipts(receipts: list[StageReceipt], num_layers: int) -> list[StageReceipt]:
     """The receipts of the final route, tiling [0, num_layers) in order (a replaced stage's
-    partial receipt is dropped: JobMarket pays one receipt per layer range)."""
+    partial receipt is dropped: JobMarket pays one receipt per layer range, or one per member of
+    a group sharing it). A privacy=high job's share receipts come first, one per node, in
+    ascending node address (JobMarket's order for a range's group); a group needs two."""
     by_start: dict[int, StageReceipt] = {}
+    shares: dict[int, StageReceipt] = {}  # node -> its share receipt
     for r in receipts:  # later receipts (after a failover) replace earlier ones for the same start
-        by_start[r.start] = r
-    out: list[StageReceipt] = []
+        if r.share:
+            shares[int(r.node, 16)] = r
+        else:
+            by_start[r.start] = r
+    out = [shares[node] for node in sorted(shares)]
     at = 0
+    if out:
+        ranges = {(r.start, r.end) for r in out}
+        if len(out) < 2 or len(ranges) != 1 or out[0].start != 0:
+            raise UpstreamFailed(
+                f"the share receipts of the private first stage are {len(out)} over {sorted(ranges)}: two "
+                "or more over one range [0, e) are paid",
+                kind="incomplete-receipts",
+                title="Incomplete receipts",
+            )
+        at = out[0].end
     while at < num_layers:
         nxt = by_start.get(at)
         if nxt is None:

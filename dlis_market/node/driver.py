@@ -56,6 +56,7 @@ from dlis_market.node.errors import (
     RemoteError,
     StageFailedError,
 )
+from dlis_market.node.private_entry import PrivateEntry, SharePair
 from dlis_market.node.protocol import (
     Channel,
     FailBody,
@@ -69,7 +70,7 @@ from dlis_market.node.protocol import (
 from dlis_market.node.routing import plan_route
 from dlis_market.node.transport import ChannelPool, start_dht
 from dlis_market.protocol.adapters import AdapterRef
-from dlis_market.protocol.pricing import route_bound, stage_charge
+from dlis_market.protocol.pricing import route_bound
 from dlis_market.protocol.receipts import StageReceipt
 from dlis_market.protocol.routes import Replan, RouteHop
 from dlis_market.protocol.spans import SpanRecord
@@ -97,6 +98,9 @@ class JobSpec:
     # A LoRA adapter every stage applies (protocol/adapters.py): sessions name it, receipts its model id
     adapter: AdapterRef | None = None
     proof: Literal["zk"] | None = None  # the last stage proves its head's calls (checked by the broker)
+    # privacy=high: the driver runs the first stage on secret shares (node/private_entry.py) and
+    # the route starts after it
+    private: PrivateEntry | None = None
 
 
 NodeCheck = Callable[[str, str], bool]  # (node address, peer id) -> registered on chain under that peer id
@@ -117,19 +121,6 @@ class Ban:
     until: float  # time.monotonic()
     count: int  # bans so far without a success in between: the backoff exponent
     started_at: float  # the peer's signed start time when banned; a newer one (a restart) lifts it
-
-
-def check_bill(hop: RouteHop, tokens: int, amount: int, sent_tokens: int) -> None:
-    """Refuse (ReceiptError) a stage receipt billing more tokens than the driver pushed through the
-    session, or more than those tokens at the price of the signed record the driver routed on."""
-    if tokens > sent_tokens:
-        raise ReceiptError(
-            f"receipt of {hop.peer_id} bills {tokens} tokens but the session sent {sent_tokens}; refused"
-        )
-    if amount > stage_charge(hop.price_per_token, tokens):
-        raise ReceiptError(
-            f"receipt of {hop.peer_id} charges {amount}, over {tokens} tokens x its routed price {hop.price_per_token}"
-        )
 
 
 class PipelineDriver:
@@ -403,6 +394,8 @@ class JobSession:
         self.failovers = 0
         self.ttft_s: float | None = None
         self.sent_tokens = 0  # tokens pushed through the current session: what any stage may bill
+        self.shares = SharePair(driver, spec.private, spec.model, spec.job_id) if spec.private else None
+        self.private_inputs: list[torch.Tensor] = []  # privacy=high: each step's hidden state after the entry
 
     @property
     def max_length(self) -> int:
@@ -420,8 +413,10 @@ class JobSession:
         num_layers = self.spec.num_layers or max((s.end for s in spans), default=0)
         if not num_layers:
             raise StageFailedError(f"no peer announces model {self.spec.model!r} on the DHT", None)
+        if self.shares is not None and not self.shares.hops:
+            await self.shares.pick(spans, banned)
         if not self.route:
-            return plan_route(spans, 0, num_layers, banned)
+            return plan_route(spans, self.spec.private.end if self.spec.private else 0, num_layers, banned)
         route: list[RouteHop] = []
         for hop in self.route:  # keep healthy hops; replace only the failed span
             route += plan_route(spans, hop.start, hop.end, banned) if hop.peer_id in banned else [hop]
@@ -440,7 +435,8 @@ class JobSession:
                 if not skipped:
                     raise
                 raise NoRouteError(f"{exc}; routed around before: {skipped}", exc.missing) from exc
-            bound = route_bound((h.price_per_token for h in self.route), self.max_length, self.spec.fee_bps)
+            prices = [h.price_per_token for h in self.route] + (self.shares.prices() if self.shares else [])
+            bound = route_bound(prices, self.max_length, self.spec.fee_bps)
             if self.spec.max_cost is not None and bound.total > self.spec.max_cost:
                 raise BudgetError(
                     f"the route costs up to {bound.total} units ({bound.cost} + fee {bound.fee}) for "
@@ -519,7 +515,7 @@ class JobSession:
                 r = signed.receipt
                 if r.job_id != self.spec.job_id or (r.start, r.end) != (hop.start, hop.end):
                     raise ReceiptError(f"receipt of {hop.peer_id} names another job or range")
-                check_bill(hop, r.tokens, r.amount, self.sent_tokens)
+                receipts.check_bill(hop, r.tokens, r.amount, self.sent_tokens)
                 fingerprint = b""
                 if r.tokens:  # every call served is committed to; a bill without it is refused
                     commitment = receipts.Commitment.from_wire(answer)
@@ -586,13 +582,18 @@ class JobSession:
             ids = [*self.spec.prompt_ids, *self.generated]
             try:
                 if replay and self.generated:  # a failover: rebuild the new route's caches, outputs known
-                    for again in replay_inputs(self.session_id, self.spec.prompt_ids, self.generated, step):
+                    for again in self._replay_inputs(step):
                         await self._step(again)
                     replay = False
-                if replay:
-                    inp = StageInput((self.session_id,), (0,), step, token_ids=torch.tensor([ids], dtype=torch.long))
-                else:
-                    inp = StageInput((self.session_id,), (len(ids) - 1,), step, token_ids=torch.tensor([ids[-1:]]))
+                position = 0 if replay else len(ids) - 1
+                tokens = torch.tensor([ids if replay else ids[-1:]], dtype=torch.long)
+                if self.shares is None:
+                    inp = StageInput((self.session_id,), (position,), step, token_ids=tokens)
+                else:  # the first stage on shares, once per step: its KV cache is the driver's own
+                    if len(self.private_inputs) == len(self.generated):
+                        spans = functools.partial(self.driver.discover, self.spec.model)
+                        self.private_inputs.append(await self.shares.forward(tokens, spans))
+                    inp = StageInput((self.session_id,), (position,), step, hidden=self.private_inputs[-1])
                 token, logprob = await self._step(inp)
                 if self.spec.sampling.logprobs is not None and logprob is None:
                     last = self.route[-1].peer_id
@@ -612,9 +613,25 @@ class JobSession:
             if token in self.spec.stop_token_ids:
                 break
 
+    def _replay_inputs(self, step: int) -> list[StageInput]:
+        """What rebuilds a new route's caches: the tokens as they went (:func:`replay_inputs`) or,
+        after a private first stage, the hidden states it gave then (it does not run again)."""
+        if self.shares is None:
+            return replay_inputs(self.session_id, self.spec.prompt_ids, self.generated, step)
+        positions = [0] + [len(self.spec.prompt_ids) + i for i in range(len(self.generated) - 1)]
+        return [
+            StageInput((self.session_id,), (p,), step, hidden=h)
+            for p, h in zip(positions, self.private_inputs, strict=False)
+        ]
+
     async def close(self) -> list[StageReceipt]:
-        """Close the session on its route; returns every verified receipt of the job (all routes)."""
+        """Close the session on its route; returns every verified receipt of the job (all routes;
+        a private job's share receipts first, in ascending node address)."""
         with contextlib.suppress(NodeError):
             await self._close_hops(self.route)
         self.route = []
+        if self.shares is not None and self.shares.hops:
+            shared = await self.shares.close(self.session_id)
+            self.shares.hops = []
+            return shared + list(self.receipts)
         return list(self.receipts)

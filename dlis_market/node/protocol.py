@@ -12,7 +12,8 @@ inputs, for spot checks: ``node/transcripts.py``), ``receipts`` (a vanished open
 receipts), ``batch_receipt`` (broker -> stage: sign one Merkle ``BatchReceipt`` over receipts the
 stage signed, ``node/receipts.py`` ``sign_batch``), ``fingerprint_check`` (broker -> replica:
 validate another stage's call with one prefill, ``node/call_checks.py``), ``share_linear`` (client
--> a worker of its private layer: one projection of one share, ``node/shared_layers.py``), ``tokens`` and
+-> a worker of its private layer: one projection of one share, ``node/shared_layers.py``),
+``share_close`` (the same client: the worker's signed receipt for those projections), ``tokens`` and
 ``fail`` (stage -> the session's caller; a stage whose next peer is the caller itself sends
 ``step``), ``reply``/``error`` (answers).
 """
@@ -51,6 +52,7 @@ OPS = frozenset(
         "batch_receipt",
         "fingerprint_check",
         "share_linear",
+        "share_close",
         "tokens",
         "fail",
         "reply",

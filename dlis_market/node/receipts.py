@@ -40,6 +40,7 @@ from dlis_market.node.errors import ReceiptError
 from dlis_market.protocol.errors import FingerprintError
 from dlis_market.protocol.fingerprints import Fingerprint
 from dlis_market.protocol.pricing import stage_charge
+from dlis_market.protocol.routes import RouteHop
 
 MAX_UINT32 = 2**32 - 1
 # Most receipts one batch receipt covers (a batch of 50 jobs has at most a few per job per node):
@@ -77,6 +78,19 @@ class ReceiptLedger:
 def sign(ledger: ReceiptLedger, key: bytes, domain: Domain) -> SignedReceipt:
     receipt = ledger.receipt()
     return SignedReceipt(receipt, sign_receipt(key, domain, receipt))
+
+
+def check_bill(hop: RouteHop, tokens: int, amount: int, sent_tokens: int) -> None:
+    """Refuse (ReceiptError) a stage receipt billing more tokens than the driver pushed through the
+    session, or more than those tokens at the price of the signed record the driver routed on."""
+    if tokens > sent_tokens:
+        raise ReceiptError(
+            f"receipt of {hop.peer_id} bills {tokens} tokens but the session sent {sent_tokens}; refused"
+        )
+    if amount > stage_charge(hop.price_per_token, tokens):
+        raise ReceiptError(
+            f"receipt of {hop.peer_id} charges {amount}, over {tokens} tokens x its routed price {hop.price_per_token}"
+        )
 
 
 @dataclass(frozen=True)

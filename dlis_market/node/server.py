@@ -63,7 +63,7 @@ from dlis_market.node.protocol import (
 )
 from dlis_market.node.routing import choose_range
 from dlis_market.node.sessions import Batch, QueuedStep, WorkerSession, plan_batches, row_bytes
-from dlis_market.node.shared_layers import SharedProjections, ShareLinearBody
+from dlis_market.node.shared_layers import ShareCloseBody, SharedProjections, ShareLinearBody
 from dlis_market.node.telemetry import TelemetryRecorder, WorkerTelemetry
 from dlis_market.node.transcripts import Transcript, TranscriptRequest, TranscriptStore
 from dlis_market.node.transport import ChannelPool, start_dht
@@ -172,7 +172,14 @@ class Worker:
         )  # fmt: skip
         if self.stage.is_last:  # commits to the hidden states its head reads (it sends tokens); after profiling
             self.recorder = FingerprintRecorder(self.stage)
-        self.shared = SharedProjections(self.stage)  # a client's private layers on secret shares
+        # a client's private layers on secret shares, billed per (job, caller) at this node's price
+        self.shared = SharedProjections(
+            self.stage,
+            lambda job_id, broker: receipts.ReceiptLedger(
+                job_id, self.served_id.model_id, self.stage.layers.start, self.stage.layers.end,
+                self.node.price_per_token, broker=broker,
+            ),
+        )  # fmt: skip
         entry = self.stage.entry
         report = attestation.AttestationReport(
             peer_id=self.peer_id,
@@ -298,6 +305,9 @@ class Worker:
                 answer = self.transcripts.get(req.session_id, channel.peer).to_wire()
             elif op == "share_linear":
                 answer = await self._share_linear(channel.peer, parse_body(ShareLinearBody, body))
+            elif op == "share_close":
+                ledger = self.shared.close(parse_body(ShareCloseBody, body).job_id, channel.peer)
+                answer = {"receipt": receipts.to_wire(self._sign(ledger)), "node_address": self.identity.address}
             elif op == "fingerprint_check":
                 answer = await self._fingerprint_check(channel.peer, parse_body(call_checks.FingerprintCheckBody, body))
             elif op == "info":
@@ -481,10 +491,10 @@ class Worker:
         """One projection of a client's private layer on one share of its activations (a ticket
         of the job on this range, as for a session; node/shared_layers.py)."""
         self._check_served(req.model, req.start, req.end, req.job_id)
-        await self._check_ticket(sender, req.ticket, req.job_id)
+        broker = await self._check_ticket(sender, req.ticket, req.job_id)
         async with self.compute:
             try:
-                return await asyncio.to_thread(self.shared.apply, req, sender)
+                return await asyncio.to_thread(self.shared.apply, req, sender, broker)
             except DlisError:
                 raise
             except Exception as exc:  # answered as an error: the caller's stream and sessions stay

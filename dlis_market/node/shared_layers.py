@@ -39,7 +39,8 @@ from transformers import DynamicCache
 
 from dlis_market.inference.secret_sharing import FixedPoint, SharedLinear, reconstruct, share
 from dlis_market.inference.stage import Stage
-from dlis_market.node.errors import ProtocolError
+from dlis_market.node.errors import NodeError, ProtocolError
+from dlis_market.node.receipts import ReceiptLedger
 from dlis_market.types import WireModel
 
 # projection -> the layer submodule holding it (Llama family)
@@ -58,6 +59,13 @@ ROWS_PER_JOB_FACTOR = 8
 MAX_TRACKED_JOBS = 4096
 
 
+class ShareCloseBody(WireModel):
+    """Ends the caller's shared projections of ``job_id`` here: the answer is the worker's signed
+    receipt for them (its range, the tokens its first projection took, their price)."""
+
+    job_id: bytes
+
+
 class ShareLinearBody(WireModel):
     """One share of a projection's input ``[rows, in]`` (int64 little endian, row major), for
     layer ``layer`` of the worker's range ``[start, end)`` of ``model``, under a ticket of ``job_id``."""
@@ -69,6 +77,7 @@ class ShareLinearBody(WireModel):
     ticket: dict[str, Any] | None = None
     layer: int = Field(ge=0, lt=2**32)
     projection: str
+    position: int = Field(ge=0, lt=2**32)  # the session position of the first row (what is billed)
     rows: int = Field(ge=1, le=1 << 16)
     share: bytes
 
@@ -98,12 +107,17 @@ class SharedProjections:
     first-stage layers. Work is bounded per (job, caller): one share frame per call and, over a
     job, the rows of :data:`ROWS_PER_JOB_FACTOR` projections of the stage's longest session."""
 
-    def __init__(self, stage: Stage) -> None:
+    def __init__(self, stage: Stage, new_ledger: Callable[[bytes, str], ReceiptLedger]) -> None:
         self.stage = stage
+        self.new_ledger = new_ledger  # (job id, broker of its ticket) -> the receipt ledger of the work
         self._linears: dict[tuple[int, str], SharedLinear] = {}
         self._rows: OrderedDict[tuple[bytes, str], int] = OrderedDict()  # (job, caller) -> rows served
+        self._ledgers: OrderedDict[tuple[bytes, str], ReceiptLedger] = OrderedDict()  # (job, caller) -> bill
 
-    def apply(self, req: ShareLinearBody, caller: str) -> dict[str, Any]:
+    def apply(self, req: ShareLinearBody, caller: str, broker: str) -> dict[str, Any]:
+        """One projection of one share, billed to the caller's ledger of the job: the tokens are
+        the session positions the stage's first projection of its first layer reached (a step
+        that runs again after a failed call is not billed twice)."""
         key = (req.layer, req.projection)
         if key not in self._linears:
             self._linears[key] = SharedLinear(_weight(self.stage, req.layer, req.projection), CODEC)
@@ -132,12 +146,30 @@ class SharedProjections:
                 f"{tokens} tokens)"
             )
         x = torch.from_numpy(np.frombuffer(req.share, dtype="<i8").copy()).reshape(req.rows, width)
-        out = linear.apply(x)
-        return {"out": out.numpy().astype("<i8").tobytes(), "cols": int(cols)}
+        answer = linear.apply(x).numpy().astype("<i8").tobytes()
+        ledger = self._ledgers.pop((req.job_id, caller), None) or self.new_ledger(req.job_id, broker)
+        self._ledgers[(req.job_id, caller)] = ledger
+        while len(self._ledgers) > MAX_TRACKED_JOBS:
+            self._ledgers.popitem(last=False)
+        first = (req.layer, req.projection) == (self.stage.layers.start, "q_proj")
+        reached = req.position + req.rows if first else 0
+        ledger.record(max(0, reached - ledger.tokens), answer)  # the hash covers every answer, in order
+        return {"out": answer, "cols": int(cols)}
+
+    def close(self, job_id: bytes, caller: str) -> ReceiptLedger:
+        """The caller's ledger of the job, taken out (a second close finds none)."""
+        ledger = self._ledgers.pop((job_id, caller), None)
+        if ledger is None:
+            raise NodeError(
+                f"no shared projections of job 0x{job_id.hex()[:16]}.. from you here (never asked, closed "
+                f"already, or one of the {MAX_TRACKED_JOBS} oldest forgotten)"
+            )
+        return ledger
 
 
-# (layer, projection, rows, share for worker A, share for worker B) -> (A's answer, B's, columns)
-Call = Callable[[int, str, int, bytes, bytes], Coroutine[Any, Any, tuple[bytes, bytes, int]]]
+# (layer, projection, position of the first row, rows, share for worker A, share for worker B)
+# -> (A's answer, B's, columns)
+Call = Callable[[int, str, int, int, bytes, bytes], Coroutine[Any, Any, tuple[bytes, bytes, int]]]
 
 
 class _RemoteLinear(nn.Module):
@@ -200,10 +232,13 @@ class PrivateLayers:
             raise ProtocolError(f"layer {linear.layer}'s {linear.projection} input is not finite")
         CODEC.check_headroom(rows, linear.row_abs_sum)
         per_frame = max(1, SHARE_FRAME_BYTES // (8 * max(linear.width, linear.cols)))
-        outs = [self._project_rows(linear, chunk) for chunk in rows.split(per_frame)]
+        outs = [
+            self._project_rows(linear, self.position + i * per_frame, chunk)
+            for i, chunk in enumerate(rows.split(per_frame))
+        ]
         return torch.cat(outs).reshape(*x.shape[:-1], linear.cols)
 
-    def _project_rows(self, linear: _RemoteLinear, rows: torch.Tensor) -> torch.Tensor:
+    def _project_rows(self, linear: _RemoteLinear, position: int, rows: torch.Tensor) -> torch.Tensor:
         try:
             on_loop = asyncio.get_running_loop() is self.loop
         except RuntimeError:  # no loop in this thread: the worker thread forward() runs in
@@ -213,7 +248,7 @@ class PrivateLayers:
         a, b = share(CODEC.encode_x(rows))
         shares = (a.numpy().astype("<i8").tobytes(), b.numpy().astype("<i8").tobytes())
         future = asyncio.run_coroutine_threadsafe(
-            self.call(linear.layer, linear.projection, rows.shape[0], *shares), self.loop
+            self.call(linear.layer, linear.projection, position, rows.shape[0], *shares), self.loop
         )
         try:
             out_a, out_b, cols = future.result(self.timeout_s)

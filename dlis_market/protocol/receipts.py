@@ -34,6 +34,9 @@ class StageReceipt:
     session_id: str = ""
     fingerprint: bytes = b""  # the call's activation fingerprint the node signed (empty: 0 tokens)
     proof: ZkClaim | None = None  # the last stage's proof of its head, when the job asked for one
+    # One of a group that serves the range together, each billing its share (the two workers of a
+    # privacy=high job's first stage on secret shares): JobMarket pays every member of the group.
+    share: bool = False
 
     @property
     def start(self) -> int:

@@ -5,7 +5,12 @@ layer 0. The hidden state after the layer equals the model's own within the fixe
 a prefill and decode steps on the client's KV cache; a worker answers only under a ticket for the
 job, for the layers it serves.
 
-Tiny Llama (hidden 32, fp32): ``a`` and ``b`` serve [0, 1) (the share workers), ``c`` [1, 2).
+A privacy=high job through the driver (``node/private_entry.py``): the driver runs the first stage
+on shares and the route starts after it; greedy tokens equal the model's, both share workers sign a
+receipt for the positions they served, a share worker killed mid-job is replaced and the step runs
+again without being billed twice.
+
+Tiny Llama (hidden 32, fp32): ``a``, ``b`` and ``d`` serve [0, 1) (share workers), ``c`` [1, 2).
 """
 
 from __future__ import annotations
@@ -25,10 +30,14 @@ from transformers import AutoModelForCausalLM
 sys.path.insert(0, str(Path(__file__).parent))
 from node_helpers import Swarm, _wait_ready, driver_settings, tiny_fp32_shards, wait_for_spans
 
+from dlis_market.broker.job_types import covering_receipts
 from dlis_market.inference.stage import Stage
-from dlis_market.node.driver import PipelineDriver
+from dlis_market.node.driver import JobSpec, PipelineDriver
 from dlis_market.node.errors import RemoteError
+from dlis_market.node.private_entry import PrivateEntry
 from dlis_market.node.shared_layers import PrivateLayers, ShareLinearBody
+from dlis_market.protocol.pricing import stage_charge
+from dlis_market.protocol.receipts import StageReceipt
 from dlis_market.protocol.routes import RouteHop
 
 MODEL = "tiny-private"
@@ -41,7 +50,8 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     root = tmp_path_factory.mktemp("shared-layer")
     model_dir, shards = tiny_fp32_shards(root, MODEL, split=1, layers=2)
     with Swarm(root / "swarm") as sw:
-        workers = {name: sw.launch(shards, layers, name) for name, layers in (("a", "0:1"), ("b", "0:1"), ("c", "1:2"))}
+        layout = (("a", "0:1"), ("b", "0:1"), ("c", "1:2"), ("d", "0:1"))
+        workers = {name: sw.launch(shards, layers, name) for name, layers in layout}
         for w in workers.values():
             w.info = _wait_ready(w.proc, 240, w.log_path)
         yield {"swarm": sw, "workers": workers, "shards": shards, "model_dir": model_dir}
@@ -51,10 +61,12 @@ def hop(w: Any) -> RouteHop:
     return RouteHop(w.peer_id, w.info["node_address"], w.info["start"], w.info["end"], 10**12)
 
 
-def body(driver: PipelineDriver, w: Any, layer: int, projection: str, rows: int, share: bytes, job=JOB) -> dict:
+def body(
+    driver: PipelineDriver, w: Any, layer: int, projection: str, rows: int, share: bytes, job=JOB, position: int = 0
+) -> dict:
     return ShareLinearBody(
         model=MODEL, start=w.info["start"], end=w.info["end"], job_id=job, ticket=driver.ticket(job, MODEL, hop(w)),
-        layer=layer, projection=projection, rows=rows, share=share,
+        layer=layer, projection=projection, position=position, rows=rows, share=share,
     ).model_dump()  # fmt: skip
 
 
@@ -65,17 +77,19 @@ def test_the_first_layer_on_shares_equals_the_models_and_needs_a_ticket(world: d
     async def run() -> None:
         driver = await PipelineDriver.create(world["swarm"].initial_peers, driver_settings())
         try:
-            await wait_for_spans(driver, MODEL, 3)
+            await wait_for_spans(driver, MODEL, 4)
 
             sent: list[tuple[str, bytes, bytes]] = []  # (projection, share to a, share to b) of every call
             fail_at: list[int | None] = [None]  # the call number at which worker b is gone
 
-            async def call(layer: int, projection: str, rows: int, share_a: bytes, share_b: bytes):
+            async def call(layer: int, projection: str, position: int, rows: int, share_a: bytes, share_b: bytes):
                 sent.append((projection, share_a, share_b))
                 if fail_at[0] == len(sent):
                     raise RemoteError("worker b is gone", "gone")
                 got_a, got_b = await asyncio.gather(*(
-                    driver.pool.request(w.peer_id, "share_linear", body(driver, w, layer, projection, rows, x), 30)
+                    driver.pool.request(
+                        w.peer_id, "share_linear", body(driver, w, layer, projection, rows, x, position=position), 30
+                    )
                     for w, x in ((a, share_a), (b, share_b))
                 ))  # fmt: skip
                 return bytes(got_a["out"]), bytes(got_b["out"]), int(got_a["cols"])
@@ -134,3 +148,99 @@ def test_the_first_layer_on_shares_equals_the_models_and_needs_a_ticket(world: d
             await driver.close()
 
     asyncio.run(run())
+
+
+def greedy(world: dict[str, Any], new_tokens: int) -> list[int]:
+    model = AutoModelForCausalLM.from_pretrained(world["model_dir"], dtype=torch.float32).eval()
+    ids = list(PROMPT)
+    with torch.no_grad():  # no stop token: the jobs here run to max_new_tokens
+        for _ in range(new_tokens):
+            ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
+    return ids[len(PROMPT) :]
+
+
+def private_spec(world: dict[str, Any], job_id: bytes, new_tokens: int) -> JobSpec:
+    entry = PrivateEntry(Stage.load(world["shards"], index=0))
+    return JobSpec(MODEL, list(PROMPT), new_tokens, job_id=job_id, num_layers=2, private=entry)
+
+
+def check_share_receipts(got: list[StageReceipt], pair: list[Any], served: int) -> None:
+    """Two share receipts, ascending node address, each billing the positions served at its price
+    (prompt + every new token but the last), then the rest of the route's receipt."""
+    shares = [r for r in got if r.share]
+    assert [r.peer_id for r in shares] == sorted((w.peer_id for w in pair), key=lambda p: int(
+        next(w for w in pair if w.peer_id == p).info["node_address"], 16))  # fmt: skip
+    assert [int(r.node, 16) for r in shares] == sorted(int(r.node, 16) for r in shares)
+    for r in shares:
+        assert (r.start, r.end, r.tokens) == (0, 1, served)
+        assert r.amount == stage_charge(10**12, served) and r.signed.receipt.job_id == got[0].signed.receipt.job_id
+    rest = [r for r in got if not r.share]
+    assert [(r.start, r.end) for r in rest] == [(1, 2)] and rest[0].tokens == served
+    assert covering_receipts(got, 2) == [*shares, rest[0]]  # the order JobMarket pays a shared range in
+
+
+def test_a_private_job_runs_its_first_stage_on_shares_and_pays_both_workers(world: dict[str, Any]) -> None:
+    workers = world["workers"]
+    new_tokens = 6
+    want = greedy(world, new_tokens)
+
+    async def run() -> tuple[list[int], list[StageReceipt], list[str], list[int]]:
+        driver = await PipelineDriver.create(world["swarm"].initial_peers, driver_settings())
+        other = await PipelineDriver.create(world["swarm"].initial_peers, driver_settings())
+        try:
+            await wait_for_spans(driver, MODEL, 4)
+            job = b"\x0c" * 32
+            session = await driver.open_job(private_spec(world, job, new_tokens))
+            assert [(h.start, h.end) for h in session.route] == [(1, 2)]  # the route starts after the entry
+            assert session.shares is not None
+            pair = [h.peer_id for h in session.shares.hops]
+            tokens = [t async for t in session.tokens()]
+            widths = [int(h.shape[-1]) for h in session.private_inputs]
+            got = await session.close()
+            # a receipt is signed once, for the caller that asked for the work
+            for peer in pair:
+                with pytest.raises(RemoteError, match="no shared projections"):
+                    await driver.pool.request(peer, "share_close", {"job_id": job}, 15)
+                with pytest.raises(RemoteError, match="no shared projections"):
+                    await other.pool.request(peer, "share_close", {"job_id": job}, 15)
+            return tokens, got, pair, widths
+        finally:
+            await other.close()
+            await driver.close()
+
+    tokens, got, pair, widths = asyncio.run(run())
+    assert tokens == want
+    assert widths == [32] * new_tokens  # the hidden state after layer 0 went to c, never a token id
+    by_peer = {w.peer_id: w for w in workers.values()}
+    assert all(by_peer[p].info["start"] == 0 for p in pair) and len(set(pair)) == 2
+    check_share_receipts(got, [by_peer[p] for p in pair], len(PROMPT) + new_tokens - 1)
+
+
+def test_a_share_worker_killed_mid_job_is_replaced_and_the_answer_is_unchanged(world: dict[str, Any]) -> None:
+    workers = world["workers"]
+    new_tokens = 8
+    want = greedy(world, new_tokens)
+
+    async def run() -> tuple[list[int], list[StageReceipt], str, list[str], int]:
+        driver = await PipelineDriver.create(world["swarm"].initial_peers, driver_settings())
+        try:
+            await wait_for_spans(driver, MODEL, 4)
+            session = await driver.open_job(private_spec(world, b"\x0d" * 32, new_tokens))
+            assert session.shares is not None
+            victim = session.shares.hops[0].peer_id
+            tokens: list[int] = []
+            async for t in session.tokens():
+                tokens.append(t)
+                if len(tokens) == 3:
+                    next(w for w in workers.values() if w.peer_id == victim).kill()
+            pair = [h.peer_id for h in session.shares.hops]
+            return tokens, await session.close(), victim, pair, session.shares.replaced
+        finally:
+            await driver.close()
+
+    tokens, got, victim, pair, replaced = asyncio.run(run())
+    assert tokens == want
+    assert replaced == 1 and victim not in pair and workers["d"].peer_id in pair
+    by_peer = {w.peer_id: w for w in workers.values()}
+    # the survivor served the failed step's first calls too; it bills each position once
+    check_share_receipts(got, [by_peer[p] for p in pair], len(PROMPT) + new_tokens - 1)

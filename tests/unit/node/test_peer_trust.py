@@ -15,8 +15,9 @@ from dlis_market.chain.job_market import market_domain
 from dlis_market.inference.messages import StageInput
 from dlis_market.node import receipts
 from dlis_market.node.brokers import BrokerCheck
-from dlis_market.node.driver import PipelineDriver, check_bill
+from dlis_market.node.driver import PipelineDriver
 from dlis_market.node.errors import ReceiptError
+from dlis_market.node.receipts import check_bill
 from dlis_market.node.transcripts import Transcript, TranscriptStore
 from dlis_market.protocol.errors import TicketError
 from dlis_market.protocol.routes import RouteHop
