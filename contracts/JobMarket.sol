@@ -23,6 +23,13 @@ import {INodeRegistry, ROUTABLE_BIT} from "./interfaces/INodeRegistry.sol";
 ///      nonce bitmap), the deadline, every receipt signature against a routable node in the
 ///      NodeRegistry, that the receipts cover the model's layers [0, numLayers) contiguously
 ///      and in order, and that receipts + protocol fee stay within the authorized maximum.
+///      A layer range may be served by a group of nodes together (shared ranges: two share
+///      workers computing a client's first layer on additive secret shares, a tensor-parallel
+///      group), each billing its own share with its own receipt: a stage may repeat exactly the
+///      previous stage's range when its signer is greater, as an address, than the previous
+///      stage's (`_nextStage`), so a group's members come in ascending address order and no node
+///      bills one range twice in a job. Each share is paid (or forfeited) as any receipt, and all
+///      of them count toward the client's authorized maximum.
 ///      The client pays receipts + fee; node operators and the treasury are credited and pull
 ///      their money with `claim` (pull payments).
 ///      A receipt whose signer is a registered node that is no longer routable at settlement
@@ -296,6 +303,12 @@ contract JobMarket is AccessControl, ReentrancyGuardTransient, EIP712 {
     error JobMarketUnknownModel(uint256 jobIndex, bytes32 modelId);
     error JobMarketNoReceipts(uint256 jobIndex);
     error JobMarketInvalidRange(uint256 jobIndex, uint256 receiptIndex, uint32 start, uint32 end, uint32 expectedStart);
+    /// @notice Stage `stageIndex` of job `jobIndex` repeats the previous stage's layer range (a
+    ///         share of a range served by a group of nodes), but its signer `node` is not greater,
+    ///         as an address (uint160), than the previous stage's signer `previous`: a group's
+    ///         shares must come in strictly ascending signer order, so no node bills one range
+    ///         twice in a job.
+    error JobMarketShareOrder(uint256 jobIndex, uint256 stageIndex, address node, address previous);
     error JobMarketIncompleteCoverage(uint256 jobIndex, uint32 coveredTo, uint32 numLayers);
     error JobMarketNodeNotRoutable(uint256 jobIndex, uint256 receiptIndex, address node);
     error JobMarketCostExceedsAuthorization(uint256 jobIndex, uint256 total, uint256 maxCost);
@@ -447,6 +460,10 @@ contract JobMarket is AccessControl, ReentrancyGuardTransient, EIP712 {
     ///         batch reverts on the first invalid job (the error names its index), so a broker
     ///         simulates first and drops what fails. Receipts of registered nodes that are no
     ///         longer routable are forfeited (`ReceiptForfeited`), not paid and not charged.
+    ///         A job's receipts cover its model's layers in order; a receipt after the first may
+    ///         repeat exactly the previous receipt's range (a share of a range served by a group
+    ///         of nodes) when its recovered signer is greater, as an address, than the previous
+    ///         receipt's, else `JobMarketShareOrder`; each share is credited to its own node.
     /// @param batchId caller-chosen id of this batch, unique per broker (a broker's batch id
     ///        settles once; other brokers' ids never collide with it)
     /// @param jobs the jobs with their client authorization and stage receipts
@@ -491,6 +508,9 @@ contract JobMarket is AccessControl, ReentrancyGuardTransient, EIP712 {
     ///         credits the node's operator once. Every node is paid exactly its leaves' amounts and
     ///         every client charged exactly its jobs' receipts plus fee. Receipts of registered
     ///         nodes that are not routable are forfeited (`ReceiptForfeited`), as in `settleBatch`.
+    ///         Shared ranges as in `settleBatch`: a stage may repeat exactly the previous stage's
+    ///         range when the node at its index is greater, as an address, than the previous
+    ///         stage's node (`JobMarketShareOrder` otherwise).
     ///         A job settles once (nonce bitmap); a batch id is not recorded on chain (a node's
     ///         signature binds the batch id, and a replayed batch reverts on its first job's nonce):
     ///         `batchSettled` stays false for these batches, `BatchSettled` is the record.
@@ -531,7 +551,10 @@ contract JobMarket is AccessControl, ReentrancyGuardTransient, EIP712 {
     ///         guard (a replay reverts `JobMarketJobAlreadySettled`) and `batchSettled` stays
     ///         false; there is no batch, so no `BatchSettled`: the job's `JobSettled` event (from
     ///         this broker's transaction) is the record. Errors name job index 0. Each paid stage
-    ///         credits its node's operator (`PaymentCredited`, one per stage).
+    ///         credits its node's operator (`PaymentCredited`, one per stage). Shared ranges as in
+    ///         `settleBatch`: a stage may repeat exactly the previous stage's range when its signer
+    ///         is greater, as an address, than the previous stage's (`JobMarketShareOrder`
+    ///         otherwise).
     /// @param job the job: the client's authorization and its signature, the signed stages
     function settleJob(SingleJob calldata job) external onlyRole(BROKER_ROLE) nonReentrant {
         address client = job.client;
@@ -905,32 +928,59 @@ contract JobMarket is AccessControl, ReentrancyGuardTransient, EIP712 {
             payees.lastModel = job.modelId;
             payees.lastModelLayers = numLayers;
         }
-        uint32 coveredTo = 0;
+        // the previous stage's signer << 64 | its range (see `_nextStage`), one word for shares
+        uint256 prev = 0;
         for (uint256 j = 0; j < n; ++j) {
             StageReceipt calldata rc = receipts[j];
-            coveredTo = _nextStage(index, j, rc.start, rc.end, coveredTo, numLayers);
+            uint64 range = (uint64(rc.start) << 32) | rc.end;
+            bool share = _nextStage(index, j, range, uint64(prev), numLayers);
             address node = _recover(_hashTypedDataV4(_receiptHash(jobId, job.modelId, rc)), rc.r, rc.vs);
+            if (share) _requireShareOrder(index, j, node, address(uint160(prev >> 64)));
+            prev = (uint256(uint160(node)) << 64) | range;
             if (_credit(payees, node, rc.amount, index, j)) {
                 cost += rc.amount;
             } else {
                 emit ReceiptForfeited(jobId, node, rc.amount);
             }
         }
-        _requireCovered(index, coveredTo, numLayers);
+        _requireCovered(index, uint32(prev), numLayers);
     }
 
-    /// @dev The coverage rule every settlement path applies to a job's stages, in order: stage `j`
-    ///      starts where the previous one ended (layer 0 for the first), is not empty and ends
-    ///      within the model's `numLayers`. Returns where it ends.
-    function _nextStage(uint256 index, uint256 j, uint32 start, uint32 end, uint32 coveredTo, uint32 numLayers)
+    /// @dev The coverage rule every settlement path applies to a job's stages, in order. `range`
+    ///      is stage `j`'s layer range [start, end) packed as start << 32 | end (the bits 223-160
+    ///      of a packed stage word), `prev` the previous stage's (0 before the first), so
+    ///      `uint32(prev)` is where the stages cover to so far. A stage starts where the previous
+    ///      one ended (layer 0 for the first), is not empty and ends within the model's
+    ///      `numLayers`; or it is a share (returns true): it repeats exactly the previous stage's
+    ///      range (a range served by a group of nodes, each billing its own share with its own
+    ///      receipt), and the caller then requires its signer to be greater, as an address, than
+    ///      the previous stage's (`_requireShareOrder`). Anything else (a gap, a partial overlap,
+    ///      a repeat of an older range) reverts `JobMarketInvalidRange`. The first stage is never a
+    ///      share (`prev` = 0 is the empty range [0, 0), which fails the first rule). Only a stage
+    ///      that does not start where the previous one ended takes the share branch; the callers
+    ///      read a share's signers only then.
+    function _nextStage(uint256 index, uint256 j, uint64 range, uint64 prev, uint32 numLayers)
         private
         pure
-        returns (uint32)
+        returns (bool share)
     {
-        if (start != coveredTo || end <= start || end > numLayers) {
-            revert JobMarketInvalidRange(index, j, start, end, coveredTo);
+        uint32 start = uint32(range >> 32);
+        uint32 end = uint32(range);
+        uint32 coveredTo = uint32(prev);
+        if (start == coveredTo) {
+            if (end <= start || end > numLayers) revert JobMarketInvalidRange(index, j, start, end, coveredTo);
+            return false;
         }
-        return end;
+        // a share repeats the previous range exactly, which was checked non-empty and in range
+        if (range != prev) revert JobMarketInvalidRange(index, j, start, end, coveredTo);
+        return true;
+    }
+
+    /// @dev A share's signer `node` must be greater, as an address, than the previous stage's
+    ///      signer `previous` (so a group's members come in ascending order and none bills one
+    ///      range twice).
+    function _requireShareOrder(uint256 index, uint256 j, address node, address previous) private pure {
+        if (uint160(node) <= uint160(previous)) revert JobMarketShareOrder(index, j, node, previous);
     }
 
     /// @dev After the last stage: the stages together cover every layer [0, numLayers).
@@ -1010,12 +1060,12 @@ contract JobMarket is AccessControl, ReentrancyGuardTransient, EIP712 {
         }
         (uint32 numLayers, uint256[] memory info) = _registry.settlementInfoOf(modelId, nodes);
         if (numLayers == 0) revert JobMarketUnknownModel(0, modelId);
-        uint32 coveredTo = 0;
+        uint64 prev = 0; // the previous stage's range (see `_nextStage`); its signer is nodes[j - 1]
         for (uint256 j = 0; j < n; ++j) {
             uint256 w = stages[j].packed;
-            uint32 start = uint32(w >> 192);
-            uint32 end = uint32(w >> 160);
-            coveredTo = _nextStage(0, j, start, end, coveredTo, numLayers);
+            uint64 range = uint64(w >> 160);
+            if (_nextStage(0, j, range, prev, numLayers)) _requireShareOrder(0, j, nodes[j], nodes[j - 1]); // j > 0
+            prev = range;
             address node = nodes[j];
             uint256 entry = info[j];
             address operator = address(uint160(entry));
@@ -1034,7 +1084,7 @@ contract JobMarket is AccessControl, ReentrancyGuardTransient, EIP712 {
             _claimable[operator] += amount;
             emit PaymentCredited(operator, node, batchId, amount);
         }
-        _requireCovered(0, coveredTo, numLayers);
+        _requireCovered(0, uint32(prev), numLayers);
     }
 
 
@@ -1093,16 +1143,22 @@ contract JobMarket is AccessControl, ReentrancyGuardTransient, EIP712 {
             tally.lastModel = job.modelId;
             tally.lastModelLayers = numLayers;
         }
-        uint32 coveredTo = 0;
+        uint64 prev = 0; // the previous stage's range (see `_nextStage`)
         bytes32 modelId = job.modelId;
         for (uint256 j = 0; j < n; ++j) {
             MerkleStage calldata st = job.stages[j];
             uint256 w = st.packed;
-            uint32 start = uint32(w >> 192);
-            uint32 end = uint32(w >> 160);
-            coveredTo = _nextStage(index, j, start, end, coveredTo, numLayers);
+            uint64 range = uint64(w >> 160);
+            bool share = _nextStage(index, j, range, prev, numLayers);
+            prev = range;
             uint256 k = w >> 224;
             if (k >= nodes.length) revert JobMarketUnknownBatchNode(index, j, k, nodes.length);
+            if (share) {
+                // the signers: the nodes at this stage's index and the previous stage's (checked
+                // above in its iteration), distinct per index (`_openTally` refuses duplicates)
+                uint256 prevK = job.stages[j - 1].packed >> 224;
+                _requireShareOrder(index, j, nodes[k].node, nodes[prevK].node);
+            }
             uint256 amount = uint128(w);
             bytes32[] memory leaves = tally.leaves[k];
             uint256 f = tally.filled[k];
@@ -1119,7 +1175,7 @@ contract JobMarket is AccessControl, ReentrancyGuardTransient, EIP712 {
                 }
             }
         }
-        _requireCovered(index, coveredTo, numLayers);
+        _requireCovered(index, uint32(prev), numLayers);
         fee = _bill(index, job.client, signer, job.maxCost, jobId, cost, feeBps);
     }
 

@@ -2,9 +2,9 @@
 
 Random sequences of staking, unstaking, withdrawals, slashes, deposits, escrow withdrawals (not
 ready, ready, expired), settlement batches (valid, forged, replayed, over budget, under-escrowed,
-with unroutable nodes whose receipts are forfeited), the same batches through settleBatchMerkle
-(one batch receipt per node; forged totals, roots and node keys), single jobs through settleJob,
-claims and time jumps. Two brokers settle
+with unroutable nodes whose receipts are forfeited, with a layer range shared by two nodes), the
+same batches through settleBatchMerkle (one batch receipt per node; forged totals, roots and node
+keys), single jobs through settleJob, claims and time jumps. Two brokers settle
 (roles["broker"] and roles["stranger"], both with BROKER_ROLE) and each client holds a part of its
 escrow for each, so deposits, withdrawal requests and charges are fuzzed per (client, broker). A
 Python model predicts every outcome (success, or the exact custom error); after every step the
@@ -101,7 +101,7 @@ class MarketMachine:
     st_sleep = st.sampled_from([1, WITHDRAW_DELAY // 2, WITHDRAW_DELAY + 1, UNBONDING // 2, UNBONDING + 1])
     st_nonce = st.integers(min_value=0, max_value=NONCES - 2)
     st_amount = st.one_of(st.integers(0, 50 * UNIT), st.integers(0, 600 * UNIT))
-    st_shape = st.sampled_from(["two_stage", "three_stage", "other_model"])
+    st_shape = st.sampled_from(["two_stage", "three_stage", "shared", "other_model"])
     st_forgery = st.sampled_from(FORGERIES)
     st_merkle_forgery = st.sampled_from(MERKLE_FORGERIES)
     st_budget = st.sampled_from(["exact", "short", "ample"])
@@ -323,6 +323,9 @@ class MarketMachine:
             kw = {}
         elif shape == "three_stage":
             stages = [(1, 0, 10, a), (2, 10, 20, b), (1, 20, MODEL_LAYERS, a // 3)]
+            kw = {}
+        elif shape == "shared":  # [0, 1) shared by NODES[0] and NODES[1] (ascending addresses)
+            stages = [(0, 0, 1, a), (1, 0, 1, b), (2, 1, MODEL_LAYERS, a // 3)]
             kw = {}
         else:  # "other_model" on op2's NODES[2], "other_model_op1" on op1's NODES[0]
             stages = [(0 if shape == "other_model_op1" else 2, 0, OTHER_MODEL_LAYERS, a + b)]

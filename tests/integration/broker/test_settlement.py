@@ -59,7 +59,7 @@ def method_of(jm, tx_hash: str) -> str:
     return fn.fn_name
 
 
-def add_completed_job(market, ledger, client, nodes, nonce, amount=UNIT // 50, signer=None):
+def add_completed_job(market, ledger, client, nodes, nonce, amount=UNIT // 50, signer=None, spans=SPANS):
     jm = market.market()
     dom = jm.domain()
     auth = JobAuthorization(client.address, market.broker.address, MID, UNIT, nonce, market.client.timestamp() + 1200)
@@ -79,11 +79,11 @@ def add_completed_job(market, ledger, client, nodes, nonce, amount=UNIT // 50, s
         )
     )
     receipts = []
-    for (start, end), node in zip(SPANS, nodes, strict=True):
+    for (start, end), node in zip(spans, nodes, strict=True):
         r = Receipt(auth.job_id, MID, start, end, 8, secrets.token_bytes(32), amount)
         rs = sign_receipt(node.key, dom, r)
         receipts.append(StageReceipt(node.address, SignedReceipt(r, rs)))
-    cost = 3 * amount
+    cost = len(spans) * amount
     ledger.complete_job(
         jid,
         answer="ok",
@@ -119,6 +119,37 @@ def test_settles_exactly_the_receipts(setup, path):
     assert batch.status == "settled" and batch.tx_hash.startswith("0x")
     assert method_of(jm, batch.tx_hash) == ("settleBatchMerkle" if merkle else "settleBatch")
     assert merkle_settler(market, ledger, nodes).settle_once().settled_batches == []  # nothing left
+
+
+@pytest.mark.parametrize("path", ["merkle", "per-receipt", "alone"])
+def test_a_shared_first_range_pays_both_share_workers(setup, path):
+    """A privacy=high job's first stage is billed by two share workers (ascending node address,
+    as the ledger holds them from ``covering_receipts``); every path pays each exactly its receipt."""
+    market, ops, nodes, client, ledger = setup
+    jm = market.market()
+    extra_op = market.new_funded_account(1000 * UNIT)
+    extra = market.enroll_node(extra_op)
+    pair = sorted([nodes[0], extra], key=lambda n: int(n.address, 16))
+    payee = {n.address: o for n, o in zip([*nodes, extra], [*ops, extra_op], strict=True)}
+    shared = [pair[0], pair[1], nodes[1], nodes[2]]
+    spans = [(0, 10), (0, 10), (10, 20), (20, 30)]
+    jids = [
+        add_completed_job(market, ledger, client, shared, n, spans=spans) for n in range(1, 2 if path == "alone" else 3)
+    ]
+    claim0 = {n.address: jm.claimable_of(payee[n.address].address) for n in shared}
+    signer_nodes = [*nodes, extra]
+    settler = (
+        Settler(ledger, jm, market.broker) if path == "per-receipt" else merkle_settler(market, ledger, signer_nodes)
+    )
+    result = settler.settle_once()
+    assert len(result.settled_batches) == 1 and not result.failed_jobs, result
+    tx = ledger.get_batch(result.settled_batches[0]).tx_hash
+    assert (
+        method_of(jm, tx) == {"merkle": "settleBatchMerkle", "per-receipt": "settleBatch", "alone": "settleJob"}[path]
+    )
+    for n in shared:
+        assert jm.claimable_of(payee[n.address].address) - claim0[n.address] == len(jids) * (UNIT // 50), n.address
+    assert all(ledger.get_job(j).status == "settled" for j in jids)
 
 
 def test_single_job_settles_alone_through_settle_job(setup):
