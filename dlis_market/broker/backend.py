@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal, Protocol, runtime_checkable
 
 from dlis_market.chain.job_market import SignedReceipt
@@ -51,6 +52,10 @@ class BackendJob:
     # Checks the last stage's proof before the answer is accepted; raises to fail the job. None:
     # the job asked for no proof.
     check_proof: ProofCheck | None = None
+    # privacy=high: the model's first stage runs here on secret shares at these workers (the
+    # planned pair), loaded from this folder; ``route`` starts after it (node/private_entry.py)
+    private_shares: Sequence[RouteHop] = ()
+    private_shard_dir: Path | None = None
 
     @property
     def sampling(self) -> SamplingParams:

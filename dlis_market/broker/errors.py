@@ -123,6 +123,15 @@ def proof_unsupported(model: str, why: str) -> InvalidRequest:
     )
 
 
+def privacy_unsupported(model: str, why: str) -> InvalidRequest:
+    return InvalidRequest(
+        f"model {model} cannot run with privacy=high here: {why}",
+        kind="privacy-unsupported",
+        title="No private first stage for this model",
+        model=model,
+    )
+
+
 def idempotency_key_reused(key: str, window_s: float) -> InvalidRequest:
     return InvalidRequest(
         f"Idempotency-Key {key[:64]!r} was used for a different request within the last {window_s:.0f} s; "

@@ -21,6 +21,9 @@ class PlannedRoute:
     hops: list[RouteHop]
     estimated_latency_ms: float
     fallback: bool = False
+    # privacy=high: the first ``shares`` hops serve the first stage together, each on one secret
+    # share of its activations (node/private_entry.py); the route goes on from their end
+    shares: int = 0
 
 
 @dataclass

@@ -25,9 +25,11 @@ from dlis_market.broker.observations import JobObserver, observe_job
 from dlis_market.broker.spot_checks import FinishedSession, SpotChecker
 from dlis_market.errors import BrokerError
 from dlis_market.inference.sampling import TokenLogprob
+from dlis_market.inference.stage import Stage
 from dlis_market.node import receipts
 from dlis_market.node.driver import JobSession, JobSpec, PipelineDriver
 from dlis_market.node.errors import NodeError
+from dlis_market.node.private_entry import PrivateEntry
 from dlis_market.node.protocol import BatchReceiptAnswer, parse_body
 from dlis_market.protocol.receipts import StageReceipt
 from dlis_market.protocol.routes import RouteHop
@@ -49,18 +51,25 @@ class RegisteredPeers:
         self.registry = registry
         self.ttl_s = ttl_s
         self.clock = clock
-        self._cache: dict[str, tuple[float, str | None]] = {}
+        self._cache: dict[str, tuple[float, str | None, str | None]] = {}  # node -> (read at, peer, operator)
 
-    def peer_of(self, node: str) -> str | None:
+    def _read(self, node: str) -> tuple[float, str | None, str | None]:
         key = node.lower()
         hit = self._cache.get(key)
         now = self.clock()
         if hit is not None and now - hit[0] < self.ttl_s:
-            return hit[1]
+            return hit
         rec = self.registry.get(node)
         peer = rec.peer_id if rec is not None and rec.active else None
-        self._cache[key] = (now, peer)
-        return peer
+        self._cache[key] = (now, peer, rec.operator if rec is not None else None)
+        return self._cache[key]
+
+    def peer_of(self, node: str) -> str | None:
+        return self._read(node)[1]
+
+    def operator_of(self, node: str) -> str | None:
+        """The operator account that registered ``node`` (None: not registered)."""
+        return self._read(node)[2]
 
     def __call__(self, node: str, peer_id: str) -> bool:
         return self.peer_of(node) == peer_id
@@ -207,6 +216,14 @@ class P2PBackend:
         return [s for s in spans if s.online and s.peer_id not in self.driver.banned()]
 
     async def start(self, job: BackendJob) -> P2PJobStream:
+        private = None
+        if job.private_shares:
+            if job.private_shard_dir is None:
+                raise BrokerError("a private job names its share workers but no folder holding its first stage")
+            stage = await asyncio.to_thread(Stage.load, job.private_shard_dir, None, 0)  # one per job: it is rewired
+            check = self.driver.node_check
+            operator_of = check.operator_of if isinstance(check, RegisteredPeers) else None
+            private = PrivateEntry(stage, operator_of, tuple(job.private_shares))
         spec = JobSpec(
             model=job.model,
             prompt_ids=list(job.prompt_ids),
@@ -220,6 +237,7 @@ class P2PBackend:
             replan=job.replan,
             adapter=job.adapter,
             proof=job.proof,
+            private=private,
         )
         session = JobSession(self.driver, spec)
         if job.route:

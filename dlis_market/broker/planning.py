@@ -42,6 +42,7 @@ class NodeStanding:
     routable: bool
     reputation_bps: int
     attestation_hash: str  # 0x-hex as registered on chain
+    operator: str = ""  # the operator account that registered it (empty: unknown)
 
 
 StandingLookup = Callable[[str], NodeStanding]
@@ -90,7 +91,7 @@ def chain_standing(registry: NodeRegistry, reputation: ReputationOracle) -> Stan
         if rec is None:
             return NodeStanding(False, 0, "0x" + "00" * 32)
         score, epoch = reputation.latest(node)
-        return NodeStanding(rec.routable, score if epoch else 10_000, "0x" + rec.attestation_hash.hex())
+        return NodeStanding(rec.routable, score if epoch else 10_000, "0x" + rec.attestation_hash.hex(), rec.operator)
 
     return lookup
 
@@ -145,6 +146,9 @@ def make_planner(
     ) -> PlannedRoute:
         """The scheduler's route for the job; ``policy.max_cost`` is a total with the protocol fee
         at ``fee_bps``, so the scheduler bounds the stages' charges by ``pricing.cost_budget``."""
+        entry_end = served.manifest.stages[0].layers.end
+        if policy.privacy == "high":  # the first stage runs on shares: it must be one hop, exactly that stage
+            offers = [o for o in offers if o.start >= entry_end or (o.start, o.end) == (0, entry_end)]
         fallback_offer = next(
             (o for o in offers if settings.fallback_peer_id and o.peer_id == settings.fallback_peer_id), None
         )
@@ -214,6 +218,40 @@ def make_planner(
         for h in route.hops:
             o = by_node[h.node_id]
             hops.append(RouteHop(o.peer_id, o.node_address, h.layers.start, h.layers.end, o.price_per_token))
+        if policy.privacy == "high":
+            if route.fallback or (hops[0].start, hops[0].end) != (0, entry_end):
+                raise no_route(f"no worker serves exactly the first stage [0, {entry_end}) for a privacy=high job")
+            partner = share_partner(peers, hops[0], standing, settings.min_reputation_bps)
+            return PlannedRoute([hops[0], partner, *hops[1:]], route.latency_ms_per_token, shares=2)
         return PlannedRoute(hops, estimated_latency_ms=route.latency_ms_per_token, fallback=route.fallback)
 
     return plan
+
+
+def share_partner(
+    offers: list[SpanRecord], first: RouteHop, standing: StandingLookup, min_reputation_bps: int
+) -> RouteHop:
+    """The second worker of a privacy=high job's first stage: serving exactly ``first``'s range,
+    staked, reputed, attested like any routed node, of another node and another operator (the two
+    share workers together could rebuild the activations, so they must not be one party);
+    cheapest, then fastest. :func:`no_route` when there is none."""
+    first_operator = standing(first.node).operator.lower()
+    best: SpanRecord | None = None
+    for o in offers:
+        if (o.start, o.end) != (first.start, first.end) or o.node_address.lower() == first.node.lower():
+            continue
+        st = standing(o.node_address)
+        attested = st.attestation_hash == o.attestation_hash and int(st.attestation_hash, 16) != 0
+        if not (st.routable and attested and st.reputation_bps >= min_reputation_bps and o.free_slots > 0):
+            continue
+        if first_operator and st.operator.lower() == first_operator:
+            continue
+        if best is None or (o.price_per_token, -o.throughput) < (best.price_per_token, -best.throughput):
+            best = o
+    if best is None:
+        raise no_route(
+            f"a privacy=high job computes the first stage [{first.start}, {first.end}) on secret shares at two "
+            "workers of different operators; only one such worker (staked, reputed, attested, with a free slot) "
+            "is online. Start a first-stage worker under another operator, or send the job with privacy=low"
+        )
+    return RouteHop.of(best)

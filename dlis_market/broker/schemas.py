@@ -69,7 +69,11 @@ class Sampling(_In):
 
 
 class Policy(_In):
-    privacy: Literal["low", "high"] = "low"
+    privacy: Literal["low", "high"] = Field(
+        "low",
+        description="high: attested nodes only, and the first stage runs on secret shares at two workers of different "
+        "operators (the broker embeds the prompt; no worker sees the embeddings or that stage's activations).",
+    )
     max_latency_ms: float | None = Field(None, gt=0, description="Upper bound on estimated latency per token.")
     max_cost: Uint | None = Field(None, description="Upper bound on the job's cost in token units.")
 

@@ -61,6 +61,7 @@ from dlis_market.broker.errors import (
     insufficient_escrow,
     no_route,
     nonce_used,
+    privacy_unsupported,
     prompt_bytes_too_long,
     proof_unsupported,
     unknown_job,
@@ -434,6 +435,8 @@ class BrokerService:
         served = priced.served if priced is not None else self.catalog.get(req.model)
         if req.proof is not None:
             self._check_provable(served)
+        if req.policy.privacy == "high":
+            self._check_private(served)
         given = req.authorization
         epoch = await self._epoch()  # before the escrow is read (see _commit)
         snap = await self.chain.admission(given.client, given.nonce, self.broker.address, spender)
@@ -631,6 +634,7 @@ class BrokerService:
         s = req.sampling
         limit = vauth.auth.max_cost if req.policy.max_cost is None else min(req.policy.max_cost, vauth.auth.max_cost)
         policy = req.policy.model_copy(update={"max_cost": limit})
+        shares, hops = route.hops[: route.shares], route.hops[route.shares :]
         return BackendJob(
             job_id=bytes.fromhex(job_id[2:]),
             model=served.base,  # the workers' model; an adapter rides along and names the receipts
@@ -649,12 +653,29 @@ class BrokerService:
             logprobs=s.logprobs,
             stop_token_ids=served.eos_token_ids,
             num_layers=served.num_layers,
-            route=route.hops,
+            route=hops,
             fee_bps=fee_bps,
-            replan=self._replanner(served, policy, len(ids), req.max_tokens, fee_bps),
+            # a private job's route starts after its first stage: the driver replans it itself
+            replan=None if shares else self._replanner(served, policy, len(ids), req.max_tokens, fee_bps),
             proof=req.proof,
             check_proof=self._proof_check(job_id, served) if req.proof is not None else None,
+            private_shares=shares,
+            private_shard_dir=served.shard_dir if shares else None,
         )
+
+    def _check_private(self, served: ServedModel) -> None:
+        """Refuse privacy=high for a model whose first stage this broker cannot run on shares
+        (InvalidRequest): it needs that stage's weights here, and no adapter."""
+        first = served.manifest.stages[0]
+        if served.adapter is not None:
+            raise privacy_unsupported(served.name, "the private first stage does not apply LoRA adapters; use the base")
+        if not (served.shard_dir / first.file.path).is_file():
+            raise privacy_unsupported(
+                served.name,
+                f"this broker holds no weights of the first stage {first.layers} "
+                f"({served.shard_dir / first.file.path}); put the model's first shard beside its manifest "
+                "(`dlis model fetch`), or send privacy=low",
+            )
 
     def _check_provable(self, served: ServedModel) -> None:
         """Refuse a proof for a model whose head cannot be proven here (InvalidRequest)."""

@@ -103,14 +103,18 @@ class FinishedSession:
     route: tuple[RouteHop, ...]
     receipts: dict[int, StageReceipt]  # by start layer
     generated: tuple[int, ...]
+    private: bool = False  # privacy=high: the first hop's inputs are the driver's, after its private stage
 
     @classmethod
     def of(cls, session: JobSession, route: Sequence[RouteHop]) -> FinishedSession | None:
         """``None`` when the session failed over (its calls span several routes: not checked)."""
-        mine = {r.signed.receipt.start: r for r in session.receipts if r.session_id == session.session_id}
+        mine = {
+            r.signed.receipt.start: r for r in session.receipts if r.session_id == session.session_id and not r.share
+        }
         if session.failovers or len(mine) != len(route) or not session.generated:
             return None
-        return cls(session.spec, session.session_id, tuple(route), mine, tuple(session.generated))
+        private = session.shares is not None
+        return cls(session.spec, session.session_id, tuple(route), mine, tuple(session.generated), private)
 
 
 @dataclass(frozen=True)
@@ -211,11 +215,17 @@ class SpotChecker:
             self.counts["skipped:failover"] += 1
             return []
         job = finished.spec.job_id
-        picked = [k for k, hop in enumerate(finished.route) if self.sampler.selected(job, hop.start)]
+        # A private job's first hop took hidden states no signed receipt commits to (the share
+        # workers' receipts cover shares): it is not drawn; the hops after it are, as usual.
+        first = 1 if finished.private else 0
+        picked = [k for k, hop in enumerate(finished.route) if k >= first and self.sampler.selected(job, hop.start)]
         cheap = [
             k
             for k, hop in enumerate(finished.route)
-            if k not in picked and self.fingerprints is not None and self.fingerprints.selected(job, hop.start)
+            if k >= first
+            and k not in picked
+            and self.fingerprints is not None
+            and self.fingerprints.selected(job, hop.start)
         ]
         if picked or cheap:
             task = asyncio.create_task(self.check(finished, picked, cheap))

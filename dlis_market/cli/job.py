@@ -130,7 +130,13 @@ def submit(
     max_tokens: Annotated[int, typer.Option(help="Tokens to generate at most.")] = 32,
     chat: Annotated[bool, typer.Option(help="Send the prompt as a user message (model's chat template).")] = False,
     max_cost: Annotated[str | None, typer.Option(help="Most DLIS you authorize (default: the broker's quote).")] = None,
-    privacy: Annotated[str, typer.Option(help="low|high (high: attested nodes only).")] = "low",
+    privacy: Annotated[
+        str,
+        typer.Option(
+            help="low|high. high: attested nodes only, and the broker runs the first stage on secret shares at two "
+            "workers of different operators, so no worker sees the prompt's embeddings (costs ~0.65x tokens/s)."
+        ),
+    ] = "low",
     proof: Annotated[
         str | None,
         typer.Option(

@@ -56,6 +56,7 @@ class PrivateEntry:
 
     stage: Stage
     operator_of: Callable[[str], str | None] | None = None
+    hops: tuple[RouteHop, ...] = ()  # the pair a router chose (empty: the driver picks one)
 
     @property
     def end(self) -> int:
@@ -91,7 +92,7 @@ class SharePair:
 
     def __init__(self, driver: ShareDriver, entry: PrivateEntry, model: str, job_id: bytes) -> None:
         self.driver, self.entry, self.model, self.job_id = driver, entry, model, job_id
-        self.hops: list[RouteHop] = []
+        self.hops: list[RouteHop] = list(entry.hops)
         self.layers: PrivateLayers | None = None  # built on the driver's loop at the first step
         self.tokens = 0  # positions the private layers reached: what a share worker may bill
         self.replaced = 0

@@ -183,12 +183,12 @@ def batch_cost(curve: dict[int, float], sessions: int) -> float:
 
 
 # Settlement gas, bench/gas_report.py on the real contracts (README), on the paths the broker takes:
-# a job alone goes through settleJob (119,767 gas); a batch through settleBatchMerkle, 32,938 gas
-# per job in a batch of 10 and 22,994 in a batch of 50, fitted as fixed + per job (exact at 10 and
-# 50; predicts 144,808 for a Merkle batch of one, measured 142,526: within 1.6 %).
-GAS_ALONE = 119_767
-GAS_PER_JOB_IN_BATCH = (50 * 22_994 - 10 * 32_938) // 40
-GAS_PER_BATCH = 10 * 32_938 - 10 * GAS_PER_JOB_IN_BATCH
+# a job alone goes through settleJob (119,927 gas); a batch through settleBatchMerkle, 32,440 gas
+# per job in a batch of 10 and 22,502 in a batch of 50, fitted as fixed + per job (exact at 10 and
+# 50; predicts 144,247 for a Merkle batch of one, measured 142,032: within 1.6 %).
+GAS_ALONE = 119_927
+GAS_PER_JOB_IN_BATCH = (50 * 22_502 - 10 * 32_440) // 40
+GAS_PER_BATCH = 10 * 32_440 - 10 * GAS_PER_JOB_IN_BATCH
 GAS_REFERENCE_STAGES = 3  # the measured jobs had 3 receipts
 
 

@@ -78,8 +78,9 @@ def tiny_shards(root: Path, ranges: list[tuple[int, int]], name: str = "tiny-lla
     return out
 
 
-def register_worker(market: Any, worker: WorkerProc) -> str:
-    """Stake for a fresh operator and register the worker's own node key under its peer id;
+def register_worker(market: Any, worker: WorkerProc, attested: bool = False) -> str:
+    """Stake for a fresh operator and register the worker's own node key under its peer id (with
+    the hash of the attestation it announces when ``attested``: what privacy=high routes on);
     returns the operator's address."""
     from dlis_market.chain.node_registry import Capability, DeviceClass
     from dlis_market.node import identity
@@ -91,8 +92,9 @@ def register_worker(market: Any, worker: WorkerProc) -> str:
     deadline = market.client.timestamp() + 3600
     binding = registry.sign_binding(node, operator.address, worker.peer_id, deadline)
     cap = Capability(8192, 100, 1000, DeviceClass.LAPTOP)
+    attestation = bytes.fromhex(worker.info["attestation_hash"].removeprefix("0x")) if attested else b"\0" * 32
     registry.register(
-        operator, node.address, worker.peer_id, "/ip4/127.0.0.1/tcp/1", cap, b"\0" * 32, binding, deadline
+        operator, node.address, worker.peer_id, "/ip4/127.0.0.1/tcp/1", cap, attestation, binding, deadline
     )
     return str(operator.address)
 
@@ -313,16 +315,18 @@ def start_oracle(market: Any, port: int, log: Path, **extra_env: str) -> subproc
     return spawn_service(["oracle", "start"], env, log, f"http://127.0.0.1:{port}/metrics", 60)  # type: ignore[no-any-return]
 
 
-def paid_job(market: Any, port: int, client: Any, model: str, prompt: str, max_tokens: int) -> dict[str, Any]:
+def paid_job(
+    market: Any, port: int, client: Any, model: str, prompt: str, max_tokens: int, **extra: Any
+) -> dict[str, Any]:
     """POST /v1/jobs to the broker on ``port`` under a fresh authorization signed by ``client``
-    (max cost 1 DLIS, 20 minutes to settle: within JobMarket's authorization lifetime); asserts the
-    job completed and returns it."""
+    (max cost 1 DLIS, 20 minutes to settle: within JobMarket's authorization lifetime), with the
+    ``extra`` fields of the request (e.g. ``policy``); asserts the job completed and returns it."""
     mid = bytes.fromhex(model_id(model, market.deployer.address)[2:])
     auth = JobAuthorization(client.address, market.broker.address, mid, 10**18,
                             secrets.randbits(128), market.client.timestamp() + 1200)  # fmt: skip
     body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "authorization": {
         "client": client.address, "nonce": str(auth.nonce), "max_cost": str(auth.max_cost), "deadline": auth.deadline,
-        "signature": sign_authorization(client.key, market.market().domain(), auth).hex()}}  # fmt: skip
+        "signature": sign_authorization(client.key, market.market().domain(), auth).hex()}, **extra}  # fmt: skip
     res = httpx.post(f"http://127.0.0.1:{port}/v1/jobs", json=body, timeout=300)
     assert res.status_code == 201, res.text
     job: dict[str, Any] = res.json()
