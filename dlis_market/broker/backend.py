@@ -56,6 +56,9 @@ class BackendJob:
     # planned pair), loaded from this folder; ``route`` starts after it (node/private_entry.py)
     private_shares: Sequence[RouteHop] = ()
     private_shard_dir: Path | None = None
+    # (survivor, peers to avoid, max price) -> a replacement for a failed share worker under the
+    # job's policy (None: the backend's own pick)
+    private_partner: Callable[[RouteHop, frozenset[str], int], Awaitable[RouteHop]] | None = None
 
     @property
     def sampling(self) -> SamplingParams:

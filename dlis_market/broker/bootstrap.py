@@ -41,7 +41,7 @@ class BrokerGraph:
         default the backend's own (:class:`SignsBatches`, asking with ``broker.batch_receipt_timeout_s``),
         and per receipt when there is none."""
         service = BrokerService(
-            self.settings, self.ledger, self.market, self.broker, self.catalog, backend, self.planner
+            self.settings, self.ledger, self.market, self.broker, self.catalog, backend, self.planner, self.standing
         )
         if batch_signer is None and isinstance(backend, SignsBatches):
             batch_signer = backend.batch_signer(self.settings.broker.batch_receipt_timeout_s)

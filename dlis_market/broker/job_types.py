@@ -78,7 +78,7 @@ def covering_receipts(receipts: list[StageReceipt], num_layers: int) -> list[Sta
     """The receipts of the final route, tiling [0, num_layers) in order (a replaced stage's
     partial receipt is dropped: JobMarket pays one receipt per layer range, or one per member of
     a group sharing it). A privacy=high job's share receipts come first, one per node, in
-    ascending node address (JobMarket's order for a range's group); a group needs two."""
+    ascending node address (JobMarket's order for a range's group)."""
     by_start: dict[int, StageReceipt] = {}
     shares: dict[int, StageReceipt] = {}  # node -> its share receipt
     for r in receipts:  # later receipts (after a failover) replace earlier ones for the same start
@@ -88,12 +88,11 @@ def covering_receipts(receipts: list[StageReceipt], num_layers: int) -> list[Sta
             by_start[r.start] = r
     out = [shares[node] for node in sorted(shares)]
     at = 0
-    if out:
+    if out:  # one is paid too: a share worker that withheld its receipt forfeits only its own pay
         ranges = {(r.start, r.end) for r in out}
-        if len(out) < 2 or len(ranges) != 1 or out[0].start != 0:
+        if len(ranges) != 1 or out[0].start != 0:
             raise UpstreamFailed(
-                f"the share receipts of the private first stage are {len(out)} over {sorted(ranges)}: two "
-                "or more over one range [0, e) are paid",
+                f"the share receipts of the private first stage are over {sorted(ranges)}: one range [0, e) is paid",
                 kind="incomplete-receipts",
                 title="Incomplete receipts",
             )

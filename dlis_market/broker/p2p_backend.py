@@ -110,6 +110,7 @@ class P2PJobStream:
 
     async def finish(self) -> tuple[list[RouteHop], list[StageReceipt]]:
         hops = list(self.session.route)
+        shares = list(self.session.shares.hops) if self.session.shares is not None else []
         got = await self.session.close()
         if self.check_proof is not None:  # the answer counts only with its proof (raises otherwise)
             last = next((r for r in got if r.proof is not None), None)
@@ -131,7 +132,7 @@ class P2PJobStream:
             task = asyncio.create_task(self.observer.report(observations))  # never delays the job
             self._reports.add(task)
             task.add_done_callback(self._reports.discard)
-        return hops, got
+        return shares + hops, got  # a private job's share workers lead its route record
 
 
 class P2PBatchSigner:
@@ -223,7 +224,7 @@ class P2PBackend:
             stage = await asyncio.to_thread(Stage.load, job.private_shard_dir, None, 0)  # one per job: it is rewired
             check = self.driver.node_check
             operator_of = check.operator_of if isinstance(check, RegisteredPeers) else None
-            private = PrivateEntry(stage, operator_of, tuple(job.private_shares))
+            private = PrivateEntry(stage, operator_of, tuple(job.private_shares), job.private_partner)
         spec = JobSpec(
             model=job.model,
             prompt_ids=list(job.prompt_ids),

@@ -229,16 +229,23 @@ def make_planner(
 
 
 def share_partner(
-    offers: list[SpanRecord], first: RouteHop, standing: StandingLookup, min_reputation_bps: int
+    offers: list[SpanRecord],
+    first: RouteHop,
+    standing: StandingLookup,
+    min_reputation_bps: int,
+    max_price: int | None = None,
 ) -> RouteHop:
-    """The second worker of a privacy=high job's first stage: serving exactly ``first``'s range,
-    staked, reputed, attested like any routed node, of another node and another operator (the two
-    share workers together could rebuild the activations, so they must not be one party);
-    cheapest, then fastest. :func:`no_route` when there is none."""
+    """The second worker of a privacy=high job's first stage (or the replacement of a failed
+    one, at most ``max_price``): serving exactly ``first``'s range, staked, reputed, attested like
+    any routed node, of another node and another operator (the two share workers together could
+    rebuild the activations, so they must not be one party); cheapest, then fastest.
+    :func:`no_route` when there is none."""
     first_operator = standing(first.node).operator.lower()
     best: SpanRecord | None = None
     for o in offers:
         if (o.start, o.end) != (first.start, first.end) or o.node_address.lower() == first.node.lower():
+            continue
+        if max_price is not None and o.price_per_token > max_price:
             continue
         st = standing(o.node_address)
         attested = st.attestation_hash == o.attestation_hash and int(st.attestation_hash, 16) != 0

@@ -77,6 +77,7 @@ from dlis_market.broker.job_types import (
 )
 from dlis_market.broker.ledger import JobRow, Ledger, LedgerError, NewJob
 from dlis_market.broker.metrics import BrokerMetrics
+from dlis_market.broker.planning import StandingLookup, share_partner
 from dlis_market.broker.schemas import JobCreate, Policy, Quote
 from dlis_market.broker.settlement import Settler
 from dlis_market.broker.zk_onchain import ProofRecorder
@@ -148,8 +149,10 @@ class BrokerService:
         catalog: ModelCatalog,
         backend: InferenceBackend,
         planner: Planner,
+        standing: StandingLookup | None = None,
     ):
         self.settings = settings
+        self.standing = standing  # nodes' chain standing: a private job's share worker is replaced under it
         self.ledger = ledger
         self.market = market
         self.broker = broker
@@ -282,6 +285,8 @@ class BrokerService:
         """Tokenize, check the context, route and bound the cost of a job (nothing is committed).
         ``admit``: hold a job slot for it (pass the result to :meth:`submit`, which releases it)."""
         served = self.catalog.get(model)
+        if policy.privacy == "high":
+            self._check_private(served)
         ids = await self.tokenize(served, prompt, messages, max_tokens)
         return await self._priced(served, ids, policy, max_tokens, admit)
 
@@ -655,18 +660,37 @@ class BrokerService:
             num_layers=served.num_layers,
             route=hops,
             fee_bps=fee_bps,
-            # a private job's route starts after its first stage: the driver replans it itself
-            replan=None if shares else self._replanner(served, policy, len(ids), req.max_tokens, fee_bps),
+            replan=self._replanner(served, policy, len(ids), req.max_tokens, fee_bps),
             proof=req.proof,
             check_proof=self._proof_check(job_id, served) if req.proof is not None else None,
             private_shares=shares,
             private_shard_dir=served.shard_dir if shares else None,
+            private_partner=self._share_partner(served) if shares and self.standing is not None else None,
         )
+
+    def _share_partner(self, served: ServedModel) -> Callable[[RouteHop, frozenset[str], int], Awaitable[RouteHop]]:
+        """Replaces a private job's failed share worker under the job's policy: another worker of
+        the first stage, staked, reputed, attested, of another operator than the survivor, at most
+        the failed one's price (so the job's bound holds)."""
+        standing = self.standing
+        assert standing is not None
+
+        async def partner(survivor: RouteHop, avoid: frozenset[str], max_price: int) -> RouteHop:
+            offers = [o for o in await self.backend.offers(served.base) if o.peer_id not in avoid]
+            return await asyncio.to_thread(
+                share_partner, offers, survivor, standing, self.settings.broker.min_reputation_bps, max_price
+            )
+
+        return partner
 
     def _check_private(self, served: ServedModel) -> None:
         """Refuse privacy=high for a model whose first stage this broker cannot run on shares
         (InvalidRequest): it needs that stage's weights here, and no adapter."""
         first = served.manifest.stages[0]
+        if len(served.manifest.stages) == 1:
+            raise privacy_unsupported(
+                served.name, "its first stage is the whole model (one shard): publish it with a short first stage"
+            )
         if served.adapter is not None:
             raise privacy_unsupported(served.name, "the private first stage does not apply LoRA adapters; use the base")
         if not (served.shard_dir / first.file.path).is_file():
@@ -711,6 +735,9 @@ class BrokerService:
         the replayed session, so JobMarket pays one receipt per range); only the failed ranges
         are chosen again, among offers that lie inside them."""
 
+        entry_end = served.manifest.stages[0].layers.end
+        private = policy.privacy == "high"  # its route starts after the first stage, run on shares
+
         async def replan(route: Sequence[RouteHop], avoid: frozenset[str]) -> Sequence[RouteHop]:
             kept = {(h.peer_id, h.start, h.end) for h in route if h.peer_id not in avoid}
             gaps = [(h.start, h.end) for h in route if h.peer_id in avoid]
@@ -718,10 +745,14 @@ class BrokerService:
                 o
                 for o in await self.backend.offers(served.base)
                 if o.peer_id not in avoid
-                and ((o.peer_id, o.start, o.end) in kept or any(a <= o.start and o.end <= b for a, b in gaps))
+                and (
+                    (o.peer_id, o.start, o.end) in kept
+                    or any(a <= o.start and o.end <= b for a, b in gaps)
+                    or (private and (o.start, o.end) == (0, entry_end))  # the planner prices a pair there
+                )
             ]
             planned = await asyncio.to_thread(self.planner, offers, served, policy, prompt_tokens, max_tokens, fee_bps)
-            return planned.hops
+            return planned.hops[planned.shares :]
 
         return replan
 

@@ -8,16 +8,21 @@ The hidden state after the first stage enters the rest of the route as a middle 
 so no worker sees the prompt's embeddings or the first stage's activations
 (``node/shared_layers.py`` says exactly what each party learns).
 
-:class:`SharePair` picks the two workers, sends the calls under tickets of the job, replaces a
-worker that fails (its step runs again on the client's cut-back cache, and a step is not billed
-twice: workers bill the positions they reached) and collects both workers' signed receipts
-(``share_close``). Both receipts bill the same layer range; JobMarket pays a range's group of
-shares when their signers come in ascending address order (``covering_receipts`` orders them).
+:class:`SharePair` checks the two workers (a router's pair, or its own pick), sends the calls
+under tickets of the job, checks each worker's answer on its own (a wrong or late one is that
+worker's fault), replaces a worker that fails at no higher price (its step runs again on the
+client's cut-back cache) and collects both workers' signed receipts (``share_close``). A worker
+bills the session positions it computed, from the one it joined at: a step that runs again is
+not billed twice, and a replacement does not bill what its predecessor computed. Both receipts
+bill the same layer range; JobMarket pays a range's group of shares when their signers come in
+ascending address order (``covering_receipts`` orders them).
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -38,7 +43,7 @@ from dlis_market.node.errors import (
     StageFailedError,
 )
 from dlis_market.node.routing import usable
-from dlis_market.node.shared_layers import PrivateLayers, ShareLinearBody
+from dlis_market.node.shared_layers import PROJECTIONS, PrivateLayers, ShareLinearBody
 from dlis_market.protocol.receipts import StageReceipt
 from dlis_market.protocol.routes import RouteHop
 from dlis_market.protocol.spans import SpanRecord
@@ -51,12 +56,15 @@ log = logging.getLogger(__name__)
 class PrivateEntry:
     """What a ``privacy=high`` job needs to keep its embeddings from the workers: the model's
     first stage loaded by the driver (embeddings, norms, attention; its projections go out on
-    shares) and, where the chain is at hand, the operator of a node: the two share workers must
-    be of different operators (None: two different nodes is all that is checked)."""
+    shares), the pair a router chose (empty: the driver picks the cheapest two), and how a
+    failed worker is replaced: ``partner(survivor, avoid, max_price)`` returns another worker of
+    the stage under the router's policy (None: the driver's own pick, which checks only that
+    nodes, and operators where ``operator_of`` knows them, differ)."""
 
     stage: Stage
     operator_of: Callable[[str], str | None] | None = None
-    hops: tuple[RouteHop, ...] = ()  # the pair a router chose (empty: the driver picks one)
+    hops: tuple[RouteHop, ...] = ()
+    partner: Callable[[RouteHop, frozenset[str], int], Awaitable[RouteHop]] | None = None
 
     @property
     def end(self) -> int:
@@ -80,11 +88,17 @@ class ShareDriver(Protocol):
 
 
 class ShareWorkerError(NodeError):
-    """A share worker failed a call: it is replaced and the step runs again."""
+    """A share worker failed a call (unreachable, late, refused, or a malformed answer): it is
+    replaced and the step runs again."""
 
     def __init__(self, message: str, peer: str) -> None:
         super().__init__(message)
         self.peer = peer
+
+
+# The private layers' steps block a thread on network round trips: their own pool, so that
+# concurrent private jobs never hold the threads the broker's ledger and planning run in.
+_STEPS = concurrent.futures.ThreadPoolExecutor(max_workers=32, thread_name_prefix="private-entry")
 
 
 class SharePair:
@@ -94,46 +108,86 @@ class SharePair:
         self.driver, self.entry, self.model, self.job_id = driver, entry, model, job_id
         self.hops: list[RouteHop] = list(entry.hops)
         self.layers: PrivateLayers | None = None  # built on the driver's loop at the first step
-        self.tokens = 0  # positions the private layers reached: what a share worker may bill
         self.replaced = 0
+        self.sent = 0  # the furthest position the stage's first projection was sent for: what is billable
+        self.joined: dict[str, int] = {h.peer_id: 0 for h in self.hops}  # peer -> position it joined at
+        self._verified: set[str] = set()
+        self._cols: dict[tuple[int, str], int] = {}  # (layer, projection) -> output width
+        self._step: asyncio.Future[torch.Tensor] | None = None  # the step in its thread, if running
         self._tickets: dict[str, tuple[dict[str, Any], float]] = {}  # peer -> (ticket, renew after)
 
     async def pick(self, spans: list[SpanRecord], banned: set[str]) -> None:
-        """Keep the healthy worker of the pair and choose the cheapest others (then the fastest)
-        that serve exactly the first stage: distinct nodes of distinct operators, attested."""
+        """The driver's own pick (no router): keep the pair's healthy worker and add the cheapest
+        (then fastest) others serving exactly the first stage: distinct nodes, of distinct
+        operators where known, verified, and no dearer than the worker they replace."""
         keep = [h for h in self.hops if h.peer_id not in banned]
+        cap = max((h.price_per_token for h in self.hops if h.peer_id in banned), default=None)
         candidates = sorted(
-            (s for s in usable(spans, banned) if (s.model, s.start, s.end) == (self.model, 0, self.entry.end)),
+            (
+                s
+                for s in usable(spans, banned)
+                if (s.model, s.start, s.end) == (self.model, 0, self.entry.end)
+                and (cap is None or s.price_per_token <= cap)
+            ),
             key=lambda s: (s.price_per_token, -s.throughput),
         )
         operator_of = self.entry.operator_of or (lambda node: None)
         for span in candidates:
             if len(keep) == 2:
                 break
-            node = span.node_address.lower()
             operator = operator_of(span.node_address)
             taken = {h.node.lower() for h in keep}
             taken_ops = {operator_of(h.node) for h in keep} - {None}
-            if span.peer_id in {h.peer_id for h in keep} or node in taken or (operator and operator in taken_ops):
+            if span.peer_id in {h.peer_id for h in keep} or span.node_address.lower() in taken:
+                continue
+            if operator and operator in taken_ops:
                 continue
             hop = RouteHop.of(span)
             try:
-                await self.driver.verify_peer(hop)
-            except NodeError as exc:
-                log.warning("share worker %s refused: %s", span.peer_id, exc)
+                await self._verify(hop)
+            except ShareWorkerError as exc:
+                log.warning("%s", exc)
                 self.driver.ban(span.peer_id)
                 continue
             keep.append(hop)
         if len(keep) < 2:
             raise NoRouteError(
                 f"a privacy=high job needs two workers of different operators serving the first stage "
-                f"[0, {self.entry.end}) of {self.model!r}; {len(keep)} usable of {len(candidates)} announced. "
-                "Start another first-stage worker under another operator, or send the job with privacy=low",
+                f"[0, {self.entry.end}) of {self.model!r}; {len(keep)} usable of {len(candidates)} announced"
+                + (f" at most at the replaced worker's price {cap}" if cap is not None else "")
+                + ". Start another first-stage worker under another operator, or send the job with privacy=low",
                 [(0, self.entry.end)],
             )
-        if self.hops and keep != self.hops:
+        self._adopt(keep)
+
+    def _adopt(self, pair: list[RouteHop]) -> None:
+        at = self.layers.position if self.layers is not None else 0
+        for hop in pair:
+            self.joined.setdefault(hop.peer_id, at)
+        if self.hops and pair != self.hops:
             self.replaced += 1
-        self.hops = keep
+        self.hops = pair
+
+    async def _replace(self, failed: str, spans: Callable[[], Awaitable[list[SpanRecord]]]) -> None:
+        """Replace ``failed`` (banned already) under the router's policy, or by the driver's pick."""
+        survivor = next((h for h in self.hops if h.peer_id != failed), None)
+        gone = next((h for h in self.hops if h.peer_id == failed), None)
+        if self.entry.partner is None or survivor is None or gone is None:
+            await self.pick(await spans(), self.driver.banned())
+            return
+        new = await self.entry.partner(survivor, frozenset(self.driver.banned()), gone.price_per_token)
+        await self._verify(new)
+        self._adopt([survivor, new])
+
+    async def _verify(self, hop: RouteHop) -> None:
+        """The worker's attestation and node key, once (as for a stage before its first session)."""
+        if hop.peer_id in self._verified:
+            return
+        try:
+            await self.driver.verify_peer(hop)
+        except NodeError as exc:
+            raise ShareWorkerError(f"share worker {hop.peer_id} failed verification: {exc}", hop.peer_id) from exc
+        self._verified.add(hop.peer_id)
 
     def _ticket(self, hop: RouteHop) -> dict[str, Any]:
         held = self._tickets.get(hop.peer_id)
@@ -146,53 +200,79 @@ class SharePair:
     async def _call(
         self, layer: int, projection: str, position: int, rows: int, share_a: bytes, share_b: bytes
     ) -> tuple[bytes, bytes, int]:
-        async def one(hop: RouteHop, share: bytes) -> tuple[bytes, int]:
+        cols = self._cols[(layer, projection)]
+        if (layer, projection) == (self.entry.stage.layers.start, "q_proj"):
+            self.sent = max(self.sent, position + rows)
+        timeout = self.driver.settings.request_timeout_s
+
+        async def one(hop: RouteHop, share: bytes) -> bytes:
             body = ShareLinearBody(
                 model=self.model, start=hop.start, end=hop.end, job_id=self.job_id, ticket=self._ticket(hop),
                 layer=layer, projection=projection, position=position, rows=rows, share=share,
             )  # fmt: skip
             try:
-                got = await self.driver.pool.request(
-                    hop.peer_id, "share_linear", body.model_dump(), self.driver.settings.request_timeout_s
+                got = await asyncio.wait_for(
+                    self.driver.pool.request(hop.peer_id, "share_linear", body.model_dump(), timeout), 2 * timeout
                 )
-                return bytes(got["out"]), int(got["cols"])
-            except (RemoteError, PeerUnreachableError, KeyError, TypeError, ValueError) as exc:
-                raise ShareWorkerError(f"share worker {hop.peer_id} failed {projection}: {exc}", hop.peer_id) from exc
+                out = bytes(got["out"])
+            except (RemoteError, PeerUnreachableError, TimeoutError, KeyError, TypeError, ValueError) as exc:
+                raise ShareWorkerError(f"share worker {hop.peer_id} failed {projection}: {exc!r}", hop.peer_id) from exc
+            if len(out) != 8 * rows * cols or int(got.get("cols", -1)) != cols:
+                raise ShareWorkerError(
+                    f"share worker {hop.peer_id} answered {projection} with {len(out)} bytes of {got.get('cols')!r} "
+                    f"columns, not {8 * rows * cols} of {cols}",
+                    hop.peer_id,
+                )
+            return out
 
         a, b = self.hops
         got = await asyncio.gather(one(a, share_a), one(b, share_b), return_exceptions=True)
         for answer in got:
             if isinstance(answer, BaseException):
                 raise answer
-        (out_a, cols_a), (out_b, cols_b) = got  # type: ignore[misc]
-        if cols_a != cols_b:
-            raise ShareWorkerError(f"share workers answered {cols_a} and {cols_b} columns", b.peer_id)
-        return out_a, out_b, cols_a
+        out_a, out_b = got
+        assert isinstance(out_a, bytes) and isinstance(out_b, bytes)
+        return out_a, out_b, cols
+
+    def _layers(self) -> PrivateLayers:
+        if self.layers is None:
+            timeout = self.driver.settings.request_timeout_s
+            # each call's requests time out on their own (2x); the thread waits past that
+            self.layers = PrivateLayers(self.entry.stage, self._call, asyncio.get_running_loop(), 4 * timeout + 5)
+            stage = self.entry.stage
+            for i, block in enumerate(stage.family.get_layers(stage.model)):
+                for projection, parent in PROJECTIONS.items():
+                    linear = getattr(getattr(block, parent), projection)
+                    self._cols[(stage.layers.start + i, projection)] = int(linear.cols)
+        return self.layers
 
     async def forward(self, token_ids: torch.Tensor, spans: Callable[[], Awaitable[list[SpanRecord]]]) -> torch.Tensor:
         """The hidden state after the first stage for the step's tokens; a failed worker is banned
         and replaced (``spans``: the driver's discovery), and the step runs again."""
-        if self.layers is None:
-            self.layers = PrivateLayers(
-                self.entry.stage, self._call, asyncio.get_running_loop(), self.driver.settings.request_timeout_s
-            )
+        layers = self._layers()
+        for hop in self.hops:
+            await self._verify(hop)
         attempts = self.driver.settings.max_failovers + 1
+        loop = asyncio.get_running_loop()
         for attempt in range(attempts):
+            self._step = loop.run_in_executor(_STEPS, layers.forward, token_ids)
             try:
-                hidden = await asyncio.to_thread(self.layers.forward, token_ids)
-                self.tokens = self.layers.position
-                return hidden
+                return await asyncio.shield(self._step)
             except ShareWorkerError as exc:
                 if attempt + 1 == attempts:
                     raise StageFailedError(f"giving up on the private first stage: {exc}", None) from exc
                 log.warning("%s; replacing it and running the step again", exc)
                 self.driver.ban(exc.peer)
-                await self.pick(await spans(), self.driver.banned())
+                await self._replace(exc.peer, spans)
         raise AssertionError("unreachable")
 
     async def close(self, session_id: str) -> list[StageReceipt]:
         """Both workers' verified receipts for their shares (ascending node address); a worker
-        that does not answer or bills wrongly gets nothing, as a stage would."""
+        that does not answer or bills wrongly gets nothing, as a stage would. A step still
+        running (the job was cancelled mid-step) ends first, so its calls are billed and known."""
+        if self._step is not None and not self._step.done():
+            with contextlib.suppress(BaseException):
+                await asyncio.wait_for(asyncio.shield(self._step), 4 * self.driver.settings.request_timeout_s + 10)
         out: list[StageReceipt] = []
         timeout = self.driver.settings.request_timeout_s
         for hop in self.hops:
@@ -204,7 +284,7 @@ class SharePair:
                 r = signed.receipt
                 if r.job_id != self.job_id or (r.start, r.end) != (hop.start, hop.end):
                     raise ReceiptError(f"share receipt of {hop.peer_id} names another job or range")
-                receipts.check_bill(hop, r.tokens, r.amount, self.tokens)
+                receipts.check_bill(hop, r.tokens, r.amount, self.sent - self.joined.get(hop.peer_id, 0))
                 out.append(StageReceipt(to_checksum_address(node), signed, hop.peer_id, session_id, share=True))
                 self.driver.succeeded(hop.peer_id)
             except (NodeError, ValueError) as exc:

@@ -306,7 +306,9 @@ class Worker:
             elif op == "share_linear":
                 answer = await self._share_linear(channel.peer, parse_body(ShareLinearBody, body))
             elif op == "share_close":
-                ledger = self.shared.close(parse_body(ShareCloseBody, body).job_id, channel.peer)
+                job_id = parse_body(ShareCloseBody, body).job_id
+                async with self.compute:  # after any share_linear of the caller's still computing
+                    ledger = self.shared.close(job_id, channel.peer)
                 answer = {"receipt": receipts.to_wire(self._sign(ledger)), "node_address": self.identity.address}
             elif op == "fingerprint_check":
                 answer = await self._fingerprint_check(channel.peer, parse_body(call_checks.FingerprintCheckBody, body))

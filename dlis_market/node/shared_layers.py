@@ -112,12 +112,14 @@ class SharedProjections:
         self.new_ledger = new_ledger  # (job id, broker of its ticket) -> the receipt ledger of the work
         self._linears: dict[tuple[int, str], SharedLinear] = {}
         self._rows: OrderedDict[tuple[bytes, str], int] = OrderedDict()  # (job, caller) -> rows served
-        self._ledgers: OrderedDict[tuple[bytes, str], ReceiptLedger] = OrderedDict()  # (job, caller) -> bill
+        # (job, caller) -> its bill and the session position the caller's first call was at
+        self._ledgers: OrderedDict[tuple[bytes, str], tuple[ReceiptLedger, int]] = OrderedDict()
 
     def apply(self, req: ShareLinearBody, caller: str, broker: str) -> dict[str, Any]:
         """One projection of one share, billed to the caller's ledger of the job: the tokens are
-        the session positions the stage's first projection of its first layer reached (a step
-        that runs again after a failed call is not billed twice)."""
+        the session positions the stage's first projection of its first layer reached, from the
+        one of the caller's first call here (a step that runs again after a failed call is not
+        billed twice; a worker that joins a session mid-way bills only what it computed)."""
         key = (req.layer, req.projection)
         if key not in self._linears:
             self._linears[key] = SharedLinear(_weight(self.stage, req.layer, req.projection), CODEC)
@@ -147,24 +149,26 @@ class SharedProjections:
             )
         x = torch.from_numpy(np.frombuffer(req.share, dtype="<i8").copy()).reshape(req.rows, width)
         answer = linear.apply(x).numpy().astype("<i8").tobytes()
-        ledger = self._ledgers.pop((req.job_id, caller), None) or self.new_ledger(req.job_id, broker)
-        self._ledgers[(req.job_id, caller)] = ledger
+        job = (req.job_id, caller)
+        held = self._ledgers.pop(job) if job in self._ledgers else (self.new_ledger(req.job_id, broker), req.position)
+        ledger, base = held
+        self._ledgers[job] = (ledger, base)
         while len(self._ledgers) > MAX_TRACKED_JOBS:
             self._ledgers.popitem(last=False)
         first = (req.layer, req.projection) == (self.stage.layers.start, "q_proj")
-        reached = req.position + req.rows if first else 0
+        reached = req.position + req.rows - base if first else 0
         ledger.record(max(0, reached - ledger.tokens), answer)  # the hash covers every answer, in order
         return {"out": answer, "cols": int(cols)}
 
     def close(self, job_id: bytes, caller: str) -> ReceiptLedger:
         """The caller's ledger of the job, taken out (a second close finds none)."""
-        ledger = self._ledgers.pop((job_id, caller), None)
-        if ledger is None:
+        held = self._ledgers.pop((job_id, caller), None)
+        if held is None:
             raise NodeError(
                 f"no shared projections of job 0x{job_id.hex()[:16]}.. from you here (never asked, closed "
                 f"already, or one of the {MAX_TRACKED_JOBS} oldest forgotten)"
             )
-        return ledger
+        return held[0]
 
 
 # (layer, projection, position of the first row, rows, share for worker A, share for worker B)
@@ -281,9 +285,13 @@ class PrivateLayers:
             hidden = e.family.embed(e.model, token_ids, position_ids)
             hidden = e.family.run_layers(e.model, hidden, position_ids, self.cache, e.stage_config)
         except BaseException:
-            extra = self.cache.get_seq_length() - self.position  # this step's keys and values, if stored
-            if extra > 0:
-                self.cache.crop(-extra)
+            # this step's keys and values, layer by layer: a call that failed mid-step leaves the
+            # layers before it one step longer than those after it
+            for layer in self.cache.layers:  # Llama layers: DynamicLayer (keys, values)
+                cached: Any = layer
+                extra = cached.get_seq_length() - self.position
+                if extra > 0:
+                    cached.crop(-extra)
             raise
         self.position += n
         return hidden

@@ -1,9 +1,10 @@
 """A privacy=high job through the broker's API: its first stage runs on secret shares at two
-workers of different operators, and JobMarket pays both.
+workers of different operators, and JobMarket pays both; a share worker killed mid-job is replaced
+under the job's policy and the three are paid what they served.
 
 Everything is real: Anvil with the contracts, four worker processes staked and registered on
-chain (``s1`` and ``s2`` serve the first stage [0, 2), each under its own operator; ``m`` [2, 4)
-and ``c`` [4, 6)), `dlis broker start` over the P2P network, settlement on chain. The broker
+chain (``s1``, ``s2`` and ``s3`` serve the first stage [0, 2), each under its own operator; ``m``
+[2, 4) and ``c`` [4, 6)), `dlis broker start` over the P2P network, settlement on chain. The broker
 plans the pair and the route after it (``planning.share_partner``), runs the first stage itself
 (``node/private_entry.py``), and settles the job with both share receipts first, in ascending node
 address, as JobMarket's rule for a shared range asks.
@@ -11,6 +12,8 @@ address, as JobMarket's rule for a shared range asks.
 
 from __future__ import annotations
 
+import json
+import secrets
 import time
 from pathlib import Path
 from typing import Any
@@ -20,14 +23,32 @@ import pytest
 from transformers import AutoTokenizer
 
 from dlis_market.chain.anvil import free_port
+from dlis_market.chain.job_market import JobAuthorization, sign_authorization
 from dlis_market.inference.manifest import MANIFEST_NAME, sha256_file
+from dlis_market.types import model_id
 from tests.integration.node.node_helpers import Swarm, _wait_ready, paid_job, register_worker, start_broker, tiny_shards
 
 UNIT = 10**18
 MODEL = "tiny-private-jobs"
-LAYOUT = {"s1": "0:2", "s2": "0:2", "m": "2:4", "c": "4:6"}
+LAYOUT = {"s1": "0:2", "s2": "0:2", "s3": "0:2", "m": "2:4", "c": "4:6"}
 PROMPT = "The capital of France is"
 MAX_TOKENS = 8
+
+
+def private_body(market: Any, client: Any, jm: Any) -> tuple[dict[str, Any], str]:
+    """A privacy=high job's request under a fresh authorization, and the job's id (the
+    authorization's hash, as JobMarket derives it)."""
+    mid = bytes.fromhex(model_id(MODEL, market.deployer.address)[2:])
+    auth = JobAuthorization(
+        client.address, market.broker.address, mid, UNIT, secrets.randbits(128), market.client.timestamp() + 1200
+    )
+    return {
+        "model": MODEL, "prompt": PROMPT, "max_tokens": MAX_TOKENS, "policy": {"privacy": "high"},
+        "authorization": {
+            "client": client.address, "nonce": str(auth.nonce), "max_cost": str(auth.max_cost),
+            "deadline": auth.deadline, "signature": sign_authorization(client.key, jm.domain(), auth).hex(),
+        },
+    }, "0x" + auth.job_id.hex()  # fmt: skip
 
 
 def settled(port: int, job_id: str, log: Path) -> dict[str, Any]:
@@ -39,6 +60,31 @@ def settled(port: int, job_id: str, log: Path) -> dict[str, Any]:
             return job
         assert time.monotonic() < deadline, log.read_text()[-4000:]
         time.sleep(0.5)
+
+
+def stream_killing_a_share_worker(
+    port: int, body: dict[str, Any], job_id: str, workers: dict[str, Any]
+) -> tuple[str, str]:
+    """POST the job as a token stream; after the first token, SIGKILL the share worker of the
+    pair (as the job's route record names it) with the lower node address. (its name, the text)"""
+    victim, text = None, ""
+    with httpx.stream("POST", f"http://127.0.0.1:{port}/v1/jobs", json={**body, "stream": True}, timeout=300) as res:
+        assert res.status_code == 201, res.read()
+        for line in res.iter_lines():
+            if not line.startswith("data:"):
+                continue
+            event = json.loads(line[5:])
+            assert event["type"] != "error", event
+            text += event.get("text") or ""
+            if event["type"] == "token" and victim is None:
+                got = httpx.get(f"http://127.0.0.1:{port}/v1/jobs/{job_id}", timeout=10).json()
+                assert "route" in got, got
+                route = got["route"]
+                pair = sorted((h["node"] for h in route[:2]), key=lambda a: int(a, 16))
+                victim = next(n for n, w in workers.items() if w.info["node_address"] == pair[0])
+                workers[victim].kill()
+    assert victim is not None
+    return victim, text
 
 
 def test_a_private_job_is_answered_as_a_plain_one_and_pays_both_share_workers(
@@ -79,13 +125,32 @@ def test_a_private_job_is_answered_as_a_plain_one_and_pays_both_share_workers(
 
             job = settled(port, private["id"], log)
             receipts = [(r["node"], r["start"], r["end"], int(r["amount"])) for r in job["receipts"]]
-            pair = sorted((node["s1"], node["s2"]), key=lambda a: int(a, 16))
-            assert [r[:3] for r in receipts] == [(pair[0], 0, 2), (pair[1], 0, 2), (node["m"], 2, 4), (node["c"], 4, 6)]
+            pair = [r[0] for r in receipts[:2]]
+            assert set(pair) <= {node["s1"], node["s2"], node["s3"]}
+            assert pair == sorted(set(pair), key=lambda a: int(a, 16))
+            assert [r[1:3] for r in receipts] == [(0, 2), (0, 2), (2, 4), (4, 6)] and receipts[2][0] == node["m"]
             paid = {n: jm.claimable_of(a) - claim0[n] for n, a in operators.items()}
             billed = {r[0]: r[3] for r in receipts}
             for name in LAYOUT:  # both share workers and the stages after them: exactly their receipts
-                assert paid[name] == billed[node[name]] > 0, (name, paid, billed)
+                assert paid[name] == billed.get(node[name], 0), (name, paid, billed)
+            assert all(paid[n] > 0 for n in ("m", "c")) and sum(paid[n] > 0 for n in ("s1", "s2", "s3")) == 2
             assert int(job["cost"]) == sum(billed.values())
+
+            # a share worker killed mid-job: the broker's scheduler gives the survivor a partner
+            # (another operator, no dearer), the answer is the same, and the three are paid
+            claim1 = {n: jm.claimable_of(a) for n, a in operators.items()}
+            body, job_id = private_body(market, client, jm)
+            victim, text = stream_killing_a_share_worker(port, body, job_id, workers)
+            assert text == plain["answer"]
+            job = settled(port, job_id, log)
+            shared = [r for r in job["receipts"] if r["end"] == 2]
+            assert node[victim] not in {r["node"] for r in shared} and len(shared) == 2, job["receipts"]
+            assert [r["node"] for r in shared] == sorted((r["node"] for r in shared), key=lambda a: int(a, 16))
+            paid = {n: jm.claimable_of(a) - claim1[n] for n, a in operators.items()}
+            billed = {r["node"]: int(r["amount"]) for r in job["receipts"]}
+            assert paid[victim] == 0 and sum(paid.values()) == sum(billed.values()) == int(job["cost"])
+            for name in LAYOUT:
+                assert paid[name] == billed.get(node[name], 0), (name, paid, billed)
         finally:
             if broker_proc is not None:
                 broker_proc.terminate()

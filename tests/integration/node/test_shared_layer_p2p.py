@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from node_helpers import Swarm, _wait_ready, driver_settings, tiny_fp32_shards, wait_for_spans
 
 from dlis_market.broker.job_types import covering_receipts
+from dlis_market.inference.messages import decode
 from dlis_market.inference.stage import Stage
 from dlis_market.node.driver import JobSpec, PipelineDriver
 from dlis_market.node.errors import RemoteError
@@ -164,16 +165,18 @@ def private_spec(world: dict[str, Any], job_id: bytes, new_tokens: int) -> JobSp
     return JobSpec(MODEL, list(PROMPT), new_tokens, job_id=job_id, num_layers=2, private=entry)
 
 
-def check_share_receipts(got: list[StageReceipt], pair: list[Any], served: int) -> None:
-    """Two share receipts, ascending node address, each billing the positions served at its price
-    (prompt + every new token but the last), then the rest of the route's receipt."""
+def check_share_receipts(got: list[StageReceipt], pair: list[Any], served: int, joined: dict[str, int]) -> None:
+    """Two share receipts, ascending node address, each billing the positions it served at its
+    price (from the one it joined at to the prompt + every new token but the last), then the rest
+    of the route's receipt."""
     shares = [r for r in got if r.share]
     assert [r.peer_id for r in shares] == sorted((w.peer_id for w in pair), key=lambda p: int(
         next(w for w in pair if w.peer_id == p).info["node_address"], 16))  # fmt: skip
     assert [int(r.node, 16) for r in shares] == sorted(int(r.node, 16) for r in shares)
     for r in shares:
-        assert (r.start, r.end, r.tokens) == (0, 1, served)
-        assert r.amount == stage_charge(10**12, served) and r.signed.receipt.job_id == got[0].signed.receipt.job_id
+        tokens = served - joined.get(r.peer_id, 0)
+        assert (r.start, r.end, r.tokens) == (0, 1, tokens), (r.peer_id, r.tokens, tokens)
+        assert r.amount == stage_charge(10**12, tokens) and r.signed.receipt.job_id == got[0].signed.receipt.job_id
     rest = [r for r in got if not r.share]
     assert [(r.start, r.end) for r in rest] == [(1, 2)] and rest[0].tokens == served
     assert covering_receipts(got, 2) == [*shares, rest[0]]  # the order JobMarket pays a shared range in
@@ -184,9 +187,18 @@ def test_a_private_job_runs_its_first_stage_on_shares_and_pays_both_workers(worl
     new_tokens = 6
     want = greedy(world, new_tokens)
 
-    async def run() -> tuple[list[int], list[StageReceipt], list[str], list[int]]:
+    async def run() -> tuple[list[int], list[StageReceipt], list[str], list[tuple[str, Any]]]:
         driver = await PipelineDriver.create(world["swarm"].initial_peers, driver_settings())
         other = await PipelineDriver.create(world["swarm"].initial_peers, driver_settings())
+        steps: list[tuple[str, Any]] = []  # (peer, decoded input) of every step the driver sent
+        send = driver.pool.send
+
+        async def spy(peer: str, op: str, body: dict[str, Any]) -> None:
+            if op == "step":
+                steps.append((peer, decode(body["input"])))
+            await send(peer, op, body)
+
+        driver.pool.send = spy  # type: ignore[method-assign]
         try:
             await wait_for_spans(driver, MODEL, 4)
             job = b"\x0c" * 32
@@ -195,25 +207,26 @@ def test_a_private_job_runs_its_first_stage_on_shares_and_pays_both_workers(worl
             assert session.shares is not None
             pair = [h.peer_id for h in session.shares.hops]
             tokens = [t async for t in session.tokens()]
-            widths = [int(h.shape[-1]) for h in session.private_inputs]
-            got = await session.close()
-            # a receipt is signed once, for the caller that asked for the work
-            for peer in pair:
-                with pytest.raises(RemoteError, match="no shared projections"):
-                    await driver.pool.request(peer, "share_close", {"job_id": job}, 15)
+            for peer in pair:  # another caller cannot take the job's receipt
                 with pytest.raises(RemoteError, match="no shared projections"):
                     await other.pool.request(peer, "share_close", {"job_id": job}, 15)
-            return tokens, got, pair, widths
+            got = await session.close()
+            for peer in pair:  # a receipt is signed once
+                with pytest.raises(RemoteError, match="no shared projections"):
+                    await driver.pool.request(peer, "share_close", {"job_id": job}, 15)
+            return tokens, got, pair, steps
         finally:
             await other.close()
             await driver.close()
 
-    tokens, got, pair, widths = asyncio.run(run())
+    tokens, got, pair, steps = asyncio.run(run())
     assert tokens == want
-    assert widths == [32] * new_tokens  # the hidden state after layer 0 went to c, never a token id
+    # what left the driver for the route: hidden states after layer 0, to c only, never token ids
+    assert [peer for peer, _ in steps] == [workers["c"].peer_id] * new_tokens
+    assert all(inp.token_ids is None and inp.hidden is not None and inp.hidden.shape[-1] == 32 for _, inp in steps)
     by_peer = {w.peer_id: w for w in workers.values()}
     assert all(by_peer[p].info["start"] == 0 for p in pair) and len(set(pair)) == 2
-    check_share_receipts(got, [by_peer[p] for p in pair], len(PROMPT) + new_tokens - 1)
+    check_share_receipts(got, [by_peer[p] for p in pair], len(PROMPT) + new_tokens - 1, {})
 
 
 def test_a_share_worker_killed_mid_job_is_replaced_and_the_answer_is_unchanged(world: dict[str, Any]) -> None:
@@ -221,26 +234,31 @@ def test_a_share_worker_killed_mid_job_is_replaced_and_the_answer_is_unchanged(w
     new_tokens = 8
     want = greedy(world, new_tokens)
 
-    async def run() -> tuple[list[int], list[StageReceipt], str, list[str], int]:
+    async def run() -> tuple[list[int], list[StageReceipt], list[str], list[str], int, dict[str, int]]:
         driver = await PipelineDriver.create(world["swarm"].initial_peers, driver_settings())
         try:
             await wait_for_spans(driver, MODEL, 4)
             session = await driver.open_job(private_spec(world, b"\x0d" * 32, new_tokens))
             assert session.shares is not None
-            victim = session.shares.hops[0].peer_id
+            first = [h.peer_id for h in session.shares.hops]
+            victim = first[0]
             tokens: list[int] = []
             async for t in session.tokens():
                 tokens.append(t)
                 if len(tokens) == 3:
                     next(w for w in workers.values() if w.peer_id == victim).kill()
             pair = [h.peer_id for h in session.shares.hops]
-            return tokens, await session.close(), victim, pair, session.shares.replaced
+            joined = dict(session.shares.joined)
+            return tokens, await session.close(), first, pair, session.shares.replaced, joined
         finally:
             await driver.close()
 
-    tokens, got, victim, pair, replaced = asyncio.run(run())
+    tokens, got, first, pair, replaced, joined = asyncio.run(run())
     assert tokens == want
-    assert replaced == 1 and victim not in pair and workers["d"].peer_id in pair
+    (new,) = set(pair) - set(first)  # the third first-stage worker replaced the victim
+    assert replaced == 1 and first[0] not in pair and first[1] in pair
+    # the replacement joined at the step after the third token and bills from there; the survivor
+    # served the failed step's first calls too and bills each position once
+    assert joined[new] == len(PROMPT) + 2 and joined[first[1]] == 0
     by_peer = {w.peer_id: w for w in workers.values()}
-    # the survivor served the failed step's first calls too; it bills each position once
-    check_share_receipts(got, [by_peer[p] for p in pair], len(PROMPT) + new_tokens - 1)
+    check_share_receipts(got, [by_peer[p] for p in pair], len(PROMPT) + new_tokens - 1, joined)
