@@ -134,7 +134,8 @@ def submit(
         str,
         typer.Option(
             help="low|high. high: attested nodes only, and the broker runs the first stage on secret shares at two "
-            "workers of different operators, so no worker sees the prompt's embeddings (about 0.64x the tokens/s, bench/private_jobs.py)."
+            "workers of different operators, so no worker sees the prompt's embeddings "
+            "(about 0.64x the tokens/s, bench/private_jobs.py)."
         ),
     ] = "low",
     proof: Annotated[
