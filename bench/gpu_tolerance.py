@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/gpu_tolerance.py prepare --out .gpu      # here (CPU): data + CPU runs
     python3 bench/gpu_tolerance.py measure --data .gpu --out DIR    # on a CUDA machine
+    .venv/bin/python bench/gpu_tolerance.py fingerprints --data .gpu --gpu DIR   # here, after
 
 ``prepare`` takes SmolLM2-135M's real layers [10, 16) (bf16, as a bf16 shard holds them), the
 hidden states entering layer 10 for 6 real prompts (fp32 run of layers [0, 10)), and runs the six
@@ -18,6 +19,13 @@ pairs (a cheaper quantization passed off as the claimed one) above it. Layers ru
 ``LlamaModel`` without its final norm: the same HF layer code a stage runs, prefill of the whole
 prompt. int8 / nf4 are quantized from the bf16 weights on the device that runs them. The
 bitsandbytes package travels to the CUDA machine in ``.gpu/site`` (copied from this .venv).
+
+``measure`` also writes every run's output rows (``gpu_runs.pt``); ``fingerprints`` (here, with
+the project) judges the same pairs with the activation fingerprints of ``protocol/fingerprints.py``:
+the fingerprint a worker on one device commits to (its rows) against the rows a checker on the
+other recomputes, under the claimed dtype's thresholds (``protocol/fingerprint_thresholds.py``).
+An honest pair rejected is a false accusation; a cheating pair accepted is a miss. (Both sides are
+prefills of the same prompts here, not a decode against a prefill as in the market.)
 """
 
 from __future__ import annotations
@@ -42,6 +50,26 @@ PROMPTS = [
     "In machine learning, a transformer is a",
 ]
 TOLERANCE = {"fp32": 2e-3, "bf16": 4e-2, "int8": 0.12, "nf4": 0.1}  # protocol/outputs.py TOLERANCES
+
+
+PAIRS: dict[str, tuple[str, str, str]] = {  # label -> (claimed dtype, run A, run B)
+    "bf16 honest: cpu alone vs cpu batched": ("bf16", "cpu_bf16_alone_t1", "cpu_bf16_batched_t2"),
+    "bf16 honest: cpu vs gpu": ("bf16", "cpu_bf16_alone_t1", "gpu_bf16_alone"),
+    "bf16 honest: gpu alone vs gpu batched": ("bf16", "gpu_bf16_alone", "gpu_bf16_batched"),
+    "bf16 honest: cpu batched vs gpu batched": ("bf16", "cpu_bf16_batched_t2", "gpu_bf16_batched"),
+    "fp32 honest: cpu vs gpu": ("fp32", "cpu_fp32_alone_t1", "gpu_fp32_alone"),
+    "fp32 honest: gpu alone vs gpu batched": ("fp32", "gpu_fp32_alone", "gpu_fp32_batched"),
+    "fp32 honest?: cpu vs gpu with TF32": ("fp32", "cpu_fp32_alone_t1", "gpu_fp32_tf32_alone"),
+    "fp32 cheat: bf16 on gpu passed as fp32": ("fp32", "cpu_fp32_alone_t1", "gpu_bf16_alone"),
+    "fp32 cheat: bf16 on cpu passed as fp32": ("fp32", "cpu_fp32_alone_t1", "cpu_bf16_alone_t1"),
+    "int8 honest: cpu vs gpu": ("int8", "cpu_int8_alone_t1", "gpu_int8_alone"),
+    "int8 honest: gpu alone vs gpu batched": ("int8", "gpu_int8_alone", "gpu_int8_batched"),
+    "nf4 honest: cpu vs gpu": ("nf4", "cpu_nf4_alone_t1", "gpu_nf4_alone"),
+    "nf4 honest: gpu alone vs gpu batched": ("nf4", "gpu_nf4_alone", "gpu_nf4_batched"),
+    "bf16 cheat: int8 on gpu passed as bf16": ("bf16", "cpu_bf16_alone_t1", "gpu_int8_alone"),
+    "bf16 cheat: nf4 on gpu passed as bf16": ("bf16", "cpu_bf16_alone_t1", "gpu_nf4_alone"),
+    "int8 cheat: nf4 on gpu passed as int8": ("int8", "cpu_int8_alone_t1", "gpu_nf4_alone"),
+}
 
 
 def max_abs_rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -168,24 +196,7 @@ def measure(data: Path, out: Path | None, device: str = "cuda") -> dict[str, Any
     torch.backends.cuda.matmul.allow_tf32 = True
     model = stack(data, torch.float32, device)
     runs["gpu_fp32_tf32_alone"] = [run(model, inputs, i, False, torch.float32) for i in range(len(inputs))]
-    pairs = {
-        "bf16 honest: cpu alone vs cpu batched": ("bf16", "cpu_bf16_alone_t1", "cpu_bf16_batched_t2"),
-        "bf16 honest: cpu vs gpu": ("bf16", "cpu_bf16_alone_t1", "gpu_bf16_alone"),
-        "bf16 honest: gpu alone vs gpu batched": ("bf16", "gpu_bf16_alone", "gpu_bf16_batched"),
-        "bf16 honest: cpu batched vs gpu batched": ("bf16", "cpu_bf16_batched_t2", "gpu_bf16_batched"),
-        "fp32 honest: cpu vs gpu": ("fp32", "cpu_fp32_alone_t1", "gpu_fp32_alone"),
-        "fp32 honest: gpu alone vs gpu batched": ("fp32", "gpu_fp32_alone", "gpu_fp32_batched"),
-        "fp32 honest?: cpu vs gpu with TF32": ("fp32", "cpu_fp32_alone_t1", "gpu_fp32_tf32_alone"),
-        "fp32 cheat: bf16 on gpu passed as fp32": ("fp32", "cpu_fp32_alone_t1", "gpu_bf16_alone"),
-        "fp32 cheat: bf16 on cpu passed as fp32": ("fp32", "cpu_fp32_alone_t1", "cpu_bf16_alone_t1"),
-        "int8 honest: cpu vs gpu": ("int8", "cpu_int8_alone_t1", "gpu_int8_alone"),
-        "int8 honest: gpu alone vs gpu batched": ("int8", "gpu_int8_alone", "gpu_int8_batched"),
-        "nf4 honest: cpu vs gpu": ("nf4", "cpu_nf4_alone_t1", "gpu_nf4_alone"),
-        "nf4 honest: gpu alone vs gpu batched": ("nf4", "gpu_nf4_alone", "gpu_nf4_batched"),
-        "bf16 cheat: int8 on gpu passed as bf16": ("bf16", "cpu_bf16_alone_t1", "gpu_int8_alone"),
-        "bf16 cheat: nf4 on gpu passed as bf16": ("bf16", "cpu_bf16_alone_t1", "gpu_nf4_alone"),
-        "int8 cheat: nf4 on gpu passed as int8": ("int8", "cpu_int8_alone_t1", "gpu_nf4_alone"),
-    }
+    pairs = PAIRS
     table = {}
     for label, (dtype, a, b) in pairs.items():
         both = list(zip(runs[a], runs[b], strict=True))
@@ -204,12 +215,43 @@ def measure(data: Path, out: Path | None, device: str = "cuda") -> dict[str, Any
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         (out / "gpu_tolerance.json").write_text(text + "\n")
+        torch.save({k: v for k, v in runs.items() if not k.startswith("cpu_")}, out / "gpu_runs.pt")
+    return result
+
+
+def fingerprints(data: Path, gpu: Path, out: Path | None) -> dict[str, Any]:
+    """The pairs of ``measure`` judged by activation fingerprints (run here, with the project)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from dlis_market.inference.fingerprint_check import fingerprint_from_steps
+    from dlis_market.protocol.fingerprint_thresholds import thresholds_for, validate
+
+    runs: dict[str, list[torch.Tensor]] = torch.load(data / "cpu_runs.pt", weights_only=True)
+    runs |= torch.load(gpu / "gpu_runs.pt", weights_only=True)
+    measured = json.loads((gpu / "gpu_tolerance.json").read_text())
+    table = {}
+    for label, row in PAIRS.items():
+        dtype, a, b = row
+        verdicts = [
+            validate(fingerprint_from_steps([x.unsqueeze(0)]), y, thresholds_for(dtype))
+            for x, y in zip(runs[a], runs[b], strict=True)
+        ]
+        rejected = sum(not v.accepted for v in verdicts)
+        kind = "false accusations" if "honest" in label else "caught"
+        table[label] = {"dtype": dtype, "calls": len(verdicts), "rejected": rejected,
+                        "outcome": f"{kind} {rejected}/{len(verdicts)}",
+                        "reasons": sorted({v.reason for v in verdicts if not v.accepted})[:3]}  # fmt: skip
+        print(f"{label:45s} {table[label]['outcome']}")
+    result = {"device": measured["device"], "layers": measured["layers"], "pairs": table}
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "gpu_fingerprints.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("mode", choices=["prepare", "measure"])
+    ap.add_argument("mode", choices=["prepare", "measure", "fingerprints"])
+    ap.add_argument("--gpu", type=Path, help="fingerprints: the folder measure wrote")
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--data", type=Path, default=Path(".gpu"))
     ap.add_argument("--device", default="cuda", help="cpu: a dry run of measure")
@@ -218,8 +260,10 @@ def main() -> None:
     if args.mode == "prepare":
         first, last = (int(x) for x in args.layers.split(":"))
         prepare(args.out or Path(".gpu"), first, last)
-    else:
+    elif args.mode == "measure":
         measure(args.data, args.out, args.device)
+    else:
+        fingerprints(args.data, args.gpu, args.out)
 
 
 if __name__ == "__main__":
