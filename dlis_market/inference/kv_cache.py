@@ -175,12 +175,17 @@ AttentionMaskInterface.register(RAGGED_SDPA, sdpa_mask)
 class RowStableLinear(nn.Linear):
     """``nn.Linear`` whose lone row goes through the kernel a batch's rows take.
 
-    On CPU, bf16/fp32 matmuls of one row take a matrix-vector kernel that rounds differently from
+    On CPU, bf16 matmuls of one row take a matrix-vector kernel that rounds differently from
     the matrix-matrix kernel of two or more rows once the inner dimension is large (SmolLM2's
     ``down_proj``, K = 1536: 7 of 64 rows differ from their batched result; K = 576: none). A
     session decoding alone would then drift from the same session batched with others, so its
     tokens would depend on who else is served. A lone row is computed as a batch of two (the row
     and a stride-0 view of it), which every batch size of two or more agrees with bit for bit.
+
+    Half precision only (:func:`stabilise_rows`): in bf16 the batch of two costs 3-24 % over the
+    matrix-vector kernel, in fp32 twice as much (MKL's sgemm at two rows against its sgemv:
+    SmolLM2's fp32 decode ran at 0.75x of HF generate with it). fp32 GEMM blocking varies with the
+    batch size anyway, so fp32 sessions keep the summation-order bound, not bit equality.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -192,11 +197,16 @@ class RowStableLinear(nn.Linear):
 
 
 def stabilise_rows(model: nn.Module, prefix: str) -> int:
-    """Make every plain ``nn.Linear`` under ``prefix`` a :class:`RowStableLinear` (same weights,
-    same module); quantized linears keep their own kernels. Returns how many were changed."""
+    """Make every plain half-precision ``nn.Linear`` under ``prefix`` a :class:`RowStableLinear`
+    (same weights, same module); fp32 and quantized linears keep their own kernels. Returns how
+    many were changed."""
     changed = 0
     for name, module in model.named_modules():
-        if name.startswith(prefix) and type(module) is nn.Linear:
+        if (
+            name.startswith(prefix)
+            and type(module) is nn.Linear
+            and module.weight.dtype in (torch.bfloat16, torch.float16)
+        ):
             module.__class__ = RowStableLinear
             changed += 1
     return changed
