@@ -67,6 +67,11 @@ class OpenAIRequest(BaseModel):
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
     logit_bias: dict[str, float] | None = None
+    privacy: Literal["low", "high"] = Field(
+        "low",
+        description="dlis extension (the openai client sends it in extra_body): high keeps the prompt's embeddings "
+        "from the workers, the first stage running on secret shares at two workers of different operators",
+    )
 
     @field_validator("logit_bias")
     @classmethod

@@ -64,7 +64,7 @@ async def _admit(
         return prior.id
     msgs = [m.model_dump() for m in job.messages] if job.messages is not None else None
     lifetime = await asyncio.to_thread(service.max_authorization_lifetime)
-    priced = await service.price(body.model, job.prompt, msgs, body.limit(), Policy(), admit=True)
+    priced = await service.price(body.model, job.prompt, msgs, body.limit(), Policy(privacy=body.privacy), admit=True)
     # From here a job slot is held: submit releases it whatever happens, so nothing is awaited
     # between pricing and submit.
     try:
@@ -101,6 +101,7 @@ def _signed_request(
         messages=job.messages,
         max_tokens=body.limit(),
         sampling=job.sampling,
+        policy=Policy(privacy=body.privacy),
         authorization=Authorization(
             client=account.client, nonce=auth.nonce, max_cost=auth.max_cost, deadline=auth.deadline, signature=sig.hex()
         ),

@@ -371,3 +371,21 @@ def test_completion_logprobs_shape_stream_and_not(broker_env, live_server):
     assert [o for p in parts for o in p.text_offset] == lp.text_offset
     zero = api.client.completions.create(model=MODEL, prompt="x", max_tokens=2, logprobs=0)
     assert zero.choices[0].logprobs.top_logprobs == [{texts[0]: pytest.approx(-0.1)}, {texts[1]: pytest.approx(-0.2)}]
+
+
+def test_privacy_high_reaches_the_policy_and_is_refused_by_name_without_attested_workers(api):
+    """``privacy`` (a dlis extension the openai client sends in ``extra_body``) is the native
+    policy's: these scripted workers registered no attestation, so a privacy=high request is
+    refused naming why (503 no-route), before any job is admitted; privacy=low runs as before."""
+    before = len(api.backend.jobs)
+    with pytest.raises(openai.APIStatusError) as refused:
+        api.client.chat.completions.create(
+            model=MODEL, messages=user("x"), max_tokens=2, temperature=0, extra_body={"privacy": "high"}
+        )
+    assert refused.value.status_code == 503, refused.value
+    assert "no verified attestation (privacy=high)" in str(refused.value), refused.value
+    assert len(api.backend.jobs) == before
+    res = api.client.chat.completions.create(
+        model=MODEL, messages=user("x"), max_tokens=2, temperature=0, extra_body={"privacy": "low"}
+    )
+    assert res.choices[0].message.content == " Paris is" and len(api.backend.jobs) == before + 1
