@@ -28,10 +28,15 @@ from transformers import AutoTokenizer
 
 from dlis_market.chain.anvil import free_port
 from dlis_market.chain.job_market import JobAuthorization, sign_authorization
-from dlis_market.inference.manifest import MANIFEST_NAME, sha256_file
 from dlis_market.protocol.pricing import route_bound
 from dlis_market.types import model_id
-from tests.integration.node.node_helpers import Swarm, _wait_ready, register_worker, start_broker, tiny_shards
+from tests.integration.node.node_helpers import (
+    Swarm,
+    _wait_ready,
+    published_tiny_model,
+    register_worker,
+    start_broker,
+)
 
 UNIT = 10**18
 MODEL = "tiny-failover"
@@ -77,10 +82,7 @@ def stream_and_kill(port: int, body: dict, victim) -> str:
 def test_failover_under_a_tight_max_cost_settles_and_pays_every_stage(market, smollm2_shards: Path, tmp_path: Path):
     dep = market.client.deployment
     tok = AutoTokenizer.from_pretrained(str(smollm2_shards))
-    shards = tiny_shards(tmp_path / "model", [(0, 2), (2, 4), (4, 6)], name=MODEL, vocab_size=len(tok))
-    tok.save_pretrained(str(shards))  # the broker tokenizes prompts with the model's tokenizer
-    registry = market.registry()
-    registry.publish_model(market.deployer, MODEL, "QmTiny", bytes.fromhex(sha256_file(shards / MANIFEST_NAME)), 6)
+    shards = published_tiny_model(market, smollm2_shards, tmp_path / "model", MODEL)
     jm = market.market()
     fee_bps = jm.fee_bps()
     broker_proc = None

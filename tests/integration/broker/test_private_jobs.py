@@ -20,13 +20,18 @@ from typing import Any
 
 import httpx
 import pytest
-from transformers import AutoTokenizer
 
 from dlis_market.chain.anvil import free_port
 from dlis_market.chain.job_market import JobAuthorization, sign_authorization
-from dlis_market.inference.manifest import MANIFEST_NAME, sha256_file
 from dlis_market.types import model_id
-from tests.integration.node.node_helpers import Swarm, _wait_ready, paid_job, register_worker, start_broker, tiny_shards
+from tests.integration.node.node_helpers import (
+    Swarm,
+    _wait_ready,
+    paid_job,
+    published_tiny_model,
+    register_worker,
+    start_broker,
+)
 
 UNIT = 10**18
 MODEL = "tiny-private-jobs"
@@ -91,11 +96,7 @@ def test_a_private_job_is_answered_as_a_plain_one_and_pays_both_share_workers(
     market: Any, smollm2_shards: Path, tmp_path: Path
 ) -> None:
     dep = market.client.deployment
-    tok = AutoTokenizer.from_pretrained(str(smollm2_shards))
-    shards = tiny_shards(tmp_path / "model", [(0, 2), (2, 4), (4, 6)], name=MODEL, vocab_size=len(tok))
-    tok.save_pretrained(str(shards))  # the broker tokenizes prompts with the model's tokenizer
-    registry = market.registry()
-    registry.publish_model(market.deployer, MODEL, "QmTiny", bytes.fromhex(sha256_file(shards / MANIFEST_NAME)), 6)
+    shards = published_tiny_model(market, smollm2_shards, tmp_path / "model", MODEL)
     jm = market.market()
     broker_proc = None
     log = tmp_path / "broker.log"
@@ -162,11 +163,7 @@ def test_a_private_job_without_a_second_operator_is_refused_before_it_is_admitte
 ) -> None:
     """One first-stage worker only: the broker refuses with a clear problem, nothing is admitted."""
     dep = market.client.deployment
-    tok = AutoTokenizer.from_pretrained(str(smollm2_shards))
-    shards = tiny_shards(tmp_path / "model", [(0, 2), (2, 4), (4, 6)], name=MODEL, vocab_size=len(tok))
-    tok.save_pretrained(str(shards))
-    registry = market.registry()
-    registry.publish_model(market.deployer, MODEL, "QmTiny", bytes.fromhex(sha256_file(shards / MANIFEST_NAME)), 6)
+    shards = published_tiny_model(market, smollm2_shards, tmp_path / "model", MODEL)
     broker_proc = None
     log = tmp_path / "broker.log"
     layout = {"s1": "0:2", "m": "2:4", "c": "4:6"}

@@ -78,6 +78,22 @@ def tiny_shards(root: Path, ranges: list[tuple[int, int]], name: str = "tiny-lla
     return out
 
 
+def published_tiny_model(market: Any, tokenizer_dir: Path, root: Path, name: str) -> Path:
+    """A tiny Llama in three fp32 shards [0, 2), [2, 4), [4, 6) under ``root`` with the tokenizer
+    of ``tokenizer_dir`` beside its manifest (the broker tokenizes prompts with it), published on
+    ``market``'s NodeRegistry by its deployer under ``name``; returns the shard folder."""
+    from transformers import AutoTokenizer
+
+    from dlis_market.inference.manifest import MANIFEST_NAME, sha256_file
+
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    shards = tiny_shards(root, [(0, 2), (2, 4), (4, 6)], name=name, vocab_size=len(tok))
+    tok.save_pretrained(str(shards))
+    digest = bytes.fromhex(sha256_file(shards / MANIFEST_NAME))
+    market.registry().publish_model(market.deployer, name, "QmTiny", digest, 6)
+    return shards
+
+
 def register_worker(market: Any, worker: WorkerProc, attested: bool = False) -> str:
     """Stake for a fresh operator and register the worker's own node key under its peer id (with
     the hash of the attestation it announces when ``attested``: what privacy=high routes on);
