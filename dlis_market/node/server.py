@@ -246,7 +246,8 @@ class Worker:
             peer_id=self.peer_id,
             node_address=self.identity.address,
             throughput=self.advertised_throughput(),
-            free_slots=max(0, self.stage.sessions.max_sessions - len(self.stage.sessions)),
+            # share work (a private job's first stage) holds no KV slot, but is load routers must see
+            free_slots=max(0, self.stage.sessions.max_sessions - len(self.stage.sessions) - self.shared.active()),
             queue_length=self.queue.qsize(),
             price_per_token=self.node.price_per_token,
             attestation_hash="0x" + self.attestation.report.report_hash().hex(),

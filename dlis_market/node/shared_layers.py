@@ -27,6 +27,8 @@ stays below ``2**(62 - X_BITS - W_BITS)`` (2^26: far above any activation of a t
 from __future__ import annotations
 
 import asyncio
+import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Coroutine
 from typing import Any
@@ -57,6 +59,9 @@ SHARE_FRAME_BYTES = 512 * 1024
 # longest session (7 projections; the rest is slack for a replayed step).
 ROWS_PER_JOB_FACTOR = 8
 MAX_TRACKED_JOBS = 4096
+# A job whose caller sent a share within this long counts as load (one session slot) in the span
+# record the worker announces, so routers see share work; a caller that vanished stops counting.
+ACTIVE_S = 30.0
 
 
 class ShareCloseBody(WireModel):
@@ -112,8 +117,10 @@ class SharedProjections:
         self.new_ledger = new_ledger  # (job id, broker of its ticket) -> the receipt ledger of the work
         self._linears: dict[tuple[int, str], SharedLinear] = {}
         self._rows: OrderedDict[tuple[bytes, str], int] = OrderedDict()  # (job, caller) -> rows served
-        # (job, caller) -> its bill and the session position the caller's first call was at
-        self._ledgers: OrderedDict[tuple[bytes, str], tuple[ReceiptLedger, int]] = OrderedDict()
+        # (job, caller) -> its bill, the session position the caller's first call was at, and when
+        # it was last used (most recent last)
+        self._ledgers: OrderedDict[tuple[bytes, str], tuple[ReceiptLedger, int, float]] = OrderedDict()
+        self._lock = threading.Lock()  # apply runs in a worker thread, the announcement reads on the loop
 
     def apply(self, req: ShareLinearBody, caller: str, broker: str) -> dict[str, Any]:
         """One projection of one share, billed to the caller's ledger of the job: the tokens are
@@ -150,11 +157,14 @@ class SharedProjections:
         x = torch.from_numpy(np.frombuffer(req.share, dtype="<i8").copy()).reshape(req.rows, width)
         answer = linear.apply(x).numpy().astype("<i8").tobytes()
         job = (req.job_id, caller)
-        held = self._ledgers.pop(job) if job in self._ledgers else (self.new_ledger(req.job_id, broker), req.position)
-        ledger, base = held
-        self._ledgers[job] = (ledger, base)
-        while len(self._ledgers) > MAX_TRACKED_JOBS:
-            self._ledgers.popitem(last=False)
+        with self._lock:
+            if job in self._ledgers:
+                ledger, base, _ = self._ledgers.pop(job)
+            else:
+                ledger, base = self.new_ledger(req.job_id, broker), req.position
+            self._ledgers[job] = (ledger, base, time.monotonic())
+            while len(self._ledgers) > MAX_TRACKED_JOBS:
+                self._ledgers.popitem(last=False)
         first = (req.layer, req.projection) == (self.stage.layers.start, "q_proj")
         reached = req.position + req.rows - base if first else 0
         ledger.record(max(0, reached - ledger.tokens), answer)  # the hash covers every answer, in order
@@ -162,13 +172,25 @@ class SharedProjections:
 
     def close(self, job_id: bytes, caller: str) -> ReceiptLedger:
         """The caller's ledger of the job, taken out (a second close finds none)."""
-        held = self._ledgers.pop((job_id, caller), None)
+        with self._lock:
+            held = self._ledgers.pop((job_id, caller), None)
         if held is None:
             raise NodeError(
                 f"no shared projections of job 0x{job_id.hex()[:16]}.. from you here (never asked, closed "
                 f"already, or one of the {MAX_TRACKED_JOBS} oldest forgotten)"
             )
         return held[0]
+
+    def active(self, within_s: float = ACTIVE_S) -> int:
+        """Jobs whose caller sent a share here within ``within_s`` and has not closed them."""
+        since, count = time.monotonic() - within_s, 0
+        with self._lock:
+            recent = [used for _, _, used in self._ledgers.values()]
+        for used in reversed(recent):
+            if used < since:
+                break
+            count += 1
+        return count
 
 
 # (layer, projection, position of the first row, rows, share for worker A, share for worker B)

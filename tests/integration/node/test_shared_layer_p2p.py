@@ -33,6 +33,7 @@ from node_helpers import Swarm, _wait_ready, driver_settings, tiny_fp32_shards, 
 from dlis_market.broker.job_types import covering_receipts
 from dlis_market.inference.messages import decode
 from dlis_market.inference.stage import Stage
+from dlis_market.node import receipts
 from dlis_market.node.driver import JobSpec, PipelineDriver
 from dlis_market.node.errors import RemoteError
 from dlis_market.node.private_entry import PrivateEntry
@@ -145,10 +146,18 @@ def test_the_first_layer_on_shares_equals_the_models_and_needs_a_ticket(world: d
                 await driver.pool.request(c.peer_id, "share_linear", body(driver, c, 0, "q_proj", 1, bytes(8 * 32)), 30)
             with pytest.raises(RemoteError, match="int64 values"):
                 await driver.pool.request(a.peer_id, "share_linear", body(driver, a, 0, "q_proj", 2, bytes(8 * 32)), 30)
+            for w in (a, b):  # the work is billed: the positions the first projection reached
+                got = await driver.pool.request(w.peer_id, "share_close", {"job_id": JOB}, 15)
+                assert receipts.from_wire(got["receipt"]).receipt.tokens == len(ids) - 1
         finally:
             await driver.close()
 
     asyncio.run(run())
+
+
+async def free_slots(driver: PipelineDriver, peer: str) -> int:
+    """The free slots of the span record the worker would announce now (``info``)."""
+    return int((await driver.pool.request(peer, "info", {}, 15))["record"]["free_slots"])
 
 
 def greedy(world: dict[str, Any], new_tokens: int) -> list[int]:
@@ -206,11 +215,15 @@ def test_a_private_job_runs_its_first_stage_on_shares_and_pays_both_workers(worl
             assert [(h.start, h.end) for h in session.route] == [(1, 2)]  # the route starts after the entry
             assert session.shares is not None
             pair = [h.peer_id for h in session.shares.hops]
+            idle = {p: await free_slots(driver, p) for p in pair}
             tokens = [t async for t in session.tokens()]
+            # share work takes no KV slot, but the span record counts it as load while it runs
+            assert {p: await free_slots(driver, p) for p in pair} == {p: n - 1 for p, n in idle.items()}
             for peer in pair:  # another caller cannot take the job's receipt
                 with pytest.raises(RemoteError, match="no shared projections"):
                     await other.pool.request(peer, "share_close", {"job_id": job}, 15)
             got = await session.close()
+            assert {p: await free_slots(driver, p) for p in pair} == idle  # closed: no longer load
             for peer in pair:  # a receipt is signed once
                 with pytest.raises(RemoteError, match="no shared projections"):
                     await driver.pool.request(peer, "share_close", {"job_id": job}, 15)
