@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import json
 import logging
@@ -992,6 +993,9 @@ class BrokerService:
             log.warning("job %s: could not reclaim its receipts (%s)", job_id, exc)
             ids = []
         limit = len(ids) + max_new
+        if (request.get("policy") or {}).get("privacy") == "high":  # its first stage's receipts are shares
+            entry = (0, served.manifest.stages[0].layers.end)
+            found = [dataclasses.replace(r, share=True) if (r.start, r.end) == entry else r for r in found]
         usable = sorted((r for r in found if 0 < r.tokens <= limit), key=lambda r: r.tokens)
         try:
             covering = covering_receipts(usable, served.num_layers)

@@ -438,8 +438,13 @@ class Worker:
         gone = [sid for sid, s in self.sessions.items() if s.opened_by == peer]
         for sid in gone:
             self._drop_session(sid)
-        if gone:
-            log.info("peer %s went away: closed its %d open sessions", peer, len(gone))
+        shared = self.shared.close_all(peer)  # its private jobs' share work: signed and kept as well
+        for ledger in shared:
+            self.unclaimed.put(self._sign(ledger))
+        if gone or shared:
+            log.info(
+                "peer %s went away: closed its %d open sessions and %d jobs of shares", peer, len(gone), len(shared)
+            )
 
     async def _close(self, sender: str, req: CloseBody) -> dict[str, Any]:
         session = self.sessions.get(req.session_id)

@@ -181,6 +181,13 @@ class SharedProjections:
             )
         return held[0]
 
+    def close_all(self, caller: str) -> list[ReceiptLedger]:
+        """Every ledger of ``caller`` (gone: its stream ended), taken out, the ones that billed tokens."""
+        with self._lock:
+            mine = [key for key in self._ledgers if key[1] == caller]
+            taken = [self._ledgers.pop(key)[0] for key in mine]
+        return [ledger for ledger in taken if ledger.tokens > 0]
+
     def active(self, within_s: float = ACTIVE_S) -> int:
         """Jobs whose caller sent a share here within ``within_s`` and has not closed them."""
         since, count = time.monotonic() - within_s, 0

@@ -27,6 +27,7 @@ from dlis_market.types import model_id
 from tests.integration.node.node_helpers import (
     Swarm,
     _wait_ready,
+    kill_group,
     paid_job,
     published_tiny_model,
     register_worker,
@@ -150,6 +151,30 @@ def test_a_private_job_is_answered_as_a_plain_one_and_pays_both_share_workers(
             paid = {n: jm.claimable_of(a) - claim1[n] for n, a in operators.items()}
             billed = {r["node"]: int(r["amount"]) for r in job["receipts"]}
             assert paid[victim] == 0 and sum(paid.values()) == sum(billed.values()) == int(job["cost"])
+            for name in LAYOUT:
+                assert paid[name] == billed.get(node[name], 0), (name, paid, billed)
+
+            # the broker SIGKILLed mid-job: the share workers sign and keep what they served, as the
+            # stages do, and the restarted broker settles the job paying all four
+            claim2 = {n: jm.claimable_of(a) for n, a in operators.items()}
+            body, job_id = private_body(market, client, jm)
+            with httpx.stream(
+                "POST", f"http://127.0.0.1:{port}/v1/jobs", json={**body, "stream": True}, timeout=60
+            ) as res:
+                assert res.status_code == 201, res.read()
+                for line in res.iter_lines():
+                    if line.startswith("data:") and json.loads(line[5:])["type"] == "token":
+                        kill_group(broker_proc)
+                        break
+            port = free_port()
+            broker_proc = start_broker(market, shards, swarm.initial_peers, port, 1, log)
+            job = settled(port, job_id, log)
+            assert "interrupted" in (job["error"] or "") or job["completion_tokens"] == 0, job
+            shared = [r for r in job["receipts"] if (r["start"], r["end"]) == (0, 2)]
+            assert len(shared) == 2 and [r["end"] for r in job["receipts"]] == [2, 2, 4, 6], job["receipts"]
+            paid = {n: jm.claimable_of(a) - claim2[n] for n, a in operators.items()}
+            billed = {r["node"]: int(r["amount"]) for r in job["receipts"]}
+            assert sum(paid.values()) == sum(billed.values()) == int(job["cost"]) and all(billed.values())
             for name in LAYOUT:
                 assert paid[name] == billed.get(node[name], 0), (name, paid, billed)
         finally:
