@@ -749,9 +749,14 @@ class BrokerService:
                 and (
                     (o.peer_id, o.start, o.end) in kept
                     or any(a <= o.start and o.end <= b for a, b in gaps)
-                    or (private and (o.start, o.end) == (0, entry_end))  # the planner prices a pair there
+                    or (private and (o.start, o.end) == (0, entry_end))
                 )
             ]
+            if private:  # the planner prices a pair for the first stage, which is dropped: the job keeps
+                # its own pair, whose slots this very job holds, so a full first stage does not block it
+                entry = [o for o in offers if (o.start, o.end) == (0, entry_end)]
+                offers = [o for o in offers if o not in entry]
+                offers += [o.model_copy(update={"free_slots": max(o.free_slots, 1)}) for o in entry]
             planned = await asyncio.to_thread(self.planner, offers, served, policy, prompt_tokens, max_tokens, fee_bps)
             return planned.hops[planned.shares :]
 
@@ -982,7 +987,8 @@ class BrokerService:
             return False
         request = json.loads(row.request_json)
         max_new = int(request.get("max_tokens") or 0)
-        peers = [str(h["peer_id"]) for h in json.loads(row.route_json or "[]")]
+        planned = json.loads(row.route_json or "[]")
+        peers = [str(h["peer_id"]) for h in planned]
         found: list[StageReceipt] = []
         try:
             async with asyncio.timeout(self.settings.broker.reclaim_timeout_s):
@@ -994,8 +1000,15 @@ class BrokerService:
             ids = []
         limit = len(ids) + max_new
         if (request.get("policy") or {}).get("privacy") == "high":  # its first stage's receipts are shares
+            # Shares are paid side by side (not one per range), so only the pair the job was
+            # planned on may claim them: any other node's receipt for the range would add to the bill.
             entry = (0, served.manifest.stages[0].layers.end)
-            found = [dataclasses.replace(r, share=True) if (r.start, r.end) == entry else r for r in found]
+            pair = {str(h["node"]).lower() for h in planned if (h["start"], h["end"]) == entry}
+            found = [
+                dataclasses.replace(r, share=True) if (r.start, r.end) == entry else r
+                for r in found
+                if (r.start, r.end) != entry or r.node.lower() in pair
+            ]
         usable = sorted((r for r in found if 0 < r.tokens <= limit), key=lambda r: r.tokens)
         try:
             covering = covering_receipts(usable, served.num_layers)

@@ -177,7 +177,8 @@ class Stage:
             head = model.get_submodule(family.head_weight.rsplit(".", 1)[0])
             head.weight = model.get_submodule(family.embed_weight.rsplit(".", 1)[0]).weight
         family.keep_layers(model, entry.layers)
-        # a session's rows give the same numbers alone as batched with others (kv_cache.RowStableLinear)
+        # in half precision a session's rows give the same numbers alone as batched with others
+        # (kv_cache.RowStableLinear); fp32 keeps the summation-order bound
         stabilise_rows(model, family.layers_path + ".")
         prefixes = [family.layers_path + "."]
         if entry.has_embeddings:

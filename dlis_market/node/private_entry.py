@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -40,7 +39,6 @@ from dlis_market.node.errors import (
     PeerUnreachableError,
     ReceiptError,
     RemoteError,
-    StageFailedError,
 )
 from dlis_market.node.routing import usable
 from dlis_market.node.shared_layers import PROJECTIONS, PrivateLayers, ShareLinearBody
@@ -87,6 +85,10 @@ class ShareDriver(Protocol):
     def succeeded(self, peer: str) -> None: ...
 
 
+class PrivateStageError(NodeError):
+    """The private first stage failed for good (every replacement failed too): the job ends."""
+
+
 class ShareWorkerError(NodeError):
     """A share worker failed a call (unreachable, late, refused, or a malformed answer): it is
     replaced and the step runs again."""
@@ -122,6 +124,9 @@ class SharePair:
         operators where known, verified, and no dearer than the worker they replace."""
         keep = [h for h in self.hops if h.peer_id not in banned]
         cap = max((h.price_per_token for h in self.hops if h.peer_id in banned), default=None)
+        # a worker that served this job before and was replaced would bill from where it first
+        # joined, over positions its replacement computed: it is not taken again
+        banned = banned | (set(self.joined) - {h.peer_id for h in keep})
         candidates = sorted(
             (
                 s
@@ -169,14 +174,15 @@ class SharePair:
         self.hops = pair
 
     async def _replace(self, failed: str, spans: Callable[[], Awaitable[list[SpanRecord]]]) -> None:
-        """Replace ``failed`` (banned already) under the router's policy, or by the driver's pick."""
+        """Replace ``failed`` (banned already) under the router's policy, or by the driver's pick
+        (its verification then runs with the step, so a replacement that fails it is replaced too)."""
         survivor = next((h for h in self.hops if h.peer_id != failed), None)
         gone = next((h for h in self.hops if h.peer_id == failed), None)
         if self.entry.partner is None or survivor is None or gone is None:
             await self.pick(await spans(), self.driver.banned())
             return
-        new = await self.entry.partner(survivor, frozenset(self.driver.banned()), gone.price_per_token)
-        await self._verify(new)
+        avoid = frozenset(self.driver.banned() | set(self.joined))  # nobody who served this job before
+        new = await self.entry.partner(survivor, avoid, gone.price_per_token)
         self._adopt([survivor, new])
 
     async def _verify(self, hop: RouteHop) -> None:
@@ -250,46 +256,55 @@ class SharePair:
         """The hidden state after the first stage for the step's tokens; a failed worker is banned
         and replaced (``spans``: the driver's discovery), and the step runs again."""
         layers = self._layers()
-        for hop in self.hops:
-            await self._verify(hop)
         attempts = self.driver.settings.max_failovers + 1
         loop = asyncio.get_running_loop()
-        for attempt in range(attempts):
-            self._step = loop.run_in_executor(_STEPS, layers.forward, token_ids)
+        failed: ShareWorkerError | None = None
+        for _ in range(attempts):
             try:
+                if failed is not None:  # replace the failed worker (and any replacement that fails its check)
+                    log.warning("%s; replacing it and running the step again", failed)
+                    self.driver.ban(failed.peer)
+                    await self._replace(failed.peer, spans)
+                for hop in self.hops:  # a router's pair, or a replacement: checked before its first call
+                    await self._verify(hop)
+                self._step = loop.run_in_executor(_STEPS, layers.forward, token_ids)
                 return await asyncio.shield(self._step)
             except ShareWorkerError as exc:
-                if attempt + 1 == attempts:
-                    raise StageFailedError(f"giving up on the private first stage: {exc}", None) from exc
-                log.warning("%s; replacing it and running the step again", exc)
-                self.driver.ban(exc.peer)
-                await self._replace(exc.peer, spans)
-        raise AssertionError("unreachable")
+                failed = exc
+        # Not a StageFailedError: the route after the private stage is healthy, and replaying it
+        # would only give the share workers another round of attempts; the job ends here.
+        raise PrivateStageError(
+            f"giving up on the private first stage after {attempts} attempts: {failed}; the job ends unpaid for "
+            "the share work not receipted"
+        )
 
     async def close(self, session_id: str) -> list[StageReceipt]:
         """Both workers' verified receipts for their shares (ascending node address); a worker
         that does not answer or bills wrongly gets nothing, as a stage would. A step still
         running (the job was cancelled mid-step) ends first, so its calls are billed and known."""
-        if self._step is not None and not self._step.done():
-            with contextlib.suppress(BaseException):
-                await asyncio.wait_for(asyncio.shield(self._step), 4 * self.driver.settings.request_timeout_s + 10)
-        out: list[StageReceipt] = []
         timeout = self.driver.settings.request_timeout_s
-        for hop in self.hops:
-            try:
-                answer = await self.driver.pool.request(hop.peer_id, "share_close", {"job_id": self.job_id}, timeout)
-                signed = receipts.from_wire(answer.get("receipt"))
-                node = self.driver.verified_node(hop.peer_id) or hop.node
-                receipts.verify_receipt(self.driver.market, signed, node)
-                r = signed.receipt
-                if r.job_id != self.job_id or (r.start, r.end) != (hop.start, hop.end):
-                    raise ReceiptError(f"share receipt of {hop.peer_id} names another job or range")
-                receipts.check_bill(hop, r.tokens, r.amount, self.sent - self.joined.get(hop.peer_id, 0))
-                out.append(StageReceipt(to_checksum_address(node), signed, hop.peer_id, session_id, share=True))
-                self.driver.succeeded(hop.peer_id)
-            except (NodeError, ValueError) as exc:
-                log.warning("no valid share receipt from %s for job %s: %s", hop.peer_id, self.job_id.hex()[:16], exc)
-        return sorted(out, key=lambda r: int(r.node, 16))
+        if self._step is not None and not self._step.done():
+            await asyncio.wait({self._step}, timeout=timeout)  # a cancellation of close still cancels it
+        got = await asyncio.gather(*(self._close_one(hop, session_id) for hop in self.hops))
+        return sorted((r for r in got if r is not None), key=lambda r: int(r.node, 16))
+
+    async def _close_one(self, hop: RouteHop, session_id: str) -> StageReceipt | None:
+        """One worker's receipt, verified; None for a worker that gives none or bills wrongly."""
+        timeout = self.driver.settings.request_timeout_s
+        try:
+            answer = await self.driver.pool.request(hop.peer_id, "share_close", {"job_id": self.job_id}, timeout)
+            signed = receipts.from_wire(answer.get("receipt"))
+            node = self.driver.verified_node(hop.peer_id) or hop.node
+            receipts.verify_receipt(self.driver.market, signed, node)
+            r = signed.receipt
+            if r.job_id != self.job_id or (r.start, r.end) != (hop.start, hop.end):
+                raise ReceiptError(f"share receipt of {hop.peer_id} names another job or range")
+            receipts.check_bill(hop, r.tokens, r.amount, self.sent - self.joined.get(hop.peer_id, 0))
+            self.driver.succeeded(hop.peer_id)
+            return StageReceipt(to_checksum_address(node), signed, hop.peer_id, session_id, share=True)
+        except (NodeError, ValueError) as exc:
+            log.warning("no valid share receipt from %s for job %s: %s", hop.peer_id, self.job_id.hex()[:16], exc)
+            return None
 
     def prices(self) -> list[int]:
         return [h.price_per_token for h in self.hops]

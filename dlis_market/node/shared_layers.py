@@ -56,8 +56,9 @@ CODEC = FixedPoint(X_BITS, W_BITS)
 # A call carries at most this many bytes of share in, and of answer out: the client splits rows.
 SHARE_FRAME_BYTES = 512 * 1024
 # A job may ask a worker for at most this many projections' rows per layer and token of its
-# longest session (7 projections; the rest is slack for a replayed step).
-ROWS_PER_JOB_FACTOR = 8
+# longest session: 7 projections, 4 times over (a step runs again after its partner failed, up to
+# the driver's 3 failovers, a long prefill included), and slack.
+ROWS_PER_JOB_FACTOR = 32
 MAX_TRACKED_JOBS = 4096
 # A job whose caller sent a share within this long counts as load (one session slot) in the span
 # record the worker announces, so routers see share work; a caller that vanished stops counting.

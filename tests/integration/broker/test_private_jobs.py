@@ -1,6 +1,7 @@
 """A privacy=high job through the broker's API: its first stage runs on secret shares at two
 workers of different operators, and JobMarket pays both; a share worker killed mid-job is replaced
-under the job's policy and the three are paid what they served.
+under the job's policy and the survivor and the replacement are paid what they served (the victim
+nothing); a broker killed mid-job is restarted and pays all four stages from their kept receipts.
 
 Everything is real: Anvil with the contracts, four worker processes staked and registered on
 chain (``s1``, ``s2`` and ``s3`` serve the first stage [0, 2), each under its own operator; ``m``
@@ -139,7 +140,8 @@ def test_a_private_job_is_answered_as_a_plain_one_and_pays_both_share_workers(
             assert int(job["cost"]) == sum(billed.values())
 
             # a share worker killed mid-job: the broker's scheduler gives the survivor a partner
-            # (another operator, no dearer), the answer is the same, and the three are paid
+            # (another operator, no dearer), the answer is the same, the survivor, the replacement and the
+            # stages after them are paid what they billed, the victim nothing
             claim1 = {n: jm.claimable_of(a) for n, a in operators.items()}
             body, job_id = private_body(market, client, jm)
             victim, text = stream_killing_a_share_worker(port, body, job_id, workers)
