@@ -44,6 +44,10 @@ class NodeStanding:
     attestation_hash: str  # 0x-hex as registered on chain
     operator: str = ""  # the operator account that registered it (empty: unknown)
 
+    def attests(self, announced: str) -> bool:
+        """Whether the node registered an attestation and ``announced`` (its span's) is that one."""
+        return self.attestation_hash == announced and int(self.attestation_hash, 16) != 0
+
 
 StandingLookup = Callable[[str], NodeStanding]
 RiskLookup = Callable[[str], float]
@@ -176,8 +180,7 @@ def make_planner(
                     stake_ok=st.routable,
                     reputation_bps=st.reputation_bps,
                     failure_risk=min(max(risk(o.node_address) if risk else settings.default_failure_risk, 0.0), 1.0),
-                    attestation_verified=st.attestation_hash == o.attestation_hash
-                    and int(st.attestation_hash, 16) != 0,
+                    attestation_verified=st.attests(o.attestation_hash),
                     splittable=False,
                 )
             )
@@ -248,8 +251,12 @@ def share_partner(
         if max_price is not None and o.price_per_token > max_price:
             continue
         st = standing(o.node_address)
-        attested = st.attestation_hash == o.attestation_hash and int(st.attestation_hash, 16) != 0
-        if not (st.routable and attested and st.reputation_bps >= min_reputation_bps and o.free_slots > 0):
+        if not (
+            st.routable
+            and st.attests(o.attestation_hash)
+            and st.reputation_bps >= min_reputation_bps
+            and o.free_slots > 0
+        ):
             continue
         if first_operator and st.operator.lower() == first_operator:
             continue

@@ -441,7 +441,7 @@ class BrokerService:
         served = priced.served if priced is not None else self.catalog.get(req.model)
         if req.proof is not None:
             self._check_provable(served)
-        if req.policy.privacy == "high":
+        if req.policy.privacy == "high" and priced is None:  # price() checked it for a priced job
             self._check_private(served)
         given = req.authorization
         epoch = await self._epoch()  # before the escrow is read (see _commit)

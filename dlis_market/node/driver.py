@@ -509,13 +509,11 @@ class JobSession:
             timeout = settings.proof_timeout_s if proves else settings.request_timeout_s
             try:
                 answer = await self.driver.pool.request(hop.peer_id, "close", {"session_id": self.session_id}, timeout)
-                signed = receipts.from_wire(answer.get("receipt"))
                 node = self.driver.verified_node(hop.peer_id) or hop.node
-                receipts.verify_receipt(self.driver.market, signed, node)
+                signed = receipts.checked_bill(
+                    self.driver.market, answer.get("receipt"), node, hop, self.spec.job_id, self.sent_tokens
+                )
                 r = signed.receipt
-                if r.job_id != self.spec.job_id or (r.start, r.end) != (hop.start, hop.end):
-                    raise ReceiptError(f"receipt of {hop.peer_id} names another job or range")
-                receipts.check_bill(hop, r.tokens, r.amount, self.sent_tokens)
                 fingerprint = b""
                 if r.tokens:  # every call served is committed to; a bill without it is refused
                     commitment = receipts.Commitment.from_wire(answer)

@@ -37,7 +37,6 @@ from dlis_market.node.errors import (
     NodeError,
     NoRouteError,
     PeerUnreachableError,
-    ReceiptError,
     RemoteError,
 )
 from dlis_market.node.routing import usable
@@ -293,13 +292,9 @@ class SharePair:
         timeout = self.driver.settings.request_timeout_s
         try:
             answer = await self.driver.pool.request(hop.peer_id, "share_close", {"job_id": self.job_id}, timeout)
-            signed = receipts.from_wire(answer.get("receipt"))
             node = self.driver.verified_node(hop.peer_id) or hop.node
-            receipts.verify_receipt(self.driver.market, signed, node)
-            r = signed.receipt
-            if r.job_id != self.job_id or (r.start, r.end) != (hop.start, hop.end):
-                raise ReceiptError(f"share receipt of {hop.peer_id} names another job or range")
-            receipts.check_bill(hop, r.tokens, r.amount, self.sent - self.joined.get(hop.peer_id, 0))
+            sent = self.sent - self.joined.get(hop.peer_id, 0)  # the positions sent since it joined
+            signed = receipts.checked_bill(self.driver.market, answer.get("receipt"), node, hop, self.job_id, sent)
             self.driver.succeeded(hop.peer_id)
             return StageReceipt(to_checksum_address(node), signed, hop.peer_id, session_id, share=True)
         except (NodeError, ValueError) as exc:

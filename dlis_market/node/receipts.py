@@ -93,6 +93,20 @@ def check_bill(hop: RouteHop, tokens: int, amount: int, sent_tokens: int) -> Non
         )
 
 
+def checked_bill(domain: Domain, raw: Any, node: str, hop: RouteHop, job_id: bytes, sent_tokens: int) -> SignedReceipt:
+    """The receipt a worker answered for its work on ``hop`` of job ``job_id``, once it is signed
+    by ``node``, names that job and range, and bills within :func:`check_bill`; ReceiptError (or
+    ValueError for bytes that are no receipt) otherwise. What a driver takes from a stage's
+    ``close`` and from a share worker's ``share_close``."""
+    signed = from_wire(raw)
+    verify_receipt(domain, signed, node)
+    r = signed.receipt
+    if r.job_id != job_id or (r.start, r.end) != (hop.start, hop.end):
+        raise ReceiptError(f"receipt of {hop.peer_id} names another job or range")
+    check_bill(hop, r.tokens, r.amount, sent_tokens)
+    return signed
+
+
 @dataclass(frozen=True)
 class Commitment:
     """A stage call's activation fingerprint and its node's ``StageFingerprint`` signature."""
