@@ -300,8 +300,9 @@ def hop_latency(home: Path, ws: list[dict[str, Any]], repeats: int = 30,
 class LinkProbe(threading.Thread):
     """`info` round trips to each worker, one every ``every_s``, while the sequential loop runs:
     what a message takes while the workers compute (a worker's event loop waits for the GIL its
-    forward pass holds, the demo's session is short of cores), beyond the idle median. Sessions
-    that one pass answered reach the next stage apart by such delays (message_jitter_ms)."""
+    forward pass holds, the demo's session is short of cores), beyond the idle median. The sim
+    draws one such delay per message (message_jitter_ms): sessions the driver sends on their own
+    reach the first stage apart by them."""
 
     def __init__(self, home: Path, ws: list[dict[str, Any]], every_s: float = 0.1) -> None:
         super().__init__(daemon=True)

@@ -62,7 +62,7 @@ from dlis_market.node.protocol import (
     parse_body,
 )
 from dlis_market.node.routing import choose_range
-from dlis_market.node.sessions import Batch, QueuedStep, WorkerSession, plan_batches, row_bytes
+from dlis_market.node.sessions import RELAY_WAIT_S, Batch, QueuedStep, WorkerSession, plan_batches, row_bytes
 from dlis_market.node.shared_layers import ShareCloseBody, SharedProjections, ShareLinearBody
 from dlis_market.node.telemetry import TelemetryRecorder, WorkerTelemetry
 from dlis_market.node.transcripts import Transcript, TranscriptRequest, TranscriptStore
@@ -78,8 +78,6 @@ from dlis_market.types import ZERO_ADDRESS, LayerRange
 
 log = logging.getLogger(__name__)
 READY_PREFIX = "DLIS_NODE_READY "
-# how long a stage after the first waits for the rest of a pass's rows (see Worker._gather)
-_RELAY_WAIT_S = 0.004
 
 
 @dataclass
@@ -659,13 +657,13 @@ class Worker:
         their own) come round as separate groups; waiting for the other group, when it comes
         within the wait, merges them for the rest of the generation, and on 2 shared cores a pass
         of 8 rows costs far less than two of 4. Later stages get a pass's rows in one message
-        (:meth:`_deliver`), so they wait at most ``_RELAY_WAIT_S`` for jitter: a long wait there,
+        (:meth:`_deliver`), so they wait at most ``RELAY_WAIT_S`` for jitter: a long wait there,
         while the first stage holds back the group this stage waits for, would stall both. A
         session waited for in vain is late: not waited for again until it runs in one pass with
         sessions that are not (a slow caller costs one wait, not one per step)."""
         wait_s = self.node.batch_wait_ms / 1000
         if not self.stage.is_first:
-            wait_s = min(wait_s, _RELAY_WAIT_S)
+            wait_s = min(wait_s, RELAY_WAIT_S)
         if wait_s <= 0:
             return
         deadline = time.monotonic() + wait_s

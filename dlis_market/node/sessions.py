@@ -21,6 +21,10 @@ from dlis_market.inference.messages import StageInput
 from dlis_market.node.receipts import ReceiptLedger
 from dlis_market.protocol.fingerprints import FingerprintBuilder
 
+# how long a stage after the first waits for the rest of a pass's rows (node/server.py Worker._gather;
+# the simulator's stage servers wait as long, sim/passes.py)
+RELAY_WAIT_S = 0.004
+
 
 @dataclass
 class WorkerSession:

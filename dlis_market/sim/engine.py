@@ -387,7 +387,7 @@ class Simulation:
             try:
                 if self.stages is not None:
                     yield from self.stages.open(over.open_ms)
-                    yield from self.stages.run_pass(attempt, request.prompt_tokens)
+                    yield from self.stages.run_pass(attempt, request.prompt_tokens, client.max_new_tokens - done <= 1)
                 else:
                     prefill = over.open_ms + self._pass_ms(peers, route, request.prompt_tokens)
                     yield self.env.timeout(speed * prefill / 1000.0)
@@ -395,7 +395,7 @@ class Simulation:
                 if math.isnan(rec.first_token):
                     rec.first_token = self.env.now
                 while self.stages is not None and done < client.max_new_tokens:
-                    yield from self.stages.run_pass(attempt, 1)
+                    yield from self.stages.run_pass(attempt, 1, client.max_new_tokens - done <= 1)
                     done += 1
                 while done < client.max_new_tokens:
                     n = min(self.sc.decode_chunk_tokens, client.max_new_tokens - done)
@@ -428,6 +428,8 @@ class Simulation:
 
     def _release(self, attempt: _Attempt, started: float, route: Route, tokens: int, ok: bool) -> None:
         self.attempt_procs.pop(id(attempt), None)
+        if self.stages is not None:
+            self.stages.release(attempt)
         now = self.env.now
         held = max(0.0, min(now, self.horizon) - max(started, 0.0))
         for i, hop in zip(attempt.peers, route.hops, strict=True):

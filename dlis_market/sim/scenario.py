@@ -203,8 +203,9 @@ class Scenario(_Model):
     # current load (the measured slowdown curve), re-read every decode_chunk_tokens: cheap, for
     # large networks. "batched": each peer runs one forward pass at a time over the steps queued
     # for it, as the worker does (node/server.py): steps of the same token count merge into one
-    # pass of at most max_batch_sessions, after waiting up to batch_wait_ms for the other open
-    # sessions' steps (the settings' defaults); a pass costs batch_*_cost of one session's (the
+    # pass of at most max_batch_sessions, after waiting up to batch_wait_ms (the first stage; later
+    # ones at most node/sessions.py RELAY_WAIT_S) for the steps of the sessions it has prefilled and
+    # that have steps to come (the settings' defaults); a pass costs batch_*_cost of one session's (the
     # real Stage's measured curves); the broker opens one job's sessions at a time; a spot check
     # re-runs the checked call on a replica, step by step; peers (and the broker's open and close
     # work, broker_host) on one host share its cores (hosts); job_speed_cv is the host's speed, redrawn every
@@ -218,9 +219,11 @@ class Scenario(_Model):
     max_batch_sessions: int = Field(default=16, ge=1)
     speed_period_s: float = Field(default=1.0, gt=0)
     pass_cv: float = Field(default=0.0, ge=0)  # batched: each stage pass's own jitter (lognormal, mean 1)
-    # batched: measured one-way message delays beyond their median (ms); each session's message on
-    # each hop adds one drawn at random, so sessions a pass answered together reach the next stage a
-    # little apart, the way two real messages do (empty: every message takes the link's latency)
+    # batched: measured one-way message delays beyond their median (ms); each message adds one drawn
+    # at random: the driver's step of each session to the first stage, and one message per pass from
+    # a stage to the next and from the last back to the driver, so sessions the driver sends apart
+    # reach the first stage a little apart, the way two real messages do (empty: every message takes
+    # the link's latency)
     message_jitter_ms: list[float] = Field(default_factory=list)
 
     @model_validator(mode="after")

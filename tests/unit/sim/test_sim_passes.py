@@ -58,7 +58,7 @@ def test_concurrent_sessions_share_one_decode_pass_per_step() -> None:
 def test_simultaneous_starts_open_one_at_a_time_at_the_broker() -> None:
     # four jobs admitted at once: the broker opens their sessions one after another, so their first
     # tokens come 50 ms apart (each 30 ms prefill is done before the next job's sessions are open)
-    data = _scenario(4, new=1, overheads={"open_ms": 50.0}, batch_wait_ms=0.0)
+    data = _scenario(4, new=1, overheads={"open_ms": 50.0})
     ttft = sorted(1000 * (j.first_token - j.started) for j in _run(data).jobs)
     assert ttft == pytest.approx([80.0, 130.0, 180.0, 230.0])
     old = _run({**data, "stage_model": "chunked"})  # every job opened at once: none waits 130 ms
@@ -147,3 +147,16 @@ def test_a_spot_check_reruns_the_call_on_the_replica() -> None:
     assert checked == pytest.approx({"decode_passes": 8, "decode_steps": 8, "prefill_passes": 1, "prefill_steps": 1,
                                      "busy_s": 0.135, "decode_busy_s": 0.12})  # fmt: skip
     assert _run({**data, "stage_model": "chunked"}).extra == {}  # the chunked model books checks only
+
+
+def test_a_pass_sends_its_rows_on_in_one_message() -> None:
+    # node/server.py _deliver: a stage sends a pass's rows to the next stage in one message, and a
+    # later stage waits at most RELAY_WAIT_S (4 ms) for rows. The driver's messages to the first
+    # stage are drawn apart (0 or 10 ms late) but the first stage waits 20 ms, so it merges both
+    # sessions; the second stage gets them together and merges them too, although a message 10 ms
+    # late would be past its wait
+    data = _scenario(2, peers=2, new=30, message_jitter_ms=[0.0, 10.0], batch_wait_ms=20.0)
+    data["peers"][0]["layers"], data["peers"][1]["layers"] = "0:15", "15:30"
+    first, second = _run(data).extra["passes"]
+    assert first["decode_steps"] / first["decode_passes"] == pytest.approx(2.0)
+    assert second["decode_steps"] / second["decode_passes"] == pytest.approx(2.0)
