@@ -27,7 +27,14 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import sdpa_mask
 
 from dlis_market.inference.errors import SessionError
-from dlis_market.inference.kv_cache import padding_mask, ragged_sdpa_attention, stack_caches
+from dlis_market.inference.kv_cache import (
+    RowStableLinear,
+    lone_row_agrees,
+    padding_mask,
+    ragged_sdpa_attention,
+    stabilise_rows,
+    stack_caches,
+)
 from dlis_market.inference.manifest import ShardDtype
 from dlis_market.inference.messages import StageInput
 from dlis_market.inference.pipeline import Generation, LocalPipeline
@@ -372,3 +379,31 @@ def test_bf16_batched_sessions_are_bit_identical_to_each_session_alone(
         assert gen.token_ids == ref.token_ids, f"session {i}: greedy tokens differ from the session alone"
         for step, (a, b) in enumerate(zip(gen.logits, ref.logits, strict=True)):
             assert torch.equal(a, b), f"session {i} step {step}: logits differ by {float((a - b).abs().max())}"
+
+
+def test_stabilised_linears_give_a_lone_row_what_a_batch_gives_it() -> None:
+    """Only linears whose one-row kernel rounds differently become RowStableLinear (each costs
+    3-24 % in bf16), and after stabilise_rows every linear gives a lone row exactly what the row
+    gets in a batch of 2 or 8, on rows other than the probe's. SmolLM2's widths: on this CPU the
+    1536-wide down_proj needs it (a plain lone row differs), the 576-wide projections do not."""
+    torch.manual_seed(3)
+    shapes = [(576, 576), (576, 192), (576, 1536), (1536, 576)]
+    model = nn.Sequential(*(nn.Linear(k, n, bias=False) for k, n in shapes)).to(torch.bfloat16)
+    plain = [lone_row_agrees(m) for m in model]
+    assert stabilise_rows(model, "") == plain.count(False)
+    assert [type(m) is RowStableLinear for m in model] == [not p for p in plain]
+    x = {k: torch.randn(64, k, dtype=torch.bfloat16) for k in {k for k, _ in shapes}}
+    with torch.inference_mode():
+        for m, (k, n) in zip(model, shapes, strict=True):
+            rows = x[k]
+            lone = torch.cat([m(rows[i : i + 1]) for i in range(len(rows))])
+            pairs = torch.cat([m(rows[i : i + 1].expand(2, k))[:1] for i in range(len(rows))])
+            eights = torch.cat([m(rows[i : i + 8]) for i in range(0, len(rows), 8)])
+            assert torch.equal(lone, pairs), f"{k} -> {n}: {(lone != pairs).sum()} outputs differ in pairs"
+            assert torch.equal(lone, eights), f"{k} -> {n}: {(lone != eights).sum()} outputs differ in eights"
+            unstable = nn.functional.linear(rows, m.weight)  # the plain kernel, row by row below
+            differs = any(
+                not torch.equal(nn.functional.linear(rows[i : i + 1], m.weight), unstable[i : i + 1])
+                for i in range(len(rows))
+            )
+            assert not differs or type(m) is RowStableLinear, f"{k} -> {n} left plain though its lone rows differ"
