@@ -197,7 +197,7 @@ class RowStableLinear(nn.Linear):
         return out.reshape(*x.shape[:-1], out.shape[-1])
 
 
-# (in, out, bias, dtype, device type, threads) -> whether a lone row rounds as a batch's rows do
+# (in, out, bias, dtype, device, threads) -> whether a lone row rounds as a batch's rows do
 _LONE_ROW_AGREES: dict[tuple[int, int, bool, torch.dtype, str, int], bool] = {}
 # outputs a probe compares: where the kernels differ (bf16 on this CPU: K > 1024), 1.1e-4 to
 # 2.3e-4 of them do, so ~15-35 differences are expected; where they agree, 0 of 0.3-0.8 M were seen
@@ -206,12 +206,14 @@ _PROBE_OUTPUTS = 150_000
 
 def lone_row_agrees(linear: nn.Linear) -> bool:
     """Whether ``linear``'s one-row matmul gives bit for bit what the same row gets in a batch of
-    two. Probed once per shape, dtype, device and thread count on rows drawn from a fixed seed
-    against the layer's own weights: the kernel a matmul takes depends on those, not on the values.
-    On this machine's CPU, bf16 lone rows agree up to K = 1024 and differ from K = 1536 on."""
+    two. Probed once per shape, dtype, device (the weights' own, so a stage is probed after its
+    move) and thread count on rows drawn from a fixed seed against the layer's own weights: the
+    kernel a matmul takes depends on those, not on the values. The answer fixes the module's class
+    at load, so threads are set before loading (the worker and the CLI do). On this machine's CPU,
+    bf16 lone rows agree up to K = 1024 and differ from K = 1536 on."""
     weight, bias = linear.weight, linear.bias
     out_features, in_features = weight.shape
-    key = (in_features, out_features, bias is not None, weight.dtype, weight.device.type, torch.get_num_threads())
+    key = (in_features, out_features, bias is not None, weight.dtype, str(weight.device), torch.get_num_threads())
     agrees = _LONE_ROW_AGREES.get(key)
     if agrees is None:
         rows = max(64, -(-_PROBE_OUTPUTS // out_features))
@@ -231,17 +233,22 @@ def lone_row_agrees(linear: nn.Linear) -> bool:
 
 def stabilise_rows(model: nn.Module, prefix: str) -> int:
     """Make every plain half-precision ``nn.Linear`` under ``prefix`` whose lone row would round
-    differently from a batch's (:func:`lone_row_agrees`) a :class:`RowStableLinear` (same weights,
-    same module); the others, fp32 and quantized linears keep their own kernels: SmolLM2 in bf16
-    keeps six of its seven linears per layer plain (K = 576) and stabilises ``down_proj`` (K = 1536).
-    Returns how many were changed."""
+    differently from a batch's a :class:`RowStableLinear` (same weights, same module): in bf16 those
+    :func:`lone_row_agrees` finds disagreeing, in fp16 all of them (its 10-bit mantissa makes a
+    disagreement 8x rarer per output, too rare for the probe's sample to rule out). The others,
+    fp32 and quantized linears keep their own kernels: SmolLM2 in bf16 on this CPU keeps six of
+    its seven linears per layer plain (K = 576) and stabilises ``down_proj`` (K = 1536). Returns how
+    many were changed."""
     changed = 0
     for name, module in model.named_modules():
         if (
             name.startswith(prefix)
             and type(module) is nn.Linear
-            and module.weight.dtype in (torch.bfloat16, torch.float16)
-            and not lone_row_agrees(module)
+            and not module.weight.is_meta  # not held by this stage (or a stage on the meta device)
+            and (
+                module.weight.dtype == torch.float16
+                or (module.weight.dtype == torch.bfloat16 and not lone_row_agrees(module))
+            )
         ):
             module.__class__ = RowStableLinear
             changed += 1

@@ -177,9 +177,6 @@ class Stage:
             head = model.get_submodule(family.head_weight.rsplit(".", 1)[0])
             head.weight = model.get_submodule(family.embed_weight.rsplit(".", 1)[0]).weight
         family.keep_layers(model, entry.layers)
-        # in half precision a session's rows give the same numbers alone as batched with others
-        # (kv_cache.RowStableLinear); fp32 keeps the summation-order bound
-        stabilise_rows(model, family.layers_path + ".")
         prefixes = [family.layers_path + "."]
         if entry.has_embeddings:
             prefixes += family.first_stage_prefixes
@@ -196,6 +193,10 @@ class Stage:
                 "re-export the shards"
             )
         move_to(model, device)
+        # in bf16 a session's rows give the same numbers alone as batched with others
+        # (kv_cache.RowStableLinear, where the device's kernels need it: probed there, so after
+        # the move, at the thread count set before loading); fp32 keeps the summation-order bound
+        stabilise_rows(model, family.layers_path + ".")
         return model
 
     def resident_bytes(self) -> int:

@@ -2,8 +2,9 @@
 
 Why: a real worker does not give each session its own compute. Its compute loop
 (``node/server.py``) takes every step queued while it was busy, waits up to ``batch_wait_ms``
-for the other open sessions' steps, merges the steps of the same token count into one forward
-pass (``node/sessions.py`` ``plan_batches``) and runs those passes one after another. So
+(later stages at most ``RELAY_WAIT_S``) for the steps of the sessions it has prefilled that have
+steps to come, merges the steps of the same token count into one forward pass
+(``node/sessions.py`` ``plan_batches``) and runs those passes one after another. So
 concurrent decode sessions share a pass that costs little more than one (the measured batch
 curve), a prefill that arrives while a decode pass runs waits for it, and simultaneous prefills
 merge. ``make demo`` also runs every worker on one machine: passes of different workers that run
@@ -207,7 +208,9 @@ class StageServer:
         else:
             self.log.prefill_passes += 1
             self.log.prefill_steps += len(steps)
-        sent_ms = self.message_delay()  # node/server.py _deliver: the pass's rows go on in one message
+        # node/server.py _deliver: the pass's rows go on in one message (one per next peer there; one
+        # per pass here, where the sessions of a pass share their route)
+        sent_ms = self.message_delay()
         for s in steps:
             if s.cancelled:
                 continue
