@@ -597,7 +597,12 @@ class Simulation:
             wall_s=time.perf_counter() - t0,
             stakes_start=stakes_start,
             stakes_end=sum(self.table.stakes),
-            extra={"passes": [vars(s.log) for s in self.stages.servers]} if self.stages is not None else {},
+            extra={
+                "passes": [vars(s.log) for s in self.stages.servers],
+                "awaited_at_end": [len(s.due) for s in self.stages.servers],  # sessions a server still waits for
+            }
+            if self.stages is not None
+            else {},
         )
 
 

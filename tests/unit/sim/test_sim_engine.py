@@ -104,3 +104,8 @@ def test_jobs_fail_over_through_plan_route_when_peers_drop(settings: Settings) -
     s = summarize(r)
     assert s["failovers"] >= len(recovered)
     assert s["completion"] > 90
+    # the batched stage model under the same drops: a session that failed over or ended is not
+    # waited for by any stage server after its job is released (sim/passes.py StageServer.due)
+    batched = simulate(sc.model_copy(update={"stage_model": "batched"}), market, seed=0, hours=0.25)
+    assert sum(j.failovers for j in batched.jobs) > 0 and all(j.status != "running" for j in batched.jobs)
+    assert batched.extra["awaited_at_end"] == [0] * 8
