@@ -21,11 +21,12 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import torch
 from machine_info import machine_info  # type: ignore[import-not-found]  (bench/ is on sys.path)
-from torch import nn
 
+from dlis_market.inference import kv_cache
 from dlis_market.inference.importer import import_model
 from dlis_market.inference.kv_cache import RowStableLinear
 from dlis_market.inference.pipeline import LocalPipeline
@@ -38,12 +39,11 @@ def _row_stable(pipe: LocalPipeline) -> int:
 
 
 def _all_row_stable(pipe: LocalPipeline) -> None:
-    """The baseline: every plain bf16 linear of the layers row-stable, as before the probe."""
-    for stage in pipe.stages:
-        layers = stage.model.get_submodule(stage.family.layers_path)
-        for m in layers.modules():
-            if type(m) is nn.Linear and m.weight.dtype == torch.bfloat16:
-                m.__class__ = RowStableLinear
+    """The baseline: the stage's own ``stabilise_rows`` with every probe answering "disagrees",
+    so every plain bf16 linear of the layers is row-stable, as before the probe."""
+    with mock.patch.object(kv_cache, "lone_row_agrees", lambda _linear: False):
+        for stage in pipe.stages:
+            kv_cache.stabilise_rows(stage.model, stage.family.layers_path + ".")
 
 
 def main() -> None:
