@@ -166,6 +166,8 @@ class NodeSettings(_Section):
     trusted_brokers: list[str] = Field(default_factory=list)
     broker_cache_s: float = 60.0
     ticket_ttl_s: float = 600.0  # lifetime of the tickets a driver issues
+    # Announced in the signed span record (opener_slots): a broker's driver is one opener for all its
+    # jobs, so its scheduler plans at most this many of them onto this worker at once.
     max_sessions_per_opener: int = 8
     # LoRA adapters attached at once (node/adapters.py): fetched by CID on a session's first use
     max_adapters: int = Field(default=8, ge=1)

@@ -29,10 +29,12 @@ class PlannedRoute:
 @dataclass
 class AdmissionTicket:
     """A held job slot and the workers' KV-cache slots reserved for a planned route until its
-    backend session opens (:meth:`BrokerService._release` gives both back, once)."""
+    backend session opens, and the route's workers counted against their share per opener until
+    the job ends (:meth:`BrokerService._release` gives each back, once)."""
 
     peers: list[str]
     since: float = field(default_factory=time.monotonic)
+    holding: list[str] = field(default_factory=list)  # peers counted in the broker's sessions there, until the job ends
     slot_held: bool = True
 
 

@@ -90,6 +90,7 @@ from dlis_market.inference.zk_stage import head_unsupported
 from dlis_market.protocol.pricing import fee_on, route_bound
 from dlis_market.protocol.receipts import StageReceipt
 from dlis_market.protocol.routes import Replan, RouteHop, route_record
+from dlis_market.protocol.spans import SpanRecord
 from dlis_market.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -180,6 +181,10 @@ class BrokerService:
         self.admission = AdmissionQueue(b.max_concurrent_jobs, b.admission_queue_max, b.admission_wait_s)
         self._reserved: Counter[str] = Counter()  # peer id -> KV slots planned for, session not yet open
         self._opened: Counter[str] = Counter()  # peer id -> sessions this broker opened there (ever)
+        # peer id -> sessions of this broker's admitted jobs there (planned or open), until each job
+        # ends: a worker holds at most its announced opener_slots of them (this broker's driver is one
+        # opener for all its jobs)
+        self._holding: Counter[str] = Counter()
         self._commit_lock = asyncio.Lock()  # the open-jobs read and the job write of one admission
         self._fee_bps: int | None = None
         self._auth_lifetime: int | None = None
@@ -207,18 +212,24 @@ class BrokerService:
             if not offers:
                 raise no_route(f"no worker announces any layer of {served.name} ({served.num_layers} layers)")
             opened = self._opened.copy()
-            mine = [o.model_copy(update={"free_slots": o.free_slots - self._reserved[o.peer_id]}) for o in offers]
+            mine = [o.model_copy(update={"free_slots": self._room(o)}) for o in offers]
             if covers([o for o in mine if o.free_slots > 0], served.num_layers) or not covers(
                 offers, served.num_layers
             ):
                 fee_bps = await self.fee_bps()
                 route = await asyncio.to_thread(self.planner, mine, served, policy, prompt_tokens, max_tokens, fee_bps)
                 free = {o.peer_id: o.free_slots for o in offers}
+                share = {o.peer_id: o.opener_slots for o in offers if o.opener_slots > 0}
                 peers = [h.peer_id for h in route.hops]
                 # Others may have planned on the same slots, or opened sessions the offers do not
                 # show yet, while this plan ran in its thread.
-                if all(free.get(p, 1) - self._reserved[p] - (self._opened[p] - opened[p]) > 0 for p in peers):
+                if all(
+                    free.get(p, 1) - self._reserved[p] - (self._opened[p] - opened[p]) > 0
+                    and share.get(p, self._holding[p] + 1) - self._holding[p] > 0
+                    for p in peers
+                ):
                     self._reserved.update(peers)
+                    self._holding.update(peers)
                     return route, peers
             busy = sum(1 for o in mine if o.free_slots <= 0)
             if deadline is None or time.monotonic() >= deadline:
@@ -228,6 +239,21 @@ class BrokerService:
                     self.admission.retry_after(),
                 )
             await self.admission.released(min(self.settings.broker.admission_poll_s, deadline - time.monotonic()))
+
+    def _room(self, offer: SpanRecord) -> int:
+        """Sessions this broker may still open on ``offer``'s worker: its free slots less the ones
+        this broker planned for and has not opened, and at most what is left of the worker's share
+        per opener (``opener_slots``) after this broker's jobs there."""
+        room = offer.free_slots - self._reserved[offer.peer_id]
+        if offer.opener_slots > 0:
+            room = min(room, offer.opener_slots - self._holding[offer.peer_id])
+        return room
+
+    def _unhold(self, peers: list[str]) -> None:
+        self._holding.subtract(peers)
+        for p in set(peers):
+            if self._holding[p] <= 0:
+                del self._holding[p]
 
     async def _bound(self, route: PlannedRoute, policy: Policy, prompt_tokens: int, max_tokens: int) -> tuple[int, int]:
         """Upper bound of the stages' charges and the protocol fee on them, within the policy."""
@@ -299,6 +325,7 @@ class BrokerService:
         if not admit:
             route, peers = await self.plan(served, policy, len(ids), max_tokens)
             self._unreserve(peers)
+            self._unhold(peers)
             cost, fee = await self._bound(route, policy, len(ids), max_tokens)
             return PricedJob(served, ids, route, cost, fee)
         deadline = time.monotonic() + self.settings.broker.admission_wait_s
@@ -310,6 +337,7 @@ class BrokerService:
         ticket = AdmissionTicket(peers=[])
         try:
             route, ticket.peers = await self.plan(served, policy, len(ids), max_tokens, deadline)
+            ticket.holding = list(ticket.peers)
             cost, fee = await self._bound(route, policy, len(ids), max_tokens)
         except BaseException as exc:
             self._release(ticket)
@@ -333,6 +361,8 @@ class BrokerService:
         """Give back what a ticket holds (each part once)."""
         self._unreserve(ticket.peers)
         ticket.peers = []
+        self._unhold(ticket.holding)
+        ticket.holding = []
         if ticket.slot_held:
             ticket.slot_held = False
             self.admission.release(time.monotonic() - ticket.since)

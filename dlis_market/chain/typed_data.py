@@ -79,6 +79,7 @@ SPAN_ANNOUNCEMENT = [
     ("node", "address"),
     ("throughputMilli", "uint64"),
     ("freeSlots", "uint32"),
+    ("openerSlots", "uint32"),
     ("queueLength", "uint32"),
     ("pricePerToken", "uint256"),
     ("attestationHash", "bytes32"),

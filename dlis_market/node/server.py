@@ -246,6 +246,7 @@ class Worker:
             throughput=self.advertised_throughput(),
             # share work (a private job's first stage) holds no KV slot, but is load routers must see
             free_slots=max(0, self.stage.sessions.max_sessions - len(self.stage.sessions) - self.shared.active()),
+            opener_slots=min(self.node.max_sessions_per_opener, self.stage.sessions.max_sessions),
             queue_length=self.queue.qsize(),
             price_per_token=self.node.price_per_token,
             attestation_hash="0x" + self.attestation.report.report_hash().hex(),

@@ -33,6 +33,9 @@ class SpanRecord(WireModel):
     node_address: str
     throughput: float  # tokens/s through the whole range, measured by the profiler
     free_slots: int  # sessions it can still open
+    # the most sessions it holds for one opener (node.max_sessions_per_opener; 0: no such limit):
+    # a broker's driver is one opener for all its jobs, so its scheduler plans within this share
+    opener_slots: int = 0
     queue_length: int
     price_per_token: int  # token units per token processed
     attestation_hash: str
@@ -67,7 +70,7 @@ def span_message(r: SpanRecord) -> dict[str, Any]:
             f"span record of {r.peer_id} has a {len(attestation)}-byte attestation hash (need 32) or a bad node "
             f"address {r.node_address!r}"
         )
-    if min(r.start, r.end, r.free_slots, r.queue_length, r.price_per_token) < 0 or r.throughput < 0:
+    if min(r.start, r.end, r.free_slots, r.opener_slots, r.queue_length, r.price_per_token) < 0 or r.throughput < 0:
         raise SpanRecordError(f"span record of {r.peer_id} has a negative field")
     return {
         "model": r.model,
@@ -77,6 +80,7 @@ def span_message(r: SpanRecord) -> dict[str, Any]:
         "node": Web3.to_checksum_address(r.node_address),
         "throughputMilli": _ms(r.throughput),
         "freeSlots": r.free_slots,
+        "openerSlots": r.opener_slots,
         "queueLength": r.queue_length,
         "pricePerToken": r.price_per_token,
         "attestationHash": attestation,

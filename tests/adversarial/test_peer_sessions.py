@@ -90,7 +90,10 @@ def test_strangers_cannot_open_sessions_and_one_opener_cannot_crowd_out_another(
                     await stranger.pool.request(peer, "open", open_body(job, stranger.peer_id), 10)
                 assert await free_slots(stranger, peer) == slots
 
-                route_hop = RouteHop.of((await honest.discover(MODEL))[0])
+                record = (await honest.discover(MODEL))[0]
+                # the share is announced in the signed record, so a broker's scheduler plans within it
+                assert record.opener_slots == PER_OPENER
+                route_hop = RouteHop.of(record)
                 # 2. a ticket the stranger signed itself (valid signature, not a broker)
                 with pytest.raises(RemoteError, match="holds no BROKER_ROLE"):
                     body = open_body(job, stranger.peer_id, stranger.ticket(job, MODEL, route_hop))

@@ -5,7 +5,9 @@ every job it admitted completes and is settled, with the money conserved.
 
 The backend double plays three workers with ``CAPACITY`` sessions each that take ``DELAY_S`` per
 token and sign real receipts; like real workers they announce their free slots (the broker routes
-on them) and refuse a session when full."""
+on them) and refuse a session when full. With a per-opener share, like real workers they also hold
+at most that many sessions of one opener (the broker's driver is one opener for all its jobs),
+announce it, and refuse the opener's next session past it."""
 
 from __future__ import annotations
 
@@ -41,23 +43,31 @@ class FixedCapacityBackend(broker_suite.ScriptedBackend):
     started while they are all taken is refused (as a real worker does), and each token takes
     ``delay_s``. Records the most sessions held at once."""
 
-    def __init__(self, base: broker_suite.ScriptedBackend, capacity: int, delay_s: float):
+    def __init__(
+        self, base: broker_suite.ScriptedBackend, capacity: int, delay_s: float, opener_share: int | None = None
+    ):
         super().__init__(base.nodes, base.domain, base.script)
         self.capacity = capacity
         self.delay_s = delay_s
+        self.opener_share = opener_share  # what one opener (this broker) may hold on a worker
         self.active = 0
         self.peak = 0
         self.refused = 0
 
     async def offers(self, model: str):
         offers = await super().offers(model)
-        free = self.capacity - self.active
-        return [o.__class__(**{**o.__dict__, "free_slots": free}) for o in offers]
+        update = {"free_slots": self.capacity - self.active}
+        if self.opener_share is not None:
+            update["opener_slots"] = self.opener_share
+        return [o.model_copy(update=update) for o in offers]
 
     async def start(self, job):
         if self.active >= self.capacity:
             self.refused += 1
             raise BusyWorkersError(f"no free KV-cache slot: all {self.capacity} sessions are taken")
+        if self.opener_share is not None and self.active >= self.opener_share:
+            self.refused += 1  # every session here is this broker's: one opener
+            raise BusyWorkersError(f"the broker already holds {self.active} sessions here, the limit per opener")
         self.active += 1
         self.peak = max(self.peak, self.active)
         self.jobs.append(job)
@@ -179,3 +189,41 @@ def test_overload_queues_then_answers_429_with_retry_after(broker_env, live_serv
     credited = sum(jm.claimable_of(a) - b for a, b in zip(payees, credited_before, strict=True))
     assert credited == charged  # escrow debits = receipts credited to operators + fees to the treasury
     assert svc.ledger.committed_escrow(client.address) == 0
+
+
+def test_a_broker_keeps_its_jobs_within_each_workers_share_per_opener(broker_env, live_server):
+    """A worker holds at most ``node.max_sessions_per_opener`` sessions of one opener, and a broker's
+    driver is one opener for all its jobs. A crowd of jobs larger than that share, on workers that
+    still announce free slots, waits in the broker's line for the share to free up: no job is
+    planned onto a worker that would refuse it (a refused open routes around, and with no other
+    worker for the range the job fails), and every job completes."""
+    market, service, backend, ops, nodes, client = broker_env
+    share, crowd = 3, 9
+    market.market().deposit(client, 20 * UNIT)
+    broker = market.settings.broker.model_copy(
+        update={"admission_queue_max": 16, "admission_wait_s": 20.0, "admission_poll_s": 0.2}
+    )
+    settings = market.settings.model_copy(update={"broker": broker})
+    workers = FixedCapacityBackend(backend, 4 * share, DELAY_S, opener_share=share)
+    svc = BrokerService(
+        settings, service.ledger, service.market, service.broker, service.catalog, workers, service.planner
+    )
+    srv = live_server(create_app(svc, settle_in_background=False))
+
+    async def load() -> list[tuple[int, dict]]:
+        async with httpx.AsyncClient(base_url=srv.url, timeout=60) as http:
+
+            async def one(body: dict) -> tuple[int, dict]:
+                res = await http.post("/v1/jobs", json=body)
+                return res.status_code, res.json()
+
+            async with asyncio.timeout(60):
+                return await asyncio.gather(*(one(job_body(market, client)) for _ in range(crowd)))
+
+    results = asyncio.run(load())
+    print(f"{crowd} jobs at once, share {share}: peak sessions {workers.peak}, refused opens {workers.refused}")
+    assert [s for s, _ in results] == [201] * crowd, [(s, b.get("detail")) for s, b in results]
+    assert [b["status"] for _, b in results] == ["completed"] * crowd, [b["error"] for _, b in results]
+    assert workers.refused == 0, "the broker planned a job onto a worker past its share per opener"
+    assert workers.peak == share  # the share was used in full, and never exceeded
+    assert svc.metrics.registry.get_sample_value("dlis_broker_jobs_running") == 0
