@@ -34,6 +34,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import argparse
 import asyncio
 import json
+import signal
 import statistics
 import sys
 import tempfile
@@ -56,6 +57,7 @@ from dlis_market.inference.importer import import_model  # noqa: E402
 from dlis_market.inference.pipeline import LocalPipeline  # noqa: E402
 from dlis_market.inference.shard_export import export_shards  # noqa: E402
 from dlis_market.node.driver import JobSession, JobSpec, PipelineDriver  # noqa: E402
+from dlis_market.settings import InferenceSettings  # noqa: E402
 
 CACHE = Path(tempfile.gettempdir()) / "dlis-test-cache" / "v1"
 PROMPTS = [
@@ -207,6 +209,9 @@ def main() -> None:
     ap.add_argument("--batch-wait-ms", type=float, default=None, help="workers' node.batch_wait_ms (default: theirs)")
     ap.add_argument("--no-exact", action="store_true", help="skip comparing each session with its prompt alone")
     args = ap.parse_args()
+    # A SIGTERM (`timeout`, a CI limit) unwinds like Ctrl-C, so the Swarm's exit kills the workers,
+    # which run in process groups of their own and would otherwise outlive the bench.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     torch.set_num_threads(args.threads)
     levels = [int(x) for x in args.sessions.split(",")]
     model_dir = import_model("smollm2-135m", CACHE / "models", CACHE / "cache")
@@ -249,7 +254,7 @@ def main() -> None:
         results["omp_wait_policy"] = env["OMP_WAIT_POLICY"]
         with Swarm(Path(tmp) / "swarm", threads=args.worker_threads or args.threads, env=env) as swarm:
             workers = swarm.start_workers([(Path(tmp) / "shards", r, f"w{i}") for i, r in enumerate(ranges)])
-            pipe = LocalPipeline.load(Path(tmp) / "shards")
+            pipe = LocalPipeline.load(Path(tmp) / "shards", InferenceSettings(max_sessions=max(most, 16)))
             local_run(pipe, prompts[:1], 4)  # warm-up
             # each prompt alone, in one process: what every P2P session must generate, batched or not
             alone = (
