@@ -331,6 +331,10 @@ class Channel:
                 await self.send("error", {"message": str(exc), "code": "protocol"})
         except (asyncio.IncompleteReadError, ConnectionError, OSError):
             pass  # the stream ended: the finally below reports it
+        except PeerUnreachableError:
+            if not self.closed:  # about another peer (this stream still works): the handler's bug
+                raise
+            # this stream died while the handler answered on it (the peer went away): an end of stream
         finally:
             self.close()
 

@@ -95,6 +95,37 @@ def test_channel_refuses_an_oversized_frame_before_reading_it() -> None:
     assert len(sent) == 1 and unpack_frame(sent[0][4:])[0] == "error"
 
 
+def test_a_reply_to_a_peer_that_went_away_ends_its_stream_quietly() -> None:
+    """A peer closes its stream while the handler answers it (e.g. a close for a session its
+    going away already dropped): the reply cannot be sent, and that ends this stream like any
+    other end of stream, not with an error out of the stream handler (on the code before, the
+    PeerUnreachableError escaped and hivemind logged it as an unhandled exception)."""
+
+    async def run() -> Channel:
+        reader = asyncio.StreamReader()
+        reader.feed_data(pack_frame("close", {"session_id": "s"}, rid=7))
+        reader.feed_eof()
+
+        class GoneWriter:
+            def write(self, data: bytes) -> None:
+                return None
+
+            async def drain(self) -> None:
+                raise ConnectionResetError("Connection lost")
+
+            def close(self) -> None:
+                return None
+
+        async def on_message(channel: Channel, op: str, rid: int, body: dict[str, Any]) -> None:
+            await channel.send("error", {"message": "session 's' is not open on this node"}, rid)
+
+        channel = Channel("peer", reader, GoneWriter(), on_message, max_bytes=1024)  # type: ignore[arg-type]
+        await asyncio.wait_for(channel.run(), 5)
+        return channel
+
+    assert asyncio.run(run()).closed
+
+
 # ---------------------------------------------------------------------- routing
 
 
