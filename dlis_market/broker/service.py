@@ -235,7 +235,7 @@ class BrokerService:
             if deadline is None or time.monotonic() >= deadline:
                 raise Overloaded(
                     f"every worker of some layer of {served.name} is busy ({busy} of {len(offers)} have no free "
-                    "KV-cache slot)",
+                    "KV-cache slot, or hold their share per opener of this broker's jobs)",
                     self.admission.retry_after(),
                 )
             await self.admission.released(min(self.settings.broker.admission_poll_s, deadline - time.monotonic()))
