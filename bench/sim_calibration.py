@@ -823,6 +823,8 @@ def main() -> None:
     ap.add_argument("--from-json", type=Path, default=None,
                     help="re-run the calibration and simulation on an earlier run's real side (its --out)")  # fmt: skip
     args = ap.parse_args()
+    if args.rounds < 2:  # before minutes of real jobs, not after
+        ap.error(f"--rounds {args.rounds}: at least 2, the real side's spread compares its even and odd rounds")
     phases = [tuple(int(x) for x in p.split(":")) for p in args.phases.split(",")]
     if phases[0][0] != 1 or any(n % args.rounds or n < args.rounds for _, n in phases):
         raise SystemExit(f"--phases must start with a sequential phase (1:N), each N a multiple of --rounds "
