@@ -665,7 +665,7 @@ class BrokerService:
 
     def _backend_job(
         self, job_id: str, served: ServedModel, vauth: VerifiedAuthorization, req: JobCreate, ids: list[int],
-        route: PlannedRoute, fee_bps: int,
+        route: PlannedRoute, fee_bps: int, ticket: AdmissionTicket | None = None,
     ) -> BackendJob:  # fmt: skip
         s = req.sampling
         limit = vauth.auth.max_cost if req.policy.max_cost is None else min(req.policy.max_cost, vauth.auth.max_cost)
@@ -691,7 +691,7 @@ class BrokerService:
             num_layers=served.num_layers,
             route=hops,
             fee_bps=fee_bps,
-            replan=self._replanner(served, policy, len(ids), req.max_tokens, fee_bps),
+            replan=self._replanner(served, policy, len(ids), req.max_tokens, fee_bps, ticket),
             proof=req.proof,
             check_proof=self._proof_check(job_id, served) if req.proof is not None else None,
             private_shares=shares,
@@ -759,12 +759,15 @@ class BrokerService:
         return check
 
     def _replanner(
-        self, served: ServedModel, policy: Policy, prompt_tokens: int, max_tokens: int, fee_bps: int
-    ) -> Replan:
+        self, served: ServedModel, policy: Policy, prompt_tokens: int, max_tokens: int, fee_bps: int,
+        ticket: AdmissionTicket | None = None,
+    ) -> Replan:  # fmt: skip
         """One router: a failover replans through this broker's scheduler, under the job's policy
         with the authorization's max cost. The route's healthy hops stay (their stages re-bill
         the replayed session, so JobMarket pays one receipt per range); only the failed ranges
-        are chosen again, among offers that lie inside them."""
+        are chosen again, among offers that lie inside them, within what this broker may still
+        open on each (:meth:`_room`). A worker it adds counts against its share per opener until
+        the job's ``ticket`` is released at the job's end."""
 
         entry_end = served.manifest.stages[0].layers.end
         private = policy.privacy == "high"  # its route starts after the first stage, run on shares
@@ -773,7 +776,7 @@ class BrokerService:
             kept = {(h.peer_id, h.start, h.end) for h in route if h.peer_id not in avoid}
             gaps = [(h.start, h.end) for h in route if h.peer_id in avoid]
             offers = [
-                o
+                o if (o.peer_id, o.start, o.end) in kept else o.model_copy(update={"free_slots": self._room(o)})
                 for o in await self.backend.offers(served.base)
                 if o.peer_id not in avoid
                 and (
@@ -788,7 +791,12 @@ class BrokerService:
                 offers = [o for o in offers if o not in entry]
                 offers += [o.model_copy(update={"free_slots": max(o.free_slots, 1)}) for o in entry]
             planned = await asyncio.to_thread(self.planner, offers, served, policy, prompt_tokens, max_tokens, fee_bps)
-            return planned.hops[planned.shares :]
+            hops = planned.hops[planned.shares :]
+            if ticket is not None:
+                added = [h.peer_id for h in hops if (h.peer_id, h.start, h.end) not in kept]
+                self._holding.update(added)
+                ticket.holding += added
+            return hops
 
         return replan
 
@@ -812,7 +820,7 @@ class BrokerService:
         recorded = False
         try:
             try:  # (the job was written as running on this route when it was admitted)
-                job = self._backend_job(job_id, served, vauth, req, ids, route, await self.fee_bps())
+                job = self._backend_job(job_id, served, vauth, req, ids, route, await self.fee_bps(), ticket)
                 stream = await self.backend.start(job)
             finally:  # the session is open (the workers count it now) or failed: the reservation ends
                 if ticket is not None:

@@ -227,3 +227,41 @@ def test_a_broker_keeps_its_jobs_within_each_workers_share_per_opener(broker_env
     assert workers.refused == 0, "the broker planned a job onto a worker past its share per opener"
     assert workers.peak == share  # the share was used in full, and never exceeded
     assert svc.metrics.registry.get_sample_value("dlis_broker_jobs_running") == 0
+
+
+def test_a_failover_stays_within_each_workers_share_per_opener(broker_env):
+    """A job's failed stage is replaced through the broker's scheduler: not by a worker that already
+    holds its share of this broker's sessions (it would refuse the open), however fast and cheap,
+    and the worker chosen counts against its share until the job ends."""
+    from dlis_market.broker.job_types import AdmissionTicket
+    from dlis_market.broker.schemas import Policy
+    from dlis_market.protocol.routes import RouteHop
+
+    market, service, backend, ops, nodes, client = broker_env
+    fast, spare = (market.enroll_node(market.new_funded_account(1000 * UNIT)) for _ in range(2))
+    share = 2
+
+    class TwoSpares(broker_suite.ScriptedBackend):
+        async def offers(self, model):
+            quick = {"throughput": 500.0, "price_per_token": broker_suite.PRICE // 2, "opener_slots": share}
+            return [
+                *(o.model_copy(update={"opener_slots": share}) for o in await super().offers(model)),
+                broker_suite.span(model, "fast", fast.address, 10, 20, 4).model_copy(update=quick),
+                broker_suite.span(model, "spare", spare.address, 10, 20, 4).model_copy(update={"opener_slots": share}),
+            ]
+
+    workers = TwoSpares(backend.nodes, backend.domain, backend.script)
+    svc = BrokerService(
+        market.settings, service.ledger, service.market, service.broker, service.catalog, workers, service.planner
+    )
+    svc._holding["fast"] = share  # two other jobs of this broker run there
+    ticket = AdmissionTicket(peers=[], slot_held=False)
+    replan = svc._replanner(svc.catalog.get(MODEL), Policy(), 6, MAX_TOKENS, 0, ticket)
+    route = [RouteHop(f"peer{i}", n.address, s, e, broker_suite.PRICE)
+             for i, ((s, e), n) in enumerate(zip(broker_suite.SPANS, nodes, strict=True))]  # fmt: skip
+
+    hops = asyncio.run(replan(route, frozenset({"peer1"})))
+    assert [h.peer_id for h in hops] == ["peer0", "spare", "peer2"]  # on the code before: "fast"
+    assert ticket.holding == ["spare"] and svc._holding["spare"] == 1
+    svc._release(ticket)  # the job ended
+    assert svc._holding["spare"] == 0 and svc._holding["fast"] == share
