@@ -141,6 +141,14 @@ class _Stale:
 STALE = _Stale()
 
 
+def _give_back(counts: Counter[str], peers: list[str]) -> None:
+    """Take one per listed peer off ``counts``, dropping the peers that reach zero."""
+    counts.subtract(peers)
+    for p in set(peers):
+        if counts[p] <= 0:
+            del counts[p]
+
+
 class BrokerService:
     def __init__(
         self,
@@ -219,13 +227,13 @@ class BrokerService:
                 fee_bps = await self.fee_bps()
                 route = await asyncio.to_thread(self.planner, mine, served, policy, prompt_tokens, max_tokens, fee_bps)
                 free = {o.peer_id: o.free_slots for o in offers}
-                share = {o.peer_id: o.opener_slots for o in offers if o.opener_slots > 0}
+                share = {o.peer_id: o.opener_slots for o in offers if o.opener_slots > 0}  # 0: no such limit
                 peers = [h.peer_id for h in route.hops]
                 # Others may have planned on the same slots, or opened sessions the offers do not
                 # show yet, while this plan ran in its thread.
                 if all(
                     free.get(p, 1) - self._reserved[p] - (self._opened[p] - opened[p]) > 0
-                    and share.get(p, self._holding[p] + 1) - self._holding[p] > 0
+                    and (p not in share or self._holding[p] < share[p])
                     for p in peers
                 ):
                     self._reserved.update(peers)
@@ -248,12 +256,6 @@ class BrokerService:
         if offer.opener_slots > 0:
             room = min(room, offer.opener_slots - self._holding[offer.peer_id])
         return room
-
-    def _unhold(self, peers: list[str]) -> None:
-        self._holding.subtract(peers)
-        for p in set(peers):
-            if self._holding[p] <= 0:
-                del self._holding[p]
 
     async def _bound(self, route: PlannedRoute, policy: Policy, prompt_tokens: int, max_tokens: int) -> tuple[int, int]:
         """Upper bound of the stages' charges and the protocol fee on them, within the policy."""
@@ -352,10 +354,10 @@ class BrokerService:
             self._release(priced.ticket)
 
     def _unreserve(self, peers: list[str]) -> None:
-        self._reserved.subtract(peers)
-        for p in set(peers):
-            if self._reserved[p] <= 0:
-                del self._reserved[p]
+        _give_back(self._reserved, peers)
+
+    def _unhold(self, peers: list[str]) -> None:
+        _give_back(self._holding, peers)
 
     def _release(self, ticket: AdmissionTicket) -> None:
         """Give back what a ticket holds (each part once)."""
