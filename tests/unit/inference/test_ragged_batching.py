@@ -330,24 +330,23 @@ class GQAModule(nn.Module):
     is_causal = True
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("new_tokens", [1, 3])
-def test_padded_rows_attend_bit_for_bit_as_alone(dtype: torch.dtype, new_tokens: int) -> None:
-    """The attention of a padded batch is, row by row, the very SDPA computation of the row alone."""
-    gen = torch.Generator().manual_seed(7)
-    lengths = [0, 4, 9, 30]  # cached tokens per row; 0: a fresh session's first prefill
+def padded_attention(
+    dtype: torch.dtype, new_tokens: int, lengths: list[int], gen: torch.Generator
+) -> tuple[torch.Tensor, list[torch.Tensor], list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]:
+    """Rows of random q/k/v with ``lengths`` cached tokens each: the stage attention of their
+    left-padded batch, and of each row alone (with the mask transformers builds for it alone)."""
     longest, module = max(lengths), GQAModule()
-    rows = []
+    rows, alone = [], []
     for n in lengths:
         q = torch.randn(1, 9, new_tokens, 64, generator=gen).to(dtype)
         k = torch.randn(1, 3, n + new_tokens, 64, generator=gen).to(dtype)
         v = torch.randn(1, 3, n + new_tokens, 64, generator=gen).to(dtype)
-        # alone: the mask transformers builds for this row (None where SDPA needs none)
         mask = sdpa_mask(batch_size=1, q_length=new_tokens, kv_length=n + new_tokens, q_offset=n)
-        rows.append((q, k, v, sdpa_attention_forward(module, q, k, v, mask, scaling=0.125)[0]))
+        rows.append((q, k, v))
+        alone.append(ragged_sdpa_attention(module, q, k, v, mask, scaling=0.125)[0])
     keys = torch.zeros(len(lengths), 3, longest + new_tokens, 64, dtype=dtype)
     values = torch.zeros_like(keys)
-    for i, (n, (_, k, v, _)) in enumerate(zip(lengths, rows, strict=True)):
+    for i, (n, (_, k, v)) in enumerate(zip(lengths, rows, strict=True)):
         keys[i, :, longest - n :], values[i, :, longest - n :] = k[0], v[0]
     padding = padding_mask(lengths, new_tokens)
     batch_mask = sdpa_mask(
@@ -356,8 +355,37 @@ def test_padded_rows_attend_bit_for_bit_as_alone(dtype: torch.dtype, new_tokens:
     )  # fmt: skip
     assert batch_mask is not None
     out, _ = ragged_sdpa_attention(module, torch.cat([r[0] for r in rows]), keys, values, batch_mask, scaling=0.125)
-    for i, (_, _, _, alone_out) in enumerate(rows):
+    return out, alone, rows
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("new_tokens", [1, 3])
+def test_padded_rows_attend_bit_for_bit_as_alone(dtype: torch.dtype, new_tokens: int) -> None:
+    """The attention of a padded batch is, row by row, bit for bit what the row gets alone: bf16
+    decode rows in one float64 pass (``kv_cache.decode_attention``), the rest in SDPA row by row."""
+    lengths = [0, 4, 9, 30]  # cached tokens per row; 0: a fresh session's first prefill
+    out, alone, _ = padded_attention(dtype, new_tokens, lengths, torch.Generator().manual_seed(7))
+    for i, alone_out in enumerate(alone):
         assert torch.equal(out[i : i + 1], alone_out), f"row {i} ({lengths[i]} cached): attention differs from alone"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_rows_do_not_depend_on_their_batch_or_padding(dtype: torch.dtype) -> None:
+    """Neither the other rows nor the padding in front of a row change a bit of its decode attention
+    (bf16: rounded once from float64; fp32: SDPA row by row): 40 batches of 8 rows with 1-300 cached
+    tokens. And it is attention: within float rounding of exact (float64) attention on the same row
+    (fp32: 1e-6; bf16: one unit in the last place)."""
+    gen = torch.Generator().manual_seed(11)
+    module = GQAModule()
+    for _ in range(40):
+        lengths = [int(n) for n in torch.randint(1, 300, (8,), generator=gen)]
+        out, alone, rows = padded_attention(dtype, 1, lengths, gen)
+        for i, ((q, k, v), alone_out) in enumerate(zip(rows, alone, strict=True)):
+            assert torch.equal(out[i : i + 1], alone_out), f"row {i} of {lengths}: differs from the row alone"
+            sdpa, _ = sdpa_attention_forward(module, q.double(), k.double(), v.double(), None, scaling=0.125)
+            error = (alone_out.double() - sdpa).abs().max().item()
+            bound = 1e-6 if dtype == torch.float32 else 2**-8 * sdpa.abs().max().item()
+            assert error <= bound, f"row {i}: {error:.3g} from exact attention (bound {bound:.3g})"
 
 
 @pytest.mark.parametrize("model_dir", ["smollm2_style"], indirect=True)
