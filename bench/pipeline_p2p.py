@@ -1,7 +1,8 @@
 """Benchmark: a 3-worker loopback P2P pipeline vs single-process generation, in the same run.
 
     .venv/bin/python bench/pipeline_p2p.py [--dtype bf16] [--new-tokens 32] [--sessions 1,4,8]
-        [--prompts same|mixed] [--batch-wait-ms MS] [--no-exact] [--out bench/results/pipeline_p2p.json]
+        [--prompts same|mixed] [--batch-wait-ms MS] [--merge-groups] [--no-exact]
+        [--out bench/results/pipeline_p2p.json]
 
 Imports SmolLM2-135M (cached), exports it as 3 shards, starts 3 workers as separate processes
 (``python -m dlis_market.cli.worker start``) on 127.0.0.1, then for each concurrency level runs
@@ -207,6 +208,9 @@ def main() -> None:
     ap.add_argument("--prompts", default="same", choices=["same", "mixed"], help="cut to one length, or keep each")
     ap.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     ap.add_argument("--batch-wait-ms", type=float, default=None, help="workers' node.batch_wait_ms (default: theirs)")
+    ap.add_argument(
+        "--merge-groups", action="store_true", help="workers' node.merge_groups: merge sessions into one pass"
+    )
     ap.add_argument("--no-exact", action="store_true", help="skip comparing each session with its prompt alone")
     args = ap.parse_args()
     # A SIGTERM (`timeout`, a CI limit) unwinds like Ctrl-C, so the Swarm's exit kills the workers,
@@ -250,7 +254,10 @@ def main() -> None:
         if most > 8:
             env["DLIS_NODE__MAX_SESSIONS_PER_OPENER"] = str(most)
             env["DLIS_INFERENCE__MAX_SESSIONS"] = str(max(most, 16))
+        if args.merge_groups:
+            env["DLIS_NODE__MERGE_GROUPS"] = "true"
         results["batch_wait_ms"] = args.batch_wait_ms
+        results["merge_groups"] = args.merge_groups
         results["omp_wait_policy"] = env["OMP_WAIT_POLICY"]
         with Swarm(Path(tmp) / "swarm", threads=args.worker_threads or args.threads, env=env) as swarm:
             workers = swarm.start_workers([(Path(tmp) / "shards", r, f"w{i}") for i, r in enumerate(ranges)])

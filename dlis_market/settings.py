@@ -122,6 +122,13 @@ class NodeSettings(_Section):
     # sharing one machine want (8 sessions on 2 cores: 0.56x of one process at 4 ms, 0.64-0.70x at
     # 100 ms), while stages on separate machines would idle in turn on one merged group.
     batch_wait_ms: float = Field(default=4.0, ge=0.0, le=100.0)
+    # For stages that share a machine's cores: the first stage waits for the other sessions' decode
+    # steps up to 1.25 times the pipeline's measured cycle (at least batch_wait_ms, at most
+    # merge_wait_max_ms), so that every group of sessions merges into one pass and stays merged
+    # (bench/pipeline_p2p.py --merge-groups). Off by default: stages on separate machines keep
+    # their groups, each computing while the others do.
+    merge_groups: bool = False
+    merge_wait_max_ms: float = Field(default=1000.0, gt=0.0, le=10_000.0)
     request_timeout_s: float = 30.0
     # closing a zk job's last stage: it proves its head then (a 16 x 32 head, 8 tokens: ~12 s, plus a
     # one-time setup per token count of ~16 s on 2 idle cores)

@@ -25,6 +25,7 @@ import logging
 import signal
 import time
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -62,7 +63,15 @@ from dlis_market.node.protocol import (
     parse_body,
 )
 from dlis_market.node.routing import choose_range
-from dlis_market.node.sessions import RELAY_WAIT_S, Batch, QueuedStep, WorkerSession, plan_batches, row_bytes
+from dlis_market.node.sessions import (
+    MERGE_CYCLES,
+    RELAY_WAIT_S,
+    Batch,
+    QueuedStep,
+    WorkerSession,
+    plan_batches,
+    row_bytes,
+)
 from dlis_market.node.shared_layers import ShareCloseBody, SharedProjections, ShareLinearBody
 from dlis_market.node.telemetry import TelemetryRecorder, WorkerTelemetry
 from dlis_market.node.transcripts import Transcript, TranscriptRequest, TranscriptStore
@@ -119,6 +128,10 @@ class Worker:
         self.recorder: FingerprintRecorder | None = None
         # sessions waited for in vain (_gather): not waited for again until they run in step with others
         self._late: set[str] = set()
+        # node.merge_groups: when each session's last one-token step arrived, and the time one takes
+        # to come round the pipeline (a moving average over every session's steps)
+        self._arrived: dict[str, float] = {}
+        self._cycle_s: float | None = None
 
     # ------------------------------------------------------------------ start / stop
 
@@ -551,8 +564,23 @@ class Worker:
 
         # A previous stage sends the rows of a whole pass in one message (_deliver); each session
         # queues alone, so that one closed or misplaced session is refused without the others.
+        if self.node.merge_groups and self.stage.is_first and msg.num_tokens == 1:
+            self._note_cycle(msg.session_ids)
         for one in split_input(msg):
             self.queue.put_nowait(QueuedStep(one, req.reply_to, channel.peer, on_error))
+
+    def _note_cycle(self, session_ids: Sequence[str], now: float | None = None) -> None:
+        """Measure the pipeline's cycle at the first stage: the time between two one-token steps of
+        a session is one trip round the pipeline and its caller (moving average, weight 0.2)."""
+        now = time.monotonic() if now is None else now
+        if len(self._arrived) > 2 * len(self.sessions) + 8:  # forget closed sessions
+            self._arrived = {sid: t for sid, t in self._arrived.items() if sid in self.sessions}
+        for sid in session_ids:
+            last = self._arrived.get(sid)
+            self._arrived[sid] = now
+            if last is not None:
+                cycle = now - last
+                self._cycle_s = cycle if self._cycle_s is None else 0.8 * self._cycle_s + 0.2 * cycle
 
     def _telemetry(self) -> WorkerTelemetry:
         """This worker's signed telemetry: what it serves and measured, to the DHT and, when an
@@ -661,10 +689,20 @@ class Worker:
         (:meth:`_deliver`), so they wait at most ``RELAY_WAIT_S`` for jitter: a long wait there,
         while the first stage holds back the group this stage waits for, would stall both. A
         session waited for in vain is late: not waited for again until it runs in one pass with
-        sessions that are not (a slow caller costs one wait, not one per step)."""
+        sessions that are not (a slow caller costs one wait, not one per step).
+
+        With ``node.merge_groups`` the first stage waits, for a decode step, up to ``MERGE_CYCLES``
+        times the measured cycle (:meth:`_note_cycle`; at least ``batch_wait_ms``, at most
+        ``merge_wait_max_ms``): every group of sessions comes round within one cycle, so all of
+        them merge into one pass and then travel together. That is what stages sharing a machine's
+        cores want: a pass of 8 rows costs little more than one of 3, and the cores are not split
+        between three small passes at once."""
         wait_s = self.node.batch_wait_ms / 1000
         if not self.stage.is_first:
             wait_s = min(wait_s, RELAY_WAIT_S)
+        elif self.node.merge_groups and self._cycle_s and any(step.inp.num_tokens == 1 for step in pending):
+            # every group of sessions that travels the pipeline apart comes round within one cycle
+            wait_s = max(wait_s, min(MERGE_CYCLES * self._cycle_s, self.node.merge_wait_max_ms / 1000))
         if wait_s <= 0:
             return
         deadline = time.monotonic() + wait_s

@@ -24,6 +24,9 @@ from dlis_market.protocol.fingerprints import FingerprintBuilder
 # how long a stage after the first waits for the rest of a pass's rows (node/server.py Worker._gather;
 # the simulator's stage servers wait as long, sim/passes.py)
 RELAY_WAIT_S = 0.004
+# with node.merge_groups, how many measured pipeline cycles the first stage waits at most for the
+# steps of its other sessions (one cycle brings every group round; the rest is jitter)
+MERGE_CYCLES = 1.25
 
 
 @dataclass

@@ -2,7 +2,8 @@
 different positions share one pass: the first stage up to ``node.batch_wait_ms`` (long enough to
 merge groups that started apart), later stages briefly (they get a pass's rows in one message).
 Sessions with nothing to send (not prefilled, at their last position) and sessions already waited
-for in vain are not waited for; a lone session never waits."""
+for in vain are not waited for; a lone session never waits. With ``node.merge_groups`` the first
+stage waits up to 1.25 measured pipeline cycles, so groups of sessions that travel apart merge."""
 
 from __future__ import annotations
 
@@ -21,27 +22,28 @@ from dlis_market.node.sessions import Batch, QueuedStep
 from tests.unit.inference.reference import tiny_configs
 
 
-def _step(sid: str) -> SimpleNamespace:
-    return SimpleNamespace(inp=SimpleNamespace(session_ids=[sid]))
+def _step(sid: str, tokens: int = 1) -> SimpleNamespace:
+    return SimpleNamespace(inp=SimpleNamespace(session_ids=[sid], num_tokens=tokens))
 
 
-def _worker(open_sessions: int, wait_ms: float, first: bool = True, length: int = 5) -> Worker:
+def _worker(open_sessions: int, wait_ms: float, first: bool = True, length: int = 5, merge: bool = False) -> Worker:
     """Only what _gather reads: the queue, the open sessions (prefilled to ``length`` of 64 tokens
     on the stage), the settings."""
     w = Worker.__new__(Worker)
     w.queue = asyncio.Queue()
     w.sessions = {f"s{i}": object() for i in range(open_sessions)}  # type: ignore[misc]
-    w.node = SimpleNamespace(batch_wait_ms=wait_ms, max_batch_sessions=16)
+    w.node = SimpleNamespace(batch_wait_ms=wait_ms, max_batch_sessions=16, merge_groups=merge, merge_wait_max_ms=1000.0)
     store = SessionStore(tiny_configs()["llama"], max_sessions=32, max_session_tokens=64)
     for sid in w.sessions:
         store.open(sid, 64).length = length
     w.stage = SimpleNamespace(is_first=first, sessions=store)
     w._late = set()
+    w._arrived, w._cycle_s = {}, None
     return w
 
 
-async def _gather_after(w: Worker, arrivals: list[tuple[float, str]]) -> tuple[list[str], float]:
-    pending = deque([_step("s0")])
+async def _gather_after(w: Worker, arrivals: list[tuple[float, str]], first_tokens: int = 1) -> tuple[list[str], float]:
+    pending = deque([_step("s0", first_tokens)])
     loop = asyncio.get_running_loop()
     for delay, sid in arrivals:
         loop.call_later(delay, w.queue.put_nowait, _step(sid))
@@ -119,3 +121,40 @@ class _Timer:
 
     def __exit__(self, *exc: object) -> None:
         return None
+
+
+def test_the_first_stage_measures_how_long_a_step_takes_to_come_round():
+    w = _worker(open_sessions=2, wait_ms=4, merge=True)
+    for t in (10.0, 10.1, 10.2):
+        w._note_cycle(["s0", "s1"], now=t)
+    assert w._cycle_s is not None and abs(w._cycle_s - 0.1) < 1e-9
+    w._note_cycle(["s0"], now=10.6)  # a slow trip moves the average by a fifth of the difference
+    assert abs(w._cycle_s - 0.16) < 1e-9
+
+
+def test_merge_groups_waits_up_to_a_cycle_for_a_group_that_travels_apart():
+    """Two groups 40 ms apart on a pipeline whose cycle is 80 ms: the 4 ms wait lets them run as
+    separate passes for the whole generation; merge_groups waits for the other group, once."""
+    arrivals = [(0.040, "s1"), (0.041, "s2")]
+    apart, took = asyncio.run(_gather_after(_worker(open_sessions=3, wait_ms=4), arrivals))
+    assert apart == ["s0"] and took < 0.03
+    w = _worker(open_sessions=3, wait_ms=4, merge=True)
+    w._cycle_s = 0.080
+    merged, took = asyncio.run(_gather_after(w, arrivals))
+    assert merged == ["s0", "s1", "s2"] and 0.035 < took < 0.09  # ran as soon as both came
+    # bounded: 1.25 cycles (100 ms) for a session that never comes, then it is late
+    w = _worker(open_sessions=3, wait_ms=4, merge=True)
+    w._cycle_s = 0.080
+    sids, took = asyncio.run(_gather_after(w, [(0.040, "s1")]))
+    assert sids == ["s0", "s1"] and 0.09 < took < 0.2 and w._late == {"s2"}
+
+
+def test_merge_groups_waits_no_longer_than_the_cap_nor_before_a_prompt():
+    w = _worker(open_sessions=2, wait_ms=4, merge=True)
+    w._cycle_s, w.node.merge_wait_max_ms = 5.0, 30.0
+    _, took = asyncio.run(_gather_after(w, []))
+    assert 0.025 < took < 0.1  # the cap, not 1.25 x 5 s
+    w = _worker(open_sessions=2, wait_ms=4, merge=True)
+    w._cycle_s = 0.5
+    _, took = asyncio.run(_gather_after(w, [], first_tokens=8))  # a prompt: its own pass anyway
+    assert took < 0.03
