@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 BIN := $(VENV)/bin
 export PATH := $(CURDIR)/node_modules/.bin:$(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: setup demo demo-stop test test-python test-contracts test-heavy lint bench-gas clean-chain
+.PHONY: setup solc-shim demo demo-stop test test-python test-contracts test-heavy lint bench-gas clean-chain
 
 setup: $(VENV)/.installed node_modules/.installed build/.compiled /usr/bin/chromium /usr/bin/prometheus
 
@@ -41,13 +41,18 @@ build/.compiled: $(VENV)/.installed node_modules/.installed contracts/*.sol cont
 /usr/bin/prometheus:
 	apt-get update -q && apt-get install -y -q --no-install-recommends prometheus
 
-demo: setup
+# The shim in ~/.solcx is shared by every checkout on the machine and points at the one that wrote
+# it last: rewrite it before each run, so that a moved or deleted checkout cannot break this one.
+solc-shim: $(VENV)/.installed node_modules/.installed
+	@$(PY) scripts/toolchain/install_solc_shim.py
+
+demo: setup solc-shim
 	bash scripts/demo.sh
 
 demo-stop:
 	bash scripts/demo.sh stop
 
-test: setup
+test: setup solc-shim
 	bash scripts/run_tests.sh
 
 test-heavy: setup
