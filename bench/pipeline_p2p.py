@@ -1,7 +1,7 @@
 """Benchmark: a 3-worker loopback P2P pipeline vs single-process generation, in the same run.
 
     .venv/bin/python bench/pipeline_p2p.py [--dtype bf16] [--new-tokens 32] [--sessions 1,4,8]
-        [--prompts same|mixed] [--batch-wait-ms MS] [--merge-groups] [--no-exact]
+        [--prompts same|mixed] [--batch-wait-ms MS] [--merge-groups] [--max-batch-sessions N] [--no-exact]
         [--out bench/results/pipeline_p2p.json]
 
 Imports SmolLM2-135M (cached), exports it as 3 shards, starts 3 workers as separate processes
@@ -211,6 +211,9 @@ def main() -> None:
     ap.add_argument(
         "--merge-groups", action="store_true", help="workers' node.merge_groups: merge sessions into one pass"
     )
+    ap.add_argument(
+        "--max-batch-sessions", type=int, default=None, help="workers' node.max_batch_sessions (default: theirs, 16)"
+    )
     ap.add_argument("--no-exact", action="store_true", help="skip comparing each session with its prompt alone")
     args = ap.parse_args()
     # A SIGTERM (`timeout`, a CI limit) unwinds like Ctrl-C, so the Swarm's exit kills the workers,
@@ -256,6 +259,9 @@ def main() -> None:
             env["DLIS_INFERENCE__MAX_SESSIONS"] = str(max(most, 16))
         if args.merge_groups:
             env["DLIS_NODE__MERGE_GROUPS"] = "true"
+        if args.max_batch_sessions is not None:
+            env["DLIS_NODE__MAX_BATCH_SESSIONS"] = str(args.max_batch_sessions)
+        results["max_batch_sessions"] = args.max_batch_sessions
         results["batch_wait_ms"] = args.batch_wait_ms
         results["merge_groups"] = args.merge_groups
         results["omp_wait_policy"] = env["OMP_WAIT_POLICY"]
