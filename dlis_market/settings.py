@@ -120,7 +120,8 @@ class NodeSettings(_Section):
     # positions share one forward pass; later stages wait at most 4 ms (0: run what is queued at
     # once). Longer waits merge groups of sessions that travel the pipeline apart: what stages
     # sharing one machine want (8 sessions on 2 cores: 0.56x of one process at 4 ms, 0.64-0.70x at
-    # 100 ms), while stages on separate machines would idle in turn on one merged group.
+    # 100 ms), while stages on separate machines would idle in turn on one merged group. A fixed wait
+    # merges only when the groups come within it; merge_groups below waits a measured cycle.
     batch_wait_ms: float = Field(default=4.0, ge=0.0, le=100.0)
     # For stages that share a machine's cores: the first stage waits for the other sessions' decode
     # steps up to 1.25 times the pipeline's measured cycle (at least batch_wait_ms, at most

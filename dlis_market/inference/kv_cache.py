@@ -148,10 +148,11 @@ def ragged_sdpa_attention(
     attention_mask: torch.Tensor | None,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
-    """Batched float64 attention for decode rows on the CPU (:func:`decode_attention`); otherwise
-    transformers' SDPA attention, and on a left-padded batch row by row over the real slots."""
+    """Half-precision decode rows on the CPU: one batched float64 computation
+    (:func:`decode_attention`); otherwise transformers' SDPA attention, and on a left-padded batch
+    row by row over the real slots."""
     if uses_decode_attention(module, query, attention_mask, kwargs):
-        return decode_attention(module, query, key, value, attention_mask, kwargs.get("scaling")), None
+        return decode_attention(query, key, value, attention_mask, kwargs.get("scaling")), None
     # Padding shows as leading slots that no query of a row may see. Only full-attention layers are
     # ever padded (can_pad below), and there slot 0 is otherwise seen by every query; a sliding
     # window hides early slots for other reasons, so sliding layers always take the plain path.
@@ -196,7 +197,6 @@ def uses_decode_attention(
 
 
 def decode_attention(
-    module: nn.Module,
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
