@@ -20,19 +20,32 @@ def _cycle() -> weakref.ref[_Node]:
     return weakref.ref(a)
 
 
+def _tracked(obj: object) -> bool:
+    """Whether a collection would walk ``obj``: gc.get_objects() lists the three generations,
+    not the permanent one that gc.freeze() moves objects to."""
+    return any(o is obj for o in gc.get_objects())
+
+
 def test_startup_objects_are_frozen_and_later_cycles_still_collected():
     was_enabled = gc.isenabled()
     gc.disable()  # only the collections below run: an automatic one could free a cycle between asserts
     startup = _cycle()  # garbage already at startup: the first collection frees it
+    alive_at_startup = _Node()
     try:
         frozen = freeze_startup_heap()
         assert startup() is None
-        assert gc.get_freeze_count() == frozen > 1000
+        assert frozen > 1000
+        assert not _tracked(alive_at_startup)
         made_later = _cycle()
+        survivor = _Node()
         assert made_later() is not None
         gc.collect()
         assert made_later() is None
-        assert gc.get_freeze_count() == frozen  # later objects are not frozen by collections
+        # Later objects stay in the collector's reach. The frozen count itself may only fall:
+        # a frozen object that loses its last reference (in a thread an earlier test left
+        # running) leaves the permanent generation, so it is not compared for equality.
+        assert _tracked(survivor)
+        assert gc.get_freeze_count() <= frozen
     finally:
         gc.unfreeze()
         if was_enabled:
