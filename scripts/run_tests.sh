@@ -5,7 +5,8 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$PWD/node_modules/.bin:$PWD/.venv/bin:$PATH"
 status=0
-.venv/bin/python -m pytest -q -p no:cacheprovider || status=$?
+# --durations: the slowest cases print at the end, to keep the run inside its budget.
+.venv/bin/python -m pytest -q -p no:cacheprovider --durations=40 || status=$?
 # brownie's runner needs its own plugin, which pyproject's addopts disables for the Python suite.
 .venv/bin/brownie test tests/contracts -o addopts="" || status=$?
 exit $status
