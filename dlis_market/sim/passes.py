@@ -126,7 +126,17 @@ class StageServer:
     with it, the 4-user calibration merged 1.12 sessions per pass against 1.53 measured (and the
     latency p50 went from 1.05x to 1.32x of the real one), because the first stage's message delays
     are drawn from `info` round trips while the workers compute, which make more sessions late
-    than the driver's own messages do."""
+    than the driver's own messages do.
+
+    What leaving it out costs: at 2 users (almost never merged) every stage waits the full
+    ``batch_wait_ms`` for the other session on every pass, about 12 ms a token: the sim's 2-user
+    token time is 126 / 142 ms against 110 / 123 ms measured (runs 1 / 2) while its passes match the
+    workers' own timers within 1-8 %, so that wait is the 2-user latency p50's 1.15x. And at 4 users
+    merged sessions stay merged for 22-27 tokens where the clients' token times show 4-6 (a real
+    pair splits every few tokens). With ``_late`` and a delay of its own for each session's step to
+    the first stage, pairs split after about 2 tokens (merging 1.1, 4-user p50 1.24-1.32x); with one
+    delay for the steps the driver pushes after one ``tokens`` message, never (merging 1.9, 4-user
+    p90 0.83-0.85x). What splits real pairs every 4-6 tokens is not measured yet, so neither is kept."""
 
     env: simpy.Environment
     pass_ms: Callable[[int, int], float]
