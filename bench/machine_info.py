@@ -41,7 +41,9 @@ def bitsandbytes_backend() -> dict[str, Any]:
     import torch
 
     # Through the project's module, which silences bitsandbytes' hub-kernel warning before import.
-    from dlis_market.inference.quantization import bnb, bnb_f
+    from dlis_market.inference.quantization import bitsandbytes_module
+
+    bnb = bitsandbytes_module()
 
     bnb_cpu_ops = importlib.import_module("bitsandbytes.backends.cpu.ops")
     return {
@@ -50,7 +52,7 @@ def bitsandbytes_backend() -> dict[str, Any]:
         "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "avx512_paths": bool(getattr(bnb_cpu_ops, "_has_avx512", False)),
         # The native library's own CPUID check: packed AVX512-BF16 4-bit gemm in eval mode.
-        "avx512bf16_native": bool(bnb_f.has_avx512bf16()),
+        "avx512bf16_native": bool(bnb.functional.has_avx512bf16()),
         # The `kernels` hub gemm, only when that package is installed and online.
         "hub_gemm_4bit_kernel": getattr(bnb_cpu_ops, "gemm_4bit_forward_kernel", None) is not None,
     }

@@ -69,13 +69,28 @@ def _not_int8_cast_warning(record: logging.LogRecord) -> bool:
 
 logging.getLogger("bitsandbytes.autograd._functions").addFilter(_not_int8_cast_warning)
 
-import bitsandbytes as bnb  # noqa: E402  (after the log filter above)
-import bitsandbytes.functional as bnb_f  # noqa: E402
+import sys  # noqa: E402
+from types import ModuleType  # noqa: E402
+from typing import TYPE_CHECKING  # noqa: E402
+
 import torch  # noqa: E402
 from accelerate import init_empty_weights  # noqa: E402
 from torch import nn  # noqa: E402
 
 from dlis_market.inference.errors import ShardError  # noqa: E402
+
+if TYPE_CHECKING:
+    import bitsandbytes as bnb
+
+
+def bitsandbytes_module() -> ModuleType:
+    """bitsandbytes, imported on first use (after the log filters above): it adds ~1 s to the
+    start of every broker and worker process, and only int8 / nf4 shards need it."""
+    import bitsandbytes
+    import bitsandbytes.functional  # the submodule ``functional`` below
+
+    return bitsandbytes
+
 
 NF4_BLOCKSIZE = 64
 # bitsandbytes' AVX512-BF16 4-bit gemm packs weight rows in tiles of 32 (``_convert_weight_packed_for_cpu``).
@@ -108,11 +123,11 @@ def quantize_weight(name: str, weight: torch.Tensor, quantization: str) -> dict[
         # From the bf16 copy, as for nf4 and as transformers quantizes a bf16 checkpoint: the same
         # int8 weights as its model (fp32-rounded scales flipped 6 of 121 SmolLM2 next tokens).
         source = weight.detach().to(torch.bfloat16).float().clone()
-        param = bnb.nn.Int8Params(source, requires_grad=False, has_fp16_weights=False)
-        param = param.to("cpu")  # type: ignore[misc]  # moving to a device quantizes row-wise
+        param = bitsandbytes_module().nn.Int8Params(source, requires_grad=False, has_fp16_weights=False)
+        param = param.to("cpu")  # moving to a device quantizes row-wise
         return {name: param.data.contiguous(), f"{module_name}.SCB": param.SCB.contiguous()}
     if quantization == "nf4":
-        packed, state = bnb_f.quantize_4bit(
+        packed, state = bitsandbytes_module().functional.quantize_4bit(
             weight.detach().to(torch.bfloat16), blocksize=NF4_BLOCKSIZE, quant_type="nf4"
         )
         out = {name: packed.contiguous()}
@@ -135,6 +150,7 @@ def install_quantized(
     ``tensors`` so the caller can load the rest normally.
     """
     device = torch.device(device)
+    bnb = bitsandbytes_module()
     for name, linear in quantizable_linears(model, layers_path).items():
         weight_key = f"{name}.weight"
         if weight_key not in tensors:
@@ -190,7 +206,8 @@ def install_quantized(
 
 def is_quantized_param(tensor: torch.Tensor) -> bool:
     """Whether ``tensor`` is a weight :func:`install_quantized` made (loaded, on the stage's device)."""
-    return isinstance(tensor, bnb.nn.Int8Params | bnb.nn.Params4bit)
+    bnb = sys.modules.get("bitsandbytes")  # not imported yet: no shard was loaded quantized
+    return bnb is not None and isinstance(tensor, bnb.nn.Int8Params | bnb.nn.Params4bit)
 
 
 def _pack_for_cpu_gemm(module: bnb.nn.Linear4bit) -> None:
@@ -204,8 +221,10 @@ def _pack_for_cpu_gemm(module: bnb.nn.Linear4bit) -> None:
     if module.out_features % NF4_PACKED_ROWS != 0:
         module.support_avx512bf16_for_cpu = False  # dequantize-then-matmul, as on other CPUs
         return
-    weight = cast(bnb.nn.Params4bit, module.weight)
-    weight.data, weight.quant_state = bnb_f._convert_weight_packed_for_cpu(weight.data, weight.quant_state)
+    weight = cast("bnb.nn.Params4bit", module.weight)
+    weight.data, weight.quant_state = bitsandbytes_module().functional._convert_weight_packed_for_cpu(
+        weight.data, weight.quant_state
+    )
 
 
 def uses_cpu_gemm(module: nn.Module) -> bool:

@@ -14,7 +14,7 @@ from dlis_market.inference.errors import PlanError
 from dlis_market.inference.manifest import load_manifest
 from dlis_market.inference.pipeline import LocalPipeline
 from dlis_market.inference.planner import DeviceProfile, model_profile, plan_partition, stage_cost
-from dlis_market.inference.quantization import bnb_f, uses_cpu_gemm
+from dlis_market.inference.quantization import bitsandbytes_module, uses_cpu_gemm
 from dlis_market.inference.shard_export import export_shards
 
 GIB = 2**30
@@ -114,7 +114,7 @@ def test_quantized_stage_takes_bitsandbytes_inference_path(
     if dtype == "nf4":
         # Packed for the AVX512-BF16 gemm at load exactly where this CPU has it, as transformers runs.
         packed = [uses_cpu_gemm(m) for m in quantized]
-        assert packed == [bool(bnb_f.has_avx512bf16())] * len(quantized), packed
+        assert packed == [bool(bitsandbytes_module().functional.has_avx512bf16())] * len(quantized), packed
     assert len(pipe.generate_ids([[4, 8, 15, 16, 23]], 3)[0].token_ids) == 3
 
 

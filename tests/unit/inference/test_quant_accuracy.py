@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
 from dlis_market.inference.errors import ShardError
 from dlis_market.inference.pipeline import LocalPipeline
-from dlis_market.inference.quantization import bnb_f, install_quantized, quantize_weight, uses_cpu_gemm
+from dlis_market.inference.quantization import bitsandbytes_module, install_quantized, quantize_weight, uses_cpu_gemm
 from dlis_market.inference.shard_export import export_shards
 from dlis_market.inference.stage import Stage
 
@@ -89,7 +89,7 @@ def test_nf4_layer_with_output_rows_outside_the_packed_tiles_stays_exact() -> No
         tensors.update(quantize_weight(name, param, "nf4"))
     install_quantized(quantized, "layers", tensors, "nf4")
     packed = [uses_cpu_gemm(quantized.get_submodule(f"layers.{i}")) for i in range(2)]
-    assert packed == [False, bool(bnb_f.has_avx512bf16())]
+    assert packed == [False, bool(bitsandbytes_module().functional.has_avx512bf16())]
     errors = linear_errors(fp32, quantized, "nf4")
     assert len(errors) == 2 and all(e <= bound for e, bound in errors.values()), errors
 
