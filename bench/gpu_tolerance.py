@@ -222,8 +222,8 @@ def measure(data: Path, out: Path | None, device: str = "cuda") -> dict[str, Any
 def fingerprints(data: Path, gpu: Path, out: Path | None) -> dict[str, Any]:
     """The pairs of ``measure`` judged by activation fingerprints (run here, with the project)."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from dlis_market.inference.fingerprint_check import fingerprint_from_steps
     from dlis_market.protocol.fingerprint_thresholds import thresholds_for, validate
+    from dlis_market.protocol.fingerprints import fingerprint_from_steps
 
     runs: dict[str, list[torch.Tensor]] = torch.load(data / "cpu_runs.pt", weights_only=True)
     runs |= torch.load(gpu / "gpu_runs.pt", weights_only=True)

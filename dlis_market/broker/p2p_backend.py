@@ -25,7 +25,6 @@ from dlis_market.broker.observations import JobObserver, observe_job
 from dlis_market.broker.spot_checks import FinishedSession, SpotChecker
 from dlis_market.errors import BrokerError
 from dlis_market.inference.sampling import TokenLogprob
-from dlis_market.inference.stage import Stage
 from dlis_market.node import receipts
 from dlis_market.node.driver import JobSession, JobSpec, PipelineDriver
 from dlis_market.node.errors import NodeError
@@ -221,6 +220,8 @@ class P2PBackend:
         if job.private_shares:
             if job.private_shard_dir is None:
                 raise BrokerError("a private job names its share workers but no folder holding its first stage")
+            from dlis_market.inference.stage import Stage  # transformers: on the first private job, not at start
+
             stage = await asyncio.to_thread(Stage.load, job.private_shard_dir, None, 0)  # one per job: it is rewired
             check = self.driver.node_check
             operator_of = check.operator_of if isinstance(check, RegisteredPeers) else None

@@ -61,7 +61,6 @@ from dlis_market.broker.spot_check_sink import (  # noqa: F401  (re-exported: wh
 )
 from dlis_market.chain.typed_data import Domain
 from dlis_market.errors import DlisError
-from dlis_market.inference.fingerprint_check import commits_to
 from dlis_market.node.driver import JobSession, JobSpec, PipelineDriver
 from dlis_market.node.errors import PeerUnreachableError, ProtocolError, RemoteError
 from dlis_market.node.receipts import fingerprint_hash
@@ -78,6 +77,7 @@ from dlis_market.node.replay import (
 )
 from dlis_market.node.transcripts import Transcript
 from dlis_market.protocol.errors import FingerprintError
+from dlis_market.protocol.fingerprints import commits_to
 from dlis_market.protocol.outbox import OutboxError
 from dlis_market.protocol.outputs import compare_outputs, decode_output
 from dlis_market.protocol.receipts import StageReceipt

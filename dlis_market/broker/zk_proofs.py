@@ -23,19 +23,22 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from dlis_market.chain.typed_data import Domain
-from dlis_market.inference.fingerprint_check import commits_to
 from dlis_market.inference.manifest import load_manifest
-from dlis_market.inference.stage import Stage
 from dlis_market.inference.zk_stage import head_circuit
 from dlis_market.oracle.zk_verify import StageVerifyingKey, ZkProofRefusedError, input_commitment, verify_stage_proof
 from dlis_market.protocol.errors import FingerprintError
+from dlis_market.protocol.fingerprints import commits_to
 from dlis_market.protocol.receipts import StageReceipt
 from dlis_market.settings import Settings
+
+if TYPE_CHECKING:
+    from dlis_market.inference.stage import Stage  # with transformers, on the first proof (not at start)
 
 
 @dataclass(frozen=True)
@@ -54,6 +57,8 @@ class HeadProofs:
 
     def _head(self, shard_dir: Path) -> Stage:
         if shard_dir not in self._heads:
+            from dlis_market.inference.stage import Stage
+
             last = len(load_manifest(shard_dir).stages) - 1
             self._heads[shard_dir] = Stage.load(shard_dir, index=last)
         return self._heads[shard_dir]

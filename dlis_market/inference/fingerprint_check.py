@@ -11,8 +11,10 @@ hidden states a middle stage sends, and at the last stage the states its head re
 final norm), which the tokens alone do not reveal.
 
 Worker side: :class:`FingerprintRecorder` (a forward hook, no change to :class:`Stage`), or
-:func:`fingerprint_from_steps` over the rows a stage emitted. Checker side: :func:`check_call`,
-and for a stage that sends hidden states :func:`commits_to` (the commitment is to what was sent).
+:func:`~dlis_market.protocol.fingerprints.fingerprint_from_steps` over the rows a stage emitted.
+Checker side: :func:`check_call`, and for a stage that sends hidden states
+:func:`~dlis_market.protocol.fingerprints.commits_to` (the commitment is to what was sent; it
+lives with the format, so the broker checks it without loading a model).
 """
 
 from __future__ import annotations
@@ -34,32 +36,10 @@ from dlis_market.protocol.fingerprint_thresholds import Thresholds, Verdict, val
 from dlis_market.protocol.fingerprints import (
     CHUNK_TOKENS,
     DEFAULT_TOPK,
-    Fingerprint,
     FingerprintBuilder,
     FingerprintShapeError,
 )
 from dlis_market.protocol.outputs import IDS_TOKENS_PER_FLIP
-
-
-def fingerprint_from_steps(
-    steps: Sequence[torch.Tensor], topk: int = DEFAULT_TOPK, chunk_tokens: int = CHUNK_TOKENS
-) -> bytes:
-    """The fingerprint bytes of one session's call from the rows its stage emitted, in order: the
-    prefill's ``[P, H]`` (or ``[1, P, H]``), then ``[1, H]`` per decode step."""
-    builder = FingerprintBuilder(topk, chunk_tokens)
-    for rows in steps:
-        builder.add(rows)
-    return builder.finish().to_bytes()
-
-
-def commits_to(fingerprint: bytes, steps: Sequence[torch.Tensor]) -> bool:
-    """Whether ``fingerprint`` is exactly the fingerprint of the rows a stage sent (``steps``, as
-    in :func:`fingerprint_from_steps`). Without this a worker could commit to honest states and
-    send others: the next stage, fed what was sent, would pass its own check. Costs no forward
-    pass; raises :class:`~dlis_market.protocol.fingerprints.FingerprintFormatError` for bytes
-    that do not parse."""
-    fp = Fingerprint.from_bytes(fingerprint)
-    return fingerprint_from_steps(steps, fp.topk, fp.chunk_tokens) == fingerprint
 
 
 class FingerprintRecorder:

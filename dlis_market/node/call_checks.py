@@ -17,21 +17,23 @@ a stranger cannot make a worker spend prefills.
 from __future__ import annotations
 
 import contextlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from pydantic import Field
 
-from dlis_market.inference.fingerprint_check import CallCheck, FingerprintRecorder, check_call
 from dlis_market.inference.messages import StageInput, decode, encode
 from dlis_market.inference.sampling import SamplingParams
-from dlis_market.inference.stage import Stage
 from dlis_market.node.errors import ProtocolError
 from dlis_market.node.protocol import parse_body
 from dlis_market.protocol.adapters import AdapterRef
 from dlis_market.protocol.fingerprint_thresholds import thresholds_for
 from dlis_market.protocol.routes import RouteHop
 from dlis_market.types import WireModel
+
+if TYPE_CHECKING:  # the replica's side loads them; a broker that only sends checks does not
+    from dlis_market.inference.fingerprint_check import CallCheck, FingerprintRecorder
+    from dlis_market.inference.stage import Stage
 
 
 class FingerprintCheckBody(WireModel):
@@ -86,6 +88,8 @@ def run_check(
     """The replica's side (blocking: run it in a thread, never beside the stage's own forward).
     ProtocolError for inputs that do not fit this stage; FingerprintError for fingerprint bytes
     that do not parse or describe another call."""
+    from dlis_market.inference.fingerprint_check import check_call
+
     msg = decode(req.inputs, max_bytes)
     if not isinstance(msg, StageInput):
         raise ProtocolError("a fingerprint check carries the call's stage input, not an output")

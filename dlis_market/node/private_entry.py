@@ -26,12 +26,11 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from eth_utils import to_checksum_address
 
-from dlis_market.inference.stage import Stage
 from dlis_market.node import receipts
 from dlis_market.node.errors import (
     NodeError,
@@ -45,6 +44,10 @@ from dlis_market.protocol.receipts import StageReceipt
 from dlis_market.protocol.routes import RouteHop
 from dlis_market.protocol.spans import SpanRecord
 from dlis_market.settings import NodeSettings
+
+if TYPE_CHECKING:
+    from dlis_market.inference.stage import Stage  # the caller loads it (transformers stays out of a broker's start)
+
 
 log = logging.getLogger(__name__)
 

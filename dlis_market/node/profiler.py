@@ -14,13 +14,16 @@ import os
 import statistics
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from pydantic import ValidationError
 
 from dlis_market.inference.messages import StageInput
-from dlis_market.inference.stage import Stage
 from dlis_market.types import WireModel
+
+if TYPE_CHECKING:
+    from dlis_market.inference.stage import Stage  # only its callers load one: a broker reads profiles without it
 
 log = logging.getLogger(__name__)
 

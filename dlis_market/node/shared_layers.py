@@ -31,7 +31,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Coroutine
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -40,10 +40,12 @@ from torch import nn
 from transformers import DynamicCache
 
 from dlis_market.inference.secret_sharing import FixedPoint, SharedLinear, reconstruct, share
-from dlis_market.inference.stage import Stage
 from dlis_market.node.errors import NodeError, ProtocolError
 from dlis_market.node.receipts import ReceiptLedger
 from dlis_market.types import WireModel
+
+if TYPE_CHECKING:
+    from dlis_market.inference.stage import Stage  # the caller loads it (transformers stays out of a broker's start)
 
 # projection -> the layer submodule holding it (Llama family)
 PROJECTIONS = {

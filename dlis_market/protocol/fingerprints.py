@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import functools
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -362,3 +363,24 @@ def fingerprint_size(
 ) -> int:
     """Bytes of the fingerprint of ``num_tokens`` positions (what a receipt carries)."""
     return _expected_bytes(num_tokens, hidden_size, topk, chunk_tokens)
+
+
+def fingerprint_from_steps(
+    steps: Sequence[torch.Tensor], topk: int = DEFAULT_TOPK, chunk_tokens: int = CHUNK_TOKENS
+) -> bytes:
+    """The fingerprint bytes of one session's call from the rows its stage emitted, in order: the
+    prefill's ``[P, H]`` (or ``[1, P, H]``), then ``[1, H]`` per decode step."""
+    builder = FingerprintBuilder(topk, chunk_tokens)
+    for rows in steps:
+        builder.add(rows)
+    return builder.finish().to_bytes()
+
+
+def commits_to(fingerprint: bytes, steps: Sequence[torch.Tensor]) -> bool:
+    """Whether ``fingerprint`` is exactly the fingerprint of the rows a stage sent (``steps``, as
+    in :func:`fingerprint_from_steps`). Without this a worker could commit to honest states and
+    send others: the next stage, fed what was sent, would pass its own check. Costs no forward
+    pass; raises :class:`~dlis_market.protocol.fingerprints.FingerprintFormatError` for bytes
+    that do not parse."""
+    fp = Fingerprint.from_bytes(fingerprint)
+    return fingerprint_from_steps(steps, fp.topk, fp.chunk_tokens) == fingerprint

@@ -11,19 +11,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from dlis_market.inference.fingerprint_check import (
-    FingerprintRecorder,
-    check_call,
-    commits_to,
-    fingerprint_from_steps,
-    prefill,
-)
+from dlis_market.inference.fingerprint_check import FingerprintRecorder, check_call, prefill
 from dlis_market.inference.messages import StageInput
 from dlis_market.inference.sampling import SamplingParams
 from dlis_market.inference.shard_export import export_shards
 from dlis_market.inference.stage import Stage
 from dlis_market.protocol.errors import FingerprintFormatError, FingerprintShapeError
 from dlis_market.protocol.fingerprint_thresholds import THRESHOLDS
+from dlis_market.protocol.fingerprints import commits_to, fingerprint_from_steps
 from dlis_market.types import LayerRange
 from tests.integration.node.node_helpers import make_tiny_llama
 
