@@ -34,6 +34,11 @@ class NoDaemonError(StorageError):
     """A command that reports on the IPFS node in use found none running (and starts none)."""
 
 
+class LocalNodeRequiredError(StorageError):
+    """A fetch given no IPFS node of its own needs one: it has swarm providers, or no provider
+    gateway answered (:func:`~dlis_market.storage.shard_store.fetch_shards` then starts one)."""
+
+
 class DaemonError(StorageError):
     """The embedded IPFS daemon could not start, or its Kubo child process died."""
 

@@ -49,6 +49,7 @@ from dlis_market.storage.errors import (
     ContentTimeoutError,
     GatewayError,
     KuboApiError,
+    LocalNodeRequiredError,
     ManifestError,
     ProviderError,
     ShardIntegrityError,
@@ -281,7 +282,7 @@ async def _read_index(
 
 
 async def fetch_model(
-    client: KuboClient,
+    client: KuboClient | None,
     cid: str,
     out_dir: Path,
     *,
@@ -293,15 +294,22 @@ async def fetch_model(
     layers: LayerRange | None = None,
 ) -> FetchResult:
     """Fetch and verify the model published as ``cid`` into ``out_dir`` (only what ``layers``
-    needs, when given); ``providers``: swarm multiaddrs and/or gateway URLs. See the module doc."""
+    needs, when given); ``providers``: swarm multiaddrs and/or gateway URLs. See the module doc.
+    ``client`` is the worker's own IPFS node; without one (None) only gateways serve, and
+    :class:`LocalNodeRequiredError` is raised before anything is written when that cannot do
+    (swarm providers given, or no gateway answered)."""
     if expected is not None and expected.cid is not None and expected.cid != cid:
         raise ManifestError(f"asked to fetch {cid} but the chain registers manifest CID {expected.cid}")
     urls = [u for u in (provider_gateway_url(p) for p in providers) if u is not None]
     multiaddrs = [p for p in providers if provider_gateway_url(p) is None]
     async with contextlib.AsyncExitStack() as stack:
         sources, gateways, url_errors = await _gateway_sources(urls, stack)
-        connect_errors = await connect_providers(client, multiaddrs) + tuple(url_errors)
-        if multiaddrs or not sources:
+        if client is None and (multiaddrs or not sources):
+            why = f"swarm providers {multiaddrs}" if multiaddrs else f"no gateway answered ({'; '.join(url_errors)})"
+            raise LocalNodeRequiredError(f"fetching {cid} needs an IPFS node of this worker's own: {why}")
+        connect_errors = tuple(url_errors)
+        if client is not None and (multiaddrs or not sources):
+            connect_errors = await connect_providers(client, multiaddrs) + connect_errors
             sources.append(PartSource(LOCAL_NODE, client, cid_verified=True))
         index_errors: list[str] = []
         try:

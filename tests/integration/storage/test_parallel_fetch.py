@@ -176,3 +176,39 @@ def test_a_gateway_does_not_fetch_what_its_node_lacks(kubo_nodes: NodeFactory, t
     assert all(code == 404 and seconds < 2 for code, seconds in answers)
     assert not held_after
     assert served_later == 200
+
+
+def test_gateways_alone_serve_a_fetch_without_an_ipfs_node_of_its_own(
+    kubo_nodes: NodeFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`fetch_shards` with gateway providers only (how `make demo`'s workers fetch) starts no
+    embedded IPFS node for the call: the gateways serve every part. When none answers, it starts
+    one (its own node might find the content) and fails clearly."""
+    from dlis_market.settings import Settings
+    from dlis_market.storage.errors import ContentTimeoutError
+    from dlis_market.storage.shard_store import fetch_shards
+
+    shards = write_shards(tmp_path / "shards", {"stage0/w.bin": 3 * MB})
+    a = kubo_nodes("a")
+    settings = Settings.load({"home": tmp_path / "home", "storage": {"fetch_timeout_s": 3}}, environ={})
+    started: list[Path] = []
+    real_start = EmbeddedDaemon.start
+
+    def counting_start(self: EmbeddedDaemon) -> object:
+        started.append(self.config.repo)
+        return real_start(self)
+
+    monkeypatch.setattr(EmbeddedDaemon, "start", counting_start)
+
+    async def main() -> None:
+        published = await _publish_on([a], shards)
+        result = await fetch_shards(settings, published.manifest_cid, tmp_path / "out", providers=[a.info.gateway_url])
+        assert [s.name for s in result.sources] == [a.info.gateway_url]
+        assert started == []  # no node of its own for the call
+        dead = "http://127.0.0.1:9"  # nothing listens there
+        with pytest.raises(ContentTimeoutError, match=published.manifest_cid):
+            await fetch_shards(settings, published.manifest_cid, tmp_path / "out2", providers=[dead])
+        assert started == [settings.home / "ipfs"]  # then it tried with one of its own
+
+    asyncio.run(main())
+    assert (tmp_path / "out" / "stage0/w.bin").read_bytes() == (shards / "stage0/w.bin").read_bytes()
