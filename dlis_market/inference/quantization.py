@@ -41,7 +41,18 @@ quantizes its own bf16 weights on the GPU instead, which for these formats gives
 from __future__ import annotations
 
 import logging
-from typing import cast
+import sys
+from types import ModuleType
+from typing import TYPE_CHECKING, cast
+
+import torch
+from accelerate import init_empty_weights
+from torch import nn
+
+from dlis_market.inference.errors import ShardError
+
+if TYPE_CHECKING:
+    import bitsandbytes as bnb
 
 # bitsandbytes >= 0.49 on a CPU with AVX512-BF16 tries, at import, to download a gemm kernel from
 # the Hugging Face hub through the optional `kernels` package, and logs a warning on every import
@@ -68,19 +79,6 @@ def _not_int8_cast_warning(record: logging.LogRecord) -> bool:
 
 
 logging.getLogger("bitsandbytes.autograd._functions").addFilter(_not_int8_cast_warning)
-
-import sys  # noqa: E402
-from types import ModuleType  # noqa: E402
-from typing import TYPE_CHECKING  # noqa: E402
-
-import torch  # noqa: E402
-from accelerate import init_empty_weights  # noqa: E402
-from torch import nn  # noqa: E402
-
-from dlis_market.inference.errors import ShardError  # noqa: E402
-
-if TYPE_CHECKING:
-    import bitsandbytes as bnb
 
 
 def bitsandbytes_module() -> ModuleType:

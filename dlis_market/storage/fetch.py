@@ -304,11 +304,11 @@ async def fetch_model(
     multiaddrs = [p for p in providers if provider_gateway_url(p) is None]
     async with contextlib.AsyncExitStack() as stack:
         sources, gateways, url_errors = await _gateway_sources(urls, stack)
-        if client is None and (multiaddrs or not sources):
-            why = f"swarm providers {multiaddrs}" if multiaddrs else f"no gateway answered ({'; '.join(url_errors)})"
-            raise LocalNodeRequiredError(f"fetching {cid} needs an IPFS node of this worker's own: {why}")
         connect_errors = tuple(url_errors)
-        if client is not None and (multiaddrs or not sources):
+        if multiaddrs or not sources:  # the worker's own node fetches (bitswap)
+            if client is None:
+                why = f"swarm providers {multiaddrs}" if multiaddrs else f"no gateway answered: {'; '.join(url_errors)}"
+                raise LocalNodeRequiredError(f"fetching {cid} needs an IPFS node of this worker's own: {why}")
             connect_errors = await connect_providers(client, multiaddrs) + connect_errors
             sources.append(PartSource(LOCAL_NODE, client, cid_verified=True))
         index_errors: list[str] = []

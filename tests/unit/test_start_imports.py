@@ -6,7 +6,7 @@ worker restart after a crash, every test that starts one):
   proof, so they load there (broker start imports: 7.3 s -> 4.7 s);
 - neither a broker nor a worker imports bitsandbytes (~1 s) until an int8 / nf4 shard is loaded.
 
-Measured in a fresh interpreter, as `dlis broker start` and `dlis worker start` import."""
+Measured in a fresh interpreter, as `dlis broker start` and `dlis node start` import."""
 
 from __future__ import annotations
 
