@@ -61,7 +61,9 @@ import json, sys
 t = sys.stdin.read().strip()
 d = json.loads(t[t.index('{'):] if t[:1] != '[' and '{' in t else t)
 print($1)"; }
-dev_addr() { python -c "from dlis_market.chain.accounts import dev_accounts as d; from dlis_market.settings import Settings as S; print(d(S.load().chain.dev_mnemonic)[$1].address)"; }
+# the dev mnemonic's first ten addresses, derived once (dev:0 deploys, dev:1 brokers, dev:4-7 operate workers, dev:9 pays)
+read -r -a DEV_ADDRS <<< "$(python -c "from dlis_market.chain.accounts import dev_accounts as d; from dlis_market.settings import Settings as S; print(*(a.address for a in d(S.load().chain.dev_mnemonic)[:10]))")"
+dev_addr() { echo "${DEV_ADDRS[$1]}"; }
 
 phase "chain"
 dlis chain up --port "$PORT"
@@ -95,7 +97,7 @@ CID=$(echo "$PUB" | json 'd["manifest_cid"]')
 SHA=$(echo "$PUB" | json 'd["manifest_sha256"]')
 echo "manifest CID $CID (sha256 $SHA), registered on chain"
 
-phase "workers: three profiles and a second laptop on [10, 20) to re-check the first; the first is the DHT bootstrap, the rest start together"
+phase "workers: three profiles and a second laptop on [10, 20) to re-check the first; the first is the DHT bootstrap, the rest start as soon as its DHT listens"
 SPECS=("0:10 phone 2048 1 1000000000000" "10:20 laptop 8192 1 2000000000000" "20:30 server 65536 2 3000000000000"
        "10:20 laptop 8192 1 2000000000000")
 BOOT=""
@@ -112,46 +114,53 @@ start_worker() {  # start_worker I: spawn worker I (1-based) unless it runs
       --oracle-url "$ORACLE_URL" --reputation "$REPUTATION" --metrics-port $((METRICS_BASE + i))
   fi
 }
-ready_json() { grep '^DLIS_NODE_READY ' "$LOGS/worker$1.log" | tail -1 | sed 's/^DLIS_NODE_READY //'; }
-enroll_worker() {  # enroll_worker I: once worker I is up, its operator dev:(3+I) stakes and registers its node
+line_json() { grep "^DLIS_NODE_$2 " "$LOGS/worker$1.log" | tail -1 | sed "s/^DLIS_NODE_$2 //"; }  # line_json I JOINED|READY
+enroll_worker() {  # enroll_worker I: worker I's operator dev:(3+I) stakes once the node's DHT is up, registers once it serves
   local i=$1 W="$DLIS_HOME/workers/w$1" OP=$((3 + $1)) LAYERS CLASS MEM THREADS PRICE READY NODE
   read -r LAYERS CLASS MEM THREADS PRICE <<< "${SPECS[$((i - 1))]}"
-  wait_for 300 "worker $i" grep -q '^DLIS_NODE_READY ' "$LOGS/worker$i.log"
-  READY=$(ready_json "$i")
-  NODE=$(echo "$READY" | json 'd["node_address"]')
+  wait_for 300 "worker $i's DHT" grep -q '^DLIS_NODE_JOINED ' "$LOGS/worker$i.log"
+  NODE=$(line_json "$i" JOINED | json 'd["node_address"]')
   if ! DLIS_HOME="$W" dlis node status "$NODE" --json | json 'd["nodes"]' | grep -q "$NODE"; then
-    DLIS_HOME="$W" dlis node stake 1000 --account "dev:$OP"
+    wait_for 120 "the operators' funding (see $LOGS/funding.log)" test -e "$RUN/operators-funded"
+    DLIS_HOME="$W" dlis node stake 1000 --account "dev:$OP"  # while the worker loads its stage
+    wait_for 300 "worker $i" grep -q '^DLIS_NODE_READY ' "$LOGS/worker$i.log"
+    READY=$(line_json "$i" READY)
     DLIS_HOME="$W" dlis node register --account "dev:$OP" --node-key node --node-password-file "$W/password" \
       --peer-id "$(echo "$READY" | json 'd["peer_id"]')" --attestation-hash "$(echo "$READY" | json 'd["attestation_hash"]')" \
       --endpoint "$(echo "$READY" | json 'd["maddrs"][0]')" --device-class "$CLASS" --memory-mib "$MEM"
+  else
+    wait_for 300 "worker $i" grep -q '^DLIS_NODE_READY ' "$LOGS/worker$i.log"
   fi
   echo "[${SECONDS}s] worker $i serves [${LAYERS/:/, }) as a $CLASS, node $NODE"
 }
 start_worker 1
-# meanwhile the deployer funds the four operators (one account: its transactions go one at a time)
-( for i in 1 2 3 4; do dlis chain faucet "$(dev_addr $((3 + i)))" 1500 >/dev/null; done ) &
+# meanwhile the deployer funds the four operators and a client (one account: its transactions go
+# one at a time), and the client deposits escrow for the broker
+CLIENT=$(dev_addr 9)
+rm -f "$RUN/operators-funded"
+( for i in 1 2 3 4; do dlis chain faucet "$(dev_addr $((3 + i)))" 1500 >/dev/null; done
+  touch "$RUN/operators-funded"
+  dlis chain faucet "$CLIENT" 100 && dlis job deposit 50 --account dev:9 ) > "$LOGS/funding.log" 2>&1 &
 FUNDING=$!
-wait_for 300 "worker 1" grep -q '^DLIS_NODE_READY ' "$LOGS/worker1.log"
-echo "[${SECONDS}s] worker 1 is up: the others join through it"
-BOOT=$(ready_json 1 | json 'd["maddrs"][0] + "/p2p/" + d["peer_id"] if "/p2p/" not in d["maddrs"][0] else d["maddrs"][0]')
+wait_for 300 "worker 1's DHT" grep -q '^DLIS_NODE_JOINED ' "$LOGS/worker1.log"
+echo "[${SECONDS}s] worker 1's DHT is up: the others join through it while it loads its stage"
+BOOT=$(line_json 1 JOINED | json 'd["maddrs"][0] + "/p2p/" + d["peer_id"] if "/p2p/" not in d["maddrs"][0] else d["maddrs"][0]')
 for i in 2 3 4; do start_worker "$i"; done
 if ! running broker; then  # it needs only the DHT bootstrap: it finds the workers as they announce
   # every stage call is spot-checked here (default 2 %) so that the demo shows one
   DLIS_BROKER__ORACLE_URL="$ORACLE_URL" DLIS_BROKER__SPOT_CHECK_FRACTION=1 \
     spawn broker "$LOGS/broker.log" dlis broker start --model-dir "$SHARDS" --initial-peer "$BOOT"
 fi
-wait "$FUNDING"
 ENROLL=()
 for i in 1 2 3 4; do enroll_worker "$i" & ENROLL+=($!); done  # four operators: four nonce sequences, in parallel
 for pid in "${ENROLL[@]}"; do wait "$pid"; done
+wait "$FUNDING" || { cat "$LOGS/funding.log" >&2; exit 1; }
 
 phase "broker"
 wait_for 120 "the broker" python -c "import httpx; httpx.get('http://127.0.0.1:$BROKER_PORT/healthz').raise_for_status()"
 
 phase "a client pays for a job"
-CLIENT=$(dev_addr 9)
-dlis chain faucet "$CLIENT" 100
-dlis job deposit 50 --account dev:9
+cat "$LOGS/funding.log"  # its escrow, deposited while the workers started
 JOB=$(dlis job submit --account dev:9 --prompt "What is the capital of France?" --chat --max-tokens 24 --json)
 echo "$JOB" | python -c "
 import json, sys
@@ -162,8 +171,7 @@ print(f\"latency: {j['latency_ms']:.0f} ms, first token {j['ttft_ms']:.0f} ms\")
 print(f\"cost   : {int(j['cost'])/1e18:.6f} DLIS + protocol fee {int(j['fee'])/1e18:.6f} DLIS\")
 "
 JOB_ID=$(echo "$JOB" | json 'd["id"]')
-wait_for 60 "settlement" sh -c "dlis job status $JOB_ID --json | grep -q '\"settled_on_chain\": true'"
-dlis job status "$JOB_ID" --json | json '"settled in transaction " + d["settlement"]["tx_hash"] + " (block " + str(d["settlement"]["block"]) + ")"'
+dlis job status "$JOB_ID" --wait 60 --json | json '"settled in transaction " + d["settlement"]["tx_hash"] + " (block " + str(d["settlement"]["block"]) + ")"'
 METRICS="http://127.0.0.1:$BROKER_PORT/metrics"
 wait_for 60 "the spot check" python -c "import httpx; assert 'spot_checks_total{outcome=\"pass\"}' in httpx.get('$METRICS').text"
 CHECKS=$(python -c "

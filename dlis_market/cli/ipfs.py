@@ -1,4 +1,7 @@
-"""`dlis ipfs ...`: the embedded IPFS (Kubo) node."""
+"""`dlis ipfs ...`: the embedded IPFS (Kubo) node.
+
+The storage modules (aiohttp, the daemon's ctypes binding) load when a command here runs, so that
+every other `dlis` command starts without them."""
 
 from __future__ import annotations
 
@@ -6,7 +9,7 @@ import asyncio
 import dataclasses
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
@@ -14,9 +17,10 @@ from rich.console import Console
 from dlis_market.errors import StorageError
 from dlis_market.logs import configure_logging
 from dlis_market.settings import Settings
-from dlis_market.storage.client import NodeInfo
-from dlis_market.storage.daemon import DaemonConfig, DaemonInfo, run_daemon, running_daemon
-from dlis_market.storage.session import kubo_session
+
+if TYPE_CHECKING:
+    from dlis_market.storage.client import NodeInfo
+    from dlis_market.storage.daemon import DaemonInfo
 
 app = typer.Typer(help="Run and inspect the embedded IPFS node.", no_args_is_help=True)
 
@@ -41,6 +45,8 @@ def daemon(
     ] = None,
 ) -> None:
     """Run the embedded IPFS node (private swarm, loopback only) until Ctrl-C or SIGTERM."""
+    from dlis_market.storage.daemon import DaemonConfig, run_daemon
+
     configure_logging(cli_settings(ctx).log)
     config = DaemonConfig.from_settings(cli_settings(ctx))
     config = dataclasses.replace(
@@ -73,6 +79,9 @@ def node_id(
     """Show the peer id, swarm multiaddrs and gateway URL of the IPFS node in use: the running
     `dlis ipfs daemon` of this home, or the Kubo at DLIS_STORAGE__KUBO_API_URL (gateway unknown:
     null). With neither, it says so (it starts none). A provider advertises the gateway URL."""
+    from dlis_market.storage.daemon import DaemonConfig, running_daemon
+    from dlis_market.storage.session import kubo_session
+
     settings = cli_settings(ctx)
 
     async def run() -> tuple[NodeInfo, str | None]:

@@ -212,16 +212,25 @@ def status(
     ] = None,
     broker_url: BrokerUrlOpt = None,
     password_file: PasswordFileOpt = None,
+    wait: Annotated[
+        float,
+        typer.Option(
+            help="Wait up to this many seconds until the chain has settled the job (exit 1 if it has not).",
+            min=0,
+        ),
+    ] = 0,
     as_json: JsonOpt = False,
 ) -> None:
     """A job's status, route, cost, receipts and settlement transaction (and whether the chain settled it).
-    Its prompt and answer only for its client (--account)."""
+    Its prompt and answer only for its client (--account). `--wait 60` returns as soon as the job is
+    settled on chain, for scripts that act on the payment."""
     import time
 
     from dlis_market.broker.auth import sign_job_read
     from dlis_market.chain.client import ChainClient
     from dlis_market.chain.dlis_token import fmt_units
     from dlis_market.chain.job_market import JobMarket
+    from dlis_market.errors import BrokerError
 
     st = state(ctx)
     with handle_errors(as_json):
@@ -231,8 +240,19 @@ def status(
             client = unlock(st, account, read_password_file(password_file))
             read = sign_job_read(client.key, market.domain(), job_id, int(time.time()) + 300)
             headers["X-DLIS-Job-Read"] = read
-        job = call_broker("GET", f"{broker_url_of(state(ctx), broker_url)}/v1/jobs/{job_id}", headers=headers)
-        job["settled_on_chain"] = market.nonce_used(job["client"], int(job["nonce"]))
+        url = f"{broker_url_of(state(ctx), broker_url)}/v1/jobs/{job_id}"
+        deadline = time.monotonic() + wait
+        while True:
+            job = call_broker("GET", url, headers=headers)
+            job["settled_on_chain"] = market.nonce_used(job["client"], int(job["nonce"]))
+            if job["settled_on_chain"] or time.monotonic() >= deadline:
+                break
+            time.sleep(min(0.25, max(0.0, deadline - time.monotonic())))
+        if wait and not job["settled_on_chain"]:
+            raise BrokerError(
+                f"job {job_id} is not settled on chain after {wait:g} s (status {job['status']}); the broker "
+                "settles in batches every broker.settle_interval_s: wait longer, or see its log"
+            )
 
         def human(j: dict[str, Any]) -> None:
             console.print(f"job {j['id']}  status {j['status']}  settled on chain: {j['settled_on_chain']}")

@@ -3,12 +3,16 @@ look up what the chain registered for a CID, so fetch verifies against it."""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from dlis_market.chain.errors import DeploymentNotFoundError
 from dlis_market.errors import ChainError
 from dlis_market.settings import Settings
-from dlis_market.storage.fetch import ExpectedManifest
-from dlis_market.storage.publish import ModelRegistration
 from dlis_market.types import Cid
+
+if TYPE_CHECKING:  # the storage stack loads when a model command runs, not with every `dlis` command
+    from dlis_market.storage.fetch import ExpectedManifest
+    from dlis_market.storage.publish import ModelRegistration
 
 
 def register_published(settings: Settings, reg: ModelRegistration) -> None:
@@ -34,6 +38,7 @@ def expected_from_chain(settings: Settings, cid: Cid) -> ExpectedManifest | None
     """The sha256 the chain registered for this manifest CID, or None when no model has it."""
     from dlis_market.chain.client import ChainClient
     from dlis_market.chain.node_registry import NodeRegistry
+    from dlis_market.storage.fetch import ExpectedManifest
 
     try:
         registry = NodeRegistry(ChainClient(settings))

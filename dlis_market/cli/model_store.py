@@ -13,7 +13,7 @@ import asyncio
 import json
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
@@ -21,14 +21,14 @@ from rich.console import Console
 from dlis_market.cli.context import transfer_progress
 from dlis_market.errors import DlisError
 from dlis_market.settings import Settings
-from dlis_market.storage.fetch import ExpectedManifest, fetch_model
-from dlis_market.storage.publish import ModelRegistration, publish_model
-from dlis_market.storage.session import kubo_session
-from dlis_market.storage.shard_store import cache_dir
 from dlis_market.types import Cid, LayerRange
 
-PublishHook = Callable[[Settings, ModelRegistration], Awaitable[None] | None]
-ExpectedLookup = Callable[[Settings, Cid], ExpectedManifest | None]
+if TYPE_CHECKING:  # the storage stack (aiohttp, the Kubo binding) loads when publish or fetch runs
+    from dlis_market.storage.fetch import ExpectedManifest
+    from dlis_market.storage.publish import ModelRegistration
+
+PublishHook = Callable[[Settings, "ModelRegistration"], Awaitable[None] | None]
+ExpectedLookup = Callable[[Settings, Cid], "ExpectedManifest | None"]
 ProviderLookup = Callable[[Settings, Cid], list[str]]
 
 err = Console(stderr=True, soft_wrap=True)
@@ -67,6 +67,9 @@ def register(
         ] = True,
     ) -> None:
         """Add and pin every shard and the manifest; print the manifest CID."""
+        from dlis_market.storage.publish import publish_model
+        from dlis_market.storage.session import kubo_session
+
         settings = _settings(ctx, kubo_url)
         part_size = (part_size_mb or settings.storage.part_size_mb) << 20
         hook = on_published if register_model else None
@@ -137,6 +140,10 @@ def register(
         ] = None,
     ) -> None:
         """Fetch a published model, verify every sha256, write it to --out."""
+        from dlis_market.storage.fetch import ExpectedManifest, fetch_model
+        from dlis_market.storage.session import kubo_session
+        from dlis_market.storage.shard_store import cache_dir
+
         try:
             layer_range = LayerRange.parse(layers) if layers is not None else None
         except ValueError as exc:

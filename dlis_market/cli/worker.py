@@ -1,9 +1,10 @@
 """`dlis node start`: run a worker that serves a layer range of a model on the P2P swarm.
 
 Mounted by the main CLI with :func:`register`; also runnable alone as
-``python -m dlis_market.cli.worker start ...`` (what the tests and the benchmark do). Once the
-worker is up it prints one ``DLIS_NODE_READY {json}`` line (peer id, multiaddrs, range) on
-stdout; SIGTERM/SIGINT withdraw its DHT announcement and stop it.
+``python -m dlis_market.cli.worker start ...`` (what the tests and the benchmark do). Once its
+DHT listens it prints one ``DLIS_NODE_JOINED {json}`` line (peer id, multiaddrs, node address: a
+bootstrap for other peers), once it serves one ``DLIS_NODE_READY {json}`` line (the same plus
+range, attestation hash) on stdout; SIGTERM/SIGINT withdraw its DHT announcement and stop it.
 """
 
 from __future__ import annotations

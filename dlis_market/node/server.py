@@ -25,7 +25,7 @@ import logging
 import signal
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -87,6 +87,8 @@ from dlis_market.types import ZERO_ADDRESS, LayerRange
 
 log = logging.getLogger(__name__)
 READY_PREFIX = "DLIS_NODE_READY "
+# printed as soon as the DHT listens, before the stage loads: peers may bootstrap from it from then on
+JOINED_PREFIX = "DLIS_NODE_JOINED "
 
 
 @dataclass
@@ -99,6 +101,8 @@ class WorkerConfig:
     reprofile: bool = False
     key_name: str = identity.SIGNING_KEY_NAME  # signing key in settings.keystore_dir
     device: str | None = None  # auto|cpu|cuda for the stage; None: settings.node.device
+    # called with {"peer_id", "maddrs", "node_address"} once the DHT listens (before the stage loads)
+    on_joined: Callable[[dict[str, Any]], None] | None = None
 
 
 class Worker:
@@ -135,6 +139,9 @@ class Worker:
 
     # ------------------------------------------------------------------ start / stop
 
+    def _maddrs(self) -> list[str]:
+        return [str(m) for m in self.dht.get_visible_maddrs()]
+
     async def start(self) -> dict[str, Any]:
         if self.settings.inference.threads:
             torch.set_num_threads(self.settings.inference.threads)
@@ -163,6 +170,10 @@ class Worker:
             )
         self.p2p = await self.dht.replicate_p2p()
         self.peer_id = self.p2p.peer_id.to_base58()
+        if self.config.on_joined is not None:
+            self.config.on_joined(
+                {"peer_id": self.peer_id, "maddrs": self._maddrs(), "node_address": self.identity.address}
+            )
         layers = self.config.layers
         if layers is None:
             spans = await asyncio.to_thread(dht_records.fetch_spans, self.dht, manifest.model_name, self.registry)
@@ -218,7 +229,7 @@ class Worker:
         self._tasks.append(asyncio.create_task(self.telemetry.run(self.stop)))
         return {
             "peer_id": self.peer_id,
-            "maddrs": [str(m) for m in self.dht.get_visible_maddrs()],
+            "maddrs": self._maddrs(),
             "model": manifest.model_name,
             "model_id": "0x" + self.served_id.model_id.hex(),
             "publisher": self.served_id.publisher,
@@ -824,6 +835,8 @@ class Worker:
 
 async def serve_forever(config: WorkerConfig) -> None:
     start_reaper()  # the DHT process and p2pd die with us, even on SIGKILL
+    if config.on_joined is None:
+        config.on_joined = lambda info: print(JOINED_PREFIX + json.dumps(info), flush=True)
     worker = Worker(config)
     info = await worker.start()
     freeze_startup_heap()  # the model, torch and hivemind, loaded once

@@ -176,3 +176,42 @@ def test_policy_and_stake_filter_routes(api):
     service.planner = make_planner(market.settings.broker, chain_standing(market.registry(), market.reputation()))
     res = http.post("/v1/quotes", json=q)
     assert res.status_code == 503 and "[10, 20)" in res.json()["detail"]
+
+
+def test_cli_status_waits_for_the_chain_to_settle(broker_env, live_server):
+    """`dlis job status --wait S` returns once the job is settled on chain, and exits 1 with the
+    job's status when it is not within S seconds."""
+    import threading
+
+    import httpx
+    from typer.testing import CliRunner
+
+    from dlis_market.cli.main import app
+
+    market, service, backend, ops, nodes, client = broker_env
+    market.market().deposit(client, 10 * UNIT)
+    srv = live_server(create_app(service, settle_in_background=False))
+    body = {"model": MODEL, "prompt": "The capital of France is", "max_tokens": 4}
+    with httpx.Client(base_url=srv.url, timeout=60) as http:
+        res = http.post("/v1/jobs", json={**body, "authorization": authorization(market, client)})
+        assert res.status_code == 201, res.text
+    job_id = res.json()["id"]
+    env = {"DLIS_HOME": str(market.settings.home), "DLIS_CHAIN__RPC_URL": market.settings.chain.rpc_url}
+    status = ["job", "status", job_id, "--broker-url", srv.url, "--json"]
+
+    t0 = time.monotonic()
+    late = CliRunner().invoke(app, [*status, "--wait", "1"], env=env)
+    assert time.monotonic() - t0 >= 1.0
+    assert late.exit_code == 1
+    error = json.loads(late.stdout)["error"]
+    assert f"job {job_id} is not settled on chain after 1 s (status completed)" in error["message"]
+
+    settle = threading.Timer(1.0, service.settler.settle_once)
+    settle.start()
+    try:
+        done = CliRunner().invoke(app, [*status, "--wait", "60"], env=env)
+    finally:
+        settle.join()
+    assert done.exit_code == 0, done.output
+    job = json.loads(done.stdout)
+    assert job["settled_on_chain"] is True and job["settlement"]["tx_hash"].startswith("0x")

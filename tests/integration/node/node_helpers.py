@@ -2,7 +2,8 @@
 
 Workers run as separate OS processes (``python -m dlis_market.cli.worker start``) in their own
 process group, so killing the group also kills their p2pd daemon; every started worker is killed
-in ``finally`` by :class:`Swarm`. Readiness is the worker's ``DLIS_NODE_READY`` line, not a sleep.
+in ``finally`` by :class:`Swarm`. Readiness is the worker's ``DLIS_NODE_READY`` line, not a sleep (after its
+``DLIS_NODE_JOINED`` line, checked to name the same node).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from dlis_market.chain.job_market import JobAuthorization, sign_authorization
 from dlis_market.cli.main import app
 from dlis_market.inference.shard_export import export_shards
 from dlis_market.node import dht_records
-from dlis_market.node.server import READY_PREFIX
+from dlis_market.node.server import JOINED_PREFIX, READY_PREFIX
 from dlis_market.node.transport import start_dht
 from dlis_market.protocol.spans import SpanRecord
 from dlis_market.settings import NodeSettings
@@ -253,9 +254,16 @@ def _wait_ready(proc: subprocess.Popen[bytes], timeout_s: float, log_path: Path)
         if not chunk:
             break
         buf += chunk
+        joined = None
         for line in buf.decode(errors="replace").splitlines():
+            if line.startswith(JOINED_PREFIX):
+                joined = json.loads(line[len(JOINED_PREFIX) :])
             if line.startswith(READY_PREFIX):
-                return dict(json.loads(line[len(READY_PREFIX) :]))
+                ready = dict(json.loads(line[len(READY_PREFIX) :]))
+                # the earlier line that peers may bootstrap from names the same node and addresses
+                assert joined is not None, f"DLIS_NODE_READY without a DLIS_NODE_JOINED line before it:\n{buf!r}"
+                assert joined == {k: ready[k] for k in ("peer_id", "maddrs", "node_address")}, (joined, ready)
+                return ready
     tail = log_path.read_text(errors="replace")[-3000:]
     raise RuntimeError(f"worker did not become ready (exit {proc.poll()}):\n{tail}")
 
