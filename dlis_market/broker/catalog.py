@@ -53,6 +53,27 @@ def check_against_chain(manifest: Manifest, shard_dir: Path, registry: NodeRegis
         )
 
 
+def load_tokenizer(folder: Path) -> Any:
+    """``AutoTokenizer.from_pretrained(folder)``, without loading the model's config class.
+
+    AutoTokenizer reads ``config.json`` through the model's own config class only to learn the
+    model type, and that class's module pulls in transformers' modeling integrations (torch's
+    distributed tensors, kernel hubs): ~1 s of a broker's start on 2 cores, for a process that never
+    builds a model. The same file read into the generic config class carries the same model type
+    (and the folder as its name), so AutoTokenizer picks the same tokenizer class; when the folder
+    has no ``config.json``, AutoTokenizer runs as it is."""
+    import json
+
+    from transformers import AutoTokenizer, PretrainedConfig
+
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        return AutoTokenizer.from_pretrained(str(folder))
+    config = PretrainedConfig.from_dict(json.loads(config_file.read_text()))
+    config._name_or_path = str(folder)
+    return AutoTokenizer.from_pretrained(str(folder), config=config)
+
+
 @dataclass
 class ServedModel:
     name: str
@@ -130,14 +151,12 @@ class ModelCatalog:
         """Load each shard folder as ``publisher``'s model of the manifest's name; with
         ``registry``, refuse (:class:`ManifestMismatchError`) a model whose manifest is not the
         chain's latest for that model id."""
-        from transformers import AutoTokenizer
-
         models: dict[str, ServedModel] = {}
         for d in dirs:
             manifest = load_manifest(d)
             if registry is not None:
                 check_against_chain(manifest, d, registry, publisher)
-            tok = AutoTokenizer.from_pretrained(str(d))
+            tok = load_tokenizer(d)
             mid = model_id(manifest.model_name, publisher)
             models[manifest.model_name] = ServedModel(manifest.model_name, mid, manifest, d, tok)
         return cls(models, publisher, registry)

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from transformers import AutoTokenizer
 
-from dlis_market.broker.catalog import ServedModel
+from dlis_market.broker.catalog import ServedModel, load_tokenizer
 
 PROMPTS = [
     "The capital of France is",
@@ -65,3 +65,31 @@ def test_a_core_set_to_truncate_is_not_used_directly(tokenizer):
     prompt = PROMPTS[0]
     assert len(fresh.backend_tokenizer.encode(prompt).ids) == 3
     assert _served(fresh).encode_prompt(prompt, None) == list(tokenizer(prompt)["input_ids"])
+
+
+def test_the_brokers_tokenizer_is_autotokenizers_without_the_model_config_class(tokenizer, smollm2_dir):
+    """load_tokenizer skips the model's config class (its module imports transformers' modeling
+    integrations, ~1 s of a broker's start) and gives AutoTokenizer's tokenizer all the same."""
+    import subprocess
+    import sys
+
+    loaded = load_tokenizer(smollm2_dir)
+    assert type(loaded) is type(tokenizer)
+    assert loaded.get_vocab() == tokenizer.get_vocab()
+    assert (loaded.bos_token, loaded.eos_token, loaded.pad_token) == (
+        tokenizer.bos_token, tokenizer.eos_token, tokenizer.pad_token,
+    )  # fmt: skip
+    for prompt in PROMPTS:
+        assert loaded(prompt)["input_ids"] == tokenizer(prompt)["input_ids"]
+    for messages in CHATS:
+        assert loaded.apply_chat_template(messages, add_generation_prompt=True, tokenize=False) == (
+            tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        )
+    code = (
+        "import sys\nfrom pathlib import Path\nfrom dlis_market.broker.catalog import load_tokenizer\n"
+        f"load_tokenizer(Path({str(smollm2_dir)!r}))\n"
+        "print(*(m in sys.modules for m in ('transformers.models.llama.configuration_llama', "
+        "'transformers.activations')))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.split() == ["False", "False"]
