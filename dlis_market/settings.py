@@ -96,6 +96,10 @@ class InferenceSettings(_Section):
     threads: int | None = None
     max_sessions: int = 16
     max_session_tokens: int = 2048
+    # After a pass over several sessions, keep their rows in its batched KV cache for their next pass
+    # together instead of splitting them out and stacking them again (bench/stage_batch.py). The
+    # batch holds its rows' left padding until its sessions run apart; off: split after every pass.
+    keep_batches: bool = True
 
 
 class NodeSettings(_Section):

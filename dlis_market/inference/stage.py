@@ -44,12 +44,9 @@ from dlis_market.inference.kv_cache import (
     RAGGED_SDPA,
     Session,
     SessionStore,
-    cache_length,
     can_pad,
     padding_mask,
-    split_cache,
     stabilise_rows,
-    stack_caches,
 )
 from dlis_market.inference.manifest import Manifest, StageEntry, config_from_manifest, load_manifest
 from dlis_market.inference.messages import StageInput, StageOutput
@@ -99,6 +96,7 @@ class Stage:
         self.is_first = entry.has_embeddings
         self.is_last = entry.has_head
         self.sessions = SessionStore(self.stage_config, settings.max_sessions, settings.max_session_tokens)
+        self.keep_batches = settings.keep_batches
         # Continuous batching: sessions at different positions share one pass, their caches
         # left-padded to the longest. Only for plain full-attention caches; a stage with sliding
         # layers (Gemma3) groups sessions by position instead (see kv_cache).
@@ -308,14 +306,22 @@ class Stage:
         out_rows: dict[int, torch.Tensor] = {}
         try:
             for rows in groups.values():
-                positions = [inp.positions[r] for r in rows]
-                with self.adapters.rows([(sessions[r], sessions[r].session_id) for r in rows]):
-                    result = self._run_group(data[rows], positions, [sessions[r].cache for r in rows])
+                group = [sessions[r] for r in rows]
+                cache, lengths, order = self.sessions.batch_cache(group)
+                rows = [rows[i] for i in order]  # the cache's row order
+                group = [group[i] for i in order]
+                with self.adapters.rows([(s, s.session_id) for s in group]):
+                    result = self._run_group(data[rows], [inp.positions[r] for r in rows], cache, lengths)
+                if len(group) > 1:
+                    self.sessions.keep_batch(group, cache, [n + inp.num_tokens for n in lengths])
+                    if not self.keep_batches:
+                        self.sessions.unbatch()
                 for i, r in enumerate(rows):
                     out_rows[r] = result[i : i + 1]
         except Exception:
             # A failure mid-forward may leave caches half-updated: drop those sessions so that
             # nothing continues from a corrupt state (the caller replays them).
+            self.sessions.discard_batch()
             for session in sessions:
                 self.sessions.close(session.session_id)
             raise
@@ -346,18 +352,17 @@ class Stage:
             logprobs=tuple(logprobs) if any(lp is not None for lp in logprobs) else (),
         )
 
-    def _run_group(self, data: torch.Tensor, positions: list[int], caches: list[DynamicCache]) -> torch.Tensor:
-        """One forward pass; row ``i`` continues ``caches[i]``, which holds ``positions[i]`` tokens."""
-        batch, length = data.shape[0], data.shape[1]
+    def _run_group(
+        self, data: torch.Tensor, positions: list[int], cache: DynamicCache, lengths: list[int]
+    ) -> torch.Tensor:
+        """One forward pass continuing ``cache`` (:meth:`SessionStore.batch_cache`), whose row ``i``
+        holds ``lengths[i]`` tokens (== ``positions[i]``, checked) at its end."""
+        length = data.shape[1]
         offsets = torch.arange(length, dtype=torch.long, device=self.device).unsqueeze(0)
         position_ids = torch.tensor(positions, dtype=torch.long, device=self.device).unsqueeze(1) + offsets  # rotary
-        cache = caches[0] if batch == 1 else stack_caches(caches, self.stage_config)
-        lengths = [cache_length(c) for c in caches]  # == positions (checked), as stack_caches sees them
         mask = padding_mask(lengths, length, self.device)  # None unless the rows' caches differ in length
         hidden = self.family.embed(self.model, data, position_ids) if self.is_first else data.to(self.dtype)
         hidden = self.family.run_layers(self.model, hidden, position_ids, cache, self.stage_config, mask)
-        if batch > 1:
-            split_cache(cache, caches, None if mask is None else [n + length for n in lengths])
         if self.is_last:
             return self.family.head(self.model, hidden)[:, -1, :]
         return hidden

@@ -41,6 +41,7 @@ from dlis_market.inference.pipeline import Generation, LocalPipeline
 from dlis_market.inference.shard_export import export_shards
 from dlis_market.inference.stage import Stage
 from dlis_market.protocol.outputs import TOLERANCES
+from dlis_market.settings import InferenceSettings
 from dlis_market.types import LayerRange
 
 from .reference import fp32_logit_tolerance, hf_generate, load_reference
@@ -269,6 +270,60 @@ def test_multi_token_steps_at_different_positions(
     assert float((together["b2"] - ref["b1"]).abs().max()) <= FP32_LOGIT_TOL
     assert int(together["a2"].argmax()) == int(ref["a1"].argmax())
     assert int(together["b2"].argmax()) == int(ref["b1"].argmax())
+
+
+def test_a_kept_batch_continues_in_any_order_and_gives_its_rows_back(
+    tiny_model_dir: Callable[[str], Path], tmp_path: Path
+) -> None:
+    """After a pass over several sessions their rows stay in its batched cache
+    (``SessionStore.keep_batch``): the same sessions in another order continue it, a subset or a
+    lone step gets the rows back first, and a session that closes gives the others theirs. Every
+    session's tokens and logits stay those of the session alone, a kept batch is all a stage
+    holds for its sessions (no token held twice), and nothing stays behind once all are closed."""
+    pipe = load(tiny_model_dir("llama"), tmp_path / "shards")
+    new = 7
+    reference = [alone(pipe, p, new) for p in PROMPTS]
+    # inference.keep_batches off: the same tokens, each session's rows split out after every pass
+    unkept = LocalPipeline.load(tmp_path / "shards", InferenceSettings(keep_batches=False))
+    gens = unkept.generate_ids(PROMPTS, new, want_logits=True)
+    assert [g.token_ids for g in gens] == [r.token_ids for r in reference]
+    sids = [f"k{i}" for i in range(len(PROMPTS))]
+    tokens: list[list[int]] = [[] for _ in PROMPTS]
+    logits: list[list[torch.Tensor]] = [[] for _ in PROMPTS]
+
+    def run(rows: list[int]) -> None:
+        first = not tokens[rows[0]]
+        ids = torch.tensor([PROMPTS[r] if first else [tokens[r][-1]] for r in rows])
+        positions = tuple(0 if first else len(PROMPTS[r]) + len(tokens[r]) - 1 for r in rows)
+        out = pipe.step(StageInput(tuple(sids[r] for r in rows), positions, 0, ids, None, True))
+        assert out.token_ids is not None and out.logits is not None
+        for i, r in enumerate(rows):
+            tokens[r].append(int(out.token_ids[i]))
+            logits[r].append(out.logits[i].clone())
+
+    for stage in pipe.stages:
+        for sid in sids:
+            stage.open_session(sid, 16)
+    for r in range(len(PROMPTS)):  # prefills, one session each
+        run([r])
+    store = pipe.stages[0].sessions
+    per_token = store.cache_bytes() // sum(len(p) for p in PROMPTS)
+    for rows in ([0, 1, 2, 3], [3, 1, 0, 2], [1, 3], [2], [0, 2], [0, 1, 2, 3], [0, 1, 2, 3]):
+        run(rows)
+    held = [len(p) + len(t) - 1 for p, t in zip(PROMPTS, tokens, strict=True)]  # tokens each cache holds
+    assert store.cache_bytes() == per_token * len(PROMPTS) * max(held)  # the padded batch, nothing else
+    for stage in pipe.stages:
+        assert stage.close_session(sids[2])  # it is done; the other rows go back to their sessions
+    assert store.cache_bytes() == per_token * (sum(held) - held[2])  # each row without the padding
+    run([3, 0, 1])
+    for stage in pipe.stages:
+        for sid in (sids[0], sids[1], sids[3]):
+            assert stage.close_session(sid)
+    assert store.cache_bytes() == 0
+    for i, ref in enumerate(reference):
+        assert tokens[i] == ref.token_ids, f"session {i}: greedy tokens differ from the session alone"
+        diff = max_diff(logits[i], ref.logits)
+        assert diff <= FP32_LOGIT_TOL, f"session {i}: logits differ by {diff} from the session alone"
 
 
 @pytest.mark.parametrize("model_dir", ["llama", "smollm2_style"], indirect=True)
