@@ -8,11 +8,13 @@ each session's own cache. Now the rows stay in the batch until the group changes
 are SmolLM2's middle range (layers 10-20, bf16) in this process, with the same weights; each
 opens ``--sessions`` sessions whose prompts differ in length (so every pass is ragged, as
 sessions that joined at different times are), prefills them one by one and runs ``--steps``
-decode passes over all of them; rounds alternate which runs first. Prints ms per pass of each,
+decode steps over all of them, in one pass each, or in ``--groups`` passes of groups that take
+turns (as groups of sessions that travel the pipeline apart do); rounds alternate which runs
+first. Prints ms per pass of each,
 the per-round ratio (baseline time / ours) and whether the hidden states are bit-identical;
 writes JSON.
 
-    .venv/bin/python bench/stage_batch.py --sessions 8,16 --context 64,512 --rounds 6
+    .venv/bin/python bench/stage_batch.py --sessions 8,16 --context 64,512 --groups 1,2 --rounds 6
 """
 
 from __future__ import annotations
@@ -39,8 +41,9 @@ from dlis_market.types import LayerRange
 LAYERS = LayerRange(start=10, end=20)
 
 
-def run(stage: Stage, sessions: int, context: int, steps: int, seed: int) -> tuple[float, torch.Tensor]:
-    """Median seconds per decode pass, and the last pass's hidden states."""
+def run(stage: Stage, sessions: int, context: int, steps: int, seed: int, groups: int) -> tuple[float, torch.Tensor]:
+    """Median seconds per decode pass, and the last pass's hidden states. With ``groups`` > 1 the
+    sessions run as that many groups taking turns, as groups that travel a pipeline apart do."""
     gen = torch.Generator().manual_seed(seed)
     hidden_size = int(stage.config.hidden_size)
     ids = [f"s{i}" for i in range(sessions)]
@@ -52,15 +55,18 @@ def run(stage: Stage, sessions: int, context: int, steps: int, seed: int) -> tup
     took = []
     out = None
     for step in range(steps):
-        x = torch.randn(sessions, 1, hidden_size, generator=gen).bfloat16()
-        began = time.perf_counter()
-        out = stage.forward(StageInput(tuple(ids), tuple(positions), step + 1, hidden=x))
-        took.append(time.perf_counter() - began)
+        for g in range(groups):
+            rows = list(range(g, sessions, groups))
+            x = torch.randn(len(rows), 1, hidden_size, generator=gen).bfloat16()
+            inp = StageInput(tuple(ids[r] for r in rows), tuple(positions[r] for r in rows), step + 1, hidden=x)
+            began = time.perf_counter()
+            out = stage.forward(inp)
+            took.append(time.perf_counter() - began)
         positions = [p + 1 for p in positions]
     for sid in ids:
         stage.close_session(sid)
     assert out is not None and out.hidden is not None
-    return statistics.median(took[2:]), out.hidden
+    return statistics.median(took[2 * groups :]), out.hidden
 
 
 def main() -> None:
@@ -68,7 +74,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--sessions", default="8,16", help="comma-separated session counts")
     ap.add_argument("--context", default="64,512", help="comma-separated prompt lengths of the longest session")
-    ap.add_argument("--steps", type=int, default=24, help="decode passes per run")
+    ap.add_argument("--steps", type=int, default=24, help="decode steps per run")
+    ap.add_argument("--groups", default="1,2", help="comma-separated: the sessions run in this many groups by turns")
     ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--out", type=Path, default=Path("bench/results/stage_batch.json"))
     args = ap.parse_args()
@@ -83,32 +90,39 @@ def main() -> None:
         }
     load_before = list(os.getloadavg())
     rows: list[dict[str, Any]] = []
-    for sessions in (int(s) for s in args.sessions.split(",")):
-        for context in (int(c) for c in args.context.split(",")):
-            ms: dict[str, list[float]] = {name: [] for name in stages}
-            ratios, identical = [], True
-            for r in range(args.rounds):
-                order = list(stages) if r % 2 else list(reversed(stages))
-                took, last = {}, {}
-                for name in order:
-                    took[name], last[name] = run(stages[name], sessions, context, args.steps, seed=r)
-                    ms[name].append(1000 * took[name])
-                ratios.append(took["restacked"] / took["kept"])
-                identical &= torch.equal(last["kept"], last["restacked"])
-            row = {
-                "sessions": sessions,
-                "context": context,
-                "ms_per_pass": {name: statistics.median(v) for name, v in ms.items()},
-                "speed_ratio_per_round": ratios,
-                "speed_ratio_median": statistics.median(ratios),
-                "bit_identical": identical,
-            }
-            rows.append(row)
-            print(
-                f"{sessions:3d} sessions, context {context:4d}: kept {row['ms_per_pass']['kept']:.2f} ms/pass, "
-                f"restacked {row['ms_per_pass']['restacked']:.2f} ms/pass, speed ratio median "
-                f"{row['speed_ratio_median']:.3f} ({min(ratios):.3f}..{max(ratios):.3f}); bit-identical: {identical}"
-            )
+    levels = [
+        (int(n), int(c), int(g))
+        for n in args.sessions.split(",")
+        for c in args.context.split(",")
+        for g in args.groups.split(",")
+    ]
+    for sessions, context, groups in levels:
+        ms: dict[str, list[float]] = {name: [] for name in stages}
+        ratios, identical = [], True
+        for r in range(args.rounds):
+            order = list(stages) if r % 2 else list(reversed(stages))
+            took, last = {}, {}
+            for name in order:
+                took[name], last[name] = run(stages[name], sessions, context, args.steps, r, groups)
+                ms[name].append(1000 * took[name])
+            ratios.append(took["restacked"] / took["kept"])
+            identical &= torch.equal(last["kept"], last["restacked"])
+        row = {
+            "sessions": sessions,
+            "context": context,
+            "groups": groups,
+            "ms_per_pass": {name: statistics.median(v) for name, v in ms.items()},
+            "speed_ratio_per_round": ratios,
+            "speed_ratio_median": statistics.median(ratios),
+            "bit_identical": identical,
+        }
+        rows.append(row)
+        print(
+            f"{sessions:3d} sessions in {groups} group(s), context {context:4d}: "
+            f"kept {row['ms_per_pass']['kept']:.2f} ms/pass, "
+            f"restacked {row['ms_per_pass']['restacked']:.2f} ms/pass, speed ratio median "
+            f"{row['speed_ratio_median']:.3f} ({min(ratios):.3f}..{max(ratios):.3f}); bit-identical: {identical}"
+        )
     result = {
         "stage": f"smollm2-135m bf16 layers [{LAYERS.start}, {LAYERS.end})",
         "threads": args.threads,

@@ -17,7 +17,8 @@ A pass over several sessions leaves their rows in its batched cache (:meth:`Sess
 do step after step, the next pass continues that cache instead of stacking the sessions' caches
 again and splitting them after (two copies of every cached token per pass: 4.9 of 37 ms of an
 8-row decode pass over 10 SmolLM2 layers). Each row goes back to its session's own cache when
-the session runs with others, alone, or one of them closes.
+the session runs with others, alone, or one of them closes. Groups of sessions that travel the
+pipeline apart (and take turns at a stage) keep a batch each.
 
 Cache tensors live on the stage's device: a layer allocates them from its first keys and values
 (computed there), stacking pads with zeros next to the source rows, and :func:`padding_mask` is
@@ -56,13 +57,16 @@ class Session:
 
 @dataclass
 class KeptBatch:
-    """The batched cache of the last pass over several sessions, whose rows stay there while the
-    same sessions run together: row ``i`` is ``sessions[i]``, holding ``lengths[i]`` tokens at the
-    end of the row (left-padded to the longest). Those sessions' own caches are empty meanwhile."""
+    """The batched cache of a pass over several sessions, whose rows stay there while the same
+    sessions run together: row ``i`` is ``sessions[i]``, holding ``lengths[i]`` tokens at the end
+    of the row (left-padded to the longest). Those sessions' own caches are empty meanwhile."""
 
     sessions: tuple[Session, ...]
     cache: DynamicCache
     lengths: list[int]
+
+    def holds(self, session: Session) -> bool:
+        return any(s is session for s in self.sessions)
 
 
 class SessionStore:
@@ -73,7 +77,9 @@ class SessionStore:
         self.max_sessions = max_sessions
         self.max_session_tokens = max_session_tokens
         self._sessions: dict[str, Session] = {}
-        self._kept: KeptBatch | None = None
+        # one per group of sessions that runs together (groups that travel the pipeline apart each
+        # keep theirs); a session is in one at most
+        self._kept: list[KeptBatch] = []
 
     def __len__(self) -> int:
         return len(self._sessions)
@@ -120,8 +126,9 @@ class SessionStore:
     def close(self, session_id: str) -> bool:
         """Drop a session and its cache; False if it was not open."""
         session = self._sessions.pop(session_id, None)
-        if session is not None and self._kept is not None and any(s is session for s in self._kept.sessions):
-            self.unbatch()  # the other rows back to their sessions; this one's goes with the batch
+        if session is not None:
+            for batch in [b for b in self._kept if b.holds(session)]:
+                self._unbatch(batch)  # the other rows back to their sessions; this one's goes with the batch
         return session is not None
 
     def evict_idle(self, max_idle_s: float, now: float | None = None) -> list[str]:
@@ -133,7 +140,7 @@ class SessionStore:
         return stale
 
     def cache_bytes(self) -> int:
-        caches = [s.cache for s in self._sessions.values()] + ([self._kept.cache] if self._kept else [])
+        caches = [s.cache for s in self._sessions.values()] + [b.cache for b in self._kept]
         total = 0
         for cache in caches:
             layers: list[Any] = list(cache.layers)
@@ -146,18 +153,18 @@ class SessionStore:
         """The cache a pass over ``sessions`` continues: ``(cache, lengths, order)``, where row ``i``
         of ``cache`` is ``sessions[order[i]]``, holding ``lengths[i]`` tokens.
 
-        The sessions of the kept batch, in any order, continue its cache as it is (``order`` puts
-        their rows in the batch's order); any other set first gives the kept rows back to their
-        sessions, then one session continues its own cache and several are stacked."""
-        kept = self._kept
-        if (
-            kept is not None
-            and len(kept.sessions) == len(sessions)
-            and {id(s) for s in kept.sessions} == {id(s) for s in sessions}
-        ):
-            index = {id(s): i for i, s in enumerate(sessions)}
-            return kept.cache, list(kept.lengths), [index[id(s)] for s in kept.sessions]
-        self.unbatch()
+        The sessions of a kept batch, in any order, continue its cache as it is (``order`` puts
+        their rows in the batch's order; the batch is taken out until :meth:`keep_batch` puts it
+        back after the pass). Otherwise the kept batches that hold any of them give their rows back
+        to their sessions first; then one session continues its own cache and several are stacked."""
+        wanted = {id(s) for s in sessions}
+        for batch in self._kept:
+            if len(batch.sessions) == len(sessions) and {id(s) for s in batch.sessions} == wanted:
+                self._kept.remove(batch)
+                index = {id(s): i for i, s in enumerate(sessions)}
+                return batch.cache, list(batch.lengths), [index[id(s)] for s in batch.sessions]
+        for batch in [b for b in self._kept if any(id(s) in wanted for s in b.sessions)]:
+            self._unbatch(batch)
         caches = [s.cache for s in sessions]
         lengths = [cache_length(c) for c in caches]
         cache = caches[0] if len(caches) == 1 else stack_caches(caches, self._config)
@@ -171,20 +178,18 @@ class SessionStore:
             raise ValueError("a kept batch holds two sessions or more; one session continues its own cache")
         for session in sessions:
             session.cache = DynamicCache(config=self._config)
-        self._kept = KeptBatch(tuple(sessions), cache, list(lengths))
+        self._kept.append(KeptBatch(tuple(sessions), cache, list(lengths)))
 
     def unbatch(self) -> None:
-        """Give each row of the kept batch back to its session's own cache (without the padding)
-        and drop the batch."""
-        kept, self._kept = self._kept, None
-        if kept is not None:
-            padded = len(set(kept.lengths)) > 1
-            split_cache(kept.cache, [s.cache for s in kept.sessions], kept.lengths if padded else None)
+        """Give every kept batch's rows back to their sessions' own caches and drop the batches."""
+        for batch in list(self._kept):
+            self._unbatch(batch)
 
-    def discard_batch(self) -> None:
-        """Drop the kept batch without giving its rows back (a pass over it failed midway: its
-        sessions are closed)."""
-        self._kept = None
+    def _unbatch(self, batch: KeptBatch) -> None:
+        """Each row of ``batch`` back to its session's own cache (without the padding); the batch goes."""
+        self._kept.remove(batch)
+        padded = len(set(batch.lengths)) > 1
+        split_cache(batch.cache, [s.cache for s in batch.sessions], batch.lengths if padded else None)
 
 
 # The attention implementation of every stage model. A session's result must not depend on who else

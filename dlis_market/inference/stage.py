@@ -321,7 +321,6 @@ class Stage:
         except Exception:
             # A failure mid-forward may leave caches half-updated: drop those sessions so that
             # nothing continues from a corrupt state (the caller replays them).
-            self.sessions.discard_batch()
             for session in sessions:
                 self.sessions.close(session.session_id)
             raise

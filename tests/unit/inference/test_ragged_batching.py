@@ -281,7 +281,7 @@ def test_a_kept_batch_continues_in_any_order_and_gives_its_rows_back(
     session's tokens and logits stay those of the session alone, a kept batch is all a stage
     holds for its sessions (no token held twice), and nothing stays behind once all are closed."""
     pipe = load(tiny_model_dir("llama"), tmp_path / "shards")
-    new = 7
+    new = 8
     reference = [alone(pipe, p, new) for p in PROMPTS]
     # inference.keep_batches off: the same tokens, each session's rows split out after every pass
     unkept = LocalPipeline.load(tmp_path / "shards", InferenceSettings(keep_batches=False))
@@ -308,13 +308,17 @@ def test_a_kept_batch_continues_in_any_order_and_gives_its_rows_back(
         run([r])
     store = pipe.stages[0].sessions
     per_token = store.cache_bytes() // sum(len(p) for p in PROMPTS)
-    for rows in ([0, 1, 2, 3], [3, 1, 0, 2], [1, 3], [2], [0, 2], [0, 1, 2, 3], [0, 1, 2, 3]):
+    for rows in ([0, 1, 2, 3], [3, 1, 0, 2], [1, 3], [2], [0, 2], [0, 1, 2, 3]):
         run(rows)
     held = [len(p) + len(t) - 1 for p, t in zip(PROMPTS, tokens, strict=True)]  # tokens each cache holds
     assert store.cache_bytes() == per_token * len(PROMPTS) * max(held)  # the padded batch, nothing else
+    for rows in ([0, 1], [2, 3], [0, 1], [3, 2]):  # two groups that take turns keep a batch each
+        run(rows)
+    held = [len(p) + len(t) - 1 for p, t in zip(PROMPTS, tokens, strict=True)]
+    assert store.cache_bytes() == per_token * 2 * (max(held[0:2]) + max(held[2:4]))
     for stage in pipe.stages:
-        assert stage.close_session(sids[2])  # it is done; the other rows go back to their sessions
-    assert store.cache_bytes() == per_token * (sum(held) - held[2])  # each row without the padding
+        assert stage.close_session(sids[2])  # it is done; the other row of its batch goes back to its session
+    assert store.cache_bytes() == per_token * (2 * max(held[0:2]) + held[3])  # that row without the padding
     run([3, 0, 1])
     for stage in pipe.stages:
         for sid in (sids[0], sids[1], sids[3]):
