@@ -64,6 +64,7 @@ from dlis_market.node.protocol import (
 )
 from dlis_market.node.routing import choose_range
 from dlis_market.node.sessions import (
+    LATE_RETRY_CYCLES,
     MERGE_CYCLES,
     RELAY_WAIT_S,
     Batch,
@@ -132,6 +133,7 @@ class Worker:
         self.recorder: FingerprintRecorder | None = None
         # sessions waited for in vain (_gather): not waited for again until they run in step with others
         self._late: set[str] = set()
+        self._late_at: dict[str, float] = {}  # when each was found late (node.merge_groups retries them)
         # node.merge_groups: when each session's last one-token step arrived, and the time one takes
         # to come round the pipeline (a moving average over every session's steps)
         self._arrived: dict[str, float] = {}
@@ -678,6 +680,10 @@ class Worker:
         token but the last, so such a session sends no more steps), and not late."""
         if len(self._late) > len(self.sessions):  # forget closed sessions
             self._late &= self.sessions.keys()
+        if self.node.merge_groups and self.stage.is_first and self._cycle_s and self._late:
+            stale = time.monotonic() - LATE_RETRY_CYCLES * self._cycle_s
+            self._late -= {sid for sid in self._late if self._late_at.get(sid, 0.0) < stale}
+            self._late_at = {sid: t for sid, t in self._late_at.items() if sid in self._late}
         store = self.stage.sessions
         due = set()
         for sid in self.sessions:
@@ -700,7 +706,8 @@ class Worker:
         (:meth:`_deliver`), so they wait at most ``RELAY_WAIT_S`` for jitter: a long wait there,
         while the first stage holds back the group this stage waits for, would stall both. A
         session waited for in vain is late: not waited for again until it runs in one pass with
-        sessions that are not (a slow caller costs one wait, not one per step).
+        sessions that are not (a slow caller costs one wait, not one per step); with
+        ``node.merge_groups``, the first stage waits for it again ``LATE_RETRY_CYCLES`` cycles later.
 
         With ``node.merge_groups`` the first stage waits, for a decode step, up to ``MERGE_CYCLES``
         times the measured cycle (:meth:`_note_cycle`; at least ``batch_wait_ms``, at most
@@ -726,6 +733,8 @@ class Worker:
                 step = await asyncio.wait_for(self.queue.get(), left)
             except TimeoutError:
                 self._late |= due
+                now = time.monotonic()
+                self._late_at.update((sid, now) for sid in due)
                 return
             pending.append(step)
             queued.update(step.inp.session_ids)

@@ -27,6 +27,10 @@ RELAY_WAIT_S = 0.004
 # with node.merge_groups, how many measured pipeline cycles the first stage waits at most for the
 # steps of its other sessions (one cycle brings every group round; the rest is jitter)
 MERGE_CYCLES = 1.25
+# with node.merge_groups, after how many measured cycles the first stage waits again for a session it
+# waited for in vain: a group that missed one wait (while the cycle estimate was still that of fewer
+# sessions) would otherwise travel apart for the rest of its generation
+LATE_RETRY_CYCLES = 8.0
 
 
 @dataclass

@@ -37,7 +37,7 @@ def _worker(open_sessions: int, wait_ms: float, first: bool = True, length: int 
     for sid in w.sessions:
         store.open(sid, 64).length = length
     w.stage = SimpleNamespace(is_first=first, sessions=store)
-    w._late = set()
+    w._late, w._late_at = set(), {}
     w._arrived, w._cycle_s = {}, None
     return w
 
@@ -158,3 +158,23 @@ def test_merge_groups_waits_no_longer_than_the_cap_nor_before_a_prompt():
     w._cycle_s = 0.5
     _, took = asyncio.run(_gather_after(w, [], first_tokens=8))  # a prompt: its own pass anyway
     assert took < 0.03
+
+
+def test_merge_groups_waits_again_for_a_late_group_some_cycles_later():
+    """A group missed once (the cycle estimate was still that of fewer sessions) is waited for
+    again after LATE_RETRY_CYCLES cycles, so it can still merge; not on every pass before that."""
+    from dlis_market.node.sessions import LATE_RETRY_CYCLES
+
+    w = _worker(open_sessions=3, wait_ms=4, merge=True)
+    w._cycle_s = 0.010  # 12.5 ms waits
+
+    async def scenario() -> None:
+        sids, took = await _gather_after(w, [(0.002, "s1")])  # s2 misses the wait
+        assert sids == ["s0", "s1"] and took >= 0.012 and w._late == {"s2"}
+        sids, took = await _gather_after(w, [(0.002, "s1")])
+        assert sids == ["s0", "s1"] and took < 0.006  # late: not waited for
+        await asyncio.sleep(LATE_RETRY_CYCLES * w._cycle_s)
+        sids, _ = await _gather_after(w, [(0.002, "s1"), (0.008, "s2")])
+        assert sids == ["s0", "s1", "s2"]  # waited for again, and merged
+
+    asyncio.run(scenario())
