@@ -733,8 +733,9 @@ class Worker:
                 step = await asyncio.wait_for(self.queue.get(), left)
             except TimeoutError:
                 self._late |= due
-                now = time.monotonic()
-                self._late_at.update((sid, now) for sid in due)
+                if self.node.merge_groups:  # retried (_awaited); otherwise no time is needed
+                    now = time.monotonic()
+                    self._late_at.update((sid, now) for sid in due)
                 return
             pending.append(step)
             queued.update(step.inp.session_ids)
