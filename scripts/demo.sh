@@ -116,20 +116,21 @@ start_worker() {  # start_worker I: spawn worker I (1-based) unless it runs
 }
 line_json() { grep "^DLIS_NODE_$2 " "$LOGS/worker$1.log" | tail -1 | sed "s/^DLIS_NODE_$2 //"; }  # line_json I JOINED|READY
 enroll_worker() {  # enroll_worker I: worker I's operator dev:(3+I) stakes once the node's DHT is up, registers once it serves
-  local i=$1 W="$DLIS_HOME/workers/w$1" OP=$((3 + $1)) LAYERS CLASS MEM THREADS PRICE READY NODE
+  local i=$1 W="$DLIS_HOME/workers/w$1" OP=$((3 + $1)) LAYERS CLASS MEM THREADS PRICE READY NODE NEW=""
   read -r LAYERS CLASS MEM THREADS PRICE <<< "${SPECS[$((i - 1))]}"
   wait_for 300 "worker $i's DHT" grep -q '^DLIS_NODE_JOINED ' "$LOGS/worker$i.log"
   NODE=$(line_json "$i" JOINED | json 'd["node_address"]')
   if ! DLIS_HOME="$W" dlis node status "$NODE" --json | json 'd["nodes"]' | grep -q "$NODE"; then
+    NEW=1
     wait_for 120 "the operators' funding (see $LOGS/funding.log)" test -e "$RUN/operators-funded"
     DLIS_HOME="$W" dlis node stake 1000 --account "dev:$OP"  # while the worker loads its stage
-    wait_for 300 "worker $i" grep -q '^DLIS_NODE_READY ' "$LOGS/worker$i.log"
+  fi
+  wait_for 300 "worker $i" grep -q '^DLIS_NODE_READY ' "$LOGS/worker$i.log"
+  if [ -n "$NEW" ]; then  # registering needs the attestation hash of the serving worker
     READY=$(line_json "$i" READY)
     DLIS_HOME="$W" dlis node register --account "dev:$OP" --node-key node --node-password-file "$W/password" \
       --peer-id "$(echo "$READY" | json 'd["peer_id"]')" --attestation-hash "$(echo "$READY" | json 'd["attestation_hash"]')" \
       --endpoint "$(echo "$READY" | json 'd["maddrs"][0]')" --device-class "$CLASS" --memory-mib "$MEM"
-  else
-    wait_for 300 "worker $i" grep -q '^DLIS_NODE_READY ' "$LOGS/worker$i.log"
   fi
   echo "[${SECONDS}s] worker $i serves [${LAYERS/:/, }) as a $CLASS, node $NODE"
 }
